@@ -1,0 +1,31 @@
+# `make bench` and `make test` each create/refresh .venv from requirements-dev.txt, build the
+# extension incrementally (build/ keeps the objects), then run the harness or the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.requirements-stamp
+
+.PHONY: test bench build cmake clean
+
+$(STAMP): requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+build: $(STAMP)
+	$(PY) setup.py --quiet build_ext --inplace
+	$(PY) -c "import os, site; open(os.path.join(site.getsitepackages()[0], 'diffkern-dev.pth'), 'w').write(os.path.abspath('python') + '\\n')"
+
+test: build
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(PY) benchmarks/run.py --out results
+
+cmake: $(STAMP)
+	cmake -S . -B build-cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build build-cmake -j 2
+
+clean:
+	rm -rf build build-cmake python/diffkern/_C*.so python/diffkern/_build_info.py

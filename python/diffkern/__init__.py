@@ -1,0 +1,10 @@
+"""diffkern: fused kernels for 2026 diffusion-transformer techniques, as torch custom ops.
+
+Public API: the ops below (each also reachable as torch.ops.diffkern.*), `backend` to force an
+implementation, and `build_info` to see how the extension was built.
+"""
+from ._ops import ExtensionError, build_info
+from ._registry import backend
+from .dar import dar_route
+
+__all__ = ["ExtensionError", "backend", "build_info", "dar_route"]

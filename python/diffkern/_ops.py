@@ -1,0 +1,64 @@
+"""Loads the compiled extension (every op schema and the C++ kernels) after checking it matches this torch.
+
+A mismatched build is the most common way a torch extension breaks, so the build's torch/CUDA versions
+are read from a plain Python file first and compared before the shared library is touched.
+"""
+from __future__ import annotations
+
+import glob
+import os
+
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_REBUILD = ("rebuild it against the installed torch: `make build` in a source checkout, or "
+            "`pip install --no-build-isolation --force-reinstall --no-deps .`")
+
+
+class ExtensionError(ImportError):
+    """diffkern._C is missing or was built for another torch."""
+
+
+def _build_info() -> dict:
+    try:
+        from ._build_info import BUILD_INFO
+    except ImportError:
+        raise ExtensionError(f"diffkern's compiled extension (diffkern._C) is not built; {_REBUILD}") from None
+    return BUILD_INFO
+
+
+def _check_versions(info: dict) -> None:
+    if info["torch"] != torch.__version__:
+        raise ExtensionError(
+            f"diffkern._C was built for torch {info['torch']} but torch {torch.__version__} is installed; {_REBUILD}")
+    if info["torch_cuda"] != torch.version.cuda:
+        raise ExtensionError(
+            f"diffkern._C was built for a torch with CUDA {info['torch_cuda']} but the installed torch has "
+            f"CUDA {torch.version.cuda}; {_REBUILD}")
+
+
+def load() -> dict:
+    """Loads diffkern._C once and returns the build info (versions, archs, CUDA on/off)."""
+    info = _build_info()
+    _check_versions(info)
+    libraries = glob.glob(os.path.join(_HERE, "_C*.so")) + glob.glob(os.path.join(_HERE, "_C*.pyd"))
+    if not libraries:
+        raise ExtensionError(f"diffkern._C is not built (no _C library next to {__file__}); {_REBUILD}")
+    try:
+        torch.ops.load_library(libraries[0])
+    except OSError as err:
+        raise ExtensionError(f"diffkern._C failed to load ({err}); {_REBUILD}") from err
+    return info
+
+
+BUILD_INFO = load()
+
+
+def build_info() -> dict:
+    """How the extension was built (torch, CUDA, archs, CPU arch) and, if CUDA was built, the linked runtime."""
+    info = dict(BUILD_INFO)
+    if info["with_cuda"]:
+        linked = torch.ops.diffkern.cuda_runtime_version()
+        info["cuda_runtime_compiled"] = linked % 1_000_000
+        info["cuda_runtime_found"] = linked // 1_000_000 if linked >= 0 else None
+    return info

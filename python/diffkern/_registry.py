@@ -1,0 +1,93 @@
+"""One op, one schema, several backends: which implementation runs for a call, and the switch that forces one.
+
+Default routing (no override):
+  * CPU tensors  -> the C++ kernel registered in csrc/cpu/ (the dispatcher calls it directly);
+  * CUDA tensors -> the first GPU backend an op provides, in `GPU_PREFERENCE` order.
+A missing backend is an error, never a silent fall back to a slower one.
+
+`backend(name)` forces one backend for every diffkern op inside the block:
+  "cpu"        the C++ CPU kernels (CPU tensors only)
+  "triton"     the Triton kernels; on CPU tensors they run in the Triton interpreter, which needs
+               TRITON_INTERPRET=1 set before triton is first imported (the tests do this)
+  "cuda"       the CUDA C++ kernels (where an op has them)
+  "reference"  the plain PyTorch reference (any device, float64 included)
+The override is process-wide (it swaps the dispatcher's CPU kernels for the block), not per thread.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Callable
+
+import torch
+
+from . import _triton
+
+BACKENDS = ("cpu", "triton", "cuda", "reference")
+GPU_PREFERENCE = ("cuda", "triton")
+
+_impls: dict[str, dict[str, Callable]] = {}
+_forced: list[str] = []
+_cuda_lib = torch.library.Library("diffkern", "IMPL")
+
+
+def register(op: str, **backends: Callable) -> None:
+    """Registers the Python backends of `torch.ops.diffkern.<op>` and routes its CUDA key through them."""
+    unknown = set(backends) - set(BACKENDS)
+    if unknown:
+        raise ValueError(f"unknown backend(s) {sorted(unknown)} for diffkern::{op}; known: {BACKENDS}")
+    _impls[op] = dict(backends)
+    _cuda_lib.impl(op, functools.partial(_run_cuda, op), "CUDA")
+
+
+def available(op: str) -> tuple[str, ...]:
+    """The backends `op` has, the C++ CPU kernel included."""
+    return ("cpu", *_impls[op])
+
+
+def _implementation(op: str, name: str) -> Callable:
+    fn = _impls[op].get(name)
+    if fn is None:
+        raise NotImplementedError(f"diffkern::{op} has no '{name}' backend; available: {available(op)}")
+    return fn
+
+
+def _run_cuda(op: str, *args):
+    if _forced:
+        name = _forced[-1]
+        if name == "cpu":
+            raise RuntimeError(f"diffkern::{op}: backend 'cpu' was forced but the inputs are CUDA tensors")
+    else:
+        name = next((b for b in GPU_PREFERENCE if b in _impls[op]), None)
+        if name is None:
+            raise NotImplementedError(f"diffkern::{op} has no GPU backend; available: {available(op)}")
+    return _implementation(op, name)(*args)
+
+
+def _run_forced_on_cpu(op: str, name: str, *args):
+    if name == "triton" and not _triton.interpreting():
+        raise RuntimeError(
+            f"diffkern::{op}: backend 'triton' on CPU tensors runs in the Triton interpreter, which needs "
+            "TRITON_INTERPRET=1 in the environment before triton is imported")
+    return _implementation(op, name)(*args)
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Forces backend `name` ("cpu", "triton", "cuda" or "reference") for every diffkern op in the block."""
+    if name not in BACKENDS:
+        raise ValueError(f"diffkern.backend: unknown backend {name!r}; choose one of {BACKENDS}")
+    if name == "cpu" and any(f != "cpu" for f in _forced):
+        raise RuntimeError(f"diffkern.backend('cpu') cannot be nested inside diffkern.backend({_forced[-1]!r})")
+    override = None
+    if name != "cpu":
+        override = torch.library.Library("diffkern", "IMPL")
+        for op in _impls:
+            override.impl(op, functools.partial(_run_forced_on_cpu, op, name), "CPU")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+        if override is not None:
+            override._destroy()

@@ -1,0 +1,63 @@
+"""What every Triton launcher shares: output allocation, pointer tables, and the launch-config record.
+
+Nothing here is technique-specific; the kernels themselves live in `<technique>/triton_kernels.py`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+# DIFFKERN_DEBUG_FILL=nan makes every output and scratch buffer a launcher allocates start as NaN,
+# so an element a kernel forgets to write fails a test loudly (the C++ kernels read the same variable).
+_DEBUG_FILL = os.environ.get("DIFFKERN_DEBUG_FILL", "") == "nan"
+
+# Observers of pointer tables: the test-time bounds checker registers one so that tensors a kernel
+# reaches through a table (not as arguments) still count as memory it may touch.
+pointer_table_observers: list[Callable[[Sequence[torch.Tensor]], None]] = []
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty, or a NaN-filled tensor under DIFFKERN_DEBUG_FILL=nan."""
+    if _DEBUG_FILL and dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def tensor_table(tensors: Sequence[torch.Tensor], device: torch.device, stride_dims: Sequence[int] = ()) -> torch.Tensor:
+    """An int64 [n, 1 + len(stride_dims)] table: each tensor's data pointer, then its strides along `stride_dims`.
+
+    Kernels that take a list of tensors cast column 0 back to a typed pointer
+    (`tl.load(table + i * cols).to(tl.pointer_type(...))`) and read the strides beside it, so a list of
+    any length and layout is read in place: no stack/cat copy.
+    """
+    for observe in pointer_table_observers:
+        observe(tensors)
+    rows = [[t.data_ptr(), *(t.stride(k) for k in stride_dims)] for t in tensors]
+    table = torch.tensor(rows, dtype=torch.int64)
+    return table.to(device, non_blocking=True) if device.type != "cpu" else table
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One launch configuration of a Triton kernel, enough to compile it ahead of time for a GPU.
+
+    `signature` maps every non-constexpr argument to a Triton type string ("*bf16", "i32", "fp32", ...);
+    `constexprs` gives every constexpr argument its value.
+    """
+    name: str
+    kernel: object
+    signature: dict
+    constexprs: dict
+    num_warps: int
+    tags: dict = field(default_factory=dict)
+
+
+TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}

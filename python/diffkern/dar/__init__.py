@@ -1,0 +1,5 @@
+"""DAR: depth-adaptive routing of the residual stream (specs/dar.md)."""
+from .op import dar_route
+from .reference import dar_route_reference
+
+__all__ = ["dar_route", "dar_route_reference"]

@@ -1,0 +1,170 @@
+"""DAR routing as a torch op: argument checks, fake (meta) implementations, autograd, backends, public API.
+
+The schemas live in csrc/diffkern/ops.cpp and the C++ CPU kernels in csrc/cpu/dar.cpp; this file
+registers everything Python owns for diffkern::dar_route_fwd / dar_route_bwd.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _nvtx, _registry
+from . import reference, triton_kernels
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _fail(msg: str):
+    raise ValueError(f"dar_route: {msg}")
+
+
+def _check_param(name, x, shapes, src, shape_text):
+    if x.device != src.device:
+        _fail(f"{name} is on {x.device} but sources[0] is on {src.device}")
+    if not any(tuple(x.shape) == s for s in shapes):
+        _fail(f"{name} must be {shape_text}, got shape {list(x.shape)}")
+    allowed = {src.dtype, torch.float64 if src.dtype == torch.float64 else torch.float32}
+    if x.dtype not in allowed:
+        alt = _name(torch.float64 if src.dtype == torch.float64 else torch.float32)
+        _fail(f"{name} dtype must be {_name(src.dtype)} (the sources' dtype) or {alt}, got {_name(x.dtype)}")
+    if x.numel() and x.stride(-1) != 1:
+        _fail(f"{name} must have unit stride in its last dim (got stride {x.stride(-1)}); call .contiguous()")
+
+
+def check_fwd(sources, q, gain, eps) -> None:
+    """Validates the arguments of dar_route_fwd (the C++ CPU kernel checks the same, in the same words)."""
+    if len(sources) == 0:
+        _fail("sources must hold at least one tensor")
+    src = sources[0]
+    for i, x in enumerate(sources):
+        if x.dim() != 3:
+            _fail(f"sources[{i}] must be [B, T, d], got shape {list(x.shape)}")
+        if x.shape != src.shape:
+            _fail(f"sources[{i}] has shape {list(x.shape)} but sources[0] has shape {list(src.shape)}")
+        if i == 0 and x.dtype not in _FLOATS:
+            _fail(f"sources[0] dtype must be float16, bfloat16, float32 or float64, got {_name(x.dtype)}")
+        if x.dtype != src.dtype:
+            _fail(f"sources[{i}] dtype {_name(x.dtype)} differs from sources[0] dtype {_name(src.dtype)}")
+        if x.device != src.device:
+            _fail(f"sources[{i}] is on {x.device} but sources[0] is on {src.device}")
+        if x.numel() and x.stride(-1) != 1:
+            _fail(f"sources[{i}] must have unit stride in its last dim (got stride {x.stride(-1)}); call .contiguous()")
+    B, T, d = src.shape
+    if d < 1:
+        _fail("d must be at least 1")
+    _check_param("q", q, ((d,), (B, d), (B, T, d)), src, f"[d], [B, d] or [B, T, d] with B={B}, T={T}, d={d}")
+    _check_param("gain", gain, ((d,),), src, f"[d] = [{d}]")
+    if not (math.isfinite(eps) and eps >= 0):
+        _fail(f"eps must be finite and >= 0, got {eps}")
+
+
+def check_bwd(dh, sources, q, gain, h, lse, eps) -> None:
+    """Validates the arguments of dar_route_bwd."""
+    check_fwd(sources, q, gain, eps)
+    src = sources[0]
+    acc = torch.float64 if src.dtype == torch.float64 else torch.float32
+    for name, x, shape, dtype in (("dh", dh, src.shape, src.dtype), ("h", h, src.shape, src.dtype),
+                                  ("lse", lse, src.shape[:2], acc)):
+        if x.device != src.device:
+            _fail(f"{name} is on {x.device} but sources[0] is on {src.device}")
+        if x.shape != shape or x.dtype != dtype or not x.is_contiguous():
+            _fail(f"{name} must be a contiguous {list(shape)} {_name(dtype)} tensor, "
+                  f"got {list(x.shape)} {_name(x.dtype)}{'' if x.is_contiguous() else ' (non-contiguous)'}")
+
+
+def _check_triton(sources):
+    if sources[0].dtype == torch.float64:
+        _fail("the triton backend computes in float32 and takes float16, bfloat16 or float32 sources, got "
+              "float64; use the cpu or reference backend")
+    if sources[0].shape[-1] > triton_kernels.MAX_D:
+        _fail(f"the triton backend takes d <= {triton_kernels.MAX_D} (one row per program), got "
+              f"d={sources[0].shape[-1]}")
+
+
+def _fwd_triton(sources, q, gain, eps):
+    check_fwd(sources, q, gain, eps)
+    _check_triton(sources)
+    return triton_kernels.route_fwd(sources, q, gain, eps)
+
+
+def _bwd_triton(dh, sources, q, gain, h, lse, eps):
+    check_bwd(dh, sources, q, gain, h, lse, eps)
+    _check_triton(sources)
+    return triton_kernels.route_bwd(dh, sources, q, gain, h, lse, eps)
+
+
+def _fwd_reference(sources, q, gain, eps):
+    check_fwd(sources, q, gain, eps)
+    return reference.route_fwd(sources, q, gain, eps)
+
+
+def _bwd_reference(dh, sources, q, gain, h, lse, eps):
+    check_bwd(dh, sources, q, gain, h, lse, eps)
+    return reference.route_bwd(dh, sources, q, gain, h, lse, eps)
+
+
+_registry.register("dar_route_fwd", triton=_fwd_triton, reference=_fwd_reference)
+_registry.register("dar_route_bwd", triton=_bwd_triton, reference=_bwd_reference)
+
+
+@torch.library.register_fake("diffkern::dar_route_fwd")
+def _fwd_fake(sources, q, gain, eps):
+    check_fwd(sources, q, gain, eps)
+    src = sources[0]
+    acc = torch.float64 if src.dtype == torch.float64 else torch.float32
+    return src.new_empty(src.shape), src.new_empty(src.shape[:2], dtype=acc)
+
+
+@torch.library.register_fake("diffkern::dar_route_bwd")
+def _bwd_fake(dh, sources, q, gain, h, lse, eps):
+    check_bwd(dh, sources, q, gain, h, lse, eps)
+    return [x.new_empty(x.shape) for x in sources], \
+        q.new_empty(q.shape), gain.new_empty(gain.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    sources, q, gain, eps = inputs
+    h, lse = output
+    ctx.save_for_backward(q, gain, h, lse, *sources)
+    ctx.eps = eps
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dh, _dlse):
+    q, gain, h, lse, *sources = ctx.saved_tensors
+    dsources, dq, dgain = torch.ops.diffkern.dar_route_bwd(dh.contiguous(), sources, q, gain, h, lse, ctx.eps)
+    return list(dsources), dq, dgain, None
+
+
+torch.library.register_autograd("diffkern::dar_route_fwd", _backward, setup_context=_setup_context)
+
+
+def dar_route(sources, q, gain, eps: float = 1e-6) -> torch.Tensor:
+    """DAR cross-layer routing: rebuild a sublayer input as a softmax-weighted mix of earlier outputs.
+
+    Per token, over sources v_0..v_{n-1} (specs/dar.md):
+        rstd_i = (mean(v_i^2) + eps)^-1/2,   s_i = rstd_i <q * gain, v_i> / sqrt(d)
+        h = sum_i softmax_i(s)_i v_i          (no residual is added back)
+
+    Args:
+        sources: list of n >= 1 tensors [B, T, d] of one dtype (float16, bfloat16, float32; float64 on
+            the cpu/reference backends) and device; any batch/token strides, unit stride along d. Read
+            in place: never stacked.
+        q: the routing query, [d] (static), [B, d] (timestep-injected) or [B, T, d] (dynamic), in the
+            sources' dtype or float32.
+        gain: the RMSNorm gain g, [d], in the sources' dtype or float32.
+        eps: RMSNorm epsilon (finite, >= 0).
+    Returns:
+        h [B, T, d] in the sources' dtype. Softmax and norm math run in float32 (float64 for float64).
+    Autograd: gradients flow to every source, q and gain. Saved for backward: h and the per-token
+        log-sum-exp [B, T] (4 bytes/token); rstd and alpha are recomputed. Double backward is not supported.
+    Backends: C++ (CPU tensors), Triton (CUDA tensors), reference; see `diffkern.backend`.
+    NaN/inf in an input make the affected tokens' outputs NaN; nothing else is checked for them.
+    """
+    with _nvtx.range("diffkern.dar_route"):
+        return torch.ops.diffkern.dar_route_fwd(list(sources), q, gain, float(eps))[0]

@@ -1,0 +1,229 @@
+"""Triton kernels for DAR routing (specs/dar.md) and their launchers.
+
+Layout: one program owns BLOCK_T consecutive tokens of one batch row and the whole feature dim
+(BLOCK_D = next power of two >= d), so the per-token reductions over d stay in registers and each
+source is read from memory exactly once:
+  forward   reads n sources + q + gain, writes h and lse (4 bytes/token): online softmax over sources;
+  backward  reads n sources + dh + h + q + gain + lse, writes n dsources + dq, plus one fp32 [d] partial
+            per program for the reductions over tokens (dq of a static/timestep q, dgain), summed on the host.
+The sources are reached through a table of (data pointer, batch stride, token stride), so a list of
+any length and layout is read in place.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _triton
+from .._triton import KernelSpec
+
+MAX_D = 4096
+# Live fp32 tiles are [BLOCK_T, BLOCK_D], 16 elements per thread. The forward keeps ~3 (acc, q*g, v)
+# and takes 4096-element tiles; the backward keeps ~7 (dh, q, q*g, u, v, dv, a product) and takes
+# 1024. Chosen by sweeping (tile, elements per thread) with ptxas -v at sm_80 and sm_90a: the only
+# setting with no spill in any configuration (8 per thread made ptxas cap at 64 registers and spill;
+# 2048-element backward tiles spilled at BLOCK_D=128 in fp32). A row wider than MAX_D would spill.
+FWD_TILE, BWD_TILE, ELEMS_PER_THREAD = 4096, 1024, 16
+MAX_BLOCK_T = 16
+# Backward programs walk several token tiles so that the per-program partial sums stay small; enough
+# programs are kept for PROGRAMS_PER_SM per SM (about what fits at ~160 registers x 64-256 threads).
+PROGRAMS_PER_SM, MAX_TILES_PER_CHUNK, MODEL_SMS = 4, 16, 132
+
+
+def route_config(d: int, backward: bool) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_D, num_warps) of the forward or backward kernel for feature dim d."""
+    tile = BWD_TILE if backward else FWD_TILE
+    block_d = max(16, triton.next_power_of_2(d))
+    block_t = max(1, min(MAX_BLOCK_T, tile // block_d))
+    num_warps = max(1, min(16, block_t * block_d // (32 * ELEMS_PER_THREAD)))
+    return block_t, block_d, num_warps
+
+
+@triton.jit
+def _load_source(table, i, b, t, dd, mask, dtype: tl.constexpr):
+    """Source i of the (pointer, batch stride, token stride) table as an fp32 [BLOCK_T, BLOCK_D] tile."""
+    base = tl.load(table + 3 * i).to(tl.pointer_type(dtype))
+    stride_b = tl.load(table + 3 * i + 1)
+    stride_t = tl.load(table + 3 * i + 2)
+    offs = b * stride_b + t[:, None] * stride_t + dd[None, :]
+    return tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _score(v, qg, inv_d, inv_sqrt_d, eps):
+    """(s, rstd, p) per token: rstd = (mean(v^2) + eps)^-1/2, p = <q*g, v>, s = rstd p / sqrt(d)."""
+    rstd = tl.rsqrt(tl.sum(v * v, 1) * inv_d + eps)
+    p = tl.sum(qg * v, 1)
+    return rstd * p * inv_sqrt_d, rstd, p
+
+
+@triton.jit
+def _tile(b, tile, T, d, stride_qb, stride_qt, dd, BLOCK_T: tl.constexpr):
+    """Token indices of one tile of batch row b, with 64-bit offsets into h/dh-shaped tensors and into q."""
+    t = tile * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    t_ok = t < T
+    mask = t_ok[:, None] & (dd < d)[None, :]
+    row = (b * T + t)[:, None] * d + dd[None, :]
+    q_offs = b * stride_qb + t[:, None] * stride_qt + dd[None, :]
+    return t, t_ok, mask, row, q_offs
+
+
+@triton.jit
+def route_fwd_kernel(src_table, q_ptr, gain_ptr, h_ptr, lse_ptr, n_src, T, d, n_tiles,
+                     stride_qb, stride_qt, inv_d, inv_sqrt_d, eps,
+                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    b = (pid // n_tiles).to(tl.int64)
+    dd = tl.arange(0, BLOCK_D)
+    t, t_ok, mask, row, q_offs = _tile(b, pid % n_tiles, T, d, stride_qb, stride_qt, dd, BLOCK_T)
+    g = tl.load(gain_ptr + dd, mask=dd < d, other=0.0).to(tl.float32)
+    qg = tl.load(q_ptr + q_offs, mask=mask, other=0.0).to(tl.float32) * g[None, :]
+    m = tl.full([BLOCK_T], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_T], tl.float32)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    for i in range(n_src):
+        v = _load_source(src_table, i, b, t, dd, mask, h_ptr.dtype.element_ty)
+        s, rstd, p = _score(v, qg, inv_d, inv_sqrt_d, eps)
+        m_new = tl.maximum(m, s)
+        scale = tl.exp(m - m_new)
+        w = tl.exp(s - m_new)
+        acc = acc * scale[:, None] + w[:, None] * v
+        l = l * scale + w
+        m = m_new
+    tl.store(h_ptr + row, (acc / l[:, None]).to(h_ptr.dtype.element_ty), mask=mask)
+    tl.store(lse_ptr + b * T + t, m + tl.log(l), mask=t_ok)
+
+
+@triton.jit
+def route_bwd_kernel(src_table, dsrc_table, q_ptr, gain_ptr, h_ptr, dh_ptr, lse_ptr, dq_ptr, partial_ptr,
+                     n_src, T, d, n_chunks, tiles_per_chunk, stride_qb, stride_qt, inv_d, inv_sqrt_d, eps,
+                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, DYNAMIC_Q: tl.constexpr):
+    pid = tl.program_id(0)
+    b = (pid // n_chunks).to(tl.int64)
+    dd = tl.arange(0, BLOCK_D)
+    g = tl.load(gain_ptr + dd, mask=dd < d, other=0.0).to(tl.float32)
+    # One fp32 [d] partial per program (sum of u, or of q*u for a dynamic q) serves dq and dgain;
+    # several tiles per program make that partial traffic small against the sources'.
+    partial = tl.zeros([BLOCK_D], tl.float32)
+    for k in range(tiles_per_chunk):
+        tile = (pid % n_chunks) * tiles_per_chunk + k
+        t, t_ok, mask, row, q_offs = _tile(b, tile, T, d, stride_qb, stride_qt, dd, BLOCK_T)
+        q = tl.load(q_ptr + q_offs, mask=mask, other=0.0).to(tl.float32)
+        qg = q * g[None, :]
+        dh = tl.load(dh_ptr + row, mask=mask, other=0.0).to(tl.float32)
+        # sum_j alpha_j <dh, v_j> = <dh, h>: reading h once spares a second pass over every source
+        delta = tl.sum(dh * tl.load(h_ptr + row, mask=mask, other=0.0).to(tl.float32), 1)
+        lse = tl.load(lse_ptr + b * T + t, mask=t_ok, other=0.0)
+        u = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        for i in range(n_src):
+            v = _load_source(src_table, i, b, t, dd, mask, h_ptr.dtype.element_ty)
+            s, rstd, p = _score(v, qg, inv_d, inv_sqrt_d, eps)
+            alpha = tl.exp(s - lse)
+            ds = alpha * (tl.sum(dh * v, 1) - delta)
+            c = ds * rstd * inv_sqrt_d
+            dv = alpha[:, None] * dh + c[:, None] * qg - (c * rstd * rstd * p * inv_d)[:, None] * v
+            dsrc = tl.load(dsrc_table + 3 * i).to(tl.pointer_type(h_ptr.dtype.element_ty))
+            tl.store(dsrc + row, dv.to(h_ptr.dtype.element_ty), mask=mask)
+            u += c[:, None] * v
+        if DYNAMIC_Q:
+            tl.store(dq_ptr + row, (u * g[None, :]).to(dq_ptr.dtype.element_ty), mask=mask)
+            partial += tl.sum(q * u, 0)
+        else:
+            partial += tl.sum(u, 0)
+    tl.store(partial_ptr + pid.to(tl.int64) * d + dd, partial, mask=dd < d)
+
+
+def _q_strides(q: torch.Tensor) -> tuple[int, int]:
+    """(batch stride, token stride) of q broadcast to [B, T, d]: zero along the dims q does not have."""
+    if q.dim() == 1:
+        return 0, 0
+    if q.dim() == 2:
+        return q.stride(0), 0
+    return q.stride(0), q.stride(1)
+
+
+def _common_args(sources, q, eps, backward):
+    """The launch's config, the sources' table, and the scalars both kernels share around their tiling."""
+    d = sources[0].shape[-1]
+    block_t, block_d, num_warps = route_config(d, backward)
+    table = _triton.tensor_table(sources, sources[0].device, stride_dims=(0, 1))
+    meta = dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
+    return table, meta, (*_q_strides(q), 1.0 / d, 1.0 / math.sqrt(d), eps)
+
+
+def tiles_per_chunk(B: int, n_tiles: int, device: torch.device) -> int:
+    """Token tiles per backward program: as many as keep >= PROGRAMS_PER_SM programs per SM in flight.
+
+    Off a GPU (the interpreter) the SM count is MODEL_SMS, an H100's, so traffic counts model that card.
+    """
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else MODEL_SMS
+    return max(1, min(MAX_TILES_PER_CHUNK, B * n_tiles // (PROGRAMS_PER_SM * sms)))
+
+
+def route_fwd(sources, q, gain, eps):
+    """Launches route_fwd_kernel: returns (h [B,T,d] in the sources' dtype, lse [B,T] float32)."""
+    B, T, d = sources[0].shape
+    h = _triton.empty((B, T, d), sources[0].dtype, sources[0].device)
+    lse = _triton.empty((B, T), torch.float32, sources[0].device)
+    if B * T == 0:
+        return h, lse
+    table, meta, scalars = _common_args(sources, q, eps, backward=False)
+    n_tiles = triton.cdiv(T, meta["BLOCK_T"])
+    route_fwd_kernel[(B * n_tiles,)](table, q, gain, h, lse, len(sources), T, d, n_tiles, *scalars, **meta)
+    return h, lse
+
+
+def route_bwd(dh, sources, q, gain, h, lse, eps):
+    """Launches route_bwd_kernel, then sums its per-program partials into dq (static/timestep q) and dgain."""
+    B, T, d = sources[0].shape
+    dev = sources[0].device
+    dsources = [_triton.empty((B, T, d), sources[0].dtype, dev) for _ in sources]
+    if B * T == 0:
+        return dsources, torch.zeros_like(q), torch.zeros_like(gain)
+    table, meta, scalars = _common_args(sources, q, eps, backward=True)
+    dtable = _triton.tensor_table(dsources, dev, stride_dims=(0, 1))
+    n_tiles = triton.cdiv(T, meta["BLOCK_T"])
+    per_chunk = tiles_per_chunk(B, n_tiles, dev)
+    n_chunks = triton.cdiv(n_tiles, per_chunk)
+    dynamic = q.dim() == 3
+    dq = _triton.empty(q.shape, q.dtype, dev) if dynamic else None
+    partial = _triton.empty((B, n_chunks, d), torch.float32, dev)
+    route_bwd_kernel[(B * n_chunks,)](table, dtable, q, gain, h, dh, lse, dq if dynamic else partial, partial,
+                                      len(sources), T, d, n_chunks, per_chunk, *scalars, DYNAMIC_Q=dynamic, **meta)
+    if dynamic:
+        return dsources, dq, partial.sum((0, 1)).to(gain.dtype)
+    u = partial.sum(1)  # [B, d]: sum over each batch row's tokens
+    if q.dim() == 1:
+        u = u.sum(0)
+    return dsources, (u * gain.float()).to(q.dtype), (q.float() * u).sum_to_size(gain.shape).to(gain.dtype)
+
+
+def aot_specs() -> list[KernelSpec]:
+    """Every launch configuration the launchers can produce (one per power-of-two d), per dtype."""
+    specs = []
+    common = {"n_src": "i32", "T": "i32", "d": "i32", "stride_qb": "i64", "stride_qt": "i64",
+              "inv_d": "fp32", "inv_sqrt_d": "fp32", "eps": "fp32", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"}
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        ty = _triton.TRITON_DTYPE[dtype]
+        for d in (2**k for k in range(4, MAX_D.bit_length())):
+            tags = {"dtype": str(dtype).removeprefix("torch."), "block_d": d}
+            block_t, block_d, num_warps = route_config(d, backward=False)
+            specs.append(KernelSpec(
+                f"route_fwd_kernel[{ty},BLOCK_T={block_t},BLOCK_D={block_d}]", route_fwd_kernel,
+                {"src_table": "*i64", "q_ptr": f"*{ty}", "gain_ptr": f"*{ty}", "h_ptr": f"*{ty}", "lse_ptr": "*fp32",
+                 "n_tiles": "i32", **common}, {"BLOCK_T": block_t, "BLOCK_D": block_d}, num_warps, tags))
+            block_t, block_d, num_warps = route_config(d, backward=True)
+            for dynamic in (False, True):
+                specs.append(KernelSpec(
+                    f"route_bwd_kernel[{ty},BLOCK_T={block_t},BLOCK_D={block_d},DYNAMIC_Q={dynamic}]",
+                    route_bwd_kernel,
+                    {"src_table": "*i64", "dsrc_table": "*i64", "q_ptr": f"*{ty}", "gain_ptr": f"*{ty}",
+                     "h_ptr": f"*{ty}", "dh_ptr": f"*{ty}", "lse_ptr": "*fp32",
+                     "dq_ptr": f"*{ty}" if dynamic else "*fp32", "partial_ptr": "*fp32", "n_chunks": "i32",
+                     "tiles_per_chunk": "i32", **common,
+                     "DYNAMIC_Q": "constexpr"},
+                    {"BLOCK_T": block_t, "BLOCK_D": block_d, "DYNAMIC_Q": dynamic}, num_warps, tags))
+    return specs

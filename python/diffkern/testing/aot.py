@@ -1,0 +1,163 @@
+"""Compile Triton kernels for real NVIDIA GPUs on a machine without one, and read their resources.
+
+`compile_spec(spec, 80)` / `compile_spec(spec, 90)` runs the full Triton pipeline for sm_80 / sm_90a
+(Python AST -> TTIR -> TTGIR -> LLVM -> PTX -> cubin, the same code a GPU launch would build for that
+configuration), then Triton's bundled `ptxas -v` on the PTX with the flags Triton itself uses, and
+returns the registers per thread, spill stores/loads and stack frame that ptxas reports, and the
+shared memory Triton allocates.
+
+What this proves: the configuration compiles for the architecture, and how many registers and how
+much shared memory and spilling it needs. What it cannot prove: that the kernel is correct or fast
+on the GPU (the interpreter tests correctness on CPU; nothing here runs), nor that the shared memory
+fits a particular card (compare `shared_bytes` with the card's limit yourself).
+
+It works under TRITON_INTERPRET=1, where `@triton.jit` returns interpreter wrappers: the wrapped
+Python functions, and the @triton.jit helpers they call, are rebuilt as JITFunctions for compiling.
+
+Compiles are cached by Triton (TRITON_CACHE_DIR, default ~/.triton/cache), and the ptxas report is
+stored beside the cubin in the same cache entry, so a repeated call costs milliseconds.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+import types
+from dataclasses import dataclass
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+from triton.runtime.cache import get_cache_manager
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+from diffkern._triton import KernelSpec
+
+
+class AotCompileError(RuntimeError):
+    """A kernel configuration failed to compile for a GPU architecture."""
+
+
+@dataclass
+class Resources:
+    """What ptxas and Triton report for one compiled configuration (per thread unless stated)."""
+    name: str
+    arch: str
+    num_warps: int
+    registers: int
+    spill_stores: int  # bytes, summed over the kernel and any noinline functions it calls
+    spill_loads: int
+    stack_bytes: int  # the kernel's stack frame
+    shared_bytes: int  # per program (CTA), as Triton allocates it
+
+
+def sm_arch(arch: int) -> str:
+    """ptxas's name for a compute capability: 80 -> sm_80; 90 and later use the 'a' (arch-specific) target."""
+    return f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+
+
+def compile_spec(spec: KernelSpec, arch: int) -> Resources:
+    """Compile `spec` for compute capability `arch` (80, 90, ...) and report its resources."""
+    fn = jit_function(spec.kernel)
+    config = f"{spec.name} (kernel {fn.__name__}, {sm_arch(arch)}, num_warps={spec.num_warps}, {spec.constexprs})"
+    source = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs)
+    try:
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.num_warps})
+    except Exception as error:
+        raise AotCompileError(f"{config} failed to compile: {error}") from error
+    report = _ptxas_report(compiled, arch, config)
+    entry = compiled.name
+    return Resources(
+        name=spec.name,
+        arch=sm_arch(arch),
+        num_warps=spec.num_warps,
+        registers=_field(report, rf"Compiling entry function '{entry}'.*?Used (\d+) registers", config),
+        spill_stores=sum(map(int, re.findall(r"(\d+) bytes spill stores", report))),
+        spill_loads=sum(map(int, re.findall(r"(\d+) bytes spill loads", report))),
+        stack_bytes=_field(report, rf"Function properties for {entry}\s+(\d+) bytes stack frame", config),
+        shared_bytes=compiled.metadata.shared,
+    )
+
+
+def _field(report: str, pattern: str, config: str) -> int:
+    match = re.search(pattern, report, re.DOTALL)
+    if match is None:
+        raise AotCompileError(f"{config}: no match for {pattern!r} in the ptxas report:\n{report}")
+    return int(match.group(1))
+
+
+def _ptxas_report(compiled, arch: int, config: str) -> str:
+    """`ptxas -v` output for the compiled PTX, computed once per Triton cache entry."""
+    cache = get_cache_manager(compiled.hash)
+    filename = f"{compiled.name[:150]}.ptxas-v.txt"
+    cached = cache.get_file(filename)
+    if cached is not None:
+        with open(cached) as f:
+            return f.read()
+    ptxas = get_ptxas(arch).path  # Triton's bundled ptxas for the arch, unless TRITON_PTXAS_PATH overrides it
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx_path = f"{tmp}/kernel.ptx"
+        with open(ptx_path, "w") as f:
+            f.write(compiled.asm["ptx"])
+        # The flags Triton's own cubin step passes, so the numbers describe the cubin it builds.
+        fmad = [] if compiled.metadata.enable_fp_fusion else ["--fmad=false"]
+        cmd = [ptxas, "-lineinfo", *fmad, "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch(arch)}", ptx_path,
+               "-o", f"{tmp}/kernel.cubin"]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise AotCompileError(f"{config}: ptxas failed ({run.returncode}):\n{run.stderr}")
+    report = run.stdout + run.stderr
+    cache.put(report, filename, binary=False)
+    return report
+
+
+# -- rebuilding JITFunctions from interpreter wrappers --------------------------------------------
+_rebuilt: dict[object, object] = {}
+
+
+def jit_function(kernel) -> JITFunction:
+    """The JITFunction to compile for `kernel`: a JITFunction, an interpreter wrapper, or an
+    autotune/heuristics wrapper around either."""
+    while not isinstance(kernel, (JITFunction, InterpretedFunction)) and hasattr(kernel, "fn"):
+        kernel = kernel.fn
+    if isinstance(kernel, JITFunction):
+        return kernel
+    if isinstance(kernel, InterpretedFunction):
+        return _compilable(kernel)
+    raise TypeError(f"not a Triton kernel: {kernel!r}")
+
+
+def _compilable(value):
+    """`value` with every interpreter wrapper it reaches replaced by a JITFunction, memoised."""
+    if isinstance(value, InterpretedFunction):
+        if value not in _rebuilt:
+            _rebuilt[value] = _rebuild(value)
+        return _rebuilt[value]
+    if isinstance(value, types.ModuleType) and any(isinstance(v, InterpretedFunction) for v in vars(value).values()):
+        # Kernels may call helpers as `module.helper(...)`: give them a module whose helpers compile.
+        if value not in _rebuilt:
+            proxy = types.ModuleType(value.__name__)
+            _rebuilt[value] = proxy
+            vars(proxy).update({k: _compilable(v) if isinstance(v, InterpretedFunction) else v
+                                for k, v in vars(value).items()})
+        return _rebuilt[value]
+    return value
+
+
+def _rebuild(wrapper: InterpretedFunction) -> JITFunction:
+    """A JITFunction over a copy of the wrapped function whose globals and closure cells see
+    JITFunctions where the original sees interpreter wrappers."""
+    fn = wrapper.fn
+    scope: dict = {}
+    cells = tuple(types.CellType() for _ in fn.__closure__ or ())
+    clone = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, cells or None)
+    for attr in ("__kwdefaults__", "__annotations__", "__qualname__", "__module__", "__doc__"):
+        setattr(clone, attr, getattr(fn, attr))
+    jit = JITFunction(clone, **wrapper.kwargs)
+    _rebuilt[wrapper] = jit  # before filling the scope, so recursive references resolve to it
+    scope.update({k: _compilable(v) for k, v in fn.__globals__.items()})
+    for cell, original in zip(cells, fn.__closure__ or ()):
+        cell.cell_contents = _compilable(original.cell_contents)
+    return jit

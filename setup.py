@@ -1,0 +1,126 @@
+"""Builds diffkern._C: the op schemas, the C++ CPU kernels, and the CUDA sources when a toolkit is found.
+
+Environment variables (all documented in README.md):
+  DIFFKERN_CUDA=0|1        force the CUDA sources off/on (default: on when nvcc is found and torch is a CUDA build)
+  TORCH_CUDA_ARCH_LIST     GPU archs (default "8.0;9.0a")
+  DIFFKERN_CPU_ARCH        -march for the CPU kernels (default "native"; "x86-64-v2" etc. for portable builds)
+  MAX_JOBS                 parallel compile jobs (default: sized to cores and free memory)
+  DIFFKERN_DEBUG=1         -O0 -g builds
+"""
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def find_cuda_home():
+    """The toolkit root as nvcc itself reports it (a wrapper script on PATH makes torch guess wrong)."""
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
+            return os.path.realpath(home)
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+    if not nvcc:
+        return None
+    dry = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull], capture_output=True, text=True)
+    top = re.search(r"^#\$ TOP=(.*)$", dry.stderr + dry.stdout, re.MULTILINE)
+    return os.path.realpath(top.group(1).strip()) if top else None
+
+
+def default_jobs():
+    """Parallel compile jobs sized to free memory (~2 GB per torch translation unit)."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        free_gb = int(info["MemAvailable"].split()[0]) / 2**20
+    except (OSError, KeyError, ValueError):
+        free_gb = 4.0
+    return max(1, min(os.cpu_count() or 1, int(free_gb // 2)))
+
+
+CUDA_HOME = find_cuda_home()
+if CUDA_HOME:
+    os.environ["CUDA_HOME"] = CUDA_HOME  # must precede the cpp_extension import, which reads it once
+os.environ.setdefault("MAX_JOBS", str(default_jobs()))
+if shutil.which("ccache"):
+    os.environ.setdefault("CC", "ccache gcc")
+    os.environ.setdefault("CXX", "ccache g++")
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def want_cuda():
+    flag = os.environ.get("DIFFKERN_CUDA")
+    if flag is not None and flag not in ("0", "1"):
+        sys.exit(f"DIFFKERN_CUDA must be 0 or 1, got {flag!r}")
+    if flag == "1" and not (CUDA_HOME and torch.version.cuda):
+        sys.exit("DIFFKERN_CUDA=1 but no CUDA toolkit (nvcc) was found or torch is a CPU-only build "
+                 f"(torch {torch.__version__}, CUDA_HOME={CUDA_HOME})")
+    if flag is not None:
+        return flag == "1"
+    return bool(CUDA_HOME and torch.version.cuda)
+
+
+def nvcc_version():
+    out = subprocess.run([os.path.join(CUDA_HOME, "bin", "nvcc"), "--version"],
+                         capture_output=True, text=True).stdout
+    return out.strip().splitlines()[-1] if out else "unknown"
+
+
+def write_build_info(with_cuda, archs):
+    info = {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "with_cuda": with_cuda,
+        "nvcc": nvcc_version() if with_cuda else None,
+        "cuda_archs": archs if with_cuda else None,
+        "cpu_arch": os.environ.get("DIFFKERN_CPU_ARCH", "native"),
+        "python": sys.version.split()[0],
+    }
+    path = os.path.join(ROOT, "python", "diffkern", "_build_info.py")
+    text = "# Written by setup.py at build time; read before diffkern._C is loaded.\nBUILD_INFO = " + repr(info) + "\n"
+    old = open(path).read() if os.path.exists(path) else None
+    if old != text:
+        with open(path, "w") as f:
+            f.write(text)
+
+
+def extension():
+    with_cuda = want_cuda()
+    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    write_build_info(with_cuda, archs)
+    debug = os.environ.get("DIFFKERN_DEBUG") == "1"
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cpu_arch = os.environ.get("DIFFKERN_CPU_ARCH", "native")
+    cxx = opt + ["-std=c++20", f"-march={cpu_arch}", "-fopenmp-simd", "-Wall", "-Wno-unknown-pragmas"]
+    sources = sorted(glob.glob("csrc/diffkern/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    if not with_cuda:
+        return CppExtension("diffkern._C", sources, include_dirs=include_dirs,
+                            extra_compile_args={"cxx": cxx})
+    sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    # torch's CUDA headers include cuBLAS/cuSPARSE headers that ship in the nvidia wheels, not the toolkit
+    wheel_include = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "cu13", "include")
+    if os.path.isdir(wheel_include):
+        include_dirs.append(wheel_include)
+    lib_dirs = [d for d in (os.path.join(CUDA_HOME, "lib64"), os.path.join(CUDA_HOME, "lib"))
+                if os.path.exists(os.path.join(d, "libcudart.so"))]
+    nvcc = opt + ["-std=c++20", "-Xptxas=-warn-spills", "--expt-relaxed-constexpr"]
+    return CUDAExtension("diffkern._C", sources, include_dirs=include_dirs, library_dirs=lib_dirs,
+                         define_macros=[("DIFFKERN_WITH_CUDA", "1")],
+                         extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+
+
+setup(
+    name="diffkern",
+    packages=find_packages("python"),
+    package_dir={"": "python"},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,25 @@
+"""Test-wide switches, set before triton or diffkern is imported.
+
+* Without a CUDA device, Triton kernels run on CPU tensors in the interpreter (TRITON_INTERPRET=1).
+* Every output a kernel allocates starts as NaN (DIFFKERN_DEBUG_FILL=nan), so unwritten elements fail.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+assert "triton" not in sys.modules and "diffkern" not in sys.modules, "conftest must run before triton is imported"
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+os.environ["DIFFKERN_DEBUG_FILL"] = "nan"
+
+import diffkern  # noqa: E402,F401  (loads the extension with the switches above in effect)
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip)

@@ -1,0 +1,199 @@
+"""DAR routing (diffkern.dar_route): every backend against the float64 reference, forward and backward."""
+import pytest
+import torch
+
+import diffkern
+from diffkern.dar import reference, triton_kernels
+from diffkern.dar.reference import dar_route_reference
+from diffkern.testing.backends import CPU_BACKENDS, forced, supports
+from diffkern.testing.numerics import assert_close_to_oracle
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+Q_VARIANTS = ("static", "timestep", "dynamic")
+# (B, T, d, n): one-element edges, odd sizes, T just past a token tile (16 rows when d <= 256),
+# d just past a power of two, one source, many sources, a wide d with a 2-row tile.
+SHAPES = ((1, 1, 1, 1), (2, 5, 40, 2), (1, 17, 130, 3), (2, 3, 16, 64), (2, 3, 1100, 5))
+
+
+def make_inputs(B, T, d, n, dtype, variant, param_dtype=None, seed=0):
+    """Sources with uneven scales (so the routing weights are far from uniform), q, gain: leaf tensors."""
+    g = torch.Generator().manual_seed(seed)
+    param_dtype = param_dtype or dtype
+    sources = [(torch.randn(B, T, d, generator=g) * (0.5 + i % 3)).to(dtype).requires_grad_() for i in range(n)]
+    q_shape = {"static": (d,), "timestep": (B, d), "dynamic": (B, T, d)}[variant]
+    q = (2 * torch.randn(q_shape, generator=g)).to(param_dtype).requires_grad_()
+    gain = (1 + 0.2 * torch.randn(d, generator=g)).to(param_dtype).requires_grad_()
+    return sources, q, gain
+
+
+def as_float64(tensors):
+    return [x.detach().double().requires_grad_() for x in tensors]
+
+
+def reference_grads(sources, q, gain, dh, dtype):
+    """The plain reference's output and gradients, with every input cast to `dtype`."""
+    inputs = [x.detach().to(dtype).requires_grad_() for x in (*sources, q, gain)]
+    h = dar_route_reference(inputs[:-2], inputs[-2], inputs[-1])
+    return h, torch.autograd.grad(h, inputs, dh.to(h.dtype))
+
+
+def params(backends=CPU_BACKENDS, dtypes=DTYPES):
+    return [(b, dt) for b in backends for dt in dtypes if supports(b, dt)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("variant", Q_VARIANTS)
+@pytest.mark.parametrize("backend,dtype", params())
+def test_forward_matches_float64_reference(backend, dtype, variant, shape):
+    sources, q, gain = make_inputs(*shape, dtype, variant)
+    with forced(backend), torch.no_grad():
+        h = diffkern.dar_route(sources, q, gain)
+    oracle = dar_route_reference(as_float64(sources), *as_float64([q, gain]))
+    plain = dar_route_reference(sources, q, gain)
+    assert h.dtype == dtype
+    assert_close_to_oracle(h, oracle, plain, "h")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("variant", Q_VARIANTS)
+@pytest.mark.parametrize("backend,dtype", params())
+def test_backward_matches_float64_formulas(backend, dtype, variant, shape):
+    """The backward op, given the forward's own h and lse, against the spec's formulas in float64.
+
+    The formulas use delta = <dh, h> with h as stored (in the sources' dtype): that rounding is part
+    of the op's contract (as in flash-attention), so the oracle sees the same h.
+    """
+    check_backward_op(backend, *make_inputs(*shape, dtype, variant))
+
+
+@pytest.mark.parametrize("variant", Q_VARIANTS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backward_with_float32_params(backend, variant):
+    """bf16 sources with float32 q and gain (the autocast case): dq and dgain come back in float32."""
+    check_backward_op(backend, *make_inputs(2, 5, 40, 3, torch.bfloat16, variant, param_dtype=torch.float32))
+
+
+def check_backward_op(backend, sources, q, gain, eps=1e-6):
+    sources, q, gain = [x.detach() for x in sources], q.detach(), gain.detach()
+    dh = torch.randn(sources[0].shape, generator=torch.Generator().manual_seed(1)).to(sources[0].dtype)
+    with forced(backend):
+        h, lse = torch.ops.diffkern.dar_route_fwd(sources, q, gain, eps)
+        grads = torch.ops.diffkern.dar_route_bwd(dh, sources, q, gain, h, lse, eps)
+    args = (dh, sources, q, gain, h, lse)
+    oracle = reference.route_bwd(*to_dtype(args, torch.float64), eps)
+    fp32 = reference.route_bwd(*to_dtype(args, torch.float32), eps)
+    names = [f"dsources[{i}]" for i in range(len(sources))] + ["dq", "dgain"]
+    for name, x, grad, ref, plain in zip(names, [*sources, q, gain], [*grads[0], *grads[1:]],
+                                         [*oracle[0], *oracle[1:]], [*fp32[0], *fp32[1:]]):
+        assert grad.dtype == x.dtype and grad.shape == x.shape, name
+        assert_close_to_oracle(grad, ref, plain, name)
+
+
+def to_dtype(args, dtype):
+    return [to_dtype(a, dtype) if isinstance(a, list) else a.to(dtype) for a in args]
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("variant", Q_VARIANTS)
+def test_backward_formulas_match_autograd(variant, shape):
+    """reference.route_bwd (the spec's formulas) equals autograd through the plain definition, in float64."""
+    sources, q, gain = make_inputs(*shape, torch.float64, variant)
+    dh = torch.randn(shape[:3], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    h, autograd = reference_grads(sources, q, gain, dh, torch.float64)
+    _, lse = reference.route_fwd(sources, q, gain, 1e-6)
+    dsources, dq, dgain = reference.route_bwd(dh, sources, q, gain, h, lse, 1e-6)
+    for grad, ref in zip([*dsources, dq, dgain], autograd):
+        torch.testing.assert_close(grad, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", Q_VARIANTS)
+@pytest.mark.parametrize("backend,dtype", params(dtypes=(torch.float32, torch.float64)))
+def test_autograd_matches_float64_autograd(backend, dtype, variant):
+    """End to end through diffkern.dar_route and its registered autograd formula."""
+    shape = (2, 5, 40, 3)
+    sources, q, gain = make_inputs(*shape, dtype, variant)
+    dh = torch.randn(shape[:3], generator=torch.Generator().manual_seed(1)).to(dtype)
+    with forced(backend):
+        h = diffkern.dar_route(sources, q, gain)
+        grads = torch.autograd.grad(h, [*sources, q, gain], dh)
+    _, oracle = reference_grads(sources, q, gain, dh, torch.float64)
+    _, plain = reference_grads(sources, q, gain, dh, dtype)
+    for grad, ref, low in zip(grads, oracle, plain):
+        assert_close_to_oracle(grad, ref, low, "grad")
+
+
+@pytest.mark.parametrize("variant", Q_VARIANTS)
+@pytest.mark.parametrize("backend", ("cpu", "reference"))
+def test_gradcheck_float64(backend, variant):
+    sources, q, gain = make_inputs(2, 3, 7, 3, torch.float64, variant)
+    with forced(backend):
+        assert torch.autograd.gradcheck(lambda *x: diffkern.dar_route(x[:-2], x[-2], x[-1]),
+                                        (*sources, q, gain), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_strided_sources_are_read_in_place(backend):
+    """Each source with its own batch/token strides (slices of larger buffers) gives the contiguous result."""
+    B, T, d = 2, 5, 24
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(B, T, 3 * d, generator=g)
+    sources = [wide[..., :d], wide[..., d:2 * d], torch.randn(T, B, d, generator=g).transpose(0, 1)]
+    q, gain = torch.randn(B, T, 2 * d, generator=g)[..., ::2].contiguous(), torch.randn(d, generator=g)
+    with forced(backend):
+        h = diffkern.dar_route(sources, q, gain)
+    expected = dar_route_reference([x.contiguous().double() for x in sources], q.double(), gain.double())
+    assert_close_to_oracle(h, expected, dar_route_reference(sources, q, gain), "h")
+
+
+@pytest.mark.parametrize("backend", ("cpu", "triton"))
+def test_offsets_beyond_int32(backend):
+    """Batch strides past 2^31 elements (expanded views of a lazily-mapped buffer): 64-bit offset math."""
+    B, T, d, stride_b = 2, 3, 16, 2**31 + 64
+    big = torch.empty(stride_b + T * d, dtype=torch.float16)  # 4 GiB virtual; only touched pages are mapped
+    g = torch.Generator().manual_seed(4)
+    for i, b in enumerate((0, stride_b)):
+        big[b:b + T * d] = torch.randn(T * d, generator=g).half()
+    far = big.as_strided((B, T, d), (stride_b, d, 1))
+    near = torch.randn(B, T, d, generator=g).half()
+    q = torch.randn(B, d, generator=g).half()
+    gain = torch.ones(d, dtype=torch.float16)
+    with forced(backend), torch.no_grad():
+        h = diffkern.dar_route([far, near], q, gain)
+    dense = [far.contiguous(), near]
+    oracle = dar_route_reference([x.double() for x in dense], q.double(), gain.double())
+    assert_close_to_oracle(h, oracle, dar_route_reference(dense, q, gain), "h")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_propagates_to_its_token_only(backend):
+    sources, q, gain = make_inputs(2, 4, 20, 3, torch.float32, "static")
+    sources = [x.detach().clone() for x in sources]
+    sources[1][1, 2, 5] = float("nan")
+    with forced(backend):
+        h = diffkern.dar_route(sources, q.detach(), gain.detach())
+    bad = torch.zeros(2, 4, dtype=torch.bool)
+    bad[1, 2] = True
+    assert torch.isnan(h[bad]).all()
+    assert torch.isfinite(h[~bad]).all()
+
+
+@pytest.mark.parametrize("B,T", ((0, 3), (2, 0), (0, 0)))
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_token_sets(backend, B, T):
+    sources, q, gain = make_inputs(B, T, 8, 2, torch.float32, "timestep")
+    with forced(backend):
+        h = diffkern.dar_route(sources, q, gain)
+        grads = torch.autograd.grad(h.sum(), [*sources, q, gain])
+    assert h.shape == (B, T, 8)
+    assert all(gr.shape == x.shape and not gr.any() for gr, x in zip(grads, (*sources, q, gain)))
+
+
+@pytest.mark.parametrize("variant", Q_VARIANTS)
+def test_triton_backward_walks_several_tiles_per_program(monkeypatch, variant):
+    """A modeled GPU with one SM makes each backward program walk all of its row's tiles (and past the end)."""
+    monkeypatch.setattr(triton_kernels, "MODEL_SMS", 1)
+    monkeypatch.setattr(triton_kernels, "PROGRAMS_PER_SM", 1)
+    B, T, d = 2, 17, 130
+    n_tiles = -(-T // triton_kernels.route_config(d, backward=True)[0])
+    assert triton_kernels.tiles_per_chunk(B, n_tiles, torch.device("cpu")) > n_tiles
+    check_backward_op("triton", *make_inputs(B, T, d, 3, torch.float32, variant))

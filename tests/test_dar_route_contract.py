@@ -1,0 +1,158 @@
+"""DAR routing as a torch op: argument errors, opcheck, torch.compile, backend switch."""
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import diffkern
+from diffkern.dar.reference import dar_route_reference
+from diffkern.testing.backends import CPU_BACKENDS, forced
+from diffkern.testing.numerics import assert_close_to_oracle
+
+from test_dar_route import make_inputs
+
+B, T, D = 2, 3, 8
+
+
+def good():
+    sources, q, gain = make_inputs(B, T, D, 3, torch.float32, "static")
+    return [x.detach() for x in sources], q.detach(), gain.detach(), 1e-6
+
+
+def case(edit):
+    def build():
+        sources, q, gain, eps = good()
+        return edit(sources, q, gain, eps)
+    return build
+
+
+BAD_INPUTS = {
+    "no sources": (case(lambda s, q, g, e: ([], q, g, e)), r"sources must hold at least one tensor"),
+    "2-d source": (case(lambda s, q, g, e: ([s[0], s[1][0]], q, g, e)), r"sources\[1\] must be \[B, T, d\]"),
+    "shape mismatch": (case(lambda s, q, g, e: ([s[0], s[1][:, :2]], q, g, e)), r"sources\[1\] has shape \[2, 2, 8\]"),
+    "int dtype": (case(lambda s, q, g, e: ([x.long() for x in s], q, g, e)), r"sources\[0\] dtype must be float16"),
+    "dtype mismatch": (case(lambda s, q, g, e: ([s[0], s[1].double()], q, g, e)), r"sources\[1\] dtype float64 differs"),
+    "device mismatch": (case(lambda s, q, g, e: ([s[0], s[1].to("meta")], q, g, e)), r"sources\[1\] is on meta"),
+    "strided d": (case(lambda s, q, g, e: ([s[0], torch.randn(B, T, 2 * D)[..., ::2]], q, g, e)),
+                  r"sources\[1\] must have unit stride in its last dim"),
+    "q shape": (case(lambda s, q, g, e: (s, torch.randn(T, D), g, e)), r"q must be \[d\], \[B, d\] or \[B, T, d\]"),
+    "q dtype": (case(lambda s, q, g, e: (s, q.half(), g, e)), r"q dtype must be float32"),
+    "gain shape": (case(lambda s, q, g, e: (s, q, torch.randn(D + 1), e)), r"gain must be \[d\]"),
+    "gain device": (case(lambda s, q, g, e: (s, q, g.to("meta"), e)), r"gain is on meta"),
+    "negative eps": (case(lambda s, q, g, e: (s, q, g, -1.0)), r"eps must be finite and >= 0"),
+    "nan eps": (case(lambda s, q, g, e: (s, q, g, float("nan"))), r"eps must be finite and >= 0"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bad_input_raises_value_error_naming_the_argument(backend, name):
+    build, match = BAD_INPUTS[name]
+    with forced(backend), pytest.raises(ValueError, match="dar_route: " + match):
+        diffkern.dar_route(*build())
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input_is_rejected_while_tracing(name):
+    """The fake implementation (used by torch.compile) rejects the same inputs."""
+    build, match = BAD_INPUTS[name]
+    sources, q, gain, eps = build()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, pytest.raises(ValueError, match=match):
+        fake = [mode.from_tensor(x) for x in sources]
+        torch.ops.diffkern.dar_route_fwd(fake, mode.from_tensor(q), mode.from_tensor(gain), eps)
+
+
+def test_triton_rejects_float64():
+    sources, q, gain = make_inputs(B, T, D, 2, torch.float64, "static")
+    with forced("triton"), pytest.raises(ValueError, match="triton backend .* float64"):
+        diffkern.dar_route(sources, q, gain)
+
+
+def test_backward_rejects_mismatched_saved_tensors():
+    sources, q, gain, eps = good()
+    h, lse = torch.ops.diffkern.dar_route_fwd(sources, q, gain, eps)
+    with pytest.raises(ValueError, match=r"dar_route: lse must be a contiguous \[2, 3\] float32"):
+        torch.ops.diffkern.dar_route_bwd(torch.ones_like(h), sources, q, gain, h, lse.double(), eps)
+
+
+@pytest.mark.parametrize("variant", ("static", "timestep", "dynamic"))
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck(backend, variant):
+    sources, q, gain = make_inputs(2, 3, 20, 3, torch.float32, variant)
+    with forced(backend):
+        torch.library.opcheck(torch.ops.diffkern.dar_route_fwd.default, (sources, q, gain, 1e-6))
+        h, lse = torch.ops.diffkern.dar_route_fwd(sources, q, gain, 1e-6)
+        torch.library.opcheck(torch.ops.diffkern.dar_route_bwd.default,
+                              ([torch.randn_like(h), [x.detach() for x in sources], q.detach(), gain.detach(),
+                                h.detach(), lse, 1e-6]))
+
+
+class Router(torch.nn.Module):
+    """A minimal routing layer: a learned static query over the stream history, then an MLP."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.q = torch.nn.Parameter(torch.randn(d))
+        self.gain = torch.nn.Parameter(torch.ones(d))
+        self.mlp = torch.nn.Linear(d, d)
+
+    def forward(self, history):
+        return self.mlp(diffkern.dar_route(history, self.q, self.gain))
+
+
+@pytest.mark.parametrize("dynamic", (False, True))
+@pytest.mark.parametrize("compiler", ("aot_eager", "inductor"))
+@pytest.mark.parametrize("backend", ("cpu", "triton"))
+def test_torch_compile_fullgraph_forward_and_backward(backend, compiler, dynamic):
+    torch._dynamo.reset()
+    model = Router(16)
+    history = [torch.randn(2, 5, 16, requires_grad=True) for _ in range(4)]
+    with forced(backend):
+        eager = model(history)
+        eager_grads = torch.autograd.grad(eager.sum(), [*history, model.q, model.gain])
+        compiled = torch.compile(model, backend=compiler, fullgraph=True, dynamic=dynamic)(history)
+        compiled_grads = torch.autograd.grad(compiled.sum(), [*history, model.q, model.gain])
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_backend_switch_routes_cpu_tensors():
+    sources, q, gain, eps = good()
+    calls = []
+    real = diffkern._registry._impls["dar_route_fwd"]["reference"]
+    diffkern._registry._impls["dar_route_fwd"]["reference"] = lambda *a: calls.append(1) or real(*a)
+    try:
+        with diffkern.backend("reference"):
+            diffkern.dar_route(sources, q, gain)
+        diffkern.dar_route(sources, q, gain)  # default again: the C++ kernel
+    finally:
+        diffkern._registry._impls["dar_route_fwd"]["reference"] = real
+    assert calls == [1]
+
+
+def test_backend_switch_errors():
+    sources, q, gain, eps = good()
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        with diffkern.backend("tpu"):
+            pass
+    with diffkern.backend("cuda"), pytest.raises(NotImplementedError, match="has no 'cuda' backend"):
+        diffkern.dar_route(sources, q, gain)
+    with diffkern.backend("reference"), pytest.raises(RuntimeError, match="cannot be nested"):
+        with diffkern.backend("cpu"):
+            pass
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32))
+def test_cuda_tensors_use_triton_and_match_reference(dtype):
+    sources, q, gain = make_inputs(2, 7, 1152, 18, dtype, "timestep")
+    sources, q, gain = [x.detach().cuda() for x in sources], q.detach().cuda(), gain.detach().cuda()
+    h = diffkern.dar_route(sources, q, gain)
+    oracle = dar_route_reference([x.double() for x in sources], q.double(), gain.double())
+    assert_close_to_oracle(h, oracle, dar_route_reference(sources, q, gain), "h")
+
+
+def test_triton_rejects_rows_wider_than_a_program():
+    sources, q, gain = make_inputs(1, 1, 4097, 2, torch.float32, "static")
+    with forced("triton"), pytest.raises(ValueError, match=r"triton backend takes d <= 4096 .*, got d=4097"):
+        diffkern.dar_route(sources, q, gain)
