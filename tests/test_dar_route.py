@@ -5,7 +5,7 @@ import torch
 import diffkern
 from diffkern.dar import reference, triton_kernels
 from diffkern.dar.reference import dar_route_reference
-from diffkern.testing.backends import CPU_BACKENDS, forced, supports
+from diffkern.testing.backends import CPU_BACKENDS, device_for, forced, supports
 from diffkern.testing.numerics import assert_close_to_oracle
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -15,26 +15,36 @@ Q_VARIANTS = ("static", "timestep", "dynamic")
 SHAPES = ((1, 1, 1, 1), (2, 5, 40, 2), (1, 17, 130, 3), (2, 3, 16, 64), (2, 3, 1100, 5))
 
 
-def make_inputs(B, T, d, n, dtype, variant, param_dtype=None, seed=0):
+def make_inputs(B, T, d, n, dtype, variant, param_dtype=None, seed=0, device="cpu"):
     """Sources with uneven scales (so the routing weights are far from uniform), q, gain: leaf tensors."""
     g = torch.Generator().manual_seed(seed)
     param_dtype = param_dtype or dtype
-    sources = [(torch.randn(B, T, d, generator=g) * (0.5 + i % 3)).to(dtype).requires_grad_() for i in range(n)]
+    sources = [(torch.randn(B, T, d, generator=g) * (0.5 + i % 3)).to(device, dtype).requires_grad_()
+               for i in range(n)]
     q_shape = {"static": (d,), "timestep": (B, d), "dynamic": (B, T, d)}[variant]
-    q = (2 * torch.randn(q_shape, generator=g)).to(param_dtype).requires_grad_()
-    gain = (1 + 0.2 * torch.randn(d, generator=g)).to(param_dtype).requires_grad_()
+    q = (2 * torch.randn(q_shape, generator=g)).to(device, param_dtype).requires_grad_()
+    gain = (1 + 0.2 * torch.randn(d, generator=g)).to(device, param_dtype).requires_grad_()
     return sources, q, gain
 
 
+def randn_like(x, seed=1):
+    return torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x.device, x.dtype)
+
+
+def on_cpu(tensors, dtype=None):
+    """Detached CPU copies (in `dtype` if given) of a (nested) list of tensors: the oracles' inputs."""
+    return [on_cpu(x, dtype) if isinstance(x, list) else x.detach().cpu().to(dtype or x.dtype) for x in tensors]
+
+
 def as_float64(tensors):
-    return [x.detach().double().requires_grad_() for x in tensors]
+    return [x.requires_grad_() for x in on_cpu(tensors, torch.float64)]
 
 
 def reference_grads(sources, q, gain, dh, dtype):
-    """The plain reference's output and gradients, with every input cast to `dtype`."""
-    inputs = [x.detach().to(dtype).requires_grad_() for x in (*sources, q, gain)]
+    """The plain reference's output and gradients on CPU, with every input cast to `dtype`."""
+    inputs = [x.requires_grad_() for x in on_cpu([*sources, q, gain], dtype)]
     h = dar_route_reference(inputs[:-2], inputs[-2], inputs[-1])
-    return h, torch.autograd.grad(h, inputs, dh.to(h.dtype))
+    return h, torch.autograd.grad(h, inputs, dh.cpu().to(h.dtype))
 
 
 def params(backends=CPU_BACKENDS, dtypes=DTYPES):
@@ -45,11 +55,11 @@ def params(backends=CPU_BACKENDS, dtypes=DTYPES):
 @pytest.mark.parametrize("variant", Q_VARIANTS)
 @pytest.mark.parametrize("backend,dtype", params())
 def test_forward_matches_float64_reference(backend, dtype, variant, shape):
-    sources, q, gain = make_inputs(*shape, dtype, variant)
+    sources, q, gain = make_inputs(*shape, dtype, variant, device=device_for(backend))
     with forced(backend), torch.no_grad():
         h = diffkern.dar_route(sources, q, gain)
     oracle = dar_route_reference(as_float64(sources), *as_float64([q, gain]))
-    plain = dar_route_reference(sources, q, gain)
+    plain = dar_route_reference(on_cpu(sources), *on_cpu([q, gain]))
     assert h.dtype == dtype
     assert_close_to_oracle(h, oracle, plain, "h")
 
@@ -63,34 +73,31 @@ def test_backward_matches_float64_formulas(backend, dtype, variant, shape):
     The formulas use delta = <dh, h> with h as stored (in the sources' dtype): that rounding is part
     of the op's contract (as in flash-attention), so the oracle sees the same h.
     """
-    check_backward_op(backend, *make_inputs(*shape, dtype, variant))
+    check_backward_op(backend, *make_inputs(*shape, dtype, variant, device=device_for(backend)))
 
 
 @pytest.mark.parametrize("variant", Q_VARIANTS)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_backward_with_float32_params(backend, variant):
     """bf16 sources with float32 q and gain (the autocast case): dq and dgain come back in float32."""
-    check_backward_op(backend, *make_inputs(2, 5, 40, 3, torch.bfloat16, variant, param_dtype=torch.float32))
+    check_backward_op(backend, *make_inputs(2, 5, 40, 3, torch.bfloat16, variant, param_dtype=torch.float32,
+                                            device=device_for(backend)))
 
 
 def check_backward_op(backend, sources, q, gain, eps=1e-6):
     sources, q, gain = [x.detach() for x in sources], q.detach(), gain.detach()
-    dh = torch.randn(sources[0].shape, generator=torch.Generator().manual_seed(1)).to(sources[0].dtype)
+    dh = randn_like(sources[0])
     with forced(backend):
         h, lse = torch.ops.diffkern.dar_route_fwd(sources, q, gain, eps)
         grads = torch.ops.diffkern.dar_route_bwd(dh, sources, q, gain, h, lse, eps)
     args = (dh, sources, q, gain, h, lse)
-    oracle = reference.route_bwd(*to_dtype(args, torch.float64), eps)
-    fp32 = reference.route_bwd(*to_dtype(args, torch.float32), eps)
+    oracle = reference.route_bwd(*on_cpu(args, torch.float64), eps)
+    fp32 = reference.route_bwd(*on_cpu(args, torch.float32), eps)
     names = [f"dsources[{i}]" for i in range(len(sources))] + ["dq", "dgain"]
     for name, x, grad, ref, plain in zip(names, [*sources, q, gain], [*grads[0], *grads[1:]],
                                          [*oracle[0], *oracle[1:]], [*fp32[0], *fp32[1:]]):
         assert grad.dtype == x.dtype and grad.shape == x.shape, name
         assert_close_to_oracle(grad, ref, plain, name)
-
-
-def to_dtype(args, dtype):
-    return [to_dtype(a, dtype) if isinstance(a, list) else a.to(dtype) for a in args]
 
 
 @pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "x".join(map(str, s)))
@@ -110,9 +117,8 @@ def test_backward_formulas_match_autograd(variant, shape):
 @pytest.mark.parametrize("backend,dtype", params(dtypes=(torch.float32, torch.float64)))
 def test_autograd_matches_float64_autograd(backend, dtype, variant):
     """End to end through diffkern.dar_route and its registered autograd formula."""
-    shape = (2, 5, 40, 3)
-    sources, q, gain = make_inputs(*shape, dtype, variant)
-    dh = torch.randn(shape[:3], generator=torch.Generator().manual_seed(1)).to(dtype)
+    sources, q, gain = make_inputs(2, 5, 40, 3, dtype, variant, device=device_for(backend))
+    dh = randn_like(sources[0])
     with forced(backend):
         h = diffkern.dar_route(sources, q, gain)
         grads = torch.autograd.grad(h, [*sources, q, gain], dh)
@@ -125,7 +131,7 @@ def test_autograd_matches_float64_autograd(backend, dtype, variant):
 @pytest.mark.parametrize("variant", Q_VARIANTS)
 @pytest.mark.parametrize("backend", ("cpu", "reference"))
 def test_gradcheck_float64(backend, variant):
-    sources, q, gain = make_inputs(2, 3, 7, 3, torch.float64, variant)
+    sources, q, gain = make_inputs(2, 3, 7, 3, torch.float64, variant, device=device_for(backend))
     with forced(backend):
         assert torch.autograd.gradcheck(lambda *x: diffkern.dar_route(x[:-2], x[-2], x[-1]),
                                         (*sources, q, gain), eps=1e-6, atol=1e-7)
@@ -136,41 +142,44 @@ def test_strided_sources_are_read_in_place(backend):
     """Each source with its own batch/token strides (slices of larger buffers) gives the contiguous result."""
     B, T, d = 2, 5, 24
     g = torch.Generator().manual_seed(3)
-    wide = torch.randn(B, T, 3 * d, generator=g)
-    sources = [wide[..., :d], wide[..., d:2 * d], torch.randn(T, B, d, generator=g).transpose(0, 1)]
-    q, gain = torch.randn(B, T, 2 * d, generator=g)[..., ::2].contiguous(), torch.randn(d, generator=g)
+    dev = device_for(backend)
+    wide = torch.randn(B, T, 3 * d, generator=g).to(dev)
+    sources = [wide[..., :d], wide[..., d:2 * d], torch.randn(T, B, d, generator=g).to(dev).transpose(0, 1)]
+    q, gain = torch.randn(B, T, d, generator=g).to(dev), torch.randn(d, generator=g).to(dev)
     with forced(backend):
         h = diffkern.dar_route(sources, q, gain)
-    expected = dar_route_reference([x.contiguous().double() for x in sources], q.double(), gain.double())
-    assert_close_to_oracle(h, expected, dar_route_reference(sources, q, gain), "h")
+    dense = on_cpu([x.contiguous() for x in sources])
+    expected = dar_route_reference(on_cpu(dense, torch.float64), *on_cpu([q, gain], torch.float64))
+    assert_close_to_oracle(h, expected, dar_route_reference(dense, *on_cpu([q, gain])), "h")
 
 
 @pytest.mark.parametrize("backend", ("cpu", "triton"))
 def test_offsets_beyond_int32(backend):
     """Batch strides past 2^31 elements (expanded views of a lazily-mapped buffer): 64-bit offset math."""
     B, T, d, stride_b = 2, 3, 16, 2**31 + 64
-    big = torch.empty(stride_b + T * d, dtype=torch.float16)  # 4 GiB virtual; only touched pages are mapped
+    dev = device_for(backend)
+    big = torch.empty(stride_b + T * d, dtype=torch.float16, device=dev)  # 4 GiB, mapped lazily on CPU
     g = torch.Generator().manual_seed(4)
-    for i, b in enumerate((0, stride_b)):
+    for b in (0, stride_b):
         big[b:b + T * d] = torch.randn(T * d, generator=g).half()
     far = big.as_strided((B, T, d), (stride_b, d, 1))
-    near = torch.randn(B, T, d, generator=g).half()
-    q = torch.randn(B, d, generator=g).half()
-    gain = torch.ones(d, dtype=torch.float16)
+    near = torch.randn(B, T, d, generator=g).half().to(dev)
+    q = torch.randn(B, d, generator=g).half().to(dev)
+    gain = torch.ones(d, dtype=torch.float16, device=dev)
     with forced(backend), torch.no_grad():
         h = diffkern.dar_route([far, near], q, gain)
-    dense = [far.contiguous(), near]
-    oracle = dar_route_reference([x.double() for x in dense], q.double(), gain.double())
-    assert_close_to_oracle(h, oracle, dar_route_reference(dense, q, gain), "h")
+    dense = on_cpu([far.contiguous(), near, q, gain])
+    oracle = dar_route_reference(on_cpu(dense[:2], torch.float64), *on_cpu(dense[2:], torch.float64))
+    assert_close_to_oracle(h, oracle, dar_route_reference(dense[:2], *dense[2:]), "h")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_nan_propagates_to_its_token_only(backend):
-    sources, q, gain = make_inputs(2, 4, 20, 3, torch.float32, "static")
+    sources, q, gain = make_inputs(2, 4, 20, 3, torch.float32, "static", device=device_for(backend))
     sources = [x.detach().clone() for x in sources]
     sources[1][1, 2, 5] = float("nan")
     with forced(backend):
-        h = diffkern.dar_route(sources, q.detach(), gain.detach())
+        h = diffkern.dar_route(sources, q.detach(), gain.detach()).cpu()
     bad = torch.zeros(2, 4, dtype=torch.bool)
     bad[1, 2] = True
     assert torch.isnan(h[bad]).all()
@@ -180,7 +189,7 @@ def test_nan_propagates_to_its_token_only(backend):
 @pytest.mark.parametrize("B,T", ((0, 3), (2, 0), (0, 0)))
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_empty_token_sets(backend, B, T):
-    sources, q, gain = make_inputs(B, T, 8, 2, torch.float32, "timestep")
+    sources, q, gain = make_inputs(B, T, 8, 2, torch.float32, "timestep", device=device_for(backend))
     with forced(backend):
         h = diffkern.dar_route(sources, q, gain)
         grads = torch.autograd.grad(h.sum(), [*sources, q, gain])
@@ -196,4 +205,4 @@ def test_triton_backward_walks_several_tiles_per_program(monkeypatch, variant):
     B, T, d = 2, 17, 130
     n_tiles = -(-T // triton_kernels.route_config(d, backward=True)[0])
     assert triton_kernels.tiles_per_chunk(B, n_tiles, torch.device("cpu")) > n_tiles
-    check_backward_op("triton", *make_inputs(B, T, d, 3, torch.float32, variant))
+    check_backward_op("triton", *make_inputs(B, T, d, 3, torch.float32, variant, device=device_for("triton")))

@@ -5,7 +5,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import diffkern
 from diffkern.dar.reference import dar_route_reference
-from diffkern.testing.backends import CPU_BACKENDS, forced
+from diffkern.testing.backends import CPU_BACKENDS, device_for, forced
 from diffkern.testing.numerics import assert_close_to_oracle
 
 from test_dar_route import make_inputs
@@ -13,14 +13,14 @@ from test_dar_route import make_inputs
 B, T, D = 2, 3, 8
 
 
-def good():
-    sources, q, gain = make_inputs(B, T, D, 3, torch.float32, "static")
+def good(device="cpu"):
+    sources, q, gain = make_inputs(B, T, D, 3, torch.float32, "static", device=device)
     return [x.detach() for x in sources], q.detach(), gain.detach(), 1e-6
 
 
 def case(edit):
-    def build():
-        sources, q, gain, eps = good()
+    def build(device):
+        sources, q, gain, eps = good(device)
         return edit(sources, q, gain, eps)
     return build
 
@@ -32,11 +32,11 @@ BAD_INPUTS = {
     "int dtype": (case(lambda s, q, g, e: ([x.long() for x in s], q, g, e)), r"sources\[0\] dtype must be float16"),
     "dtype mismatch": (case(lambda s, q, g, e: ([s[0], s[1].double()], q, g, e)), r"sources\[1\] dtype float64 differs"),
     "device mismatch": (case(lambda s, q, g, e: ([s[0], s[1].to("meta")], q, g, e)), r"sources\[1\] is on meta"),
-    "strided d": (case(lambda s, q, g, e: ([s[0], torch.randn(B, T, 2 * D)[..., ::2]], q, g, e)),
+    "strided d": (case(lambda s, q, g, e: ([s[0], torch.randn(B, T, 2 * D, device=q.device)[..., ::2]], q, g, e)),
                   r"sources\[1\] must have unit stride in its last dim"),
-    "q shape": (case(lambda s, q, g, e: (s, torch.randn(T, D), g, e)), r"q must be \[d\], \[B, d\] or \[B, T, d\]"),
+    "q shape": (case(lambda s, q, g, e: (s, q.new_ones(T, D), g, e)), r"q must be \[d\], \[B, d\] or \[B, T, d\]"),
     "q dtype": (case(lambda s, q, g, e: (s, q.half(), g, e)), r"q dtype must be float32"),
-    "gain shape": (case(lambda s, q, g, e: (s, q, torch.randn(D + 1), e)), r"gain must be \[d\]"),
+    "gain shape": (case(lambda s, q, g, e: (s, q, g.new_ones(D + 1), e)), r"gain must be \[d\]"),
     "gain device": (case(lambda s, q, g, e: (s, q, g.to("meta"), e)), r"gain is on meta"),
     "negative eps": (case(lambda s, q, g, e: (s, q, g, -1.0)), r"eps must be finite and >= 0"),
     "nan eps": (case(lambda s, q, g, e: (s, q, g, float("nan"))), r"eps must be finite and >= 0"),
@@ -48,21 +48,21 @@ BAD_INPUTS = {
 def test_bad_input_raises_value_error_naming_the_argument(backend, name):
     build, match = BAD_INPUTS[name]
     with forced(backend), pytest.raises(ValueError, match="dar_route: " + match):
-        diffkern.dar_route(*build())
+        diffkern.dar_route(*build(device_for(backend)))
 
 
 @pytest.mark.parametrize("name", BAD_INPUTS)
 def test_bad_input_is_rejected_while_tracing(name):
     """The fake implementation (used by torch.compile) rejects the same inputs."""
     build, match = BAD_INPUTS[name]
-    sources, q, gain, eps = build()
+    sources, q, gain, eps = build("cpu")
     with FakeTensorMode(allow_non_fake_inputs=True) as mode, pytest.raises(ValueError, match=match):
         fake = [mode.from_tensor(x) for x in sources]
         torch.ops.diffkern.dar_route_fwd(fake, mode.from_tensor(q), mode.from_tensor(gain), eps)
 
 
 def test_triton_rejects_float64():
-    sources, q, gain = make_inputs(B, T, D, 2, torch.float64, "static")
+    sources, q, gain = make_inputs(B, T, D, 2, torch.float64, "static", device=device_for("triton"))
     with forced("triton"), pytest.raises(ValueError, match="triton backend .* float64"):
         diffkern.dar_route(sources, q, gain)
 
@@ -77,7 +77,7 @@ def test_backward_rejects_mismatched_saved_tensors():
 @pytest.mark.parametrize("variant", ("static", "timestep", "dynamic"))
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_opcheck(backend, variant):
-    sources, q, gain = make_inputs(2, 3, 20, 3, torch.float32, variant)
+    sources, q, gain = make_inputs(2, 3, 20, 3, torch.float32, variant, device=device_for(backend))
     with forced(backend):
         torch.library.opcheck(torch.ops.diffkern.dar_route_fwd.default, (sources, q, gain, 1e-6))
         h, lse = torch.ops.diffkern.dar_route_fwd(sources, q, gain, 1e-6)
@@ -104,8 +104,9 @@ class Router(torch.nn.Module):
 @pytest.mark.parametrize("backend", ("cpu", "triton"))
 def test_torch_compile_fullgraph_forward_and_backward(backend, compiler, dynamic):
     torch._dynamo.reset()
-    model = Router(16)
-    history = [torch.randn(2, 5, 16, requires_grad=True) for _ in range(4)]
+    dev = device_for(backend)
+    model = Router(16).to(dev)
+    history = [torch.randn(2, 5, 16, device=dev, requires_grad=True) for _ in range(4)]
     with forced(backend):
         eager = model(history)
         eager_grads = torch.autograd.grad(eager.sum(), [*history, model.q, model.gain])
@@ -153,6 +154,6 @@ def test_cuda_tensors_use_triton_and_match_reference(dtype):
 
 
 def test_triton_rejects_rows_wider_than_a_program():
-    sources, q, gain = make_inputs(1, 1, 4097, 2, torch.float32, "static")
+    sources, q, gain = make_inputs(1, 1, 4097, 2, torch.float32, "static", device=device_for("triton"))
     with forced("triton"), pytest.raises(ValueError, match=r"triton backend takes d <= 4096 .*, got d=4097"):
         diffkern.dar_route(sources, q, gain)

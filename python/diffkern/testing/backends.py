@@ -12,6 +12,11 @@ from diffkern import _triton
 CPU_BACKENDS = ("cpu", "triton", "reference")
 
 
+def device_for(backend: str) -> torch.device:
+    """Where a backend's test inputs live: Triton runs on the GPU when there is one, else in the interpreter."""
+    return torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
+
+
 def supports(backend: str, dtype: torch.dtype) -> bool:
     """Whether `backend` computes in `dtype` (Triton kernels accumulate in float32: no float64)."""
     return not (backend == "triton" and dtype == torch.float64)

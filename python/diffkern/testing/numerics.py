@@ -14,7 +14,7 @@ FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 1e-3, torch.b
 
 
 def max_error(x: torch.Tensor, oracle: torch.Tensor) -> float:
-    return (x.double() - oracle.double()).abs().max().item() if x.numel() else 0.0
+    return (x.detach().cpu().double() - oracle.detach().cpu().double()).abs().max().item() if x.numel() else 0.0
 
 
 def assert_close_to_oracle(actual: torch.Tensor, oracle: torch.Tensor, plain: torch.Tensor, what: str = "") -> None:
