@@ -98,12 +98,12 @@ def extension():
     debug = os.environ.get("DIFFKERN_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cpu_arch = os.environ.get("DIFFKERN_CPU_ARCH", "native")
-    cxx = opt + ["-std=c++20", f"-march={cpu_arch}", "-fopenmp-simd", "-Wall", "-Wno-unknown-pragmas"]
+    cxx = opt + ["-std=c++20", f"-march={cpu_arch}", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     sources = sorted(glob.glob("csrc/diffkern/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if not with_cuda:
         return CppExtension("diffkern._C", sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx})
+                            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     # torch's CUDA headers include cuBLAS/cuSPARSE headers that ship in the nvidia wheels, not the toolkit
     wheel_include = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "cu13", "include")
@@ -113,7 +113,7 @@ def extension():
                 if os.path.exists(os.path.join(d, "libcudart.so"))]
     nvcc = opt + ["-std=c++20", "-Xptxas=-warn-spills", "--expt-relaxed-constexpr"]
     return CUDAExtension("diffkern._C", sources, include_dirs=include_dirs, library_dirs=lib_dirs,
-                         define_macros=[("DIFFKERN_WITH_CUDA", "1")],
+                         define_macros=[("DIFFKERN_WITH_CUDA", "1")], extra_link_args=["-fopenmp"],
                          extra_compile_args={"cxx": cxx, "nvcc": nvcc})
 
 

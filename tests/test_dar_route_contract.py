@@ -70,7 +70,7 @@ def test_triton_rejects_float64():
 def test_backward_rejects_mismatched_saved_tensors():
     sources, q, gain, eps = good()
     h, lse = torch.ops.diffkern.dar_route_fwd(sources, q, gain, eps)
-    with pytest.raises(ValueError, match=r"dar_route: lse must be a contiguous \[2, 3\] float32"):
+    with pytest.raises(ValueError, match=r"dar_route: lse must be a contiguous \[B, T\] = \[2, 3\] tensor of dtype float32"):
         torch.ops.diffkern.dar_route_bwd(torch.ones_like(h), sources, q, gain, h, lse.double(), eps)
 
 

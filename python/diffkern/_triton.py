@@ -57,7 +57,17 @@ class KernelSpec:
     signature: dict
     constexprs: dict
     num_warps: int
+    maxnreg: int | None = None
     tags: dict = field(default_factory=dict)
+
+
+def register_budget(num_warps: int) -> int:
+    """The `maxnreg` every launch passes: all the registers a thread can have at this block size.
+
+    Left to itself, ptxas caps kernels lower (at 96/128/168) and spills a few bytes in several of the
+    routing kernels' configurations; with the full budget none spills (tests/test_kernels_compile.py).
+    """
+    return min(255, 65536 // (32 * num_warps))
 
 
 TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}

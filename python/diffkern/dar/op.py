@@ -32,7 +32,7 @@ def _check_param(name, x, shapes, src, shape_text):
     if x.dtype not in allowed:
         alt = _name(torch.float64 if src.dtype == torch.float64 else torch.float32)
         _fail(f"{name} dtype must be {_name(src.dtype)} (the sources' dtype) or {alt}, got {_name(x.dtype)}")
-    if x.numel() and x.stride(-1) != 1:
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
         _fail(f"{name} must have unit stride in its last dim (got stride {x.stride(-1)}); call .contiguous()")
 
 
@@ -52,7 +52,7 @@ def check_fwd(sources, q, gain, eps) -> None:
             _fail(f"sources[{i}] dtype {_name(x.dtype)} differs from sources[0] dtype {_name(src.dtype)}")
         if x.device != src.device:
             _fail(f"sources[{i}] is on {x.device} but sources[0] is on {src.device}")
-        if x.numel() and x.stride(-1) != 1:
+        if x.shape[-1] > 1 and x.stride(-1) != 1:
             _fail(f"sources[{i}] must have unit stride in its last dim (got stride {x.stride(-1)}); call .contiguous()")
     B, T, d = src.shape
     if d < 1:
@@ -68,13 +68,16 @@ def check_bwd(dh, sources, q, gain, h, lse, eps) -> None:
     check_fwd(sources, q, gain, eps)
     src = sources[0]
     acc = torch.float64 if src.dtype == torch.float64 else torch.float32
-    for name, x, shape, dtype in (("dh", dh, src.shape, src.dtype), ("h", h, src.shape, src.dtype),
-                                  ("lse", lse, src.shape[:2], acc)):
+    B, T, d = src.shape
+    for name, x, layout, shape, dtype, role in (
+            ("dh", dh, "[B, T, d]", [B, T, d], src.dtype, "the sources' dtype"),
+            ("h", h, "[B, T, d]", [B, T, d], src.dtype, "the sources' dtype"),
+            ("lse", lse, "[B, T]", [B, T], acc, "the accumulation dtype")):
         if x.device != src.device:
             _fail(f"{name} is on {x.device} but sources[0] is on {src.device}")
-        if x.shape != shape or x.dtype != dtype or not x.is_contiguous():
-            _fail(f"{name} must be a contiguous {list(shape)} {_name(dtype)} tensor, "
-                  f"got {list(x.shape)} {_name(x.dtype)}{'' if x.is_contiguous() else ' (non-contiguous)'}")
+        if list(x.shape) != shape or x.dtype != dtype or not x.is_contiguous():
+            _fail(f"{name} must be a contiguous {layout} = {shape} tensor of dtype {_name(dtype)} ({role}), got "
+                  f"shape {list(x.shape)}, dtype {_name(x.dtype)}, strides {list(x.stride())}")
 
 
 def _check_triton(sources):

@@ -21,12 +21,13 @@ from .. import _triton
 from .._triton import KernelSpec
 
 MAX_D = 4096
-# Live fp32 tiles are [BLOCK_T, BLOCK_D], 16 elements per thread. The forward keeps ~3 (acc, q*g, v)
-# and takes 4096-element tiles; the backward keeps ~7 (dh, q, q*g, u, v, dv, a product) and takes
-# 1024. Chosen by sweeping (tile, elements per thread) with ptxas -v at sm_80 and sm_90a: the only
-# setting with no spill in any configuration (8 per thread made ptxas cap at 64 registers and spill;
-# 2048-element backward tiles spilled at BLOCK_D=128 in fp32). A row wider than MAX_D would spill.
-FWD_TILE, BWD_TILE, ELEMS_PER_THREAD = 4096, 1024, 16
+# Live fp32 tiles are [BLOCK_T, BLOCK_D]. The forward keeps ~3 (acc, q*g, v): 4096-element tiles at
+# 16 elements per thread. The backward keeps ~7 (dh, q, q*g, u, v, dv, a product): 1024-element tiles
+# at 8 per thread. Chosen by compiling every configuration for sm_80/sm_90a (ptxas -v) with the full
+# register budget (_triton.register_budget): larger backward tiles or 16 per thread spill at small d;
+# a row wider than MAX_D spills at the 16-warp limit.
+TILE_ELEMS = {False: 4096, True: 1024}  # keyed by `backward`
+ELEMS_PER_THREAD = {False: 16, True: 8}
 MAX_BLOCK_T = 16
 # Backward programs walk several token tiles so that the per-program partial sums stay small; enough
 # programs are kept for PROGRAMS_PER_SM per SM (about what fits at ~160 registers x 64-256 threads).
@@ -35,10 +36,9 @@ PROGRAMS_PER_SM, MAX_TILES_PER_CHUNK, MODEL_SMS = 4, 16, 132
 
 def route_config(d: int, backward: bool) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_D, num_warps) of the forward or backward kernel for feature dim d."""
-    tile = BWD_TILE if backward else FWD_TILE
     block_d = max(16, triton.next_power_of_2(d))
-    block_t = max(1, min(MAX_BLOCK_T, tile // block_d))
-    num_warps = max(1, min(16, block_t * block_d // (32 * ELEMS_PER_THREAD)))
+    block_t = max(1, min(MAX_BLOCK_T, TILE_ELEMS[backward] // block_d))
+    num_warps = max(1, min(16, block_t * block_d // (32 * ELEMS_PER_THREAD[backward])))
     return block_t, block_d, num_warps
 
 
@@ -150,7 +150,7 @@ def _common_args(sources, q, eps, backward):
     d = sources[0].shape[-1]
     block_t, block_d, num_warps = route_config(d, backward)
     table = _triton.tensor_table(sources, sources[0].device, stride_dims=(0, 1))
-    meta = dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
+    meta = dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps, maxnreg=_triton.register_budget(num_warps))
     return table, meta, (*_q_strides(q), 1.0 / d, 1.0 / math.sqrt(d), eps)
 
 
@@ -214,7 +214,7 @@ def aot_specs() -> list[KernelSpec]:
             specs.append(KernelSpec(
                 f"route_fwd_kernel[{ty},BLOCK_T={block_t},BLOCK_D={block_d}]", route_fwd_kernel,
                 {"src_table": "*i64", "q_ptr": f"*{ty}", "gain_ptr": f"*{ty}", "h_ptr": f"*{ty}", "lse_ptr": "*fp32",
-                 "n_tiles": "i32", **common}, {"BLOCK_T": block_t, "BLOCK_D": block_d}, num_warps, tags))
+                 "n_tiles": "i32", **common}, {"BLOCK_T": block_t, "BLOCK_D": block_d}, num_warps, _triton.register_budget(num_warps), tags))
             block_t, block_d, num_warps = route_config(d, backward=True)
             for dynamic in (False, True):
                 specs.append(KernelSpec(
@@ -225,5 +225,6 @@ def aot_specs() -> list[KernelSpec]:
                      "dq_ptr": f"*{ty}" if dynamic else "*fp32", "partial_ptr": "*fp32", "n_chunks": "i32",
                      "tiles_per_chunk": "i32", **common,
                      "DYNAMIC_Q": "constexpr"},
-                    {"BLOCK_T": block_t, "BLOCK_D": block_d, "DYNAMIC_Q": dynamic}, num_warps, tags))
+                    {"BLOCK_T": block_t, "BLOCK_D": block_d, "DYNAMIC_Q": dynamic}, num_warps,
+                    _triton.register_budget(num_warps), tags))
     return specs

@@ -64,7 +64,7 @@ def compile_spec(spec: KernelSpec, arch: int) -> Resources:
     config = f"{spec.name} (kernel {fn.__name__}, {sm_arch(arch)}, num_warps={spec.num_warps}, {spec.constexprs})"
     source = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs)
     try:
-        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.num_warps})
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=_options(spec))
     except Exception as error:
         raise AotCompileError(f"{config} failed to compile: {error}") from error
     report = _ptxas_report(compiled, arch, config)
@@ -79,6 +79,10 @@ def compile_spec(spec: KernelSpec, arch: int) -> Resources:
         stack_bytes=_field(report, rf"Function properties for {entry}\s+(\d+) bytes stack frame", config),
         shared_bytes=compiled.metadata.shared,
     )
+
+
+def _options(spec: KernelSpec) -> dict:
+    return {"num_warps": spec.num_warps, **({"maxnreg": spec.maxnreg} if spec.maxnreg else {})}
 
 
 def _field(report: str, pattern: str, config: str) -> int:

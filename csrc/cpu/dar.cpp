@@ -1,0 +1,357 @@
+// CPU kernels of the DAR routing ops (specs/dar.md "Routing"; schemas in csrc/diffkern/ops.cpp).
+//
+// Tokens are walked in blocks of kTokenBlock, in parallel over (b, block). Per token each source row
+// is read once from memory: its second use (the softmax accumulator; dv and u in the backward)
+// re-reads it from L1, where one d-row sits. Traffic, in elements: the forward reads n*B*T*d and
+// writes B*T*(d+1); the backward reads (n+2)*B*T*d + B*T and writes n*B*T*d, plus B*T*d each way
+// for a per-token q.
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include "convert.h"
+#include "diffkern/check.h"
+#include "diffkern/dar_math.h"
+
+namespace diffkern::dar {
+namespace {
+
+using cpu::narrow;
+using cpu::staging;
+using cpu::widen;
+
+constexpr const char* kOp = "dar_route";
+
+// Tokens per parallel task, hence per partial sum of the dq/dgain reductions. A task (64 * n * d
+// element-ops) dwarfs scheduling costs, and B=1 still splits across threads from T=128 on. Fixed,
+// so the reductions do not depend on the thread count.
+constexpr int64_t kTokenBlock = 64;
+// Columns of d per task of the final reduction over the partial sums.
+constexpr int64_t kColumnBlock = 256;
+// Least element-ops worth a thread: ATen's own GRAIN_SIZE for elementwise loops.
+constexpr int64_t kMinTaskWork = 32768;
+
+enum class QKind { kStatic, kPerBatch, kPerToken };
+
+struct Geometry {
+  int64_t B, T, d, n, n_blocks;
+  QKind q_kind;
+  int64_t q_sb, q_st;  // q's batch and token strides, 0 along the dims it broadcasts over
+};
+
+template <typename scalar_t>
+struct SourceRows {
+  const scalar_t* data;
+  int64_t sb, st;
+  const scalar_t* row(int64_t b, int64_t t) const { return data + b * sb + t * st; }
+};
+
+// The forward's inputs, as both kernels read them: q in its own dtype, gain in the accumulation type.
+template <typename scalar_t, typename q_t>
+struct RouteInputs {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<SourceRows<scalar_t>> src;
+  const q_t* q;
+  const acc_t* gain;
+  acc_t eps;
+};
+
+void check_param_dtype(const at::Tensor& x, const char* name, at::ScalarType src) {
+  const at::ScalarType acc = at::toOpMathType(src);
+  TORCH_CHECK_VALUE(x.scalar_type() == src || x.scalar_type() == acc, kOp, ": ", name, " dtype must be ",
+              dtype_name(src), " (the sources' dtype) or ", dtype_name(acc), ", got ", dtype_name(x.scalar_type()));
+}
+
+Geometry check_route_args(at::TensorList sources, const at::Tensor& q, const at::Tensor& gain, double eps) {
+  TORCH_CHECK_VALUE(!sources.empty(), kOp, ": sources must hold at least one tensor");
+  const at::Tensor& v0 = sources[0];
+  for (size_t i = 0; i < sources.size(); ++i) {
+    const at::Tensor& v = sources[i];
+    const std::string name = "sources[" + std::to_string(i) + "]";
+    TORCH_CHECK_VALUE(v.dim() == 3, kOp, ": ", name, " must be [B, T, d], got shape ", v.sizes());
+    TORCH_CHECK_VALUE(v.sizes() == v0.sizes(), kOp, ": ", name, " has shape ", v.sizes(), " but sources[0] has shape ",
+                v0.sizes());
+    const at::ScalarType t = v.scalar_type();
+    TORCH_CHECK_VALUE(i > 0 || t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble, kOp,
+                ": sources[0] dtype must be float16, bfloat16, float32 or float64, got ", dtype_name(t));
+    TORCH_CHECK_VALUE(t == v0.scalar_type(), kOp, ": ", name, " dtype ", dtype_name(t), " differs from sources[0] dtype ",
+                dtype_name(v0.scalar_type()));
+    check_same_device(kOp, v, name, v0, "sources[0]");
+    check_unit_last_stride(kOp, v, name);
+  }
+  const int64_t B = v0.size(0), T = v0.size(1), d = v0.size(2);
+  TORCH_CHECK_VALUE(d >= 1, kOp, ": d must be at least 1");
+
+  check_same_device(kOp, q, "q", v0, "sources[0]");
+  const bool q_shape_ok = (q.dim() == 1 && q.size(0) == d) || (q.dim() == 2 && q.sizes().equals({B, d})) ||
+                          (q.dim() == 3 && q.sizes().equals({B, T, d}));
+  TORCH_CHECK_VALUE(q_shape_ok, kOp, ": q must be [d], [B, d] or [B, T, d] with B=", B, ", T=", T, ", d=", d,
+              ", got shape ", q.sizes());
+  check_param_dtype(q, "q", v0.scalar_type());
+  check_unit_last_stride(kOp, q, "q");
+
+  check_same_device(kOp, gain, "gain", v0, "sources[0]");
+  TORCH_CHECK_VALUE(gain.dim() == 1 && gain.size(0) == d, kOp, ": gain must be [d] = [", d, "], got shape ", gain.sizes());
+  check_param_dtype(gain, "gain", v0.scalar_type());
+  check_unit_last_stride(kOp, gain, "gain");
+  check_finite_nonneg(kOp, eps, "eps");
+
+  const QKind kind = q.dim() == 1 ? QKind::kStatic : q.dim() == 2 ? QKind::kPerBatch : QKind::kPerToken;
+  const int64_t n_blocks = (T + kTokenBlock - 1) / kTokenBlock;
+  return {B, T, d, static_cast<int64_t>(sources.size()), n_blocks, kind, q.dim() > 1 ? q.stride(0) : 0,
+          q.dim() > 2 ? q.stride(1) : 0};
+}
+
+// Tasks per parallel chunk, so that tiny problems run on one thread instead of paying for the pool.
+int64_t task_grain(const Geometry& g) {
+  return std::max<int64_t>(1, kMinTaskWork / (kTokenBlock * g.n * g.d));
+}
+
+template <typename scalar_t, typename q_t>
+RouteInputs<scalar_t, q_t> route_inputs(at::TensorList sources, const at::Tensor& q, const at::Tensor& gain_acc,
+                                        double eps) {
+  RouteInputs<scalar_t, q_t> in{{}, q.const_data_ptr<q_t>(), gain_acc.const_data_ptr<at::opmath_type<scalar_t>>(),
+                                static_cast<at::opmath_type<scalar_t>>(eps)};
+  for (const at::Tensor& v : sources) in.src.push_back({v.const_data_ptr<scalar_t>(), v.stride(0), v.stride(1)});
+  return in;
+}
+
+// Calls f(scalar_t{}, q_t{}) for the sources' dtype and q's. q is read in its own dtype, so a float32
+// q beside float16/bfloat16 sources costs no cast pass (a per-token q is as large as a source).
+template <typename F>
+void dispatch_route(at::ScalarType dtype, at::ScalarType q_dtype, const F& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dar_route", [&] {
+    q_dtype == dtype ? f(scalar_t{}, scalar_t{}) : f(scalar_t{}, at::opmath_type<scalar_t>{});
+  });
+}
+
+template <typename acc_t>
+inline void scale_by_gain(const acc_t* __restrict q, const acc_t* __restrict gain, acc_t* __restrict qg, int64_t d) {
+#pragma omp simd
+  for (int64_t j = 0; j < d; ++j) qg[j] = q[j] * gain[j];
+}
+
+template <typename scalar_t, typename q_t>
+void route_fwd_kernel(const Geometry& g, const RouteInputs<scalar_t, q_t>& in, scalar_t* h,
+                      at::opmath_type<scalar_t>* lse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t d = g.d;
+  const acc_t inv_d = acc_t(1) / d, inv_sqrt_d = acc_t(1) / std::sqrt(acc_t(d));
+  at::parallel_for(0, g.B * g.n_blocks, task_grain(g), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(4 * d);
+    acc_t* __restrict qg = scratch.data();
+    acc_t* __restrict acc = qg + d;
+    acc_t *vbuf = acc + d, *q_buf = vbuf + d;
+    const q_t* q_cached = nullptr;  // a static or per-batch q row is scaled by gain once per chunk
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / g.n_blocks, t0 = task % g.n_blocks * kTokenBlock;
+      const int64_t t_end = std::min(g.T, t0 + kTokenBlock);
+      for (int64_t t = t0; t < t_end; ++t) {
+        const q_t* q_row = in.q + b * g.q_sb + t * g.q_st;
+        if (q_row != q_cached) scale_by_gain(widen(q_row, q_buf, d), in.gain, qg, d);
+        q_cached = q_row;
+        SoftmaxState<acc_t> state{};
+        for (int64_t i = 0; i < g.n; ++i) {
+          const acc_t* __restrict v = widen(in.src[i].row(b, t), vbuf, d);
+          acc_t ss = 0, p = 0;
+#pragma omp simd reduction(+ : ss, p)
+          for (int64_t j = 0; j < d; ++j) {
+            ss += v[j] * v[j];
+            p += qg[j] * v[j];
+          }
+          const acc_t s = route_score(rstd_from_sumsq(ss, inv_d, in.eps), p, inv_sqrt_d);
+          acc_t scale, w;
+          if (i == 0) {
+            state = {s, acc_t(1)};
+            std::copy(v, v + d, acc);
+          } else if (softmax_push(state, s, scale, w)) {
+#pragma omp simd
+            for (int64_t j = 0; j < d; ++j) acc[j] = acc[j] * scale + v[j];
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < d; ++j) acc[j] += w * v[j];
+          }
+        }
+        const int64_t tok = b * g.T + t;
+        lse[tok] = softmax_lse(state);
+        const acc_t inv_l = acc_t(1) / state.l;
+        acc_t* __restrict h_row = staging(h + tok * d, vbuf);
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) h_row[j] = acc[j] * inv_l;
+        narrow(h_row, h + tok * d, d);
+      }
+    }
+  });
+}
+
+// Writes dsources and, for a per-token q, dq; leaves in partial[task] (a [d] row per (b, block))
+// the block's sum over tokens of u (static and per-batch q) or of q_tok * u (per-token q).
+template <typename scalar_t, typename q_t>
+void route_bwd_kernel(const Geometry& g, const RouteInputs<scalar_t, q_t>& in, const scalar_t* dh, const scalar_t* h,
+                      const at::opmath_type<scalar_t>* lse, const std::vector<scalar_t*>& dsrc, q_t* dq,
+                      at::opmath_type<scalar_t>* partial) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t d = g.d;
+  const acc_t inv_d = acc_t(1) / d, inv_sqrt_d = acc_t(1) / std::sqrt(acc_t(d));
+  const bool per_token = g.q_kind == QKind::kPerToken;
+  at::parallel_for(0, g.B * g.n_blocks, task_grain(g), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(7 * d);
+    acc_t* __restrict qg = scratch.data();
+    acc_t* __restrict u = qg + d;
+    acc_t *vbuf = u + d, *dh_buf = vbuf + d, *h_buf = dh_buf + d, *q_buf = h_buf + d, *out_buf = q_buf + d;
+    const q_t* q_cached = nullptr;
+    const acc_t* q_tok = nullptr;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / g.n_blocks, t0 = task % g.n_blocks * kTokenBlock;
+      const int64_t t_end = std::min(g.T, t0 + kTokenBlock);
+      acc_t* __restrict part = partial + task * d;
+      std::fill(part, part + d, acc_t(0));
+      for (int64_t t = t0; t < t_end; ++t) {
+        const q_t* q_row = in.q + b * g.q_sb + t * g.q_st;
+        if (q_row != q_cached) {
+          q_tok = widen(q_row, q_buf, d);
+          scale_by_gain(q_tok, in.gain, qg, d);
+        }
+        q_cached = q_row;
+        const int64_t tok = b * g.T + t;
+        const acc_t* __restrict dh_row = widen(dh + tok * d, dh_buf, d);
+        const acc_t* __restrict h_row = widen(h + tok * d, h_buf, d);
+        acc_t delta = 0;
+#pragma omp simd reduction(+ : delta)
+        for (int64_t j = 0; j < d; ++j) delta += dh_row[j] * h_row[j];
+        std::fill(u, u + d, acc_t(0));
+        for (int64_t i = 0; i < g.n; ++i) {
+          const acc_t* __restrict v = widen(in.src[i].row(b, t), vbuf, d);
+          acc_t ss = 0, p = 0, da = 0;
+#pragma omp simd reduction(+ : ss, p, da)
+          for (int64_t j = 0; j < d; ++j) {
+            ss += v[j] * v[j];
+            p += qg[j] * v[j];
+            da += dh_row[j] * v[j];
+          }
+          const RouteGrad<acc_t> gr =
+              route_grad(rstd_from_sumsq(ss, inv_d, in.eps), p, da, delta, lse[tok], inv_d, inv_sqrt_d);
+          acc_t* __restrict dv = staging(dsrc[i] + tok * d, out_buf);
+#pragma omp simd
+          for (int64_t j = 0; j < d; ++j) {
+            dv[j] = gr.alpha * dh_row[j] + gr.c * qg[j] - gr.beta * v[j];
+            u[j] += gr.c * v[j];
+          }
+          narrow(dv, dsrc[i] + tok * d, d);
+        }
+        if (per_token) {
+          acc_t* __restrict dq_row = staging(dq + tok * d, out_buf);
+#pragma omp simd
+          for (int64_t j = 0; j < d; ++j) {
+            dq_row[j] = u[j] * in.gain[j];
+            part[j] += q_tok[j] * u[j];
+          }
+          narrow(dq_row, dq + tok * d, d);
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < d; ++j) part[j] += u[j];
+        }
+      }
+    }
+  });
+}
+
+// Sums the partials in a fixed order (a row's blocks, then rows) into dgain and, for a static or
+// per-batch q, dq = g * sum u: deterministic and independent of the thread count.
+template <typename scalar_t, typename q_t, typename acc_t = at::opmath_type<scalar_t>>
+void reduce_partials(const Geometry& g, const RouteInputs<scalar_t, q_t>& in, const acc_t* partial, q_t* dq,
+                     acc_t* dgain) {
+  const q_t* q = in.q;
+  const acc_t* gain = in.gain;
+  at::parallel_for(0, g.d, kColumnBlock, [&](int64_t j0, int64_t j1) {
+    std::vector<acc_t> row(j1 - j0), total(j1 - j0, acc_t(0));
+    for (int64_t b = 0; b < g.B; ++b) {
+      std::fill(row.begin(), row.end(), acc_t(0));
+      for (int64_t blk = 0; blk < g.n_blocks; ++blk) {
+        const acc_t* part = partial + (b * g.n_blocks + blk) * g.d;
+        for (int64_t j = j0; j < j1; ++j) row[j - j0] += part[j];
+      }
+      for (int64_t j = j0; j < j1; ++j) {
+        if (g.q_kind == QKind::kPerBatch) {
+          dq[b * g.d + j] = static_cast<q_t>(row[j - j0] * gain[j]);
+          total[j - j0] += static_cast<acc_t>(q[b * g.q_sb + j]) * row[j - j0];
+        } else {
+          total[j - j0] += row[j - j0];
+        }
+      }
+    }
+    for (int64_t j = j0; j < j1; ++j) {
+      if (g.q_kind == QKind::kStatic) {
+        dq[j] = static_cast<q_t>(total[j - j0] * gain[j]);
+        dgain[j] = static_cast<acc_t>(q[j]) * total[j - j0];
+      } else {
+        dgain[j] = total[j - j0];
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> dar_route_fwd_cpu(at::TensorList sources, const at::Tensor& q,
+                                                     const at::Tensor& gain, double eps) {
+  const Geometry g = check_route_args(sources, q, gain, eps);
+  const at::ScalarType dtype = sources[0].scalar_type(), acc_dtype = at::toOpMathType(dtype);
+  at::Tensor h = empty_output({g.B, g.T, g.d}, sources[0].options());
+  at::Tensor lse = empty_output({g.B, g.T}, sources[0].options().dtype(acc_dtype));
+  const at::Tensor gain_acc = gain.to(acc_dtype).contiguous();
+  dispatch_route(dtype, q.scalar_type(), [&](auto scalar_tag, auto q_tag) {
+    using scalar_t = decltype(scalar_tag);
+    route_fwd_kernel(g, route_inputs<scalar_t, decltype(q_tag)>(sources, q, gain_acc, eps),
+                     h.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<at::opmath_type<scalar_t>>());
+  });
+  return {h, lse};
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dar_route_bwd_cpu(
+    const at::Tensor& dh, at::TensorList sources, const at::Tensor& q, const at::Tensor& gain, const at::Tensor& h,
+    const at::Tensor& lse, double eps) {
+  const Geometry g = check_route_args(sources, q, gain, eps);
+  const at::ScalarType dtype = sources[0].scalar_type(), acc_dtype = at::toOpMathType(dtype);
+  const std::vector<int64_t> btd{g.B, g.T, g.d}, bt{g.B, g.T};
+  check_same_device(kOp, dh, "dh", sources[0], "sources[0]");
+  check_same_device(kOp, h, "h", sources[0], "sources[0]");
+  check_same_device(kOp, lse, "lse", sources[0], "sources[0]");
+  check_contiguous_as(kOp, dh, "dh", "[B, T, d]", btd, dtype, "the sources' dtype");
+  check_contiguous_as(kOp, h, "h", "[B, T, d]", btd, dtype, "the sources' dtype");
+  check_contiguous_as(kOp, lse, "lse", "[B, T]", bt, acc_dtype, "the accumulation dtype");
+
+  std::vector<at::Tensor> dsources;
+  for (int64_t i = 0; i < g.n; ++i) dsources.push_back(empty_output(btd, sources[0].options()));
+  at::Tensor dq = empty_output(q.sizes(), q.options());
+  at::Tensor dgain = empty_output({g.d}, gain.options().dtype(acc_dtype));
+  at::Tensor partial = empty_output({g.B * g.n_blocks, g.d}, dgain.options());
+  const at::Tensor gain_acc = gain.to(acc_dtype).contiguous();
+  dispatch_route(dtype, q.scalar_type(), [&](auto scalar_tag, auto q_tag) {
+    using scalar_t = decltype(scalar_tag);
+    using q_t = decltype(q_tag);
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto in = route_inputs<scalar_t, q_t>(sources, q, gain_acc, eps);
+    std::vector<scalar_t*> dsrc;
+    for (at::Tensor& dv : dsources) dsrc.push_back(dv.mutable_data_ptr<scalar_t>());
+    route_bwd_kernel(g, in, dh.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), lse.const_data_ptr<acc_t>(),
+                     dsrc, dq.mutable_data_ptr<q_t>(), partial.mutable_data_ptr<acc_t>());
+    reduce_partials(g, in, partial.const_data_ptr<acc_t>(), dq.mutable_data_ptr<q_t>(), dgain.mutable_data_ptr<acc_t>());
+  });
+  return {std::move(dsources), dq, dgain.to(gain.scalar_type())};
+}
+
+}  // namespace
+}  // namespace diffkern::dar
+
+TORCH_LIBRARY_IMPL(diffkern, CPU, m) {
+  m.impl("dar_route_fwd", TORCH_FN(diffkern::dar::dar_route_fwd_cpu));
+  m.impl("dar_route_bwd", TORCH_FN(diffkern::dar::dar_route_bwd_cpu));
+}

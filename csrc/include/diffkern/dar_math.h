@@ -1,0 +1,81 @@
+// Per-token scalar math of DAR routing (specs/dar.md "Routing"), shared by the CPU and CUDA kernels.
+// Torch-free: T is the accumulation type (float, or double for float64 inputs). The kernels own the
+// loops over d; these functions take the reductions those loops produce.
+#pragma once
+
+#include <math.h>
+
+#include "diffkern/macros.h"
+
+namespace diffkern::dar {
+
+// ::expf/::sqrtf and friends exist both in the host C library and as CUDA device functions, so the
+// overloads below compile unchanged in either pass.
+DIFFKERN_HD inline float exp_(float x) { return ::expf(x); }
+DIFFKERN_HD inline double exp_(double x) { return ::exp(x); }
+DIFFKERN_HD inline float log_(float x) { return ::logf(x); }
+DIFFKERN_HD inline double log_(double x) { return ::log(x); }
+DIFFKERN_HD inline float sqrt_(float x) { return ::sqrtf(x); }
+DIFFKERN_HD inline double sqrt_(double x) { return ::sqrt(x); }
+
+// rstd = (mean(v^2) + eps)^-1/2 from the row's sum of squares.
+template <typename T>
+DIFFKERN_HD inline T rstd_from_sumsq(T sumsq, T inv_d, T eps) {
+  return T(1) / sqrt_(sumsq * inv_d + eps);
+}
+
+// s = <q*g, v * rstd> / sqrt(d), with p = <q*g, v> taken from the same pass as the sum of squares.
+template <typename T>
+DIFFKERN_HD inline T route_score(T rstd, T p, T inv_sqrt_d) {
+  return rstd * p * inv_sqrt_d;
+}
+
+// Running state of a softmax over sources: max score m and sum l = sum_i exp(s_i - m). Start from
+// m = -inf, l = 0 and a zero accumulator, or from the first source: m = s_0, l = 1, acc = v_0.
+template <typename T>
+struct SoftmaxState {
+  T m;
+  T l;
+};
+
+// Folds score s into the state. The accumulator becomes acc * scale + w * v, where exactly one of
+// scale, w is 1: returns true when the max grew (acc must be rescaled), false when only v is added.
+// A NaN score fails the comparison and makes w, hence l and acc, NaN, so it propagates to h and lse.
+template <typename T>
+DIFFKERN_HD inline bool softmax_push(SoftmaxState<T>& st, T s, T& scale, T& w) {
+  if (s > st.m) {
+    scale = exp_(st.m - s);
+    w = T(1);
+    st.l = st.l * scale + T(1);
+    st.m = s;
+    return true;
+  }
+  scale = T(1);
+  w = exp_(s - st.m);
+  st.l += w;
+  return false;
+}
+
+template <typename T>
+DIFFKERN_HD inline T softmax_lse(const SoftmaxState<T>& st) {
+  return st.m + log_(st.l);
+}
+
+// Backward coefficients of one source: dv = alpha*dh + c*(q*g) - beta*v and u += c*v, where
+//   alpha = exp(s - lse), ds = alpha (<dh, v> - delta), c = ds rstd / sqrt(d), beta = c rstd^2 p / d
+// and delta = <dh, h> = sum_j alpha_j <dh, v_j> (so each source is read once).
+template <typename T>
+struct RouteGrad {
+  T alpha;
+  T c;
+  T beta;
+};
+
+template <typename T>
+DIFFKERN_HD inline RouteGrad<T> route_grad(T rstd, T p, T da, T delta, T lse, T inv_d, T inv_sqrt_d) {
+  const T alpha = exp_(route_score(rstd, p, inv_sqrt_d) - lse);
+  const T c = alpha * (da - delta) * rstd * inv_sqrt_d;
+  return {alpha, c, c * rstd * rstd * p * inv_d};
+}
+
+}  // namespace diffkern::dar
