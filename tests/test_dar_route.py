@@ -1,5 +1,7 @@
 """DAR routing (diffkern.dar_route): every backend against the float64 reference, forward and backward."""
 import pytest
+import triton
+import triton.language as tl
 import torch
 
 import diffkern
@@ -206,3 +208,27 @@ def test_triton_backward_walks_several_tiles_per_program(monkeypatch, variant):
     n_tiles = -(-T // triton_kernels.route_config(d, backward=True)[0])
     assert triton_kernels.tiles_per_chunk(B, n_tiles, torch.device("cpu")) > n_tiles
     check_backward_op("triton", *make_inputs(B, T, d, 3, torch.float32, variant, device=device_for("triton")))
+
+
+@triton.jit
+def _tile_offsets_kernel(row_ptr, q_ptr, b, tile, T, d, stride_qb, stride_qt,
+                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    dd = tl.arange(0, BLOCK_D)
+    _, _, _, row, q_offs = triton_kernels._tile(b.to(tl.int64), tile, T, d, stride_qb, stride_qt, dd, BLOCK_T)
+    out = tl.arange(0, BLOCK_T)[:, None] * BLOCK_D + dd[None, :]
+    tl.store(row_ptr + out, row)
+    tl.store(q_ptr + out, q_offs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the interpreter's index math on CPU tensors")
+def test_tile_offsets_are_64_bit():
+    """The kernels' shared index math, evaluated at B*T*d ~ 2^45 without allocating such tensors."""
+    b, T, d, BLOCK_T, BLOCK_D = 3, 2**30 + 7, 4096, 2, 4096
+    tile = (T - 1) // BLOCK_T
+    stride_qb, stride_qt = T * d, d
+    row, q_offs = (torch.empty(BLOCK_T, BLOCK_D, dtype=torch.int64) for _ in range(2))
+    _tile_offsets_kernel[(1,)](row, q_offs, b, tile, T, d, stride_qb, stride_qt, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
+    t = torch.arange(BLOCK_T, dtype=torch.int64)[:, None] + tile * BLOCK_T
+    dd = torch.arange(BLOCK_D, dtype=torch.int64)[None, :]
+    assert torch.equal(row, (b * T + t) * d + dd)
+    assert torch.equal(q_offs, b * stride_qb + t * stride_qt + dd)
