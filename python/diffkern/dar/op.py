@@ -136,10 +136,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, gain, h, lse, *sources)
     ctx.eps = eps
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # lse's gradient is never used: do not fill one with zeros
 
 
 def _backward(ctx, dh, _dlse):
     q, gain, h, lse, *sources = ctx.saved_tensors
+    if dh is None:  # h's gradient undefined (autograd may pass None instead of zeros)
+        return [None] * len(sources), None, None, None
     dsources, dq, dgain = torch.ops.diffkern.dar_route_bwd(dh.contiguous(), sources, q, gain, h, lse, ctx.eps)
     return list(dsources), dq, dgain, None
 

@@ -11,6 +11,7 @@ any length and layout is read in place.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -72,15 +73,25 @@ def _tile(b, tile, T, d, stride_qb, stride_qt, dd, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
+def _query_row(q_ptr, b, stride_qb, dd, d):
+    """A static or per-batch q as one fp32 [1, BLOCK_D] row, read once per program and broadcast."""
+    return tl.load(q_ptr + b * stride_qb + dd, mask=dd < d, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
 def route_fwd_kernel(src_table, q_ptr, gain_ptr, h_ptr, lse_ptr, n_src, T, d, n_tiles,
                      stride_qb, stride_qt, inv_d, inv_sqrt_d, eps,
-                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, DYNAMIC_Q: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // n_tiles).to(tl.int64)
     dd = tl.arange(0, BLOCK_D)
     t, t_ok, mask, row, q_offs = _tile(b, pid % n_tiles, T, d, stride_qb, stride_qt, dd, BLOCK_T)
     g = tl.load(gain_ptr + dd, mask=dd < d, other=0.0).to(tl.float32)
-    qg = tl.load(q_ptr + q_offs, mask=mask, other=0.0).to(tl.float32) * g[None, :]
+    if DYNAMIC_Q:
+        q = tl.load(q_ptr + q_offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        q = _query_row(q_ptr, b, stride_qb, dd, d)
+    qg = q * g[None, :]
     m = tl.full([BLOCK_T], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_T], tl.float32)
     acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
@@ -108,11 +119,16 @@ def route_bwd_kernel(src_table, dsrc_table, q_ptr, gain_ptr, h_ptr, dh_ptr, lse_
     # One fp32 [d] partial per program (sum of u, or of q*u for a dynamic q) serves dq and dgain;
     # several tiles per program make that partial traffic small against the sources'.
     partial = tl.zeros([BLOCK_D], tl.float32)
+    if not DYNAMIC_Q:
+        qg_row = _query_row(q_ptr, b, stride_qb, dd, d) * g[None, :]
     for k in range(tiles_per_chunk):
         tile = (pid % n_chunks) * tiles_per_chunk + k
         t, t_ok, mask, row, q_offs = _tile(b, tile, T, d, stride_qb, stride_qt, dd, BLOCK_T)
-        q = tl.load(q_ptr + q_offs, mask=mask, other=0.0).to(tl.float32)
-        qg = q * g[None, :]
+        if DYNAMIC_Q:
+            q = tl.load(q_ptr + q_offs, mask=mask, other=0.0).to(tl.float32)
+            qg = q * g[None, :]
+        else:
+            qg = qg_row
         dh = tl.load(dh_ptr + row, mask=mask, other=0.0).to(tl.float32)
         # sum_j alpha_j <dh, v_j> = <dh, h>: reading h once spares a second pass over every source
         delta = tl.sum(dh * tl.load(h_ptr + row, mask=mask, other=0.0).to(tl.float32), 1)
@@ -172,7 +188,8 @@ def route_fwd(sources, q, gain, eps):
         return h, lse
     table, meta, scalars = _common_args(sources, q, eps, backward=False)
     n_tiles = triton.cdiv(T, meta["BLOCK_T"])
-    route_fwd_kernel[(B * n_tiles,)](table, q, gain, h, lse, len(sources), T, d, n_tiles, *scalars, **meta)
+    route_fwd_kernel[(B * n_tiles,)](table, q, gain, h, lse, len(sources), T, d, n_tiles, *scalars,
+                                     DYNAMIC_Q=q.dim() == 3, **meta)
     return h, lse
 
 
@@ -202,29 +219,24 @@ def route_bwd(dh, sources, q, gain, h, lse, eps):
 
 
 def aot_specs() -> list[KernelSpec]:
-    """Every launch configuration the launchers can produce (one per power-of-two d), per dtype."""
+    """Every launch configuration the launchers can produce (one per power-of-two d), per dtype and q kind."""
     specs = []
-    common = {"n_src": "i32", "T": "i32", "d": "i32", "stride_qb": "i64", "stride_qt": "i64",
-              "inv_d": "fp32", "inv_sqrt_d": "fp32", "eps": "fp32", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"}
+    common = {"n_src": "i32", "T": "i32", "d": "i32", "stride_qb": "i64", "stride_qt": "i64", "inv_d": "fp32",
+              "inv_sqrt_d": "fp32", "eps": "fp32", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr",
+              "DYNAMIC_Q": "constexpr"}
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         ty = _triton.TRITON_DTYPE[dtype]
-        for d in (2**k for k in range(4, MAX_D.bit_length())):
-            tags = {"dtype": str(dtype).removeprefix("torch."), "block_d": d}
-            block_t, block_d, num_warps = route_config(d, backward=False)
-            specs.append(KernelSpec(
-                f"route_fwd_kernel[{ty},BLOCK_T={block_t},BLOCK_D={block_d}]", route_fwd_kernel,
-                {"src_table": "*i64", "q_ptr": f"*{ty}", "gain_ptr": f"*{ty}", "h_ptr": f"*{ty}", "lse_ptr": "*fp32",
-                 "n_tiles": "i32", **common}, {"BLOCK_T": block_t, "BLOCK_D": block_d}, num_warps, _triton.register_budget(num_warps), tags))
-            block_t, block_d, num_warps = route_config(d, backward=True)
-            for dynamic in (False, True):
-                specs.append(KernelSpec(
-                    f"route_bwd_kernel[{ty},BLOCK_T={block_t},BLOCK_D={block_d},DYNAMIC_Q={dynamic}]",
-                    route_bwd_kernel,
-                    {"src_table": "*i64", "dsrc_table": "*i64", "q_ptr": f"*{ty}", "gain_ptr": f"*{ty}",
-                     "h_ptr": f"*{ty}", "dh_ptr": f"*{ty}", "lse_ptr": "*fp32",
-                     "dq_ptr": f"*{ty}" if dynamic else "*fp32", "partial_ptr": "*fp32", "n_chunks": "i32",
-                     "tiles_per_chunk": "i32", **common,
-                     "DYNAMIC_Q": "constexpr"},
-                    {"BLOCK_T": block_t, "BLOCK_D": block_d, "DYNAMIC_Q": dynamic}, num_warps,
-                    _triton.register_budget(num_warps), tags))
+        params = {"q_ptr": f"*{ty}", "gain_ptr": f"*{ty}", "h_ptr": f"*{ty}", "lse_ptr": "*fp32"}
+        for d, dynamic in itertools.product((2**k for k in range(4, MAX_D.bit_length())), (False, True)):
+            tags = {"dtype": str(dtype).removeprefix("torch."), "block_d": d, "dynamic_q": dynamic}
+            for kernel, backward, signature in (
+                    (route_fwd_kernel, False, {"src_table": "*i64", **params, "n_tiles": "i32"}),
+                    (route_bwd_kernel, True, {"src_table": "*i64", "dsrc_table": "*i64", **params, "dh_ptr": f"*{ty}",
+                                              "dq_ptr": f"*{ty}" if dynamic else "*fp32", "partial_ptr": "*fp32",
+                                              "n_chunks": "i32", "tiles_per_chunk": "i32"})):
+                block_t, block_d, num_warps = route_config(d, backward)
+                constexprs = {"BLOCK_T": block_t, "BLOCK_D": block_d, "DYNAMIC_Q": dynamic}
+                name = f"{kernel.__name__}[{ty},BLOCK_T={block_t},BLOCK_D={block_d},DYNAMIC_Q={dynamic}]"
+                specs.append(KernelSpec(name, kernel, {**signature, **common}, constexprs, num_warps,
+                                        _triton.register_budget(num_warps), tags))
     return specs

@@ -1,0 +1,70 @@
+"""CPU wall time: the eager reference, torch.compile of it (Inductor CPU), and diffkern's C++ kernel.
+
+Forward is timed under no_grad (inference); a training step is forward plus torch.autograd.grad of
+every input (no gradient accumulation, so no zeroing between calls). The three candidates of one
+pass are timed interleaved (timer.time_interleaved), and compile time (the compiled function's first
+call) is reported apart from the run time.
+"""
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from .timer import first_call_seconds, time_interleaved
+from .workload import FWD, STEP, Workload, forward_call, requiring_grad, step_call
+
+
+def _on_backend(name: str, call):
+    """`call()` with diffkern's backend `name` forced throughout (a step's backward included)."""
+    def forced():
+        import diffkern
+        with diffkern.backend(name):
+            return call()
+    return forced
+
+
+def case_rows(workload: Workload, case, dtype: torch.dtype, warmup: int, rounds: int,
+              min_sample_s: float) -> list[dict]:
+    """Rows for one case: fwd and fwd+bwd, each with the three candidates' median times and ratios."""
+    args = workload.make_args(case, dtype, "cpu")
+    grad_args = requiring_grad(args)
+    torch._dynamo.reset()
+    compiled = torch.compile(workload.reference, dynamic=False)
+    with torch.no_grad():
+        expected = workload.reference(*args)
+        got = _on_backend("cpu", lambda: workload.diffkern(*args))()
+        max_abs_err = (got.double() - expected.double()).abs().max().item()
+    dout = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1)).to(expected.dtype)
+    candidates = {"eager": workload.reference, "compile": compiled, "diffkern": workload.diffkern}
+    passes = {FWD: {k: forward_call(fn, args) for k, fn in candidates.items()},
+              STEP: {k: step_call(fn, grad_args, dout) for k, fn in candidates.items()}}
+    for fns in passes.values():
+        fns["diffkern"] = _on_backend("cpu", fns["diffkern"])
+    rows = []
+    for p, fns in passes.items():
+        compile_s = first_call_seconds(fns["compile"])
+        t = time_interleaved(fns, warmup, rounds, min_sample_s)
+        dk = t["diffkern"].median_s
+        rows.append({"case": case.name, "pass": p, "dtype": str(dtype).removeprefix("torch."),
+                     **{f"{k}_ms": v.median_s * 1e3 for k, v in t.items()},
+                     "eager_over_diffkern": t["eager"].median_s / dk,
+                     "compile_over_diffkern": t["compile"].median_s / dk,
+                     "compile_first_call_s": compile_s,
+                     "max_abs_err_vs_eager": max_abs_err if p == FWD else None,
+                     "timings": {k: v.as_dict() for k, v in t.items()}})
+    del args, grad_args, passes, candidates, compiled
+    gc.collect()
+    return rows
+
+
+def rows(workload: Workload, quick: bool, dtype: torch.dtype, warmup: int, rounds: int,
+         min_sample_s: float, log=print) -> list[dict]:
+    out = []
+    for case in workload.cases(quick):
+        try:
+            out += case_rows(workload, case, dtype, warmup, rounds, min_sample_s)
+        except Exception as error:  # noqa: BLE001 - reported in the table, other cases go on
+            out.append({"case": case.name, "pass": STEP, "error": repr(error)})
+        log(f"[cpu] {workload.name} {case.name}: done")
+    return out

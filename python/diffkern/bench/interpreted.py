@@ -1,0 +1,113 @@
+"""diffkern's modeled GPU traffic: its Triton kernels run in the interpreter, in child processes.
+
+The interpreter must be switched on (TRITON_INTERPRET=1) before triton is imported, so the counting
+runs in `python -m diffkern.bench.interpreted` (one child per case, as many at once as there are
+cores); the parent stays a normal process for the timings. Per case and pass it counts:
+  triton.*  bytes the kernels' active lanes load and store, launches (TritonMonitor), also per kernel;
+  glue.*    the aten ops the op runs around its kernels (host-side reductions, autograd's zero grads),
+            counted like the eager reference (AtenTraffic).
+Every case is counted whole, at its real shape. Scaling a count from token slices is not exact here:
+the launchers size their grids from the problem (the DAR backward groups token tiles per program to
+keep an H100's SMs busy), so a small slice launches a differently shaped grid from the whole.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from .workload import BWD, FWD, Workload, grad_leaves, registered, requiring_grad
+
+
+def _count_in_child(workload: str, case: str, quick: bool, dtype: str) -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("DIFFKERN_DEBUG_FILL", None)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "counts.json")
+        cmd = [sys.executable, "-m", "diffkern.bench.interpreted", "--workload", workload, "--case", case,
+               "--dtype", dtype, "--out", out] + ["--quick"] * quick
+        run = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        print(run.stderr, end="", file=sys.stderr, flush=True)
+        if run.returncode != 0:
+            return {"case": case, "error": f"the interpreter child exited with status {run.returncode}: "
+                                           f"{run.stderr.strip()[-2000:]}"}
+        with open(out) as f:
+            return json.load(f)
+
+
+def start(quick: bool, dtype: str, jobs: int) -> dict[str, list[Future]]:
+    """Starts counting every case of every workload, `jobs` children at a time; returns the futures."""
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    futures = {w.name: [pool.submit(_count_in_child, w.name, c.name, quick, dtype) for c in w.cases(quick)]
+               for w in registered()}
+    pool.shutdown(wait=False)
+    return futures
+
+
+def collect(futures: dict[str, list[Future]]) -> dict[str, list[dict]]:
+    """Waits for the children: per workload, one entry per case (counts, or the error that stopped them)."""
+    return {name: [f.result() for f in fs] for name, fs in futures.items()}
+
+
+def _flat(mon, glue) -> dict[str, int]:
+    counts = {"triton.bytes_loaded": mon.bytes_loaded, "triton.bytes_stored": mon.bytes_stored,
+              "triton.launches": mon.num_launches,
+              "glue.bytes_read": glue.bytes_read, "glue.bytes_written": glue.bytes_written,
+              "glue.kernels": glue.kernels}
+    for kernel, stats in mon.by_kernel().items():
+        counts.update({f"kernel.{kernel}.{k}": v for k, v in stats.items()})
+    counts.update({f"glue.op.{op}": k for op, k in glue.ops.items()})
+    return counts
+
+
+def _count(fn):
+    from diffkern.testing.triton_monitor import TritonMonitor
+
+    from .aten_traffic import AtenTraffic
+    with AtenTraffic(descend=("diffkern",)) as glue, TritonMonitor(check_bounds=False) as mon:
+        out = fn()
+    return out, _flat(mon, glue.traffic)
+
+
+def count_case(workload: Workload, case, dtype: torch.dtype) -> dict:
+    """Counts of one forward and one backward (torch.autograd.grad: no gradient accumulation) of `case`."""
+    import diffkern
+    args = requiring_grad(workload.make_args(case, dtype, "cpu"))
+    start_s = time.perf_counter()
+    with diffkern.backend("triton"):
+        out, fwd = _count(lambda: workload.diffkern(*args))
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+        _, bwd = _count(lambda: torch.autograd.grad(out, grad_leaves(args), dout))
+    return {"case": case.name, "tokens": case.tokens, "counts": {FWD: fwd, BWD: bwd},
+            "interpreter_seconds": time.perf_counter() - start_s}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", required=True)
+    parser.add_argument("--case", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    from diffkern import _triton
+    if not _triton.interpreting():
+        sys.exit("diffkern.bench.interpreted needs TRITON_INTERPRET=1 in its environment (use `start`)")
+    torch.set_num_threads(1)  # one child per core
+    workload = next(w for w in registered() if w.name == args.workload)
+    result = count_case(workload, workload.case(args.case, args.quick), getattr(torch, args.dtype))
+    print(f"[traffic] {args.workload} {args.case}: counted in {result['interpreter_seconds']:.0f} s",
+          file=sys.stderr)
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The run's results as JSON and as a Markdown report (the tables `make bench` prints)."""
+from __future__ import annotations
+
+import json
+
+MB = 1e6
+
+
+def section(rows: list | None = None, status: str = "ok", note: str = "") -> dict:
+    """Every report section has one shape: status ("ok", "skipped", "error"), a note, its rows."""
+    return {"status": status, "note": note, "rows": rows or []}
+
+
+def write_json(results: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+
+
+def _x(v) -> str:
+    return "" if v is None else f"{v:.2f}x"
+
+
+def _num(v, digits=3) -> str:
+    if v is None:
+        return ""
+    return f"{v:.{digits}g}" if abs(v) < 10 ** digits else f"{v:.0f}"
+
+
+def _table(header: list[str], lines: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]
+    return out
+
+
+def _errors(rows: list[dict]) -> list[str]:
+    return [f"- {r['case']}: **failed**: `{r['error']}`" for r in rows if "error" in r]
+
+
+def _section_lines(title: str, sec: dict, header: list[str], line) -> list[str]:
+    out = [f"### {title}", ""]
+    if sec["status"] != "ok":
+        return out + [f"{sec['status']}: {sec['note']}", ""]
+    rows = [r for r in sec["rows"] if "error" not in r]
+    out += _table(header, [line(r) for r in rows]) if rows else []
+    errors = _errors(sec["rows"])
+    out += ([""] if rows and errors else []) + errors
+    return out + ([""] + [sec["note"]] if sec["note"] else []) + [""]
+
+
+def _bars(bars: list[dict]) -> list[str]:
+    def met(b):
+        return "not measured in this run" if b["met"] is None else ("**met**" if b["met"] else "**not met**")
+
+    def worst(b):
+        if b["worst"] is None:
+            return ""
+        w = next(v for v in b["values"] if v["value"] == b["worst"])
+        return f"{b['worst']:.2f}x ({w['case']}, {w['pass']})"
+    return _table(["bar", "worst measured", "target", "verdict"],
+                  [[b["bar"], worst(b), f"{b['op']} {b['target']:.2f}x", met(b)] for b in bars])
+
+
+def workload_markdown(name: str, w: dict, meta: dict) -> list[str]:
+    out = [f"## {w['title']}", "", "Cases: " + "; ".join(c["name"] for c in w["cases"]) + ".", ""]
+    out += ["### Bars (from the issue; judged on this run's numbers)", ""] + _bars(w["bars"]) + [""]
+    out += _section_lines(
+        f"CPU time ({meta['cpu_dtype']}, {meta['torch_threads']} threads, median per call)", w["cpu"],
+        ["case", "pass", "eager ms", "torch.compile ms", "diffkern ms", "eager/diffkern", "compile/diffkern",
+         "compile time s", "max abs err"],
+        lambda r: [r["case"], r["pass"], _num(r["eager_ms"]), _num(r["compile_ms"]), _num(r["diffkern_ms"]),
+                   _x(r["eager_over_diffkern"]), _x(r["compile_over_diffkern"]),
+                   _num(r["compile_first_call_s"]), _num(r["max_abs_err_vs_eager"], 2)])
+    out += _section_lines(
+        f"Modeled GPU memory traffic ({meta['traffic_dtype']}; counted, not timed; "
+        f"modeled H100 time = bytes / {meta['h100_bytes_per_s'] / 1e12:.1f} TB/s)", w["traffic"],
+        ["case", "pass", "minimum MB", "diffkern MB", "diffkern/min", "eager MB", "eager/diffkern",
+         "diffkern launches", "eager kernels", "modeled H100 us: min / diffkern / eager"],
+        lambda r: [r["case"], r["pass"], _num(r["min_bytes"] / MB), _num(r["diffkern_bytes"] / MB),
+                   _x(r["diffkern_over_min"]), _num(r["eager_bytes"] / MB), _x(r["eager_over_diffkern"]),
+                   r["diffkern_launches"], r["eager_kernels"],
+                   " / ".join(_num(r["modeled_h100_us"][k]) for k in ("min", "diffkern", "eager"))])
+    out += _section_lines(
+        f"Compiled resources ({meta['resources_arch']}, {meta['traffic_dtype']}, configs the cases launch)",
+        w["resources"], ["kernel config", "warps", "registers", "spill stores/loads B", "stack B", "shared B"],
+        lambda r: [r["name"], r["num_warps"], r["registers"], f"{r['spill_stores']}/{r['spill_loads']}",
+                   r["stack_bytes"], r["shared_bytes"]])
+    out += _section_lines(
+        f"GPU time ({meta['traffic_dtype']}, triton.testing.do_bench median)", w["gpu"],
+        ["case", "pass", "eager ms", "torch.compile ms", "diffkern ms", "eager/diffkern", "compile/diffkern",
+         "diffkern TB/s (modeled bytes)"],
+        lambda r: [r["case"], r["pass"], _num(r["eager_ms"]), _num(r["compile_ms"]), _num(r["diffkern_ms"]),
+                   _x(r["eager_over_diffkern"]), _x(r["compile_over_diffkern"]), _num(r["diffkern_tb_per_s"])])
+    return out
+
+
+def markdown(results: dict) -> str:
+    meta = results["meta"]
+    out = ["# diffkern benchmark", "",
+           f"{meta['date']}{' (--quick: small shapes, not representative)' if meta['quick'] else ''}. "
+           f"Machine: {meta['cpu']}, {meta['cores']} cores, torch threads {meta['torch_threads']}; "
+           f"torch {meta['torch']}, triton {meta['triton']}; GPU: {meta['gpu'] or 'none'}. "
+           "Every ratio compares candidates measured (interleaved) or counted in this one run.", ""]
+    for name, w in results["workloads"].items():
+        out += workload_markdown(name, w, meta)
+    out.append("Harness run time (s): " + ", ".join(f"{k} {v:g}" for k, v in meta["seconds"].items()) + ".")
+    return "\n".join(out)

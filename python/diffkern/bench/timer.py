@@ -1,0 +1,65 @@
+"""Wall-clock timing of CPU callables, interleaved so that drift on a noisy machine hits every candidate alike."""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Per-call seconds over `samples` samples, each the mean of `calls_per_sample` back-to-back calls."""
+    median_s: float
+    min_s: float
+    q1_s: float
+    q3_s: float
+    samples: int
+    calls_per_sample: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sample(fn: Callable[[], object], calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int, rounds: int,
+                     min_sample_s: float) -> dict[str, Timing]:
+    """Times each callable: `warmup` untimed calls, then `rounds` rounds of one sample of every callable.
+
+    A sample repeats its callable until it lasts about `min_sample_s`, so short calls are not lost in
+    timer resolution; taking the samples round-robin means a slow spell of the machine lands on every
+    candidate rather than on one, which keeps their ratios honest. The garbage collector is off while
+    a sample runs.
+    """
+    calls = {}
+    for name, fn in fns.items():
+        once = min(_sample(fn, 1) for _ in range(max(1, warmup)))
+        calls[name] = max(1, round(min_sample_s / max(once, 1e-9)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            gc.collect()
+            gc.disable()
+            try:
+                samples[name].append(_sample(fn, calls[name]))
+            finally:
+                gc.enable()
+    out = {}
+    for name, xs in samples.items():
+        q1, _, q3 = statistics.quantiles(xs, n=4) if len(xs) > 1 else (xs[0], None, xs[0])
+        out[name] = Timing(statistics.median(xs), min(xs), q1, q3, len(xs), calls[name])
+    return out
+
+
+def first_call_seconds(fn: Callable[[], object]) -> float:
+    """Wall time of one call: for a torch.compile'd function, its compile time plus one run."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start

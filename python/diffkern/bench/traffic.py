@@ -1,0 +1,65 @@
+"""Modeled GPU memory traffic: diffkern's kernels against the minimum and against the eager reference.
+
+All three figures are counts, not measurements: the minimum from the op's formula (each input read
+once, each output written once), diffkern's from its Triton kernels run in the interpreter
+(`interpreted`), the eager reference's from its aten ops (`aten_traffic`, on meta tensors at the full
+shape). Modeled time = bytes / H100 HBM3 bandwidth: a lower bound for a memory-bound op, not a timing.
+"""
+from __future__ import annotations
+
+import torch
+
+from .aten_traffic import AtenTraffic
+from .workload import BWD, FWD, STEP, Workload, grad_leaves, requiring_grad
+
+H100_BYTES_PER_S = 3.0e12
+
+
+def eager_counts(workload: Workload, case, dtype: torch.dtype) -> dict:
+    """The reference's forward and its backward through autograd, as eager aten kernels."""
+    args = requiring_grad(workload.make_args(case, dtype, "meta"))
+    with AtenTraffic() as fwd:
+        out = workload.reference(*args)
+    dout = torch.empty_like(out)
+    with AtenTraffic() as bwd:
+        torch.autograd.grad(out, grad_leaves(args), dout)
+    return {FWD: fwd.traffic, BWD: bwd.traffic}
+
+
+def _diffkern(counts: dict) -> tuple[int, int, int]:
+    """(kernel bytes, glue bytes, launches) of one pass."""
+    kernel = counts["triton.bytes_loaded"] + counts["triton.bytes_stored"]
+    glue = counts["glue.bytes_read"] + counts["glue.bytes_written"]
+    return kernel, glue, counts["triton.launches"] + counts["glue.kernels"]
+
+
+def _us(nbytes: int) -> float:
+    return nbytes / H100_BYTES_PER_S * 1e6
+
+
+def rows(workload: Workload, quick: bool, counted: list[dict], dtype: torch.dtype) -> list[dict]:
+    """One row per case and pass (fwd, bwd, fwd+bwd)."""
+    by_case = {c["case"]: c for c in counted}
+    out = []
+    for case in workload.cases(quick):
+        entry = by_case.get(case.name, {"error": "not counted"})
+        if "error" in entry:
+            out.append({"case": case.name, "pass": STEP, "error": entry["error"]})
+            continue
+        minimum = workload.min_bytes(case, dtype.itemsize)
+        eager = eager_counts(workload, case, dtype)
+        per_pass = {}
+        for p in (FWD, BWD):
+            kernel, glue, launches = _diffkern(entry["counts"][p])
+            per_pass[p] = dict(min_bytes=minimum[p], diffkern_kernel_bytes=kernel, diffkern_glue_bytes=glue,
+                               diffkern_launches=launches, eager_bytes=eager[p].bytes,
+                               eager_kernels=eager[p].kernels, eager_ops=dict(eager[p].ops))
+        per_pass[STEP] = {k: per_pass[FWD][k] + per_pass[BWD][k] for k in per_pass[FWD] if k != "eager_ops"}
+        for p, r in per_pass.items():
+            r["diffkern_bytes"] = r["diffkern_kernel_bytes"] + r["diffkern_glue_bytes"]
+            r.update(diffkern_over_min=r["diffkern_bytes"] / r["min_bytes"],
+                     eager_over_diffkern=r["eager_bytes"] / r["diffkern_bytes"],
+                     modeled_h100_us={"min": _us(r["min_bytes"]), "diffkern": _us(r["diffkern_bytes"]),
+                                      "eager": _us(r["eager_bytes"])})
+            out.append({"case": case.name, "pass": p, **r})
+    return out
