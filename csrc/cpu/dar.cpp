@@ -68,7 +68,7 @@ struct RouteInputs {
 void check_param_dtype(const at::Tensor& x, const char* name, at::ScalarType src) {
   const at::ScalarType acc = at::toOpMathType(src);
   TORCH_CHECK_VALUE(x.scalar_type() == src || x.scalar_type() == acc, kOp, ": ", name, " dtype must be ",
-              dtype_name(src), " (the sources' dtype) or ", dtype_name(acc), ", got ", dtype_name(x.scalar_type()));
+                    dtype_name(src), " (the sources' dtype) or ", dtype_name(acc), ", got ", dtype_name(x.scalar_type()));
 }
 
 Geometry check_route_args(at::TensorList sources, const at::Tensor& q, const at::Tensor& gain, double eps) {
@@ -79,12 +79,12 @@ Geometry check_route_args(at::TensorList sources, const at::Tensor& q, const at:
     const std::string name = "sources[" + std::to_string(i) + "]";
     TORCH_CHECK_VALUE(v.dim() == 3, kOp, ": ", name, " must be [B, T, d], got shape ", v.sizes());
     TORCH_CHECK_VALUE(v.sizes() == v0.sizes(), kOp, ": ", name, " has shape ", v.sizes(), " but sources[0] has shape ",
-                v0.sizes());
+                      v0.sizes());
     const at::ScalarType t = v.scalar_type();
     TORCH_CHECK_VALUE(i > 0 || t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble, kOp,
-                ": sources[0] dtype must be float16, bfloat16, float32 or float64, got ", dtype_name(t));
+                      ": sources[0] dtype must be float16, bfloat16, float32 or float64, got ", dtype_name(t));
     TORCH_CHECK_VALUE(t == v0.scalar_type(), kOp, ": ", name, " dtype ", dtype_name(t), " differs from sources[0] dtype ",
-                dtype_name(v0.scalar_type()));
+                      dtype_name(v0.scalar_type()));
     check_same_device(kOp, v, name, v0, "sources[0]");
     check_unit_last_stride(kOp, v, name);
   }
@@ -95,7 +95,7 @@ Geometry check_route_args(at::TensorList sources, const at::Tensor& q, const at:
   const bool q_shape_ok = (q.dim() == 1 && q.size(0) == d) || (q.dim() == 2 && q.sizes().equals({B, d})) ||
                           (q.dim() == 3 && q.sizes().equals({B, T, d}));
   TORCH_CHECK_VALUE(q_shape_ok, kOp, ": q must be [d], [B, d] or [B, T, d] with B=", B, ", T=", T, ", d=", d,
-              ", got shape ", q.sizes());
+                    ", got shape ", q.sizes());
   check_param_dtype(q, "q", v0.scalar_type());
   check_unit_last_stride(kOp, q, "q");
 
