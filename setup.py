@@ -47,9 +47,12 @@ CUDA_HOME = find_cuda_home()
 if CUDA_HOME:
     os.environ["CUDA_HOME"] = CUDA_HOME  # must precede the cpp_extension import, which reads it once
 os.environ.setdefault("MAX_JOBS", str(default_jobs()))
-if shutil.which("ccache"):
-    os.environ.setdefault("CC", "ccache gcc")
-    os.environ.setdefault("CXX", "ccache g++")
+# ccache, when installed, through its masquerade directory: torch's ABI check runs `$CXX -v`, so CXX must
+# stay a plain compiler name, and the compilers found first on PATH are ccache's wrappers instead.
+for _masquerade in ("/usr/lib/ccache", "/usr/lib64/ccache", "/usr/local/opt/ccache/libexec"):
+    if os.path.exists(os.path.join(_masquerade, "c++")):
+        os.environ["PATH"] = _masquerade + os.pathsep + os.environ["PATH"]
+        break
 
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
