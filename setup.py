@@ -114,7 +114,8 @@ def extension():
         include_dirs.append(wheel_include)
     lib_dirs = [d for d in (os.path.join(CUDA_HOME, "lib64"), os.path.join(CUDA_HOME, "lib"))
                 if os.path.exists(os.path.join(d, "libcudart.so"))]
-    nvcc = opt + ["-std=c++20", "-Xptxas=-warn-spills", "--expt-relaxed-constexpr"]
+    # -Xptxas: every kernel's registers and spills in the build log, and a spill fails the build.
+    nvcc = opt + ["-std=c++20", "-Xptxas=-v,-warn-spills,-Werror", "--expt-relaxed-constexpr"]
     return CUDAExtension("diffkern._C", sources, include_dirs=include_dirs, library_dirs=lib_dirs,
                          define_macros=[("DIFFKERN_WITH_CUDA", "1")], extra_link_args=["-fopenmp"],
                          extra_compile_args={"cxx": cxx, "nvcc": nvcc})

@@ -2,6 +2,8 @@
 
 * Without a CUDA device, Triton kernels run on CPU tensors in the interpreter (TRITON_INTERPRET=1).
 * Every output a kernel allocates starts as NaN (DIFFKERN_DEBUG_FILL=nan), so unwritten elements fail.
+* The CUDA C++ kernels run on CPU tensors in the host-execution harness (diffkern.testing.cuda_harness,
+  built on first use), so the `cuda` backend joins the backends every shared test body runs.
 """
 import os
 import sys
@@ -16,6 +18,9 @@ if not HAS_CUDA:
 os.environ["DIFFKERN_DEBUG_FILL"] = "nan"
 
 import diffkern  # noqa: E402,F401  (loads the extension with the switches above in effect)
+from diffkern.testing import cuda_harness  # noqa: E402
+
+cuda_harness.load()  # before the test modules read diffkern.testing.backends.CPU_BACKENDS
 
 
 def pytest_collection_modifyitems(config, items):

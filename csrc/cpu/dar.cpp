@@ -20,6 +20,7 @@
 
 #include "convert.h"
 #include "diffkern/check.h"
+#include "diffkern/dar_args.h"
 #include "diffkern/dar_math.h"
 
 namespace diffkern::dar {
@@ -28,8 +29,6 @@ namespace {
 using cpu::narrow;
 using cpu::staging;
 using cpu::widen;
-
-constexpr const char* kOp = "dar_route";
 
 // Tokens per parallel task, hence per partial sum of the dq/dgain reductions. A task (64 * n * d
 // element-ops) dwarfs scheduling costs, and B=1 still splits across threads from T=128 on. Fixed,
@@ -40,12 +39,10 @@ constexpr int64_t kColumnBlock = 256;
 // Least element-ops worth a thread: ATen's own GRAIN_SIZE for elementwise loops.
 constexpr int64_t kMinTaskWork = 32768;
 
-enum class QKind { kStatic, kPerBatch, kPerToken };
-
-struct Geometry {
-  int64_t B, T, d, n, n_blocks;
-  QKind q_kind;
-  int64_t q_sb, q_st;  // q's batch and token strides, 0 along the dims it broadcasts over
+// The checked geometry plus the CPU kernels' tiling of each batch row into token blocks.
+struct Tiling : Geometry {
+  int64_t n_blocks;
+  explicit Tiling(const Geometry& g) : Geometry(g), n_blocks((g.T + kTokenBlock - 1) / kTokenBlock) {}
 };
 
 template <typename scalar_t>
@@ -65,54 +62,8 @@ struct RouteInputs {
   acc_t eps;
 };
 
-void check_param_dtype(const at::Tensor& x, const char* name, at::ScalarType src) {
-  const at::ScalarType acc = at::toOpMathType(src);
-  TORCH_CHECK_VALUE(x.scalar_type() == src || x.scalar_type() == acc, kOp, ": ", name, " dtype must be ",
-                    dtype_name(src), " (the sources' dtype) or ", dtype_name(acc), ", got ", dtype_name(x.scalar_type()));
-}
-
-Geometry check_route_args(at::TensorList sources, const at::Tensor& q, const at::Tensor& gain, double eps) {
-  TORCH_CHECK_VALUE(!sources.empty(), kOp, ": sources must hold at least one tensor");
-  const at::Tensor& v0 = sources[0];
-  for (size_t i = 0; i < sources.size(); ++i) {
-    const at::Tensor& v = sources[i];
-    const std::string name = "sources[" + std::to_string(i) + "]";
-    TORCH_CHECK_VALUE(v.dim() == 3, kOp, ": ", name, " must be [B, T, d], got shape ", v.sizes());
-    TORCH_CHECK_VALUE(v.sizes() == v0.sizes(), kOp, ": ", name, " has shape ", v.sizes(), " but sources[0] has shape ",
-                      v0.sizes());
-    const at::ScalarType t = v.scalar_type();
-    TORCH_CHECK_VALUE(i > 0 || t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble, kOp,
-                      ": sources[0] dtype must be float16, bfloat16, float32 or float64, got ", dtype_name(t));
-    TORCH_CHECK_VALUE(t == v0.scalar_type(), kOp, ": ", name, " dtype ", dtype_name(t), " differs from sources[0] dtype ",
-                      dtype_name(v0.scalar_type()));
-    check_same_device(kOp, v, name, v0, "sources[0]");
-    check_unit_last_stride(kOp, v, name);
-  }
-  const int64_t B = v0.size(0), T = v0.size(1), d = v0.size(2);
-  TORCH_CHECK_VALUE(d >= 1, kOp, ": d must be at least 1");
-
-  check_same_device(kOp, q, "q", v0, "sources[0]");
-  const bool q_shape_ok = (q.dim() == 1 && q.size(0) == d) || (q.dim() == 2 && q.sizes().equals({B, d})) ||
-                          (q.dim() == 3 && q.sizes().equals({B, T, d}));
-  TORCH_CHECK_VALUE(q_shape_ok, kOp, ": q must be [d], [B, d] or [B, T, d] with B=", B, ", T=", T, ", d=", d,
-                    ", got shape ", q.sizes());
-  check_param_dtype(q, "q", v0.scalar_type());
-  check_unit_last_stride(kOp, q, "q");
-
-  check_same_device(kOp, gain, "gain", v0, "sources[0]");
-  TORCH_CHECK_VALUE(gain.dim() == 1 && gain.size(0) == d, kOp, ": gain must be [d] = [", d, "], got shape ", gain.sizes());
-  check_param_dtype(gain, "gain", v0.scalar_type());
-  check_unit_last_stride(kOp, gain, "gain");
-  check_finite_nonneg(kOp, eps, "eps");
-
-  const QKind kind = q.dim() == 1 ? QKind::kStatic : q.dim() == 2 ? QKind::kPerBatch : QKind::kPerToken;
-  const int64_t n_blocks = (T + kTokenBlock - 1) / kTokenBlock;
-  return {B, T, d, static_cast<int64_t>(sources.size()), n_blocks, kind, q.dim() > 1 ? q.stride(0) : 0,
-          q.dim() > 2 ? q.stride(1) : 0};
-}
-
 // Tasks per parallel chunk, so that tiny problems run on one thread instead of paying for the pool.
-int64_t task_grain(const Geometry& g) {
+int64_t task_grain(const Tiling& g) {
   return std::max<int64_t>(1, kMinTaskWork / (kTokenBlock * g.n * g.d));
 }
 
@@ -141,7 +92,7 @@ inline void scale_by_gain(const acc_t* __restrict q, const acc_t* __restrict gai
 }
 
 template <typename scalar_t, typename q_t>
-void route_fwd_kernel(const Geometry& g, const RouteInputs<scalar_t, q_t>& in, scalar_t* h,
+void route_fwd_kernel(const Tiling& g, const RouteInputs<scalar_t, q_t>& in, scalar_t* h,
                       at::opmath_type<scalar_t>* lse) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t d = g.d;
@@ -196,7 +147,7 @@ void route_fwd_kernel(const Geometry& g, const RouteInputs<scalar_t, q_t>& in, s
 // Writes dsources and, for a per-token q, dq; leaves in partial[task] (a [d] row per (b, block))
 // the block's sum over tokens of u (static and per-batch q) or of q_tok * u (per-token q).
 template <typename scalar_t, typename q_t>
-void route_bwd_kernel(const Geometry& g, const RouteInputs<scalar_t, q_t>& in, const scalar_t* dh, const scalar_t* h,
+void route_bwd_kernel(const Tiling& g, const RouteInputs<scalar_t, q_t>& in, const scalar_t* dh, const scalar_t* h,
                       const at::opmath_type<scalar_t>* lse, const std::vector<scalar_t*>& dsrc, q_t* dq,
                       at::opmath_type<scalar_t>* partial) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -268,7 +219,7 @@ void route_bwd_kernel(const Geometry& g, const RouteInputs<scalar_t, q_t>& in, c
 // Sums the partials in a fixed order (a row's blocks, then rows) into dgain and, for a static or
 // per-batch q, dq = g * sum u: deterministic and independent of the thread count.
 template <typename scalar_t, typename q_t, typename acc_t = at::opmath_type<scalar_t>>
-void reduce_partials(const Geometry& g, const RouteInputs<scalar_t, q_t>& in, const acc_t* partial, q_t* dq,
+void reduce_partials(const Tiling& g, const RouteInputs<scalar_t, q_t>& in, const acc_t* partial, q_t* dq,
                      acc_t* dgain) {
   const q_t* q = in.q;
   const acc_t* gain = in.gain;
@@ -302,7 +253,7 @@ void reduce_partials(const Geometry& g, const RouteInputs<scalar_t, q_t>& in, co
 
 std::tuple<at::Tensor, at::Tensor> dar_route_fwd_cpu(at::TensorList sources, const at::Tensor& q,
                                                      const at::Tensor& gain, double eps) {
-  const Geometry g = check_route_args(sources, q, gain, eps);
+  const Tiling g(check_route_args(sources, q, gain, eps));
   const at::ScalarType dtype = sources[0].scalar_type(), acc_dtype = at::toOpMathType(dtype);
   at::Tensor h = empty_output({g.B, g.T, g.d}, sources[0].options());
   at::Tensor lse = empty_output({g.B, g.T}, sources[0].options().dtype(acc_dtype));
@@ -318,15 +269,9 @@ std::tuple<at::Tensor, at::Tensor> dar_route_fwd_cpu(at::TensorList sources, con
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dar_route_bwd_cpu(
     const at::Tensor& dh, at::TensorList sources, const at::Tensor& q, const at::Tensor& gain, const at::Tensor& h,
     const at::Tensor& lse, double eps) {
-  const Geometry g = check_route_args(sources, q, gain, eps);
+  const Tiling g(check_route_bwd_args(dh, sources, q, gain, h, lse, eps));
   const at::ScalarType dtype = sources[0].scalar_type(), acc_dtype = at::toOpMathType(dtype);
-  const std::vector<int64_t> btd{g.B, g.T, g.d}, bt{g.B, g.T};
-  check_same_device(kOp, dh, "dh", sources[0], "sources[0]");
-  check_same_device(kOp, h, "h", sources[0], "sources[0]");
-  check_same_device(kOp, lse, "lse", sources[0], "sources[0]");
-  check_contiguous_as(kOp, dh, "dh", "[B, T, d]", btd, dtype, "the sources' dtype");
-  check_contiguous_as(kOp, h, "h", "[B, T, d]", btd, dtype, "the sources' dtype");
-  check_contiguous_as(kOp, lse, "lse", "[B, T]", bt, acc_dtype, "the accumulation dtype");
+  const std::vector<int64_t> btd{g.B, g.T, g.d};
 
   std::vector<at::Tensor> dsources;
   for (int64_t i = 0; i < g.n; ++i) dsources.push_back(empty_output(btd, sources[0].options()));

@@ -16,3 +16,13 @@ TORCH_LIBRARY_FRAGMENT(diffkern, m) {
       "dar_route_bwd(Tensor dh, Tensor[] sources, Tensor q, Tensor gain, Tensor h, Tensor lse, float eps)"
       " -> (Tensor[] dsources, Tensor dq, Tensor dgain)");
 }
+
+TORCH_LIBRARY_FRAGMENT(diffkern, m) {
+  m.set_python_module("diffkern.dar.op");
+  // Internal: the CUDA C++ kernels of the two ops above (csrc/cuda/dar_route.cu), with their exact
+  // signatures. The `cuda` backend of dar_route_fwd/bwd calls these; users call dar_route_fwd/bwd.
+  m.def("dar_route_fwd_cuda(Tensor[] sources, Tensor q, Tensor gain, float eps) -> (Tensor h, Tensor lse)");
+  m.def(
+      "dar_route_bwd_cuda(Tensor dh, Tensor[] sources, Tensor q, Tensor gain, Tensor h, Tensor lse, float eps)"
+      " -> (Tensor[] dsources, Tensor dq, Tensor dgain)");
+}

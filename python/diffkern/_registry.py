@@ -2,14 +2,17 @@
 
 Default routing (no override):
   * CPU tensors  -> the C++ kernel registered in csrc/cpu/ (the dispatcher calls it directly);
-  * CUDA tensors -> the first GPU backend an op provides, in `GPU_PREFERENCE` order.
+  * CUDA tensors -> the first GPU backend an op provides, in `GPU_PREFERENCE` order, counting
+    "cuda" only when diffkern._C was built with CUDA.
 A missing backend is an error, never a silent fall back to a slower one.
 
 `backend(name)` forces one backend for every diffkern op inside the block:
   "cpu"        the C++ CPU kernels (CPU tensors only)
   "triton"     the Triton kernels; on CPU tensors they run in the Triton interpreter, which needs
                TRITON_INTERPRET=1 set before triton is first imported (the tests do this)
-  "cuda"       the CUDA C++ kernels (where an op has them)
+  "cuda"       the CUDA C++ kernels (where an op has them; the `cuda` backend of op X calls the internal
+               op diffkern::X_cuda). On CPU tensors they run in the host-execution harness, which only
+               the tests load (diffkern.testing.cuda_harness)
   "reference"  the plain PyTorch reference (any device, float64 included)
 The override is process-wide (it swaps the dispatcher's CPU kernels for the block), not per thread.
 """
@@ -22,6 +25,7 @@ from typing import Callable
 import torch
 
 from . import _triton
+from ._ops import BUILD_INFO
 
 BACKENDS = ("cpu", "triton", "cuda", "reference")
 GPU_PREFERENCE = ("cuda", "triton")
@@ -52,24 +56,44 @@ def _implementation(op: str, name: str) -> Callable:
     return fn
 
 
+def _built(name: str) -> bool:
+    """Whether this build of diffkern._C has backend `name`'s kernels for CUDA tensors."""
+    return name != "cuda" or bool(BUILD_INFO["with_cuda"])
+
+
+def gpu_backend(op: str) -> str:
+    """The backend `op` runs on CUDA tensors when none is forced."""
+    name = next((b for b in GPU_PREFERENCE if b in _impls[op] and _built(b)), None)
+    if name is None:
+        raise NotImplementedError(f"diffkern::{op} has no GPU backend in this build; available: {available(op)}")
+    return name
+
+
 def _run_cuda(op: str, *args):
-    if _forced:
-        name = _forced[-1]
-        if name == "cpu":
-            raise RuntimeError(f"diffkern::{op}: backend 'cpu' was forced but the inputs are CUDA tensors")
-    else:
-        name = next((b for b in GPU_PREFERENCE if b in _impls[op]), None)
-        if name is None:
-            raise NotImplementedError(f"diffkern::{op} has no GPU backend; available: {available(op)}")
-    return _implementation(op, name)(*args)
+    if not _forced:
+        return _implementation(op, gpu_backend(op))(*args)
+    name = _forced[-1]
+    if name == "cpu":
+        raise RuntimeError(f"diffkern::{op}: backend 'cpu' was forced but the inputs are CUDA tensors")
+    fn = _implementation(op, name)
+    if not _built(name):
+        raise RuntimeError(
+            f"diffkern::{op}: backend 'cuda' was forced but diffkern._C was built without CUDA "
+            f"(build info: {BUILD_INFO}); rebuild with a CUDA toolkit (DIFFKERN_CUDA=1) or force 'triton'")
+    return fn(*args)
 
 
 def _run_forced_on_cpu(op: str, name: str, *args):
+    fn = _implementation(op, name)
     if name == "triton" and not _triton.interpreting():
         raise RuntimeError(
             f"diffkern::{op}: backend 'triton' on CPU tensors runs in the Triton interpreter, which needs "
             "TRITON_INTERPRET=1 in the environment before triton is imported")
-    return _implementation(op, name)(*args)
+    if name == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(f"diffkern::{op}_cuda", "CPU"):
+        raise RuntimeError(
+            f"diffkern::{op}: backend 'cuda' on CPU tensors runs the CUDA kernels in the host-execution "
+            "harness, which is not loaded (diffkern.testing.cuda_harness.load() builds and loads it)")
+    return fn(*args)
 
 
 @contextlib.contextmanager

@@ -8,12 +8,17 @@
 //   DIFFKERN_SHARED(T, name, N)   `__shared__ T name[N]`: the host needs to see every access
 //   DIFFKERN_EXTERN_SHARED(T, name)   dynamic shared memory sized by the launch
 //   diffkern::load_vec<N>(p, i) / store_vec   16-byte (or narrower) vector accesses of N elements
+//   diffkern::global_ptr(p, extent, name)    a raw device pointer (e.g. read from a table) as a gptr
+//   diffkern::launch_kernel(name, kernel, grid, block, smem, stream, args...)   kernel<<<...>>>(args...)
 // Everything else (indices, __syncthreads, shuffles, votes, atomics, bf16/fp16, math) keeps its
 // CUDA name.
 #pragma once
 
 #include <math.h>
 #include <stdint.h>
+
+#include <type_traits>
+#include <utility>
 
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
@@ -70,6 +75,24 @@ template <int N, typename T>
 __device__ __forceinline__ void store_vec(T* p, int64_t i, const Vec<T, N>& x) {
   *reinterpret_cast<Vec<T, N>*>(p + i) = x;
 }
+// Whether p may start an N-element vector access.
+template <int N, typename T>
+__device__ __forceinline__ bool vec_aligned(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % sizeof(Vec<std::remove_const_t<T>, N>) == 0;
+}
+// The extent (elements reachable from p) and name only matter to the harness's bounds checks.
+template <typename T>
+__host__ __device__ __forceinline__ T* global_ptr(T* p, int64_t, const char*) {
+  return p;
+}
+// Returns nullptr, or the launch error's description.
+template <typename... P, typename... A>
+const char* launch_kernel(const char*, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem_bytes, void* stream,
+                          A&&... args) {
+  kernel<<<grid, block, smem_bytes, static_cast<cudaStream_t>(stream)>>>(std::forward<A>(args)...);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
 #else
 template <int N, typename T>
 const T* vec_span(harness::DevPtr<T> p, int64_t i) {
@@ -91,6 +114,37 @@ void store_vec(harness::DevPtr<T> p, int64_t i, const Vec<T, N>& x) {
   T* at = const_cast<T*>(vec_span<N>(p, i));
   for (int k = 0; k < N; ++k) at[k] = x.v[k];
 }
+template <int N, typename T>
+bool vec_aligned(harness::DevPtr<T> p) {
+  const uintptr_t at = reinterpret_cast<uintptr_t>(p.base()) + uintptr_t(p.offset()) * sizeof(T);
+  return at % sizeof(Vec<std::remove_const_t<T>, N>) == 0;
+}
+template <typename T>
+harness::DevPtr<T> global_ptr(T* p, int64_t extent, const char* name) {
+  return harness::DevPtr<T>(p, extent, name);
+}
+// The stream is ignored: the harness runs each launch to completion.
+template <typename... P, typename... A>
+const char* launch_kernel(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem_bytes, void*,
+                          A&&... args) {
+  harness::launch(name, kernel, grid, block, smem_bytes, std::forward<A>(args)...);
+  return nullptr;
+}
 #endif
+
+// Storage dtype <-> float, rounding to nearest even.
+DIFFKERN_DEVICE float to_float(float x) { return x; }
+DIFFKERN_DEVICE float to_float(__half x) { return __half2float(x); }
+DIFFKERN_DEVICE float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+DIFFKERN_DEVICE T from_float(float x) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __float2half(x);
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat16(x);
+  } else {
+    return x;
+  }
+}
 
 }  // namespace diffkern

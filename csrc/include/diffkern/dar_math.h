@@ -9,6 +9,9 @@
 
 namespace diffkern::dar {
 
+// The query variants (specs/dar.md): q is [d] (static), [B, d] (timestep-injected) or [B, T, d] (dynamic).
+enum class QKind { kStatic, kPerBatch, kPerToken };
+
 // ::expf/::sqrtf and friends exist both in the host C library and as CUDA device functions, so the
 // overloads below compile unchanged in either pass.
 DIFFKERN_HD inline float exp_(float x) { return ::expf(x); }

@@ -101,6 +101,16 @@ def _bwd_triton(dh, sources, q, gain, h, lse, eps):
     return triton_kernels.route_bwd(dh, sources, q, gain, h, lse, eps)
 
 
+def _fwd_cuda(sources, q, gain, eps):
+    check_fwd(sources, q, gain, eps)
+    return torch.ops.diffkern.dar_route_fwd_cuda(sources, q, gain, eps)
+
+
+def _bwd_cuda(dh, sources, q, gain, h, lse, eps):
+    check_bwd(dh, sources, q, gain, h, lse, eps)
+    return torch.ops.diffkern.dar_route_bwd_cuda(dh, sources, q, gain, h, lse, eps)
+
+
 def _fwd_reference(sources, q, gain, eps):
     check_fwd(sources, q, gain, eps)
     return reference.route_fwd(sources, q, gain, eps)
@@ -111,10 +121,12 @@ def _bwd_reference(dh, sources, q, gain, h, lse, eps):
     return reference.route_bwd(dh, sources, q, gain, h, lse, eps)
 
 
-_registry.register("dar_route_fwd", triton=_fwd_triton, reference=_fwd_reference)
-_registry.register("dar_route_bwd", triton=_bwd_triton, reference=_bwd_reference)
+_registry.register("dar_route_fwd", triton=_fwd_triton, cuda=_fwd_cuda, reference=_fwd_reference)
+_registry.register("dar_route_bwd", triton=_bwd_triton, cuda=_bwd_cuda, reference=_bwd_reference)
 
 
+# The internal ops of the cuda backend (csrc/cuda/dar_route_api.cpp) share the public ops' fakes.
+@torch.library.register_fake("diffkern::dar_route_fwd_cuda")
 @torch.library.register_fake("diffkern::dar_route_fwd")
 def _fwd_fake(sources, q, gain, eps):
     check_fwd(sources, q, gain, eps)
@@ -123,6 +135,7 @@ def _fwd_fake(sources, q, gain, eps):
     return src.new_empty(src.shape), src.new_empty(src.shape[:2], dtype=acc)
 
 
+@torch.library.register_fake("diffkern::dar_route_bwd_cuda")
 @torch.library.register_fake("diffkern::dar_route_bwd")
 def _bwd_fake(dh, sources, q, gain, h, lse, eps):
     check_bwd(dh, sources, q, gain, h, lse, eps)
@@ -169,7 +182,8 @@ def dar_route(sources, q, gain, eps: float = 1e-6) -> torch.Tensor:
         h [B, T, d] in the sources' dtype. Softmax and norm math run in float32 (float64 for float64).
     Autograd: gradients flow to every source, q and gain. Saved for backward: h and the per-token
         log-sum-exp [B, T] (4 bytes/token); rstd and alpha are recomputed. Double backward is not supported.
-    Backends: C++ (CPU tensors), Triton (CUDA tensors), reference; see `diffkern.backend`.
+    Backends: C++ (CPU tensors), CUDA C++ (CUDA tensors, when built with CUDA), Triton (CUDA tensors),
+        reference; see `diffkern.backend`.
     NaN/inf in an input make the affected tokens' outputs NaN; nothing else is checked for them.
     """
     with _nvtx.range("diffkern.dar_route"):

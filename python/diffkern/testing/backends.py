@@ -7,19 +7,25 @@ import torch
 
 import diffkern
 from diffkern import _triton
+from diffkern._ops import BUILD_INFO
+
+from . import cuda_harness
 
 # Backends that run on CPU tensors in the tests; on a CUDA machine the GPU backends run on CUDA tensors too.
-CPU_BACKENDS = ("cpu", "triton", "reference")
+# "cuda" runs in the host-execution harness, once the tests' conftest has loaded it.
+CPU_BACKENDS = ("cpu", "triton", *(("cuda",) if cuda_harness.loaded() else ()), "reference")
 
 
 def device_for(backend: str) -> torch.device:
-    """Where a backend's test inputs live: Triton runs on the GPU when there is one, else in the interpreter."""
-    return torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
+    """Where a backend's test inputs live: the GPU when there is one (and, for "cuda", the build has its
+    kernels), else CPU tensors (Triton in its interpreter, CUDA C++ in the harness)."""
+    on_gpu = backend == "triton" or (backend == "cuda" and BUILD_INFO["with_cuda"])
+    return torch.device("cuda" if on_gpu and torch.cuda.is_available() else "cpu")
 
 
 def supports(backend: str, dtype: torch.dtype) -> bool:
-    """Whether `backend` computes in `dtype` (Triton kernels accumulate in float32: no float64)."""
-    return not (backend == "triton" and dtype == torch.float64)
+    """Whether `backend` computes in `dtype` (the Triton and CUDA kernels accumulate in float32: no float64)."""
+    return not (backend in ("triton", "cuda") and dtype == torch.float64)
 
 
 @contextlib.contextmanager

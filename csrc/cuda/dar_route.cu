@@ -1,0 +1,424 @@
+// CUDA kernels of DAR routing (specs/dar.md "Routing"), torch-free: nvcc builds them for the GPU and
+// the CPU tests run this very file in the host-execution harness (csrc/include/diffkern/cuda_compat.h).
+//
+// Layout: a group of G = blockDim.x threads owns one token row and the whole of d; thread x holds
+// kElemsPerThread elements in registers, as 16-byte vectors x, x + G, x + 2G, ... so that a warp's
+// loads are contiguous. G is a power of two up to 32 (blockDim.y = 128 / G rows share a block and
+// reduce with sub-warp shuffles) or a multiple of 32 up to kMaxRowThreads (one row per block,
+// shuffles then shared memory). A row whose start is not 16-byte aligned, and the tail of d, use
+// scalar accesses. All math is float32; offsets are 64-bit.
+//
+// Traffic, in elements: the forward reads n*B*T*d sources (+ q) and writes B*T*d + B*T; the backward
+// reads (n+2)*B*T*d + B*T (+ q) and writes n*B*T*d (+ B*T*d for a per-token q) plus the float32
+// [B, n_chunks, d] partial sums, which the reduce kernel reads once.
+#include "dar_route.h"
+
+#include "diffkern/cuda_compat.h"
+#include "diffkern/dar_math.h"
+
+namespace diffkern::dar::cuda {
+namespace {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int E = kElemsPerThread;
+// Threads of a block whose rows have at most 32 threads: enough warps to hide a row's latency.
+constexpr int kPackedThreads = 128;
+constexpr int kMaxWarps = kMaxRowThreads / 32;
+constexpr int kMaxSums = 3;  // values one row reduction sums at once (the backward's ss, p, <dh, v>)
+// Backward blocks wanted per SM: enough to fill it, few enough that the partial sums stay small.
+constexpr int kBlocksPerSm = 4;
+constexpr int kReduceThreads = 128;
+
+struct RowLayout {
+  int G, R;  // threads per row, rows per block
+};
+
+RowLayout row_layout(int64_t d) {
+  const int64_t need = (d + E - 1) / E;
+  if (need <= 32) {
+    int G = 1;
+    while (G < need) G *= 2;
+    return {G, kPackedThreads / G};
+  }
+  return {int((need + 31) / 32 * 32), 1};
+}
+
+template <typename T>
+constexpr int kVec = 16 / int(sizeof(T));
+
+template <typename S, typename Q>  // S: the sources' storage type
+struct FwdArgs {
+  gptr<const RouteSource> sources;
+  gptr<const Q> q;
+  gptr<const float> gain;
+  gptr<S> h;
+  gptr<float> lse;
+  int64_t q_sb, q_st, B, T, d;
+  int n;
+  float inv_d, inv_sqrt_d, eps;
+};
+
+template <typename S, typename Q>
+struct BwdArgs {
+  FwdArgs<S, Q> in;  // h is read here
+  gptr<const S> dh;
+  gptr<const RouteSource> dsources;
+  gptr<Q> dq;
+  gptr<float> partial;
+  int64_t tokens_per_chunk, n_chunks;
+  bool per_token_q;
+};
+
+template <typename Q>
+struct ReduceArgs {
+  gptr<const float> partial;
+  gptr<const Q> q;
+  gptr<const float> gain;
+  gptr<Q> dq;
+  gptr<float> dgain;
+  int64_t B, d, n_chunks, q_sb;
+  QKind q_kind;
+};
+
+template <typename T>
+DIFFKERN_DEVICE gptr<T> table_row(gptr<const RouteSource> table, int i, int64_t b, int64_t t, const char* name) {
+  const RouteSource e = table[i];
+  return global_ptr(static_cast<T*>(const_cast<void*>(e.data)), e.extent, name) + (b * e.sb + t * e.st);
+}
+
+// This thread's elements of a row of d values of type X (element e of slot k is column
+// (x + k*G) * V + e), converted to float; columns past d read as 0. V is the row layout's vector
+// width (the sources'), so a float32 q beside bf16 sources takes two 16-byte accesses per slot.
+template <int V, typename X>
+DIFFKERN_DEVICE void load_row(gptr<const X> row, int64_t d, float (&x)[E]) {
+  constexpr int W = V < 16 / int(sizeof(X)) ? V : 16 / int(sizeof(X));  // elements per access
+  const bool vec = vec_aligned<W>(row);
+#pragma unroll
+  for (int k = 0; k < E / V; ++k) {
+#pragma unroll
+    for (int w = 0; w < V; w += W) {
+      const int64_t j = (int64_t(threadIdx.x) + int64_t(k) * blockDim.x) * V + w;
+      if (vec && j + W <= d) {
+        const Vec<X, W> a = load_vec<W>(row, j);
+#pragma unroll
+        for (int e = 0; e < W; ++e) x[k * V + w + e] = to_float(a.v[e]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < W; ++e) x[k * V + w + e] = j + e < d ? to_float(row[j + e]) : 0.0f;
+      }
+    }
+  }
+}
+
+template <int V, typename X>
+DIFFKERN_DEVICE void store_row(gptr<X> row, int64_t d, const float (&x)[E]) {
+  constexpr int W = V < 16 / int(sizeof(X)) ? V : 16 / int(sizeof(X));
+  const bool vec = vec_aligned<W>(row);
+#pragma unroll
+  for (int k = 0; k < E / V; ++k) {
+#pragma unroll
+    for (int w = 0; w < V; w += W) {
+      const int64_t j = (int64_t(threadIdx.x) + int64_t(k) * blockDim.x) * V + w;
+      if (vec && j + W <= d) {
+        Vec<X, W> a;
+#pragma unroll
+        for (int e = 0; e < W; ++e) a.v[e] = from_float<X>(x[k * V + w + e]);
+        store_vec<W>(row, j, a);
+      } else {
+#pragma unroll
+        for (int e = 0; e < W; ++e)
+          if (j + e < d) row[j + e] = from_float<X>(x[k * V + w + e]);
+      }
+    }
+  }
+}
+
+// Sums each of x[0..N) over the row's threads; every thread gets the same totals (the xor butterfly
+// and the fixed order over warps are symmetric), so all keep one softmax state. Rows wider than a
+// warp meet in `scratch` (2 * kMaxSums * kMaxWarps floats): alternating halves by `parity` let one
+// barrier per call suffice, since a half is rewritten only after the next call's barrier.
+template <int N>
+DIFFKERN_DEVICE void row_sum(float (&x)[N], sptr<float> scratch, int& parity) {
+  const int G = blockDim.x;
+  const int width = G < 32 ? G : 32;
+  for (int offset = width / 2; offset > 0; offset /= 2) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) x[k] += __shfl_xor_sync(kFullMask, x[k], offset, width);
+  }
+  if (G <= 32) return;
+  const int warp = threadIdx.x / 32;
+  const sptr<float> half = scratch + parity * kMaxSums * kMaxWarps;
+  if (threadIdx.x % 32 == 0) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) half[k * kMaxWarps + warp] = x[k];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    float s = 0.0f;
+    for (int w = 0; w < G / 32; ++w) s += half[k * kMaxWarps + w];
+    x[k] = s;
+  }
+  parity ^= 1;
+}
+
+// q * gain for token (b, t) (zeros for a padding row).
+template <int V, typename T, typename Q>
+DIFFKERN_DEVICE void scaled_query(const FwdArgs<T, Q>& a, bool valid, int64_t b, int64_t t, float (&q)[E],
+                                  float (&qg)[E]) {
+  float g[E] = {};
+  for (int e = 0; e < E; ++e) q[e] = 0.0f;
+  if (valid) {
+    load_row<V>(a.q + (b * a.q_sb + t * a.q_st), a.d, q);
+    load_row<V>(a.gain, a.d, g);
+  }
+#pragma unroll
+  for (int e = 0; e < E; ++e) qg[e] = q[e] * g[e];
+}
+
+// One token per row of the block: online softmax over the sources, each read once.
+template <typename T, typename Q>
+__global__ void __launch_bounds__(kMaxRowThreads) route_fwd_kernel(FwdArgs<T, Q> a) {
+  DIFFKERN_SHARED(float, scratch, 2 * kMaxSums * kMaxWarps);
+  constexpr int V = kVec<T>;
+  const int64_t tok = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  const bool valid = tok < a.B * a.T;  // padding rows still take part in the row's shuffles
+  const int64_t b = valid ? tok / a.T : 0, t = valid ? tok % a.T : 0;
+  float q[E], qg[E], acc[E] = {};
+  scaled_query<V>(a, valid, b, t, q, qg);
+  SoftmaxState<float> state{-INFINITY, 0.0f};
+  int parity = 0;
+  for (int i = 0; i < a.n; ++i) {
+    float v[E] = {};
+    if (valid) load_row<V>(table_row<const T>(a.sources, i, b, t, "sources"), a.d, v);
+    float sums[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      sums[0] += v[e] * v[e];
+      sums[1] += qg[e] * v[e];
+    }
+    row_sum(sums, scratch, parity);
+    const float s = route_score(rstd_from_sumsq(sums[0], a.inv_d, a.eps), sums[1], a.inv_sqrt_d);
+    float scale, w;
+    if (i == 0) {
+      state = {s, 1.0f};
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[e] = v[e];
+    } else if (softmax_push(state, s, scale, w)) {
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[e] = acc[e] * scale + v[e];
+    } else {
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[e] += w * v[e];
+    }
+  }
+  if (!valid) return;
+  const float inv_l = 1.0f / state.l;
+#pragma unroll
+  for (int e = 0; e < E; ++e) acc[e] *= inv_l;
+  store_row<V>(a.h + tok * a.d, a.d, acc);
+  if (threadIdx.x == 0) a.lse[tok] = softmax_lse(state);
+}
+
+// Each block walks one chunk of one batch row's tokens, blockDim.y rows at a time: writes dsources
+// and (per-token q) dq, and leaves partial[b, chunk] = the chunk's sum of u (static/per-batch q) or
+// of q * u (per-token q), where u = sum_i c_i v_i.
+template <typename T, typename Q>
+__global__ void __launch_bounds__(kMaxRowThreads) route_bwd_kernel(BwdArgs<T, Q> a) {
+  DIFFKERN_SHARED(float, scratch, 2 * kMaxSums * kMaxWarps);
+  DIFFKERN_EXTERN_SHARED(float, row_partials);  // [blockDim.y, d] when rows share the block
+  constexpr int V = kVec<T>;
+  const FwdArgs<T, Q>& in = a.in;
+  const int64_t b = blockIdx.x / a.n_chunks, t_begin = blockIdx.x % a.n_chunks * a.tokens_per_chunk;
+  const int64_t t_end = t_begin + a.tokens_per_chunk < in.T ? t_begin + a.tokens_per_chunk : in.T;
+  float part[E] = {};
+  int parity = 0;
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += blockDim.y) {
+    const int64_t t = t0 + threadIdx.y, tok = b * in.T + t;
+    const bool valid = t < t_end;
+    float q[E], qg[E], dh[E] = {}, h[E] = {};
+    scaled_query<V>(in, valid, b, t, q, qg);
+    if (valid) {
+      load_row<V>(a.dh + tok * in.d, in.d, dh);
+      load_row<V>(gptr<const T>(in.h) + tok * in.d, in.d, h);
+    }
+    float delta[1] = {0.0f};  // <dh, h> = sum_i alpha_i <dh, v_i>: spares a second pass over the sources
+#pragma unroll
+    for (int e = 0; e < E; ++e) delta[0] += dh[e] * h[e];
+    row_sum(delta, scratch, parity);
+    const float lse = valid ? float(in.lse[tok]) : 0.0f;
+    float u[E] = {};
+    for (int i = 0; i < in.n; ++i) {
+      float v[E] = {};
+      if (valid) load_row<V>(table_row<const T>(in.sources, i, b, t, "sources"), in.d, v);
+      float sums[3] = {0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        sums[0] += v[e] * v[e];
+        sums[1] += qg[e] * v[e];
+        sums[2] += dh[e] * v[e];
+      }
+      row_sum(sums, scratch, parity);
+      const RouteGrad<float> gr = route_grad(rstd_from_sumsq(sums[0], in.inv_d, in.eps), sums[1], sums[2], delta[0],
+                                             lse, in.inv_d, in.inv_sqrt_d);
+      float dv[E];
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        dv[e] = gr.alpha * dh[e] + gr.c * qg[e] - gr.beta * v[e];
+        u[e] += gr.c * v[e];
+      }
+      if (valid) store_row<V>(table_row<T>(a.dsources, i, b, t, "dsources"), in.d, dv);
+    }
+    if (!valid) continue;  // a padding row's u may be NaN (eps = 0 makes its rstd infinite)
+    if (a.per_token_q) {
+      float dq[E], g[E];
+      load_row<V>(in.gain, in.d, g);
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        dq[e] = u[e] * g[e];
+        part[e] += q[e] * u[e];
+      }
+      store_row<V>(a.dq + tok * in.d, in.d, dq);
+    } else {
+#pragma unroll
+      for (int e = 0; e < E; ++e) part[e] += u[e];
+    }
+  }
+  const gptr<float> out = a.partial + int64_t(blockIdx.x) * in.d;
+  if (blockDim.y == 1) {
+    store_row<V>(out, in.d, part);
+    return;
+  }
+  // Rows sharing the block add up in a fixed order through shared memory.
+#pragma unroll
+  for (int k = 0; k < E / V; ++k) {
+    const int64_t j = (int64_t(threadIdx.x) + int64_t(k) * blockDim.x) * V;
+#pragma unroll
+    for (int e = 0; e < V; ++e)
+      if (j + e < in.d) row_partials[threadIdx.y * in.d + j + e] = part[k * V + e];
+  }
+  __syncthreads();
+  for (int64_t j = threadIdx.y * blockDim.x + threadIdx.x; j < in.d; j += int64_t(blockDim.x) * blockDim.y) {
+    float s = 0.0f;
+    for (int y = 0; y < int(blockDim.y); ++y) s += row_partials[y * in.d + j];
+    out[j] = s;
+  }
+}
+
+// One thread per column: sums the partials in a fixed order (a batch row's chunks, then the rows)
+// into dgain and, for a static or per-batch q, dq = gain * sum u.
+template <typename Q>
+__global__ void route_reduce_kernel(ReduceArgs<Q> a) {
+  const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= a.d) return;
+  const float g = a.gain[j];
+  float total = 0.0f;
+  for (int64_t b = 0; b < a.B; ++b) {
+    float row = 0.0f;
+    for (int64_t c = 0; c < a.n_chunks; ++c) row += a.partial[(b * a.n_chunks + c) * a.d + j];
+    if (a.q_kind == QKind::kPerBatch) {
+      a.dq[b * a.d + j] = from_float<Q>(row * g);
+      total += to_float(a.q[b * a.q_sb + j]) * row;
+    } else {
+      total += row;
+    }
+  }
+  if (a.q_kind == QKind::kStatic) {
+    a.dq[j] = from_float<Q>(total * g);
+    a.dgain[j] = to_float(a.q[j]) * total;
+  } else {
+    a.dgain[j] = total;
+  }
+}
+
+// Calls f(T{}, Q{}) for the sources' and q's storage types.
+template <typename F>
+const char* dispatch(DType dtype, DType q_dtype, const F& f) {
+  const bool q_float = q_dtype == DType::kFloat32;
+  switch (dtype) {
+    case DType::kFloat16: return q_float ? f(__half{}, float{}) : f(__half{}, __half{});
+    case DType::kBFloat16: return q_float ? f(__nv_bfloat16{}, float{}) : f(__nv_bfloat16{}, __nv_bfloat16{});
+    default: return f(float{}, float{});
+  }
+}
+
+template <typename T, typename Q>
+FwdArgs<T, Q> fwd_args(const RouteInputs& in, void* h, float* lse) {
+  const int64_t rows = in.B * in.T;
+  return {global_ptr(in.sources, in.n, "sources table"),
+          global_ptr(static_cast<const Q*>(in.q), in.q_extent, "q"),
+          global_ptr(in.gain, in.d, "gain"),
+          global_ptr(static_cast<T*>(h), rows * in.d, "h"),
+          global_ptr(lse, rows, "lse"),
+          in.q_sb, in.q_st, in.B, in.T, in.d, int(in.n),
+          1.0f / float(in.d), 1.0f / sqrtf(float(in.d)), in.eps};
+}
+
+}  // namespace
+
+RouteChunks route_bwd_chunks(int64_t B, int64_t T, int64_t d, int sm_count) {
+  const int64_t R = row_layout(d).R;
+  if (B == 0 || T == 0) return {0, R};
+  const int64_t steps = (T + R - 1) / R;  // blockDim.y-row steps per batch row
+  const int64_t want = (int64_t(kBlocksPerSm) * sm_count + B - 1) / B;
+  const int64_t per_row = want < 1 ? 1 : want > steps ? steps : want;
+  const int64_t steps_per_chunk = (steps + per_row - 1) / per_row;
+  return {(steps + steps_per_chunk - 1) / steps_per_chunk, steps_per_chunk * R};
+}
+
+int route_sm_count() {
+#ifdef __CUDACC__
+  int device = 0, count = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+    return 1;
+  return count;
+#else
+  return 1;  // one modeled SM: backward blocks then walk several row steps each
+#endif
+}
+
+const char* route_fwd(const RouteFwdParams& p) {
+  const RouteInputs& in = p.in;
+  if (in.B * in.T == 0) return nullptr;
+  const RowLayout L = row_layout(in.d);
+  const int64_t blocks = (in.B * in.T + L.R - 1) / L.R;
+  return dispatch(in.dtype, in.q_dtype, [&](auto t_tag, auto q_tag) {
+    using T = decltype(t_tag);
+    using Q = decltype(q_tag);
+    return launch_kernel("route_fwd_kernel", route_fwd_kernel<T, Q>, dim3(unsigned(blocks)), dim3(L.G, L.R), 0,
+                         p.stream, fwd_args<T, Q>(in, p.h, p.lse));
+  });
+}
+
+const char* route_bwd(const RouteBwdParams& p) {
+  const RouteInputs& in = p.in;
+  const RowLayout L = row_layout(in.d);
+  const int64_t rows = in.B * in.T;
+  return dispatch(in.dtype, in.q_dtype, [&](auto t_tag, auto q_tag) -> const char* {
+    using T = decltype(t_tag);
+    using Q = decltype(q_tag);
+    const int64_t n_partial = in.B * p.chunks.n_chunks;
+    const gptr<Q> dq = global_ptr(static_cast<Q*>(p.dq), in.q_kind == QKind::kPerToken ? rows * in.d
+                                                         : in.q_kind == QKind::kPerBatch ? in.B * in.d : in.d, "dq");
+    const gptr<float> partial = global_ptr(p.partial, n_partial * in.d, "partial");
+    if (n_partial > 0) {
+      BwdArgs<T, Q> args{fwd_args<T, Q>(in, const_cast<void*>(p.h), const_cast<float*>(p.lse)),
+                         global_ptr(static_cast<const T*>(p.dh), rows * in.d, "dh"),
+                         global_ptr(p.dsources, in.n, "dsources table"),
+                         dq, partial, p.chunks.tokens_per_chunk, p.chunks.n_chunks, in.q_kind == QKind::kPerToken};
+      const size_t smem = L.R > 1 ? size_t(L.R) * size_t(in.d) * sizeof(float) : 0;
+      if (const char* err = launch_kernel("route_bwd_kernel", route_bwd_kernel<T, Q>, dim3(unsigned(n_partial)),
+                                          dim3(L.G, L.R), smem, p.stream, args))
+        return err;
+    }
+    const ReduceArgs<Q> reduce{partial, global_ptr(static_cast<const Q*>(in.q), in.q_extent, "q"),
+                               global_ptr(in.gain, in.d, "gain"), dq, global_ptr(p.dgain, in.d, "dgain"),
+                               in.B, in.d, p.chunks.n_chunks, in.q_sb, in.q_kind};
+    return launch_kernel("route_reduce_kernel", route_reduce_kernel<Q>,
+                         dim3(unsigned((in.d + kReduceThreads - 1) / kReduceThreads)), dim3(kReduceThreads), 0,
+                         p.stream, reduce);
+  });
+}
+
+}  // namespace diffkern::dar::cuda

@@ -1,0 +1,94 @@
+// Torch side of the CUDA routing kernels, shared by the CUDA build (dar_route_api.cpp, CUDA tensors)
+// and the CPU harness build of the tests (CPU tensors): checks, allocation, the device tables of
+// sources, and the launch through dar_route.h. Device-agnostic: the caller supplies the stream.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include "dar_route.h"
+#include "diffkern/check.h"
+#include "diffkern/dar_args.h"
+
+namespace diffkern::dar::cuda {
+
+inline DType kernel_dtype(at::ScalarType t) {
+  return t == at::kHalf ? DType::kFloat16 : t == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat32;
+}
+
+// Elements reachable from t's data pointer: what a kernel may touch through it.
+inline int64_t reach(const at::Tensor& t) {
+  if (t.numel() == 0) return 0;
+  int64_t r = 1;
+  for (int64_t k = 0; k < t.dim(); ++k) r += (t.size(k) - 1) * t.stride(k);
+  return r;
+}
+
+// The (pointer, extent, batch stride, token stride) table of `xs`, on their device.
+inline at::Tensor source_table(at::TensorList xs) {
+  const at::Device device = xs[0].device();
+  at::Tensor table = at::empty({static_cast<int64_t>(xs.size()), 4},
+                               at::TensorOptions().dtype(at::kLong).pinned_memory(device.is_cuda()));
+  auto* rows = reinterpret_cast<RouteSource*>(table.mutable_data_ptr<int64_t>());
+  for (size_t i = 0; i < xs.size(); ++i) rows[i] = {xs[i].const_data_ptr(), reach(xs[i]), xs[i].stride(0), xs[i].stride(1)};
+  return device.is_cpu() ? table : table.to(device, /*non_blocking=*/true);
+}
+
+inline void check_kernel_limits(const Geometry& g, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(dtype != at::kDouble, kOp, ": the cuda backend computes in float32 and takes float16, bfloat16 or ",
+                    "float32 sources, got float64; use the cpu or reference backend");
+  TORCH_CHECK_VALUE(g.d <= kMaxD, kOp, ": the cuda backend takes d <= ", kMaxD, " (one row per block), got d=", g.d);
+  TORCH_CHECK_VALUE(g.B * g.T <= std::numeric_limits<int32_t>::max(), kOp, ": the cuda backend takes B*T < 2^31, got ",
+                    g.B * g.T);
+}
+
+// Kernel inputs; `table` and `gain_f32` must outlive the launch.
+inline RouteInputs route_inputs(const Geometry& g, const at::Tensor& table, const at::Tensor& q,
+                                const at::Tensor& gain_f32, at::ScalarType dtype, double eps) {
+  return {static_cast<const RouteSource*>(table.const_data_ptr()), q.const_data_ptr(), gain_f32.const_data_ptr<float>(),
+          reach(q), g.q_sb, g.q_st, g.q_kind, kernel_dtype(dtype), kernel_dtype(q.scalar_type()),
+          g.B, g.T, g.d, g.n, static_cast<float>(eps)};
+}
+
+inline void check_launch(const char* err) { TORCH_CHECK(err == nullptr, kOp, ": kernel launch failed: ", err); }
+
+inline std::tuple<at::Tensor, at::Tensor> route_fwd_on(at::TensorList sources, const at::Tensor& q,
+                                                       const at::Tensor& gain, double eps, void* stream) {
+  const Geometry g = check_route_args(sources, q, gain, eps);
+  const at::ScalarType dtype = sources[0].scalar_type();
+  check_kernel_limits(g, dtype);
+  at::Tensor h = empty_output({g.B, g.T, g.d}, sources[0].options());
+  at::Tensor lse = empty_output({g.B, g.T}, sources[0].options().dtype(at::kFloat));
+  const at::Tensor table = source_table(sources), gain_f32 = gain.to(at::kFloat).contiguous();
+  check_launch(route_fwd({route_inputs(g, table, q, gain_f32, dtype, eps), h.mutable_data_ptr(),
+                          lse.mutable_data_ptr<float>(), stream}));
+  return {h, lse};
+}
+
+inline std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> route_bwd_on(
+    const at::Tensor& dh, at::TensorList sources, const at::Tensor& q, const at::Tensor& gain, const at::Tensor& h,
+    const at::Tensor& lse, double eps, void* stream) {
+  const Geometry g = check_route_bwd_args(dh, sources, q, gain, h, lse, eps);
+  const at::ScalarType dtype = sources[0].scalar_type();
+  check_kernel_limits(g, dtype);
+  std::vector<at::Tensor> dsources;
+  for (int64_t i = 0; i < g.n; ++i) dsources.push_back(empty_output({g.B, g.T, g.d}, sources[0].options()));
+  const RouteChunks chunks = route_bwd_chunks(g.B, g.T, g.d, route_sm_count());
+  at::Tensor dq = empty_output(q.sizes(), q.options());
+  at::Tensor dgain = empty_output({g.d}, gain.options().dtype(at::kFloat));
+  at::Tensor partial = empty_output({g.B, chunks.n_chunks, g.d}, dgain.options());
+  const at::Tensor table = source_table(sources), dtable = source_table(dsources);
+  const at::Tensor gain_f32 = gain.to(at::kFloat).contiguous();
+  check_launch(route_bwd({route_inputs(g, table, q, gain_f32, dtype, eps), dh.const_data_ptr(), h.const_data_ptr(),
+                          lse.const_data_ptr<float>(), static_cast<const RouteSource*>(dtable.const_data_ptr()),
+                          dq.mutable_data_ptr(), partial.mutable_data_ptr<float>(), dgain.mutable_data_ptr<float>(),
+                          chunks, stream}));
+  return {std::move(dsources), dq, dgain.to(gain.scalar_type())};
+}
+
+}  // namespace diffkern::dar::cuda
