@@ -6,17 +6,16 @@ reference (exit 0), reports a wrong answer (exit 1) or lets the harness stop a f
 driver is built with g++ once per content of its sources, into build/harness-<hash>/, so CI reuses it.
 The same .cu files are compiled with nvcc for sm_80 and sm_90a, which must not spill.
 """
-import concurrent.futures
 import fcntl
 import hashlib
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+
+from diffkern.testing import nvcc
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = sorted((ROOT / "tests" / "harness").glob("*.cu"))
@@ -24,7 +23,6 @@ SOURCES = [ROOT / "csrc" / "include" / "diffkern" / "cuda_compat.h", *sorted((RO
            *sorted((ROOT / "tests" / "harness").iterdir())]
 # -O1: the driver runs for milliseconds, so compile time is what CI pays for.
 CXXFLAGS = ["-std=c++20", "-O1", "-Wall", "-Wextra", "-Werror"]
-NVCC_ARCHS = {80: "sm_80", 90: "sm_90a"}
 
 
 def content_key(*extra: str) -> str:
@@ -138,47 +136,10 @@ def test_every_kernel_is_launched_by_the_driver():
     assert kernels and kernels <= launched, kernels - launched
 
 
-def find_nvcc():
-    cuda_home = os.environ.get("CUDA_HOME")
-    candidates = [Path(cuda_home) / "bin" / "nvcc"] if cuda_home else []
-    candidates += [Path(p) for p in (shutil.which("nvcc"),) if p] + [Path("/usr/local/cuda/bin/nvcc")]
-    return next((str(p) for p in candidates if p.is_file()), None)
-
-
-def ptxas_reports(nvcc) -> dict:
-    """(kernel, arch) -> the ptxas -v lines for it, from one nvcc run per .cu (cached like the driver)."""
-    gencode = [f for sm in NVCC_ARCHS.values() for f in ("-gencode", f"arch=compute_{sm[3:]},code={sm}")]
-    out = ROOT / "build" / f"harness-{content_key(nvcc, run([nvcc, '--version']).stdout, *gencode)}"
-    out.mkdir(parents=True, exist_ok=True)
-
-    def report(cu: Path) -> str:
-        cached = out / f"{cu.stem}.ptxas.txt"
-        if not cached.exists():
-            proc = run([nvcc, "-std=c++20", f"-I{ROOT / 'csrc' / 'include'}", *gencode, "-Xptxas", "-v",
-                        "-c", str(cu), "-o", str(out / f"{cu.stem}.o")])
-            cached.write_text(proc.stderr + proc.stdout)
-        return cached.read_text()
-
-    with open(out / ".nvcc-lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-            text = "".join(pool.map(report, KERNELS))
-    found = {}
-    for match in re.finditer(r"Compiling entry function '(\w+)' for '(sm_\w+)'(.*?)(?=Compiling entry|\Z)", text, re.S):
-        found[(match.group(1), match.group(2))] = match.group(3)
-    return found
-
-
-@pytest.mark.skipif(find_nvcc() is None, reason="nvcc is not installed")
+@pytest.mark.skipif(nvcc.find_nvcc() is None, reason="nvcc is not installed")
 def test_kernels_compile_with_nvcc_without_spills():
-    reports = ptxas_reports(find_nvcc())
-    kernels = {k for path in KERNELS for k in re.findall(r"__global__ void (\w+)", path.read_text())}
-    for sm in NVCC_ARCHS.values():
-        mangled = [name for name, arch in reports if arch == sm]
-        missing = {k for k in kernels if not any(f"{len(k)}{k}" in name for name in mangled)}
-        assert kernels and not missing, (sm, missing)
-    for (name, sm), text in sorted(reports.items()):
-        spills = [int(n) for n in re.findall(r"(\d+) bytes (?:stack frame|spill stores|spill loads)", text)]
-        registers = re.search(r"Used (\d+) registers", text)
-        assert registers and spills and not any(spills), f"{name} at {sm}:\n{text}"
-        print(f"{sm} {name}: {registers.group(1)} registers, no spills")
+    reports = nvcc.ptxas_reports(nvcc.find_nvcc(), KERNELS, SOURCES, ROOT / "build",
+                                 ["-std=c++20", f"-I{ROOT / 'csrc' / 'include'}"])
+    kernels = {k for path in KERNELS for k in nvcc.kernel_names(path)}
+    for line in nvcc.check_no_spills(kernels, reports):
+        print(line)

@@ -86,6 +86,51 @@ def test_backward_with_float32_params(backend, variant):
                                             device=device_for(backend)))
 
 
+def misaligned_inputs(B, T, d, dtype, variant, param_dtype, seed=5, device="cpu"):
+    """Sources whose rows start off 16-byte boundaries: slices at odd offsets of one wider buffer, and a
+    [T, B, d] buffer seen as [B, T, d] (odd strides for odd d)."""
+    g = torch.Generator().manual_seed(seed)
+    wide = torch.randn(B, T, 2 * d + 3, generator=g).to(device, dtype)
+    sources = [wide[..., 1:1 + d], 2 * wide[..., d + 2:2 * d + 2],
+               (0.5 * torch.randn(T, B, d, generator=g)).to(device, dtype).transpose(0, 1)]
+    _, q, gain = make_inputs(B, T, d, 1, dtype, variant, param_dtype, seed, device)
+    return sources, q.detach(), gain.detach()
+
+
+# Every pairing of source and parameter dtypes the float32-accumulating kernels take.
+MIXED = ((torch.float32, None), (torch.bfloat16, None), (torch.float16, None), (torch.bfloat16, torch.float32),
+         (torch.float16, torch.float32))
+
+
+@pytest.mark.parametrize("d", (37, 531))
+@pytest.mark.parametrize("variant", Q_VARIANTS)
+@pytest.mark.parametrize("backend,dtype,param_dtype",
+                         [(b, dt, p) for b in CPU_BACKENDS for dt, p in MIXED if supports(b, dt)])
+def test_misaligned_rows_and_odd_d(backend, dtype, param_dtype, variant, d):
+    """Rows no vector access may start (and an odd d, within one warp and across two): forward and backward."""
+    sources, q, gain = misaligned_inputs(2, 3, d, dtype, variant, param_dtype, device=device_for(backend))
+    with forced(backend), torch.no_grad():
+        h = diffkern.dar_route(sources, q, gain)
+    oracle = dar_route_reference(as_float64(sources), *as_float64([q, gain]))
+    assert_close_to_oracle(h, oracle, dar_route_reference(on_cpu(sources), *on_cpu([q, gain], dtype)), "h")
+    check_backward_op(backend, sources, q, gain)
+
+
+@pytest.mark.parametrize("variant", Q_VARIANTS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backward_is_deterministic(backend, variant):
+    """Bit-identical gradients from two runs: no atomics, and the partial sums over tokens add up in a fixed
+    order (the harness runs the CUDA blocks in a different shuffled order at every launch)."""
+    sources, q, gain = [x.detach() if isinstance(x, torch.Tensor) else [s.detach() for s in x]
+                        for x in make_inputs(2, 17, 130, 3, torch.float32, variant, device=device_for(backend))]
+    dh = randn_like(sources[0])
+    with forced(backend):
+        h, lse = torch.ops.diffkern.dar_route_fwd(sources, q, gain, 1e-6)
+        runs = [torch.ops.diffkern.dar_route_bwd(dh, sources, q, gain, h, lse, 1e-6) for _ in range(2)]
+    for a, b in zip([*runs[0][0], *runs[0][1:]], [*runs[1][0], *runs[1][1:]]):
+        assert torch.equal(a, b)
+
+
 def check_backward_op(backend, sources, q, gain, eps=1e-6):
     sources, q, gain = [x.detach() for x in sources], q.detach(), gain.detach()
     dh = randn_like(sources[0])

@@ -1,4 +1,7 @@
 """DAR routing as a torch op: argument errors, opcheck, torch.compile, backend switch."""
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -131,11 +134,12 @@ def test_backend_switch_routes_cpu_tensors():
     assert calls == [1]
 
 
-def test_backend_switch_errors():
+def test_backend_switch_errors(monkeypatch):
     sources, q, gain, eps = good()
     with pytest.raises(ValueError, match="unknown backend 'tpu'"):
         with diffkern.backend("tpu"):
             pass
+    monkeypatch.delitem(diffkern._registry._impls["dar_route_fwd"], "cuda")
     with diffkern.backend("cuda"), pytest.raises(NotImplementedError, match="has no 'cuda' backend"):
         diffkern.dar_route(sources, q, gain)
     with diffkern.backend("reference"), pytest.raises(RuntimeError, match="cannot be nested"):
@@ -143,9 +147,36 @@ def test_backend_switch_errors():
             pass
 
 
+@pytest.mark.parametrize("with_cuda, expected", ((True, "cuda"), (False, "triton")))
+def test_cuda_tensors_prefer_the_cuda_backend_only_when_built(monkeypatch, with_cuda, expected):
+    monkeypatch.setitem(diffkern._registry.BUILD_INFO, "with_cuda", with_cuda)
+    assert diffkern._registry.gpu_backend("dar_route_fwd") == expected
+    assert diffkern._registry.gpu_backend("dar_route_bwd") == expected
+
+
+def test_forced_cuda_backend_without_a_cuda_build_is_an_error(monkeypatch):
+    """On CUDA tensors (the path the dispatcher's CUDA key takes) a forced but unbuilt backend never falls back."""
+    monkeypatch.setitem(diffkern._registry.BUILD_INFO, "with_cuda", False)
+    sources, q, gain, eps = good()
+    with diffkern.backend("cuda"), pytest.raises(RuntimeError, match="'cuda' was forced but diffkern._C was built "
+                                                                     "without CUDA"):
+        diffkern._registry._run_cuda("dar_route_fwd", sources, q, gain, eps)
+
+
+def test_cuda_backend_on_cpu_tensors_needs_the_harness():
+    """Outside the tests (no harness loaded), forcing "cuda" on CPU tensors says what is missing."""
+    code = ("import torch, diffkern\n"
+            "x = [torch.ones(1, 2, 4)]\n"
+            "with diffkern.backend('cuda'):\n"
+            "    diffkern.dar_route(x, torch.ones(4), torch.ones(4))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "runs the CUDA kernels in the host-execution harness, which is not loaded" \
+        in proc.stderr, proc.stderr
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32))
-def test_cuda_tensors_use_triton_and_match_reference(dtype):
+def test_cuda_tensors_use_the_gpu_backend_and_match_reference(dtype):
     sources, q, gain = make_inputs(2, 7, 1152, 18, dtype, "timestep")
     sources, q, gain = [x.detach().cuda() for x in sources], q.detach().cuda(), gain.detach().cuda()
     h = diffkern.dar_route(sources, q, gain)
