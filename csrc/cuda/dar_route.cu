@@ -1,50 +1,25 @@
 // CUDA kernels of DAR routing (specs/dar.md "Routing"), torch-free: nvcc builds them for the GPU and
 // the CPU tests run this very file in the host-execution harness (csrc/include/diffkern/cuda_compat.h).
 //
-// Layout: a group of G = blockDim.x threads owns one token row and the whole of d; thread x holds
-// kElemsPerThread elements in registers, as 16-byte vectors x, x + G, x + 2G, ... so that a warp's
-// loads are contiguous. G is a power of two up to 32 (blockDim.y = 128 / G rows share a block and
-// reduce with sub-warp shuffles) or a multiple of 32 up to kMaxRowThreads (one row per block,
-// shuffles then shared memory). A row whose start is not 16-byte aligned, and the tail of d, use
-// scalar accesses. All math is float32; offsets are 64-bit.
+// Layout: one token row per group of threads, the whole of d in registers (dar_rows.cuh); the
+// sources are reached through a device table of (pointer, batch stride, token stride). All math is
+// float32; offsets are 64-bit.
 //
 // Traffic, in elements: the forward reads n*B*T*d sources (+ q) and writes B*T*d + B*T; the backward
 // reads (n+2)*B*T*d + B*T (+ q) and writes n*B*T*d (+ B*T*d for a per-token q) plus the float32
 // [B, n_chunks, d] partial sums, which the reduce kernel reads once.
 #include "dar_route.h"
 
+#include "dar_rows.cuh"
 #include "diffkern/cuda_compat.h"
 #include "diffkern/dar_math.h"
 
 namespace diffkern::dar::cuda {
 namespace {
 
-constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int E = kElemsPerThread;
-// Threads of a block whose rows have at most 32 threads: enough warps to hide a row's latency.
-constexpr int kPackedThreads = 128;
-constexpr int kMaxWarps = kMaxRowThreads / 32;
-constexpr int kMaxSums = 3;  // values one row reduction sums at once (the backward's ss, p, <dh, v>)
 // Backward blocks wanted per SM: enough to fill it, few enough that the partial sums stay small.
 constexpr int kBlocksPerSm = 4;
 constexpr int kReduceThreads = 128;
-
-struct RowLayout {
-  int G, R;  // threads per row, rows per block
-};
-
-RowLayout row_layout(int64_t d) {
-  const int64_t need = (d + E - 1) / E;
-  if (need <= 32) {
-    int G = 1;
-    while (G < need) G *= 2;
-    return {G, kPackedThreads / G};
-  }
-  return {int((need + 31) / 32 * 32), 1};
-}
-
-template <typename T>
-constexpr int kVec = 16 / int(sizeof(T));
 
 template <typename S, typename Q>  // S: the sources' storage type
 struct FwdArgs {
@@ -86,81 +61,6 @@ DIFFKERN_DEVICE gptr<T> table_row(gptr<const RouteSource> table, int i, int64_t 
   return global_ptr(static_cast<T*>(const_cast<void*>(e.data)), e.extent, name) + (b * e.sb + t * e.st);
 }
 
-// This thread's elements of a row of d values of type X (element e of slot k is column
-// (x + k*G) * V + e), converted to float; columns past d read as 0. V is the row layout's vector
-// width (the sources'), so a float32 q beside bf16 sources takes two 16-byte accesses per slot.
-template <int V, typename X>
-DIFFKERN_DEVICE void load_row(gptr<const X> row, int64_t d, float (&x)[E]) {
-  constexpr int W = V < 16 / int(sizeof(X)) ? V : 16 / int(sizeof(X));  // elements per access
-  const bool vec = vec_aligned<W>(row);
-#pragma unroll
-  for (int k = 0; k < E / V; ++k) {
-#pragma unroll
-    for (int w = 0; w < V; w += W) {
-      const int64_t j = (int64_t(threadIdx.x) + int64_t(k) * blockDim.x) * V + w;
-      if (vec && j + W <= d) {
-        const Vec<X, W> a = load_vec<W>(row, j);
-#pragma unroll
-        for (int e = 0; e < W; ++e) x[k * V + w + e] = to_float(a.v[e]);
-      } else {
-#pragma unroll
-        for (int e = 0; e < W; ++e) x[k * V + w + e] = j + e < d ? to_float(row[j + e]) : 0.0f;
-      }
-    }
-  }
-}
-
-template <int V, typename X>
-DIFFKERN_DEVICE void store_row(gptr<X> row, int64_t d, const float (&x)[E]) {
-  constexpr int W = V < 16 / int(sizeof(X)) ? V : 16 / int(sizeof(X));
-  const bool vec = vec_aligned<W>(row);
-#pragma unroll
-  for (int k = 0; k < E / V; ++k) {
-#pragma unroll
-    for (int w = 0; w < V; w += W) {
-      const int64_t j = (int64_t(threadIdx.x) + int64_t(k) * blockDim.x) * V + w;
-      if (vec && j + W <= d) {
-        Vec<X, W> a;
-#pragma unroll
-        for (int e = 0; e < W; ++e) a.v[e] = from_float<X>(x[k * V + w + e]);
-        store_vec<W>(row, j, a);
-      } else {
-#pragma unroll
-        for (int e = 0; e < W; ++e)
-          if (j + e < d) row[j + e] = from_float<X>(x[k * V + w + e]);
-      }
-    }
-  }
-}
-
-// Sums each of x[0..N) over the row's threads; every thread gets the same totals (the xor butterfly
-// and the fixed order over warps are symmetric), so all keep one softmax state. Rows wider than a
-// warp meet in `scratch` (2 * kMaxSums * kMaxWarps floats): alternating halves by `parity` let one
-// barrier per call suffice, since a half is rewritten only after the next call's barrier.
-template <int N>
-DIFFKERN_DEVICE void row_sum(float (&x)[N], sptr<float> scratch, int& parity) {
-  const int G = blockDim.x;
-  const int width = G < 32 ? G : 32;
-  for (int offset = width / 2; offset > 0; offset /= 2) {
-#pragma unroll
-    for (int k = 0; k < N; ++k) x[k] += __shfl_xor_sync(kFullMask, x[k], offset, width);
-  }
-  if (G <= 32) return;
-  const int warp = threadIdx.x / 32;
-  const sptr<float> half = scratch + parity * kMaxSums * kMaxWarps;
-  if (threadIdx.x % 32 == 0) {
-#pragma unroll
-    for (int k = 0; k < N; ++k) half[k * kMaxWarps + warp] = x[k];
-  }
-  __syncthreads();
-#pragma unroll
-  for (int k = 0; k < N; ++k) {
-    float s = 0.0f;
-    for (int w = 0; w < G / 32; ++w) s += half[k * kMaxWarps + w];
-    x[k] = s;
-  }
-  parity ^= 1;
-}
 
 // q * gain for token (b, t) (zeros for a padding row).
 template <int V, typename T, typename Q>
@@ -290,13 +190,11 @@ __global__ void __launch_bounds__(kMaxRowThreads) route_bwd_kernel(BwdArgs<T, Q>
     return;
   }
   // Rows sharing the block add up in a fixed order through shared memory.
-#pragma unroll
-  for (int k = 0; k < E / V; ++k) {
-    const int64_t j = (int64_t(threadIdx.x) + int64_t(k) * blockDim.x) * V;
+  for_each_access<V, V>(out, in.d, [&](int64_t j, int r, bool) {
 #pragma unroll
     for (int e = 0; e < V; ++e)
-      if (j + e < in.d) row_partials[threadIdx.y * in.d + j + e] = part[k * V + e];
-  }
+      if (j + e < in.d) row_partials[threadIdx.y * in.d + j + e] = part[r + e];
+  });
   __syncthreads();
   for (int64_t j = threadIdx.y * blockDim.x + threadIdx.x; j < in.d; j += int64_t(blockDim.x) * blockDim.y) {
     float s = 0.0f;

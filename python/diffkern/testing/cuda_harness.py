@@ -23,7 +23,7 @@ _loaded = False
 def _inputs() -> list[Path]:
     dirs = [ROOT / "csrc" / "harness", ROOT / "csrc" / "include" / "diffkern", ROOT / "csrc" / "cuda",
             ROOT / "tests" / "harness_ext"]
-    return sorted(p for d in dirs for p in d.iterdir() if p.suffix in (".h", ".cu", ".cpp"))
+    return sorted(p for d in dirs for p in d.iterdir() if p.suffix in (".h", ".cuh", ".cu", ".cpp"))
 
 
 def _key() -> str:
