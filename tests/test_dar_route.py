@@ -121,8 +121,8 @@ def test_misaligned_rows_and_odd_d(backend, dtype, param_dtype, variant, d):
 def test_backward_is_deterministic(backend, variant):
     """Bit-identical gradients from two runs: no atomics, and the partial sums over tokens add up in a fixed
     order (the harness runs the CUDA blocks in a different shuffled order at every launch)."""
-    sources, q, gain = [x.detach() if isinstance(x, torch.Tensor) else [s.detach() for s in x]
-                        for x in make_inputs(2, 17, 130, 3, torch.float32, variant, device=device_for(backend))]
+    sources, q, gain = make_inputs(2, 17, 130, 3, torch.float32, variant, device=device_for(backend))
+    sources, q, gain = [x.detach() for x in sources], q.detach(), gain.detach()
     dh = randn_like(sources[0])
     with forced(backend):
         h, lse = torch.ops.diffkern.dar_route_fwd(sources, q, gain, 1e-6)

@@ -64,9 +64,14 @@ def test_bad_input_is_rejected_while_tracing(name):
         torch.ops.diffkern.dar_route_fwd(fake, mode.from_tensor(q), mode.from_tensor(gain), eps)
 
 
-def test_triton_rejects_float64():
-    sources, q, gain = make_inputs(B, T, D, 2, torch.float64, "static", device=device_for("triton"))
-    with forced("triton"), pytest.raises(ValueError, match="triton backend .* float64"):
+# The backends whose kernels compute in float32 with one token row per program (Triton) or block (CUDA).
+FLOAT32_BACKENDS = [b for b in CPU_BACKENDS if b in ("triton", "cuda")]
+
+
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
+def test_float32_backends_reject_float64(backend):
+    sources, q, gain = make_inputs(B, T, D, 2, torch.float64, "static", device=device_for(backend))
+    with forced(backend), pytest.raises(ValueError, match=f"{backend} backend .* float64"):
         diffkern.dar_route(sources, q, gain)
 
 
@@ -184,7 +189,20 @@ def test_cuda_tensors_use_the_gpu_backend_and_match_reference(dtype):
     assert_close_to_oracle(h, oracle, dar_route_reference(sources, q, gain), "h")
 
 
-def test_triton_rejects_rows_wider_than_a_program():
-    sources, q, gain = make_inputs(1, 1, 4097, 2, torch.float32, "static", device=device_for("triton"))
-    with forced("triton"), pytest.raises(ValueError, match=r"triton backend takes d <= 4096 .*, got d=4097"):
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
+def test_float32_backends_reject_rows_wider_than_a_program(backend):
+    sources, q, gain = make_inputs(1, 1, 4097, 2, torch.float32, "static", device=device_for(backend))
+    with forced(backend), pytest.raises(ValueError, match=rf"{backend} backend takes d <= 4096 .*, got d=4097"):
         diffkern.dar_route(sources, q, gain)
+
+
+@pytest.mark.skipif("cuda" not in CPU_BACKENDS, reason="the CUDA harness is not loaded")
+@pytest.mark.parametrize("variant", ("static", "timestep", "dynamic"))
+def test_opcheck_internal_cuda_ops(variant):
+    """The cuda backend's internal ops (and their fake implementations) on their own."""
+    sources, q, gain = make_inputs(B, T, D, 3, torch.float32, variant, device=device_for("cuda"))
+    sources, q, gain = [x.detach() for x in sources], q.detach(), gain.detach()
+    torch.library.opcheck(torch.ops.diffkern.dar_route_fwd_cuda.default, (sources, q, gain, 1e-6))
+    h, lse = torch.ops.diffkern.dar_route_fwd_cuda(sources, q, gain, 1e-6)
+    torch.library.opcheck(torch.ops.diffkern.dar_route_bwd_cuda.default,
+                          (torch.randn_like(h), sources, q, gain, h, lse, 1e-6))
