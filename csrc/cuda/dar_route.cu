@@ -19,7 +19,7 @@ namespace {
 
 // Backward blocks wanted per SM: enough to fill it, few enough that the partial sums stay small.
 constexpr int kBlocksPerSm = 4;
-// Threads of the reduce kernel, one per column: a tiny kernel (d columns); 128 keeps every SM's share whole.
+// Threads per block of the reduce kernel, one per column of d: it moves B * n_chunks * d floats once.
 constexpr int kReduceThreads = 128;
 
 template <typename S, typename Q>  // S: the sources' storage type
