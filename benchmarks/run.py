@@ -4,7 +4,7 @@ For every registered workload (diffkern.bench.workload) and its shapes, in one r
   1. CPU time: eager reference, torch.compile of it, diffkern's C++ kernel; forward and forward+backward;
   2. modeled GPU memory traffic (bf16): diffkern's Triton kernels counted in the interpreter (child
      processes), against the minimum and the eager reference's aten ops;
-  3. compiled resources of the Triton launch configurations for sm_90a;
+  3. compiled resources of the Triton launch configurations and CUDA C++ kernels for sm_90a;
   4. real GPU time where CUDA is available;
 and whether each of the op's bars is met. Writes bench.json, bench.md and bench.png to --out and
 prints the Markdown.

@@ -7,7 +7,7 @@
   aten_traffic.py  bytes and kernels of plain PyTorch code, one kernel per aten op
   interpreted.py   diffkern's Triton traffic, counted in the interpreter in a child process
   traffic.py       modeled GPU traffic rows: minimum vs diffkern vs eager, modeled H100 time
-  resources.py     registers/spills/shared memory of the Triton configs, compiled for sm_90a
+  resources.py     registers/spills/shared memory of the Triton configs and CUDA kernels, compiled for sm_90a
   gpu.py           real GPU time with triton.testing.do_bench, where CUDA exists
   bars.py          whether each of an op's bars is met by this run's numbers
   report.py        JSON and Markdown; chart.py the PNG

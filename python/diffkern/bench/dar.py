@@ -69,6 +69,7 @@ ROUTE = Workload(
         Bar("CPU kernel >= 3x faster than eager", "cpu", "eager_over_diffkern", ">=", 3.0, (FWD, STEP)),
         Bar("CPU kernel no slower than torch.compile", "cpu", "compile_over_diffkern", ">=", 1.0, (FWD, STEP)),
     ),
+    cuda_sources=("dar_route.cu",),
 )
 
 WORKLOADS = (ROUTE,)

@@ -1,7 +1,8 @@
-"""Compiled resource use of diffkern's Triton kernels for a GPU arch (sm_90a), with no GPU needed.
+"""Compiled resource use of diffkern's Triton and CUDA C++ kernels for a GPU arch (sm_90a), with no GPU needed.
 
-Each launch configuration a benchmark case uses is compiled ahead of time (diffkern.testing.aot) and
-ptxas reports its registers, spills, stack frame and shared memory.
+Each Triton launch configuration a benchmark case uses is compiled ahead of time (diffkern.testing.aot),
+and the CUDA C++ kernels as the build compiles them (nvcc, when installed); ptxas reports registers,
+spills, stack frame and shared memory (static shared memory only for the CUDA kernels).
 """
 from __future__ import annotations
 
@@ -32,4 +33,25 @@ def rows(workload: Workload, quick: bool, dtype: torch.dtype, arch: int, log=pri
             row["error"] = repr(error)
         out.append(row)
         log(f"[resources] {spec.name} for compute capability {arch}: {'failed' if 'error' in row else 'compiled'}")
-    return out
+    return out + cuda_rows(workload, dtype, arch, log)
+
+
+CUDA_TYPE = {torch.bfloat16: "__nv_bfloat16", torch.float16: "__half", torch.float32: "float"}
+
+
+def cuda_rows(workload: Workload, dtype: torch.dtype, arch: int, log=print) -> list[dict]:
+    """The workload's CUDA C++ kernels instantiated for `dtype` sources (none without nvcc)."""
+    from diffkern.testing import nvcc
+    from diffkern.testing.aot import sm_arch
+    compiler = nvcc.find_nvcc()
+    if not workload.cuda_sources or compiler is None:
+        return []
+    kernels = {k for src in workload.cuda_sources for k in nvcc.kernel_names(nvcc.ROOT / "csrc" / "cuda" / src)}
+    try:
+        found = nvcc.resources(nvcc.shipped_reports(compiler), sm_arch(arch))
+    except AssertionError as error:  # a compile failure is a finding, shown in the table
+        return [{"name": f"CUDA {', '.join(workload.cuda_sources)}", "error": str(error)}]
+    rows = [dict(r, name=f"CUDA {r['name']}", num_warps="by d") for r in found
+            if r["name"].split("<")[0] in kernels and f"<{CUDA_TYPE[dtype]}" in r["name"]]
+    log(f"[resources] {len(rows)} CUDA kernels of {', '.join(workload.cuda_sources)} for compute capability {arch}")
+    return rows

@@ -54,6 +54,7 @@ class Workload:
         each output written once.
     aot_specs() -> KernelSpecs of its Triton kernels; spec_used(spec, case, dtype) says whether a
         benchmark case in `dtype` launches that configuration.
+    cuda_sources: the csrc/cuda/*.cu files of its CUDA C++ kernels.
     """
     name: str
     title: str
@@ -66,6 +67,7 @@ class Workload:
     aot_specs: Callable[[], list]
     spec_used: Callable[[object, Case, torch.dtype], bool]
     bars: tuple[Bar, ...] = field(default=())
+    cuda_sources: tuple[str, ...] = field(default=())
 
     def cases(self, quick: bool) -> tuple[Case, ...]:
         return self.quick_cases if quick else self.full_cases

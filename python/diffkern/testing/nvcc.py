@@ -12,6 +12,18 @@ from pathlib import Path
 
 ARCHS = {80: "sm_80", 90: "sm_90a"}
 GENCODE = [f for sm in ARCHS.values() for f in ("-gencode", f"arch=compute_{sm[3:]},code={sm}")]
+ROOT = Path(__file__).resolve().parents[3]
+# What setup.py gives nvcc for csrc/cuda/*.cu, minus torch's include paths (the kernels include none).
+SHIPPED_FLAGS = ["-std=c++20", "-O3", "--expt-relaxed-constexpr", f"-I{ROOT / 'csrc' / 'include'}",
+                 "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+
+
+def shipped_reports(nvcc: str) -> dict:
+    """ptxas_reports of the shipped kernels (csrc/cuda/*.cu) as the real build compiles them."""
+    cuda = ROOT / "csrc" / "cuda"
+    inputs = [p for p in sorted(cuda.iterdir()) if p.suffix in (".h", ".cuh")]
+    inputs += sorted((ROOT / "csrc" / "include" / "diffkern").glob("*.h"))
+    return ptxas_reports(nvcc, sorted(cuda.glob("*.cu")), inputs, ROOT / "build", SHIPPED_FLAGS)
 
 
 def find_nvcc() -> str | None:
@@ -57,6 +69,27 @@ def ptxas_reports(nvcc: str, kernels: list[Path], inputs: list[Path], cache: Pat
     return found
 
 
+def readable(mangled: str) -> str:
+    """`route_fwd_kernel<__nv_bfloat16, float>` for a mangled kernel name (c++filt, namespaces dropped)."""
+    proc = subprocess.run(["c++filt", mangled], capture_output=True, text=True) if shutil.which("c++filt") else None
+    name = proc.stdout.strip() if proc and proc.returncode == 0 else mangled
+    name = re.sub(r"\(anonymous namespace\)::|\w+::", "", name.removeprefix("void "))
+    return name.split("(")[0]
+
+
+def resources(reports: dict, arch: str) -> list[dict]:
+    """One row per kernel compiled for `arch`: registers, spills, stack frame and static shared memory."""
+    rows = []
+    for (name, sm), text in sorted(reports.items()):
+        if sm != arch:
+            continue
+        number = lambda pattern: int(m.group(1)) if (m := re.search(pattern, text)) else 0  # noqa: E731
+        rows.append({"name": readable(name), "arch": sm, "registers": number(r"Used (\d+) registers"),
+                     "spill_stores": number(r"(\d+) bytes spill stores"), "spill_loads": number(r"(\d+) bytes spill loads"),
+                     "stack_bytes": number(r"(\d+) bytes stack frame"), "shared_bytes": number(r"(\d+) bytes smem")})
+    return rows
+
+
 def kernel_names(cu: Path) -> set[str]:
     """The __global__ functions a .cu defines."""
     return set(re.findall(r"__global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)", cu.read_text()))
@@ -73,5 +106,5 @@ def check_no_spills(kernels: set[str], reports: dict) -> list[str]:
         spills = [int(n) for n in re.findall(r"(\d+) bytes (?:stack frame|spill stores|spill loads)", text)]
         registers = re.search(r"Used (\d+) registers", text)
         assert registers and spills and not any(spills), f"{name} at {sm}:\n{text}"
-        lines.append(f"{sm} {name}: {registers.group(1)} registers, no spills")
+        lines.append(f"{sm} {readable(name)}: {registers.group(1)} registers, no spills")
     return lines
