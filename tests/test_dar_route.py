@@ -102,14 +102,14 @@ MIXED = ((torch.float32, None), (torch.bfloat16, None), (torch.float16, None), (
          (torch.float16, torch.float32))
 
 
-@pytest.mark.parametrize("d", (37, 531, 4093))
+@pytest.mark.parametrize("B,T,d", ((2, 3, 37), (2, 3, 531), (1, 2, 4093)))
 @pytest.mark.parametrize("variant", Q_VARIANTS)
 @pytest.mark.parametrize("backend,dtype,param_dtype",
                          [(b, dt, p) for b in CPU_BACKENDS for dt, p in MIXED if supports(b, dt)])
-def test_misaligned_rows(backend, dtype, param_dtype, variant, d):
+def test_misaligned_rows(backend, dtype, param_dtype, variant, B, T, d):
     """Rows no vector access may start, at odd d: within one warp, across two, and near the widest d the
     float32 backends take (4096; 4093 needs 8 warps per row in the CUDA kernels): forward and backward."""
-    sources, q, gain = misaligned_inputs(2, 3, d, dtype, variant, param_dtype, device=device_for(backend))
+    sources, q, gain = misaligned_inputs(B, T, d, dtype, variant, param_dtype, device=device_for(backend))
     with forced(backend), torch.no_grad():
         h = diffkern.dar_route(sources, q, gain)
     oracle = dar_route_reference(as_float64(sources), *as_float64([q, gain]))
