@@ -173,6 +173,7 @@ __global__ void __launch_bounds__(kMaxRowThreads) route_bwd_kernel(BwdArgs<T, Q>
     if (!valid) continue;  // a padding row's u may be NaN (eps = 0 makes its rstd infinite)
     if (a.per_token_q) {
       float dq[E], g[E];
+      load_row<V>(in.q + (b * in.q_sb + t * in.q_st), in.d, q);  // reloaded (cache hit) rather than held
       load_row<V>(in.gain, in.d, g);
 #pragma unroll
       for (int e = 0; e < E; ++e) {
