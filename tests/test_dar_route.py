@@ -5,6 +5,7 @@ import triton.language as tl
 import torch
 
 import diffkern
+from diffkern import _triton
 from diffkern.dar import reference, triton_kernels
 from diffkern.dar.reference import dar_route_reference
 from diffkern.testing.backends import CPU_BACKENDS, device_for, forced, supports
@@ -202,11 +203,11 @@ def test_empty_token_sets(backend, B, T):
 @pytest.mark.parametrize("variant", Q_VARIANTS)
 def test_triton_backward_walks_several_tiles_per_program(monkeypatch, variant):
     """A modeled GPU with one SM makes each backward program walk all of its row's tiles (and past the end)."""
-    monkeypatch.setattr(triton_kernels, "MODEL_SMS", 1)
-    monkeypatch.setattr(triton_kernels, "PROGRAMS_PER_SM", 1)
+    monkeypatch.setattr(_triton, "MODEL_SMS", 1)
+    monkeypatch.setattr(_triton, "PROGRAMS_PER_SM", 1)
     B, T, d = 2, 17, 130
     n_tiles = -(-T // triton_kernels.route_config(d, backward=True)[0])
-    assert triton_kernels.tiles_per_chunk(B, n_tiles, torch.device("cpu")) > n_tiles
+    assert _triton.tiles_per_chunk(B, n_tiles, torch.device("cpu")) > n_tiles
     check_backward_op("triton", *make_inputs(B, T, d, 3, torch.float32, variant, device=device_for("triton")))
 
 
