@@ -20,7 +20,7 @@ os.environ["DIFFKERN_DEBUG_FILL"] = "nan"
 import diffkern  # noqa: E402,F401  (loads the extension with the switches above in effect)
 from diffkern.testing import cuda_harness  # noqa: E402
 
-cuda_harness.load()  # before the test modules read diffkern.testing.backends.CPU_BACKENDS
+cuda_harness.load()  # before the test modules ask diffkern.testing.backends for their backends
 
 
 def pytest_collection_modifyitems(config, items):

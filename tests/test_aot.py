@@ -101,3 +101,4 @@ def test_second_compile_hits_the_triton_cache(monkeypatch):
     monkeypatch.setattr(triton.knobs.compilation, "listener", lambda **kw: hits.append(kw["cache_hit"]))
     compile_spec(scale_spec("fp16"), 80)
     assert hits == [True]
+

@@ -5,10 +5,13 @@ import triton.language as tl
 import torch
 
 import diffkern
+from diffkern import _triton
 from diffkern.dar import reference, triton_kernels
 from diffkern.dar.reference import dar_route_reference
-from diffkern.testing.backends import CPU_BACKENDS, device_for, forced, supports
+from diffkern.testing.backends import backends_under_test, device_for, forced, supports
 from diffkern.testing.numerics import assert_close_to_oracle
+
+BACKENDS = backends_under_test("dar_route_fwd")
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 Q_VARIANTS = ("static", "timestep", "dynamic")
@@ -49,7 +52,7 @@ def reference_grads(sources, q, gain, dh, dtype):
     return h, torch.autograd.grad(h, inputs, dh.cpu().to(h.dtype))
 
 
-def params(backends=CPU_BACKENDS, dtypes=DTYPES):
+def params(backends=BACKENDS, dtypes=DTYPES):
     return [(b, dt) for b in backends for dt in dtypes if supports(b, dt)]
 
 
@@ -79,7 +82,7 @@ def test_backward_matches_float64_formulas(backend, dtype, variant, shape):
 
 
 @pytest.mark.parametrize("variant", Q_VARIANTS)
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_with_float32_params(backend, variant):
     """bf16 sources with float32 q and gain (the autocast case): dq and dgain come back in float32."""
     check_backward_op(backend, *make_inputs(2, 5, 40, 3, torch.bfloat16, variant, param_dtype=torch.float32,
@@ -105,7 +108,7 @@ MIXED = ((torch.float32, None), (torch.bfloat16, None), (torch.float16, None), (
 @pytest.mark.parametrize("B,T,d", ((2, 3, 37), (2, 3, 531), (1, 2, 4093)))
 @pytest.mark.parametrize("variant", Q_VARIANTS)
 @pytest.mark.parametrize("backend,dtype,param_dtype",
-                         [(b, dt, p) for b in CPU_BACKENDS for dt, p in MIXED if supports(b, dt)])
+                         [(b, dt, p) for b in BACKENDS for dt, p in MIXED if supports(b, dt)])
 def test_misaligned_rows(backend, dtype, param_dtype, variant, B, T, d):
     """Rows no vector access may start, at odd d: within one warp, across two, and near the widest d the
     float32 backends take (4096; 4093 needs 8 warps per row in the CUDA kernels): forward and backward."""
@@ -118,7 +121,7 @@ def test_misaligned_rows(backend, dtype, param_dtype, variant, B, T, d):
 
 
 @pytest.mark.parametrize("variant", Q_VARIANTS)
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_is_deterministic(backend, variant):
     """Bit-identical gradients from two runs: no atomics, and the partial sums over tokens add up in a fixed
     order (the harness runs the CUDA blocks in a different shuffled order at every launch)."""
@@ -185,7 +188,7 @@ def test_gradcheck_float64(backend, variant):
                                         (*sources, q, gain), eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_sources_are_read_in_place(backend):
     """Each source with its own batch/token strides (slices of larger buffers) gives the contiguous result."""
     B, T, d = 2, 5, 24
@@ -201,7 +204,7 @@ def test_strided_sources_are_read_in_place(backend):
     assert_close_to_oracle(h, expected, dar_route_reference(dense, *on_cpu([q, gain])), "h")
 
 
-@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 def test_offsets_beyond_int32(backend):
     """Batch strides past 2^31 elements (expanded views of a lazily-mapped buffer): 64-bit offset math."""
     B, T, d, stride_b = 2, 3, 16, 2**31 + 64
@@ -221,7 +224,7 @@ def test_offsets_beyond_int32(backend):
     assert_close_to_oracle(h, oracle, dar_route_reference(dense[:2], *dense[2:]), "h")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_propagates_to_its_token_only(backend):
     sources, q, gain = make_inputs(2, 4, 20, 3, torch.float32, "static", device=device_for(backend))
     sources = [x.detach().clone() for x in sources]
@@ -235,7 +238,7 @@ def test_nan_propagates_to_its_token_only(backend):
 
 
 @pytest.mark.parametrize("B,T", ((0, 3), (2, 0), (0, 0)))
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_token_sets(backend, B, T):
     sources, q, gain = make_inputs(B, T, 8, 2, torch.float32, "timestep", device=device_for(backend))
     with forced(backend):
@@ -248,11 +251,11 @@ def test_empty_token_sets(backend, B, T):
 @pytest.mark.parametrize("variant", Q_VARIANTS)
 def test_triton_backward_walks_several_tiles_per_program(monkeypatch, variant):
     """A modeled GPU with one SM makes each backward program walk all of its row's tiles (and past the end)."""
-    monkeypatch.setattr(triton_kernels, "MODEL_SMS", 1)
-    monkeypatch.setattr(triton_kernels, "PROGRAMS_PER_SM", 1)
+    monkeypatch.setattr(_triton, "MODEL_SMS", 1)
+    monkeypatch.setattr(_triton, "PROGRAMS_PER_SM", 1)
     B, T, d = 2, 17, 130
     n_tiles = -(-T // triton_kernels.route_config(d, backward=True)[0])
-    assert triton_kernels.tiles_per_chunk(B, n_tiles, torch.device("cpu")) > n_tiles
+    assert _triton.tiles_per_chunk(B, n_tiles, torch.device("cpu")) > n_tiles
     check_backward_op("triton", *make_inputs(B, T, d, 3, torch.float32, variant, device=device_for("triton")))
 
 

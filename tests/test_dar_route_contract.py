@@ -8,10 +8,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import diffkern
 from diffkern.dar.reference import dar_route_reference
-from diffkern.testing.backends import CPU_BACKENDS, device_for, forced
+from diffkern.testing.backends import backends_under_test, device_for, forced
 from diffkern.testing.numerics import assert_close_to_oracle
 
 from test_dar_route import make_inputs
+
+BACKENDS = backends_under_test("dar_route_fwd")
 
 B, T, D = 2, 3, 8
 
@@ -47,7 +49,7 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("name", BAD_INPUTS)
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_input_raises_value_error_naming_the_argument(backend, name):
     build, match = BAD_INPUTS[name]
     with forced(backend), pytest.raises(ValueError, match="dar_route: " + match):
@@ -65,7 +67,7 @@ def test_bad_input_is_rejected_while_tracing(name):
 
 
 # The backends whose kernels compute in float32 with one token row per program (Triton) or block (CUDA).
-FLOAT32_BACKENDS = [b for b in CPU_BACKENDS if b in ("triton", "cuda")]
+FLOAT32_BACKENDS = [b for b in BACKENDS if b in ("triton", "cuda")]
 
 
 @pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
@@ -83,7 +85,7 @@ def test_backward_rejects_mismatched_saved_tensors():
 
 
 @pytest.mark.parametrize("variant", ("static", "timestep", "dynamic"))
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend, variant):
     sources, q, gain = make_inputs(2, 3, 20, 3, torch.float32, variant, device=device_for(backend))
     with forced(backend):
@@ -109,7 +111,7 @@ class Router(torch.nn.Module):
 
 @pytest.mark.parametrize("dynamic", (False, True))
 @pytest.mark.parametrize("compiler", ("aot_eager", "inductor"))
-@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 def test_torch_compile_fullgraph_forward_and_backward(backend, compiler, dynamic):
     torch._dynamo.reset()
     dev = device_for(backend)
@@ -196,7 +198,7 @@ def test_float32_backends_reject_rows_wider_than_a_program(backend):
         diffkern.dar_route(sources, q, gain)
 
 
-@pytest.mark.skipif("cuda" not in CPU_BACKENDS, reason="the CUDA harness is not loaded")
+@pytest.mark.skipif("cuda" not in BACKENDS, reason="the CUDA harness is not loaded")
 @pytest.mark.parametrize("variant", ("static", "timestep", "dynamic"))
 def test_opcheck_internal_cuda_ops(variant):
     """The cuda backend's internal ops (and their fake implementations) on their own."""

@@ -3,11 +3,15 @@
 No GPU is needed: triton.compile targets the architecture and ptxas -v reports the resources.
 """
 import pytest
+import torch
 
+import diffkern
 from diffkern.dar import triton_kernels as dar_kernels
+from diffkern.grpo import triton_kernels as grpo_kernels
 from diffkern.testing.aot import compile_spec
+from diffkern.testing.backends import forced
 
-SPECS = [*dar_kernels.aot_specs()]
+SPECS = [*dar_kernels.aot_specs(), *grpo_kernels.aot_specs()]
 
 
 @pytest.mark.parametrize("arch", (80, 90))
@@ -16,3 +20,15 @@ def test_compiles_without_spills(spec, arch):
     res = compile_spec(spec, arch)
     assert res.registers > 0
     assert (res.spill_stores, res.spill_loads, res.stack_bytes) == (0, 0, 0), res
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="about the interpreter, which runs only without a GPU")
+def test_compiles_cold_after_interpreted_launches(tmp_path, monkeypatch):
+    """Interpreted launches that call @triton.jit helpers leave triton.language as they found it, so a
+    compile that cannot come from Triton's cache (as on a fresh CI machine) still works."""
+    sources = [torch.randn(1, 3, 16) for _ in range(2)]
+    with forced("triton"):
+        diffkern.dar_route(sources, torch.randn(16), torch.ones(16))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    assert compile_spec(SPECS[0], 90).registers > 0
+    assert any(tmp_path.iterdir()), "the compile was not cold"

@@ -6,5 +6,6 @@ implementation, and `build_info` to see how the extension was built.
 from ._ops import ExtensionError, build_info
 from ._registry import backend
 from .dar import dar_route
+from .grpo import flow_sde_step, grpo_iso_loss
 
-__all__ = ["ExtensionError", "backend", "build_info", "dar_route"]
+__all__ = ["ExtensionError", "backend", "build_info", "dar_route", "flow_sde_step", "grpo_iso_loss"]

@@ -24,6 +24,44 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Kernels whose programs each reduce a run of tiles into one partial sum (the DAR backward's token
+# tiles, the GRPO reductions' element tiles) size that run to keep PROGRAMS_PER_SM programs per SM in
+# flight (about what fits at ~160 registers x 64-256 threads). Off a GPU (the interpreter) the SM
+# count is MODEL_SMS, an H100's, so the benchmark's traffic counts model that card.
+PROGRAMS_PER_SM, MAX_TILES_PER_CHUNK, MODEL_SMS = 4, 16, 132
+
+
+def tiles_per_chunk(rows: int, tiles_per_row: int, device: torch.device) -> int:
+    """Tiles each program walks when `rows` rows of `tiles_per_row` tiles are split into chunks."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else MODEL_SMS
+    return max(1, min(MAX_TILES_PER_CHUNK, rows * tiles_per_row // (PROGRAMS_PER_SM * sms)))
+
+
+def _restore_after_device_calls() -> None:
+    """Makes the interpreter undo the language patches of @triton.jit helper calls.
+
+    Triton 3.8's interpreter patches triton.language for a helper function called from a kernel and
+    never restores it, so after any interpreted launch that calls a helper, compiling a kernel for a
+    GPU in the same process fails (the AOT compile tests run after the interpreted ones).
+    """
+    from triton.runtime import interpreter
+
+    def call(self, *args, **kwargs):
+        scope = interpreter._patch_lang(self.fn)
+        try:
+            return self.rewrite()(*args, **kwargs)
+        except Exception as e:
+            raise interpreter.InterpreterError(repr(e)) from e
+        finally:
+            scope.restore()
+
+    interpreter.InterpretedFunction.__call__ = call
+
+
+if interpreting():
+    _restore_after_device_calls()
+
+
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """torch.empty, or a NaN-filled tensor under DIFFKERN_DEBUG_FILL=nan."""
     if _DEBUG_FILL and dtype.is_floating_point:

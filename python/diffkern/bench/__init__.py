@@ -2,6 +2,7 @@
 
   workload.py      what the harness needs to know about one op (shapes, inputs, calls, bars); registry
   dar.py           DAR routing, described as a workload
+  grpo.py          the Flow-GRPO one-step loss, described as a workload
   timer.py         interleaved median wall-clock timing
   cpu.py           CPU time: eager reference, torch.compile, diffkern's C++ kernel
   aten_traffic.py  bytes and kernels of plain PyTorch code, one kernel per aten op

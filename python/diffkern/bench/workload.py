@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch.utils._pytree import tree_leaves
 
-WORKLOAD_MODULES = ("dar",)
+WORKLOAD_MODULES = ("dar", "grpo")
 
 # The passes every section reports: forward alone, backward alone, and one training step.
 FWD, BWD, STEP = "fwd", "bwd", "fwd+bwd"
@@ -41,6 +41,13 @@ class Bar:
     target: float
     passes: tuple[str, ...]
     where: Callable[[Case], bool] = lambda case: True
+
+
+# The CPU bars every op issue sets: the C++ kernel >= 3x eager and no slower than torch.compile.
+CPU_BARS = (
+    Bar("CPU kernel >= 3x faster than eager", "cpu", "eager_over_diffkern", ">=", 3.0, (FWD, STEP)),
+    Bar("CPU kernel no slower than torch.compile", "cpu", "compile_over_diffkern", ">=", 1.0, (FWD, STEP)),
+)
 
 
 @dataclass(frozen=True)

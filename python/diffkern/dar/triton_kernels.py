@@ -30,9 +30,6 @@ MAX_D = 4096
 TILE_ELEMS = {False: 4096, True: 1024}  # keyed by `backward`
 ELEMS_PER_THREAD = {False: 16, True: 8}
 MAX_BLOCK_T = 16
-# Backward programs walk several token tiles so that the per-program partial sums stay small; enough
-# programs are kept for PROGRAMS_PER_SM per SM (about what fits at ~160 registers x 64-256 threads).
-PROGRAMS_PER_SM, MAX_TILES_PER_CHUNK, MODEL_SMS = 4, 16, 132
 
 
 def route_config(d: int, backward: bool) -> tuple[int, int, int]:
@@ -170,15 +167,6 @@ def _common_args(sources, q, eps, backward):
     return table, meta, (*_q_strides(q), 1.0 / d, 1.0 / math.sqrt(d), eps)
 
 
-def tiles_per_chunk(B: int, n_tiles: int, device: torch.device) -> int:
-    """Token tiles per backward program: as many as keep >= PROGRAMS_PER_SM programs per SM in flight.
-
-    Off a GPU (the interpreter) the SM count is MODEL_SMS, an H100's, so traffic counts model that card.
-    """
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else MODEL_SMS
-    return max(1, min(MAX_TILES_PER_CHUNK, B * n_tiles // (PROGRAMS_PER_SM * sms)))
-
-
 def route_fwd(sources, q, gain, eps):
     """Launches route_fwd_kernel: returns (h [B,T,d] in the sources' dtype, lse [B,T] float32)."""
     B, T, d = sources[0].shape
@@ -203,7 +191,7 @@ def route_bwd(dh, sources, q, gain, h, lse, eps):
     table, meta, scalars = _common_args(sources, q, eps, backward=True)
     dtable = _triton.tensor_table(dsources, dev, stride_dims=(0, 1))
     n_tiles = triton.cdiv(T, meta["BLOCK_T"])
-    per_chunk = tiles_per_chunk(B, n_tiles, dev)
+    per_chunk = _triton.tiles_per_chunk(B, n_tiles, dev)
     n_chunks = triton.cdiv(n_tiles, per_chunk)
     dynamic = q.dim() == 3
     dq = _triton.empty(q.shape, q.dtype, dev) if dynamic else None

@@ -6,14 +6,17 @@ import contextlib
 import torch
 
 import diffkern
-from diffkern import _triton
+from diffkern import _registry, _triton
 from diffkern._ops import BUILD_INFO
 
 from . import cuda_harness
 
-# Backends that run on CPU tensors in the tests; on a CUDA machine the GPU backends run on CUDA tensors too.
-# "cuda" runs in the host-execution harness, once the tests' conftest has loaded it.
-CPU_BACKENDS = ("cpu", "triton", *(("cuda",) if cuda_harness.loaded() else ()), "reference")
+def backends_under_test(op: str) -> tuple[str, ...]:
+    """The backends of torch.ops.diffkern.<op> that the tests run: all it has, where "cuda" needs either
+    a CUDA build on a GPU machine or the host-execution harness (loaded by the tests' conftest)."""
+    cuda_runs = cuda_harness.loaded() or (BUILD_INFO["with_cuda"] and torch.cuda.is_available())
+    return tuple(b for b in ("cpu", "triton", "cuda", "reference")
+                 if b in _registry.available(op) and (b != "cuda" or cuda_runs))
 
 
 def device_for(backend: str) -> torch.device:

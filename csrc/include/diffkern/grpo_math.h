@@ -1,0 +1,37 @@
+// Per-sample scalar math of Flow-GRPO's SDE step (specs/grpo.md), shared by the CPU and CUDA kernels.
+// Torch-free: T is the accumulation type. python/diffkern/grpo/reference.py `step_coefficients` is
+// the same math for the reference and Triton backends.
+#pragma once
+
+#include <math.h>
+
+#include "diffkern/macros.h"
+
+namespace diffkern::grpo {
+
+enum StdRule : int { kWan = 0, kSD3 = 1 };
+
+// One step sigma -> sigma_next (dt = sigma_next - sigma < 0, Dt = -dt) of a sample:
+//   mu = a x + b v,  x_next = mu + noise_scale * eps,
+//   log_prob = -mean((x_next - mu)^2) * inv_2var - log_norm,  inv_lambda = 1 / lambda (TGR).
+template <typename T>
+struct StepCoef {
+  T a, b, noise_scale, inv_2var, log_norm, inv_lambda;
+};
+
+template <typename T>
+DIFFKERN_HD inline StepCoef<T> step_coefficients(T sigma, T sigma_next, int std_rule, T std_coef) {
+  const T dt = sigma_next - sigma, Dt = -dt;
+  const T std = std_rule == kWan ? std_coef * sigma : std_coef * sqrt(sigma / (T(1) - sigma));
+  const T s2 = std * std, sqrt_Dt = sqrt(Dt);
+  const T half_log_2pi = T(0.91893853320467274178);
+  const T lambda = sqrt_Dt / std + std * sqrt_Dt * (T(1) - sigma) / (T(2) * sigma);
+  return {T(1) + s2 * dt / (T(2) * sigma),
+          (T(1) + s2 * (T(1) - sigma) / (T(2) * sigma)) * dt,
+          std * sqrt_Dt,
+          T(1) / (T(2) * s2 * Dt),
+          log(std * sqrt_Dt) + half_log_2pi,
+          T(1) / lambda};
+}
+
+}  // namespace diffkern::grpo

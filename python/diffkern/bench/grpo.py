@@ -1,0 +1,102 @@
+"""Flow-GRPO's training loss (specs/grpo.md) described for the harness: Wan2.1 480x832 81-frame latents.
+
+One case: B=8 samples of 16x21x60x104 = 2,096,640 elements, each at its own step of the first half of
+the 20-step schedule, no CFG or KL (the issue's minimum: read x, v, x_next once, write dv once). The
+call differentiates v only: the stored rollout tensors travel in a `Rollout`, which the harness does
+not treat as an input.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..grpo import grpo_iso_loss, reference
+from ..grpo.triton_kernels import aot_specs
+from .workload import BWD, CPU_BARS, FWD, STEP, Bar, Case, Workload
+
+WAN_LATENT = (16, 21, 60, 104)
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """What a rollout stored for training (not differentiated)."""
+    x: torch.Tensor
+    x_next: torch.Tensor
+    sigma: torch.Tensor
+    sigma_next: torch.Tensor
+    log_prob_old: torch.Tensor
+    advantages: torch.Tensor
+
+
+def _case(B: int, latent: tuple) -> Case:
+    D = 1
+    for n in latent:
+        D *= n
+    return Case(f"B={B} D={D}", dict(B=B, D=D, latent="x".join(map(str, latent))), B)
+
+
+def _make_args(case: Case, dtype: torch.dtype, device: str):
+    B, D = case.params["B"], case.params["D"]
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        if device == "meta":
+            return torch.empty(shape, dtype=dtype, device=device)
+        return torch.randn(shape, generator=gen).to(dtype=dtype, device=device)
+
+    sigmas = reference.flow_sigmas()
+    steps = torch.arange(B) % 10
+    sigma, sigma_next = sigmas[steps].float().to(device), sigmas[steps + 1].float().to(device)
+    x, v = randn(B, D), randn(B, D)
+    x_next, _, log_prob, _ = reference.flow_sde_step(x, v, sigma, sigma_next, randn(B, D), 0, reference.WAN_STD_COEF)
+    # ratios just around 1: a few samples fall outside the clip range
+    delta = torch.linspace(-2e-3, 2e-3, B, device=device)
+    advantages = torch.linspace(-1.0, 1.0, B, device=device)
+    return randn(B, D), Rollout(x, x_next, sigma, sigma_next, log_prob - delta, advantages)
+
+
+def _diffkern(v, r: Rollout):
+    return grpo_iso_loss(v, r.x, r.x_next, r.sigma, r.sigma_next, r.log_prob_old, r.advantages)[0]
+
+
+def _reference(v, r: Rollout):
+    return reference.grpo_iso_loss_reference(v, r.x, r.x_next, r.sigma, r.sigma_next, r.log_prob_old,
+                                             r.advantages)[0]
+
+
+def _min_bytes(case: Case, itemsize: int) -> dict:
+    """fwd: read v, x, x_next; fwd+bwd: read them once and write dv (so bwd's share is writing dv)."""
+    n = case.params["B"] * case.params["D"] * itemsize
+    return {FWD: 3 * n, BWD: n}
+
+
+def _spec_used(spec, case: Case, dtype: torch.dtype) -> bool:
+    """The Wan rule's log-prob kernels without CFG or KL, and the finalize kernel."""
+    if spec.tags.get("std_rule") != 0:
+        return False
+    if spec.kernel.__name__ == "finalize_kernel":
+        return True
+    return (spec.tags.get("dtype") == str(dtype).removeprefix("torch.") and "backward" in spec.tags
+            and not spec.constexprs["HAS_CFG"] and not spec.constexprs["HAS_REF"])
+
+
+LOSS = Workload(
+    name="grpo_iso_loss",
+    title="Flow-GRPO one-step loss (grpo_iso_loss)",
+    full_cases=(_case(8, WAN_LATENT),),
+    quick_cases=(_case(2, (4, 3, 8, 13)),),
+    make_args=_make_args,
+    diffkern=_diffkern,
+    reference=_reference,
+    min_bytes=_min_bytes,
+    aot_specs=aot_specs,
+    spec_used=_spec_used,
+    bars=(
+        Bar("fused fwd+bwd traffic <= 1.3x minimum", "traffic", "diffkern_over_min", "<=", 1.3, (STEP,)),
+        Bar("eager/diffkern traffic >= 3x", "traffic", "eager_over_diffkern", ">=", 3.0, (STEP,)),
+        *CPU_BARS,
+    ),
+)
+
+WORKLOADS = (LOSS,)

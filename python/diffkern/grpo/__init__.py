@@ -1,0 +1,7 @@
+"""Flow-GRPO: one-step policy optimisation for flow video models (specs/grpo.md)."""
+from .distributed import IsoTimestepSampler, advantages
+from .op import flow_sde_step, grpo_iso_loss
+from .reference import flow_sigmas, grpo_iso_loss_reference
+
+__all__ = ["IsoTimestepSampler", "advantages", "flow_sde_step", "flow_sigmas", "grpo_iso_loss",
+           "grpo_iso_loss_reference"]

@@ -1,0 +1,243 @@
+"""Flow-GRPO as torch ops: argument checks, fake (meta) implementations, autograd, backends, public API.
+
+The schemas live in csrc/diffkern/ops.cpp and the C++ CPU kernels in csrc/cpu/grpo.cpp; this file
+registers everything Python owns for diffkern::flow_sde_step / grpo_log_prob / grpo_log_prob_bwd.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _nvtx, _registry
+from . import distributed, reference, triton_kernels
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+STEP_OP, LOSS_OP = "flow_sde_step", "grpo_iso_loss"
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_latents(op, x, others: dict, sigma, sigma_next, std_rule, std_coef) -> None:
+    """The checks csrc/cpu/grpo.cpp makes, in the same order and words."""
+    def fail(msg):
+        raise ValueError(f"{op}: {msg}")
+    if x.dim() < 1:
+        fail("x must be [B, ...], got a 0-dim tensor")
+    if x.dtype not in _FLOATS:
+        fail(f"x dtype must be float16, bfloat16, float32 or float64, got {_name(x.dtype)}")
+    if not x.is_contiguous():
+        fail("x must be contiguous; call .contiguous()")
+    for name, y in others.items():
+        if y is None:
+            continue
+        if y.shape != x.shape:
+            fail(f"{name} has shape {list(y.shape)} but x has shape {list(x.shape)}")
+        if y.dtype != x.dtype:
+            fail(f"{name} dtype {_name(y.dtype)} differs from x dtype {_name(x.dtype)}")
+        if y.device != x.device:
+            fail(f"{name} is on {y.device} but x is on {x.device}")
+        if not y.is_contiguous():
+            fail(f"{name} must be contiguous; call .contiguous()")
+    B = x.shape[0]
+    if B > 0 and x.numel() == 0:
+        fail(f"x must have at least one element per sample, got shape {list(x.shape)}")
+    for name, s in (("sigma", sigma), ("sigma_next", sigma_next)):
+        if s.device != x.device:
+            fail(f"{name} is on {s.device} but x is on {x.device}")
+        if s.dim() != 1 or s.shape[0] != B:
+            fail(f"{name} must be [B] = [{B}], got shape {list(s.shape)}")
+        if s.dtype not in (torch.float32, torch.float64):
+            fail(f"{name} dtype must be float32 or float64, got {_name(s.dtype)}")
+    if std_rule not in reference.STD_RULES.values():
+        fail(f"std_rule must be 0 (wan) or 1 (sd3), got {std_rule}")
+    if not 0 < std_coef < math.inf:
+        fail(f"std_coef must be finite and > 0, got {std_coef}")
+
+
+def check_sde_step(x, v, sigma, sigma_next, eps, std_rule, std_coef) -> None:
+    _check_latents(STEP_OP, x, {"v": v, "eps": eps}, sigma, sigma_next, std_rule, std_coef)
+
+
+def check_log_prob(v, x, x_next, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule, std_coef) -> None:
+    _check_latents(LOSS_OP, x, {"v": v, "x_next": x_next, "v_ref": v_ref, "v_uncond": v_uncond}, sigma, sigma_next,
+                   std_rule, std_coef)
+    if not -math.inf < cfg_scale < math.inf:
+        raise ValueError(f"{LOSS_OP}: cfg_scale must be finite, got {cfg_scale}")
+
+
+def check_log_prob_bwd(dlog_prob, dkl, v, x, *rest) -> None:
+    check_log_prob(v, x, *rest)
+    acc, B = _acc(x.dtype), x.shape[0]
+    for name, t in (("dlog_prob", dlog_prob), ("dkl", dkl)):
+        if t.device != x.device:
+            raise ValueError(f"{LOSS_OP}: {name} is on {t.device} but x is on {x.device}")
+        if list(t.shape) != [B] or t.dtype != acc or not t.is_contiguous():
+            raise ValueError(
+                f"{LOSS_OP}: {name} must be a contiguous [B] = [{B}] tensor of dtype {_name(acc)} (the accumulation "
+                f"dtype), got shape {list(t.shape)}, dtype {_name(t.dtype)}, strides {list(t.stride())}")
+
+
+def _backend(check, fn, x_arg: int, op: str | None = None):
+    """A backend: validate the arguments (and, for Triton, named by `op`, that x is not float64), then run `fn`.
+
+    x_arg is the position of x among the op's arguments.
+    """
+    def run(*args):
+        check(*args)
+        if op is not None and args[x_arg].dtype == torch.float64:
+            raise ValueError(f"{op}: the triton backend computes in float32 and takes float16, bfloat16 or float32 "
+                             "latents, got float64; use the cpu or reference backend")
+        return fn(*args)
+    return run
+
+
+_registry.register("flow_sde_step", triton=_backend(check_sde_step, triton_kernels.sde_step, 0, STEP_OP),
+                   reference=_backend(check_sde_step, reference.flow_sde_step, 0))
+_registry.register("grpo_log_prob", triton=_backend(check_log_prob, triton_kernels.log_prob_fwd, 1, LOSS_OP),
+                   reference=_backend(check_log_prob, reference.log_prob, 1))
+_registry.register("grpo_log_prob_bwd", triton=_backend(check_log_prob_bwd, triton_kernels.log_prob_bwd, 3, LOSS_OP),
+                   reference=_backend(check_log_prob_bwd, reference.log_prob_bwd, 3))
+
+
+@torch.library.register_fake("diffkern::flow_sde_step")
+def _sde_step_fake(x, v, sigma, sigma_next, eps, std_rule, std_coef):
+    check_sde_step(x, v, sigma, sigma_next, eps, std_rule, std_coef)
+    acc = _acc(x.dtype)
+    return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(x.shape[:1], dtype=acc), \
+        x.new_empty(x.shape[:1], dtype=acc)
+
+
+@torch.library.register_fake("diffkern::grpo_log_prob")
+def _log_prob_fake(v, x, *rest):
+    check_log_prob(v, x, *rest)
+    return tuple(x.new_empty(x.shape[:1], dtype=_acc(x.dtype)) for _ in range(3))
+
+
+@torch.library.register_fake("diffkern::grpo_log_prob_bwd")
+def _log_prob_bwd_fake(dlog_prob, dkl, v, x, x_next, sigma, sigma_next, v_ref, v_uncond, *rest):
+    check_log_prob_bwd(dlog_prob, dkl, v, x, x_next, sigma, sigma_next, v_ref, v_uncond, *rest)
+    return [x.new_empty(x.shape) for _ in range(1 if v_uncond is None else 2)]
+
+
+def _sde_step_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output)
+
+
+def _sde_step_backward(ctx, *grads):
+    return (None,) * 7
+
+
+# A rollout op: x_next is sampled, so nothing is differentiated through it (training differentiates
+# grpo_iso_loss instead). Registered so that inputs requiring grad give outputs that plainly do not.
+torch.library.register_autograd("diffkern::flow_sde_step", _sde_step_backward, setup_context=_sde_step_setup)
+
+
+def _log_prob_setup(ctx, inputs, output):
+    v, x, x_next, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule, std_coef = inputs
+    ctx.save_for_backward(v, x, x_next, sigma, sigma_next, v_ref, v_uncond)
+    ctx.scalars = (cfg_scale, std_rule, std_coef)
+    ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)
+
+
+def _log_prob_backward(ctx, dlog_prob, dkl, _dinv_lambda):
+    v, x, x_next, sigma, sigma_next, v_ref, v_uncond = ctx.saved_tensors
+    if dlog_prob is None and dkl is None:
+        return (None,) * 10
+    zeros = torch.zeros(x.shape[:1], dtype=_acc(x.dtype), device=x.device)
+    dlog_prob = zeros if dlog_prob is None else dlog_prob.to(zeros.dtype).contiguous()
+    dkl = zeros if dkl is None else dkl.to(zeros.dtype).contiguous()
+    grads = torch.ops.diffkern.grpo_log_prob_bwd(dlog_prob, dkl, v, x, x_next, sigma, sigma_next, v_ref, v_uncond,
+                                                 *ctx.scalars)
+    return grads[0], None, None, None, None, None, grads[1] if v_uncond is not None else None, None, None, None
+
+
+torch.library.register_autograd("diffkern::grpo_log_prob", _log_prob_backward, setup_context=_log_prob_setup)
+
+
+def _rule(op: str, std_rule: str, std_coef):
+    if std_rule not in reference.STD_RULES:
+        raise ValueError(f"{op}: std_rule must be 'wan' or 'sd3', got {std_rule!r}")
+    return reference.STD_RULES[std_rule], float(reference.default_std_coef(std_rule) if std_coef is None else std_coef)
+
+
+def flow_sde_step(x, v, sigma, sigma_next, eps=None, std_rule: str = "wan", std_coef: float | None = None,
+                  generator=None):
+    """One stochastic flow-matching step with its Gaussian log-probability and the TGR factor 1/lambda.
+
+    Per sample i (specs/grpo.md), dt = sigma_next - sigma < 0, Dt = -dt, std = c sigma ("wan", c = the
+    Wan schedule's sigma_1 ~ 0.98242 by default) or c sqrt(sigma / (1 - sigma)) ("sd3", c = 0.7):
+        mu = x (1 + std^2 dt / (2 sigma)) + v (1 + std^2 (1 - sigma) / (2 sigma)) dt,  x_next = mu + std sqrt(Dt) eps
+        log_prob = mean_e[-(x_next - mu)^2 / (2 std^2 Dt)] - log(std sqrt(Dt)) - log sqrt(2 pi)
+        inv_lambda = 1 / (sqrt(Dt) / std + std sqrt(Dt) (1 - sigma) / (2 sigma))
+
+    Args:
+        x, v: [B, ...] contiguous latents and (guided) velocity, float16/bfloat16/float32 (float64 on cpu/reference).
+        sigma, sigma_next: [B] float32/float64 (each sample at its own step).
+        eps: the standard normal noise, x's shape and dtype; drawn with `generator` when None.
+    Returns:
+        (x_next, mu) in x's dtype; (log_prob, inv_lambda) [B] float32 (float64 for float64). log_prob is
+        of x_next as stored. A rollout op: no gradient flows through it. Nothing is saved.
+    Backends: C++ (CPU tensors), Triton (CUDA tensors), reference; see `diffkern.backend`.
+    NaN/inf in a sample's inputs make that sample's outputs NaN; other samples are unaffected.
+    """
+    rule, coef = _rule(STEP_OP, std_rule, std_coef)
+    if eps is None:
+        eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    with _nvtx.range("diffkern.flow_sde_step"):
+        return torch.ops.diffkern.flow_sde_step(x, v, sigma, sigma_next, eps, rule, coef)
+
+
+def _check_per_sample(name, t, x):
+    if t.device != x.device or list(t.shape) != [x.shape[0]] or not t.is_floating_point():
+        raise ValueError(f"{LOSS_OP}: {name} must be a floating [B] = [{x.shape[0]}] tensor on {x.device}, got shape "
+                         f"{list(t.shape)}, dtype {_name(t.dtype)} on {t.device}")
+
+
+def grpo_iso_loss(v, x, x_next, sigma, sigma_next, log_prob_old, advantages, clip_eps: float = 1e-3, tgr: bool = True,
+                  beta: float = 0.0, v_ref=None, cfg_scale: float | None = None, v_uncond=None, std_rule: str = "wan",
+                  std_coef: float | None = None):
+    """Flow-GRPO's one-step PPO loss with TGR weights, recomputing log p from the velocity (specs/grpo.md).
+
+        r_i = exp(log p_theta(x_next_i | x_i) - log_prob_old_i),   w_i = (1/lambda_i) / mean(1/lambda)  (1 without tgr)
+        loss = mean_i max(-w_i A_i r_i, -w_i A_i clip(r_i, 1 - clip_eps, 1 + clip_eps))
+               + beta mean_i mean_e (mu - mu_ref)^2 / (2 std^2 Dt)          (with v_ref)
+    The velocity is v, or v_uncond + cfg_scale (v - v_uncond) when v_uncond (the conditional one is v).
+
+    Args:
+        v: [B, ...] velocity (conditional under CFG) with grad; x, x_next: the stored step; v_ref, v_uncond:
+            optional, same shape/dtype; all contiguous, float16/bfloat16/float32 (float64 on cpu/reference).
+        sigma, sigma_next: [B] float32/float64; log_prob_old, advantages: [B].
+    Returns:
+        (loss, stats): loss a 0-dim float32 (float64 for float64) tensor; stats holds approx_kl =
+        0.5 mean((log p - log p_old)^2), clip_fraction = mean(|r - 1| > clip_eps), ratio_mean and weights.
+        An empty batch gives loss 0.
+    Autograd: gradients reach v (and v_uncond: dv_c = w dv, dv_u = (1 - w) dv) through one fused backward
+        that re-reads v, x, x_next and writes each gradient once. Saved: the inputs (no temporaries).
+    Backends: C++ (CPU tensors), Triton (CUDA tensors), reference; see `diffkern.backend`. The TGR mean is
+        over the global batch: every rank's samples when torch.distributed is initialised (an all-reduce of
+        two numbers), else this batch.
+    """
+    rule, coef = _rule(LOSS_OP, std_rule, std_coef)
+    if (cfg_scale is None) != (v_uncond is None):
+        raise ValueError(f"{LOSS_OP}: cfg_scale and v_uncond go together (got cfg_scale={cfg_scale}, "
+                         f"v_uncond {'given' if v_uncond is not None else 'None'})")
+    if not 0 <= clip_eps < math.inf:  # comparisons, not math.isfinite: they trace (symbolic floats)
+        raise ValueError(f"{LOSS_OP}: clip_eps must be finite and >= 0, got {clip_eps}")
+    if not 0 <= beta < math.inf:
+        raise ValueError(f"{LOSS_OP}: beta must be finite and >= 0, got {beta}")
+    _check_per_sample("log_prob_old", log_prob_old, x)
+    _check_per_sample("advantages", advantages, x)
+    with _nvtx.range("diffkern.grpo_iso_loss"):
+        w = 1.0 if cfg_scale is None else float(cfg_scale)
+        log_prob, kl, inv_lambda = torch.ops.diffkern.grpo_log_prob(v, x, x_next, sigma, sigma_next, v_ref, v_uncond,
+                                                                    w, rule, coef)
+        weights = inv_lambda / distributed.global_mean(inv_lambda) if tgr else torch.ones_like(log_prob)
+        return reference.ppo_loss(log_prob, kl, log_prob_old, advantages, weights, clip_eps, beta)

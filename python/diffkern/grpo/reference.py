@@ -1,0 +1,159 @@
+"""Flow-GRPO in plain PyTorch: the readable definition, the test oracle (float64) and the "reference" backend.
+
+Per sample, one step sigma -> sigma_next of the flow SDE (specs/grpo.md), dt = sigma_next - sigma < 0, Dt = -dt:
+    std = c sigma (rule "wan") or c sqrt(sigma / (1 - sigma)) (rule "sd3")
+    mu  = a x + b v,   a = 1 + std^2 dt / (2 sigma),   b = (1 + std^2 (1 - sigma) / (2 sigma)) dt
+    x'  = mu + std sqrt(Dt) eps
+    log p = mean over elements of [-(x' - mu)^2 / (2 std^2 Dt)] - log(std sqrt(Dt)) - log sqrt(2 pi)
+    1/lambda = 1 / (sqrt(Dt) / std + std sqrt(Dt) (1 - sigma) / (2 sigma))       (TGR)
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+STD_RULES = {"wan": 0, "sd3": 1}
+SD3_STD_COEF = 0.7
+
+
+def flow_sigmas(steps: int = 20, shift: float = 3.0, dtype=torch.float64) -> torch.Tensor:
+    """The shifted flow schedule [steps + 1]: sigma = shift u / (1 + (shift - 1) u), u from 0.999 down to 0."""
+    u = torch.linspace(0.999, 0.0, steps + 1, dtype=torch.float64)
+    return (shift * u / (1 + (shift - 1) * u)).to(dtype)
+
+
+# Wan's c is the schedule's second sigma (~0.98242).
+WAN_STD_COEF = flow_sigmas()[1].item()
+
+
+def default_std_coef(std_rule: str) -> float:
+    return WAN_STD_COEF if std_rule == "wan" else SD3_STD_COEF
+
+
+class StepCoef(NamedTuple):
+    """Per-sample scalars of one step ([B] tensors); csrc/include/diffkern/grpo_math.h is the same math."""
+    a: torch.Tensor
+    b: torch.Tensor
+    noise_scale: torch.Tensor
+    inv_2var: torch.Tensor
+    log_norm: torch.Tensor
+    inv_lambda: torch.Tensor
+
+
+def step_coefficients(sigma: torch.Tensor, sigma_next: torch.Tensor, std_rule: int, std_coef: float) -> StepCoef:
+    dt = sigma_next - sigma
+    Dt = -dt
+    std = std_coef * sigma if std_rule == STD_RULES["wan"] else std_coef * torch.sqrt(sigma / (1 - sigma))
+    s2, sqrt_Dt = std * std, torch.sqrt(Dt)
+    lam = sqrt_Dt / std + std * sqrt_Dt * (1 - sigma) / (2 * sigma)
+    return StepCoef(1 + s2 * dt / (2 * sigma), (1 + s2 * (1 - sigma) / (2 * sigma)) * dt, std * sqrt_Dt,
+                    1 / (2 * s2 * Dt), torch.log(std * sqrt_Dt) + 0.5 * math.log(2 * math.pi), 1 / lam)
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _coefficients(x, sigma, sigma_next, std_rule, std_coef) -> StepCoef:
+    acc = _opmath(x.dtype)
+    return step_coefficients(sigma.to(acc), sigma_next.to(acc), std_rule, std_coef)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as [B, D] (an empty batch included)."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
+
+
+def _per_sample(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def flow_sde_step(x, v, sigma, sigma_next, noise, std_rule, std_coef):
+    """Reference backend of diffkern::flow_sde_step: (x_next, mu, log_prob, inv_lambda), math in x's opmath dtype."""
+    acc = _opmath(x.dtype)
+    c = _coefficients(x, sigma, sigma_next, std_rule, std_coef)
+    mu = _per_sample(c.a, x) * x.to(acc) + _per_sample(c.b, x) * v.to(acc)
+    x_next = (mu + _per_sample(c.noise_scale, x) * noise.to(acc)).to(x.dtype)
+    # log p of x_next as stored (rounded to x's dtype): the value training reads back
+    sq = _rows(x_next.to(acc) - mu).pow(2).mean(1)
+    return x_next, mu.to(x.dtype), -sq * c.inv_2var - c.log_norm, c.inv_lambda
+
+
+def guided(v, v_uncond, cfg_scale):
+    """The velocity trained through: v, or v_uncond + w (v - v_uncond) under classifier-free guidance."""
+    return v if v_uncond is None else v_uncond + cfg_scale * (v - v_uncond)
+
+
+def log_prob(v, x, x_next, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule, std_coef):
+    """Reference backend of diffkern::grpo_log_prob, differentiable: (log_prob, kl, inv_lambda), each [B].
+
+    kl = mean((mu - mu_ref)^2) / (2 std^2 Dt), where mu - mu_ref = b (v - v_ref); zeros without v_ref.
+    """
+    acc = _opmath(x.dtype)
+    c = _coefficients(x, sigma, sigma_next, std_rule, std_coef)
+    vg = guided(v.to(acc), None if v_uncond is None else v_uncond.to(acc), cfg_scale)
+    mu = _per_sample(c.a, x) * x.to(acc) + _per_sample(c.b, x) * vg
+    flat = _rows(x_next.to(acc) - mu)
+    lp = -flat.pow(2).mean(1) * c.inv_2var - c.log_norm
+    if v_ref is None:
+        return lp, torch.zeros_like(lp), c.inv_lambda
+    dmu = _rows(_per_sample(c.b, x) * (vg - v_ref.to(acc)))
+    return lp, dmu.pow(2).mean(1) * c.inv_2var, c.inv_lambda
+
+
+def log_prob_bwd(dlog_prob, dkl, v, x, x_next, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule, std_coef):
+    """Reference backend of diffkern::grpo_log_prob_bwd: the spec's gradient formulas, written out.
+
+        dv = b / (std^2 Dt D) [dlog_prob (x' - mu) + dkl b (v - v_ref)];  under CFG dv_c = w dv, dv_u = (1 - w) dv
+    """
+    acc = _opmath(x.dtype)
+    c = _coefficients(x, sigma, sigma_next, std_rule, std_coef)
+    D = max(math.prod(x.shape[1:]), 1)
+    vg = guided(v.to(acc), None if v_uncond is None else v_uncond.to(acc), cfg_scale)
+    k = _per_sample(2 * c.b * c.inv_2var / D, x)
+    mu = _per_sample(c.a, x) * x.to(acc) + _per_sample(c.b, x) * vg
+    dv = k * _per_sample(dlog_prob.to(acc), x) * (x_next.to(acc) - mu)
+    if v_ref is not None:
+        dv = dv + k * _per_sample(dkl.to(acc) * c.b, x) * (vg - v_ref.to(acc))
+    if v_uncond is None:
+        return [dv.to(x.dtype)]
+    return [(cfg_scale * dv).to(x.dtype), ((1 - cfg_scale) * dv).to(x.dtype)]
+
+
+def tgr_weights(inv_lambda: torch.Tensor) -> torch.Tensor:
+    """TGR: w_i = (1/lambda_i) / mean(1/lambda) over the batch, so the weights average 1."""
+    return inv_lambda / inv_lambda.mean() if inv_lambda.numel() else inv_lambda
+
+
+def ppo_loss(log_prob, kl, log_prob_old, advantages, weights, clip_eps: float, beta: float):
+    """loss = mean_i max(-w A r, -w A clip(r, 1 - eps, 1 + eps)) + beta mean(kl), r = exp(log p - log p_old), and stats.
+
+    Shared by every backend: it is [B]-sized, so plain PyTorch (and autograd) is the right tool.
+    An empty batch gives loss 0.
+    """
+    n = max(log_prob.shape[0], 1)
+    delta = log_prob - log_prob_old.to(log_prob.dtype)
+    ratio = torch.exp(delta)
+    wa = weights.to(log_prob.dtype) * advantages.to(log_prob.dtype)
+    per_sample = torch.maximum(-wa * ratio, -wa * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps))
+    loss = per_sample.sum() / n
+    if beta:
+        loss = loss + beta * kl.sum() / n
+    with torch.no_grad():
+        stats = {"approx_kl": 0.5 * delta.pow(2).sum() / n,
+                 "clip_fraction": ((ratio - 1).abs() > clip_eps).to(log_prob.dtype).sum() / n,
+                 "ratio_mean": ratio.sum() / n,
+                 "weights": weights.detach()}
+    return loss, stats
+
+
+def grpo_iso_loss_reference(v, x, x_next, sigma, sigma_next, log_prob_old, advantages, clip_eps=1e-3, tgr=True,
+                            beta=0.0, v_ref=None, cfg_scale=None, v_uncond=None, std_rule="wan", std_coef=None):
+    """The whole loss in plain PyTorch (autograd does the backward): the oracle of diffkern.grpo_iso_loss."""
+    coef = default_std_coef(std_rule) if std_coef is None else std_coef
+    rule = STD_RULES[std_rule]
+    lp, kl, inv_lambda = log_prob(v, x, x_next, sigma, sigma_next, v_ref, v_uncond, cfg_scale, rule, coef)
+    weights = tgr_weights(inv_lambda) if tgr else torch.ones_like(lp)
+    return ppo_loss(lp, kl, log_prob_old, advantages, weights, clip_eps, beta)

@@ -1,0 +1,233 @@
+"""Flow-GRPO (diffkern.flow_sde_step, diffkern.grpo_iso_loss): every backend against float64, and the spec's numbers."""
+import pytest
+import torch
+
+import diffkern
+from diffkern.grpo import reference
+from diffkern.grpo.reference import grpo_iso_loss_reference
+from diffkern.testing.backends import backends_under_test, device_for, forced, supports
+from diffkern.testing.numerics import assert_close_to_oracle
+
+BACKENDS = backends_under_test("grpo_log_prob")
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# (B, *latent): one element, odd D, D just above a Triton tile (1024), a video-like [C, F, H, W]
+# latent, and D just above a C++ chunk (16384).
+SHAPES = ((1, 1), (2, 7), (3, 1025), (2, 3, 5, 67), (2, 16385))
+VARIANTS = ("plain", "cfg", "ref", "cfg+ref")
+RULES = ("wan", "sd3")
+SIGMAS = reference.flow_sigmas()
+STEPS = (0, 9, 4, 1)  # samples of one batch sit at different steps
+
+
+def ids(shape):
+    return "x".join(map(str, shape))
+
+
+def params(dtypes=DTYPES):
+    return [(b, dt) for b in BACKENDS for dt in dtypes if supports(b, dt)]
+
+
+def make_step(shape, dtype, seed=0, device="cpu"):
+    """(x, v, sigma, sigma_next, noise): latents in `dtype`, sigmas float32 on the Wan schedule."""
+    g = torch.Generator().manual_seed(seed)
+    x, v, noise = ((torch.randn(shape, generator=g) * s).to(device, dtype) for s in (1.0, 1.5, 1.0))
+    steps = torch.tensor([STEPS[i % len(STEPS)] for i in range(shape[0])], dtype=torch.long)
+    return x, v, SIGMAS[steps].float().to(device), SIGMAS[steps + 1].float().to(device), noise
+
+
+def make_loss_inputs(shape, dtype, variant, seed=0, device="cpu"):
+    """Keyword arguments of grpo_iso_loss minus the per-sample log_prob_old/advantages."""
+    x, v, sigma, sigma_next, noise = make_step(shape, dtype, seed, device)
+    g = torch.Generator().manual_seed(seed + 1)
+    x_next = reference.flow_sde_step(x, v, sigma, sigma_next, noise, 0, reference.WAN_STD_COEF)[0]
+    other = lambda scale: (v.float().cpu() + scale * torch.randn(shape, generator=g)).to(device, dtype)  # noqa: E731
+    return dict(v=other(0.05), x=x, x_next=x_next, sigma=sigma, sigma_next=sigma_next,
+                v_ref=other(0.1) if "ref" in variant else None,
+                v_uncond=other(0.5) if "cfg" in variant else None,
+                cfg_scale=4.5 if "cfg" in variant else None)
+
+
+def op_args(kw):
+    """Positional arguments of diffkern::grpo_log_prob for the keyword arguments above."""
+    return (kw["v"], kw["x"], kw["x_next"], kw["sigma"], kw["sigma_next"], kw["v_ref"], kw["v_uncond"],
+            1.0 if kw["cfg_scale"] is None else kw["cfg_scale"], 0, reference.WAN_STD_COEF)
+
+
+def on_cpu(args, dtype=None):
+    """CPU copies of the tensors among `args` (latents cast to `dtype`; sigmas to float64 with it)."""
+    return tuple(a.detach().cpu().to(dtype or a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inv_lambda_of_the_wan_schedule_matches_the_spec(backend):
+    """1/lambda for steps 0..9 of the Wan 20-step shift-3 schedule: 7.4770 ... 3.7754, from the schedule."""
+    x, v, _, _, noise = make_step((10, 3), torch.float32, device=device_for(backend))
+    with forced(backend):
+        inv_lambda = diffkern.flow_sde_step(x, v, SIGMAS[:10].float().to(x.device), SIGMAS[1:11].float().to(x.device),
+                                            eps=noise)[3].cpu()
+    assert round(reference.WAN_STD_COEF, 5) == 0.98242
+    assert [round(inv_lambda[k].item(), 4) for k in (0, 1, 9)] == [7.4770, 7.0414, 3.7754]
+    assert (inv_lambda[1:] < inv_lambda[:-1]).all()
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("shape", SHAPES, ids=ids)
+@pytest.mark.parametrize("backend,dtype", params())
+def test_sde_step_matches_float64_reference(backend, dtype, shape, rule):
+    x, v, sigma, sigma_next, noise = make_step(shape, dtype, device=device_for(backend))
+    with forced(backend):
+        x_next, mu, log_prob, inv_lambda = diffkern.flow_sde_step(x, v, sigma, sigma_next, eps=noise, std_rule=rule)
+    coef = reference.default_std_coef(rule)
+    args = (x, v, sigma, sigma_next, noise, reference.STD_RULES[rule], coef)
+    oracle = reference.flow_sde_step(*on_cpu(args, torch.float64))
+    plain = reference.flow_sde_step(*on_cpu(args))
+    for name, out, ref, low in zip(("x_next", "mu", "inv_lambda"), (x_next, mu, inv_lambda),
+                                   oracle[:2] + oracle[3:], plain[:2] + plain[3:]):
+        assert_close_to_oracle(out, ref, low, name)
+    # log_prob is of x_next as the kernel stored it
+    stored = (v, x, x_next, sigma, sigma_next, None, None, 1.0, reference.STD_RULES[rule], coef)
+    assert_close_to_oracle(log_prob, reference.log_prob(*on_cpu(stored, torch.float64))[0],
+                           reference.log_prob(*on_cpu(stored, torch.float32))[0], "log_prob")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=ids)
+@pytest.mark.parametrize("backend,dtype", params())
+def test_log_prob_and_kl_match_float64_reference(backend, dtype, shape, variant):
+    args = op_args(make_loss_inputs(shape, dtype, variant, device=device_for(backend)))
+    with forced(backend):
+        outs = torch.ops.diffkern.grpo_log_prob(*args)
+    oracle, plain = reference.log_prob(*on_cpu(args, torch.float64)), reference.log_prob(*on_cpu(args, torch.float32))
+    for name, out, ref, low in zip(("log_prob", "kl", "inv_lambda"), outs, oracle, plain):
+        assert_close_to_oracle(out, ref, low, name)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("shape", SHAPES[1:4], ids=ids)
+@pytest.mark.parametrize("backend,dtype", params())
+def test_backward_matches_float64_formulas(backend, dtype, shape, variant):
+    args = op_args(make_loss_inputs(shape, dtype, variant, device=device_for(backend)))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(5)
+    dlog_prob, dkl = (torch.randn(shape[0], generator=g).to(args[0].device, acc) for _ in range(2))
+    with forced(backend):
+        grads = torch.ops.diffkern.grpo_log_prob_bwd(dlog_prob, dkl, *args)
+    full = (dlog_prob, dkl, *args)
+    oracle = reference.log_prob_bwd(*on_cpu(full, torch.float64))
+    plain = reference.log_prob_bwd(*on_cpu(full, torch.float32))
+    assert len(grads) == (2 if "cfg" in variant else 1)
+    for name, out, ref, low in zip(("dv", "dv_uncond"), grads, oracle, plain):
+        assert out.dtype == dtype
+        assert_close_to_oracle(out, ref, low, name)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_backward_formulas_match_autograd(variant):
+    """reference.log_prob_bwd (the spec's formulas) equals autograd through reference.log_prob, in float64."""
+    kw = make_loss_inputs((3, 11), torch.float64, variant)
+    args = list(op_args(kw))
+    leaves = [args[0].requires_grad_()] + ([args[6].requires_grad_()] if kw["v_uncond"] is not None else [])
+    g = torch.Generator().manual_seed(2)
+    dlog_prob, dkl = torch.randn(3, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
+    log_prob, kl, _ = reference.log_prob(*args)
+    auto = torch.autograd.grad((log_prob * dlog_prob + kl * dkl).sum(), leaves)
+    formulas = reference.log_prob_bwd(dlog_prob, dkl, *[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+    for grad, ref in zip(formulas, auto):
+        torch.testing.assert_close(grad, ref, rtol=1e-10, atol=1e-12)
+
+
+# log p - log p_old per sample and advantages: ratios inside the clip range, far above and far below
+# it, with advantages of both signs, so that both branches of the PPO max carry the gradient.
+DELTAS = (0.0, 0.02, -0.02, 0.0002, 0.03, -0.03)
+ADVANTAGES = (1.0, 1.5, -0.7, 2.0, -1.2, 0.8)
+
+
+def loss_case(backend, dtype, variant, tgr=True, beta=0.1):
+    kw = make_loss_inputs((6, 37), dtype, variant, device=device_for(backend))
+    kw["v"].requires_grad_()
+    if kw["v_uncond"] is not None:
+        kw["v_uncond"].requires_grad_()
+    log_prob = reference.log_prob(*on_cpu(op_args(kw), torch.float64))[0]
+    kw["log_prob_old"] = (log_prob - torch.tensor(DELTAS, dtype=torch.float64)).to(kw["x"].device, torch.float32)
+    kw["advantages"] = torch.tensor(ADVANTAGES, device=kw["x"].device)
+    return kw, dict(tgr=tgr, beta=beta if "ref" in variant else 0.0)
+
+
+def loss_and_grads(fn, kw, options):
+    loss, stats = fn(**kw, **options)
+    leaves = [kw["v"]] + ([kw["v_uncond"]] if kw["v_uncond"] is not None else [])
+    return loss, stats, torch.autograd.grad(loss, leaves)
+
+
+def on_cpu_leaves(kw, dtype=None):
+    """CPU copies of the loss arguments (latents in `dtype` if given), v and v_uncond as fresh leaves."""
+    out = {k: t.detach().cpu().to(dtype if dtype and t.dim() > 1 else t.dtype) if isinstance(t, torch.Tensor) else t
+           for k, t in kw.items()}
+    for k in ("v", "v_uncond"):
+        if out[k] is not None:
+            out[k].requires_grad_()
+    return out
+
+
+@pytest.mark.parametrize("tgr", (True, False))
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("backend,dtype", params(dtypes=(torch.float32, torch.float64)))
+def test_loss_and_gradients_match_float64_autograd(backend, dtype, variant, tgr):
+    """End to end, clipped and unclipped samples in one batch, against autograd of the plain loss in float64."""
+    kw, options = loss_case(backend, dtype, variant, tgr)
+    with forced(backend):
+        loss, stats, grads = loss_and_grads(diffkern.grpo_iso_loss, kw, options)
+    ref_loss, ref_stats, ref_grads = loss_and_grads(grpo_iso_loss_reference, on_cpu_leaves(kw, torch.float64), options)
+    plain_loss, _, plain_grads = loss_and_grads(grpo_iso_loss_reference, on_cpu_leaves(kw), options)
+    assert_close_to_oracle(loss, ref_loss, plain_loss, "loss")
+    assert stats["clip_fraction"].item() == pytest.approx(4 / 6)
+    for name in ("approx_kl", "ratio_mean", "weights"):
+        torch.testing.assert_close(stats[name].cpu().double(), ref_stats[name], rtol=1e-4, atol=1e-6)
+    for grad, ref, low in zip(grads, ref_grads, plain_grads):
+        assert_close_to_oracle(grad, ref, low, "grad")
+    if options["beta"] == 0:  # samples 1 (A > 0, r above the range) and 2 (A < 0, r below it): clipped, constant
+        assert (grads[0][1:3] == 0).all() and (grads[0][3:] != 0).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_on_policy_loss_with_unit_advantages_is_minus_one(backend):
+    """Ratio 1 (log_prob_old from the rollout step itself) and A = 1: loss = -mean(weights) = -1."""
+    x, v, sigma, sigma_next, noise = make_step((4, 300), torch.float32, device=device_for(backend))
+    with forced(backend):
+        x_next, _, log_prob_old, _ = diffkern.flow_sde_step(x, v, sigma, sigma_next, eps=noise)
+        loss, stats = diffkern.grpo_iso_loss(v, x, x_next, sigma, sigma_next, log_prob_old, torch.ones_like(sigma))
+    assert loss.item() == pytest.approx(-1.0, abs=1e-5)
+    assert stats["weights"].mean().item() == pytest.approx(1.0, abs=1e-6)
+    assert stats["clip_fraction"].item() == 0 and stats["approx_kl"].item() < 1e-10
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("backend", ("cpu", "reference"))
+def test_gradcheck_float64(backend, variant):
+    kw, options = loss_case(backend, torch.float64, variant)
+    names = ["v"] + (["v_uncond"] if kw["v_uncond"] is not None else [])
+
+    def loss(*leaves):
+        return diffkern.grpo_iso_loss(**(kw | dict(zip(names, leaves))), **options)[0]
+    with forced(backend):
+        assert torch.autograd.gradcheck(loss, [kw[n] for n in names], eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_split_reduction_is_deterministic(backend):
+    """Same inputs, same bits: the per-sample sums are added in a fixed order (and the cpu kernel's
+    order does not depend on the thread count)."""
+    kw = make_loss_inputs((2, 20000 if backend == "cpu" else 3000), torch.float32, "cfg+ref",
+                          device=device_for(backend))
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            with forced(backend):
+                outs.append(torch.ops.diffkern.grpo_log_prob(*op_args(kw)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

@@ -1,0 +1,82 @@
+"""Flow-GRPO's global-batch statistics over gloo: 2 and 4 processes give what one process gives for the same batch."""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import diffkern
+from diffkern.grpo import IsoTimestepSampler, advantages
+
+from test_grpo import make_loss_inputs, op_args
+
+N, PROMPTS = 16, 2  # the paper's layout: 8 rollouts per prompt spread over the ranks
+PROMPT_IDS = torch.arange(N) % PROMPTS + 100
+REWARDS = torch.randn(N, generator=torch.Generator().manual_seed(3)) + (PROMPT_IDS == 100) * 2.0
+
+
+def global_batch():
+    """The loss inputs of the whole batch: each sample at the step the sampler gave its prompt."""
+    kw = make_loss_inputs((N, 3, 17), torch.float32, "ref")
+    return kw, torch.ops.diffkern.grpo_log_prob(*op_args(kw))[0].detach() - 0.01
+
+
+def run(kw, log_prob_old, adv, rows):
+    """(loss, dv) of the samples `rows` of the global batch."""
+    local = {k: (t[rows].clone() if isinstance(t, torch.Tensor) else t) for k, t in kw.items()}
+    local["v"].requires_grad_()
+    loss, _ = diffkern.grpo_iso_loss(**local, log_prob_old=log_prob_old[rows], advantages=adv, beta=0.1)
+    return loss.detach(), torch.autograd.grad(loss, local["v"])[0]
+
+
+def worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        rows = torch.arange(rank, N, world)  # strided: each prompt's rollouts sit on every rank
+        adv = advantages(REWARDS[rows], PROMPT_IDS[rows])
+        steps = IsoTimestepSampler(seed=7).sample(PROMPT_IDS[rows])
+        kw, log_prob_old = global_batch()
+        loss, dv = run(kw, log_prob_old, adv, rows)
+        torch.save(dict(rows=rows, adv=adv, steps=steps, loss=loss, dv=dv), os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", (2, 4))
+def test_ranks_match_one_process_on_the_global_batch(world):
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(worker, args=(world, os.path.join(tmp, "init"), tmp), nprocs=world)
+        parts = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(world)]
+    everything = torch.arange(N)
+    adv = advantages(REWARDS, PROMPT_IDS)
+    steps = IsoTimestepSampler(seed=7).sample(PROMPT_IDS)
+    kw, log_prob_old = global_batch()
+    loss, dv = run(kw, log_prob_old, adv, everything)
+    torch.testing.assert_close(torch.stack([p["loss"] for p in parts]).mean(), loss, rtol=1e-6, atol=1e-7)
+    for p in parts:
+        torch.testing.assert_close(p["adv"], adv[p["rows"]], rtol=0, atol=1e-6)
+        assert torch.equal(p["steps"], steps[p["rows"]])
+        # a rank's loss is the mean over its N/world samples: its gradient is world times the global one
+        torch.testing.assert_close(p["dv"] / world, dv[p["rows"]], rtol=1e-5, atol=1e-9)
+
+
+def test_advantages_formula_in_one_process():
+    rewards, ids = torch.tensor([1.0, 3.0, 10.0, 14.0, 0.0]), torch.tensor([0, 0, 1, 1, 2])
+    std = rewards.std(correction=0)
+    expected = torch.tensor([-1.0, 1.0, -2.0, 2.0, 0.0]) / (std + 1e-4)
+    torch.testing.assert_close(advantages(rewards, ids), expected)
+    per_group = advantages(rewards, ids, global_std=False, clip=1.5)
+    torch.testing.assert_close(per_group, torch.tensor([1.0, 1.0, 2.0, 2.0, 0.0]).mul(
+        torch.tensor([-1.0, 1.0, -1.0, 1.0, 0.0])).div(torch.tensor([1.0, 1.0, 2.0, 2.0, 1.0]) + 1e-4).clamp(-1.5, 1.5))
+
+
+def test_sampler_gives_each_prompt_one_step_and_balances_the_window():
+    ids = torch.arange(40).repeat_interleave(3)[torch.randperm(120, generator=torch.Generator().manual_seed(0))]
+    steps = IsoTimestepSampler(num_steps=20, seed=1).sample(ids)
+    per_prompt = {int(i): set(steps[ids == i].tolist()) for i in ids.unique()}
+    assert all(len(s) == 1 for s in per_prompt.values())
+    assert torch.bincount(torch.tensor([s.pop() for s in per_prompt.values()]), minlength=10).tolist() == [4] * 10
+    with pytest.raises(ValueError, match="window must be a non-empty range"):
+        IsoTimestepSampler(num_steps=20, window=range(15, 25))
