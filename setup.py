@@ -114,8 +114,9 @@ def extension():
         include_dirs.append(wheel_include)
     lib_dirs = [d for d in (os.path.join(CUDA_HOME, "lib64"), os.path.join(CUDA_HOME, "lib"))
                 if os.path.exists(os.path.join(d, "libcudart.so"))]
-    # -Xptxas: every kernel's registers and spills in the build log, and a spill fails the build.
-    nvcc = opt + ["-std=c++20", "-Xptxas=-v,-warn-spills,-Werror", "--expt-relaxed-constexpr"]
+    # A spill shows as a ptxas warning in the build log; the tests (sm_80/sm_90a) fail on one. It does not
+    # fail a user's build: other archs and nvcc versions may allocate registers differently.
+    nvcc = opt + ["-std=c++20", "-Xptxas=-warn-spills", "--expt-relaxed-constexpr"]
     return CUDAExtension("diffkern._C", sources, include_dirs=include_dirs, library_dirs=lib_dirs,
                          define_macros=[("DIFFKERN_WITH_CUDA", "1")], extra_link_args=["-fopenmp"],
                          extra_compile_args={"cxx": cxx, "nvcc": nvcc})

@@ -20,7 +20,10 @@ os.environ["DIFFKERN_DEBUG_FILL"] = "nan"
 import diffkern  # noqa: E402,F401  (loads the extension with the switches above in effect)
 from diffkern.testing import cuda_harness  # noqa: E402
 
-cuda_harness.load()  # before the test modules ask diffkern.testing.backends for their backends
+if not (HAS_CUDA and diffkern.build_info()["with_cuda"]):
+    # The cuda backend then runs its kernels in the host harness; load it before the test modules ask
+    # diffkern.testing.backends which backends to run.
+    cuda_harness.load()
 
 
 def pytest_collection_modifyitems(config, items):

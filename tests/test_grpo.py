@@ -231,3 +231,20 @@ def test_split_reduction_is_deterministic(backend):
         torch.set_num_threads(threads)
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layout", ("strided", "expanded"))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigma_views_are_read_as_views(backend, layout):
+    """sigma/sigma_next given as strided or expanded views (a whole batch at one step) give the dense result."""
+    x, v, sigma, sigma_next, noise = make_step((4, 37), torch.float32, device=device_for(backend))
+    if layout == "strided":
+        view = lambda s: torch.stack([s, torch.full_like(s, float("nan"))], 1)[:, 0]  # noqa: E731
+    else:
+        sigma, sigma_next = sigma[:1].repeat(4), sigma_next[:1].repeat(4)
+        view = lambda s: s[:1].clone().expand(4)  # noqa: E731
+    with forced(backend):
+        dense = diffkern.flow_sde_step(x, v, sigma, sigma_next, eps=noise)
+        views = diffkern.flow_sde_step(x, v, view(sigma), view(sigma_next), eps=noise)
+    for a, b in zip(dense, views):
+        torch.testing.assert_close(a, b)

@@ -31,16 +31,22 @@ BACKENDS = ("cpu", "triton", "cuda", "reference")
 GPU_PREFERENCE = ("cuda", "triton")
 
 _impls: dict[str, dict[str, Callable]] = {}
+_checks: dict[str, Callable] = {}
 _forced: list[str] = []
 _cuda_lib = torch.library.Library("diffkern", "IMPL")
 
 
-def register(op: str, **backends: Callable) -> None:
-    """Registers the Python backends of `torch.ops.diffkern.<op>` and routes its CUDA key through them."""
+def register(op: str, check: Callable, **backends: Callable) -> None:
+    """Registers the Python backends of `torch.ops.diffkern.<op>` and routes its CUDA key through them.
+
+    `check(*args)` validates the op's arguments before any Python backend runs (the C++ kernels check
+    the same in C++); a backend adds only its own limits.
+    """
     unknown = set(backends) - set(BACKENDS)
     if unknown:
         raise ValueError(f"unknown backend(s) {sorted(unknown)} for diffkern::{op}; known: {BACKENDS}")
     _impls[op] = dict(backends)
+    _checks[op] = check
     _cuda_lib.impl(op, functools.partial(_run_cuda, op), "CUDA")
 
 
@@ -53,7 +59,11 @@ def _implementation(op: str, name: str) -> Callable:
     fn = _impls[op].get(name)
     if fn is None:
         raise NotImplementedError(f"diffkern::{op} has no '{name}' backend; available: {available(op)}")
-    return fn
+
+    def checked(*args):
+        _checks[op](*args)
+        return fn(*args)
+    return checked
 
 
 def _built(name: str) -> bool:

@@ -62,6 +62,13 @@ if interpreting():
     _restore_after_device_calls()
 
 
+def check_float32_math(op: str, dtype: torch.dtype, what: str) -> None:
+    """Triton kernels accumulate in float32, so float64 inputs are refused rather than silently rounded."""
+    if dtype == torch.float64:
+        raise ValueError(f"{op}: the triton backend computes in float32 and takes float16, bfloat16 or float32 "
+                         f"{what}, got float64; use the cpu or reference backend")
+
+
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """torch.empty, or a NaN-filled tensor under DIFFKERN_DEBUG_FILL=nan."""
     if _DEBUG_FILL and dtype.is_floating_point:

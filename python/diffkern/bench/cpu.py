@@ -11,6 +11,7 @@ import gc
 
 import torch
 
+from .. import _dtypes
 from .timer import first_call_seconds, time_interleaved
 from .workload import FWD, STEP, Workload, forward_call, requiring_grad, step_call
 
@@ -46,7 +47,7 @@ def case_rows(workload: Workload, case, dtype: torch.dtype, warmup: int, rounds:
         compile_s = first_call_seconds(fns["compile"])
         t = time_interleaved(fns, warmup, rounds, min_sample_s)
         dk = t["diffkern"].median_s
-        rows.append({"case": case.name, "pass": p, "dtype": str(dtype).removeprefix("torch."),
+        rows.append({"case": case.name, "pass": p, "dtype": _dtypes.name(dtype),
                      **{f"{k}_ms": v.median_s * 1e3 for k, v in t.items()},
                      "eager_over_diffkern": t["eager"].median_s / dk,
                      "compile_over_diffkern": t["compile"].median_s / dk,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from .. import _dtypes
 from ..dar import dar_route, dar_route_reference
 from ..dar.triton_kernels import aot_specs
 from .workload import BWD, CPU_BARS, FWD, Bar, Case, Workload
@@ -41,7 +42,7 @@ def _min_bytes(case: Case, itemsize: int) -> dict:
 
 def _spec_used(spec, case: Case, dtype: torch.dtype) -> bool:
     """The launchers pick one configuration per dtype and power-of-two BLOCK_D >= d (and q variant)."""
-    return (spec.tags.get("dtype") == str(dtype).removeprefix("torch.")
+    return (spec.tags.get("dtype") == _dtypes.name(dtype)
             and spec.constexprs.get("BLOCK_D") == max(16, triton.next_power_of_2(case.params["d"]))
             and spec.constexprs.get("DYNAMIC_Q", False) == (case.params["q"] == "[B,T,d]"))
 

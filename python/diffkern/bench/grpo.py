@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import _dtypes
 from ..grpo import grpo_iso_loss, reference
 from ..grpo.triton_kernels import aot_specs
 from .workload import BWD, CPU_BARS, FWD, STEP, Bar, Case, Workload
@@ -77,7 +78,7 @@ def _spec_used(spec, case: Case, dtype: torch.dtype) -> bool:
         return False
     if spec.kernel.__name__ == "finalize_kernel":
         return True
-    return (spec.tags.get("dtype") == str(dtype).removeprefix("torch.") and "backward" in spec.tags
+    return (spec.tags.get("dtype") == _dtypes.name(dtype) and "backward" in spec.tags
             and not spec.constexprs["HAS_CFG"] and not spec.constexprs["HAS_REF"])
 
 

@@ -9,14 +9,10 @@ import math
 
 import torch
 
-from .. import _nvtx, _registry
+from .. import _dtypes, _nvtx, _registry, _triton
 from . import reference, triton_kernels
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _fail(msg: str):
@@ -28,10 +24,10 @@ def _check_param(name, x, shapes, src, shape_text):
         _fail(f"{name} is on {x.device} but sources[0] is on {src.device}")
     if not any(tuple(x.shape) == s for s in shapes):
         _fail(f"{name} must be {shape_text}, got shape {list(x.shape)}")
-    allowed = {src.dtype, torch.float64 if src.dtype == torch.float64 else torch.float32}
+    allowed = {src.dtype, _dtypes.acc(src.dtype)}
     if x.dtype not in allowed:
-        alt = _name(torch.float64 if src.dtype == torch.float64 else torch.float32)
-        _fail(f"{name} dtype must be {_name(src.dtype)} (the sources' dtype) or {alt}, got {_name(x.dtype)}")
+        alt = _dtypes.name(_dtypes.acc(src.dtype))
+        _fail(f"{name} dtype must be {_dtypes.name(src.dtype)} (the sources' dtype) or {alt}, got {_dtypes.name(x.dtype)}")
     if x.shape[-1] > 1 and x.stride(-1) != 1:
         _fail(f"{name} must have unit stride in its last dim (got stride {x.stride(-1)}); call .contiguous()")
 
@@ -47,9 +43,9 @@ def check_fwd(sources, q, gain, eps) -> None:
         if x.shape != src.shape:
             _fail(f"sources[{i}] has shape {list(x.shape)} but sources[0] has shape {list(src.shape)}")
         if i == 0 and x.dtype not in _FLOATS:
-            _fail(f"sources[0] dtype must be float16, bfloat16, float32 or float64, got {_name(x.dtype)}")
+            _fail(f"sources[0] dtype must be float16, bfloat16, float32 or float64, got {_dtypes.name(x.dtype)}")
         if x.dtype != src.dtype:
-            _fail(f"sources[{i}] dtype {_name(x.dtype)} differs from sources[0] dtype {_name(src.dtype)}")
+            _fail(f"sources[{i}] dtype {_dtypes.name(x.dtype)} differs from sources[0] dtype {_dtypes.name(src.dtype)}")
         if x.device != src.device:
             _fail(f"sources[{i}] is on {x.device} but sources[0] is on {src.device}")
         if x.shape[-1] > 1 and x.stride(-1) != 1:
@@ -67,7 +63,7 @@ def check_bwd(dh, sources, q, gain, h, lse, eps) -> None:
     """Validates the arguments of dar_route_bwd."""
     check_fwd(sources, q, gain, eps)
     src = sources[0]
-    acc = torch.float64 if src.dtype == torch.float64 else torch.float32
+    acc = _dtypes.acc(src.dtype)
     B, T, d = src.shape
     for name, x, layout, shape, dtype, role in (
             ("dh", dh, "[B, T, d]", [B, T, d], src.dtype, "the sources' dtype"),
@@ -76,53 +72,31 @@ def check_bwd(dh, sources, q, gain, h, lse, eps) -> None:
         if x.device != src.device:
             _fail(f"{name} is on {x.device} but sources[0] is on {src.device}")
         if list(x.shape) != shape or x.dtype != dtype or not x.is_contiguous():
-            _fail(f"{name} must be a contiguous {layout} = {shape} tensor of dtype {_name(dtype)} ({role}), got "
-                  f"shape {list(x.shape)}, dtype {_name(x.dtype)}, strides {list(x.stride())}")
+            _fail(f"{name} must be a contiguous {layout} = {shape} tensor of dtype {_dtypes.name(dtype)} ({role}), got "
+                  f"shape {list(x.shape)}, dtype {_dtypes.name(x.dtype)}, strides {list(x.stride())}")
 
 
 def _check_triton(sources):
-    if sources[0].dtype == torch.float64:
-        _fail("the triton backend computes in float32 and takes float16, bfloat16 or float32 sources, got "
-              "float64; use the cpu or reference backend")
+    _triton.check_float32_math("dar_route", sources[0].dtype, "sources")
     if sources[0].shape[-1] > triton_kernels.MAX_D:
         _fail(f"the triton backend takes d <= {triton_kernels.MAX_D} (one row per program), got "
               f"d={sources[0].shape[-1]}")
 
 
 def _fwd_triton(sources, q, gain, eps):
-    check_fwd(sources, q, gain, eps)
     _check_triton(sources)
     return triton_kernels.route_fwd(sources, q, gain, eps)
 
 
 def _bwd_triton(dh, sources, q, gain, h, lse, eps):
-    check_bwd(dh, sources, q, gain, h, lse, eps)
     _check_triton(sources)
     return triton_kernels.route_bwd(dh, sources, q, gain, h, lse, eps)
 
 
-def _fwd_cuda(sources, q, gain, eps):
-    check_fwd(sources, q, gain, eps)
-    return torch.ops.diffkern.dar_route_fwd_cuda(sources, q, gain, eps)
-
-
-def _bwd_cuda(dh, sources, q, gain, h, lse, eps):
-    check_bwd(dh, sources, q, gain, h, lse, eps)
-    return torch.ops.diffkern.dar_route_bwd_cuda(dh, sources, q, gain, h, lse, eps)
-
-
-def _fwd_reference(sources, q, gain, eps):
-    check_fwd(sources, q, gain, eps)
-    return reference.route_fwd(sources, q, gain, eps)
-
-
-def _bwd_reference(dh, sources, q, gain, h, lse, eps):
-    check_bwd(dh, sources, q, gain, h, lse, eps)
-    return reference.route_bwd(dh, sources, q, gain, h, lse, eps)
-
-
-_registry.register("dar_route_fwd", triton=_fwd_triton, cuda=_fwd_cuda, reference=_fwd_reference)
-_registry.register("dar_route_bwd", triton=_bwd_triton, cuda=_bwd_cuda, reference=_bwd_reference)
+_registry.register("dar_route_fwd", check_fwd, triton=_fwd_triton, cuda=torch.ops.diffkern.dar_route_fwd_cuda,
+                   reference=reference.route_fwd)
+_registry.register("dar_route_bwd", check_bwd, triton=_bwd_triton, cuda=torch.ops.diffkern.dar_route_bwd_cuda,
+                   reference=reference.route_bwd)
 
 
 # The internal ops of the cuda backend (csrc/cuda/dar_route_api.cpp) share the public ops' fakes.
@@ -131,7 +105,7 @@ _registry.register("dar_route_bwd", triton=_bwd_triton, cuda=_bwd_cuda, referenc
 def _fwd_fake(sources, q, gain, eps):
     check_fwd(sources, q, gain, eps)
     src = sources[0]
-    acc = torch.float64 if src.dtype == torch.float64 else torch.float32
+    acc = _dtypes.acc(src.dtype)
     return src.new_empty(src.shape), src.new_empty(src.shape[:2], dtype=acc)
 
 

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from .. import _dtypes
+
 
 def _broadcast_q(q: torch.Tensor) -> torch.Tensor:
     """q as [B or 1, T or 1, d] for the static [d], timestep [B, d] and dynamic [B, T, d] variants."""
@@ -37,13 +39,9 @@ def dar_route_reference(sources, q, gain, eps: float = 1e-6) -> torch.Tensor:
     return (alpha[..., None] * v).sum(0).to(sources[0].dtype)
 
 
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def route_fwd(sources, q, gain, eps):
     """Reference backend of diffkern::dar_route_fwd: (h, lse) with the math in float32 (float64 for float64)."""
-    acc = _opmath(sources[0].dtype)
+    acc = _dtypes.acc(sources[0].dtype)
     s, v = scores([x.to(acc) for x in sources], q.to(acc), gain.to(acc), eps)
     lse = torch.logsumexp(s, dim=0)
     h = (torch.exp(s - lse)[..., None] * v).sum(0)
@@ -57,7 +55,7 @@ def route_bwd(dh, sources, q, gain, h, lse, eps):
         dv_i = alpha_i dh + c_i (q*g) - c_i rstd_i^2 <q*g, v_i> / d * v_i
         u = sum_i c_i v_i,   dq = u * g (reduced to q's shape),   dgain = sum_tokens q * u
     """
-    acc = _opmath(sources[0].dtype)
+    acc = _dtypes.acc(sources[0].dtype)
     v = torch.stack([x.to(acc) for x in sources])
     dh, h, qb, g = dh.to(acc), h.to(acc), _broadcast_q(q.to(acc)), gain.to(acc)
     d = v.shape[-1]

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _triton
+from .. import _dtypes, _triton
 from .._triton import KernelSpec
 
 MAX_D = 4096
@@ -216,7 +216,7 @@ def aot_specs() -> list[KernelSpec]:
         ty = _triton.TRITON_DTYPE[dtype]
         params = {"q_ptr": f"*{ty}", "gain_ptr": f"*{ty}", "h_ptr": f"*{ty}", "lse_ptr": "*fp32"}
         for d, dynamic in itertools.product((2**k for k in range(4, MAX_D.bit_length())), (False, True)):
-            tags = {"dtype": str(dtype).removeprefix("torch."), "block_d": d, "dynamic_q": dynamic}
+            tags = {"dtype": _dtypes.name(dtype), "block_d": d, "dynamic_q": dynamic}
             for kernel, backward, signature in (
                     (route_fwd_kernel, False, {"src_table": "*i64", **params, "n_tiles": "i32"}),
                     (route_bwd_kernel, True, {"src_table": "*i64", "dsrc_table": "*i64", **params, "dh_ptr": f"*{ty}",

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .. import _dtypes
+
 
 def _distributed(group) -> bool:
     return dist.is_available() and dist.is_initialized() and (group is not None or dist.get_world_size() > 1)
@@ -53,7 +55,7 @@ def advantages(rewards: torch.Tensor, prompt_ids: torch.Tensor, global_std: bool
     if rewards.dim() != 1 or prompt_ids.shape != rewards.shape:
         raise ValueError(f"advantages: rewards and prompt_ids must be [n] tensors of one length, got shapes "
                          f"{list(rewards.shape)} and {list(prompt_ids.shape)}")
-    acc = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    acc = _dtypes.acc(rewards.dtype)
     all_r, start = all_gather_cat(rewards.to(acc), group)
     all_ids, _ = all_gather_cat(prompt_ids.to(torch.int64), group)
     _, group_of = torch.unique(all_ids, return_inverse=True)

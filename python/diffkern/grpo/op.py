@@ -9,19 +9,11 @@ import math
 
 import torch
 
-from .. import _nvtx, _registry
+from .. import _dtypes, _nvtx, _registry, _triton
 from . import distributed, reference, triton_kernels
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 STEP_OP, LOSS_OP = "flow_sde_step", "grpo_iso_loss"
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_latents(op, x, others: dict, sigma, sigma_next, std_rule, std_coef) -> None:
@@ -31,7 +23,7 @@ def _check_latents(op, x, others: dict, sigma, sigma_next, std_rule, std_coef) -
     if x.dim() < 1:
         fail("x must be [B, ...], got a 0-dim tensor")
     if x.dtype not in _FLOATS:
-        fail(f"x dtype must be float16, bfloat16, float32 or float64, got {_name(x.dtype)}")
+        fail(f"x dtype must be float16, bfloat16, float32 or float64, got {_dtypes.name(x.dtype)}")
     if not x.is_contiguous():
         fail("x must be contiguous; call .contiguous()")
     for name, y in others.items():
@@ -40,7 +32,7 @@ def _check_latents(op, x, others: dict, sigma, sigma_next, std_rule, std_coef) -
         if y.shape != x.shape:
             fail(f"{name} has shape {list(y.shape)} but x has shape {list(x.shape)}")
         if y.dtype != x.dtype:
-            fail(f"{name} dtype {_name(y.dtype)} differs from x dtype {_name(x.dtype)}")
+            fail(f"{name} dtype {_dtypes.name(y.dtype)} differs from x dtype {_dtypes.name(x.dtype)}")
         if y.device != x.device:
             fail(f"{name} is on {y.device} but x is on {x.device}")
         if not y.is_contiguous():
@@ -54,7 +46,7 @@ def _check_latents(op, x, others: dict, sigma, sigma_next, std_rule, std_coef) -
         if s.dim() != 1 or s.shape[0] != B:
             fail(f"{name} must be [B] = [{B}], got shape {list(s.shape)}")
         if s.dtype not in (torch.float32, torch.float64):
-            fail(f"{name} dtype must be float32 or float64, got {_name(s.dtype)}")
+            fail(f"{name} dtype must be float32 or float64, got {_dtypes.name(s.dtype)}")
     if std_rule not in reference.STD_RULES.values():
         fail(f"std_rule must be 0 (wan) or 1 (sd3), got {std_rule}")
     if not 0 < std_coef < math.inf:
@@ -74,42 +66,36 @@ def check_log_prob(v, x, x_next, sigma, sigma_next, v_ref, v_uncond, cfg_scale, 
 
 def check_log_prob_bwd(dlog_prob, dkl, v, x, *rest) -> None:
     check_log_prob(v, x, *rest)
-    acc, B = _acc(x.dtype), x.shape[0]
+    acc, B = _dtypes.acc(x.dtype), x.shape[0]
     for name, t in (("dlog_prob", dlog_prob), ("dkl", dkl)):
         if t.device != x.device:
             raise ValueError(f"{LOSS_OP}: {name} is on {t.device} but x is on {x.device}")
         if list(t.shape) != [B] or t.dtype != acc or not t.is_contiguous():
             raise ValueError(
-                f"{LOSS_OP}: {name} must be a contiguous [B] = [{B}] tensor of dtype {_name(acc)} (the accumulation "
-                f"dtype), got shape {list(t.shape)}, dtype {_name(t.dtype)}, strides {list(t.stride())}")
+                f"{LOSS_OP}: {name} must be a contiguous [B] = [{B}] tensor of dtype {_dtypes.name(acc)} (the accumulation "
+                f"dtype), got shape {list(t.shape)}, dtype {_dtypes.name(t.dtype)}, strides {list(t.stride())}")
 
 
-def _backend(check, fn, x_arg: int, op: str | None = None):
-    """A backend: validate the arguments (and, for Triton, named by `op`, that x is not float64), then run `fn`.
-
-    x_arg is the position of x among the op's arguments.
-    """
+def _triton_backend(launch, x_arg: int, op: str):
+    """The Triton backend: `launch`, once x (argument `x_arg`) is known not to be float64."""
     def run(*args):
-        check(*args)
-        if op is not None and args[x_arg].dtype == torch.float64:
-            raise ValueError(f"{op}: the triton backend computes in float32 and takes float16, bfloat16 or float32 "
-                             "latents, got float64; use the cpu or reference backend")
-        return fn(*args)
+        _triton.check_float32_math(op, args[x_arg].dtype, "latents")
+        return launch(*args)
     return run
 
 
-_registry.register("flow_sde_step", triton=_backend(check_sde_step, triton_kernels.sde_step, 0, STEP_OP),
-                   reference=_backend(check_sde_step, reference.flow_sde_step, 0))
-_registry.register("grpo_log_prob", triton=_backend(check_log_prob, triton_kernels.log_prob_fwd, 1, LOSS_OP),
-                   reference=_backend(check_log_prob, reference.log_prob, 1))
-_registry.register("grpo_log_prob_bwd", triton=_backend(check_log_prob_bwd, triton_kernels.log_prob_bwd, 3, LOSS_OP),
-                   reference=_backend(check_log_prob_bwd, reference.log_prob_bwd, 3))
+_registry.register("flow_sde_step", check_sde_step,
+                   triton=_triton_backend(triton_kernels.sde_step, 0, STEP_OP), reference=reference.flow_sde_step)
+_registry.register("grpo_log_prob", check_log_prob,
+                   triton=_triton_backend(triton_kernels.log_prob_fwd, 1, LOSS_OP), reference=reference.log_prob)
+_registry.register("grpo_log_prob_bwd", check_log_prob_bwd,
+                   triton=_triton_backend(triton_kernels.log_prob_bwd, 3, LOSS_OP), reference=reference.log_prob_bwd)
 
 
 @torch.library.register_fake("diffkern::flow_sde_step")
 def _sde_step_fake(x, v, sigma, sigma_next, eps, std_rule, std_coef):
     check_sde_step(x, v, sigma, sigma_next, eps, std_rule, std_coef)
-    acc = _acc(x.dtype)
+    acc = _dtypes.acc(x.dtype)
     return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(x.shape[:1], dtype=acc), \
         x.new_empty(x.shape[:1], dtype=acc)
 
@@ -117,7 +103,7 @@ def _sde_step_fake(x, v, sigma, sigma_next, eps, std_rule, std_coef):
 @torch.library.register_fake("diffkern::grpo_log_prob")
 def _log_prob_fake(v, x, *rest):
     check_log_prob(v, x, *rest)
-    return tuple(x.new_empty(x.shape[:1], dtype=_acc(x.dtype)) for _ in range(3))
+    return tuple(x.new_empty(x.shape[:1], dtype=_dtypes.acc(x.dtype)) for _ in range(3))
 
 
 @torch.library.register_fake("diffkern::grpo_log_prob_bwd")
@@ -151,7 +137,7 @@ def _log_prob_backward(ctx, dlog_prob, dkl, _dinv_lambda):
     v, x, x_next, sigma, sigma_next, v_ref, v_uncond = ctx.saved_tensors
     if dlog_prob is None and dkl is None:
         return (None,) * 10
-    zeros = torch.zeros(x.shape[:1], dtype=_acc(x.dtype), device=x.device)
+    zeros = torch.zeros(x.shape[:1], dtype=_dtypes.acc(x.dtype), device=x.device)
     dlog_prob = zeros if dlog_prob is None else dlog_prob.to(zeros.dtype).contiguous()
     dkl = zeros if dkl is None else dkl.to(zeros.dtype).contiguous()
     grads = torch.ops.diffkern.grpo_log_prob_bwd(dlog_prob, dkl, v, x, x_next, sigma, sigma_next, v_ref, v_uncond,
@@ -198,7 +184,7 @@ def flow_sde_step(x, v, sigma, sigma_next, eps=None, std_rule: str = "wan", std_
 def _check_per_sample(name, t, x):
     if t.device != x.device or list(t.shape) != [x.shape[0]] or not t.is_floating_point():
         raise ValueError(f"{LOSS_OP}: {name} must be a floating [B] = [{x.shape[0]}] tensor on {x.device}, got shape "
-                         f"{list(t.shape)}, dtype {_name(t.dtype)} on {t.device}")
+                         f"{list(t.shape)}, dtype {_dtypes.name(t.dtype)} on {t.device}")
 
 
 def grpo_iso_loss(v, x, x_next, sigma, sigma_next, log_prob_old, advantages, clip_eps: float = 1e-3, tgr: bool = True,

@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import torch
 
+from .. import _dtypes
+
 STD_RULES = {"wan": 0, "sd3": 1}
 SD3_STD_COEF = 0.7
 
@@ -52,12 +54,8 @@ def step_coefficients(sigma: torch.Tensor, sigma_next: torch.Tensor, std_rule: i
                     1 / (2 * s2 * Dt), torch.log(std * sqrt_Dt) + 0.5 * math.log(2 * math.pi), 1 / lam)
 
 
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _coefficients(x, sigma, sigma_next, std_rule, std_coef) -> StepCoef:
-    acc = _opmath(x.dtype)
+    acc = _dtypes.acc(x.dtype)
     return step_coefficients(sigma.to(acc), sigma_next.to(acc), std_rule, std_coef)
 
 
@@ -72,7 +70,7 @@ def _per_sample(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def flow_sde_step(x, v, sigma, sigma_next, noise, std_rule, std_coef):
     """Reference backend of diffkern::flow_sde_step: (x_next, mu, log_prob, inv_lambda), math in x's opmath dtype."""
-    acc = _opmath(x.dtype)
+    acc = _dtypes.acc(x.dtype)
     c = _coefficients(x, sigma, sigma_next, std_rule, std_coef)
     mu = _per_sample(c.a, x) * x.to(acc) + _per_sample(c.b, x) * v.to(acc)
     x_next = (mu + _per_sample(c.noise_scale, x) * noise.to(acc)).to(x.dtype)
@@ -91,7 +89,7 @@ def log_prob(v, x, x_next, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_ru
 
     kl = mean((mu - mu_ref)^2) / (2 std^2 Dt), where mu - mu_ref = b (v - v_ref); zeros without v_ref.
     """
-    acc = _opmath(x.dtype)
+    acc = _dtypes.acc(x.dtype)
     c = _coefficients(x, sigma, sigma_next, std_rule, std_coef)
     vg = guided(v.to(acc), None if v_uncond is None else v_uncond.to(acc), cfg_scale)
     mu = _per_sample(c.a, x) * x.to(acc) + _per_sample(c.b, x) * vg
@@ -108,7 +106,7 @@ def log_prob_bwd(dlog_prob, dkl, v, x, x_next, sigma, sigma_next, v_ref, v_uncon
 
         dv = b / (std^2 Dt D) [dlog_prob (x' - mu) + dkl b (v - v_ref)];  under CFG dv_c = w dv, dv_u = (1 - w) dv
     """
-    acc = _opmath(x.dtype)
+    acc = _dtypes.acc(x.dtype)
     c = _coefficients(x, sigma, sigma_next, std_rule, std_coef)
     D = max(math.prod(x.shape[1:]), 1)
     vg = guided(v.to(acc), None if v_uncond is None else v_uncond.to(acc), cfg_scale)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _triton
+from .. import _dtypes, _triton
 from .._triton import KernelSpec
 
 # 1024 elements at 8 per thread (4 warps): the backward keeps ~6 live fp32 tiles (v, v_uncond, x,
@@ -110,9 +110,9 @@ def log_prob_bwd_kernel(dv_ptr, dvu_ptr, v_ptr, vu_ptr, x_ptr, x_next_ptr, ref_p
     i = pid // n_chunks
     a, b, std, Dt = _step(sigma_ptr, sigma_next_ptr, i, std_coef, STD_RULE)
     # d log_prob / dv = (x_next - mu) b / (std^2 Dt D), d kl / dv = b^2 (v - v_ref) / (std^2 Dt D)
-    k = b / (std * std * Dt * D)
-    k_lp = tl.load(dlog_prob_ptr + i) * k
-    k_kl = tl.load(dkl_ptr + i) * k * b
+    gain = b / (std * std * Dt * D)
+    k_lp = tl.load(dlog_prob_ptr + i) * gain
+    k_kl = tl.load(dkl_ptr + i) * gain * b
     for k in range(tiles_per_chunk):
         offs, mask = _tile(pid, n_chunks, tiles_per_chunk, k, D, BLOCK)
         v = _velocity(v_ptr, vu_ptr, offs, mask, cfg_scale, HAS_CFG)
@@ -177,7 +177,7 @@ def _finalize(partial, sigma, sigma_next, std_rule, std_coef, D, has_kl):
 
 def sde_step(x, v, sigma, sigma_next, eps, std_rule, std_coef):
     """Launches sde_step_kernel and finalize_kernel: (x_next, mu, log_prob [B] fp32, inv_lambda [B] fp32)."""
-    sigma, sigma_next = sigma.float(), sigma_next.float()
+    sigma, sigma_next = _sigmas(sigma, sigma_next)
     x_next, mu = _triton.empty(x.shape, x.dtype, x.device), _triton.empty(x.shape, x.dtype, x.device)
     B, D, n_chunks, per_chunk = _grid(x)
     if B == 0:
@@ -189,6 +189,11 @@ def sde_step(x, v, sigma, sigma_next, eps, std_rule, std_coef):
     return x_next, mu, log_prob, inv_lambda
 
 
+def _sigmas(sigma, sigma_next):
+    """sigma and sigma_next as the kernels index them: contiguous fp32 [B] (the caller's may be views)."""
+    return sigma.float().contiguous(), sigma_next.float().contiguous()
+
+
 def _optional(t, fallback):
     """A tensor for a pointer argument the kernel does not read (HAS_CFG/HAS_REF off)."""
     return fallback if t is None else t
@@ -196,7 +201,7 @@ def _optional(t, fallback):
 
 def log_prob_fwd(v, x, x_next, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule, std_coef):
     """Launches log_prob_fwd_kernel and finalize_kernel: (log_prob, kl, inv_lambda) [B] in fp32."""
-    sigma, sigma_next = sigma.float(), sigma_next.float()
+    sigma, sigma_next = _sigmas(sigma, sigma_next)
     B, D, n_chunks, per_chunk = _grid(x)
     if B == 0:
         return tuple(_per_sample_outputs(x, 3))
@@ -211,11 +216,12 @@ def log_prob_fwd(v, x, x_next, sigma, sigma_next, v_ref, v_uncond, cfg_scale, st
 def log_prob_bwd(dlog_prob, dkl, v, x, x_next, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule, std_coef):
     """Launches log_prob_bwd_kernel: [dv] or [dv, dv_uncond] in v's dtype."""
     grads = [_triton.empty(x.shape, x.dtype, x.device) for _ in range(1 if v_uncond is None else 2)]
+    sigma, sigma_next = _sigmas(sigma, sigma_next)
     B, D, n_chunks, per_chunk = _grid(x)
     if B == 0:
         return grads
     log_prob_bwd_kernel[(B * n_chunks,)](grads[0], grads[-1], v, _optional(v_uncond, v), x, x_next, _optional(v_ref, v),
-                                         dlog_prob, dkl, sigma.float(), sigma_next.float(), std_coef, cfg_scale, D,
+                                         dlog_prob, dkl, sigma, sigma_next, std_coef, cfg_scale, D,
                                          n_chunks, per_chunk, STD_RULE=std_rule, HAS_CFG=v_uncond is not None,
                                          HAS_REF=v_ref is not None, **_META)
     return grads
@@ -227,18 +233,19 @@ def aot_specs() -> list[KernelSpec]:
     grid = {"D": "i32", "n_chunks": "i32", "tiles_per_chunk": "i32"}
     step = {"sigma_ptr": "*fp32", "sigma_next_ptr": "*fp32", "std_coef": "fp32"}
     maxnreg = _META["maxnreg"]
-    for rule in (0, 1):
+    for rule, has_kl in itertools.product((0, 1), (False, True)):
         specs.append(KernelSpec(
-            f"finalize_kernel[STD_RULE={rule}]", finalize_kernel,
+            f"finalize_kernel[STD_RULE={rule},HAS_KL={has_kl}]", finalize_kernel,
             {"partial_ptr": "*fp32", "sigma_ptr": "*fp32", "sigma_next_ptr": "*fp32", "log_prob_ptr": "*fp32",
              "kl_ptr": "*fp32", "inv_lambda_ptr": "*fp32", "std_coef": "fp32", "inv_D": "fp32", "B": "i32",
              "n_chunks": "i32", "STD_RULE": "constexpr", "HAS_KL": "constexpr", "BLOCK_C": "constexpr"},
-            {"STD_RULE": rule, "HAS_KL": True, "BLOCK_C": FINAL_BLOCK_C}, 1, _triton.register_budget(1),
+            {"STD_RULE": rule, "HAS_KL": has_kl, "BLOCK_C": FINAL_BLOCK_C}, 1, _triton.register_budget(1),
             {"std_rule": rule}))
+    for rule in (0, 1):
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             ty = _triton.TRITON_DTYPE[dtype]
             p = f"*{ty}"
-            tags = {"dtype": str(dtype).removeprefix("torch."), "std_rule": rule}
+            tags = {"dtype": _dtypes.name(dtype), "std_rule": rule}
             specs.append(KernelSpec(
                 f"sde_step_kernel[{ty},STD_RULE={rule}]", sde_step_kernel,
                 {"x_ptr": p, "v_ptr": p, "noise_ptr": p, "x_next_ptr": p, "mu_ptr": p, "partial_ptr": "*fp32", **step,
