@@ -1,0 +1,171 @@
+"""DARRouter: DAR routing of a whole network's residual stream, full or chunked (specs/dar.md).
+
+A model calls the router once per sublayer input and once before its output head:
+
+    hist = router.begin(x0)                  # x0: the patch embedding [B, T, d]
+    for l, sublayer in enumerate(sublayers):
+        hist.append(sublayer(router(hist, l, cond)))
+    h_final = router.final(hist, cond)
+
+Sources of sublayer l (0-based; o_i is sublayer i's output, S the chunk size, j = l // S its chunk):
+    full scheme (chunk_size=None):  [x0, o_0, ..., o_{l-1}]
+    chunked:                        [c_0, ..., c_j, o_{jS}, ..., o_{l-1}]
+where c_0 = x0 and c_k (k >= 1) summarises chunk k-1: the sum of its S outputs ("sum", the default)
+or its last output ("last"). The final aggregator routes over every summary and all raw outputs of
+the last chunk. With S=4 and 56 sublayers that is at most 18 sources per op instead of 57.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .gather import dar_gather
+
+QUERIES = ("static", "timestep", "dynamic")
+SUMMARIES = ("sum", "last")
+
+
+class DARHistory:
+    """The sources of one forward pass: the embedding, the sublayer outputs and the chunk summaries.
+
+    Tensors are kept by reference (never stacked or copied); a summary is written once, by the
+    routing op of the first sublayer after its chunk ends (`diffkern.dar.dar_gather`). Raw outputs of
+    a finished chunk are dropped from the history as soon as its summary exists, so they stay alive
+    only if autograd saved them.
+    """
+
+    def __init__(self, x0: torch.Tensor, chunk_size: int | None):
+        if x0.dim() != 3:
+            raise ValueError(f"DARRouter.begin: x0 must be [B, T, d], got shape {list(x0.shape)}")
+        self.x0 = x0
+        self.chunk_size = chunk_size
+        self.outputs: list[torch.Tensor | None] = []
+        self.summaries: list[torch.Tensor] = [x0]
+        self.newest = x0
+
+    def __len__(self) -> int:
+        return len(self.outputs)
+
+    def append(self, out: torch.Tensor) -> None:
+        """Records the output of the next sublayer (after its adaLN gate), [B, T, d] like x0."""
+        if out.shape != self.x0.shape:
+            raise ValueError(f"DARHistory.append: sublayer output {len(self.outputs)} has shape {list(out.shape)} "
+                             f"but x0 has shape {list(self.x0.shape)}")
+        self.outputs.append(out)
+        self.newest = out
+
+    def chunk_outputs(self, j: int, end: int) -> list[torch.Tensor]:
+        """Raw outputs of chunk j up to (excluding) sublayer `end`."""
+        return list(self.outputs[j * self.chunk_size:end])
+
+    def add_summary(self, c: torch.Tensor, j: int) -> None:
+        """Records c_j (the summary of chunk j-1) and releases that chunk's raw outputs."""
+        self.summaries.append(c)
+        S = self.chunk_size
+        self.outputs[(j - 1) * S:j * S] = [None] * S
+
+
+class DARRouter(nn.Module):
+    """Depth-adaptive routing for `n_sublayers` sublayer inputs plus the final aggregate.
+
+    Args:
+        d: hidden size.
+        n_sublayers: number of routed sublayers L (a DiT block has two: attention and MLP).
+        chunk_size: S, sublayers per chunk; None for the full scheme (every earlier output is a source).
+        query: "static" (q = w_l), "timestep" (q = w_l + e_l(cond)) or "dynamic" (q = W_q^(l) v_{l-1},
+            v_{l-1} the newest source).
+        cond_dim: size of the conditioning vector cond [B, cond_dim] (query="timestep" only).
+        eps: RMSNorm epsilon of the routing keys.
+        summary: chunk summary rule, "sum" (default) or "last".
+    Parameters, per routing position p = 0..L (p = L is the final aggregator), all initialised so that
+    routing starts uniform: gain g_p (ones), and w_p (zeros; static/timestep), e_p = Linear(cond_dim, d)
+    (zeros; timestep), W_q^(p) [d, d] (zeros; dynamic).
+    """
+
+    def __init__(self, d: int, n_sublayers: int, chunk_size: int | None = 4, query: str = "static",
+                 cond_dim: int | None = None, eps: float = 1e-6, summary: str = "sum"):
+        super().__init__()
+        if query not in QUERIES:
+            raise ValueError(f"DARRouter: query must be one of {QUERIES}, got {query!r}")
+        if summary not in SUMMARIES:
+            raise ValueError(f"DARRouter: summary must be one of {SUMMARIES}, got {summary!r}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"DARRouter: chunk_size must be >= 1 or None, got {chunk_size}")
+        if n_sublayers < 1 or d < 1:
+            raise ValueError(f"DARRouter: d and n_sublayers must be >= 1, got d={d}, n_sublayers={n_sublayers}")
+        if query == "timestep" and not cond_dim:
+            raise ValueError("DARRouter: query='timestep' needs cond_dim (the size of the conditioning vector)")
+        self.d, self.n_sublayers, self.chunk_size = d, n_sublayers, chunk_size
+        self.query, self.summary, self.eps = query, summary, eps
+        n_pos = n_sublayers + 1
+        self.gain = nn.Parameter(torch.ones(n_pos, d))
+        if query == "dynamic":
+            self.query_proj = nn.Parameter(torch.zeros(n_pos, d, d))
+        else:
+            self.query_weight = nn.Parameter(torch.zeros(n_pos, d))
+        if query == "timestep":
+            self.time_weight = nn.Parameter(torch.zeros(n_pos, d, cond_dim))
+            self.time_bias = nn.Parameter(torch.zeros(n_pos, d))
+
+    def extra_repr(self) -> str:
+        return (f"d={self.d}, n_sublayers={self.n_sublayers}, chunk_size={self.chunk_size}, query={self.query!r}, "
+                f"summary={self.summary!r}")
+
+    def begin(self, x0: torch.Tensor) -> DARHistory:
+        """A new history for one forward pass, starting from the patch embedding x0 [B, T, d]."""
+        if x0.dim() == 3 and x0.shape[-1] != self.d:
+            raise ValueError(f"DARRouter.begin: x0 must have d={self.d} features, got shape {list(x0.shape)}")
+        return DARHistory(x0, self.chunk_size)
+
+    def _q(self, p: int, hist: DARHistory, cond: torch.Tensor | None) -> torch.Tensor:
+        """The query of routing position p: [d], [B, d] or [B, T, d]."""
+        if self.query == "dynamic":
+            v = hist.newest
+            return F.linear(v, self.query_proj[p].to(v.dtype))
+        if self.query == "static":
+            return self.query_weight[p]
+        if cond is None or cond.dim() != 2 or cond.shape[-1] != self.time_weight.shape[-1]:
+            got = None if cond is None else list(cond.shape)
+            raise ValueError(f"DARRouter: query='timestep' needs cond [B, {self.time_weight.shape[-1]}], got {got}")
+        return self.query_weight[p] + F.linear(cond.to(self.time_weight.dtype), self.time_weight[p], self.time_bias[p])
+
+    def _route(self, p: int, hist: DARHistory, sources, addends, cond):
+        src = hist.x0
+        q, gain = self._q(p, hist, cond), self.gain[p]
+        allowed = (src.dtype, torch.float32 if src.dtype != torch.float64 else torch.float64)
+        q = q if q.dtype in allowed else q.to(src.dtype)
+        gain = gain if gain.dtype in allowed else gain.to(src.dtype)
+        return dar_gather(sources, addends, q, gain, self.eps)
+
+    def forward(self, hist: DARHistory, l: int, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The input h_l [B, T, d] of sublayer l; call after the outputs of sublayers 0..l-1 were appended."""
+        if not 0 <= l < self.n_sublayers:
+            raise ValueError(f"DARRouter: sublayer index must be in [0, {self.n_sublayers}), got {l}")
+        if len(hist) != l:
+            raise ValueError(f"DARRouter: routing sublayer {l} needs the outputs of sublayers 0..{l - 1} in the "
+                             f"history, which holds {len(hist)}")
+        S = self.chunk_size
+        if S is None:
+            return self._route(l, hist, [hist.x0, *hist.outputs], [], cond)[0]
+        j, r = divmod(l, S)
+        if r > 0 or j == 0:
+            return self._route(l, hist, [*hist.summaries, *hist.chunk_outputs(j, l)], [], cond)[0]
+        pending = hist.chunk_outputs(j - 1, l)  # chunk j-1 just ended: its summary c_j joins the sources
+        if self.summary == "last" or len(pending) == 1:
+            hist.add_summary(pending[-1], j)
+            return self._route(l, hist, list(hist.summaries), [], cond)[0]
+        h, c = self._route(l, hist, list(hist.summaries), pending, cond)
+        hist.add_summary(c, j)
+        return h
+
+    def final(self, hist: DARHistory, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The final aggregate [B, T, d] over all summaries and the last chunk's raw outputs (full: all sources)."""
+        L = self.n_sublayers
+        if len(hist) != L:
+            raise ValueError(f"DARRouter.final: needs all {L} sublayer outputs in the history, which holds {len(hist)}")
+        if self.chunk_size is None:
+            sources = [hist.x0, *hist.outputs]
+        else:
+            sources = [*hist.summaries, *hist.chunk_outputs((L - 1) // self.chunk_size, L)]
+        return self._route(L, hist, sources, [], cond)[0]
