@@ -151,27 +151,37 @@ def test_converted_dar_model_runs_forward_and_backward(source, chunk_size, query
     assert any(g.abs().sum() > 0 for n, g in grads.items() if n.startswith("router."))
 
 
-def test_converted_dar_routes_uniformly_at_init(source):
-    """Full scheme: at init the input of sublayer l is the plain mean of [embedding, outputs 0..l-1]."""
-    dar = to_dar(source, chunk_size=None)
-    inputs_seen, outputs = [], []
+def scheduled_sources(x0, outs, l, S, final=False):
+    """The router's sources for sublayer l (or the final aggregate): specs/dar.md, summaries = chunk sums."""
+    if S is None:
+        return [x0, *outs[:l]]
+    j = (l - 1) // S if final else l // S
+    return [x0, *(sum(outs[k * S:(k + 1) * S]) for k in range(j)), *outs[j * S:l]]
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_converted_dar_routes_uniformly_at_init(source, chunk_size):
+    """At init every sublayer input, and the final aggregate, is the plain mean of its scheduled sources."""
+    dar = to_dar(source, chunk_size=chunk_size)
+    seen, branch_out, embeds = [], [], []
     for block in dar.blocks:
         for norm in (block.norm1, block.norm2):
-            norm.register_forward_pre_hook(lambda m, a: inputs_seen.append(a[0]))
+            norm.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
         for sub in (block.attn, block.mlp):
-            sub.register_forward_hook(lambda m, a, o: outputs.append(o))
-    embeds = []
+            sub.register_forward_hook(lambda m, a, o: branch_out.append(o))
+    dar.final_layer.norm_final.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
     dar.x_embedder.register_forward_hook(lambda m, a, o: embeds.append(o))
     x, t, y = inputs()
     with torch.no_grad():
         dar(x, t, y)
         c = dar.t_embedder(t) + dar.y_embedder(y, False)
-    history = [embeds[0] + dar.pos_embed]
-    for l, h in enumerate(inputs_seen):
-        torch.testing.assert_close(h, torch.stack(history).mean(0), rtol=1e-5, atol=1e-6)
-        gate = dar.blocks[l // 2].modulation(c)[2 if l % 2 == 0 else 5]
-        history.append(gate[:, None] * outputs[l])
-    assert len(inputs_seen) == 2 * DEPTH
+    x0 = embeds[0] + dar.pos_embed
+    outs = [dar.blocks[l // 2].modulation(c)[2 if l % 2 == 0 else 5][:, None] * o for l, o in enumerate(branch_out)]
+    L = 2 * DEPTH
+    assert len(seen) == L + 1
+    for l, h in enumerate(seen):
+        sources = scheduled_sources(x0, outs, l, chunk_size, final=l == L)
+        torch.testing.assert_close(h, torch.stack(sources).mean(0), rtol=1e-5, atol=1e-6)
 
 
 def test_layouts_that_are_not_a_dit_are_refused(source):
