@@ -1,0 +1,1 @@
+"""Runnable demonstrations of diffkern's techniques on small data, on CPU (`python -m diffkern.demos.<name>`)."""
