@@ -1,0 +1,107 @@
+"""CPU time of a DAR DiT-S/2 training step against the residual DiT-S/2 of the same width, side by side.
+
+    python -m diffkern.bench.dar_model [--quick] [--out DIR] [--batch 2] [--threads N]
+
+A step is forward + backward of the SiT velocity loss (torch.autograd.grad of every parameter, so
+nothing accumulates; no optimizer). The candidates are the same `diffkern.dar.blocks.DiT` built with
+stream="residual" and with stream="dar" (chunked S=4 and the full scheme, timestep-injected query),
+timed interleaved (timer.time_interleaved) so machine drift hits all alike. For each DAR candidate
+the report also gives the share of one step's CPU time spent in diffkern's routing ops and their
+autograd nodes (torch.profiler, self time), which says where a gap to the residual model comes from.
+Issue 3's bar: DAR step time <= 1.5x the residual step time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from ..dar.blocks import dit
+from ..dar.sit import velocity_loss
+from .report import _table
+from .timer import time_interleaved
+
+BAR = 1.5
+CANDIDATES = {"residual": dict(stream="residual"),
+              "dar S=4": dict(stream="dar", chunk_size=4, query="timestep"),
+              "dar full": dict(stream="dar", chunk_size=None, query="timestep")}
+
+
+def _model(kwargs: dict, input_size: int):
+    torch.manual_seed(0)
+    return dit("DiT-S/2", input_size=input_size, learn_sigma=False, **kwargs)
+
+
+def _step(model, x, y):
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def call():
+        return torch.autograd.grad(velocity_loss(model, x, y, torch.Generator().manual_seed(0)), params)
+    return call
+
+
+def routing_share(step) -> float:
+    """Fraction of one step's self CPU time in diffkern ops (routing forward, backward, their autograd nodes)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    ours = sum(e.self_cpu_time_total for e in events if "diffkern" in e.key)
+    return ours / total
+
+
+def rows(quick: bool, batch: int, warmup: int, rounds: int, min_sample_s: float) -> list[dict]:
+    input_size = 8 if quick else 32  # 32x32 latents (ImageNet 256): T = 256 tokens at patch 2
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(batch, 4, input_size, input_size, generator=g), torch.randint(0, 1000, (batch,), generator=g)
+    models = {name: _model(kw, input_size) for name, kw in CANDIDATES.items()}
+    steps = {name: _step(m, x, y) for name, m in models.items()}
+    t = time_interleaved(steps, warmup, rounds, min_sample_s)
+    base = t["residual"].median_s
+    out = []
+    for name, m in models.items():
+        out.append({"model": name, "case": f"DiT-S/2 B={batch} T={(input_size // 2) ** 2} d=384",
+                    "params": sum(p.numel() for p in m.parameters()), "step_ms": t[name].median_s * 1e3,
+                    "over_residual": t[name].median_s / base,
+                    "routing_share": None if name == "residual" else routing_share(steps[name]),
+                    "timing": t[name].as_dict()})
+    return out
+
+
+def markdown(rows_: list[dict], threads: int) -> str:
+    lines = _table(["model", "case", "params", "fwd+bwd ms (median)", "/ residual", "diffkern routing share of CPU"],
+                   [[r["model"], r["case"], f"{r['params']:,}", f"{r['step_ms']:.1f}", f"{r['over_residual']:.2f}x",
+                     "" if r["routing_share"] is None else f"{r['routing_share']:.1%}"] for r in rows_])
+    worst = max(r["over_residual"] for r in rows_ if r["model"].startswith("dar"))
+    verdict = "met" if worst <= BAR else "not met"
+    return "\n".join([f"### DAR DiT-S/2 training step vs residual (CPU, float32, {threads} threads)", "", *lines, "",
+                      f"Bar: DAR step <= {BAR:.2f}x residual: worst {worst:.2f}x, **{verdict}**."])
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="8x8 inputs (16 tokens): a smoke run, not representative")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--rounds", type=int, default=None, help="timed samples per candidate (default 5, quick 3)")
+    p.add_argument("--out", default=None, help="folder for dar_model.json and dar_model.md")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rounds = args.rounds or (3 if args.quick else 5)
+    warmup, min_sample_s = (1, 0.0) if args.quick else (1, 0.5)
+    result = rows(args.quick, args.batch, warmup, rounds, min_sample_s)
+    md = markdown(result, torch.get_num_threads())
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "dar_model.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        with open(os.path.join(args.out, "dar_model.md"), "w") as f:
+            f.write(md + "\n")
+    print(md)
+    return result
+
+
+if __name__ == "__main__":
+    main()
