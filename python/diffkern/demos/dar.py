@@ -109,7 +109,8 @@ def plot_samples(samples: dict, path: str) -> None:
     fig, axes = plt.subplots(1, len(samples), figsize=(5 * len(samples), 5.4))
     for ax, (name, s) in zip(np.atleast_1d(axes), samples.items()):
         per_class = s.shape[0] // 10
-        grid = s.clamp(-1, 1).reshape(10, per_class, 8, 8).permute(0, 2, 1, 3).reshape(80, per_class * 8)
+        tiles = torch.nn.functional.pad(s.clamp(-1, 1).reshape(10, per_class, 8, 8), (1, 1, 1, 1), value=-1.0)
+        grid = tiles.permute(0, 2, 1, 3).reshape(100, per_class * 10)
         ax.imshow(grid.numpy(), cmap="gray_r", vmin=-1, vmax=1)
         ax.set_title(f"{name}: one row per digit 0-9")
         ax.axis("off")
