@@ -1,12 +1,16 @@
-// CPU kernels of the DAR routing ops (specs/dar.md "Routing"; schemas in csrc/diffkern/ops.cpp).
+// CPU kernels of the DAR routing and chunked-gathering ops (specs/dar.md; schemas in csrc/diffkern/ops.cpp).
+// dar_gather is dar_route over [sources..., c] where the new chunk summary c = sum(addends) is formed
+// in the same pass (written once, routed as stored); its backward is dar_route's plus an incoming
+// gradient added to the last source's. Both ops run the kernels below.
 //
 // Tokens are walked in blocks of kTokenBlock, in parallel over (b, block). Per token each source row
 // is read once from memory: its second use (the softmax accumulator; dv and u in the backward)
 // re-reads it from L1, where one d-row sits. Traffic, in elements: the forward reads n*B*T*d and
 // writes B*T*(d+1); the backward reads (n+2)*B*T*d + B*T and writes n*B*T*d, plus B*T*d each way
-// for a per-token q.
+// for a per-token q. Forming a summary adds k*B*T*d reads (its k addends) and B*T*d writes.
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -57,6 +61,7 @@ template <typename scalar_t, typename q_t>
 struct RouteInputs {
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<SourceRows<scalar_t>> src;
+  std::vector<SourceRows<scalar_t>> add;  // addends of the summary routed after src (dar_gather), or none
   const q_t* q;
   const acc_t* gain;
   acc_t eps;
@@ -68,11 +73,13 @@ int64_t task_grain(const Tiling& g) {
 }
 
 template <typename scalar_t, typename q_t>
-RouteInputs<scalar_t, q_t> route_inputs(at::TensorList sources, const at::Tensor& q, const at::Tensor& gain_acc,
-                                        double eps) {
-  RouteInputs<scalar_t, q_t> in{{}, q.const_data_ptr<q_t>(), gain_acc.const_data_ptr<at::opmath_type<scalar_t>>(),
+RouteInputs<scalar_t, q_t> route_inputs(at::TensorList sources, at::TensorList addends, const at::Tensor& q,
+                                        const at::Tensor& gain_acc, double eps) {
+  RouteInputs<scalar_t, q_t> in{{}, {}, q.const_data_ptr<q_t>(),
+                                gain_acc.const_data_ptr<at::opmath_type<scalar_t>>(),
                                 static_cast<at::opmath_type<scalar_t>>(eps)};
   for (const at::Tensor& v : sources) in.src.push_back({v.const_data_ptr<scalar_t>(), v.stride(0), v.stride(1)});
+  for (const at::Tensor& a : addends) in.add.push_back({a.const_data_ptr<scalar_t>(), a.stride(0), a.stride(1)});
   return in;
 }
 
@@ -91,17 +98,43 @@ inline void scale_by_gain(const acc_t* __restrict q, const acc_t* __restrict gai
   for (int64_t j = 0; j < d; ++j) qg[j] = q[j] * gain[j];
 }
 
+// Folds one source row v into the running softmax `state` and the weighted sum `acc` (started by the first).
+template <typename acc_t>
+inline void fold_source(const acc_t* __restrict v, const acc_t* __restrict qg, int64_t d, acc_t inv_d,
+                        acc_t inv_sqrt_d, acc_t eps, bool first, SoftmaxState<acc_t>& state, acc_t* __restrict acc) {
+  acc_t ss = 0, p = 0;
+#pragma omp simd reduction(+ : ss, p)
+  for (int64_t j = 0; j < d; ++j) {
+    ss += v[j] * v[j];
+    p += qg[j] * v[j];
+  }
+  const acc_t s = route_score(rstd_from_sumsq(ss, inv_d, eps), p, inv_sqrt_d);
+  acc_t scale, w;
+  if (first) {
+    state = {s, acc_t(1)};
+    std::copy(v, v + d, acc);
+  } else if (softmax_push(state, s, scale, w)) {
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) acc[j] = acc[j] * scale + v[j];
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) acc[j] += w * v[j];
+  }
+}
+
+// Writes h and lse; with addends, also the summary row c = sum_k addends[k] (fp32 sum, rounded once),
+// which is routed as stored: later ops and the backward read that same rounded c.
 template <typename scalar_t, typename q_t>
 void route_fwd_kernel(const Tiling& g, const RouteInputs<scalar_t, q_t>& in, scalar_t* h,
-                      at::opmath_type<scalar_t>* lse) {
+                      at::opmath_type<scalar_t>* lse, scalar_t* c) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t d = g.d;
   const acc_t inv_d = acc_t(1) / d, inv_sqrt_d = acc_t(1) / std::sqrt(acc_t(d));
   at::parallel_for(0, g.B * g.n_blocks, task_grain(g), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(4 * d);
+    std::vector<acc_t> scratch(5 * d);
     acc_t* __restrict qg = scratch.data();
     acc_t* __restrict acc = qg + d;
-    acc_t *vbuf = acc + d, *q_buf = vbuf + d;
+    acc_t *vbuf = acc + d, *q_buf = vbuf + d, *c_buf = q_buf + d;
     const q_t* q_cached = nullptr;  // a static or per-batch q row is scaled by gain once per chunk
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / g.n_blocks, t0 = task % g.n_blocks * kTokenBlock;
@@ -112,27 +145,20 @@ void route_fwd_kernel(const Tiling& g, const RouteInputs<scalar_t, q_t>& in, sca
         q_cached = q_row;
         SoftmaxState<acc_t> state{};
         for (int64_t i = 0; i < g.n; ++i) {
-          const acc_t* __restrict v = widen(in.src[i].row(b, t), vbuf, d);
-          acc_t ss = 0, p = 0;
-#pragma omp simd reduction(+ : ss, p)
-          for (int64_t j = 0; j < d; ++j) {
-            ss += v[j] * v[j];
-            p += qg[j] * v[j];
-          }
-          const acc_t s = route_score(rstd_from_sumsq(ss, inv_d, in.eps), p, inv_sqrt_d);
-          acc_t scale, w;
-          if (i == 0) {
-            state = {s, acc_t(1)};
-            std::copy(v, v + d, acc);
-          } else if (softmax_push(state, s, scale, w)) {
-#pragma omp simd
-            for (int64_t j = 0; j < d; ++j) acc[j] = acc[j] * scale + v[j];
-          } else {
-#pragma omp simd
-            for (int64_t j = 0; j < d; ++j) acc[j] += w * v[j];
-          }
+          fold_source(widen(in.src[i].row(b, t), vbuf, d), qg, d, inv_d, inv_sqrt_d, in.eps, i == 0, state, acc);
         }
         const int64_t tok = b * g.T + t;
+        if (!in.add.empty()) {
+          acc_t* __restrict c_row = staging(c + tok * d, c_buf);
+          std::fill(c_row, c_row + d, acc_t(0));
+          for (const SourceRows<scalar_t>& a : in.add) {
+            const acc_t* __restrict v = widen(a.row(b, t), vbuf, d);
+#pragma omp simd
+            for (int64_t j = 0; j < d; ++j) c_row[j] += v[j];
+          }
+          narrow(c_row, c + tok * d, d);
+          fold_source(widen(c + tok * d, vbuf, d), qg, d, inv_d, inv_sqrt_d, in.eps, false, state, acc);
+        }
         lse[tok] = softmax_lse(state);
         const acc_t inv_l = acc_t(1) / state.l;
         acc_t* __restrict h_row = staging(h + tok * d, vbuf);
@@ -144,21 +170,23 @@ void route_fwd_kernel(const Tiling& g, const RouteInputs<scalar_t, q_t>& in, sca
   });
 }
 
-// Writes dsources and, for a per-token q, dq; leaves in partial[task] (a [d] row per (b, block))
-// the block's sum over tokens of u (static and per-batch q) or of q_tok * u (per-token q).
+// Writes dsources (plus dlast, when given, into the last one's) and, for a per-token q, dq; leaves
+// in partial[task] (a [d] row per (b, block)) the block's sum over tokens of u (static and per-batch
+// q) or of q_tok * u (per-token q).
 template <typename scalar_t, typename q_t>
 void route_bwd_kernel(const Tiling& g, const RouteInputs<scalar_t, q_t>& in, const scalar_t* dh, const scalar_t* h,
-                      const at::opmath_type<scalar_t>* lse, const std::vector<scalar_t*>& dsrc, q_t* dq,
-                      at::opmath_type<scalar_t>* partial) {
+                      const at::opmath_type<scalar_t>* lse, const scalar_t* dlast, const std::vector<scalar_t*>& dsrc,
+                      q_t* dq, at::opmath_type<scalar_t>* partial) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t d = g.d;
   const acc_t inv_d = acc_t(1) / d, inv_sqrt_d = acc_t(1) / std::sqrt(acc_t(d));
   const bool per_token = g.q_kind == QKind::kPerToken;
   at::parallel_for(0, g.B * g.n_blocks, task_grain(g), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(7 * d);
+    std::vector<acc_t> scratch(8 * d);
     acc_t* __restrict qg = scratch.data();
     acc_t* __restrict u = qg + d;
     acc_t *vbuf = u + d, *dh_buf = vbuf + d, *h_buf = dh_buf + d, *q_buf = h_buf + d, *out_buf = q_buf + d;
+    acc_t* dlast_buf = out_buf + d;
     const q_t* q_cached = nullptr;
     const acc_t* q_tok = nullptr;
     for (int64_t task = begin; task < end; ++task) {
@@ -196,6 +224,11 @@ void route_bwd_kernel(const Tiling& g, const RouteInputs<scalar_t, q_t>& in, con
           for (int64_t j = 0; j < d; ++j) {
             dv[j] = gr.alpha * dh_row[j] + gr.c * qg[j] - gr.beta * v[j];
             u[j] += gr.c * v[j];
+          }
+          if (dlast != nullptr && i == g.n - 1) {
+            const acc_t* __restrict dl = widen(dlast + tok * d, dlast_buf, d);
+#pragma omp simd
+            for (int64_t j = 0; j < d; ++j) dv[j] += dl[j];
           }
           narrow(dv, dsrc[i] + tok * d, d);
         }
@@ -251,25 +284,28 @@ void reduce_partials(const Tiling& g, const RouteInputs<scalar_t, q_t>& in, cons
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> dar_route_fwd_cpu(at::TensorList sources, const at::Tensor& q,
-                                                     const at::Tensor& gain, double eps) {
-  const Tiling g(check_route_args(sources, q, gain, eps));
+// Routing over sources (+ the summary formed from addends, when there are any): (h, lse, c).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route_forward(const Tiling& g, at::TensorList sources,
+                                                             at::TensorList addends, const at::Tensor& q,
+                                                             const at::Tensor& gain, double eps) {
   const at::ScalarType dtype = sources[0].scalar_type(), acc_dtype = at::toOpMathType(dtype);
   at::Tensor h = empty_output({g.B, g.T, g.d}, sources[0].options());
   at::Tensor lse = empty_output({g.B, g.T}, sources[0].options().dtype(acc_dtype));
+  at::Tensor c = empty_output(addends.empty() ? std::vector<int64_t>{0} : std::vector<int64_t>{g.B, g.T, g.d},
+                              sources[0].options());
   const at::Tensor gain_acc = gain.to(acc_dtype).contiguous();
   dispatch_route(dtype, q.scalar_type(), [&](auto scalar_tag, auto q_tag) {
     using scalar_t = decltype(scalar_tag);
-    route_fwd_kernel(g, route_inputs<scalar_t, decltype(q_tag)>(sources, q, gain_acc, eps),
-                     h.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<at::opmath_type<scalar_t>>());
+    route_fwd_kernel(g, route_inputs<scalar_t, decltype(q_tag)>(sources, addends, q, gain_acc, eps),
+                     h.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<at::opmath_type<scalar_t>>(),
+                     addends.empty() ? nullptr : c.mutable_data_ptr<scalar_t>());
   });
-  return {h, lse};
+  return {h, lse, c};
 }
 
-std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dar_route_bwd_cpu(
-    const at::Tensor& dh, at::TensorList sources, const at::Tensor& q, const at::Tensor& gain, const at::Tensor& h,
-    const at::Tensor& lse, double eps) {
-  const Tiling g(check_route_bwd_args(dh, sources, q, gain, h, lse, eps));
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> route_backward(
+    const Tiling& g, const at::Tensor& dh, at::TensorList sources, const at::Tensor& q, const at::Tensor& gain,
+    const at::Tensor& h, const at::Tensor& lse, const at::Tensor* dlast, double eps) {
   const at::ScalarType dtype = sources[0].scalar_type(), acc_dtype = at::toOpMathType(dtype);
   const std::vector<int64_t> btd{g.B, g.T, g.d};
 
@@ -283,14 +319,41 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dar_route_bwd_cpu(
     using scalar_t = decltype(scalar_tag);
     using q_t = decltype(q_tag);
     using acc_t = at::opmath_type<scalar_t>;
-    const auto in = route_inputs<scalar_t, q_t>(sources, q, gain_acc, eps);
+    const auto in = route_inputs<scalar_t, q_t>(sources, {}, q, gain_acc, eps);
     std::vector<scalar_t*> dsrc;
     for (at::Tensor& dv : dsources) dsrc.push_back(dv.mutable_data_ptr<scalar_t>());
     route_bwd_kernel(g, in, dh.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), lse.const_data_ptr<acc_t>(),
-                     dsrc, dq.mutable_data_ptr<q_t>(), partial.mutable_data_ptr<acc_t>());
+                     dlast == nullptr ? nullptr : dlast->const_data_ptr<scalar_t>(), dsrc, dq.mutable_data_ptr<q_t>(),
+                     partial.mutable_data_ptr<acc_t>());
     reduce_partials(g, in, partial.const_data_ptr<acc_t>(), dq.mutable_data_ptr<q_t>(), dgain.mutable_data_ptr<acc_t>());
   });
   return {std::move(dsources), dq, dgain.to(gain.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor> dar_route_fwd_cpu(at::TensorList sources, const at::Tensor& q,
+                                                     const at::Tensor& gain, double eps) {
+  auto [h, lse, c] = route_forward(Tiling(check_route_args(sources, q, gain, eps)), sources, {}, q, gain, eps);
+  return {h, lse};
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dar_route_bwd_cpu(
+    const at::Tensor& dh, at::TensorList sources, const at::Tensor& q, const at::Tensor& gain, const at::Tensor& h,
+    const at::Tensor& lse, double eps) {
+  const Tiling g(check_route_bwd_args(dh, sources, q, gain, h, lse, eps));
+  return route_backward(g, dh, sources, q, gain, h, lse, nullptr, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dar_gather_fwd_cpu(at::TensorList sources, at::TensorList addends,
+                                                                  const at::Tensor& q, const at::Tensor& gain,
+                                                                  double eps) {
+  return route_forward(Tiling(check_gather_args(sources, addends, q, gain, eps)), sources, addends, q, gain, eps);
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dar_gather_bwd_cpu(
+    const at::Tensor& dh, at::TensorList sources, const at::Tensor& q, const at::Tensor& gain, const at::Tensor& h,
+    const at::Tensor& lse, const std::optional<at::Tensor>& dlast, double eps) {
+  const Tiling g(check_gather_bwd_args(dh, sources, q, gain, h, lse, dlast, eps));
+  return route_backward(g, dh, sources, q, gain, h, lse, dlast.has_value() ? &*dlast : nullptr, eps);
 }
 
 }  // namespace
@@ -299,4 +362,6 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> dar_route_bwd_cpu(
 TORCH_LIBRARY_IMPL(diffkern, CPU, m) {
   m.impl("dar_route_fwd", TORCH_FN(diffkern::dar::dar_route_fwd_cpu));
   m.impl("dar_route_bwd", TORCH_FN(diffkern::dar::dar_route_bwd_cpu));
+  m.impl("dar_gather_fwd", TORCH_FN(diffkern::dar::dar_gather_fwd_cpu));
+  m.impl("dar_gather_bwd", TORCH_FN(diffkern::dar::dar_gather_bwd_cpu));
 }

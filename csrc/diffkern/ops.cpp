@@ -18,6 +18,20 @@ TORCH_LIBRARY_FRAGMENT(diffkern, m) {
 }
 
 TORCH_LIBRARY_FRAGMENT(diffkern, m) {
+  m.set_python_module("diffkern.dar.gather");
+  // DAR chunked residual gathering: dar_route over [sources..., c], where the just-finished chunk's
+  // summary c = sum_k addends[k] is formed in the same pass and returned (an empty [0] tensor when
+  // there are no addends). The backward is dar_route_bwd over [sources..., c] with the incoming
+  // gradient dlast of c (if any) added to the last source's gradient.
+  m.def(
+      "dar_gather_fwd(Tensor[] sources, Tensor[] addends, Tensor q, Tensor gain, float eps)"
+      " -> (Tensor h, Tensor lse, Tensor summary)");
+  m.def(
+      "dar_gather_bwd(Tensor dh, Tensor[] sources, Tensor q, Tensor gain, Tensor h, Tensor lse, Tensor? dlast,"
+      " float eps) -> (Tensor[] dsources, Tensor dq, Tensor dgain)");
+}
+
+TORCH_LIBRARY_FRAGMENT(diffkern, m) {
   m.set_python_module("diffkern.dar.op");
   // Internal: the CUDA C++ kernels of the two ops above (csrc/cuda/dar_route.cu), with their exact
   // signatures. The `cuda` backend of dar_route_fwd/bwd calls these; users call dar_route_fwd/bwd.

@@ -15,81 +15,93 @@ from . import reference, triton_kernels
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _fail(msg: str):
-    raise ValueError(f"dar_route: {msg}")
+def _fail(msg: str, op: str = "dar_route"):
+    raise ValueError(f"{op}: {msg}")
 
 
-def _check_param(name, x, shapes, src, shape_text):
+def _check_param(name, x, shapes, src, shape_text, op):
     if x.device != src.device:
-        _fail(f"{name} is on {x.device} but sources[0] is on {src.device}")
+        _fail(f"{name} is on {x.device} but sources[0] is on {src.device}", op)
     if not any(tuple(x.shape) == s for s in shapes):
-        _fail(f"{name} must be {shape_text}, got shape {list(x.shape)}")
+        _fail(f"{name} must be {shape_text}, got shape {list(x.shape)}", op)
     allowed = {src.dtype, _dtypes.acc(src.dtype)}
     if x.dtype not in allowed:
         alt = _dtypes.name(_dtypes.acc(src.dtype))
-        _fail(f"{name} dtype must be {_dtypes.name(src.dtype)} (the sources' dtype) or {alt}, got {_dtypes.name(x.dtype)}")
+        _fail(f"{name} dtype must be {_dtypes.name(src.dtype)} (the sources' dtype) or {alt}, got {_dtypes.name(x.dtype)}",
+              op)
+    check_unit_stride(name, x, op)
+
+
+def check_unit_stride(name, x, op) -> None:
     if x.shape[-1] > 1 and x.stride(-1) != 1:
-        _fail(f"{name} must have unit stride in its last dim (got stride {x.stride(-1)}); call .contiguous()")
+        _fail(f"{name} must have unit stride in its last dim (got stride {x.stride(-1)}); call .contiguous()", op)
 
 
-def check_fwd(sources, q, gain, eps) -> None:
+def check_like_source(name, x, src, op) -> None:
+    """A tensor that must match sources[0] in shape, dtype and device, with unit stride along d."""
+    if x.shape != src.shape:
+        _fail(f"{name} has shape {list(x.shape)} but sources[0] has shape {list(src.shape)}", op)
+    if x.dtype != src.dtype:
+        _fail(f"{name} dtype {_dtypes.name(x.dtype)} differs from sources[0] dtype {_dtypes.name(src.dtype)}", op)
+    if x.device != src.device:
+        _fail(f"{name} is on {x.device} but sources[0] is on {src.device}", op)
+    check_unit_stride(name, x, op)
+
+
+def check_fwd(sources, q, gain, eps, op: str = "dar_route") -> None:
     """Validates the arguments of dar_route_fwd (the C++ CPU kernel checks the same, in the same words)."""
     if len(sources) == 0:
-        _fail("sources must hold at least one tensor")
+        _fail("sources must hold at least one tensor", op)
     src = sources[0]
     for i, x in enumerate(sources):
         if x.dim() != 3:
-            _fail(f"sources[{i}] must be [B, T, d], got shape {list(x.shape)}")
-        if x.shape != src.shape:
-            _fail(f"sources[{i}] has shape {list(x.shape)} but sources[0] has shape {list(src.shape)}")
+            _fail(f"sources[{i}] must be [B, T, d], got shape {list(x.shape)}", op)
         if i == 0 and x.dtype not in _FLOATS:
-            _fail(f"sources[0] dtype must be float16, bfloat16, float32 or float64, got {_dtypes.name(x.dtype)}")
-        if x.dtype != src.dtype:
-            _fail(f"sources[{i}] dtype {_dtypes.name(x.dtype)} differs from sources[0] dtype {_dtypes.name(src.dtype)}")
-        if x.device != src.device:
-            _fail(f"sources[{i}] is on {x.device} but sources[0] is on {src.device}")
-        if x.shape[-1] > 1 and x.stride(-1) != 1:
-            _fail(f"sources[{i}] must have unit stride in its last dim (got stride {x.stride(-1)}); call .contiguous()")
+            _fail(f"sources[0] dtype must be float16, bfloat16, float32 or float64, got {_dtypes.name(x.dtype)}", op)
+        check_like_source(f"sources[{i}]", x, src, op)
     B, T, d = src.shape
     if d < 1:
-        _fail("d must be at least 1")
-    _check_param("q", q, ((d,), (B, d), (B, T, d)), src, f"[d], [B, d] or [B, T, d] with B={B}, T={T}, d={d}")
-    _check_param("gain", gain, ((d,),), src, f"[d] = [{d}]")
+        _fail("d must be at least 1", op)
+    _check_param("q", q, ((d,), (B, d), (B, T, d)), src, f"[d], [B, d] or [B, T, d] with B={B}, T={T}, d={d}", op)
+    _check_param("gain", gain, ((d,),), src, f"[d] = [{d}]", op)
     if not (math.isfinite(eps) and eps >= 0):
-        _fail(f"eps must be finite and >= 0, got {eps}")
+        _fail(f"eps must be finite and >= 0, got {eps}", op)
 
 
-def check_bwd(dh, sources, q, gain, h, lse, eps) -> None:
+def check_saved(name, x, layout, shape, dtype, role, src, op) -> None:
+    """A tensor the forward produced (or its incoming gradient), taken back by the backward."""
+    if x.device != src.device:
+        _fail(f"{name} is on {x.device} but sources[0] is on {src.device}", op)
+    if list(x.shape) != shape or x.dtype != dtype or not x.is_contiguous():
+        _fail(f"{name} must be a contiguous {layout} = {shape} tensor of dtype {_dtypes.name(dtype)} ({role}), got "
+              f"shape {list(x.shape)}, dtype {_dtypes.name(x.dtype)}, strides {list(x.stride())}", op)
+
+
+def check_bwd(dh, sources, q, gain, h, lse, eps, op: str = "dar_route") -> None:
     """Validates the arguments of dar_route_bwd."""
-    check_fwd(sources, q, gain, eps)
+    check_fwd(sources, q, gain, eps, op)
     src = sources[0]
-    acc = _dtypes.acc(src.dtype)
     B, T, d = src.shape
-    for name, x, layout, shape, dtype, role in (
-            ("dh", dh, "[B, T, d]", [B, T, d], src.dtype, "the sources' dtype"),
-            ("h", h, "[B, T, d]", [B, T, d], src.dtype, "the sources' dtype"),
-            ("lse", lse, "[B, T]", [B, T], acc, "the accumulation dtype")):
-        if x.device != src.device:
-            _fail(f"{name} is on {x.device} but sources[0] is on {src.device}")
-        if list(x.shape) != shape or x.dtype != dtype or not x.is_contiguous():
-            _fail(f"{name} must be a contiguous {layout} = {shape} tensor of dtype {_dtypes.name(dtype)} ({role}), got "
-                  f"shape {list(x.shape)}, dtype {_dtypes.name(x.dtype)}, strides {list(x.stride())}")
+    check_saved("dh", dh, "[B, T, d]", [B, T, d], src.dtype, "the sources' dtype", src, op)
+    check_saved("h", h, "[B, T, d]", [B, T, d], src.dtype, "the sources' dtype", src, op)
+    check_saved("lse", lse, "[B, T]", [B, T], _dtypes.acc(src.dtype), "the accumulation dtype", src, op)
 
 
-def _check_triton(sources):
-    _triton.check_float32_math("dar_route", sources[0].dtype, "sources")
+def check_triton(sources, op: str = "dar_route"):
+    """The Triton kernels' own limits: float32 math, one row of d per program."""
+    _triton.check_float32_math(op, sources[0].dtype, "sources")
     if sources[0].shape[-1] > triton_kernels.MAX_D:
         _fail(f"the triton backend takes d <= {triton_kernels.MAX_D} (one row per program), got "
-              f"d={sources[0].shape[-1]}")
+              f"d={sources[0].shape[-1]}", op)
 
 
 def _fwd_triton(sources, q, gain, eps):
-    _check_triton(sources)
-    return triton_kernels.route_fwd(sources, q, gain, eps)
+    check_triton(sources)
+    return triton_kernels.route_fwd(sources, q, gain, eps)[:2]
 
 
 def _bwd_triton(dh, sources, q, gain, h, lse, eps):
-    _check_triton(sources)
+    check_triton(sources)
     return triton_kernels.route_bwd(dh, sources, q, gain, h, lse, eps)
 
 

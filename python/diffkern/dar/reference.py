@@ -1,8 +1,10 @@
-"""DAR routing in plain PyTorch: the readable definition, the test oracle (float64) and the "reference" backend.
+"""DAR routing and chunked gathering in plain PyTorch: the readable definition, the test oracle (float64)
+and the "reference" backend.
 
 Per token, over sources v_0..v_{n-1} (specs/dar.md):
     rstd_i = (mean(v_i^2) + eps)^-1/2,   k_i = v_i * rstd_i * g,   s_i = <q, k_i> / sqrt(d)
     alpha  = softmax_i(s),               h = sum_i alpha_i v_i
+Chunked gathering routes over [sources..., c] with the new chunk summary c = sum_k addends_k.
 """
 from __future__ import annotations
 
@@ -39,6 +41,14 @@ def dar_route_reference(sources, q, gain, eps: float = 1e-6) -> torch.Tensor:
     return (alpha[..., None] * v).sum(0).to(sources[0].dtype)
 
 
+def dar_gather_reference(sources, addends, q, gain, eps: float = 1e-6):
+    """(h, c): c = sum(addends) in the inputs' dtype (None without addends), h = routing over [*sources, c]."""
+    c = None
+    for a in addends:
+        c = a if c is None else c + a
+    return dar_route_reference([*sources, *([c] if addends else [])], q, gain, eps), c
+
+
 def route_fwd(sources, q, gain, eps):
     """Reference backend of diffkern::dar_route_fwd: (h, lse) with the math in float32 (float64 for float64)."""
     acc = _dtypes.acc(sources[0].dtype)
@@ -48,8 +58,18 @@ def route_fwd(sources, q, gain, eps):
     return h.to(sources[0].dtype), lse
 
 
-def route_bwd(dh, sources, q, gain, h, lse, eps):
-    """Reference backend of diffkern::dar_route_bwd: the spec's backward formulas, written out.
+def gather_fwd(sources, addends, q, gain, eps):
+    """Reference backend of diffkern::dar_gather_fwd: (h, lse, c), c summed in float32 and rounded once."""
+    if not addends:
+        return (*route_fwd(sources, q, gain, eps), sources[0].new_empty(0))
+    acc = _dtypes.acc(sources[0].dtype)
+    c = torch.stack([a.to(acc) for a in addends]).sum(0).to(sources[0].dtype)
+    return (*route_fwd([*sources, c], q, gain, eps), c)
+
+
+def route_bwd(dh, sources, q, gain, h, lse, eps, dlast=None):
+    """Reference backend of diffkern::dar_route_bwd (and dar_gather_bwd, with dlast added to the last
+    source's gradient): the spec's backward formulas, written out.
 
         da_i = <dh, v_i>,  ds_i = alpha_i (da_i - <dh, h>),  c_i = ds_i rstd_i / sqrt(d)
         dv_i = alpha_i dh + c_i (q*g) - c_i rstd_i^2 <q*g, v_i> / d * v_i
@@ -69,5 +89,7 @@ def route_bwd(dh, sources, q, gain, h, lse, eps):
     u = (c[..., None] * v).sum(0)
     dq = (u * g).sum_to_size(qb.shape).reshape(q.shape)
     dgain = (qb * u).sum((0, 1))
+    if dlast is not None:
+        dv[-1] += dlast.to(acc)
     dsources = [x.to(sources[0].dtype, copy=True) for x in dv.unbind(0)]  # outputs must not alias
     return dsources, dq.to(q.dtype), dgain.to(gain.dtype)

@@ -13,11 +13,20 @@ Sources of sublayer l (0-based; o_i is sublayer i's output, S the chunk size, j 
 where c_0 = x0 and c_k (k >= 1) summarises chunk k-1: the sum of its S outputs ("sum", the default)
 or its last output ("last"). The final aggregator routes over every summary and all raw outputs of
 the last chunk. With S=4 and 56 sublayers that is at most 18 sources per op instead of 57.
+
+Memory. An op's backward needs the sources it routed over, so without recomputation the chunked
+scheme keeps every raw output for backward, as the full scheme does. `DARRouter.run(...,
+recompute=True)` runs each chunk's sublayers (and their in-chunk routing) under activation
+checkpointing: autograd then keeps the summaries, each chunk's first sublayer input (saved by the
+op that forms the chunk's summary, outside the checkpoint) and the last chunk's raw outputs.
 """
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .gather import dar_gather
@@ -169,3 +178,40 @@ class DARRouter(nn.Module):
         else:
             sources = [*hist.summaries, *hist.chunk_outputs((L - 1) // self.chunk_size, L)]
         return self._route(L, hist, sources, [], cond)[0]
+
+    def run(self, x0: torch.Tensor, sublayers: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+            cond: torch.Tensor | None = None, recompute: bool = False) -> torch.Tensor:
+        """The final aggregate of a whole stack: o_l = sublayers[l](h_l), h_l routed as in `forward`.
+
+        recompute=True (chunked routing only) checkpoints each chunk: its sublayers and in-chunk routing
+        run again in backward, and autograd keeps about N + S stream tensors instead of L (see the module
+        docstring). The sublayers must then be deterministic given their input and RNG state (dropout is
+        replayed by torch.utils.checkpoint); with query="dynamic" each chunk also keeps the previous
+        chunk's last output (the input of the query projection of its first sublayer).
+        """
+        L = self.n_sublayers
+        if len(sublayers) != L:
+            raise ValueError(f"DARRouter.run: needs {L} sublayers, got {len(sublayers)}")
+        if recompute and self.chunk_size is None:
+            raise ValueError("DARRouter.run: recompute=True needs chunked routing (chunk_size is None)")
+        hist = self.begin(x0)
+        if not recompute:
+            for l, sublayer in enumerate(sublayers):
+                hist.append(sublayer(self(hist, l, cond)))
+            return self.final(hist, cond)
+        for l0 in range(0, L, self.chunk_size):
+            h = self(hist, l0, cond)  # forms the previous chunk's summary: outside, so its addends are not kept
+            outs = torch.utils.checkpoint.checkpoint(self._chunk, sublayers, l0, cond, h, *hist.summaries,
+                                                     use_reentrant=False)
+            for out in outs:
+                hist.append(out)
+        return self.final(hist, cond)
+
+    def _chunk(self, sublayers, l0: int, cond, h: torch.Tensor, *summaries: torch.Tensor) -> tuple:
+        """The outputs of the chunk starting at sublayer l0, given its first input h and the summaries so far."""
+        local = DARHistory(summaries[0], self.chunk_size)
+        local.summaries = list(summaries)
+        local.outputs = [None] * l0
+        for l in range(l0, min(self.n_sublayers, l0 + self.chunk_size)):
+            local.append(sublayers[l](h if l == l0 else self(local, l, cond)))
+        return tuple(local.outputs[l0:])

@@ -1,4 +1,4 @@
-"""Triton kernels for DAR routing (specs/dar.md) and their launchers.
+"""Triton kernels for DAR routing and chunked gathering (specs/dar.md) and their launchers.
 
 Layout: one program owns BLOCK_T consecutive tokens of one batch row and the whole feature dim
 (BLOCK_D = next power of two >= d), so the per-token reductions over d stay in registers and each
@@ -8,6 +8,9 @@ source is read from memory exactly once:
             per program for the reductions over tokens (dq of a static/timestep q, dgain), summed on the host.
 The sources are reached through a table of (data pointer, batch stride, token stride), so a list of
 any length and layout is read in place.
+Chunked gathering (dar_gather) runs the same kernels: the forward also reads k addends, writes their
+sum c once (fp32 sum, rounded to the sources' dtype) and routes over the stored c after the sources;
+the backward adds c's incoming gradient to the last source's (one more read).
 """
 from __future__ import annotations
 
@@ -59,6 +62,16 @@ def _score(v, qg, inv_d, inv_sqrt_d, eps):
 
 
 @triton.jit
+def _fold(v, qg, m, l, acc, inv_d, inv_sqrt_d, eps):
+    """One online-softmax step: folds source tile v into the running max m, sum l and weighted sum acc."""
+    s, rstd, p = _score(v, qg, inv_d, inv_sqrt_d, eps)
+    m_new = tl.maximum(m, s)
+    scale = tl.exp(m - m_new)
+    w = tl.exp(s - m_new)
+    return m_new, l * scale + w, acc * scale[:, None] + w[:, None] * v
+
+
+@triton.jit
 def _tile(b, tile, T, d, stride_qb, stride_qt, dd, BLOCK_T: tl.constexpr):
     """Token indices of one tile of batch row b, with 64-bit offsets into h/dh-shaped tensors and into q."""
     t = tile * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
@@ -76,7 +89,7 @@ def _query_row(q_ptr, b, stride_qb, dd, d):
 
 
 @triton.jit
-def route_fwd_kernel(src_table, q_ptr, gain_ptr, h_ptr, lse_ptr, n_src, T, d, n_tiles,
+def route_fwd_kernel(src_table, add_table, q_ptr, gain_ptr, h_ptr, lse_ptr, c_ptr, n_src, n_add, T, d, n_tiles,
                      stride_qb, stride_qt, inv_d, inv_sqrt_d, eps,
                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, DYNAMIC_Q: tl.constexpr):
     pid = tl.program_id(0)
@@ -94,21 +107,22 @@ def route_fwd_kernel(src_table, q_ptr, gain_ptr, h_ptr, lse_ptr, n_src, T, d, n_
     acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
     for i in range(n_src):
         v = _load_source(src_table, i, b, t, dd, mask, h_ptr.dtype.element_ty)
-        s, rstd, p = _score(v, qg, inv_d, inv_sqrt_d, eps)
-        m_new = tl.maximum(m, s)
-        scale = tl.exp(m - m_new)
-        w = tl.exp(s - m_new)
-        acc = acc * scale[:, None] + w[:, None] * v
-        l = l * scale + w
-        m = m_new
+        m, l, acc = _fold(v, qg, m, l, acc, inv_d, inv_sqrt_d, eps)
+    if n_add > 0:
+        c = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        for k in range(n_add):
+            c += _load_source(add_table, k, b, t, dd, mask, h_ptr.dtype.element_ty)
+        c = c.to(h_ptr.dtype.element_ty)
+        tl.store(c_ptr + row, c, mask=mask)
+        m, l, acc = _fold(c.to(tl.float32), qg, m, l, acc, inv_d, inv_sqrt_d, eps)
     tl.store(h_ptr + row, (acc / l[:, None]).to(h_ptr.dtype.element_ty), mask=mask)
     tl.store(lse_ptr + b * T + t, m + tl.log(l), mask=t_ok)
 
 
 @triton.jit
-def route_bwd_kernel(src_table, dsrc_table, q_ptr, gain_ptr, h_ptr, dh_ptr, lse_ptr, dq_ptr, partial_ptr,
+def route_bwd_kernel(src_table, dsrc_table, q_ptr, gain_ptr, h_ptr, dh_ptr, lse_ptr, dlast_ptr, dq_ptr, partial_ptr,
                      n_src, T, d, n_chunks, tiles_per_chunk, stride_qb, stride_qt, inv_d, inv_sqrt_d, eps,
-                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, DYNAMIC_Q: tl.constexpr):
+                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, DYNAMIC_Q: tl.constexpr, HAS_DLAST: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // n_chunks).to(tl.int64)
     dd = tl.arange(0, BLOCK_D)
@@ -138,6 +152,9 @@ def route_bwd_kernel(src_table, dsrc_table, q_ptr, gain_ptr, h_ptr, dh_ptr, lse_
             ds = alpha * (tl.sum(dh * v, 1) - delta)
             c = ds * rstd * inv_sqrt_d
             dv = alpha[:, None] * dh + c[:, None] * qg - (c * rstd * rstd * p * inv_d)[:, None] * v
+            if HAS_DLAST:
+                if i == n_src - 1:
+                    dv += tl.load(dlast_ptr + row, mask=mask, other=0.0).to(tl.float32)
             dsrc = tl.load(dsrc_table + 3 * i).to(tl.pointer_type(h_ptr.dtype.element_ty))
             tl.store(dsrc + row, dv.to(h_ptr.dtype.element_ty), mask=mask)
             u += c[:, None] * v
@@ -167,22 +184,27 @@ def _common_args(sources, q, eps, backward):
     return table, meta, (*_q_strides(q), 1.0 / d, 1.0 / math.sqrt(d), eps)
 
 
-def route_fwd(sources, q, gain, eps):
-    """Launches route_fwd_kernel: returns (h [B,T,d] in the sources' dtype, lse [B,T] float32)."""
+def route_fwd(sources, q, gain, eps, addends=()):
+    """Launches route_fwd_kernel: returns (h [B,T,d] in the sources' dtype, lse [B,T] float32, c), c being
+    the summary sum(addends) routed after the sources ([B,T,d]; an empty [0] tensor without addends)."""
     B, T, d = sources[0].shape
-    h = _triton.empty((B, T, d), sources[0].dtype, sources[0].device)
-    lse = _triton.empty((B, T), torch.float32, sources[0].device)
+    dev = sources[0].device
+    h = _triton.empty((B, T, d), sources[0].dtype, dev)
+    lse = _triton.empty((B, T), torch.float32, dev)
+    c = _triton.empty((B, T, d) if addends else (0,), sources[0].dtype, dev)
     if B * T == 0:
-        return h, lse
+        return h, lse, c
     table, meta, scalars = _common_args(sources, q, eps, backward=False)
+    add_table = _triton.tensor_table(addends, dev, stride_dims=(0, 1)) if addends else table
     n_tiles = triton.cdiv(T, meta["BLOCK_T"])
-    route_fwd_kernel[(B * n_tiles,)](table, q, gain, h, lse, len(sources), T, d, n_tiles, *scalars,
-                                     DYNAMIC_Q=q.dim() == 3, **meta)
-    return h, lse
+    route_fwd_kernel[(B * n_tiles,)](table, add_table, q, gain, h, lse, c if addends else h, len(sources),
+                                     len(addends), T, d, n_tiles, *scalars, DYNAMIC_Q=q.dim() == 3, **meta)
+    return h, lse, c
 
 
-def route_bwd(dh, sources, q, gain, h, lse, eps):
-    """Launches route_bwd_kernel, then sums its per-program partials into dq (static/timestep q) and dgain."""
+def route_bwd(dh, sources, q, gain, h, lse, eps, dlast=None):
+    """Launches route_bwd_kernel, then sums its per-program partials into dq (static/timestep q) and dgain.
+    A given dlast [B,T,d] is added to the last source's gradient (dar_gather: the summary's own gradient)."""
     B, T, d = sources[0].shape
     dev = sources[0].device
     dsources = [_triton.empty((B, T, d), sources[0].dtype, dev) for _ in sources]
@@ -196,8 +218,9 @@ def route_bwd(dh, sources, q, gain, h, lse, eps):
     dynamic = q.dim() == 3
     dq = _triton.empty(q.shape, q.dtype, dev) if dynamic else None
     partial = _triton.empty((B, n_chunks, d), torch.float32, dev)
-    route_bwd_kernel[(B * n_chunks,)](table, dtable, q, gain, h, dh, lse, dq if dynamic else partial, partial,
-                                      len(sources), T, d, n_chunks, per_chunk, *scalars, DYNAMIC_Q=dynamic, **meta)
+    route_bwd_kernel[(B * n_chunks,)](table, dtable, q, gain, h, dh, lse, dh if dlast is None else dlast,
+                                      dq if dynamic else partial, partial, len(sources), T, d, n_chunks, per_chunk,
+                                      *scalars, DYNAMIC_Q=dynamic, HAS_DLAST=dlast is not None, **meta)
     if dynamic:
         return dsources, dq, partial.sum((0, 1)).to(gain.dtype)
     u = partial.sum(1)  # [B, d]: sum over each batch row's tokens
@@ -207,7 +230,8 @@ def route_bwd(dh, sources, q, gain, h, lse, eps):
 
 
 def aot_specs() -> list[KernelSpec]:
-    """Every launch configuration the launchers can produce (one per power-of-two d), per dtype and q kind."""
+    """Every launch configuration the launchers can produce (one per power-of-two d), per dtype and q kind;
+    the backward also with and without a last-source gradient (dar_gather's summary, HAS_DLAST)."""
     specs = []
     common = {"n_src": "i32", "T": "i32", "d": "i32", "stride_qb": "i64", "stride_qt": "i64", "inv_d": "fp32",
               "inv_sqrt_d": "fp32", "eps": "fp32", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr",
@@ -217,14 +241,19 @@ def aot_specs() -> list[KernelSpec]:
         params = {"q_ptr": f"*{ty}", "gain_ptr": f"*{ty}", "h_ptr": f"*{ty}", "lse_ptr": "*fp32"}
         for d, dynamic in itertools.product((2**k for k in range(4, MAX_D.bit_length())), (False, True)):
             tags = {"dtype": _dtypes.name(dtype), "block_d": d, "dynamic_q": dynamic}
-            for kernel, backward, signature in (
-                    (route_fwd_kernel, False, {"src_table": "*i64", **params, "n_tiles": "i32"}),
-                    (route_bwd_kernel, True, {"src_table": "*i64", "dsrc_table": "*i64", **params, "dh_ptr": f"*{ty}",
-                                              "dq_ptr": f"*{ty}" if dynamic else "*fp32", "partial_ptr": "*fp32",
-                                              "n_chunks": "i32", "tiles_per_chunk": "i32"})):
+            fwd = {"src_table": "*i64", "add_table": "*i64", **params, "c_ptr": f"*{ty}", "n_add": "i32",
+                   "n_tiles": "i32"}
+            bwd = {"src_table": "*i64", "dsrc_table": "*i64", **params, "dh_ptr": f"*{ty}", "dlast_ptr": f"*{ty}",
+                   "dq_ptr": f"*{ty}" if dynamic else "*fp32", "partial_ptr": "*fp32", "n_chunks": "i32",
+                   "tiles_per_chunk": "i32", "HAS_DLAST": "constexpr"}
+            for kernel, backward, signature, extra in (
+                    (route_fwd_kernel, False, fwd, {}),
+                    (route_bwd_kernel, True, bwd, {"HAS_DLAST": False}),
+                    (route_bwd_kernel, True, bwd, {"HAS_DLAST": True})):
                 block_t, block_d, num_warps = route_config(d, backward)
-                constexprs = {"BLOCK_T": block_t, "BLOCK_D": block_d, "DYNAMIC_Q": dynamic}
-                name = f"{kernel.__name__}[{ty},BLOCK_T={block_t},BLOCK_D={block_d},DYNAMIC_Q={dynamic}]"
+                constexprs = {"BLOCK_T": block_t, "BLOCK_D": block_d, "DYNAMIC_Q": dynamic, **extra}
+                flags = "".join(f",{k}={v}" for k, v in extra.items())
+                name = f"{kernel.__name__}[{ty},BLOCK_T={block_t},BLOCK_D={block_d},DYNAMIC_Q={dynamic}{flags}]"
                 specs.append(KernelSpec(name, kernel, {**signature, **common}, constexprs, num_warps,
-                                        _triton.register_budget(num_warps), tags))
+                                        _triton.register_budget(num_warps), {**tags, **extra}))
     return specs

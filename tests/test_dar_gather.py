@@ -1,0 +1,155 @@
+"""DAR chunked residual gathering (diffkern.dar.dar_gather): every backend against the float64 reference."""
+import pytest
+import torch
+
+from diffkern.dar import dar_gather, reference
+from diffkern.dar.reference import dar_gather_reference
+from diffkern.testing.backends import backends_under_test, device_for, forced, supports
+from diffkern.testing.numerics import assert_close_to_oracle
+
+from test_dar_route import Q_VARIANTS, as_float64, make_inputs, on_cpu, randn_like
+
+BACKENDS = backends_under_test("dar_gather_fwd")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# (B, T, d, n sources, k addends): one element, odd sizes past a token tile, d past a power of two,
+# a chunk of 4 beside many summaries, no addends (the final aggregator), one addend.
+SHAPES = ((1, 1, 1, 1, 2), (2, 5, 40, 2, 3), (1, 17, 130, 3, 4), (2, 3, 16, 14, 4), (2, 3, 37, 3, 0), (1, 2, 9, 1, 1))
+
+
+def gather_inputs(B, T, d, n, k, dtype, variant, param_dtype=None, device="cpu"):
+    """n sources and k addends with uneven scales, q and gain: leaf tensors."""
+    sources, q, gain = make_inputs(B, T, d, n + k, dtype, variant, param_dtype, device=device)
+    return sources[:n], sources[n:], q, gain
+
+
+def params(dtypes=DTYPES):
+    return [(b, dt) for b in BACKENDS for dt in dtypes if supports(b, dt)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("variant", Q_VARIANTS)
+@pytest.mark.parametrize("backend,dtype", params())
+def test_forward_matches_float64_reference(backend, dtype, variant, shape):
+    sources, addends, q, gain = gather_inputs(*shape, dtype, variant, device=device_for(backend))
+    with forced(backend), torch.no_grad():
+        h, c = dar_gather(sources, addends, q, gain)
+    h64, c64 = dar_gather_reference(as_float64(sources), as_float64(addends), *as_float64([q, gain]))
+    h_low, c_low = dar_gather_reference(on_cpu(sources), on_cpu(addends), *on_cpu([q, gain]))
+    assert h.dtype == dtype
+    assert_close_to_oracle(h, h64, h_low, "h")
+    if addends:
+        assert c.dtype == dtype
+        assert_close_to_oracle(c, c64, c_low, "c")
+    else:
+        assert c is None
+
+
+@pytest.mark.parametrize("backend,dtype", params(dtypes=(torch.bfloat16, torch.float16)))
+def test_summary_is_routed_as_stored(backend, dtype):
+    """h equals routing over [*sources, c] with the returned (rounded) c, by the same backend: later ops and
+    the backward read that same c."""
+    sources, addends, q, gain = gather_inputs(2, 5, 40, 2, 3, dtype, "timestep", device=device_for(backend))
+    with forced(backend), torch.no_grad():
+        h, c = dar_gather(sources, addends, q, gain)
+        h_routed, _ = dar_gather([*sources, c], [], q, gain)
+    assert torch.equal(h, h_routed)
+
+
+def check_backward_op(backend, sources, addends, q, gain, with_dlast, eps=1e-6):
+    """dar_gather_bwd, given the forward's own h, lse and c, against the spec's formulas in float64."""
+    sources, addends, q, gain = [x.detach() for x in sources], [x.detach() for x in addends], q.detach(), gain.detach()
+    with forced(backend):
+        h, lse, c = torch.ops.diffkern.dar_gather_fwd(sources, addends, q, gain, eps)
+        routed = [*sources, c] if addends else sources
+        dh = randn_like(h)
+        dlast = randn_like(h, seed=2) if with_dlast else None
+        grads = torch.ops.diffkern.dar_gather_bwd(dh, routed, q, gain, h, lse, dlast, eps)
+    args = (dh, routed, q, gain, h, lse)
+    extra = [] if dlast is None else [dlast]
+    oracle = reference.route_bwd(*on_cpu(args, torch.float64), eps, *on_cpu(extra, torch.float64))
+    fp32 = reference.route_bwd(*on_cpu(args, torch.float32), eps, *on_cpu(extra, torch.float32))
+    names = [f"dsources[{i}]" for i in range(len(routed))] + ["dq", "dgain"]
+    for name, x, grad, ref, plain in zip(names, [*routed, q, gain], [*grads[0], *grads[1:]],
+                                         [*oracle[0], *oracle[1:]], [*fp32[0], *fp32[1:]]):
+        assert grad.dtype == x.dtype and grad.shape == x.shape, name
+        assert_close_to_oracle(grad, ref, plain, name)
+
+
+@pytest.mark.parametrize("with_dlast", (False, True))
+@pytest.mark.parametrize("shape", SHAPES[1:4], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("variant", Q_VARIANTS)
+@pytest.mark.parametrize("backend,dtype", params())
+def test_backward_matches_float64_formulas(backend, dtype, variant, shape, with_dlast):
+    check_backward_op(backend, *gather_inputs(*shape, dtype, variant, device=device_for(backend)), with_dlast)
+
+
+@pytest.mark.parametrize("variant", Q_VARIANTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_with_float32_params(backend, variant):
+    """bf16 stream with float32 q and gain (the autocast case)."""
+    inputs = gather_inputs(2, 5, 40, 2, 3, torch.bfloat16, variant, param_dtype=torch.float32,
+                           device=device_for(backend))
+    check_backward_op(backend, *inputs, with_dlast=True)
+
+
+def test_backward_formulas_with_dlast_match_autograd():
+    """reference.route_bwd with dlast equals autograd through the plain definition when c has its own loss."""
+    sources, addends, q, gain = gather_inputs(2, 3, 7, 2, 3, torch.float64, "dynamic")
+    h, c = dar_gather_reference(sources, addends, q, gain)
+    dh, dc = randn_like(h), randn_like(h, seed=2)
+    auto = torch.autograd.grad((h * dh).sum() + (c * dc).sum(), [*sources, *addends, q, gain])
+    _, lse, _ = reference.gather_fwd(sources, addends, q, gain, 1e-6)
+    dsrc, dq, dgain = reference.route_bwd(dh, [*sources, c.detach()], q, gain, h.detach(), lse, 1e-6, dc)
+    for grad, ref in zip([*dsrc[:-1], *[dsrc[-1]] * len(addends), dq, dgain], auto):
+        torch.testing.assert_close(grad, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", (0, 1, 3))
+@pytest.mark.parametrize("variant", Q_VARIANTS)
+@pytest.mark.parametrize("backend,dtype", params(dtypes=(torch.float32, torch.float64)))
+def test_autograd_matches_float64_autograd(backend, dtype, variant, k):
+    """End to end through dar_gather's registered autograd, with losses on both h and the summary c."""
+    sources, addends, q, gain = gather_inputs(2, 5, 40, 2, k, dtype, variant, device=device_for(backend))
+    inputs = [*sources, *addends, q, gain]
+
+    def loss(h, c):
+        out = (h * randn_like(h)).sum()
+        return out if c is None else out + (c * randn_like(c, seed=2)).sum()
+    with forced(backend):
+        got = torch.autograd.grad(loss(*dar_gather(sources, addends, q, gain)), inputs)
+    want, plain = ([x.requires_grad_() for x in on_cpu(inputs, dt)] for dt in (torch.float64, dtype))
+    oracle = torch.autograd.grad(loss(*dar_gather_reference(want[:2], want[2:2 + k], *want[-2:])), want)
+    low = torch.autograd.grad(loss(*dar_gather_reference(plain[:2], plain[2:2 + k], *plain[-2:])), plain)
+    for grad, ref, lo in zip(got, oracle, low):
+        assert_close_to_oracle(grad, ref, lo, "grad")
+
+
+@pytest.mark.parametrize("backend", ("cpu", "reference"))
+def test_gradcheck_float64(backend):
+    sources, addends, q, gain = gather_inputs(2, 3, 7, 2, 3, torch.float64, "timestep")
+    n, k = len(sources), len(addends)
+
+    def fn(*x):
+        h, c = dar_gather(x[:n], x[n:n + k], x[-2], x[-1])
+        return h, c
+    with forced(backend):
+        assert torch.autograd.gradcheck(fn, (*sources, *addends, q, gain), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_addends_are_read_in_place(backend):
+    """Addends and sources with their own batch/token strides give the contiguous result."""
+    B, T, d = 2, 5, 24
+    g = torch.Generator().manual_seed(3)
+    dev = device_for(backend)
+    wide = torch.randn(B, T, 4 * d, generator=g).to(dev)
+    sources = [wide[..., :d], torch.randn(T, B, d, generator=g).to(dev).transpose(0, 1)]
+    addends = [wide[..., d:2 * d], wide[..., 3 * d:], torch.randn(T, B, d, generator=g).to(dev).transpose(0, 1)]
+    q, gain = torch.randn(B, d, generator=g).to(dev), torch.randn(d, generator=g).to(dev)
+    with forced(backend), torch.no_grad():
+        h, c = dar_gather(sources, addends, q, gain)
+    dense = [on_cpu([x.contiguous() for x in xs]) for xs in (sources, addends)]
+    h64, c64 = dar_gather_reference(*(on_cpu(xs, torch.float64) for xs in dense), *on_cpu([q, gain], torch.float64))
+    h32, c32 = dar_gather_reference(*dense, *on_cpu([q, gain]))
+    assert_close_to_oracle(h, h64, h32, "h")
+    assert_close_to_oracle(c, c64, c32, "c")
