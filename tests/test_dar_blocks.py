@@ -41,12 +41,28 @@ def test_adaln_zero_start_outputs_zero_and_trains_the_final_layer_first(stream):
     assert model.final_layer.linear.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("query", ["timestep", "dynamic"])
-def test_torch_compile_fullgraph_matches_eager(query):
-    model = tiny(query=query)
-    with torch.no_grad():  # leave adaLN-Zero so every sublayer and the router carry gradient
+def perturbed(model):
+    """`model` moved off adaLN-Zero, so every sublayer and the router carry gradient."""
+    with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return model
+
+
+def test_chunk_recomputation_gives_the_same_outputs_and_gradients():
+    plain, recomputed = perturbed(tiny(depth=3)), perturbed(tiny(depth=3, recompute=True))
+    x, t, y = batch()
+    out, out_r = plain(x, t, y), recomputed(x, t, y)
+    torch.testing.assert_close(out_r, out, rtol=0, atol=0)
+    grads = torch.autograd.grad(out.square().sum(), list(plain.parameters()))
+    grads_r = torch.autograd.grad(out_r.square().sum(), list(recomputed.parameters()))
+    for g, g_r in zip(grads, grads_r):
+        torch.testing.assert_close(g_r, g, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("query,recompute", [("timestep", False), ("dynamic", True)])
+def test_torch_compile_fullgraph_matches_eager(query, recompute):
+    model = perturbed(tiny(query=query, recompute=recompute))
     x, t, y = batch()
     params = [p for p in model.parameters() if p.requires_grad]
     expected = model(x, t, y)
@@ -68,3 +84,7 @@ def test_bad_arguments_are_named():
         tiny(input_size=5)
     with pytest.raises(ValueError, match="num_heads"):
         tiny(num_heads=3)
+    with pytest.raises(ValueError, match="recompute"):
+        tiny("residual", recompute=True)
+    with pytest.raises(ValueError, match="recompute"):
+        tiny(chunk_size=None, recompute=True)

@@ -17,6 +17,7 @@ residual checkpoint loads as is (see `diffkern.dar.convert`).
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -190,17 +191,21 @@ class DiT(nn.Module):
         chunk_size, query, summary: the DARRouter's chunking (None = full scheme), query variant
             ("static", "timestep" = w_l + e_l(c) with c the adaLN conditioning, "dynamic") and chunk
             summary rule ("sum" or "last"); used when stream="dar".
+        recompute: with chunked DAR, recompute each chunk's sublayers in backward (activation
+            checkpointing per chunk) so autograd keeps about S + N stream tensors instead of 2 * depth.
     forward(x [B, C, H, W], t [B], y [B] int64) -> [B, out_channels, H, W].
     """
 
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
                  num_classes: int = 1000, learn_sigma: bool = True, stream: str = "dar", chunk_size: int | None = 4,
-                 query: str = "timestep", summary: str = "sum"):
+                 query: str = "timestep", summary: str = "sum", recompute: bool = False):
         super().__init__()
         if stream not in STREAMS:
             raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
-        self.stream, self.in_channels = stream, in_channels
+        if recompute and (stream != "dar" or chunk_size is None):
+            raise ValueError("recompute=True needs stream='dar' with a chunk_size (chunked routing)")
+        self.stream, self.in_channels, self.recompute = stream, in_channels, recompute
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.patch_size, self.num_heads = patch_size, num_heads
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
@@ -250,12 +255,11 @@ class DiT(nn.Module):
         return x
 
     def _dar(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        hist = self.router.begin(x)
-        for i, block in enumerate(self.blocks):
+        sublayers = []
+        for block in self.blocks:
             mod = block.modulation(c)
-            hist.append(block.attn_branch(self.router(hist, 2 * i, cond=c), mod))
-            hist.append(block.mlp_branch(self.router(hist, 2 * i + 1, cond=c), mod))
-        return self.router.final(hist, cond=c)
+            sublayers += [partial(block.attn_branch, mod=mod), partial(block.mlp_branch, mod=mod)]
+        return self.router.run(x, sublayers, cond=c, recompute=self.recompute)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x = self.x_embedder(x) + self.pos_embed

@@ -56,17 +56,18 @@ def _architecture(src: nn.Module) -> dict:
 
 
 def to_dar(model: nn.Module, stream: str = "dar", chunk_size: int | None = 4, query: str = "timestep",
-           summary: str = "sum") -> DiT:
+           summary: str = "sum", recompute: bool = False) -> DiT:
     """A `DiT` with `model`'s architecture and weights, its residual stream replaced by DAR routing.
 
     Args:
         model: a residual DiT in the standard layout (module docstring).
         stream: "dar", or "residual" for the same weights in diffkern's residual DiT (numerically the source).
-        chunk_size, query, summary: the router's settings (see `diffkern.dar.blocks.DiT`).
+        chunk_size, query, summary, recompute: the router's settings (see `diffkern.dar.blocks.DiT`).
     Returns the new model on `model`'s device and dtype, in `model`'s train/eval mode. Raises ValueError
     when `model` does not have the standard layout or a weight does not fit.
     """
-    out = DiT(**_architecture(model), stream=stream, chunk_size=chunk_size, query=query, summary=summary)
+    out = DiT(**_architecture(model), stream=stream, chunk_size=chunk_size, query=query, summary=summary,
+              recompute=recompute)
     ref = next(model.parameters())
     out = out.to(device=ref.device, dtype=ref.dtype)
     try:
