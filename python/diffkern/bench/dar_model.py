@@ -4,11 +4,13 @@
 
 A step is forward + backward of the SiT velocity loss (torch.autograd.grad of every parameter, so
 nothing accumulates; no optimizer). The candidates are the same `diffkern.dar.blocks.DiT` built with
-stream="residual" and with stream="dar" (chunked S=4 and the full scheme, timestep-injected query),
-timed interleaved (timer.time_interleaved) so machine drift hits all alike. For each DAR candidate
-the report also gives the share of one step's CPU time spent in diffkern's routing ops and their
-autograd nodes (torch.profiler, self time), which says where a gap to the residual model comes from.
-Issue 3's bar: DAR step time <= 1.5x the residual step time.
+stream="residual" and with stream="dar" (timestep-injected query; chunked S=4, the same with per-chunk
+recomputation, and the full scheme), timed interleaved (timer.time_interleaved) so machine drift hits
+all alike. For each DAR candidate the report also gives the share of one step's CPU time spent in
+diffkern's routing ops and their autograd nodes (torch.profiler, self time), which says where a gap
+to the residual model comes from.
+Issue 3's bar: DAR step time <= 1.5x the residual step time, judged on the DAR rows without
+recomputation (recomputation trades a second forward of each chunk for memory, by choice).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from .timer import time_interleaved
 BAR = 1.5
 CANDIDATES = {"residual": dict(stream="residual"),
               "dar S=4": dict(stream="dar", chunk_size=4, query="timestep"),
+              "dar S=4 recompute": dict(stream="dar", chunk_size=4, query="timestep", recompute=True),
               "dar full": dict(stream="dar", chunk_size=None, query="timestep")}
 
 
@@ -74,10 +77,12 @@ def markdown(rows_: list[dict], threads: int) -> str:
     lines = _table(["model", "case", "params", "fwd+bwd ms (median)", "/ residual", "diffkern routing share of CPU"],
                    [[r["model"], r["case"], f"{r['params']:,}", f"{r['step_ms']:.1f}", f"{r['over_residual']:.2f}x",
                      "" if r["routing_share"] is None else f"{r['routing_share']:.1%}"] for r in rows_])
-    worst = max(r["over_residual"] for r in rows_ if r["model"].startswith("dar"))
+    judged = [r for r in rows_ if r["model"].startswith("dar") and "recompute" not in r["model"]]
+    worst = max(r["over_residual"] for r in judged)
     verdict = "met" if worst <= BAR else "not met"
     return "\n".join([f"### DAR DiT-S/2 training step vs residual (CPU, float32, {threads} threads)", "", *lines, "",
-                      f"Bar: DAR step <= {BAR:.2f}x residual: worst {worst:.2f}x, **{verdict}**."])
+                      f"Bar: DAR step <= {BAR:.2f}x residual (rows without recompute): worst {worst:.2f}x, "
+                      f"**{verdict}**."])
 
 
 def main(argv=None) -> list[dict]:

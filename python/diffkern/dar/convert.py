@@ -49,7 +49,8 @@ def _architecture(src: nn.Module) -> dict:
     out_channels = src.final_layer.linear.out_features // (patch * patch)
     in_channels = conv.in_channels
     if out_channels not in (in_channels, 2 * in_channels):
-        _fail(f"final_layer.linear gives {out_channels} channels per patch; expected {in_channels} or {2 * in_channels}")
+        _fail(f"final_layer.linear gives {out_channels} channels per patch; "
+              f"expected {in_channels} or {2 * in_channels}")
     return dict(input_size=grid * patch, patch_size=patch, in_channels=in_channels, hidden_size=d, depth=len(blocks),
                 num_heads=block.attn.num_heads, mlp_ratio=block.mlp.fc1.out_features / d, class_dropout_prob=dropout,
                 num_classes=table.num_embeddings - int(dropout > 0), learn_sigma=out_channels == 2 * in_channels)
