@@ -7,10 +7,10 @@ from diffkern.dar import diagnose
 from diffkern.dar.blocks import DiT
 
 
-def tiny(stream):
+def tiny(stream, **kw):
     torch.manual_seed(0)
     m = DiT(input_size=4, patch_size=2, in_channels=1, hidden_size=16, depth=3, num_heads=2, num_classes=3,
-            learn_sigma=False, class_dropout_prob=0.1, chunk_size=2, stream=stream)
+            learn_sigma=False, class_dropout_prob=0.1, chunk_size=2, stream=stream, **kw)
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
@@ -66,6 +66,12 @@ def test_residual_and_dar_models_side_by_side(tmp_path):
     assert direct["model"]["amplitude"][0] == pytest.approx(x0.pow(2).mean().sqrt().item(), rel=1e-5)
     # the same draw of (t, noise) each call: the numbers repeat exactly
     assert diagnose(models["dar"], BATCH)["model"] == r["dar"]
+
+
+def test_a_recomputing_model_gives_the_numbers_of_the_plain_one():
+    plain, recomputing = diagnose(tiny("dar"), BATCH)["model"], diagnose(tiny("dar", recompute=True), BATCH)["model"]
+    assert recomputing["amplitude"] == plain["amplitude"] and recomputing["cosine"] == plain["cosine"]
+    assert recomputing["grad_rms"] == pytest.approx(plain["grad_rms"], rel=1e-6)
 
 
 def test_a_model_without_blocks_is_refused():

@@ -38,11 +38,11 @@ def _measure(model: nn.Module, batch, loss_fn) -> dict:
     model.eval()  # no label dropout: the same batch means the same problem for every model
     try:
         loss = loss_fn(model, batch)
-        grads = torch.autograd.grad(loss, inputs)
     finally:
         model.train(was_training)
-        for h in handles:
+        for h in handles:  # before backward: a recomputing (checkpointed) model runs its blocks again there
             h.remove()
+    grads = torch.autograd.grad(loss, inputs)
     with torch.no_grad():
         cosine = [F.cosine_similarity(a.double(), b.double(), dim=-1).mean().item()
                   for a, b in zip(inputs[:-1], inputs[1:])]
