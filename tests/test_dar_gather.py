@@ -153,3 +153,26 @@ def test_strided_addends_are_read_in_place(backend):
     h32, c32 = dar_gather_reference(*dense, *on_cpu([q, gain]))
     assert_close_to_oracle(h, h64, h32, "h")
     assert_close_to_oracle(c, c64, c32, "c")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="counts interpreted launches on CPU tensors")
+def test_triton_traffic_reads_each_input_once_and_writes_the_summary_once():
+    """Forward: n sources + k addends read once, h and c written once (plus lse, per-program q/gain and
+    pointer tables). Backward: dlast costs exactly one more stream read and nothing else."""
+    from diffkern.testing.triton_monitor import TritonMonitor
+    B, T, d, n, k = 2, 5, 40, 3, 4
+    sources, addends, q, gain = gather_inputs(B, T, d, n, k, torch.float32, "static")
+    sources, addends, q, gain = [x.detach() for x in sources], [x.detach() for x in addends], q.detach(), gain.detach()
+    stream = B * T * d * 4
+    with forced("triton"), TritonMonitor() as fwd:
+        h, lse, c = torch.ops.diffkern.dar_gather_fwd(sources, addends, q, gain, 1e-6)
+    programs = fwd.launches[0].programs
+    assert fwd.bytes_stored == 2 * stream + B * T * 4
+    assert fwd.bytes_loaded == (n + k) * stream + programs * (2 * d * 4 + 3 * (n + k) * 8)
+    bwd = {}
+    for with_dlast in (False, True):
+        with forced("triton"), TritonMonitor() as bwd[with_dlast]:
+            torch.ops.diffkern.dar_gather_bwd(randn_like(h), [*sources, c], q, gain, h, lse,
+                                              randn_like(h) if with_dlast else None, 1e-6)
+    assert bwd[True].bytes_loaded - bwd[False].bytes_loaded == stream
+    assert bwd[True].bytes_stored == bwd[False].bytes_stored

@@ -22,16 +22,17 @@ def make_router(L, S, query, rule, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # move off the uniform initialisation so routing weights matter
         for p in router.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * (0.3 if p.dim() > 2 else 1.0) + (p == 1))
+            p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * (0.3 if p.dim() > 1 else 1.0) + (p == 1))
     return router
 
 
 def oracle_q(router, p, last, cond):
     if router.query == "dynamic":
-        return last @ router.query_proj[p].T
+        return last @ router.query_proj[p].weight.T
     if router.query == "static":
         return router.query_weight[p]
-    return router.query_weight[p] + cond @ router.time_weight[p].T + router.time_bias[p]
+    e = router.time_embed[p]
+    return router.query_weight[p] + cond @ e.weight.T + e.bias
 
 
 def run(router, x0, weights, cond, oracle=False):

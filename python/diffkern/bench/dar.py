@@ -10,6 +10,7 @@ import triton
 from .. import _dtypes
 from ..dar import dar_route, dar_route_reference
 from ..dar.triton_kernels import aot_specs
+from .dar_stack import STACK
 from .workload import BWD, CPU_BARS, FWD, Bar, Case, Workload
 
 SITXL = dict(B=8, T=256, d=1152)
@@ -44,7 +45,8 @@ def _spec_used(spec, case: Case, dtype: torch.dtype) -> bool:
     """The launchers pick one configuration per dtype and power-of-two BLOCK_D >= d (and q variant)."""
     return (spec.tags.get("dtype") == _dtypes.name(dtype)
             and spec.constexprs.get("BLOCK_D") == max(16, triton.next_power_of_2(case.params["d"]))
-            and spec.constexprs.get("DYNAMIC_Q", False) == (case.params["q"] == "[B,T,d]"))
+            and spec.constexprs.get("DYNAMIC_Q", False) == (case.params["q"] == "[B,T,d]")
+            and not spec.constexprs.get("HAS_DLAST", False))
 
 
 def _sources(n: int):
@@ -72,4 +74,4 @@ ROUTE = Workload(
     cuda_sources=("dar_route.cu",),
 )
 
-WORKLOADS = (ROUTE,)
+WORKLOADS = (ROUTE, STACK)

@@ -88,8 +88,10 @@ class DARRouter(nn.Module):
         eps: RMSNorm epsilon of the routing keys.
         summary: chunk summary rule, "sum" (default) or "last".
     Parameters, per routing position p = 0..L (p = L is the final aggregator), all initialised so that
-    routing starts uniform: gain g_p (ones), and w_p (zeros; static/timestep), e_p = Linear(cond_dim, d)
-    (zeros; timestep), W_q^(p) [d, d] (zeros; dynamic).
+    routing starts uniform: gain[p] = g_p [d] (ones); query_weight[p] = w_p [d] (zeros; static and
+    timestep); time_embed[p] = e_p, Linear(cond_dim, d) (zeros; timestep); query_proj[p] = W_q^(p),
+    Linear(d, d, bias=False) (zeros; dynamic). One tensor per position (not one stacked tensor indexed
+    per op), so each op's parameter gradients land in their own tensors without scatter passes.
     """
 
     def __init__(self, d: int, n_sublayers: int, chunk_size: int | None = 4, query: str = "static",
@@ -108,14 +110,19 @@ class DARRouter(nn.Module):
         self.d, self.n_sublayers, self.chunk_size = d, n_sublayers, chunk_size
         self.query, self.summary, self.eps = query, summary, eps
         n_pos = n_sublayers + 1
-        self.gain = nn.Parameter(torch.ones(n_pos, d))
+        self.gain = nn.ParameterList([torch.ones(d) for _ in range(n_pos)])
         if query == "dynamic":
-            self.query_proj = nn.Parameter(torch.zeros(n_pos, d, d))
+            self.query_proj = nn.ModuleList([nn.Linear(d, d, bias=False) for _ in range(n_pos)])
         else:
-            self.query_weight = nn.Parameter(torch.zeros(n_pos, d))
+            self.query_weight = nn.ParameterList([torch.zeros(d) for _ in range(n_pos)])
         if query == "timestep":
-            self.time_weight = nn.Parameter(torch.zeros(n_pos, d, cond_dim))
-            self.time_bias = nn.Parameter(torch.zeros(n_pos, d))
+            self.time_embed = nn.ModuleList([nn.Linear(cond_dim, d) for _ in range(n_pos)])
+        self.cond_dim = cond_dim
+        with torch.no_grad():
+            for linear in (*getattr(self, "query_proj", ()), *getattr(self, "time_embed", ())):
+                linear.weight.zero_()
+                if linear.bias is not None:
+                    linear.bias.zero_()
 
     def extra_repr(self) -> str:
         return (f"d={self.d}, n_sublayers={self.n_sublayers}, chunk_size={self.chunk_size}, query={self.query!r}, "
@@ -131,13 +138,14 @@ class DARRouter(nn.Module):
         """The query of routing position p: [d], [B, d] or [B, T, d]."""
         if self.query == "dynamic":
             v = hist.newest
-            return F.linear(v, self.query_proj[p].to(v.dtype))
+            return F.linear(v, self.query_proj[p].weight.to(v.dtype))
         if self.query == "static":
             return self.query_weight[p]
-        if cond is None or cond.dim() != 2 or cond.shape[-1] != self.time_weight.shape[-1]:
+        if cond is None or cond.dim() != 2 or cond.shape[-1] != self.cond_dim:
             got = None if cond is None else list(cond.shape)
-            raise ValueError(f"DARRouter: query='timestep' needs cond [B, {self.time_weight.shape[-1]}], got {got}")
-        return self.query_weight[p] + F.linear(cond.to(self.time_weight.dtype), self.time_weight[p], self.time_bias[p])
+            raise ValueError(f"DARRouter: query='timestep' needs cond [B, {self.cond_dim}], got {got}")
+        e = self.time_embed[p]
+        return self.query_weight[p] + e(cond.to(e.weight.dtype))
 
     def _route(self, p: int, hist: DARHistory, sources, addends, cond):
         src = hist.x0
