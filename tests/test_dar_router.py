@@ -137,3 +137,16 @@ def test_router_rejects_out_of_order_calls_and_bad_shapes():
         router.final(hist, torch.zeros(B, COND))
     with pytest.raises(ValueError, match=r"sublayer index must be in \[0, 4\)"):
         router(hist, 4, torch.zeros(B, COND))
+
+
+@pytest.mark.parametrize("S", (None, 2))
+def test_bench_stack_matches_its_eager_reference(S):
+    """The dar_stack benchmark's two candidates compute the same thing (forward and gradients)."""
+    from diffkern.bench.dar_stack import STACK, reference_stack, routed_stack
+    case = next(c for c in STACK.quick_cases if c.params["S"] == S)
+    x0, q, gain, S = STACK.make_args(case, torch.float64, "cpu")
+    inputs = [x.requires_grad_() for x in (x0, q, gain)]
+    got, want = routed_stack(*inputs, S), reference_stack(*inputs, S)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for a, b in zip(torch.autograd.grad(got.sum(), inputs), torch.autograd.grad(want.sum(), inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

@@ -64,17 +64,22 @@ def test_run_rejects_bad_arguments():
         router.run(x0, [torch.neg] * 3, recompute=True)
 
 
-def test_recompute_under_torch_compile_fullgraph():
+@pytest.mark.parametrize("recompute", (False, True))
+@pytest.mark.parametrize("query", ("timestep", "dynamic"))
+def test_run_under_torch_compile_fullgraph(query, recompute):
     torch._dynamo.reset()
     L = 6
-    router = DARRouter(d, L, chunk_size=4, query="timestep", cond_dim=COND)
+    router = DARRouter(d, L, chunk_size=4, query=query, cond_dim=COND)
+    with torch.no_grad():  # routing away from uniform
+        for p in router.parameters():
+            p.add_(torch.randn(p.shape) * 0.1)
     x0 = torch.randn(B, T, d, requires_grad=True)
     cond = torch.randn(B, COND)
     lin = torch.nn.Linear(d, d)
     sublayers = [lin] * L
 
     def fn(x0, cond):
-        return router.run(x0, sublayers, cond, recompute=True)
+        return router.run(x0, sublayers, cond, recompute=recompute)
     eager = fn(x0, cond)
     eager_grads = torch.autograd.grad(eager.sum(), [x0, *router.parameters()])
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)(x0, cond)
