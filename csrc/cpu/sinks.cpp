@@ -140,11 +140,10 @@ void check_suppress(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   }
 }
 
-// The K selected rows of x as [B, G, K, d] in the accumulation dtype (G = 1 broadcasts over heads).
+// The K selected rows of x per head as [B, H, K, d] in the accumulation dtype (G = 1: one set for all heads).
 at::Tensor gather_keys(const at::Tensor& x, const at::Tensor& idx, at::ScalarType acc) {
-  const int64_t B = idx.size(0), G = idx.size(1), K = idx.size(2);
-  const at::Tensor src = G == 1 ? x.narrow(1, 0, 1) : x;
-  return at::gather(src, 2, idx.unsqueeze(-1).expand({B, G, K, x.size(3)})).to(acc);
+  const int64_t B = x.size(0), H = x.size(1), K = idx.size(2);
+  return at::gather(x, 2, idx.expand({B, H, K}).unsqueeze(-1).expand({B, H, K, x.size(3)})).to(acc);
 }
 
 std::tuple<at::Tensor, at::Tensor> sink_suppress_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -42,7 +42,8 @@ def block_d(d: int) -> int:
 def _dot(a, b, DOT_F32: tl.constexpr):
     if DOT_F32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b)
+    # fp32 p meets bf16/fp16 v on the tensor cores in v's dtype, as flash-attention does
+    return tl.dot(a.to(b.dtype), b)
 
 
 @triton.jit
@@ -86,7 +87,7 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ent_ptr, H, N_q, N_k, d
         l = l * alpha + tl.sum(p, 1)
         if HAS_V:
             v = _load_rows(v_ptr + b * sv_b + h * sv_h, cols, N_k, sv_n, dd, d)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
+            acc = acc * alpha[:, None] + _dot(p, v, DOT_F32)
             t = t * alpha + tl.sum(p * tl.where(col_ok, s, 0.0), 1)
         m = m_new
     lse = m + tl.log(l)
@@ -177,7 +178,7 @@ def suppress_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, out_ptr, post_
                          mask=sel_ok[:, None] & (dd < d)[None, :], other=0.0)
             c += tl.sum(p, 1)
             p0 += tl.sum(tl.where((sel == 0)[None, :], p, 0.0), 1)
-            u += _dot(p.to(vs.dtype), vs, DOT_F32)
+            u += _dot(p, vs, DOT_F32)
     denom = 1.0 - w * c
     tl.store(out_ptr + o_offs, ((o - w * u) / denom[:, None]).to(out_ptr.dtype.element_ty), mask=tile_mask)
     tl.store(post_ptr + bh * n_rows + rows, g * p0 / denom, mask=fix)
