@@ -184,3 +184,16 @@ def test_minus_inf_bias_equals_large_finite_bias(backend):
         a = diffkern.sink_attention(q, k, v, k_sink=3, bias=-1e4)
         b = diffkern.sink_attention(q, k, v, k_sink=3, bias=float("-inf"))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_merges_chunks_and_breaks_ties_towards_lower_index(backend, largest=True):
+    """1100 scores: the Triton kernel merges two 1024-wide sorts; equal scores keep index order."""
+    g = torch.Generator().manual_seed(2)
+    score = torch.rand(1, 1, 1100, generator=g)
+    score[0, 0, [5, 700, 1099, 300]] = 2.0 if largest else -1.0  # a four-way tie at the top
+    score[0, 0, [1050, 12]] = 1.5 if largest else -0.5
+    with forced(backend):
+        idx = torch.ops.diffkern.sink_topk(score.to(device_for(backend)), 20, largest).cpu()
+    assert idx[0, 0, :6].tolist() == [5, 300, 700, 1099, 12, 1050]
+    assert torch.equal(idx, reference.sink_topk(score.double(), 20, largest))

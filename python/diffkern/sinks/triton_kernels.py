@@ -227,10 +227,11 @@ def attention_fwd(q, k, v, n_query, scale):
     return _fwd(q, k, v, n_query, scale)
 
 
-def topk_config(k: int) -> tuple[int, int, int]:
-    """(BLOCK, K_PAD, num_warps): a chunk of BLOCK - K_PAD >= K_PAD new scores per sort."""
+def topk_config(k: int, n: int) -> tuple[int, int, int]:
+    """(BLOCK, K_PAD, num_warps): chunks of BLOCK - K_PAD >= K_PAD new scores per sort, at most 1024-wide
+    sorts unless K needs more (a short row sorts once, in a block just wide enough)."""
     k_pad = max(16, triton.next_power_of_2(max(k, 1)))
-    block = max(1024, 2 * k_pad)
+    block = max(2 * k_pad, min(1024, triton.next_power_of_2(n + k_pad)))
     return block, k_pad, max(4, min(16, block // 256))
 
 
@@ -240,7 +241,7 @@ def sink_topk(score, k, largest):
     idx = _triton.empty((B, G, k), torch.int64, score.device)
     if B * G * k == 0:
         return idx
-    block, k_pad, warps = topk_config(k)
+    block, k_pad, warps = topk_config(k, N)
     best = torch.empty((B * G, k_pad), dtype=torch.int64, device=score.device)
     topk_kernel[(B * G,)](score.contiguous(), idx, best, N, k, BLOCK=block, K_PAD=k_pad, LARGEST=largest,
                           num_warps=warps)
@@ -292,7 +293,7 @@ def aot_specs() -> list[KernelSpec]:
             name = f"{kernel.__name__}[{ty},d={d}," + ",".join(f"{k}={v}" for k, v in c.items()) + "]"
             specs.append(KernelSpec(name, kernel, signature, c, warps, _triton.register_budget(warps), tags))
     for k_pad, largest in itertools.product((16, 64, 256, MAX_TOPK), (True, False)):
-        block, k_pad, warps = topk_config(k_pad)
+        block, k_pad, warps = topk_config(k_pad, 4429)
         c = {"BLOCK": block, "K_PAD": k_pad, "LARGEST": largest}
         specs.append(KernelSpec(f"topk_kernel[BLOCK={block},K_PAD={k_pad},LARGEST={largest}]", topk_kernel,
                                 {"score_ptr": "*fp32", "idx_ptr": "*i64", "best_ptr": "*i64", "N": "i32", "k": "i32"},
