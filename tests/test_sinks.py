@@ -197,3 +197,21 @@ def test_topk_merges_chunks_and_breaks_ties_towards_lower_index(backend, largest
         idx = torch.ops.diffkern.sink_topk(score.to(device_for(backend)), 20, largest).cpu()
     assert idx[0, 0, :6].tolist() == [5, 300, 700, 1099, 12, 1050]
     assert torch.equal(idx, reference.sink_topk(score.double(), 20, largest))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="counts interpreted launches, which run only without a GPU")
+def test_benchmark_traffic_model_equals_interpreter_counts():
+    """The bytes the benchmark models for each Triton kernel are the bytes the kernels issue."""
+    from diffkern.bench.sinks import kernel_traffic
+    from diffkern.sinks import triton_kernels as tk
+    from diffkern.testing.triton_monitor import TritonMonitor
+    B, H, N_q, N_k, d, n = 1, 2, 70, 67, 64, 60
+    q, k, v = make_qkv(B, H, N_q, N_k, d, torch.bfloat16, planted=1)
+    with diffkern.backend("triton"), TritonMonitor(check_bounds=False) as mon:
+        diffkern.sink_attention(q, k, v, k_sink=1, n_query=n)
+    counted = mon.by_kernel()
+    model = kernel_traffic(N_q, N_k, d, n, 1, n, 2, tk.TILES[64][:2], tk.SEL_BLOCK, tk.topk_config(1, N_k)[:2])
+    assert set(counted) == set(model)
+    for name, m in model.items():
+        assert (counted[name]["bytes_loaded"], counted[name]["bytes_stored"]) == (m["loaded"] * B * H,
+                                                                                  m["stored"] * B * H), name

@@ -28,10 +28,11 @@ MAX_D = 256
 MAX_TOPK = 2048
 # (BLOCK_M, BLOCK_N, num_warps) per padded head_dim: flash-attention's tiles; chosen by compiling every
 # configuration for sm_80/sm_90a (ptxas -v) with the full register budget, none spills.
-TILES = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 4), 256: (32, 32, 4)}
+TILES = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 8), 256: (32, 32, 8)}
 SEL_BLOCK = 16  # selected keys per correction step (tl.dot's minimum width)
-# Under the interpreter bf16 tl.dot is wrong (TRITON_ON_CPU.md): operands go through fp32 there, and for
-# fp32 inputs everywhere (exact "ieee" products, not tf32).
+# Under the interpreter bf16 tl.dot is wrong (TRITON_ON_CPU.md): operands go through fp32 there ("ieee",
+# exact). fp32 inputs on a GPU use tf32x3 (three tf32 products, ~fp32 accurate, on tensor cores): an
+# "ieee" fp32 tl.dot of these tiles needs over 255 registers and spills kilobytes on sm_80/sm_90a.
 
 
 def block_d(d: int) -> int:
@@ -39,9 +40,9 @@ def block_d(d: int) -> int:
 
 
 @triton.jit
-def _dot(a, b, DOT_F32: tl.constexpr):
+def _dot(a, b, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
     # fp32 p meets bf16/fp16 v on the tensor cores in v's dtype, as flash-attention does
     return tl.dot(a.to(b.dtype), b)
 
@@ -64,7 +65,7 @@ def _load_cols(base, cols, n, stride_n, dd, d):
 def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ent_ptr, H, N_q, N_k, d,
                     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, scale,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    HAS_V: tl.constexpr, DOT_F32: tl.constexpr):
+                    HAS_V: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -79,7 +80,7 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ent_ptr, H, N_q, N_k, d
     for n0 in range(0, N_k, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = (cols < N_k)[None, :]
-        s = _dot(q, _load_cols(k_base, cols, N_k, sk_n, dd, d), DOT_F32) * scale
+        s = _dot(q, _load_cols(k_base, cols, N_k, sk_n, dd, d), DOT_F32, PRECISION) * scale
         s = tl.where(col_ok, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp(m - m_new)
@@ -87,7 +88,7 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ent_ptr, H, N_q, N_k, d
         l = l * alpha + tl.sum(p, 1)
         if HAS_V:
             v = _load_rows(v_ptr + b * sv_b + h * sv_h, cols, N_k, sv_n, dd, d)
-            acc = acc * alpha[:, None] + _dot(p, v, DOT_F32)
+            acc = acc * alpha[:, None] + _dot(p, v, DOT_F32, PRECISION)
             t = t * alpha + tl.sum(p * tl.where(col_ok, s, 0.0), 1)
         m = m_new
     lse = m + tl.log(l)
@@ -102,7 +103,8 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ent_ptr, H, N_q, N_k, d
 @triton.jit
 def col_mass_kernel(q_ptr, k_ptr, lse_ptr, mass_ptr, H, N_q, N_k, n_query, d,
                     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, scale, inv_n_query,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -115,7 +117,7 @@ def col_mass_kernel(q_ptr, k_ptr, lse_ptr, mass_ptr, H, N_q, N_k, n_query, d,
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < n_query
         lse = tl.load(lse_ptr + bh * N_q + rows, mask=row_ok, other=0.0)
-        s = _dot(_load_rows(q_base, rows, n_query, sq_n, dd, d), kt, DOT_F32) * scale
+        s = _dot(_load_rows(q_base, rows, n_query, sq_n, dd, d), kt, DOT_F32, PRECISION) * scale
         acc += tl.sum(tl.where(row_ok[:, None], tl.exp(s - lse[:, None]), 0.0), 0)
     tl.store(mass_ptr + bh * N_k + cols, acc * inv_n_query, mask=cols < N_k)
 
@@ -150,7 +152,8 @@ def topk_kernel(score_ptr, idx_ptr, best_ptr, N, k, BLOCK: tl.constexpr, K_PAD: 
 @triton.jit
 def suppress_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, out_ptr, post_ptr, H, N_q, N_k, n_rows, K, d,
                     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, si_b, si_h, scale, w, g,
-                    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                    DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -172,13 +175,13 @@ def suppress_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, out_ptr, post_
             j = tl.load(idx_ptr + b * si_b + h * si_h + sel, mask=sel_ok, other=0)
             kt = tl.load(k_ptr + b * sk_b + h * sk_h + j[None, :] * sk_n + dd[:, None],
                          mask=sel_ok[None, :] & (dd < d)[:, None], other=0.0)
-            s = _dot(q, kt, DOT_F32) * scale
+            s = _dot(q, kt, DOT_F32, PRECISION) * scale
             p = tl.where(fix[:, None] & sel_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
             vs = tl.load(v_ptr + b * sv_b + h * sv_h + j[:, None] * sv_n + dd[None, :],
                          mask=sel_ok[:, None] & (dd < d)[None, :], other=0.0)
             c += tl.sum(p, 1)
             p0 += tl.sum(tl.where((sel == 0)[None, :], p, 0.0), 1)
-            u += _dot(p, vs, DOT_F32)
+            u += _dot(p, vs, DOT_F32, PRECISION)
     denom = 1.0 - w * c
     tl.store(out_ptr + o_offs, ((o - w * u) / denom[:, None]).to(out_ptr.dtype.element_ty), mask=tile_mask)
     tl.store(post_ptr + bh * n_rows + rows, g * p0 / denom, mask=fix)
@@ -186,6 +189,10 @@ def suppress_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, out_ptr, post_
 
 def _dot_f32(dtype: torch.dtype) -> bool:
     return _triton.interpreting() or dtype == torch.float32
+
+
+def _precision() -> str:
+    return "ieee" if _triton.interpreting() else "tf32x3"
 
 
 def _bh_strides(x: torch.Tensor) -> tuple[int, int, int]:
@@ -204,7 +211,8 @@ def _fwd(q, k, v, n_query, scale):
         return o, lse, mass.zero_(), ent
     bd = block_d(d)
     bm, bn, warps = TILES[bd]
-    meta = dict(BLOCK_D=bd, DOT_F32=_dot_f32(q.dtype), num_warps=warps, maxnreg=_triton.register_budget(warps))
+    meta = dict(BLOCK_D=bd, DOT_F32=_dot_f32(q.dtype), PRECISION=_precision(), num_warps=warps,
+                maxnreg=_triton.register_budget(warps))
     vv = v if v is not None else k
     attn_fwd_kernel[(triton.cdiv(N_q, bm), B * H)](
         q, k, vv, o if o is not None else lse, lse, ent if ent is not None else lse, H, N_q, N_k, d,
@@ -244,7 +252,7 @@ def sink_topk(score, k, largest):
     block, k_pad, warps = topk_config(k, N)
     best = torch.empty((B * G, k_pad), dtype=torch.int64, device=score.device)
     topk_kernel[(B * G,)](score.contiguous(), idx, best, N, k, BLOCK=block, K_PAD=k_pad, LARGEST=largest,
-                          num_warps=warps)
+                          num_warps=warps, maxnreg=_triton.register_budget(warps))
     return idx
 
 
@@ -263,7 +271,8 @@ def sink_suppress(q, k, v, o, lse, idx, n_rows, scale, bias):
     suppress_kernel[(triton.cdiv(N_q, bm), B * H)](
         q, k, v, o, lse, idx, out, post, H, N_q, N_k, n_rows, K, d, *_bh_strides(q), *_bh_strides(k),
         *_bh_strides(v), idx.stride(0), si_h, scale, w, g, BLOCK_M=bm, BLOCK_S=SEL_BLOCK, BLOCK_D=bd,
-        DOT_F32=_dot_f32(q.dtype), num_warps=warps, maxnreg=_triton.register_budget(warps))
+        DOT_F32=_dot_f32(q.dtype), PRECISION=_precision(), num_warps=warps,
+        maxnreg=_triton.register_budget(warps))
     return out, post
 
 
@@ -276,7 +285,7 @@ def aot_specs() -> list[KernelSpec]:
         ty = _triton.TRITON_DTYPE[dtype]
         bd = block_d(d)
         bm, bn, warps = TILES[bd]
-        common = {"BLOCK_D": bd, "DOT_F32": dtype == torch.float32}
+        common = {"BLOCK_D": bd, "DOT_F32": dtype == torch.float32, "PRECISION": "tf32x3"}
         tags = {"dtype": _dtypes.name(dtype), "head_dim": d}
         qkv = {"q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "v_ptr": f"*{ty}"}
         for kernel, signature, constexprs in (
@@ -297,5 +306,5 @@ def aot_specs() -> list[KernelSpec]:
         c = {"BLOCK": block, "K_PAD": k_pad, "LARGEST": largest}
         specs.append(KernelSpec(f"topk_kernel[BLOCK={block},K_PAD={k_pad},LARGEST={largest}]", topk_kernel,
                                 {"score_ptr": "*fp32", "idx_ptr": "*i64", "best_ptr": "*i64", "N": "i32", "k": "i32"},
-                                c, warps, None, {"k_pad": k_pad}))
+                                c, warps, _triton.register_budget(warps), {"k_pad": k_pad}))
     return specs
