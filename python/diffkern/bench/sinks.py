@@ -56,11 +56,13 @@ def plain_flash(N_q, N_k, d, itemsize, bm):
 
 
 def modeled_rows(sizes, k_sink=1):
+    import torch
+
     from ..sinks import triton_kernels as tk
     rows = []
     for n in sizes:
         N_k = n + N_TEXT
-        tiles = tk.TILES[tk.block_d(D)][:2]
+        tiles = tk.tiles(D, torch.bfloat16)[:2]
         per = kernel_traffic(n + N_TEXT, N_k, D, n, k_sink, n, 2, tiles, tk.SEL_BLOCK,
                              tk.topk_config(k_sink, N_k)[:2])
         # every kernel runs once per (b, h): the per-head top-k has B * H score rows too

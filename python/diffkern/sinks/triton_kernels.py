@@ -26,9 +26,17 @@ from .reference import suppression_weights
 MAX_D = 256
 # Largest K the top-k kernel keeps (head-union at k = 50 x 24 heads is 1200 keys).
 MAX_TOPK = 2048
-# (BLOCK_M, BLOCK_N, num_warps) per padded head_dim: flash-attention's tiles; chosen by compiling every
-# configuration for sm_80/sm_90a (ptxas -v) with the full register budget, none spills.
+# (BLOCK_M, BLOCK_N, num_warps) per padded head_dim: flash-attention's tiles for 16-bit inputs; fp32
+# inputs (tf32x3 dots hold three operand splits) take half-height tiles. Chosen by compiling every
+# configuration for sm_80/sm_90a (ptxas -v) with the full register budget: none spills.
 TILES = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 8), 256: (32, 32, 8)}
+TILES_F32 = {16: (32, 32, 4), 32: (32, 32, 4), 64: (32, 32, 4), 128: (32, 32, 8), 256: (16, 32, 8)}
+
+
+def tiles(d: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    return (TILES_F32 if dtype == torch.float32 else TILES)[block_d(d)]
+
+
 SEL_BLOCK = 16  # selected keys per correction step (tl.dot's minimum width)
 # Under the interpreter bf16 tl.dot is wrong (TRITON_ON_CPU.md): operands go through fp32 there ("ieee",
 # exact). fp32 inputs on a GPU use tf32x3 (three tf32 products, ~fp32 accurate, on tensor cores): an
@@ -161,8 +169,6 @@ def suppress_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, out_ptr, post_
     dd = tl.arange(0, BLOCK_D)
     row_ok, fix = rows < N_q, rows < n_rows
     tile_mask = row_ok[:, None] & (dd < d)[None, :]
-    o_offs = (bh * N_q + rows[:, None]) * d + dd[None, :]
-    o = tl.load(o_ptr + o_offs, mask=tile_mask, other=0.0)
     c = tl.zeros([BLOCK_M], tl.float32)  # sum_S P
     p0 = tl.zeros([BLOCK_M], tl.float32)  # P of the first selected key
     u = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # sum_S P v
@@ -183,6 +189,9 @@ def suppress_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, out_ptr, post_
             p0 += tl.sum(tl.where((sel == 0)[None, :], p, 0.0), 1)
             u += _dot(p, vs, DOT_F32, PRECISION)
     denom = 1.0 - w * c
+    # o is read only now, after the loop: holding it through the loop spills at head_dim 128
+    o_offs = (bh * N_q + rows[:, None]) * d + dd[None, :]
+    o = tl.load(o_ptr + o_offs, mask=tile_mask, other=0.0)
     tl.store(out_ptr + o_offs, ((o - w * u) / denom[:, None]).to(out_ptr.dtype.element_ty), mask=tile_mask)
     tl.store(post_ptr + bh * n_rows + rows, g * p0 / denom, mask=fix)
 
@@ -210,7 +219,7 @@ def _fwd(q, k, v, n_query, scale):
     if B * H * N_q == 0:
         return o, lse, mass.zero_(), ent
     bd = block_d(d)
-    bm, bn, warps = TILES[bd]
+    bm, bn, warps = tiles(d, q.dtype)
     meta = dict(BLOCK_D=bd, DOT_F32=_dot_f32(q.dtype), PRECISION=_precision(), num_warps=warps,
                 maxnreg=_triton.register_budget(warps))
     vv = v if v is not None else k
@@ -266,7 +275,7 @@ def sink_suppress(q, k, v, o, lse, idx, n_rows, scale, bias):
         return out, post
     w, g = suppression_weights(bias, K, N_k)
     bd = block_d(d)
-    bm, _, warps = TILES[bd]
+    bm, _, warps = tiles(d, q.dtype)
     si_h = idx.stride(1) if idx.shape[1] > 1 else 0
     suppress_kernel[(triton.cdiv(N_q, bm), B * H)](
         q, k, v, o, lse, idx, out, post, H, N_q, N_k, n_rows, K, d, *_bh_strides(q), *_bh_strides(k),
@@ -284,7 +293,7 @@ def aot_specs() -> list[KernelSpec]:
     for dtype, d in itertools.product((torch.bfloat16, torch.float16, torch.float32), (64, 128)):
         ty = _triton.TRITON_DTYPE[dtype]
         bd = block_d(d)
-        bm, bn, warps = TILES[bd]
+        bm, bn, warps = tiles(d, dtype)
         common = {"BLOCK_D": bd, "DOT_F32": dtype == torch.float32, "PRECISION": "tf32x3"}
         tags = {"dtype": _dtypes.name(dtype), "head_dim": d}
         qkv = {"q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "v_ptr": f"*{ty}"}
