@@ -104,8 +104,8 @@ def assert_corrected_output_close(out, want, plain, suppressed):
 @pytest.mark.parametrize("row_scope", ("image", "all"))
 @pytest.mark.parametrize("mode", SUPPRESSING)
 @pytest.mark.parametrize("backend,dtype", params((torch.float32, torch.bfloat16)))
-def test_suppressed_output_matches_explicit_masked_reference(backend, dtype, mode, row_scope):
-    B, H, N_q, N_k, d, n = 2, 2, 37, 45, 64, 30
+def test_suppressed_output_matches_explicit_masked_reference(backend, dtype, mode, row_scope, d=64):
+    B, H, N_q, N_k, n = 2, 2, 37, 45, 30
     q, k, v = make_qkv(B, H, N_q, N_k, d, dtype, seed=1, planted=1, device=device_for(backend))
     with forced(backend):
         out, stats = diffkern.sink_attention(q, k, v, k_sink=2, mode=mode, row_scope=row_scope, n_query=n,
@@ -117,6 +117,11 @@ def test_suppressed_output_matches_explicit_masked_reference(backend, dtype, mod
     assert_corrected_output_close(out, want, plain, suppressed_mass(q, k, idx, rows))
     assert_close_to_oracle(stats["top_sink_mass_after"], post[:, :, :n].mean(), post[:, :, :n].mean().float(),
                            "top_sink_mass_after")
+
+
+@pytest.mark.parametrize("backend,dtype", params((torch.float16,)))
+def test_suppressed_output_at_head_dim_128(backend, dtype):
+    test_suppressed_output_matches_explicit_masked_reference(backend, dtype, "per_head", "image", d=128)
 
 
 @pytest.mark.parametrize("backend,dtype", params((torch.float32, torch.bfloat16)))
