@@ -30,7 +30,7 @@ MAX_TOPK = 2048
 # inputs (tf32x3 dots hold three operand splits) take half-height tiles. Chosen by compiling every
 # configuration for sm_80/sm_90a (ptxas -v) with the full register budget: none spills.
 TILES = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 8), 256: (32, 32, 8)}
-TILES_F32 = {16: (32, 32, 4), 32: (32, 32, 4), 64: (32, 32, 4), 128: (32, 32, 8), 256: (16, 32, 8)}
+TILES_F32 = {16: (32, 32, 8), 32: (32, 32, 8), 64: (32, 32, 8), 128: (32, 32, 8), 256: (16, 32, 8)}
 
 
 def tiles(d: int, dtype: torch.dtype) -> tuple[int, int, int]:
