@@ -215,7 +215,8 @@ def test_benchmark_traffic_model_equals_interpreter_counts():
     with diffkern.backend("triton"), TritonMonitor(check_bounds=False) as mon:
         diffkern.sink_attention(q, k, v, k_sink=1, n_query=n)
     counted = mon.by_kernel()
-    model = kernel_traffic(N_q, N_k, d, n, 1, n, 2, tk.tiles(d, torch.bfloat16)[:2], tk.SEL_BLOCK, tk.topk_config(1, N_k)[:2])
+    model = kernel_traffic(N_q, N_k, d, n, 1, n, 2, tk.tiles(d, torch.bfloat16)[:2], tk.SEL_BLOCK,
+                           tk.topk_config(1, N_k)[:2])
     assert set(counted) == set(model)
     for name, m in model.items():
         assert (counted[name]["bytes_loaded"], counted[name]["bytes_stored"]) == (m["loaded"] * B * H,

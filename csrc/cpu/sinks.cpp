@@ -7,11 +7,14 @@
 // own GEMM micro-kernel. Extra memory: a few [B, H, kRows, N_k] fp32 blocks, linear in N_k, plus fp32
 // copies of k and v. The suppression corrects the unmasked output with the K selected keys' terms only.
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <string>
 #include <tuple>
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "diffkern/check.h"
@@ -57,6 +60,35 @@ void check_scalars(const char* op, const at::Tensor& q, int64_t n_query, double 
   TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, op, ": scale must be finite and > 0, got ", scale);
 }
 
+// Each row of a block of logits x [rows, n] (unscaled, contiguous) becomes its softmax P in place, with
+// lse = m + log l and the entropy -sum P log P = lse - sum P s written per row: a pass for the max, one
+// for exp and the two sums, one to normalise (unfused ATen takes ~10 passes over the block).
+template <typename acc_t>
+void softmax_rows(acc_t* x, int64_t rows, int64_t n, acc_t scale, acc_t* lse, acc_t* entropy) {
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      acc_t* __restrict s = x + r * n;
+      acc_t m = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t j = 0; j < n; ++j) {
+        s[j] *= scale;
+        m = std::max(m, s[j]);
+      }
+      acc_t l = 0, t = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const acc_t e = std::exp(s[j] - m);
+        t += e * s[j];
+        l += e;
+        s[j] = e;
+      }
+      const acc_t inv_l = acc_t(1) / l;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) s[j] *= inv_l;
+      lse[r] = m + std::log(l);
+      entropy[r] = lse[r] - t * inv_l;
+    }
+  });
+}
+
 // (o, lse, mass, entropy) in the accumulation dtype; o and entropy are undefined without v.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blocked_forward(const at::Tensor& q, const at::Tensor& k,
                                                                            const at::Tensor* v, int64_t n_query,
@@ -73,14 +105,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blocked_forward(const
   }
   for (int64_t r0 = 0; r0 < N_q; r0 += kRows) {
     const int64_t r1 = std::min(N_q, r0 + kRows);
-    const at::Tensor s = at::matmul(q.slice(2, r0, r1).to(acc), kt).mul_(scale);
-    const at::Tensor row_lse = at::logsumexp(s, {-1});
+    const at::Tensor p = at::matmul(q.slice(2, r0, r1).to(acc), kt).contiguous();
+    const at::Tensor row_lse = at::empty({B, H, r1 - r0}, opts), row_entropy = at::empty_like(row_lse);
+    AT_DISPATCH_FLOATING_TYPES(acc, kAttnOp, [&] {
+      softmax_rows<scalar_t>(p.mutable_data_ptr<scalar_t>(), B * H * (r1 - r0), N_k, static_cast<scalar_t>(scale),
+                             row_lse.mutable_data_ptr<scalar_t>(), row_entropy.mutable_data_ptr<scalar_t>());
+    });
     lse.slice(2, r0, r1).copy_(row_lse);
-    const at::Tensor p = (s - row_lse.unsqueeze(-1)).exp_();
     if (r0 < n_query) mass.add_(p.slice(2, 0, std::min(r1, n_query) - r0).sum(2));
     if (v != nullptr) {
       o.slice(2, r0, r1).copy_(at::matmul(p, va));
-      entropy.slice(2, r0, r1).copy_(row_lse - (p * s).sum(-1));
+      entropy.slice(2, r0, r1).copy_(row_entropy);
     }
   }
   mass.div_(static_cast<double>(std::max<int64_t>(n_query, 1)));
@@ -110,7 +145,8 @@ at::Tensor sink_topk_cpu(const at::Tensor& score, int64_t k, bool largest) {
                     ": score dtype must be float32 or float64, got ", dtype_name(score.scalar_type()));
   check_unit_last_stride(kAttnOp, score, "score");
   TORCH_CHECK_VALUE(k >= 0 && k <= score.size(2), kAttnOp, ": k must be in [0, N] = [0, ", score.size(2), "], got ", k);
-  return std::get<1>(at::sort(score, /*stable=*/true, /*dim=*/-1, /*descending=*/largest)).narrow(-1, 0, k).contiguous();
+  const at::Tensor order = std::get<1>(at::sort(score, /*stable=*/true, /*dim=*/-1, /*descending=*/largest));
+  return order.narrow(-1, 0, k).contiguous();
 }
 
 void check_suppress(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,

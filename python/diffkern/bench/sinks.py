@@ -55,7 +55,9 @@ def plain_flash(N_q, N_k, d, itemsize, bm):
     return dict(loaded=(N_q + 2 * t_q * N_k) * d * itemsize, stored=N_q * (d * itemsize + 4), flops=4 * N_q * N_k * d)
 
 
-def modeled_rows(sizes, k_sink=1):
+def modeled_rows(sizes, K=1):
+    """K selected keys per (b, h): k_sink per head, or k_sink * H shared (head-union; its top-k then has
+    B rows, not B * H: counted as B * H here, an overcount of a few KB)."""
     import torch
 
     from ..sinks import triton_kernels as tk
@@ -63,13 +65,12 @@ def modeled_rows(sizes, k_sink=1):
     for n in sizes:
         N_k = n + N_TEXT
         tiles = tk.tiles(D, torch.bfloat16)[:2]
-        per = kernel_traffic(n + N_TEXT, N_k, D, n, k_sink, n, 2, tiles, tk.SEL_BLOCK,
-                             tk.topk_config(k_sink, N_k)[:2])
+        per = kernel_traffic(n + N_TEXT, N_k, D, n, K, n, 2, tiles, tk.SEL_BLOCK, tk.topk_config(K, N_k)[:2])
         # every kernel runs once per (b, h): the per-head top-k has B * H score rows too
         ours = {k: sum(v[k] for v in per.values()) * B * H for k in ("loaded", "stored", "flops")}
         plain = {k: v * B * H for k, v in plain_flash(n + N_TEXT, N_k, D, 2, tiles[0]).items()}
         ob, pb = ours["loaded"] + ours["stored"], plain["loaded"] + plain["stored"]
-        rows.append(dict(N_q=n + N_TEXT, N_k=N_k, n_query=n, flops=ours["flops"], plain_flops=plain["flops"],
+        rows.append(dict(N_q=n + N_TEXT, N_k=N_k, n_query=n, K=K, flops=ours["flops"], plain_flops=plain["flops"],
                          flops_ratio=ours["flops"] / plain["flops"], bytes=ob, plain_bytes=pb, bytes_ratio=ob / pb,
                          h100_us=max(ob / H100_BYTES_PER_S, ours["flops"] / H100_BF16_FLOPS) * 1e6,
                          plain_h100_us=max(pb / H100_BYTES_PER_S, plain["flops"] / H100_BF16_FLOPS) * 1e6,
@@ -119,12 +120,14 @@ def cpu_rows(sizes, repeats: int, log=print):
         N = n + N_TEXT
         for kind in ("diffkern", "explicit"):
             if kind == "explicit" and 4 * B * H * N * N * 4 > EXPLICIT_MAX_BYTES:
-                rows.append(dict(kind=kind, N_q=N, skipped=f"needs ~{4 * B * H * N * N * 4 / 1e9:.1f} GB "
-                                                          f"(4 fp32 N_q x N_k tensors); not run on this shared machine"))
+                need = 4 * B * H * N * N * 4 / 1e9
+                rows.append(dict(kind=kind, N_q=N, skipped=f"needs ~{need:.1f} GB (4 fp32 N_q x N_k tensors); "
+                                                          "not run on this shared machine"))
                 continue
             cmd = [sys.executable, "-m", "diffkern.bench.sinks", "--child", kind, str(n), str(repeats)]
             run = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TRITON_INTERPRET="0"))
-            rows.append(json.loads(run.stdout) if run.returncode == 0 else dict(kind=kind, N_q=N, error=run.stderr[-800:]))
+            rows.append(json.loads(run.stdout) if run.returncode == 0
+                        else dict(kind=kind, N_q=N, error=run.stderr[-800:]))
             log(f"[sinks cpu] {kind} N_q={N}: {rows[-1]}")
     return rows
 
@@ -139,10 +142,11 @@ def markdown(cpu, modeled) -> str:
         else:
             out.append(f"| {r['N_q']} | {r['kind']} | {r['median_ms']:.0f} | {r['peak_extra_mb']:.0f} |")
     out += ["", f"### Modeled GPU (bf16, B={B}, H={H}, d={D}; Triton kernels vs one plain flash forward)", "",
-            "| N_q | N_k | FLOPs ratio | bytes (MB) ours / flash | modeled H100 us ours / flash | explicit P matrix MB |",
-            "|---|---|---|---|---|---|"]
+            "| N_q | N_k | K selected | FLOPs ratio | bytes (MB) ours / flash | modeled H100 us ours / flash "
+            "| explicit P matrix MB |",
+            "|---|---|---|---|---|---|---|"]
     for r in modeled:
-        out.append(f"| {r['N_q']} | {r['N_k']} | {r['flops_ratio']:.3f} | {r['bytes'] / 1e6:.0f} / "
+        out.append(f"| {r['N_q']} | {r['N_k']} | {r['K']} | {r['flops_ratio']:.3f} | {r['bytes'] / 1e6:.0f} / "
                    f"{r['plain_bytes'] / 1e6:.0f} | {r['h100_us']:.0f} / {r['plain_h100_us']:.0f} | "
                    f"{r['explicit_matrix_bytes'] / 1e6:.0f} |")
     return "\n".join(out) + "\n"
@@ -158,7 +162,8 @@ def main(argv=None):
         print(json.dumps(_child(args.child[0], int(args.child[1]), int(args.child[2]))))
         return
     sizes = (256, 512) if args.quick else (1024, 2048, 3072, 4096)
-    modeled = modeled_rows((1024, 2048, 3072, 4096))
+    modeled = modeled_rows((1024, 2048, 3072, 4096)) + modeled_rows((4096,), K=5) + modeled_rows((4096,), K=120) \
+        + modeled_rows((4096,), K=1200)
     cpu = cpu_rows(sizes, 1 if args.quick else 3)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "sinks.json"), "w") as f:

@@ -76,7 +76,8 @@ def check_topk(score, k, largest) -> None:
     if score.dtype not in (torch.float32, torch.float64):
         _fail(ATTN_OP, f"score dtype must be float32 or float64, got {_dtypes.name(score.dtype)}")
     if score.shape[-1] > 1 and score.stride(-1) != 1:
-        _fail(ATTN_OP, f"score must have unit stride in its last dim (got stride {score.stride(-1)}); call .contiguous()")
+        _fail(ATTN_OP, f"score must have unit stride in its last dim (got stride {score.stride(-1)}); "
+                       "call .contiguous()")
     if not 0 <= k <= score.shape[2]:
         _fail(ATTN_OP, f"k must be in [0, N] = [0, {score.shape[2]}], got {k}")
 
@@ -86,7 +87,8 @@ def check_suppress(q, k, v, o, lse, idx, n_rows, scale, bias) -> None:
     B, H, N_q, _ = q.shape
     N_k = k.shape[2]
     acc = _dtypes.acc(q.dtype)
-    for name, x, layout, shape in (("o", o, "[B, H, N_q, head_dim]", list(q.shape)), ("lse", lse, "[B, H, N_q]", [B, H, N_q])):
+    for name, x, layout, shape in (("o", o, "[B, H, N_q, head_dim]", list(q.shape)),
+                                   ("lse", lse, "[B, H, N_q]", [B, H, N_q])):
         if x.device != q.device:
             _fail(ATTN_OP, f"{name} is on {x.device} but q is on {q.device}")
         if list(x.shape) != shape or x.dtype != acc or not x.is_contiguous():

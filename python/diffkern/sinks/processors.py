@@ -92,7 +92,7 @@ class SinkJointAttnProcessor(_SinkProcessor):
                 cq = attn.norm_added_q(cq)
             if attn.norm_added_k is not None:
                 ck = attn.norm_added_k(ck)
-            query, key, value = torch.cat([query, cq], dim=2), torch.cat([key, ck], dim=2), torch.cat([value, cv], dim=2)
+            query, key, value = (torch.cat([a, b], dim=2) for a, b in ((query, cq), (key, ck), (value, cv)))
         hidden_states = self._attend(query, key, value, n_query=residual.shape[1])
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
         if encoder_hidden_states is not None:
