@@ -48,8 +48,8 @@ class _SinkProcessor:
 
     def __init__(self, layer: str = "", mode: str = "measure", k_sink: int = 1, row_scope: str = "image",
                  bias: float = -1e4, seed: int | None = None, recorder: SinkRecorder | None = None):
-        self.layer, self.mode, self.k_sink, self.row_scope, self.bias, self.seed = layer, mode, k_sink, row_scope, \
-            bias, seed
+        self.layer, self.mode, self.k_sink, self.row_scope = layer, mode, k_sink, row_scope
+        self.bias, self.seed = bias, seed
         self.recorder = recorder if recorder is not None else SinkRecorder()
         self.calls = 0  # the random mode's call counter: a fresh, reproducible set at every call
 
