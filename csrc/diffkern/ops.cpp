@@ -62,3 +62,22 @@ TORCH_LIBRARY_FRAGMENT(diffkern, m) {
       " Tensor sigma_next, Tensor? v_ref, Tensor? v_uncond, float cfg_scale, int std_rule, float std_coef)"
       " -> Tensor[]");
 }
+
+TORCH_LIBRARY_FRAGMENT(diffkern, m) {
+  m.set_python_module("diffkern.sinks.op");
+  // Attention sinks (specs/sinks.md), forward only. q [B, H, N_q, d], k/v [B, H, N_k, d], s = scale q k^T,
+  // P = softmax_j(s); every op is O(N) in memory (no N_q x N_k matrix).
+  //   mass[b,h,j] = (1/n_query) sum_{i<n_query} P[b,h,i,j],   lse[b,h,i] = log sum_j exp(s[b,h,i,j])
+  m.def("sink_mass(Tensor q, Tensor k, int n_query, float scale) -> (Tensor mass, Tensor lse)");
+  // The unmasked attention o = P v (accumulation dtype), with lse, mass and the row entropy -sum_j P log P.
+  m.def(
+      "sink_attention_fwd(Tensor q, Tensor k, Tensor v, int n_query, float scale)"
+      " -> (Tensor o, Tensor lse, Tensor mass, Tensor entropy)");
+  // Indices [B, G, k] of the k largest (or smallest) scores of each row of score [B, G, N]; ties -> lower index.
+  m.def("sink_topk(Tensor score, int k, bool largest) -> Tensor");
+  // Rows i < n_rows re-softmaxed with `bias` added to the keys idx [B, G, K] (G in {1, H}), from o and lse:
+  //   out = (o - w sum_S P v) / (1 - w sum_S P), w = 1 - e^bias;  post = e^bias P[..., idx[0]] / (1 - w sum_S P)
+  m.def(
+      "sink_suppress(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor idx, int n_rows, float scale,"
+      " float bias) -> (Tensor out, Tensor post)");
+}

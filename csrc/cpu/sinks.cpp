@@ -1,0 +1,215 @@
+// CPU kernels of the attention-sink ops (specs/sinks.md; schemas in csrc/diffkern/ops.cpp).
+//
+// Blocked ATen, never the [N_q, N_k] matrix: a block of kRows queries meets every key at once, so one
+// pass gives the exact row log-sum-exp, the unmasked output, the row entropy and the block's share of
+// the column mass (no online-softmax rescaling on CPU). Every step is GEMM-shaped, and at::matmul runs
+// it through oneDNN/MKL at the machine's peak, which a hand-written loop would not match without its
+// own GEMM micro-kernel. Extra memory: a few [B, H, kRows, N_k] fp32 blocks, linear in N_k, plus fp32
+// copies of k and v. The suppression corrects the unmasked output with the K selected keys' terms only.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <tuple>
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "diffkern/check.h"
+#include "diffkern/sinks_math.h"
+
+namespace diffkern::sinks {
+namespace {
+
+// 64 rows x 4.4K keys x 24 heads x B=2 is 54 MB of fp32 logits per block (the explicit matrix is 3.5 GB),
+// and wide enough that each matmul stays GEMM-efficient.
+constexpr int64_t kRows = 64;
+constexpr const char* kMassOp = "sink_mass";
+constexpr const char* kAttnOp = "sink_attention";
+
+void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor* v) {
+  TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be [B, H, N_q, head_dim], got shape ", q.sizes());
+  const at::ScalarType t = q.scalar_type();
+  TORCH_CHECK_VALUE(t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble, op,
+                    ": q dtype must be float16, bfloat16, float32 or float64, got ", dtype_name(t));
+  for (const auto& [name, x] : {std::pair<const char*, const at::Tensor*>{"k", &k}, {"v", v}}) {
+    if (x == nullptr) continue;
+    TORCH_CHECK_VALUE(x->dim() == 4, op, ": ", name, " must be [B, H, N_k, head_dim], got shape ", x->sizes());
+    TORCH_CHECK_VALUE(x->scalar_type() == t, op, ": ", name, " dtype ", dtype_name(x->scalar_type()),
+                      " differs from q dtype ", dtype_name(t));
+    check_same_device(op, *x, name, q, "q");
+    TORCH_CHECK_VALUE(x->size(0) == q.size(0) && x->size(1) == q.size(1) && x->size(3) == q.size(3), op, ": ", name,
+                      " has shape ", x->sizes(), " but q has shape ", q.sizes(), ": B, H and head_dim must agree");
+  }
+  if (v != nullptr) {
+    TORCH_CHECK_VALUE(v->size(2) == k.size(2), op, ": v has shape ", v->sizes(), " but k has shape ", k.sizes());
+  }
+  check_unit_last_stride(op, q, "q");
+  check_unit_last_stride(op, k, "k");
+  if (v != nullptr) check_unit_last_stride(op, *v, "v");
+  TORCH_CHECK_VALUE(q.size(3) >= 1, op, ": head_dim must be at least 1");
+  TORCH_CHECK_VALUE(k.size(2) >= 1, op, ": k must hold at least one key (N_k >= 1)");
+}
+
+void check_scalars(const char* op, const at::Tensor& q, int64_t n_query, double scale) {
+  const int64_t N_q = q.size(2), lo = std::min<int64_t>(1, N_q);
+  TORCH_CHECK_VALUE(n_query >= lo && n_query <= N_q, op, ": n_query must be in [", lo, ", N_q] = [", lo, ", ", N_q,
+                    "], got ", n_query);
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, op, ": scale must be finite and > 0, got ", scale);
+}
+
+// Each row of a block of logits x [rows, n] (unscaled, contiguous) becomes its softmax P in place, with
+// lse = m + log l and the entropy -sum P log P = lse - sum P s written per row: a pass for the max, one
+// for exp and the two sums, one to normalise (unfused ATen takes ~10 passes over the block).
+template <typename acc_t>
+void softmax_rows(acc_t* x, int64_t rows, int64_t n, acc_t scale, acc_t* lse, acc_t* entropy) {
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      acc_t* __restrict s = x + r * n;
+      acc_t m = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t j = 0; j < n; ++j) {
+        s[j] *= scale;
+        m = std::max(m, s[j]);
+      }
+      acc_t l = 0, t = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const acc_t e = std::exp(s[j] - m);
+        t += e * s[j];
+        l += e;
+        s[j] = e;
+      }
+      const acc_t inv_l = acc_t(1) / l;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) s[j] *= inv_l;
+      lse[r] = m + std::log(l);
+      entropy[r] = lse[r] - t * inv_l;
+    }
+  });
+}
+
+// (o, lse, mass, entropy) in the accumulation dtype; o and entropy are undefined without v.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blocked_forward(const at::Tensor& q, const at::Tensor& k,
+                                                                           const at::Tensor* v, int64_t n_query,
+                                                                           double scale) {
+  const int64_t B = q.size(0), H = q.size(1), N_q = q.size(2), N_k = k.size(2);
+  const at::ScalarType acc = at::toOpMathType(q.scalar_type());
+  const auto opts = q.options().dtype(acc);
+  const at::Tensor kt = k.to(acc).transpose(-1, -2);
+  const at::Tensor va = v != nullptr ? v->to(acc) : at::Tensor();
+  at::Tensor lse = empty_output({B, H, N_q}, opts), mass = at::zeros({B, H, N_k}, opts), o, entropy;
+  if (v != nullptr) {
+    o = empty_output({B, H, N_q, v->size(3)}, opts);
+    entropy = empty_output({B, H, N_q}, opts);
+  }
+  for (int64_t r0 = 0; r0 < N_q; r0 += kRows) {
+    const int64_t r1 = std::min(N_q, r0 + kRows);
+    const at::Tensor p = at::matmul(q.slice(2, r0, r1).to(acc), kt).contiguous();
+    const at::Tensor row_lse = at::empty({B, H, r1 - r0}, opts), row_entropy = at::empty_like(row_lse);
+    AT_DISPATCH_FLOATING_TYPES(acc, kAttnOp, [&] {
+      softmax_rows<scalar_t>(p.mutable_data_ptr<scalar_t>(), B * H * (r1 - r0), N_k, static_cast<scalar_t>(scale),
+                             row_lse.mutable_data_ptr<scalar_t>(), row_entropy.mutable_data_ptr<scalar_t>());
+    });
+    lse.slice(2, r0, r1).copy_(row_lse);
+    if (r0 < n_query) mass.add_(p.slice(2, 0, std::min(r1, n_query) - r0).sum(2));
+    if (v != nullptr) {
+      o.slice(2, r0, r1).copy_(at::matmul(p, va));
+      entropy.slice(2, r0, r1).copy_(row_entropy);
+    }
+  }
+  mass.div_(static_cast<double>(std::max<int64_t>(n_query, 1)));
+  return {o, lse, mass, entropy};
+}
+
+std::tuple<at::Tensor, at::Tensor> sink_mass_cpu(const at::Tensor& q, const at::Tensor& k, int64_t n_query,
+                                                 double scale) {
+  check_qkv(kMassOp, q, k, nullptr);
+  check_scalars(kMassOp, q, n_query, scale);
+  auto [o, lse, mass, entropy] = blocked_forward(q, k, nullptr, n_query, scale);
+  return {mass, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sink_attention_fwd_cpu(const at::Tensor& q,
+                                                                                  const at::Tensor& k,
+                                                                                  const at::Tensor& v,
+                                                                                  int64_t n_query, double scale) {
+  check_qkv(kAttnOp, q, k, &v);
+  check_scalars(kAttnOp, q, n_query, scale);
+  return blocked_forward(q, k, &v, n_query, scale);
+}
+
+at::Tensor sink_topk_cpu(const at::Tensor& score, int64_t k, bool largest) {
+  TORCH_CHECK_VALUE(score.dim() == 3, kAttnOp, ": score must be [B, G, N], got shape ", score.sizes());
+  TORCH_CHECK_VALUE(score.scalar_type() == at::kFloat || score.scalar_type() == at::kDouble, kAttnOp,
+                    ": score dtype must be float32 or float64, got ", dtype_name(score.scalar_type()));
+  check_unit_last_stride(kAttnOp, score, "score");
+  TORCH_CHECK_VALUE(k >= 0 && k <= score.size(2), kAttnOp, ": k must be in [0, N] = [0, ", score.size(2), "], got ", k);
+  const at::Tensor order = std::get<1>(at::sort(score, /*stable=*/true, /*dim=*/-1, /*descending=*/largest));
+  return order.narrow(-1, 0, k).contiguous();
+}
+
+void check_suppress(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
+                    const at::Tensor& lse, const at::Tensor& idx, int64_t n_rows, double scale, double bias) {
+  check_qkv(kAttnOp, q, k, &v);
+  const int64_t B = q.size(0), H = q.size(1), N_q = q.size(2), N_k = k.size(2);
+  const at::ScalarType acc = at::toOpMathType(q.scalar_type());
+  check_same_device(kAttnOp, o, "o", q, "q");
+  check_contiguous_as(kAttnOp, o, "o", "[B, H, N_q, head_dim]", q.sizes(), acc, "the accumulation dtype");
+  check_same_device(kAttnOp, lse, "lse", q, "q");
+  check_contiguous_as(kAttnOp, lse, "lse", "[B, H, N_q]", q.sizes().slice(0, 3), acc, "the accumulation dtype");
+  check_same_device(kAttnOp, idx, "idx", q, "q");
+  TORCH_CHECK_VALUE(idx.dim() == 3 && idx.scalar_type() == at::kLong && idx.is_contiguous() && idx.size(0) == B &&
+                        (idx.size(1) == 1 || idx.size(1) == H) && idx.size(2) >= 1 && idx.size(2) <= N_k,
+                    kAttnOp, ": idx must be a contiguous int64 [B, G, K] tensor with B = ", B, ", G = 1 or H = ", H,
+                    " and 1 <= K <= N_k = ", N_k, ", got shape ", idx.sizes(), ", dtype ",
+                    dtype_name(idx.scalar_type()));
+  TORCH_CHECK_VALUE(n_rows >= 0 && n_rows <= N_q, kAttnOp, ": n_rows must be in [0, N_q] = [0, ", N_q, "], got ",
+                    n_rows);
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, kAttnOp, ": scale must be finite and > 0, got ", scale);
+  TORCH_CHECK_VALUE(bias <= 0, kAttnOp, ": bias must be <= 0 (a suppression; -inf allowed), got ", bias);
+  if (idx.numel() > 0) {
+    const auto [lo, hi] = at::aminmax(idx);
+    TORCH_CHECK_VALUE(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < N_k, kAttnOp,
+                      ": idx values must be in [0, N_k) = [0, ", N_k, "), got [", lo.item<int64_t>(), ", ",
+                      hi.item<int64_t>(), "]");
+  }
+}
+
+// The K selected rows of x per head as [B, H, K, d] in the accumulation dtype (G = 1: one set for all heads).
+at::Tensor gather_keys(const at::Tensor& x, const at::Tensor& idx, at::ScalarType acc) {
+  const int64_t B = x.size(0), H = x.size(1), K = idx.size(2);
+  return at::gather(x, 2, idx.expand({B, H, K}).unsqueeze(-1).expand({B, H, K, x.size(3)})).to(acc);
+}
+
+std::tuple<at::Tensor, at::Tensor> sink_suppress_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const at::Tensor& o, const at::Tensor& lse, const at::Tensor& idx,
+                                                     int64_t n_rows, double scale, double bias) {
+  check_suppress(q, k, v, o, lse, idx, n_rows, scale, bias);
+  const int64_t B = q.size(0), H = q.size(1);
+  const at::ScalarType acc = at::toOpMathType(q.scalar_type());
+  const SuppressionWeights wg = suppression_weights(bias, idx.size(2), k.size(2));
+  at::Tensor out = empty_output(q.sizes(), q.options());
+  out.copy_(o);
+  at::Tensor post = empty_output({B, H, n_rows}, q.options().dtype(acc));
+  const at::Tensor kst = gather_keys(k, idx, acc).transpose(-1, -2), vs = gather_keys(v, idx, acc);
+  for (int64_t r0 = 0; r0 < n_rows; r0 += kRows) {
+    const int64_t r1 = std::min(n_rows, r0 + kRows);
+    const at::Tensor s = at::matmul(q.slice(2, r0, r1).to(acc), kst).mul_(scale);
+    const at::Tensor p = (s - lse.slice(2, r0, r1).unsqueeze(-1)).exp_();
+    const at::Tensor denom = 1.0 - wg.w * p.sum(-1);
+    out.slice(2, r0, r1).copy_((o.slice(2, r0, r1) - wg.w * at::matmul(p, vs)) / denom.unsqueeze(-1));
+    post.slice(2, r0, r1).copy_(wg.g * p.select(-1, 0) / denom);
+  }
+  return {out, post};
+}
+
+}  // namespace
+}  // namespace diffkern::sinks
+
+TORCH_LIBRARY_IMPL(diffkern, CPU, m) {
+  m.impl("sink_mass", TORCH_FN(diffkern::sinks::sink_mass_cpu));
+  m.impl("sink_attention_fwd", TORCH_FN(diffkern::sinks::sink_attention_fwd_cpu));
+  m.impl("sink_topk", TORCH_FN(diffkern::sinks::sink_topk_cpu));
+  m.impl("sink_suppress", TORCH_FN(diffkern::sinks::sink_suppress_cpu));
+}

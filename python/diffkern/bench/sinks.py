@@ -1,0 +1,178 @@
+"""Attention-sink benchmark: `python -m diffkern.bench.sinks --out results [--quick]`.
+
+A forward-only op does not fit the fwd/bwd workload model of the main harness, so this is its own
+report section (sinks.md and sinks.json in --out):
+  1. CPU: peak extra memory and median time of sink_attention (per-head top-1, C++ backend) against the
+     explicit-matrix reference (the authors' way: the whole fp32 probability matrix), at SD3-like
+     shapes B=2, H=24, d=64, N_k = N_q + 333. Each point runs in its own child process; peak extra
+     memory = the child's peak RSS minus its RSS once the inputs exist. Explicit points whose
+     matrices would not fit this shared machine are modeled (their matrix size), not run.
+  2. Modeled GPU (bf16, SD3 shapes): FLOPs and memory traffic of the four Triton kernels against one
+     plain flash-attention forward, from `kernel_traffic` (the kernels' loop structure; the tests hold
+     it equal to the interpreter's counted bytes), and the modeled H100 time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import triton
+
+H100_BYTES_PER_S, H100_BF16_FLOPS = 3.0e12, 989e12
+B, H, D, N_TEXT = 2, 24, 64, 333
+# The explicit reference holds ~4 fp32 [B, H, N_q, N_k] tensors at once; run it only below this.
+EXPLICIT_MAX_BYTES = 6e9
+
+
+def kernel_traffic(N_q, N_k, d, n_query, K, n_rows, itemsize, tiles, sel_block, topk_cfg):
+    """Per (b, h) (top-k: per score row), the bytes each kernel loads and stores, as the kernels issue
+    them (active lanes; re-reads across programs counted each time), and their tl.dot FLOPs."""
+    bm, bn = tiles
+    t_q, t_k, t_r = triton.cdiv(N_q, bm), triton.cdiv(N_k, bn), triton.cdiv(n_rows, bm)
+    block, k_pad = topk_cfg
+    chunks = triton.cdiv(N_k, block - k_pad)
+    k_sel = triton.cdiv(K, sel_block) * sel_block
+    return {
+        "attn_fwd_kernel": dict(loaded=(N_q + 2 * t_q * N_k) * d * itemsize, stored=N_q * d * 4 + 2 * N_q * 4,
+                                flops=4 * N_q * N_k * d),
+        "col_mass_kernel": dict(loaded=N_k * d * itemsize + t_k * n_query * (d * itemsize + 4), stored=N_k * 4,
+                                flops=2 * n_query * N_k * d),
+        "topk_kernel": dict(loaded=N_k * 4 + (chunks * k_pad + K) * 8, stored=((chunks + 1) * k_pad + K) * 8,
+                            flops=0),
+        "suppress_kernel": dict(loaded=N_q * d * 4 + n_rows * (d * itemsize + 4) + t_r * K * (8 + 2 * d * itemsize),
+                                stored=N_q * d * itemsize + n_rows * 4, flops=4 * n_rows * k_sel * d),
+    }
+
+
+def plain_flash(N_q, N_k, d, itemsize, bm):
+    """One flash-attention forward (q once, k and v once per query tile, o and lse written)."""
+    t_q = triton.cdiv(N_q, bm)
+    return dict(loaded=(N_q + 2 * t_q * N_k) * d * itemsize, stored=N_q * (d * itemsize + 4), flops=4 * N_q * N_k * d)
+
+
+def modeled_rows(sizes, K=1):
+    """K selected keys per (b, h): k_sink per head, or k_sink * H shared (head-union; its top-k then has
+    B rows, not B * H: counted as B * H here, an overcount of a few KB)."""
+    import torch
+
+    from ..sinks import triton_kernels as tk
+    rows = []
+    for n in sizes:
+        N_k = n + N_TEXT
+        tiles = tk.tiles(D, torch.bfloat16)[:2]
+        per = kernel_traffic(n + N_TEXT, N_k, D, n, K, n, 2, tiles, tk.SEL_BLOCK, tk.topk_config(K, N_k)[:2])
+        # every kernel runs once per (b, h): the per-head top-k has B * H score rows too
+        ours = {k: sum(v[k] for v in per.values()) * B * H for k in ("loaded", "stored", "flops")}
+        plain = {k: v * B * H for k, v in plain_flash(n + N_TEXT, N_k, D, 2, tiles[0]).items()}
+        ob, pb = ours["loaded"] + ours["stored"], plain["loaded"] + plain["stored"]
+        rows.append(dict(N_q=n + N_TEXT, N_k=N_k, n_query=n, K=K, flops=ours["flops"], plain_flops=plain["flops"],
+                         flops_ratio=ours["flops"] / plain["flops"], bytes=ob, plain_bytes=pb, bytes_ratio=ob / pb,
+                         h100_us=max(ob / H100_BYTES_PER_S, ours["flops"] / H100_BF16_FLOPS) * 1e6,
+                         plain_h100_us=max(pb / H100_BYTES_PER_S, plain["flops"] / H100_BF16_FLOPS) * 1e6,
+                         explicit_matrix_bytes=B * H * (n + N_TEXT) * N_k * 4))
+    return rows
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _child(kind: str, n_img: int, repeats: int) -> dict:
+    """Runs in a child process: one candidate at one size; peak extra memory and median time."""
+    import torch
+
+    import diffkern
+    from diffkern.sinks import reference
+    torch.set_num_threads(os.cpu_count())
+    g = torch.Generator().manual_seed(0)
+    N = n_img + N_TEXT
+    q, k, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
+    scale = D ** -0.5
+
+    def explicit():
+        mass = reference.sink_mass(q, k, n_img, scale)[0]
+        idx = reference.sink_topk(mass, 1, True)
+        return reference.sink_suppress(q, k, v, None, None, idx, n_img, scale, -1e4)[0]
+
+    def fused():
+        with torch.no_grad(), diffkern.backend("cpu"):
+            return diffkern.sink_attention(q, k, v, k_sink=1, n_query=n_img)
+    fn = explicit if kind == "explicit" else fused
+    base = _rss_bytes()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return dict(kind=kind, N_q=N, peak_extra_mb=(peak - base) / 1e6, median_ms=sorted(times)[len(times) // 2] * 1e3)
+
+
+def cpu_rows(sizes, repeats: int, log=print):
+    rows = []
+    for n in sizes:
+        N = n + N_TEXT
+        for kind in ("diffkern", "explicit"):
+            if kind == "explicit" and 4 * B * H * N * N * 4 > EXPLICIT_MAX_BYTES:
+                need = 4 * B * H * N * N * 4 / 1e9
+                rows.append(dict(kind=kind, N_q=N, skipped=f"needs ~{need:.1f} GB (4 fp32 N_q x N_k tensors); "
+                                                          "not run on this shared machine"))
+                continue
+            cmd = [sys.executable, "-m", "diffkern.bench.sinks", "--child", kind, str(n), str(repeats)]
+            run = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TRITON_INTERPRET="0"))
+            rows.append(json.loads(run.stdout) if run.returncode == 0
+                        else dict(kind=kind, N_q=N, error=run.stderr[-800:]))
+            log(f"[sinks cpu] {kind} N_q={N}: {rows[-1]}")
+    return rows
+
+
+def markdown(cpu, modeled) -> str:
+    out = ["## Attention sinks (sink_attention, per-head top-1, forward only)", "",
+           f"### CPU (fp32, B={B}, H={H}, d={D}, N_k = N_q + {N_TEXT}; own child process per point)", "",
+           "| N_q | candidate | median ms | peak extra MB |", "|---|---|---|---|"]
+    for r in cpu:
+        if "skipped" in r or "error" in r:
+            out.append(f"| {r['N_q']} | {r['kind']} | {r.get('skipped') or 'error'} | |")
+        else:
+            out.append(f"| {r['N_q']} | {r['kind']} | {r['median_ms']:.0f} | {r['peak_extra_mb']:.0f} |")
+    out += ["", f"### Modeled GPU (bf16, B={B}, H={H}, d={D}; Triton kernels vs one plain flash forward)", "",
+            "| N_q | N_k | K selected | FLOPs ratio | bytes (MB) ours / flash | modeled H100 us ours / flash "
+            "| explicit P matrix MB |",
+            "|---|---|---|---|---|---|---|"]
+    for r in modeled:
+        out.append(f"| {r['N_q']} | {r['N_k']} | {r['K']} | {r['flops_ratio']:.3f} | {r['bytes'] / 1e6:.0f} / "
+                   f"{r['plain_bytes'] / 1e6:.0f} | {r['h100_us']:.0f} / {r['plain_h100_us']:.0f} | "
+                   f"{r['explicit_matrix_bytes'] / 1e6:.0f} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="results")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(_child(args.child[0], int(args.child[1]), int(args.child[2]))))
+        return
+    sizes = (256, 512) if args.quick else (1024, 2048, 3072, 4096)
+    modeled = modeled_rows((1024, 2048, 3072, 4096)) + modeled_rows((4096,), K=5) + modeled_rows((4096,), K=120) \
+        + modeled_rows((4096,), K=1200)
+    cpu = cpu_rows(sizes, 1 if args.quick else 3)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "sinks.json"), "w") as f:
+        json.dump({"cpu": cpu, "modeled": modeled}, f, indent=1)
+    md = markdown(cpu, modeled)
+    with open(os.path.join(args.out, "sinks.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""Attention sinks as torch ops: argument checks, fake (meta) implementations, backends, public API.
+
+The schemas live in csrc/diffkern/ops.cpp and the CPU kernels in csrc/cpu/sinks.cpp; this file registers
+everything Python owns for diffkern::sink_mass / sink_attention_fwd / sink_topk / sink_suppress and
+builds `sink_mass` and `sink_attention` on them. Forward only: no op has a backward.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _dtypes, _nvtx, _registry, _triton
+from . import reference, triton_kernels
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MASS_OP, ATTN_OP = "sink_mass", "sink_attention"
+MODES = ("per_head", "head_union", "random", "bottom", "measure")
+ROW_SCOPES = ("image", "all")
+
+
+def _fail(op, msg):
+    raise ValueError(f"{op}: {msg}")
+
+
+def _check_qkv(op, q, k, v=None) -> None:
+    """The checks csrc/cpu/sinks.cpp makes, in the same order and words."""
+    if q.dim() != 4:
+        _fail(op, f"q must be [B, H, N_q, head_dim], got shape {list(q.shape)}")
+    if q.dtype not in _FLOATS:
+        _fail(op, f"q dtype must be float16, bfloat16, float32 or float64, got {_dtypes.name(q.dtype)}")
+    for name, x in (("k", k), ("v", v)):
+        if x is None:
+            continue
+        if x.dim() != 4:
+            _fail(op, f"{name} must be [B, H, N_k, head_dim], got shape {list(x.shape)}")
+        if x.dtype != q.dtype:
+            _fail(op, f"{name} dtype {_dtypes.name(x.dtype)} differs from q dtype {_dtypes.name(q.dtype)}")
+        if x.device != q.device:
+            _fail(op, f"{name} is on {x.device} but q is on {q.device}")
+        if (x.shape[0], x.shape[1], x.shape[3]) != (q.shape[0], q.shape[1], q.shape[3]):
+            _fail(op, f"{name} has shape {list(x.shape)} but q has shape {list(q.shape)}: B, H and head_dim must agree")
+    if v is not None and v.shape[2] != k.shape[2]:
+        _fail(op, f"v has shape {list(v.shape)} but k has shape {list(k.shape)}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x is not None and x.shape[-1] > 1 and x.stride(-1) != 1:
+            _fail(op, f"{name} must have unit stride in its last dim (got stride {x.stride(-1)}); call .contiguous()")
+    if q.shape[3] < 1:
+        _fail(op, "head_dim must be at least 1")
+    if k.shape[2] < 1:
+        _fail(op, "k must hold at least one key (N_k >= 1)")
+
+
+def _check_scalars(op, q, n_query, scale) -> None:
+    N_q = q.shape[2]
+    lo = min(1, N_q)
+    if not lo <= n_query <= N_q:
+        _fail(op, f"n_query must be in [{lo}, N_q] = [{lo}, {N_q}], got {n_query}")
+    if not 0 < scale < math.inf:
+        _fail(op, f"scale must be finite and > 0, got {scale}")
+
+
+def check_mass(q, k, n_query, scale) -> None:
+    _check_qkv(MASS_OP, q, k)
+    _check_scalars(MASS_OP, q, n_query, scale)
+
+
+def check_fwd(q, k, v, n_query, scale) -> None:
+    _check_qkv(ATTN_OP, q, k, v)
+    _check_scalars(ATTN_OP, q, n_query, scale)
+
+
+def check_topk(score, k, largest) -> None:
+    if score.dim() != 3:
+        _fail(ATTN_OP, f"score must be [B, G, N], got shape {list(score.shape)}")
+    if score.dtype not in (torch.float32, torch.float64):
+        _fail(ATTN_OP, f"score dtype must be float32 or float64, got {_dtypes.name(score.dtype)}")
+    if score.shape[-1] > 1 and score.stride(-1) != 1:
+        _fail(ATTN_OP, f"score must have unit stride in its last dim (got stride {score.stride(-1)}); "
+                       "call .contiguous()")
+    if not 0 <= k <= score.shape[2]:
+        _fail(ATTN_OP, f"k must be in [0, N] = [0, {score.shape[2]}], got {k}")
+
+
+def check_suppress(q, k, v, o, lse, idx, n_rows, scale, bias) -> None:
+    _check_qkv(ATTN_OP, q, k, v)
+    B, H, N_q, _ = q.shape
+    N_k = k.shape[2]
+    acc = _dtypes.acc(q.dtype)
+    for name, x, layout, shape in (("o", o, "[B, H, N_q, head_dim]", list(q.shape)),
+                                   ("lse", lse, "[B, H, N_q]", [B, H, N_q])):
+        if x.device != q.device:
+            _fail(ATTN_OP, f"{name} is on {x.device} but q is on {q.device}")
+        if list(x.shape) != shape or x.dtype != acc or not x.is_contiguous():
+            _fail(ATTN_OP, f"{name} must be a contiguous {layout} = {shape} tensor of dtype {_dtypes.name(acc)} (the "
+                           f"accumulation dtype), got shape {list(x.shape)}, dtype {_dtypes.name(x.dtype)}, strides "
+                           f"{list(x.stride())}")
+    if idx.device != q.device:
+        _fail(ATTN_OP, f"idx is on {idx.device} but q is on {q.device}")
+    if not (idx.dim() == 3 and idx.dtype == torch.int64 and idx.is_contiguous() and idx.shape[0] == B
+            and idx.shape[1] in (1, H) and 1 <= idx.shape[2] <= N_k):
+        _fail(ATTN_OP, f"idx must be a contiguous int64 [B, G, K] tensor with B = {B}, G = 1 or H = {H} and "
+                       f"1 <= K <= N_k = {N_k}, got shape {list(idx.shape)}, dtype {_dtypes.name(idx.dtype)}")
+    if not 0 <= n_rows <= N_q:
+        _fail(ATTN_OP, f"n_rows must be in [0, N_q] = [0, {N_q}], got {n_rows}")
+    if not 0 < scale < math.inf:
+        _fail(ATTN_OP, f"scale must be finite and > 0, got {scale}")
+    if not bias <= 0:
+        _fail(ATTN_OP, f"bias must be <= 0 (a suppression; -inf allowed), got {bias}")
+
+
+def _check_idx_values(idx, n_keys) -> None:
+    """Index values, which fakes cannot see: checked by the Python backends before any gather."""
+    if idx.numel() and (idx.min().item() < 0 or idx.max().item() >= n_keys):
+        _fail(ATTN_OP, f"idx values must be in [0, N_k) = [0, {n_keys}), got [{idx.min().item()}, {idx.max().item()}]")
+
+
+def _triton_checked(launch):
+    def run(q, *args):
+        _triton.check_float32_math(ATTN_OP, q.dtype, "q, k, v")
+        if q.shape[-1] > triton_kernels.MAX_D:
+            _fail(ATTN_OP, f"the triton backend takes head_dim <= {triton_kernels.MAX_D}, got {q.shape[-1]}")
+        return launch(q, *args)
+    return run
+
+
+def _topk_triton(score, k, largest):
+    _triton.check_float32_math(ATTN_OP, score.dtype, "score")
+    if k > triton_kernels.MAX_TOPK:
+        _fail(ATTN_OP, f"the triton backend selects at most {triton_kernels.MAX_TOPK} keys per row, got k={k}")
+    return triton_kernels.sink_topk(score, k, largest)
+
+
+def _suppress_with_idx_check(fn):
+    def run(q, k, v, o, lse, idx, *rest):
+        _check_idx_values(idx, k.shape[2])
+        return fn(q, k, v, o, lse, idx, *rest)
+    return run
+
+
+_registry.register("sink_mass", check_mass, triton=_triton_checked(triton_kernels.sink_mass),
+                   reference=reference.sink_mass)
+_registry.register("sink_attention_fwd", check_fwd, triton=_triton_checked(triton_kernels.attention_fwd),
+                   reference=reference.attention_fwd)
+_registry.register("sink_topk", check_topk, triton=_topk_triton, reference=reference.sink_topk)
+_registry.register("sink_suppress", check_suppress,
+                   triton=_suppress_with_idx_check(_triton_checked(triton_kernels.sink_suppress)),
+                   reference=_suppress_with_idx_check(reference.sink_suppress))
+
+
+@torch.library.register_fake("diffkern::sink_mass")
+def _mass_fake(q, k, n_query, scale):
+    check_mass(q, k, n_query, scale)
+    acc = _dtypes.acc(q.dtype)
+    return q.new_empty(k.shape[:3], dtype=acc), q.new_empty(q.shape[:3], dtype=acc)
+
+
+@torch.library.register_fake("diffkern::sink_attention_fwd")
+def _fwd_fake(q, k, v, n_query, scale):
+    check_fwd(q, k, v, n_query, scale)
+    acc = _dtypes.acc(q.dtype)
+    return (q.new_empty(q.shape, dtype=acc), q.new_empty(q.shape[:3], dtype=acc),
+            q.new_empty(k.shape[:3], dtype=acc), q.new_empty(q.shape[:3], dtype=acc))
+
+
+@torch.library.register_fake("diffkern::sink_topk")
+def _topk_fake(score, k, largest):
+    check_topk(score, k, largest)
+    return score.new_empty((*score.shape[:2], k), dtype=torch.int64)
+
+
+@torch.library.register_fake("diffkern::sink_suppress")
+def _suppress_fake(q, k, v, o, lse, idx, n_rows, scale, bias):
+    check_suppress(q, k, v, o, lse, idx, n_rows, scale, bias)
+    return q.new_empty(q.shape), q.new_empty((*q.shape[:2], n_rows), dtype=_dtypes.acc(q.dtype))
+
+
+def _no_backward(op):
+    def backward(ctx, *grads):
+        raise NotImplementedError(f"diffkern::{op} is forward-only: it has no backward. Call it under "
+                                  "torch.no_grad() (attention-sink analysis is an inference-time tool)")
+    return backward
+
+
+for _op in ("sink_mass", "sink_attention_fwd", "sink_suppress"):
+    torch.library.register_autograd(f"diffkern::{_op}", _no_backward(_op))
+
+
+def _forward_only(op, *tensors) -> None:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError(f"{op} is forward-only (no backward): call it under torch.no_grad() or pass detached "
+                           "tensors")
+
+
+def _scale(q, scale):
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def sink_mass(q, k, n_query: int | None = None, scale: float | None = None):
+    """Incoming attention mass per key, averaged over the first n_query (image) queries, in O(N) memory.
+
+        P[b,h,i,j] = softmax_j(scale q_i . k_j),   mass[b,h,j] = (1/n_query) sum_{i<n_query} P[b,h,i,j]
+    Never forms the N_q x N_k matrix: a flash pass gives each row's log-sum-exp, then a column pass sums
+    exp(s_ij - lse_i) down each key's column.
+
+    Args:
+        q: [B, H, N_q, head_dim], k: [B, H, N_k, head_dim]; float16, bfloat16, float32 (float64 on the
+            cpu/reference backends); any strides with a unit last stride (diffusers' transposed views work).
+        n_query: the image queries, the first n_query rows (default N_q). scale: default 1/sqrt(head_dim).
+    Returns:
+        (mass [B, H, N_k], lse [B, H, N_q] over all queries), float32 (float64 for float64).
+    No backward (forward-only; inputs requiring grad raise under grad mode). Nothing is saved.
+    Backends: C++/ATen blocked (CPU tensors), Triton (CUDA tensors), reference; see `diffkern.backend`.
+    """
+    _forward_only(MASS_OP, q, k)
+    n = q.shape[2] if n_query is None else int(n_query)
+    with _nvtx.range("diffkern.sink_mass"):
+        return torch.ops.diffkern.sink_mass(q, k, n, _scale(q, scale))
+
+
+def _random_keys(B, n_keys, K, seed, call_index, device):
+    """A fresh reproducible set per (seed, call_index, b): randperm from a generator seeded by their mix."""
+    rows = []
+    for b in range(B):
+        mixed = (seed * 0x9E3779B97F4A7C15 + call_index * 0xBF58476D1CE4E5B9 + b * 0x94D049BB133111EB) % (2**63 - 1)
+        rows.append(torch.randperm(n_keys, generator=torch.Generator().manual_seed(mixed))[:K])
+    return torch.stack(rows)[:, None, :].to(device)
+
+
+def _select(mass, mode, k_sink, seed, call_index):
+    """(idx [B, G, K], the score each chosen key was chosen by [B, G, K]) for a suppressing mode."""
+    B, H, N_k = mass.shape
+    if mode == "per_head":
+        score = mass
+        idx = torch.ops.diffkern.sink_topk(mass, min(k_sink, N_k), True)
+    else:
+        score = mass.mean(1, keepdim=True)
+        K = min(k_sink * H, N_k)
+        if mode == "random":
+            idx = _random_keys(B, N_k, K, seed, call_index, mass.device)
+        else:
+            idx = torch.ops.diffkern.sink_topk(score, K, mode == "head_union")
+    return idx, torch.gather(score, -1, idx)
+
+
+def _check_mode(mode, row_scope, k_sink, bias, seed):
+    if mode not in MODES:
+        _fail(ATTN_OP, f"mode must be one of {MODES}, got {mode!r}")
+    if row_scope not in ROW_SCOPES:
+        _fail(ATTN_OP, f"row_scope must be one of {ROW_SCOPES}, got {row_scope!r}")
+    if not (isinstance(k_sink, int) and k_sink >= 0):
+        _fail(ATTN_OP, f"k_sink must be an int >= 0, got {k_sink!r}")
+    if not bias <= 0:
+        _fail(ATTN_OP, f"bias must be <= 0 (a suppression; -inf allowed), got {bias}")
+    if mode == "random" and seed is None:
+        _fail(ATTN_OP, "mode 'random' needs a seed (the set is drawn from seed, call_index and b)")
+
+
+def sink_attention(q, k, v, k_sink: int = 1, mode: str = "per_head", row_scope: str = "image",
+                   n_query: int | None = None, bias: float = -1e4, seed: int | None = None,
+                   call_index: int | None = None, return_stats: bool = False, scale: float | None = None):
+    """Attention with the keys that receive the most (or a control set of) attention mass suppressed.
+
+    With m the incoming mass over the first n_query (image) queries (see `sink_mass`), the mode picks S:
+      per_head    top-k_sink keys of m[b, h, :] per (b, h);
+      head_union  top k_sink*H keys of mbar[b, :] = mean_h m[b, h, :] per sample, shared by all heads;
+      bottom      the k_sink*H keys of lowest mbar; random: k_sink*H keys drawn per (seed, call_index, b);
+      measure     nothing suppressed: the unmasked output, bit-identical to the op with k_sink = 0.
+    Rows i < n_query (row_scope "image") or all rows ("all") get softmax_j(s_ij + bias [j in S]) v;
+    values are untouched. At most N_k keys are selected; when S holds every key, the bias shifts the
+    whole row and cancels, so such a row keeps its unmasked attention (for bias = -inf too, the limit).
+    The fused path: a flash forward (unmasked o, lse, entropy), the column-mass pass, top-k, then the
+    unmasked o corrected by the |S| selected keys' terms: out = (o - w sum_S P v) / (1 - w sum_S P),
+    w = 1 - e^bias, in fp32. That correction loses relative precision as 1 / (1 - suppressed mass).
+
+    Args:
+        q: [B, H, N_q, d]; k, v: [B, H, N_k, d]; float16/bfloat16/float32 (float64 on cpu/reference),
+            unit last stride. Keys are ordered [image, text] as in SD3; n_query defaults to N_q.
+        bias: <= 0, default -1e4 (the paper's); seed/call_index: the random mode's reproducible draw.
+        scale: default 1/sqrt(d).
+    Returns:
+        out [B, H, N_q, d] in q's dtype, or (out, stats) with return_stats. stats (tensors): indices
+        [B, G, K] (G = H per head, 1 otherwise; None in measure mode), index_mass (their m or mbar),
+        max_mass (mean over b, h of max_j m), index0_mass (mean m[:, :, 0]), row_entropy (mean over image
+        rows of -sum P log P, unmasked), top5_concentration (mean over b, h of the 5 largest m summed),
+        top_sink_mass_after (the mean over b, h and image rows of the first selected key's probability
+        after suppression, in the suppressed rows; None in measure mode).
+    No backward (forward-only; inputs requiring grad raise under grad mode). Memory O(N): never N_q x N_k.
+    Backends: C++/ATen blocked (CPU tensors), Triton (CUDA tensors), reference; see `diffkern.backend`.
+    """
+    _check_mode(mode, row_scope, k_sink, bias, seed)
+    _forward_only(ATTN_OP, q, k, v)
+    n = q.shape[2] if n_query is None else int(n_query)
+    sc = _scale(q, scale)
+    with _nvtx.range("diffkern.sink_attention"):
+        o, lse, mass, entropy = torch.ops.diffkern.sink_attention_fwd(q, k, v, n, sc)
+        idx = post = chosen = None
+        if mode == "measure" or k_sink == 0 or q.shape[0] == 0:
+            out = o.to(q.dtype)
+        else:
+            idx, chosen = _select(mass, mode, k_sink, seed, 0 if call_index is None else int(call_index))
+            n_rows = n if row_scope == "image" else q.shape[2]
+            out, post = torch.ops.diffkern.sink_suppress(q, k, v, o, lse, idx, n_rows, sc, float(bias))
+        if not return_stats:
+            return out
+        return out, _stats(mass, entropy, n, idx, chosen, post)
+
+
+def _stats(mass, entropy, n_query, idx, chosen, post) -> dict:
+    return {
+        "indices": idx,
+        "index_mass": chosen,
+        "max_mass": mass.amax(-1).mean(),
+        "index0_mass": mass[..., 0].mean(),
+        "row_entropy": entropy[:, :, :n_query].mean(),
+        "top5_concentration": mass.topk(min(5, mass.shape[-1]), -1).values.sum(-1).mean(),
+        "top_sink_mass_after": None if post is None else post[:, :, :n_query].mean(),
+    }

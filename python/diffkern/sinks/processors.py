@@ -1,0 +1,169 @@
+"""diffusers attention processors that measure and suppress attention sinks (diffusers 0.42).
+
+  SinkJointAttnProcessor  replaces JointAttnProcessor2_0 (SD3 / SD3.5 MM-DiT joint attention): image
+                          and text streams projected and QK-normed exactly as the stock processor does,
+                          keys ordered [image, text], the image queries first (n_query = image tokens).
+  SinkAttnProcessor       replaces AttnProcessor2_0 (SDXL-style UNet self- and cross-attention): every
+                          query is an image query.
+  install_sink_processors(model, layers, ...)  puts them on the chosen layers (indices into
+                          model.attn_processors, in order: for SD3 the joint block index) and returns the
+                          SinkRecorder that collects one record of statistics per call.
+
+In "measure" mode the output comes from F.scaled_dot_product_attention, exactly the stock processor's
+call, so the model's output is bit-identical to the stock model; the statistics come from
+diffkern.sink_attention(mode="measure") on the same q, k, v. Other modes return sink_attention's output.
+Forward only, like the ops: run the model under torch.no_grad().
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .op import sink_attention
+
+_SCALAR_STATS = ("max_mass", "index0_mass", "row_entropy", "top5_concentration", "top_sink_mass_after")
+
+
+@dataclass
+class SinkRecorder:
+    """One record per attention call: layer name, call index, mode, the scalar statistics (floats), and
+    the chosen indices and their masses (CPU tensors; None in measure mode)."""
+    records: list = field(default_factory=list)
+
+    def add(self, layer: str, call_index: int, mode: str, stats: dict) -> None:
+        rec = {"layer": layer, "call": call_index, "mode": mode}
+        rec.update({k: None if stats[k] is None else stats[k].item() for k in _SCALAR_STATS})
+        for k in ("indices", "index_mass"):
+            rec[k] = None if stats[k] is None else stats[k].detach().cpu()
+        self.records.append(rec)
+
+    def clear(self) -> None:
+        self.records.clear()
+
+
+class _SinkProcessor:
+    """Settings and per-call bookkeeping shared by both processors."""
+
+    def __init__(self, layer: str = "", mode: str = "measure", k_sink: int = 1, row_scope: str = "image",
+                 bias: float = -1e4, seed: int | None = None, recorder: SinkRecorder | None = None):
+        self.layer, self.mode, self.k_sink, self.row_scope = layer, mode, k_sink, row_scope
+        self.bias, self.seed = bias, seed
+        self.recorder = recorder if recorder is not None else SinkRecorder()
+        self.calls = 0  # the random mode's call counter: a fresh, reproducible set at every call
+
+    def _attend(self, query, key, value, n_query: int):
+        """[B, H, N_q, d] attention of the (already normed, concatenated) q, k, v, with statistics recorded."""
+        call = self.calls
+        self.calls += 1
+        out, stats = sink_attention(query, key, value, k_sink=self.k_sink, mode=self.mode, row_scope=self.row_scope,
+                                    n_query=n_query, bias=self.bias, seed=self.seed, call_index=call,
+                                    return_stats=True)
+        if self.mode == "measure":
+            out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        self.recorder.add(self.layer, call, self.mode, stats)
+        return out
+
+
+def _heads(x, batch_size, heads, head_dim):
+    return x.view(batch_size, -1, heads, head_dim).transpose(1, 2)
+
+
+class SinkJointAttnProcessor(_SinkProcessor):
+    """JointAttnProcessor2_0 with sink measurement/suppression (SD3 / SD3.5 joint attention)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        if attention_mask is not None:
+            raise NotImplementedError("SinkJointAttnProcessor: attention_mask is not supported")
+        residual = hidden_states
+        batch_size = hidden_states.shape[0]
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (_heads(x, batch_size, attn.heads, head_dim) for x in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if encoder_hidden_states is not None:
+            cq, ck, cv = (_heads(p(encoder_hidden_states), batch_size, attn.heads, head_dim)
+                          for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            if attn.norm_added_q is not None:
+                cq = attn.norm_added_q(cq)
+            if attn.norm_added_k is not None:
+                ck = attn.norm_added_k(ck)
+            query, key, value = (torch.cat([a, b], dim=2) for a, b in ((query, cq), (key, ck), (value, cv)))
+        hidden_states = self._attend(query, key, value, n_query=residual.shape[1])
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        if encoder_hidden_states is not None:
+            hidden_states, encoder_hidden_states = hidden_states[:, : residual.shape[1]], \
+                hidden_states[:, residual.shape[1]:]
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        return hidden_states if encoder_hidden_states is None else (hidden_states, encoder_hidden_states)
+
+
+class SinkAttnProcessor(_SinkProcessor):
+    """AttnProcessor2_0 with sink measurement/suppression (SDXL-style UNet attention, self or cross)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        if attention_mask is not None:
+            raise NotImplementedError("SinkAttnProcessor: attention_mask is not supported")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (_heads(x, batch_size, attn.heads, head_dim) for x in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        hidden_states = self._attend(query, key, value, n_query=query.shape[2])
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def install_sink_processors(model, layers, processor=None, **settings) -> SinkRecorder:
+    """Puts a sink processor on each chosen layer of a diffusers model; the other layers keep theirs.
+
+    layers: indices into model.attn_processors (in its order: for SD3Transformer2DModel, the joint block
+        index, e.g. {6, 12, 18}) or processor names. processor: SinkJointAttnProcessor or SinkAttnProcessor
+        (default: chosen per layer from the stock processor's kind). settings: mode, k_sink, row_scope,
+        bias, seed (see diffkern.sink_attention). Returns the SinkRecorder all installed processors share.
+    """
+    recorder = settings.pop("recorder", None) or SinkRecorder()
+    current = model.attn_processors
+    names = list(current)
+    chosen = {names[i] if isinstance(i, int) else i for i in layers}
+    unknown = chosen - set(names)
+    if unknown:
+        raise ValueError(f"install_sink_processors: no attention layer named {sorted(unknown)}")
+    new = {}
+    for name, proc in current.items():
+        if name not in chosen:
+            new[name] = proc
+            continue
+        cls = processor or (SinkJointAttnProcessor if "Joint" in type(proc).__name__ else SinkAttnProcessor)
+        new[name] = cls(layer=name.removesuffix(".processor"), recorder=recorder, **settings)
+    model.set_attn_processor(new)
+    return recorder

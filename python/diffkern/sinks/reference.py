@@ -1,0 +1,86 @@
+"""Attention sinks in plain PyTorch: the explicit-matrix definition, the test oracle (float64) and the
+"reference" backend. It forms the whole [B, H, N_q, N_k] probability matrix, as the paper's code does.
+
+Over the image queries i < n_query (specs/sinks.md), s = scale q k^T:
+    P[b,h,i,j] = softmax_j(s[b,h,i,:]),   m[b,h,j] = (1/n_query) sum_{i<n_query} P[b,h,i,j]
+Suppression adds `bias` to the selected keys' logits (rows i < n_rows) and re-normalises.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _dtypes
+
+
+def suppression_weights(bias: float, n_selected: int, n_keys: int) -> tuple[float, float]:
+    """(w, g) with w = 1 - e^bias, g = e^bias, so that for a suppressed row
+        out' = (o - w sum_{j in S} P_ij v_j) / (1 - w sum_{j in S} P_ij),  P'_ij = g P_ij / (1 - w sum_S P)  (j in S).
+    When S holds every key the bias shifts every logit alike and cancels in the softmax: (w, g) = (0, 1),
+    the row keeps its unmasked attention (also for bias = -inf, the limit of finite biases).
+    """
+    if n_selected >= n_keys:
+        return 0.0, 1.0
+    g = math.exp(bias)
+    return 1.0 - g, g
+
+
+def logits(q, k, scale):
+    """s [B, H, N_q, N_k] = scale q k^T in the accumulation dtype (float64 for float64, else float32)."""
+    acc = _dtypes.acc(q.dtype)
+    return torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
+
+
+def sink_mass(q, k, n_query, scale):
+    """Reference backend of diffkern::sink_mass: (mass [B, H, N_k], lse [B, H, N_q])."""
+    s = logits(q, k, scale)
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse[..., None])
+    return p[:, :, :n_query].sum(2) / n_query, lse
+
+
+def attention_fwd(q, k, v, n_query, scale):
+    """Reference backend of diffkern::sink_attention_fwd: (o, lse, mass, entropy), all in the accumulation dtype.
+
+    o = P v (unmasked), entropy_i = -sum_j P_ij log P_ij = lse_i - sum_j P_ij s_ij.
+    """
+    s = logits(q, k, scale)
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse[..., None])
+    o = torch.matmul(p, v.to(s.dtype))
+    entropy = lse - (p * s).sum(-1)
+    return o, lse, p[:, :, :n_query].sum(2) / n_query, entropy
+
+
+def sink_topk(score, k, largest):
+    """Reference backend of diffkern::sink_topk: indices [B, G, k] (int64) of the k largest (or smallest)
+    scores of each row, ties broken towards the lower index (a stable sort)."""
+    return torch.sort(score, dim=-1, descending=largest, stable=True).indices[..., :k].contiguous()
+
+
+def key_bias(idx, n_heads, n_keys, bias, dtype):
+    """The additive bias [B, H, 1, N_k]: `bias` on the selected keys (idx [B, G, K], G in {1, H}), 0 elsewhere."""
+    B, G, _ = idx.shape
+    mask = torch.zeros(B, G, n_keys, dtype=torch.bool, device=idx.device).scatter_(-1, idx, True)
+    return torch.where(mask, torch.tensor(bias, dtype=dtype), torch.tensor(0.0, dtype=dtype)) \
+        .expand(B, n_heads, n_keys)[:, :, None, :]
+
+
+def sink_suppress(q, k, v, o, lse, idx, n_rows, scale, bias):
+    """Reference backend of diffkern::sink_suppress, from the explicit matrix (o and lse are not read).
+
+    Rows i < n_rows get softmax(s + bias on the selected keys) v; the others plain attention. Returns
+    (out [B, H, N_q, d] in q's dtype, post [B, H, n_rows]: the re-normalised probability of idx[..., 0]).
+    """
+    s = logits(q, k, scale)
+    B, H, N_q, N_k = s.shape
+    w, g = suppression_weights(bias, idx.shape[-1], N_k)
+    p = torch.softmax(s, -1)
+    if w != 0.0:
+        rows = torch.arange(N_q, device=s.device)[:, None] < n_rows
+        biased = s + torch.where(rows, key_bias(idx, H, N_k, bias, s.dtype), 0.0)
+        p = torch.softmax(biased, -1)
+    out = torch.matmul(p, v.to(s.dtype)).to(q.dtype)
+    top = idx[..., :1].expand(B, H, 1)[:, :, None, :].expand(B, H, n_rows, 1)
+    return out, torch.gather(p[:, :, :n_rows], -1, top)[..., 0]

@@ -1,0 +1,319 @@
+"""Triton kernels for attention sinks (specs/sinks.md) and their launchers. Nothing here forms N_q x N_k.
+
+  attn_fwd_kernel   flash forward, one program per (BLOCK_M queries, b, h): online softmax over key tiles;
+                    writes lse (and, with V, the fp32 unmasked output o and the row entropy).
+                    Reads q once and k (and v) once per query tile; 4 N_q N_k d FLOPs with V, 2 without.
+  col_mass_kernel   column pass, one program per (BLOCK_N keys, b, h): walks the image query tiles and
+                    sums exp(s - lse) down each key's column (flash backward's dK loop structure, no V).
+                    Deterministic: no atomics. 2 n_query N_k d FLOPs.
+  topk_kernel       one program per score row: keeps the best K_PAD packed (score, index) keys in a
+                    scratch row and merges each new chunk of BLOCK - K_PAD scores into it with tl.sort.
+  suppress_kernel   one program per (BLOCK_M queries, b, h): gathers the K selected keys and values,
+                    corrects the unmasked o by their terms: 4 N_q K d FLOPs.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _dtypes, _triton
+from .._triton import KernelSpec
+from .reference import suppression_weights
+
+MAX_D = 256
+# Largest K the top-k kernel keeps (head-union at k = 50 x 24 heads is 1200 keys).
+MAX_TOPK = 2048
+# (BLOCK_M, BLOCK_N, num_warps) per padded head_dim: flash-attention's tiles for 16-bit inputs; fp32
+# inputs (tf32x3 dots hold three operand splits) take half-height tiles. Chosen by compiling every
+# configuration for sm_80/sm_90a (ptxas -v) with the full register budget: none spills.
+TILES = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 8), 256: (32, 32, 8)}
+TILES_F32 = {16: (32, 32, 8), 32: (32, 32, 8), 64: (32, 32, 8), 128: (32, 32, 8), 256: (16, 32, 8)}
+
+
+def tiles(d: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    return (TILES_F32 if dtype == torch.float32 else TILES)[block_d(d)]
+
+
+SEL_BLOCK = 16  # selected keys per correction step (tl.dot's minimum width)
+# Under the interpreter bf16 tl.dot is wrong (TRITON_ON_CPU.md): operands go through fp32 there ("ieee",
+# exact). fp32 inputs on a GPU use tf32x3 (three tf32 products, ~fp32 accurate, on tensor cores): an
+# "ieee" fp32 tl.dot of these tiles needs over 255 registers and spills kilobytes on sm_80/sm_90a.
+
+
+def block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+@triton.jit
+def _dot(a, b, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+    # fp32 p meets bf16/fp16 v on the tensor cores in v's dtype, as flash-attention does
+    return tl.dot(a.to(b.dtype), b)
+
+
+@triton.jit
+def _load_rows(base, rows, n, stride_n, dd, d):
+    """Rows `rows` (< n) of a [n, d] matrix with row stride stride_n, as a [len(rows), BLOCK_D] tile."""
+    return tl.load(base + rows[:, None].to(tl.int64) * stride_n + dd[None, :],
+                   mask=(rows < n)[:, None] & (dd < d)[None, :], other=0.0)
+
+
+@triton.jit
+def _load_cols(base, cols, n, stride_n, dd, d):
+    """Rows `cols` (< n) of a [n, d] matrix as a transposed [BLOCK_D, len(cols)] tile (k^T for q k^T)."""
+    return tl.load(base + cols[None, :].to(tl.int64) * stride_n + dd[:, None],
+                   mask=(cols < n)[None, :] & (dd < d)[:, None], other=0.0)
+
+
+@triton.jit
+def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ent_ptr, H, N_q, N_k, d,
+                    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, scale,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    HAS_V: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dd = tl.arange(0, BLOCK_D)
+    q = _load_rows(q_ptr + b * sq_b + h * sq_h, rows, N_q, sq_n, dd, d)
+    k_base = k_ptr + b * sk_b + h * sk_h
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    t = tl.zeros([BLOCK_M], tl.float32)  # sum_j e^{s_ij - m_i} s_ij, for the entropy
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n0 in range(0, N_k, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = (cols < N_k)[None, :]
+        s = _dot(q, _load_cols(k_base, cols, N_k, sk_n, dd, d), DOT_F32, PRECISION) * scale
+        s = tl.where(col_ok, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        if HAS_V:
+            v = _load_rows(v_ptr + b * sv_b + h * sv_h, cols, N_k, sv_n, dd, d)
+            acc = acc * alpha[:, None] + _dot(p, v, DOT_F32, PRECISION)
+            t = t * alpha + tl.sum(p * tl.where(col_ok, s, 0.0), 1)
+        m = m_new
+    lse = m + tl.log(l)
+    row_ok = rows < N_q
+    tl.store(lse_ptr + bh * N_q + rows, lse, mask=row_ok)
+    if HAS_V:
+        o_offs = (bh * N_q + rows[:, None]) * d + dd[None, :]
+        tl.store(o_ptr + o_offs, acc / l[:, None], mask=row_ok[:, None] & (dd < d)[None, :])
+        tl.store(ent_ptr + bh * N_q + rows, lse - t / l, mask=row_ok)
+
+
+@triton.jit
+def col_mass_kernel(q_ptr, k_ptr, lse_ptr, mass_ptr, H, N_q, N_k, n_query, d,
+                    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, scale, inv_n_query,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dd = tl.arange(0, BLOCK_D)
+    kt = _load_cols(k_ptr + b * sk_b + h * sk_h, cols, N_k, sk_n, dd, d)
+    q_base = q_ptr + b * sq_b + h * sq_h
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for m0 in range(0, n_query, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_query
+        lse = tl.load(lse_ptr + bh * N_q + rows, mask=row_ok, other=0.0)
+        s = _dot(_load_rows(q_base, rows, n_query, sq_n, dd, d), kt, DOT_F32, PRECISION) * scale
+        acc += tl.sum(tl.where(row_ok[:, None], tl.exp(s - lse[:, None]), 0.0), 0)
+    tl.store(mass_ptr + bh * N_k + cols, acc * inv_n_query, mask=cols < N_k)
+
+
+@triton.jit
+def topk_kernel(score_ptr, idx_ptr, best_ptr, N, k, BLOCK: tl.constexpr, K_PAD: tl.constexpr,
+                LARGEST: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    t = tl.arange(0, BLOCK)
+    keep = t < K_PAD
+    # A packed key sorts by score, then by lower index: (ordered score bits) << 32 | (2^31 - 1 - j).
+    empty = tl.full([BLOCK], -9223372036854775808, tl.int64)
+    tl.store(best_ptr + row * K_PAD + t, empty, mask=keep)
+    for n0 in range(0, N, BLOCK - K_PAD):
+        j = n0 + t - K_PAD
+        fresh = (t >= K_PAD) & (j < N)
+        bits = tl.load(score_ptr + row * N + j, mask=fresh, other=0.0).to(tl.int32, bitcast=True)
+        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # float order as signed-int order
+        if not LARGEST:
+            ordered = ~ordered
+        key = (ordered.to(tl.int64) << 32) | (2147483647 - j).to(tl.int64)
+        tl.debug_barrier()
+        best = tl.load(best_ptr + row * K_PAD + t, mask=keep, other=0)
+        key = tl.sort(tl.where(keep, best, tl.where(fresh, key, empty)), descending=True)
+        tl.debug_barrier()
+        tl.store(best_ptr + row * K_PAD + t, key, mask=keep)
+    tl.debug_barrier()
+    best = tl.load(best_ptr + row * K_PAD + t, mask=t < k, other=0)
+    tl.store(idx_ptr + row * k + t, 2147483647 - (best & 0xFFFFFFFF), mask=t < k)
+
+
+@triton.jit
+def suppress_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, out_ptr, post_ptr, H, N_q, N_k, n_rows, K, d,
+                    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, si_b, si_h, scale, w, g,
+                    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                    DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dd = tl.arange(0, BLOCK_D)
+    row_ok, fix = rows < N_q, rows < n_rows
+    tile_mask = row_ok[:, None] & (dd < d)[None, :]
+    c = tl.zeros([BLOCK_M], tl.float32)  # sum_S P
+    p0 = tl.zeros([BLOCK_M], tl.float32)  # P of the first selected key
+    u = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # sum_S P v
+    if pid_m * BLOCK_M < n_rows:
+        q = _load_rows(q_ptr + b * sq_b + h * sq_h, rows, n_rows, sq_n, dd, d)
+        lse = tl.load(lse_ptr + bh * N_q + rows, mask=fix, other=0.0)
+        for s0 in range(0, K, BLOCK_S):
+            sel = s0 + tl.arange(0, BLOCK_S)
+            sel_ok = sel < K
+            j = tl.load(idx_ptr + b * si_b + h * si_h + sel, mask=sel_ok, other=0)
+            kt = tl.load(k_ptr + b * sk_b + h * sk_h + j[None, :] * sk_n + dd[:, None],
+                         mask=sel_ok[None, :] & (dd < d)[:, None], other=0.0)
+            s = _dot(q, kt, DOT_F32, PRECISION) * scale
+            p = tl.where(fix[:, None] & sel_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+            vs = tl.load(v_ptr + b * sv_b + h * sv_h + j[:, None] * sv_n + dd[None, :],
+                         mask=sel_ok[:, None] & (dd < d)[None, :], other=0.0)
+            c += tl.sum(p, 1)
+            p0 += tl.sum(tl.where((sel == 0)[None, :], p, 0.0), 1)
+            u += _dot(p, vs, DOT_F32, PRECISION)
+    denom = 1.0 - w * c
+    # o is read only now, after the loop: holding it through the loop spills at head_dim 128
+    o_offs = (bh * N_q + rows[:, None]) * d + dd[None, :]
+    o = tl.load(o_ptr + o_offs, mask=tile_mask, other=0.0)
+    tl.store(out_ptr + o_offs, ((o - w * u) / denom[:, None]).to(out_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(post_ptr + bh * n_rows + rows, g * p0 / denom, mask=fix)
+
+
+def _dot_f32(dtype: torch.dtype) -> bool:
+    return _triton.interpreting() or dtype == torch.float32
+
+
+def _precision() -> str:
+    return "ieee" if _triton.interpreting() else "tf32x3"
+
+
+def _bh_strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _fwd(q, k, v, n_query, scale):
+    B, H, N_q, d = q.shape
+    N_k = k.shape[2]
+    dev = q.device
+    lse = _triton.empty((B, H, N_q), torch.float32, dev)
+    mass = _triton.empty((B, H, N_k), torch.float32, dev)
+    o = _triton.empty((B, H, N_q, d), torch.float32, dev) if v is not None else None
+    ent = _triton.empty((B, H, N_q), torch.float32, dev) if v is not None else None
+    if B * H * N_q == 0:
+        return o, lse, mass.zero_(), ent
+    bd = block_d(d)
+    bm, bn, warps = tiles(d, q.dtype)
+    meta = dict(BLOCK_D=bd, DOT_F32=_dot_f32(q.dtype), PRECISION=_precision(), num_warps=warps,
+                maxnreg=_triton.register_budget(warps))
+    vv = v if v is not None else k
+    attn_fwd_kernel[(triton.cdiv(N_q, bm), B * H)](
+        q, k, vv, o if o is not None else lse, lse, ent if ent is not None else lse, H, N_q, N_k, d,
+        *_bh_strides(q), *_bh_strides(k), *_bh_strides(vv), scale,
+        BLOCK_M=bm, BLOCK_N=bn, HAS_V=v is not None, **meta)
+    col_mass_kernel[(triton.cdiv(N_k, bn), B * H)](
+        q, k, lse, mass, H, N_q, N_k, n_query, d, *_bh_strides(q), *_bh_strides(k), scale, 1.0 / max(n_query, 1),
+        BLOCK_M=bm, BLOCK_N=bn, **meta)
+    return o, lse, mass, ent
+
+
+def sink_mass(q, k, n_query, scale):
+    """Launches attn_fwd_kernel (lse only) and col_mass_kernel: (mass [B, H, N_k], lse [B, H, N_q]) fp32."""
+    _, lse, mass, _ = _fwd(q, k, None, n_query, scale)
+    return mass, lse
+
+
+def attention_fwd(q, k, v, n_query, scale):
+    """Launches attn_fwd_kernel (with V) and col_mass_kernel: (o, lse, mass, entropy), fp32."""
+    return _fwd(q, k, v, n_query, scale)
+
+
+def topk_config(k: int, n: int) -> tuple[int, int, int]:
+    """(BLOCK, K_PAD, num_warps): chunks of BLOCK - K_PAD >= K_PAD new scores per sort, at most 1024-wide
+    sorts unless K needs more (a short row sorts once, in a block just wide enough)."""
+    k_pad = max(16, triton.next_power_of_2(max(k, 1)))
+    block = max(2 * k_pad, min(1024, triton.next_power_of_2(n + k_pad)))
+    return block, k_pad, max(4, min(16, block // 256))
+
+
+def sink_topk(score, k, largest):
+    """Launches topk_kernel: indices [B, G, k] int64 of the k largest/smallest scores, ties -> lower index."""
+    B, G, N = score.shape
+    idx = _triton.empty((B, G, k), torch.int64, score.device)
+    if B * G * k == 0:
+        return idx
+    block, k_pad, warps = topk_config(k, N)
+    best = torch.empty((B * G, k_pad), dtype=torch.int64, device=score.device)
+    topk_kernel[(B * G,)](score.contiguous(), idx, best, N, k, BLOCK=block, K_PAD=k_pad, LARGEST=largest,
+                          num_warps=warps, maxnreg=_triton.register_budget(warps))
+    return idx
+
+
+def sink_suppress(q, k, v, o, lse, idx, n_rows, scale, bias):
+    """Launches suppress_kernel: (out [B, H, N_q, d] in q's dtype, post [B, H, n_rows] fp32)."""
+    B, H, N_q, d = q.shape
+    N_k, K = k.shape[2], idx.shape[2]
+    out = _triton.empty((B, H, N_q, d), q.dtype, q.device)
+    post = _triton.empty((B, H, n_rows), torch.float32, q.device)
+    if B * H * N_q == 0:
+        return out, post
+    w, g = suppression_weights(bias, K, N_k)
+    bd = block_d(d)
+    bm, _, warps = tiles(d, q.dtype)
+    si_h = idx.stride(1) if idx.shape[1] > 1 else 0
+    suppress_kernel[(triton.cdiv(N_q, bm), B * H)](
+        q, k, v, o, lse, idx, out, post, H, N_q, N_k, n_rows, K, d, *_bh_strides(q), *_bh_strides(k),
+        *_bh_strides(v), idx.stride(0), si_h, scale, w, g, BLOCK_M=bm, BLOCK_S=SEL_BLOCK, BLOCK_D=bd,
+        DOT_F32=_dot_f32(q.dtype), PRECISION=_precision(), num_warps=warps,
+        maxnreg=_triton.register_budget(warps))
+    return out, post
+
+
+def aot_specs() -> list[KernelSpec]:
+    """The launch configurations of head_dim 64 and 128 per dtype, and the top-k kernel for K up to MAX_TOPK."""
+    specs = []
+    strides = {f"s{x}_{y}": "i64" for x in ("q", "k", "v") for y in ("b", "h", "n")}
+    dims = {"H": "i32", "N_q": "i32", "N_k": "i32", "d": "i32"}
+    for dtype, d in itertools.product((torch.bfloat16, torch.float16, torch.float32), (64, 128)):
+        ty = _triton.TRITON_DTYPE[dtype]
+        bd = block_d(d)
+        bm, bn, warps = tiles(d, dtype)
+        common = {"BLOCK_D": bd, "DOT_F32": dtype == torch.float32, "PRECISION": "tf32x3"}
+        tags = {"dtype": _dtypes.name(dtype), "head_dim": d}
+        qkv = {"q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "v_ptr": f"*{ty}"}
+        for kernel, signature, constexprs in (
+                (attn_fwd_kernel, {**qkv, "o_ptr": "*fp32", "lse_ptr": "*fp32", "ent_ptr": "*fp32", **dims, **strides,
+                                   "scale": "fp32"}, {"BLOCK_M": bm, "BLOCK_N": bn, "HAS_V": True}),
+                (col_mass_kernel, {"q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "lse_ptr": "*fp32", "mass_ptr": "*fp32",
+                                   **dims, "n_query": "i32", **{s: "i64" for s in list(strides)[:6]},
+                                   "scale": "fp32", "inv_n_query": "fp32"}, {"BLOCK_M": bm, "BLOCK_N": bn}),
+                (suppress_kernel, {**qkv, "o_ptr": "*fp32", "lse_ptr": "*fp32", "idx_ptr": "*i64", "out_ptr": f"*{ty}",
+                                   "post_ptr": "*fp32", **dims, "n_rows": "i32", "K": "i32", **strides,
+                                   "si_b": "i64", "si_h": "i64", "scale": "fp32", "w": "fp32", "g": "fp32"},
+                 {"BLOCK_M": bm, "BLOCK_S": SEL_BLOCK})):
+            c = {**common, **constexprs}
+            name = f"{kernel.__name__}[{ty},d={d}," + ",".join(f"{k}={v}" for k, v in c.items()) + "]"
+            specs.append(KernelSpec(name, kernel, signature, c, warps, _triton.register_budget(warps), tags))
+    for k_pad, largest in itertools.product((16, 64, 256, MAX_TOPK), (True, False)):
+        block, k_pad, warps = topk_config(k_pad, 4429)
+        c = {"BLOCK": block, "K_PAD": k_pad, "LARGEST": largest}
+        specs.append(KernelSpec(f"topk_kernel[BLOCK={block},K_PAD={k_pad},LARGEST={largest}]", topk_kernel,
+                                {"score_ptr": "*fp32", "idx_ptr": "*i64", "best_ptr": "*i64", "N": "i32", "k": "i32"},
+                                c, warps, _triton.register_budget(warps), {"k_pad": k_pad}))
+    return specs

@@ -1,0 +1,232 @@
+"""Attention sinks (diffkern.sink_mass, diffkern.sink_attention): every backend against the explicit matrix."""
+import pytest
+import torch
+
+import diffkern
+from diffkern.sinks import reference
+from diffkern.testing.backends import backends_under_test, device_for, forced, supports
+from diffkern.testing.numerics import FLOOR, assert_close_to_oracle, max_error
+
+BACKENDS = backends_under_test("sink_attention_fwd")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# (B, H, N_q, N_k, head_dim, n_query): odd sizes inside one tile; one query and one key; just above a
+# 64-wide tile in both directions at head_dim 128.
+SHAPES = ((1, 2, 37, 45, 64, 30), (2, 1, 1, 1, 64, 1), (1, 1, 70, 67, 128, 66))
+SUPPRESSING = ("per_head", "head_union", "bottom", "random")
+
+
+def ids(shape):
+    return "x".join(map(str, shape))
+
+
+def params(dtypes=DTYPES):
+    return [(b, dt) for b in BACKENDS for dt in dtypes if supports(b, dt)]
+
+
+def make_qkv(B, H, N_q, N_k, d, dtype, seed=0, planted=0, device="cpu", bnhd=False):
+    """q, k, v; `planted` > 0 plants that many sink keys per head (a shared direction every query leans
+    towards, with head-dependent strength and position). bnhd gives diffusers' transposed views."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, n, d, generator=g) for n in (N_q, N_k, N_k))
+    if planted:
+        u = torch.randn(d, generator=g)
+        u = u / u.norm()
+        q += 2.0 * u
+        for h in range(H):
+            for r in range(planted):
+                j = (7 * h + 3 * r + 1) % N_k
+                k[:, h, j] = 3.0 * (1.0 + 0.3 * r + 0.1 * h) * u * d ** 0.5 / 2
+    out = []
+    for x in (q, k, v):
+        x = x.to(device, dtype)
+        out.append(x.transpose(1, 2).contiguous().transpose(1, 2) if bnhd else x)
+    return out
+
+
+def oracle(*tensors):
+    return [t.detach().cpu().double() for t in tensors]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=ids)
+@pytest.mark.parametrize("backend,dtype", params())
+def test_forward_outputs_match_float64_reference(backend, dtype, shape):
+    B, H, N_q, N_k, d, n = shape
+    q, k, v = make_qkv(B, H, N_q, N_k, d, dtype, device=device_for(backend), bnhd=True)
+    with forced(backend):
+        got = torch.ops.diffkern.sink_attention_fwd(q, k, v, n, 0.3)
+        mass, lse = diffkern.sink_mass(q, k, n, 0.3)
+    want = reference.attention_fwd(*oracle(q, k, v), n, 0.3)
+    plain = reference.attention_fwd(*[t.cpu() for t in (q, k, v)], n, 0.3)
+    for name, x, w, p in zip(("o", "lse", "mass", "entropy"), got, want, plain):
+        assert_close_to_oracle(x, w, p, name)
+    assert_close_to_oracle(mass, want[2], plain[2], "sink_mass mass")
+    assert_close_to_oracle(lse, want[1], plain[1], "sink_mass lse")
+
+
+def explicit_selection(q, k, mode, k_sink, n):
+    """The authors' way: the full float64 probability matrix, then sort."""
+    mass = reference.sink_mass(*oracle(q, k), n, q.shape[-1] ** -0.5)[0]
+    if mode == "per_head":
+        return reference.sink_topk(mass, k_sink, True)
+    return reference.sink_topk(mass.mean(1, keepdim=True), k_sink * q.shape[1], mode == "head_union")
+
+
+@pytest.mark.parametrize("planted", (0, 2), ids=("random", "planted"))
+@pytest.mark.parametrize("mode", ("per_head", "head_union", "bottom"))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_selected_indices_equal_explicit_reference(backend, mode, planted):
+    q, k, v = make_qkv(2, 3, 41, 53, 64, torch.float32, seed=3, planted=planted, device=device_for(backend))
+    with forced(backend):
+        _, stats = diffkern.sink_attention(q, k, v, k_sink=2, mode=mode, n_query=35, return_stats=True)
+    want = explicit_selection(q, k, mode, 2, 35)
+    assert torch.equal(stats["indices"].cpu(), want)
+    if planted and mode == "per_head":
+        assert {j for j in stats["indices"][0, 0].tolist()} == {1, 4}
+
+
+def suppressed_mass(q, k, idx, rows):
+    """max over corrected rows of sum_S P (unmasked, float64): how much the correction cancels."""
+    p = torch.softmax(reference.logits(*oracle(q, k), q.shape[-1] ** -0.5), -1)[:, :, :rows]
+    sel = reference.key_bias(idx, q.shape[1], k.shape[2], 1.0, p.dtype)
+    return (p * sel).sum(-1).max().item() if rows else 0.0
+
+
+def assert_corrected_output_close(out, want, plain, suppressed):
+    """The correction out = (o - w sum_S P v) / (1 - w sum_S P) divides the fp32 error of the unmasked o
+    by 1 - sum_S P: the fp32 floor is scaled by that amplification (documented in sink_attention)."""
+    assert not torch.isnan(out).any()
+    scale = max(1.0, want.abs().max().item())
+    amp = 1.0 / (1.0 - suppressed)
+    tol = 2 * max_error(plain, want) + (FLOOR[out.dtype] + FLOOR[torch.float32] * amp) * scale
+    assert max_error(out, want) <= tol, f"out: error {max_error(out, want):.3e} > {tol:.3e} (amplification {amp:.1f})"
+
+
+@pytest.mark.parametrize("row_scope", ("image", "all"))
+@pytest.mark.parametrize("mode", SUPPRESSING)
+@pytest.mark.parametrize("backend,dtype", params((torch.float32, torch.bfloat16)))
+def test_suppressed_output_matches_explicit_masked_reference(backend, dtype, mode, row_scope, d=64):
+    B, H, N_q, N_k, n = 2, 2, 37, 45, 30
+    q, k, v = make_qkv(B, H, N_q, N_k, d, dtype, seed=1, planted=1, device=device_for(backend))
+    with forced(backend):
+        out, stats = diffkern.sink_attention(q, k, v, k_sink=2, mode=mode, row_scope=row_scope, n_query=n,
+                                             seed=11, call_index=4, return_stats=True)
+    idx = stats["indices"].cpu()
+    rows = n if row_scope == "image" else N_q
+    want, post = reference.sink_suppress(*oracle(q, k, v), None, None, idx, rows, d ** -0.5, -1e4)
+    plain = reference.sink_suppress(*[t.cpu() for t in (q, k, v)], None, None, idx, rows, d ** -0.5, -1e4)[0]
+    assert_corrected_output_close(out, want, plain, suppressed_mass(q, k, idx, rows))
+    assert_close_to_oracle(stats["top_sink_mass_after"], post[:, :, :n].mean(), post[:, :, :n].mean().float(),
+                           "top_sink_mass_after")
+
+
+@pytest.mark.parametrize("backend,dtype", params((torch.float16,)))
+def test_suppressed_output_at_head_dim_128(backend, dtype):
+    test_suppressed_output_matches_explicit_masked_reference(backend, dtype, "per_head", "image", d=128)
+
+
+@pytest.mark.parametrize("backend,dtype", params((torch.float32, torch.bfloat16)))
+def test_measure_mode_is_bit_identical_to_unmasked_path(backend, dtype):
+    q, k, v = make_qkv(1, 2, 37, 45, 64, dtype, planted=1, device=device_for(backend))
+    with forced(backend):
+        measured, stats = diffkern.sink_attention(q, k, v, mode="measure", return_stats=True)
+        unmasked = diffkern.sink_attention(q, k, v, k_sink=0)
+        o = torch.ops.diffkern.sink_attention_fwd(q, k, v, 37, 64 ** -0.5)[0]
+    assert torch.equal(measured, unmasked) and torch.equal(measured, o.to(dtype))
+    assert stats["indices"] is None and stats["top_sink_mass_after"] is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stats_match_explicit_matrix(backend):
+    q, k, v = make_qkv(2, 3, 37, 45, 64, torch.float32, planted=2, device=device_for(backend))
+    with forced(backend):
+        _, stats = diffkern.sink_attention(q, k, v, k_sink=1, n_query=30, return_stats=True)
+    s = reference.logits(*oracle(q, k), 64 ** -0.5)
+    p = torch.softmax(s, -1)
+    mass = p[:, :, :30].mean(2)
+    entropy = -(p * torch.log(p)).sum(-1)[:, :, :30].mean()
+    want = {"max_mass": mass.amax(-1).mean(), "index0_mass": mass[..., 0].mean(), "row_entropy": entropy,
+            "top5_concentration": mass.sort(-1, descending=True).values[..., :5].sum(-1).mean()}
+    for name, w in want.items():
+        assert abs(stats[name].item() - w.item()) < 1e-5 * max(1.0, abs(w.item())), name
+    chosen = torch.gather(mass, -1, stats["indices"].cpu())
+    torch.testing.assert_close(stats["index_mass"].cpu().double(), chosen, rtol=1e-5, atol=1e-7)
+    # under the -1e4 bias the top sink's mass drops by far more than 1e4x
+    assert stats["top_sink_mass_after"].item() < chosen[..., 0].min().item() * 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_mode_is_reproducible_per_seed_call_and_sample(backend):
+    q, k, v = make_qkv(2, 2, 9, 200, 64, torch.float32, device=device_for(backend))
+
+    def draw(seed, call):
+        with forced(backend):
+            return diffkern.sink_attention(q, k, v, k_sink=3, mode="random", seed=seed, call_index=call,
+                                           return_stats=True)[1]["indices"].cpu()
+    a = draw(5, 0)
+    assert a.shape == (2, 1, 6) and torch.equal(a, draw(5, 0))
+    assert not torch.equal(a, draw(5, 1)) and not torch.equal(a, draw(6, 0))
+    assert not torch.equal(a[0], a[1])
+    assert all(len(set(row.tolist())) == 6 for row in a[:, 0])
+
+
+@pytest.mark.parametrize("bias", (-1e4, float("-inf")))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_with_every_key_suppressed_keeps_unmasked_attention(backend, bias):
+    """head_union selects k_sink * H >= N_k keys: every key of every row, so the bias cancels."""
+    q, k, v = make_qkv(1, 3, 10, 4, 64, torch.float32, device=device_for(backend))
+    with forced(backend):
+        out, stats = diffkern.sink_attention(q, k, v, k_sink=2, mode="head_union", bias=bias, return_stats=True)
+        plain = diffkern.sink_attention(q, k, v, mode="measure")
+    assert stats["indices"].shape == (1, 1, 4)
+    torch.testing.assert_close(out, plain, rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(stats["top_sink_mass_after"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_minus_inf_bias_equals_large_finite_bias(backend):
+    q, k, v = make_qkv(1, 2, 37, 45, 64, torch.float32, planted=1, device=device_for(backend))
+    with forced(backend):
+        a = diffkern.sink_attention(q, k, v, k_sink=3, bias=-1e4)
+        b = diffkern.sink_attention(q, k, v, k_sink=3, bias=float("-inf"))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_merges_chunks_and_breaks_ties_towards_lower_index(backend, largest=True):
+    """1100 scores: the Triton kernel merges two 1024-wide sorts; equal scores keep index order."""
+    g = torch.Generator().manual_seed(2)
+    score = torch.rand(1, 1, 1100, generator=g)
+    score[0, 0, [5, 700, 1099, 300]] = 2.0 if largest else -1.0  # a four-way tie at the top
+    score[0, 0, [1050, 12]] = 1.5 if largest else -0.5
+    with forced(backend):
+        idx = torch.ops.diffkern.sink_topk(score.to(device_for(backend)), 20, largest).cpu()
+    assert idx[0, 0, :6].tolist() == [5, 300, 700, 1099, 12, 1050]
+    assert torch.equal(idx, reference.sink_topk(score.double(), 20, largest))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="counts interpreted launches, which run only without a GPU")
+def test_benchmark_traffic_model_equals_interpreter_counts():
+    """The bytes the benchmark models for each Triton kernel are the bytes the kernels issue."""
+    from diffkern.bench.sinks import kernel_traffic
+    from diffkern.sinks import triton_kernels as tk
+    from diffkern.testing.triton_monitor import TritonMonitor
+    B, H, N_q, N_k, d, n = 1, 2, 70, 67, 64, 60
+    q, k, v = make_qkv(B, H, N_q, N_k, d, torch.bfloat16, planted=1)
+    with diffkern.backend("triton"), TritonMonitor(check_bounds=False) as mon:
+        diffkern.sink_attention(q, k, v, k_sink=1, n_query=n)
+    counted = mon.by_kernel()
+    model = kernel_traffic(N_q, N_k, d, n, 1, n, 2, tk.tiles(d, torch.bfloat16)[:2], tk.SEL_BLOCK,
+                           tk.topk_config(1, N_k)[:2])
+    assert set(counted) == set(model)
+    for name, m in model.items():
+        assert (counted[name]["bytes_loaded"], counted[name]["bytes_stored"]) == (m["loaded"] * B * H,
+                                                                                  m["stored"] * B * H), name
+
+
+def test_modeled_flops_stay_under_1_6x_flash_at_sd3_shapes():
+    """The issue's bar, on the model the test above holds to the kernels: SD3 at 1024 px (4096 image +
+    333 text tokens), per-head k in {1, 5} and head-union k = 5 (120 keys); head-union k = 50 exceeds it."""
+    from diffkern.bench.sinks import modeled_rows
+    rows = modeled_rows((4096,), K=1) + modeled_rows((4096,), K=5) + modeled_rows((4096,), K=120)
+    assert all(1.4 < r["flops_ratio"] <= 1.6 for r in rows), [r["flops_ratio"] for r in rows]
+    assert modeled_rows((4096,), K=1200)[0]["flops_ratio"] > 1.6

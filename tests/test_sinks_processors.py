@@ -1,0 +1,129 @@
+"""The sink processors inside real diffusers models built from tiny random-weight configs (no downloads)."""
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+
+from diffkern.sinks import reference
+from diffkern.sinks.processors import (SinkAttnProcessor, SinkJointAttnProcessor, SinkRecorder,
+                                       install_sink_processors)
+from diffkern.testing.backends import forced
+
+
+def sd3():
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=64,
+                                 num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=128,
+                                 pooled_projection_dim=16, out_channels=4, pos_embed_max_size=8,
+                                 qk_norm="rms_norm").eval()
+
+
+def sd3_inputs():
+    g = torch.Generator().manual_seed(1)
+    return dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g),
+                encoder_hidden_states=torch.randn(2, 7, 32, generator=g),
+                pooled_projections=torch.randn(2, 16, generator=g), timestep=torch.tensor([500.0, 20.0]))
+
+
+def unet():
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=64, norm_num_groups=16).eval()
+
+
+def unet_inputs():
+    g = torch.Generator().manual_seed(1)
+    return dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor(10),
+                encoder_hidden_states=torch.randn(2, 5, 32, generator=g))
+
+
+def run(model, inputs, backend="cpu"):
+    with torch.no_grad(), forced(backend):
+        return model(**inputs).sample
+
+
+class _Explicit:
+    """The authors' way, inside the same projections: the float64 probability matrix, sort, bias, re-softmax."""
+
+    def _attend(self, query, key, value, n_query):
+        q, k, v = (x.double() for x in (query, key, value))
+        scale = q.shape[-1] ** -0.5
+        mass = reference.sink_mass(q, k, n_query, scale)[0]
+        idx = reference.sink_topk(mass, self.k_sink, True)
+        rows = n_query if self.row_scope == "image" else q.shape[2]
+        self.recorder.records.append({"layer": self.layer, "indices": idx})
+        return reference.sink_suppress(q, k, v, None, None, idx, rows, scale, self.bias)[0].to(query.dtype)
+
+
+class ExplicitJoint(_Explicit, SinkJointAttnProcessor):
+    pass
+
+
+class ExplicitAttn(_Explicit, SinkAttnProcessor):
+    pass
+
+
+@pytest.mark.parametrize("backend", ("cpu", "triton"))
+def test_sd3_measure_mode_output_is_identical_to_stock(backend):
+    model, inputs = sd3(), sd3_inputs()
+    stock = run(model, inputs)
+    rec = install_sink_processors(model, layers={0, 2}, mode="measure")
+    assert torch.equal(run(model, inputs, backend), stock)
+    assert [r["layer"] for r in rec.records] == ["transformer_blocks.0.attn", "transformer_blocks.2.attn"]
+    for r in rec.records:
+        assert 0 < r["max_mass"] <= 1 and r["indices"] is None and 0 < r["top5_concentration"] <= 1 + 1e-6
+
+
+@pytest.mark.parametrize("row_scope", ("image", "all"))
+def test_sd3_suppression_matches_explicit_matrix_reference(row_scope):
+    model, inputs = sd3(), sd3_inputs()
+    settings = dict(mode="per_head", k_sink=2, row_scope=row_scope)
+    want_rec = install_sink_processors(model, layers={1}, processor=ExplicitJoint, **settings)
+    want = run(model, inputs)
+    rec = install_sink_processors(model, layers={1}, processor=SinkJointAttnProcessor, **settings)
+    got = run(model, inputs)
+    assert torch.equal(rec.records[0]["indices"], want_rec.records[0]["indices"])
+    assert rec.records[0]["indices"].shape == (2, 2, 2)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got, run(sd3(), inputs), atol=1e-3), "suppression changed nothing"
+
+
+def test_unet_measure_mode_output_is_identical_to_stock():
+    model, inputs = unet(), unet_inputs()
+    stock = run(model, inputs)
+    rec = install_sink_processors(model, layers=range(len(model.attn_processors)), mode="measure")
+    assert torch.equal(run(model, inputs), stock)
+    assert len(rec.records) == len(model.attn_processors)
+
+
+def test_unet_suppression_matches_explicit_matrix_reference():
+    model, inputs = unet(), unet_inputs()
+    layers = {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor",
+              "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"}
+    want_rec = install_sink_processors(model, layers, processor=ExplicitAttn, mode="per_head", k_sink=1)
+    want = run(model, inputs)
+    rec = install_sink_processors(model, layers, processor=SinkAttnProcessor, mode="per_head", k_sink=1)
+    got = run(model, inputs)
+    for a, b in zip(rec.records, want_rec.records):
+        assert a["layer"] == b["layer"] and torch.equal(a["indices"], b["indices"])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_random_mode_draws_a_fresh_reproducible_set_per_call():
+    model, inputs = sd3(), sd3_inputs()
+    rec = install_sink_processors(model, layers={1}, mode="random", k_sink=1, seed=3)
+    run(model, inputs)
+    run(model, inputs)
+    first, second = (r["indices"] for r in rec.records)
+    assert [r["call"] for r in rec.records] == [0, 1] and not torch.equal(first, second)
+    fresh = sd3()
+    again = install_sink_processors(fresh, layers={1}, mode="random", k_sink=1, seed=3, recorder=SinkRecorder())
+    run(fresh, inputs)
+    assert again is not rec and torch.equal(again.records[0]["indices"], first)
+
+
+def test_attention_mask_is_refused():
+    proc = SinkAttnProcessor()
+    with pytest.raises(NotImplementedError, match="attention_mask"):
+        proc(None, torch.zeros(1, 2, 3), attention_mask=torch.zeros(1, 2))
