@@ -48,3 +48,20 @@ TORCH_LIBRARY_FRAGMENT(diffkern, m) {
       " Tensor sigma_next, Tensor? v_ref, Tensor? v_uncond, float cfg_scale, int std_rule, float std_coef)"
       " -> Tensor[]");
 }
+
+TORCH_LIBRARY_FRAGMENT(diffkern, m) {
+  m.set_python_module("diffkern.grpo.cuda_ops");
+  // Internal: the CUDA C++ kernels of the three ops above (csrc/cuda/grpo.cu), with their exact
+  // signatures. The `cuda` backend of each op calls these; users call the ops above.
+  m.def(
+      "flow_sde_step_cuda(Tensor x, Tensor v, Tensor sigma, Tensor sigma_next, Tensor eps, int std_rule,"
+      " float std_coef) -> (Tensor x_next, Tensor mu, Tensor log_prob, Tensor inv_lambda)");
+  m.def(
+      "grpo_log_prob_cuda(Tensor v, Tensor x, Tensor x_next, Tensor sigma, Tensor sigma_next, Tensor? v_ref,"
+      " Tensor? v_uncond, float cfg_scale, int std_rule, float std_coef)"
+      " -> (Tensor log_prob, Tensor kl, Tensor inv_lambda)");
+  m.def(
+      "grpo_log_prob_bwd_cuda(Tensor dlog_prob, Tensor dkl, Tensor v, Tensor x, Tensor x_next, Tensor sigma,"
+      " Tensor sigma_next, Tensor? v_ref, Tensor? v_uncond, float cfg_scale, int std_rule, float std_coef)"
+      " -> Tensor[]");
+}

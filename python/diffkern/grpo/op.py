@@ -10,7 +10,7 @@ import math
 import torch
 
 from .. import _dtypes, _nvtx, _registry, _triton
-from . import distributed, reference, triton_kernels
+from . import cuda_ops, distributed, reference, triton_kernels  # noqa: F401 (cuda_ops: fakes)
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 STEP_OP, LOSS_OP = "flow_sde_step", "grpo_iso_loss"
@@ -85,11 +85,14 @@ def _triton_backend(launch, x_arg: int, op: str):
 
 
 _registry.register("flow_sde_step", check_sde_step,
-                   triton=_triton_backend(triton_kernels.sde_step, 0, STEP_OP), reference=reference.flow_sde_step)
+                   triton=_triton_backend(triton_kernels.sde_step, 0, STEP_OP), reference=reference.flow_sde_step,
+                   cuda=torch.ops.diffkern.flow_sde_step_cuda)
 _registry.register("grpo_log_prob", check_log_prob,
-                   triton=_triton_backend(triton_kernels.log_prob_fwd, 1, LOSS_OP), reference=reference.log_prob)
+                   triton=_triton_backend(triton_kernels.log_prob_fwd, 1, LOSS_OP), reference=reference.log_prob,
+                   cuda=torch.ops.diffkern.grpo_log_prob_cuda)
 _registry.register("grpo_log_prob_bwd", check_log_prob_bwd,
-                   triton=_triton_backend(triton_kernels.log_prob_bwd, 3, LOSS_OP), reference=reference.log_prob_bwd)
+                   triton=_triton_backend(triton_kernels.log_prob_bwd, 3, LOSS_OP), reference=reference.log_prob_bwd,
+                   cuda=torch.ops.diffkern.grpo_log_prob_bwd_cuda)
 
 
 @torch.library.register_fake("diffkern::flow_sde_step")
