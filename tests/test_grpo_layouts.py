@@ -18,7 +18,7 @@ WAN = reference.STD_RULES["wan"], reference.WAN_STD_COEF
 # (B, D): rows shorter than a bf16 vector, a head and a tail in one short row, several 2048-element
 # tiles per sample with odd D, more tiles than the harness runs blocks (8).
 SHAPES = ((3, 3), (2, 9), (5, 4099))
-# Element offsets of (x, v, x_next, eps / v_ref, v_uncond) in their buffers: all alike (vectors after a
+# Element offsets of (x, v, target, eps / v_ref, v_uncond) in their buffers: all alike (vectors after a
 # scalar head), or different (scalars only).
 OFFSETS = {"same": (1, 1, 1, 1, 1), "mixed": (0, 1, 2, 3, 5)}
 
@@ -59,24 +59,26 @@ def test_sde_step_on_misaligned_latents(backend, dtype, shape, offsets):
     x, v, _, eps, _ = latents(shape, dtype, device, OFFSETS[offsets])
     args = (x, v, *sigmas(shape[0], device), eps, *WAN)
     with forced(backend):
-        x_next, mu, log_prob, inv_lambda = torch.ops.diffkern.flow_sde_step(*args)
+        x_next, y, log_prob, inv_lambda = torch.ops.diffkern.flow_sde_step(*args)
     oracle, plain = reference.flow_sde_step(*cpu(args, torch.float64)), reference.flow_sde_step(*cpu(args))
-    for name, out, ref, low in zip(("x_next", "mu", "inv_lambda"), (x_next, mu, inv_lambda), oracle[:2] + oracle[3:],
+    for name, out, ref, low in zip(("x_next", "y", "inv_lambda"), (x_next, y, inv_lambda), oracle[:2] + oracle[3:],
                                    plain[:2] + plain[3:]):
         assert_close_to_oracle(out, ref, low, name)
-    stored = (v, x, x_next, *args[2:4], None, None, 1.0, *WAN)
+    stored = (v, None, y, *args[2:4], None, None, 1.0, *WAN)  # log_prob is of y as stored
     assert_close_to_oracle(log_prob, reference.log_prob(*cpu(stored, torch.float64))[0],
                            reference.log_prob(*cpu(stored, torch.float32))[0], "log_prob")
 
 
+@pytest.mark.parametrize("form", ("pair", "residual"))
 @pytest.mark.parametrize("offsets", OFFSETS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("backend,dtype", params())
-def test_log_prob_and_backward_on_misaligned_latents(backend, dtype, shape, offsets):
-    """CFG and a reference velocity (every input read): forward sums and the written gradients."""
+def test_log_prob_and_backward_on_misaligned_latents(backend, dtype, shape, offsets, form):
+    """CFG and a reference velocity, target x_next beside x (pair) or y alone (residual): forward sums
+    and the written gradients."""
     device = device_for(backend)
-    x, v, x_next, v_ref, v_uncond = latents(shape, dtype, device, OFFSETS[offsets])
-    args = (v, x, x_next, *sigmas(shape[0], device), v_ref, v_uncond, 4.5, *WAN)
+    x, v, target, v_ref, v_uncond = latents(shape, dtype, device, OFFSETS[offsets])
+    args = (v, x if form == "pair" else None, target, *sigmas(shape[0], device), v_ref, v_uncond, 4.5, *WAN)
     g = torch.Generator().manual_seed(4)
     dlog_prob, dkl = (torch.randn(shape[0], generator=g).to(device) for _ in range(2))
     with forced(backend):

@@ -6,9 +6,9 @@
 // atomics: the same bits at every run) and does the per-sample math of grpo_math.h, which the C++
 // CPU kernel shares. All math is float32; offsets are 64-bit.
 //
-// Traffic, in elements of B*D: sde_step_kernel reads x, v, eps and writes x_next, mu (5);
-// log_prob_fwd_kernel reads v, x, x_next (+ v_uncond, + v_ref) (3-5); log_prob_bwd_kernel reads the
-// same and writes dv (+ dv_uncond) (4-7). The partial sums add 4 bytes per tile (B*D / 2048 tiles).
+// Traffic, in elements of B*D: sde_step_kernel reads x, v, eps and writes x_next, y (5);
+// log_prob_fwd_kernel reads v, target (+ x, + v_uncond, + v_ref) (2-5); log_prob_bwd_kernel reads the
+// same and writes dv (+ dv_uncond) (3-7). The residual-target form (target = y, no x) is the lean one. The partial sums add 4 bytes per tile (B*D / 2048 tiles).
 #include "grpo.h"
 
 #include "diffkern/cuda_compat.h"
@@ -32,12 +32,12 @@ template <typename T>
 struct SdeArgs {
   Layout s;
   gptr<const T> x, v, eps;
-  gptr<T> x_next, mu;
+  gptr<T> x_next, y;
   gptr<float> partial;
 };
 
-// Inputs in walk order; v_uncond and v_ref may be absent (their `present` bits clear).
-enum Input : int { kV, kVUncond, kX, kXNext, kVRef, kInputs };
+// Inputs in walk order; x, v_uncond and v_ref may be absent (their `present` bits clear).
+enum Input : int { kV, kVUncond, kX, kTarget, kVRef, kInputs };
 
 template <typename T>
 struct LogProbArgs {
@@ -72,7 +72,8 @@ DIFFKERN_DEVICE float stored(float x) {
   return to_float(from_float<T>(x));
 }
 
-// x_next = mu + noise_scale eps, mu = a x + b v; partial sums of (x_next - mu)^2 with x_next as stored.
+// y = b v + noise_scale eps, x_next = a x + y (= mu + noise_scale eps); partial sums of (y - b v)^2 with
+// y as stored, the value the loss reads back.
 template <typename T, int W>
 __global__ void __launch_bounds__(kTileThreads, kMinBlocksPerSm) sde_step_kernel(SdeArgs<T> p) {
   DIFFKERN_SHARED(float, scratch, kMaxWarps);
@@ -84,15 +85,17 @@ __global__ void __launch_bounds__(kTileThreads, kMinBlocksPerSm) sde_step_kernel
     float ss[1] = {0.0f};
     walk_tile<W>(s.row<W>(i), tile % s.n_tiles, s.n_tiles, in, 7u, [&](auto width, int64_t at, const auto& x) {
       constexpr int N = decltype(width)::value;
-      float mu[N], x_next[N];
+      float y[N], x_next[N];
 #pragma unroll
       for (int e = 0; e < N; ++e) {
-        mu[e] = k.a * x[0][e] + k.b * x[1][e];
-        x_next[e] = stored<T>(mu[e] + k.noise_scale * x[2][e]);
-        const float r = x_next[e] - mu[e];
+        const float bv = k.b * x[1][e];
+        y[e] = bv + k.noise_scale * x[2][e];
+        x_next[e] = k.a * x[0][e] + y[e];
+        y[e] = stored<T>(y[e]);
+        const float r = y[e] - bv;
         ss[0] += r * r;
       }
-      store_unit<N>(p.mu, at, mu);
+      store_unit<N>(p.y, at, y);
       store_unit<N>(p.x_next, at, x_next);
     });
     block_sum(ss, scratch);
@@ -106,12 +109,19 @@ DIFFKERN_DEVICE float velocity(const float (&x)[M][N], int e, bool cfg, float w)
   return cfg ? x[kVUncond][e] + w * (x[kV][e] - x[kVUncond][e]) : x[kV][e];
 }
 
+// x_next - mu as the loss reads it: (target - b v) - a x, the a x term only with x (grpo_math.h order).
+template <int M, int N>
+DIFFKERN_DEVICE float residual(const float (&x)[M][N], int e, const StepCoef<float>& k, float v, bool has_x) {
+  const float r = x[kTarget][e] - k.b * v;
+  return has_x ? r - k.a * x[kX][e] : r;
+}
+
 // Partial sums of (x_next - mu)^2 and (v - v_ref)^2.
 template <typename T, int W>
 __global__ void __launch_bounds__(kTileThreads, kMinBlocksPerSm) log_prob_fwd_kernel(FwdArgs<T> p) {
   DIFFKERN_SHARED(float, scratch, 2 * kMaxWarps);
   const Layout& s = p.a.s;
-  const bool cfg = p.a.present >> kVUncond & 1u, ref = p.a.present >> kVRef & 1u;
+  const bool cfg = p.a.present >> kVUncond & 1u, ref = p.a.present >> kVRef & 1u, has_x = p.a.present >> kX & 1u;
   const int64_t tiles = s.B * s.n_tiles;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t i = tile / s.n_tiles;
@@ -123,7 +133,7 @@ __global__ void __launch_bounds__(kTileThreads, kMinBlocksPerSm) log_prob_fwd_ke
 #pragma unroll
                    for (int e = 0; e < N; ++e) {
                      const float v = velocity(x, e, cfg, p.a.cfg_scale);
-                     const float r = x[kXNext][e] - (k.a * x[kX][e] + k.b * v), d = ref ? v - x[kVRef][e] : 0.0f;
+                     const float r = residual(x, e, k, v, has_x), d = ref ? v - x[kVRef][e] : 0.0f;
                      sums[0] += r * r;
                      sums[1] += d * d;
                    }
@@ -141,7 +151,7 @@ __global__ void __launch_bounds__(kTileThreads, kMinBlocksPerSm) log_prob_fwd_ke
 template <typename T, int W>
 __global__ void __launch_bounds__(kTileThreads, kMinBwdBlocksPerSm) log_prob_bwd_kernel(BwdArgs<T> p) {
   const Layout& s = p.a.s;
-  const bool cfg = p.a.present >> kVUncond & 1u, ref = p.a.present >> kVRef & 1u;
+  const bool cfg = p.a.present >> kVUncond & 1u, ref = p.a.present >> kVRef & 1u, has_x = p.a.present >> kX & 1u;
   const float w = cfg ? p.a.cfg_scale : 1.0f;
   for (int64_t tile = blockIdx.x; tile < s.B * s.n_tiles; tile += gridDim.x) {
     const int64_t i = tile / s.n_tiles;
@@ -155,8 +165,7 @@ __global__ void __launch_bounds__(kTileThreads, kMinBwdBlocksPerSm) log_prob_bwd
 #pragma unroll
                    for (int e = 0; e < N; ++e) {
                      const float v = velocity(x, e, cfg, p.a.cfg_scale);
-                     g[e] = k_lp * (x[kXNext][e] - (k.a * x[kX][e] + k.b * v)) +
-                            (ref ? k_kl * (v - x[kVRef][e]) : 0.0f);
+                     g[e] = k_lp * residual(x, e, k, v, has_x) + (ref ? k_kl * (v - x[kVRef][e]) : 0.0f);
                    }
                    store_unit<N>(p.dv, at, g, w);
                    if (cfg) store_unit<N>(p.dv_uncond, at, g, 1.0f - w);
@@ -228,11 +237,11 @@ const char* finalize(const Layout& s, const float* partial, float* log_prob, flo
 
 template <typename T>
 LogProbArgs<T> log_prob_args(const LogProbInputs& in, const Layout& s) {
-  const unsigned present = 1u << kV | 1u << kX | 1u << kXNext | (in.v_uncond ? 1u << kVUncond : 0u) |
+  const unsigned present = 1u << kV | 1u << kTarget | (in.x ? 1u << kX : 0u) | (in.v_uncond ? 1u << kVUncond : 0u) |
                            (in.v_ref ? 1u << kVRef : 0u);
   return {s,
           {latent(static_cast<const T*>(in.v), in.step, "v"), latent(static_cast<const T*>(in.v_uncond), in.step, "v_uncond"),
-           latent(static_cast<const T*>(in.x), in.step, "x"), latent(static_cast<const T*>(in.x_next), in.step, "x_next"),
+           latent(static_cast<const T*>(in.x), in.step, "x"), latent(static_cast<const T*>(in.target), in.step, "target"),
            latent(static_cast<const T*>(in.v_ref), in.step, "v_ref")},
           present, in.cfg_scale};
 }
@@ -263,7 +272,7 @@ const char* sde_step(const SdeStepParams& p) {
                           latent(static_cast<const T*>(p.v), p.step, "v"),
                           latent(static_cast<const T*>(p.eps), p.step, "eps"),
                           latent(static_cast<T*>(p.x_next), p.step, "x_next"),
-                          latent(static_cast<T*>(p.mu), p.step, "mu"),
+                          latent(static_cast<T*>(p.y), p.step, "y"),
                           global_ptr(p.partial, s.B * s.n_tiles, "partial")};
     return launch_kernel("sde_step_kernel", sde_step_kernel<T, decltype(width)::value>, dim3(grid_size(s)),
                          dim3(kTileThreads), 0, p.stream, args);

@@ -18,9 +18,9 @@ struct PerSample {
   bool is_double;
 };
 
-// The [B, D] latents' layout shared by every kernel. All latent tensors are contiguous with the same
-// address modulo 16 bytes (`congruent`), so one element index starts a 16-byte vector in all of them
-// or in none; `lead` is the first one's element offset modulo the vector width. Otherwise the
+// The [B, D] latents' layout shared by every kernel. All latent tensors are contiguous. When their
+// addresses agree modulo 16 bytes (`congruent`), one element index starts a 16-byte vector in all of
+// them or in none, and `lead` is their first element's offset modulo the vector width; otherwise the
 // kernels take scalar accesses only.
 struct Step {
   PerSample sigma, sigma_next;
@@ -39,16 +39,17 @@ int64_t tiles_per_sample(const Step& s);
 struct SdeStepParams {
   Step step;
   const void *x, *v, *eps;  // [B, D], dtype
-  void *x_next, *mu;        // [B, D], dtype
+  void *x_next, *y;         // [B, D], dtype
   float* partial;           // [B, tiles_per_sample] scratch
   float *log_prob, *inv_lambda;  // [B]
   void* stream;
 };
 
 // v is the trained velocity; with v_uncond (else nullptr) the guided one v_uncond + cfg_scale (v - v_uncond).
+// target is x_next with x, or the residual target y = x_next - a x without (x nullptr).
 struct LogProbInputs {
   Step step;
-  const void *v, *v_uncond, *x, *x_next, *v_ref;  // [B, D], dtype; v_uncond and v_ref may be nullptr
+  const void *v, *v_uncond, *x, *target, *v_ref;  // [B, D], dtype; x, v_uncond and v_ref may be nullptr
   float cfg_scale;
 };
 

@@ -21,21 +21,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flow_sde_step_cuda(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grpo_log_prob_cuda(
-    const at::Tensor& v, const at::Tensor& x, const at::Tensor& x_next, const at::Tensor& sigma,
+    const at::Tensor& v, const std::optional<at::Tensor>& x, const at::Tensor& target, const at::Tensor& sigma,
     const at::Tensor& sigma_next, const std::optional<at::Tensor>& v_ref, const std::optional<at::Tensor>& v_uncond,
     double cfg_scale, int64_t std_rule, double std_coef) {
-  const c10::cuda::OptionalCUDAGuard guard(x.device());
-  return log_prob_fwd_on(v, x, x_next, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule, std_coef,
+  const c10::cuda::OptionalCUDAGuard guard(v.device());
+  return log_prob_fwd_on(v, x, target, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule, std_coef,
                          current_stream());
 }
 
 std::vector<at::Tensor> grpo_log_prob_bwd_cuda(
-    const at::Tensor& dlog_prob, const at::Tensor& dkl, const at::Tensor& v, const at::Tensor& x,
-    const at::Tensor& x_next, const at::Tensor& sigma, const at::Tensor& sigma_next,
+    const at::Tensor& dlog_prob, const at::Tensor& dkl, const at::Tensor& v, const std::optional<at::Tensor>& x,
+    const at::Tensor& target, const at::Tensor& sigma, const at::Tensor& sigma_next,
     const std::optional<at::Tensor>& v_ref, const std::optional<at::Tensor>& v_uncond, double cfg_scale,
     int64_t std_rule, double std_coef) {
-  const c10::cuda::OptionalCUDAGuard guard(x.device());
-  return log_prob_bwd_on(dlog_prob, dkl, v, x, x_next, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule,
+  const c10::cuda::OptionalCUDAGuard guard(v.device());
+  return log_prob_bwd_on(dlog_prob, dkl, v, x, target, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule,
                          std_coef, current_stream());
 }
 

@@ -16,20 +16,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> step(const at::Tensor
   return sde_step_on(x, v, sigma, sigma_next, eps, std_rule, std_coef, nullptr);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& v, const at::Tensor& x, const at::Tensor& x_next,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& v, const std::optional<at::Tensor>& x, const at::Tensor& target,
                                                    const at::Tensor& sigma, const at::Tensor& sigma_next,
                                                    const std::optional<at::Tensor>& v_ref,
                                                    const std::optional<at::Tensor>& v_uncond, double cfg_scale,
                                                    int64_t std_rule, double std_coef) {
-  return log_prob_fwd_on(v, x, x_next, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule, std_coef, nullptr);
+  return log_prob_fwd_on(v, x, target, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule, std_coef, nullptr);
 }
 
 std::vector<at::Tensor> bwd(const at::Tensor& dlog_prob, const at::Tensor& dkl, const at::Tensor& v,
-                            const at::Tensor& x, const at::Tensor& x_next, const at::Tensor& sigma,
+                            const std::optional<at::Tensor>& x, const at::Tensor& target, const at::Tensor& sigma,
                             const at::Tensor& sigma_next, const std::optional<at::Tensor>& v_ref,
                             const std::optional<at::Tensor>& v_uncond, double cfg_scale, int64_t std_rule,
                             double std_coef) {
-  return log_prob_bwd_on(dlog_prob, dkl, v, x, x_next, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule,
+  return log_prob_bwd_on(dlog_prob, dkl, v, x, target, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule,
                          std_coef, nullptr);
 }
 
