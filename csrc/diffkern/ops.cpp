@@ -68,3 +68,21 @@ TORCH_LIBRARY_FRAGMENT(diffkern, m) {
       " Tensor sigma_next, Tensor? v_ref, Tensor? v_uncond, float cfg_scale, int std_rule, float std_coef)"
       " -> Tensor[]");
 }
+
+TORCH_LIBRARY_FRAGMENT(diffkern, m) {
+  m.set_python_module("diffkern.ntrk.op");
+  // NoiseTilt (specs/ntrk.md). The tilted reverse step, per sample i of [B, ...] latents:
+  //   x = mu + sigma_i (sqrt(rho_i) w + sqrt(1 - rho_i) eps)
+  // with eps the given tensor, or (eps = None) eps[n] = philox randn(seed, offset + n) for the flat
+  // element index n (csrc/include/diffkern/philox.h: Triton's tl.randn stream). sigma, rho: [B].
+  m.def("ntrk_step(Tensor mu, Tensor sigma, Tensor w, Tensor rho, Tensor? eps, int seed, int offset) -> Tensor x");
+  // Internal: the CUDA C++ kernel of ntrk_step, same signature and semantics (the `cuda` backend).
+  m.def(
+      "ntrk_step_cuda(Tensor mu, Tensor sigma, Tensor w, Tensor rho, Tensor? eps, int seed, int offset)"
+      " -> Tensor x");
+  // 2OS projection of each sample's N = M * D entries onto the Gaussian confidence set of the [M, D]
+  // band table: sort each tile of D, sort each rank across the M tiles, clip Z[r, j] to
+  // [lower[r, j], upper[r, j]], undo both sorts; repeated (at most max_passes clips) until every entry
+  // lies in its band. in_set: [B], the fraction of the output's entries inside their bands.
+  m.def("twoos_project(Tensor x, Tensor lower, Tensor upper, int max_passes) -> (Tensor out, Tensor in_set)");
+}
