@@ -14,5 +14,6 @@ def test_cuda_kernels_compile_for_sm80_and_sm90a_without_spills():
     kernels = {k for path in (nvcc.ROOT / "csrc" / "cuda").glob("*.cu") for k in nvcc.kernel_names(path)}
     assert {"route_fwd_kernel", "route_bwd_kernel", "route_reduce_kernel"} <= kernels
     assert {"sde_step_kernel", "log_prob_fwd_kernel", "log_prob_bwd_kernel", "finalize_kernel"} <= kernels
+    assert "ntrk_step_kernel" in kernels
     for line in nvcc.check_no_spills(kernels, reports):
         print(line)

@@ -191,39 +191,19 @@ __global__ void __launch_bounds__(kFinalThreads) finalize_kernel(FinalArgs p) {
   p.inv_lambda[i] = k.inv_lambda;
 }
 
-SampleScalar sample_scalar(const PerSample& x, const char* name) {
-  return {global_ptr(static_cast<const float*>(x.is_double ? nullptr : x.data), x.is_double ? 0 : x.extent, name),
-          global_ptr(static_cast<const double*>(x.is_double ? x.data : nullptr), x.is_double ? x.extent : 0, name),
-          x.stride, x.is_double};
-}
-
 Layout layout(const Step& s) {
   return {sample_scalar(s.sigma, "sigma"), sample_scalar(s.sigma_next, "sigma_next"), s.std_rule, s.std_coef,
-          s.B, s.D, tiles_per_sample(s), s.lead};
+          s.lat.B, s.lat.D, tiles_per_sample(s), s.lat.lead};
 }
 
 template <typename T>
 gptr<T> latent(T* p, const Step& s, const char* name) {
-  return global_ptr(p, p == nullptr ? 0 : s.B * s.D, name);
+  return global_ptr(p, p == nullptr ? 0 : s.lat.B * s.lat.D, name);
 }
 
 unsigned grid_size(const Layout& s) {
   const int64_t tiles = s.B * s.n_tiles, cap = int64_t(kBlocksPerSm) * sm_count();
   return unsigned(tiles < cap ? tiles : cap);
-}
-
-// Calls f(T{}, Width<W>{}) for the latents' storage type and access width (vectors if the layout allows).
-template <typename F>
-const char* dispatch(const Step& s, const F& f) {
-  auto with_width = [&](auto t) {
-    using T = decltype(t);
-    return s.congruent ? f(t, Width<kVec<T>>{}) : f(t, Width<1>{});
-  };
-  switch (s.dtype) {
-    case DType::kFloat16: return with_width(__half{});
-    case DType::kBFloat16: return with_width(__nv_bfloat16{});
-    default: return with_width(float{});
-  }
 }
 
 const char* finalize(const Layout& s, const float* partial, float* log_prob, float* kl, float* inv_lambda,
@@ -248,24 +228,12 @@ LogProbArgs<T> log_prob_args(const LogProbInputs& in, const Layout& s) {
 
 }  // namespace
 
-int64_t tiles_per_sample(const Step& s) { return s.D <= kTileElems ? 1 : (s.D + kTileElems - 1) / kTileElems; }
-
-int sm_count() {
-#ifdef __CUDACC__
-  int device = 0, count = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-    return 1;
-  return count;
-#else
-  return 1;  // one modeled SM: blocks then walk several tiles each
-#endif
-}
+int64_t tiles_per_sample(const Step& s) { return tiles_of(s.lat.D); }
 
 const char* sde_step(const SdeStepParams& p) {
   const Layout s = layout(p.step);
   if (s.B == 0) return nullptr;
-  const char* err = dispatch(p.step, [&](auto t, auto width) {
+  const char* err = dispatch(p.step.lat, [&](auto t, auto width) {
     using T = decltype(t);
     const SdeArgs<T> args{s,
                           latent(static_cast<const T*>(p.x), p.step, "x"),
@@ -283,7 +251,7 @@ const char* sde_step(const SdeStepParams& p) {
 const char* log_prob_fwd(const LogProbFwdParams& p) {
   const Layout s = layout(p.in.step);
   if (s.B == 0) return nullptr;
-  const char* err = dispatch(p.in.step, [&](auto t, auto width) {
+  const char* err = dispatch(p.in.step.lat, [&](auto t, auto width) {
     using T = decltype(t);
     const FwdArgs<T> args{log_prob_args<T>(p.in, s), global_ptr(p.partial, 2 * s.B * s.n_tiles, "partial")};
     return launch_kernel("log_prob_fwd_kernel", log_prob_fwd_kernel<T, decltype(width)::value>, dim3(grid_size(s)),
@@ -295,7 +263,7 @@ const char* log_prob_fwd(const LogProbFwdParams& p) {
 const char* log_prob_bwd(const LogProbBwdParams& p) {
   const Layout s = layout(p.in.step);
   if (s.B == 0) return nullptr;
-  return dispatch(p.in.step, [&](auto t, auto width) {
+  return dispatch(p.in.step.lat, [&](auto t, auto width) {
     using T = decltype(t);
     const BwdArgs<T> args{log_prob_args<T>(p.in, s), global_ptr(p.dlog_prob, s.B, "dlog_prob"),
                           global_ptr(p.dkl, s.B, "dkl"), latent(static_cast<T*>(p.dv), p.in.step, "dv"),

@@ -6,34 +6,24 @@
 
 #include <stdint.h>
 
+#include "latents.h"
+
 namespace diffkern::grpo::cuda {
 
-enum class DType : int32_t { kFloat32, kFloat16, kBFloat16 };
+using diffkern::cuda::DType;
+using diffkern::cuda::Latents;
+using diffkern::cuda::PerSample;
 
-// A [B] float32 or float64 tensor of per-sample scalars (sigma, sigma_next), read in place: element i
-// at data + i * stride (views such as a whole batch expanded from one step are common).
-struct PerSample {
-  const void* data;
-  int64_t extent, stride;
-  bool is_double;
-};
-
-// The [B, D] latents' layout shared by every kernel. All latent tensors are contiguous. When their
-// addresses agree modulo 16 bytes (`congruent`), one element index starts a 16-byte vector in all of
-// them or in none, and `lead` is their first element's offset modulo the vector width; otherwise the
-// kernels take scalar accesses only.
+// One step sigma -> sigma_next per sample (grpo_math.h) over the latents.
 struct Step {
   PerSample sigma, sigma_next;
   int std_rule;
   float std_coef;
-  DType dtype;
-  int64_t B, D;
-  bool congruent;
-  int lead;
+  Latents lat;
 };
 
-// Each block reduces tiles of kTileThreads * kUnitsPerThread vectors of one sample (fixed, so results
-// do not depend on the device) and leaves one float32 partial sum per tile and reduction.
+// A reducing kernel leaves one float32 partial sum per tile of 2048 elements of a sample and reduction
+// (a fixed size, so results do not depend on the device).
 int64_t tiles_per_sample(const Step& s);
 
 struct SdeStepParams {
@@ -66,9 +56,6 @@ struct LogProbBwdParams {
   void *dv, *dv_uncond;          // [B, D], dtype; dv_uncond only with v_uncond
   void* stream;
 };
-
-// The multiprocessor count of the current device (the harness models one).
-int sm_count();
 
 // Each returns nullptr, or the description of a launch error.
 const char* sde_step(const SdeStepParams& p);

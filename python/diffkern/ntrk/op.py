@@ -92,7 +92,7 @@ def _triton_backend(launch, op: str):
 
 
 _registry.register(STEP_OP, check_step, triton=_triton_backend(triton_kernels.ntrk_step, STEP_OP),
-                   reference=reference.ntrk_step)
+                   cuda=torch.ops.diffkern.ntrk_step_cuda, reference=reference.ntrk_step)
 _registry.register(PROJECT_OP, check_project, triton=_triton_backend(triton_kernels.twoos_project, PROJECT_OP),
                    reference=reference.twoos_project)
 
