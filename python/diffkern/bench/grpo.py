@@ -97,6 +97,8 @@ def _workload(residual: bool) -> Workload:
         min_bytes=_min_bytes,
         aot_specs=aot_specs,
         spec_used=spec_used,
+        cuda_sources=("grpo.cu",),
+        cuda_warps="8 (finalize: 4)",
         bars=(
             Bar("fused fwd+bwd traffic <= 1.3x minimum", "traffic", "diffkern_over_min", "<=", 1.3, (STEP,)),
             Bar("eager/diffkern traffic >= 3x", "traffic", "eager_over_diffkern", ">=", 3.0, (STEP,)),
