@@ -176,17 +176,4 @@ const char* dispatch(const Latents& l, const F& f) {
   }
 }
 
-// The multiprocessor count of the current device (the harness models one), for persistent grids.
-inline int sm_count() {
-#ifdef __CUDACC__
-  int device = 0, count = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-    return 1;
-  return count;
-#else
-  return 1;  // one modeled SM: blocks then walk several tiles each
-#endif
-}
-
 }  // namespace diffkern::cuda
