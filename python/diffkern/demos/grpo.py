@@ -79,11 +79,10 @@ def reward(x0: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rollout(model, c, k, generator):
-    """Samples of classes c with the SDE at step k[i] for sample i (ODE elsewhere); returns the final
-    samples and what training needs of the SDE step: x_k, y, log p, sigma_k, sigma_k+1."""
+def rollout(model, c, k, x, generator):
+    """Samples of classes c from initial noise x with the SDE at step k[i] for sample i (ODE elsewhere);
+    returns the final samples and what training needs of the SDE step: x_k, y, log p, sigma_k, sigma_k+1."""
     sig = flow_sigmas(STEPS, 3.0, torch.float32)
-    x = torch.randn(c.shape[0], 2, generator=generator)
     stored = {}
     for i in range(STEPS):
         sigma, sigma_next = sig[i].expand(c.shape[0]), sig[i + 1].expand(c.shape[0])
@@ -120,7 +119,8 @@ def grpo(base: Velocity, variant: str, updates: int, prompts: int, group: int, l
             k = sampler.sample(ids)
         else:
             k = torch.tensor(list(WINDOW))[torch.randint(len(WINDOW), ids.shape, generator=g_naive)]
-        x0, (x_k, y, log_prob_old, sigma, sigma_next) = rollout(model, prompt, k, g)
+        x_init = torch.randn(prompts * group, 2, generator=g)
+        x0, (x_k, y, log_prob_old, sigma, sigma_next) = rollout(model, prompt, k, x_init, g)
         r = reward(x0, prompt)
         curve.append(r.mean().item())
         v = model(x_k, sigma, prompt)
