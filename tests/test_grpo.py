@@ -278,3 +278,19 @@ def test_residual_target_is_more_exact_than_the_pair_in_bfloat16():
     err_pair = (dv(bf16(x), bf16(x_next)) - exact).norm(dim=1) / exact.norm(dim=1)
     err_y = (dv(None, bf16(y)) - exact).norm(dim=1) / exact.norm(dim=1)
     assert (err_y * 5 < err_pair).all(), (err_y, err_pair)
+
+
+def test_module_equals_the_op_with_advantages_from_rewards():
+    """diffkern.nn.FlashGRPOLoss(rewards, prompt_ids) = grpo_iso_loss(advantages(rewards, prompt_ids))."""
+    from diffkern.grpo import advantages
+    from diffkern.nn import FlashGRPOLoss
+    kw, options = loss_case("cpu", torch.float32, "y+cfg+ref")
+    rewards, ids = torch.tensor([0.1, 0.9, 0.4, 2.0, -1.0, 0.3]), torch.tensor([7, 7, 7, 3, 3, 3])
+    module = FlashGRPOLoss(beta=options["beta"])
+    step = dict(y=kw["y"], v_ref=kw["v_ref"], v_uncond=kw["v_uncond"], cfg_scale=kw["cfg_scale"])
+    loss, stats = module(kw["v"], kw["sigma"], kw["sigma_next"], kw["log_prob_old"], rewards, ids, **step)
+    expected, _ = diffkern.grpo_iso_loss(**(kw | dict(advantages=advantages(rewards, ids))), **options)
+    assert torch.equal(loss, expected)
+    torch.testing.assert_close(stats["advantages"], advantages(rewards, ids))
+    with pytest.raises(ValueError, match="give rewards and prompt_ids, or advantages"):
+        module(kw["v"], kw["sigma"], kw["sigma_next"], kw["log_prob_old"], rewards, **step)

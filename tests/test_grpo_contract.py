@@ -128,25 +128,27 @@ def test_empty_batch_gives_zero_loss_and_empty_gradients(backend):
     assert loss.item() == 0 and dv.shape == (0, 5)
 
 
-@pytest.mark.parametrize("variant", ("plain", "cfg+ref"))
+@pytest.mark.parametrize("variant", ("plain", "cfg+ref", "y+cfg+ref"))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend, variant):
     kw = make_loss_inputs((2, 3, 40), torch.float32, variant, device=device_for(backend))
     args = op_args(kw)
+    x = torch.randn_like(kw["v"])
     with forced(backend):
         torch.library.opcheck(torch.ops.diffkern.flow_sde_step.default,
-                              (kw["x"], kw["v"], kw["sigma"], kw["sigma_next"], torch.randn_like(kw["x"]), 1, 0.7))
+                              (x, kw["v"], kw["sigma"], kw["sigma_next"], torch.randn_like(x), 1, 0.7))
         torch.library.opcheck(torch.ops.diffkern.grpo_log_prob.default, (args[0].requires_grad_(), *args[1:]))
         torch.library.opcheck(torch.ops.diffkern.grpo_log_prob_bwd.default,
                               (torch.randn(2), torch.randn(2), args[0].detach(), *args[1:]))
 
 
+@pytest.mark.parametrize("variant", ("cfg+ref", "y+cfg+ref"))
 @pytest.mark.parametrize("dynamic", (False, True))
 @pytest.mark.parametrize("compiler", ("aot_eager", "inductor"))
 @pytest.mark.parametrize("backend", ("cpu", "triton"))
-def test_torch_compile_fullgraph_forward_and_backward(backend, compiler, dynamic):
+def test_torch_compile_fullgraph_forward_and_backward(backend, compiler, dynamic, variant):
     torch._dynamo.reset()
-    kw = make_loss_inputs((3, 2, 40), torch.float32, "cfg+ref", device=device_for(backend))
+    kw = make_loss_inputs((3, 2, 40), torch.float32, variant, device=device_for(backend))
     kw |= dict(log_prob_old=torch.tensor([0.5, 0.4, 0.6], device=kw["v"].device),
                advantages=torch.tensor([1.0, -1.0, 0.5], device=kw["v"].device))
     leaves = [kw["v"].requires_grad_(), kw["v_uncond"].requires_grad_()]

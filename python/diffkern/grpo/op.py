@@ -214,7 +214,7 @@ def _target(x, x_next, y):
 def grpo_iso_loss(v, x=None, x_next=None, sigma=None, sigma_next=None, log_prob_old=None, advantages=None,
                   clip_eps: float = 1e-3, tgr: bool = True, beta: float = 0.0, v_ref=None,
                   cfg_scale: float | None = None, v_uncond=None, std_rule: str = "wan", std_coef: float | None = None,
-                  *, y=None):
+                  *, y=None, group=None):
     """Flow-GRPO's one-step PPO loss with TGR weights, recomputing log p from the velocity (specs/grpo.md).
 
         r_i = exp(log p_theta(x_next_i | x_i) - log_prob_old_i),   w_i = (1/lambda_i) / mean(1/lambda)  (1 without tgr)
@@ -238,8 +238,8 @@ def grpo_iso_loss(v, x=None, x_next=None, sigma=None, sigma_next=None, log_prob_
         Traffic per step without CFG or KL, in passes over B x D: y form 2 reads + (2 reads, 1 write) = 5;
         pair form 3 + (3, 1) = 7.
     Backends: C++ (CPU tensors), Triton (CUDA tensors), reference; see `diffkern.backend`. The TGR mean is
-        over the global batch: every rank's samples when torch.distributed is initialised (an all-reduce of
-        two numbers), else this batch.
+        over the global batch: every rank's samples of `group` (default: the default group) when
+        torch.distributed is initialised (an all-reduce of two numbers), else this batch.
     """
     rule, coef = _rule(LOSS_OP, std_rule, std_coef)
     x, target = _target(x, x_next, y)
@@ -260,5 +260,5 @@ def grpo_iso_loss(v, x=None, x_next=None, sigma=None, sigma_next=None, log_prob_
         log_prob, kl, inv_lambda = torch.ops.diffkern.grpo_log_prob(v, x, target, sigma, sigma_next,
                                                                     v_ref if beta > 0 else None, v_uncond, w, rule,
                                                                     coef)
-        weights = inv_lambda / distributed.global_mean(inv_lambda) if tgr else torch.ones_like(log_prob)
+        weights = inv_lambda / distributed.global_mean(inv_lambda, group) if tgr else torch.ones_like(log_prob)
         return reference.ppo_loss(log_prob, kl, log_prob_old, advantages, weights, clip_eps, beta)
