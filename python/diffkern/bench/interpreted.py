@@ -24,6 +24,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from .workload import BWD, FWD, Workload, grad_leaves, registered, requiring_grad
 
@@ -78,6 +79,12 @@ def _count(fn):
     return out, _flat(mon, glue.traffic)
 
 
+# Elements of the tensors among a case's arguments above which its CUDA kernels are not run in the
+# harness, which moves ~0.5M elements a second on one core: the full DAR n=57 case (134M) is skipped;
+# n=18 (42M) and Flow-GRPO (17M in v, a few times that in its rollout) take minutes each.
+HARNESS_MAX_ELEMENTS = 2**26
+
+
 def _count_cuda(fn):
     """The cuda backend's kernels run in the host harness: distinct global bytes per launch (its model)."""
     from diffkern.testing import cuda_harness
@@ -107,6 +114,11 @@ def count_case(workload: Workload, case, dtype: torch.dtype) -> dict:
     result = {"case": case.name, "tokens": case.tokens, "counts": _passes(workload, case, dtype, "triton", _count)}
     result["interpreter_seconds"] = time.perf_counter() - start_s
     if workload.cuda_sources:
+        elements = sum(t.numel() for t in tree_leaves(workload.make_args(case, dtype, "meta"))
+                       if isinstance(t, torch.Tensor))
+        if elements > HARNESS_MAX_ELEMENTS:
+            result["cuda_skipped"] = f"{elements} input elements: beyond the harness's {HARNESS_MAX_ELEMENTS}"
+            return result
         from diffkern.testing import cuda_harness
         cuda_harness.load()
         start_s = time.perf_counter()
