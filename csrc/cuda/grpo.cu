@@ -1,14 +1,15 @@
 // CUDA kernels of Flow-GRPO (specs/grpo.md), torch-free: nvcc builds them for the GPU and the CPU
 // tests run this very file in the host-execution harness (csrc/include/diffkern/cuda_compat.h).
 //
-// Layout (grpo_tiles.cuh): a persistent grid walks (sample, tile) pairs; a reducing kernel leaves one
-// float32 partial sum per tile, and finalize_kernel adds each sample's partials in tile order (no
-// atomics: the same bits at every run) and does the per-sample math of grpo_math.h, which the C++
-// CPU kernel shares. All math is float32; offsets are 64-bit.
+// Layout (latent_tiles.cuh, grpo_tiles.cuh): a persistent grid walks (sample, tile) pairs; a reducing
+// kernel leaves one float32 partial sum per tile, and finalize_kernel adds each sample's partials in
+// tile order (no atomics: the same bits at every run) and does the per-sample math of grpo_math.h,
+// which the C++ CPU kernel shares. All math is float32; offsets are 64-bit.
 //
 // Traffic, in elements of B*D: sde_step_kernel reads x, v, eps and writes x_next, y (5);
 // log_prob_fwd_kernel reads v, target (+ x, + v_uncond, + v_ref) (2-5); log_prob_bwd_kernel reads the
-// same and writes dv (+ dv_uncond) (3-7). The residual-target form (target = y, no x) is the lean one. The partial sums add 4 bytes per tile (B*D / 2048 tiles).
+// same and writes dv (+ dv_uncond) (3-7); the residual-target form (target = y, no x) is the lean one.
+// The partial sums add 4 bytes per tile of 2048 elements and sum (tests/test_cuda_traffic.py).
 #include "grpo.h"
 
 #include "diffkern/cuda_compat.h"

@@ -17,9 +17,9 @@
 namespace diffkern::cuda {
 
 constexpr unsigned kFullMask = 0xffffffffu;
-// 256 threads and 8 elements each per tile: 32 bytes of every float32 input (two 16-byte loads), 16 of
-// every 16-bit one (8 elements widen to as many float registers as 4 float32 pairs). Each thread issues
-// all its loads of a tile before using any; the [B, tiles] partial sums are 1/2048 of the latents.
+// 256 threads and 8 elements each per tile: two 16-byte loads of every float32 input, one of every
+// 16-bit input (either way 8 floats a thread and input once widened). Each thread issues all its loads
+// of a tile before using any; the [B, tiles] partial sums are 1/2048 of the latents.
 constexpr int kTileThreads = 256;
 constexpr int64_t kTileElems = 2048;
 constexpr int kMaxWarps = kTileThreads / 32;
