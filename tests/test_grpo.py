@@ -14,7 +14,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # (B, *latent): one element, odd D, D just above a Triton tile (1024), a video-like [C, F, H, W]
 # latent, and D just above a C++ chunk (16384).
 SHAPES = ((1, 1), (2, 7), (3, 1025), (2, 3, 5, 67), (2, 16385))
-VARIANTS = ("plain", "cfg", "ref", "cfg+ref")
+# "y": the stored step as the residual target y = x_next - a x (no x, x_next), the loss's 2-read form.
+VARIANTS = ("plain", "cfg", "ref", "cfg+ref", "y", "y+cfg+ref")
 RULES = ("wan", "sd3")
 SIGMAS = reference.flow_sigmas()
 STEPS = (0, 9, 4, 1)  # samples of one batch sit at different steps
@@ -37,12 +38,14 @@ def make_step(shape, dtype, seed=0, device="cpu"):
 
 
 def make_loss_inputs(shape, dtype, variant, seed=0, device="cpu"):
-    """Keyword arguments of grpo_iso_loss minus the per-sample log_prob_old/advantages."""
+    """Keyword arguments of grpo_iso_loss minus the per-sample log_prob_old/advantages: the stored step
+    as x and x_next, or as y alone for the "y" variants."""
     x, v, sigma, sigma_next, noise = make_step(shape, dtype, seed, device)
     g = torch.Generator().manual_seed(seed + 1)
-    x_next = reference.flow_sde_step(x, v, sigma, sigma_next, noise, 0, reference.WAN_STD_COEF)[0]
+    x_next, y, _, _ = reference.flow_sde_step(x, v, sigma, sigma_next, noise, 0, reference.WAN_STD_COEF)
     other = lambda scale: (v.float().cpu() + scale * torch.randn(shape, generator=g)).to(device, dtype)  # noqa: E731
-    return dict(v=other(0.05), x=x, x_next=x_next, sigma=sigma, sigma_next=sigma_next,
+    step = dict(y=y) if variant.startswith("y") else dict(x=x, x_next=x_next)
+    return dict(v=other(0.05), sigma=sigma, sigma_next=sigma_next, **step,
                 v_ref=other(0.1) if "ref" in variant else None,
                 v_uncond=other(0.5) if "cfg" in variant else None,
                 cfg_scale=4.5 if "cfg" in variant else None)
@@ -50,8 +53,8 @@ def make_loss_inputs(shape, dtype, variant, seed=0, device="cpu"):
 
 def op_args(kw):
     """Positional arguments of diffkern::grpo_log_prob for the keyword arguments above."""
-    return (kw["v"], kw["x"], kw["x_next"], kw["sigma"], kw["sigma_next"], kw["v_ref"], kw["v_uncond"],
-            1.0 if kw["cfg_scale"] is None else kw["cfg_scale"], 0, reference.WAN_STD_COEF)
+    return (kw["v"], kw.get("x"), kw["y"] if "y" in kw else kw["x_next"], kw["sigma"], kw["sigma_next"], kw["v_ref"],
+            kw["v_uncond"], 1.0 if kw["cfg_scale"] is None else kw["cfg_scale"], 0, reference.WAN_STD_COEF)
 
 
 def on_cpu(args, dtype=None):
@@ -77,16 +80,16 @@ def test_inv_lambda_of_the_wan_schedule_matches_the_spec(backend):
 def test_sde_step_matches_float64_reference(backend, dtype, shape, rule):
     x, v, sigma, sigma_next, noise = make_step(shape, dtype, device=device_for(backend))
     with forced(backend):
-        x_next, mu, log_prob, inv_lambda = diffkern.flow_sde_step(x, v, sigma, sigma_next, eps=noise, std_rule=rule)
+        x_next, y, log_prob, inv_lambda = diffkern.flow_sde_step(x, v, sigma, sigma_next, eps=noise, std_rule=rule)
     coef = reference.default_std_coef(rule)
     args = (x, v, sigma, sigma_next, noise, reference.STD_RULES[rule], coef)
     oracle = reference.flow_sde_step(*on_cpu(args, torch.float64))
     plain = reference.flow_sde_step(*on_cpu(args))
-    for name, out, ref, low in zip(("x_next", "mu", "inv_lambda"), (x_next, mu, inv_lambda),
+    for name, out, ref, low in zip(("x_next", "y", "inv_lambda"), (x_next, y, inv_lambda),
                                    oracle[:2] + oracle[3:], plain[:2] + plain[3:]):
         assert_close_to_oracle(out, ref, low, name)
-    # log_prob is of x_next as the kernel stored it
-    stored = (v, x, x_next, sigma, sigma_next, None, None, 1.0, reference.STD_RULES[rule], coef)
+    # log_prob is of y as the kernel stored it
+    stored = (v, None, y, sigma, sigma_next, None, None, 1.0, reference.STD_RULES[rule], coef)
     assert_close_to_oracle(log_prob, reference.log_prob(*on_cpu(stored, torch.float64))[0],
                            reference.log_prob(*on_cpu(stored, torch.float32))[0], "log_prob")
 
@@ -128,11 +131,13 @@ def test_backward_formulas_match_autograd(variant):
     kw = make_loss_inputs((3, 11), torch.float64, variant)
     args = list(op_args(kw))
     leaves = [args[0].requires_grad_()] + ([args[6].requires_grad_()] if kw["v_uncond"] is not None else [])
+    assert (args[1] is None) == variant.startswith("y")
     g = torch.Generator().manual_seed(2)
     dlog_prob, dkl = torch.randn(3, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
     log_prob, kl, _ = reference.log_prob(*args)
     auto = torch.autograd.grad((log_prob * dlog_prob + kl * dkl).sum(), leaves)
     formulas = reference.log_prob_bwd(dlog_prob, dkl, *[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+    assert len(formulas) == len(auto)
     for grad, ref in zip(formulas, auto):
         torch.testing.assert_close(grad, ref, rtol=1e-10, atol=1e-12)
 
@@ -149,8 +154,8 @@ def loss_case(backend, dtype, variant, tgr=True, beta=0.1):
     if kw["v_uncond"] is not None:
         kw["v_uncond"].requires_grad_()
     log_prob = reference.log_prob(*on_cpu(op_args(kw), torch.float64))[0]
-    kw["log_prob_old"] = (log_prob - torch.tensor(DELTAS, dtype=torch.float64)).to(kw["x"].device, torch.float32)
-    kw["advantages"] = torch.tensor(ADVANTAGES, device=kw["x"].device)
+    kw["log_prob_old"] = (log_prob - torch.tensor(DELTAS, dtype=torch.float64)).to(kw["v"].device, torch.float32)
+    kw["advantages"] = torch.tensor(ADVANTAGES, device=kw["v"].device)
     return kw, dict(tgr=tgr, beta=beta if "ref" in variant else 0.0)
 
 
@@ -195,11 +200,16 @@ def test_on_policy_loss_with_unit_advantages_is_minus_one(backend):
     """Ratio 1 (log_prob_old from the rollout step itself) and A = 1: loss = -mean(weights) = -1."""
     x, v, sigma, sigma_next, noise = make_step((4, 300), torch.float32, device=device_for(backend))
     with forced(backend):
-        x_next, _, log_prob_old, _ = diffkern.flow_sde_step(x, v, sigma, sigma_next, eps=noise)
-        loss, stats = diffkern.grpo_iso_loss(v, x, x_next, sigma, sigma_next, log_prob_old, torch.ones_like(sigma))
-    assert loss.item() == pytest.approx(-1.0, abs=1e-5)
-    assert stats["weights"].mean().item() == pytest.approx(1.0, abs=1e-6)
-    assert stats["clip_fraction"].item() == 0 and stats["approx_kl"].item() < 1e-10
+        x_next, y, log_prob_old, _ = diffkern.flow_sde_step(x, v, sigma, sigma_next, eps=noise)
+        pair = diffkern.grpo_iso_loss(v, x, x_next, sigma, sigma_next, log_prob_old, torch.ones_like(sigma))
+        residual = diffkern.grpo_iso_loss(v, sigma=sigma, sigma_next=sigma_next, log_prob_old=log_prob_old,
+                                          advantages=torch.ones_like(sigma), y=y)
+    for loss, stats in (pair, residual):
+        assert loss.item() == pytest.approx(-1.0, abs=1e-5)
+        assert stats["weights"].mean().item() == pytest.approx(1.0, abs=1e-6)
+        assert stats["clip_fraction"].item() == 0 and stats["approx_kl"].item() < 1e-10
+    # y as stored is what log_prob_old was taken of: the residual form is on-policy to the last bit of the sum
+    assert residual[1]["approx_kl"].item() < 1e-12
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -248,3 +258,39 @@ def test_sigma_views_are_read_as_views(backend, layout):
         views = diffkern.flow_sde_step(x, v, view(sigma), view(sigma_next), eps=noise)
     for a, b in zip(dense, views):
         torch.testing.assert_close(a, b)
+
+
+def test_residual_target_is_more_exact_than_the_pair_in_bfloat16():
+    """Stored in bfloat16, y = x_next - a x gives a ~10x more exact gradient than x and x_next (whose
+    difference cancels O(1) values): the reason the y form is recommended, not only its traffic."""
+    x, v, sigma, sigma_next, noise = make_step((10, 4000), torch.float64)
+    steps = torch.arange(10)
+    sigma, sigma_next = SIGMAS[steps], SIGMAS[steps + 1]
+    x_next, y, _, _ = reference.flow_sde_step(x, v, sigma, sigma_next, noise, 0, reference.WAN_STD_COEF)
+    v_train = v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(9), dtype=v.dtype)
+    ones, zeros = torch.ones(10, dtype=torch.float64), torch.zeros(10, dtype=torch.float64)
+
+    def dv(x, target):
+        return reference.log_prob_bwd(ones, zeros, v_train, x, target, sigma, sigma_next, None, None, 1.0, 0,
+                                      reference.WAN_STD_COEF)[0]
+    bf16 = lambda t: t.to(torch.bfloat16).double()  # noqa: E731
+    exact = dv(x, x_next)
+    err_pair = (dv(bf16(x), bf16(x_next)) - exact).norm(dim=1) / exact.norm(dim=1)
+    err_y = (dv(None, bf16(y)) - exact).norm(dim=1) / exact.norm(dim=1)
+    assert (err_y * 5 < err_pair).all(), (err_y, err_pair)
+
+
+def test_module_equals_the_op_with_advantages_from_rewards():
+    """diffkern.nn.FlashGRPOLoss(rewards, prompt_ids) = grpo_iso_loss(advantages(rewards, prompt_ids))."""
+    from diffkern.grpo import advantages
+    from diffkern.nn import FlashGRPOLoss
+    kw, options = loss_case("cpu", torch.float32, "y+cfg+ref")
+    rewards, ids = torch.tensor([0.1, 0.9, 0.4, 2.0, -1.0, 0.3]), torch.tensor([7, 7, 7, 3, 3, 3])
+    module = FlashGRPOLoss(beta=options["beta"])
+    step = dict(y=kw["y"], v_ref=kw["v_ref"], v_uncond=kw["v_uncond"], cfg_scale=kw["cfg_scale"])
+    loss, stats = module(kw["v"], kw["sigma"], kw["sigma_next"], kw["log_prob_old"], rewards, ids, **step)
+    expected, _ = diffkern.grpo_iso_loss(**(kw | dict(advantages=advantages(rewards, ids))), **options)
+    assert torch.equal(loss, expected)
+    torch.testing.assert_close(stats["advantages"], advantages(rewards, ids))
+    with pytest.raises(ValueError, match="give rewards and prompt_ids, or advantages"):
+        module(kw["v"], kw["sigma"], kw["sigma_next"], kw["log_prob_old"], rewards, **step)

@@ -47,8 +47,15 @@ BAD_STEP = {
     "std_rule": (lambda device: step_args(device) | dict(std_rule="ddim"), r"std_rule must be 'wan' or 'sd3'"),
 }
 BAD_LOSS = {
-    "x_next shape": (edit(loss_args, x_next=lambda a: a["x_next"][:1]), r"x_next has shape \[1, 3, 8\]"),
-    "v_ref dtype": (edit(loss_args, v_ref=lambda a: a["v_ref"].half()), r"v_ref dtype float16 differs"),
+    "x_next shape": (edit(loss_args, x_next=lambda a: a["x_next"][:1]), r"target has shape \[1, 3, 8\] but v has shape"),
+    "x dtype": (edit(loss_args, x=lambda a: a["x"].double()), r"x dtype float64 differs from v dtype float32"),
+    "y and x": (edit(loss_args, y=lambda a: a["x_next"]), r"give the stored step either as x and x_next, or as y"),
+    "no step": (edit(loss_args, x=lambda a: None), r"give the stored step either as x and x_next, or as y"),
+    "y strided": (edit(loss_args, x=lambda a: None, x_next=lambda a: None,
+                       y=lambda a: a["x_next"].transpose(1, 2).contiguous().transpose(1, 2)),
+                  r"target must be contiguous"),
+    "v_ref dtype": (edit(loss_args, v_ref=lambda a: a["v_ref"].half(), beta=lambda a: 0.1),
+                    r"v_ref dtype float16 differs"),
     "v_uncond strided": (edit(loss_args, v_uncond=lambda a: a["v_uncond"].transpose(1, 2).contiguous().transpose(1, 2)),
                          r"v_uncond must be contiguous"),
     "cfg without v_uncond": (edit(loss_args, v_uncond=lambda a: None), r"cfg_scale and v_uncond go together"),
@@ -112,36 +119,38 @@ def test_nan_in_one_sample_stays_in_that_sample(backend):
 def test_empty_batch_gives_zero_loss_and_empty_gradients(backend):
     kw = make_loss_inputs((0, 5), torch.float32, "cfg+ref", device=device_for(backend))
     kw["v"].requires_grad_()
-    empty = torch.zeros(0, device=kw["x"].device)
+    empty = torch.zeros(0, device=kw["v"].device)
     with forced(backend):
-        x_next, mu, log_prob, inv_lambda = diffkern.flow_sde_step(kw["x"], kw["v"], kw["sigma"], kw["sigma_next"])
+        x_next, y, log_prob, inv_lambda = diffkern.flow_sde_step(kw["x"], kw["v"], kw["sigma"], kw["sigma_next"])
         loss, stats = diffkern.grpo_iso_loss(**kw, log_prob_old=empty, advantages=empty)
         (dv,) = torch.autograd.grad(loss, kw["v"])
-    assert x_next.shape == mu.shape == (0, 5) and log_prob.shape == inv_lambda.shape == (0,)
+    assert x_next.shape == y.shape == (0, 5) and log_prob.shape == inv_lambda.shape == (0,)
     assert loss.item() == 0 and dv.shape == (0, 5)
 
 
-@pytest.mark.parametrize("variant", ("plain", "cfg+ref"))
+@pytest.mark.parametrize("variant", ("plain", "cfg+ref", "y+cfg+ref"))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend, variant):
     kw = make_loss_inputs((2, 3, 40), torch.float32, variant, device=device_for(backend))
     args = op_args(kw)
+    x = torch.randn_like(kw["v"])
     with forced(backend):
         torch.library.opcheck(torch.ops.diffkern.flow_sde_step.default,
-                              (kw["x"], kw["v"], kw["sigma"], kw["sigma_next"], torch.randn_like(kw["x"]), 1, 0.7))
+                              (x, kw["v"], kw["sigma"], kw["sigma_next"], torch.randn_like(x), 1, 0.7))
         torch.library.opcheck(torch.ops.diffkern.grpo_log_prob.default, (args[0].requires_grad_(), *args[1:]))
         torch.library.opcheck(torch.ops.diffkern.grpo_log_prob_bwd.default,
                               (torch.randn(2), torch.randn(2), args[0].detach(), *args[1:]))
 
 
+@pytest.mark.parametrize("variant", ("cfg+ref", "y+cfg+ref"))
 @pytest.mark.parametrize("dynamic", (False, True))
 @pytest.mark.parametrize("compiler", ("aot_eager", "inductor"))
 @pytest.mark.parametrize("backend", ("cpu", "triton"))
-def test_torch_compile_fullgraph_forward_and_backward(backend, compiler, dynamic):
+def test_torch_compile_fullgraph_forward_and_backward(backend, compiler, dynamic, variant):
     torch._dynamo.reset()
-    kw = make_loss_inputs((3, 2, 40), torch.float32, "cfg+ref", device=device_for(backend))
-    kw |= dict(log_prob_old=torch.tensor([0.5, 0.4, 0.6], device=kw["x"].device),
-               advantages=torch.tensor([1.0, -1.0, 0.5], device=kw["x"].device))
+    kw = make_loss_inputs((3, 2, 40), torch.float32, variant, device=device_for(backend))
+    kw |= dict(log_prob_old=torch.tensor([0.5, 0.4, 0.6], device=kw["v"].device),
+               advantages=torch.tensor([1.0, -1.0, 0.5], device=kw["v"].device))
     leaves = [kw["v"].requires_grad_(), kw["v_uncond"].requires_grad_()]
 
     def step(**a):

@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 
 import diffkern
 from diffkern.grpo import IsoTimestepSampler, advantages
+from diffkern.nn import FlashGRPOLoss
 
 from test_grpo import make_loss_inputs, op_args
 
@@ -17,17 +18,23 @@ PROMPT_IDS = torch.arange(N) % PROMPTS + 100
 REWARDS = torch.randn(N, generator=torch.Generator().manual_seed(3)) + (PROMPT_IDS == 100) * 2.0
 
 
-def global_batch():
+def global_batch(variant="ref"):
     """The loss inputs of the whole batch: each sample at the step the sampler gave its prompt."""
-    kw = make_loss_inputs((N, 3, 17), torch.float32, "ref")
+    kw = make_loss_inputs((N, 3, 17), torch.float32, variant)
     return kw, torch.ops.diffkern.grpo_log_prob(*op_args(kw))[0].detach() - 0.01
 
 
 def run(kw, log_prob_old, adv, rows):
-    """(loss, dv) of the samples `rows` of the global batch."""
+    """(loss, dv) of the samples `rows` of the global batch; through FlashGRPOLoss from the rewards
+    when adv is None."""
     local = {k: (t[rows].clone() if isinstance(t, torch.Tensor) else t) for k, t in kw.items()}
     local["v"].requires_grad_()
-    loss, _ = diffkern.grpo_iso_loss(**local, log_prob_old=log_prob_old[rows], advantages=adv, beta=0.1)
+    if adv is None:
+        step = {k: local.pop(k) for k in ("x", "x_next", "y", "v_ref") if k in local}
+        loss, _ = FlashGRPOLoss(beta=0.1)(local["v"], local["sigma"], local["sigma_next"], log_prob_old[rows],
+                                          REWARDS[rows], PROMPT_IDS[rows], **step)
+    else:
+        loss, _ = diffkern.grpo_iso_loss(**local, log_prob_old=log_prob_old[rows], advantages=adv, beta=0.1)
     return loss.detach(), torch.autograd.grad(loss, local["v"])[0]
 
 
@@ -39,7 +46,9 @@ def worker(rank, world, init_file, out_dir):
         steps = IsoTimestepSampler(seed=7).sample(PROMPT_IDS[rows])
         kw, log_prob_old = global_batch()
         loss, dv = run(kw, log_prob_old, adv, rows)
-        torch.save(dict(rows=rows, adv=adv, steps=steps, loss=loss, dv=dv), os.path.join(out_dir, f"{rank}.pt"))
+        module_loss, module_dv = run(*global_batch("y+ref"), None, rows)
+        torch.save(dict(rows=rows, adv=adv, steps=steps, loss=loss, dv=dv, module_loss=module_loss,
+                        module_dv=module_dv), os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -54,12 +63,16 @@ def test_ranks_match_one_process_on_the_global_batch(world):
     steps = IsoTimestepSampler(seed=7).sample(PROMPT_IDS)
     kw, log_prob_old = global_batch()
     loss, dv = run(kw, log_prob_old, adv, everything)
-    torch.testing.assert_close(torch.stack([p["loss"] for p in parts]).mean(), loss, rtol=1e-6, atol=1e-7)
+    module_loss, module_dv = run(*global_batch("y+ref"), None, everything)
+    for name, ref_loss, ref_dv in (("", loss, dv), ("module_", module_loss, module_dv)):
+        torch.testing.assert_close(torch.stack([p[name + "loss"] for p in parts]).mean(), ref_loss, rtol=1e-6,
+                                   atol=1e-7)
+        # a rank's loss is the mean over its N/world samples: its gradient is world times the global one
+        for p in parts:
+            torch.testing.assert_close(p[name + "dv"] / world, ref_dv[p["rows"]], rtol=1e-5, atol=1e-9)
     for p in parts:
         torch.testing.assert_close(p["adv"], adv[p["rows"]], rtol=0, atol=1e-6)
         assert torch.equal(p["steps"], steps[p["rows"]])
-        # a rank's loss is the mean over its N/world samples: its gradient is world times the global one
-        torch.testing.assert_close(p["dv"] / world, dv[p["rows"]], rtol=1e-5, atol=1e-9)
 
 
 def test_advantages_formula_in_one_process():

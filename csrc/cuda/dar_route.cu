@@ -266,17 +266,7 @@ RouteChunks route_bwd_chunks(int64_t B, int64_t T, int64_t d, int sm_count) {
   return {(steps + steps_per_chunk - 1) / steps_per_chunk, steps_per_chunk * R};
 }
 
-int route_sm_count() {
-#ifdef __CUDACC__
-  int device = 0, count = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-    return 1;
-  return count;
-#else
-  return 1;  // one modeled SM: backward blocks then walk several row steps each
-#endif
-}
+int route_sm_count() { return sm_count(); }
 
 const char* route_fwd(const RouteFwdParams& p) {
   const RouteInputs& in = p.in;

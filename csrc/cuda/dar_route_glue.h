@@ -30,6 +30,14 @@ inline int64_t reach(const at::Tensor& t) {
 }
 
 // The (pointer, extent, batch stride, token stride) table of `xs`, on their device.
+//
+// Cost per call (review of issue 8): one pinned host tensor from torch's caching host allocator and one
+// asynchronous host-to-device copy of n * 32 bytes, ordered on the current stream before the launch
+// (no synchronisation; the allocator keeps the pinned block until the copy has run). A table in the
+// kernel parameters instead would drop the copy, but the backward takes two tables (sources and
+// dsources) and the 4 KB parameter limit of sm_80 would cap n near 60 with no fallback; kept, since
+// ~2 us of copy issue time is small next to a routing kernel that moves (n + 2) B T d elements. Not
+// checked: capture of this copy in a CUDA graph (its pinned source must outlive the graph).
 inline at::Tensor source_table(at::TensorList xs) {
   const at::Device device = xs[0].device();
   at::Tensor table = at::empty({static_cast<int64_t>(xs.size()), 4},
@@ -47,7 +55,10 @@ inline void check_kernel_limits(const Geometry& g, at::ScalarType dtype) {
                     g.B * g.T);
 }
 
-// Kernel inputs; `table` and `gain_f32` must outlive the launch.
+// Kernel inputs; `table` and `gain_f32` must outlive the launch. gain_f32 is gain itself for a float32
+// gain (.to and .contiguous return their input: no copy); a float16/bfloat16 gain costs one cast of d
+// elements per call (and the backward one more, of dgain), kept rather than doubling the kernels'
+// instantiations with a gain dtype.
 inline RouteInputs route_inputs(const Geometry& g, const at::Tensor& table, const at::Tensor& q,
                                 const at::Tensor& gain_f32, at::ScalarType dtype, double eps) {
   return {static_cast<const RouteSource*>(table.const_data_ptr()), q.const_data_ptr(), gain_f32.const_data_ptr<float>(),

@@ -47,18 +47,21 @@ TORCH_LIBRARY_FRAGMENT(diffkern, m) {
   // c sigma) or 1 (Flow-GRPO SD3: std = c sqrt(sigma / (1 - sigma))):
   //   mu = a x + b v,  a = 1 + std^2 dt / (2 sigma),  b = (1 + std^2 (1 - sigma) / (2 sigma)) dt
   //   log_prob = -mean((x_next - mu)^2) / (2 std^2 Dt) - log(std sqrt(Dt)) - log sqrt(2 pi)
+  // x_next - mu = y - b v with the residual target y = x_next - a x = b v + std sqrt(Dt) eps, which the
+  // step returns (log_prob is of y as stored) and the loss can read instead of x and x_next.
   m.def(
       "flow_sde_step(Tensor x, Tensor v, Tensor sigma, Tensor sigma_next, Tensor eps, int std_rule, float std_coef)"
-      " -> (Tensor x_next, Tensor mu, Tensor log_prob, Tensor inv_lambda)");
+      " -> (Tensor x_next, Tensor y, Tensor log_prob, Tensor inv_lambda)");
   // log_prob as above, kl = mean((mu - mu_ref)^2) / (2 std^2 Dt) (0 without v_ref) and TGR's 1/lambda;
-  // with v_uncond the velocity is v_uncond + cfg_scale (v - v_uncond). The backward writes [dv] or
+  // target is x_next when x is given, else y (x_next - mu = target - a x - b v, the a x term only with
+  // x); with v_uncond the velocity is v_uncond + cfg_scale (v - v_uncond). The backward writes [dv] or
   // [dv, dv_uncond].
   m.def(
-      "grpo_log_prob(Tensor v, Tensor x, Tensor x_next, Tensor sigma, Tensor sigma_next, Tensor? v_ref,"
+      "grpo_log_prob(Tensor v, Tensor? x, Tensor target, Tensor sigma, Tensor sigma_next, Tensor? v_ref,"
       " Tensor? v_uncond, float cfg_scale, int std_rule, float std_coef)"
       " -> (Tensor log_prob, Tensor kl, Tensor inv_lambda)");
   m.def(
-      "grpo_log_prob_bwd(Tensor dlog_prob, Tensor dkl, Tensor v, Tensor x, Tensor x_next, Tensor sigma,"
+      "grpo_log_prob_bwd(Tensor dlog_prob, Tensor dkl, Tensor v, Tensor? x, Tensor target, Tensor sigma,"
       " Tensor sigma_next, Tensor? v_ref, Tensor? v_uncond, float cfg_scale, int std_rule, float std_coef)"
       " -> Tensor[]");
 }
@@ -80,4 +83,39 @@ TORCH_LIBRARY_FRAGMENT(diffkern, m) {
   m.def(
       "sink_suppress(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor idx, int n_rows, float scale,"
       " float bias) -> (Tensor out, Tensor post)");
+}
+
+TORCH_LIBRARY_FRAGMENT(diffkern, m) {
+  m.set_python_module("diffkern.grpo.cuda_ops");
+  // Internal: the CUDA C++ kernels of the three ops above (csrc/cuda/grpo.cu), with their exact
+  // signatures. The `cuda` backend of each op calls these; users call the ops above.
+  m.def(
+      "flow_sde_step_cuda(Tensor x, Tensor v, Tensor sigma, Tensor sigma_next, Tensor eps, int std_rule,"
+      " float std_coef) -> (Tensor x_next, Tensor y, Tensor log_prob, Tensor inv_lambda)");
+  m.def(
+      "grpo_log_prob_cuda(Tensor v, Tensor? x, Tensor target, Tensor sigma, Tensor sigma_next, Tensor? v_ref,"
+      " Tensor? v_uncond, float cfg_scale, int std_rule, float std_coef)"
+      " -> (Tensor log_prob, Tensor kl, Tensor inv_lambda)");
+  m.def(
+      "grpo_log_prob_bwd_cuda(Tensor dlog_prob, Tensor dkl, Tensor v, Tensor? x, Tensor target, Tensor sigma,"
+      " Tensor sigma_next, Tensor? v_ref, Tensor? v_uncond, float cfg_scale, int std_rule, float std_coef)"
+      " -> Tensor[]");
+}
+
+TORCH_LIBRARY_FRAGMENT(diffkern, m) {
+  m.set_python_module("diffkern.ntrk.op");
+  // NoiseTilt (specs/ntrk.md). The tilted reverse step, per sample i of [B, ...] latents:
+  //   x = mu + sigma_i (sqrt(rho_i) w + sqrt(1 - rho_i) eps)
+  // with eps the given tensor, or (eps = None) eps[n] = philox randn(seed, offset + n) for the flat
+  // element index n (csrc/include/diffkern/philox.h: Triton's tl.randn stream). sigma, rho: [B].
+  m.def("ntrk_step(Tensor mu, Tensor sigma, Tensor w, Tensor rho, Tensor? eps, int seed, int offset) -> Tensor x");
+  // Internal: the CUDA C++ kernel of ntrk_step, same signature and semantics (the `cuda` backend).
+  m.def(
+      "ntrk_step_cuda(Tensor mu, Tensor sigma, Tensor w, Tensor rho, Tensor? eps, int seed, int offset)"
+      " -> Tensor x");
+  // 2OS projection of each sample's N = M * D entries onto the Gaussian confidence set of the [M, D]
+  // band table: sort each tile of D, sort each rank across the M tiles, clip Z[r, j] to
+  // [lower[r, j], upper[r, j]], undo both sorts; repeated (at most max_passes clips) until every entry
+  // lies in its band. in_set: [B], the fraction of the output's entries inside their bands.
+  m.def("twoos_project(Tensor x, Tensor lower, Tensor upper, int max_passes) -> (Tensor out, Tensor in_set)");
 }

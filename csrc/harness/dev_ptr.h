@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include "report.h"
+#include "traffic.h"
 
 namespace diffkern::harness {
 
@@ -27,9 +28,9 @@ class DevPtr {
 
   template <typename I, typename = std::enable_if_t<std::is_integral_v<I>>>
   T& operator[](I i) const {
-    return base_[checked(int64_t(i))];
+    return base_[counted(checked(int64_t(i)), 1)];
   }
-  T& operator*() const { return base_[checked(0)]; }
+  T& operator*() const { return base_[counted(checked(0), 1)]; }
   template <typename I, typename = std::enable_if_t<std::is_integral_v<I>>>
   DevPtr operator+(I i) const {
     DevPtr p = *this;
@@ -38,7 +39,7 @@ class DevPtr {
   }
   // Element `i` onward as one contiguous run of `n`: what a vector load reads (vec.h).
   T* span(int64_t i, int64_t n) const {
-    checked(i);
+    counted(checked(i), n);
     checked(i + n - 1);
     return base_ + off_ + i;
   }
@@ -52,6 +53,10 @@ class DevPtr {
   int64_t checked(int64_t i) const {
     const int64_t at = off_ + i;
     if (at < 0 || at >= extent_) global_out_of_bounds(name_, at, extent_);
+    return at;
+  }
+  int64_t counted(int64_t at, int64_t n) const {
+    if (counting_traffic()) touch(base_, at * int64_t(sizeof(T)), n * int64_t(sizeof(T)));
     return at;
   }
   T* base_ = nullptr;

@@ -12,6 +12,7 @@
 
 #include "block.h"
 #include "report.h"
+#include "traffic.h"
 
 namespace diffkern::harness {
 
@@ -47,6 +48,7 @@ void launch(const char* name, void (*kernel)(P...), dim3 grid, dim3 block_dim, s
     b.rng.seed(stream ^ (linear * 0xbf58476d1ce4e5b9ull));
     run_block(b);
   }
+  end_launch();
 }
 
 }  // namespace diffkern::harness

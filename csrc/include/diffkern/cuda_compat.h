@@ -10,6 +10,7 @@
 //   diffkern::load_vec<N>(p, i) / store_vec   16-byte (or narrower) vector accesses of N elements
 //   diffkern::global_ptr(p, extent, name)    a raw device pointer (e.g. read from a table) as a gptr
 //   diffkern::launch_kernel(name, kernel, grid, block, smem, stream, args...)   kernel<<<...>>>(args...)
+//   diffkern::sm_count()          the device's SM count (1 in the harness)
 // Everything else (indices, __syncthreads, shuffles, votes, atomics, bf16/fp16, math) keeps its
 // CUDA name.
 #pragma once
@@ -131,6 +132,20 @@ const char* launch_kernel(const char* name, void (*kernel)(P...), dim3 grid, dim
   return nullptr;
 }
 #endif
+
+// The multiprocessor count of the current device, for sizing persistent grids; the harness models one
+// SM, so a grid sized from it is small and its blocks walk several work items each, as on a busy GPU.
+inline int sm_count() {
+#ifdef __CUDACC__
+  int device = 0, count = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+    return 1;
+  return count;
+#else
+  return 1;
+#endif
+}
 
 // Storage dtype <-> float, rounding to nearest even.
 DIFFKERN_DEVICE float to_float(float x) { return x; }

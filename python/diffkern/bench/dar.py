@@ -72,6 +72,7 @@ ROUTE = Workload(
         *CPU_BARS,
     ),
     cuda_sources=("dar_route.cu",),
+    cuda_warps="by d",
 )
 
 WORKLOADS = (ROUTE, STACK)

@@ -6,6 +6,8 @@ cores); the parent stays a normal process for the timings. Per case and pass it 
   triton.*  bytes the kernels' active lanes load and store, launches (TritonMonitor), also per kernel;
   glue.*    the aten ops the op runs around its kernels (host-side reductions, autograd's zero grads),
             counted like the eager reference (AtenTraffic).
+For a workload with CUDA C++ kernels, the same passes run on the cuda backend in the host-execution
+harness, which counts the distinct global bytes each launch touches (cuda.*, with its glue.*).
 Every case is counted whole, at its real shape. Scaling a count from token slices is not exact here:
 the launchers size their grids from the problem (the DAR backward groups token tiles per program to
 keep an H100's SMs busy), so a small slice launches a differently shaped grid from the whole.
@@ -22,6 +24,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from .workload import BWD, FWD, Workload, grad_leaves, registered, requiring_grad
 
@@ -76,17 +79,52 @@ def _count(fn):
     return out, _flat(mon, glue.traffic)
 
 
-def count_case(workload: Workload, case, dtype: torch.dtype) -> dict:
+# Elements of the tensors among a case's arguments above which its CUDA kernels are not run in the
+# harness, which moves ~0.5M elements a second on one core: the full DAR n=57 case (134M) is skipped;
+# n=18 (42M) and Flow-GRPO (17M in v, a few times that in its rollout) take minutes each.
+HARNESS_MAX_ELEMENTS = 2**26
+
+
+def _count_cuda(fn):
+    """The cuda backend's kernels run in the host harness: distinct global bytes per launch (its model)."""
+    from diffkern.testing import cuda_harness
+
+    from .aten_traffic import AtenTraffic
+    with AtenTraffic(descend=("diffkern",)) as glue, cuda_harness.traffic() as kernels:
+        out = fn()
+    return out, {"cuda.bytes": kernels.bytes, "cuda.launches": kernels.launches,
+                 "glue.bytes_read": glue.traffic.bytes_read, "glue.bytes_written": glue.traffic.bytes_written,
+                 "glue.kernels": glue.traffic.kernels}
+
+
+def _passes(workload: Workload, case, dtype: torch.dtype, backend: str, count) -> dict:
     """Counts of one forward and one backward (torch.autograd.grad: no gradient accumulation) of `case`."""
     import diffkern
     args = requiring_grad(workload.make_args(case, dtype, "cpu"))
-    start_s = time.perf_counter()
-    with diffkern.backend("triton"):
-        out, fwd = _count(lambda: workload.diffkern(*args))
+    with diffkern.backend(backend):
+        out, fwd = count(lambda: workload.diffkern(*args))
         dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
-        _, bwd = _count(lambda: torch.autograd.grad(out, grad_leaves(args), dout))
-    return {"case": case.name, "tokens": case.tokens, "counts": {FWD: fwd, BWD: bwd},
-            "interpreter_seconds": time.perf_counter() - start_s}
+        _, bwd = count(lambda: torch.autograd.grad(out, grad_leaves(args), dout))
+    return {FWD: fwd, BWD: bwd}
+
+
+def count_case(workload: Workload, case, dtype: torch.dtype) -> dict:
+    """Triton counts of `case` and, for a workload with CUDA kernels, the harness's counts of them."""
+    start_s = time.perf_counter()
+    result = {"case": case.name, "tokens": case.tokens, "counts": _passes(workload, case, dtype, "triton", _count)}
+    result["interpreter_seconds"] = time.perf_counter() - start_s
+    if workload.cuda_sources:
+        elements = sum(t.numel() for t in tree_leaves(workload.make_args(case, dtype, "meta"))
+                       if isinstance(t, torch.Tensor))
+        if elements > HARNESS_MAX_ELEMENTS:
+            result["cuda_skipped"] = f"{elements} input elements: beyond the harness's {HARNESS_MAX_ELEMENTS}"
+            return result
+        from diffkern.testing import cuda_harness
+        cuda_harness.load()
+        start_s = time.perf_counter()
+        result["cuda_counts"] = _passes(workload, case, dtype, "cuda", _count_cuda)
+        result["harness_seconds"] = time.perf_counter() - start_s
+    return result
 
 
 def main(argv=None) -> None:

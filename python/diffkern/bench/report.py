@@ -73,12 +73,12 @@ def workload_markdown(name: str, w: dict, meta: dict) -> list[str]:
     out += _section_lines(
         f"Modeled GPU memory traffic ({meta['traffic_dtype']}; counted, not timed; "
         f"modeled H100 time = bytes / {meta['h100_bytes_per_s'] / 1e12:.1f} TB/s)", w["traffic"],
-        ["case", "pass", "minimum MB", "diffkern MB", "diffkern/min", "eager MB", "eager/diffkern",
+        ["case", "pass", "minimum MB", "diffkern (Triton) MB", "diffkern/min", "CUDA C++ MB", "eager MB", "eager/diffkern",
          "diffkern launches", "eager kernels", "modeled H100 us: min / diffkern / eager"],
         lambda r: [r["case"], r["pass"], _num(r["min_bytes"] / MB), _num(r["diffkern_bytes"] / MB),
-                   _x(r["diffkern_over_min"]), _num(r["eager_bytes"] / MB), _x(r["eager_over_diffkern"]),
-                   r["diffkern_launches"], r["eager_kernels"],
-                   " / ".join(_num(r["modeled_h100_us"][k]) for k in ("min", "diffkern", "eager"))])
+                   _x(r["diffkern_over_min"]), _num(r["cuda_bytes"] / MB) if "cuda_bytes" in r else "-",
+                   _num(r["eager_bytes"] / MB), _x(r["eager_over_diffkern"]), r["diffkern_launches"],
+                   r["eager_kernels"], " / ".join(_num(r["modeled_h100_us"][k]) for k in ("min", "diffkern", "eager"))])
     out += _section_lines(
         f"Compiled resources ({meta['resources_arch']}, {meta['traffic_dtype']}, configs the cases launch)",
         w["resources"], ["kernel config", "warps", "registers", "spill stores/loads B", "stack B", "shared B"],

@@ -40,7 +40,7 @@ CUDA_TYPE = {torch.bfloat16: "__nv_bfloat16", torch.float16: "__half", torch.flo
 
 
 def cuda_rows(workload: Workload, dtype: torch.dtype, arch: int, log=print) -> list[dict]:
-    """The workload's CUDA C++ kernels instantiated for `dtype` sources (none without nvcc)."""
+    """The workload's CUDA C++ kernels instantiated for `dtype` latents, and those with no dtype (none without nvcc)."""
     from diffkern.testing import nvcc
     from diffkern.testing.aot import sm_arch
     compiler = nvcc.find_nvcc()
@@ -51,7 +51,7 @@ def cuda_rows(workload: Workload, dtype: torch.dtype, arch: int, log=print) -> l
         found = nvcc.resources(nvcc.shipped_reports(compiler), sm_arch(arch))
     except AssertionError as error:  # a compile failure is a finding, shown in the table
         return [{"name": f"CUDA {', '.join(workload.cuda_sources)}", "error": str(error)}]
-    rows = [dict(r, name=f"CUDA {r['name']}", num_warps="by d") for r in found
-            if r["name"].split("<")[0] in kernels and f"<{CUDA_TYPE[dtype]}" in r["name"]]
+    rows = [dict(r, name=f"CUDA {r['name']}", num_warps=workload.cuda_warps) for r in found
+            if r["name"].split("<")[0] in kernels and ("<" not in r["name"] or f"<{CUDA_TYPE[dtype]}" in r["name"])]
     log(f"[resources] {len(rows)} CUDA kernels of {', '.join(workload.cuda_sources)} for compute capability {arch}")
     return rows

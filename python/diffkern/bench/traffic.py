@@ -3,7 +3,7 @@
 All three figures are counts, not measurements: the minimum from the op's formula (each input read
 once, each output written once), diffkern's from its Triton kernels run in the interpreter
 (`interpreted`), the eager reference's from its aten ops (`aten_traffic`, on meta tensors at the full
-shape). Modeled time = bytes / H100 HBM3 bandwidth: a lower bound for a memory-bound op, not a timing.
+shape). Where an op has CUDA C++ kernels, their count from the host harness is shown beside Triton's. Modeled time = bytes / H100 HBM3 bandwidth: a lower bound for a memory-bound op, not a timing.
 """
 from __future__ import annotations
 
@@ -33,6 +33,11 @@ def _diffkern(counts: dict) -> tuple[int, int, int]:
     return kernel, glue, counts["triton.launches"] + counts["glue.kernels"]
 
 
+def _cuda(counts: dict) -> int:
+    """The cuda backend's bytes of one pass: its kernels in the harness plus its glue."""
+    return counts["cuda.bytes"] + counts["glue.bytes_read"] + counts["glue.bytes_written"]
+
+
 def _us(nbytes: int) -> float:
     return nbytes / H100_BYTES_PER_S * 1e6
 
@@ -54,6 +59,8 @@ def rows(workload: Workload, quick: bool, counted: list[dict], dtype: torch.dtyp
             per_pass[p] = dict(min_bytes=minimum[p], diffkern_kernel_bytes=kernel, diffkern_glue_bytes=glue,
                                diffkern_launches=launches, eager_bytes=eager[p].bytes,
                                eager_kernels=eager[p].kernels, eager_ops=dict(eager[p].ops))
+            if "cuda_counts" in entry:
+                per_pass[p]["cuda_bytes"] = _cuda(entry["cuda_counts"][p])
         per_pass[STEP] = {k: per_pass[FWD][k] + per_pass[BWD][k] for k in per_pass[FWD] if k != "eager_ops"}
         for p, r in per_pass.items():
             r["diffkern_bytes"] = r["diffkern_kernel_bytes"] + r["diffkern_glue_bytes"]

@@ -61,7 +61,8 @@ class Workload:
         each output written once.
     aot_specs() -> KernelSpecs of its Triton kernels; spec_used(spec, case, dtype) says whether a
         benchmark case in `dtype` launches that configuration.
-    cuda_sources: the csrc/cuda/*.cu files of its CUDA C++ kernels.
+    cuda_sources: the csrc/cuda/*.cu files of its CUDA C++ kernels; cuda_warps: how their block size is
+        chosen, as the resources table shows it.
     """
     name: str
     title: str
@@ -75,6 +76,7 @@ class Workload:
     spec_used: Callable[[object, Case, torch.dtype], bool]
     bars: tuple[Bar, ...] = field(default=())
     cuda_sources: tuple[str, ...] = field(default=())
+    cuda_warps: str = ""
 
     def cases(self, quick: bool) -> tuple[Case, ...]:
         return self.quick_cases if quick else self.full_cases

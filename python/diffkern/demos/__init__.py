@@ -1,1 +1,1 @@
-"""Runnable demonstrations of diffkern's techniques on small data, on CPU (`python -m diffkern.demos.<name>`)."""
+"""Runnable end-to-end demonstrations on small data, on CPU: `python -m diffkern.demos.<name> --out DIR`."""

@@ -10,39 +10,40 @@ import math
 import torch
 
 from .. import _dtypes, _nvtx, _registry, _triton
-from . import distributed, reference, triton_kernels
+from . import cuda_ops, distributed, reference, triton_kernels  # noqa: F401 (cuda_ops: fakes)
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 STEP_OP, LOSS_OP = "flow_sde_step", "grpo_iso_loss"
 
 
-def _check_latents(op, x, others: dict, sigma, sigma_next, std_rule, std_coef) -> None:
-    """The checks csrc/cpu/grpo.cpp makes, in the same order and words."""
+def _check_latents(op, lead: str, x, others: dict, sigma, sigma_next, std_rule, std_coef) -> None:
+    """The checks csrc/cpu/grpo.cpp makes, in the same order and words; `lead` names x, which sets the
+    shape, dtype and device of the other latents."""
     def fail(msg):
         raise ValueError(f"{op}: {msg}")
     if x.dim() < 1:
-        fail("x must be [B, ...], got a 0-dim tensor")
+        fail(f"{lead} must be [B, ...], got a 0-dim tensor")
     if x.dtype not in _FLOATS:
-        fail(f"x dtype must be float16, bfloat16, float32 or float64, got {_dtypes.name(x.dtype)}")
+        fail(f"{lead} dtype must be float16, bfloat16, float32 or float64, got {_dtypes.name(x.dtype)}")
     if not x.is_contiguous():
-        fail("x must be contiguous; call .contiguous()")
+        fail(f"{lead} must be contiguous; call .contiguous()")
     for name, y in others.items():
         if y is None:
             continue
         if y.shape != x.shape:
-            fail(f"{name} has shape {list(y.shape)} but x has shape {list(x.shape)}")
+            fail(f"{name} has shape {list(y.shape)} but {lead} has shape {list(x.shape)}")
         if y.dtype != x.dtype:
-            fail(f"{name} dtype {_dtypes.name(y.dtype)} differs from x dtype {_dtypes.name(x.dtype)}")
+            fail(f"{name} dtype {_dtypes.name(y.dtype)} differs from {lead} dtype {_dtypes.name(x.dtype)}")
         if y.device != x.device:
-            fail(f"{name} is on {y.device} but x is on {x.device}")
+            fail(f"{name} is on {y.device} but {lead} is on {x.device}")
         if not y.is_contiguous():
             fail(f"{name} must be contiguous; call .contiguous()")
     B = x.shape[0]
     if B > 0 and x.numel() == 0:
-        fail(f"x must have at least one element per sample, got shape {list(x.shape)}")
+        fail(f"{lead} must have at least one element per sample, got shape {list(x.shape)}")
     for name, s in (("sigma", sigma), ("sigma_next", sigma_next)):
         if s.device != x.device:
-            fail(f"{name} is on {s.device} but x is on {x.device}")
+            fail(f"{name} is on {s.device} but {lead} is on {x.device}")
         if s.dim() != 1 or s.shape[0] != B:
             fail(f"{name} must be [B] = [{B}], got shape {list(s.shape)}")
         if s.dtype not in (torch.float32, torch.float64):
@@ -54,22 +55,22 @@ def _check_latents(op, x, others: dict, sigma, sigma_next, std_rule, std_coef) -
 
 
 def check_sde_step(x, v, sigma, sigma_next, eps, std_rule, std_coef) -> None:
-    _check_latents(STEP_OP, x, {"v": v, "eps": eps}, sigma, sigma_next, std_rule, std_coef)
+    _check_latents(STEP_OP, "x", x, {"v": v, "eps": eps}, sigma, sigma_next, std_rule, std_coef)
 
 
-def check_log_prob(v, x, x_next, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule, std_coef) -> None:
-    _check_latents(LOSS_OP, x, {"v": v, "x_next": x_next, "v_ref": v_ref, "v_uncond": v_uncond}, sigma, sigma_next,
-                   std_rule, std_coef)
+def check_log_prob(v, x, target, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule, std_coef) -> None:
+    _check_latents(LOSS_OP, "v", v, {"target": target, "x": x, "v_ref": v_ref, "v_uncond": v_uncond}, sigma,
+                   sigma_next, std_rule, std_coef)
     if not -math.inf < cfg_scale < math.inf:
         raise ValueError(f"{LOSS_OP}: cfg_scale must be finite, got {cfg_scale}")
 
 
-def check_log_prob_bwd(dlog_prob, dkl, v, x, *rest) -> None:
-    check_log_prob(v, x, *rest)
-    acc, B = _dtypes.acc(x.dtype), x.shape[0]
+def check_log_prob_bwd(dlog_prob, dkl, v, *rest) -> None:
+    check_log_prob(v, *rest)
+    acc, B = _dtypes.acc(v.dtype), v.shape[0]
     for name, t in (("dlog_prob", dlog_prob), ("dkl", dkl)):
-        if t.device != x.device:
-            raise ValueError(f"{LOSS_OP}: {name} is on {t.device} but x is on {x.device}")
+        if t.device != v.device:
+            raise ValueError(f"{LOSS_OP}: {name} is on {t.device} but v is on {v.device}")
         if list(t.shape) != [B] or t.dtype != acc or not t.is_contiguous():
             raise ValueError(
                 f"{LOSS_OP}: {name} must be a contiguous [B] = [{B}] tensor of dtype {_dtypes.name(acc)} (the accumulation "
@@ -85,11 +86,14 @@ def _triton_backend(launch, x_arg: int, op: str):
 
 
 _registry.register("flow_sde_step", check_sde_step,
-                   triton=_triton_backend(triton_kernels.sde_step, 0, STEP_OP), reference=reference.flow_sde_step)
+                   triton=_triton_backend(triton_kernels.sde_step, 0, STEP_OP), reference=reference.flow_sde_step,
+                   cuda=torch.ops.diffkern.flow_sde_step_cuda)
 _registry.register("grpo_log_prob", check_log_prob,
-                   triton=_triton_backend(triton_kernels.log_prob_fwd, 1, LOSS_OP), reference=reference.log_prob)
+                   triton=_triton_backend(triton_kernels.log_prob_fwd, 0, LOSS_OP), reference=reference.log_prob,
+                   cuda=torch.ops.diffkern.grpo_log_prob_cuda)
 _registry.register("grpo_log_prob_bwd", check_log_prob_bwd,
-                   triton=_triton_backend(triton_kernels.log_prob_bwd, 3, LOSS_OP), reference=reference.log_prob_bwd)
+                   triton=_triton_backend(triton_kernels.log_prob_bwd, 2, LOSS_OP), reference=reference.log_prob_bwd,
+                   cuda=torch.ops.diffkern.grpo_log_prob_bwd_cuda)
 
 
 @torch.library.register_fake("diffkern::flow_sde_step")
@@ -101,15 +105,15 @@ def _sde_step_fake(x, v, sigma, sigma_next, eps, std_rule, std_coef):
 
 
 @torch.library.register_fake("diffkern::grpo_log_prob")
-def _log_prob_fake(v, x, *rest):
-    check_log_prob(v, x, *rest)
-    return tuple(x.new_empty(x.shape[:1], dtype=_dtypes.acc(x.dtype)) for _ in range(3))
+def _log_prob_fake(v, *rest):
+    check_log_prob(v, *rest)
+    return tuple(v.new_empty(v.shape[:1], dtype=_dtypes.acc(v.dtype)) for _ in range(3))
 
 
 @torch.library.register_fake("diffkern::grpo_log_prob_bwd")
-def _log_prob_bwd_fake(dlog_prob, dkl, v, x, x_next, sigma, sigma_next, v_ref, v_uncond, *rest):
-    check_log_prob_bwd(dlog_prob, dkl, v, x, x_next, sigma, sigma_next, v_ref, v_uncond, *rest)
-    return [x.new_empty(x.shape) for _ in range(1 if v_uncond is None else 2)]
+def _log_prob_bwd_fake(dlog_prob, dkl, v, x, target, sigma, sigma_next, v_ref, v_uncond, *rest):
+    check_log_prob_bwd(dlog_prob, dkl, v, x, target, sigma, sigma_next, v_ref, v_uncond, *rest)
+    return [v.new_empty(v.shape) for _ in range(1 if v_uncond is None else 2)]
 
 
 def _sde_step_setup(ctx, inputs, output):
@@ -126,21 +130,24 @@ torch.library.register_autograd("diffkern::flow_sde_step", _sde_step_backward, s
 
 
 def _log_prob_setup(ctx, inputs, output):
-    v, x, x_next, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule, std_coef = inputs
-    ctx.save_for_backward(v, x, x_next, sigma, sigma_next, v_ref, v_uncond)
+    v, x, target, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule, std_coef = inputs
+    ctx.save_for_backward(v, x, target, sigma, sigma_next, v_ref, v_uncond)
     ctx.scalars = (cfg_scale, std_rule, std_coef)
     ctx.mark_non_differentiable(output[2])
     ctx.set_materialize_grads(False)
 
 
 def _log_prob_backward(ctx, dlog_prob, dkl, _dinv_lambda):
-    v, x, x_next, sigma, sigma_next, v_ref, v_uncond = ctx.saved_tensors
+    v, x, target, sigma, sigma_next, v_ref, v_uncond = ctx.saved_tensors
     if dlog_prob is None and dkl is None:
         return (None,) * 10
-    zeros = torch.zeros(x.shape[:1], dtype=_dtypes.acc(x.dtype), device=x.device)
+    zeros = torch.zeros(v.shape[:1], dtype=_dtypes.acc(v.dtype), device=v.device)
     dlog_prob = zeros if dlog_prob is None else dlog_prob.to(zeros.dtype).contiguous()
-    dkl = zeros if dkl is None else dkl.to(zeros.dtype).contiguous()
-    grads = torch.ops.diffkern.grpo_log_prob_bwd(dlog_prob, dkl, v, x, x_next, sigma, sigma_next, v_ref, v_uncond,
+    if dkl is None:  # kl unused: the backward need not read v_ref
+        dkl, v_ref = zeros, None
+    else:
+        dkl = dkl.to(zeros.dtype).contiguous()
+    grads = torch.ops.diffkern.grpo_log_prob_bwd(dlog_prob, dkl, v, x, target, sigma, sigma_next, v_ref, v_uncond,
                                                  *ctx.scalars)
     return grads[0], None, None, None, None, None, grads[1] if v_uncond is not None else None, None, None, None
 
@@ -160,17 +167,23 @@ def flow_sde_step(x, v, sigma, sigma_next, eps=None, std_rule: str = "wan", std_
 
     Per sample i (specs/grpo.md), dt = sigma_next - sigma < 0, Dt = -dt, std = c sigma ("wan", c = the
     Wan schedule's sigma_1 ~ 0.98242 by default) or c sqrt(sigma / (1 - sigma)) ("sd3", c = 0.7):
-        mu = x (1 + std^2 dt / (2 sigma)) + v (1 + std^2 (1 - sigma) / (2 sigma)) dt,  x_next = mu + std sqrt(Dt) eps
-        log_prob = mean_e[-(x_next - mu)^2 / (2 std^2 Dt)] - log(std sqrt(Dt)) - log sqrt(2 pi)
+        mu = a x + b v,  a = 1 + std^2 dt / (2 sigma),  b = (1 + std^2 (1 - sigma) / (2 sigma)) dt
+        y = b v + std sqrt(Dt) eps,  x_next = a x + y  (= mu + std sqrt(Dt) eps)
+        log_prob = mean_e[-(y - b v)^2 / (2 std^2 Dt)] - log(std sqrt(Dt)) - log sqrt(2 pi)
         inv_lambda = 1 / (sqrt(Dt) / std + std sqrt(Dt) (1 - sigma) / (2 sigma))
+    y = x_next - a x is the residual target: store it for training and pass it to grpo_iso_loss(y=...),
+    which then reads 2 latent tensors instead of 3 (x_next - mu = y - b v), and more exactly in a low
+    precision dtype (y is O(std sqrt(Dt)) where x_next is O(1)).
 
     Args:
         x, v: [B, ...] contiguous latents and (guided) velocity, float16/bfloat16/float32 (float64 on cpu/reference).
         sigma, sigma_next: [B] float32/float64 (each sample at its own step).
         eps: the standard normal noise, x's shape and dtype; drawn with `generator` when None.
     Returns:
-        (x_next, mu) in x's dtype; (log_prob, inv_lambda) [B] float32 (float64 for float64). log_prob is
-        of x_next as stored. A rollout op: no gradient flows through it. Nothing is saved.
+        (x_next, y) in x's dtype; (log_prob, inv_lambda) [B] float32 (float64 for float64). log_prob is
+        of y as stored (the x_next/x form of the loss re-reads rounded x and x_next, so in bfloat16 its
+        on-policy ratio is 1 only to that rounding). A rollout op: no gradient flows through it. Nothing
+        is saved. Traffic: reads x, v, eps; writes x_next, y.
     Backends: C++ (CPU tensors), Triton (CUDA tensors), reference; see `diffkern.backend`.
     NaN/inf in a sample's inputs make that sample's outputs NaN; other samples are unaffected.
     """
@@ -181,37 +194,55 @@ def flow_sde_step(x, v, sigma, sigma_next, eps=None, std_rule: str = "wan", std_
         return torch.ops.diffkern.flow_sde_step(x, v, sigma, sigma_next, eps, rule, coef)
 
 
-def _check_per_sample(name, t, x):
-    if t.device != x.device or list(t.shape) != [x.shape[0]] or not t.is_floating_point():
-        raise ValueError(f"{LOSS_OP}: {name} must be a floating [B] = [{x.shape[0]}] tensor on {x.device}, got shape "
-                         f"{list(t.shape)}, dtype {_dtypes.name(t.dtype)} on {t.device}")
+def _check_per_sample(name, t, v):
+    if t is None or t.device != v.device or list(t.shape) != [v.shape[0]] or not t.is_floating_point():
+        got = "None" if t is None else f"shape {list(t.shape)}, dtype {_dtypes.name(t.dtype)} on {t.device}"
+        raise ValueError(f"{LOSS_OP}: {name} must be a floating [B] = [{v.shape[0]}] tensor on {v.device}, got {got}")
 
 
-def grpo_iso_loss(v, x, x_next, sigma, sigma_next, log_prob_old, advantages, clip_eps: float = 1e-3, tgr: bool = True,
-                  beta: float = 0.0, v_ref=None, cfg_scale: float | None = None, v_uncond=None, std_rule: str = "wan",
-                  std_coef: float | None = None):
+def _target(x, x_next, y):
+    """(x, target) of grpo_log_prob: (x, x_next) for the stored pair, (None, y) for the residual target."""
+    if y is None and x is not None and x_next is not None:
+        return x, x_next
+    if y is not None and x is None and x_next is None:
+        return None, y
+    raise ValueError(f"{LOSS_OP}: give the stored step either as x and x_next, or as y alone (flow_sde_step's "
+                     f"residual target x_next - a x); got x {'given' if x is not None else 'None'}, x_next "
+                     f"{'given' if x_next is not None else 'None'}, y {'given' if y is not None else 'None'}")
+
+
+def grpo_iso_loss(v, x=None, x_next=None, sigma=None, sigma_next=None, log_prob_old=None, advantages=None,
+                  clip_eps: float = 1e-3, tgr: bool = True, beta: float = 0.0, v_ref=None,
+                  cfg_scale: float | None = None, v_uncond=None, std_rule: str = "wan", std_coef: float | None = None,
+                  *, y=None, group=None):
     """Flow-GRPO's one-step PPO loss with TGR weights, recomputing log p from the velocity (specs/grpo.md).
 
         r_i = exp(log p_theta(x_next_i | x_i) - log_prob_old_i),   w_i = (1/lambda_i) / mean(1/lambda)  (1 without tgr)
         loss = mean_i max(-w_i A_i r_i, -w_i A_i clip(r_i, 1 - clip_eps, 1 + clip_eps))
                + beta mean_i mean_e (mu - mu_ref)^2 / (2 std^2 Dt)          (with v_ref)
     The velocity is v, or v_uncond + cfg_scale (v - v_uncond) when v_uncond (the conditional one is v).
+    The stored step is x and x_next, or (keyword) y = x_next - a x from flow_sde_step: x_next - mu is
+    y - b v, so the y form reads 2 latent tensors where the pair form reads 3 (see flow_sde_step).
 
     Args:
-        v: [B, ...] velocity (conditional under CFG) with grad; x, x_next: the stored step; v_ref, v_uncond:
-            optional, same shape/dtype; all contiguous, float16/bfloat16/float32 (float64 on cpu/reference).
-        sigma, sigma_next: [B] float32/float64; log_prob_old, advantages: [B].
+        v: [B, ...] velocity (conditional under CFG) with grad; x, x_next or y: the stored step; v_ref,
+            v_uncond: optional; all the same shape and dtype, contiguous, float16/bfloat16/float32
+            (float64 on cpu/reference). sigma, sigma_next: [B] float32/float64; log_prob_old,
+            advantages: [B] (all four required). v_ref is read only when beta > 0.
     Returns:
         (loss, stats): loss a 0-dim float32 (float64 for float64) tensor; stats holds approx_kl =
         0.5 mean((log p - log p_old)^2), clip_fraction = mean(|r - 1| > clip_eps), ratio_mean and weights.
         An empty batch gives loss 0.
     Autograd: gradients reach v (and v_uncond: dv_c = w dv, dv_u = (1 - w) dv) through one fused backward
-        that re-reads v, x, x_next and writes each gradient once. Saved: the inputs (no temporaries).
+        that re-reads its latent inputs and writes each gradient once. Saved: the inputs (no temporaries).
+        Traffic per step without CFG or KL, in passes over B x D: y form 2 reads + (2 reads, 1 write) = 5;
+        pair form 3 + (3, 1) = 7.
     Backends: C++ (CPU tensors), Triton (CUDA tensors), reference; see `diffkern.backend`. The TGR mean is
-        over the global batch: every rank's samples when torch.distributed is initialised (an all-reduce of
-        two numbers), else this batch.
+        over the global batch: every rank's samples of `group` (default: the default group) when
+        torch.distributed is initialised (an all-reduce of two numbers), else this batch.
     """
     rule, coef = _rule(LOSS_OP, std_rule, std_coef)
+    x, target = _target(x, x_next, y)
     if (cfg_scale is None) != (v_uncond is None):
         raise ValueError(f"{LOSS_OP}: cfg_scale and v_uncond go together (got cfg_scale={cfg_scale}, "
                          f"v_uncond {'given' if v_uncond is not None else 'None'})")
@@ -219,11 +250,15 @@ def grpo_iso_loss(v, x, x_next, sigma, sigma_next, log_prob_old, advantages, cli
         raise ValueError(f"{LOSS_OP}: clip_eps must be finite and >= 0, got {clip_eps}")
     if not 0 <= beta < math.inf:
         raise ValueError(f"{LOSS_OP}: beta must be finite and >= 0, got {beta}")
-    _check_per_sample("log_prob_old", log_prob_old, x)
-    _check_per_sample("advantages", advantages, x)
+    for name, t in (("sigma", sigma), ("sigma_next", sigma_next)):
+        if t is None:
+            raise ValueError(f"{LOSS_OP}: {name} is required")
+    _check_per_sample("log_prob_old", log_prob_old, v)
+    _check_per_sample("advantages", advantages, v)
     with _nvtx.range("diffkern.grpo_iso_loss"):
         w = 1.0 if cfg_scale is None else float(cfg_scale)
-        log_prob, kl, inv_lambda = torch.ops.diffkern.grpo_log_prob(v, x, x_next, sigma, sigma_next, v_ref, v_uncond,
-                                                                    w, rule, coef)
-        weights = inv_lambda / distributed.global_mean(inv_lambda) if tgr else torch.ones_like(log_prob)
+        log_prob, kl, inv_lambda = torch.ops.diffkern.grpo_log_prob(v, x, target, sigma, sigma_next,
+                                                                    v_ref if beta > 0 else None, v_uncond, w, rule,
+                                                                    coef)
+        weights = inv_lambda / distributed.global_mean(inv_lambda, group) if tgr else torch.ones_like(log_prob)
         return reference.ppo_loss(log_prob, kl, log_prob_old, advantages, weights, clip_eps, beta)

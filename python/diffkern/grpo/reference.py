@@ -6,6 +6,11 @@ Per sample, one step sigma -> sigma_next of the flow SDE (specs/grpo.md), dt = s
     x'  = mu + std sqrt(Dt) eps
     log p = mean over elements of [-(x' - mu)^2 / (2 std^2 Dt)] - log(std sqrt(Dt)) - log sqrt(2 pi)
     1/lambda = 1 / (sqrt(Dt) / std + std sqrt(Dt) (1 - sigma) / (2 sigma))       (TGR)
+
+Since a depends on the step only, x' - mu = y - b v with the residual target y = x' - a x = b v + std sqrt(Dt) eps:
+the loss needs y and v alone. A rollout that stores y instead of (x, x') halves what the loss reads, and
+y is more exact in a low-precision dtype (it is O(std sqrt(Dt)) where x' is O(1), so its rounding
+error is that much smaller and x' - a x does not cancel).
 """
 from __future__ import annotations
 
@@ -69,14 +74,15 @@ def _per_sample(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def flow_sde_step(x, v, sigma, sigma_next, noise, std_rule, std_coef):
-    """Reference backend of diffkern::flow_sde_step: (x_next, mu, log_prob, inv_lambda), math in x's opmath dtype."""
+    """Reference backend of diffkern::flow_sde_step: (x_next, y, log_prob, inv_lambda), math in x's opmath dtype."""
     acc = _dtypes.acc(x.dtype)
     c = _coefficients(x, sigma, sigma_next, std_rule, std_coef)
-    mu = _per_sample(c.a, x) * x.to(acc) + _per_sample(c.b, x) * v.to(acc)
-    x_next = (mu + _per_sample(c.noise_scale, x) * noise.to(acc)).to(x.dtype)
-    # log p of x_next as stored (rounded to x's dtype): the value training reads back
-    sq = _rows(x_next.to(acc) - mu).pow(2).mean(1)
-    return x_next, mu.to(x.dtype), -sq * c.inv_2var - c.log_norm, c.inv_lambda
+    bv = _per_sample(c.b, x) * v.to(acc)
+    y = bv + _per_sample(c.noise_scale, x) * noise.to(acc)
+    x_next = _per_sample(c.a, x) * x.to(acc) + y
+    # log p of y as stored (rounded to x's dtype): the value the loss reads back
+    sq = _rows(y.to(x.dtype).to(acc) - bv).pow(2).mean(1)
+    return x_next.to(x.dtype), y.to(x.dtype), -sq * c.inv_2var - c.log_norm, c.inv_lambda
 
 
 def guided(v, v_uncond, cfg_scale):
@@ -84,40 +90,45 @@ def guided(v, v_uncond, cfg_scale):
     return v if v_uncond is None else v_uncond + cfg_scale * (v - v_uncond)
 
 
-def log_prob(v, x, x_next, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule, std_coef):
+def residual(c: StepCoef, v, x, target):
+    """x_next - mu in the accumulation dtype of v (already widened): target - a x - b v, where target is
+    x_next when x is given, else the residual target y = x_next - a x."""
+    r = target.to(v.dtype) - _per_sample(c.b, v) * v
+    return r if x is None else r - _per_sample(c.a, v) * x.to(v.dtype)
+
+
+def log_prob(v, x, target, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule, std_coef):
     """Reference backend of diffkern::grpo_log_prob, differentiable: (log_prob, kl, inv_lambda), each [B].
 
     kl = mean((mu - mu_ref)^2) / (2 std^2 Dt), where mu - mu_ref = b (v - v_ref); zeros without v_ref.
     """
-    acc = _dtypes.acc(x.dtype)
-    c = _coefficients(x, sigma, sigma_next, std_rule, std_coef)
+    acc = _dtypes.acc(target.dtype)
+    c = _coefficients(target, sigma, sigma_next, std_rule, std_coef)
     vg = guided(v.to(acc), None if v_uncond is None else v_uncond.to(acc), cfg_scale)
-    mu = _per_sample(c.a, x) * x.to(acc) + _per_sample(c.b, x) * vg
-    flat = _rows(x_next.to(acc) - mu)
-    lp = -flat.pow(2).mean(1) * c.inv_2var - c.log_norm
+    lp = -_rows(residual(c, vg, x, target)).pow(2).mean(1) * c.inv_2var - c.log_norm
     if v_ref is None:
         return lp, torch.zeros_like(lp), c.inv_lambda
-    dmu = _rows(_per_sample(c.b, x) * (vg - v_ref.to(acc)))
+    dmu = _rows(_per_sample(c.b, vg) * (vg - v_ref.to(acc)))
     return lp, dmu.pow(2).mean(1) * c.inv_2var, c.inv_lambda
 
 
-def log_prob_bwd(dlog_prob, dkl, v, x, x_next, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule, std_coef):
+def log_prob_bwd(dlog_prob, dkl, v, x, target, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule, std_coef):
     """Reference backend of diffkern::grpo_log_prob_bwd: the spec's gradient formulas, written out.
 
         dv = b / (std^2 Dt D) [dlog_prob (x' - mu) + dkl b (v - v_ref)];  under CFG dv_c = w dv, dv_u = (1 - w) dv
     """
-    acc = _dtypes.acc(x.dtype)
-    c = _coefficients(x, sigma, sigma_next, std_rule, std_coef)
-    D = max(math.prod(x.shape[1:]), 1)
+    acc = _dtypes.acc(target.dtype)
+    c = _coefficients(target, sigma, sigma_next, std_rule, std_coef)
+    D = max(math.prod(target.shape[1:]), 1)
     vg = guided(v.to(acc), None if v_uncond is None else v_uncond.to(acc), cfg_scale)
-    k = _per_sample(2 * c.b * c.inv_2var / D, x)
-    mu = _per_sample(c.a, x) * x.to(acc) + _per_sample(c.b, x) * vg
-    dv = k * _per_sample(dlog_prob.to(acc), x) * (x_next.to(acc) - mu)
+    k = _per_sample(2 * c.b * c.inv_2var / D, vg)
+    dv = k * _per_sample(dlog_prob.to(acc), vg) * residual(c, vg, x, target)
     if v_ref is not None:
-        dv = dv + k * _per_sample(dkl.to(acc) * c.b, x) * (vg - v_ref.to(acc))
+        dv = dv + k * _per_sample(dkl.to(acc) * c.b, vg) * (vg - v_ref.to(acc))
+    dtype = target.dtype
     if v_uncond is None:
-        return [dv.to(x.dtype)]
-    return [(cfg_scale * dv).to(x.dtype), ((1 - cfg_scale) * dv).to(x.dtype)]
+        return [dv.to(dtype)]
+    return [(cfg_scale * dv).to(dtype), ((1 - cfg_scale) * dv).to(dtype)]
 
 
 def tgr_weights(inv_lambda: torch.Tensor) -> torch.Tensor:
@@ -147,11 +158,13 @@ def ppo_loss(log_prob, kl, log_prob_old, advantages, weights, clip_eps: float, b
     return loss, stats
 
 
-def grpo_iso_loss_reference(v, x, x_next, sigma, sigma_next, log_prob_old, advantages, clip_eps=1e-3, tgr=True,
-                            beta=0.0, v_ref=None, cfg_scale=None, v_uncond=None, std_rule="wan", std_coef=None):
+def grpo_iso_loss_reference(v, x=None, x_next=None, sigma=None, sigma_next=None, log_prob_old=None, advantages=None,
+                            clip_eps=1e-3, tgr=True, beta=0.0, v_ref=None, cfg_scale=None, v_uncond=None,
+                            std_rule="wan", std_coef=None, *, y=None):
     """The whole loss in plain PyTorch (autograd does the backward): the oracle of diffkern.grpo_iso_loss."""
     coef = default_std_coef(std_rule) if std_coef is None else std_coef
     rule = STD_RULES[std_rule]
-    lp, kl, inv_lambda = log_prob(v, x, x_next, sigma, sigma_next, v_ref, v_uncond, cfg_scale, rule, coef)
+    target = x_next if y is None else y
+    lp, kl, inv_lambda = log_prob(v, x, target, sigma, sigma_next, v_ref, v_uncond, cfg_scale, rule, coef)
     weights = tgr_weights(inv_lambda) if tgr else torch.ones_like(lp)
     return ppo_loss(lp, kl, log_prob_old, advantages, weights, clip_eps, beta)

@@ -4,11 +4,13 @@ Layout: a sample's D elements are cut into chunks of `tiles_per_chunk` tiles of 
 program owns one (sample, chunk) and leaves one fp32 partial sum per reduction; finalize_kernel then
 adds each sample's partials in chunk order (a fixed-order split reduction: no atomics,
 deterministic) and does the per-sample scalar math. Every kernel computes the step's scalars from
-sigma itself (`_step`: grpo_math.h's formulas), so a call is two launches and no host-side tensor math.
-  sde_step_kernel      reads x, v, noise; writes x_next, mu; partial sum of (x_next - mu)^2
-  log_prob_fwd_kernel  reads v (+ v_uncond), x, x_next (+ v_ref); partial sums of (x_next - mu)^2 (and (v - v_ref)^2)
+sigma itself (`_coefficients`: grpo_math.h's formulas), so a call is two launches and no host-side
+tensor math. target is y = x_next - a x (HAS_X off) or x_next (HAS_X on, x read too).
+  sde_step_kernel      reads x, v, noise; writes x_next, y; partial sum of (y - b v)^2
+  log_prob_fwd_kernel  reads v (+ v_uncond), target (+ x, v_ref); partial sums of (x_next - mu)^2 (and (v - v_ref)^2)
   log_prob_bwd_kernel  reads the same again; writes dv (+ dv_uncond) once
   finalize_kernel      per sample: log_prob, kl, inv_lambda from the partial sums
+Bytes per element of B x D (no CFG/KL, y form): forward 2 reads, backward 2 reads + 1 write.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from .. import _dtypes, _triton
 from .._triton import KernelSpec
 
 # 1024 elements at 8 per thread (4 warps): the backward keeps ~6 live fp32 tiles (v, v_uncond, x,
-# x_next, v_ref, dv), far below the register budget; the tile is also the interpreter's unit of work.
+# target, v_ref, dv), far below the register budget; the tile is also the interpreter's unit of work.
 BLOCK, NUM_WARPS = 1024, 4
 
 
@@ -36,16 +38,31 @@ def _tile(pid, n_chunks, tiles_per_chunk, k, D, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _step(sigma_ptr, sigma_next_ptr, i, std_coef, STD_RULE: tl.constexpr):
-    """(a, b, std, Dt) of sample i's step (csrc/include/diffkern/grpo_math.h): mu = a x + b v."""
+def _coefficients(sigma_ptr, sigma_next_ptr, i, std_coef, STD_RULE: tl.constexpr):
+    """Sample i's step scalars (a, b, noise_scale, inv_2var, log_norm, inv_lambda), fp32: the formulas of
+    csrc/include/diffkern/grpo_math.h `step_coefficients` (mu = a x + b v)."""
     sigma = tl.load(sigma_ptr + i)
     dt = tl.load(sigma_next_ptr + i) - sigma
+    Dt = -dt
     if STD_RULE == 0:
         std = std_coef * sigma
     else:
         std = std_coef * tl.sqrt(sigma / (1.0 - sigma))
     s2 = std * std
-    return 1.0 + s2 * dt / (2.0 * sigma), (1.0 + s2 * (1.0 - sigma) / (2.0 * sigma)) * dt, std, -dt
+    sqrt_Dt = tl.sqrt(Dt)
+    half_log_2pi = 0.9189385332046727
+    lam = sqrt_Dt / std + std * sqrt_Dt * (1.0 - sigma) / (2.0 * sigma)
+    return (1.0 + s2 * dt / (2.0 * sigma), (1.0 + s2 * (1.0 - sigma) / (2.0 * sigma)) * dt, std * sqrt_Dt,
+            1.0 / (2.0 * s2 * Dt), tl.log(std * sqrt_Dt) + half_log_2pi, 1.0 / lam)
+
+
+@triton.jit
+def _residual(target_ptr, x_ptr, offs, mask, v, a, b, HAS_X: tl.constexpr):
+    """x_next - mu = target - b v (- a x when x is given: target is then x_next, else y), in fp32."""
+    r = tl.load(target_ptr + offs, mask=mask, other=0.0).to(tl.float32) - b * v
+    if HAS_X:
+        r -= a * tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return r
 
 
 @triton.jit
@@ -59,41 +76,37 @@ def _velocity(v_ptr, vu_ptr, offs, mask, cfg_scale, HAS_CFG: tl.constexpr):
 
 
 @triton.jit
-def sde_step_kernel(x_ptr, v_ptr, noise_ptr, x_next_ptr, mu_ptr, partial_ptr, sigma_ptr, sigma_next_ptr, std_coef,
+def sde_step_kernel(x_ptr, v_ptr, noise_ptr, x_next_ptr, y_ptr, partial_ptr, sigma_ptr, sigma_next_ptr, std_coef,
                     D, n_chunks, tiles_per_chunk, STD_RULE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    a, b, std, Dt = _step(sigma_ptr, sigma_next_ptr, pid // n_chunks, std_coef, STD_RULE)
-    ns = std * tl.sqrt(Dt)
+    a, b, noise_scale, _, _, _ = _coefficients(sigma_ptr, sigma_next_ptr, pid // n_chunks, std_coef, STD_RULE)
     acc = tl.zeros([BLOCK], tl.float32)
     for k in range(tiles_per_chunk):
         offs, mask = _tile(pid, n_chunks, tiles_per_chunk, k, D, BLOCK)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        eps = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        mu = a * x + b * v
-        x_next = (mu + ns * eps).to(x_next_ptr.dtype.element_ty)
-        tl.store(mu_ptr + offs, mu.to(mu_ptr.dtype.element_ty), mask=mask)
-        tl.store(x_next_ptr + offs, x_next, mask=mask)
-        # log p of x_next as stored (rounded to x's dtype), the value training reads back
-        r = tl.where(mask, x_next.to(tl.float32) - mu, 0.0)
+        bv = b * tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = bv + noise_scale * tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(x_next_ptr + offs, (a * x + y).to(x_next_ptr.dtype.element_ty), mask=mask)
+        y_stored = y.to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + offs, y_stored, mask=mask)
+        # log p of y as stored (rounded to x's dtype), the value the loss reads back
+        r = tl.where(mask, y_stored.to(tl.float32) - bv, 0.0)
         acc += r * r
     tl.store(partial_ptr + pid, tl.sum(acc, 0))
 
 
 @triton.jit
-def log_prob_fwd_kernel(v_ptr, vu_ptr, x_ptr, x_next_ptr, ref_ptr, partial_ptr, sigma_ptr, sigma_next_ptr, std_coef,
+def log_prob_fwd_kernel(v_ptr, vu_ptr, x_ptr, target_ptr, ref_ptr, partial_ptr, sigma_ptr, sigma_next_ptr, std_coef,
                         cfg_scale, D, n_chunks, tiles_per_chunk, n_programs, STD_RULE: tl.constexpr,
-                        HAS_CFG: tl.constexpr, HAS_REF: tl.constexpr, BLOCK: tl.constexpr):
+                        HAS_X: tl.constexpr, HAS_CFG: tl.constexpr, HAS_REF: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    a, b, _, _ = _step(sigma_ptr, sigma_next_ptr, pid // n_chunks, std_coef, STD_RULE)
+    a, b, _, _, _, _ = _coefficients(sigma_ptr, sigma_next_ptr, pid // n_chunks, std_coef, STD_RULE)
     acc_sq = tl.zeros([BLOCK], tl.float32)
     acc_kl = tl.zeros([BLOCK], tl.float32)
     for k in range(tiles_per_chunk):
         offs, mask = _tile(pid, n_chunks, tiles_per_chunk, k, D, BLOCK)
         v = _velocity(v_ptr, vu_ptr, offs, mask, cfg_scale, HAS_CFG)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        x_next = tl.load(x_next_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        r = x_next - (a * x + b * v)
+        r = _residual(target_ptr, x_ptr, offs, mask, v, a, b, HAS_X)
         acc_sq += r * r
         if HAS_REF:
             dv = v - tl.load(ref_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -103,23 +116,21 @@ def log_prob_fwd_kernel(v_ptr, vu_ptr, x_ptr, x_next_ptr, ref_ptr, partial_ptr, 
 
 
 @triton.jit
-def log_prob_bwd_kernel(dv_ptr, dvu_ptr, v_ptr, vu_ptr, x_ptr, x_next_ptr, ref_ptr, dlog_prob_ptr, dkl_ptr, sigma_ptr,
+def log_prob_bwd_kernel(dv_ptr, dvu_ptr, v_ptr, vu_ptr, x_ptr, target_ptr, ref_ptr, dlog_prob_ptr, dkl_ptr, sigma_ptr,
                         sigma_next_ptr, std_coef, cfg_scale, D, n_chunks, tiles_per_chunk, STD_RULE: tl.constexpr,
-                        HAS_CFG: tl.constexpr, HAS_REF: tl.constexpr, BLOCK: tl.constexpr):
+                        HAS_X: tl.constexpr, HAS_CFG: tl.constexpr, HAS_REF: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     i = pid // n_chunks
-    a, b, std, Dt = _step(sigma_ptr, sigma_next_ptr, i, std_coef, STD_RULE)
+    a, b, _, inv_2var, _, _ = _coefficients(sigma_ptr, sigma_next_ptr, i, std_coef, STD_RULE)
     # d log_prob / dv = (x_next - mu) b / (std^2 Dt D), d kl / dv = b^2 (v - v_ref) / (std^2 Dt D)
-    gain = b / (std * std * Dt * D)
+    gain = 2.0 * b * inv_2var / D
     k_lp = tl.load(dlog_prob_ptr + i) * gain
-    k_kl = tl.load(dkl_ptr + i) * gain * b
     for k in range(tiles_per_chunk):
         offs, mask = _tile(pid, n_chunks, tiles_per_chunk, k, D, BLOCK)
         v = _velocity(v_ptr, vu_ptr, offs, mask, cfg_scale, HAS_CFG)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        x_next = tl.load(x_next_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        d = k_lp * (x_next - (a * x + b * v))
+        d = k_lp * _residual(target_ptr, x_ptr, offs, mask, v, a, b, HAS_X)
         if HAS_REF:
+            k_kl = tl.load(dkl_ptr + i) * gain * b
             d += k_kl * (v - tl.load(ref_ptr + offs, mask=mask, other=0.0).to(tl.float32))
         if HAS_CFG:
             tl.store(dv_ptr + offs, (cfg_scale * d).to(dv_ptr.dtype.element_ty), mask=mask)
@@ -133,7 +144,7 @@ def finalize_kernel(partial_ptr, sigma_ptr, sigma_next_ptr, log_prob_ptr, kl_ptr
                     B, n_chunks, STD_RULE: tl.constexpr, HAS_KL: tl.constexpr, BLOCK_C: tl.constexpr):
     """Sample i = program id: sums its partials in a fixed order, then log_prob, kl, 1/lambda."""
     i = tl.program_id(0)
-    a, b, std, Dt = _step(sigma_ptr, sigma_next_ptr, i, std_coef, STD_RULE)
+    _, b, _, inv_2var, log_norm, inv_lambda = _coefficients(sigma_ptr, sigma_next_ptr, i, std_coef, STD_RULE)
     sq = tl.zeros([BLOCK_C], tl.float32)
     kk = tl.zeros([BLOCK_C], tl.float32)
     for c0 in range(0, n_chunks, BLOCK_C):
@@ -141,13 +152,9 @@ def finalize_kernel(partial_ptr, sigma_ptr, sigma_next_ptr, log_prob_ptr, kl_ptr
         sq += tl.load(partial_ptr + i * n_chunks + c, mask=c < n_chunks, other=0.0)
         if HAS_KL:
             kk += tl.load(partial_ptr + (B + i) * n_chunks + c, mask=c < n_chunks, other=0.0)
-    sqrt_Dt = tl.sqrt(Dt)
-    inv_2var = 1.0 / (2.0 * std * std * Dt)
-    log_sqrt_2pi = 0.9189385332046727
-    tl.store(log_prob_ptr + i, -tl.sum(sq, 0) * inv_D * inv_2var - tl.log(std * sqrt_Dt) - log_sqrt_2pi)
+    tl.store(log_prob_ptr + i, -tl.sum(sq, 0) * inv_D * inv_2var - log_norm)
     tl.store(kl_ptr + i, b * b * tl.sum(kk, 0) * inv_D * inv_2var)
-    sigma = tl.load(sigma_ptr + i)
-    tl.store(inv_lambda_ptr + i, 1.0 / (sqrt_Dt / std + std * sqrt_Dt * (1.0 - sigma) / (2.0 * sigma)))
+    tl.store(inv_lambda_ptr + i, inv_lambda)
 
 
 def _grid(x: torch.Tensor) -> tuple[int, int, int, int]:
@@ -176,17 +183,17 @@ def _finalize(partial, sigma, sigma_next, std_rule, std_coef, D, has_kl):
 
 
 def sde_step(x, v, sigma, sigma_next, eps, std_rule, std_coef):
-    """Launches sde_step_kernel and finalize_kernel: (x_next, mu, log_prob [B] fp32, inv_lambda [B] fp32)."""
+    """Launches sde_step_kernel and finalize_kernel: (x_next, y, log_prob [B] fp32, inv_lambda [B] fp32)."""
     sigma, sigma_next = _sigmas(sigma, sigma_next)
-    x_next, mu = _triton.empty(x.shape, x.dtype, x.device), _triton.empty(x.shape, x.dtype, x.device)
+    x_next, y = _triton.empty(x.shape, x.dtype, x.device), _triton.empty(x.shape, x.dtype, x.device)
     B, D, n_chunks, per_chunk = _grid(x)
     if B == 0:
-        return x_next, mu, *_per_sample_outputs(x, 2)
+        return x_next, y, *_per_sample_outputs(x, 2)
     partial = _triton.empty((1, B, n_chunks), torch.float32, x.device)
-    sde_step_kernel[(B * n_chunks,)](x, v, eps, x_next, mu, partial, sigma, sigma_next, std_coef, D, n_chunks,
+    sde_step_kernel[(B * n_chunks,)](x, v, eps, x_next, y, partial, sigma, sigma_next, std_coef, D, n_chunks,
                                      per_chunk, STD_RULE=std_rule, **_META)
     log_prob, _, inv_lambda = _finalize(partial, sigma, sigma_next, std_rule, std_coef, D, False)
-    return x_next, mu, log_prob, inv_lambda
+    return x_next, y, log_prob, inv_lambda
 
 
 def _sigmas(sigma, sigma_next):
@@ -199,36 +206,39 @@ def _optional(t, fallback):
     return fallback if t is None else t
 
 
-def log_prob_fwd(v, x, x_next, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule, std_coef):
+def _flags(x, v_ref, v_uncond) -> dict:
+    return dict(HAS_X=x is not None, HAS_CFG=v_uncond is not None, HAS_REF=v_ref is not None)
+
+
+def log_prob_fwd(v, x, target, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule, std_coef):
     """Launches log_prob_fwd_kernel and finalize_kernel: (log_prob, kl, inv_lambda) [B] in fp32."""
     sigma, sigma_next = _sigmas(sigma, sigma_next)
-    B, D, n_chunks, per_chunk = _grid(x)
+    B, D, n_chunks, per_chunk = _grid(v)
     if B == 0:
-        return tuple(_per_sample_outputs(x, 3))
-    partial = _triton.empty((2, B, n_chunks), torch.float32, x.device)
-    log_prob_fwd_kernel[(B * n_chunks,)](v, _optional(v_uncond, v), x, x_next, _optional(v_ref, v), partial, sigma,
-                                         sigma_next, std_coef, cfg_scale, D, n_chunks, per_chunk, B * n_chunks,
-                                         STD_RULE=std_rule, HAS_CFG=v_uncond is not None, HAS_REF=v_ref is not None,
-                                         **_META)
+        return tuple(_per_sample_outputs(v, 3))
+    partial = _triton.empty((2, B, n_chunks), torch.float32, v.device)
+    log_prob_fwd_kernel[(B * n_chunks,)](v, _optional(v_uncond, v), _optional(x, v), target, _optional(v_ref, v),
+                                         partial, sigma, sigma_next, std_coef, cfg_scale, D, n_chunks, per_chunk,
+                                         B * n_chunks, STD_RULE=std_rule, **_flags(x, v_ref, v_uncond), **_META)
     return tuple(_finalize(partial, sigma, sigma_next, std_rule, std_coef, D, v_ref is not None))
 
 
-def log_prob_bwd(dlog_prob, dkl, v, x, x_next, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule, std_coef):
+def log_prob_bwd(dlog_prob, dkl, v, x, target, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule, std_coef):
     """Launches log_prob_bwd_kernel: [dv] or [dv, dv_uncond] in v's dtype."""
-    grads = [_triton.empty(x.shape, x.dtype, x.device) for _ in range(1 if v_uncond is None else 2)]
+    grads = [_triton.empty(v.shape, v.dtype, v.device) for _ in range(1 if v_uncond is None else 2)]
     sigma, sigma_next = _sigmas(sigma, sigma_next)
-    B, D, n_chunks, per_chunk = _grid(x)
+    B, D, n_chunks, per_chunk = _grid(v)
     if B == 0:
         return grads
-    log_prob_bwd_kernel[(B * n_chunks,)](grads[0], grads[-1], v, _optional(v_uncond, v), x, x_next, _optional(v_ref, v),
-                                         dlog_prob, dkl, sigma, sigma_next, std_coef, cfg_scale, D,
-                                         n_chunks, per_chunk, STD_RULE=std_rule, HAS_CFG=v_uncond is not None,
-                                         HAS_REF=v_ref is not None, **_META)
+    log_prob_bwd_kernel[(B * n_chunks,)](grads[0], grads[-1], v, _optional(v_uncond, v), _optional(x, v), target,
+                                         _optional(v_ref, v), dlog_prob, dkl, sigma, sigma_next, std_coef, cfg_scale,
+                                         D, n_chunks, per_chunk, STD_RULE=std_rule, **_flags(x, v_ref, v_uncond),
+                                         **_META)
     return grads
 
 
 def aot_specs() -> list[KernelSpec]:
-    """Every launch configuration: one per kernel, dtype, std rule and (HAS_CFG, HAS_REF)."""
+    """Every launch configuration: one per kernel, dtype, std rule and (HAS_X, HAS_CFG, HAS_REF)."""
     specs = []
     grid = {"D": "i32", "n_chunks": "i32", "tiles_per_chunk": "i32"}
     step = {"sigma_ptr": "*fp32", "sigma_next_ptr": "*fp32", "std_coef": "fp32"}
@@ -248,14 +258,14 @@ def aot_specs() -> list[KernelSpec]:
             tags = {"dtype": _dtypes.name(dtype), "std_rule": rule}
             specs.append(KernelSpec(
                 f"sde_step_kernel[{ty},STD_RULE={rule}]", sde_step_kernel,
-                {"x_ptr": p, "v_ptr": p, "noise_ptr": p, "x_next_ptr": p, "mu_ptr": p, "partial_ptr": "*fp32", **step,
+                {"x_ptr": p, "v_ptr": p, "noise_ptr": p, "x_next_ptr": p, "y_ptr": p, "partial_ptr": "*fp32", **step,
                  **grid, "STD_RULE": "constexpr", "BLOCK": "constexpr"},
                 {"STD_RULE": rule, "BLOCK": BLOCK}, NUM_WARPS, maxnreg, tags))
-            for cfg, ref in itertools.product((False, True), repeat=2):
-                constexprs = {"STD_RULE": rule, "HAS_CFG": cfg, "HAS_REF": ref, "BLOCK": BLOCK}
+            for has_x, cfg, ref in itertools.product((False, True), repeat=3):
+                constexprs = {"STD_RULE": rule, "HAS_X": has_x, "HAS_CFG": cfg, "HAS_REF": ref, "BLOCK": BLOCK}
                 flags = {k: "constexpr" for k in constexprs}
-                latents = {"v_ptr": p, "vu_ptr": p, "x_ptr": p, "x_next_ptr": p, "ref_ptr": p}
-                name = f"[{ty},STD_RULE={rule},HAS_CFG={cfg},HAS_REF={ref}]"
+                latents = {"v_ptr": p, "vu_ptr": p, "x_ptr": p, "target_ptr": p, "ref_ptr": p}
+                name = f"[{ty},STD_RULE={rule},HAS_X={has_x},HAS_CFG={cfg},HAS_REF={ref}]"
                 specs.append(KernelSpec(
                     f"log_prob_fwd_kernel{name}", log_prob_fwd_kernel,
                     {**latents, "partial_ptr": "*fp32", **step, "cfg_scale": "fp32", **grid, "n_programs": "i32",

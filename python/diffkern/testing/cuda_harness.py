@@ -8,8 +8,10 @@ build/harness-ext-<hash>/ (a source checkout is needed), then loaded into the pr
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -57,3 +59,21 @@ def load() -> None:
 
 def loaded() -> bool:
     return _loaded
+
+
+@dataclass
+class Traffic:
+    """Distinct global-memory bytes each harness launch touched, summed over launches (csrc/harness/traffic.h)."""
+    bytes: int = 0
+    launches: int = 0
+
+
+@contextlib.contextmanager
+def traffic():
+    """Counts the modeled traffic of the cuda backend's kernels run in the block (the harness must be loaded)."""
+    counted = Traffic()
+    torch.ops.diffkern_harness.traffic_start()
+    try:
+        yield counted
+    finally:
+        counted.bytes, counted.launches = torch.ops.diffkern_harness.traffic_stop()

@@ -1,0 +1,239 @@
+// CPU kernels of NoiseTilt (specs/ntrk.md; schemas in csrc/diffkern/ops.cpp).
+//
+// ntrk_step: one pass in chunks of kChunk elements, parallel over (sample, chunk); reads mu, w (and
+// eps when given) once, writes x once. Without eps the normals come from philox.h at the element's
+// flat index, the same stream as the Triton kernel's tl.randn and the reference.
+// twoos_project: per pass, a row phase (sort each tile of D, parallel over tiles) and a column phase
+// (sort each rank j across the M tiles, clip against the band, scatter back; parallel over (sample, j)).
+// Every sort orders by (value, position), so ranks and results are deterministic.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include "convert.h"
+#include "diffkern/check.h"
+#include "diffkern/ntrk_math.h"
+#include "diffkern/philox.h"
+
+namespace diffkern::ntrk {
+namespace {
+
+using cpu::narrow;
+using cpu::staging;
+using cpu::widen;
+
+constexpr int64_t kChunk = 16384;  // elements per parallel task of ntrk_step
+constexpr int64_t kRow = 512;      // elements widened into L1-resident rows at a time
+constexpr const char* kStepOp = "ntrk_step";
+constexpr const char* kProjectOp = "twoos_project";
+
+void check_floating(const char* op, const at::Tensor& t, const char* name) {
+  const at::ScalarType s = t.scalar_type();
+  TORCH_CHECK_VALUE(s == at::kHalf || s == at::kBFloat16 || s == at::kFloat || s == at::kDouble, op, ": ", name,
+                    " dtype must be float16, bfloat16, float32 or float64, got ", dtype_name(s));
+}
+
+void check_per_sample(const char* op, const at::Tensor& t, const char* name, const at::Tensor& x, int64_t B) {
+  check_same_device(op, t, name, x, "mu");
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == B, op, ": ", name, " must be [B] = [", B, "], got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+                    " dtype must be float32 or float64, got ", dtype_name(t.scalar_type()));
+}
+
+// The checks python/diffkern/ntrk/op.py makes, in the same order and words.
+void check_step(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& w, const at::Tensor& rho,
+                const std::optional<at::Tensor>& eps, int64_t offset) {
+  TORCH_CHECK_VALUE(mu.dim() >= 1, kStepOp, ": mu must be [B, ...], got a 0-dim tensor");
+  check_floating(kStepOp, mu, "mu");
+  TORCH_CHECK_VALUE(mu.is_contiguous(), kStepOp, ": mu must be contiguous; call .contiguous()");
+  for (const auto& [name, p] : {std::pair<const char*, const at::Tensor*>{"w", &w}, {"eps", eps ? &*eps : nullptr}}) {
+    if (p == nullptr) continue;
+    TORCH_CHECK_VALUE(p->sizes() == mu.sizes(), kStepOp, ": ", name, " has shape ", p->sizes(), " but mu has shape ",
+                      mu.sizes());
+    TORCH_CHECK_VALUE(p->scalar_type() == mu.scalar_type(), kStepOp, ": ", name, " dtype ",
+                      dtype_name(p->scalar_type()), " differs from mu dtype ", dtype_name(mu.scalar_type()));
+    check_same_device(kStepOp, *p, name, mu, "mu");
+    TORCH_CHECK_VALUE(p->is_contiguous(), kStepOp, ": ", name, " must be contiguous; call .contiguous()");
+  }
+  check_per_sample(kStepOp, sigma, "sigma", mu, mu.size(0));
+  check_per_sample(kStepOp, rho, "rho", mu, mu.size(0));
+  TORCH_CHECK_VALUE(offset >= 0, kStepOp, ": offset must be >= 0, got ", offset);
+}
+
+template <typename acc_t>
+std::vector<Tilt<acc_t>> tilts(const at::Tensor& sigma, const at::Tensor& rho) {
+  const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
+  const at::Tensor s = sigma.to(acc).contiguous(), r = rho.to(acc).contiguous();
+  std::vector<Tilt<acc_t>> t;
+  for (int64_t i = 0; i < s.numel(); ++i) t.push_back(tilt(s.const_data_ptr<acc_t>()[i], r.const_data_ptr<acc_t>()[i]));
+  return t;
+}
+
+template <typename scalar_t>
+void step_kernel(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& w, const at::Tensor& rho,
+                 const std::optional<at::Tensor>& eps, uint64_t seed, uint64_t offset, at::Tensor& x) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = mu.size(0), D = B > 0 ? mu.numel() / B : 0, n_chunks = (D + kChunk - 1) / kChunk;
+  const auto coef = tilts<acc_t>(sigma, rho);
+  const scalar_t *pmu = mu.const_data_ptr<scalar_t>(), *pw = w.const_data_ptr<scalar_t>(),
+                 *pe = eps ? eps->const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* px = x.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, B * n_chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(4 * kRow);
+    acc_t *bmu = buf.data(), *bw = bmu + kRow, *be = bw + kRow, *bx = be + kRow;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / n_chunks, e0 = task % n_chunks * kChunk, e_end = std::min(D, e0 + kChunk);
+      const Tilt<acc_t> c = coef[i];
+      for (int64_t e = e0; e < e_end; e += kRow) {
+        const int64_t off = i * D + e, n = std::min(kRow, e_end - e);
+        const acc_t *__restrict mr = widen(pmu + off, bmu, n), *__restrict wr = widen(pw + off, bw, n);
+        const acc_t* __restrict er = be;
+        if (pe != nullptr) {
+          er = widen(pe + off, be, n);
+        } else {
+          for (int64_t j = 0; j < n; ++j) be[j] = philox::randn(seed, offset + static_cast<uint64_t>(off + j));
+        }
+        acc_t* __restrict xr = staging(px + off, bx);
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) xr[j] = mr[j] + c.a * wr[j] + c.b * er[j];
+        narrow(xr, px + off, n);
+      }
+    }
+  });
+}
+
+at::Tensor ntrk_step_cpu(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& w, const at::Tensor& rho,
+                         const std::optional<at::Tensor>& eps, int64_t seed, int64_t offset) {
+  check_step(mu, sigma, w, rho, eps, offset);
+  at::Tensor x = empty_output(mu.sizes(), mu.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), kStepOp, [&] {
+    step_kernel<scalar_t>(mu, sigma, w, rho, eps, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), x);
+  });
+  return x;
+}
+
+// An entry and where it came from; ordered by (value, position), NaN above every number.
+template <typename acc_t>
+struct Ranked {
+  acc_t v;
+  int32_t pos;
+  bool operator<(const Ranked& o) const {
+    if (v < o.v) return true;
+    if (o.v < v) return false;
+    const bool nan = v != v, o_nan = o.v != o.v;
+    return nan != o_nan ? o_nan : pos < o.pos;
+  }
+};
+
+struct Bands {
+  int64_t B, M, D;
+};
+
+Bands check_project(const at::Tensor& x, const at::Tensor& lower, const at::Tensor& upper, int64_t max_passes) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, kProjectOp, ": x must be [B, ...], got a 0-dim tensor");
+  check_floating(kProjectOp, x, "x");
+  TORCH_CHECK_VALUE(x.is_contiguous(), kProjectOp, ": x must be contiguous; call .contiguous()");
+  TORCH_CHECK_VALUE(lower.dim() == 2 && upper.sizes() == lower.sizes(), kProjectOp,
+                    ": lower and upper must be [M, D] tables of one shape, got ", lower.sizes(), " and ",
+                    upper.sizes());
+  const at::ScalarType acc = at::toOpMathType(x.scalar_type());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"lower", &lower}, {"upper", &upper}}) {
+    check_same_device(kProjectOp, *t, name, x, "x");
+    TORCH_CHECK_VALUE(t->scalar_type() == acc && t->is_contiguous(), kProjectOp, ": ", name,
+                      " must be a contiguous tensor of dtype ", dtype_name(acc), " (x's accumulation dtype), got ",
+                      dtype_name(t->scalar_type()));
+  }
+  const int64_t B = x.size(0), M = lower.size(0), D = lower.size(1);
+  TORCH_CHECK_VALUE(M >= 1 && D >= 1 && D <= 32768 && M < (int64_t(1) << 31), kProjectOp,
+                    ": the band table must be [M, D] with M >= 1 and 1 <= D <= 32768, got ", lower.sizes());
+  TORCH_CHECK_VALUE(B == 0 || x.numel() / B == M * D, kProjectOp, ": each sample of x has ",
+                    B ? x.numel() / B : 0, " entries but the band table is [M, D] = ", lower.sizes(),
+                    " (M * D entries)");
+  TORCH_CHECK_VALUE(max_passes >= 0, kProjectOp, ": max_passes must be >= 0, got ", max_passes);
+  return {B, M, D};
+}
+
+// One pass over y [B, M * D] (in place): ranks, in-band counts per sample, and the clip when `clip`.
+template <typename acc_t>
+std::vector<int64_t> project_pass(const Bands& g, acc_t* y, const acc_t* lo, const acc_t* hi, bool clip,
+                                  std::vector<acc_t>& sorted_t, std::vector<int16_t>& perm) {
+  const int64_t M = g.M, D = g.D, N = M * D;
+  // row phase: tile (b, m) sorted; sorted_t[b, j, m] its j-th smallest, perm[b, m, j] that entry's column
+  at::parallel_for(0, g.B * M, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Ranked<acc_t>> row(D);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / M, m = t % M;
+      for (int64_t c = 0; c < D; ++c) row[c] = {y[t * D + c], static_cast<int32_t>(c)};
+      std::sort(row.begin(), row.end());
+      for (int64_t j = 0; j < D; ++j) {
+        sorted_t[(b * D + j) * M + m] = row[j].v;
+        perm[t * D + j] = static_cast<int16_t>(row[j].pos);
+      }
+    }
+  });
+  // column phase: rank j of sample b sorted across tiles, clipped to its band, scattered back
+  std::vector<int64_t> inside(g.B * D);
+  at::parallel_for(0, g.B * D, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Ranked<acc_t>> col(M);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / D, j = t % D;
+      const acc_t* s = sorted_t.data() + t * M;
+      for (int64_t m = 0; m < M; ++m) col[m] = {s[m], static_cast<int32_t>(m)};
+      std::sort(col.begin(), col.end());
+      int64_t n_in = 0;
+      for (int64_t r = 0; r < M; ++r) {
+        const acc_t v = col[r].v, l = lo[r * D + j], u = hi[r * D + j];
+        n_in += (v >= l && v <= u);
+        const int64_t m = col[r].pos;
+        y[b * N + m * D + perm[(b * M + m) * D + j]] = clip ? std::min(std::max(v, l), u) : v;
+      }
+      inside[t] = n_in;
+    }
+  });
+  std::vector<int64_t> per_sample(g.B, 0);
+  for (int64_t t = 0; t < g.B * D; ++t) per_sample[t / D] += inside[t];
+  return per_sample;
+}
+
+std::tuple<at::Tensor, at::Tensor> twoos_project_cpu(const at::Tensor& x, const at::Tensor& lower,
+                                                     const at::Tensor& upper, int64_t max_passes) {
+  const Bands g = check_project(x, lower, upper, max_passes);
+  const at::ScalarType acc = at::toOpMathType(x.scalar_type());
+  at::Tensor y = x.to(acc, /*non_blocking=*/false, /*copy=*/true);
+  at::Tensor in_set = empty_output({g.B}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, kProjectOp, [&] {
+    const int64_t N = g.M * g.D;
+    std::vector<scalar_t> sorted_t(g.B * N);
+    std::vector<int16_t> perm(g.B * N);
+    scalar_t* py = y.mutable_data_ptr<scalar_t>();
+    for (int64_t pass = 0; pass <= max_passes; ++pass) {
+      // the last iteration only measures: max_passes clips at most
+      const std::vector<int64_t> inside = project_pass<scalar_t>(
+          g, py, lower.const_data_ptr<scalar_t>(), upper.const_data_ptr<scalar_t>(), pass < max_passes, sorted_t, perm);
+      const bool all_in = std::all_of(inside.begin(), inside.end(), [&](int64_t n) { return n == N; });
+      if (all_in || pass == max_passes) {
+        for (int64_t b = 0; b < g.B; ++b)
+          in_set.mutable_data_ptr<scalar_t>()[b] = static_cast<scalar_t>(inside[b]) / static_cast<scalar_t>(N);
+        break;
+      }
+    }
+  });
+  return {y.to(x.scalar_type()), in_set};
+}
+
+}  // namespace
+}  // namespace diffkern::ntrk
+
+TORCH_LIBRARY_IMPL(diffkern, CPU, m) {
+  m.impl("ntrk_step", TORCH_FN(diffkern::ntrk::ntrk_step_cpu));
+  m.impl("twoos_project", TORCH_FN(diffkern::ntrk::twoos_project_cpu));
+}

@@ -1,0 +1,29 @@
+// Host interface of the CUDA NoiseTilt step kernel (ntrk_step.cu): plain structs and a launch function
+// with no torch or CUDA types, included by the torch glue (ntrk_step_glue.h) of both the CUDA build
+// and the CPU harness build.
+#pragma once
+
+#include <stdint.h>
+
+#include "latents.h"
+
+namespace diffkern::ntrk::cuda {
+
+using diffkern::cuda::Latents;
+using diffkern::cuda::PerSample;
+
+// x = mu + sigma_i (sqrt(rho_i) w + sqrt(1 - rho_i) eps), eps given or philox::randn(seed, offset + n)
+// for flat element n.
+struct StepParams {
+  Latents lat;
+  PerSample sigma, rho;
+  const void *mu, *w, *eps;  // [B, D], dtype; eps may be nullptr
+  void* x;                   // [B, D], dtype
+  uint64_t seed, offset;
+  void* stream;
+};
+
+// Returns nullptr, or the description of a launch error.
+const char* step(const StepParams& p);
+
+}  // namespace diffkern::ntrk::cuda

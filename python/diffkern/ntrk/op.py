@@ -1,0 +1,150 @@
+"""NoiseTilt as torch ops: argument checks, fake (meta) implementations, autograd, backends.
+
+The schemas live in csrc/diffkern/ops.cpp and the C++ CPU kernels in csrc/cpu/ntrk.cpp; this file
+registers everything Python owns for diffkern::ntrk_step and diffkern::twoos_project. The public
+functions (with their docstrings) are in ntrk/api.py.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _dtypes, _registry, _triton
+from . import reference, triton_kernels
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+STEP_OP, PROJECT_OP = "ntrk_step", "twoos_project"
+
+
+def _check_floating(op, t, name):
+    if t.dtype not in _FLOATS:
+        raise ValueError(f"{op}: {name} dtype must be float16, bfloat16, float32 or float64, got {_dtypes.name(t.dtype)}")
+
+
+def _check_per_sample(op, t, name, mu, B):
+    if t.device != mu.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but mu is on {mu.device}")
+    if t.dim() != 1 or t.shape[0] != B:
+        raise ValueError(f"{op}: {name} must be [B] = [{B}], got shape {list(t.shape)}")
+    if t.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{op}: {name} dtype must be float32 or float64, got {_dtypes.name(t.dtype)}")
+
+
+def check_step(mu, sigma, w, rho, eps, seed, offset) -> None:
+    """The checks csrc/cpu/ntrk.cpp makes, in the same order and words."""
+    if mu.dim() < 1:
+        raise ValueError(f"{STEP_OP}: mu must be [B, ...], got a 0-dim tensor")
+    _check_floating(STEP_OP, mu, "mu")
+    if not mu.is_contiguous():
+        raise ValueError(f"{STEP_OP}: mu must be contiguous; call .contiguous()")
+    for name, y in (("w", w), ("eps", eps)):
+        if y is None:
+            continue
+        if y.shape != mu.shape:
+            raise ValueError(f"{STEP_OP}: {name} has shape {list(y.shape)} but mu has shape {list(mu.shape)}")
+        if y.dtype != mu.dtype:
+            raise ValueError(f"{STEP_OP}: {name} dtype {_dtypes.name(y.dtype)} differs from mu dtype "
+                             f"{_dtypes.name(mu.dtype)}")
+        if y.device != mu.device:
+            raise ValueError(f"{STEP_OP}: {name} is on {y.device} but mu is on {mu.device}")
+        if not y.is_contiguous():
+            raise ValueError(f"{STEP_OP}: {name} must be contiguous; call .contiguous()")
+    _check_per_sample(STEP_OP, sigma, "sigma", mu, mu.shape[0])
+    _check_per_sample(STEP_OP, rho, "rho", mu, mu.shape[0])
+    if offset < 0:
+        raise ValueError(f"{STEP_OP}: offset must be >= 0, got {offset}")
+
+
+def check_project(x, lower, upper, max_passes) -> None:
+    """The checks csrc/cpu/ntrk.cpp makes, in the same order and words."""
+    if x.dim() < 1:
+        raise ValueError(f"{PROJECT_OP}: x must be [B, ...], got a 0-dim tensor")
+    _check_floating(PROJECT_OP, x, "x")
+    if not x.is_contiguous():
+        raise ValueError(f"{PROJECT_OP}: x must be contiguous; call .contiguous()")
+    if lower.dim() != 2 or upper.shape != lower.shape:
+        raise ValueError(f"{PROJECT_OP}: lower and upper must be [M, D] tables of one shape, got "
+                         f"{list(lower.shape)} and {list(upper.shape)}")
+    acc = _dtypes.acc(x.dtype)
+    for name, t in (("lower", lower), ("upper", upper)):
+        if t.device != x.device:
+            raise ValueError(f"{PROJECT_OP}: {name} is on {t.device} but x is on {x.device}")
+        if t.dtype != acc or not t.is_contiguous():
+            raise ValueError(f"{PROJECT_OP}: {name} must be a contiguous tensor of dtype {_dtypes.name(acc)} "
+                             f"(x's accumulation dtype), got {_dtypes.name(t.dtype)}")
+    B, (M, D) = x.shape[0], lower.shape
+    if not (M >= 1 and 1 <= D <= 32768 and M < 2**31):
+        raise ValueError(f"{PROJECT_OP}: the band table must be [M, D] with M >= 1 and 1 <= D <= 32768, got "
+                         f"{list(lower.shape)}")
+    n = x.numel() // B if B else 0
+    if B and n != M * D:
+        raise ValueError(f"{PROJECT_OP}: each sample of x has {n} entries but the band table is [M, D] = "
+                         f"{list(lower.shape)} (M * D entries)")
+    if max_passes < 0:
+        raise ValueError(f"{PROJECT_OP}: max_passes must be >= 0, got {max_passes}")
+
+
+def _triton_backend(launch, op: str):
+    """The Triton backend: `launch`, once the latents (argument 0) are known not to be float64."""
+    def run(*args):
+        _triton.check_float32_math(op, args[0].dtype, "latents")
+        return launch(*args)
+    return run
+
+
+_registry.register(STEP_OP, check_step, triton=_triton_backend(triton_kernels.ntrk_step, STEP_OP),
+                   cuda=torch.ops.diffkern.ntrk_step_cuda, reference=reference.ntrk_step)
+_registry.register(PROJECT_OP, check_project, triton=_triton_backend(triton_kernels.twoos_project, PROJECT_OP),
+                   reference=reference.twoos_project)
+
+
+@torch.library.register_fake("diffkern::ntrk_step")
+def _step_fake(mu, sigma, w, rho, eps, seed, offset):
+    check_step(mu, sigma, w, rho, eps, seed, offset)
+    return mu.new_empty(mu.shape)
+
+
+# The internal op of the cuda backend (csrc/cuda, issue 8 helper) shares the public op's fake.
+torch.library.register_fake("diffkern::ntrk_step_cuda")(_step_fake)
+
+
+@torch.library.register_fake("diffkern::twoos_project")
+def _project_fake(x, lower, upper, max_passes):
+    check_project(x, lower, upper, max_passes)
+    return x.new_empty(x.shape), x.new_empty(x.shape[:1], dtype=_dtypes.acc(x.dtype))
+
+
+def _step_setup(ctx, inputs, output):
+    mu, sigma, w, rho, eps, _, _ = inputs
+    ctx.save_for_backward(sigma, rho)
+    ctx.has_eps = eps is not None
+    ctx.set_materialize_grads(False)
+
+
+def _step_backward(ctx, dx):
+    """dmu = dx, dw = sigma sqrt(rho) dx, deps = sigma sqrt(1 - rho) dx (per sample); sigma, rho: none."""
+    if dx is None:
+        return (None,) * 7
+    sigma, rho = ctx.saved_tensors
+    acc = _dtypes.acc(dx.dtype)
+    shape = (-1,) + (1,) * (dx.dim() - 1)
+    s, r = sigma.to(acc).reshape(shape), rho.to(acc).reshape(shape)
+    dw = (s * torch.sqrt(r) * dx.to(acc)).to(dx.dtype)
+    deps = (s * torch.sqrt(1 - r) * dx.to(acc)).to(dx.dtype) if ctx.has_eps else None
+    return dx, None, dw, None, deps, None, None
+
+
+torch.library.register_autograd("diffkern::ntrk_step", _step_backward, setup_context=_step_setup)
+
+
+def _project_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output)
+
+
+def _project_backward(ctx, *grads):
+    return (None,) * 4
+
+
+# The projection is piecewise: the identity on in-band entries, a constant (the band edge) on clipped
+# ones, with a sort in between. Its gradient would be zero on exactly the entries guidance cares
+# about, so it is declared non-differentiable: outputs of inputs requiring grad plainly do not.
+torch.library.register_autograd("diffkern::twoos_project", _project_backward, setup_context=_project_setup)

@@ -1,0 +1,96 @@
+"""NoiseTilt in plain PyTorch: the readable definition, the test oracle (float64) and the "reference" backend.
+
+    ntrk_step:      x = mu + sigma_i (sqrt(rho_i) w + sqrt(1 - rho_i) eps)       per sample i
+    twoos_project:  Y = x_i as [M, D]; Z = sort over tiles of (sort within tiles of Y);
+                    Z <- clip(Z, lower, upper); undo both sorts          (specs/ntrk.md, "2OS")
+Sorts order by (value, position), like the kernels, so every backend ranks ties the same way.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _dtypes
+
+# Philox4x32-10 and the normal transform of Triton's tl.randn (csrc/include/diffkern/philox.h).
+_KEY_A, _KEY_B, _ROUND_A, _ROUND_B = 0x9E3779B9, 0xBB67AE85, 0xD2511F53, 0xCD9E8D57
+_MASK32 = 0xFFFFFFFF
+
+
+def _mulhilo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit words of a * b for uint32 values held in int64 (16-bit halves stay exact)."""
+    p_hi, p_lo = (a >> 16) * b, (a & 0xFFFF) * b
+    return (p_hi + (p_lo >> 16)) >> 16, (a * b) & _MASK32
+
+
+def philox_randint4x(seed: int, offset: torch.Tensor) -> list[torch.Tensor]:
+    """The four uint32 words (in int64 tensors) of Philox4x32-10 at counter (offset, 0, 0), key seed."""
+    c = [offset & _MASK32, (offset >> 32) & _MASK32, torch.zeros_like(offset), torch.zeros_like(offset)]
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(10):
+        hi_b, lo_b = _mulhilo(c[2], _ROUND_B)
+        hi_a, lo_a = _mulhilo(c[0], _ROUND_A)
+        c = [hi_b ^ c[1] ^ k0, lo_b, hi_a ^ c[3] ^ k1, lo_a]
+        k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
+    return c
+
+
+def philox_uniform(r: torch.Tensor) -> torch.Tensor:
+    """uint32 -> float32 in [0, 1): the int32 reading folded onto [0, 2^31) and scaled just below 1."""
+    i = torch.where(r >= 2**31, 2**32 - 1 - r, r)
+    return i.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def philox_randn(seed: int, offset: torch.Tensor) -> torch.Tensor:
+    """float32 N(0, 1) draws at int64 `offset`s of stream `seed`: Triton's tl.randn(seed, offset)."""
+    r = philox_randint4x(seed, offset.to(torch.int64))
+    u1 = torch.clamp_min(philox_uniform(r[0]), 1e-7)
+    th = torch.tensor(6.283185307179586, dtype=torch.float32) * philox_uniform(r[1])
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(th)
+
+
+def _per_sample(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def ntrk_step(mu, sigma, w, rho, eps, seed, offset):
+    """Reference backend of diffkern::ntrk_step: x in mu's dtype, math in its accumulation dtype."""
+    acc = _dtypes.acc(mu.dtype)
+    if eps is None:
+        flat = offset + torch.arange(mu.numel(), dtype=torch.int64, device=mu.device)
+        eps = philox_randn(seed, flat).reshape(mu.shape)
+    s, r = _per_sample(sigma.to(acc), mu), _per_sample(rho.to(acc), mu)
+    x = mu.to(acc) + s * torch.sqrt(r) * w.to(acc) + s * torch.sqrt(1 - r) * eps.to(acc)
+    return x.to(mu.dtype)
+
+
+def _sort_by_value_then_position(v: torch.Tensor, dim: int):
+    """torch.sort with ties in position order; -0.0 and +0.0 compare equal, as in the kernels."""
+    return torch.sort(v, dim=dim, stable=True)
+
+
+def project_pass(y: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, clip: bool):
+    """One 2OS pass over y [B, M, D]: (y after the clip, or unchanged; in-band count per sample)."""
+    S, P = _sort_by_value_then_position(y, 2)
+    Z, Q = _sort_by_value_then_position(S, 1)
+    inside = ((Z >= lower) & (Z <= upper)).flatten(1).sum(1)
+    if clip:
+        Z = torch.minimum(torch.maximum(Z, lower), upper)
+    S = torch.empty_like(S).scatter_(1, Q, Z)
+    return torch.empty_like(y).scatter_(2, P, S), inside
+
+
+def twoos_project(x, lower, upper, max_passes):
+    """Reference backend of diffkern::twoos_project: (out in x's dtype, in_set [B] in the accumulation dtype).
+
+    At most max_passes clipping passes, stopping once every entry of every sample is in its band; then
+    in_set is the fraction of the result's entries inside their bands.
+    """
+    acc = _dtypes.acc(x.dtype)
+    B, (M, D) = x.shape[0], lower.shape
+    y = x.to(acc).reshape(B, M, D)
+    lo, hi = lower.to(acc), upper.to(acc)
+    for p in range(max_passes + 1):
+        y, inside = project_pass(y, lo, hi, clip=p < max_passes)
+        if bool((inside == M * D).all()) or p == max_passes:
+            break
+    return y.reshape(x.shape).to(x.dtype), inside.to(acc) / (M * D)

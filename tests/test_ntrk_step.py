@@ -1,0 +1,144 @@
+"""diffkern.ntrk_step: every backend against float64, the in-kernel Philox stream, autograd, opcheck, compile."""
+import pytest
+import torch
+
+import diffkern
+from diffkern.ntrk import reference
+from diffkern.testing.backends import backends_under_test, device_for, forced, supports
+from diffkern.testing.numerics import assert_close_to_oracle
+
+BACKENDS = backends_under_test("ntrk_step")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# (B, *latent): one element, odd sizes, just above a Triton tile (1024), a video-like [C, F, H, W]
+SHAPES = ((1, 1), (3, 7), (2, 1025), (2, 3, 5, 67))
+
+
+def params(dtypes=DTYPES):
+    return [(b, dt) for b in BACKENDS for dt in dtypes if supports(b, dt)]
+
+
+def make(shape, dtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mu, w, eps = (torch.randn(shape, generator=g).to(device, dtype) for _ in range(3))
+    sigma = (0.2 + torch.rand(shape[0], generator=g)).to(device)
+    rho = torch.rand(shape[0], generator=g).to(device)
+    return mu, sigma, w, rho, eps
+
+
+def test_philox_reference_matches_the_random123_known_answers():
+    """Philox4x32-10 at counter 0, key 0 (Random123's known-answer vector): the reference the backends'
+    in-kernel draws are held to is Philox itself, not just self-consistent."""
+    words = reference.philox_randint4x(0, torch.tensor([0]))
+    assert [int(w) for w in words] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("backend,dtype", params())
+def test_step_with_eps_matches_float64_reference(backend, dtype, shape):
+    mu, sigma, w, rho, eps = make(shape, dtype, device_for(backend))
+    with forced(backend):
+        x = diffkern.ntrk_step(mu, sigma, w, rho, eps=eps)
+    args = [t.cpu() for t in (mu, sigma, w, rho, eps)]
+    oracle = reference.ntrk_step(*(t.double() for t in args), 0, 0)
+    plain = reference.ntrk_step(*args, 0, 0)
+    assert x.dtype == dtype
+    assert_close_to_oracle(x, oracle, plain, "x")
+
+
+@pytest.mark.parametrize("offset", (0, 2**32 - 5))
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=str)
+@pytest.mark.parametrize("backend,dtype", params((torch.float32, torch.float64)))
+def test_in_kernel_noise_is_the_philox_stream(backend, dtype, shape, offset):
+    """eps = None: every backend draws reference.philox_randn(seed, offset + flat index) (across the 2^32
+    boundary of the counter's low word, too); mu = 0, w = 0, sigma = 1, rho = 0 make x = eps itself."""
+    dev = device_for(backend)
+    zeros = torch.zeros(shape, dtype=dtype, device=dev)
+    seed = 0x1234_5678_9ABC
+    with forced(backend):
+        x = diffkern.ntrk_step(zeros, 1.0, zeros, 0.0, seed=seed, offset=offset)
+    ref = reference.philox_randn(seed, offset + torch.arange(zeros.numel())).reshape(shape)
+    torch.testing.assert_close(x.cpu().float(), ref, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seeded_noise_is_reproducible_and_the_generator_draws_the_seed(backend):
+    mu, sigma, w, rho, _ = make((2, 300), torch.float32, device_for(backend))
+    with forced(backend):
+        a = diffkern.ntrk_step(mu, sigma, w, rho, seed=7)
+        b = diffkern.ntrk_step(mu, sigma, w, rho, seed=7)
+        c = diffkern.ntrk_step(mu, sigma, w, rho, seed=8)
+        g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        d, e = (diffkern.ntrk_step(mu, sigma, w, rho, generator=g) for g in (g1, g2))
+    assert torch.equal(a, b) and not torch.equal(a, c) and torch.equal(d, e)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generated_noise_is_standard_normal(backend):
+    zeros = torch.zeros(4, 2500, device=device_for(backend))
+    with forced(backend):
+        eps = diffkern.ntrk_step(zeros, 1.0, zeros, 0.0, seed=11).cpu()
+    assert abs(eps.mean().item()) < 5 / 100 and abs(eps.var().item() - 1) < 5 * (2 / 1e4) ** 0.5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigma_and_rho_broadcast_from_floats_and_zero_dim_tensors(backend):
+    mu, _, w, _, eps = make((3, 5), torch.float32, device_for(backend))
+    with forced(backend):
+        a = diffkern.ntrk_step(mu, 0.7, w, 0.25, eps=eps)
+        b = diffkern.ntrk_step(mu, torch.tensor(0.7), w, torch.full((3,), 0.25, dtype=torch.float64), eps=eps)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a.cpu(), (mu + 0.7 * (0.5 * w + 0.75 ** 0.5 * eps)).cpu())
+
+
+@pytest.mark.parametrize("backend", ("cpu", "reference"))
+@pytest.mark.parametrize("with_eps", (True, False))
+def test_gradcheck_float64(backend, with_eps):
+    mu, sigma, w, rho, eps = make((2, 3, 5), torch.float64)
+    leaves = [mu.requires_grad_(), w.requires_grad_()] + ([eps.requires_grad_()] if with_eps else [])
+
+    def step(*ts):
+        return diffkern.ntrk_step(ts[0], sigma, ts[1], rho, eps=ts[2] if with_eps else None, seed=5)
+    with forced(backend):
+        assert torch.autograd.gradcheck(step, leaves)
+
+
+def test_opcheck():
+    mu, sigma, w, rho, eps = make((2, 3, 5), torch.float32)
+    mu.requires_grad_()
+    for e in (eps, None):
+        torch.library.opcheck(torch.ops.diffkern.ntrk_step.default, (mu, sigma, w, rho, e, 3, 0))
+
+
+def test_compiles_fullgraph_forward_and_backward():
+    mu, sigma, w, rho, eps = make((2, 37), torch.float32)
+    mu.requires_grad_()
+
+    def f(mu, w, eps):
+        return diffkern.ntrk_step(mu, sigma, w, rho, eps=eps).square().sum()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(mu, w, eps), f(mu, w, eps))
+    torch.testing.assert_close(torch.autograd.grad(compiled(mu, w, eps), mu)[0], torch.autograd.grad(f(mu, w, eps), mu)[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case,match", [
+    (lambda t: dict(w=t["w"][:, :2]), "w has shape"),
+    (lambda t: dict(w=t["w"].half()), "w dtype float16 differs"),
+    (lambda t: dict(mu=t["mu"].t()), "mu must be contiguous"),
+    (lambda t: dict(eps=t["eps"][:, ::2].contiguous()), "eps has shape"),
+    (lambda t: dict(sigma=torch.ones(5)), r"sigma must be a float, a 0-dim tensor or a \[B\]"),
+    (lambda t: dict(rho=1.5), r"rho must be in \[0, 1\]"),
+    (lambda t: dict(mu=t["mu"].long(), w=t["w"].long(), eps=t["eps"].long()), "mu dtype must be"),
+])
+def test_bad_arguments_raise_value_errors_naming_them(backend, case, match):
+    mu, sigma, w, rho, eps = make((4, 4), torch.float32, device_for(backend))
+    kw = dict(mu=mu, sigma=sigma, w=w, rho=rho, eps=eps)
+    kw.update(case(kw))
+    with forced(backend), pytest.raises(ValueError, match=match):
+        diffkern.ntrk_step(**kw)
+
+
+def test_triton_backend_refuses_float64():
+    mu, sigma, w, rho, eps = make((2, 5), torch.float64)
+    with forced("triton"), pytest.raises(ValueError, match="float64"):
+        diffkern.ntrk_step(mu, sigma, w, rho, eps=eps)
