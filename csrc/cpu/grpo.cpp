@@ -33,6 +33,9 @@ using cpu::widen;
 // Elements per parallel task, hence per partial sum: fixed, so the sums do not depend on the thread
 // count; large enough (64 KB of fp32 per operand) that scheduling costs vanish.
 constexpr int64_t kChunk = 16384;
+// Least elements worth a thread (ATen's GRAIN_SIZE for elementwise loops): a smaller problem runs in
+// the calling thread, where waking a second one would cost more than the work.
+constexpr int64_t kMinThreadElements = 32768;
 // Elements widened into L1-resident fp32 rows at a time.
 constexpr int64_t kRow = 512;
 
@@ -102,7 +105,8 @@ std::vector<StepCoef<acc_t>> coefficients(const at::Tensor& sigma, const at::Ten
 template <int K, typename acc_t, typename F>
 std::vector<std::array<acc_t, K>> for_rows(const Geometry& g, const F& f) {
   std::vector<std::array<acc_t, K>> partial(g.B * g.n_chunks);
-  at::parallel_for(0, g.B * g.n_chunks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, kMinThreadElements / std::min(g.D, kChunk));
+  at::parallel_for(0, g.B * g.n_chunks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / g.n_chunks, e0 = task % g.n_chunks * kChunk, e_end = std::min(g.D, e0 + kChunk);
       std::array<acc_t, K> sum{};
