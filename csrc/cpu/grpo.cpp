@@ -33,6 +33,9 @@ using cpu::widen;
 // Elements per parallel task, hence per partial sum: fixed, so the sums do not depend on the thread
 // count; large enough (64 KB of fp32 per operand) that scheduling costs vanish.
 constexpr int64_t kChunk = 16384;
+// Least elements worth a thread (ATen's GRAIN_SIZE for elementwise loops): a smaller problem runs in
+// the calling thread, where waking a second one would cost more than the work.
+constexpr int64_t kMinThreadElements = 32768;
 // Elements widened into L1-resident fp32 rows at a time.
 constexpr int64_t kRow = 512;
 
@@ -102,7 +105,8 @@ std::vector<StepCoef<acc_t>> coefficients(const at::Tensor& sigma, const at::Ten
 template <int K, typename acc_t, typename F>
 std::vector<std::array<acc_t, K>> for_rows(const Geometry& g, const F& f) {
   std::vector<std::array<acc_t, K>> partial(g.B * g.n_chunks);
-  at::parallel_for(0, g.B * g.n_chunks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, kMinThreadElements / std::min(g.D, kChunk));
+  at::parallel_for(0, g.B * g.n_chunks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / g.n_chunks, e0 = task % g.n_chunks * kChunk, e_end = std::min(g.D, e0 + kChunk);
       std::array<acc_t, K> sum{};
@@ -121,11 +125,8 @@ std::vector<std::array<acc_t, K>> for_rows(const Geometry& g, const F& f) {
 }
 
 template <typename acc_t>
-acc_t sum_sq(const acc_t* __restrict r, int64_t n) {
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += r[j] * r[j];
-  return s;
+inline acc_t sq(acc_t r) {
+  return r * r;
 }
 
 // Per-thread L1 rows, `count` of kRow elements.
@@ -146,12 +147,11 @@ void sde_step_kernel(const Geometry& g, const at::Tensor& x, const at::Tensor& v
                  *pn = eps.const_data_ptr<scalar_t>();
   scalar_t *pxn = x_next.mutable_data_ptr<scalar_t>(), *py = y.mutable_data_ptr<scalar_t>();
   const auto ss = for_rows<1, acc_t>(g, [&](int64_t i, int64_t off, int64_t n) {
-    thread_local RowBuffers<acc_t> buf(6);
+    thread_local RowBuffers<acc_t> buf(5);
     const StepCoef<acc_t>& c = coef[i];
     const acc_t *__restrict xr = widen(px + off, buf[0], n), *__restrict vr = widen(pv + off, buf[1], n),
                 *__restrict nr = widen(pn + off, buf[2], n);
     acc_t *__restrict yr = staging(py + off, buf[3]), *__restrict xnr = staging(pxn + off, buf[4]);
-    acc_t* __restrict r = buf[5];
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       yr[j] = c.b * vr[j] + c.noise_scale * nr[j];
@@ -161,9 +161,10 @@ void sde_step_kernel(const Geometry& g, const at::Tensor& x, const at::Tensor& v
     narrow(xnr, pxn + off, n);
     // log_prob is of y as stored (rounded to x's dtype), the value the loss reads back.
     const acc_t* __restrict back = widen(py + off, buf[3], n);
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) r[j] = back[j] - c.b * vr[j];
-    return std::array<acc_t, 1>{sum_sq(r, n)};
+    acc_t ss = 0;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t j = 0; j < n; ++j) ss += sq(residual(c, back[j], vr[j]));
+    return std::array<acc_t, 1>{ss};
   });
   for (int64_t i = 0; i < g.B; ++i) {
     log_prob.mutable_data_ptr<acc_t>()[i] = -ss[i][0] / acc_t(g.D) * coef[i].inv_2var - coef[i].log_norm;
@@ -207,18 +208,9 @@ struct LossRows {
     return bv;
   }
 
-  // r = x_next - mu = target - b v (- a x when x is given, target being x_next; else target is y).
-  void residual(const StepCoef<acc_t>& c, const acc_t* __restrict vr, int64_t off, int64_t n, acc_t* bt, acc_t* bx,
-                acc_t* __restrict r) const {
-    const acc_t* __restrict tr = widen(target + off, bt, n);
-    if (x == nullptr) {
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) r[j] = tr[j] - c.b * vr[j];
-    } else {
-      const acc_t* __restrict xr = widen(x + off, bx, n);
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) r[j] = tr[j] - c.b * vr[j] - c.a * xr[j];
-    }
+  // Rows of target and x (nullptr without x: target is then y, else x_next).
+  std::pair<const acc_t*, const acc_t*> step(int64_t off, int64_t n, acc_t* bt, acc_t* bx) const {
+    return {widen(target + off, bt, n), x != nullptr ? widen(x + off, bx, n) : nullptr};
   }
 };
 
@@ -250,17 +242,25 @@ void log_prob_kernel(const Geometry& g, const LossRows<scalar_t, at::opmath_type
   using acc_t = at::opmath_type<scalar_t>;
   const auto coef = coefficients<acc_t>(sigma, sigma_next, std_rule, std_coef);
   const auto sums = for_rows<2, acc_t>(g, [&](int64_t i, int64_t off, int64_t n) {
-    thread_local RowBuffers<acc_t> buf(6);
+    thread_local RowBuffers<acc_t> buf(5);
+    const StepCoef<acc_t>& c = coef[i];
     const acc_t* __restrict vr = rows.velocity(off, n, buf[0], buf[1]);
-    acc_t* __restrict r = buf[4];
-    rows.residual(coef[i], vr, off, n, buf[2], buf[3], r);
-    std::array<acc_t, 2> out{sum_sq(r, n), acc_t(0)};
-    if (rows.ref != nullptr) {
-      const acc_t* __restrict rr = widen(rows.ref + off, buf[5], n);
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) r[j] = vr[j] - rr[j];
-      out[1] = sum_sq(r, n);
+    const auto [t, x] = rows.step(off, n, buf[2], buf[3]);
+    const acc_t *__restrict tr = t, *__restrict xr = x;
+    acc_t ss = 0, kk = 0;
+    if (xr == nullptr) {
+#pragma omp simd reduction(+ : ss)
+      for (int64_t j = 0; j < n; ++j) ss += sq(residual(c, tr[j], vr[j]));
+    } else {
+#pragma omp simd reduction(+ : ss)
+      for (int64_t j = 0; j < n; ++j) ss += sq(residual(c, tr[j], vr[j], xr[j]));
     }
+    if (rows.ref != nullptr) {
+      const acc_t* __restrict rr = widen(rows.ref + off, buf[4], n);
+#pragma omp simd reduction(+ : kk)
+      for (int64_t j = 0; j < n; ++j) kk += sq(vr[j] - rr[j]);
+    }
+    const std::array<acc_t, 2> out{ss, kk};
     return out;
   });
   for (int64_t i = 0; i < g.B; ++i) {
@@ -305,15 +305,20 @@ void log_prob_bwd_kernel(const Geometry& g, const at::Tensor& dlog_prob, const a
     // d log_prob / dv = (x_next - mu) b / (std^2 Dt D); d kl / dv = b^2 (v - v_ref) / (std^2 Dt D)
     const acc_t k = c.b * 2 * c.inv_2var / acc_t(g.D), k_lp = glp[i] * k, k_kl = gkl[i] * k * c.b;
     const acc_t* __restrict vr = rows.velocity(off, n, buf[0], buf[1]);
+    const auto [t, x] = rows.step(off, n, buf[2], buf[3]);
+    const acc_t *__restrict tr = t, *__restrict xr = x;
     acc_t* __restrict d = staging(pdv + off, buf[4]);
-    rows.residual(c, vr, off, n, buf[2], buf[3], d);
+    if (xr == nullptr) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) d[j] = k_lp * residual(c, tr[j], vr[j]);
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) d[j] = k_lp * residual(c, tr[j], vr[j], xr[j]);
+    }
     if (rows.ref != nullptr) {
       const acc_t* __restrict rr = widen(rows.ref + off, buf[5], n);
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) d[j] = k_lp * d[j] + k_kl * (vr[j] - rr[j]);
-    } else {
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) d[j] *= k_lp;
+      for (int64_t j = 0; j < n; ++j) d[j] += k_kl * (vr[j] - rr[j]);
     }
     if (pdu != nullptr) {
       acc_t* __restrict du = staging(pdu + off, buf[5]);

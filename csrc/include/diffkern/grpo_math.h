@@ -34,4 +34,16 @@ DIFFKERN_HD inline StepCoef<T> step_coefficients(T sigma, T sigma_next, int std_
           T(1) / lambda};
 }
 
+// x_next - mu of one element from the residual target y = x_next - a x, or from x_next and x: the
+// loss's residual, written so that both forms round alike ((target - b v) - a x).
+template <typename T>
+DIFFKERN_HD inline T residual(const StepCoef<T>& c, T target, T v) {
+  return target - c.b * v;
+}
+
+template <typename T>
+DIFFKERN_HD inline T residual(const StepCoef<T>& c, T target, T v, T x) {
+  return residual(c, target, v) - c.a * x;
+}
+
 }  // namespace diffkern::grpo
