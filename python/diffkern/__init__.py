@@ -7,5 +7,6 @@ from ._ops import ExtensionError, build_info
 from ._registry import backend
 from .dar import dar_route
 from .grpo import flow_sde_step, grpo_iso_loss
+from .rmdm import recurse
 
-__all__ = ["ExtensionError", "backend", "build_info", "dar_route", "flow_sde_step", "grpo_iso_loss"]
+__all__ = ["ExtensionError", "backend", "build_info", "dar_route", "flow_sde_step", "grpo_iso_loss", "recurse"]

@@ -1,0 +1,191 @@
+// CPU forward of R-MDM's shared-block recursion (specs/rmdm.md; schema in csrc/diffkern/ops.cpp).
+//
+// Weights are widened to the accumulation type and packed into GEMM panels once per call
+// (diffkern/rmdm_gemm.h), then reused by all n_iter * K block evaluations; the state h stays in the
+// accumulation type between iterations and is rounded to x's dtype only when written to `states`.
+// Per block, M = B*T rows: LN1 (+adaLN), packed QKV GEMM, softmax attention per (sample, head), packed
+// output GEMM with the gated residual, LN2 (+adaLN), packed W_1 GEMM + gelu, packed W_2 GEMM + gated
+// residual. Traffic per call: x and the weights read once, the n_iter states written once; the
+// activations (M * (7d + f) values) live in per-call buffers that stay in cache at the Sudoku shapes.
+#include <cmath>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include "convert.h"
+#include "diffkern/check.h"
+#include "diffkern/rmdm_args.h"
+#include "diffkern/rmdm_gemm.h"
+#include "diffkern/rmdm_math.h"
+
+namespace diffkern::rmdm {
+namespace {
+
+// Rows per task of the row-wise passes (norms, gelu, residuals): ~16K element-ops at d = 256.
+constexpr int64_t kRowGrain = 64;
+
+template <typename acc_t>
+struct Block {
+  std::vector<acc_t> ln1_w, ln1_b, ln2_w, ln2_b;
+  PackedWeight<acc_t> qkv, o, fc1, fc2;
+};
+
+template <typename acc_t>
+struct Buffers {
+  std::vector<acc_t> h, u, qkv, ctx, a, z;
+  Buffers(int64_t M, int64_t d, int64_t f) : h(M * d), u(M * d), qkv(M * 3 * d), ctx(M * d), a(M * d), z(M * f) {}
+};
+
+template <typename scalar_t, typename acc_t>
+void widen_into(const scalar_t* src, acc_t* dst, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::copy(src, src + n, dst);
+  } else {
+    cpu::widen_row(src, dst, n);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+std::vector<acc_t> widened(const at::Tensor& t) {
+  std::vector<acc_t> out(t.numel());
+  widen_into<scalar_t, acc_t>(t.const_data_ptr<scalar_t>(), out.data(), t.numel());
+  return out;
+}
+
+template <typename scalar_t, typename acc_t>
+std::vector<Block<acc_t>> pack_blocks(at::TensorList weights) {
+  const auto widen = [](const scalar_t* s, acc_t* d, int64_t n) { widen_into<scalar_t, acc_t>(s, d, n); };
+  std::vector<Block<acc_t>> blocks(weights.size() / kBlockParams);
+  for (size_t k = 0; k < blocks.size(); ++k) {
+    const at::Tensor* w = weights.data() + k * kBlockParams;
+    Block<acc_t>& blk = blocks[k];
+    blk.ln1_w = widened<scalar_t, acc_t>(w[kLn1W]), blk.ln1_b = widened<scalar_t, acc_t>(w[kLn1B]);
+    blk.ln2_w = widened<scalar_t, acc_t>(w[kLn2W]), blk.ln2_b = widened<scalar_t, acc_t>(w[kLn2B]);
+    const auto pack = [&](PackedWeight<acc_t>& p, Param wi, Param bi) {
+      p.pack(w[wi].const_data_ptr<scalar_t>(), w[bi].const_data_ptr<scalar_t>(), w[wi].size(0), w[wi].size(1), widen);
+    };
+    pack(blk.qkv, kWqkv, kBqkv), pack(blk.o, kWo, kBo), pack(blk.fc1, kW1, kB1), pack(blk.fc2, kW2, kB2);
+  }
+  return blocks;
+}
+
+// ctx = softmax(q k^T / sqrt(dh)) v for every (sample, head), q/k/v read from the [M, 3d] qkv buffer.
+template <typename acc_t>
+void attention(const acc_t* qkv, int64_t B, int64_t T, int64_t d, int64_t heads, acc_t* ctx) {
+  const int64_t dh = d / heads;
+  const acc_t scale = acc_t(1) / std::sqrt(acc_t(dh));
+  at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> p(T);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / heads, hd = bh % heads;
+      const acc_t* base = qkv + b * T * 3 * d + hd * dh;
+      for (int64_t i = 0; i < T; ++i) {
+        const acc_t* q = base + i * 3 * d;
+        acc_t mx = -INFINITY;
+        for (int64_t j = 0; j < T; ++j) {
+          const acc_t* k = base + j * 3 * d + d;
+          acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+          for (int64_t c = 0; c < dh; ++c) s += q[c] * k[c];
+          p[j] = s * scale;
+          mx = std::max(mx, p[j]);
+        }
+        acc_t sum = 0;
+        for (int64_t j = 0; j < T; ++j) sum += (p[j] = std::exp(p[j] - mx));
+        acc_t* out = ctx + (b * T + i) * d + hd * dh;
+        std::fill(out, out + dh, acc_t(0));
+        for (int64_t j = 0; j < T; ++j) {
+          const acc_t* v = base + j * 3 * d + 2 * d;
+          const acc_t pj = p[j] / sum;
+#pragma omp simd
+          for (int64_t c = 0; c < dh; ++c) out[c] += pj * v[c];
+        }
+      }
+    }
+  });
+}
+
+// Calls f(b, row) for every row of M = B*T in parallel.
+template <typename F>
+void for_rows(int64_t B, int64_t T, const F& f) {
+  at::parallel_for(0, B * T, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) f(r / T, r);
+  });
+}
+
+// One pre-norm block on buf.h in place; mod (nullable) points at this block's [6, d] of sample 0,
+// sample b's at mod + b * mod_stride.
+template <typename acc_t>
+void block_forward(const Block<acc_t>& w, const acc_t* mod, int64_t mod_stride, const Geometry& g, acc_t eps,
+                   Buffers<acc_t>& buf) {
+  const int64_t d = g.d, f = g.f, M = g.B * g.T;
+  const auto part = [&](int64_t b, ModPart p) { return mod ? mod + b * mod_stride + p * d : nullptr; };
+  for_rows(g.B, g.T, [&](int64_t b, int64_t r) {
+    norm_row(buf.h.data() + r * d, d, w.ln1_w.data(), w.ln1_b.data(), part(b, kShift1), part(b, kScale1), eps,
+             buf.u.data() + r * d);
+  });
+  packed_linear(buf.u.data(), M, d, w.qkv, buf.qkv.data(), 3 * d);
+  attention(buf.qkv.data(), g.B, g.T, d, g.heads, buf.ctx.data());
+  packed_linear(buf.ctx.data(), M, d, w.o, buf.a.data(), d);
+  for_rows(g.B, g.T, [&](int64_t b, int64_t r) {
+    acc_t *h = buf.h.data() + r * d, *u = buf.u.data() + r * d;
+    const acc_t *a = buf.a.data() + r * d, *gate = part(b, kGate1);
+    for (int64_t c = 0; c < d; ++c) h[c] += gate ? gate[c] * a[c] : a[c];
+    norm_row(h, d, w.ln2_w.data(), w.ln2_b.data(), part(b, kShift2), part(b, kScale2), eps, u);
+  });
+  packed_linear(buf.u.data(), M, d, w.fc1, buf.z.data(), f);
+  at::parallel_for(0, M * f, kRowGrain * f, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) buf.z[i] = gelu(buf.z[i]);
+  });
+  packed_linear(buf.z.data(), M, f, w.fc2, buf.a.data(), d);
+  for_rows(g.B, g.T, [&](int64_t b, int64_t r) {
+    acc_t* h = buf.h.data() + r * d;
+    const acc_t *y = buf.a.data() + r * d, *gate = part(b, kGate2);
+    for (int64_t c = 0; c < d; ++c) h[c] += gate ? gate[c] * y[c] : y[c];
+  });
+}
+
+template <typename scalar_t>
+void recurse_kernel(const Geometry& g, const at::Tensor& x, at::TensorList weights, const at::Tensor* mod,
+                    int64_t n_iter, double eps, at::Tensor& states) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const std::vector<Block<acc_t>> blocks = pack_blocks<scalar_t, acc_t>(weights);
+  const std::vector<acc_t> m = mod ? widened<scalar_t, acc_t>(*mod) : std::vector<acc_t>();
+  const int64_t M = g.B * g.T, K = static_cast<int64_t>(blocks.size()), mod_stride = K * kMod * g.d;
+  Buffers<acc_t> buf(M, g.d, g.f);
+  widen_into<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), buf.h.data(), M * g.d);
+  scalar_t* out = states.mutable_data_ptr<scalar_t>();
+  for (int64_t it = 0; it < n_iter; ++it) {
+    for (int64_t k = 0; k < K; ++k) {
+      block_forward(blocks[k], mod ? m.data() + k * kMod * g.d : nullptr, mod_stride, g, acc_t(eps), buf);
+    }
+    scalar_t* dst = out + it * M * g.d;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      std::copy(buf.h.begin(), buf.h.end(), dst);
+    } else {
+      cpu::narrow_row(buf.h.data(), dst, M * g.d);
+    }
+  }
+}
+
+at::Tensor rmdm_recurse_cpu(const at::Tensor& x, at::TensorList weights, const std::optional<at::Tensor>& mod,
+                            int64_t n_iter, int64_t heads, double eps) {
+  const Geometry g = check_recurse(x, weights, mod, n_iter, heads, eps);
+  at::Tensor states = empty_output({n_iter, g.B, g.T, g.d}, x.options());
+  if (g.B * g.T == 0) return states;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rmdm_recurse", [&] {
+    recurse_kernel<scalar_t>(g, x, weights, mod ? &*mod : nullptr, n_iter, eps, states);
+  });
+  return states;
+}
+
+}  // namespace
+}  // namespace diffkern::rmdm
+
+TORCH_LIBRARY_IMPL(diffkern, CPU, m) {
+  m.impl("rmdm_recurse", TORCH_FN(diffkern::rmdm::rmdm_recurse_cpu));
+}

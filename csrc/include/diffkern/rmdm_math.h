@@ -1,0 +1,39 @@
+// Per-element and per-row math of R-MDM's pre-norm block (specs/rmdm.md), shared by the CPU kernels.
+// Torch-free: T is the accumulation type. python/diffkern/rmdm/reference.py `block` is the same math.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#include "diffkern/macros.h"
+
+namespace diffkern::rmdm {
+
+// Weights per block and modulation vectors per block (see csrc/diffkern/ops.cpp for the order).
+constexpr int64_t kBlockParams = 12;
+constexpr int64_t kMod = 6;
+enum Param : int64_t { kLn1W, kLn1B, kWqkv, kBqkv, kWo, kBo, kLn2W, kLn2B, kW1, kB1, kW2, kB2 };
+enum ModPart : int64_t { kShift1, kScale1, kGate1, kShift2, kScale2, kGate2 };
+
+// The exact (erf) gelu.
+template <typename T>
+DIFFKERN_HD inline T gelu(T z) {
+  return T(0.5) * z * (T(1) + erf(z * T(0.70710678118654752440)));
+}
+
+// u = ((h - mean) * rstd * w + b) * (1 + scale) + shift over one row of d; scale/shift may be null.
+template <typename T>
+DIFFKERN_HD inline void norm_row(const T* h, int64_t d, const T* w, const T* b, const T* shift, const T* scale,
+                                 T eps, T* u) {
+  T mean = 0, var = 0;
+  for (int64_t c = 0; c < d; ++c) mean += h[c];
+  mean /= T(d);
+  for (int64_t c = 0; c < d; ++c) var += (h[c] - mean) * (h[c] - mean);
+  const T rstd = T(1) / sqrt(var / T(d) + eps);
+  for (int64_t c = 0; c < d; ++c) {
+    const T y = (h[c] - mean) * rstd * w[c] + b[c];
+    u[c] = scale ? y * (T(1) + scale[c]) + shift[c] : y;
+  }
+}
+
+}  // namespace diffkern::rmdm
