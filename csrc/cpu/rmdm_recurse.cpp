@@ -6,7 +6,8 @@
 // Per block, M = B*T rows: LN1 (+adaLN), packed QKV GEMM, softmax attention per (sample, head), packed
 // output GEMM with the gated residual, LN2 (+adaLN), packed W_1 GEMM + gelu, packed W_2 GEMM + gated
 // residual. Traffic per call: x and the weights read once, the n_iter states written once; the
-// activations (M * (7d + f) values) live in per-call buffers that stay in cache at the Sudoku shapes.
+// activations (M * (7d + f) values and B * heads * T^2 scores) live in per-call buffers that stay in
+// cache at the Sudoku shapes.
 #include <cmath>
 #include <vector>
 
@@ -14,6 +15,9 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_softmax.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/gelu.h>
 #include <torch/library.h>
 
 #include "convert.h"
@@ -36,8 +40,10 @@ struct Block {
 
 template <typename acc_t>
 struct Buffers {
-  std::vector<acc_t> h, u, qkv, ctx, a, z;
-  Buffers(int64_t M, int64_t d, int64_t f) : h(M * d), u(M * d), qkv(M * 3 * d), ctx(M * d), a(M * d), z(M * f) {}
+  std::vector<acc_t> h, u, qkv, scores, ctx, a, z;
+  Buffers(int64_t B, int64_t T, int64_t d, int64_t f, int64_t heads)
+      : h(B * T * d), u(B * T * d), qkv(B * T * 3 * d), scores(B * heads * T * T), ctx(B * T * d), a(B * T * d),
+        z(B * T * f) {}
 };
 
 template <typename scalar_t, typename acc_t>
@@ -74,33 +80,45 @@ std::vector<Block<acc_t>> pack_blocks(at::TensorList weights) {
 }
 
 // ctx = softmax(q k^T / sqrt(dh)) v for every (sample, head), q/k/v read from the [M, 3d] qkv buffer.
+// Scores go through `scores` [B*heads*T, T]: each head's k is transposed once so the q k^T loop runs
+// along keys (vectorised), and the row softmax is ATen's vectorised one.
 template <typename acc_t>
-void attention(const acc_t* qkv, int64_t B, int64_t T, int64_t d, int64_t heads, acc_t* ctx) {
+void attention(const acc_t* qkv, int64_t B, int64_t T, int64_t d, int64_t heads, acc_t* scores, acc_t* ctx) {
   const int64_t dh = d / heads;
   const acc_t scale = acc_t(1) / std::sqrt(acc_t(dh));
   at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> p(T);
+    std::vector<acc_t> kt(dh * T);
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / heads, hd = bh % heads;
-      const acc_t* base = qkv + b * T * 3 * d + hd * dh;
+      const acc_t* base = qkv + bh / heads * T * 3 * d + bh % heads * dh;
+      for (int64_t j = 0; j < T; ++j)
+        for (int64_t c = 0; c < dh; ++c) kt[c * T + j] = base[j * 3 * d + d + c] * scale;
       for (int64_t i = 0; i < T; ++i) {
         const acc_t* q = base + i * 3 * d;
-        acc_t mx = -INFINITY;
-        for (int64_t j = 0; j < T; ++j) {
-          const acc_t* k = base + j * 3 * d + d;
-          acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-          for (int64_t c = 0; c < dh; ++c) s += q[c] * k[c];
-          p[j] = s * scale;
-          mx = std::max(mx, p[j]);
+        acc_t* __restrict s = scores + (bh * T + i) * T;
+        std::fill(s, s + T, acc_t(0));
+        for (int64_t c = 0; c < dh; ++c) {
+          const acc_t qc = q[c];
+          const acc_t* __restrict kc = kt.data() + c * T;
+#pragma omp simd
+          for (int64_t j = 0; j < T; ++j) s[j] += qc * kc[j];
         }
-        acc_t sum = 0;
-        for (int64_t j = 0; j < T; ++j) sum += (p[j] = std::exp(p[j] - mx));
-        acc_t* out = ctx + (b * T + i) * d + hd * dh;
+      }
+    }
+  });
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const at::Tensor probs = at::_softmax(at::from_blob(scores, {B * heads * T, T}, options), -1, false);
+  const acc_t* pr = probs.const_data_ptr<acc_t>();
+  at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / heads, hd = bh % heads;
+      const acc_t* v0 = qkv + b * T * 3 * d + 2 * d + hd * dh;
+      for (int64_t i = 0; i < T; ++i) {
+        const acc_t* p = pr + (bh * T + i) * T;
+        acc_t* __restrict out = ctx + (b * T + i) * d + hd * dh;
         std::fill(out, out + dh, acc_t(0));
         for (int64_t j = 0; j < T; ++j) {
-          const acc_t* v = base + j * 3 * d + 2 * d;
-          const acc_t pj = p[j] / sum;
+          const acc_t pj = p[j];
+          const acc_t* __restrict v = v0 + j * 3 * d;
 #pragma omp simd
           for (int64_t c = 0; c < dh; ++c) out[c] += pj * v[c];
         }
@@ -129,7 +147,7 @@ void block_forward(const Block<acc_t>& w, const acc_t* mod, int64_t mod_stride, 
              buf.u.data() + r * d);
   });
   packed_linear(buf.u.data(), M, d, w.qkv, buf.qkv.data(), 3 * d);
-  attention(buf.qkv.data(), g.B, g.T, d, g.heads, buf.ctx.data());
+  attention(buf.qkv.data(), g.B, g.T, d, g.heads, buf.scores.data(), buf.ctx.data());
   packed_linear(buf.ctx.data(), M, d, w.o, buf.a.data(), d);
   for_rows(g.B, g.T, [&](int64_t b, int64_t r) {
     acc_t *h = buf.h.data() + r * d, *u = buf.u.data() + r * d;
@@ -138,9 +156,10 @@ void block_forward(const Block<acc_t>& w, const acc_t* mod, int64_t mod_stride, 
     norm_row(h, d, w.ln2_w.data(), w.ln2_b.data(), part(b, kShift2), part(b, kScale2), eps, u);
   });
   packed_linear(buf.u.data(), M, d, w.fc1, buf.z.data(), f);
-  at::parallel_for(0, M * f, kRowGrain * f, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) buf.z[i] = gelu(buf.z[i]);
-  });
+  // ATen's vectorised exact (erf) gelu, the function reference.block applies (F.gelu).
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor z = at::from_blob(buf.z.data(), {M * f}, options);
+  at::gelu_(z);
   packed_linear(buf.z.data(), M, f, w.fc2, buf.a.data(), d);
   for_rows(g.B, g.T, [&](int64_t b, int64_t r) {
     acc_t* h = buf.h.data() + r * d;
@@ -156,7 +175,7 @@ void recurse_kernel(const Geometry& g, const at::Tensor& x, at::TensorList weigh
   const std::vector<Block<acc_t>> blocks = pack_blocks<scalar_t, acc_t>(weights);
   const std::vector<acc_t> m = mod ? widened<scalar_t, acc_t>(*mod) : std::vector<acc_t>();
   const int64_t M = g.B * g.T, K = static_cast<int64_t>(blocks.size()), mod_stride = K * kMod * g.d;
-  Buffers<acc_t> buf(M, g.d, g.f);
+  Buffers<acc_t> buf(g.B, g.T, g.d, g.f, g.heads);
   widen_into<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), buf.h.data(), M * g.d);
   scalar_t* out = states.mutable_data_ptr<scalar_t>();
   for (int64_t it = 0; it < n_iter; ++it) {

@@ -1,4 +1,4 @@
-// Per-element and per-row math of R-MDM's pre-norm block (specs/rmdm.md), shared by the CPU kernels.
+// Per-row math of R-MDM's pre-norm block (specs/rmdm.md), shared by the CPU kernels.
 // Torch-free: T is the accumulation type. python/diffkern/rmdm/reference.py `block` is the same math.
 #pragma once
 
@@ -14,12 +14,6 @@ constexpr int64_t kBlockParams = 12;
 constexpr int64_t kMod = 6;
 enum Param : int64_t { kLn1W, kLn1B, kWqkv, kBqkv, kWo, kBo, kLn2W, kLn2B, kW1, kB1, kW2, kB2 };
 enum ModPart : int64_t { kShift1, kScale1, kGate1, kShift2, kScale2, kGate2 };
-
-// The exact (erf) gelu.
-template <typename T>
-DIFFKERN_HD inline T gelu(T z) {
-  return T(0.5) * z * (T(1) + erf(z * T(0.70710678118654752440)));
-}
 
 // u = ((h - mean) * rstd * w + b) * (1 + scale) + shift over one row of d; scale/shift may be null.
 template <typename T>

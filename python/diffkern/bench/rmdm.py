@@ -94,3 +94,47 @@ RECURSE = Workload(
 )
 
 WORKLOADS = (RECURSE,)
+
+
+def main(argv=None) -> None:
+    """`python -m diffkern.bench.rmdm`: the CPU section and CPU bars of this workload alone.
+
+    (Not yet in `make bench`'s WORKLOAD_MODULES: `recurse` has no Triton backend, so the harness's
+    traffic and resource sections have nothing of diffkern's to count.)
+    """
+    import argparse
+    import json
+
+    from . import cpu
+    from .bars import evaluate
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--min-sample-s", type=float, default=0.2)
+    ap.add_argument("--json", default=None, help="write the rows and bars here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = cpu.rows(RECURSE, args.quick, torch.float32, args.warmup, args.rounds, args.min_sample_s)
+    print(f"{'case':>28} {'pass':>8} {'eager ms':>9} {'compile ms':>10} {'diffkern ms':>11} {'eager/dk':>8} "
+          f"{'compile/dk':>10}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['case']:>28} {r['pass']:>8} error: {r['error']}")
+            continue
+        print(f"{r['case']:>28} {r['pass']:>8} {r['eager_ms']:9.2f} {r['compile_ms']:10.2f} {r['diffkern_ms']:11.2f} "
+              f"{r['eager_over_diffkern']:8.2f} {r['compile_over_diffkern']:10.2f}")
+    bars = evaluate(RECURSE, args.quick, {"cpu": rows})
+    for b in bars:
+        print(f"bar: {b['bar']}: worst {b['worst']}, met {b['met']}")
+    for case in RECURSE.cases(args.quick):
+        print(f"weight reads per denoising step ({case.name}): {weight_reads_per_call(case)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"cpu": rows, "bars": bars}, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
