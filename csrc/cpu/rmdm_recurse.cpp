@@ -80,49 +80,29 @@ std::vector<Block<acc_t>> pack_blocks(at::TensorList weights) {
 }
 
 // ctx = softmax(q k^T / sqrt(dh)) v for every (sample, head), q/k/v read from the [M, 3d] qkv buffer.
-// Scores go through `scores` [B*heads*T, T]: each head's k is transposed once so the q k^T loop runs
-// along keys (vectorised), and the row softmax is ATen's vectorised one.
+// Both products run on the packed micro-kernel: per head, k^T (scaled) and v are packed into panels, the
+// scores go to `scores` [B*heads*T, T], and the row softmax between them is ATen's vectorised one.
 template <typename acc_t>
 void attention(const acc_t* qkv, int64_t B, int64_t T, int64_t d, int64_t heads, acc_t* scores, acc_t* ctx) {
   const int64_t dh = d / heads;
   const acc_t scale = acc_t(1) / std::sqrt(acc_t(dh));
   at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> kt(dh * T);
+    PackedWeight<acc_t> kt;
     for (int64_t bh = begin; bh < end; ++bh) {
-      const acc_t* base = qkv + bh / heads * T * 3 * d + bh % heads * dh;
-      for (int64_t j = 0; j < T; ++j)
-        for (int64_t c = 0; c < dh; ++c) kt[c * T + j] = base[j * 3 * d + d + c] * scale;
-      for (int64_t i = 0; i < T; ++i) {
-        const acc_t* q = base + i * 3 * d;
-        acc_t* __restrict s = scores + (bh * T + i) * T;
-        std::fill(s, s + T, acc_t(0));
-        for (int64_t c = 0; c < dh; ++c) {
-          const acc_t qc = q[c];
-          const acc_t* __restrict kc = kt.data() + c * T;
-#pragma omp simd
-          for (int64_t j = 0; j < T; ++j) s[j] += qc * kc[j];
-        }
-      }
+      const acc_t* q = qkv + bh / heads * T * 3 * d + bh % heads * dh;
+      kt.pack_strided(q + d, T, dh, 3 * d, 1, scale);
+      packed_linear(q, T, 3 * d, kt, scores + bh * T * T, T);
     }
   });
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const at::Tensor probs = at::_softmax(at::from_blob(scores, {B * heads * T, T}, options), -1, false);
   const acc_t* pr = probs.const_data_ptr<acc_t>();
   at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
+    PackedWeight<acc_t> v;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / heads, hd = bh % heads;
-      const acc_t* v0 = qkv + b * T * 3 * d + 2 * d + hd * dh;
-      for (int64_t i = 0; i < T; ++i) {
-        const acc_t* p = pr + (bh * T + i) * T;
-        acc_t* __restrict out = ctx + (b * T + i) * d + hd * dh;
-        std::fill(out, out + dh, acc_t(0));
-        for (int64_t j = 0; j < T; ++j) {
-          const acc_t pj = p[j];
-          const acc_t* __restrict v = v0 + j * 3 * d;
-#pragma omp simd
-          for (int64_t c = 0; c < dh; ++c) out[c] += pj * v[c];
-        }
-      }
+      v.pack_strided(qkv + b * T * 3 * d + 2 * d + hd * dh, dh, T, 1, 3 * d, acc_t(1));
+      packed_linear(pr + bh * T * T, T, T, v, ctx + b * T * d + hd * dh, d);
     }
   });
 }
@@ -151,8 +131,7 @@ void block_forward(const Block<acc_t>& w, const acc_t* mod, int64_t mod_stride, 
   packed_linear(buf.ctx.data(), M, d, w.o, buf.a.data(), d);
   for_rows(g.B, g.T, [&](int64_t b, int64_t r) {
     acc_t *h = buf.h.data() + r * d, *u = buf.u.data() + r * d;
-    const acc_t *a = buf.a.data() + r * d, *gate = part(b, kGate1);
-    for (int64_t c = 0; c < d; ++c) h[c] += gate ? gate[c] * a[c] : a[c];
+    gated_add(h, buf.a.data() + r * d, part(b, kGate1), d);
     norm_row(h, d, w.ln2_w.data(), w.ln2_b.data(), part(b, kShift2), part(b, kScale2), eps, u);
   });
   packed_linear(buf.u.data(), M, d, w.fc1, buf.z.data(), f);
@@ -162,9 +141,7 @@ void block_forward(const Block<acc_t>& w, const acc_t* mod, int64_t mod_stride, 
   at::gelu_(z);
   packed_linear(buf.z.data(), M, f, w.fc2, buf.a.data(), d);
   for_rows(g.B, g.T, [&](int64_t b, int64_t r) {
-    acc_t* h = buf.h.data() + r * d;
-    const acc_t *y = buf.a.data() + r * d, *gate = part(b, kGate2);
-    for (int64_t c = 0; c < d; ++c) h[c] += gate ? gate[c] * y[c] : y[c];
+    gated_add(buf.h.data() + r * d, buf.a.data() + r * d, part(b, kGate2), d);
   });
 }
 

@@ -20,13 +20,30 @@ template <typename T>
 DIFFKERN_HD inline void norm_row(const T* h, int64_t d, const T* w, const T* b, const T* shift, const T* scale,
                                  T eps, T* u) {
   T mean = 0, var = 0;
+#pragma omp simd reduction(+ : mean)
   for (int64_t c = 0; c < d; ++c) mean += h[c];
   mean /= T(d);
+#pragma omp simd reduction(+ : var)
   for (int64_t c = 0; c < d; ++c) var += (h[c] - mean) * (h[c] - mean);
   const T rstd = T(1) / sqrt(var / T(d) + eps);
-  for (int64_t c = 0; c < d; ++c) {
-    const T y = (h[c] - mean) * rstd * w[c] + b[c];
-    u[c] = scale ? y * (T(1) + scale[c]) + shift[c] : y;
+  if (scale) {
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) u[c] = ((h[c] - mean) * rstd * w[c] + b[c]) * (T(1) + scale[c]) + shift[c];
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) u[c] = (h[c] - mean) * rstd * w[c] + b[c];
+  }
+}
+
+// The gated residual h += gate * y over one row of d (gate null: h += y).
+template <typename T>
+DIFFKERN_HD inline void gated_add(T* h, const T* y, const T* gate, int64_t d) {
+  if (gate) {
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) h[c] += gate[c] * y[c];
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) h[c] += y[c];
   }
 }
 
