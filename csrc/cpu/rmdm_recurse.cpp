@@ -41,9 +41,10 @@ struct Block {
 template <typename acc_t>
 struct Buffers {
   std::vector<acc_t> h, u, qkv, scores, ctx, a, z;
-  Buffers(int64_t B, int64_t T, int64_t d, int64_t f, int64_t heads)
-      : h(B * T * d), u(B * T * d), qkv(B * T * 3 * d), scores(B * heads * T * T), ctx(B * T * d), a(B * T * d),
-        z(B * T * f) {}
+  void resize(int64_t B, int64_t T, int64_t d, int64_t f, int64_t heads) {
+    h.resize(B * T * d), u.resize(B * T * d), qkv.resize(B * T * 3 * d), scores.resize(B * heads * T * T);
+    ctx.resize(B * T * d), a.resize(B * T * d), z.resize(B * T * f);
+  }
 };
 
 template <typename scalar_t, typename acc_t>
@@ -63,9 +64,9 @@ std::vector<acc_t> widened(const at::Tensor& t) {
 }
 
 template <typename scalar_t, typename acc_t>
-std::vector<Block<acc_t>> pack_blocks(at::TensorList weights) {
+void pack_blocks(at::TensorList weights, std::vector<Block<acc_t>>& blocks) {
   const auto widen = [](const scalar_t* s, acc_t* d, int64_t n) { widen_into<scalar_t, acc_t>(s, d, n); };
-  std::vector<Block<acc_t>> blocks(weights.size() / kBlockParams);
+  blocks.resize(weights.size() / kBlockParams);
   for (size_t k = 0; k < blocks.size(); ++k) {
     const at::Tensor* w = weights.data() + k * kBlockParams;
     Block<acc_t>& blk = blocks[k];
@@ -76,7 +77,21 @@ std::vector<Block<acc_t>> pack_blocks(at::TensorList weights) {
     };
     pack(blk.qkv, kWqkv, kBqkv), pack(blk.o, kWo, kBo), pack(blk.fc1, kW1, kB1), pack(blk.fc2, kW2, kB2);
   }
-  return blocks;
+}
+
+// The calling thread's packed weights and activation buffers. They are refilled by every call (the
+// weights are packed once per call) but their storage is kept between calls: allocating the ~6 MB of
+// packed panels afresh costs a page fault per 4 KB, a tenth of a B=1 Sudoku step.
+template <typename acc_t>
+struct Workspace {
+  std::vector<Block<acc_t>> blocks;
+  Buffers<acc_t> buf;
+};
+
+template <typename acc_t>
+Workspace<acc_t>& workspace() {
+  static thread_local Workspace<acc_t> ws;
+  return ws;
 }
 
 // ctx = softmax(q k^T / sqrt(dh)) v for every (sample, head), q/k/v read from the [M, 3d] qkv buffer.
@@ -149,10 +164,13 @@ template <typename scalar_t>
 void recurse_kernel(const Geometry& g, const at::Tensor& x, at::TensorList weights, const at::Tensor* mod,
                     int64_t n_iter, double eps, at::Tensor& states) {
   using acc_t = at::opmath_type<scalar_t>;
-  const std::vector<Block<acc_t>> blocks = pack_blocks<scalar_t, acc_t>(weights);
+  Workspace<acc_t>& ws = workspace<acc_t>();
+  pack_blocks<scalar_t, acc_t>(weights, ws.blocks);
+  const std::vector<Block<acc_t>>& blocks = ws.blocks;
   const std::vector<acc_t> m = mod ? widened<scalar_t, acc_t>(*mod) : std::vector<acc_t>();
   const int64_t M = g.B * g.T, K = static_cast<int64_t>(blocks.size()), mod_stride = K * kMod * g.d;
-  Buffers<acc_t> buf(g.B, g.T, g.d, g.f, g.heads);
+  Buffers<acc_t>& buf = ws.buf;
+  buf.resize(g.B, g.T, g.d, g.f, g.heads);
   widen_into<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), buf.h.data(), M * g.d);
   scalar_t* out = states.mutable_data_ptr<scalar_t>();
   for (int64_t it = 0; it < n_iter; ++it) {

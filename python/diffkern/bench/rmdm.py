@@ -61,6 +61,22 @@ def eager_recurse(x, weights):
     return h
 
 
+def dispatched_ops(fn, args) -> int:
+    """Operators one no-grad call of fn(*args) sends through the dispatcher (launches, on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Count():
+        fn(*args)
+    return Count.n
+
+
 def weight_reads_per_call(case: Case) -> dict:
     """Modeled weight reads per denoising step, in weight-set units: eager K*L, diffkern's CPU path 1."""
     return {"eager": case.params["K"] * case.params["L"], "diffkern_cpu": 1}
@@ -130,7 +146,10 @@ def main(argv=None) -> None:
     for b in bars:
         print(f"bar: {b['bar']}: worst {b['worst']}, met {b['met']}")
     for case in RECURSE.cases(args.quick):
-        print(f"weight reads per denoising step ({case.name}): {weight_reads_per_call(case)}")
+        x, weights = _make_args(case, torch.float32, "cpu")
+        print(f"{case.name}: weight reads per denoising step {weight_reads_per_call(case)}; dispatched ops per "
+              f"step: eager {dispatched_ops(eager_recurse, (x, weights))}, diffkern "
+              f"{dispatched_ops(_diffkern, (x, weights))} (+ ATen's softmax and gelu inside, per block evaluation)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"cpu": rows, "bars": bars}, f, indent=1, default=str)
