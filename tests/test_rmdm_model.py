@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffkern.rmdm import RecursiveMDM, sample, sudoku
+from diffkern.rmdm import RecursiveMDM, countdown, sample, sudoku
 from diffkern.rmdm import sampling as sampling_module
 
 
@@ -87,3 +87,16 @@ def test_sampler_arguments_are_checked():
     with pytest.raises(ValueError, match="steps"):
         sample(model, x, prompt, 0)
     assert sampling_module.sample is sample
+
+
+def test_countdown_sequences_train_and_sample_with_the_prompt_kept():
+    torch.manual_seed(0)
+    model = RecursiveMDM(countdown.VOCAB, 8, 2, 1, 2, seq_len=countdown.SEQ_LEN, mlp=12, time_cond=True)
+    x = countdown.generate(3, seed=1)
+    prompt = countdown.prompt_mask(3)
+    loss = model.loss(x, prompt)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
+    out = sample(model, x, prompt, steps=3, n_iter=4)
+    assert torch.equal(out[:, :countdown.PROMPT_LEN], x[:, :countdown.PROMPT_LEN])
+    assert 0.0 <= countdown.right_token_rate(out, x) <= 1.0 and countdown.equation_validity(out) in (0.0, 1 / 3, 2 / 3, 1.0)

@@ -80,7 +80,7 @@ def test_forward_matches_the_plain_block_applied_n_iter_times(backend, dtype, sh
 
 @pytest.mark.parametrize("with_mod", (False, True), ids=("plain", "adaln"))
 @pytest.mark.parametrize("shape", SHAPES, ids=ids)
-@pytest.mark.parametrize("backend,dtype", params((torch.float64, torch.float32)))
+@pytest.mark.parametrize("backend,dtype", params((torch.float64, torch.float32, torch.bfloat16)))
 def test_backward_matches_autograd_through_the_plain_blocks(backend, dtype, shape, with_mod):
     blocks, x, mod = make(shape, dtype, with_mod)
     heads, n_iter = shape[4], shape[6]
