@@ -8,8 +8,10 @@ from diffkern.testing.backends import backends_under_test, forced, supports
 from diffkern.testing.numerics import assert_close_to_oracle
 
 BACKENDS = backends_under_test("rmdm_recurse")
-# (B, T, d, f, heads, K, n_iter): one token and one head, odd sizes, several blocks and iterations
-SHAPES = ((1, 1, 4, 4, 1, 1, 1), (2, 5, 6, 10, 2, 2, 3), (3, 7, 8, 12, 4, 1, 2))
+BWD_BACKENDS = backends_under_test("rmdm_recurse_bwd")  # the Triton path has no backward yet
+# (B, T, d, f, heads, K, n_iter): one token and one head, odd sizes, several blocks and iterations, and
+# T, 3d and f just above the Triton tiles (16 tokens, 32 outputs, 32 MLP columns)
+SHAPES = ((1, 1, 4, 4, 1, 1, 1), (2, 5, 6, 10, 2, 2, 3), (3, 7, 8, 12, 4, 1, 2), (2, 19, 12, 40, 3, 2, 2))
 EPS = 1e-5
 
 
@@ -56,8 +58,8 @@ def plain(blocks, x, mod, n_iter, heads):
     return torch.stack(states)
 
 
-def params(dtypes):
-    return [(b, dt) for b in BACKENDS for dt in dtypes if supports(b, dt)]
+def params(dtypes, backends=BACKENDS):
+    return [(b, dt) for b in backends for dt in dtypes if supports(b, dt)]
 
 
 @pytest.mark.parametrize("with_mod", (False, True), ids=("plain", "adaln"))
@@ -80,7 +82,7 @@ def test_forward_matches_the_plain_block_applied_n_iter_times(backend, dtype, sh
 
 @pytest.mark.parametrize("with_mod", (False, True), ids=("plain", "adaln"))
 @pytest.mark.parametrize("shape", SHAPES, ids=ids)
-@pytest.mark.parametrize("backend,dtype", params((torch.float64, torch.float32, torch.bfloat16)))
+@pytest.mark.parametrize("backend,dtype", params((torch.float64, torch.float32, torch.bfloat16), BWD_BACKENDS))
 def test_backward_matches_autograd_through_the_plain_blocks(backend, dtype, shape, with_mod):
     blocks, x, mod = make(shape, dtype, with_mod)
     heads, n_iter = shape[4], shape[6]

@@ -10,7 +10,7 @@ import math
 import torch
 
 from .. import _dtypes, _nvtx, _registry
-from . import reference
+from . import reference, triton_kernels
 from .reference import N_MOD, N_PARAMS, param_shapes
 
 OP = "recurse"
@@ -67,7 +67,7 @@ def check_recurse_bwd(dstates, x, states, weights, mod, heads, eps) -> None:
         _check_like(name, t, (states.shape[0], *x.shape), x)
 
 
-_registry.register("rmdm_recurse", check_recurse, reference=reference.recurse)
+_registry.register("rmdm_recurse", check_recurse, triton=triton_kernels.recurse_fwd, reference=reference.recurse)
 _registry.register("rmdm_recurse_bwd", check_recurse_bwd, reference=reference.recurse_bwd)
 
 
@@ -121,7 +121,9 @@ def recurse(block_params, x: torch.Tensor, n_iter: int, *, heads: int, mod: torc
         h_L [B, T, d], or states [n_iter, B, T, d] with states[k-1] = h_k.
     Autograd: gradients reach x, every weight and mod. Saved: x, the n_iter states (the iteration inputs)
         and the weights; the backward re-runs one iteration at a time (memory: one iteration's activations).
-    Backends: C++ (CPU tensors), reference (plain PyTorch, any device); see `diffkern.backend`.
+    Backends: C++ (CPU tensors), reference (plain PyTorch, any device); Triton forward (CUDA tensors, T <= 256,
+        d <= 512: one launch per call, see rmdm/triton_kernels.py; no Triton backward yet, so training on CUDA
+        tensors raises until it exists); see `diffkern.backend`.
     """
     weights = [w for blk in block_params for w in blk]
     with _nvtx.range("diffkern.recurse"):
