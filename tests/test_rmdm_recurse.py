@@ -138,7 +138,8 @@ def test_opcheck_and_compile():
     (lambda b, x, m: (b, x.int(), m), "x dtype must be"),
     (lambda b, x, m: (b, x.transpose(1, 2).contiguous().transpose(1, 2), m), "x must be contiguous"),
     (lambda b, x, m: ([b[0][:11]], x, m), "K blocks of 12 tensors"),
-    (lambda b, x, m: ([[*b[0][:2], b[0][2][:-1], *b[0][3:]]], x, m), r"weights\[2\] \(w_qkv of block 0\) must have shape"),
+    (lambda b, x, m: ([[*b[0][:2], b[0][2][:-1], *b[0][3:]]], x, m),
+     r"weights\[2\] \(w_qkv of block 0\) must have shape"),
     (lambda b, x, m: ([[*b[0][:4], b[0][4].double(), *b[0][5:]]], x, m), r"weights\[4\] \(w_o of block 0\) dtype"),
     (lambda b, x, m: (b, x, m[:, :, :5]), "mod must have shape"),
 ])

@@ -142,7 +142,8 @@ def run(args) -> None:
     for name, (K, L) in configs.items():
         for n_iter in (ITERS if L > 1 else (1,)):
             cells = [results[name][f"T={T},L_s={n_iter}"] for T in STEPS]
-            log(f"{f'({K}x{L}) L_s={n_iter}':>22} " + " ".join(f"{c['vpr']:.3f} ({c['board_acc']:.3f}) [{c['cell_acc']:.3f}]" for c in cells))
+            row = " ".join(f"{c['vpr']:.3f} ({c['board_acc']:.3f}) [{c['cell_acc']:.3f}]" for c in cells)
+            log(f"{f'({K}x{L}) L_s={n_iter}':>22} {row}")
         a = results[name]["ancestral,T=20"]
         log(f"{f'({K}x{L}) ancestral T=20':>22} {a['vpr']:.3f} ({a['board_acc']:.3f}) [{a['cell_acc']:.3f}]")
     with open(os.path.join(args.out, "rmdm_vpr.json"), "w") as f:

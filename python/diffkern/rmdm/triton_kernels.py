@@ -9,9 +9,11 @@ CTA barrier between them because each reads what others threads wrote:
   C  the output projection and the gated residual into the fp32 state h [T, d];
   D  LN2 (+adaLN), W_1 in BLOCK_F column chunks, exact gelu, W_2 accumulated in registers, gated
      residual; after the last block of an iteration the state is also written to states[it].
-Weights are read from global memory once per block evaluation (K * n_iter times per call; on a GPU
-they stay L2-resident across iterations), biases and norms fused, the state never leaves the kernel
-between iterations. Matmuls run in fp32 (`input_precision="ieee"`; inputs are upcast after loading).
+Weights are read from global memory by every token tile of every block evaluation (the interpreter's
+count at T=81, d=64, K=2, L=4: 41 weight sets loaded per call, one launch); on a GPU they stay
+L2-resident, but the issue's persistent regime (each weight read once per call, activations on chip)
+is not reached yet. Biases, norms, gelu and residuals are fused and the state never leaves the
+kernel between iterations. Matmuls run in fp32 (`input_precision="ieee"`; inputs are upcast after loading).
 Traffic per call: x read, n_iter states written, the weights read K * n_iter times, plus scratch
 (qkv, ctx, h: 5 d floats per token per block evaluation, L2-resident).
 """
@@ -189,11 +191,12 @@ def recurse_fwd_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, qkv_ptr,
                     z = _linear(ub, rows, rmask, D, _ptr(table, w0 + 8, DT), _ptr(table, w0 + 9, DT), fc, fmask, D,
                                 BLOCK_T, BLOCK_N)
                     g = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
-                    w2c = tl.load(w2 + cols[:, None].to(tl.int64) * F + fc[None, :], mask=cmask[:, None] & fmask[None, :],
-                                  other=0.0).to(tl.float32)
+                    w2c = tl.load(w2 + cols[:, None].to(tl.int64) * F + fc[None, :],
+                                  mask=cmask[:, None] & fmask[None, :], other=0.0).to(tl.float32)
                     y += tl.dot(g, tl.trans(w2c), input_precision="ieee")
                 b2 = tl.load(_ptr(table, w0 + 11, DT) + cols, mask=cmask, other=0.0).to(tl.float32)
-                hh = tl.load(h + offs, mask=m, other=0.0) + _gate(mod, 5, cols, cmask, D, HAS_MOD)[None, :] * (y + b2[None, :])
+                gate = _gate(mod, 5, cols, cmask, D, HAS_MOD)
+                hh = tl.load(h + offs, mask=m, other=0.0) + gate[None, :] * (y + b2[None, :])
                 tl.store(h + offs, hh, mask=m)
                 if k == K - 1:
                     tl.store(states_ptr + (it * tl.num_programs(0) + b) * T * D + offs, hh.to(DT), mask=m)
@@ -218,8 +221,7 @@ def recurse_fwd(x, weights, mod, n_iter, heads, eps):
     mod_arg = mod if mod is not None else x
     recurse_fwd_kernel[(B,)](x, table, mod_arg, states, h, u, qkv, ctx, T, d, weights[8].shape[0],
                              len(weights) // N_PARAMS, n_iter, heads, d // heads, (d // heads) ** -0.5, eps,
-                             DT=TL_DTYPE[x.dtype],
-                             HAS_MOD=mod is not None, num_warps=num_warps, **cfg)
+                             DT=TL_DTYPE[x.dtype], HAS_MOD=mod is not None, num_warps=num_warps, **cfg)
     return states
 
 
@@ -231,11 +233,10 @@ def aot_specs() -> list[KernelSpec]:
         cfg = _config(256, 32)
         num_warps = cfg.pop("num_warps")
         p = f"*{ty}"
-        sig = {"x_ptr": p, "table": "*i64", "mod_ptr": p, "states_ptr": p, "h_ptr": "*fp32", "u_ptr": "*fp32", "qkv_ptr": "*fp32",
-               "ctx_ptr": "*fp32", "T": "i32", "D": "i32", "F": "i32", "K": "i32", "n_iter": "i32",
+        sig = {"x_ptr": p, "table": "*i64", "mod_ptr": p, "states_ptr": p, "h_ptr": "*fp32", "u_ptr": "*fp32",
+               "qkv_ptr": "*fp32", "ctx_ptr": "*fp32", "T": "i32", "D": "i32", "F": "i32", "K": "i32", "n_iter": "i32",
                "heads": "i32", "DH": "i32", "scale": "fp32", "eps": "fp32"}
-        constexprs = {"DT": TL_DTYPE[dtype],
-                      "HAS_MOD": has_mod, **cfg}
+        constexprs = {"DT": TL_DTYPE[dtype], "HAS_MOD": has_mod, **cfg}
         sig.update({k: "constexpr" for k in constexprs})
         specs.append(KernelSpec(f"recurse_fwd_kernel[{ty},HAS_MOD={has_mod},d=256]", recurse_fwd_kernel, sig,
                                 constexprs, num_warps, _triton.register_budget(num_warps),
