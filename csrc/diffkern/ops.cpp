@@ -119,3 +119,23 @@ TORCH_LIBRARY_FRAGMENT(diffkern, m) {
   // lies in its band. in_set: [B], the fraction of the output's entries inside their bands.
   m.def("twoos_project(Tensor x, Tensor lower, Tensor upper, int max_passes) -> (Tensor out, Tensor in_set)");
 }
+
+TORCH_LIBRARY_FRAGMENT(diffkern, m) {
+  m.set_python_module("diffkern.rmdm.op");
+  // R-MDM shared-block recursion (specs/rmdm.md). weights holds K pre-norm blocks of 12 tensors each:
+  //   ln1_w, ln1_b [d], w_qkv [3d, d], b_qkv [3d], w_o [d, d], b_o [d], ln2_w, ln2_b [d],
+  //   w_1 [f, d], b_1 [f], w_2 [d, f], b_2 [d];
+  // mod (optional adaLN) is [B, K, 6, d]: shift1, scale1, gate1, shift2, scale2, gate2 per block.
+  // One block:  u = LN(h)(1 + scale1) + shift1,  h += gate1 * MHA(u);
+  //             u = LN(h)(1 + scale2) + shift2,  h += gate2 * W_2 gelu(W_1 u + b_1) + b_2
+  // (without mod: shifts 0, scales 0, gates 1). h_k = Blocks(h_{k-1}), k = 1..n_iter, h_0 = x;
+  // states[k-1] = h_k. The backward recomputes one iteration at a time from the saved states.
+  m.def("rmdm_recurse(Tensor x, Tensor[] weights, Tensor? mod, int n_iter, int heads, float eps) -> Tensor states");
+  m.def(
+      "rmdm_recurse_bwd(Tensor dstates, Tensor x, Tensor states, Tensor[] weights, Tensor? mod, int heads,"
+      " float eps) -> (Tensor dx, Tensor[] dweights, Tensor dmod)");
+  // Sudoku data (not differentiable): n unique-solution puzzles with `clues` clues and their solutions,
+  // int64 [n, 81] with 0 for a blank; and the number of solutions of given puzzles, up to `limit`.
+  m.def("rmdm_sudoku(int n, int clues, int seed) -> (Tensor puzzles, Tensor solutions)");
+  m.def("rmdm_sudoku_count(Tensor puzzles, int limit) -> Tensor counts");
+}

@@ -8,7 +8,8 @@ from ._registry import backend
 from .dar import dar_route
 from .grpo import flow_sde_step, grpo_iso_loss
 from .ntrk import ntrk_step, twoos_bands, twoos_project, whiten
+from .rmdm import recurse
 from .sinks import sink_attention, sink_mass
 
 __all__ = ["ExtensionError", "backend", "build_info", "dar_route", "flow_sde_step", "grpo_iso_loss", "ntrk_step",
-           "sink_attention", "sink_mass", "twoos_bands", "twoos_project", "whiten"]
+           "recurse", "sink_attention", "sink_mass", "twoos_bands", "twoos_project", "whiten"]

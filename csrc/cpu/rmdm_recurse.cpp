@@ -1,0 +1,205 @@
+// CPU forward of R-MDM's shared-block recursion (specs/rmdm.md; schema in csrc/diffkern/ops.cpp).
+//
+// Weights are widened to the accumulation type and packed into GEMM panels once per call
+// (diffkern/rmdm_gemm.h), then reused by all n_iter * K block evaluations; the state h stays in the
+// accumulation type between iterations and is rounded to x's dtype only when written to `states`.
+// Per block, M = B*T rows: LN1 (+adaLN), packed QKV GEMM, softmax attention per (sample, head), packed
+// output GEMM with the gated residual, LN2 (+adaLN), packed W_1 GEMM + gelu, packed W_2 GEMM + gated
+// residual. Traffic per call: x and the weights read once, the n_iter states written once; the
+// activations (M * (7d + f) values and B * heads * T^2 scores) live in per-call buffers that stay in
+// cache at the Sudoku shapes.
+#include <cmath>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_softmax.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/gelu.h>
+#include <torch/library.h>
+
+#include "convert.h"
+#include "diffkern/check.h"
+#include "diffkern/rmdm_args.h"
+#include "diffkern/rmdm_gemm.h"
+#include "diffkern/rmdm_math.h"
+
+namespace diffkern::rmdm {
+namespace {
+
+// Rows per task of the row-wise passes (norms, gelu, residuals): ~16K element-ops at d = 256.
+constexpr int64_t kRowGrain = 64;
+
+template <typename acc_t>
+struct Block {
+  std::vector<acc_t> ln1_w, ln1_b, ln2_w, ln2_b;
+  PackedWeight<acc_t> qkv, o, fc1, fc2;
+};
+
+template <typename acc_t>
+struct Buffers {
+  std::vector<acc_t> h, u, qkv, scores, ctx, a, z;
+  void resize(int64_t B, int64_t T, int64_t d, int64_t f, int64_t heads) {
+    h.resize(B * T * d), u.resize(B * T * d), qkv.resize(B * T * 3 * d), scores.resize(B * heads * T * T);
+    ctx.resize(B * T * d), a.resize(B * T * d), z.resize(B * T * f);
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+void widen_into(const scalar_t* src, acc_t* dst, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::copy(src, src + n, dst);
+  } else {
+    cpu::widen_row(src, dst, n);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+std::vector<acc_t> widened(const at::Tensor& t) {
+  std::vector<acc_t> out(t.numel());
+  widen_into<scalar_t, acc_t>(t.const_data_ptr<scalar_t>(), out.data(), t.numel());
+  return out;
+}
+
+template <typename scalar_t, typename acc_t>
+void pack_blocks(at::TensorList weights, std::vector<Block<acc_t>>& blocks) {
+  const auto widen = [](const scalar_t* s, acc_t* d, int64_t n) { widen_into<scalar_t, acc_t>(s, d, n); };
+  blocks.resize(weights.size() / kBlockParams);
+  for (size_t k = 0; k < blocks.size(); ++k) {
+    const at::Tensor* w = weights.data() + k * kBlockParams;
+    Block<acc_t>& blk = blocks[k];
+    blk.ln1_w = widened<scalar_t, acc_t>(w[kLn1W]), blk.ln1_b = widened<scalar_t, acc_t>(w[kLn1B]);
+    blk.ln2_w = widened<scalar_t, acc_t>(w[kLn2W]), blk.ln2_b = widened<scalar_t, acc_t>(w[kLn2B]);
+    const auto pack = [&](PackedWeight<acc_t>& p, Param wi, Param bi) {
+      p.pack(w[wi].const_data_ptr<scalar_t>(), w[bi].const_data_ptr<scalar_t>(), w[wi].size(0), w[wi].size(1), widen);
+    };
+    pack(blk.qkv, kWqkv, kBqkv), pack(blk.o, kWo, kBo), pack(blk.fc1, kW1, kB1), pack(blk.fc2, kW2, kB2);
+  }
+}
+
+// The calling thread's packed weights and activation buffers. They are refilled by every call (the
+// weights are packed once per call) but their storage is kept between calls: allocating the ~6 MB of
+// packed panels afresh costs a page fault per 4 KB, a tenth of a B=1 Sudoku step.
+template <typename acc_t>
+struct Workspace {
+  std::vector<Block<acc_t>> blocks;
+  Buffers<acc_t> buf;
+};
+
+template <typename acc_t>
+Workspace<acc_t>& workspace() {
+  static thread_local Workspace<acc_t> ws;
+  return ws;
+}
+
+// ctx = softmax(q k^T / sqrt(dh)) v for every (sample, head), q/k/v read from the [M, 3d] qkv buffer.
+// Both products run on the packed micro-kernel: per head, k^T (scaled) and v are packed into panels, the
+// scores go to `scores` [B*heads*T, T], and the row softmax between them is ATen's vectorised one.
+template <typename acc_t>
+void attention(const acc_t* qkv, int64_t B, int64_t T, int64_t d, int64_t heads, acc_t* scores, acc_t* ctx) {
+  const int64_t dh = d / heads;
+  const acc_t scale = acc_t(1) / std::sqrt(acc_t(dh));
+  at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
+    PackedWeight<acc_t> kt;
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const acc_t* q = qkv + bh / heads * T * 3 * d + bh % heads * dh;
+      kt.pack_strided(q + d, T, dh, 3 * d, 1, scale);
+      packed_linear(q, T, 3 * d, kt, scores + bh * T * T, T);
+    }
+  });
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const at::Tensor probs = at::_softmax(at::from_blob(scores, {B * heads * T, T}, options), -1, false);
+  const acc_t* pr = probs.const_data_ptr<acc_t>();
+  at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
+    PackedWeight<acc_t> v;
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / heads, hd = bh % heads;
+      v.pack_strided(qkv + b * T * 3 * d + 2 * d + hd * dh, dh, T, 1, 3 * d, acc_t(1));
+      packed_linear(pr + bh * T * T, T, T, v, ctx + b * T * d + hd * dh, d);
+    }
+  });
+}
+
+// Calls f(b, row) for every row of M = B*T in parallel.
+template <typename F>
+void for_rows(int64_t B, int64_t T, const F& f) {
+  at::parallel_for(0, B * T, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) f(r / T, r);
+  });
+}
+
+// One pre-norm block on buf.h in place; mod (nullable) points at this block's [6, d] of sample 0,
+// sample b's at mod + b * mod_stride.
+template <typename acc_t>
+void block_forward(const Block<acc_t>& w, const acc_t* mod, int64_t mod_stride, const Geometry& g, acc_t eps,
+                   Buffers<acc_t>& buf) {
+  const int64_t d = g.d, f = g.f, M = g.B * g.T;
+  const auto part = [&](int64_t b, ModPart p) { return mod ? mod + b * mod_stride + p * d : nullptr; };
+  for_rows(g.B, g.T, [&](int64_t b, int64_t r) {
+    norm_row(buf.h.data() + r * d, d, w.ln1_w.data(), w.ln1_b.data(), part(b, kShift1), part(b, kScale1), eps,
+             buf.u.data() + r * d);
+  });
+  packed_linear(buf.u.data(), M, d, w.qkv, buf.qkv.data(), 3 * d);
+  attention(buf.qkv.data(), g.B, g.T, d, g.heads, buf.scores.data(), buf.ctx.data());
+  packed_linear(buf.ctx.data(), M, d, w.o, buf.a.data(), d);
+  for_rows(g.B, g.T, [&](int64_t b, int64_t r) {
+    acc_t *h = buf.h.data() + r * d, *u = buf.u.data() + r * d;
+    gated_add(h, buf.a.data() + r * d, part(b, kGate1), d);
+    norm_row(h, d, w.ln2_w.data(), w.ln2_b.data(), part(b, kShift2), part(b, kScale2), eps, u);
+  });
+  packed_linear(buf.u.data(), M, d, w.fc1, buf.z.data(), f);
+  // ATen's vectorised exact (erf) gelu, the function reference.block applies (F.gelu).
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor z = at::from_blob(buf.z.data(), {M * f}, options);
+  at::gelu_(z);
+  packed_linear(buf.z.data(), M, f, w.fc2, buf.a.data(), d);
+  for_rows(g.B, g.T, [&](int64_t b, int64_t r) {
+    gated_add(buf.h.data() + r * d, buf.a.data() + r * d, part(b, kGate2), d);
+  });
+}
+
+template <typename scalar_t>
+void recurse_kernel(const Geometry& g, const at::Tensor& x, at::TensorList weights, const at::Tensor* mod,
+                    int64_t n_iter, double eps, at::Tensor& states) {
+  using acc_t = at::opmath_type<scalar_t>;
+  Workspace<acc_t>& ws = workspace<acc_t>();
+  pack_blocks<scalar_t, acc_t>(weights, ws.blocks);
+  const std::vector<Block<acc_t>>& blocks = ws.blocks;
+  const std::vector<acc_t> m = mod ? widened<scalar_t, acc_t>(*mod) : std::vector<acc_t>();
+  const int64_t M = g.B * g.T, K = static_cast<int64_t>(blocks.size()), mod_stride = K * kMod * g.d;
+  Buffers<acc_t>& buf = ws.buf;
+  buf.resize(g.B, g.T, g.d, g.f, g.heads);
+  widen_into<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), buf.h.data(), M * g.d);
+  scalar_t* out = states.mutable_data_ptr<scalar_t>();
+  for (int64_t it = 0; it < n_iter; ++it) {
+    for (int64_t k = 0; k < K; ++k) {
+      block_forward(blocks[k], mod ? m.data() + k * kMod * g.d : nullptr, mod_stride, g, acc_t(eps), buf);
+    }
+    scalar_t* dst = out + it * M * g.d;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      std::copy(buf.h.begin(), buf.h.end(), dst);
+    } else {
+      cpu::narrow_row(buf.h.data(), dst, M * g.d);
+    }
+  }
+}
+
+at::Tensor rmdm_recurse_cpu(const at::Tensor& x, at::TensorList weights, const std::optional<at::Tensor>& mod,
+                            int64_t n_iter, int64_t heads, double eps) {
+  const Geometry g = check_recurse(x, weights, mod, n_iter, heads, eps);
+  at::Tensor states = empty_output({n_iter, g.B, g.T, g.d}, x.options());
+  if (g.B * g.T == 0) return states;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rmdm_recurse", [&] {
+    recurse_kernel<scalar_t>(g, x, weights, mod ? &*mod : nullptr, n_iter, eps, states);
+  });
+  return states;
+}
+
+}  // namespace
+}  // namespace diffkern::rmdm
+
+TORCH_LIBRARY_IMPL(diffkern, CPU, m) {
+  m.impl("rmdm_recurse", TORCH_FN(diffkern::rmdm::rmdm_recurse_cpu));
+}

@@ -1,0 +1,133 @@
+// Packed-weight GEMM for the CPU recursion kernels: Y[M, N] = A[M, Kd] W^T + bias, W stored [N, Kd].
+//
+// The recursion applies the same weights K * L times per call, so each weight matrix is packed once per
+// call into column panels of kNR outputs laid out [panel][Kd][kNR] (zero-padded past N): the micro-kernel
+// then streams one contiguous panel per k step and keeps a kMR x kNR tile of Y in registers. The panel of
+// a 256-wide layer (256 * 32 * 4 bytes = 32 KB) stays in L1/L2 while every row block of A passes over it.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace diffkern::rmdm {
+
+// Rows and columns of the register tile: 8 x 32 fp32 accumulators = 16 AVX-512 registers, with room
+// for the two panel vectors and the broadcast A value (19 of 32).
+constexpr int64_t kMR = 8;
+constexpr int64_t kNR = 32;
+// Least multiply-adds worth a thread: below it the tile loop runs on the calling thread.
+constexpr int64_t kMinParallelWork = 1 << 16;
+
+template <typename acc_t>
+struct PackedWeight {
+  int64_t N = 0, Kd = 0, panels = 0;
+  std::vector<acc_t> data;  // [panels][Kd][kNR]
+  std::vector<acc_t> bias;  // [N]
+
+  // Packs the [n, kd] matrix with element (j, k) at src[j * stride_n + k * stride_k], times `scale`, and a
+  // zero bias: the per-head K^T and V operands of attention.
+  void pack_strided(const acc_t* src, int64_t n, int64_t kd, int64_t stride_n, int64_t stride_k, acc_t scale) {
+    N = n, Kd = kd, panels = (n + kNR - 1) / kNR;
+    data.assign(panels * kd * kNR, acc_t(0));
+    bias.assign(n, acc_t(0));
+    for (int64_t p = 0; p < panels; ++p)
+      for (int64_t k = 0; k < kd; ++k)
+        for (int64_t j = p * kNR; j < std::min(n, (p + 1) * kNR); ++j)
+          data[(p * kd + k) * kNR + j % kNR] = src[j * stride_n + k * stride_k] * scale;
+  }
+
+  // Packs W [N, Kd] (row stride Kd) and its bias, both of storage type T, widening to acc_t.
+  template <typename T, typename W>
+  void pack(const T* w, const T* b, int64_t n, int64_t kd, const W& widen_row) {
+    N = n, Kd = kd, panels = (n + kNR - 1) / kNR;
+    data.assign(panels * kd * kNR, acc_t(0));
+    bias.resize(n);
+    widen_row(b, bias.data(), n);
+    std::vector<acc_t> row(kd);
+    for (int64_t j = 0; j < n; ++j) {
+      widen_row(w + j * kd, row.data(), kd);
+      acc_t* dst = data.data() + (j / kNR) * kd * kNR + j % kNR;
+      for (int64_t k = 0; k < kd; ++k) dst[k * kNR] = row[k];
+    }
+  }
+};
+
+// C[r, n0 + j] = sum_k A[r, k] P[k, j] + bias[j] for MR rows of A (row stride lda) and one panel.
+template <int MR, typename acc_t>
+inline void micro_tile(const acc_t* __restrict a, int64_t lda, const acc_t* __restrict p, int64_t Kd,
+                       const acc_t* __restrict bias, int64_t n_cols, acc_t* __restrict c, int64_t ldc) {
+  acc_t acc[MR][kNR] = {};
+  for (int64_t k = 0; k < Kd; ++k) {
+    const acc_t* __restrict pk = p + k * kNR;
+    for (int r = 0; r < MR; ++r) {
+      const acc_t ar = a[r * lda + k];
+#pragma omp simd
+      for (int64_t j = 0; j < kNR; ++j) acc[r][j] += ar * pk[j];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int64_t j = 0; j < n_cols; ++j) c[r * ldc + j] = acc[r][j] + bias[j];
+}
+
+#ifdef __AVX512F__
+// The fp32 tile in AVX-512 registers: per k, two panel vectors and one broadcast per row.
+template <int MR>
+inline void micro_tile(const float* __restrict a, int64_t lda, const float* __restrict p, int64_t Kd,
+                       const float* __restrict bias, int64_t n_cols, float* __restrict c, int64_t ldc) {
+  __m512 acc0[MR], acc1[MR];
+  for (int r = 0; r < MR; ++r) acc0[r] = _mm512_setzero_ps(), acc1[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < Kd; ++k) {
+    const __m512 p0 = _mm512_loadu_ps(p + k * kNR), p1 = _mm512_loadu_ps(p + k * kNR + 16);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 ar = _mm512_set1_ps(a[r * lda + k]);
+      acc0[r] = _mm512_fmadd_ps(ar, p0, acc0[r]);
+      acc1[r] = _mm512_fmadd_ps(ar, p1, acc1[r]);
+    }
+  }
+  const __mmask16 m0 = n_cols >= 16 ? 0xFFFF : (1u << n_cols) - 1;
+  const __mmask16 m1 = n_cols >= 32 ? 0xFFFF : n_cols <= 16 ? 0 : (1u << (n_cols - 16)) - 1;
+  const __m512 b0 = _mm512_maskz_loadu_ps(m0, bias), b1 = _mm512_maskz_loadu_ps(m1, bias + 16);
+  for (int r = 0; r < MR; ++r) {
+    _mm512_mask_storeu_ps(c + r * ldc, m0, _mm512_add_ps(acc0[r], b0));
+    _mm512_mask_storeu_ps(c + r * ldc + 16, m1, _mm512_add_ps(acc1[r], b1));
+  }
+}
+#endif
+
+// The tile for `rows` < kMR rows: one instantiation per count, so the accumulators stay in registers.
+template <typename acc_t, int MR = kMR - 1>
+inline void edge_tile(int64_t rows, const acc_t* a, int64_t lda, const acc_t* p, int64_t Kd, const acc_t* bias,
+                      int64_t n_cols, acc_t* c, int64_t ldc) {
+  if constexpr (MR >= 1) {
+    if (rows == MR) return micro_tile<MR>(a, lda, p, Kd, bias, n_cols, c, ldc);
+    edge_tile<acc_t, MR - 1>(rows, a, lda, p, Kd, bias, n_cols, c, ldc);
+  }
+}
+
+// Y [M, ldy] (first N columns) = A [M, lda] W^T + bias.
+template <typename acc_t>
+void packed_linear(const acc_t* a, int64_t M, int64_t lda, const PackedWeight<acc_t>& w, acc_t* y, int64_t ldy) {
+  const int64_t row_blocks = (M + kMR - 1) / kMR, tiles = row_blocks * w.panels;
+  const int64_t grain = std::max<int64_t>(1, kMinParallelWork / (kMR * kNR * std::max<int64_t>(w.Kd, 1)));
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t panel = t % w.panels, r0 = t / w.panels * kMR;
+      const int64_t n0 = panel * kNR, n_cols = std::min(kNR, w.N - n0), rows = std::min(kMR, M - r0);
+      const acc_t* p = w.data.data() + panel * w.Kd * kNR;
+      const acc_t* bias = w.bias.data() + n0;
+      if (rows == kMR) {
+        micro_tile<kMR>(a + r0 * lda, lda, p, w.Kd, bias, n_cols, y + r0 * ldy + n0, ldy);
+      } else {
+        edge_tile<acc_t>(rows, a + r0 * lda, lda, p, w.Kd, bias, n_cols, y + r0 * ldy + n0, ldy);
+      }
+    }
+  });
+}
+
+}  // namespace diffkern::rmdm

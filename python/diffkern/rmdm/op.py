@@ -1,0 +1,131 @@
+"""Shared-block recursion as torch ops: argument checks, fake (meta) implementations, autograd, backends, API.
+
+The schemas live in csrc/diffkern/ops.cpp and the C++ CPU kernels in csrc/cpu/rmdm_recurse.cpp; this
+file registers everything Python owns for diffkern::rmdm_recurse / rmdm_recurse_bwd.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _dtypes, _nvtx, _registry
+from . import reference, triton_kernels
+from .reference import N_MOD, N_PARAMS, param_shapes
+
+OP = "recurse"
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fail(msg: str):
+    raise ValueError(f"{OP}: {msg}")
+
+
+def _check_like(name: str, t: torch.Tensor, shape, x: torch.Tensor) -> None:
+    if list(t.shape) != list(shape):
+        _fail(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    if t.dtype != x.dtype:
+        _fail(f"{name} dtype {_dtypes.name(t.dtype)} differs from x dtype {_dtypes.name(x.dtype)}")
+    if t.device != x.device:
+        _fail(f"{name} is on {t.device} but x is on {x.device}")
+    if not t.is_contiguous():
+        _fail(f"{name} must be contiguous; call .contiguous()")
+
+
+def check_recurse(x, weights, mod, n_iter, heads, eps) -> None:
+    """The checks csrc/cpu/rmdm_recurse.cpp makes, in the same order and words."""
+    if x.dim() != 3:
+        _fail(f"x must be [B, T, d], got shape {list(x.shape)}")
+    if x.dtype not in _FLOATS:
+        _fail(f"x dtype must be float16, bfloat16, float32 or float64, got {_dtypes.name(x.dtype)}")
+    if not x.is_contiguous():
+        _fail("x must be contiguous; call .contiguous()")
+    B, T, d = x.shape
+    if len(weights) == 0 or len(weights) % N_PARAMS:
+        _fail(f"weights must hold K blocks of {N_PARAMS} tensors, got {len(weights)} tensors")
+    if weights[8].dim() != 2:
+        _fail(f"weights[8] (w_1 of block 0) must be [f, d], got shape {list(weights[8].shape)}")
+    shapes = param_shapes(d, weights[8].shape[0])
+    for i, w in enumerate(weights):
+        _check_like(f"weights[{i}] ({reference.BLOCK_PARAMS[i % N_PARAMS]} of block {i // N_PARAMS})", w,
+                    shapes[i % N_PARAMS], x)
+    if mod is not None:
+        _check_like("mod", mod, (B, len(weights) // N_PARAMS, N_MOD, d), x)
+    if n_iter < 1:
+        _fail(f"n_iter must be >= 1, got {n_iter}")
+    if heads < 1 or d % heads:
+        _fail(f"heads must be >= 1 and divide d = {d}, got {heads}")
+    if not 0 < eps < math.inf:
+        _fail(f"eps must be finite and > 0, got {eps}")
+
+
+def check_recurse_bwd(dstates, x, states, weights, mod, heads, eps) -> None:
+    check_recurse(x, weights, mod, states.shape[0] if states.dim() == 4 else 0, heads, eps)
+    for name, t in (("states", states), ("dstates", dstates)):
+        if t.dim() != 4:
+            _fail(f"{name} must be [n_iter, B, T, d], got shape {list(t.shape)}")
+        _check_like(name, t, (states.shape[0], *x.shape), x)
+
+
+_registry.register("rmdm_recurse", check_recurse, triton=triton_kernels.recurse_fwd, reference=reference.recurse)
+_registry.register("rmdm_recurse_bwd", check_recurse_bwd, reference=reference.recurse_bwd)
+
+
+@torch.library.register_fake("diffkern::rmdm_recurse")
+def _recurse_fake(x, weights, mod, n_iter, heads, eps):
+    check_recurse(x, weights, mod, n_iter, heads, eps)
+    return x.new_empty((n_iter, *x.shape))
+
+
+@torch.library.register_fake("diffkern::rmdm_recurse_bwd")
+def _recurse_bwd_fake(dstates, x, states, weights, mod, heads, eps):
+    check_recurse_bwd(dstates, x, states, weights, mod, heads, eps)
+    return x.new_empty(x.shape), [w.new_empty(w.shape) for w in weights], \
+        (mod.new_empty(mod.shape) if mod is not None else x.new_empty(0))
+
+
+def _setup(ctx, inputs, output):
+    x, weights, mod, n_iter, heads, eps = inputs
+    ctx.save_for_backward(x, output, *weights, *([mod] if mod is not None else []))
+    ctx.n_weights, ctx.has_mod, ctx.scalars = len(weights), mod is not None, (heads, eps)
+
+
+def _backward(ctx, dstates):
+    x, states, *rest = ctx.saved_tensors
+    weights, mod = rest[:ctx.n_weights], (rest[-1] if ctx.has_mod else None)
+    dx, dweights, dmod = torch.ops.diffkern.rmdm_recurse_bwd(dstates.contiguous(), x, states, weights, mod,
+                                                             *ctx.scalars)
+    return dx, list(dweights), (dmod if ctx.has_mod else None), None, None, None
+
+
+torch.library.register_autograd("diffkern::rmdm_recurse", _backward, setup_context=_setup)
+
+
+def recurse(block_params, x: torch.Tensor, n_iter: int, *, heads: int, mod: torch.Tensor | None = None,
+            eps: float = 1e-5, return_all: bool = False) -> torch.Tensor:
+    """Applies the same K pre-norm transformer blocks n_iter times: R-MDM's shared-block recursion.
+
+        h_0 = x,   h_k = Blocks(h_{k-1}),   Blocks = block_K o ... o block_1,
+        block: h <- h + g1 * MHA(LN1(h)(1 + s1) + b1);  h <- h + g2 * MLP(LN2(h)(1 + s2) + b2)
+    with bidirectional multi-head attention, an exact-gelu MLP and, with `mod`, adaLN (shift b, scale s,
+    gate g per block and sample; without it b = s = 0, g = 1). See diffkern.rmdm.reference for the math.
+
+    Args:
+        block_params: K blocks, each a sequence of 12 tensors in reference.BLOCK_PARAMS order (shapes from
+            reference.param_shapes(d, f)), in x's dtype and on its device, contiguous.
+        x: [B, T, d] contiguous, float16/bfloat16/float32 (float64 on cpu/reference).
+        n_iter: iterations L >= 1. heads: attention heads (divides d). eps: the LayerNorm epsilon.
+        mod: optional adaLN modulation [B, K, 6, d] (shift1, scale1, gate1, shift2, scale2, gate2).
+        return_all: return every iteration's state (deep supervision) instead of the last.
+    Returns:
+        h_L [B, T, d], or states [n_iter, B, T, d] with states[k-1] = h_k.
+    Autograd: gradients reach x, every weight and mod. Saved: x, the n_iter states (the iteration inputs)
+        and the weights; the backward re-runs one iteration at a time (memory: one iteration's activations).
+    Backends: C++ (CPU tensors), reference (plain PyTorch, any device); Triton forward (CUDA tensors, T <= 256,
+        d <= 512: one launch per call, see rmdm/triton_kernels.py; no Triton backward yet, so training on CUDA
+        tensors raises until it exists); see `diffkern.backend`.
+    """
+    weights = [w for blk in block_params for w in blk]
+    with _nvtx.range("diffkern.recurse"):
+        states = torch.ops.diffkern.rmdm_recurse(x, weights, mod, int(n_iter), int(heads), float(eps))
+    return states if return_all else states[-1]

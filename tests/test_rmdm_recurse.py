@@ -1,0 +1,160 @@
+"""diffkern.recurse: every backend against the plain block applied n_iter times (float64), forward and backward."""
+import pytest
+import torch
+
+import diffkern
+from diffkern.rmdm import reference
+from diffkern.testing.backends import backends_under_test, forced, supports
+from diffkern.testing.numerics import assert_close_to_oracle
+
+BACKENDS = backends_under_test("rmdm_recurse")
+BWD_BACKENDS = backends_under_test("rmdm_recurse_bwd")  # the Triton path has no backward yet
+# (B, T, d, f, heads, K, n_iter): one token and one head, odd sizes, several blocks and iterations, and
+# T, 3d and f just above the Triton tiles (16 tokens, 32 outputs, 32 MLP columns)
+SHAPES = ((1, 1, 4, 4, 1, 1, 1), (2, 5, 6, 10, 2, 2, 3), (3, 7, 8, 12, 4, 1, 2), (2, 19, 12, 40, 3, 2, 2))
+EPS = 1e-5
+
+
+def ids(shape):
+    return "B{}T{}d{}f{}h{}K{}L{}".format(*shape)
+
+
+def make(shape, dtype, with_mod, seed=0):
+    B, T, d, f, heads, K, n_iter = shape
+    g = torch.Generator().manual_seed(seed)
+    blocks = []
+    for _ in range(K):
+        blk = []
+        for name, s in zip(reference.BLOCK_PARAMS, reference.param_shapes(d, f)):
+            base = 1.0 if name in ("ln1_w", "ln2_w") else 0.0
+            blk.append((base + 0.25 * torch.randn(s, generator=g, dtype=torch.float64)).to(dtype))
+        blocks.append(blk)
+    x = torch.randn(B, T, d, generator=g, dtype=torch.float64).to(dtype)
+    mod = (0.3 * torch.randn(B, K, 6, d, generator=g, dtype=torch.float64)).to(dtype) if with_mod else None
+    return blocks, x, mod
+
+
+LAYER_PARAMS = ("norm1.weight", "norm1.bias", "self_attn.in_proj_weight", "self_attn.in_proj_bias",
+                "self_attn.out_proj.weight", "self_attn.out_proj.bias", "norm2.weight", "norm2.bias",
+                "linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias")
+
+
+def encoder_layer(blk, d, heads):
+    """torch.nn's pre-norm encoder layer (gelu, no dropout) run with the block's tensors: the plain block."""
+    layer = torch.nn.TransformerEncoderLayer(d, heads, blk[8].shape[0], dropout=0.0, activation="gelu",
+                                             batch_first=True, norm_first=True, layer_norm_eps=EPS,
+                                             dtype=blk[0].dtype)
+    return lambda h: torch.func.functional_call(layer, dict(zip(LAYER_PARAMS, blk)), (h,))
+
+
+def plain(blocks, x, mod, n_iter, heads):
+    """The plain block applied n_iter times: nn.TransformerEncoderLayer without mod, reference.block with it."""
+    states, h = [], x
+    layers = [encoder_layer(b, x.shape[-1], heads) for b in blocks] if mod is None else None
+    for _ in range(n_iter):
+        for k, blk in enumerate(blocks):
+            h = layers[k](h) if mod is None else reference.block(h, blk, mod[:, k], heads, EPS)
+        states.append(h)
+    return torch.stack(states)
+
+
+def params(dtypes, backends=BACKENDS):
+    return [(b, dt) for b in backends for dt in dtypes if supports(b, dt)]
+
+
+@pytest.mark.parametrize("with_mod", (False, True), ids=("plain", "adaln"))
+@pytest.mark.parametrize("shape", SHAPES, ids=ids)
+@pytest.mark.parametrize("backend,dtype", params((torch.float64, torch.float32, torch.bfloat16)))
+def test_forward_matches_the_plain_block_applied_n_iter_times(backend, dtype, shape, with_mod):
+    blocks, x, mod = make(shape, dtype, with_mod)
+    heads, n_iter = shape[4], shape[6]
+    with forced(backend):
+        states = diffkern.recurse(blocks, x, n_iter, heads=heads, mod=mod, return_all=True)
+        last = diffkern.recurse(blocks, x, n_iter, heads=heads, mod=mod)
+    b64, x64, m64 = make(shape, torch.float64, with_mod)
+    with torch.no_grad():
+        oracle = plain(b64, x64, m64, n_iter, heads)
+        low = reference.recurse(x, [w for b in blocks for w in b], mod, n_iter, heads, EPS)
+    assert states.dtype == dtype and states.shape == (n_iter, *x.shape)
+    assert_close_to_oracle(states, oracle, low, "states")
+    assert torch.equal(last, states[-1])
+
+
+@pytest.mark.parametrize("with_mod", (False, True), ids=("plain", "adaln"))
+@pytest.mark.parametrize("shape", SHAPES, ids=ids)
+@pytest.mark.parametrize("backend,dtype", params((torch.float64, torch.float32, torch.bfloat16), BWD_BACKENDS))
+def test_backward_matches_autograd_through_the_plain_blocks(backend, dtype, shape, with_mod):
+    blocks, x, mod = make(shape, dtype, with_mod)
+    heads, n_iter = shape[4], shape[6]
+    leaves = [x, *[w for b in blocks for w in b], *([mod] if with_mod else [])]
+    for t in leaves:
+        t.requires_grad_(True)
+    dstates = torch.randn((n_iter, *x.shape), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    with forced(backend):
+        states = diffkern.recurse(blocks, x, n_iter, heads=heads, mod=mod, return_all=True)
+        grads = torch.autograd.grad(states, leaves, dstates.to(dtype))
+    b64, x64, m64 = make(shape, torch.float64, with_mod)
+    leaves64 = [x64, *[w for b in b64 for w in b], *([m64] if with_mod else [])]
+    for t in leaves64:
+        t.requires_grad_(True)
+    oracle = torch.autograd.grad(plain(b64, x64, m64, n_iter, heads), leaves64, dstates)
+    low = torch.autograd.grad(reference.recurse(x, leaves[1:len(leaves) - with_mod], mod, n_iter, heads, EPS),
+                              leaves, dstates.to(dtype))
+    for i, (g, o, p) in enumerate(zip(grads, oracle, low)):
+        assert_close_to_oracle(g, o, p, f"grad of leaf {i}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_saves_only_the_inputs_states_and_weights(backend):
+    """Per-iteration recomputation: autograd keeps x, the n_iter states, the weights and mod, nothing else."""
+    shape = (2, 5, 6, 10, 2, 2, 3)
+    blocks, x, mod = make(shape, torch.float32, True)
+    for t in [x, mod, *[w for b in blocks for w in b]]:
+        t.requires_grad_(True)
+    saved = []
+    with forced(backend), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t,
+                                                                    lambda t: t):
+        diffkern.recurse(blocks, x, shape[6], heads=shape[4], mod=mod, return_all=True)
+    expected = x.numel() * (1 + shape[6]) + mod.numel() + sum(w.numel() for b in blocks for w in b)
+    assert sum(saved) == expected
+
+
+def test_opcheck_and_compile():
+    blocks, x, mod = make((2, 3, 4, 6, 2, 2, 2), torch.float32, True)
+    weights = [w for b in blocks for w in b]
+    for t in [x, mod, *weights]:
+        t.requires_grad_(True)
+    torch.library.opcheck(torch.ops.diffkern.rmdm_recurse.default, (x, weights, mod, 2, 2, EPS))
+    fn = torch.compile(lambda x, mod: diffkern.recurse(blocks, x, 2, heads=2, mod=mod), fullgraph=True,
+                       backend="aot_eager")
+    out = fn(x, mod)
+    torch.testing.assert_close(out, diffkern.recurse(blocks, x, 2, heads=2, mod=mod))
+    gx = torch.autograd.grad(out.sum(), x)[0]
+    torch.testing.assert_close(gx, torch.autograd.grad(diffkern.recurse(blocks, x, 2, heads=2, mod=mod).sum(), x)[0])
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda b, x, m: (b, x[0], m), r"x must be \[B, T, d\]"),
+    (lambda b, x, m: (b, x.int(), m), "x dtype must be"),
+    (lambda b, x, m: (b, x.transpose(1, 2).contiguous().transpose(1, 2), m), "x must be contiguous"),
+    (lambda b, x, m: ([b[0][:11]], x, m), "K blocks of 12 tensors"),
+    (lambda b, x, m: ([[*b[0][:2], b[0][2][:-1], *b[0][3:]]], x, m),
+     r"weights\[2\] \(w_qkv of block 0\) must have shape"),
+    (lambda b, x, m: ([[*b[0][:4], b[0][4].double(), *b[0][5:]]], x, m), r"weights\[4\] \(w_o of block 0\) dtype"),
+    (lambda b, x, m: (b, x, m[:, :, :5]), "mod must have shape"),
+])
+def test_bad_arguments_raise_value_errors_naming_them(mutate, match):
+    blocks, x, mod = make((2, 3, 4, 6, 2, 1, 1), torch.float32, True)
+    b, x, m = mutate(blocks, x, mod)
+    for backend in BACKENDS:
+        with forced(backend), pytest.raises(ValueError, match=match):
+            diffkern.recurse(b, x, 1, heads=2, mod=m)
+
+
+@pytest.mark.parametrize("n_iter,heads,eps,match", [(0, 2, EPS, "n_iter must be >= 1"), (1, 3, EPS, "heads must be"),
+                                                    (1, 2, 0.0, "eps must be")])
+def test_bad_scalars_raise_value_errors(n_iter, heads, eps, match):
+    blocks, x, mod = make((2, 3, 4, 6, 2, 1, 1), torch.float32, False)
+    for backend in BACKENDS:
+        with forced(backend), pytest.raises(ValueError, match=match):
+            diffkern.recurse(blocks, x, n_iter, heads=heads, eps=eps)
