@@ -6,8 +6,10 @@ For every registered workload (diffkern.bench.workload) and its shapes, in one r
      processes), against the minimum and the eager reference's aten ops;
   3. compiled resources of the Triton launch configurations and CUDA C++ kernels for sm_90a;
   4. real GPU time where CUDA is available;
-and whether each of the op's bars is met. Writes bench.json, bench.md and bench.png to --out and
-prints the Markdown.
+and whether each of the op's bars is met; then the sections that do not fit the one-op workload model
+(`REPORT_MODULES`: whole-network memory and timing, forward-only ops, ops without a Triton backward).
+Writes bench.json, bench.md and bench.png to --out (and each extra section's own files) and prints the
+Markdown.
 """
 from __future__ import annotations
 
@@ -23,12 +25,14 @@ import datetime  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
 
+import importlib  # noqa: E402
+
 import torch  # noqa: E402
 import triton  # noqa: E402
 
 from diffkern.bench import bars, chart, cpu, gpu, interpreted, report, resources, traffic  # noqa: E402
 from diffkern.bench.report import section  # noqa: E402
-from diffkern.bench.workload import registered  # noqa: E402
+from diffkern.bench.workload import REPORT_MODULES, registered  # noqa: E402
 
 CPU_DTYPE, GPU_DTYPE = torch.float32, torch.bfloat16
 CPU_NOTE = ("Median of {rounds} samples per candidate, taken round-robin. diffkern = the C++ kernel "
@@ -129,9 +133,17 @@ def main(argv=None) -> dict:
                                         for c in w.cases(args.quick)],
             "bars": bars.evaluate(w, args.quick, sections), "cpu": cpu_sec, "traffic": traffic_sec,
             "resources": res[w.name], "gpu": gpu_sec}
+    extra = []
+    for name in REPORT_MODULES:
+        log(f"[{name}] report")
+        module = importlib.import_module(f"diffkern.bench.{name}")
+        try:
+            extra.append(_timed(seconds, name, module.report, args.quick, args.out))
+        except Exception as error:  # noqa: BLE001 - the report says which section failed and why
+            extra.append(f"## {name}\n\nerror: {error!r}\n")
     seconds["total"] = round(time.perf_counter() - start, 1)
 
-    md = report.markdown(results)
+    md = "\n".join([report.markdown(results), *extra])
     report.write_json(results, os.path.join(args.out, "bench.json"))
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write(md + "\n")

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from diffkern.bench.workload import REPORT_MODULES
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PASSES_CPU = {"fwd", "fwd+bwd"}
 PASSES_TRAFFIC = {"fwd", "bwd", "fwd+bwd"}
@@ -83,3 +85,10 @@ def test_every_bar_has_a_verdict(quick_run):
         for bar in w["bars"]:
             assert bar["met"] in {True, False, None}
             assert bar["bar"] in stdout
+
+
+def test_every_extra_report_is_written_without_error(quick_run):
+    out, stdout, _ = quick_run
+    for name in REPORT_MODULES:
+        assert (out / f"{name}.md").read_text().strip() in stdout, name
+    assert "error:" not in stdout

@@ -117,7 +117,20 @@ def markdown(rows_: list[dict], threads: int) -> str:
                       f"**{verdict}**."])
 
 
-def main(argv=None) -> list[dict]:
+def report(quick: bool, out: str | None, batch: int = 2, rounds: int | None = None) -> str:
+    """Times the candidates, writes dar_model.json / dar_model.md to `out` (if given), returns the Markdown."""
+    result = rows(quick, batch, 1, rounds or (3 if quick else 7))
+    md = markdown(result, torch.get_num_threads())
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "dar_model.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        with open(os.path.join(out, "dar_model.md"), "w") as f:
+            f.write(md + "\n")
+    return md
+
+
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="8x8 inputs (16 tokens): a smoke run, not representative")
     p.add_argument("--batch", type=int, default=2)
@@ -126,18 +139,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--out", default=None, help="folder for dar_model.json and dar_model.md")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rounds = args.rounds or (3 if args.quick else 7)
-    result = rows(args.quick, args.batch, 1, rounds)
-    md = markdown(result, torch.get_num_threads())
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "dar_model.json"), "w") as f:
-            json.dump(result, f, indent=1)
-        with open(os.path.join(args.out, "dar_model.md"), "w") as f:
-            f.write(md + "\n")
-    print(md)
-    return result
-
+    print(report(args.quick, args.out, args.batch, args.rounds))
 
 if __name__ == "__main__":
     main()

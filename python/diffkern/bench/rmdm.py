@@ -11,11 +11,18 @@ reuses the packed copy for all L iterations (`weight_reads_per_call`).
 """
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import sys
+
 import torch
 import torch.nn.functional as F
 
 from ..rmdm import recurse
 from ..rmdm.reference import N_PARAMS, param_shapes
+from . import cpu
+from .bars import evaluate
 from .workload import FWD, Bar, Case, Workload
 
 HEADS, K, L, EPS = 8, 2, 4, 1e-5
@@ -112,48 +119,54 @@ RECURSE = Workload(
 WORKLOADS = (RECURSE,)
 
 
-def main(argv=None) -> None:
-    """`python -m diffkern.bench.rmdm`: the CPU section and CPU bars of this workload alone.
+def report(quick: bool, out: str | None, warmup: int = 2, rounds: int = 7, min_sample_s: float = 0.2) -> str:
+    """The CPU section and CPU bars of this workload, plus the modeled weight reads and dispatched ops per
+    denoising step; writes rmdm.json / rmdm.md to `out` (if given) and returns the Markdown.
 
-    (Not yet in `make bench`'s WORKLOAD_MODULES: `recurse` has no Triton backend, so the harness's
-    traffic and resource sections have nothing of diffkern's to count.)
+    (Not in the harness's WORKLOAD_MODULES: `recurse` has no Triton backward, so the traffic section
+    cannot count a training step of diffkern's.)
     """
-    import argparse
-    import json
+    rows = cpu.rows(RECURSE, quick, torch.float32, warmup, rounds, min_sample_s,
+                    log=lambda msg: print(msg, file=sys.stderr))
+    bars = evaluate(RECURSE, quick, {"cpu": rows})
+    md = [f"## R-MDM shared-block recursion (diffkern.recurse), CPU float32, {torch.get_num_threads()} thread(s)", "",
+          "| case | pass | eager ms | torch.compile ms | diffkern ms | eager / diffkern | compile / diffkern |",
+          "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            md.append(f"| {r['case']} | {r['pass']} | error: {r['error']} | | | | |")
+            continue
+        md.append(f"| {r['case']} | {r['pass']} | {r['eager_ms']:.2f} | {r['compile_ms']:.2f} | {r['diffkern_ms']:.2f} "
+                  f"| {r['eager_over_diffkern']:.2f}x | {r['compile_over_diffkern']:.2f}x |")
+    md.append("")
+    md += [f"- Bar: {b['bar']}: worst {b['worst']}, **{'met' if b['met'] else 'not met'}**" for b in bars]
+    for case in RECURSE.cases(quick):
+        x, weights = _make_args(case, torch.float32, "cpu")
+        md.append(f"- {case.name}: weight reads per denoising step {weight_reads_per_call(case)}; dispatched ops "
+                  f"per step: eager {dispatched_ops(eager_recurse, (x, weights))}, diffkern "
+                  f"{dispatched_ops(_diffkern, (x, weights))} (+ ATen's softmax and gelu inside, per block evaluation)")
+    text = "\n".join(md) + "\n"
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "rmdm.json"), "w") as f:
+            json.dump({"cpu": rows, "bars": bars}, f, indent=1, default=str)
+        with open(os.path.join(out, "rmdm.md"), "w") as f:
+            f.write(text)
+    return text
 
-    from . import cpu
-    from .bars import evaluate
 
+def main(argv=None) -> None:
+    """`python -m diffkern.bench.rmdm [--quick] [--out DIR]`: the report above, printed."""
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--min-sample-s", type=float, default=0.2)
-    ap.add_argument("--json", default=None, help="write the rows and bars here")
+    ap.add_argument("--out", default=None, help="folder for rmdm.json and rmdm.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = cpu.rows(RECURSE, args.quick, torch.float32, args.warmup, args.rounds, args.min_sample_s)
-    print(f"{'case':>28} {'pass':>8} {'eager ms':>9} {'compile ms':>10} {'diffkern ms':>11} {'eager/dk':>8} "
-          f"{'compile/dk':>10}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['case']:>28} {r['pass']:>8} error: {r['error']}")
-            continue
-        print(f"{r['case']:>28} {r['pass']:>8} {r['eager_ms']:9.2f} {r['compile_ms']:10.2f} {r['diffkern_ms']:11.2f} "
-              f"{r['eager_over_diffkern']:8.2f} {r['compile_over_diffkern']:10.2f}")
-    bars = evaluate(RECURSE, args.quick, {"cpu": rows})
-    for b in bars:
-        print(f"bar: {b['bar']}: worst {b['worst']}, met {b['met']}")
-    for case in RECURSE.cases(args.quick):
-        x, weights = _make_args(case, torch.float32, "cpu")
-        print(f"{case.name}: weight reads per denoising step {weight_reads_per_call(case)}; dispatched ops per "
-              f"step: eager {dispatched_ops(eager_recurse, (x, weights))}, diffkern "
-              f"{dispatched_ops(_diffkern, (x, weights))} (+ ATen's softmax and gelu inside, per block evaluation)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"cpu": rows, "bars": bars}, f, indent=1, default=str)
-
+    print(report(args.quick, args.out, args.warmup, args.rounds, args.min_sample_s))
 
 if __name__ == "__main__":
     main()

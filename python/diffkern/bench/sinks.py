@@ -161,17 +161,22 @@ def main(argv=None):
     if args.child:
         print(json.dumps(_child(args.child[0], int(args.child[1]), int(args.child[2]))))
         return
-    sizes = (256, 512) if args.quick else (1024, 2048, 3072, 4096)
+    print(report(args.quick, args.out))
+
+
+def report(quick: bool, out: str) -> str:
+    """Runs both parts, writes sinks.json / sinks.md to `out`, returns the Markdown."""
+    sizes = (256, 512) if quick else (1024, 2048, 3072, 4096)
     modeled = modeled_rows((1024, 2048, 3072, 4096)) + modeled_rows((4096,), K=5) + modeled_rows((4096,), K=120) \
         + modeled_rows((4096,), K=1200)
-    cpu = cpu_rows(sizes, 1 if args.quick else 3)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "sinks.json"), "w") as f:
+    cpu = cpu_rows(sizes, 1 if quick else 3, log=lambda msg: print(msg, file=sys.stderr))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "sinks.json"), "w") as f:
         json.dump({"cpu": cpu, "modeled": modeled}, f, indent=1)
     md = markdown(cpu, modeled)
-    with open(os.path.join(args.out, "sinks.md"), "w") as f:
+    with open(os.path.join(out, "sinks.md"), "w") as f:
         f.write(md)
-    print(md)
+    return md
 
 
 if __name__ == "__main__":

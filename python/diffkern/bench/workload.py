@@ -14,6 +14,10 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 WORKLOAD_MODULES = ("dar", "grpo")
+# Sections that do not fit the one-op workload model (whole-network memory and timing, forward-only ops,
+# ops without a Triton backward): diffkern.bench modules with report(quick, out) -> Markdown, each
+# writing its own .json/.md to `out`; the harness runs them after the workloads.
+REPORT_MODULES = ("dar_memory", "dar_model", "rmdm", "sinks")
 
 # The passes every section reports: forward alone, backward alone, and one training step.
 FWD, BWD, STEP = "fwd", "bwd", "fwd+bwd"
