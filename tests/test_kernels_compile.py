@@ -8,10 +8,11 @@ import torch
 import diffkern
 from diffkern.dar import triton_kernels as dar_kernels
 from diffkern.grpo import triton_kernels as grpo_kernels
+from diffkern.ntrk import triton_kernels as ntrk_kernels
 from diffkern.testing.aot import compile_spec
 from diffkern.testing.backends import forced
 
-SPECS = [*dar_kernels.aot_specs(), *grpo_kernels.aot_specs()]
+SPECS = [*dar_kernels.aot_specs(), *grpo_kernels.aot_specs(), *ntrk_kernels.aot_specs()]
 
 
 @pytest.mark.parametrize("arch", (80, 90))

@@ -33,6 +33,12 @@ using cpu::widen;
 
 constexpr int64_t kChunk = 16384;  // elements per parallel task of ntrk_step
 constexpr int64_t kRow = 512;      // elements widened into L1-resident rows at a time
+// Work below this many elements runs on the calling thread: waking the pool costs more than it saves
+// (and, on a busy machine, a scheduler quantum).
+constexpr int64_t kParallelMin = int64_t(1) << 16;
+
+// The grain of at::parallel_for over tasks of `per_task` elements each.
+int64_t grain(int64_t per_task) { return std::max<int64_t>(1, kParallelMin / std::max<int64_t>(1, per_task)); }
 constexpr const char* kStepOp = "ntrk_step";
 constexpr const char* kProjectOp = "twoos_project";
 
@@ -87,7 +93,7 @@ void step_kernel(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor
   const scalar_t *pmu = mu.const_data_ptr<scalar_t>(), *pw = w.const_data_ptr<scalar_t>(),
                  *pe = eps ? eps->const_data_ptr<scalar_t>() : nullptr;
   scalar_t* px = x.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, B * n_chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * n_chunks, grain(std::min(D, kChunk)), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(4 * kRow);
     acc_t *bmu = buf.data(), *bw = bmu + kRow, *be = bw + kRow, *bx = be + kRow;
     for (int64_t task = begin; task < end; ++task) {
@@ -168,7 +174,7 @@ std::vector<int64_t> project_pass(const Bands& g, acc_t* y, const acc_t* lo, con
                                   std::vector<acc_t>& sorted_t, std::vector<int16_t>& perm) {
   const int64_t M = g.M, D = g.D, N = M * D;
   // row phase: tile (b, m) sorted; sorted_t[b, j, m] its j-th smallest, perm[b, m, j] that entry's column
-  at::parallel_for(0, g.B * M, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.B * M, grain(D), [&](int64_t begin, int64_t end) {
     std::vector<Ranked<acc_t>> row(D);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / M, m = t % M;
@@ -182,7 +188,7 @@ std::vector<int64_t> project_pass(const Bands& g, acc_t* y, const acc_t* lo, con
   });
   // column phase: rank j of sample b sorted across tiles, clipped to its band, scattered back
   std::vector<int64_t> inside(g.B * D);
-  at::parallel_for(0, g.B * D, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.B * D, grain(M), [&](int64_t begin, int64_t end) {
     std::vector<Ranked<acc_t>> col(M);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / D, j = t % D;

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch.utils._pytree import tree_leaves
 
-WORKLOAD_MODULES = ("dar", "grpo")
+WORKLOAD_MODULES = ("dar", "grpo", "ntrk")
 
 # The passes every section reports: forward alone, backward alone, and one training step.
 FWD, BWD, STEP = "fwd", "bwd", "fwd+bwd"

@@ -1,0 +1,1 @@
+"""Small self-contained experiments, runnable as `python -m diffkern.demos.<name>`."""
