@@ -103,7 +103,7 @@ def row_sort_kernel(y_ptr, sorted_ptr, perm_ptr, M, D, n_row_blocks, ROWS: tl.co
     pid = tl.program_id(0)
     b = (pid // n_row_blocks).to(tl.int64)
     rows = ((pid % n_row_blocks) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
-    cols = tl.arange(0, BLOCK_D)[None, :]
+    cols = tl.arange(0, BLOCK_D).to(tl.int64)[None, :]
     mask = (rows < M) & (cols < D)
     N = M.to(tl.int64) * D
     v = tl.load(y_ptr + b * N + rows * D + cols, mask=mask, other=0.0).to(tl.float32)
