@@ -17,7 +17,8 @@ STEP_OP, PROJECT_OP = "ntrk_step", "twoos_project"
 
 def _check_floating(op, t, name):
     if t.dtype not in _FLOATS:
-        raise ValueError(f"{op}: {name} dtype must be float16, bfloat16, float32 or float64, got {_dtypes.name(t.dtype)}")
+        raise ValueError(f"{op}: {name} dtype must be float16, bfloat16, float32 or float64, got "
+                         f"{_dtypes.name(t.dtype)}")
 
 
 def _check_per_sample(op, t, name, mu, B):

@@ -56,7 +56,8 @@ def _value_domains(z: torch.Tensor, domains, M: int, D: int, alpha: float, passe
     B, N = z.shape
     for domain in domains:
         if domain == "value":
-            z = twoos_project(z.contiguous(), bands=bands_on(M, D, alpha, "normal", None, z.dtype, z.device), passes=passes)[0]
+            bands = bands_on(M, D, alpha, "normal", None, z.dtype, z.device)
+            z = twoos_project(z.contiguous(), bands=bands, passes=passes)[0]
         elif domain == "tile_mean":
             t = z.view(B, M, D).mean(2) * math.sqrt(D)
             z = (z.view(B, M, D) + ((_project_tiles(t, alpha, passes) - t) / math.sqrt(D))[:, :, None]).view(B, N)
