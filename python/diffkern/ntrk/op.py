@@ -104,7 +104,8 @@ def _step_fake(mu, sigma, w, rho, eps, seed, offset):
     return mu.new_empty(mu.shape)
 
 
-# The internal op of the cuda backend (csrc/cuda, issue 8 helper) shares the public op's fake.
+# The internal op of the cuda backend (its kernel lives in csrc/cuda) shares the public op's fake; the
+# backend joins the registry above (cuda=torch.ops.diffkern.ntrk_step_cuda) once that kernel exists.
 torch.library.register_fake("diffkern::ntrk_step_cuda")(_step_fake)
 
 
