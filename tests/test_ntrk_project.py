@@ -150,3 +150,9 @@ def test_bad_arguments_raise_value_errors_naming_them(backend, args, match):
 def test_public_api_checks_the_tile():
     with pytest.raises(ValueError, match="tile must divide"):
         diffkern.twoos_project(torch.randn(2, 30), tile=7)
+
+
+def test_triton_backend_refuses_tiles_longer_than_one_program_sorts():
+    lower, upper = awkward_bands(1, triton_kernels.MAX_TILE + 1)
+    with forced("triton"), pytest.raises(ValueError, match="tiles of at most 1024"):
+        torch.ops.diffkern.twoos_project(torch.randn(1, lower.numel()), lower, upper, 1)

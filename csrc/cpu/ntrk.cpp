@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Dispatch.h>
@@ -33,6 +34,12 @@ using cpu::widen;
 
 constexpr int64_t kChunk = 16384;  // elements per parallel task of ntrk_step
 constexpr int64_t kRow = 512;      // elements widened into L1-resident rows at a time
+// Work below this many elements runs on the calling thread: waking the pool costs more than it saves
+// (and, on a busy machine, a scheduler quantum).
+constexpr int64_t kParallelMin = int64_t(1) << 16;
+
+// The grain of at::parallel_for over tasks of `per_task` elements each.
+int64_t grain(int64_t per_task) { return std::max<int64_t>(1, kParallelMin / std::max<int64_t>(1, per_task)); }
 constexpr const char* kStepOp = "ntrk_step";
 constexpr const char* kProjectOp = "twoos_project";
 
@@ -87,7 +94,7 @@ void step_kernel(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor
   const scalar_t *pmu = mu.const_data_ptr<scalar_t>(), *pw = w.const_data_ptr<scalar_t>(),
                  *pe = eps ? eps->const_data_ptr<scalar_t>() : nullptr;
   scalar_t* px = x.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, B * n_chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * n_chunks, grain(std::min(D, kChunk)), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(4 * kRow);
     acc_t *bmu = buf.data(), *bw = bmu + kRow, *be = bw + kRow, *bx = be + kRow;
     for (int64_t task = begin; task < end; ++task) {
@@ -121,7 +128,8 @@ at::Tensor ntrk_step_cpu(const at::Tensor& mu, const at::Tensor& sigma, const at
   return x;
 }
 
-// An entry and where it came from; ordered by (value, position), NaN above every number.
+// An entry and where it came from; ordered by (value, position), NaN above every number (double; float
+// entries sort as packed keys, where NaNs order by their bits).
 template <typename acc_t>
 struct Ranked {
   acc_t v;
@@ -133,6 +141,21 @@ struct Ranked {
     return nan != o_nan ? o_nan : pos < o.pos;
   }
 };
+
+// Sorts n entries by (value, position). float entries sort as packed int64 keys (ntrk_math.h):
+// std::sort on plain integers is several times faster than on the two-field comparison; double
+// entries use the comparison.
+template <typename acc_t>
+void sort_entries(Ranked<acc_t>* e, int64_t n, std::vector<int64_t>& keys) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    keys.resize(n);
+    for (int64_t i = 0; i < n; ++i) keys[i] = packed_key(e[i].v, e[i].pos);
+    std::sort(keys.begin(), keys.end());
+    for (int64_t i = 0; i < n; ++i) e[i] = {key_value(keys[i]), key_position(keys[i])};
+  } else {
+    std::sort(e, e + n);
+  }
+}
 
 struct Bands {
   int64_t B, M, D;
@@ -168,12 +191,13 @@ std::vector<int64_t> project_pass(const Bands& g, acc_t* y, const acc_t* lo, con
                                   std::vector<acc_t>& sorted_t, std::vector<int16_t>& perm) {
   const int64_t M = g.M, D = g.D, N = M * D;
   // row phase: tile (b, m) sorted; sorted_t[b, j, m] its j-th smallest, perm[b, m, j] that entry's column
-  at::parallel_for(0, g.B * M, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.B * M, grain(D), [&](int64_t begin, int64_t end) {
     std::vector<Ranked<acc_t>> row(D);
+    std::vector<int64_t> keys;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / M, m = t % M;
       for (int64_t c = 0; c < D; ++c) row[c] = {y[t * D + c], static_cast<int32_t>(c)};
-      std::sort(row.begin(), row.end());
+      sort_entries(row.data(), D, keys);
       for (int64_t j = 0; j < D; ++j) {
         sorted_t[(b * D + j) * M + m] = row[j].v;
         perm[t * D + j] = static_cast<int16_t>(row[j].pos);
@@ -182,13 +206,14 @@ std::vector<int64_t> project_pass(const Bands& g, acc_t* y, const acc_t* lo, con
   });
   // column phase: rank j of sample b sorted across tiles, clipped to its band, scattered back
   std::vector<int64_t> inside(g.B * D);
-  at::parallel_for(0, g.B * D, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.B * D, grain(M), [&](int64_t begin, int64_t end) {
     std::vector<Ranked<acc_t>> col(M);
+    std::vector<int64_t> keys;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / D, j = t % D;
       const acc_t* s = sorted_t.data() + t * M;
       for (int64_t m = 0; m < M; ++m) col[m] = {s[m], static_cast<int32_t>(m)};
-      std::sort(col.begin(), col.end());
+      sort_entries(col.data(), M, keys);
       int64_t n_in = 0;
       for (int64_t r = 0; r < M; ++r) {
         const acc_t v = col[r].v, l = lo[r * D + j], u = hi[r * D + j];

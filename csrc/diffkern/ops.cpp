@@ -107,7 +107,7 @@ TORCH_LIBRARY_FRAGMENT(diffkern, m) {
   // NoiseTilt (specs/ntrk.md). The tilted reverse step, per sample i of [B, ...] latents:
   //   x = mu + sigma_i (sqrt(rho_i) w + sqrt(1 - rho_i) eps)
   // with eps the given tensor, or (eps = None) eps[n] = philox randn(seed, offset + n) for the flat
-  // element index n (csrc/include/diffkern/philox.h: Triton's tl.randn stream). sigma, rho: [B].
+  // element index n (csrc/include/diffkern/philox.h, on tl.randint4x's Philox words). sigma, rho: [B].
   m.def("ntrk_step(Tensor mu, Tensor sigma, Tensor w, Tensor rho, Tensor? eps, int seed, int offset) -> Tensor x");
   // Internal: the CUDA C++ kernel of ntrk_step, same signature and semantics (the `cuda` backend).
   m.def(

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch.utils._pytree import tree_leaves
 
-WORKLOAD_MODULES = ("dar", "grpo")
+WORKLOAD_MODULES = ("dar", "grpo", "ntrk")
 # Sections that do not fit the one-op workload model (whole-network memory and timing, forward-only ops,
 # ops without a Triton backward): diffkern.bench modules with report(quick, out) -> Markdown, each
 # writing its own .json/.md to `out`; the harness runs them after the workloads.

@@ -184,7 +184,7 @@ def flow_sde_step(x, v, sigma, sigma_next, eps=None, std_rule: str = "wan", std_
         of y as stored (the x_next/x form of the loss re-reads rounded x and x_next, so in bfloat16 its
         on-policy ratio is 1 only to that rounding). A rollout op: no gradient flows through it. Nothing
         is saved. Traffic: reads x, v, eps; writes x_next, y.
-    Backends: C++ (CPU tensors), Triton (CUDA tensors), reference; see `diffkern.backend`.
+    Backends: C++ (CPU tensors), CUDA C++ or Triton (CUDA tensors; CUDA C++ when built with CUDA), reference; see `diffkern.backend`.
     NaN/inf in a sample's inputs make that sample's outputs NaN; other samples are unaffected.
     """
     rule, coef = _rule(STEP_OP, std_rule, std_coef)
@@ -237,7 +237,7 @@ def grpo_iso_loss(v, x=None, x_next=None, sigma=None, sigma_next=None, log_prob_
         that re-reads its latent inputs and writes each gradient once. Saved: the inputs (no temporaries).
         Traffic per step without CFG or KL, in passes over B x D: y form 2 reads + (2 reads, 1 write) = 5;
         pair form 3 + (3, 1) = 7.
-    Backends: C++ (CPU tensors), Triton (CUDA tensors), reference; see `diffkern.backend`. The TGR mean is
+    Backends: C++ (CPU tensors), CUDA C++ or Triton (CUDA tensors; CUDA C++ when built with CUDA), reference; see `diffkern.backend`. The TGR mean is
         over the global batch: every rank's samples of `group` (default: the default group) when
         torch.distributed is initialised (an all-reduce of two numbers), else this batch.
     """

@@ -32,14 +32,14 @@ def ntrk_step(mu, sigma, w, rho, eps=None, generator: torch.Generator | None = N
             `whiten`); eps: optional, same shape and dtype; all contiguous, float16/bfloat16/float32
             (float64 on the cpu/reference backends).
         sigma, rho: floats, 0-dim or [B] tensors; rho in [0, 1] (outside gives NaN for that sample).
-        eps = None draws eps in the kernel: eps[n] = Philox4x32-10 normal at (seed, offset + n) for the
-            flat element index n (Triton's tl.randn stream; the cpu, triton and reference backends draw
-            the same numbers). seed: given, or drawn from `generator` (torch's default one if None).
+        eps = None draws eps in the kernel: eps[n] = the Philox4x32-10 normal at (seed, offset + n) for
+            the flat element index n (csrc/include/diffkern/philox.h; tl.randint4x's words), the same
+            numbers on every backend. seed: given, or drawn from `generator` (torch's default one if None).
     Returns:
         x: mu's shape and dtype. One pass: reads mu, w (and eps when given) once, writes x once.
     Autograd: differentiable in mu, w and a given eps (dw = sigma sqrt(rho) dx, deps = sigma sqrt(1-rho) dx);
         sigma and rho get no gradient. Saved: sigma and rho ([B]).
-    Backends: C++ (CPU tensors), Triton (CUDA tensors), reference; see `diffkern.backend`.
+    Backends: C++ (CPU tensors), CUDA C++ or Triton (CUDA tensors; CUDA C++ when built with CUDA), reference; see `diffkern.backend`.
     """
     if not isinstance(rho, torch.Tensor) and not 0 <= rho <= 1:
         raise ValueError(f"ntrk_step: rho must be in [0, 1], got {rho}")

@@ -17,7 +17,8 @@ STEP_OP, PROJECT_OP = "ntrk_step", "twoos_project"
 
 def _check_floating(op, t, name):
     if t.dtype not in _FLOATS:
-        raise ValueError(f"{op}: {name} dtype must be float16, bfloat16, float32 or float64, got {_dtypes.name(t.dtype)}")
+        raise ValueError(f"{op}: {name} dtype must be float16, bfloat16, float32 or float64, got "
+                         f"{_dtypes.name(t.dtype)}")
 
 
 def _check_per_sample(op, t, name, mu, B):
@@ -103,7 +104,7 @@ def _step_fake(mu, sigma, w, rho, eps, seed, offset):
     return mu.new_empty(mu.shape)
 
 
-# The internal op of the cuda backend (csrc/cuda, issue 8 helper) shares the public op's fake.
+# The internal op of the cuda backend (its kernel lives in csrc/cuda/ntrk_step.cu) shares the public op's fake.
 torch.library.register_fake("diffkern::ntrk_step_cuda")(_step_fake)
 
 
@@ -121,15 +122,19 @@ def _step_setup(ctx, inputs, output):
 
 
 def _step_backward(ctx, dx):
-    """dmu = dx, dw = sigma sqrt(rho) dx, deps = sigma sqrt(1 - rho) dx (per sample); sigma, rho: none."""
+    """dmu = dx, dw = sigma sqrt(rho) dx, deps = sigma sqrt(1 - rho) dx (per sample); sigma, rho: none.
+
+    One multiply per gradient in dx's dtype (the per-sample factor rounded to it, the product formed in
+    its opmath by torch): dx is read twice, dw and deps written once, dmu is dx itself.
+    """
     if dx is None:
         return (None,) * 7
     sigma, rho = ctx.saved_tensors
-    acc = _dtypes.acc(dx.dtype)
     shape = (-1,) + (1,) * (dx.dim() - 1)
+    acc = _dtypes.acc(dx.dtype)
     s, r = sigma.to(acc).reshape(shape), rho.to(acc).reshape(shape)
-    dw = (s * torch.sqrt(r) * dx.to(acc)).to(dx.dtype)
-    deps = (s * torch.sqrt(1 - r) * dx.to(acc)).to(dx.dtype) if ctx.has_eps else None
+    dw = dx * (s * torch.sqrt(r)).to(dx.dtype)
+    deps = dx * (s * torch.sqrt(1 - r)).to(dx.dtype) if ctx.has_eps else None
     return dx, None, dw, None, deps, None, None
 
 

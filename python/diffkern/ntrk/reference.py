@@ -11,7 +11,7 @@ import torch
 
 from .. import _dtypes
 
-# Philox4x32-10 and the normal transform of Triton's tl.randn (csrc/include/diffkern/philox.h).
+# Philox4x32-10 (Triton's tl.randint4x stream) and the normal transform of csrc/include/diffkern/philox.h.
 _KEY_A, _KEY_B, _ROUND_A, _ROUND_B = 0x9E3779B9, 0xBB67AE85, 0xD2511F53, 0xCD9E8D57
 _MASK32 = 0xFFFFFFFF
 
@@ -40,12 +40,33 @@ def philox_uniform(r: torch.Tensor) -> torch.Tensor:
     return i.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 
+_COS = (1.0, -0.5, 4.1666666666666664e-2, -1.3888888888888889e-3, 2.4801587301587302e-5)
+_SIN = (1.0, -0.16666666666666666, 8.3333333333333332e-3, -1.9841269841269841e-4, 2.7557319223985893e-6)
+
+
+def _horner(coefs, f2):
+    acc = torch.full_like(f2, coefs[-1])
+    for c in reversed(coefs[:-1]):
+        acc = c + f2 * acc
+    return acc
+
+
+def cos_2pi(u: torch.Tensor) -> torch.Tensor:
+    """cos(2 pi u) for float32 u in [0, 1), as philox.h computes it (quadrant reduction + polynomials)."""
+    q = 4.0 * u
+    k = torch.floor(q + 0.5)
+    f = (q - k) * torch.tensor(1.5707963267948966, dtype=torch.float32)
+    f2 = f * f
+    c, s = _horner(_COS, f2), f * _horner(_SIN, f2)
+    quadrant = k.to(torch.int64) & 3
+    return torch.where(quadrant == 0, c, torch.where(quadrant == 1, -s, torch.where(quadrant == 2, -c, s)))
+
+
 def philox_randn(seed: int, offset: torch.Tensor) -> torch.Tensor:
-    """float32 N(0, 1) draws at int64 `offset`s of stream `seed`: Triton's tl.randn(seed, offset)."""
+    """float32 N(0, 1) draws at int64 `offset`s of stream `seed` (csrc/include/diffkern/philox.h)."""
     r = philox_randint4x(seed, offset.to(torch.int64))
     u1 = torch.clamp_min(philox_uniform(r[0]), 1e-7)
-    th = torch.tensor(6.283185307179586, dtype=torch.float32) * philox_uniform(r[1])
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(th)
+    return torch.sqrt(-2.0 * torch.log(u1)) * cos_2pi(philox_uniform(r[1]))
 
 
 def _per_sample(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 ntrk_step_kernel: x = mu + a_i w + b_i eps over chunks of BLOCK-element tiles, one program per
   (sample, chunk); a_i = sigma_i sqrt(rho_i), b_i = sigma_i sqrt(1 - rho_i). eps is read, or drawn
-  in-kernel by tl.randn(seed, offset + flat index) (csrc/include/diffkern/philox.h is the same stream).
+  in-kernel at (seed, offset + flat index): tl.randint4x's Philox words and philox.h's normal transform.
   Moves (2 or 3) + 1 latents: mu, w (, eps) read once, x written once.
 
 2OS projection, one pass = three launches over a sample's N = M * D entries (y: [B, M, D] fp32):
@@ -31,7 +31,35 @@ BLOCK, NUM_WARPS = 1024, 4
 # sort keep 8-16 keys per thread at 4 warps: tl.sort's shuffles then stay in registers (no spills on
 # sm_80/sm_90a, tests/test_kernels_compile.py). The tile D is held in one program, so D <= MAX_TILE.
 ROW_KEYS, COL_CHUNK, SORT_WARPS, MAX_TILE = 2048, 1024, 4, 1024
-KEY_PAD = 2**63 - 1  # sorts after every real key
+KEY_PAD = tl.constexpr(2**63 - 1)  # sorts after every real key
+
+
+@triton.jit
+def _cos_2pi(u):
+    """cos(2 pi u), u in [0, 1): csrc/include/diffkern/philox.h's cos_2pi (no libdevice cosf: no stack)."""
+    q = 4.0 * u
+    k = tl.floor(q + 0.5)
+    f = (q - k) * 1.5707963267948966
+    f2 = f * f
+    c = 1.0 + f2 * (-0.5 + f2 * (4.1666666666666664e-2 + f2 * (-1.3888888888888889e-3 + f2 * 2.4801587301587302e-5)))
+    s = f * (1.0 + f2 * (-0.16666666666666666 + f2 * (8.3333333333333332e-3 + f2 * (-1.9841269841269841e-4
+                                                                                     + f2 * 2.7557319223985893e-6))))
+    quadrant = k.to(tl.int32) & 3
+    return tl.where(quadrant == 0, c, tl.where(quadrant == 1, -s, tl.where(quadrant == 2, -c, s)))
+
+
+@triton.jit
+def _uniform(r):
+    i = r.to(tl.int32, bitcast=True)
+    return tl.where(i < 0, ~i, i).to(tl.float32) * 4.6566127342e-10
+
+
+@triton.jit
+def _randn(seed, offset):
+    """N(0, 1) at int64 offsets of stream seed: philox.h's randn (Box-Muller on tl.randint4x's words)."""
+    r0, r1, _, _ = tl.randint4x(seed, offset)
+    u1 = tl.maximum(_uniform(r0), 1.0e-7)
+    return tl.sqrt(-2.0 * tl.log(u1)) * _cos_2pi(_uniform(r1))
 
 
 @triton.jit
@@ -52,7 +80,7 @@ def ntrk_step_kernel(mu_ptr, w_ptr, eps_ptr, x_ptr, sigma_ptr, rho_ptr, seed, of
         if HAS_EPS:
             eps = tl.load(eps_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         else:
-            eps = tl.randn(seed, offset + offs)
+            eps = _randn(seed, offset + offs)
         tl.store(x_ptr + offs, (mu + a * w + b * eps).to(x_ptr.dtype.element_ty), mask=mask)
 
 
@@ -75,7 +103,7 @@ def row_sort_kernel(y_ptr, sorted_ptr, perm_ptr, M, D, n_row_blocks, ROWS: tl.co
     pid = tl.program_id(0)
     b = (pid // n_row_blocks).to(tl.int64)
     rows = ((pid % n_row_blocks) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
-    cols = tl.arange(0, BLOCK_D)[None, :]
+    cols = tl.arange(0, BLOCK_D).to(tl.int64)[None, :]
     mask = (rows < M) & (cols < D)
     N = M.to(tl.int64) * D
     v = tl.load(y_ptr + b * N + rows * D + cols, mask=mask, other=0.0).to(tl.float32)
@@ -101,7 +129,7 @@ def _count_below(keys_ptr, base, start, M, key, valid, CHUNK: tl.constexpr, LOG_
     """How many keys of the sorted chunk at keys_ptr[base + start ...] (its part below M) are < key."""
     pos = tl.zeros(key.shape, tl.int32)
     for s in tl.static_range(LOG_CHUNK):
-        step: tl.constexpr = CHUNK >> (s + 1)
+        step = CHUNK >> (s + 1)
         at = start + pos + (step - 1)
         probe = tl.load(keys_ptr + base + at, mask=valid & (at < M), other=KEY_PAD)
         pos = tl.where(probe < key, pos + step, pos)

@@ -1,7 +1,8 @@
 """W: the composition of 2OS projections that makes a guidance gradient a typical N(0, I) draw (specs/ntrk.md).
 
-Per sample, on the flattened entries (N = M * D, tiles of D). The gradient is first standardised
-(zero mean, unit variance); then each domain, in the order given, maps a statistic that is exactly
+Per sample, on the flattened entries (N = M * D, tiles of D). The gradient is first scaled to unit
+root-mean-square (not centred: a shift of every entry survives in part, as clipping to the upper
+band edges); then each domain, in the order given, maps a statistic that is exactly
 distributed under N(0, I) onto its 2OS confidence set and puts the change back:
 
   "value"        the N entries, ~N(0, 1) each                  bands twoos_bands(M, D)
@@ -55,7 +56,8 @@ def _value_domains(z: torch.Tensor, domains, M: int, D: int, alpha: float, passe
     B, N = z.shape
     for domain in domains:
         if domain == "value":
-            z = twoos_project(z.contiguous(), bands=bands_on(M, D, alpha, "normal", None, z.dtype, z.device), passes=passes)[0]
+            bands = bands_on(M, D, alpha, "normal", None, z.dtype, z.device)
+            z = twoos_project(z.contiguous(), bands=bands, passes=passes)[0]
         elif domain == "tile_mean":
             t = z.view(B, M, D).mean(2) * math.sqrt(D)
             z = (z.view(B, M, D) + ((_project_tiles(t, alpha, passes) - t) / math.sqrt(D))[:, :, None]).view(B, N)
@@ -69,8 +71,9 @@ def _value_domains(z: torch.Tensor, domains, M: int, D: int, alpha: float, passe
 def whiten(g: torch.Tensor, domains=DOMAINS, tile: int | None = None, alpha: float = WHITEN_ALPHA, passes: int = 8):
     """Whitens a guidance gradient per sample into a typical draw of N(0, I): W(g) (specs/ntrk.md).
 
-    w = P_k(... P_1((g - mean g) / std g)) for the domains P_1..P_k in `domains` (module docstring: each
-    domain's statistic and band). A sample whose g is constant gives w = 0 (no guidance).
+    w = P_k(... P_1(g / rms g)) for the domains P_1..P_k in `domains` (module docstring: each domain's
+    statistic and band). A sample whose g is constant gives w = 0: 2OS would rank its equal entries by
+position, which is no guidance at all.
 
     Args:
         g: [B, ...] float16/bfloat16/float32/float64, any latent shape; tile: D (default the largest
@@ -94,9 +97,8 @@ def whiten(g: torch.Tensor, domains=DOMAINS, tile: int | None = None, alpha: flo
     M = N // D
     acc = torch.float64 if g.dtype == torch.float64 else torch.float32
     z = g.detach().reshape(B, N).to(acc)
-    std = z.std(1, keepdim=True, correction=0)
-    live = std > 0
-    z = torch.where(live, (z - z.mean(1, keepdim=True)) / torch.where(live, std, 1), 0)
+    live = z.std(1, keepdim=True, correction=0) > 0
+    z = z / torch.where(live, z.pow(2).mean(1, keepdim=True).sqrt(), 1)
     for domain in domains:
         if domain == "fourier":
             z = _hartley(_value_domains(_hartley(z), VALUE_DOMAINS, M, D, alpha, passes))

@@ -1,0 +1,4 @@
+"""Reward-guided sampling for flow-matching models: NTRK (specs/ntrk.md) and the baselines, one API."""
+from .ntrk.sampling import BaseSampler, DPSSampler, NTRKSampler, SVDDSampler, Trace, best_of_n
+
+__all__ = ["BaseSampler", "DPSSampler", "NTRKSampler", "SVDDSampler", "Trace", "best_of_n"]
