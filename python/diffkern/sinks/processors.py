@@ -70,6 +70,17 @@ def _heads(x, batch_size, heads, head_dim):
     return x.view(batch_size, -1, heads, head_dim).transpose(1, 2)
 
 
+def _split_qk_norm(attn, query, key, value, batch_size):
+    """Projected [B, N, H*d] q, k, v -> [B, H, N, d] with attn's QK-norm applied, and the head size d."""
+    head_dim = key.shape[-1] // attn.heads
+    query, key, value = (_heads(x, batch_size, attn.heads, head_dim) for x in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value, head_dim
+
+
 class SinkJointAttnProcessor(_SinkProcessor):
     """JointAttnProcessor2_0 with sink measurement/suppression (SD3 / SD3.5 joint attention)."""
 
@@ -78,13 +89,8 @@ class SinkJointAttnProcessor(_SinkProcessor):
             raise NotImplementedError("SinkJointAttnProcessor: attention_mask is not supported")
         residual = hidden_states
         batch_size = hidden_states.shape[0]
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (_heads(x, batch_size, attn.heads, head_dim) for x in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value, head_dim = _split_qk_norm(
+            attn, attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states), batch_size)
         if encoder_hidden_states is not None:
             cq, ck, cv = (_heads(p(encoder_hidden_states), batch_size, attn.heads, head_dim)
                           for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
@@ -126,13 +132,8 @@ class SinkAttnProcessor(_SinkProcessor):
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (_heads(x, batch_size, attn.heads, head_dim) for x in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value, head_dim = _split_qk_norm(
+            attn, query, attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states), batch_size)
         hidden_states = self._attend(query, key, value, n_query=query.shape[2])
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
