@@ -26,6 +26,22 @@ def make_router(L, S, query, rule, dtype=torch.float64, seed=0):
     return router
 
 
+def router_inputs(router, g):
+    """x0 [B, T, d] and cond [B, COND] in float64 requiring grad, and the list of everything differentiated."""
+    x0 = torch.randn(B, T, d, generator=g, dtype=torch.float64, requires_grad=True)
+    cond = torch.randn(B, COND, generator=g, dtype=torch.float64, requires_grad=True)
+    return x0, cond, [x0, cond, *router.parameters()]
+
+
+def assert_same_grads(got, want, inputs, dy, rtol, atol):
+    """got and want give each input the same gradient, and leave the same inputs unreached."""
+    for a, b in zip(torch.autograd.grad(got, inputs, dy, allow_unused=True),
+                    torch.autograd.grad(want, inputs, dy, allow_unused=True)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
 def oracle_q(router, p, last, cond):
     if router.query == "dynamic":
         return last @ router.query_proj[p].weight.T
@@ -58,19 +74,13 @@ def run(router, x0, weights, cond, oracle=False):
 def test_router_matches_spec_schedule_forward_and_backward(query, L, S, rule):
     router = make_router(L, S, query, rule)
     g = torch.Generator().manual_seed(1)
-    x0 = torch.randn(B, T, d, generator=g, dtype=torch.float64, requires_grad=True)
-    cond = torch.randn(B, COND, generator=g, dtype=torch.float64, requires_grad=True)
+    x0, cond, inputs = router_inputs(router, g)
     weights = torch.randn(L, d, d, generator=g, dtype=torch.float64) / d**0.5
-    inputs = [x0, cond, *router.parameters()]
     got = run(router, x0, weights, cond)
     want = run(router, x0, weights, cond, oracle=True)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     dy = torch.randn(got.shape, generator=g, dtype=torch.float64)
-    for a, b in zip(torch.autograd.grad(got, inputs, dy, allow_unused=True),
-                    torch.autograd.grad(want, inputs, dy, allow_unused=True)):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    assert_same_grads(got, want, inputs, dy, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("query", ("static", "timestep", "dynamic"))

@@ -5,7 +5,7 @@ import torch
 from diffkern.bench.dar_memory import measure
 from diffkern.nn import DARRouter
 
-from test_dar_router import COND, B, T, d, make_router
+from test_dar_router import COND, B, T, assert_same_grads, d, make_router, router_inputs
 
 
 def stack(L, seed=1):
@@ -20,19 +20,13 @@ def stack(L, seed=1):
 def test_recompute_gives_the_same_output_and_gradients(query, L, S, rule):
     router = make_router(L, S, query, rule)
     g = torch.Generator().manual_seed(2)
-    x0 = torch.randn(B, T, d, generator=g, dtype=torch.float64, requires_grad=True)
-    cond = torch.randn(B, COND, generator=g, dtype=torch.float64, requires_grad=True)
-    inputs = [x0, cond, *router.parameters()]
+    x0, cond, inputs = router_inputs(router, g)
     sublayers = stack(L)
     plain = router.run(x0, sublayers, cond)
     recomputed = router.run(x0, sublayers, cond, recompute=True)
     torch.testing.assert_close(recomputed, plain, rtol=0, atol=0)
     dy = torch.randn(plain.shape, generator=g, dtype=torch.float64)
-    for a, b in zip(torch.autograd.grad(recomputed, inputs, dy, allow_unused=True),
-                    torch.autograd.grad(plain, inputs, dy, allow_unused=True)):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert_same_grads(recomputed, plain, inputs, dy, rtol=1e-12, atol=1e-12)
 
 
 def test_run_matches_step_by_step_routing():
