@@ -5,8 +5,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from diffkern.dar import dar_gather
 from diffkern.testing.backends import backends_under_test, device_for, forced
+from diffkern.testing.compiled import assert_compiled_matches_eager
 
 from test_dar_gather import gather_inputs
+from test_dar_route_contract import Router
 
 BACKENDS = backends_under_test("dar_gather_fwd")
 B, T, D = 2, 3, 8
@@ -80,14 +82,8 @@ def test_opcheck(backend, variant, k):
                               (torch.randn_like(h), routed, q.detach(), gain.detach(), h.detach(), lse, dlast, 1e-6))
 
 
-class Chunk(torch.nn.Module):
+class Chunk(Router):
     """Forms a summary of the previous chunk while routing, then an MLP reads both outputs."""
-
-    def __init__(self, d):
-        super().__init__()
-        self.q = torch.nn.Parameter(torch.randn(d))
-        self.gain = torch.nn.Parameter(torch.ones(d))
-        self.mlp = torch.nn.Linear(d, d)
 
     def forward(self, summaries, pending):
         h, c = dar_gather(summaries, pending, self.q, self.gain)
@@ -105,10 +101,4 @@ def test_torch_compile_fullgraph_forward_and_backward(backend, compiler, dynamic
     pending = [torch.randn(2, 5, 16, device=dev, requires_grad=True) for _ in range(3)]
     inputs = [*summaries, *pending, model.q, model.gain]
     with forced(backend):
-        eager = model(summaries, pending)
-        eager_grads = torch.autograd.grad(eager.sum(), inputs)
-        compiled = torch.compile(model, backend=compiler, fullgraph=True, dynamic=dynamic)(summaries, pending)
-        compiled_grads = torch.autograd.grad(compiled.sum(), inputs)
-    torch.testing.assert_close(compiled, eager)
-    for a, b in zip(compiled_grads, eager_grads):
-        torch.testing.assert_close(a, b)
+        assert_compiled_matches_eager(model, (summaries, pending), inputs, compiler, dynamic)

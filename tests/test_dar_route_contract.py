@@ -9,6 +9,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import diffkern
 from diffkern.dar.reference import dar_route_reference
 from diffkern.testing.backends import backends_under_test, device_for, forced
+from diffkern.testing.compiled import assert_compiled_matches_eager
 from diffkern.testing.numerics import assert_close_to_oracle
 
 from test_dar_route import make_inputs
@@ -118,13 +119,7 @@ def test_torch_compile_fullgraph_forward_and_backward(backend, compiler, dynamic
     model = Router(16).to(dev)
     history = [torch.randn(2, 5, 16, device=dev, requires_grad=True) for _ in range(4)]
     with forced(backend):
-        eager = model(history)
-        eager_grads = torch.autograd.grad(eager.sum(), [*history, model.q, model.gain])
-        compiled = torch.compile(model, backend=compiler, fullgraph=True, dynamic=dynamic)(history)
-        compiled_grads = torch.autograd.grad(compiled.sum(), [*history, model.q, model.gain])
-    torch.testing.assert_close(compiled, eager)
-    for a, b in zip(compiled_grads, eager_grads):
-        torch.testing.assert_close(a, b)
+        assert_compiled_matches_eager(model, (history,), [*history, model.q, model.gain], compiler, dynamic)
 
 
 def test_backend_switch_routes_cpu_tensors():

@@ -1,1 +1,2 @@
-"""Shared test helpers: tolerances, backend switches, the Triton interpreter monitor and ahead-of-time GPU compiles."""
+"""Shared test helpers: tolerances, backend switches, the Triton interpreter monitor, torch.compile against eager
+and ahead-of-time GPU compiles."""
