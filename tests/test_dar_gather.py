@@ -7,7 +7,7 @@ from diffkern.dar.reference import dar_gather_reference
 from diffkern.testing.backends import backends_under_test, device_for, forced, supports
 from diffkern.testing.numerics import assert_close_to_oracle
 
-from test_dar_route import Q_VARIANTS, as_float64, make_inputs, on_cpu, randn_like
+from test_dar_route import Q_VARIANTS, as_float64, make_inputs, on_cpu, randn_like, strided_views
 
 BACKENDS = backends_under_test("dar_gather_fwd")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -142,9 +142,7 @@ def test_strided_addends_are_read_in_place(backend):
     B, T, d = 2, 5, 24
     g = torch.Generator().manual_seed(3)
     dev = device_for(backend)
-    wide = torch.randn(B, T, 4 * d, generator=g).to(dev)
-    sources = [wide[..., :d], torch.randn(T, B, d, generator=g).to(dev).transpose(0, 1)]
-    addends = [wide[..., d:2 * d], wide[..., 3 * d:], torch.randn(T, B, d, generator=g).to(dev).transpose(0, 1)]
+    sources, addends = strided_views(2, B, T, d, g, dev), strided_views(3, B, T, d, g, dev)
     q, gain = torch.randn(B, d, generator=g).to(dev), torch.randn(d, generator=g).to(dev)
     with forced(backend), torch.no_grad():
         h, c = dar_gather(sources, addends, q, gain)

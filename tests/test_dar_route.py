@@ -45,6 +45,14 @@ def as_float64(tensors):
     return [x.requires_grad_() for x in on_cpu(tensors, torch.float64)]
 
 
+def strided_views(n, B, T, d, g, device):
+    """n [B, T, d] tensors with their own batch/token strides: the first n - 1 every other d-wide slice of one
+    [B, T, 2(n-1)d] buffer, the last a transposed [T, B, d] buffer."""
+    wide = torch.randn(B, T, 2 * (n - 1) * d, generator=g).to(device)
+    return [wide[..., 2 * i * d:(2 * i + 1) * d] for i in range(n - 1)] + \
+        [torch.randn(T, B, d, generator=g).to(device).transpose(0, 1)]
+
+
 def reference_grads(sources, q, gain, dh, dtype):
     """The plain reference's output and gradients on CPU, with every input cast to `dtype`."""
     inputs = [x.requires_grad_() for x in on_cpu([*sources, q, gain], dtype)]
@@ -194,8 +202,7 @@ def test_strided_sources_are_read_in_place(backend):
     B, T, d = 2, 5, 24
     g = torch.Generator().manual_seed(3)
     dev = device_for(backend)
-    wide = torch.randn(B, T, 3 * d, generator=g).to(dev)
-    sources = [wide[..., :d], wide[..., d:2 * d], torch.randn(T, B, d, generator=g).to(dev).transpose(0, 1)]
+    sources = strided_views(3, B, T, d, g, dev)
     q, gain = torch.randn(B, T, d, generator=g).to(dev), torch.randn(d, generator=g).to(dev)
     with forced(backend):
         h = diffkern.dar_route(sources, q, gain)
