@@ -9,10 +9,9 @@ import math
 
 import torch
 
-from .. import _dtypes, _nvtx, _registry, _triton
+from .. import _checks, _dtypes, _nvtx, _registry, _triton
 from . import cuda_ops, distributed, reference, triton_kernels  # noqa: F401 (cuda_ops: fakes)
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 STEP_OP, LOSS_OP = "flow_sde_step", "grpo_iso_loss"
 
 
@@ -23,21 +22,13 @@ def _check_latents(op, lead: str, x, others: dict, sigma, sigma_next, std_rule, 
         raise ValueError(f"{op}: {msg}")
     if x.dim() < 1:
         fail(f"{lead} must be [B, ...], got a 0-dim tensor")
-    if x.dtype not in _FLOATS:
-        fail(f"{lead} dtype must be float16, bfloat16, float32 or float64, got {_dtypes.name(x.dtype)}")
-    if not x.is_contiguous():
-        fail(f"{lead} must be contiguous; call .contiguous()")
+    _checks.check_float_contiguous(op, lead, x)
     for name, y in others.items():
         if y is None:
             continue
         if y.shape != x.shape:
             fail(f"{name} has shape {list(y.shape)} but {lead} has shape {list(x.shape)}")
-        if y.dtype != x.dtype:
-            fail(f"{name} dtype {_dtypes.name(y.dtype)} differs from {lead} dtype {_dtypes.name(x.dtype)}")
-        if y.device != x.device:
-            fail(f"{name} is on {y.device} but {lead} is on {x.device}")
-        if not y.is_contiguous():
-            fail(f"{name} must be contiguous; call .contiguous()")
+        _checks.check_like(op, name, y, lead, x)
     B = x.shape[0]
     if B > 0 and x.numel() == 0:
         fail(f"{lead} must have at least one element per sample, got shape {list(x.shape)}")

@@ -9,12 +9,11 @@ import math
 
 import torch
 
-from .. import _dtypes, _nvtx, _registry
+from .. import _checks, _nvtx, _registry
 from . import reference, triton_kernels
 from .reference import N_MOD, N_PARAMS, param_shapes
 
 OP = "recurse"
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _fail(msg: str):
@@ -24,22 +23,14 @@ def _fail(msg: str):
 def _check_like(name: str, t: torch.Tensor, shape, x: torch.Tensor) -> None:
     if list(t.shape) != list(shape):
         _fail(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
-    if t.dtype != x.dtype:
-        _fail(f"{name} dtype {_dtypes.name(t.dtype)} differs from x dtype {_dtypes.name(x.dtype)}")
-    if t.device != x.device:
-        _fail(f"{name} is on {t.device} but x is on {x.device}")
-    if not t.is_contiguous():
-        _fail(f"{name} must be contiguous; call .contiguous()")
+    _checks.check_like(OP, name, t, "x", x)
 
 
 def check_recurse(x, weights, mod, n_iter, heads, eps) -> None:
     """The checks csrc/cpu/rmdm_recurse.cpp makes, in the same order and words."""
     if x.dim() != 3:
         _fail(f"x must be [B, T, d], got shape {list(x.shape)}")
-    if x.dtype not in _FLOATS:
-        _fail(f"x dtype must be float16, bfloat16, float32 or float64, got {_dtypes.name(x.dtype)}")
-    if not x.is_contiguous():
-        _fail("x must be contiguous; call .contiguous()")
+    _checks.check_float_contiguous(OP, "x", x)
     B, T, d = x.shape
     if len(weights) == 0 or len(weights) % N_PARAMS:
         _fail(f"weights must hold K blocks of {N_PARAMS} tensors, got {len(weights)} tensors")
