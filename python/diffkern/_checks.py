@@ -1,4 +1,5 @@
-"""Argument checks several ops share, in the words of their C++ twins (csrc/cpu/grpo.cpp, diffkern/rmdm_args.h)."""
+"""Argument checks several ops share, in the words of their C++ twins (csrc/cpu/grpo.cpp and ntrk.cpp,
+csrc/include/diffkern/rmdm_args.h)."""
 import torch
 
 from . import _dtypes

@@ -8,17 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import _dtypes, _registry, _triton
+from .. import _checks, _dtypes, _registry, _triton
 from . import reference, triton_kernels
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 STEP_OP, PROJECT_OP = "ntrk_step", "twoos_project"
-
-
-def _check_floating(op, t, name):
-    if t.dtype not in _FLOATS:
-        raise ValueError(f"{op}: {name} dtype must be float16, bfloat16, float32 or float64, got "
-                         f"{_dtypes.name(t.dtype)}")
 
 
 def _check_per_sample(op, t, name, mu, B):
@@ -34,21 +27,13 @@ def check_step(mu, sigma, w, rho, eps, seed, offset) -> None:
     """The checks csrc/cpu/ntrk.cpp makes, in the same order and words."""
     if mu.dim() < 1:
         raise ValueError(f"{STEP_OP}: mu must be [B, ...], got a 0-dim tensor")
-    _check_floating(STEP_OP, mu, "mu")
-    if not mu.is_contiguous():
-        raise ValueError(f"{STEP_OP}: mu must be contiguous; call .contiguous()")
+    _checks.check_float_contiguous(STEP_OP, "mu", mu)
     for name, y in (("w", w), ("eps", eps)):
         if y is None:
             continue
         if y.shape != mu.shape:
             raise ValueError(f"{STEP_OP}: {name} has shape {list(y.shape)} but mu has shape {list(mu.shape)}")
-        if y.dtype != mu.dtype:
-            raise ValueError(f"{STEP_OP}: {name} dtype {_dtypes.name(y.dtype)} differs from mu dtype "
-                             f"{_dtypes.name(mu.dtype)}")
-        if y.device != mu.device:
-            raise ValueError(f"{STEP_OP}: {name} is on {y.device} but mu is on {mu.device}")
-        if not y.is_contiguous():
-            raise ValueError(f"{STEP_OP}: {name} must be contiguous; call .contiguous()")
+        _checks.check_like(STEP_OP, name, y, "mu", mu)
     _check_per_sample(STEP_OP, sigma, "sigma", mu, mu.shape[0])
     _check_per_sample(STEP_OP, rho, "rho", mu, mu.shape[0])
     if offset < 0:
@@ -59,9 +44,7 @@ def check_project(x, lower, upper, max_passes) -> None:
     """The checks csrc/cpu/ntrk.cpp makes, in the same order and words."""
     if x.dim() < 1:
         raise ValueError(f"{PROJECT_OP}: x must be [B, ...], got a 0-dim tensor")
-    _check_floating(PROJECT_OP, x, "x")
-    if not x.is_contiguous():
-        raise ValueError(f"{PROJECT_OP}: x must be contiguous; call .contiguous()")
+    _checks.check_float_contiguous(PROJECT_OP, "x", x)
     if lower.dim() != 2 or upper.shape != lower.shape:
         raise ValueError(f"{PROJECT_OP}: lower and upper must be [M, D] tables of one shape, got "
                          f"{list(lower.shape)} and {list(upper.shape)}")
