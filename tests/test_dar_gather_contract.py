@@ -94,7 +94,6 @@ class Chunk(Router):
 @pytest.mark.parametrize("compiler", ("aot_eager", "inductor"))
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 def test_torch_compile_fullgraph_forward_and_backward(backend, compiler, dynamic):
-    torch._dynamo.reset()
     dev = device_for(backend)
     model = Chunk(16).to(dev)
     summaries = [torch.randn(2, 5, 16, device=dev, requires_grad=True) for _ in range(2)]

@@ -114,7 +114,6 @@ class Router(torch.nn.Module):
 @pytest.mark.parametrize("compiler", ("aot_eager", "inductor"))
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 def test_torch_compile_fullgraph_forward_and_backward(backend, compiler, dynamic):
-    torch._dynamo.reset()
     dev = device_for(backend)
     model = Router(16).to(dev)
     history = [torch.randn(2, 5, 16, device=dev, requires_grad=True) for _ in range(4)]
