@@ -55,12 +55,15 @@ def _cpu_model() -> str:
 
 
 def _traffic_note(entries: list[dict]) -> str:
-    counted = ", ".join(f"{e['case']} {e['interpreter_seconds']:.0f} s" for e in entries if "error" not in e)
+    counted = ", ".join(f"{e['case']} {e['interpreter_seconds']:.0f} s" for e in entries
+                        if "error" not in e and "modeled" not in e)
+    modeled = "".join(f" {e['case']} is modeled, not counted (rows marked (modeled)): {e['modeled']}"
+                      for e in entries if "modeled" in e)
     return ("diffkern bytes = the Triton kernels' active-lane loads and stores (TritonMonitor; a lane that "
             "re-reads an address counts again, caches are not modelled) plus the aten ops the op runs around "
             "them; eager = every aten op's distinct input and output bytes (meta tensors, full shape). "
-            f"Every case counted whole in the Triton interpreter ({counted}). "
-            "CUDA C++ = the cuda backend's kernels run in the host-execution harness, counting each launch's "
+            f"Cases counted whole in the Triton interpreter: {counted or 'none'}.{modeled}"
+            " CUDA C++ = the cuda backend's kernels run in the host-execution harness, counting each launch's "
             "distinct global bytes (a broadcast or re-read counts once), plus the same aten glue; glue inside "
             "the C++ op (the routing kernels' source tables and 16-bit gain cast) is not seen."
             + "".join(f" CUDA C++ not counted for {e['case']}: {e['cuda_skipped']}." for e in entries

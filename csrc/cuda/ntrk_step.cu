@@ -19,8 +19,7 @@ using namespace diffkern::cuda;
 
 // Persistent blocks per SM, as grpo.cu: 8 x 256 threads fill an SM when registers allow. 3 resident
 // blocks (80 registers a thread): at 64 the bf16 instantiation spills on sm_80 (Philox rounds and
-// Box-Muller over a 16-byte unit). philox::randn's cosf keeps a 32-byte stack frame for its
-// large-argument reduction, which arguments in [0, 2 pi) never take (no spill: see testing/nvcc.py).
+// Box-Muller over a 16-byte unit). No stack frame: philox::randn's cos_2pi is a polynomial, not cosf.
 constexpr int kBlocksPerSm = 8;
 constexpr int kMinBlocksPerSm = 3;
 

@@ -18,6 +18,8 @@ from torch.utils._pytree import tree_leaves
 # Ops that only allocate or re-describe memory: no kernel, no traffic.
 _METADATA = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "set_", "detach",
              "alias", "_unsafe_view", "lift_fresh", "_reshape_alias", "resize_", "detach_"}
+# Ops whose schema may alias (so `is_view`) but which copy when the dtype or device changes.
+_MAY_COPY = {"to"}
 # In-place ops that overwrite their first argument without reading it.
 _OVERWRITE = {"copy_", "fill_", "zero_", "normal_", "uniform_"}
 
@@ -86,7 +88,7 @@ class AtenTraffic(TorchDispatchMode):
                 return func._op_dk(key, *args, **kwargs)
         out = func(*args, **kwargs)
         name = func._opname
-        if func.is_view or name in _METADATA or _moves_nothing(name, args, out):
+        if (func.is_view and name not in _MAY_COPY) or name in _METADATA or _moves_nothing(name, args, out):
             return out
         overwritten = args[0] if name in _OVERWRITE else None
         read = (args, {k: v for k, v in kwargs.items() if k != "out"})

@@ -8,9 +8,11 @@ cores); the parent stays a normal process for the timings. Per case and pass it 
             counted like the eager reference (AtenTraffic).
 For a workload with CUDA C++ kernels, the same passes run on the cuda backend in the host-execution
 harness, which counts the distinct global bytes each launch touches (cuda.*, with its glue.*).
-Every case is counted whole, at its real shape. Scaling a count from token slices is not exact here:
-the launchers size their grids from the problem (the DAR backward groups token tiles per program to
-keep an H100's SMs busy), so a small slice launches a differently shaped grid from the whole.
+Every case is counted whole, at its real shape, unless its workload models it (`modeled_counts`: a
+case the interpreter cannot count in reasonable time, from a model tested equal to its counts).
+Scaling a count from token slices is not exact here: the launchers size their grids from the problem
+(the DAR backward groups token tiles per program to keep an H100's SMs busy), so a small slice
+launches a differently shaped grid from the whole.
 """
 from __future__ import annotations
 
@@ -45,10 +47,23 @@ def _count_in_child(workload: str, case: str, quick: bool, dtype: str) -> dict:
             return json.load(f)
 
 
+def _modeled(workload: Workload, case, dtype: str) -> Future | None:
+    """A done future holding the case's modeled counts, or None when the workload has the case counted."""
+    model = workload.modeled_counts(case, getattr(torch, dtype))
+    if model is None:
+        return None
+    future: Future = Future()
+    future.set_result({"case": case.name, "tokens": case.tokens, "counts": {FWD: model[FWD], BWD: model[BWD]},
+                       "modeled": model["note"]})
+    return future
+
+
 def start(quick: bool, dtype: str, jobs: int) -> dict[str, list[Future]]:
-    """Starts counting every case of every workload, `jobs` children at a time; returns the futures."""
+    """Starts counting every case of every workload, `jobs` children at a time (a case the workload
+    models is not run); returns the futures."""
     pool = ThreadPoolExecutor(max_workers=max(1, jobs))
-    futures = {w.name: [pool.submit(_count_in_child, w.name, c.name, quick, dtype) for c in w.cases(quick)]
+    futures = {w.name: [_modeled(w, c, dtype) or pool.submit(_count_in_child, w.name, c.name, quick, dtype)
+                        for c in w.cases(quick)]
                for w in registered()}
     pool.shutdown(wait=False)
     return futures

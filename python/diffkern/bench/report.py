@@ -75,7 +75,8 @@ def workload_markdown(name: str, w: dict, meta: dict) -> list[str]:
         f"modeled H100 time = bytes / {meta['h100_bytes_per_s'] / 1e12:.1f} TB/s)", w["traffic"],
         ["case", "pass", "minimum MB", "diffkern (Triton) MB", "diffkern/min", "CUDA C++ MB", "eager MB", "eager/diffkern",
          "diffkern launches", "eager kernels", "modeled H100 us: min / diffkern / eager"],
-        lambda r: [r["case"], r["pass"], _num(r["min_bytes"] / MB), _num(r["diffkern_bytes"] / MB),
+        lambda r: [r["case"] + (" (modeled)" if r.get("modeled") else ""), r["pass"], _num(r["min_bytes"] / MB),
+                   _num(r["diffkern_bytes"] / MB),
                    _x(r["diffkern_over_min"]), _num(r["cuda_bytes"] / MB) if "cuda_bytes" in r else "-",
                    _num(r["eager_bytes"] / MB), _x(r["eager_over_diffkern"]), r["diffkern_launches"],
                    r["eager_kernels"], " / ".join(_num(r["modeled_h100_us"][k]) for k in ("min", "diffkern", "eager"))])

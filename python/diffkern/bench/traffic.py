@@ -2,8 +2,8 @@
 
 All three figures are counts, not measurements: the minimum from the op's formula (each input read
 once, each output written once), diffkern's from its Triton kernels run in the interpreter
-(`interpreted`), the eager reference's from its aten ops (`aten_traffic`, on meta tensors at the full
-shape). Where an op has CUDA C++ kernels, their count from the host harness is shown beside Triton's. Modeled time = bytes / H100 HBM3 bandwidth: a lower bound for a memory-bound op, not a timing.
+(`interpreted`; rows marked modeled: the workload's tested model of those counts), the eager
+reference's from its aten ops (`aten_traffic`, on meta tensors at the full shape). Where an op has CUDA C++ kernels, their count from the host harness is shown beside Triton's. Modeled time = bytes / H100 HBM3 bandwidth: a lower bound for a memory-bound op, not a timing.
 """
 from __future__ import annotations
 
@@ -68,5 +68,5 @@ def rows(workload: Workload, quick: bool, counted: list[dict], dtype: torch.dtyp
                      eager_over_diffkern=r["eager_bytes"] / r["diffkern_bytes"],
                      modeled_h100_us={"min": _us(r["min_bytes"]), "diffkern": _us(r["diffkern_bytes"]),
                                       "eager": _us(r["eager_bytes"])})
-            out.append({"case": case.name, "pass": p, **r})
+            out.append({"case": case.name, "pass": p, **r, **({"modeled": True} if "modeled" in entry else {})})
     return out

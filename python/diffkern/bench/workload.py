@@ -67,6 +67,9 @@ class Workload:
         benchmark case in `dtype` launches that configuration.
     cuda_sources: the csrc/cuda/*.cu files of its CUDA C++ kernels; cuda_warps: how their block size is
         chosen, as the resources table shows it.
+    modeled_counts(case, dtype) -> None (count the case in the interpreter), or for a case too large for
+        it, {"fwd": counts, "bwd": counts} in diffkern.bench.interpreted's format from a model that a
+        test holds equal to the interpreter's counts, and "note": what is modeled.
     """
     name: str
     title: str
@@ -81,6 +84,7 @@ class Workload:
     bars: tuple[Bar, ...] = field(default=())
     cuda_sources: tuple[str, ...] = field(default=())
     cuda_warps: str = ""
+    modeled_counts: Callable[[Case, torch.dtype], dict | None] = lambda case, dtype: None
 
     def cases(self, quick: bool) -> tuple[Case, ...]:
         return self.quick_cases if quick else self.full_cases

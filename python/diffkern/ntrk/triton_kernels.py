@@ -13,8 +13,9 @@ ntrk_step_kernel: x = mu + a_i w + b_i eps over chunks of BLOCK-element tiles, o
                     a branch-free binary search in every other chunk), the band [lower, upper][r, j],
                     the in-band count, the clipped value scattered back to y[b, m, perm[b, m, j]]
 A column never has to fit one program: M is cut into CHUNKs (video latents: M = 8190 tiles of 256).
-Bytes per entry and pass: row 4 + 6, col 4 + 8, clip 8 + 2 + 8 (band gathers) + 4 (+ the binary
-search's gathers, L2-resident); the benchmark measures them.
+Bytes per entry and pass: row (input) + 6, col 4 + 8, clip 8 + 2 + 8 (band gathers) + 4 + 8 (LOG_CHUNK + 1)
+per other chunk (the binary search's gathers, L2-resident): bench/ntrk_model.py, tested against the
+interpreter's counts.
 """
 from __future__ import annotations
 
@@ -126,15 +127,19 @@ def col_sort_kernel(sorted_ptr, keys_ptr, M, n_chunks, CHUNK: tl.constexpr):
 
 @triton.jit
 def _count_below(keys_ptr, base, start, M, key, valid, CHUNK: tl.constexpr, LOG_CHUNK: tl.constexpr):
-    """How many keys of the sorted chunk at keys_ptr[base + start ...] (its part below M) are < key."""
+    """How many keys of the sorted chunk at keys_ptr[base + start ...] (its part below M) are < key.
+
+    A probe past M reads key M - 1 and counts as KEY_PAD: every valid lane loads at every step, so the
+    kernel's accesses do not depend on the data (bench/ntrk_model.py counts them)."""
     pos = tl.zeros(key.shape, tl.int32)
     for s in tl.static_range(LOG_CHUNK):
         step = CHUNK >> (s + 1)
         at = start + pos + (step - 1)
-        probe = tl.load(keys_ptr + base + at, mask=valid & (at < M), other=KEY_PAD)
-        pos = tl.where(probe < key, pos + step, pos)
-    last = tl.load(keys_ptr + base + start + pos, mask=valid & (start + pos < M), other=KEY_PAD)
-    return pos + (last < key).to(tl.int32)
+        probe = tl.load(keys_ptr + base + tl.minimum(at, M - 1), mask=valid)
+        pos = tl.where((at < M) & (probe < key), pos + step, pos)
+    at = start + pos
+    last = tl.load(keys_ptr + base + tl.minimum(at, M - 1), mask=valid)
+    return pos + ((at < M) & (last < key)).to(tl.int32)
 
 
 @triton.jit
