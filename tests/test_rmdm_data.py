@@ -103,3 +103,9 @@ def test_countdown_validity_rejects_wrong_arithmetic_reuse_and_wrong_target():
     perturbed = countdown.generate(20, seed=4)
     perturbed[:, countdown.PROMPT_LEN] = (perturbed[:, countdown.PROMPT_LEN] + 1) % 10
     assert countdown.right_token_rate(perturbed, countdown.generate(20, seed=4)) < 1.0
+
+
+def test_sudoku_ops_pass_opcheck():
+    torch.library.opcheck(torch.ops.diffkern.rmdm_sudoku, (3, 40, 7), test_utils=("test_schema", "test_faketensor"))
+    puzzles, _ = sudoku.generate(3, clues=40, seed=7)
+    torch.library.opcheck(torch.ops.diffkern.rmdm_sudoku_count, (puzzles, 2))

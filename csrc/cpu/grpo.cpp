@@ -22,6 +22,7 @@
 #include "convert.h"
 #include "diffkern/check.h"
 #include "diffkern/grpo_math.h"
+#include "diffkern/latent_args.h"
 
 namespace diffkern::grpo {
 namespace {
@@ -46,41 +47,12 @@ struct Geometry {
   int64_t B, D, n_chunks;
 };
 
-// A named tensor argument; nullptr for an absent optional one.
-using NamedTensor = std::pair<const char*, const at::Tensor*>;
-
-const at::Tensor* optional_ptr(const std::optional<at::Tensor>& t) { return t ? &*t : nullptr; }
-
 // `lead` sets the shape, dtype and device every other latent must share.
 Geometry check_latents(const char* op, NamedTensor lead, std::initializer_list<NamedTensor> others,
                        const at::Tensor& sigma, const at::Tensor& sigma_next, int64_t std_rule, double std_coef) {
-  const auto& [lname, lp] = lead;
-  const at::Tensor& x = *lp;
-  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": ", lname, " must be [B, ...], got a 0-dim tensor");
-  const at::ScalarType t = x.scalar_type();
-  TORCH_CHECK_VALUE(t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble, op, ": ", lname,
-                    " dtype must be float16, bfloat16, float32 or float64, got ", dtype_name(t));
-  TORCH_CHECK_VALUE(x.is_contiguous(), op, ": ", lname, " must be contiguous; call .contiguous()");
-  for (const auto& [name, p] : others) {
-    if (p == nullptr) continue;
-    const at::Tensor& y = *p;
-    TORCH_CHECK_VALUE(y.sizes() == x.sizes(), op, ": ", name, " has shape ", y.sizes(), " but ", lname, " has shape ",
-                      x.sizes());
-    TORCH_CHECK_VALUE(y.scalar_type() == t, op, ": ", name, " dtype ", dtype_name(y.scalar_type()), " differs from ",
-                      lname, " dtype ", dtype_name(t));
-    check_same_device(op, y, name, x, lname);
-    TORCH_CHECK_VALUE(y.is_contiguous(), op, ": ", name, " must be contiguous; call .contiguous()");
-  }
-  const int64_t B = x.size(0), D = B > 0 ? x.numel() / B : 0;
-  TORCH_CHECK_VALUE(B == 0 || D >= 1, op, ": ", lname, " must have at least one element per sample, got shape ",
-                    x.sizes());
-  for (const auto& [name, s] : {NamedTensor{"sigma", &sigma}, {"sigma_next", &sigma_next}}) {
-    check_same_device(op, *s, name, x, lname);
-    TORCH_CHECK_VALUE(s->dim() == 1 && s->size(0) == B, op, ": ", name, " must be [B] = [", B, "], got shape ",
-                      s->sizes());
-    TORCH_CHECK_VALUE(s->scalar_type() == at::kFloat || s->scalar_type() == at::kDouble, op, ": ", name,
-                      " dtype must be float32 or float64, got ", dtype_name(s->scalar_type()));
-  }
+  const auto [B, D] = diffkern::check_latents(op, lead, others);
+  check_per_sample(op, {"sigma", &sigma}, lead);
+  check_per_sample(op, {"sigma_next", &sigma_next}, lead);
   TORCH_CHECK_VALUE(std_rule == kWan || std_rule == kSD3, op, ": std_rule must be 0 (wan) or 1 (sd3), got ", std_rule);
   TORCH_CHECK_VALUE(std::isfinite(std_coef) && std_coef > 0, op, ": std_coef must be finite and > 0, got ", std_coef);
   return {B, D, (D + kChunk - 1) / kChunk};

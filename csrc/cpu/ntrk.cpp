@@ -22,6 +22,7 @@
 
 #include "convert.h"
 #include "diffkern/check.h"
+#include "diffkern/latent_args.h"
 #include "diffkern/ntrk_math.h"
 #include "diffkern/philox.h"
 
@@ -49,30 +50,13 @@ void check_floating(const char* op, const at::Tensor& t, const char* name) {
                     " dtype must be float16, bfloat16, float32 or float64, got ", dtype_name(s));
 }
 
-void check_per_sample(const char* op, const at::Tensor& t, const char* name, const at::Tensor& x, int64_t B) {
-  check_same_device(op, t, name, x, "mu");
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == B, op, ": ", name, " must be [B] = [", B, "], got shape ", t.sizes());
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
-                    " dtype must be float32 or float64, got ", dtype_name(t.scalar_type()));
-}
-
 // The checks python/diffkern/ntrk/op.py makes, in the same order and words.
 void check_step(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& w, const at::Tensor& rho,
                 const std::optional<at::Tensor>& eps, int64_t offset) {
-  TORCH_CHECK_VALUE(mu.dim() >= 1, kStepOp, ": mu must be [B, ...], got a 0-dim tensor");
-  check_floating(kStepOp, mu, "mu");
-  TORCH_CHECK_VALUE(mu.is_contiguous(), kStepOp, ": mu must be contiguous; call .contiguous()");
-  for (const auto& [name, p] : {std::pair<const char*, const at::Tensor*>{"w", &w}, {"eps", eps ? &*eps : nullptr}}) {
-    if (p == nullptr) continue;
-    TORCH_CHECK_VALUE(p->sizes() == mu.sizes(), kStepOp, ": ", name, " has shape ", p->sizes(), " but mu has shape ",
-                      mu.sizes());
-    TORCH_CHECK_VALUE(p->scalar_type() == mu.scalar_type(), kStepOp, ": ", name, " dtype ",
-                      dtype_name(p->scalar_type()), " differs from mu dtype ", dtype_name(mu.scalar_type()));
-    check_same_device(kStepOp, *p, name, mu, "mu");
-    TORCH_CHECK_VALUE(p->is_contiguous(), kStepOp, ": ", name, " must be contiguous; call .contiguous()");
-  }
-  check_per_sample(kStepOp, sigma, "sigma", mu, mu.size(0));
-  check_per_sample(kStepOp, rho, "rho", mu, mu.size(0));
+  const NamedTensor lead{"mu", &mu};
+  check_latents(kStepOp, lead, {{"w", &w}, {"eps", optional_ptr(eps)}}, /*empty_rows=*/true);
+  check_per_sample(kStepOp, {"sigma", &sigma}, lead);
+  check_per_sample(kStepOp, {"rho", &rho}, lead);
   TORCH_CHECK_VALUE(offset >= 0, kStepOp, ": offset must be >= 0, got ", offset);
 }
 

@@ -120,3 +120,20 @@ def recurse(block_params, x: torch.Tensor, n_iter: int, *, heads: int, mod: torc
     with _nvtx.range("diffkern.recurse"):
         states = torch.ops.diffkern.rmdm_recurse(x, weights, mod, int(n_iter), int(heads), float(eps))
     return states if return_all else states[-1]
+
+
+# The Sudoku data ops (csrc/cpu/rmdm_sudoku.cpp) run on CPU only; their fakes give the output shapes
+# so code that calls them traces under torch.compile and fake tensors.
+@torch.library.register_fake("diffkern::rmdm_sudoku")
+def _sudoku_fake(n, clues, seed):
+    if n < 0:
+        raise ValueError(f"rmdm_sudoku: n must be >= 0, got {n}")
+    return (torch.empty(n, 81, dtype=torch.int64, device="cpu"), torch.empty(n, 81, dtype=torch.int64, device="cpu"))
+
+
+@torch.library.register_fake("diffkern::rmdm_sudoku_count")
+def _sudoku_count_fake(puzzles, limit):
+    if not (puzzles.dim() == 2 and puzzles.shape[1] == 81 and puzzles.dtype == torch.int64):
+        raise ValueError(f"rmdm_sudoku_count: puzzles must be an int64 [n, 81] tensor, got {list(puzzles.shape)} "
+                         f"{puzzles.dtype}")
+    return puzzles.new_empty(puzzles.shape[0])

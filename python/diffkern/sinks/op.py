@@ -110,9 +110,18 @@ def check_suppress(q, k, v, o, lse, idx, n_rows, scale, bias) -> None:
 
 
 def _check_idx_values(idx, n_keys) -> None:
-    """Index values, which fakes cannot see: checked by the Python backends before any gather."""
-    if idx.numel() and (idx.min().item() < 0 or idx.max().item() >= n_keys):
-        _fail(ATTN_OP, f"idx values must be in [0, N_k) = [0, {n_keys}), got [{idx.min().item()}, {idx.max().item()}]")
+    """Index values, which fakes cannot see: checked by the Python backends before any gather.
+
+    On a GPU the check is a device-side assert (no host sync on the per-layer path); on CPU it is exact
+    and names the offending range.
+    """
+    if idx.is_cuda:
+        torch._assert_async(((idx >= 0) & (idx < n_keys)).all(), f"{ATTN_OP}: idx values must be in [0, N_k)")
+        return
+    if idx.numel():
+        lo, hi = torch.aminmax(idx)
+        if lo < 0 or hi >= n_keys:
+            _fail(ATTN_OP, f"idx values must be in [0, N_k) = [0, {n_keys}), got [{int(lo)}, {int(hi)}]")
 
 
 def _triton_checked(launch):
