@@ -8,7 +8,9 @@ from diffkern.testing.backends import backends_under_test, forced, supports
 from diffkern.testing.numerics import assert_close_to_oracle
 
 BACKENDS = backends_under_test("rmdm_recurse")
-BWD_BACKENDS = backends_under_test("rmdm_recurse_bwd")  # the Triton path has no backward yet
+# The backward's backends: cpu, reference, and cuda (the same C++ on ATen, which on a GPU runs cuBLAS); the
+# forward under test then runs on the CPU kernel when it has no backend of that name.
+BWD_BACKENDS = backends_under_test("rmdm_recurse_bwd")
 # (B, T, d, f, heads, K, n_iter): one token and one head, odd sizes, several blocks and iterations, and
 # T, 3d and f just above the Triton tiles (16 tokens, 32 outputs, 32 MLP columns)
 SHAPES = ((1, 1, 4, 4, 1, 1, 1), (2, 5, 6, 10, 2, 2, 3), (3, 7, 8, 12, 4, 1, 2), (2, 19, 12, 40, 3, 2, 2))
@@ -90,8 +92,9 @@ def test_backward_matches_autograd_through_the_plain_blocks(backend, dtype, shap
     for t in leaves:
         t.requires_grad_(True)
     dstates = torch.randn((n_iter, *x.shape), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    with forced(backend):
+    with forced(backend if backend in BACKENDS else "cpu"):
         states = diffkern.recurse(blocks, x, n_iter, heads=heads, mod=mod, return_all=True)
+    with forced(backend):
         grads = torch.autograd.grad(states, leaves, dstates.to(dtype))
     b64, x64, m64 = make(shape, torch.float64, with_mod)
     leaves64 = [x64, *[w for b in b64 for w in b], *([m64] if with_mod else [])]
@@ -125,6 +128,11 @@ def test_opcheck_and_compile():
     for t in [x, mod, *weights]:
         t.requires_grad_(True)
     torch.library.opcheck(torch.ops.diffkern.rmdm_recurse.default, (x, weights, mod, 2, 2, EPS))
+    states = diffkern.recurse(blocks, x, 2, heads=2, mod=mod, return_all=True).detach()
+    for bwd in ("rmdm_recurse_bwd", "rmdm_recurse_bwd_cuda"):
+        torch.library.opcheck(getattr(torch.ops.diffkern, bwd).default,
+                              (torch.randn_like(states), x.detach(), states, [w.detach() for w in weights],
+                               mod.detach(), 2, EPS))
     fn = torch.compile(lambda x, mod: diffkern.recurse(blocks, x, 2, heads=2, mod=mod), fullgraph=True,
                        backend="aot_eager")
     out = fn(x, mod)

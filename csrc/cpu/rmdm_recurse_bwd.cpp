@@ -1,9 +1,11 @@
-// CPU backward of R-MDM's shared-block recursion (specs/rmdm.md; schema in csrc/diffkern/ops.cpp).
+// Backward of R-MDM's shared-block recursion (specs/rmdm.md; schema in csrc/diffkern/ops.cpp), for CPU and
+// CUDA tensors alike: it is written in ATen ops only, so it is both the CPU kernel of rmdm_recurse_bwd and
+// the GPU backend rmdm_recurse_bwd_cuda (cuBLAS GEMMs, ATen's softmax / gelu / layer-norm backward kernels).
 //
 // Iterations are walked backwards. Iteration k is re-run from its saved input (x or states[k-2]) with
 // its intermediates kept for its K blocks only, then differentiated block by block with hand-written
 // formulas, so memory is one iteration's activations plus the saved states. Everything is computed in
-// the accumulation type (float32 for half/bfloat16 inputs) with ATen's CPU kernels (MKL GEMMs); the
+// the accumulation type (float32 for half/bfloat16 inputs) with ATen's kernels for the device; the
 // weight gradients accumulate over all iterations and are rounded to the weights' dtype once.
 #include <cmath>
 #include <tuple>
@@ -111,7 +113,7 @@ void check_bwd(const at::Tensor& dstates, const at::Tensor& x, const at::Tensor&
   }
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> rmdm_recurse_bwd_cpu(
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> rmdm_recurse_bwd_aten(
     const at::Tensor& dstates, const at::Tensor& x, const at::Tensor& states, at::TensorList weights,
     const std::optional<at::Tensor>& mod, int64_t heads, double eps) {
   check_bwd(dstates, x, states, weights, mod, heads, eps);
@@ -152,5 +154,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> rmdm_recurse_bwd_cpu
 }  // namespace diffkern::rmdm
 
 TORCH_LIBRARY_IMPL(diffkern, CPU, m) {
-  m.impl("rmdm_recurse_bwd", TORCH_FN(diffkern::rmdm::rmdm_recurse_bwd_cpu));
+  m.impl("rmdm_recurse_bwd", TORCH_FN(diffkern::rmdm::rmdm_recurse_bwd_aten));
+  m.impl("rmdm_recurse_bwd_cuda", TORCH_FN(diffkern::rmdm::rmdm_recurse_bwd_aten));
+}
+
+TORCH_LIBRARY_IMPL(diffkern, CUDA, m) {
+  m.impl("rmdm_recurse_bwd_cuda", TORCH_FN(diffkern::rmdm::rmdm_recurse_bwd_aten));
 }

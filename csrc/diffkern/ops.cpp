@@ -134,6 +134,11 @@ TORCH_LIBRARY_FRAGMENT(diffkern, m) {
   m.def(
       "rmdm_recurse_bwd(Tensor dstates, Tensor x, Tensor states, Tensor[] weights, Tensor? mod, int heads,"
       " float eps) -> (Tensor dx, Tensor[] dweights, Tensor dmod)");
+  // The backward's GPU backend (the `cuda` backend of rmdm_recurse_bwd): the same C++ as the CPU kernel,
+  // composed of ATen ops, so on CUDA tensors its GEMMs run in cuBLAS (csrc/cpu/rmdm_recurse_bwd.cpp).
+  m.def(
+      "rmdm_recurse_bwd_cuda(Tensor dstates, Tensor x, Tensor states, Tensor[] weights, Tensor? mod, int heads,"
+      " float eps) -> (Tensor dx, Tensor[] dweights, Tensor dmod)");
   // Sudoku data (not differentiable): n unique-solution puzzles with `clues` clues and their solutions,
   // int64 [n, 81] with 0 for a blank; and the number of solutions of given puzzles, up to `limit`.
   m.def("rmdm_sudoku(int n, int clues, int seed) -> (Tensor puzzles, Tensor solutions)");

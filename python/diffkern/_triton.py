@@ -5,6 +5,7 @@ Nothing here is technique-specific; the kernels themselves live in `<technique>/
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -42,18 +43,25 @@ def _restore_after_device_calls() -> None:
 
     Triton 3.8's interpreter patches triton.language for a helper function called from a kernel and
     never restores it, so after any interpreted launch that calls a helper, compiling a kernel for a
-    GPU in the same process fails (the AOT compile tests run after the interpreted ones).
+    GPU in the same process fails (the AOT compile tests run after the interpreted ones). A lock
+    serialises the patching and a helper's first-call source rewrite, which programs running in threads
+    (diffkern._cooperative) would otherwise race on.
     """
     from triton.runtime import interpreter
 
+    lock = threading.Lock()
+
     def call(self, *args, **kwargs):
-        scope = interpreter._patch_lang(self.fn)
+        with lock:
+            scope = interpreter._patch_lang(self.fn)
+            fn = self.rewrite()
         try:
-            return self.rewrite()(*args, **kwargs)
+            return fn(*args, **kwargs)
         except Exception as e:
             raise interpreter.InterpreterError(repr(e)) from e
         finally:
-            scope.restore()
+            with lock:
+                scope.restore()
 
     interpreter.InterpretedFunction.__call__ = call
 

@@ -5,15 +5,20 @@ shared blocks run L=4 times; no adaLN (common for Sudoku MDMs). The eager baseli
 applied L times in PyTorch with F.scaled_dot_product_attention (the strongest eager form), and
 torch.compile compiles that same function.
 
-Weight traffic per denoising step, modeled: the unfused block applied L times reads each weight K*L
-times (once per block evaluation); diffkern's C++ path reads and packs each weight once per call and
-reuses the packed copy for all L iterations (`weight_reads_per_call`).
+Launches and weight traffic per denoising step (`count_gpu_path`, counted by the interpreter in a child
+process, bf16): the Triton kernels' launches and the bytes they load from the weight tensors, over the
+bytes of all weights. The persistent kernel (where the op's plan picks it: B*T <= 512) reads each weight
+once per call; the tiled kernel once per 16-token tile per block evaluation; the unfused block applied
+L times reads each weight once per block evaluation (L per step, modeled: each F.linear reads its weight
+once) in one launch per dispatched op. B=64 is left out of the count (64 programs of the tiled kernel
+take too long to interpret); its tiled weight reads follow B * ceil(T/16) * L, the count a test checks.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
 import sys
 
 import torch
@@ -84,9 +89,40 @@ def dispatched_ops(fn, args) -> int:
     return Count.n
 
 
-def weight_reads_per_call(case: Case) -> dict:
-    """Modeled weight reads per denoising step, in weight-set units: eager K*L, diffkern's CPU path 1."""
-    return {"eager": case.params["K"] * case.params["L"], "diffkern_cpu": 1}
+def count_gpu_path(case: Case, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Interpreter counts (needs TRITON_INTERPRET=1) of one no-grad call per Triton kernel: launches,
+    programs, weight bytes loaded over weight bytes, and all bytes loaded and stored."""
+    from .. import _triton
+    from ..rmdm import triton_kernels, triton_persistent
+    from ..testing.triton_monitor import TritonMonitor
+
+    p = case.params
+    x, weights = _make_args(case, dtype, "cpu")
+    weight_bytes = sum(w.numel() * w.element_size() for w in weights)
+    pb = triton_persistent.plan(p["B"] * p["T"], p["d"], p["f"], p["K"], dtype.itemsize, _triton.MODEL_SMS)
+    runs = {"tiled": lambda: triton_kernels.recurse_tiled(x, weights, None, p["L"], p["heads"], EPS)}
+    if pb is not None:
+        runs["persistent"] = lambda: triton_persistent.recurse_persistent(x, weights, None, p["L"], p["heads"], EPS, pb)
+    out = {"case": case.name, "dtype": str(dtype).removeprefix("torch."), "programs_per_block": pb,
+           "chosen": "persistent" if pb is not None else "tiled"}
+    for name, run in runs.items():
+        with TritonMonitor(by_tensor=True) as mon:
+            run()
+        loaded = sum(n for owner, n in mon.launches[0].loaded_by.items() if owner.startswith("tensor_table"))
+        out[name] = dict(launches=mon.num_launches, programs=mon.launches[0].programs,
+                         weight_reads=loaded / weight_bytes, bytes_loaded=mon.bytes_loaded,
+                         bytes_stored=mon.bytes_stored)
+    return out
+
+
+def _counts_in_child(quick: bool) -> list[dict]:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("DIFFKERN_DEBUG_FILL", None)
+    cmd = [sys.executable, "-m", "diffkern.bench.rmdm", "--count"] + ["--quick"] * quick
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if run.returncode != 0:
+        return [{"error": f"the interpreter child exited with status {run.returncode}: {run.stderr.strip()[-1500:]}"}]
+    return json.loads(run.stdout)
 
 
 def _min_bytes(case: Case, itemsize: int) -> dict:
@@ -120,11 +156,11 @@ WORKLOADS = (RECURSE,)
 
 
 def report(quick: bool, out: str | None, warmup: int = 2, rounds: int = 7, min_sample_s: float = 0.2) -> str:
-    """The CPU section and CPU bars of this workload, plus the modeled weight reads and dispatched ops per
-    denoising step; writes rmdm.json / rmdm.md to `out` (if given) and returns the Markdown.
+    """The CPU section and CPU bars of this workload, the GPU path's launches and weight reads per denoising
+    step (counted) and eager's; writes rmdm.json / rmdm.md to `out` (if given) and returns the Markdown.
 
-    (Not in the harness's WORKLOAD_MODULES: `recurse` has no Triton backward, so the traffic section
-    cannot count a training step of diffkern's.)
+    (Not in the harness's WORKLOAD_MODULES: `recurse`'s GPU backward is ATen's, not Triton, so the
+    harness's interpreter traffic section cannot count a training step of diffkern's.)
     """
     rows = cpu.rows(RECURSE, quick, torch.float32, warmup, rounds, min_sample_s,
                     log=lambda msg: print(msg, file=sys.stderr))
@@ -140,16 +176,36 @@ def report(quick: bool, out: str | None, warmup: int = 2, rounds: int = 7, min_s
                   f"| {r['eager_over_diffkern']:.2f}x | {r['compile_over_diffkern']:.2f}x |")
     md.append("")
     md += [f"- Bar: {b['bar']}: worst {b['worst']}, **{'met' if b['met'] else 'not met'}**" for b in bars]
+    counts = _counts_in_child(quick)
+    md += ["", "### GPU path per denoising step (Triton kernels counted in the interpreter, bf16, no adaLN)", "",
+           "| case | kernel | launches | programs | weight bytes read / weight bytes | all bytes loaded | all bytes stored |",
+           "|---|---|---|---|---|---|---|"]
+    for c in counts:
+        if "error" in c:
+            md.append(f"| error: {c['error']} | | | | | | |")
+            continue
+        for name in ("persistent", "tiled"):
+            if name in c:
+                k = c[name]
+                mark = " (the op's choice)" if c["chosen"] == name else ""
+                md.append(f"| {c['case']} | {name}{mark} | {k['launches']} | {k['programs']} | {k['weight_reads']:.3f} "
+                          f"| {k['bytes_loaded']:,} | {k['bytes_stored']:,} |")
+    md.append("")
     for case in RECURSE.cases(quick):
         x, weights = _make_args(case, torch.float32, "cpu")
-        md.append(f"- {case.name}: weight reads per denoising step {weight_reads_per_call(case)}; dispatched ops "
-                  f"per step: eager {dispatched_ops(eager_recurse, (x, weights))}, diffkern "
-                  f"{dispatched_ops(_diffkern, (x, weights))} (+ ATen's softmax and gelu inside, per block evaluation)")
+        md.append(f"- {case.name}, eager (the block applied L times): {dispatched_ops(eager_recurse, (x, weights))} "
+                  f"dispatched ops (launches on a GPU), each weight read {case.params['L']} times (modeled); "
+                  f"diffkern's CPU op: {dispatched_ops(_diffkern, (x, weights))} dispatched op, weights packed once.")
+    persistent = [c["persistent"] for c in counts if "persistent" in c]
+    met = bool(persistent) and all(k["launches"] == 1 and k["weight_reads"] == 1.0 for k in persistent)
+    md.append(f"- Bar: GPU path <= 1 launch per block evaluation and, in the persistent regime, each weight read "
+              f"once per call (interpreter count): **{'met' if met else 'not met'}**")
+    bars.append({"bar": "GPU path: 1 launch per call, weights read once per call (persistent regime)", "met": met})
     text = "\n".join(md) + "\n"
     if out:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "rmdm.json"), "w") as f:
-            json.dump({"cpu": rows, "bars": bars}, f, indent=1, default=str)
+            json.dump({"cpu": rows, "gpu_path": counts, "bars": bars}, f, indent=1, default=str)
         with open(os.path.join(out, "rmdm.md"), "w") as f:
             f.write(text)
     return text
@@ -164,7 +220,11 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--min-sample-s", type=float, default=0.2)
     ap.add_argument("--out", default=None, help="folder for rmdm.json and rmdm.md")
+    ap.add_argument("--count", action="store_true", help="print the interpreter counts as JSON (TRITON_INTERPRET=1)")
     args = ap.parse_args(argv)
+    if args.count:
+        print(json.dumps([count_gpu_path(c) for c in RECURSE.cases(args.quick) if c.params["B"] == 1]))
+        return
     torch.set_num_threads(args.threads)
     print(report(args.quick, args.out, args.warmup, args.rounds, args.min_sample_s))
 

@@ -59,7 +59,8 @@ def check_recurse_bwd(dstates, x, states, weights, mod, heads, eps) -> None:
 
 
 _registry.register("rmdm_recurse", check_recurse, triton=triton_kernels.recurse_fwd, reference=reference.recurse)
-_registry.register("rmdm_recurse_bwd", check_recurse_bwd, reference=reference.recurse_bwd)
+_registry.register("rmdm_recurse_bwd", check_recurse_bwd, reference=reference.recurse_bwd,
+                   cuda=lambda *args: torch.ops.diffkern.rmdm_recurse_bwd_cuda(*args))
 
 
 @torch.library.register_fake("diffkern::rmdm_recurse")
@@ -69,6 +70,7 @@ def _recurse_fake(x, weights, mod, n_iter, heads, eps):
 
 
 @torch.library.register_fake("diffkern::rmdm_recurse_bwd")
+@torch.library.register_fake("diffkern::rmdm_recurse_bwd_cuda")
 def _recurse_bwd_fake(dstates, x, states, weights, mod, heads, eps):
     check_recurse_bwd(dstates, x, states, weights, mod, heads, eps)
     return x.new_empty(x.shape), [w.new_empty(w.shape) for w in weights], \
@@ -112,9 +114,11 @@ def recurse(block_params, x: torch.Tensor, n_iter: int, *, heads: int, mod: torc
         h_L [B, T, d], or states [n_iter, B, T, d] with states[k-1] = h_k.
     Autograd: gradients reach x, every weight and mod. Saved: x, the n_iter states (the iteration inputs)
         and the weights; the backward re-runs one iteration at a time (memory: one iteration's activations).
-    Backends: C++ (CPU tensors), reference (plain PyTorch, any device); Triton forward (CUDA tensors, T <= 256,
-        d <= 512: one launch per call, see rmdm/triton_kernels.py; no Triton backward yet, so training on CUDA
-        tensors raises until it exists); see `diffkern.backend`.
+    Backends: C++ (CPU tensors), reference (plain PyTorch, any device). On CUDA tensors the forward is Triton
+        (T <= 256, d <= 512), one launch per call: the persistent weight-stationary kernel (each weight read
+        once per call) where it fits, else the tiled one (rmdm/triton_kernels.py says which when); the
+        backward is the C++ backward run on ATen's CUDA kernels and cuBLAS (the `cuda` backend of
+        rmdm_recurse_bwd; it needs a CUDA build). See `diffkern.backend`.
     """
     weights = [w for blk in block_params for w in blk]
     with _nvtx.range("diffkern.recurse"):

@@ -1,21 +1,22 @@
-"""Triton forward of R-MDM's shared-block recursion (specs/rmdm.md) and its launcher.
+"""Triton forward of R-MDM's shared-block recursion (specs/rmdm.md): the tiled kernel and the backend's launcher.
 
-One launch per call: program b owns sample b for all n_iter * K block evaluations (the regime the
-issue targets, T <= 256 and d <= 512: a sample's activations fit in L2 and its programs need no grid
-sync). Per block the program walks its T tokens in tiles of BLOCK_T rows through four phases, with a
-CTA barrier between them because each reads what others threads wrote:
-  A  LN1 (+adaLN) and the QKV projection, written to a per-sample fp32 scratch qkv [T, 3d];
-  B  softmax attention per head, flash-style over key tiles (online max/sum), into ctx [T, d];
-  C  the output projection and the gated residual into the fp32 state h [T, d];
-  D  LN2 (+adaLN), W_1 in BLOCK_F column chunks, exact gelu, W_2 accumulated in registers, gated
-     residual; after the last block of an iteration the state is also written to states[it].
-Weights are read from global memory by every token tile of every block evaluation (the interpreter's
-count at T=81, d=64, K=2, L=4: 41 weight sets loaded per call, one launch); on a GPU they stay
-L2-resident, but the issue's persistent regime (each weight read once per call, activations on chip)
-is not reached yet. Biases, norms, gelu and residuals are fused and the state never leaves the
-kernel between iterations. Matmuls run in fp32 (`input_precision="ieee"`; inputs are upcast after loading).
-Traffic per call: x read, n_iter states written, the weights read K * n_iter times, plus scratch
-(qkv, ctx, h: 5 d floats per token per block evaluation, L2-resident).
+Two kernels, both one launch per call with every iteration inside; `recurse_fwd` picks one per call:
+  * persistent (triton_persistent.py): weight-stationary over K x PB programs with grid barriers; each
+    weight is read once per call. Chosen where `triton_persistent.plan` allows: B*T <= 512 tokens, d <= 256,
+    and the weight slices fit the programs one cooperative launch can keep resident.
+  * tiled (here): program b owns sample b for all n_iter * K block evaluations and walks its T tokens
+    in tiles of BLOCK_T rows through four phases, with a CTA barrier between them because each reads
+    what other threads wrote:
+      A  LN1 (+adaLN) and the QKV projection, written to a per-sample fp32 scratch qkv [T, 3d];
+      B  softmax attention per head, flash-style over key tiles (online max/sum), into ctx [T, d];
+      C  the output projection and the gated residual into the fp32 state h [T, d];
+      D  LN2 (+adaLN), W_1 and exact gelu into a per-sample fp32 scratch g [T, f], then W_2 and the
+         gated residual; after the last block of an iteration the state is also written to states[it].
+    Every token tile of every block evaluation reads the weights (from L2 on a GPU): at T=81, 16-token
+    tiles, that is 6 weight sets per block evaluation per sample, 48 per Sudoku step (K=2, L=4) at B=1.
+    It serves large batches (many samples in flight hide the weight reads) and d up to 512.
+Biases, norms, gelu and residuals are fused and the state never leaves the kernel between iterations.
+Matmuls run in fp32 (`input_precision="ieee"`; inputs are upcast after loading).
 """
 from __future__ import annotations
 
@@ -23,45 +24,23 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _triton
+from .. import _cooperative, _triton
 from .._triton import KernelSpec
+from . import triton_persistent
 from .reference import N_PARAMS
+from .triton_common import TL_DTYPE, attend, gate, gelu, layer_norm, modulate, param_ptr
 
 MAX_D, MAX_T = 512, 256
-TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 # Tile sizes: tl.dot needs every dim >= 16. Every GEMM reduces over BLOCK_N-wide slices read from the
-# fp32 scratch (an FMA dot over all of d = 256 needs 2 KB of registers per thread and spills). Phase D
-# holds the [BLOCK_T, BLOCK_D] MLP output in registers and a [BLOCK_D, BLOCK_F] W_2 slice per step:
-# BLOCK_F = 32 spills 116 bytes at d = 256 on sm_90a, 16 compiles to 228 registers with no spill
-# (8 warps; 16 warps cap registers at 128 and spill more).
-BLOCK_T, BLOCK_N, BLOCK_F = 16, 32, 16
+# fp32 scratch (an FMA dot over all of d = 256 needs 2 KB of registers per thread and spills) into a
+# [BLOCK_T, BLOCK_N] output chunk, so no phase holds a full [BLOCK_T, d] accumulator (which spilled at d = 512).
+BLOCK_T, BLOCK_N = 16, 32
 
 
 def _config(d: int, dh: int) -> dict:
     block_d = max(16, triton.next_power_of_2(d))
-    return dict(BLOCK_T=BLOCK_T, BLOCK_D=block_d, BLOCK_N=BLOCK_N, BLOCK_F=BLOCK_F,
+    return dict(BLOCK_T=BLOCK_T, BLOCK_D=block_d, BLOCK_N=BLOCK_N,
                 BLOCK_DH=max(16, triton.next_power_of_2(dh)), num_warps=4 if block_d <= 128 else 8)
-
-
-@triton.jit
-def _ptr(table, i, DT: tl.constexpr):
-    return tl.load(table + i).to(tl.pointer_type(DT))
-
-
-@triton.jit
-def _norm(h, w_ptr, b_ptr, cols, cmask, D, eps, mod_ptr, SHIFT: tl.constexpr, HAS_MOD: tl.constexpr):
-    """LN over the valid columns of an fp32 [BLOCK_T, BLOCK_D] tile, then (1 + scale) and shift."""
-    mean = tl.sum(tl.where(cmask[None, :], h, 0.0), 1) / D
-    xc = tl.where(cmask[None, :], h - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / D + eps)
-    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    u = xc * rstd[:, None] * w[None, :] + b[None, :]
-    if HAS_MOD:
-        shift = tl.load(mod_ptr + SHIFT * D + cols, mask=cmask, other=0.0).to(tl.float32)
-        scale = tl.load(mod_ptr + (SHIFT + 1) * D + cols, mask=cmask, other=0.0).to(tl.float32)
-        u = u * (1.0 + scale[None, :]) + shift[None, :]
-    return u
 
 
 @triton.jit
@@ -83,26 +62,50 @@ def _linear(src, rows, rmask, ld, w_ptr, b_ptr, n, nmask, Kd, BLOCK_T: tl.conste
 
 
 @triton.jit
-def _gate(mod_ptr, PART: tl.constexpr, n, nmask, D, HAS_MOD: tl.constexpr):
+def _norm(h, table, i, cols, cmask, D, eps, mod, SHIFT: tl.constexpr, HAS_MOD: tl.constexpr, DT: tl.constexpr):
+    """LN with weight/bias tensors i, i + 1 of the table, then adaLN's modulation when there is one."""
+    w = tl.load(param_ptr(table, i, DT) + cols, mask=cmask, other=0.0).to(tl.float32)
+    b = tl.load(param_ptr(table, i + 1, DT) + cols, mask=cmask, other=0.0).to(tl.float32)
+    u = layer_norm(h, w, b, cmask, D, eps)
     if HAS_MOD:
-        return tl.load(mod_ptr + PART * D + n, mask=nmask, other=0.0).to(tl.float32)
-    return (n * 0 + 1).to(tl.float32)
+        u = modulate(u, mod, SHIFT, cols, cmask, D)
+    return u
 
 
 @triton.jit
-def recurse_fwd_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, qkv_ptr, ctx_ptr, T, D, F, K, n_iter, heads,
-                       DH, scale, eps, DT: tl.constexpr, HAS_MOD: tl.constexpr, BLOCK_T: tl.constexpr,
-                       BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DH: tl.constexpr):
+def _project_residual(h, src, ld, table, i, mod, PART: tl.constexpr, T, D, state, WRITE_STATE,
+                      HAS_MOD: tl.constexpr, DT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """h += gate * (src W^T + b) for the sample's T rows (src: fp32 [T, ld]; W, b: table tensors i, i + 1),
+    in BLOCK_N-column chunks; also writes the new h to state when WRITE_STATE."""
+    for t0 in range(0, T, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        rmask = rows < T
+        for n0 in range(0, D, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            nmask = n < D
+            a = _linear(src, rows, rmask, ld, param_ptr(table, i, DT), param_ptr(table, i + 1, DT), n, nmask, ld,
+                        BLOCK_T, BLOCK_N)
+            om = rmask[:, None] & nmask[None, :]
+            offs = rows[:, None] * D + n[None, :]
+            hh = tl.load(h + offs, mask=om, other=0.0) + gate(mod, PART, n, nmask, D, HAS_MOD)[None, :] * a
+            tl.store(h + offs, hh, mask=om)
+            if WRITE_STATE:
+                tl.store(state + offs, hh.to(DT), mask=om)
+
+
+@triton.jit
+def recurse_tiled_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, qkv_ptr, ctx_ptr, g_ptr, T, D, F, K, n_iter,
+                         heads, DH, scale, eps, DT: tl.constexpr, HAS_MOD: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
     r0 = tl.arange(0, BLOCK_T)
-    dcols = tl.arange(0, BLOCK_DH)
-    dmask = dcols < DH
     h = h_ptr + b * T * D
     ub = u_ptr + b * T * D
     qkv = qkv_ptr + b * T * 3 * D
     ctx = ctx_ptr + b * T * D
+    g = g_ptr + b * T * F
     for t0 in range(0, T, BLOCK_T):
         rows = t0 + r0
         m = (rows < T)[:, None] & cmask[None, :]
@@ -113,12 +116,12 @@ def recurse_fwd_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, qkv_ptr,
         for k in range(K):
             w0 = k * 12
             mod = mod_ptr + (b * K + k) * 6 * D
+            state = states_ptr + (it * tl.num_programs(0) + b) * T * D
             for t0 in range(0, T, BLOCK_T):  # A: LN1 and QKV
                 rows = t0 + r0
-                rmask = rows < T
-                m = rmask[:, None] & cmask[None, :]
+                m = (rows < T)[:, None] & cmask[None, :]
                 hh = tl.load(h + rows[:, None] * D + cols[None, :], mask=m, other=0.0)
-                u = _norm(hh, _ptr(table, w0 + 0, DT), _ptr(table, w0 + 1, DT), cols, cmask, D, eps, mod, 0, HAS_MOD)
+                u = _norm(hh, table, w0 + 0, cols, cmask, D, eps, mod, 0, HAS_MOD, DT)
                 tl.store(ub + rows[:, None] * D + cols[None, :], u, mask=m)
             tl.debug_barrier()
             for t0 in range(0, T, BLOCK_T):
@@ -127,89 +130,54 @@ def recurse_fwd_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, qkv_ptr,
                 for n0 in range(0, 3 * D, BLOCK_N):
                     n = n0 + tl.arange(0, BLOCK_N)
                     nmask = n < 3 * D
-                    y = _linear(ub, rows, rmask, D, _ptr(table, w0 + 2, DT), _ptr(table, w0 + 3, DT), n, nmask, D,
-                                BLOCK_T, BLOCK_N)
+                    y = _linear(ub, rows, rmask, D, param_ptr(table, w0 + 2, DT), param_ptr(table, w0 + 3, DT), n,
+                                nmask, D, BLOCK_T, BLOCK_N)
                     tl.store(qkv + rows[:, None] * 3 * D + n[None, :], y, mask=rmask[:, None] & nmask[None, :])
             tl.debug_barrier()
             for t0 in range(0, T, BLOCK_T):  # B: attention, online softmax over key tiles
-                rows = t0 + r0
-                rmask = rows < T
                 for hd in range(heads):
-                    qm = rmask[:, None] & dmask[None, :]
-                    q = tl.load(qkv + rows[:, None] * 3 * D + hd * DH + dcols[None, :], mask=qm, other=0.0)
-                    m_i = tl.full((BLOCK_T,), float("-inf"), tl.float32)
-                    l_i = tl.zeros((BLOCK_T,), tl.float32)
-                    acc = tl.zeros((BLOCK_T, BLOCK_DH), tl.float32)
-                    for s0 in range(0, T, BLOCK_T):
-                        keys = s0 + r0
-                        km = (keys < T)[:, None] & dmask[None, :]
-                        kk = tl.load(qkv + keys[:, None] * 3 * D + D + hd * DH + dcols[None, :], mask=km, other=0.0)
-                        vv = tl.load(qkv + keys[:, None] * 3 * D + 2 * D + hd * DH + dcols[None, :], mask=km,
-                                     other=0.0)
-                        s = tl.dot(q, tl.trans(kk), input_precision="ieee") * scale
-                        s = tl.where((keys < T)[None, :], s, float("-inf"))
-                        m_new = tl.maximum(m_i, tl.max(s, 1))
-                        p = tl.exp(s - m_new[:, None])
-                        alpha = tl.exp(m_i - m_new)
-                        l_i = l_i * alpha + tl.sum(p, 1)
-                        acc = acc * alpha[:, None] + tl.dot(p, vv, input_precision="ieee")
-                        m_i = m_new
-                    tl.store(ctx + rows[:, None] * D + hd * DH + dcols[None, :], acc / l_i[:, None], mask=qm)
+                    attend(qkv, ctx, t0, hd, T, D, DH, scale, BLOCK_T, BLOCK_DH)
             tl.debug_barrier()
-            for t0 in range(0, T, BLOCK_T):  # C: output projection and gated residual
-                rows = t0 + r0
-                rmask = rows < T
-                for n0 in range(0, D, BLOCK_N):
-                    n = n0 + tl.arange(0, BLOCK_N)
-                    nmask = n < D
-                    a = _linear(ctx, rows, rmask, D, _ptr(table, w0 + 4, DT), _ptr(table, w0 + 5, DT), n, nmask, D,
-                                BLOCK_T, BLOCK_N)
-                    om = rmask[:, None] & nmask[None, :]
-                    offs = rows[:, None] * D + n[None, :]
-                    old = tl.load(h + offs, mask=om, other=0.0)
-                    tl.store(h + offs, old + _gate(mod, 2, n, nmask, D, HAS_MOD)[None, :] * a, mask=om)
+            _project_residual(h, ctx, D, table, w0 + 4, mod, 2, T, D, state, False, HAS_MOD, DT, BLOCK_T, BLOCK_N)
             tl.debug_barrier()
-            for t0 in range(0, T, BLOCK_T):  # D: LN2, MLP, gated residual
+            for t0 in range(0, T, BLOCK_T):  # D: LN2, W_1 and gelu into g, then W_2 and the gated residual
                 rows = t0 + r0
-                rmask = rows < T
-                m = rmask[:, None] & cmask[None, :]
+                m = (rows < T)[:, None] & cmask[None, :]
                 offs = rows[:, None] * D + cols[None, :]
                 hh = tl.load(h + offs, mask=m, other=0.0)
-                u = _norm(hh, _ptr(table, w0 + 6, DT), _ptr(table, w0 + 7, DT), cols, cmask, D, eps, mod, 3, HAS_MOD)
+                u = _norm(hh, table, w0 + 6, cols, cmask, D, eps, mod, 3, HAS_MOD, DT)
                 tl.store(ub + offs, u, mask=m)
             tl.debug_barrier()
             for t0 in range(0, T, BLOCK_T):
                 rows = t0 + r0
                 rmask = rows < T
-                m = rmask[:, None] & cmask[None, :]
-                offs = rows[:, None] * D + cols[None, :]
-                w2 = _ptr(table, w0 + 10, DT)
-                y = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
-                for f0 in range(0, F, BLOCK_F):
-                    fc = f0 + tl.arange(0, BLOCK_F)
-                    fmask = fc < F
-                    z = _linear(ub, rows, rmask, D, _ptr(table, w0 + 8, DT), _ptr(table, w0 + 9, DT), fc, fmask, D,
-                                BLOCK_T, BLOCK_N)
-                    g = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
-                    w2c = tl.load(w2 + cols[:, None].to(tl.int64) * F + fc[None, :],
-                                  mask=cmask[:, None] & fmask[None, :], other=0.0).to(tl.float32)
-                    y += tl.dot(g, tl.trans(w2c), input_precision="ieee")
-                b2 = tl.load(_ptr(table, w0 + 11, DT) + cols, mask=cmask, other=0.0).to(tl.float32)
-                gate = _gate(mod, 5, cols, cmask, D, HAS_MOD)
-                hh = tl.load(h + offs, mask=m, other=0.0) + gate[None, :] * (y + b2[None, :])
-                tl.store(h + offs, hh, mask=m)
-                if k == K - 1:
-                    tl.store(states_ptr + (it * tl.num_programs(0) + b) * T * D + offs, hh.to(DT), mask=m)
+                for n0 in range(0, F, BLOCK_N):
+                    n = n0 + tl.arange(0, BLOCK_N)
+                    nmask = n < F
+                    z = _linear(ub, rows, rmask, D, param_ptr(table, w0 + 8, DT), param_ptr(table, w0 + 9, DT), n,
+                                nmask, D, BLOCK_T, BLOCK_N)
+                    tl.store(g + rows[:, None] * F + n[None, :], gelu(z), mask=rmask[:, None] & nmask[None, :])
+            tl.debug_barrier()
+            _project_residual(h, g, F, table, w0 + 10, mod, 5, T, D, state, k == K - 1, HAS_MOD, DT, BLOCK_T, BLOCK_N)
             tl.debug_barrier()
 
 
 def recurse_fwd(x, weights, mod, n_iter, heads, eps):
-    """Launches recurse_fwd_kernel: one program per sample, every iteration inside. Returns states."""
+    """The triton backend of diffkern::rmdm_recurse: the persistent kernel where its plan allows, else the tiled one."""
     B, T, d = x.shape
     if d > MAX_D or T > MAX_T:
-        raise ValueError(f"recurse: the triton backend runs T <= {MAX_T} and d <= {MAX_D} (one program per sample), "
-                         f"got T={T}, d={d}")
+        raise ValueError(f"recurse: the triton backend runs T <= {MAX_T} and d <= {MAX_D}, got T={T}, d={d}")
     _triton.check_float32_math("recurse", x.dtype, "x")
+    pb = triton_persistent.plan(B * T, d, weights[8].shape[0], len(weights) // N_PARAMS, x.element_size(),
+                                _cooperative.max_programs(x.device))
+    if pb is not None:
+        return triton_persistent.recurse_persistent(x, weights, mod, n_iter, heads, eps, pb)
+    return recurse_tiled(x, weights, mod, n_iter, heads, eps)
+
+
+def recurse_tiled(x, weights, mod, n_iter, heads, eps):
+    """Launches recurse_tiled_kernel: one program per sample, every iteration inside. Returns states."""
+    B, T, d = x.shape
     cfg = _config(d, d // heads)
     num_warps = cfg.pop("num_warps")
     states = _triton.empty((n_iter, B, T, d), x.dtype, x.device)
@@ -217,28 +185,31 @@ def recurse_fwd(x, weights, mod, n_iter, heads, eps):
     u = _triton.empty((B, T, d), torch.float32, x.device)
     qkv = _triton.empty((B, T, 3 * d), torch.float32, x.device)
     ctx = _triton.empty((B, T, d), torch.float32, x.device)
+    g = _triton.empty((B, T, weights[8].shape[0]), torch.float32, x.device)
     table = _triton.tensor_table(weights, x.device)
     mod_arg = mod if mod is not None else x
-    recurse_fwd_kernel[(B,)](x, table, mod_arg, states, h, u, qkv, ctx, T, d, weights[8].shape[0],
-                             len(weights) // N_PARAMS, n_iter, heads, d // heads, (d // heads) ** -0.5, eps,
-                             DT=TL_DTYPE[x.dtype], HAS_MOD=mod is not None, num_warps=num_warps, **cfg)
+    recurse_tiled_kernel[(B,)](x, table, mod_arg, states, h, u, qkv, ctx, g, T, d, weights[8].shape[0],
+                               len(weights) // N_PARAMS, n_iter, heads, d // heads, (d // heads) ** -0.5, eps,
+                               DT=TL_DTYPE[x.dtype], HAS_MOD=mod is not None, num_warps=num_warps, **cfg)
     return states
 
 
 def aot_specs() -> list[KernelSpec]:
-    """The Sudoku width d = 256 (8 heads of 32) in each storage dtype, with and without adaLN."""
+    """The tiled kernel at the Sudoku width d = 256 (8 heads of 32) in each storage dtype, with and without
+    adaLN, and at d = 512; then the persistent kernel's configurations."""
     specs = []
-    for dtype, has_mod in ((torch.bfloat16, True), (torch.float16, False), (torch.float32, True)):
+    for d, dtype, has_mod in ((256, torch.bfloat16, True), (256, torch.float16, False), (256, torch.float32, True),
+                              (512, torch.bfloat16, True)):
         ty = _triton.TRITON_DTYPE[dtype]
-        cfg = _config(256, 32)
+        cfg = _config(d, d // 8)
         num_warps = cfg.pop("num_warps")
         p = f"*{ty}"
         sig = {"x_ptr": p, "table": "*i64", "mod_ptr": p, "states_ptr": p, "h_ptr": "*fp32", "u_ptr": "*fp32",
-               "qkv_ptr": "*fp32", "ctx_ptr": "*fp32", "T": "i32", "D": "i32", "F": "i32", "K": "i32", "n_iter": "i32",
+               "qkv_ptr": "*fp32", "ctx_ptr": "*fp32", "g_ptr": "*fp32", "T": "i32", "D": "i32", "F": "i32", "K": "i32", "n_iter": "i32",
                "heads": "i32", "DH": "i32", "scale": "fp32", "eps": "fp32"}
         constexprs = {"DT": TL_DTYPE[dtype], "HAS_MOD": has_mod, **cfg}
         sig.update({k: "constexpr" for k in constexprs})
-        specs.append(KernelSpec(f"recurse_fwd_kernel[{ty},HAS_MOD={has_mod},d=256]", recurse_fwd_kernel, sig,
+        specs.append(KernelSpec(f"recurse_tiled_kernel[{ty},HAS_MOD={has_mod},d={d}]", recurse_tiled_kernel, sig,
                                 constexprs, num_warps, _triton.register_budget(num_warps),
                                 {"dtype": str(dtype).removeprefix("torch.")}))
-    return specs
+    return specs + triton_persistent.aot_specs()

@@ -58,15 +58,24 @@ def sm_arch(arch: int) -> str:
     return f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
 
 
-def compile_spec(spec: KernelSpec, arch: int) -> Resources:
-    """Compile `spec` for compute capability `arch` (80, 90, ...) and report its resources."""
+def _compile(spec: KernelSpec, arch: int):
     fn = jit_function(spec.kernel)
     config = f"{spec.name} (kernel {fn.__name__}, {sm_arch(arch)}, num_warps={spec.num_warps}, {spec.constexprs})"
     source = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs)
     try:
-        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=_options(spec))
+        return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=_options(spec)), config
     except Exception as error:
         raise AotCompileError(f"{config} failed to compile: {error}") from error
+
+
+def compiled_ptx(spec: KernelSpec, arch: int) -> str:
+    """The PTX Triton generates for `spec` on compute capability `arch` (cached like compile_spec)."""
+    return _compile(spec, arch)[0].asm["ptx"]
+
+
+def compile_spec(spec: KernelSpec, arch: int) -> Resources:
+    """Compile `spec` for compute capability `arch` (80, 90, ...) and report its resources."""
+    compiled, config = _compile(spec, arch)
     report = _ptxas_report(compiled, arch, config)
     entry = compiled.name
     return Resources(

@@ -10,7 +10,10 @@ patches the interpreter for the duration of a `with` block and, for every launch
   active; a violation raises `OutOfBoundsError` out of the launch, not the interpreter's
   `InterpreterError` wrapper;
 - counts programs (product of the grid) and bytes loaded / stored: active lanes x element size,
-  for plain, masked, tensor-descriptor and atomic accesses.
+  for plain, masked, tensor-descriptor and atomic accesses; with `by_tensor=True` also the bytes
+  loaded from each tensor (`LaunchRecord.loaded_by`, keyed by the names bounds errors use).
+
+Launches whose programs run in threads (diffkern._cooperative) are counted the same way.
 
 The counts are the benchmark's traffic model, so their limits are the model's:
 - every active lane counts, even when several lanes (or programs) read the same address, so a
@@ -27,7 +30,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -52,6 +56,7 @@ class LaunchRecord:
     programs: int
     bytes_loaded: int = 0
     bytes_stored: int = 0
+    loaded_by: dict[str, int] = field(default_factory=dict)
 
 
 class _Ranges:
@@ -82,6 +87,12 @@ class _Ranges:
         ends = np.where(idx >= 0, self.ends[np.maximum(idx, 0)], 0)
         bad = (idx < 0) | (addresses + np.uint64(itemsize) > ends)
         return int(addresses[np.argmax(bad)]) if bad.any() else None
+
+    def bytes_by_owner(self, addresses: np.ndarray, itemsize: int) -> dict[str, int]:
+        """Bytes of the accesses at `addresses` per owning range name (addresses outside every range skipped)."""
+        idx = np.searchsorted(self.starts, addresses, side="right").astype(np.int64) - 1
+        counts = np.bincount(idx[idx >= 0], minlength=len(self.names))
+        return {self.names[i]: int(c) * itemsize for i, c in enumerate(counts) if c}
 
     def describe_nearest(self, address: int) -> str:
         if not self.names:
@@ -115,7 +126,9 @@ def _active(ptrs, mask) -> np.ndarray:
     addresses = ptrs.data
     if mask is None:
         return addresses.ravel()
-    return addresses[np.broadcast_to(mask.data, addresses.shape)]
+    # A mask combined from an int1 comparison and a scalar (`cols < D & (j == 0)`) can arrive as 0/1 integers,
+    # which would index rather than select.
+    return addresses[np.broadcast_to(mask.data.astype(bool), addresses.shape)]
 
 
 def _underlying(error: BaseException, kind: type) -> BaseException | None:
@@ -138,8 +151,9 @@ class TritonMonitor:
     Monitors nest (an inner one sees the launches too); they must exit in reverse order of entry.
     """
 
-    def __init__(self, check_bounds: bool = True):
-        self.check_bounds = check_bounds
+    def __init__(self, check_bounds: bool = True, by_tensor: bool = False):
+        self.check_bounds, self.by_tensor = check_bounds, by_tensor
+        self._lock = threading.Lock()
         self.launches: list[LaunchRecord] = []
         self._table_tensors: list[torch.Tensor] = []
         self._kernel: str | None = None
@@ -268,8 +282,12 @@ class TritonMonitor:
         addresses = _active(ptrs, mask)
         itemsize = _itemsize(ptrs)
         nbytes = addresses.size * itemsize
-        self._record.bytes_loaded += nbytes if loads else 0
-        self._record.bytes_stored += nbytes if stores else 0
+        with self._lock:
+            self._record.bytes_loaded += nbytes if loads else 0
+            self._record.bytes_stored += nbytes if stores else 0
+            if loads and self.by_tensor and addresses.size:
+                for name, n in self._ranges.bytes_by_owner(addresses, itemsize).items():
+                    self._record.loaded_by[name] = self._record.loaded_by.get(name, 0) + n
         if not self.check_bounds:
             return
         bad = self._ranges.first_outside(addresses, itemsize)

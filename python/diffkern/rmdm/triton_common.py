@@ -1,0 +1,82 @@
+"""The block math both Triton recursion kernels share (triton_kernels.py: tiled, triton_persistent.py: persistent).
+
+Everything is fp32 after loading (inputs are upcast right after `tl.load`); matmuls that use `tl.dot` run
+with `input_precision="ieee"`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+SQRT_HALF = tl.constexpr(0.7071067811865476)
+
+
+@triton.jit
+def param_ptr(table, i, DT: tl.constexpr):
+    """The typed pointer of weight tensor i of the pointer table."""
+    return tl.load(table + i).to(tl.pointer_type(DT))
+
+
+@triton.jit
+def layer_norm(h, w, b, cmask, D, eps):
+    """LN(h) w + b over the valid columns of an fp32 [rows, BLOCK_D] tile; w, b fp32 [BLOCK_D]."""
+    mean = tl.sum(tl.where(cmask[None, :], h, 0.0), 1) / D
+    xc = tl.where(cmask[None, :], h - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / D + eps)
+    return xc * rstd[:, None] * w[None, :] + b[None, :]
+
+
+@triton.jit
+def gelu(z):
+    """The exact (erf) gelu."""
+    return 0.5 * z * (1.0 + tl.erf(z * SQRT_HALF))
+
+
+@triton.jit
+def attend(qkv, ctx, q0, hd, T, D, DH, scale, BLOCK_T: tl.constexpr, BLOCK_DH: tl.constexpr):
+    """ctx[q0:q0+BLOCK_T, head hd] = softmax(q k^T * scale) v for one sample, online over key tiles.
+
+    qkv: the sample's fp32 [T, 3D] scratch (q | k | v, heads contiguous within each), ctx: its [T, D].
+    """
+    r0 = tl.arange(0, BLOCK_T)
+    rows = q0 + r0
+    dcols = tl.arange(0, BLOCK_DH)
+    dmask = dcols < DH
+    qm = (rows < T)[:, None] & dmask[None, :]
+    q = tl.load(qkv + rows[:, None] * 3 * D + hd * DH + dcols[None, :], mask=qm, other=0.0)
+    m_i = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_T,), tl.float32)
+    acc = tl.zeros((BLOCK_T, BLOCK_DH), tl.float32)
+    for s0 in range(0, T, BLOCK_T):
+        keys = s0 + r0
+        km = (keys < T)[:, None] & dmask[None, :]
+        kk = tl.load(qkv + keys[:, None] * 3 * D + D + hd * DH + dcols[None, :], mask=km, other=0.0)
+        vv = tl.load(qkv + keys[:, None] * 3 * D + 2 * D + hd * DH + dcols[None, :], mask=km, other=0.0)
+        s = tl.dot(q, tl.trans(kk), input_precision="ieee") * scale
+        s = tl.where((keys < T)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p, vv, input_precision="ieee")
+        m_i = m_new
+    tl.store(ctx + rows[:, None] * D + hd * DH + dcols[None, :], acc / l_i[:, None], mask=qm)
+
+
+@triton.jit
+def modulate(u, mod_rows, SHIFT: tl.constexpr, cols, mask, D):
+    """u (1 + scale) + shift, adaLN's modulation; mod_rows points at a [6, D] block (one pointer, or one per row)."""
+    shift = tl.load(mod_rows + SHIFT * D + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(mod_rows + (SHIFT + 1) * D + cols, mask=mask, other=0.0).to(tl.float32)
+    return u * (1.0 + scale) + shift
+
+
+@triton.jit
+def gate(mod_rows, PART: tl.constexpr, cols, mask, D, HAS_MOD: tl.constexpr):
+    """adaLN's residual gate (part 2 or 5 of the [6, D] block), or 1 without adaLN; shaped like mask."""
+    g = tl.full(mask.shape, 1.0, tl.float32)
+    if HAS_MOD:
+        g = tl.load(mod_rows + PART * D + cols, mask=mask, other=0.0).to(tl.float32)
+    return g

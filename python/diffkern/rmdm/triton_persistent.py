@@ -1,0 +1,276 @@
+"""Persistent Triton forward of R-MDM's shared-block recursion: every weight read once per call.
+
+Weight-stationary and grid-synchronised, in one cooperative launch (diffkern._cooperative):
+  * the grid is K x PB programs. Program (k, j) loads slice j of block k's weights once and holds it in
+    registers for all n_iter iterations: rows j*RD ... j*RD + RD - 1 of W_q, W_k, W_v, W_o and W_2 with
+    their biases, rows j*RF ... of W_1 and b_1; program (k, 0) also holds block k's LayerNorm vectors.
+    The slices are disjoint and cover every weight, so the weights cross the memory bus once per call;
+  * the activations of all N = B*T tokens live in fp32 scratch small enough to stay in L2: h, u [N, d],
+    qkv [N, 3d], ctx [N, d], g [N, f];
+  * a block evaluation is seven stages, each ended by a grid barrier:
+        LN1 by program (k, 0)  ->  q, k, v: each program its RD columns of each  ->  attention, the
+        (sample, head, 16-query tile) items spread over all K*PB programs  ->  W_o: RD columns of the
+        gated residual  ->  LN2  ->  W_1: RF columns of gelu(z)  ->  W_2: RD columns of the gated
+        residual, and of the state after the iteration's last block.
+The matmuls against register-held slices are broadcast products reduced over the input width, walked over
+BT-row tiles sized to hold <= PRODUCT elements; they run in fp32 like every other kernel here.
+
+Regime (`plan`, used by triton_kernels.recurse_fwd): persistent when N <= MAX_ROWS (every program walks
+all N rows per stage, so large batches belong to the tiled kernel, which spreads samples over programs),
+d <= MAX_D, and some PB lets each program hold <= WEIGHT_BUDGET bytes of weights with K*PB <= one program
+per SM (a cooperative launch must be co-resident). At the Sudoku shape (d=256, f=1024, K=2) in bf16/fp16
+that is PB=32 (64 programs); in fp32 PB=64 (128 programs, which an H100 has and an A100 does not). At
+d=512 the slices fit the budget only on 128 programs per block and ptxas then spills (16 warps too), so
+d=512 runs tiled.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _cooperative, _triton
+from .._cooperative import grid_exit, grid_sync
+from .._triton import KernelSpec
+from .reference import N_PARAMS
+from .triton_common import TL_DTYPE, attend, gate, gelu, layer_norm, modulate, param_ptr
+
+MAX_ROWS, MAX_D = 512, 256
+WEIGHT_BUDGET = 48 * 1024  # bytes of weights one program holds in registers
+PRODUCT = 8192  # elements of one broadcast-product tile [BT, slice rows, input width]
+LN_TILE = 2048  # elements of one LayerNorm row tile [BT_LN, BLOCK_D] (16 rows of 256 spill with adaLN)
+BLOCK_T = 16
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, n))
+
+
+def _held_bytes(d: int, f: int, pb: int, itemsize: int) -> int:
+    rd, rf = _pow2(-(-d // pb)), _pow2(-(-f // pb))
+    return (4 * rd * _pow2(d) + rf * _pow2(d) + rd * _pow2(f)) * itemsize
+
+
+def plan(n_rows: int, d: int, f: int, K: int, itemsize: int, max_programs: int) -> int | None:
+    """Programs per block for the persistent regime, or None when the call belongs to the tiled kernel."""
+    if n_rows > MAX_ROWS or d > MAX_D:
+        return None
+    pb = 1
+    while _held_bytes(d, f, pb, itemsize) > WEIGHT_BUDGET and pb < d:
+        pb *= 2
+    ok = _held_bytes(d, f, pb, itemsize) <= WEIGHT_BUDGET and K * pb <= max_programs
+    return pb if ok else None
+
+
+def config(d: int, f: int, dh: int, pb: int) -> dict:
+    """Constexprs and num_warps of a launch with pb programs per block."""
+    rd, rf, block_d, block_f = _pow2(-(-d // pb)), _pow2(-(-f // pb)), _pow2(d), _pow2(f)
+
+    def rows(budget, width):  # the power of two in [1, 16] nearest below budget / width
+        return max(1, min(16, 2 ** ((budget // width).bit_length() - 1) if budget >= width else 1))
+    return dict(RD=rd, RF=rf, BLOCK_D=block_d, BLOCK_F=block_f, BLOCK_DH=max(16, _pow2(dh)), BLOCK_T=BLOCK_T,
+                BT_D=rows(PRODUCT, rd * block_d), BT_F=rows(PRODUCT, max(rf * block_d, rd * block_f)),
+                BT_LN=rows(LN_TILE, block_d), num_warps=8)
+
+
+@triton.jit
+def _load_rows(ptr, rows, rmask, ld, cols, cmask):
+    return tl.load(ptr + rows[:, None].to(tl.int64) * ld + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _times(a, w):
+    """a [BT, C] (fp32) times w [R, C]^T -> [BT, R]: a broadcast product reduced over C."""
+    return tl.sum(a[:, None, :] * w[None, :, :].to(tl.float32), 2)
+
+
+@triton.jit
+def _mod_rows(mod_ptr, rows, kb, K, T, D):
+    """Per token row, the pointer to its sample's [6, D] adaLN block of block kb."""
+    return mod_ptr + ((rows // T).to(tl.int64) * K + kb)[:, None] * 6 * D
+
+
+@triton.jit
+def _norm_rows(h_ptr, u_ptr, w, b, mod_ptr, kb, K, N, T, D, eps, SHIFT: tl.constexpr, HAS_MOD: tl.constexpr,
+               BLOCK_D: tl.constexpr, BT: tl.constexpr):
+    """u = LN(h) w + b (then adaLN's modulation) for all N rows."""
+    cols = tl.arange(0, BLOCK_D)
+    cm = cols < D
+    for r0 in range(0, N, BT):
+        rows = r0 + tl.arange(0, BT)
+        m = (rows < N)[:, None] & cm[None, :]
+        u = layer_norm(_load_rows(h_ptr, rows, rows < N, D, cols, cm), w, b, cm, D, eps)
+        if HAS_MOD:
+            u = modulate(u, _mod_rows(mod_ptr, rows, kb, K, T, D), SHIFT, cols[None, :], m, D)
+        tl.store(u_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], u, mask=m)
+
+
+@triton.jit
+def _residual(h_ptr, src_ptr, ld, w, bias, rd, rdm, mod_ptr, kb, K, N, T, D, state_ptr, WRITE_STATE,
+              PART: tl.constexpr, HAS_MOD: tl.constexpr, DT: tl.constexpr, BLOCK_S: tl.constexpr, BT: tl.constexpr):
+    """h[:, rd] += gate * (src W_slice^T + bias) for all N rows (src: [N, ld] fp32), and the state if asked."""
+    scols = tl.arange(0, BLOCK_S)
+    sm = scols < ld
+    for r0 in range(0, N, BT):
+        rows = r0 + tl.arange(0, BT)
+        rm = rows < N
+        y = _times(_load_rows(src_ptr, rows, rm, ld, scols, sm), w) + bias[None, :]
+        om = rm[:, None] & rdm[None, :]
+        offs = rows[:, None].to(tl.int64) * D + rd[None, :]
+        g = gate(_mod_rows(mod_ptr, rows, kb, K, T, D), PART, rd[None, :], om, D, HAS_MOD)
+        hh = tl.load(h_ptr + offs, mask=om, other=0.0) + g * y
+        tl.store(h_ptr + offs, hh, mask=om)
+        if WRITE_STATE:
+            tl.store(state_ptr + offs, hh.to(DT), mask=om)
+
+
+@triton.jit
+def recurse_persistent_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, qkv_ptr, ctx_ptr, g_ptr, sync_ptr,
+                              N, T, D, F, K, n_iter, heads, DH, scale, eps, PB, DT: tl.constexpr,
+                              HAS_MOD: tl.constexpr, RD: tl.constexpr, RF: tl.constexpr, BLOCK_D: tl.constexpr,
+                              BLOCK_F: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_T: tl.constexpr,
+                              BT_D: tl.constexpr, BT_F: tl.constexpr, BT_LN: tl.constexpr):
+    p = tl.program_id(0)
+    P = tl.num_programs(0)
+    blk = p // PB
+    j = p % PB
+    lead = j == 0
+    cols = tl.arange(0, BLOCK_D)
+    cm = cols < D
+    fcols = tl.arange(0, BLOCK_F)
+    fm = fcols < F
+    rd = j * RD + tl.arange(0, RD)
+    rdm = rd < D
+    rf = j * RF + tl.arange(0, RF)
+    rfm = rf < F
+    # This program's slice of block blk's weights, read once and held for the whole call.
+    w0 = blk * 12
+    w_qkv = param_ptr(table, w0 + 2, DT)
+    b_qkv = param_ptr(table, w0 + 3, DT)
+    wq = _load_rows(w_qkv, rd, rdm, D, cols, cm)
+    wk = _load_rows(w_qkv, D + rd, rdm, D, cols, cm)
+    wv = _load_rows(w_qkv, 2 * D + rd, rdm, D, cols, cm)
+    bq = tl.load(b_qkv + rd, mask=rdm, other=0.0).to(tl.float32)
+    bk = tl.load(b_qkv + D + rd, mask=rdm, other=0.0).to(tl.float32)
+    bv = tl.load(b_qkv + 2 * D + rd, mask=rdm, other=0.0).to(tl.float32)
+    wo = _load_rows(param_ptr(table, w0 + 4, DT), rd, rdm, D, cols, cm)
+    bo = tl.load(param_ptr(table, w0 + 5, DT) + rd, mask=rdm, other=0.0).to(tl.float32)
+    w1 = _load_rows(param_ptr(table, w0 + 8, DT), rf, rfm, D, cols, cm)
+    b1 = tl.load(param_ptr(table, w0 + 9, DT) + rf, mask=rfm, other=0.0).to(tl.float32)
+    w2 = _load_rows(param_ptr(table, w0 + 10, DT), rd, rdm, F, fcols, fm)
+    b2 = tl.load(param_ptr(table, w0 + 11, DT) + rd, mask=rdm, other=0.0).to(tl.float32)
+    lm = cm & lead
+    ln1_w = tl.load(param_ptr(table, w0 + 0, DT) + cols, mask=lm, other=0.0).to(tl.float32)
+    ln1_b = tl.load(param_ptr(table, w0 + 1, DT) + cols, mask=lm, other=0.0).to(tl.float32)
+    ln2_w = tl.load(param_ptr(table, w0 + 6, DT) + cols, mask=lm, other=0.0).to(tl.float32)
+    ln2_b = tl.load(param_ptr(table, w0 + 7, DT) + cols, mask=lm, other=0.0).to(tl.float32)
+
+    for r0 in range(p * BT_LN, N, P * BT_LN):  # h = x, rows spread over all programs
+        rows = r0 + tl.arange(0, BT_LN)
+        m = (rows < N)[:, None] & cm[None, :]
+        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+        tl.store(h_ptr + offs, tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32), mask=m)
+    n_sync = 1
+    grid_sync(sync_ptr, n_sync, P)
+    n_qt = tl.cdiv(T, BLOCK_T)
+    n_items = (N // T) * heads * n_qt
+    for it in range(n_iter):
+        state = states_ptr + (it * N).to(tl.int64) * D
+        for kb in range(K):
+            mine = blk == kb
+            if mine & lead:
+                _norm_rows(h_ptr, u_ptr, ln1_w, ln1_b, mod_ptr, kb, K, N, T, D, eps, 0, HAS_MOD, BLOCK_D, BT_LN)
+            n_sync += 1
+            grid_sync(sync_ptr, n_sync, P)
+            if mine:
+                for r0 in range(0, N, BT_D):
+                    rows = r0 + tl.arange(0, BT_D)
+                    rm = rows < N
+                    a = _load_rows(u_ptr, rows, rm, D, cols, cm)
+                    out = qkv_ptr + rows[:, None].to(tl.int64) * 3 * D + rd[None, :]
+                    om = rm[:, None] & rdm[None, :]
+                    tl.store(out, _times(a, wq) + bq[None, :], mask=om)
+                    tl.store(out + D, _times(a, wk) + bk[None, :], mask=om)
+                    tl.store(out + 2 * D, _times(a, wv) + bv[None, :], mask=om)
+            n_sync += 1
+            grid_sync(sync_ptr, n_sync, P)
+            for item in range(p, n_items, P):
+                b = (item // (n_qt * heads)).to(tl.int64)
+                attend(qkv_ptr + b * T * 3 * D, ctx_ptr + b * T * D, (item % n_qt) * BLOCK_T, (item // n_qt) % heads,
+                       T, D, DH, scale, BLOCK_T, BLOCK_DH)
+            n_sync += 1
+            grid_sync(sync_ptr, n_sync, P)
+            if mine:
+                _residual(h_ptr, ctx_ptr, D, wo, bo, rd, rdm, mod_ptr, kb, K, N, T, D, state, False, 2, HAS_MOD, DT,
+                          BLOCK_D, BT_D)
+            n_sync += 1
+            grid_sync(sync_ptr, n_sync, P)
+            if mine & lead:
+                _norm_rows(h_ptr, u_ptr, ln2_w, ln2_b, mod_ptr, kb, K, N, T, D, eps, 3, HAS_MOD, BLOCK_D, BT_LN)
+            n_sync += 1
+            grid_sync(sync_ptr, n_sync, P)
+            if mine:
+                for r0 in range(0, N, BT_F):
+                    rows = r0 + tl.arange(0, BT_F)
+                    rm = rows < N
+                    z = _times(_load_rows(u_ptr, rows, rm, D, cols, cm), w1) + b1[None, :]
+                    tl.store(g_ptr + rows[:, None].to(tl.int64) * F + rf[None, :], gelu(z),
+                             mask=rm[:, None] & rfm[None, :])
+            n_sync += 1
+            grid_sync(sync_ptr, n_sync, P)
+            if mine:
+                _residual(h_ptr, g_ptr, F, w2, b2, rd, rdm, mod_ptr, kb, K, N, T, D, state, kb == K - 1, 5, HAS_MOD,
+                          DT, BLOCK_F, BT_F)
+            n_sync += 1
+            grid_sync(sync_ptr, n_sync, P)
+    grid_exit(sync_ptr, P)
+
+
+def syncs_per_call(K: int, n_iter: int) -> int:
+    """Grid barriers one call passes: one after h = x, seven per block evaluation."""
+    return 1 + 7 * K * n_iter
+
+
+def recurse_persistent(x, weights, mod, n_iter, heads, eps, programs_per_block: int):
+    """Launches recurse_persistent_kernel on K * programs_per_block programs. Returns states [n_iter, B, T, d]."""
+    B, T, d = x.shape
+    f, K, N = weights[8].shape[0], len(weights) // N_PARAMS, B * T
+    cfg = config(d, f, d // heads, programs_per_block)
+    num_warps = cfg.pop("num_warps")
+    states = _triton.empty((n_iter, B, T, d), x.dtype, x.device)
+    h, u, ctx = (_triton.empty((N, d), torch.float32, x.device) for _ in range(3))
+    qkv = _triton.empty((N, 3 * d), torch.float32, x.device)
+    g = _triton.empty((N, f), torch.float32, x.device)
+    table = _triton.tensor_table(weights, x.device)
+    _cooperative.launch(recurse_persistent_kernel, (K * programs_per_block,), x, table,
+                        mod if mod is not None else x, states, h, u, qkv, ctx, g, _cooperative.sync_buffer(x.device),
+                        N, T, d, f, K, n_iter, heads, d // heads, (d // heads) ** -0.5, eps, programs_per_block,
+                        DT=TL_DTYPE[x.dtype], HAS_MOD=mod is not None, num_warps=num_warps, **cfg)
+    return states
+
+
+# (d, heads, K, dtype, adaLN): the Sudoku shape in each storage dtype, and both ends of the persistent range.
+AOT_SHAPES = ((256, 8, 2, torch.bfloat16, True), (256, 8, 2, torch.float16, False), (256, 8, 2, torch.float32, True),
+              (128, 4, 4, torch.bfloat16, False), (256, 8, 4, torch.bfloat16, True))
+
+
+def aot_specs() -> list[KernelSpec]:
+    """AOT_SHAPES (f = 4d, 81 tokens) at the programs per block `plan` picks for them on an H100."""
+    specs = []
+    for d, heads, K, dtype, has_mod in AOT_SHAPES:
+        ty = _triton.TRITON_DTYPE[dtype]
+        pb = plan(81, d, 4 * d, K, dtype.itemsize, _triton.MODEL_SMS)
+        cfg = config(d, 4 * d, d // heads, pb)
+        num_warps = cfg.pop("num_warps")
+        p = f"*{ty}"
+        sig = {"x_ptr": p, "table": "*i64", "mod_ptr": p, "states_ptr": p, **{n: "*fp32" for n in (
+            "h_ptr", "u_ptr", "qkv_ptr", "ctx_ptr", "g_ptr")}, "sync_ptr": "*i32",
+            **{n: "i32" for n in ("N", "T", "D", "F", "K", "n_iter", "heads", "DH")}, "scale": "fp32", "eps": "fp32",
+            "PB": "i32"}
+        constexprs = {"DT": TL_DTYPE[dtype], "HAS_MOD": has_mod, **cfg}
+        sig.update({k: "constexpr" for k in constexprs})
+        specs.append(KernelSpec(f"recurse_persistent_kernel[{ty},HAS_MOD={has_mod},d={d},K={K},PB={pb}]",
+                                recurse_persistent_kernel, sig, constexprs, num_warps,
+                                _triton.register_budget(num_warps), {"dtype": str(dtype).removeprefix("torch.")}))
+    return specs

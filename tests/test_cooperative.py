@@ -1,0 +1,69 @@
+"""diffkern._cooperative: grid barriers in the interpreter (programs as threads) and in the GPU compiler."""
+import re
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from diffkern import _cooperative
+from diffkern._triton import KernelSpec
+from diffkern.testing.aot import compile_spec, compiled_ptx
+from diffkern.testing.triton_monitor import TritonMonitor
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests (CPU tensors)")
+
+
+@triton.jit
+def ring_kernel(buf, out, sync_ptr, P, ROUNDS: tl.constexpr):
+    """Each round every program publishes a value, then reads its right neighbour's (started after it)."""
+    p = tl.program_id(0)
+    n_sync = 0
+    for r in range(ROUNDS):
+        tl.store(buf + p, p * 100 + r)
+        n_sync += 1
+        _cooperative.grid_sync(sync_ptr, n_sync, P)
+        v = tl.load(buf + (p + 1) % P)
+        n_sync += 1
+        _cooperative.grid_sync(sync_ptr, n_sync, P)
+        tl.store(out + r * P + p, v)
+    _cooperative.grid_exit(sync_ptr, P)
+
+
+@triton.jit
+def failing_kernel(sync_ptr, P):
+    p = tl.program_id(0)
+    if p == 1:  # program 1 fails (the interpreter raises on a non-power-of-2 arange) before the barrier
+        tl.store(sync_ptr + tl.arange(0, 3), 7)
+    _cooperative.grid_sync(sync_ptr, 1, P)
+    _cooperative.grid_exit(sync_ptr, P)
+
+
+def test_programs_see_each_others_writes_across_barriers():
+    P, rounds = 5, 3
+    buf, out = torch.zeros(P, dtype=torch.int32), torch.zeros(rounds * P, dtype=torch.int32)
+    sync = _cooperative.sync_buffer(buf.device)
+    with TritonMonitor() as mon:
+        _cooperative.launch(ring_kernel, (P,), buf, out, sync, P, ROUNDS=rounds)
+    expected = torch.tensor([[((p + 1) % P) * 100 + r for p in range(P)] for r in range(rounds)], dtype=torch.int32)
+    assert torch.equal(out.view(rounds, P), expected)
+    assert sync.tolist() == [0, 0]
+    assert mon.num_launches == 1 and mon.launches[0].programs == P
+
+
+def test_a_failing_program_stops_the_launch_instead_of_hanging():
+    sync = torch.zeros(2, dtype=torch.int32)
+    with pytest.raises(Exception, match="power of 2"):
+        _cooperative.launch(failing_kernel, (4,), sync, 4)
+
+
+def test_the_barrier_compiles_to_one_release_arrival_and_an_acquire_spin_per_program():
+    spec = KernelSpec("ring_kernel", ring_kernel, {"buf": "*i32", "out": "*i32", "sync_ptr": "*i32", "P": "i32",
+                                                   "ROUNDS": "constexpr"}, {"ROUNDS": 1}, 4)
+    res = compile_spec(spec, 90)
+    assert (res.spill_stores, res.stack_bytes) == (0, 0)
+    ptx = compiled_ptx(spec, 90)
+    # thread 0 alone arrives (predicated), with release semantics at GPU scope, and spins with acquire loads
+    assert len(re.findall(r"@%p\d+ atom\.global\.gpu\.release\.add", ptx)) == 2
+    assert len(re.findall(r"ld\.global\.gpu\.acquire", ptx)) == 2
+    assert ptx.count("bar.sync") >= 4

@@ -1,0 +1,135 @@
+"""R-MDM's two Triton forward kernels, each called directly (the op picks one per call), in the interpreter.
+
+* persistent (weight-stationary, grid barriers, programs run as threads): against the float64 plain block
+  for several programs-per-block splits, including splits that leave some programs without weight rows;
+  each weight tensor is loaded exactly once per call, whatever n_iter;
+* tiled: against the same oracle, and its weight reads per call for comparison;
+* the regime `plan` and the op's dispatch between them.
+"""
+import pytest
+import torch
+
+import diffkern
+from diffkern.rmdm import reference, triton_kernels, triton_persistent
+from diffkern.testing.backends import forced
+from diffkern.testing.numerics import assert_close_to_oracle
+from diffkern.testing.triton_monitor import TritonMonitor
+from test_rmdm_recurse import EPS, ids, make, plain
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests (CPU tensors)")
+
+# (B, T, d, f, heads, K, n_iter), programs per block: one program per block; slices of 2 and 3 rows; 5
+# programs over d = 8 (RD = 2: programs 4.. own no d rows, and f = 12 gives program 3 a partial f slice)
+CASES = (((2, 5, 6, 10, 2, 2, 3), 1), ((2, 19, 12, 40, 3, 2, 2), 3), ((3, 7, 8, 12, 4, 1, 2), 5),
+         ((1, 17, 16, 24, 1, 3, 2), 2))
+
+
+def weights_of(blocks):
+    return [w for b in blocks for w in b]
+
+
+def check_against_oracle(states, shape, dtype, with_mod, blocks, x, mod):
+    n_iter, heads = shape[6], shape[4]
+    b64, x64, m64 = make(shape, torch.float64, with_mod)
+    with torch.no_grad():
+        oracle = plain(b64, x64, m64, n_iter, heads)
+        low = reference.recurse(x, weights_of(blocks), mod, n_iter, heads, EPS)
+    assert states.dtype == dtype
+    assert_close_to_oracle(states, oracle, low, "states")
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("with_mod", (False, True), ids=("plain", "adaln"))
+@pytest.mark.parametrize("shape,pb", CASES, ids=lambda c: ids(c) if isinstance(c, tuple) else f"PB{c}")
+def test_persistent_matches_the_plain_block(shape, pb, with_mod, dtype):
+    blocks, x, mod = make(shape, dtype, with_mod)
+    with TritonMonitor():
+        states = triton_persistent.recurse_persistent(x, weights_of(blocks), mod, shape[6], shape[4], EPS, pb)
+    check_against_oracle(states, shape, dtype, with_mod, blocks, x, mod)
+
+
+@pytest.mark.parametrize("with_mod", (False, True), ids=("plain", "adaln"))
+@pytest.mark.parametrize("shape", [c[0] for c in CASES] + [(1, 33, 40, 72, 2, 1, 2)], ids=ids)
+def test_tiled_matches_the_plain_block(shape, with_mod):
+    blocks, x, mod = make(shape, torch.float32, with_mod)
+    with TritonMonitor():
+        states = triton_kernels.recurse_tiled(x, weights_of(blocks), mod, shape[6], shape[4], EPS)
+    check_against_oracle(states, shape, torch.float32, with_mod, blocks, x, mod)
+
+
+def weight_loads(launch, weights) -> list[int]:
+    """Bytes loaded from each weight tensor (they reach the kernel through the pointer table)."""
+    return [launch.loaded_by.get(f"tensor_table tensor #{i}", 0) for i in range(len(weights))]
+
+
+@pytest.mark.parametrize("n_iter", (1, 3))
+def test_persistent_reads_each_weight_once_per_call(n_iter):
+    """The bar's count: one launch, and every byte of every weight loaded exactly once, for any n_iter."""
+    shape = (2, 19, 12, 40, 3, 2, n_iter)
+    blocks, x, mod = make(shape, torch.float32, True)
+    weights = weights_of(blocks)
+    with TritonMonitor(by_tensor=True) as mon:
+        triton_persistent.recurse_persistent(x, weights, mod, n_iter, 3, EPS, 3)
+    assert mon.num_launches == 1
+    assert weight_loads(mon.launches[0], weights) == [w.numel() * w.element_size() for w in weights]
+    assert mon.launches[0].loaded_by["argument 'x_ptr'"] == x.numel() * x.element_size()
+
+
+def test_tiled_reads_the_weights_per_token_tile():
+    """The tiled kernel, for contrast: each block evaluation reads its weights once per 16-token tile."""
+    shape = (2, 19, 12, 40, 3, 2, 2)
+    blocks, x, mod = make(shape, torch.float32, False)
+    weights = weights_of(blocks)
+    with TritonMonitor(by_tensor=True) as mon:
+        triton_kernels.recurse_tiled(x, weights, mod, 2, 3, EPS)
+    tiles = -(-shape[1] // triton_kernels.BLOCK_T)
+    # per block evaluation and token tile, W_qkv/W_o/W_1/W_2 are read once each (LN vectors once per tile too)
+    w_o = weights[4]
+    assert weight_loads(mon.launches[0], weights)[4] == shape[0] * shape[6] * tiles * w_o.numel() * 4
+
+
+def test_plan_picks_the_persistent_regime_where_the_slices_fit():
+    sudoku = dict(n_rows=81, d=256, f=1024, K=2)
+    assert triton_persistent.plan(**sudoku, itemsize=2, max_programs=132) == 32
+    assert triton_persistent.plan(**sudoku, itemsize=4, max_programs=132) == 64
+    assert triton_persistent.plan(**sudoku, itemsize=4, max_programs=108) is None  # an A100 has 108 SMs
+    assert triton_persistent.plan(**{**sudoku, "n_rows": 64 * 81}, itemsize=2, max_programs=132) is None
+    assert triton_persistent.plan(81, 512, 2048, 1, 2, 132) is None
+    assert triton_persistent.plan(9, 12, 40, 2, 4, 132) == 1
+    for d, f, K, itemsize in ((256, 1024, 2, 2), (256, 1024, 4, 2), (128, 512, 4, 2), (64, 256, 8, 4)):
+        pb = triton_persistent.plan(81, d, f, K, itemsize, 132)
+        assert pb is not None and K * pb <= 132
+        assert triton_persistent._held_bytes(d, f, pb, itemsize) <= triton_persistent.WEIGHT_BUDGET
+
+
+def test_the_op_runs_the_kernel_the_plan_picks(monkeypatch):
+    shape = (2, 5, 6, 10, 2, 2, 3)
+    blocks, x, _ = make(shape, torch.float32, False)
+    for max_programs, kernel in ((132, "recurse_persistent_kernel"), (1, "recurse_tiled_kernel")):
+        monkeypatch.setattr(triton_kernels._cooperative, "max_programs", lambda device, n=max_programs: n)
+        with forced("triton"), TritonMonitor() as mon:
+            diffkern.recurse(blocks, x, shape[6], heads=shape[4])
+        assert [r.kernel for r in mon.launches] == [kernel]
+
+
+def test_every_program_passes_syncs_per_call_barriers(monkeypatch):
+    """Counts the barrier arrivals (atomic adds of 1): syncs_per_call per program, plus one exit each; the
+    counter is back at zero afterwards, ready for the next launch on the stream."""
+    from triton.runtime import interpreter
+
+    from diffkern import _cooperative
+
+    arrivals = []
+    add = interpreter.InterpreterBuilder.create_atomic_rmw
+
+    def counting(self, rmw_op, ptr, val, *args):
+        if int(val.data.ravel()[0]) == 1:
+            arrivals.append(1)
+        return add(self, rmw_op, ptr, val, *args)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_atomic_rmw", counting)
+    shape, pb = (2, 5, 6, 10, 2, 2, 3), 2
+    blocks, x, _ = make(shape, torch.float32, False)
+    triton_persistent.recurse_persistent(x, weights_of(blocks), None, shape[6], shape[4], EPS, pb)
+    programs = shape[5] * pb
+    assert len(arrivals) == programs * (triton_persistent.syncs_per_call(shape[5], shape[6]) + 1)
+    assert _cooperative.sync_buffer(x.device).tolist() == [0, 0]
