@@ -4,7 +4,7 @@ import torch
 
 import diffkern
 from diffkern.rmdm import reference
-from diffkern.testing.backends import backends_under_test, forced, supports
+from diffkern.testing.backends import backends_under_test, device_for, forced, supports
 from diffkern.testing.numerics import assert_close_to_oracle
 
 BACKENDS = backends_under_test("rmdm_recurse")
@@ -21,7 +21,8 @@ def ids(shape):
     return "B{}T{}d{}f{}h{}K{}L{}".format(*shape)
 
 
-def make(shape, dtype, with_mod, seed=0):
+def make(shape, dtype, with_mod, seed=0, device="cpu"):
+    """Blocks, x and mod (or None) drawn on CPU in float64, then cast and moved."""
     B, T, d, f, heads, K, n_iter = shape
     g = torch.Generator().manual_seed(seed)
     blocks = []
@@ -29,10 +30,10 @@ def make(shape, dtype, with_mod, seed=0):
         blk = []
         for name, s in zip(reference.BLOCK_PARAMS, reference.param_shapes(d, f)):
             base = 1.0 if name in ("ln1_w", "ln2_w") else 0.0
-            blk.append((base + 0.25 * torch.randn(s, generator=g, dtype=torch.float64)).to(dtype))
+            blk.append((base + 0.25 * torch.randn(s, generator=g, dtype=torch.float64)).to(device, dtype))
         blocks.append(blk)
-    x = torch.randn(B, T, d, generator=g, dtype=torch.float64).to(dtype)
-    mod = (0.3 * torch.randn(B, K, 6, d, generator=g, dtype=torch.float64)).to(dtype) if with_mod else None
+    x = torch.randn(B, T, d, generator=g, dtype=torch.float64).to(device, dtype)
+    mod = (0.3 * torch.randn(B, K, 6, d, generator=g, dtype=torch.float64)).to(device, dtype) if with_mod else None
     return blocks, x, mod
 
 
@@ -68,7 +69,7 @@ def params(dtypes, backends=BACKENDS):
 @pytest.mark.parametrize("shape", SHAPES, ids=ids)
 @pytest.mark.parametrize("backend,dtype", params((torch.float64, torch.float32, torch.bfloat16)))
 def test_forward_matches_the_plain_block_applied_n_iter_times(backend, dtype, shape, with_mod):
-    blocks, x, mod = make(shape, dtype, with_mod)
+    blocks, x, mod = make(shape, dtype, with_mod, device=device_for(backend))
     heads, n_iter = shape[4], shape[6]
     with forced(backend):
         states = diffkern.recurse(blocks, x, n_iter, heads=heads, mod=mod, return_all=True)
@@ -78,7 +79,7 @@ def test_forward_matches_the_plain_block_applied_n_iter_times(backend, dtype, sh
         oracle = plain(b64, x64, m64, n_iter, heads)
         low = reference.recurse(x, [w for b in blocks for w in b], mod, n_iter, heads, EPS)
     assert states.dtype == dtype and states.shape == (n_iter, *x.shape)
-    assert_close_to_oracle(states, oracle, low, "states")
+    assert_close_to_oracle(states.cpu(), oracle, low.cpu(), "states")
     assert torch.equal(last, states[-1])
 
 
@@ -86,25 +87,27 @@ def test_forward_matches_the_plain_block_applied_n_iter_times(backend, dtype, sh
 @pytest.mark.parametrize("shape", SHAPES, ids=ids)
 @pytest.mark.parametrize("backend,dtype", params((torch.float64, torch.float32, torch.bfloat16), BWD_BACKENDS))
 def test_backward_matches_autograd_through_the_plain_blocks(backend, dtype, shape, with_mod):
-    blocks, x, mod = make(shape, dtype, with_mod)
+    device = device_for(backend)
+    blocks, x, mod = make(shape, dtype, with_mod, device=device)
     heads, n_iter = shape[4], shape[6]
     leaves = [x, *[w for b in blocks for w in b], *([mod] if with_mod else [])]
     for t in leaves:
         t.requires_grad_(True)
     dstates = torch.randn((n_iter, *x.shape), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    with forced(backend if backend in BACKENDS else "cpu"):
+    forward = backend if backend in BACKENDS else ("triton" if device.type == "cuda" else "cpu")
+    with forced(forward):
         states = diffkern.recurse(blocks, x, n_iter, heads=heads, mod=mod, return_all=True)
     with forced(backend):
-        grads = torch.autograd.grad(states, leaves, dstates.to(dtype))
+        grads = [g.cpu() for g in torch.autograd.grad(states, leaves, dstates.to(device, dtype))]
     b64, x64, m64 = make(shape, torch.float64, with_mod)
     leaves64 = [x64, *[w for b in b64 for w in b], *([m64] if with_mod else [])]
     for t in leaves64:
         t.requires_grad_(True)
     oracle = torch.autograd.grad(plain(b64, x64, m64, n_iter, heads), leaves64, dstates)
     low = torch.autograd.grad(reference.recurse(x, leaves[1:len(leaves) - with_mod], mod, n_iter, heads, EPS),
-                              leaves, dstates.to(dtype))
+                              leaves, dstates.to(device, dtype))
     for i, (g, o, p) in enumerate(zip(grads, oracle, low)):
-        assert_close_to_oracle(g, o, p, f"grad of leaf {i}")
+        assert_close_to_oracle(g, o, p.cpu(), f"grad of leaf {i}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -94,6 +94,8 @@ def test_plan_picks_the_persistent_regime_where_the_slices_fit():
     assert triton_persistent.plan(**sudoku, itemsize=4, max_programs=132) == 64
     assert triton_persistent.plan(**sudoku, itemsize=4, max_programs=108) is None  # an A100 has 108 SMs
     assert triton_persistent.plan(**{**sudoku, "n_rows": 64 * 81}, itemsize=2, max_programs=132) is None
+    assert triton_persistent.plan(**{**sudoku, "n_rows": 3 * 81}, itemsize=4, max_programs=132) == 64
+    assert triton_persistent.plan(**{**sudoku, "n_rows": 4 * 81}, itemsize=4, max_programs=132) is None  # partials
     assert triton_persistent.plan(81, 512, 2048, 1, 2, 132) is None
     assert triton_persistent.plan(9, 12, 40, 2, 4, 132) == 1
     for d, f, K, itemsize in ((256, 1024, 2, 2), (256, 1024, 4, 2), (128, 512, 4, 2), (64, 256, 8, 4)):

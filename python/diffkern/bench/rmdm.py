@@ -195,7 +195,7 @@ def report(quick: bool, out: str | None, warmup: int = 2, rounds: int = 7, min_s
         x, weights = _make_args(case, torch.float32, "cpu")
         md.append(f"- {case.name}, eager (the block applied L times): {dispatched_ops(eager_recurse, (x, weights))} "
                   f"dispatched ops (launches on a GPU), each weight read {case.params['L']} times (modeled); "
-                  f"diffkern's CPU op: {dispatched_ops(_diffkern, (x, weights))} dispatched op, weights packed once.")
+                  f"diffkern's CPU op: {dispatched_ops(_diffkern, (x, weights))} dispatched ops, weights packed once.")
     persistent = [c["persistent"] for c in counts if "persistent" in c]
     met = bool(persistent) and all(k["launches"] == 1 and k["weight_reads"] == 1.0 for k in persistent)
     md.append(f"- Bar: GPU path <= 1 launch per block evaluation and, in the persistent regime, each weight read "

@@ -2,23 +2,25 @@
 
 Weight-stationary and grid-synchronised, in one cooperative launch (diffkern._cooperative):
   * the grid is K x PB programs. Program (k, j) loads slice j of block k's weights once and holds it in
-    registers for all n_iter iterations: rows j*RD ... j*RD + RD - 1 of W_q, W_k, W_v, W_o and W_2 with
-    their biases, rows j*RF ... of W_1 and b_1; program (k, 0) also holds block k's LayerNorm vectors.
-    The slices are disjoint and cover every weight, so the weights cross the memory bus once per call;
+    registers for all n_iter iterations: rows j*RD ... j*RD + RD - 1 of W_q, W_k, W_v and W_o with their
+    biases and b_2, rows j*RF ... of W_1 with b_1, and the same columns of W_2; program (k, 0) also holds
+    block k's LayerNorm vectors. The slices are disjoint and cover every weight, so the weights cross the
+    memory bus once per call;
   * the activations of all N = B*T tokens live in fp32 scratch small enough to stay in L2: h, u [N, d],
-    qkv [N, 3d], ctx [N, d], g [N, f];
+    qkv [N, 3d], ctx [N, d], and the MLP's partial sums [PB, N, d];
   * a block evaluation is seven stages, each ended by a grid barrier:
-        LN1 by program (k, 0)  ->  q, k, v: each program its RD columns of each  ->  attention, the
+        LN1 by program (k,0)  ->  q, k, v: each program its RD columns of each  ->  attention, the
         (sample, head, 16-query tile) items spread over all K*PB programs  ->  W_o: RD columns of the
-        gated residual  ->  LN2  ->  W_1: RF columns of gelu(z)  ->  W_2: RD columns of the gated
-        residual, and of the state after the iteration's last block.
+        gated residual  ->  LN2  ->  the MLP over the program's RF hidden units, gelu(u W_1[rf]^T + b_1)
+        W_2[:, rf]^T, a partial sum over all d columns  ->  the PB partials added in program order
+        (deterministic), b_2 and the gated residual on RD columns, and the state after the last block.
 The matmuls against register-held slices are broadcast products reduced over the input width, walked over
 BT-row tiles sized to hold <= PRODUCT elements; they run in fp32 like every other kernel here.
 
 Regime (`plan`, used by triton_kernels.recurse_fwd): persistent when N <= MAX_ROWS (every program walks
 all N rows per stage, so large batches belong to the tiled kernel, which spreads samples over programs),
 d <= MAX_D, and some PB lets each program hold <= WEIGHT_BUDGET bytes of weights with K*PB <= one program
-per SM (a cooperative launch must be co-resident). At the Sudoku shape (d=256, f=1024, K=2) in bf16/fp16
+per SM (a cooperative launch must be co-resident) and the partial sums within PARTIALS_BUDGET. At the Sudoku shape (d=256, f=1024, K=2) in bf16/fp16
 that is PB=32 (64 programs); in fp32 PB=64 (128 programs, which an H100 has and an A100 does not). At
 d=512 the slices fit the budget only on 128 programs per block and ptxas then spills (16 warps too), so
 d=512 runs tiled.
@@ -36,6 +38,7 @@ from .reference import N_PARAMS
 from .triton_common import TL_DTYPE, attend, gate, gelu, layer_norm, modulate, param_ptr
 
 MAX_ROWS, MAX_D = 512, 256
+PARTIALS_BUDGET = 16 << 20  # bytes of the MLP's partial sums [PB, N, d] fp32, to stay well inside L2
 WEIGHT_BUDGET = 48 * 1024  # bytes of weights one program holds in registers
 PRODUCT = 8192  # elements of one broadcast-product tile [BT, slice rows, input width]
 LN_TILE = 2048  # elements of one LayerNorm row tile [BT_LN, BLOCK_D] (16 rows of 256 spill with adaLN)
@@ -48,7 +51,7 @@ def _pow2(n: int) -> int:
 
 def _held_bytes(d: int, f: int, pb: int, itemsize: int) -> int:
     rd, rf = _pow2(-(-d // pb)), _pow2(-(-f // pb))
-    return (4 * rd * _pow2(d) + rf * _pow2(d) + rd * _pow2(f)) * itemsize
+    return (4 * rd * _pow2(d) + 2 * rf * _pow2(d)) * itemsize
 
 
 def plan(n_rows: int, d: int, f: int, K: int, itemsize: int, max_programs: int) -> int | None:
@@ -58,18 +61,19 @@ def plan(n_rows: int, d: int, f: int, K: int, itemsize: int, max_programs: int) 
     pb = 1
     while _held_bytes(d, f, pb, itemsize) > WEIGHT_BUDGET and pb < d:
         pb *= 2
-    ok = _held_bytes(d, f, pb, itemsize) <= WEIGHT_BUDGET and K * pb <= max_programs
+    ok = (_held_bytes(d, f, pb, itemsize) <= WEIGHT_BUDGET and K * pb <= max_programs
+          and pb * n_rows * d * 4 <= PARTIALS_BUDGET)
     return pb if ok else None
 
 
 def config(d: int, f: int, dh: int, pb: int) -> dict:
     """Constexprs and num_warps of a launch with pb programs per block."""
-    rd, rf, block_d, block_f = _pow2(-(-d // pb)), _pow2(-(-f // pb)), _pow2(d), _pow2(f)
+    rd, rf, block_d = _pow2(-(-d // pb)), _pow2(-(-f // pb)), _pow2(d)
 
     def rows(budget, width):  # the power of two in [1, 16] nearest below budget / width
         return max(1, min(16, 2 ** ((budget // width).bit_length() - 1) if budget >= width else 1))
-    return dict(RD=rd, RF=rf, BLOCK_D=block_d, BLOCK_F=block_f, BLOCK_DH=max(16, _pow2(dh)), BLOCK_T=BLOCK_T,
-                BT_D=rows(PRODUCT, rd * block_d), BT_F=rows(PRODUCT, max(rf * block_d, rd * block_f)),
+    return dict(RD=rd, RF=rf, BLOCK_D=block_d, BLOCK_DH=max(16, _pow2(dh)), BLOCK_T=BLOCK_T,
+                BT_D=rows(PRODUCT, rd * block_d), BT_F=rows(PRODUCT, rf * block_d),
                 BT_LN=rows(LN_TILE, block_d), num_warps=8)
 
 
@@ -107,29 +111,23 @@ def _norm_rows(h_ptr, u_ptr, w, b, mod_ptr, kb, K, N, T, D, eps, SHIFT: tl.const
 
 
 @triton.jit
-def _residual(h_ptr, src_ptr, ld, w, bias, rd, rdm, mod_ptr, kb, K, N, T, D, state_ptr, WRITE_STATE,
-              PART: tl.constexpr, HAS_MOD: tl.constexpr, DT: tl.constexpr, BLOCK_S: tl.constexpr, BT: tl.constexpr):
-    """h[:, rd] += gate * (src W_slice^T + bias) for all N rows (src: [N, ld] fp32), and the state if asked."""
-    scols = tl.arange(0, BLOCK_S)
-    sm = scols < ld
-    for r0 in range(0, N, BT):
-        rows = r0 + tl.arange(0, BT)
-        rm = rows < N
-        y = _times(_load_rows(src_ptr, rows, rm, ld, scols, sm), w) + bias[None, :]
-        om = rm[:, None] & rdm[None, :]
-        offs = rows[:, None].to(tl.int64) * D + rd[None, :]
-        g = gate(_mod_rows(mod_ptr, rows, kb, K, T, D), PART, rd[None, :], om, D, HAS_MOD)
-        hh = tl.load(h_ptr + offs, mask=om, other=0.0) + g * y
-        tl.store(h_ptr + offs, hh, mask=om)
-        if WRITE_STATE:
-            tl.store(state_ptr + offs, hh.to(DT), mask=om)
+def _add_gated(h_ptr, y, rows, rm, rd, rdm, mod_ptr, kb, K, T, D, state_ptr, WRITE_STATE, PART: tl.constexpr,
+               HAS_MOD: tl.constexpr, DT: tl.constexpr):
+    """h[rows, rd] += gate * y (y: [BT, RD] fp32), and the new h into the state if asked."""
+    om = rm[:, None] & rdm[None, :]
+    offs = rows[:, None].to(tl.int64) * D + rd[None, :]
+    g = gate(_mod_rows(mod_ptr, rows, kb, K, T, D), PART, rd[None, :], om, D, HAS_MOD)
+    hh = tl.load(h_ptr + offs, mask=om, other=0.0) + g * y
+    tl.store(h_ptr + offs, hh, mask=om)
+    if WRITE_STATE:
+        tl.store(state_ptr + offs, hh.to(DT), mask=om)
 
 
 @triton.jit
-def recurse_persistent_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, qkv_ptr, ctx_ptr, g_ptr, sync_ptr,
+def recurse_persistent_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, qkv_ptr, ctx_ptr, part_ptr, sync_ptr,
                               N, T, D, F, K, n_iter, heads, DH, scale, eps, PB, DT: tl.constexpr,
                               HAS_MOD: tl.constexpr, RD: tl.constexpr, RF: tl.constexpr, BLOCK_D: tl.constexpr,
-                              BLOCK_F: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_T: tl.constexpr,
+                              BLOCK_DH: tl.constexpr, BLOCK_T: tl.constexpr,
                               BT_D: tl.constexpr, BT_F: tl.constexpr, BT_LN: tl.constexpr):
     p = tl.program_id(0)
     P = tl.num_programs(0)
@@ -138,8 +136,6 @@ def recurse_persistent_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, q
     lead = j == 0
     cols = tl.arange(0, BLOCK_D)
     cm = cols < D
-    fcols = tl.arange(0, BLOCK_F)
-    fm = fcols < F
     rd = j * RD + tl.arange(0, RD)
     rdm = rd < D
     rf = j * RF + tl.arange(0, RF)
@@ -158,7 +154,7 @@ def recurse_persistent_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, q
     bo = tl.load(param_ptr(table, w0 + 5, DT) + rd, mask=rdm, other=0.0).to(tl.float32)
     w1 = _load_rows(param_ptr(table, w0 + 8, DT), rf, rfm, D, cols, cm)
     b1 = tl.load(param_ptr(table, w0 + 9, DT) + rf, mask=rfm, other=0.0).to(tl.float32)
-    w2 = _load_rows(param_ptr(table, w0 + 10, DT), rd, rdm, F, fcols, fm)
+    w2 = _load_rows(param_ptr(table, w0 + 10, DT), cols, cm, F, rf, rfm)  # columns rf of W_2: [BLOCK_D, RF]
     b2 = tl.load(param_ptr(table, w0 + 11, DT) + rd, mask=rdm, other=0.0).to(tl.float32)
     lm = cm & lead
     ln1_w = tl.load(param_ptr(table, w0 + 0, DT) + cols, mask=lm, other=0.0).to(tl.float32)
@@ -202,26 +198,35 @@ def recurse_persistent_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, q
             n_sync += 1
             grid_sync(sync_ptr, n_sync, P)
             if mine:
-                _residual(h_ptr, ctx_ptr, D, wo, bo, rd, rdm, mod_ptr, kb, K, N, T, D, state, False, 2, HAS_MOD, DT,
-                          BLOCK_D, BT_D)
+                for r0 in range(0, N, BT_D):
+                    rows = r0 + tl.arange(0, BT_D)
+                    rm = rows < N
+                    y = _times(_load_rows(ctx_ptr, rows, rm, D, cols, cm), wo) + bo[None, :]
+                    _add_gated(h_ptr, y, rows, rm, rd, rdm, mod_ptr, kb, K, T, D, state, False, 2, HAS_MOD, DT)
             n_sync += 1
             grid_sync(sync_ptr, n_sync, P)
             if mine & lead:
                 _norm_rows(h_ptr, u_ptr, ln2_w, ln2_b, mod_ptr, kb, K, N, T, D, eps, 3, HAS_MOD, BLOCK_D, BT_LN)
             n_sync += 1
             grid_sync(sync_ptr, n_sync, P)
-            if mine:
+            if mine:  # the MLP split over f: gelu(u W_1[rf]^T + b_1[rf]) W_2[:, rf]^T, one partial sum per program
+                part = part_ptr + (j * N).to(tl.int64) * D
                 for r0 in range(0, N, BT_F):
                     rows = r0 + tl.arange(0, BT_F)
                     rm = rows < N
                     z = _times(_load_rows(u_ptr, rows, rm, D, cols, cm), w1) + b1[None, :]
-                    tl.store(g_ptr + rows[:, None].to(tl.int64) * F + rf[None, :], gelu(z),
-                             mask=rm[:, None] & rfm[None, :])
+                    tl.store(part + rows[:, None].to(tl.int64) * D + cols[None, :], _times(gelu(z), w2),
+                             mask=rm[:, None] & cm[None, :])
             n_sync += 1
             grid_sync(sync_ptr, n_sync, P)
-            if mine:
-                _residual(h_ptr, g_ptr, F, w2, b2, rd, rdm, mod_ptr, kb, K, N, T, D, state, kb == K - 1, 5, HAS_MOD,
-                          DT, BLOCK_F, BT_F)
+            if mine:  # the partial sums added in program order, b_2 and the gated residual on columns rd
+                for r0 in range(0, N, BT_D):
+                    rows = r0 + tl.arange(0, BT_D)
+                    rm = rows < N
+                    y = tl.zeros((BT_D, RD), tl.float32) + b2[None, :]
+                    for q in range(PB):
+                        y += _load_rows(part_ptr + (q * N).to(tl.int64) * D, rows, rm, D, rd, rdm)
+                    _add_gated(h_ptr, y, rows, rm, rd, rdm, mod_ptr, kb, K, T, D, state, kb == K - 1, 5, HAS_MOD, DT)
             n_sync += 1
             grid_sync(sync_ptr, n_sync, P)
     grid_exit(sync_ptr, P)
@@ -241,10 +246,10 @@ def recurse_persistent(x, weights, mod, n_iter, heads, eps, programs_per_block: 
     states = _triton.empty((n_iter, B, T, d), x.dtype, x.device)
     h, u, ctx = (_triton.empty((N, d), torch.float32, x.device) for _ in range(3))
     qkv = _triton.empty((N, 3 * d), torch.float32, x.device)
-    g = _triton.empty((N, f), torch.float32, x.device)
+    part = _triton.empty((programs_per_block, N, d), torch.float32, x.device)
     table = _triton.tensor_table(weights, x.device)
     _cooperative.launch(recurse_persistent_kernel, (K * programs_per_block,), x, table,
-                        mod if mod is not None else x, states, h, u, qkv, ctx, g, _cooperative.sync_buffer(x.device),
+                        mod if mod is not None else x, states, h, u, qkv, ctx, part, _cooperative.sync_buffer(x.device),
                         N, T, d, f, K, n_iter, heads, d // heads, (d // heads) ** -0.5, eps, programs_per_block,
                         DT=TL_DTYPE[x.dtype], HAS_MOD=mod is not None, num_warps=num_warps, **cfg)
     return states
@@ -265,7 +270,7 @@ def aot_specs() -> list[KernelSpec]:
         num_warps = cfg.pop("num_warps")
         p = f"*{ty}"
         sig = {"x_ptr": p, "table": "*i64", "mod_ptr": p, "states_ptr": p, **{n: "*fp32" for n in (
-            "h_ptr", "u_ptr", "qkv_ptr", "ctx_ptr", "g_ptr")}, "sync_ptr": "*i32",
+            "h_ptr", "u_ptr", "qkv_ptr", "ctx_ptr", "part_ptr")}, "sync_ptr": "*i32",
             **{n: "i32" for n in ("N", "T", "D", "F", "K", "n_iter", "heads", "DH")}, "scale": "fp32", "eps": "fp32",
             "PB": "i32"}
         constexprs = {"DT": TL_DTYPE[dtype], "HAS_MOD": has_mod, **cfg}
