@@ -11,7 +11,8 @@ patches the interpreter for the duration of a `with` block and, for every launch
   `InterpreterError` wrapper;
 - counts programs (product of the grid) and bytes loaded / stored: active lanes x element size,
   for plain, masked, tensor-descriptor and atomic accesses; with `by_tensor=True` also the bytes
-  loaded from each tensor (`LaunchRecord.loaded_by`, keyed by the names bounds errors use).
+  loaded from and stored to each tensor (`LaunchRecord.loaded_by` / `stored_by`, keyed by the names
+  bounds errors use).
 
 Launches whose programs run in threads (diffkern._cooperative) are counted the same way.
 
@@ -57,6 +58,7 @@ class LaunchRecord:
     bytes_loaded: int = 0
     bytes_stored: int = 0
     loaded_by: dict[str, int] = field(default_factory=dict)
+    stored_by: dict[str, int] = field(default_factory=dict)
 
 
 class _Ranges:
@@ -285,9 +287,11 @@ class TritonMonitor:
         with self._lock:
             self._record.bytes_loaded += nbytes if loads else 0
             self._record.bytes_stored += nbytes if stores else 0
-            if loads and self.by_tensor and addresses.size:
-                for name, n in self._ranges.bytes_by_owner(addresses, itemsize).items():
-                    self._record.loaded_by[name] = self._record.loaded_by.get(name, 0) + n
+            if self.by_tensor and addresses.size:
+                owners = self._ranges.bytes_by_owner(addresses, itemsize)
+                for by, counted in ((self._record.loaded_by, loads), (self._record.stored_by, stores)):
+                    for name, n in owners.items() if counted else ():
+                        by[name] = by.get(name, 0) + n
         if not self.check_bounds:
             return
         bad = self._ranges.first_outside(addresses, itemsize)
