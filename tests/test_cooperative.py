@@ -21,11 +21,9 @@ def ring_kernel(buf, out, sync_ptr, P, ROUNDS: tl.constexpr):
     n_sync = 0
     for r in range(ROUNDS):
         tl.store(buf + p, p * 100 + r)
-        n_sync += 1
-        _cooperative.grid_sync(sync_ptr, n_sync, P)
+        n_sync = _cooperative.grid_sync(sync_ptr, n_sync, P)
         v = tl.load(buf + (p + 1) % P)
-        n_sync += 1
-        _cooperative.grid_sync(sync_ptr, n_sync, P)
+        n_sync = _cooperative.grid_sync(sync_ptr, n_sync, P)
         tl.store(out + r * P + p, v)
     _cooperative.grid_exit(sync_ptr, P)
 
@@ -35,7 +33,7 @@ def failing_kernel(sync_ptr, P):
     p = tl.program_id(0)
     if p == 1:  # program 1 fails (the interpreter raises on a non-power-of-2 arange) before the barrier
         tl.store(sync_ptr + tl.arange(0, 3), 7)
-    _cooperative.grid_sync(sync_ptr, 1, P)
+    _cooperative.grid_sync(sync_ptr, 0, P)
     _cooperative.grid_exit(sync_ptr, P)
 
 

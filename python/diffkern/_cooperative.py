@@ -28,17 +28,20 @@ _sync_buffers: dict[tuple, torch.Tensor] = {}
 
 
 @triton.jit
-def grid_sync(sync_ptr, n_sync, n_programs):
-    """Grid barrier number n_sync (1, 2, ...): returns once all n_programs programs have arrived at it.
+def grid_sync(sync_ptr, n_passed, n_programs):
+    """Grid barrier: returns, as n_passed + 1, once all n_programs programs have arrived at their barrier
+    number n_passed + 1 (n_passed: the barriers this program has passed, 0 at the start).
 
     The CTA barrier before the release makes every thread's stores part of what the arriving atomic
     publishes; the acquire spin and the CTA barrier after it make them visible to all of this program.
     """
+    n_sync = n_passed + 1
     tl.debug_barrier()
     tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
     while tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu") < n_sync * n_programs:
         pass
     tl.debug_barrier()
+    return n_sync
 
 
 @triton.jit

@@ -31,9 +31,15 @@ from torch.utils._pytree import tree_leaves
 from .workload import BWD, FWD, Workload, grad_leaves, registered, requiring_grad
 
 
-def _count_in_child(workload: str, case: str, quick: bool, dtype: str) -> dict:
+def interpreter_env() -> dict:
+    """The environment of a counting child: the Triton interpreter on, the tests' NaN-fill debug switch off."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("DIFFKERN_DEBUG_FILL", None)
+    return env
+
+
+def _count_in_child(workload: str, case: str, quick: bool, dtype: str) -> dict:
+    env = interpreter_env()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "counts.json")
         cmd = [sys.executable, "-m", "diffkern.bench.interpreted", "--workload", workload, "--case", case,

@@ -28,6 +28,7 @@ from ..rmdm import recurse
 from ..rmdm.reference import N_PARAMS, param_shapes
 from . import cpu
 from .bars import evaluate
+from .interpreted import interpreter_env
 from .workload import FWD, Bar, Case, Workload
 
 HEADS, K, L, EPS = 8, 2, 4, 1e-5
@@ -119,10 +120,8 @@ def count_gpu_path(case: Case, dtype: torch.dtype = torch.bfloat16) -> dict:
 
 
 def _counts_in_child(quick: bool) -> list[dict]:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("DIFFKERN_DEBUG_FILL", None)
     cmd = [sys.executable, "-m", "diffkern.bench.rmdm", "--count"] + ["--quick"] * quick
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    run = subprocess.run(cmd, env=interpreter_env(), capture_output=True, text=True)
     if run.returncode != 0:
         return [{"error": f"the interpreter child exited with status {run.returncode}: {run.stderr.strip()[-1500:]}"}]
     return json.loads(run.stdout)

@@ -20,6 +20,12 @@ def param_ptr(table, i, DT: tl.constexpr):
 
 
 @triton.jit
+def param_vec(table, i, idx, mask, DT: tl.constexpr):
+    """Elements idx of the table's tensor i (a bias or LayerNorm vector), in fp32."""
+    return tl.load(param_ptr(table, i, DT) + idx, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def layer_norm(h, w, b, cmask, D, eps):
     """LN(h) w + b over the valid columns of an fp32 [rows, BLOCK_D] tile; w, b fp32 [BLOCK_D]."""
     mean = tl.sum(tl.where(cmask[None, :], h, 0.0), 1) / D
@@ -80,3 +86,13 @@ def gate(mod_rows, PART: tl.constexpr, cols, mask, D, HAS_MOD: tl.constexpr):
     if HAS_MOD:
         g = tl.load(mod_rows + PART * D + cols, mask=mask, other=0.0).to(tl.float32)
     return g
+
+
+@triton.jit
+def add_gated(h_ptr, state_ptr, offs, mask, g, y, WRITE_STATE, DT: tl.constexpr):
+    """The gated residual h[offs] += g * y in the fp32 state, and the new h rounded into the output state
+    when WRITE_STATE (after an iteration's last block)."""
+    hh = tl.load(h_ptr + offs, mask=mask, other=0.0) + g * y
+    tl.store(h_ptr + offs, hh, mask=mask)
+    if WRITE_STATE:
+        tl.store(state_ptr + offs, hh.to(DT), mask=mask)

@@ -28,7 +28,7 @@ from .. import _cooperative, _triton
 from .._triton import KernelSpec
 from . import triton_persistent
 from .reference import N_PARAMS
-from .triton_common import TL_DTYPE, attend, gate, gelu, layer_norm, modulate, param_ptr
+from .triton_common import TL_DTYPE, add_gated, attend, gate, gelu, layer_norm, modulate, param_ptr, param_vec
 
 MAX_D, MAX_T = 512, 256
 # Tile sizes: tl.dot needs every dim >= 16. Every GEMM reduces over BLOCK_N-wide slices read from the
@@ -64,9 +64,7 @@ def _linear(src, rows, rmask, ld, w_ptr, b_ptr, n, nmask, Kd, BLOCK_T: tl.conste
 @triton.jit
 def _norm(h, table, i, cols, cmask, D, eps, mod, SHIFT: tl.constexpr, HAS_MOD: tl.constexpr, DT: tl.constexpr):
     """LN with weight/bias tensors i, i + 1 of the table, then adaLN's modulation when there is one."""
-    w = tl.load(param_ptr(table, i, DT) + cols, mask=cmask, other=0.0).to(tl.float32)
-    b = tl.load(param_ptr(table, i + 1, DT) + cols, mask=cmask, other=0.0).to(tl.float32)
-    u = layer_norm(h, w, b, cmask, D, eps)
+    u = layer_norm(h, param_vec(table, i, cols, cmask, DT), param_vec(table, i + 1, cols, cmask, DT), cmask, D, eps)
     if HAS_MOD:
         u = modulate(u, mod, SHIFT, cols, cmask, D)
     return u
@@ -85,12 +83,8 @@ def _project_residual(h, src, ld, table, i, mod, PART: tl.constexpr, T, D, state
             nmask = n < D
             a = _linear(src, rows, rmask, ld, param_ptr(table, i, DT), param_ptr(table, i + 1, DT), n, nmask, ld,
                         BLOCK_T, BLOCK_N)
-            om = rmask[:, None] & nmask[None, :]
-            offs = rows[:, None] * D + n[None, :]
-            hh = tl.load(h + offs, mask=om, other=0.0) + gate(mod, PART, n, nmask, D, HAS_MOD)[None, :] * a
-            tl.store(h + offs, hh, mask=om)
-            if WRITE_STATE:
-                tl.store(state + offs, hh.to(DT), mask=om)
+            add_gated(h, state, rows[:, None] * D + n[None, :], rmask[:, None] & nmask[None, :],
+                      gate(mod, PART, n, nmask, D, HAS_MOD)[None, :], a, WRITE_STATE, DT)
 
 
 @triton.jit

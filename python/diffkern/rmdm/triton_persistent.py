@@ -35,7 +35,7 @@ from .. import _cooperative, _triton
 from .._cooperative import grid_exit, grid_sync
 from .._triton import KernelSpec
 from .reference import N_PARAMS
-from .triton_common import TL_DTYPE, attend, gate, gelu, layer_norm, modulate, param_ptr
+from .triton_common import TL_DTYPE, add_gated, attend, gate, gelu, layer_norm, modulate, param_ptr, param_vec
 
 MAX_ROWS, MAX_D = 512, 256
 PARTIALS_BUDGET = 16 << 20  # bytes of the MLP's partial sums [PB, N, d] fp32, to stay well inside L2
@@ -113,14 +113,10 @@ def _norm_rows(h_ptr, u_ptr, w, b, mod_ptr, kb, K, N, T, D, eps, SHIFT: tl.const
 @triton.jit
 def _add_gated(h_ptr, y, rows, rm, rd, rdm, mod_ptr, kb, K, T, D, state_ptr, WRITE_STATE, PART: tl.constexpr,
                HAS_MOD: tl.constexpr, DT: tl.constexpr):
-    """h[rows, rd] += gate * y (y: [BT, RD] fp32), and the new h into the state if asked."""
+    """add_gated on a row tile's RD columns, with each row's own sample's gate (y: [BT, RD] fp32)."""
     om = rm[:, None] & rdm[None, :]
-    offs = rows[:, None].to(tl.int64) * D + rd[None, :]
     g = gate(_mod_rows(mod_ptr, rows, kb, K, T, D), PART, rd[None, :], om, D, HAS_MOD)
-    hh = tl.load(h_ptr + offs, mask=om, other=0.0) + g * y
-    tl.store(h_ptr + offs, hh, mask=om)
-    if WRITE_STATE:
-        tl.store(state_ptr + offs, hh.to(DT), mask=om)
+    add_gated(h_ptr, state_ptr, rows[:, None].to(tl.int64) * D + rd[None, :], om, g, y, WRITE_STATE, DT)
 
 
 @triton.jit
@@ -143,32 +139,30 @@ def recurse_persistent_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, q
     # This program's slice of block blk's weights, read once and held for the whole call.
     w0 = blk * 12
     w_qkv = param_ptr(table, w0 + 2, DT)
-    b_qkv = param_ptr(table, w0 + 3, DT)
     wq = _load_rows(w_qkv, rd, rdm, D, cols, cm)
     wk = _load_rows(w_qkv, D + rd, rdm, D, cols, cm)
     wv = _load_rows(w_qkv, 2 * D + rd, rdm, D, cols, cm)
-    bq = tl.load(b_qkv + rd, mask=rdm, other=0.0).to(tl.float32)
-    bk = tl.load(b_qkv + D + rd, mask=rdm, other=0.0).to(tl.float32)
-    bv = tl.load(b_qkv + 2 * D + rd, mask=rdm, other=0.0).to(tl.float32)
+    bq = param_vec(table, w0 + 3, rd, rdm, DT)
+    bk = param_vec(table, w0 + 3, D + rd, rdm, DT)
+    bv = param_vec(table, w0 + 3, 2 * D + rd, rdm, DT)
     wo = _load_rows(param_ptr(table, w0 + 4, DT), rd, rdm, D, cols, cm)
-    bo = tl.load(param_ptr(table, w0 + 5, DT) + rd, mask=rdm, other=0.0).to(tl.float32)
+    bo = param_vec(table, w0 + 5, rd, rdm, DT)
     w1 = _load_rows(param_ptr(table, w0 + 8, DT), rf, rfm, D, cols, cm)
-    b1 = tl.load(param_ptr(table, w0 + 9, DT) + rf, mask=rfm, other=0.0).to(tl.float32)
+    b1 = param_vec(table, w0 + 9, rf, rfm, DT)
     w2 = _load_rows(param_ptr(table, w0 + 10, DT), cols, cm, F, rf, rfm)  # columns rf of W_2: [BLOCK_D, RF]
-    b2 = tl.load(param_ptr(table, w0 + 11, DT) + rd, mask=rdm, other=0.0).to(tl.float32)
+    b2 = param_vec(table, w0 + 11, rd, rdm, DT)
     lm = cm & lead
-    ln1_w = tl.load(param_ptr(table, w0 + 0, DT) + cols, mask=lm, other=0.0).to(tl.float32)
-    ln1_b = tl.load(param_ptr(table, w0 + 1, DT) + cols, mask=lm, other=0.0).to(tl.float32)
-    ln2_w = tl.load(param_ptr(table, w0 + 6, DT) + cols, mask=lm, other=0.0).to(tl.float32)
-    ln2_b = tl.load(param_ptr(table, w0 + 7, DT) + cols, mask=lm, other=0.0).to(tl.float32)
+    ln1_w = param_vec(table, w0 + 0, cols, lm, DT)
+    ln1_b = param_vec(table, w0 + 1, cols, lm, DT)
+    ln2_w = param_vec(table, w0 + 6, cols, lm, DT)
+    ln2_b = param_vec(table, w0 + 7, cols, lm, DT)
 
     for r0 in range(p * BT_LN, N, P * BT_LN):  # h = x, rows spread over all programs
         rows = r0 + tl.arange(0, BT_LN)
         m = (rows < N)[:, None] & cm[None, :]
         offs = rows[:, None].to(tl.int64) * D + cols[None, :]
         tl.store(h_ptr + offs, tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32), mask=m)
-    n_sync = 1
-    grid_sync(sync_ptr, n_sync, P)
+    n_sync = grid_sync(sync_ptr, 0, P)
     n_qt = tl.cdiv(T, BLOCK_T)
     n_items = (N // T) * heads * n_qt
     for it in range(n_iter):
@@ -177,8 +171,7 @@ def recurse_persistent_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, q
             mine = blk == kb
             if mine & lead:
                 _norm_rows(h_ptr, u_ptr, ln1_w, ln1_b, mod_ptr, kb, K, N, T, D, eps, 0, HAS_MOD, BLOCK_D, BT_LN)
-            n_sync += 1
-            grid_sync(sync_ptr, n_sync, P)
+            n_sync = grid_sync(sync_ptr, n_sync, P)
             if mine:
                 for r0 in range(0, N, BT_D):
                     rows = r0 + tl.arange(0, BT_D)
@@ -189,26 +182,22 @@ def recurse_persistent_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, q
                     tl.store(out, _times(a, wq) + bq[None, :], mask=om)
                     tl.store(out + D, _times(a, wk) + bk[None, :], mask=om)
                     tl.store(out + 2 * D, _times(a, wv) + bv[None, :], mask=om)
-            n_sync += 1
-            grid_sync(sync_ptr, n_sync, P)
+            n_sync = grid_sync(sync_ptr, n_sync, P)
             for item in range(p, n_items, P):
                 b = (item // (n_qt * heads)).to(tl.int64)
                 attend(qkv_ptr + b * T * 3 * D, ctx_ptr + b * T * D, (item % n_qt) * BLOCK_T, (item // n_qt) % heads,
                        T, D, DH, scale, BLOCK_T, BLOCK_DH)
-            n_sync += 1
-            grid_sync(sync_ptr, n_sync, P)
+            n_sync = grid_sync(sync_ptr, n_sync, P)
             if mine:
                 for r0 in range(0, N, BT_D):
                     rows = r0 + tl.arange(0, BT_D)
                     rm = rows < N
                     y = _times(_load_rows(ctx_ptr, rows, rm, D, cols, cm), wo) + bo[None, :]
                     _add_gated(h_ptr, y, rows, rm, rd, rdm, mod_ptr, kb, K, T, D, state, False, 2, HAS_MOD, DT)
-            n_sync += 1
-            grid_sync(sync_ptr, n_sync, P)
+            n_sync = grid_sync(sync_ptr, n_sync, P)
             if mine & lead:
                 _norm_rows(h_ptr, u_ptr, ln2_w, ln2_b, mod_ptr, kb, K, N, T, D, eps, 3, HAS_MOD, BLOCK_D, BT_LN)
-            n_sync += 1
-            grid_sync(sync_ptr, n_sync, P)
+            n_sync = grid_sync(sync_ptr, n_sync, P)
             if mine:  # the MLP split over f: gelu(u W_1[rf]^T + b_1[rf]) W_2[:, rf]^T, one partial sum per program
                 part = part_ptr + (j * N).to(tl.int64) * D
                 for r0 in range(0, N, BT_F):
@@ -217,8 +206,7 @@ def recurse_persistent_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, q
                     z = _times(_load_rows(u_ptr, rows, rm, D, cols, cm), w1) + b1[None, :]
                     tl.store(part + rows[:, None].to(tl.int64) * D + cols[None, :], _times(gelu(z), w2),
                              mask=rm[:, None] & cm[None, :])
-            n_sync += 1
-            grid_sync(sync_ptr, n_sync, P)
+            n_sync = grid_sync(sync_ptr, n_sync, P)
             if mine:  # the partial sums added in program order, b_2 and the gated residual on columns rd
                 for r0 in range(0, N, BT_D):
                     rows = r0 + tl.arange(0, BT_D)
@@ -227,8 +215,7 @@ def recurse_persistent_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, q
                     for q in range(PB):
                         y += _load_rows(part_ptr + (q * N).to(tl.int64) * D, rows, rm, D, rd, rdm)
                     _add_gated(h_ptr, y, rows, rm, rd, rdm, mod_ptr, kb, K, T, D, state, kb == K - 1, 5, HAS_MOD, DT)
-            n_sync += 1
-            grid_sync(sync_ptr, n_sync, P)
+            n_sync = grid_sync(sync_ptr, n_sync, P)
     grid_exit(sync_ptr, P)
 
 
