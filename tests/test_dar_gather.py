@@ -5,9 +5,9 @@ import torch
 from diffkern.dar import dar_gather, reference
 from diffkern.dar.reference import dar_gather_reference
 from diffkern.testing.backends import backends_under_test, device_for, forced, supports
-from diffkern.testing.numerics import assert_close_to_oracle
+from diffkern.testing.numerics import assert_close_to_oracle, oracle_with_spread
 
-from test_dar_route import Q_VARIANTS, as_float64, make_inputs, on_cpu, randn_like, strided_views
+from test_dar_route import Q_VARIANTS, fan_in, make_inputs, on_cpu, randn_like, route_bwd_oracle, strided_views
 
 BACKENDS = backends_under_test("dar_gather_fwd")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -22,6 +22,12 @@ def gather_inputs(B, T, d, n, k, dtype, variant, param_dtype=None, device="cpu")
     return sources[:n], sources[n:], q, gain
 
 
+def gather_oracle(sources, addends, q, gain):
+    """([h, c], spreads): the float64 reference and its error-model spreads (diffkern.testing.numerics)."""
+    return oracle_with_spread(dar_gather_reference, [sources, addends, q, gain], fan_in([*sources, *addends]),
+                              sources[0].dtype)
+
+
 def params(dtypes=DTYPES):
     return [(b, dt) for b in BACKENDS for dt in dtypes if supports(b, dt)]
 
@@ -33,13 +39,13 @@ def test_forward_matches_float64_reference(backend, dtype, variant, shape):
     sources, addends, q, gain = gather_inputs(*shape, dtype, variant, device=device_for(backend))
     with forced(backend), torch.no_grad():
         h, c = dar_gather(sources, addends, q, gain)
-    h64, c64 = dar_gather_reference(as_float64(sources), as_float64(addends), *as_float64([q, gain]))
+    (h64, c64), spreads = gather_oracle(sources, addends, q, gain)
     h_low, c_low = dar_gather_reference(on_cpu(sources), on_cpu(addends), *on_cpu([q, gain]))
     assert h.dtype == dtype
-    assert_close_to_oracle(h, h64, h_low, "h")
+    assert_close_to_oracle(h, h64, h_low, "h", spreads[0])
     if addends:
         assert c.dtype == dtype
-        assert_close_to_oracle(c, c64, c_low, "c")
+        assert_close_to_oracle(c, c64, c_low, "c", spreads[1])
     else:
         assert c is None
 
@@ -66,13 +72,13 @@ def check_backward_op(backend, sources, addends, q, gain, with_dlast, eps=1e-6):
         grads = torch.ops.diffkern.dar_gather_bwd(dh, routed, q, gain, h, lse, dlast, eps)
     args = (dh, routed, q, gain, h, lse)
     extra = [] if dlast is None else [dlast]
-    oracle = reference.route_bwd(*on_cpu(args, torch.float64), eps, *on_cpu(extra, torch.float64))
+    oracle, spreads = route_bwd_oracle(args, eps, extra)
     fp32 = reference.route_bwd(*on_cpu(args, torch.float32), eps, *on_cpu(extra, torch.float32))
     names = [f"dsources[{i}]" for i in range(len(routed))] + ["dq", "dgain"]
-    for name, x, grad, ref, plain in zip(names, [*routed, q, gain], [*grads[0], *grads[1:]],
-                                         [*oracle[0], *oracle[1:]], [*fp32[0], *fp32[1:]]):
+    for name, x, grad, ref, plain, spread in zip(names, [*routed, q, gain], [*grads[0], *grads[1:]], oracle,
+                                                 [*fp32[0], *fp32[1:]], spreads):
         assert grad.dtype == x.dtype and grad.shape == x.shape, name
-        assert_close_to_oracle(grad, ref, plain, name)
+        assert_close_to_oracle(grad, ref, plain, name, spread)
 
 
 @pytest.mark.parametrize("with_dlast", (False, True))
@@ -117,11 +123,13 @@ def test_autograd_matches_float64_autograd(backend, dtype, variant, k):
         return out if c is None else out + (c * randn_like(c, seed=2)).sum()
     with forced(backend):
         got = torch.autograd.grad(loss(*dar_gather(sources, addends, q, gain)), inputs)
-    want, plain = ([x.requires_grad_() for x in on_cpu(inputs, dt)] for dt in (torch.float64, dtype))
-    oracle = torch.autograd.grad(loss(*dar_gather_reference(want[:2], want[2:2 + k], *want[-2:])), want)
-    low = torch.autograd.grad(loss(*dar_gather_reference(plain[:2], plain[2:2 + k], *plain[-2:])), plain)
-    for grad, ref, lo in zip(got, oracle, low):
-        assert_close_to_oracle(grad, ref, lo, "grad")
+
+    def grads(*x):
+        return torch.autograd.grad(loss(*dar_gather_reference(x[:2], x[2:2 + k], *x[-2:])), x)
+    oracle, spreads = oracle_with_spread(grads, inputs, fan_in(inputs[:-2]), dtype)
+    low = grads(*[x.requires_grad_() for x in on_cpu(inputs)])
+    for grad, ref, lo, spread in zip(got, oracle, low, spreads):
+        assert_close_to_oracle(grad, ref, lo, "grad", spread)
 
 
 @pytest.mark.parametrize("backend", ("cpu", "reference"))
@@ -147,10 +155,10 @@ def test_strided_addends_are_read_in_place(backend):
     with forced(backend), torch.no_grad():
         h, c = dar_gather(sources, addends, q, gain)
     dense = [on_cpu([x.contiguous() for x in xs]) for xs in (sources, addends)]
-    h64, c64 = dar_gather_reference(*(on_cpu(xs, torch.float64) for xs in dense), *on_cpu([q, gain], torch.float64))
+    (h64, c64), spreads = gather_oracle(*dense, q, gain)
     h32, c32 = dar_gather_reference(*dense, *on_cpu([q, gain]))
-    assert_close_to_oracle(h, h64, h32, "h")
-    assert_close_to_oracle(c, c64, c32, "c")
+    assert_close_to_oracle(h, h64, h32, "h", spreads[0])
+    assert_close_to_oracle(c, c64, c32, "c", spreads[1])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="counts interpreted launches on CPU tensors")

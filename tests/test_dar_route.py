@@ -9,7 +9,7 @@ from diffkern import _triton
 from diffkern.dar import reference, triton_kernels
 from diffkern.dar.reference import dar_route_reference
 from diffkern.testing.backends import backends_under_test, device_for, forced, supports
-from diffkern.testing.numerics import assert_close_to_oracle
+from diffkern.testing.numerics import assert_close_to_oracle, oracle_with_spread
 
 BACKENDS = backends_under_test("dar_route_fwd")
 
@@ -41,16 +41,33 @@ def on_cpu(tensors, dtype=None):
     return [on_cpu(x, dtype) if isinstance(x, list) else x.detach().cpu().to(dtype or x.dtype) for x in tensors]
 
 
-def as_float64(tensors):
-    return [x.requires_grad_() for x in on_cpu(tensors, torch.float64)]
-
-
 def strided_views(n, B, T, d, g, device):
     """n [B, T, d] tensors with their own batch/token strides: the first n - 1 every other d-wide slice of one
     [B, T, 2(n-1)d] buffer, the last a transposed [T, B, d] buffer."""
     wide = torch.randn(B, T, 2 * (n - 1) * d, generator=g).to(device)
     return [wide[..., 2 * i * d:(2 * i + 1) * d] for i in range(n - 1)] + \
         [torch.randn(T, B, d, generator=g).to(device).transpose(0, 1)]
+
+
+def fan_in(sources) -> int:
+    """The largest fan-in of a routing output (the error model's n): a static query's gradient sums over
+    every element of every source."""
+    return len(sources) * sources[0].numel()
+
+
+def route_oracle(sources, q, gain):
+    """(h, spread): the float64 reference and its error-model spread (diffkern.testing.numerics)."""
+    (h,), (spread,) = oracle_with_spread(dar_route_reference, [sources, q, gain], fan_in(sources), sources[0].dtype)
+    return h, spread
+
+
+def route_bwd_oracle(args, eps, extra=()):
+    """The spec's backward formulas in float64, flattened to [*dsources, dq, dgain], with their spreads."""
+    def bwd(*a):
+        dsources, dq, dgain = reference.route_bwd(*a[:6], eps, *a[6:])
+        return [*dsources, dq, dgain]
+    sources = args[1]
+    return oracle_with_spread(bwd, [*args, *extra], fan_in(sources), sources[0].dtype)
 
 
 def reference_grads(sources, q, gain, dh, dtype):
@@ -71,10 +88,10 @@ def test_forward_matches_float64_reference(backend, dtype, variant, shape):
     sources, q, gain = make_inputs(*shape, dtype, variant, device=device_for(backend))
     with forced(backend), torch.no_grad():
         h = diffkern.dar_route(sources, q, gain)
-    oracle = dar_route_reference(as_float64(sources), *as_float64([q, gain]))
+    oracle, spread = route_oracle(sources, q, gain)
     plain = dar_route_reference(on_cpu(sources), *on_cpu([q, gain]))
     assert h.dtype == dtype
-    assert_close_to_oracle(h, oracle, plain, "h")
+    assert_close_to_oracle(h, oracle, plain, "h", spread)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -123,8 +140,8 @@ def test_misaligned_rows(backend, dtype, param_dtype, variant, B, T, d):
     sources, q, gain = misaligned_inputs(B, T, d, dtype, variant, param_dtype, device=device_for(backend))
     with forced(backend), torch.no_grad():
         h = diffkern.dar_route(sources, q, gain)
-    oracle = dar_route_reference(as_float64(sources), *as_float64([q, gain]))
-    assert_close_to_oracle(h, oracle, dar_route_reference(on_cpu(sources), *on_cpu([q, gain], dtype)), "h")
+    oracle, spread = route_oracle(sources, q, gain)
+    assert_close_to_oracle(h, oracle, dar_route_reference(on_cpu(sources), *on_cpu([q, gain], dtype)), "h", spread)
     check_backward_op(backend, sources, q, gain)
 
 
@@ -150,13 +167,13 @@ def check_backward_op(backend, sources, q, gain, eps=1e-6):
         h, lse = torch.ops.diffkern.dar_route_fwd(sources, q, gain, eps)
         grads = torch.ops.diffkern.dar_route_bwd(dh, sources, q, gain, h, lse, eps)
     args = (dh, sources, q, gain, h, lse)
-    oracle = reference.route_bwd(*on_cpu(args, torch.float64), eps)
+    oracle, spreads = route_bwd_oracle(args, eps)
     fp32 = reference.route_bwd(*on_cpu(args, torch.float32), eps)
     names = [f"dsources[{i}]" for i in range(len(sources))] + ["dq", "dgain"]
-    for name, x, grad, ref, plain in zip(names, [*sources, q, gain], [*grads[0], *grads[1:]],
-                                         [*oracle[0], *oracle[1:]], [*fp32[0], *fp32[1:]]):
+    for name, x, grad, ref, plain, spread in zip(names, [*sources, q, gain], [*grads[0], *grads[1:]], oracle,
+                                                 [*fp32[0], *fp32[1:]], spreads):
         assert grad.dtype == x.dtype and grad.shape == x.shape, name
-        assert_close_to_oracle(grad, ref, plain, name)
+        assert_close_to_oracle(grad, ref, plain, name, spread)
 
 
 @pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "x".join(map(str, s)))
@@ -181,10 +198,11 @@ def test_autograd_matches_float64_autograd(backend, dtype, variant):
     with forced(backend):
         h = diffkern.dar_route(sources, q, gain)
         grads = torch.autograd.grad(h, [*sources, q, gain], dh)
-    _, oracle = reference_grads(sources, q, gain, dh, torch.float64)
+    oracle, spreads = oracle_with_spread(lambda *x: reference_grads(x[:-2], x[-2], x[-1], dh, torch.float64)[1],
+                                         [*sources, q, gain], fan_in(sources), dtype)
     _, plain = reference_grads(sources, q, gain, dh, dtype)
-    for grad, ref, low in zip(grads, oracle, plain):
-        assert_close_to_oracle(grad, ref, low, "grad")
+    for grad, ref, low, spread in zip(grads, oracle, plain, spreads):
+        assert_close_to_oracle(grad, ref, low, "grad", spread)
 
 
 @pytest.mark.parametrize("variant", Q_VARIANTS)
@@ -207,8 +225,8 @@ def test_strided_sources_are_read_in_place(backend):
     with forced(backend):
         h = diffkern.dar_route(sources, q, gain)
     dense = on_cpu([x.contiguous() for x in sources])
-    expected = dar_route_reference(on_cpu(dense, torch.float64), *on_cpu([q, gain], torch.float64))
-    assert_close_to_oracle(h, expected, dar_route_reference(dense, *on_cpu([q, gain])), "h")
+    expected, spread = route_oracle(dense, q, gain)
+    assert_close_to_oracle(h, expected, dar_route_reference(dense, *on_cpu([q, gain])), "h", spread)
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
@@ -227,8 +245,8 @@ def test_offsets_beyond_int32(backend):
     with forced(backend), torch.no_grad():
         h = diffkern.dar_route([far, near], q, gain)
     dense = on_cpu([far.contiguous(), near, q, gain])
-    oracle = dar_route_reference(on_cpu(dense[:2], torch.float64), *on_cpu(dense[2:], torch.float64))
-    assert_close_to_oracle(h, oracle, dar_route_reference(dense[:2], *dense[2:]), "h")
+    oracle, spread = route_oracle(dense[:2], *dense[2:])
+    assert_close_to_oracle(h, oracle, dar_route_reference(dense[:2], *dense[2:]), "h", spread)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

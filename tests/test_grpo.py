@@ -6,7 +6,7 @@ import diffkern
 from diffkern.grpo import reference
 from diffkern.grpo.reference import grpo_iso_loss_reference
 from diffkern.testing.backends import backends_under_test, device_for, forced, supports
-from diffkern.testing.numerics import assert_close_to_oracle
+from diffkern.testing.numerics import assert_close_to_oracle, oracle_with_spread
 
 BACKENDS = backends_under_test("grpo_log_prob")
 
@@ -62,6 +62,43 @@ def on_cpu(args, dtype=None):
     return tuple(a.detach().cpu().to(dtype or a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
 
 
+def grpo_oracle(fn, args, dtype):
+    """fn(*args) in float64 with its error-model spreads: a latent's fan-in is its whole size (log p sums one
+    sample's D elements, the loss the batch's); per-sample tensors (sigmas, dlog_prob, log_prob_old,
+    advantages) are read exactly into scalars of their sample: not perturbed (diffkern.testing.numerics)."""
+    fan_in = [a.numel() if isinstance(a, torch.Tensor) and a.dim() > 1 else None for a in args]
+    return oracle_with_spread(fn, args, fan_in, dtype)
+
+
+def check_sde_step(args, outs):
+    """flow_sde_step's (x_next, y, log_prob, inv_lambda) against float64; log_prob is of y as stored."""
+    x_next, y, log_prob, inv_lambda = outs
+    oracle, spreads = grpo_oracle(reference.flow_sde_step, args, x_next.dtype)
+    plain = reference.flow_sde_step(*on_cpu(args))
+    for i, (name, out) in enumerate(zip(("x_next", "y", "log_prob", "inv_lambda"), outs)):
+        if name != "log_prob":
+            assert_close_to_oracle(out, oracle[i], plain[i], name, spreads[i])
+    stored = (args[1], None, y, *args[2:4], None, None, 1.0, *args[5:])
+    check_log_prob(stored, (log_prob,), ("log_prob",))
+
+
+def check_log_prob(args, outs, names):
+    """diffkern::grpo_log_prob's outputs (or the first of them) against float64 and float32 plain."""
+    oracle, spreads = grpo_oracle(reference.log_prob, args, args[0].dtype)
+    plain = reference.log_prob(*on_cpu(args, torch.float32))
+    for out, ref, low, spread, name in zip(outs, oracle, plain, spreads, names):
+        assert_close_to_oracle(out, ref, low, name, spread)
+
+
+def check_log_prob_bwd(full, grads):
+    """diffkern::grpo_log_prob_bwd's (dv[, dv_uncond]) against the spec's formulas in float64."""
+    oracle, spreads = grpo_oracle(reference.log_prob_bwd, full, full[2].dtype)
+    plain = reference.log_prob_bwd(*on_cpu(full, torch.float32))
+    for name, out, ref, low, spread in zip(("dv", "dv_uncond"), grads, oracle, plain, spreads):
+        assert out.dtype == full[2].dtype
+        assert_close_to_oracle(out, ref, low, name, spread)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inv_lambda_of_the_wan_schedule_matches_the_spec(backend):
     """1/lambda for steps 0..9 of the Wan 20-step shift-3 schedule: 7.4770 ... 3.7754, from the schedule."""
@@ -80,18 +117,9 @@ def test_inv_lambda_of_the_wan_schedule_matches_the_spec(backend):
 def test_sde_step_matches_float64_reference(backend, dtype, shape, rule):
     x, v, sigma, sigma_next, noise = make_step(shape, dtype, device=device_for(backend))
     with forced(backend):
-        x_next, y, log_prob, inv_lambda = diffkern.flow_sde_step(x, v, sigma, sigma_next, eps=noise, std_rule=rule)
-    coef = reference.default_std_coef(rule)
-    args = (x, v, sigma, sigma_next, noise, reference.STD_RULES[rule], coef)
-    oracle = reference.flow_sde_step(*on_cpu(args, torch.float64))
-    plain = reference.flow_sde_step(*on_cpu(args))
-    for name, out, ref, low in zip(("x_next", "y", "inv_lambda"), (x_next, y, inv_lambda),
-                                   oracle[:2] + oracle[3:], plain[:2] + plain[3:]):
-        assert_close_to_oracle(out, ref, low, name)
-    # log_prob is of y as the kernel stored it
-    stored = (v, None, y, sigma, sigma_next, None, None, 1.0, reference.STD_RULES[rule], coef)
-    assert_close_to_oracle(log_prob, reference.log_prob(*on_cpu(stored, torch.float64))[0],
-                           reference.log_prob(*on_cpu(stored, torch.float32))[0], "log_prob")
+        outs = diffkern.flow_sde_step(x, v, sigma, sigma_next, eps=noise, std_rule=rule)
+    check_sde_step((x, v, sigma, sigma_next, noise, reference.STD_RULES[rule],
+                             reference.default_std_coef(rule)), outs)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -101,9 +129,7 @@ def test_log_prob_and_kl_match_float64_reference(backend, dtype, shape, variant)
     args = op_args(make_loss_inputs(shape, dtype, variant, device=device_for(backend)))
     with forced(backend):
         outs = torch.ops.diffkern.grpo_log_prob(*args)
-    oracle, plain = reference.log_prob(*on_cpu(args, torch.float64)), reference.log_prob(*on_cpu(args, torch.float32))
-    for name, out, ref, low in zip(("log_prob", "kl", "inv_lambda"), outs, oracle, plain):
-        assert_close_to_oracle(out, ref, low, name)
+    check_log_prob(args, outs, ("log_prob", "kl", "inv_lambda"))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -116,13 +142,8 @@ def test_backward_matches_float64_formulas(backend, dtype, shape, variant):
     dlog_prob, dkl = (torch.randn(shape[0], generator=g).to(args[0].device, acc) for _ in range(2))
     with forced(backend):
         grads = torch.ops.diffkern.grpo_log_prob_bwd(dlog_prob, dkl, *args)
-    full = (dlog_prob, dkl, *args)
-    oracle = reference.log_prob_bwd(*on_cpu(full, torch.float64))
-    plain = reference.log_prob_bwd(*on_cpu(full, torch.float32))
     assert len(grads) == (2 if "cfg" in variant else 1)
-    for name, out, ref, low in zip(("dv", "dv_uncond"), grads, oracle, plain):
-        assert out.dtype == dtype
-        assert_close_to_oracle(out, ref, low, name)
+    check_log_prob_bwd((dlog_prob, dkl, *args), grads)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -183,14 +204,19 @@ def test_loss_and_gradients_match_float64_autograd(backend, dtype, variant, tgr)
     kw, options = loss_case(backend, dtype, variant, tgr)
     with forced(backend):
         loss, stats, grads = loss_and_grads(diffkern.grpo_iso_loss, kw, options)
-    ref_loss, ref_stats, ref_grads = loss_and_grads(grpo_iso_loss_reference, on_cpu_leaves(kw, torch.float64), options)
+    _, ref_stats, _ = loss_and_grads(grpo_iso_loss_reference, on_cpu_leaves(kw, torch.float64), options)
+
+    def reference_loss(*values):
+        loss, _, grads = loss_and_grads(grpo_iso_loss_reference, on_cpu_leaves(dict(zip(kw, values))), options)
+        return [loss, *grads]
+    (ref_loss, *ref_grads), spreads = grpo_oracle(reference_loss, list(kw.values()), dtype)
     plain_loss, _, plain_grads = loss_and_grads(grpo_iso_loss_reference, on_cpu_leaves(kw), options)
-    assert_close_to_oracle(loss, ref_loss, plain_loss, "loss")
+    assert_close_to_oracle(loss, ref_loss, plain_loss, "loss", spreads[0])
     assert stats["clip_fraction"].item() == pytest.approx(4 / 6)
     for name in ("approx_kl", "ratio_mean", "weights"):
         torch.testing.assert_close(stats[name].cpu().double(), ref_stats[name], rtol=1e-4, atol=1e-6)
-    for grad, ref, low in zip(grads, ref_grads, plain_grads):
-        assert_close_to_oracle(grad, ref, low, "grad")
+    for grad, ref, low, spread in zip(grads, ref_grads, plain_grads, spreads[1:]):
+        assert_close_to_oracle(grad, ref, low, "grad", spread)
     if options["beta"] == 0:  # samples 1 (A > 0, r above the range) and 2 (A < 0, r below it): clipped, constant
         assert (grads[0][1:3] == 0).all() and (grads[0][3:] != 0).any()
 

@@ -10,7 +10,8 @@ import torch
 
 from diffkern.grpo import reference
 from diffkern.testing.backends import backends_under_test, device_for, forced, supports
-from diffkern.testing.numerics import assert_close_to_oracle
+
+from test_grpo import check_log_prob, check_log_prob_bwd, check_sde_step
 
 BACKENDS = backends_under_test("grpo_log_prob")
 SIGMAS = reference.flow_sigmas()
@@ -43,10 +44,6 @@ def sigmas(B, device):
     return SIGMAS[steps].float().to(device), SIGMAS[steps + 1].float().to(device)
 
 
-def cpu(args, dtype=None):
-    return tuple(a.detach().cpu().to(dtype or a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
-
-
 def params():
     return [(b, dt) for b in BACKENDS for dt in (torch.float32, torch.bfloat16, torch.float16) if supports(b, dt)]
 
@@ -59,14 +56,8 @@ def test_sde_step_on_misaligned_latents(backend, dtype, shape, offsets):
     x, v, _, eps, _ = latents(shape, dtype, device, OFFSETS[offsets])
     args = (x, v, *sigmas(shape[0], device), eps, *WAN)
     with forced(backend):
-        x_next, y, log_prob, inv_lambda = torch.ops.diffkern.flow_sde_step(*args)
-    oracle, plain = reference.flow_sde_step(*cpu(args, torch.float64)), reference.flow_sde_step(*cpu(args))
-    for name, out, ref, low in zip(("x_next", "y", "inv_lambda"), (x_next, y, inv_lambda), oracle[:2] + oracle[3:],
-                                   plain[:2] + plain[3:]):
-        assert_close_to_oracle(out, ref, low, name)
-    stored = (v, None, y, *args[2:4], None, None, 1.0, *WAN)  # log_prob is of y as stored
-    assert_close_to_oracle(log_prob, reference.log_prob(*cpu(stored, torch.float64))[0],
-                           reference.log_prob(*cpu(stored, torch.float32))[0], "log_prob")
+        outs = torch.ops.diffkern.flow_sde_step(*args)
+    check_sde_step(args, outs)
 
 
 @pytest.mark.parametrize("form", ("pair", "residual"))
@@ -84,10 +75,5 @@ def test_log_prob_and_backward_on_misaligned_latents(backend, dtype, shape, offs
     with forced(backend):
         outs = torch.ops.diffkern.grpo_log_prob(*args)
         grads = torch.ops.diffkern.grpo_log_prob_bwd(dlog_prob, dkl, *args)
-    oracle, plain = reference.log_prob(*cpu(args, torch.float64)), reference.log_prob(*cpu(args, torch.float32))
-    for name, out, ref, low in zip(("log_prob", "kl", "inv_lambda"), outs, oracle, plain):
-        assert_close_to_oracle(out, ref, low, name)
-    full = (dlog_prob, dkl, *args)
-    oracle, plain = reference.log_prob_bwd(*cpu(full, torch.float64)), reference.log_prob_bwd(*cpu(full))
-    for name, out, ref, low in zip(("dv", "dv_uncond"), grads, oracle, plain):
-        assert_close_to_oracle(out, ref, low, name)
+    check_log_prob(args, outs, ("log_prob", "kl", "inv_lambda"))
+    check_log_prob_bwd((dlog_prob, dkl, *args), grads)

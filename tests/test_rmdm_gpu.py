@@ -6,7 +6,7 @@ import diffkern
 from diffkern import _cooperative
 from diffkern.rmdm import reference, triton_kernels, triton_persistent
 from diffkern.testing.numerics import assert_close_to_oracle
-from test_rmdm_recurse import EPS, make, plain
+from test_rmdm_recurse import EPS, make, plain_oracle
 
 SHAPE = (2, 81, 64, 256, 4, 2, 3)  # (B, T, d, f, heads, K, n_iter): two Sudoku boards
 
@@ -24,10 +24,10 @@ def test_each_kernel_matches_the_plain_block_on_cuda(kernel, dtype):
         states = triton_persistent.recurse_persistent(x, weights, mod, n_iter, heads, EPS, pb)
     else:
         states = triton_kernels.recurse_tiled(x, weights, mod, n_iter, heads, EPS)
-    b64, x64, m64 = make(SHAPE, torch.float64, True)
     with torch.no_grad():
+        (oracle,), (spread,) = plain_oracle(SHAPE, x, blocks, mod)
         low = reference.recurse(x, weights, mod, n_iter, heads, EPS)
-    assert_close_to_oracle(states.cpu(), plain(b64, x64, m64, n_iter, heads), low.cpu(), "states")
+    assert_close_to_oracle(states.cpu(), oracle, low.cpu(), "states", spread)
 
 
 @pytest.mark.gpu

@@ -5,7 +5,7 @@ import torch
 import diffkern
 from diffkern.rmdm import reference
 from diffkern.testing.backends import backends_under_test, device_for, forced, supports
-from diffkern.testing.numerics import assert_close_to_oracle
+from diffkern.testing.numerics import assert_close_to_oracle, oracle_with_spread
 
 BACKENDS = backends_under_test("rmdm_recurse")
 # The backward's backends: cpu, reference, and cuda (the same C++ on ATen, which on a GPU runs cuBLAS); the
@@ -61,6 +61,29 @@ def plain(blocks, x, mod, n_iter, heads):
     return torch.stack(states)
 
 
+def fan_in(shape) -> int:
+    """The error model's n: one block's chain of reductions (LayerNorms and projections over d, attention
+    scores and weights over head_dim and T, the MLP's second layer over f); later iterations and blocks
+    are the oracle's own propagation of the perturbed weights."""
+    B, T, d, f = shape[:4]
+    return 5 * d + T + f
+
+
+def plain_oracle(shape, x, blocks, mod, dstates=None):
+    """The plain blocks in float64 on the kernel's own (rounded) inputs, with the model's spreads: the states,
+    or, given dstates, the gradients of every leaf [x, *weights, mod]."""
+    K, heads, n_iter = shape[5], shape[4], shape[6]
+    n_w = len(blocks[0])
+
+    def fn(x, *rest):
+        blks = [list(rest[k * n_w:(k + 1) * n_w]) for k in range(K)]
+        m = rest[K * n_w] if mod is not None else None
+        states = plain(blks, x, m, n_iter, heads)
+        return states if dstates is None else torch.autograd.grad(states, [x, *rest], dstates)
+    leaves = [x, *[w for b in blocks for w in b], *([mod] if mod is not None else [])]
+    return oracle_with_spread(fn, leaves, fan_in(shape), x.dtype)
+
+
 def params(dtypes, backends=BACKENDS):
     return [(b, dt) for b in backends for dt in dtypes if supports(b, dt)]
 
@@ -74,12 +97,11 @@ def test_forward_matches_the_plain_block_applied_n_iter_times(backend, dtype, sh
     with forced(backend):
         states = diffkern.recurse(blocks, x, n_iter, heads=heads, mod=mod, return_all=True)
         last = diffkern.recurse(blocks, x, n_iter, heads=heads, mod=mod)
-    b64, x64, m64 = make(shape, torch.float64, with_mod)
     with torch.no_grad():
-        oracle = plain(b64, x64, m64, n_iter, heads)
+        (oracle,), (spread,) = plain_oracle(shape, x, blocks, mod)
         low = reference.recurse(x, [w for b in blocks for w in b], mod, n_iter, heads, EPS)
     assert states.dtype == dtype and states.shape == (n_iter, *x.shape)
-    assert_close_to_oracle(states.cpu(), oracle, low.cpu(), "states")
+    assert_close_to_oracle(states.cpu(), oracle, low.cpu(), "states", spread)
     assert torch.equal(last, states[-1])
 
 
@@ -99,15 +121,11 @@ def test_backward_matches_autograd_through_the_plain_blocks(backend, dtype, shap
         states = diffkern.recurse(blocks, x, n_iter, heads=heads, mod=mod, return_all=True)
     with forced(backend):
         grads = [g.cpu() for g in torch.autograd.grad(states, leaves, dstates.to(device, dtype))]
-    b64, x64, m64 = make(shape, torch.float64, with_mod)
-    leaves64 = [x64, *[w for b in b64 for w in b], *([m64] if with_mod else [])]
-    for t in leaves64:
-        t.requires_grad_(True)
-    oracle = torch.autograd.grad(plain(b64, x64, m64, n_iter, heads), leaves64, dstates)
+    oracle, spreads = plain_oracle(shape, x, blocks, mod, dstates)
     low = torch.autograd.grad(reference.recurse(x, leaves[1:len(leaves) - with_mod], mod, n_iter, heads, EPS),
                               leaves, dstates.to(device, dtype))
-    for i, (g, o, p) in enumerate(zip(grads, oracle, low)):
-        assert_close_to_oracle(g, o, p.cpu(), f"grad of leaf {i}")
+    for i, (g, o, p, spread) in enumerate(zip(grads, oracle, low, spreads)):
+        assert_close_to_oracle(g, o, p.cpu(), f"grad of leaf {i}", spread)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -14,7 +14,7 @@ from diffkern.rmdm import reference, triton_kernels, triton_persistent
 from diffkern.testing.backends import forced
 from diffkern.testing.numerics import assert_close_to_oracle
 from diffkern.testing.triton_monitor import TritonMonitor
-from test_rmdm_recurse import EPS, ids, make, plain
+from test_rmdm_recurse import EPS, ids, make, plain_oracle
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests (CPU tensors)")
 
@@ -28,14 +28,13 @@ def weights_of(blocks):
     return [w for b in blocks for w in b]
 
 
-def check_against_oracle(states, shape, dtype, with_mod, blocks, x, mod):
+def check_against_oracle(states, shape, dtype, blocks, x, mod):
     n_iter, heads = shape[6], shape[4]
-    b64, x64, m64 = make(shape, torch.float64, with_mod)
     with torch.no_grad():
-        oracle = plain(b64, x64, m64, n_iter, heads)
+        (oracle,), (spread,) = plain_oracle(shape, x, blocks, mod)
         low = reference.recurse(x, weights_of(blocks), mod, n_iter, heads, EPS)
     assert states.dtype == dtype
-    assert_close_to_oracle(states, oracle, low, "states")
+    assert_close_to_oracle(states, oracle, low, "states", spread)
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
@@ -45,7 +44,7 @@ def test_persistent_matches_the_plain_block(shape, pb, with_mod, dtype):
     blocks, x, mod = make(shape, dtype, with_mod)
     with TritonMonitor():
         states = triton_persistent.recurse_persistent(x, weights_of(blocks), mod, shape[6], shape[4], EPS, pb)
-    check_against_oracle(states, shape, dtype, with_mod, blocks, x, mod)
+    check_against_oracle(states, shape, dtype, blocks, x, mod)
 
 
 @pytest.mark.parametrize("with_mod", (False, True), ids=("plain", "adaln"))
@@ -54,7 +53,7 @@ def test_tiled_matches_the_plain_block(shape, with_mod):
     blocks, x, mod = make(shape, torch.float32, with_mod)
     with TritonMonitor():
         states = triton_kernels.recurse_tiled(x, weights_of(blocks), mod, shape[6], shape[4], EPS)
-    check_against_oracle(states, shape, torch.float32, with_mod, blocks, x, mod)
+    check_against_oracle(states, shape, torch.float32, blocks, x, mod)
 
 
 def weight_loads(launch, weights) -> list[int]:
