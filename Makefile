@@ -17,8 +17,13 @@ build: $(STAMP)
 	$(PY) setup.py --quiet build_ext --inplace
 	$(PY) -c "import os, site; open(os.path.join(site.getsitepackages()[0], 'diffkern-dev.pth'), 'w').write(os.path.abspath('python') + '\\n')"
 
+# Test processes (pytest-xdist): the suite is mostly single-threaded Python (the Triton interpreter), so
+# one worker per core; whole files go to one worker, so a module's expensive fixture (a benchmark run, a
+# kernel build) is set up once.
+TEST_JOBS ?= 2
+
 test: build
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile tests
 
 bench: build
 	$(PY) benchmarks/run.py --out results
