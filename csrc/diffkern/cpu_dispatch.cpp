@@ -14,6 +14,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -74,7 +75,8 @@ std::string select(const std::vector<std::string>& variants, std::string& error)
 }
 
 // The kernel library of `variant` beside this one: "_cpu_<variant>" inserted before the first dot of
-// this library's file name, with the variant's '-' and '.' spelled '_'.
+// this library's file name, with every character of the variant's name but letters and digits spelled
+// '_' (as setup.py and CMakeLists.txt name the libraries).
 std::string kernel_library(const std::string& variant) {
   Dl_info self{};
   if (dladdr(reinterpret_cast<void*>(&kernel_library), &self) == 0 || self.dli_fname == nullptr) return {};
@@ -83,7 +85,7 @@ std::string kernel_library(const std::string& variant) {
   const size_t dot = path.find('.', slash == std::string::npos ? 0 : slash + 1);
   std::string tag = variant;
   for (char& c : tag) {
-    if (c == '-' || c == '.') c = '_';
+    if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
   }
   return path.substr(0, dot) + "_cpu_" + tag + (dot == std::string::npos ? "" : path.substr(dot));
 }
