@@ -3,12 +3,16 @@
 Environment variables (all documented in README.md):
   DIFFKERN_CUDA=0|1        force the CUDA sources off/on (default: on when nvcc is found and torch is a CUDA build)
   TORCH_CUDA_ARCH_LIST     GPU archs (default "8.0;9.0a")
-  DIFFKERN_CPU_ARCH        -march for the CPU kernels (default "native"; "x86-64-v2" etc. for portable builds)
+  DIFFKERN_CPU_ARCH        -march of the CPU kernels, a ';'-separated list, baseline first (default on x86-64:
+                           "x86-64-v2;x86-64-v3;x86-64-v4", the widest the CPU runs chosen at load; elsewhere the
+                           compiler's default target); one name ("native" for a build that only runs here) builds
+                           that variant alone
   MAX_JOBS                 parallel compile jobs (default: sized to cores and free memory)
   DIFFKERN_DEBUG=1         -O0 -g builds
 """
 import glob
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -17,6 +21,7 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+INCLUDE_DIR = os.path.join(ROOT, "csrc", "include")
 
 
 def find_cuda_home():
@@ -70,20 +75,43 @@ def want_cuda():
     return bool(CUDA_HOME and torch.version.cuda)
 
 
+# The x86-64 levels the loader can test the CPU for (csrc/diffkern/cpu_dispatch.cpp): the variants
+# added to a baseline, v3 for AVX2 + FMA, v4 for AVX-512 (R-MDM's GEMM micro-kernel).
+X86_LEVELS = ("x86-64-v2", "x86-64-v3", "x86-64-v4")
+
+
+def cpu_variants():
+    """The CPU kernels' ISA variants as -march names, the portable baseline first ("default": no -march)."""
+    env = os.environ.get("DIFFKERN_CPU_ARCH")
+    if env is None:
+        return list(X86_LEVELS) if platform.machine().lower() in ("x86_64", "amd64") else ["default"]
+    names = [name.strip() for name in env.split(";") if name.strip()]
+    wide = [name for name in names[1:] if name not in X86_LEVELS]
+    if not names or wide:
+        sys.exit(f"DIFFKERN_CPU_ARCH={env!r}: give a baseline -march, then only x86-64 levels {X86_LEVELS} "
+                 "(the ones chosen at run time)")
+    return names
+
+
+def march(variant):
+    return [] if variant == "default" else [f"-march={variant}"]
+
+
 def nvcc_version():
     out = subprocess.run([os.path.join(CUDA_HOME, "bin", "nvcc"), "--version"],
                          capture_output=True, text=True).stdout
     return out.strip().splitlines()[-1] if out else "unknown"
 
 
-def write_build_info(with_cuda, archs):
+def write_build_info(with_cuda, archs, variants):
     info = {
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "with_cuda": with_cuda,
         "nvcc": nvcc_version() if with_cuda else None,
         "cuda_archs": archs if with_cuda else None,
-        "cpu_arch": os.environ.get("DIFFKERN_CPU_ARCH", "native"),
+        "cpu_arch": variants[0],
+        "cpu_variants": variants,
         "python": sys.version.split()[0],
     }
     path = os.path.join(ROOT, "python", "diffkern", "_build_info.py")
@@ -94,19 +122,35 @@ def write_build_info(with_cuda, archs):
             f.write(text)
 
 
-def extension():
+def cpu_kernels(variant, cxx):
+    """The CPU kernels (csrc/cpu) for one ISA variant: a library of their own, loaded by _C (not imported).
+
+    Hidden visibility binds the variant's inline and template code within its own library.
+    """
+    tag = re.sub(r"[^A-Za-z0-9]", "_", variant)
+    flags = cxx + march(variant) + ["-fopenmp", "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+    return CppExtension(f"diffkern._C_cpu_{tag}", sorted(glob.glob("csrc/cpu/*.cpp")),
+                        include_dirs=[INCLUDE_DIR],
+                        extra_compile_args={"cxx": flags}, extra_link_args=["-fopenmp"])
+
+
+def extensions():
+    """diffkern._C (schemas, CPU kernel loader, CUDA kernels; baseline ISA) and one CPU kernel library per variant."""
     with_cuda = want_cuda()
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
-    write_build_info(with_cuda, archs)
+    variants = cpu_variants()
+    write_build_info(with_cuda, archs, variants)
     debug = os.environ.get("DIFFKERN_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cpu_arch = os.environ.get("DIFFKERN_CPU_ARCH", "native")
-    cxx = opt + ["-std=c++20", f"-march={cpu_arch}", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
-    sources = sorted(glob.glob("csrc/diffkern/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    cxx = opt + ["-std=c++20", "-Wall", "-Wno-unknown-pragmas"]
+    kernels = [cpu_kernels(variant, cxx) for variant in variants]
+    # The variant list reaches the loader as a C++ flag only: nvcc would split a -D value at its commas.
+    cxx = cxx + march(variants[0]) + [f"-DDIFFKERN_CPU_VARIANTS={','.join(variants)}"]
+    sources = sorted(glob.glob("csrc/diffkern/*.cpp"))
+    include_dirs = [INCLUDE_DIR]
     if not with_cuda:
-        return CppExtension("diffkern._C", sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+        return [CppExtension("diffkern._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}),
+                *kernels]
     sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     # torch's CUDA headers include cuBLAS/cuSPARSE headers that ship in the nvidia wheels, not the toolkit
     wheel_include = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "cu13", "include")
@@ -117,15 +161,28 @@ def extension():
     # A spill shows as a ptxas warning in the build log; the tests (sm_80/sm_90a) fail on one. It does not
     # fail a user's build: other archs and nvcc versions may allocate registers differently.
     nvcc = opt + ["-std=c++20", "-Xptxas=-warn-spills", "--expt-relaxed-constexpr"]
-    return CUDAExtension("diffkern._C", sources, include_dirs=include_dirs, library_dirs=lib_dirs,
-                         define_macros=[("DIFFKERN_WITH_CUDA", "1")], extra_link_args=["-fopenmp"],
-                         extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+    return [CUDAExtension("diffkern._C", sources, include_dirs=include_dirs, library_dirs=lib_dirs,
+                          define_macros=[("DIFFKERN_WITH_CUDA", "1")],
+                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}), *kernels]
+
+
+class BuildExtensions(BuildExtension.with_options(use_ninja=True)):
+    """torch's ninja build, each extension in a build directory of its own: the CPU kernel variants
+    compile the same sources, whose objects would otherwise share one path."""
+
+    def build_extension(self, ext):
+        base = self.build_temp
+        self.build_temp = os.path.join(base, ext.name)
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = base
 
 
 setup(
     name="diffkern",
     packages=find_packages("python"),
     package_dir={"": "python"},
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtensions},
 )

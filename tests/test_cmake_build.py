@@ -11,10 +11,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Loads the library in a fresh interpreter (diffkern._C registers the same namespace in this one).
+# Loads the library in a fresh interpreter (diffkern._C registers the same namespace in this one); it
+# loads the CPU kernel library of its own choice (libdiffkern_cpu_<variant>) from beside itself.
 SMOKE = """
 import sys, torch
 torch.ops.load_library(sys.argv[1])
+assert torch.ops.diffkern.cpu_isa()
 h, lse = torch.ops.diffkern.dar_route_fwd([torch.ones(1, 2, 4)], torch.ones(4), torch.ones(4), 0.0)
 assert torch.equal(h, torch.ones(1, 2, 4)) and torch.equal(lse, torch.full((1, 2), 2.0)), (h, lse)
 """

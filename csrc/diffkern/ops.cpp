@@ -144,3 +144,9 @@ TORCH_LIBRARY_FRAGMENT(diffkern, m) {
   m.def("rmdm_sudoku(int n, int clues, int seed) -> (Tensor puzzles, Tensor solutions)");
   m.def("rmdm_sudoku_count(Tensor puzzles, int limit) -> Tensor counts");
 }
+
+TORCH_LIBRARY_FRAGMENT(diffkern, m) {
+  // The ISA variant of the CPU kernels loaded in this process, as its -march name ("x86-64-v3"):
+  // csrc/diffkern/cpu_dispatch.cpp picks it when the library loads. Raises when none could be loaded.
+  m.def("cpu_isa() -> str");
+}

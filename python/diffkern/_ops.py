@@ -1,7 +1,9 @@
 """Loads the compiled extension (every op schema and the C++ kernels) after checking it matches this torch.
 
 A mismatched build is the most common way a torch extension breaks, so the build's torch/CUDA versions
-are read from a plain Python file first and compared before the shared library is touched.
+are read from a plain Python file first and compared before the shared library is touched. Loading
+diffkern._C also loads the CPU kernels of the widest ISA variant this CPU runs, or of the one
+DIFFKERN_CPU_ISA names (csrc/diffkern/cpu_dispatch.cpp); `build_info()["cpu_isa"]` says which.
 """
 from __future__ import annotations
 
@@ -41,13 +43,20 @@ def load() -> dict:
     """Loads diffkern._C once and returns the build info (versions, archs, CUDA on/off)."""
     info = _build_info()
     _check_versions(info)
-    libraries = glob.glob(os.path.join(_HERE, "_C*.so")) + glob.glob(os.path.join(_HERE, "_C*.pyd"))
+    # _C itself, not the CPU kernel libraries beside it (_C_cpu_<variant>.*.so), which it loads.
+    libraries = [path for ext in ("so", "pyd") for pattern in (f"_C.{ext}", f"_C.*.{ext}")
+                 for path in glob.glob(os.path.join(_HERE, pattern))]
     if not libraries:
         raise ExtensionError(f"diffkern._C is not built (no _C library next to {__file__}); {_REBUILD}")
     try:
         torch.ops.load_library(libraries[0])
     except OSError as err:
         raise ExtensionError(f"diffkern._C failed to load ({err}); {_REBUILD}") from err
+    try:
+        torch.ops.diffkern.cpu_isa()
+    except RuntimeError as err:
+        fix = "unset DIFFKERN_CPU_ISA" if os.environ.get("DIFFKERN_CPU_ISA") else _REBUILD
+        raise ExtensionError(f"{err}; {fix}") from None
     return info
 
 
@@ -55,8 +64,13 @@ BUILD_INFO = load()
 
 
 def build_info() -> dict:
-    """How the extension was built (torch, CUDA, archs, CPU arch) and, if CUDA was built, the linked runtime."""
-    info = dict(BUILD_INFO)
+    """How the extension was built (torch, CUDA, archs, CPU arch) and what it runs with here.
+
+    cpu_arch is the baseline -march everything but the wide CPU kernels was compiled for, cpu_variants the
+    CPU kernels' ISA variants (baseline first), cpu_isa the one loaded in this process. With CUDA built:
+    the CUDA runtime compiled against and the one found (None without a driver).
+    """
+    info = dict(BUILD_INFO, cpu_isa=torch.ops.diffkern.cpu_isa())
     if info["with_cuda"]:
         linked = torch.ops.diffkern.cuda_runtime_version()
         info["cuda_runtime_compiled"] = linked % 1_000_000
