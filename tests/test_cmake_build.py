@@ -9,14 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
+import diffkern
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Loads the library in a fresh interpreter (diffkern._C registers the same namespace in this one); it
-# loads the CPU kernel library of its own choice (libdiffkern_cpu_<variant>) from beside itself.
+# loads its CPU kernel library (libdiffkern_cpu_<variant>) from beside itself.
 SMOKE = """
 import sys, torch
 torch.ops.load_library(sys.argv[1])
-assert torch.ops.diffkern.cpu_isa()
+assert torch.ops.diffkern.cpu_isa() == sys.argv[2], torch.ops.diffkern.cpu_isa()
 h, lse = torch.ops.diffkern.dar_route_fwd([torch.ones(1, 2, 4)], torch.ones(4), torch.ones(4), 0.0)
 assert torch.equal(h, torch.ones(1, 2, 4)) and torch.equal(lse, torch.full((1, 2), 2.0)), (h, lse)
 """
@@ -27,12 +29,18 @@ def run(cmd):
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
 
 
+# The CMake build is checked for the baseline variant alone: which variants exist and which one loads is
+# the same loader code, tested on setup.py's build of all of them (test_build_portable.py); building
+# every variant again here would only triple the compile time.
+BASELINE = diffkern.build_info()["cpu_arch"]
+
+
 def build_dir(generator):
     """A build dir under build-cmake/ (gitignored) reused across runs: keyed by everything the cache
-    pins (torch, interpreter, cmake, generator), so incremental builds stay correct when the environment
-    changes, and never shared with `make cmake`, which owns build-cmake/ itself."""
+    pins (torch, interpreter, cmake, generator, variants), so incremental builds stay correct when the
+    environment changes, and never shared with `make cmake`, which owns build-cmake/ itself."""
     key = "|".join([torch.__version__, torch.utils.cmake_prefix_path, sys.executable,
-                    shutil.which("cmake"), generator or ""])
+                    shutil.which("cmake"), generator or "", BASELINE])
     return ROOT / "build-cmake" / f"pytest-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
@@ -45,11 +53,11 @@ def test_cmake_build_produces_loadable_library():
     with open(out / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent runs (xdist workers, a second pytest) take turns
         configure = ["cmake", "-S", str(ROOT), "-B", str(out),
-                     f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
+                     f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", f"-DDIFFKERN_CPU_ARCH={BASELINE}"]
         if generator:
             configure += ["-G", generator]
         run(configure)
         run(["cmake", "--build", str(out), "-j", "2"])
         libs = [p for p in (out / "libdiffkern.so", out / "libdiffkern.dylib") if p.is_file()]
         assert libs, f"no libdiffkern in {out}"
-        run([sys.executable, "-c", SMOKE, str(libs[0])])
+        run([sys.executable, "-c", SMOKE, str(libs[0]), BASELINE])
