@@ -1,4 +1,6 @@
 """diffkern.recurse: every backend against the plain block applied n_iter times (float64), forward and backward."""
+import functools
+
 import pytest
 import torch
 
@@ -42,11 +44,15 @@ LAYER_PARAMS = ("norm1.weight", "norm1.bias", "self_attn.in_proj_weight", "self_
                 "linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias")
 
 
+@functools.cache
+def _layer(d, heads, f, dtype):
+    return torch.nn.TransformerEncoderLayer(d, heads, f, dropout=0.0, activation="gelu", batch_first=True,
+                                            norm_first=True, layer_norm_eps=EPS, dtype=dtype)
+
+
 def encoder_layer(blk, d, heads):
     """torch.nn's pre-norm encoder layer (gelu, no dropout) run with the block's tensors: the plain block."""
-    layer = torch.nn.TransformerEncoderLayer(d, heads, blk[8].shape[0], dropout=0.0, activation="gelu",
-                                             batch_first=True, norm_first=True, layer_norm_eps=EPS,
-                                             dtype=blk[0].dtype)
+    layer = _layer(d, heads, blk[8].shape[0], blk[0].dtype)
     return lambda h: torch.func.functional_call(layer, dict(zip(LAYER_PARAMS, blk)), (h,))
 
 
