@@ -50,6 +50,6 @@ def test_the_benchmark_models_only_the_video_case():
     model = ntrk_model.tilted_step_counts(1, 8190, 256, 2)
     assert entry["counts"] == {"fwd": model["fwd"], "bwd": model["bwd"]} and entry["modeled"]
     rows = [r for r in traffic.rows(ntrk.TILTED_WORKLOAD, False, [entry], torch.bfloat16) if r["case"] == video.name]
-    assert len(rows) == 3 and all(r["modeled"] for r in rows)
+    assert len(rows) == 3 and all(r["source"] == "modeled" for r in rows)
     fwd = next(r for r in rows if r["pass"] == "fwd")
     assert fwd["diffkern_kernel_bytes"] == model["fwd"]["triton.bytes_loaded"] + model["fwd"]["triton.bytes_stored"]

@@ -23,7 +23,7 @@ from ..ntrk.api import ntrk_step, twoos_project
 from ..ntrk.bands import bands_on
 from ..ntrk.triton_kernels import aot_specs, col_chunk, row_geometry
 from . import ntrk_model
-from .workload import CPU_BARS, FWD, Bar, Case, Workload
+from .workload import CPU_BARS, EVERY_RUN, FWD, NO_RUN, Bar, Case, Workload
 
 FLUX_LATENT, WAN_LATENT = (16, 128, 128), (16, 21, 60, 104)
 SIGMA, RHO, TILE = 0.3, 0.5, 256
@@ -157,6 +157,7 @@ TILTED_WORKLOAD = Workload(
     spec_used=_tilted_spec_used,
     bars=CPU_BARS,
     modeled_counts=_tilted_modeled,
+    counted_in=lambda case: NO_RUN if case.params["N"] > MODEL_ABOVE else EVERY_RUN,
 )
 
 WORKLOADS = (STEP_WORKLOAD, TILTED_WORKLOAD)

@@ -21,6 +21,8 @@ REPORT_MODULES = ("dar_memory", "dar_model", "rmdm", "sinks")
 
 # The passes every section reports: forward alone, backward alone, and one training step.
 FWD, BWD, STEP = "fwd", "bwd", "fwd+bwd"
+# Which runs count a case's traffic in the Triton interpreter (Workload.counted_in; diffkern.bench.mode).
+EVERY_RUN, FULL_RUN, NO_RUN = "every run", "full run", "no run"
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,9 @@ class Workload:
     modeled_counts(case, dtype) -> None (count the case in the interpreter), or for a case too large for
         it, {"fwd": counts, "bwd": counts} in diffkern.bench.interpreted's format from a model that a
         test holds equal to the interpreter's counts, and "note": what is modeled.
+    counted_in(case) -> which runs count the case in the interpreter: EVERY_RUN; FULL_RUN (a count that
+        takes minutes: the default run takes `modeled_counts` instead, or leaves the case out when there is
+        no model); NO_RUN (beyond the interpreter: the model only).
     """
     name: str
     title: str
@@ -85,6 +90,7 @@ class Workload:
     cuda_sources: tuple[str, ...] = field(default=())
     cuda_warps: str = ""
     modeled_counts: Callable[[Case, torch.dtype], dict | None] = lambda case, dtype: None
+    counted_in: Callable[[Case], str] = lambda case: EVERY_RUN
 
     def cases(self, quick: bool) -> tuple[Case, ...]:
         return self.quick_cases if quick else self.full_cases
