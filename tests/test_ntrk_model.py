@@ -41,11 +41,14 @@ def test_tilted_step_counts_equal_the_benchmarks_count(monkeypatch):
     assert again == ntrk_model.tilted_step_counts(2, 19, 3, 2, passes, first_call=False)
 
 
-def test_the_benchmark_models_only_the_video_case():
-    """The video case's traffic rows come from the model and say so; the FLUX case is counted."""
+def test_the_full_run_models_only_the_video_case():
+    """The video case's traffic rows come from the model in every run and say so; the FLUX case is counted in
+    the full run (the default one models it too)."""
     from diffkern.bench import traffic
+    from diffkern.bench.mode import MODES
     flux, video = ntrk.TILTED_WORKLOAD.full_cases
-    assert interpreted._modeled(ntrk.TILTED_WORKLOAD, flux, "bfloat16") is None
+    assert MODES["full"].counts(ntrk.TILTED_WORKLOAD, flux) and not MODES["default"].counts(ntrk.TILTED_WORKLOAD, flux)
+    assert not MODES["full"].counts(ntrk.TILTED_WORKLOAD, video)
     entry = interpreted._modeled(ntrk.TILTED_WORKLOAD, video, "bfloat16").result()
     model = ntrk_model.tilted_step_counts(1, 8190, 256, 2)
     assert entry["counts"] == {"fwd": model["fwd"], "bwd": model["bwd"]} and entry["modeled"]
