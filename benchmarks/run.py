@@ -80,6 +80,12 @@ def _resources(workloads, quick: bool, arch: int, log) -> dict:
     return out
 
 
+def _untimed(workload, mode) -> str:
+    """The CPU note's last sentence: the cases this run does not time, if any."""
+    left = [c.name for c in workload.cases(mode.quick) if c not in mode.timed_cases(workload)]
+    return f" Timed in the full run only (make bench FULL=1): {'; '.join(left)}." if left else ""
+
+
 def _args(argv):
     parser = argparse.ArgumentParser(description="diffkern benchmark harness")
     parser.add_argument("--out", default="results", help="folder for bench.json, bench.md, bench.png")
@@ -125,8 +131,9 @@ def main(argv=None) -> dict:
         log(f"{w.name}: workload {i}/{len(workloads)}")
         entries = counted[w.name]
         traffic_sec = section(traffic.rows(w, mode.quick, entries, GPU_DTYPE), note=traffic.note(entries))
-        cpu_sec = section(_timed(seconds, f"cpu {w.name}", cpu.rows, w, mode.quick, CPU_DTYPE, mode.warmup,
-                                 mode.rounds, mode.min_sample_s, log), note=CPU_NOTE.format(rounds=mode.rounds))
+        timed = mode.timed_cases(w)
+        cpu_sec = section(_timed(seconds, f"cpu {w.name}", cpu.rows, w, timed, CPU_DTYPE, mode.warmup, mode.rounds,
+                                 mode.min_sample_s, log), note=CPU_NOTE.format(rounds=mode.rounds) + _untimed(w, mode))
         if gpu.available():
             gpu_sec = section(_timed(seconds, f"gpu {w.name}", gpu.rows, w, mode.quick, GPU_DTYPE,
                                      traffic_sec["rows"], log))

@@ -1,11 +1,12 @@
 """The harness's three runs: how many samples each takes and where its traffic figures come from.
 
   quick    the workloads' small smoke shapes, everything counted (the test suite's run)
-  default  the headline shapes (`make bench`): CPU timings with fewer samples; traffic counted in the
+  default  the headline shapes (`make bench`): CPU timings of each workload's headline case (its first)
+           with fewer samples; traffic of every case counted in the
            interpreter where that is quick (`Workload.counted_in`), else from the workload's tested
            model, else left to the full run; no CUDA C++ harness counts (minutes per case)
-  full     the headline shapes, every case the interpreter can take counted whole, more samples
-           (`make bench FULL=1`)
+  full     the headline shapes, every case timed and every case the interpreter can take counted whole,
+           more samples (`make bench FULL=1`)
 """
 from __future__ import annotations
 
@@ -17,15 +18,22 @@ from .workload import EVERY_RUN, FULL_RUN, Case, Workload
 @dataclass(frozen=True)
 class Mode:
     """One kind of run. `rounds` timed samples per candidate after `warmup` untimed calls, each sample
-    lasting at least `min_sample_s`; `count_all`: the cases counted in the full run are counted too;
-    `count_cuda`: the CUDA C++ kernels are counted in the host harness too."""
+    lasting at least `min_sample_s`; `time_all`: every case is timed (else the headline case only);
+    `count_all`: the cases counted in the full run are counted too; `count_cuda`: the CUDA C++ kernels are
+    counted in the host harness too."""
     name: str
     quick: bool
     rounds: int
     warmup: int
     min_sample_s: float
+    time_all: bool
     count_all: bool
     count_cuda: bool
+
+    def timed_cases(self, workload: Workload) -> tuple[Case, ...]:
+        """The cases this run times on the CPU: all, or the headline one (a workload's first)."""
+        cases = workload.cases(self.quick)
+        return cases if self.time_all else cases[:1]
 
     def counts(self, workload: Workload, case: Case) -> bool:
         """Whether this run counts `case` in the interpreter (if not: the workload's model, or no figures)."""
@@ -34,7 +42,8 @@ class Mode:
 
 
 MODES = {m.name: m for m in (
-    Mode("quick", quick=True, rounds=3, warmup=1, min_sample_s=0.002, count_all=True, count_cuda=True),
-    Mode("default", quick=False, rounds=3, warmup=1, min_sample_s=0.02, count_all=False, count_cuda=False),
-    Mode("full", quick=False, rounds=7, warmup=2, min_sample_s=0.05, count_all=True, count_cuda=True),
+    Mode("quick", quick=True, rounds=3, warmup=1, min_sample_s=0.002, time_all=True, count_all=True, count_cuda=True),
+    Mode("default", quick=False, rounds=3, warmup=1, min_sample_s=0.02, time_all=False, count_all=False,
+         count_cuda=False),
+    Mode("full", quick=False, rounds=7, warmup=2, min_sample_s=0.05, time_all=True, count_all=True, count_cuda=True),
 )}

@@ -164,7 +164,7 @@ def report(quick: bool, out: str | None, warmup: int = 2, rounds: int = 7, min_s
     (Not in the harness's WORKLOAD_MODULES: `recurse`'s GPU backward is ATen's, not Triton, so the
     harness's interpreter traffic section cannot count a training step of diffkern's.)
     """
-    rows = cpu.rows(RECURSE, quick, torch.float32, warmup, rounds, min_sample_s,
+    rows = cpu.rows(RECURSE, RECURSE.cases(quick), torch.float32, warmup, rounds, min_sample_s,
                     log=lambda msg: print(msg, file=sys.stderr))
     bars = evaluate(RECURSE, quick, {"cpu": rows})
     md = [f"## R-MDM shared-block recursion (diffkern.recurse), CPU float32, {torch.get_num_threads()} thread(s)", "",

@@ -58,7 +58,8 @@ CPU_BARS = (
 
 @dataclass(frozen=True)
 class Workload:
-    """One public op, described for the harness.
+    """One public op, described for the harness. Its first full case is its headline case: the one the
+    default run times on the CPU (diffkern.bench.mode).
 
     make_args(case, dtype, device) -> the positional arguments of both calls (tensors may be nested
         in lists); every floating tensor among them is an input the backward differentiates.
