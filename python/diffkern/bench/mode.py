@@ -1,7 +1,7 @@
 """The harness's three runs: how many samples each takes and where its traffic figures come from.
 
   quick    the workloads' small smoke shapes, everything counted (the test suite's run)
-  default  the headline shapes (`make bench`): CPU timings of each workload's headline case (its first)
+  default  the headline shapes (`make bench`): CPU timings of the headline cases (`Workload.timed_in`)
            with fewer samples; traffic of every case counted in the
            interpreter where that is quick (`Workload.counted_in`), else from the workload's tested
            model, else left to the full run; no CUDA C++ harness counts (minutes per case)
@@ -18,7 +18,7 @@ from .workload import EVERY_RUN, FULL_RUN, Case, Workload
 @dataclass(frozen=True)
 class Mode:
     """One kind of run. `rounds` timed samples per candidate after `warmup` untimed calls, each sample
-    lasting at least `min_sample_s`; `time_all`: every case is timed (else the headline case only);
+    lasting at least `min_sample_s`; `time_all`: every case is timed (else the headline cases only);
     `count_all`: the cases counted in the full run are counted too; `count_cuda`: the CUDA C++ kernels are
     counted in the host harness too."""
     name: str
@@ -31,9 +31,8 @@ class Mode:
     count_cuda: bool
 
     def timed_cases(self, workload: Workload) -> tuple[Case, ...]:
-        """The cases this run times on the CPU: all, or the headline one (a workload's first)."""
-        cases = workload.cases(self.quick)
-        return cases if self.time_all else cases[:1]
+        """The cases this run times on the CPU: all, or the headline ones."""
+        return tuple(c for c in workload.cases(self.quick) if self.time_all or workload.timed_in(c) == EVERY_RUN)
 
     def counts(self, workload: Workload, case: Case) -> bool:
         """Whether this run counts `case` in the interpreter (if not: the workload's model, or no figures)."""

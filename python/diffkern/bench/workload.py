@@ -15,13 +15,15 @@ from torch.utils._pytree import tree_leaves
 
 WORKLOAD_MODULES = ("dar", "grpo", "ntrk")
 # Sections that do not fit the one-op workload model (whole-network memory and timing, forward-only ops,
-# ops without a Triton backward): diffkern.bench modules with report(quick, out) -> Markdown, each
-# writing its own .json/.md to `out`; the harness runs them after the workloads.
+# ops without a Triton backward): diffkern.bench modules with report(quick, out, rounds=None) -> Markdown
+# (rounds: timed samples per candidate, the run's; None: the module's own default), each writing its own
+# .json/.md to `out`; the harness runs them after the workloads.
 REPORT_MODULES = ("dar_memory", "dar_model", "rmdm", "sinks")
 
 # The passes every section reports: forward alone, backward alone, and one training step.
 FWD, BWD, STEP = "fwd", "bwd", "fwd+bwd"
-# Which runs count a case's traffic in the Triton interpreter (Workload.counted_in; diffkern.bench.mode).
+# Which runs time a case on the CPU and count its traffic in the Triton interpreter (Workload.timed_in,
+# Workload.counted_in; diffkern.bench.mode).
 EVERY_RUN, FULL_RUN, NO_RUN = "every run", "full run", "no run"
 
 
@@ -58,8 +60,7 @@ CPU_BARS = (
 
 @dataclass(frozen=True)
 class Workload:
-    """One public op, described for the harness. Its first full case is its headline case: the one the
-    default run times on the CPU (diffkern.bench.mode).
+    """One public op, described for the harness.
 
     make_args(case, dtype, device) -> the positional arguments of both calls (tensors may be nested
         in lists); every floating tensor among them is an input the backward differentiates.
@@ -73,6 +74,7 @@ class Workload:
     modeled_counts(case, dtype) -> None (count the case in the interpreter), or for a case too large for
         it, {"fwd": counts, "bwd": counts} in diffkern.bench.interpreted's format from a model that a
         test holds equal to the interpreter's counts, and "note": what is modeled.
+    timed_in(case) -> which runs time the case on the CPU: EVERY_RUN (a headline case) or FULL_RUN.
     counted_in(case) -> which runs count the case in the interpreter: EVERY_RUN; FULL_RUN (a count that
         takes minutes: the default run takes `modeled_counts` instead, or leaves the case out when there is
         no model); NO_RUN (beyond the interpreter: the model only).
@@ -91,6 +93,7 @@ class Workload:
     cuda_sources: tuple[str, ...] = field(default=())
     cuda_warps: str = ""
     modeled_counts: Callable[[Case, torch.dtype], dict | None] = lambda case, dtype: None
+    timed_in: Callable[[Case], str] = lambda case: EVERY_RUN
     counted_in: Callable[[Case], str] = lambda case: EVERY_RUN
 
     def cases(self, quick: bool) -> tuple[Case, ...]:
