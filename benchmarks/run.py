@@ -151,7 +151,7 @@ def main(argv=None) -> dict:
         log(f"{name}: report")
         module = importlib.import_module(f"diffkern.bench.{name}")
         try:
-            extra.append(_timed(seconds, name, lambda: module.report(mode.quick, args.out, rounds=mode.rounds)))
+            extra.append(_timed(seconds, name, lambda: module.report(mode.quick, args.out, mode=mode)))
         except Exception as error:  # noqa: BLE001 - the report says which section failed and why
             extra.append(f"## {name}\n\nerror: {error!r}\n")
     seconds["wall"]["total"], seconds["cpu"]["total"] = round(log.elapsed(), 1), round(_cpu_s(os.times()), 1)

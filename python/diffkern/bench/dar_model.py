@@ -117,9 +117,10 @@ def markdown(rows_: list[dict], threads: int) -> str:
                       f"**{verdict}**."])
 
 
-def report(quick: bool, out: str | None, batch: int = 2, rounds: int | None = None) -> str:
-    """Times the candidates, writes dar_model.json / dar_model.md to `out` (if given), returns the Markdown."""
-    result = rows(quick, batch, 1, rounds or (3 if quick else 7))
+def report(quick: bool, out: str | None, batch: int = 2, rounds: int | None = None, mode=None) -> str:
+    """Times the candidates, writes dar_model.json / dar_model.md to `out` (if given), returns the Markdown.
+    mode: the harness's run (diffkern.bench.mode.Mode), whose rounds replace `rounds`."""
+    result = rows(quick, batch, 1, mode.rounds if mode else rounds or (3 if quick else 7))
     md = markdown(result, torch.get_num_threads())
     if out:
         os.makedirs(out, exist_ok=True)

@@ -29,7 +29,7 @@ from ..rmdm.reference import N_PARAMS, param_shapes
 from . import cpu
 from .bars import evaluate
 from .interpreted import interpreter_env
-from .workload import FWD, Bar, Case, Workload
+from .workload import EVERY_RUN, FULL_RUN, FWD, Bar, Case, Workload
 
 HEADS, K, L, EPS = 8, 2, 4, 1e-5
 
@@ -146,6 +146,7 @@ RECURSE = Workload(
     min_bytes=_min_bytes,
     aot_specs=lambda: [],
     spec_used=lambda spec, case, dtype: False,
+    timed_in=lambda case: EVERY_RUN if case.params["B"] == 1 else FULL_RUN,
     bars=(
         Bar("CPU recursion >= 1.5x faster than eager at B=1", "cpu", "eager_over_diffkern", ">=", 1.5, (FWD,),
             lambda case: case.params["B"] == 1),
@@ -157,14 +158,20 @@ RECURSE = Workload(
 WORKLOADS = (RECURSE,)
 
 
-def report(quick: bool, out: str | None, warmup: int = 2, rounds: int = 7, min_sample_s: float = 0.2) -> str:
+def report(quick: bool, out: str | None, warmup: int = 2, rounds: int = 7, min_sample_s: float = 0.2,
+           mode=None) -> str:
     """The CPU section and CPU bars of this workload, the GPU path's launches and weight reads per denoising
     step (counted) and eager's; writes rmdm.json / rmdm.md to `out` (if given) and returns the Markdown.
+    mode: the harness's run (diffkern.bench.mode.Mode): its warmup and rounds replace the arguments, and it
+    times only the cases it names (the default run: B=1, the bars' case).
 
     (Not in the harness's WORKLOAD_MODULES: `recurse`'s GPU backward is ATen's, not Triton, so the
     harness's interpreter traffic section cannot count a training step of diffkern's.)
     """
-    rows = cpu.rows(RECURSE, RECURSE.cases(quick), torch.float32, warmup, rounds, min_sample_s,
+    cases = RECURSE.cases(quick)
+    if mode is not None:
+        warmup, rounds, cases = mode.warmup, mode.rounds, mode.timed_cases(RECURSE)
+    rows = cpu.rows(RECURSE, cases, torch.float32, warmup, rounds, min_sample_s,
                     log=lambda msg: print(msg, file=sys.stderr))
     bars = evaluate(RECURSE, quick, {"cpu": rows})
     md = [f"## R-MDM shared-block recursion (diffkern.recurse), CPU float32, {torch.get_num_threads()} thread(s)", "",

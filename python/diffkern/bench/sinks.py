@@ -164,13 +164,14 @@ def main(argv=None):
     print(report(args.quick, args.out))
 
 
-def report(quick: bool, out: str, rounds: int | None = None) -> str:
-    """Runs both parts, writes sinks.json / sinks.md to `out`, returns the Markdown. rounds: timed calls per
-    CPU point (default 1 quick, 3 otherwise)."""
+def report(quick: bool, out: str, mode=None) -> str:
+    """Runs both parts, writes sinks.json / sinks.md to `out`, returns the Markdown. mode: the harness's run
+    (diffkern.bench.mode.Mode), whose rounds set the timed calls per CPU point (else 1 quick, 3 otherwise)."""
     sizes = (256, 512) if quick else (1024, 2048, 3072, 4096)
     modeled = modeled_rows((1024, 2048, 3072, 4096)) + modeled_rows((4096,), K=5) + modeled_rows((4096,), K=120) \
         + modeled_rows((4096,), K=1200)
-    cpu = cpu_rows(sizes, rounds or (1 if quick else 3), log=lambda msg: print(msg, file=sys.stderr))
+    repeats = 1 if quick else mode.rounds if mode else 3
+    cpu = cpu_rows(sizes, repeats, log=lambda msg: print(msg, file=sys.stderr))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "sinks.json"), "w") as f:
         json.dump({"cpu": cpu, "modeled": modeled}, f, indent=1)

@@ -15,9 +15,9 @@ from torch.utils._pytree import tree_leaves
 
 WORKLOAD_MODULES = ("dar", "grpo", "ntrk")
 # Sections that do not fit the one-op workload model (whole-network memory and timing, forward-only ops,
-# ops without a Triton backward): diffkern.bench modules with report(quick, out, rounds=None) -> Markdown
-# (rounds: timed samples per candidate, the run's; None: the module's own default), each writing its own
-# .json/.md to `out`; the harness runs them after the workloads.
+# ops without a Triton backward): diffkern.bench modules with report(quick, out, mode=None) -> Markdown
+# (mode: the harness's diffkern.bench.mode.Mode, for its samples and headline cases; None: the module's
+# own defaults), each writing its own .json/.md to `out`; the harness runs them after the workloads.
 REPORT_MODULES = ("dar_memory", "dar_model", "rmdm", "sinks")
 
 # The passes every section reports: forward alone, backward alone, and one training step.
