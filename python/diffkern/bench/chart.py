@@ -17,7 +17,7 @@ def _bars(ax, rows: list[dict], series: dict[str, str], scale: float, ylabel: st
     rows = [r for r in rows if "error" not in r and "not_counted" not in r]
     if not rows:
         ax.set_axis_off()
-        ax.set_title(f"{title}: no data")
+        ax.set_title(textwrap.fill(f"{title}: not in this run (the report says why)", 70), fontsize=9)
         return
     width = 0.8 / len(series)
     for i, (label, key) in enumerate(series.items()):
