@@ -2,9 +2,9 @@
 
   quick    the workloads' small smoke shapes, everything counted (the test suite's run)
   default  the headline shapes (`make bench`): CPU timings of the headline cases (`Workload.timed_in`)
-           with fewer samples; traffic of every case counted in the
-           interpreter where that is quick (`Workload.counted_in`), else from the workload's tested
-           model, else left to the full run; no CUDA C++ harness counts (minutes per case)
+           with fewer samples; each case's traffic counted in the interpreter where that is quick
+           (`Workload.counted_in`), else from the workload's tested model, else left to the full run;
+           no CUDA C++ harness counts (minutes per case); the report modules in their light form
   full     the headline shapes, every case timed and every case the interpreter can take counted whole,
            more samples (`make bench FULL=1`)
 """
