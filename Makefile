@@ -25,8 +25,9 @@ TEST_JOBS ?= 2
 test: build
 	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile tests
 
+# make bench: the headline rows in a few minutes; make bench FULL=1: every traffic count in the interpreter.
 bench: build
-	$(PY) benchmarks/run.py --out results
+	$(PY) benchmarks/run.py --out results $(if $(FULL),--full)
 
 cmake: $(STAMP)
 	cmake -S . -B build-cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"

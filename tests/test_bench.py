@@ -6,12 +6,16 @@ deterministic counts with properties that must hold.
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from diffkern.bench.workload import REPORT_MODULES
+from diffkern.bench import dar, dar_stack, interpreted, report, traffic
+from diffkern.bench.mode import MODES
+from diffkern.bench.workload import REPORT_MODULES, registered
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PASSES_CPU = {"fwd", "fwd+bwd"}
@@ -26,7 +30,7 @@ def quick_run(tmp_path_factory):
     assert run.returncode == 0, run.stderr[-4000:]
     with open(out / "bench.json") as f:
         results = json.load(f)
-    return out, run.stdout, results
+    return out, run.stdout, results, run.stderr
 
 
 def rows_by_case(results, section):
@@ -37,18 +41,18 @@ def rows_by_case(results, section):
 
 
 def test_quick_run_writes_json_markdown_and_png(quick_run):
-    out, _, _ = quick_run
+    out, _, _, _ = quick_run
     assert (out / "bench.md").read_text().startswith("# diffkern benchmark")
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_markdown_is_printed(quick_run):
-    out, stdout, _ = quick_run
+    out, stdout, _, _ = quick_run
     assert stdout.strip() == (out / "bench.md").read_text().strip()
 
 
 def test_every_workload_has_every_section(quick_run):
-    _, _, results = quick_run
+    _, _, results, _ = quick_run
     assert results["workloads"], "no workload registered"
     assert results["meta"]["torch_threads"] >= 1
     for w in results["workloads"].values():
@@ -61,7 +65,7 @@ def test_every_workload_has_every_section(quick_run):
 
 
 def test_cpu_rows_cover_both_passes_with_positive_times(quick_run):
-    _, _, results = quick_run
+    _, _, results, _ = quick_run
     for rows in rows_by_case(results, "cpu"):
         assert {r["pass"] for r in rows} == PASSES_CPU
         for r in rows:
@@ -70,7 +74,7 @@ def test_cpu_rows_cover_both_passes_with_positive_times(quick_run):
 
 
 def test_traffic_counts_never_undercut_the_minimum(quick_run):
-    _, _, results = quick_run
+    _, _, results, _ = quick_run
     for rows in rows_by_case(results, "traffic"):
         assert {r["pass"] for r in rows} == PASSES_TRAFFIC
         for r in rows:
@@ -79,7 +83,7 @@ def test_traffic_counts_never_undercut_the_minimum(quick_run):
 
 
 def test_every_bar_has_a_verdict(quick_run):
-    _, stdout, results = quick_run
+    _, stdout, results, _ = quick_run
     for w in results["workloads"].values():
         assert w["bars"]
         for bar in w["bars"]:
@@ -88,7 +92,40 @@ def test_every_bar_has_a_verdict(quick_run):
 
 
 def test_every_extra_report_is_written_without_error(quick_run):
-    out, stdout, _ = quick_run
+    out, stdout, _, _ = quick_run
     for name in REPORT_MODULES:
         assert (out / f"{name}.md").read_text().strip() in stdout, name
     assert "error:" not in stdout
+
+
+def test_progress_lines_are_stamped_and_name_every_workload(quick_run):
+    _, _, results, stderr = quick_run
+    steps = [m.group(1) for m in re.finditer(r"^\[ *\d+\.\ds\] (.*)$", stderr, re.MULTILINE)]
+    for name in [*results["workloads"], *REPORT_MODULES]:
+        assert any(step.startswith(f"{name}: ") for step in steps), name
+
+
+def test_every_traffic_row_says_whether_it_is_counted_or_modeled(quick_run):
+    _, stdout, results, _ = quick_run
+    assert results["meta"]["mode"] == "quick"
+    for w in results["workloads"].values():
+        assert {r["source"] for r in w["traffic"]["rows"]} <= {"counted", "modeled"}
+    assert "| case | pass | source |" in stdout
+
+
+def test_the_default_run_counts_a_subset_of_the_full_runs_cases():
+    full, default = MODES["full"], MODES["default"]
+    cases = [(w, c) for w in registered() for c in w.cases(False)]
+    assert all(full.counts(w, c) for w, c in cases if default.counts(w, c))
+    assert not any(default.counts(dar.ROUTE, c) for c in dar.ROUTE.full_cases)
+    assert all(full.counts(dar.ROUTE, c) for c in dar.ROUTE.full_cases)
+
+
+def test_a_case_the_default_run_leaves_out_is_one_row_saying_so():
+    case = dar_stack.STACK.full_cases[0]
+    assert not MODES["default"].counts(dar_stack.STACK, case) and interpreted._modeled(dar_stack.STACK, case, "bfloat16") is None
+    entry = interpreted._not_counted(case).result()
+    rows = [r for r in traffic.rows(dar_stack.STACK, False, [entry], torch.bfloat16) if r["case"] == case.name]
+    assert rows == [{"case": case.name, "pass": "fwd+bwd", "not_counted": entry["not_counted"]}]
+    assert report._errors(rows) == [f"- {case.name}: not counted in this run: {entry['not_counted']}"]
+    assert "FULL=1" in entry["not_counted"] and case.name in traffic.note([entry])

@@ -41,15 +41,18 @@ def test_tilted_step_counts_equal_the_benchmarks_count(monkeypatch):
     assert again == ntrk_model.tilted_step_counts(2, 19, 3, 2, passes, first_call=False)
 
 
-def test_the_benchmark_models_only_the_video_case():
-    """The video case's traffic rows come from the model and say so; the FLUX case is counted."""
+def test_the_full_run_models_only_the_video_case():
+    """The video case's traffic rows come from the model in every run and say so; the FLUX case is counted in
+    the full run (the default one models it too)."""
     from diffkern.bench import traffic
+    from diffkern.bench.mode import MODES
     flux, video = ntrk.TILTED_WORKLOAD.full_cases
-    assert interpreted._modeled(ntrk.TILTED_WORKLOAD, flux, "bfloat16") is None
+    assert MODES["full"].counts(ntrk.TILTED_WORKLOAD, flux) and not MODES["default"].counts(ntrk.TILTED_WORKLOAD, flux)
+    assert not MODES["full"].counts(ntrk.TILTED_WORKLOAD, video)
     entry = interpreted._modeled(ntrk.TILTED_WORKLOAD, video, "bfloat16").result()
     model = ntrk_model.tilted_step_counts(1, 8190, 256, 2)
     assert entry["counts"] == {"fwd": model["fwd"], "bwd": model["bwd"]} and entry["modeled"]
     rows = [r for r in traffic.rows(ntrk.TILTED_WORKLOAD, False, [entry], torch.bfloat16) if r["case"] == video.name]
-    assert len(rows) == 3 and all(r["modeled"] for r in rows)
+    assert len(rows) == 3 and all(r["source"] == "modeled" for r in rows)
     fwd = next(r for r in rows if r["pass"] == "fwd")
     assert fwd["diffkern_kernel_bytes"] == model["fwd"]["triton.bytes_loaded"] + model["fwd"]["triton.bytes_stored"]

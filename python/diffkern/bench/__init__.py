@@ -1,12 +1,16 @@
 """The benchmark harness behind `make bench` (entry point: benchmarks/run.py).
 
   workload.py      what the harness needs to know about one op (shapes, inputs, calls, bars); registry
+  mode.py          the quick, default and full runs: what each times and counts
+  progress.py      the stamped progress lines on stderr
   dar.py           DAR routing, described as a workload
   grpo.py          the Flow-GRPO one-step loss, described as a workload
   timer.py         interleaved median wall-clock timing
   cpu.py           CPU time: eager reference, torch.compile, diffkern's C++ kernel
   aten_traffic.py  bytes and kernels of plain PyTorch code, one kernel per aten op
   interpreted.py   diffkern's Triton traffic, counted in the interpreter in a child process
+  *_model.py       traffic models tested equal to those counts (dar_route, grpo, ntrk), for the default run;
+                   dar_model.py is the DiT-S/2 step timing (a report module, like dar_memory, rmdm, sinks)
   traffic.py       modeled GPU traffic rows: minimum vs diffkern vs eager, modeled H100 time
   resources.py     registers/spills/shared memory of the Triton configs and CUDA kernels, compiled for sm_90a
   gpu.py           real GPU time with triton.testing.do_bench, where CUDA exists

@@ -1,4 +1,6 @@
-"""One PNG: per workload, CPU time and modeled GPU traffic of eager, torch.compile/minimum and diffkern."""
+"""One PNG: per workload, CPU time and modeled GPU traffic of eager, torch.compile/minimum and diffkern (a traffic
+bar from a workload's model rather than the interpreter's count is labelled "(modeled)"; a case the run did not
+count has no bar)."""
 from __future__ import annotations
 
 import textwrap
@@ -12,16 +14,17 @@ _COLORS = {"eager": "#c44e52", "compile": "#dd8452", "minimum": "#8c8c8c", "diff
 
 
 def _bars(ax, rows: list[dict], series: dict[str, str], scale: float, ylabel: str, title: str) -> None:
-    rows = [r for r in rows if "error" not in r]
+    rows = [r for r in rows if "error" not in r and "not_counted" not in r]
     if not rows:
         ax.set_axis_off()
-        ax.set_title(f"{title}: no data")
+        ax.set_title(textwrap.fill(f"{title}: not in this run (the report says why)", 70), fontsize=9)
         return
     width = 0.8 / len(series)
     for i, (label, key) in enumerate(series.items()):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(rows))]
         ax.bar(xs, [r[key] * scale for r in rows], width, label=label, color=_COLORS[label])
-    ax.set_xticks(range(len(rows)), [f"{textwrap.fill(r['case'], 13)}\n{r['pass']}" for r in rows], fontsize=7)
+    ax.set_xticks(range(len(rows)), [f"{textwrap.fill(r['case'], 13)}\n{r['pass']}"
+                                     + ("\n(modeled)" if r.get("source") == "modeled" else "") for r in rows], fontsize=7)
     ax.set_yscale("log")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

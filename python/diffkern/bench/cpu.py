@@ -26,7 +26,7 @@ def _on_backend(name: str, call):
 
 
 def case_rows(workload: Workload, case, dtype: torch.dtype, warmup: int, rounds: int,
-              min_sample_s: float) -> list[dict]:
+              min_sample_s: float, log=print) -> list[dict]:
     """Rows for one case: fwd and fwd+bwd, each with the three candidates' median times and ratios."""
     args = workload.make_args(case, dtype, "cpu")
     grad_args = requiring_grad(args)
@@ -44,6 +44,7 @@ def case_rows(workload: Workload, case, dtype: torch.dtype, warmup: int, rounds:
         fns["diffkern"] = _on_backend("cpu", fns["diffkern"])
     rows = []
     for p, fns in passes.items():
+        log(f"{workload.name}: cpu timing {case.name} {p}")
         compile_s = first_call_seconds(fns["compile"])
         t = time_interleaved(fns, warmup, rounds, min_sample_s)
         dk = t["diffkern"].median_s
@@ -59,13 +60,14 @@ def case_rows(workload: Workload, case, dtype: torch.dtype, warmup: int, rounds:
     return rows
 
 
-def rows(workload: Workload, quick: bool, dtype: torch.dtype, warmup: int, rounds: int,
+def rows(workload: Workload, cases, dtype: torch.dtype, warmup: int, rounds: int,
          min_sample_s: float, log=print) -> list[dict]:
+    """Rows for each of `cases` (of `workload`); a case that fails is one row with its error."""
     out = []
-    for case in workload.cases(quick):
+    for case in cases:
         try:
-            out += case_rows(workload, case, dtype, warmup, rounds, min_sample_s)
+            out += case_rows(workload, case, dtype, warmup, rounds, min_sample_s, log)
         except Exception as error:  # noqa: BLE001 - reported in the table, other cases go on
             out.append({"case": case.name, "pass": STEP, "error": repr(error)})
-        log(f"[cpu] {workload.name} {case.name}: done")
+            log(f"{workload.name}: cpu timing {case.name} failed")
     return out

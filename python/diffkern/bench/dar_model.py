@@ -82,11 +82,13 @@ def time_steps(steps: dict, warmup: int, rounds: int) -> dict:
                 "wall_samples": wall[k], "cpu_samples": cpu[k]} for k in steps}
 
 
-def rows(quick: bool, batch: int, warmup: int, rounds: int) -> list[dict]:
+def rows(quick: bool, batch: int, warmup: int, rounds: int, full: bool = True) -> list[dict]:
+    """Per candidate: its step's CPU and wall time against the residual one, and the routing share; without
+    `full`, only the candidates the bar judges (no recompute) and no routing share (the profiled steps)."""
     input_size = 8 if quick else 32  # 32x32 latents (ImageNet 256): T = 256 tokens at patch 2
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(batch, 4, input_size, input_size, generator=g), torch.randint(0, 1000, (batch,), generator=g)
-    models = {name: _model(kw, input_size) for name, kw in CANDIDATES.items()}
+    models = {name: _model(kw, input_size) for name, kw in CANDIDATES.items() if full or not kw.get("recompute")}
     steps = {name: _step(m, x, y) for name, m in models.items()}
     t = time_steps(steps, warmup, rounds)
     base = t["residual"]
@@ -97,7 +99,7 @@ def rows(quick: bool, batch: int, warmup: int, rounds: int) -> list[dict]:
                     "cpu_ms": t[name]["cpu_s"] * 1e3, "wall_ms": t[name]["wall_s"] * 1e3,
                     "over_residual": t[name]["cpu_s"] / base["cpu_s"],
                     "wall_over_residual": t[name]["wall_s"] / base["wall_s"],
-                    "routing_share": None if name == "residual" else routing_share(steps[name]),
+                    "routing_share": None if name == "residual" or not full else routing_share(steps[name]),
                     "timing": t[name]})
     return out
 
@@ -117,10 +119,14 @@ def markdown(rows_: list[dict], threads: int) -> str:
                       f"**{verdict}**."])
 
 
-def report(quick: bool, out: str | None, batch: int = 2, rounds: int | None = None) -> str:
-    """Times the candidates, writes dar_model.json / dar_model.md to `out` (if given), returns the Markdown."""
-    result = rows(quick, batch, 1, rounds or (3 if quick else 7))
-    md = markdown(result, torch.get_num_threads())
+def report(quick: bool, out: str | None, batch: int = 2, rounds: int | None = None, mode=None) -> str:
+    """Times the candidates, writes dar_model.json / dar_model.md to `out` (if given), returns the Markdown.
+    mode: the harness's run (diffkern.bench.mode.Mode), whose rounds replace `rounds`; a run that does not time
+    every case (the default one) times only the judged candidates and leaves out the routing share."""
+    full = mode is None or mode.time_all
+    result = rows(quick, batch, 1, mode.rounds if mode else rounds or (3 if quick else 7), full)
+    md = markdown(result, torch.get_num_threads()) + ("" if full else "\n\nThis run leaves out the recompute candidate "
+                                                       "and the routing share: the full run has them (make bench FULL=1).")
     if out:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "dar_model.json"), "w") as f:

@@ -19,7 +19,8 @@ import torch
 from .. import _dtypes
 from ..grpo import grpo_iso_loss, reference
 from ..grpo.triton_kernels import aot_specs
-from .workload import BWD, CPU_BARS, FWD, STEP, Bar, Case, Workload
+from . import grpo_model
+from .workload import BWD, CPU_BARS, FULL_RUN, FWD, STEP, Bar, Case, Workload
 
 WAN_LATENT = (16, 21, 60, 104)
 
@@ -92,7 +93,12 @@ def _workload(residual: bool) -> Workload:
                 and spec.constexprs["HAS_X"] != residual and not spec.constexprs["HAS_CFG"]
                 and not spec.constexprs["HAS_REF"])
 
-    return Workload(
+    def modeled(case: Case, dtype: torch.dtype) -> dict:
+        return {**grpo_model.loss_counts(workload, case, dtype, has_x=not residual),
+                "note": "grpo_model (the kernels' grid and the loss's aten glue counted on meta tensors, tested equal "
+                        "to the interpreter's counts on small shapes); the full run counts the case."}
+
+    workload = Workload(
         name="grpo_iso_loss_y" if residual else "grpo_iso_loss",
         title=f"Flow-GRPO one-step loss (grpo_iso_loss, stored step {'y' if residual else 'x, x_next'})",
         full_cases=(_case(8, WAN_LATENT),),
@@ -113,7 +119,10 @@ def _workload(residual: bool) -> Workload:
             Bar("eager/diffkern traffic >= 3x", "traffic", "eager_over_diffkern", ">=", 3.0, (STEP,)),
             *CPU_BARS,
         ),
+        modeled_counts=modeled,
+        counted_in=lambda case: FULL_RUN,  # 17M elements a tensor: minutes in the interpreter
     )
+    return workload
 
 
 WORKLOADS = (_workload(residual=True), _workload(residual=False))

@@ -8,8 +8,10 @@ cores); the parent stays a normal process for the timings. Per case and pass it 
             counted like the eager reference (AtenTraffic).
 For a workload with CUDA C++ kernels, the same passes run on the cuda backend in the host-execution
 harness, which counts the distinct global bytes each launch touches (cuda.*, with its glue.*).
-Every case is counted whole, at its real shape, unless its workload models it (`modeled_counts`: a
-case the interpreter cannot count in reasonable time, from a model tested equal to its counts).
+Every case is counted whole, at its real shape, in the runs its workload counts it in (`counted_in`; see
+diffkern.bench.mode: the default run leaves minutes-long counts and the CUDA C++ kernels to the full run);
+in the others it takes the workload's model (`modeled_counts`: tested equal to the interpreter's counts),
+or has no figures.
 Scaling a count from token slices is not exact here: the launchers size their grids from the problem
 (the DAR backward groups token tiles per program to keep an H100's SMs busy), so a small slice
 launches a differently shaped grid from the whole.
@@ -28,6 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch.utils._pytree import tree_leaves
 
+from .mode import Mode
 from .workload import BWD, FWD, Workload, grad_leaves, registered, requiring_grad
 
 
@@ -38,14 +41,13 @@ def interpreter_env() -> dict:
     return env
 
 
-def _count_in_child(workload: str, case: str, quick: bool, dtype: str) -> dict:
+def _count_in_child(workload: str, case: str, quick: bool, dtype: str, cuda: bool) -> dict:
     env = interpreter_env()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "counts.json")
         cmd = [sys.executable, "-m", "diffkern.bench.interpreted", "--workload", workload, "--case", case,
-               "--dtype", dtype, "--out", out] + ["--quick"] * quick
+               "--dtype", dtype, "--out", out] + ["--quick"] * quick + ["--no-cuda"] * (not cuda)
         run = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        print(run.stderr, end="", file=sys.stderr, flush=True)
         if run.returncode != 0:
             return {"case": case, "error": f"the interpreter child exited with status {run.returncode}: "
                                            f"{run.stderr.strip()[-2000:]}"}
@@ -53,26 +55,50 @@ def _count_in_child(workload: str, case: str, quick: bool, dtype: str) -> dict:
             return json.load(f)
 
 
-def _modeled(workload: Workload, case, dtype: str) -> Future | None:
-    """A done future holding the case's modeled counts, or None when the workload has the case counted."""
-    model = workload.modeled_counts(case, getattr(torch, dtype))
-    if model is None:
-        return None
+def _done(result: dict) -> Future:
     future: Future = Future()
-    future.set_result({"case": case.name, "tokens": case.tokens, "counts": {FWD: model[FWD], BWD: model[BWD]},
-                       "modeled": model["note"]})
+    future.set_result(result)
     return future
 
 
-def start(quick: bool, dtype: str, jobs: int) -> dict[str, list[Future]]:
-    """Starts counting every case of every workload, `jobs` children at a time (a case the workload
-    models is not run); returns the futures."""
+def _modeled(workload: Workload, case, dtype: str) -> Future | None:
+    """A done future holding the case's modeled counts, or None when the workload has no model of it."""
+    model = workload.modeled_counts(case, getattr(torch, dtype))
+    if model is None:
+        return None
+    return _done({"case": case.name, "tokens": case.tokens, "counts": {FWD: model[FWD], BWD: model[BWD]},
+                  "modeled": model["note"]})
+
+
+def _not_counted(case) -> Future:
+    return _done({"case": case.name, "not_counted": "its interpreter count takes minutes and no tested model covers "
+                                                    "it: counted in the full run (make bench FULL=1)"})
+
+
+def start(mode: Mode, dtype: str, jobs: int, log) -> dict[str, list[Future]]:
+    """Starts counting every case of every workload that `mode` counts, `jobs` children at a time (the others
+    take their workload's model, if it has one); returns the futures. `log` hears of each count as it ends."""
     pool = ThreadPoolExecutor(max_workers=max(1, jobs))
-    futures = {w.name: [_modeled(w, c, dtype) or pool.submit(_count_in_child, w.name, c.name, quick, dtype)
-                        for c in w.cases(quick)]
-               for w in registered()}
+    futures: dict[str, list[Future]] = {}
+    for w in registered():
+        futures[w.name] = []
+        for c in w.cases(mode.quick):
+            if mode.counts(w, c):
+                future = pool.submit(_count_in_child, w.name, c.name, mode.quick, dtype, mode.count_cuda)
+                future.add_done_callback(lambda f, label=f"{w.name} {c.name}": log(f"{label}: traffic {_status(f)}"))
+            else:
+                future = _modeled(w, c, dtype) or _not_counted(c)
+            futures[w.name].append(future)
     pool.shutdown(wait=False)
     return futures
+
+
+def _status(future: Future) -> str:
+    result = future.result()
+    if "error" in result:
+        return "count failed"
+    return f"counted in the interpreter in {result['interpreter_seconds']:.0f} s" + (
+        f" (+ {result['harness_seconds']:.0f} s in the CUDA harness)" if "harness_seconds" in result else "")
 
 
 def collect(futures: dict[str, list[Future]]) -> dict[str, list[dict]]:
@@ -129,22 +155,25 @@ def _passes(workload: Workload, case, dtype: torch.dtype, backend: str, count) -
     return {FWD: fwd, BWD: bwd}
 
 
-def count_case(workload: Workload, case, dtype: torch.dtype) -> dict:
-    """Triton counts of `case` and, for a workload with CUDA kernels, the harness's counts of them."""
+def count_case(workload: Workload, case, dtype: torch.dtype, cuda: bool = True) -> dict:
+    """Triton counts of `case` and, for a workload with CUDA kernels (if `cuda`), the harness's counts of them."""
     start_s = time.perf_counter()
     result = {"case": case.name, "tokens": case.tokens, "counts": _passes(workload, case, dtype, "triton", _count)}
     result["interpreter_seconds"] = time.perf_counter() - start_s
-    if workload.cuda_sources:
-        elements = sum(t.numel() for t in tree_leaves(workload.make_args(case, dtype, "meta"))
-                       if isinstance(t, torch.Tensor))
-        if elements > HARNESS_MAX_ELEMENTS:
-            result["cuda_skipped"] = f"{elements} input elements: beyond the harness's {HARNESS_MAX_ELEMENTS}"
-            return result
-        from diffkern.testing import cuda_harness
-        cuda_harness.load()
-        start_s = time.perf_counter()
-        result["cuda_counts"] = _passes(workload, case, dtype, "cuda", _count_cuda)
-        result["harness_seconds"] = time.perf_counter() - start_s
+    if not workload.cuda_sources:
+        return result
+    if not cuda:
+        result["cuda_skipped"] = "the default run leaves the host harness to the full run (make bench FULL=1)"
+        return result
+    elements = sum(t.numel() for t in tree_leaves(workload.make_args(case, dtype, "meta")) if isinstance(t, torch.Tensor))
+    if elements > HARNESS_MAX_ELEMENTS:
+        result["cuda_skipped"] = f"{elements} input elements: beyond the harness's {HARNESS_MAX_ELEMENTS}"
+        return result
+    from diffkern.testing import cuda_harness
+    cuda_harness.load()
+    start_s = time.perf_counter()
+    result["cuda_counts"] = _passes(workload, case, dtype, "cuda", _count_cuda)
+    result["harness_seconds"] = time.perf_counter() - start_s
     return result
 
 
@@ -155,15 +184,14 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-cuda", action="store_true", help="count the Triton kernels only")
     args = parser.parse_args(argv)
     from diffkern import _triton
     if not _triton.interpreting():
         sys.exit("diffkern.bench.interpreted needs TRITON_INTERPRET=1 in its environment (use `start`)")
     torch.set_num_threads(1)  # one child per core
     workload = next(w for w in registered() if w.name == args.workload)
-    result = count_case(workload, workload.case(args.case, args.quick), getattr(torch, args.dtype))
-    print(f"[traffic] {args.workload} {args.case}: counted in {result['interpreter_seconds']:.0f} s",
-          file=sys.stderr)
+    result = count_case(workload, workload.case(args.case, args.quick), getattr(torch, args.dtype), not args.no_cuda)
     with open(args.out, "w") as f:
         json.dump(result, f)
 

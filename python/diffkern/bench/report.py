@@ -4,6 +4,13 @@ from __future__ import annotations
 import json
 
 MB = 1e6
+MODE_NOTE = {
+    "quick": "quick run (--quick: small shapes, not representative).",
+    "default": "default run (headline shapes, fewer timing samples; traffic rows counted in the interpreter where "
+               "that is quick, modeled where a tested model covers the case, the rest and the CUDA C++ counts left "
+               "to the full run: `make bench FULL=1`).",
+    "full": "full run (--full: every case counted in the interpreter).",
+}
 
 
 def section(rows: list | None = None, status: str = "ok", note: str = "") -> dict:
@@ -33,14 +40,16 @@ def _table(header: list[str], lines: list[list]) -> list[str]:
 
 
 def _errors(rows: list[dict]) -> list[str]:
-    return [f"- {r['case']}: **failed**: `{r['error']}`" for r in rows if "error" in r]
+    """A line for every case a section has no figures for: a failure, or a case this run leaves to the full one."""
+    return [f"- {r['case']}: **failed**: `{r['error']}`" if "error" in r else f"- {r['case']}: not counted in this "
+            f"run: {r['not_counted']}" for r in rows if "error" in r or "not_counted" in r]
 
 
 def _section_lines(title: str, sec: dict, header: list[str], line) -> list[str]:
     out = [f"### {title}", ""]
     if sec["status"] != "ok":
         return out + [f"{sec['status']}: {sec['note']}", ""]
-    rows = [r for r in sec["rows"] if "error" not in r]
+    rows = [r for r in sec["rows"] if "error" not in r and "not_counted" not in r]
     out += _table(header, [line(r) for r in rows]) if rows else []
     errors = _errors(sec["rows"])
     out += ([""] if rows and errors else []) + errors
@@ -73,9 +82,9 @@ def workload_markdown(name: str, w: dict, meta: dict) -> list[str]:
     out += _section_lines(
         f"Modeled GPU memory traffic ({meta['traffic_dtype']}; counted, not timed; "
         f"modeled H100 time = bytes / {meta['h100_bytes_per_s'] / 1e12:.1f} TB/s)", w["traffic"],
-        ["case", "pass", "minimum MB", "diffkern (Triton) MB", "diffkern/min", "CUDA C++ MB", "eager MB", "eager/diffkern",
+        ["case", "pass", "source", "minimum MB", "diffkern (Triton) MB", "diffkern/min", "CUDA C++ MB", "eager MB", "eager/diffkern",
          "diffkern launches", "eager kernels", "modeled H100 us: min / diffkern / eager"],
-        lambda r: [r["case"] + (" (modeled)" if r.get("modeled") else ""), r["pass"], _num(r["min_bytes"] / MB),
+        lambda r: [r["case"], r["pass"], r["source"], _num(r["min_bytes"] / MB),
                    _num(r["diffkern_bytes"] / MB),
                    _x(r["diffkern_over_min"]), _num(r["cuda_bytes"] / MB) if "cuda_bytes" in r else "-",
                    _num(r["eager_bytes"] / MB), _x(r["eager_over_diffkern"]), r["diffkern_launches"],
@@ -97,11 +106,12 @@ def workload_markdown(name: str, w: dict, meta: dict) -> list[str]:
 def markdown(results: dict) -> str:
     meta = results["meta"]
     out = ["# diffkern benchmark", "",
-           f"{meta['date']}{' (--quick: small shapes, not representative)' if meta['quick'] else ''}. "
+           f"{meta['date']}, {MODE_NOTE[meta['mode']]} "
            f"Machine: {meta['cpu']}, {meta['cores']} cores, torch threads {meta['torch_threads']}; "
            f"torch {meta['torch']}, triton {meta['triton']}; GPU: {meta['gpu'] or 'none'}. "
            "Every ratio compares candidates measured (interleaved) or counted in this one run.", ""]
     for name, w in results["workloads"].items():
         out += workload_markdown(name, w, meta)
-    out.append("Harness run time (s): " + ", ".join(f"{k} {v:g}" for k, v in meta["seconds"].items()) + ".")
+    out.append("Harness run time, wall / CPU seconds (CPU: this process and its children, all cores): "
+               + ", ".join(f"{k} {v:g} / {meta['seconds']['cpu'][k]:g}" for k, v in meta["seconds"]["wall"].items()) + ".")
     return "\n".join(out)

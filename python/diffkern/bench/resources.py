@@ -32,7 +32,8 @@ def rows(workload: Workload, quick: bool, dtype: torch.dtype, arch: int, log=pri
         except Exception as error:  # noqa: BLE001 - a config that fails to compile is a finding, shown in the table
             row["error"] = repr(error)
         out.append(row)
-        log(f"[resources] {spec.name} for compute capability {arch}: {'failed' if 'error' in row else 'compiled'}")
+        log(f"{workload.name}: resources of {spec.name} for compute capability {arch}: "
+            f"{'failed' if 'error' in row else 'compiled'}")
     return out + cuda_rows(workload, dtype, arch, log)
 
 
@@ -53,5 +54,6 @@ def cuda_rows(workload: Workload, dtype: torch.dtype, arch: int, log=print) -> l
         return [{"name": f"CUDA {', '.join(workload.cuda_sources)}", "error": str(error)}]
     rows = [dict(r, name=f"CUDA {r['name']}", num_warps=workload.cuda_warps) for r in found
             if r["name"].split("<")[0] in kernels and ("<" not in r["name"] or f"<{CUDA_TYPE[dtype]}" in r["name"])]
-    log(f"[resources] {len(rows)} CUDA kernels of {', '.join(workload.cuda_sources)} for compute capability {arch}")
+    log(f"{workload.name}: resources of {len(rows)} CUDA kernels of {', '.join(workload.cuda_sources)} for compute "
+        f"capability {arch}")
     return rows

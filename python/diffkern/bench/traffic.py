@@ -2,7 +2,8 @@
 
 All three figures are counts, not measurements: the minimum from the op's formula (each input read
 once, each output written once), diffkern's from its Triton kernels run in the interpreter
-(`interpreted`; rows marked modeled: the workload's tested model of those counts), the eager
+(`interpreted`; each row says its source: "counted", or "modeled" from the workload's tested model of those
+counts), the eager
 reference's from its aten ops (`aten_traffic`, on meta tensors at the full shape). Where an op has CUDA C++ kernels, their count from the host harness is shown beside Triton's. Modeled time = bytes / H100 HBM3 bandwidth: a lower bound for a memory-bound op, not a timing.
 """
 from __future__ import annotations
@@ -42,14 +43,20 @@ def _us(nbytes: int) -> float:
     return nbytes / H100_BYTES_PER_S * 1e6
 
 
+def source(entry: dict) -> str:
+    """Where a case's diffkern figures come from: "counted" (the interpreter ran it) or "modeled"."""
+    return "modeled" if "modeled" in entry else "counted"
+
+
 def rows(workload: Workload, quick: bool, counted: list[dict], dtype: torch.dtype) -> list[dict]:
-    """One row per case and pass (fwd, bwd, fwd+bwd)."""
+    """One row per case and pass (fwd, bwd, fwd+bwd), each saying its source (counted or modeled); a case
+    this run did not count is one row saying why."""
     by_case = {c["case"]: c for c in counted}
     out = []
     for case in workload.cases(quick):
         entry = by_case.get(case.name, {"error": "not counted"})
-        if "error" in entry:
-            out.append({"case": case.name, "pass": STEP, "error": entry["error"]})
+        if "error" in entry or "not_counted" in entry:
+            out.append({"case": case.name, "pass": STEP, **{k: entry[k] for k in ("error", "not_counted") if k in entry}})
             continue
         minimum = workload.min_bytes(case, dtype.itemsize)
         eager = eager_counts(workload, case, dtype)
@@ -68,5 +75,24 @@ def rows(workload: Workload, quick: bool, counted: list[dict], dtype: torch.dtyp
                      eager_over_diffkern=r["eager_bytes"] / r["diffkern_bytes"],
                      modeled_h100_us={"min": _us(r["min_bytes"]), "diffkern": _us(r["diffkern_bytes"]),
                                       "eager": _us(r["eager_bytes"])})
-            out.append({"case": case.name, "pass": p, **r, **({"modeled": True} if "modeled" in entry else {})})
+            out.append({"case": case.name, "pass": p, "source": source(entry), **r})
     return out
+
+
+def note(entries: list[dict]) -> str:
+    """The section's note: how each figure is counted, and which cases are counted, modeled or left out."""
+    counted = ", ".join(f"{e['case']} {e['interpreter_seconds']:.0f} s" for e in entries
+                        if "counts" in e and "modeled" not in e)
+    others = "".join(f" {e['case']} is modeled, not counted (source: modeled): {e['modeled']}"
+                      for e in entries if "modeled" in e)
+    others += "".join(f" {e['case']} is not counted in this run: {e['not_counted']}" for e in entries
+                       if "not_counted" in e)
+    return ("diffkern bytes = the Triton kernels' active-lane loads and stores (TritonMonitor; a lane that "
+            "re-reads an address counts again, caches are not modelled) plus the aten ops the op runs around "
+            "them; eager = every aten op's distinct input and output bytes (meta tensors, full shape). "
+            f"Cases counted whole in the Triton interpreter: {counted or 'none'}.{others}"
+            " CUDA C++ = the cuda backend's kernels run in the host-execution harness, counting each launch's "
+            "distinct global bytes (a broadcast or re-read counts once), plus the same aten glue; glue inside "
+            "the C++ op (the routing kernels' source tables and 16-bit gain cast) is not seen."
+            + "".join(f" CUDA C++ not counted for {e['case']}: {e['cuda_skipped']}." for e in entries
+                      if "cuda_skipped" in e))

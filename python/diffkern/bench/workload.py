@@ -15,12 +15,16 @@ from torch.utils._pytree import tree_leaves
 
 WORKLOAD_MODULES = ("dar", "grpo", "ntrk")
 # Sections that do not fit the one-op workload model (whole-network memory and timing, forward-only ops,
-# ops without a Triton backward): diffkern.bench modules with report(quick, out) -> Markdown, each
-# writing its own .json/.md to `out`; the harness runs them after the workloads.
+# ops without a Triton backward): diffkern.bench modules with report(quick, out, mode=None) -> Markdown
+# (mode: the harness's diffkern.bench.mode.Mode, for its samples and headline cases; None: the module's
+# own defaults), each writing its own .json/.md to `out`; the harness runs them after the workloads.
 REPORT_MODULES = ("dar_memory", "dar_model", "rmdm", "sinks")
 
 # The passes every section reports: forward alone, backward alone, and one training step.
 FWD, BWD, STEP = "fwd", "bwd", "fwd+bwd"
+# Which runs time a case on the CPU and count its traffic in the Triton interpreter (Workload.timed_in,
+# Workload.counted_in; diffkern.bench.mode).
+EVERY_RUN, FULL_RUN, NO_RUN = "every run", "full run", "no run"
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,10 @@ class Workload:
     modeled_counts(case, dtype) -> None (count the case in the interpreter), or for a case too large for
         it, {"fwd": counts, "bwd": counts} in diffkern.bench.interpreted's format from a model that a
         test holds equal to the interpreter's counts, and "note": what is modeled.
+    timed_in(case) -> which runs time the case on the CPU: EVERY_RUN (a headline case) or FULL_RUN.
+    counted_in(case) -> which runs count the case in the interpreter: EVERY_RUN; FULL_RUN (a count that
+        takes minutes: the default run takes `modeled_counts` instead, or leaves the case out when there is
+        no model); NO_RUN (beyond the interpreter: the model only).
     """
     name: str
     title: str
@@ -85,6 +93,8 @@ class Workload:
     cuda_sources: tuple[str, ...] = field(default=())
     cuda_warps: str = ""
     modeled_counts: Callable[[Case, torch.dtype], dict | None] = lambda case, dtype: None
+    timed_in: Callable[[Case], str] = lambda case: EVERY_RUN
+    counted_in: Callable[[Case], str] = lambda case: EVERY_RUN
 
     def cases(self, quick: bool) -> tuple[Case, ...]:
         return self.quick_cases if quick else self.full_cases
