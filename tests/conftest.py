@@ -6,8 +6,10 @@
   built on first use), so the `cuda` backend joins the backends every shared test body runs.
 """
 import os
+import random
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,6 +26,16 @@ if not (HAS_CUDA and diffkern.build_info()["with_cuda"]):
     # The cuda backend then runs its kernels in the host harness; load it before the test modules ask
     # diffkern.testing.backends which backends to run.
     cuda_harness.load()
+
+
+@pytest.fixture(autouse=True)
+def seeded_global_rng():
+    """Every test starts from the same global RNG state, whichever tests ran before it in its process (test
+    order and the split over xdist workers vary): inputs drawn without a generator of their own are seeded
+    too."""
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
 
 
 def pytest_collection_modifyitems(config, items):
