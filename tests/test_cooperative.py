@@ -1,5 +1,6 @@
 """diffkern._cooperative: grid barriers in the interpreter (programs as threads) and in the GPU compiler."""
 import re
+import types
 
 import pytest
 import torch
@@ -35,6 +36,43 @@ def failing_kernel(sync_ptr, P):
         tl.store(sync_ptr + tl.arange(0, 3), 7)
     _cooperative.grid_sync(sync_ptr, 0, P)
     _cooperative.grid_exit(sync_ptr, P)
+
+
+def _core_max_after(x, flag_ptr, until):
+    """Arrives, waits until `until` programs have arrived, then calls a builtin through triton.language.core
+    (as triton.language.standard's helpers do)."""
+    tl.atomic_add(flag_ptr, 1)
+    while tl.atomic_add(flag_ptr, 0) < until:
+        pass
+    return tl.core.maximum(x, x)
+
+
+# A helper whose globals hold triton.language.core, which the kernel's own launch does not patch (its
+# module does not import it).
+core_max_after = triton.jit(types.FunctionType(_core_max_after.__code__, {"tl": tl, "core": tl.core}))
+
+
+@triton.jit
+def overlapping_helpers_kernel(x_ptr, out, flag_ptr, sync_ptr):
+    """Program 1 enters the helper while program 0 is inside it, and program 0 returns (its patch scope
+    ends) before program 1 reaches the builtin."""
+    p = tl.program_id(0)
+    if p == 1:
+        while tl.atomic_add(flag_ptr, 0) < 1:
+            pass
+    y = core_max_after(tl.load(x_ptr + p), flag_ptr, 2 + p)
+    if p == 0:
+        tl.atomic_add(flag_ptr, 1)
+    tl.store(out + p, y)
+    _cooperative.grid_exit(sync_ptr, 2)
+
+
+def test_a_helper_returning_leaves_the_language_patched_for_programs_still_in_one():
+    """Without it, program 1's builtin is the raw one ("_semantic argument must be provided outside of JIT
+    functions")."""
+    x, out, flag = torch.tensor([1.5, -2.0]), torch.zeros(2), torch.zeros(1, dtype=torch.int32)
+    _cooperative.launch(overlapping_helpers_kernel, (2,), x, out, flag, _cooperative.sync_buffer(x.device))
+    assert torch.equal(out, x) and flag.item() == 3
 
 
 def test_programs_see_each_others_writes_across_barriers():

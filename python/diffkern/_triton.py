@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import types
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -39,21 +40,30 @@ def tiles_per_chunk(rows: int, tiles_per_row: int, device: torch.device) -> int:
 
 
 def _restore_after_device_calls() -> None:
-    """Makes the interpreter undo the language patches of @triton.jit helper calls.
+    """Makes the interpreter undo the language patches of @triton.jit helper calls, safely under threads.
 
     Triton 3.8's interpreter patches triton.language for a helper function called from a kernel and
     never restores it, so after any interpreted launch that calls a helper, compiling a kernel for a
-    GPU in the same process fails (the AOT compile tests run after the interpreted ones). A lock
-    serialises the patching and a helper's first-call source rewrite, which programs running in threads
-    (diffkern._cooperative) would otherwise race on.
+    GPU in the same process fails (the AOT compile tests run after the interpreted ones). The patch is
+    therefore restored, but only when the last helper call in flight returns: programs running in
+    threads (diffkern._cooperative) call helpers concurrently, and a call that restored its own patch
+    while another thread was still inside a helper put raw builtins back under that thread (a helper
+    such as tl.max reaches triton.language.core, which the kernel's own launch does not patch). The
+    one patch covers triton.language and triton.language.core, whatever the helper's globals name, so
+    every helper runs patched; a lock serialises it and a helper's first-call source rewrite.
     """
+    from triton import language
     from triton.runtime import interpreter
 
     lock = threading.Lock()
+    both_langs = types.SimpleNamespace(__globals__={"tl": language, "core": language.core})
+    state = types.SimpleNamespace(calls_in_flight=0, scope=None)
 
     def call(self, *args, **kwargs):
         with lock:
-            scope = interpreter._patch_lang(self.fn)
+            if state.calls_in_flight == 0:
+                state.scope = interpreter._patch_lang(both_langs)
+            state.calls_in_flight += 1
             fn = self.rewrite()
         try:
             return fn(*args, **kwargs)
@@ -61,7 +71,9 @@ def _restore_after_device_calls() -> None:
             raise interpreter.InterpreterError(repr(e)) from e
         finally:
             with lock:
-                scope.restore()
+                state.calls_in_flight -= 1
+                if state.calls_in_flight == 0:
+                    state.scope.restore()
 
     interpreter.InterpretedFunction.__call__ = call
 
