@@ -19,7 +19,7 @@ from diffkern.sinks import reference as sinks
 from diffkern.dar.reference import dar_route_reference
 from diffkern.testing.numerics import assert_close_to_oracle, oracle_with_spread
 
-from test_rmdm_recurse import EPS, fan_in as rmdm_fan_in, make as rmdm_make
+from test_rmdm_recurse import EPS, fan_in as rmdm_fan_in, leaves_of, make as rmdm_make, unflatten
 
 
 def randn(*shape, seed=0, scale=1.0):
@@ -109,23 +109,19 @@ def ntrk_case():
 def rmdm_case():
     shape = (2, 7, 8, 12, 2, 2, 2)
     blocks, x, mod = rmdm_make(shape, torch.float32, True)
-    n_w = len(blocks[0])
-
-    def unpack(a):
-        return a[0], [list(a[1 + k * n_w:1 + (k + 1) * n_w]) for k in range(2)], a[-1]
 
     def kernel(*a):
-        x, blks, mod = unpack(a)
+        x, blks, mod = unflatten(a, 2, True)
         return [diffkern.recurse(blks, x, 2, heads=2, mod=mod, return_all=True)]
 
     def oracle(*a):
-        x, blks, mod = unpack(a)
+        x, blks, mod = unflatten(a, 2, True)
         return [rmdm.recurse(x, [w for b in blks for w in b], mod, 2, 2, EPS)]
 
     def reversed_plain(*a):
         """The blocks with their feature axis permuted (every weight consistently): the same function, every
         reduction over d in reverse order."""
-        x, blks, mod = unpack(a)
+        x, blks, mod = unflatten(a, 2, True)
         d = x.shape[-1]
         perm = torch.arange(d - 1, -1, -1)
         qkv = torch.cat([perm + i * d for i in range(3)])
@@ -135,7 +131,7 @@ def rmdm_case():
             flipped.append([ln1_w[perm], ln1_b[perm], w_qkv[qkv][:, perm], b_qkv[qkv], w_o[perm][:, perm], b_o[perm],
                             ln2_w[perm], ln2_b[perm], w_1[:, perm], b_1, w_2[perm], b_2[perm]])
         return [rmdm.recurse(x[..., perm], [w for b in flipped for w in b], mod[..., perm], 2, 2, EPS)[..., perm]]
-    inputs = [x, *[w for b in blocks for w in b], mod]
+    inputs = leaves_of(x, blocks, mod)
     w_1 = 1 + rmdm.BLOCK_PARAMS.index("w_1")
     return Case(kernel, oracle, inputs, rmdm_fan_in(shape), reversed_plain, {
         "dropped": lambda a: [*a[:w_1], dropped(a[w_1], (3, 5)), *a[w_1 + 1:]],

@@ -75,19 +75,28 @@ def fan_in(shape) -> int:
     return 5 * d + T + f
 
 
+def leaves_of(x, blocks, mod) -> list:
+    """[x, *every block's weights, mod (if any)]: the op's differentiable inputs, flat."""
+    return [x, *[w for b in blocks for w in b], *([mod] if mod is not None else [])]
+
+
+def unflatten(leaves, K: int, with_mod: bool):
+    """(x, blocks, mod) from leaves_of's list."""
+    n_w = len(reference.BLOCK_PARAMS)
+    blocks = [list(leaves[1 + k * n_w:1 + (k + 1) * n_w]) for k in range(K)]
+    return leaves[0], blocks, leaves[-1] if with_mod else None
+
+
 def plain_oracle(shape, x, blocks, mod, dstates=None):
     """The plain blocks in float64 on the kernel's own (rounded) inputs, with the model's spreads: the states,
-    or, given dstates, the gradients of every leaf [x, *weights, mod]."""
+    or, given dstates, the gradients of every leaf (leaves_of)."""
     K, heads, n_iter = shape[5], shape[4], shape[6]
-    n_w = len(blocks[0])
 
-    def fn(x, *rest):
-        blks = [list(rest[k * n_w:(k + 1) * n_w]) for k in range(K)]
-        m = rest[K * n_w] if mod is not None else None
-        states = plain(blks, x, m, n_iter, heads)
-        return states if dstates is None else torch.autograd.grad(states, [x, *rest], dstates)
-    leaves = [x, *[w for b in blocks for w in b], *([mod] if mod is not None else [])]
-    return oracle_with_spread(fn, leaves, fan_in(shape), x.dtype)
+    def fn(*leaves):
+        x, blocks, mod_ = unflatten(leaves, K, mod is not None)
+        states = plain(blocks, x, mod_, n_iter, heads)
+        return states if dstates is None else torch.autograd.grad(states, leaves, dstates)
+    return oracle_with_spread(fn, leaves_of(x, blocks, mod), fan_in(shape), x.dtype)
 
 
 def params(dtypes, backends=BACKENDS):
@@ -118,7 +127,7 @@ def test_backward_matches_autograd_through_the_plain_blocks(backend, dtype, shap
     device = device_for(backend)
     blocks, x, mod = make(shape, dtype, with_mod, device=device)
     heads, n_iter = shape[4], shape[6]
-    leaves = [x, *[w for b in blocks for w in b], *([mod] if with_mod else [])]
+    leaves = leaves_of(x, blocks, mod)
     for t in leaves:
         t.requires_grad_(True)
     dstates = torch.randn((n_iter, *x.shape), generator=torch.Generator().manual_seed(7), dtype=torch.float64)

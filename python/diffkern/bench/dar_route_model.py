@@ -20,21 +20,7 @@ import triton
 
 from .. import _triton
 from ..dar.triton_kernels import route_config
-
-
-def _kernel(programs: int, loaded: int, stored: int) -> dict:
-    return dict(launches=1, programs=programs, bytes_loaded=loaded, bytes_stored=stored)
-
-
-def _flat(name: str, kernel: dict, glue: list[tuple[str, int, int]]) -> dict:
-    """One pass in diffkern.bench.interpreted's format."""
-    counts = {"triton.bytes_loaded": kernel["bytes_loaded"], "triton.bytes_stored": kernel["bytes_stored"],
-              "triton.launches": 1, "glue.bytes_read": sum(r for _, r, _ in glue),
-              "glue.bytes_written": sum(w for _, _, w in glue), "glue.kernels": len(glue),
-              **{f"kernel.{name}.{k}": v for k, v in kernel.items()}}
-    for op, _, _ in glue:
-        counts[f"glue.op.{op}"] = counts.get(f"glue.op.{op}", 0) + 1
-    return counts
+from . import counts
 
 
 def route_counts(n: int, B: int, T: int, d: int, itemsize: int) -> dict:
@@ -45,18 +31,19 @@ def route_counts(n: int, B: int, T: int, d: int, itemsize: int) -> dict:
     stream, row, entry = B * T * d * itemsize, d * itemsize, 3 * 8
     block_t = route_config(d, backward=False)[0]
     programs = B * triton.cdiv(T, block_t)
-    fwd = _kernel(programs, programs * 2 * row + n * (programs * entry + stream), stream + B * T * 4)
+    fwd = counts.kernel(programs, programs * 2 * row + n * (programs * entry + stream), stream + B * T * 4)
 
     block_t = route_config(d, backward=True)[0]
     n_tiles = triton.cdiv(T, block_t)
     per_chunk = _triton.tiles_per_chunk(B, n_tiles, torch.device("cpu"))
     n_chunks = triton.cdiv(n_tiles, per_chunk)
     programs = B * n_chunks
-    bwd = _kernel(programs, programs * 2 * row + programs * per_chunk * n * (entry + 8) + (2 + n) * stream + B * T * 4,
+    bwd = counts.kernel(programs, programs * 2 * row + programs * per_chunk * n * (entry + 8) + (2 + n) * stream + B * T * 4,
                   n * stream + programs * d * 4)
     Bd = B * d * 4
     glue = [("sum", programs * d * 4, Bd),  # u = partial.sum(1)
             ("to", row, d * 4), ("mul", Bd + d * 4, Bd), ("to", Bd, B * row),  # dq = (u * gain.float()).to(q.dtype)
             ("to", B * row, Bd), ("mul", 2 * Bd, Bd), ("sum_to_size", Bd, d * 4),  # dgain = (q.float() * u).sum_to_size
             ("to", d * 4, row)]
-    return {"fwd": _flat("route_fwd_kernel", fwd, []), "bwd": _flat("route_bwd_kernel", bwd, glue)}
+    return {"fwd": counts.flat({"route_fwd_kernel": fwd}, counts.glue([])),
+            "bwd": counts.flat({"route_bwd_kernel": bwd}, counts.glue(glue))}

@@ -18,6 +18,7 @@ import triton
 
 from .. import _triton
 from ..grpo.triton_kernels import BLOCK
+from . import counts
 from .aten_traffic import AtenTraffic
 from .workload import BWD, FWD, Case, Workload, grad_leaves, requiring_grad
 
@@ -28,12 +29,9 @@ def kernels(B: int, D: int, itemsize: int, has_x: bool) -> dict:
     n_chunks = triton.cdiv(triton.cdiv(D, BLOCK), per_chunk)
     programs, latent = B * n_chunks, B * D * itemsize
     reads = (3 if has_x else 2) * latent
-
-    def kernel(n: int, loaded: int, stored: int) -> dict:
-        return dict(launches=1, programs=n, bytes_loaded=loaded, bytes_stored=stored)
-    return {FWD: {"log_prob_fwd_kernel": kernel(programs, 8 * programs + reads, 8 * programs),
-                  "finalize_kernel": kernel(B, B * (8 + 4 * n_chunks), 12 * B)},
-            BWD: {"log_prob_bwd_kernel": kernel(programs, 12 * programs + reads, latent)}}
+    return {FWD: {"log_prob_fwd_kernel": counts.kernel(programs, 8 * programs + reads, 8 * programs),
+                  "finalize_kernel": counts.kernel(B, B * (8 + 4 * n_chunks), 12 * B)},
+            BWD: {"log_prob_bwd_kernel": counts.kernel(programs, 12 * programs + reads, latent)}}
 
 
 def glue(workload: Workload, case: Case, dtype: torch.dtype) -> dict:
@@ -50,16 +48,6 @@ def glue(workload: Workload, case: Case, dtype: torch.dtype) -> dict:
 
 def loss_counts(workload: Workload, case: Case, dtype: torch.dtype, has_x: bool) -> dict:
     """{"fwd", "bwd"} counts of the bench's grpo_iso_loss call, in diffkern.bench.interpreted's format."""
-    out = {}
     aten = glue(workload, case, dtype)
-    for p, ks in kernels(case.params["B"], case.params["D"], dtype.itemsize, has_x).items():
-        counts = {"triton.bytes_loaded": sum(k["bytes_loaded"] for k in ks.values()),
-                  "triton.bytes_stored": sum(k["bytes_stored"] for k in ks.values()),
-                  "triton.launches": sum(k["launches"] for k in ks.values()),
-                  "glue.bytes_read": aten[p].bytes_read, "glue.bytes_written": aten[p].bytes_written,
-                  "glue.kernels": aten[p].kernels}
-        for name, stats in ks.items():
-            counts.update({f"kernel.{name}.{k}": v for k, v in stats.items()})
-        counts.update({f"glue.op.{op}": n for op, n in aten[p].ops.items()})
-        out[p] = counts
-    return out
+    return {p: counts.flat(ks, counts.aten_glue(aten[p]))
+            for p, ks in kernels(case.params["B"], case.params["D"], dtype.itemsize, has_x).items()}

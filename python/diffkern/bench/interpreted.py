@@ -30,6 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch.utils._pytree import tree_leaves
 
+from . import counts
 from .mode import Mode
 from .workload import BWD, FWD, Workload, grad_leaves, registered, requiring_grad
 
@@ -107,14 +108,7 @@ def collect(futures: dict[str, list[Future]]) -> dict[str, list[dict]]:
 
 
 def _flat(mon, glue) -> dict[str, int]:
-    counts = {"triton.bytes_loaded": mon.bytes_loaded, "triton.bytes_stored": mon.bytes_stored,
-              "triton.launches": mon.num_launches,
-              "glue.bytes_read": glue.bytes_read, "glue.bytes_written": glue.bytes_written,
-              "glue.kernels": glue.kernels}
-    for kernel, stats in mon.by_kernel().items():
-        counts.update({f"kernel.{kernel}.{k}": v for k, v in stats.items()})
-    counts.update({f"glue.op.{op}": k for op, k in glue.ops.items()})
-    return counts
+    return counts.flat(mon.by_kernel(), counts.aten_glue(glue))
 
 
 def _count(fn):

@@ -24,6 +24,7 @@ import torch
 
 from .. import _triton
 from ..ntrk.triton_kernels import BLOCK, col_chunk, row_geometry
+from . import counts
 
 
 def project_kernels(B: int, M: int, D: int, itemsize: int, passes: int = 1) -> dict:
@@ -36,13 +37,10 @@ def project_kernels(B: int, M: int, D: int, itemsize: int, passes: int = 1) -> d
     columns = B * D * n_chunks
     row_loaded = N * itemsize + (passes - 1) * N * 4  # the input once, then the fp32 iterate
     return {
-        "row_sort_kernel": dict(launches=passes, programs=passes * B * triton.cdiv(M, rows),
-                                bytes_loaded=row_loaded, bytes_stored=passes * 6 * N),
-        "col_sort_kernel": dict(launches=passes, programs=passes * columns, bytes_loaded=passes * 4 * N,
-                                bytes_stored=passes * 8 * N),
-        "clip_kernel": dict(launches=passes, programs=passes * columns,
-                            bytes_loaded=passes * N * (18 + 8 * (log_chunk + 1) * (n_chunks - 1)),
-                            bytes_stored=passes * (4 * N + 4 * columns)),
+        "row_sort_kernel": counts.kernel(passes * B * triton.cdiv(M, rows), row_loaded, passes * 6 * N, passes),
+        "col_sort_kernel": counts.kernel(passes * columns, passes * 4 * N, passes * 8 * N, passes),
+        "clip_kernel": counts.kernel(passes * columns, passes * N * (18 + 8 * (log_chunk + 1) * (n_chunks - 1)),
+                                     passes * (4 * N + 4 * columns), passes),
     }
 
 
@@ -50,25 +48,7 @@ def step_kernel(B: int, n: int, itemsize: int) -> dict:
     """ntrk_step_kernel with eps given, over B samples of n entries (grid as the launcher sizes it on CPU)."""
     n_tiles = triton.cdiv(n, BLOCK)
     programs = B * triton.cdiv(n_tiles, _triton.tiles_per_chunk(B, n_tiles, torch.device("cpu")))
-    return {"ntrk_step_kernel": dict(launches=1, programs=programs, bytes_loaded=3 * B * n * itemsize + 8 * programs,
-                                     bytes_stored=B * n * itemsize)}
-
-
-def _glue(ops: list[tuple[str, int, int]]) -> dict:
-    counts = {"glue.bytes_read": sum(r for _, r, _ in ops), "glue.bytes_written": sum(w for _, _, w in ops),
-              "glue.kernels": len(ops)}
-    for name, _, _ in ops:
-        counts[f"glue.op.{name}"] = counts.get(f"glue.op.{name}", 0) + 1
-    return counts
-
-
-def _flat(kernels: dict, glue: dict) -> dict:
-    counts = {"triton.bytes_loaded": sum(k["bytes_loaded"] for k in kernels.values()),
-              "triton.bytes_stored": sum(k["bytes_stored"] for k in kernels.values()),
-              "triton.launches": sum(k["launches"] for k in kernels.values()), **glue}
-    for name, stats in kernels.items():
-        counts.update({f"kernel.{name}.{k}": v for k, v in stats.items()})
-    return counts
+    return {"ntrk_step_kernel": counts.kernel(programs, 3 * B * n * itemsize + 8 * programs, B * n * itemsize)}
 
 
 def tilted_step_counts(B: int, M: int, D: int, itemsize: int, passes: int = 1, first_call: bool = True) -> dict:
@@ -85,6 +65,6 @@ def tilted_step_counts(B: int, M: int, D: int, itemsize: int, passes: int = 1, f
     factor = [("sqrt", 4 * B, 4 * B), ("mul", 8 * B, 4 * B), ("_to_copy", 4 * B, itemsize * B),
               ("mul", (B * n + B) * itemsize, B * n * itemsize)]
     bwd_glue = factor + [("rsub", 4 * B, 4 * B)] + factor
-    return {"fwd": _flat({**project_kernels(B, M, D, itemsize, passes), **step_kernel(B, n, itemsize)},
-                         _glue(fwd_glue)),
-            "bwd": _flat({}, _glue(bwd_glue))}
+    return {"fwd": counts.flat({**project_kernels(B, M, D, itemsize, passes), **step_kernel(B, n, itemsize)},
+                         counts.glue(fwd_glue)),
+            "bwd": counts.flat({}, counts.glue(bwd_glue))}

@@ -21,8 +21,8 @@ The tolerance on the elementwise maximum error is
 
     tol = MARGIN * spread + 2 |plain - oracle| + ULP[dtype] * max|oracle|
 
-- MARGIN * spread: the accumulation error in any summation order (measured: kernels sit at <= 0.1 of
-  spread; a dropped term or an off-by-one read sits at >= 100x);
+- MARGIN * spread: the accumulation error in any summation order (tests/test_error_model.py: the
+  kernels sit at <= 0.1 of the whole tolerance, a dropped term or an off-by-one read at >= 26x of it);
 - 2 |plain - oracle|: flash-attention's rule, the plain PyTorch computation in the low precision — it
   covers intermediates the op rounds to the input dtype as the reference does;
 - one unit in the last place of the output dtype: the final rounding (bf16 stores truncate under the
