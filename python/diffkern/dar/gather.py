@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import _dtypes, _nvtx, _registry
-from . import reference, triton_kernels
+from .. import _dtypes, _lazy, _nvtx, _ops, _registry
+from . import reference
+triton_kernels = _lazy.module(__package__ + ".triton_kernels")  # imports triton on first use
 from .op import check_bwd, check_fwd, check_like_source, check_saved, check_triton
 
 OP = "dar_gather"
@@ -61,7 +62,7 @@ _registry.register("dar_gather_fwd", check_gather_fwd, triton=_fwd_triton, refer
 _registry.register("dar_gather_bwd", check_gather_bwd, triton=_bwd_triton, reference=_bwd_reference)
 
 
-@torch.library.register_fake("diffkern::dar_gather_fwd")
+@_registry.register_fake("diffkern::dar_gather_fwd")
 def _fwd_fake(sources, addends, q, gain, eps):
     check_gather_fwd(sources, addends, q, gain, eps)
     src = sources[0]
@@ -69,7 +70,7 @@ def _fwd_fake(sources, addends, q, gain, eps):
     return src.new_empty(src.shape), src.new_empty(src.shape[:2], dtype=_dtypes.acc(src.dtype)), c
 
 
-@torch.library.register_fake("diffkern::dar_gather_bwd")
+@_registry.register_fake("diffkern::dar_gather_bwd")
 def _bwd_fake(dh, sources, q, gain, h, lse, dlast, eps):
     check_gather_bwd(dh, sources, q, gain, h, lse, dlast, eps)
     return [x.new_empty(x.shape) for x in sources], q.new_empty(q.shape), gain.new_empty(gain.shape)
@@ -97,7 +98,7 @@ def _backward(ctx, dh, _dlse, dc):
     return dsources, [dsum] * k, dq, dgain, None
 
 
-torch.library.register_autograd("diffkern::dar_gather_fwd", _backward, setup_context=_setup_context)
+_registry.register_autograd("diffkern::dar_gather_fwd", _backward, setup_context=_setup_context)
 
 
 def dar_gather(sources, addends, q, gain, eps: float = 1e-6):
@@ -126,5 +127,5 @@ def dar_gather(sources, addends, q, gain, eps: float = 1e-6):
     Backends: C++ (CPU tensors), Triton (CUDA tensors), reference; see `diffkern.backend`.
     """
     with _nvtx.range("diffkern.dar_gather"):
-        h, _, c = torch.ops.diffkern.dar_gather_fwd(list(sources), list(addends), q, gain, float(eps))
+        h, _, c = _ops.ops.dar_gather_fwd(list(sources), list(addends), q, gain, float(eps))
     return h, (c if addends else None)

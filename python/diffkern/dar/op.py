@@ -9,8 +9,9 @@ import math
 
 import torch
 
-from .. import _dtypes, _nvtx, _registry, _triton
-from . import reference, triton_kernels
+from .. import _dtypes, _lazy, _nvtx, _ops, _registry, _triton
+from . import reference
+triton_kernels = _lazy.module(__package__ + ".triton_kernels")  # imports triton on first use
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -105,15 +106,15 @@ def _bwd_triton(dh, sources, q, gain, h, lse, eps):
     return triton_kernels.route_bwd(dh, sources, q, gain, h, lse, eps)
 
 
-_registry.register("dar_route_fwd", check_fwd, triton=_fwd_triton, cuda=torch.ops.diffkern.dar_route_fwd_cuda,
+_registry.register("dar_route_fwd", check_fwd, triton=_fwd_triton, cuda=_ops.ops.dar_route_fwd_cuda,
                    reference=reference.route_fwd)
-_registry.register("dar_route_bwd", check_bwd, triton=_bwd_triton, cuda=torch.ops.diffkern.dar_route_bwd_cuda,
+_registry.register("dar_route_bwd", check_bwd, triton=_bwd_triton, cuda=_ops.ops.dar_route_bwd_cuda,
                    reference=reference.route_bwd)
 
 
 # The internal ops of the cuda backend (csrc/cuda/dar_route_api.cpp) share the public ops' fakes.
-@torch.library.register_fake("diffkern::dar_route_fwd_cuda")
-@torch.library.register_fake("diffkern::dar_route_fwd")
+@_registry.register_fake("diffkern::dar_route_fwd_cuda")
+@_registry.register_fake("diffkern::dar_route_fwd")
 def _fwd_fake(sources, q, gain, eps):
     check_fwd(sources, q, gain, eps)
     src = sources[0]
@@ -121,8 +122,8 @@ def _fwd_fake(sources, q, gain, eps):
     return src.new_empty(src.shape), src.new_empty(src.shape[:2], dtype=acc)
 
 
-@torch.library.register_fake("diffkern::dar_route_bwd_cuda")
-@torch.library.register_fake("diffkern::dar_route_bwd")
+@_registry.register_fake("diffkern::dar_route_bwd_cuda")
+@_registry.register_fake("diffkern::dar_route_bwd")
 def _bwd_fake(dh, sources, q, gain, h, lse, eps):
     check_bwd(dh, sources, q, gain, h, lse, eps)
     return [x.new_empty(x.shape) for x in sources], \
@@ -146,7 +147,7 @@ def _backward(ctx, dh, _dlse):
     return list(dsources), dq, dgain, None
 
 
-torch.library.register_autograd("diffkern::dar_route_fwd", _backward, setup_context=_setup_context)
+_registry.register_autograd("diffkern::dar_route_fwd", _backward, setup_context=_setup_context)
 
 
 def dar_route(sources, q, gain, eps: float = 1e-6) -> torch.Tensor:
@@ -173,4 +174,4 @@ def dar_route(sources, q, gain, eps: float = 1e-6) -> torch.Tensor:
     NaN/inf in an input make the affected tokens' outputs NaN; nothing else is checked for them.
     """
     with _nvtx.range("diffkern.dar_route"):
-        return torch.ops.diffkern.dar_route_fwd(list(sources), q, gain, float(eps))[0]
+        return _ops.ops.dar_route_fwd(list(sources), q, gain, float(eps))[0]

@@ -9,8 +9,9 @@ import math
 
 import torch
 
-from .. import _checks, _dtypes, _nvtx, _registry, _triton
-from . import cuda_ops, distributed, reference, triton_kernels  # noqa: F401 (cuda_ops: fakes)
+from .. import _checks, _dtypes, _lazy, _nvtx, _ops, _registry, _triton
+from . import cuda_ops, distributed, reference  # noqa: F401 (cuda_ops: fakes)
+triton_kernels = _lazy.module(__package__ + ".triton_kernels")  # imports triton on first use
 
 STEP_OP, LOSS_OP = "flow_sde_step", "grpo_iso_loss"
 
@@ -77,17 +78,17 @@ def _triton_backend(launch, x_arg: int, op: str):
 
 
 _registry.register("flow_sde_step", check_sde_step,
-                   triton=_triton_backend(triton_kernels.sde_step, 0, STEP_OP), reference=reference.flow_sde_step,
-                   cuda=torch.ops.diffkern.flow_sde_step_cuda)
+                   triton=_triton_backend(lambda *args: triton_kernels.sde_step(*args), 0, STEP_OP), reference=reference.flow_sde_step,
+                   cuda=_ops.ops.flow_sde_step_cuda)
 _registry.register("grpo_log_prob", check_log_prob,
-                   triton=_triton_backend(triton_kernels.log_prob_fwd, 0, LOSS_OP), reference=reference.log_prob,
-                   cuda=torch.ops.diffkern.grpo_log_prob_cuda)
+                   triton=_triton_backend(lambda *args: triton_kernels.log_prob_fwd(*args), 0, LOSS_OP), reference=reference.log_prob,
+                   cuda=_ops.ops.grpo_log_prob_cuda)
 _registry.register("grpo_log_prob_bwd", check_log_prob_bwd,
-                   triton=_triton_backend(triton_kernels.log_prob_bwd, 2, LOSS_OP), reference=reference.log_prob_bwd,
-                   cuda=torch.ops.diffkern.grpo_log_prob_bwd_cuda)
+                   triton=_triton_backend(lambda *args: triton_kernels.log_prob_bwd(*args), 2, LOSS_OP), reference=reference.log_prob_bwd,
+                   cuda=_ops.ops.grpo_log_prob_bwd_cuda)
 
 
-@torch.library.register_fake("diffkern::flow_sde_step")
+@_registry.register_fake("diffkern::flow_sde_step")
 def _sde_step_fake(x, v, sigma, sigma_next, eps, std_rule, std_coef):
     check_sde_step(x, v, sigma, sigma_next, eps, std_rule, std_coef)
     acc = _dtypes.acc(x.dtype)
@@ -95,13 +96,13 @@ def _sde_step_fake(x, v, sigma, sigma_next, eps, std_rule, std_coef):
         x.new_empty(x.shape[:1], dtype=acc)
 
 
-@torch.library.register_fake("diffkern::grpo_log_prob")
+@_registry.register_fake("diffkern::grpo_log_prob")
 def _log_prob_fake(v, *rest):
     check_log_prob(v, *rest)
     return tuple(v.new_empty(v.shape[:1], dtype=_dtypes.acc(v.dtype)) for _ in range(3))
 
 
-@torch.library.register_fake("diffkern::grpo_log_prob_bwd")
+@_registry.register_fake("diffkern::grpo_log_prob_bwd")
 def _log_prob_bwd_fake(dlog_prob, dkl, v, x, target, sigma, sigma_next, v_ref, v_uncond, *rest):
     check_log_prob_bwd(dlog_prob, dkl, v, x, target, sigma, sigma_next, v_ref, v_uncond, *rest)
     return [v.new_empty(v.shape) for _ in range(1 if v_uncond is None else 2)]
@@ -117,7 +118,7 @@ def _sde_step_backward(ctx, *grads):
 
 # A rollout op: x_next is sampled, so nothing is differentiated through it (training differentiates
 # grpo_iso_loss instead). Registered so that inputs requiring grad give outputs that plainly do not.
-torch.library.register_autograd("diffkern::flow_sde_step", _sde_step_backward, setup_context=_sde_step_setup)
+_registry.register_autograd("diffkern::flow_sde_step", _sde_step_backward, setup_context=_sde_step_setup)
 
 
 def _log_prob_setup(ctx, inputs, output):
@@ -143,7 +144,7 @@ def _log_prob_backward(ctx, dlog_prob, dkl, _dinv_lambda):
     return grads[0], None, None, None, None, None, grads[1] if v_uncond is not None else None, None, None, None
 
 
-torch.library.register_autograd("diffkern::grpo_log_prob", _log_prob_backward, setup_context=_log_prob_setup)
+_registry.register_autograd("diffkern::grpo_log_prob", _log_prob_backward, setup_context=_log_prob_setup)
 
 
 def _rule(op: str, std_rule: str, std_coef):
@@ -182,7 +183,7 @@ def flow_sde_step(x, v, sigma, sigma_next, eps=None, std_rule: str = "wan", std_
     if eps is None:
         eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     with _nvtx.range("diffkern.flow_sde_step"):
-        return torch.ops.diffkern.flow_sde_step(x, v, sigma, sigma_next, eps, rule, coef)
+        return _ops.ops.flow_sde_step(x, v, sigma, sigma_next, eps, rule, coef)
 
 
 def _check_per_sample(name, t, v):
@@ -248,7 +249,7 @@ def grpo_iso_loss(v, x=None, x_next=None, sigma=None, sigma_next=None, log_prob_
     _check_per_sample("advantages", advantages, v)
     with _nvtx.range("diffkern.grpo_iso_loss"):
         w = 1.0 if cfg_scale is None else float(cfg_scale)
-        log_prob, kl, inv_lambda = torch.ops.diffkern.grpo_log_prob(v, x, target, sigma, sigma_next,
+        log_prob, kl, inv_lambda = _ops.ops.grpo_log_prob(v, x, target, sigma, sigma_next,
                                                                     v_ref if beta > 0 else None, v_uncond, w, rule,
                                                                     coef)
         weights = inv_lambda / distributed.global_mean(inv_lambda, group) if tgr else torch.ones_like(log_prob)

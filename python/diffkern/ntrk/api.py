@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .. import _dtypes, _nvtx
+from .. import _dtypes, _nvtx, _ops
 from . import op  # noqa: F401  (registers the backends, fakes and autograd)
 
 
@@ -51,7 +51,7 @@ def ntrk_step(mu, sigma, w, rho, eps=None, generator: torch.Generator | None = N
         device = generator.device if generator is not None else "cpu"
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
     with _nvtx.range("diffkern.ntrk_step"):
-        return torch.ops.diffkern.ntrk_step(mu, _per_sample("sigma", sigma, mu), w, _per_sample("rho", rho, mu), eps,
+        return _ops.ops.ntrk_step(mu, _per_sample("sigma", sigma, mu), w, _per_sample("rho", rho, mu), eps,
                                             0 if seed is None else int(seed), int(offset))
 
 
@@ -97,4 +97,4 @@ def twoos_project(x, tile: int | None = None, bands=None, passes: int = 8, alpha
         if tile is not None and lower.dim() == 2 and lower.shape[1] != tile:
             raise ValueError(f"twoos_project: tile={tile} but the bands are [M, D] = {list(lower.shape)}")
     with _nvtx.range("diffkern.twoos_project"):
-        return torch.ops.diffkern.twoos_project(x, lower, upper, int(passes))
+        return _ops.ops.twoos_project(x, lower, upper, int(passes))

@@ -14,7 +14,6 @@ import functools
 
 import numpy as np
 import torch
-from scipy import special, stats
 
 DISTS = ("normal", "chi2")
 
@@ -25,6 +24,7 @@ def _quantile(M: int, D: int, p: float, dist: str, dof: float | None) -> np.ndar
     Each Beta quantile is also computed from the other tail (1 - I^-1(a, b, q) = I^-1(b, a, 1 - q)), and
     the outer quantile takes whichever of t, 1 - t is small: no precision is lost near 1.
     """
+    from scipy import special, stats  # here, not at import: scipy costs ~1 s to import
     r = np.arange(1, M + 1, dtype=np.float64)[:, None]
     j = np.arange(1, D + 1, dtype=np.float64)[None, :]
     b = special.betaincinv(r, M - r + 1, p)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import _checks, _dtypes, _registry, _triton
-from . import reference, triton_kernels
+from .. import _checks, _dtypes, _lazy, _ops, _registry, _triton
+from . import reference
+triton_kernels = _lazy.module(__package__ + ".triton_kernels")  # imports triton on first use
 
 STEP_OP, PROJECT_OP = "ntrk_step", "twoos_project"
 
@@ -75,23 +76,23 @@ def _triton_backend(launch, op: str):
     return run
 
 
-_registry.register(STEP_OP, check_step, triton=_triton_backend(triton_kernels.ntrk_step, STEP_OP),
-                   cuda=torch.ops.diffkern.ntrk_step_cuda, reference=reference.ntrk_step)
-_registry.register(PROJECT_OP, check_project, triton=_triton_backend(triton_kernels.twoos_project, PROJECT_OP),
+_registry.register(STEP_OP, check_step, triton=_triton_backend(lambda *args: triton_kernels.ntrk_step(*args), STEP_OP),
+                   cuda=_ops.ops.ntrk_step_cuda, reference=reference.ntrk_step)
+_registry.register(PROJECT_OP, check_project, triton=_triton_backend(lambda *args: triton_kernels.twoos_project(*args), PROJECT_OP),
                    reference=reference.twoos_project)
 
 
-@torch.library.register_fake("diffkern::ntrk_step")
+@_registry.register_fake("diffkern::ntrk_step")
 def _step_fake(mu, sigma, w, rho, eps, seed, offset):
     check_step(mu, sigma, w, rho, eps, seed, offset)
     return mu.new_empty(mu.shape)
 
 
 # The internal op of the cuda backend (its kernel lives in csrc/cuda/ntrk_step.cu) shares the public op's fake.
-torch.library.register_fake("diffkern::ntrk_step_cuda")(_step_fake)
+_registry.register_fake("diffkern::ntrk_step_cuda")(_step_fake)
 
 
-@torch.library.register_fake("diffkern::twoos_project")
+@_registry.register_fake("diffkern::twoos_project")
 def _project_fake(x, lower, upper, max_passes):
     check_project(x, lower, upper, max_passes)
     return x.new_empty(x.shape), x.new_empty(x.shape[:1], dtype=_dtypes.acc(x.dtype))
@@ -121,7 +122,7 @@ def _step_backward(ctx, dx):
     return dx, None, dw, None, deps, None, None
 
 
-torch.library.register_autograd("diffkern::ntrk_step", _step_backward, setup_context=_step_setup)
+_registry.register_autograd("diffkern::ntrk_step", _step_backward, setup_context=_step_setup)
 
 
 def _project_setup(ctx, inputs, output):
@@ -135,4 +136,4 @@ def _project_backward(ctx, *grads):
 # The projection is piecewise: the identity on in-band entries, a constant (the band edge) on clipped
 # ones, with a sort in between. Its gradient would be zero on exactly the entries guidance cares
 # about, so it is declared non-differentiable: outputs of inputs requiring grad plainly do not.
-torch.library.register_autograd("diffkern::twoos_project", _project_backward, setup_context=_project_setup)
+_registry.register_autograd("diffkern::twoos_project", _project_backward, setup_context=_project_setup)

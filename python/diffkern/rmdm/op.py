@@ -9,8 +9,9 @@ import math
 
 import torch
 
-from .. import _checks, _nvtx, _registry
-from . import reference, triton_kernels
+from .. import _checks, _lazy, _nvtx, _ops, _registry
+from . import reference
+triton_kernels = _lazy.module(__package__ + ".triton_kernels")  # imports triton on first use
 from .reference import N_MOD, N_PARAMS, param_shapes
 
 OP = "recurse"
@@ -58,19 +59,19 @@ def check_recurse_bwd(dstates, x, states, weights, mod, heads, eps) -> None:
         _check_like(name, t, (states.shape[0], *x.shape), x)
 
 
-_registry.register("rmdm_recurse", check_recurse, triton=triton_kernels.recurse_fwd, reference=reference.recurse)
+_registry.register("rmdm_recurse", check_recurse, triton=lambda *args: triton_kernels.recurse_fwd(*args), reference=reference.recurse)
 _registry.register("rmdm_recurse_bwd", check_recurse_bwd, reference=reference.recurse_bwd,
                    cuda=lambda *args: torch.ops.diffkern.rmdm_recurse_bwd_cuda(*args))
 
 
-@torch.library.register_fake("diffkern::rmdm_recurse")
+@_registry.register_fake("diffkern::rmdm_recurse")
 def _recurse_fake(x, weights, mod, n_iter, heads, eps):
     check_recurse(x, weights, mod, n_iter, heads, eps)
     return x.new_empty((n_iter, *x.shape))
 
 
-@torch.library.register_fake("diffkern::rmdm_recurse_bwd")
-@torch.library.register_fake("diffkern::rmdm_recurse_bwd_cuda")
+@_registry.register_fake("diffkern::rmdm_recurse_bwd")
+@_registry.register_fake("diffkern::rmdm_recurse_bwd_cuda")
 def _recurse_bwd_fake(dstates, x, states, weights, mod, heads, eps):
     check_recurse_bwd(dstates, x, states, weights, mod, heads, eps)
     return x.new_empty(x.shape), [w.new_empty(w.shape) for w in weights], \
@@ -91,7 +92,7 @@ def _backward(ctx, dstates):
     return dx, list(dweights), (dmod if ctx.has_mod else None), None, None, None
 
 
-torch.library.register_autograd("diffkern::rmdm_recurse", _backward, setup_context=_setup)
+_registry.register_autograd("diffkern::rmdm_recurse", _backward, setup_context=_setup)
 
 
 def recurse(block_params, x: torch.Tensor, n_iter: int, *, heads: int, mod: torch.Tensor | None = None,
@@ -122,20 +123,20 @@ def recurse(block_params, x: torch.Tensor, n_iter: int, *, heads: int, mod: torc
     """
     weights = [w for blk in block_params for w in blk]
     with _nvtx.range("diffkern.recurse"):
-        states = torch.ops.diffkern.rmdm_recurse(x, weights, mod, int(n_iter), int(heads), float(eps))
+        states = _ops.ops.rmdm_recurse(x, weights, mod, int(n_iter), int(heads), float(eps))
     return states if return_all else states[-1]
 
 
 # The Sudoku data ops (csrc/cpu/rmdm_sudoku.cpp) run on CPU only; their fakes give the output shapes
 # so code that calls them traces under torch.compile and fake tensors.
-@torch.library.register_fake("diffkern::rmdm_sudoku")
+@_registry.register_fake("diffkern::rmdm_sudoku")
 def _sudoku_fake(n, clues, seed):
     if n < 0:
         raise ValueError(f"rmdm_sudoku: n must be >= 0, got {n}")
     return (torch.empty(n, 81, dtype=torch.int64, device="cpu"), torch.empty(n, 81, dtype=torch.int64, device="cpu"))
 
 
-@torch.library.register_fake("diffkern::rmdm_sudoku_count")
+@_registry.register_fake("diffkern::rmdm_sudoku_count")
 def _sudoku_count_fake(puzzles, limit):
     if not (puzzles.dim() == 2 and puzzles.shape[1] == 81 and puzzles.dtype == torch.int64):
         raise ValueError(f"rmdm_sudoku_count: puzzles must be an int64 [n, 81] tensor, got {list(puzzles.shape)} "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _ops  # noqa: F401  (loads the extension that holds the generator)
+from .. import _ops
 
 CELLS = 81
 
@@ -20,12 +20,12 @@ def generate(n: int, clues: int, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
     `clues` must lie in [17, 81]; greedy removal stalls often below ~24 clues (an error says so).
     Runs in parallel over puzzles (ATen's intra-op threads); the result does not depend on their number.
     """
-    return torch.ops.diffkern.rmdm_sudoku(int(n), int(clues), int(seed))
+    return _ops.ops.rmdm_sudoku(int(n), int(clues), int(seed))
 
 
 def count_solutions(puzzles: torch.Tensor, limit: int = 2) -> torch.Tensor:
     """int64 [n]: how many solutions each puzzle has, counting no further than `limit` (0 if contradictory)."""
-    return torch.ops.diffkern.rmdm_sudoku_count(puzzles.to(torch.int64).cpu().contiguous(), int(limit))
+    return _ops.ops.rmdm_sudoku_count(puzzles.to(torch.int64).cpu().contiguous(), int(limit))
 
 
 def _units() -> torch.Tensor:

@@ -10,8 +10,9 @@ import math
 
 import torch
 
-from .. import _dtypes, _nvtx, _registry, _triton
-from . import reference, triton_kernels
+from .. import _dtypes, _lazy, _nvtx, _ops, _registry, _triton
+from . import reference
+triton_kernels = _lazy.module(__package__ + ".triton_kernels")  # imports triton on first use
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MASS_OP, ATTN_OP = "sink_mass", "sink_attention"
@@ -147,24 +148,24 @@ def _suppress_with_idx_check(fn):
     return run
 
 
-_registry.register("sink_mass", check_mass, triton=_triton_checked(triton_kernels.sink_mass),
+_registry.register("sink_mass", check_mass, triton=_triton_checked(lambda *args: triton_kernels.sink_mass(*args)),
                    reference=reference.sink_mass)
-_registry.register("sink_attention_fwd", check_fwd, triton=_triton_checked(triton_kernels.attention_fwd),
+_registry.register("sink_attention_fwd", check_fwd, triton=_triton_checked(lambda *args: triton_kernels.attention_fwd(*args)),
                    reference=reference.attention_fwd)
 _registry.register("sink_topk", check_topk, triton=_topk_triton, reference=reference.sink_topk)
 _registry.register("sink_suppress", check_suppress,
-                   triton=_suppress_with_idx_check(_triton_checked(triton_kernels.sink_suppress)),
+                   triton=_suppress_with_idx_check(_triton_checked(lambda *args: triton_kernels.sink_suppress(*args))),
                    reference=_suppress_with_idx_check(reference.sink_suppress))
 
 
-@torch.library.register_fake("diffkern::sink_mass")
+@_registry.register_fake("diffkern::sink_mass")
 def _mass_fake(q, k, n_query, scale):
     check_mass(q, k, n_query, scale)
     acc = _dtypes.acc(q.dtype)
     return q.new_empty(k.shape[:3], dtype=acc), q.new_empty(q.shape[:3], dtype=acc)
 
 
-@torch.library.register_fake("diffkern::sink_attention_fwd")
+@_registry.register_fake("diffkern::sink_attention_fwd")
 def _fwd_fake(q, k, v, n_query, scale):
     check_fwd(q, k, v, n_query, scale)
     acc = _dtypes.acc(q.dtype)
@@ -172,13 +173,13 @@ def _fwd_fake(q, k, v, n_query, scale):
             q.new_empty(k.shape[:3], dtype=acc), q.new_empty(q.shape[:3], dtype=acc))
 
 
-@torch.library.register_fake("diffkern::sink_topk")
+@_registry.register_fake("diffkern::sink_topk")
 def _topk_fake(score, k, largest):
     check_topk(score, k, largest)
     return score.new_empty((*score.shape[:2], k), dtype=torch.int64)
 
 
-@torch.library.register_fake("diffkern::sink_suppress")
+@_registry.register_fake("diffkern::sink_suppress")
 def _suppress_fake(q, k, v, o, lse, idx, n_rows, scale, bias):
     check_suppress(q, k, v, o, lse, idx, n_rows, scale, bias)
     return q.new_empty(q.shape), q.new_empty((*q.shape[:2], n_rows), dtype=_dtypes.acc(q.dtype))
@@ -192,7 +193,7 @@ def _no_backward(op):
 
 
 for _op in ("sink_mass", "sink_attention_fwd", "sink_suppress"):
-    torch.library.register_autograd(f"diffkern::{_op}", _no_backward(_op))
+    _registry.register_autograd(f"diffkern::{_op}", _no_backward(_op))
 
 
 def _forward_only(op, *tensors) -> None:
@@ -224,7 +225,7 @@ def sink_mass(q, k, n_query: int | None = None, scale: float | None = None):
     _forward_only(MASS_OP, q, k)
     n = q.shape[2] if n_query is None else int(n_query)
     with _nvtx.range("diffkern.sink_mass"):
-        return torch.ops.diffkern.sink_mass(q, k, n, _scale(q, scale))
+        return _ops.ops.sink_mass(q, k, n, _scale(q, scale))
 
 
 def _random_keys(B, n_keys, K, seed, call_index, device):
@@ -241,14 +242,14 @@ def _select(mass, mode, k_sink, seed, call_index):
     B, H, N_k = mass.shape
     if mode == "per_head":
         score = mass
-        idx = torch.ops.diffkern.sink_topk(mass, min(k_sink, N_k), True)
+        idx = _ops.ops.sink_topk(mass, min(k_sink, N_k), True)
     else:
         score = mass.mean(1, keepdim=True)
         K = min(k_sink * H, N_k)
         if mode == "random":
             idx = _random_keys(B, N_k, K, seed, call_index, mass.device)
         else:
-            idx = torch.ops.diffkern.sink_topk(score, K, mode == "head_union")
+            idx = _ops.ops.sink_topk(score, K, mode == "head_union")
     return idx, torch.gather(score, -1, idx)
 
 
@@ -302,14 +303,14 @@ def sink_attention(q, k, v, k_sink: int = 1, mode: str = "per_head", row_scope: 
     n = q.shape[2] if n_query is None else int(n_query)
     sc = _scale(q, scale)
     with _nvtx.range("diffkern.sink_attention"):
-        o, lse, mass, entropy = torch.ops.diffkern.sink_attention_fwd(q, k, v, n, sc)
+        o, lse, mass, entropy = _ops.ops.sink_attention_fwd(q, k, v, n, sc)
         idx = post = chosen = None
         if mode == "measure" or k_sink == 0 or q.shape[0] == 0:
             out = o.to(q.dtype)
         else:
             idx, chosen = _select(mass, mode, k_sink, seed, 0 if call_index is None else int(call_index))
             n_rows = n if row_scope == "image" else q.shape[2]
-            out, post = torch.ops.diffkern.sink_suppress(q, k, v, o, lse, idx, n_rows, sc, float(bias))
+            out, post = _ops.ops.sink_suppress(q, k, v, o, lse, idx, n_rows, sc, float(bias))
         if not return_stats:
             return out
         return out, _stats(mass, entropy, n, idx, chosen, post)
