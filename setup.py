@@ -155,7 +155,7 @@ def extensions():
     write_build_info(with_cuda, archs, variants)
     debug = os.environ.get("DIFFKERN_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    # Python's and torch's flags may add -g: a release links without debug info (28 MB -> 3.5 MB in all).
+    # Python's flags add -g: a release links without debug info (the default CUDA build: 67 MB -> 5.1 MB).
     link = ["-Wl,--strip-debug"] if not debug and sys.platform.startswith("linux") else []
     cxx = opt + ["-std=c++20", "-Wall", "-Wno-unknown-pragmas"]
     kernels = [cpu_kernels(variant, cxx, link) for variant in variants]

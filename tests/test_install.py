@@ -9,6 +9,7 @@ look (`pip config list`); when one is missing there the test fails and says so: 
 """
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -88,11 +89,14 @@ def build_env() -> dict:
     return env
 
 
+def metadata(wheel: str) -> str:
+    with zipfile.ZipFile(wheel) as z:
+        return z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+
+
 def lowest_allowed(wheel: str) -> list[str]:
     """`numpy==1.26.*` for each `numpy>=1.26` the wheel declares: its dependencies at their lower bounds."""
-    with zipfile.ZipFile(wheel) as z:
-        meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
-    requires = re.findall(r"^Requires-Dist: ([\w-]+)\s*\(?>=([\d.]+)\)?\s*$", meta, re.MULTILINE)
+    requires = re.findall(r"^Requires-Dist: ([\w-]+)\s*\(?>=([\d.]+)\)?\s*$", metadata(wheel), re.MULTILINE)
     return [f"{name}=={low}.*" for name, low in requires]
 
 
@@ -109,7 +113,16 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_outside_the_tree(tmp_path):
         names = z.namelist()
     assert any(re.fullmatch(r"diffkern/_C\..*(so|pyd)", n) for n in names), names
     assert not any(n.startswith(("tests/", "csrc/")) for n in names)
+    torch_release = BUILD_INFO["torch"].split("+")[0]
+    assert re.search(rf"^Requires-Dist: torch\s*\(?=={re.escape(torch_release)}\)?$", metadata(wheel), re.MULTILINE)
 
+    try:
+        install_and_run(wheel, venv, elsewhere)
+    finally:
+        shutil.rmtree(venv, ignore_errors=True)  # ~5 GB (torch and its CUDA libraries)
+
+
+def install_and_run(wheel, venv, elsewhere):
     run([sys.executable, "-m", "venv", str(venv)], "creating the venv", elsewhere, 120)
     py = str(venv / "bin" / "python")
     pins = lowest_allowed(wheel)
