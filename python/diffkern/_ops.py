@@ -80,6 +80,8 @@ class _Missing:
 try:
     BUILD_INFO, LOAD_ERROR = load(), None
 except ExtensionError as err:
+    if hasattr(torch.ops.diffkern, "cpu_isa"):
+        raise  # _C loaded but no CPU kernel variant can (DIFFKERN_CPU_ISA): a setting to fix, not a missing build
     BUILD_INFO, LOAD_ERROR = None, err
 LOADED = LOAD_ERROR is None
 ops = torch.ops.diffkern if LOADED else _Missing()
