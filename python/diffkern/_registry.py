@@ -56,7 +56,7 @@ def register(op: str, check: Callable, **backends: Callable) -> None:
 def register_fake(op: str, fn: Callable | None = None):
     """torch.library.register_fake for a diffkern op (qualified name), skipped without the extension."""
     if LOADED:
-        return torch.library.register_fake(op, fn) if fn is not None else torch.library.register_fake(op)
+        return torch.library.register_fake(op, fn)
     return fn if fn is not None else (lambda f: f)
 
 
