@@ -16,6 +16,8 @@ import zipfile
 
 import pytest
 
+import diffkern
+from diffkern import _optional
 from diffkern._build_info import BUILD_INFO
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,3 +142,18 @@ def install_and_run(wheel, venv, elsewhere):
             os.remove(os.path.join(site, name))
     assert run([py, "-c", WITHOUT_C], "importing the references without _C", elsewhere, 300).startswith("ok")
 
+
+
+def test_import_leaves_triton_and_scipy_for_first_use():
+    """`import diffkern` imports neither (about 1 s between them); the dev tree, not the wheel, outside TRITON_INTERPRET."""
+    code = "import sys, diffkern; print(sorted({'triton', 'scipy'} & set(sys.modules)))"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(diffkern.__file__))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_missing_optional_dependency_names_its_extra():
+    with pytest.raises(ImportError, match=re.escape("pip install 'diffkern[plots]'")):
+        _optional.require("diffkern_no_such_module", "plots")

@@ -13,5 +13,6 @@ from .ntrk import ntrk_step, twoos_bands, twoos_project, whiten
 from .rmdm import recurse
 from .sinks import sink_attention, sink_mass
 
-__all__ = ["ExtensionError", "__version__", "backend", "build_info", "dar_route", "flow_sde_step", "grpo_iso_loss", "ntrk_step",
-           "recurse", "sink_attention", "sink_mass", "twoos_bands", "twoos_project", "whiten"]
+__all__ = ["ExtensionError", "backend", "build_info", "dar_route", "flow_sde_step", "grpo_iso_loss", "ntrk_step",
+           "recurse", "sink_attention", "sink_mass", "twoos_bands", "twoos_project", "whiten",
+           "__version__"]
