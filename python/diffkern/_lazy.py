@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib
 
 
-class module:  # noqa: N801  (used like a module)
-    """Stands for the module `name` (absolute) and imports it when one of its attributes is first read.
+class _LazyModule:
+    """Stands for a module and imports it when one of its attributes is first read.
 
     It is not placed in sys.modules (inspect.getmodule, which torch.library calls, reads every module
     there and would import it at once); the real module lands there on first use, as any import does.
@@ -24,3 +24,8 @@ class module:  # noqa: N801  (used like a module)
 
     def __repr__(self) -> str:
         return f"<lazy module {self._name!r}>"
+
+
+def module(name: str) -> _LazyModule:
+    """The module `name` (absolute), imported when one of its attributes is first read."""
+    return _LazyModule(name)
