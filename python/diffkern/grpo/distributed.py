@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .. import _dtypes
+from .. import _checks, _dtypes
 
 
 def _distributed(group) -> bool:
@@ -52,6 +52,13 @@ def advantages(rewards: torch.Tensor, prompt_ids: torch.Tensor, global_std: bool
         rewards: [n] float rewards of this rank's rollouts; prompt_ids: [n] integer prompt ids.
     Returns: [n] advantages in float32 (float64 for float64 rewards).
     """
+    _checks.tensor("advantages", "rewards", rewards)
+    _checks.tensor("advantages", "prompt_ids", prompt_ids)
+    if not rewards.is_floating_point():
+        raise ValueError(f"advantages: rewards must be a floating tensor, got {_dtypes.name(rewards.dtype)}")
+    if prompt_ids.is_floating_point() or prompt_ids.is_complex() or prompt_ids.dtype == torch.bool:
+        raise ValueError(f"advantages: prompt_ids must be an integer tensor (ids are compared exactly, never "
+                         f"truncated), got {_dtypes.name(prompt_ids.dtype)}")
     if rewards.dim() != 1 or prompt_ids.shape != rewards.shape:
         raise ValueError(f"advantages: rewards and prompt_ids must be [n] tensors of one length, got shapes "
                          f"{list(rewards.shape)} and {list(prompt_ids.shape)}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .. import _checks, _dtypes, _nvtx, _registry, _triton
 from . import cuda_ops, distributed, reference, triton_kernels  # noqa: F401 (cuda_ops: fakes)
@@ -45,13 +46,31 @@ def _check_latents(op, lead: str, x, others: dict, sigma, sigma_next, std_rule, 
         fail(f"std_coef must be finite and > 0, got {std_coef}")
 
 
+def check_steps(op, sigma, sigma_next, std_rule) -> None:
+    """csrc/cpu/grpo.cpp's check_steps: 0 <= sigma_next < sigma <= 1 (sigma < 1 for sd3) per sample, read where
+    the values are on the host (real CPU tensors). On a GPU nothing is read back (no host sync per call);
+    fake tensors have no values."""
+    if sigma.device.type != "cpu" or is_fake(sigma) or is_fake(sigma_next) or torch.compiler.is_compiling():
+        return
+    s, sn = sigma.double(), sigma_next.double()
+    top = s <= 1 if std_rule == reference.STD_RULES["wan"] else s < 1
+    bad = ~((sn >= 0) & (sn < s) & top)
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{op}: sigma and sigma_next must satisfy 0 <= sigma_next < sigma <= 1 (sigma < 1 for "
+                         f"std_rule sd3), got sigma[{i}] = {s[i].item():g}, sigma_next[{i}] = {sn[i].item():g}")
+
+
 def check_sde_step(x, v, sigma, sigma_next, eps, std_rule, std_coef) -> None:
     _check_latents(STEP_OP, "x", x, {"v": v, "eps": eps}, sigma, sigma_next, std_rule, std_coef)
+    check_steps(STEP_OP, sigma, sigma_next, std_rule)
 
 
 def check_log_prob(v, x, target, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule, std_coef) -> None:
-    _check_latents(LOSS_OP, "v", v, {"target": target, "x": x, "v_ref": v_ref, "v_uncond": v_uncond}, sigma,
-                   sigma_next, std_rule, std_coef)
+    # target is the caller's x_next (with x) or y (without): named so
+    _check_latents(LOSS_OP, "v", v, {"x_next" if x is not None else "y": target, "x": x, "v_ref": v_ref,
+                                     "v_uncond": v_uncond}, sigma, sigma_next, std_rule, std_coef)
+    check_steps(LOSS_OP, sigma, sigma_next, std_rule)
     if not -math.inf < cfg_scale < math.inf:
         raise ValueError(f"{LOSS_OP}: cfg_scale must be finite, got {cfg_scale}")
 
@@ -147,9 +166,10 @@ torch.library.register_autograd("diffkern::grpo_log_prob", _log_prob_backward, s
 
 
 def _rule(op: str, std_rule: str, std_coef):
-    if std_rule not in reference.STD_RULES:
+    if not isinstance(std_rule, str) or std_rule not in reference.STD_RULES:
         raise ValueError(f"{op}: std_rule must be 'wan' or 'sd3', got {std_rule!r}")
-    return reference.STD_RULES[std_rule], float(reference.default_std_coef(std_rule) if std_coef is None else std_coef)
+    return reference.STD_RULES[std_rule], _checks.number(
+        op, "std_coef", reference.default_std_coef(std_rule) if std_coef is None else std_coef)
 
 
 def flow_sde_step(x, v, sigma, sigma_next, eps=None, std_rule: str = "wan", std_coef: float | None = None,
@@ -176,8 +196,16 @@ def flow_sde_step(x, v, sigma, sigma_next, eps=None, std_rule: str = "wan", std_
         on-policy ratio is 1 only to that rounding). A rollout op: no gradient flows through it. Nothing
         is saved. Traffic: reads x, v, eps; writes x_next, y.
     Backends: C++ (CPU tensors), CUDA C++ or Triton (CUDA tensors; CUDA C++ when built with CUDA), reference; see `diffkern.backend`.
-    NaN/inf in a sample's inputs make that sample's outputs NaN; other samples are unaffected.
+    Bad input: TypeError (not a tensor, std_coef not a number) or ValueError (shape, dtype, device, an
+        unknown std_rule), naming the argument. The step must satisfy 0 <= sigma_next < sigma <= 1 (sigma < 1
+        for "sd3"): a ValueError naming sigma and sigma_next where the values are on the host (CPU tensors);
+        on CUDA tensors they are not read back (no host sync), and a sample with an invalid step gets NaN/inf.
+    NaN/inf policy: propagated like the reference: NaN/inf in a sample's x, v or eps make that sample's
+        outputs NaN/inf; other samples are unaffected.
     """
+    x, v, sigma, sigma_next = (_checks.tensor(STEP_OP, n, t) for n, t in
+                               (("x", x), ("v", v), ("sigma", sigma), ("sigma_next", sigma_next)))
+    _checks.tensor(STEP_OP, "eps", eps, optional=True)
     rule, coef = _rule(STEP_OP, std_rule, std_coef)
     if eps is None:
         eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
@@ -186,7 +214,10 @@ def flow_sde_step(x, v, sigma, sigma_next, eps=None, std_rule: str = "wan", std_
 
 
 def _check_per_sample(name, t, v):
-    if t is None or t.device != v.device or list(t.shape) != [v.shape[0]] or not t.is_floating_point():
+    _checks.tensor(LOSS_OP, name, t, optional=True)
+    if t is not None and t.device != v.device:
+        raise ValueError(f"{LOSS_OP}: {name} is on {t.device} but v is on {v.device}")
+    if t is None or list(t.shape) != [v.shape[0]] or not t.is_floating_point():
         got = "None" if t is None else f"shape {list(t.shape)}, dtype {_dtypes.name(t.dtype)} on {t.device}"
         raise ValueError(f"{LOSS_OP}: {name} must be a floating [B] = [{v.shape[0]}] tensor on {v.device}, got {got}")
 
@@ -231,19 +262,34 @@ def grpo_iso_loss(v, x=None, x_next=None, sigma=None, sigma_next=None, log_prob_
     Backends: C++ (CPU tensors), CUDA C++ or Triton (CUDA tensors; CUDA C++ when built with CUDA), reference; see `diffkern.backend`. The TGR mean is
         over the global batch: every rank's samples of `group` (default: the default group) when
         torch.distributed is initialised (an all-reduce of two numbers), else this batch.
+    Bad input: TypeError (not a tensor, a scalar not a number) or ValueError (shape, dtype, device, the
+        stored step given both ways, beta > 0 without v_ref, cfg_scale without v_uncond), naming the
+        argument. The step values are checked as in flow_sde_step (on the host only; NaN/inf on a GPU).
+    NaN/inf policy: propagated like the reference: NaN/inf in a sample's latents or per-sample inputs make
+        that sample's log p (and the loss, a mean over samples) NaN/inf.
     """
+    _checks.tensor(LOSS_OP, "v", v)
+    for name, t in (("x", x), ("x_next", x_next), ("y", y), ("v_ref", v_ref), ("v_uncond", v_uncond)):
+        _checks.tensor(LOSS_OP, name, t, optional=True)
     rule, coef = _rule(LOSS_OP, std_rule, std_coef)
     x, target = _target(x, x_next, y)
     if (cfg_scale is None) != (v_uncond is None):
         raise ValueError(f"{LOSS_OP}: cfg_scale and v_uncond go together (got cfg_scale={cfg_scale}, "
                          f"v_uncond {'given' if v_uncond is not None else 'None'})")
+    clip_eps, beta = _checks.number(LOSS_OP, "clip_eps", clip_eps), _checks.number(LOSS_OP, "beta", beta)
+    if cfg_scale is not None:
+        cfg_scale = _checks.number(LOSS_OP, "cfg_scale", cfg_scale)
     if not 0 <= clip_eps < math.inf:  # comparisons, not math.isfinite: they trace (symbolic floats)
         raise ValueError(f"{LOSS_OP}: clip_eps must be finite and >= 0, got {clip_eps}")
     if not 0 <= beta < math.inf:
         raise ValueError(f"{LOSS_OP}: beta must be finite and >= 0, got {beta}")
+    if beta > 0 and v_ref is None:
+        raise ValueError(f"{LOSS_OP}: beta = {beta} > 0 weights a KL term to the reference policy: give v_ref "
+                         "(or beta = 0)")
     for name, t in (("sigma", sigma), ("sigma_next", sigma_next)):
         if t is None:
             raise ValueError(f"{LOSS_OP}: {name} is required")
+        _checks.tensor(LOSS_OP, name, t)
     _check_per_sample("log_prob_old", log_prob_old, v)
     _check_per_sample("advantages", advantages, v)
     with _nvtx.range("diffkern.grpo_iso_loss"):

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from .. import _checks
 from ..grpo.reference import flow_sigmas, step_coefficients
 from .api import ntrk_step
 from .whiten import DOMAINS, WHITEN_ALPHA, whiten
@@ -47,6 +48,8 @@ class BaseSampler:
 
     def __init__(self, velocity: Callable, reward: Callable, steps: int = 25, std_coef: float = 0.7,
                  record: bool = False):
+        if _checks.integer(type(self).__name__, "steps", steps) < 1:
+            raise ValueError(f"{type(self).__name__}: steps must be >= 1, got {steps}")
         self.velocity, self.reward, self.steps, self.std_coef, self.record = velocity, reward, steps, std_coef, record
 
     def schedule(self, device) -> torch.Tensor:
