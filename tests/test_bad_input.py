@@ -346,6 +346,9 @@ rows("twoos_project", {
     "float tile": kw_call(project, edit(project_in, tile=lambda kw: 6.0), Raises(TypeError, "tile")),
     "tile not dividing": kw_call(project, edit(project_in, tile=lambda kw: 5), Raises(ValueError, "tile")),
     "float passes": kw_call(project, project_in, Raises(TypeError, "passes"), passes=2.5),
+    "passes -1": kw_call(project, project_in, Raises(ValueError, "passes"), passes=-1),
+    "alpha string": kw_call(project, project_in, Raises(TypeError, "alpha"), alpha="0.1"),
+    "alpha 2": kw_call(project, project_in, Raises(ValueError, "alpha"), alpha=2.0),
     "int x": kw_call(project, edit(project_in, x=lambda kw: kw["x"].long()), Raises(ValueError, "x")),
     "bands one tensor": kw_call(project, edit(project_in, tile=lambda kw: None), Raises(TypeError, "bands"),
                                 bands=torch.zeros(4, 6)),
@@ -369,6 +372,7 @@ rows("whiten", {
     "float tile": kw_call(whiten, whiten_in, Raises(TypeError, "tile"), tile=8.0),
     "unknown domain": kw_call(whiten, whiten_in, Raises(ValueError, "domain"), domains=("time",)),
     "alpha 0": kw_call(whiten, whiten_in, Raises(ValueError, "alpha"), alpha=0.0),
+    "passes -1": kw_call(whiten, whiten_in, Raises(ValueError, "passes"), passes=-1),
     "scale 2^-90 (scale-invariant)": kw_call(whiten, edit(whiten_in, g=lambda kw: kw["g"] * 2.0**-90), Reference(64)),
     "nan in g": kw_call(whiten, edit(whiten_in, **nan_at("g", 70)), Reference(64)),
     "constant sample": kw_call(whiten, edit(whiten_in, g=lambda kw: torch.ones(2, 64)), Reference(64)),
@@ -500,6 +504,11 @@ rows("sink_attention", {
         n: (lambda n: lambda kw: kw[n].bfloat16())(n) for n in ("q", "k", "v")}), SINK_REF),
     "nan in v": kw_call(attend, edit(attn_in, **nan_at("v", 2)), SINK_REF),
     "bias -inf": kw_call(attend, attn_in, SINK_REF, bias=-math.inf),
+})
+
+rows("backend", {
+    "unknown name": (Call(lambda name: diffkern.backend(name).__enter__(), lambda: ["gpu"]),
+                     Raises(ValueError, "unknown backend")),
 })
 
 

@@ -105,7 +105,8 @@ def twoos_project(x, tile: int | None = None, bands=None, passes: int = 8, alpha
 
     _checks.tensor("twoos_project", "x", x)
     tile = None if tile is None else _checks.integer("twoos_project", "tile", tile)
-    passes = _checks.integer("twoos_project", "passes", passes)
+    if _checks.integer("twoos_project", "passes", passes) < 0:
+        raise ValueError(f"twoos_project: passes must be >= 0, got {passes}")
     if x.dim() < 1:
         raise ValueError("twoos_project: x must be [B, ...], got a 0-dim tensor")
     n = math.prod(x.shape[1:])
@@ -114,7 +115,8 @@ def twoos_project(x, tile: int | None = None, bands=None, passes: int = 8, alpha
         D = tile if tile is not None else default_tile(max(n, 1))
         if D < 1 or n % D:
             raise ValueError(f"twoos_project: tile must divide the {n} entries of a sample, got tile={tile}")
-        lower, upper = bands_on(max(n // D, 1), D, float(alpha), "normal", None, acc, x.device)
+        alpha = _checks.number("twoos_project", "alpha", alpha)
+        lower, upper = bands_on(max(n // D, 1), D, alpha, "normal", None, acc, x.device)
     else:
         if not (isinstance(bands, (list, tuple)) and len(bands) == 2):
             raise TypeError(f"twoos_project: bands must be a (lower, upper) pair of tensors, got {type(bands).__name__}")

@@ -94,7 +94,8 @@ position, which is no guidance at all.
     if isinstance(domains, str):
         domains = (domains,)
     tile = None if tile is None else _checks.integer("whiten", "tile", tile)
-    passes = _checks.integer("whiten", "passes", passes)
+    if _checks.integer("whiten", "passes", passes) < 0:
+        raise ValueError(f"whiten: passes must be >= 0, got {passes}")
     alpha = _checks.number("whiten", "alpha", alpha)
     if not 0 < alpha < 1:
         raise ValueError(f"whiten: alpha must be in (0, 1), got {alpha}")
