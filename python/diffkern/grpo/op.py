@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
 from .. import _checks, _dtypes, _nvtx, _registry, _triton
 from . import cuda_ops, distributed, reference, triton_kernels  # noqa: F401 (cuda_ops: fakes)
@@ -18,7 +17,9 @@ STEP_OP, LOSS_OP = "flow_sde_step", "grpo_iso_loss"
 
 def _check_latents(op, lead: str, x, others: dict, sigma, sigma_next, std_rule, std_coef) -> None:
     """The checks csrc/cpu/grpo.cpp makes, in the same order and words; `lead` names x, which sets the
-    shape, dtype and device of the other latents."""
+    shape, dtype and device of the other latents. The C++ CPU kernels also check the step values
+    (check_steps: they are on the host there); the backends registered here are the GPU's (and model
+    it when forced on CPU tensors), so they read no values back."""
     def fail(msg):
         raise ValueError(f"{op}: {msg}")
     if x.dim() < 1:
@@ -46,31 +47,14 @@ def _check_latents(op, lead: str, x, others: dict, sigma, sigma_next, std_rule, 
         fail(f"std_coef must be finite and > 0, got {std_coef}")
 
 
-def check_steps(op, sigma, sigma_next, std_rule) -> None:
-    """csrc/cpu/grpo.cpp's check_steps: 0 <= sigma_next < sigma <= 1 (sigma < 1 for sd3) per sample, read where
-    the values are on the host (real CPU tensors). On a GPU nothing is read back (no host sync per call);
-    fake tensors have no values."""
-    if sigma.device.type != "cpu" or is_fake(sigma) or is_fake(sigma_next) or torch.compiler.is_compiling():
-        return
-    s, sn = sigma.double(), sigma_next.double()
-    top = s <= 1 if std_rule == reference.STD_RULES["wan"] else s < 1
-    bad = ~((sn >= 0) & (sn < s) & top)
-    if bad.any():
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{op}: sigma and sigma_next must satisfy 0 <= sigma_next < sigma <= 1 (sigma < 1 for "
-                         f"std_rule sd3), got sigma[{i}] = {s[i].item():g}, sigma_next[{i}] = {sn[i].item():g}")
-
-
 def check_sde_step(x, v, sigma, sigma_next, eps, std_rule, std_coef) -> None:
     _check_latents(STEP_OP, "x", x, {"v": v, "eps": eps}, sigma, sigma_next, std_rule, std_coef)
-    check_steps(STEP_OP, sigma, sigma_next, std_rule)
 
 
 def check_log_prob(v, x, target, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule, std_coef) -> None:
     # target is the caller's x_next (with x) or y (without): named so
     _check_latents(LOSS_OP, "v", v, {"x_next" if x is not None else "y": target, "x": x, "v_ref": v_ref,
                                      "v_uncond": v_uncond}, sigma, sigma_next, std_rule, std_coef)
-    check_steps(LOSS_OP, sigma, sigma_next, std_rule)
     if not -math.inf < cfg_scale < math.inf:
         raise ValueError(f"{LOSS_OP}: cfg_scale must be finite, got {cfg_scale}")
 
@@ -198,8 +182,9 @@ def flow_sde_step(x, v, sigma, sigma_next, eps=None, std_rule: str = "wan", std_
     Backends: C++ (CPU tensors), CUDA C++ or Triton (CUDA tensors; CUDA C++ when built with CUDA), reference; see `diffkern.backend`.
     Bad input: TypeError (not a tensor, std_coef not a number) or ValueError (shape, dtype, device, an
         unknown std_rule), naming the argument. The step must satisfy 0 <= sigma_next < sigma <= 1 (sigma < 1
-        for "sd3"): a ValueError naming sigma and sigma_next where the values are on the host (CPU tensors);
-        on CUDA tensors they are not read back (no host sync), and a sample with an invalid step gets NaN/inf.
+        for "sd3"): the CPU kernels, which have the values on the host, raise a ValueError naming sigma and
+        sigma_next; on CUDA tensors they are not read back (no host sync), and a sample with an invalid
+        step gets NaN/inf (as with the Python backends forced on CPU tensors).
     NaN/inf policy: propagated like the reference: NaN/inf in a sample's x, v or eps make that sample's
         outputs NaN/inf; other samples are unaffected.
     """
@@ -264,7 +249,7 @@ def grpo_iso_loss(v, x=None, x_next=None, sigma=None, sigma_next=None, log_prob_
         torch.distributed is initialised (an all-reduce of two numbers), else this batch.
     Bad input: TypeError (not a tensor, a scalar not a number) or ValueError (shape, dtype, device, the
         stored step given both ways, beta > 0 without v_ref, cfg_scale without v_uncond), naming the
-        argument. The step values are checked as in flow_sde_step (on the host only; NaN/inf on a GPU).
+        argument. The step values are checked as in flow_sde_step (by the CPU kernels; NaN/inf on a GPU).
     NaN/inf policy: propagated like the reference: NaN/inf in a sample's latents or per-sample inputs make
         that sample's log p (and the loss, a mean over samples) NaN/inf.
     """

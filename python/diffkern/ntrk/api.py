@@ -16,8 +16,7 @@ def _per_sample(name: str, value, mu: torch.Tensor) -> torch.Tensor:
         return torch.full((B,), _checks.number("ntrk_step", name, value), dtype=acc, device=mu.device)
     if value.device != mu.device and (value.device.type == "meta" or mu.device.type == "meta"):
         raise ValueError(f"ntrk_step: {name} is on {value.device} but mu is on {mu.device}")
-    if not (value.is_floating_point() or value.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32,
-                                                          torch.int64)):
+    if value.is_complex() or value.dtype == torch.bool:
         raise ValueError(f"ntrk_step: {name} must be a real tensor, got {_dtypes.name(value.dtype)}")
     if value.dim() > 1 or (value.dim() == 1 and value.shape[0] not in (1, B)):
         raise ValueError(f"ntrk_step: {name} must be a float, a 0-dim tensor or a [B] = [{B}] tensor, got shape "
