@@ -14,10 +14,11 @@ import torch
 
 import diffkern
 from diffkern.dar import dar_gather
-from diffkern.grpo import advantages
+from diffkern.grpo import IsoTimestepSampler, advantages
 from diffkern.nn import DARRouter, FlashGRPOLoss
 from diffkern.ntrk.sampling import NTRKSampler
-from diffkern.rmdm import RecursiveMDM, sudoku
+from diffkern.rmdm import RecursiveMDM, sample, sudoku
+from diffkern.sampling import BaseSampler, SVDDSampler, best_of_n
 from diffkern.rmdm.reference import param_shapes
 from diffkern.sinks.processors import install_sink_processors
 from diffkern.testing.contract import Call, Equals, Raises, Reference, outcome
@@ -188,6 +189,12 @@ rows("dar_route", {
     "zero batch": kw_call(route, edit(route_in, sources=lambda kw: [s[:0] for s in kw["sources"]]), Reference(24)),
     "float64": kw_call(route, edit(route_in, **double("sources", "q", "gain")), Reference(24)),
     "nan in a source": kw_call(route, edit(route_in, **nan_at("sources")), Reference(24)),
+    "bfloat16, large and tiny sources": kw_call(route, edit(route_in, sources=lambda kw: [
+        (s * 10.0**(30 - 30 * i)).bfloat16() for i, s in enumerate(kw["sources"])], q=lambda kw: kw["q"].bfloat16(),
+        gain=lambda kw: kw["gain"].bfloat16()), Reference(24)),
+    "float16 near its max": kw_call(route, edit(route_in, sources=lambda kw: [(s * 2e4).half() for s in kw["sources"]],
+                                                q=lambda kw: kw["q"].half(), gain=lambda kw: kw["gain"].half()),
+                                    Reference(24)),
     "inf in q": kw_call(route, edit(route_in, **nan_at("q", 3, math.inf)), Reference(24)),
     "near the float32 max": kw_call(route, edit(route_in, sources=lambda kw: [s * 1e37 for s in kw["sources"]],
                                                 q=lambda kw: kw["q"] * 1e38), Reference(24)),
@@ -264,6 +271,11 @@ rows("flow_sde_step", {
     "tiny step": kw_call(step, edit(step_in, **sigmas(0.5, 0.5 - 2**-20)), STEP_REF),
     "zero batch": kw_call(step, lambda: step_in(0), STEP_REF),
     "float64": kw_call(step, edit(step_in, **double("x", "v", "eps")), STEP_REF),
+    "bfloat16": kw_call(step, edit(step_in, x=lambda kw: kw["x"].bfloat16(), v=lambda kw: kw["v"].bfloat16(),
+                                   eps=lambda kw: kw["eps"].bfloat16()), STEP_REF),
+    "float16, large latents": kw_call(step, edit(step_in, x=lambda kw: (kw["x"] * 1e4).half(),
+                                                 v=lambda kw: (kw["v"] * 1e4).half(), eps=lambda kw: kw["eps"].half()),
+                                      STEP_REF),
     "nan in x": kw_call(step, edit(step_in, **nan_at("x", 3)), STEP_REF),
     "inf in v": kw_call(step, edit(step_in, **nan_at("v", 12, math.inf)), STEP_REF),
 })
@@ -307,6 +319,13 @@ rows("FlashGRPOLoss", {
                              Raises(TypeError, "rewards")),
     "rewards and advantages": kw_call(grpo_module, edit(flash_in, advantages=lambda kw: kw["rewards"]),
                                       Raises(ValueError, "rewards", "advantages")),
+})
+rows("IsoTimestepSampler", {
+    "float num_steps": (Call(IsoTimestepSampler, lambda: [20.5]), Raises(TypeError, "num_steps")),
+    "float prompt_ids": (Call(lambda ids: IsoTimestepSampler(20).sample(ids), lambda: [torch.tensor([0.0, 1.5])]),
+                         Raises(ValueError, "prompt_ids")),
+    "prompt_ids numpy": (Call(lambda ids: IsoTimestepSampler(20).sample(ids), lambda: [np.array([0, 1])]),
+                         Raises(TypeError, "prompt_ids")),
 })
 rows("grpo.advantages", {
     "int rewards": kw_call(advantages, lambda: dict(rewards=torch.tensor([1, 2]), prompt_ids=torch.tensor([0, 0])),
@@ -362,6 +381,8 @@ rows("twoos_project", {
     "inf in x": kw_call(project, edit(project_in, **nan_at("x", 7, -math.inf)), Reference(0)),
     "zero batch": kw_call(project, edit(project_in, x=lambda kw: kw["x"][:0]), Reference(0)),
     "float64": kw_call(project, edit(project_in, **double("x")), Reference(0)),
+    "bfloat16": kw_call(project, edit(project_in, x=lambda kw: kw["x"].bfloat16()), Reference(0)),
+    "huge values": kw_call(project, edit(project_in, x=lambda kw: kw["x"] * 1e38), Reference(0)),
     "nan in x, triton": triton(kw_call(project, edit(project_in, **nan_at("x", 3)), Reference(0))),
 })
 rows("whiten", {
@@ -392,6 +413,16 @@ def sampler_call(**kw):
     return NTRKSampler(velocity, reward, **kw).sample(randn(2, 16), torch.Generator().manual_seed(0))[0]
 
 
+def toy_sampler(cls, **kw):
+    return cls(lambda x, t: -x, lambda x: -(x - 1).pow(2).flatten(1).sum(1), steps=2, **kw)
+
+
+rows("samplers", {
+    "SVDD k 0": (Call(lambda: toy_sampler(SVDDSampler, k=0), lambda: []), Raises(ValueError, "k")),
+    "SVDD k 2.5": (Call(lambda: toy_sampler(SVDDSampler, k=2.5), lambda: []), Raises(TypeError, "k")),
+    "best_of_n n 0": (Call(lambda: best_of_n(toy_sampler(BaseSampler), lambda: randn(2, 4), 0), lambda: []),
+                      Raises(ValueError, "n")),
+})
 rows("NTRKSampler", {
     "rho 1.5": (Call(lambda: sampler_call(steps=2, rho=1.5), lambda: []), Raises(ValueError, "rho")),
     "float steps": (Call(lambda: sampler_call(steps=2.5), lambda: []), Raises(TypeError, "steps")),
@@ -447,6 +478,13 @@ rows("RecursiveMDM", {
     "n_iter 1.5": (Call(lambda z: mdm(z, n_iter=1.5), lambda: [torch.zeros(2, 81, dtype=torch.long)]),
                    Raises(TypeError, "n_iter")),
 })
+rows("rmdm.sample", {
+    "float steps": (Call(lambda: sample(mdm, puzzles, puzzles > 0, 1.5), lambda: []), Raises(TypeError, "steps")),
+    "float x_prompt": (Call(lambda: sample(mdm, puzzles.double(), puzzles > 0, 1), lambda: []),
+                       Raises(ValueError, "x_prompt")),
+    "prompt shape": (Call(lambda: sample(mdm, puzzles, (puzzles > 0)[:, :80], 1), lambda: []),
+                     Raises(ValueError, "prompt")),
+})
 rows("sudoku", {
     "generate float n": (Call(sudoku.generate, lambda: [2.5, 40]), Raises(TypeError, "n")),
     "generate clues 16": (Call(sudoku.generate, lambda: [1, 16]), Raises(ValueError, "clues")),
@@ -480,6 +518,8 @@ rows("sink_mass", {
     "no keys": kw_call(mass, edit(mass_in, k=lambda kw: kw["k"][:, :, :0]), Raises(ValueError, "k")),
     "nan in q": kw_call(mass, edit(mass_in, **nan_at("q", 1)), SINK_REF),
     "zero batch": kw_call(mass, edit(mass_in, q=lambda kw: kw["q"][:0], k=lambda kw: kw["k"][:0]), SINK_REF),
+    "large logits": kw_call(mass, edit(mass_in, q=lambda kw: kw["q"] * 100), SINK_REF),
+    "float16": kw_call(mass, edit(mass_in, q=lambda kw: kw["q"].half(), k=lambda kw: kw["k"].half()), SINK_REF),
 })
 rows("sink_attention", {
     **generic(attend, attn_in, "v"),
