@@ -49,13 +49,18 @@ struct Geometry {
 
 // The step values, read here where they live on the host. The CUDA kernels do not check them (that would
 // be a host sync per call): there an invalid step gives that sample NaN or inf.
+// Element i of a [B] float32/float64 tensor (any stride: expanded views too), read in place.
+double element(const at::Tensor& t, int64_t i) {
+  const int64_t at = i * t.stride(0);
+  return t.scalar_type() == at::kDouble ? t.const_data_ptr<double>()[at] : t.const_data_ptr<float>()[at];
+}
+
 void check_steps(const char* op, const at::Tensor& sigma, const at::Tensor& sigma_next, int64_t std_rule) {
-  const at::Tensor s = sigma.to(at::kDouble).contiguous(), sn = sigma_next.to(at::kDouble).contiguous();
-  const double *ps = s.const_data_ptr<double>(), *psn = sn.const_data_ptr<double>();
-  for (int64_t i = 0; i < s.numel(); ++i) {
-    TORCH_CHECK_VALUE(valid_step(ps[i], psn[i], static_cast<int>(std_rule)), op,
+  for (int64_t i = 0; i < sigma.numel(); ++i) {
+    const double s = element(sigma, i), sn = element(sigma_next, i);
+    TORCH_CHECK_VALUE(valid_step(s, sn, static_cast<int>(std_rule)), op,
                       ": sigma and sigma_next must satisfy 0 <= sigma_next < sigma <= 1 (sigma < 1 for std_rule "
-                      "sd3), got sigma[", i, "] = ", ps[i], ", sigma_next[", i, "] = ", psn[i]);
+                      "sd3), got sigma[", i, "] = ", s, ", sigma_next[", i, "] = ", sn);
   }
 }
 
