@@ -5,7 +5,6 @@ reference's answer (NaN/inf where it has them, finite values within the error mo
 (diffkern.testing.contract) classifies each outcome as ok, wrong or vague; the counting test wants 0 wrong
 and 0 vague. Runs the default backends on CPU tensors (the C++ kernels; Python code around them).
 """
-import functools
 import math
 
 import numpy as np
@@ -18,12 +17,12 @@ from diffkern.grpo import IsoTimestepSampler, advantages
 from diffkern.nn import DARRouter, FlashGRPOLoss
 from diffkern.ntrk.sampling import NTRKSampler
 from diffkern.rmdm import RecursiveMDM, sample, sudoku
-from diffkern.sampling import BaseSampler, SVDDSampler, best_of_n
 from diffkern.rmdm.reference import param_shapes
+from diffkern.sampling import BaseSampler, SVDDSampler, best_of_n
 from diffkern.sinks.processors import install_sink_processors
 from diffkern.testing.contract import Call, Equals, Raises, Reference, outcome
 
-F32, F64 = torch.float32, torch.float64
+F32 = torch.float32
 
 
 def randn(*shape, seed=0, dtype=F32):
@@ -98,33 +97,22 @@ def dominant_sink():
     return dict(q=torch.ones(1, 1, 2, 4), k=k, v=randn(1, 1, 3, 4))
 
 
-def at(inputs, name, index, value):
-    """inputs()[name] with one element set (a non-finite or extreme value)."""
-    def change(kw):
-        t = kw[name].clone()
-        t.view(-1)[index] = value
-        return t
-    return edit(inputs, **{name: change})
-
-
 def generic(fn, base, name, complex_dtype=True):
     """The rows every tensor argument gets: a numpy array, None, a Python list, the meta device (where other
     tensors are not: an op whose only tensor is on meta computes shapes, as torch ops do); a complex dtype."""
     rows = {
-        f"{name} numpy": kw_call(fn, edit(base, **{name: lambda kw: np.asarray(kw[name])}), Raises(TypeError, name)),
+        f"{name} numpy": kw_call(fn, edit(base, **{name: lambda kw: np.asarray(kw[name])}),
+                                 Raises(TypeError, name)),
         f"{name} None": kw_call(fn, edit(base, **{name: lambda kw: None}), Raises((TypeError, ValueError), name)),
         f"{name} list": kw_call(fn, edit(base, **{name: lambda kw: kw[name].tolist()}), Raises(TypeError, name)),
     }
     if sum(isinstance(v, torch.Tensor) for v in base().values()) > 1:
-        rows[f"{name} meta"] = kw_call(fn, edit(base, **{name: lambda kw: kw[name].to("meta")}), Raises(ValueError, name))
+        rows[f"{name} meta"] = kw_call(fn, edit(base, **{name: lambda kw: kw[name].to("meta")}),
+                                       Raises(ValueError, name))
     if complex_dtype:
         rows[f"{name} complex"] = kw_call(fn, edit(base, **{name: lambda kw: kw[name].to(torch.complex64)}),
                                           Raises(ValueError, name))
     return rows
-
-
-def prefixed(prefix, rows):
-    return {f"{prefix}: {k}": v for k, v in rows.items()}
 
 
 def double(*names):
@@ -161,7 +149,8 @@ def rows(entry, table):
 route = diffkern.dar_route
 rows("dar_route", {
     **generic(route, route_in, "q"), **generic(route, route_in, "gain"),
-    "sources a tensor": kw_call(route, edit(route_in, sources=lambda kw: kw["sources"][0]), Raises(TypeError, "sources")),
+    "sources a tensor": kw_call(route, edit(route_in, sources=lambda kw: kw["sources"][0]),
+                                Raises(TypeError, "sources")),
     "sources numpy entry": kw_call(route, edit(route_in, sources=lambda kw: [np.asarray(kw["sources"][0])]),
                                    Raises(TypeError, "sources[0]")),
     "sources None": kw_call(route, edit(route_in, sources=lambda kw: None), Raises(TypeError, "sources")),
@@ -250,7 +239,8 @@ rows("flow_sde_step", {
     "non-contiguous x": kw_call(step, edit(step_in, x=lambda kw: kw["x"].transpose(1, 2).contiguous().transpose(1, 2)),
                                 Raises(ValueError, "x", "contiguous")),
     "sigma [1]": kw_call(step, edit(step_in, sigma=lambda kw: kw["sigma"][:1]), Raises(ValueError, "sigma")),
-    "int sigma": kw_call(step, edit(step_in, sigma=lambda kw: torch.ones(3, dtype=torch.long)), Raises(ValueError, "sigma")),
+    "int sigma": kw_call(step, edit(step_in, sigma=lambda kw: torch.ones(3, dtype=torch.long)),
+                         Raises(ValueError, "sigma")),
     "meta sigma_next": kw_call(step, edit(step_in, sigma_next=lambda kw: kw["sigma_next"].to("meta")),
                                Raises(ValueError, "sigma_next")),
     "sigma = 0": kw_call(step, edit(step_in, **sigmas(0.0, 0.0)), Raises(ValueError, "sigma", "sigma_next")),
@@ -312,7 +302,8 @@ def flash_in():
 
 rows("FlashGRPOLoss", {
     "rewards short": kw_call(grpo_module, edit(flash_in, rewards=lambda kw: kw["rewards"][:2],
-                                               prompt_ids=lambda kw: kw["prompt_ids"][:2]), Raises(ValueError, "rewards")),
+                                               prompt_ids=lambda kw: kw["prompt_ids"][:2]),
+                             Raises(ValueError, "rewards")),
     "float prompt_ids": kw_call(grpo_module, edit(flash_in, prompt_ids=lambda kw: torch.tensor([0.0, 0.5, 1.0])),
                                 Raises(ValueError, "prompt_ids")),
     "rewards numpy": kw_call(grpo_module, edit(flash_in, rewards=lambda kw: np.asarray(kw["rewards"])),
@@ -352,7 +343,8 @@ rows("ntrk_step", {
     "float sigma < 0": kw_call(ntrk, edit(ntrk_in, sigma=lambda kw: -1.0), Raises(ValueError, "sigma")),
     "float seed": kw_call(ntrk, edit(ntrk_in, eps=lambda kw: None), Raises(TypeError, "seed"), seed=2.5),
     "float offset": kw_call(ntrk, edit(ntrk_in, eps=lambda kw: None), Raises(TypeError, "offset"), seed=1, offset=0.5),
-    "negative offset": kw_call(ntrk, edit(ntrk_in, eps=lambda kw: None), Raises(ValueError, "offset"), seed=1, offset=-1),
+    "negative offset": kw_call(ntrk, edit(ntrk_in, eps=lambda kw: None), Raises(ValueError, "offset"), seed=1,
+                               offset=-1),
     "w shape": kw_call(ntrk, edit(ntrk_in, w=lambda kw: kw["w"][:, :2]), Raises(ValueError, "w")),
     "0-dim mu": kw_call(ntrk, edit(ntrk_in, mu=lambda kw: kw["mu"][0, 0, 0]), Raises(ValueError, "mu")),
     "rho 0 and 1": kw_call(ntrk, edit(ntrk_in, rho=lambda kw: torch.tensor([0.0, 1.0])), NTRK_REF),
@@ -437,11 +429,13 @@ rows("recurse", {
     "block_params a tensor": kw_call(recurse, edit(recurse_in, block_params=lambda kw: kw["block_params"][0][2]),
                                      Raises(TypeError, "block_params")),
     "numpy weight": kw_call(recurse, edit(recurse_in, block_params=lambda kw: [
-        [np.asarray(w) if i == 2 else w for i, w in enumerate(kw["block_params"][0])]]), Raises(TypeError, "block_params[0][2]")),
+        [np.asarray(w) if i == 2 else w for i, w in enumerate(kw["block_params"][0])]]),
+        Raises(TypeError, "block_params[0][2]")),
     "11 tensors": kw_call(recurse, edit(recurse_in, block_params=lambda kw: [kw["block_params"][0][:11]]),
                           Raises(ValueError, "weights")),
     "weight shape": kw_call(recurse, edit(recurse_in, block_params=lambda kw: [
-        [randn(3, 8) if i == 4 else w for i, w in enumerate(kw["block_params"][0])]]), Raises(ValueError, "weights[4]")),
+        [randn(3, 8) if i == 4 else w for i, w in enumerate(kw["block_params"][0])]]),
+        Raises(ValueError, "weights[4]")),
     "n_iter 2.7": kw_call(recurse, edit(recurse_in, n_iter=lambda kw: 2.7), Raises(TypeError, "n_iter")),
     "n_iter 0": kw_call(recurse, edit(recurse_in, n_iter=lambda kw: 0), Raises(ValueError, "n_iter")),
     "n_iter None": kw_call(recurse, edit(recurse_in, n_iter=lambda kw: None), Raises(TypeError, "n_iter")),
@@ -467,7 +461,8 @@ def recurse_bwd_in(n_iter=2):
 recurse_bwd = torch.ops.diffkern.rmdm_recurse_bwd
 rows("rmdm_recurse_bwd", {
     "no iterations": kw_call(recurse_bwd, lambda: recurse_bwd_in(0), Raises(ValueError, "states")),
-    "3-d states": kw_call(recurse_bwd, edit(recurse_bwd_in, states=lambda kw: kw["states"][0]), Raises(ValueError, "states")),
+    "3-d states": kw_call(recurse_bwd, edit(recurse_bwd_in, states=lambda kw: kw["states"][0]),
+                          Raises(ValueError, "states")),
     "dstates shape": kw_call(recurse_bwd, edit(recurse_bwd_in, dstates=lambda kw: kw["dstates"][:1]),
                              Raises(ValueError, "dstates")),
 })

@@ -118,7 +118,8 @@ def twoos_project(x, tile: int | None = None, bands=None, passes: int = 8, alpha
         lower, upper = bands_on(max(n // D, 1), D, alpha, "normal", None, acc, x.device)
     else:
         if not (isinstance(bands, (list, tuple)) and len(bands) == 2):
-            raise TypeError(f"twoos_project: bands must be a (lower, upper) pair of tensors, got {type(bands).__name__}")
+            raise TypeError(f"twoos_project: bands must be a (lower, upper) pair of tensors, got "
+                            f"{type(bands).__name__}")
         for name, b in zip(("bands[0] (lower)", "bands[1] (upper)"), bands):
             if not _checks.tensor("twoos_project", name, b).is_floating_point():
                 raise ValueError(f"twoos_project: {name} must be a real floating tensor, got {_dtypes.name(b.dtype)}")
