@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import diffkern
+from diffkern import _registry
 from diffkern.dar import dar_gather
 from diffkern.grpo import IsoTimestepSampler, advantages
 from diffkern.nn import DARRouter, FlashGRPOLoss
@@ -582,3 +583,21 @@ def test_matrix_counts_no_wrong_and_no_vague():
             bad.append(f"{kind}: {name}: {what}")
     assert counts["wrong"] == counts["vague"] == 0, f"{counts}\n" + "\n".join(bad)
     assert counts["ok"] == len(ROWS) >= 250
+
+
+def test_the_contract_tells_ok_wrong_and_vague_apart():
+    """The classifier itself: a result off the reference is wrong, an error not naming the argument vague."""
+    def error(t):
+        raise ValueError("op: something is off")
+    def kernel(t, off):  # off: what the "kernel" (no backend forced) adds to the reference's answer
+        return t + (0.0 if _registry._forced else off)
+    x = lambda: [randn(4)]  # noqa: E731
+    assert outcome(Call(lambda t: kernel(t, 0.0), x), Reference(0))[0] == "ok"
+    assert outcome(Call(lambda t: kernel(t, 1e-5), x), Reference(0))[0] == "wrong"
+    assert outcome(Call(lambda t: kernel(t, math.nan), x), Reference(0))[0] == "wrong"
+    assert outcome(Call(lambda t: t.sum(0) if t.dtype == F32 else t, x), Reference(0))[0] == "wrong"
+    assert outcome(Call(lambda t: t.missing(), x), Reference(0))[0] == "vague"
+    assert outcome(Call(lambda t: t, x), Raises(ValueError, "t"))[0] == "wrong"
+    assert outcome(Call(error, x), Raises(ValueError, "something"))[0] == "ok"
+    assert outcome(Call(error, x), Raises(ValueError, "t must"))[0] == "vague"
+    assert outcome(Call(error, x), Raises(TypeError, "something"))[0] == "vague"
