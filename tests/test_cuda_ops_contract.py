@@ -50,7 +50,7 @@ BAD = [
     ("flow_sde_step_cuda", 1, torch.zeros(B, D + 1), "v has shape [2, 38] but x has shape [2, 37]"),
     ("flow_sde_step_cuda", 0, torch.zeros(B, D, dtype=torch.float64), "float64"),
     ("flow_sde_step_cuda", 2, torch.zeros(B + 1), "sigma must be [B]"),
-    ("grpo_log_prob_cuda", 2, torch.zeros(D, B).t(), "target must be contiguous; call .contiguous()"),
+    ("grpo_log_prob_cuda", 2, torch.zeros(D, B).t(), "x_next must be contiguous; call .contiguous()"),
     ("grpo_log_prob_cuda", 5, torch.zeros(B, D, dtype=torch.float16), "v_ref dtype float16 differs from v dtype float32"),
     ("grpo_log_prob_bwd_cuda", 0, torch.ones(B + 1), "dlog_prob must be a contiguous [B]"),
     ("ntrk_step_cuda", 2, torch.zeros(B, D - 1), "w has shape [2, 36] but mu has shape [2, 37]"),

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import _dtypes, _lazy, _nvtx, _ops, _registry
+from .. import _checks, _dtypes, _lazy, _nvtx, _ops, _registry
 from . import reference
 triton_kernels = _lazy.module(__package__ + ".triton_kernels")  # imports triton on first use
-from .op import check_bwd, check_fwd, check_like_source, check_saved, check_triton
+from .op import check_bwd, check_fwd, check_like_source, check_public, check_saved, check_triton
 
 OP = "dar_gather"
 
@@ -125,7 +125,12 @@ def dar_gather(sources, addends, q, gain, eps: float = 1e-6):
         backward: the routed sources (c, not the addends), h and the log-sum-exp; alpha and rstd are
         recomputed. Double backward is not supported.
     Backends: C++ (CPU tensors), Triton (CUDA tensors), reference; see `diffkern.backend`.
+    NaN/inf policy: propagated like the reference (a NaN/inf in a token's sources or addends makes that
+        token's h NaN and its c NaN/inf); values are not checked. Bad arguments raise TypeError or
+        ValueError naming the argument, as dar_route.
     """
+    sources, q, gain, eps = check_public(sources, q, gain, eps, OP)
+    addends = _checks.tensor_list(OP, "addends", addends)
     with _nvtx.range("diffkern.dar_gather"):
-        h, _, c = _ops.ops.dar_gather_fwd(list(sources), list(addends), q, gain, float(eps))
+        h, _, c = _ops.ops.dar_gather_fwd(sources, addends, q, gain, eps)
     return h, (c if addends else None)

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .. import _dtypes, _lazy, _nvtx, _ops, _registry, _triton
+from .. import _checks, _dtypes, _lazy, _nvtx, _ops, _registry, _triton
 from . import reference
 triton_kernels = _lazy.module(__package__ + ".triton_kernels")  # imports triton on first use
 
@@ -171,7 +171,16 @@ def dar_route(sources, q, gain, eps: float = 1e-6) -> torch.Tensor:
         log-sum-exp [B, T] (4 bytes/token); rstd and alpha are recomputed. Double backward is not supported.
     Backends: C++ (CPU tensors), CUDA C++ (CUDA tensors, when built with CUDA), Triton (CUDA tensors),
         reference; see `diffkern.backend`.
-    NaN/inf in an input make the affected tokens' outputs NaN; nothing else is checked for them.
+    NaN/inf policy: propagated like the reference: a NaN/inf in a token's sources (or in q, gain) makes
+        that token's output NaN; tensor values are not checked. Bad arguments raise TypeError (not a tensor,
+        eps not a number) or ValueError (shape, dtype, device, stride, eps < 0), naming the argument.
     """
+    sources, q, gain, eps = check_public(sources, q, gain, eps)
     with _nvtx.range("diffkern.dar_route"):
-        return _ops.ops.dar_route_fwd(list(sources), q, gain, float(eps))[0]
+        return _ops.ops.dar_route_fwd(sources, q, gain, eps)[0]
+
+
+def check_public(sources, q, gain, eps, op: str = "dar_route"):
+    """The Python types of the public arguments (the op's schema checks the rest): (sources list, q, gain, eps)."""
+    return (_checks.tensor_list(op, "sources", sources), _checks.tensor(op, "q", q), _checks.tensor(op, "gain", gain),
+            _checks.number(op, "eps", eps))

@@ -5,8 +5,6 @@ signatures and share their fakes, so torch.library.opcheck and tracing see the s
 """
 from __future__ import annotations
 
-import torch
-
 from .. import _registry
 
 

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .. import _dtypes, _nvtx, _ops
+from .. import _checks, _dtypes, _nvtx, _ops
 from . import op  # noqa: F401  (registers the backends, fakes and autograd)
 
 
@@ -13,7 +13,11 @@ def _per_sample(name: str, value, mu: torch.Tensor) -> torch.Tensor:
     """A float, a 0-dim or a [B] tensor as the contiguous [B] tensor the op takes (accumulation dtype)."""
     B, acc = mu.shape[0], _dtypes.acc(mu.dtype)
     if not isinstance(value, torch.Tensor):
-        return torch.full((B,), float(value), dtype=acc, device=mu.device)
+        return torch.full((B,), _checks.number("ntrk_step", name, value), dtype=acc, device=mu.device)
+    if value.device != mu.device and (value.device.type == "meta" or mu.device.type == "meta"):
+        raise ValueError(f"ntrk_step: {name} is on {value.device} but mu is on {mu.device}")
+    if value.is_complex() or value.dtype == torch.bool:
+        raise ValueError(f"ntrk_step: {name} must be a real tensor, got {_dtypes.name(value.dtype)}")
     if value.dim() > 1 or (value.dim() == 1 and value.shape[0] not in (1, B)):
         raise ValueError(f"ntrk_step: {name} must be a float, a 0-dim tensor or a [B] = [{B}] tensor, got shape "
                          f"{list(value.shape)}")
@@ -40,10 +44,20 @@ def ntrk_step(mu, sigma, w, rho, eps=None, generator: torch.Generator | None = N
     Autograd: differentiable in mu, w and a given eps (dw = sigma sqrt(rho) dx, deps = sigma sqrt(1-rho) dx);
         sigma and rho get no gradient. Saved: sigma and rho ([B]).
     Backends: C++ (CPU tensors), CUDA C++ or Triton (CUDA tensors; CUDA C++ when built with CUDA), reference; see `diffkern.backend`.
+    Bad input: TypeError (not a tensor, a float seed or offset) or ValueError (shape, dtype, device, a
+        float sigma < 0 or rho outside [0, 1]), naming the argument. Tensor sigma and rho are not read
+        back (no host sync).
+    NaN/inf policy: propagated like the reference: NaN/inf in mu, w, eps or a sample's sigma make those
+        outputs NaN/inf; a tensor rho outside [0, 1] gives that sample NaN.
     """
-    if not isinstance(rho, torch.Tensor) and not 0 <= rho <= 1:
+    mu, w = _checks.tensor("ntrk_step", "mu", mu), _checks.tensor("ntrk_step", "w", w)
+    _checks.tensor("ntrk_step", "eps", eps, optional=True)
+    if seed is not None:
+        seed = _checks.integer("ntrk_step", "seed", seed)
+    offset = _checks.integer("ntrk_step", "offset", offset)
+    if not isinstance(rho, torch.Tensor) and not 0 <= _checks.number("ntrk_step", "rho", rho) <= 1:
         raise ValueError(f"ntrk_step: rho must be in [0, 1], got {rho}")
-    if not isinstance(sigma, torch.Tensor) and not 0 <= sigma < math.inf:
+    if not isinstance(sigma, torch.Tensor) and not 0 <= _checks.number("ntrk_step", "sigma", sigma) < math.inf:
         raise ValueError(f"ntrk_step: sigma must be finite and >= 0, got {sigma}")
     if mu.dim() < 1:
         raise ValueError("ntrk_step: mu must be [B, ...], got a 0-dim tensor")
@@ -80,9 +94,18 @@ def twoos_project(x, tile: int | None = None, bands=None, passes: int = 8, alpha
         constant or the identity per entry, and guidance differentiates before it, not through it.
     Backends: C++ (CPU tensors), Triton (CUDA tensors; D <= 1024), reference; see `diffkern.backend`.
     Memory: the Triton backend keeps ~22 bytes per entry of scratch (sorted values, int16 columns, int64 keys).
+    Bad input: TypeError (not a tensor, a float tile or passes) or ValueError (shape, dtype, a tile that
+        does not divide a sample, a band table of another shape), naming the argument.
+    NaN/inf policy: like the reference: a NaN entry stays NaN in out and counts as outside its band
+        (in_set < 1); +-inf entries are clipped to their band edges like any other value. A NaN in a
+        user band table is a ValueError when the table is on the CPU (not read back from a GPU).
     """
     from .bands import bands_on
 
+    _checks.tensor("twoos_project", "x", x)
+    tile = None if tile is None else _checks.integer("twoos_project", "tile", tile)
+    if _checks.integer("twoos_project", "passes", passes) < 0:
+        raise ValueError(f"twoos_project: passes must be >= 0, got {passes}")
     if x.dim() < 1:
         raise ValueError("twoos_project: x must be [B, ...], got a 0-dim tensor")
     n = math.prod(x.shape[1:])
@@ -91,8 +114,17 @@ def twoos_project(x, tile: int | None = None, bands=None, passes: int = 8, alpha
         D = tile if tile is not None else default_tile(max(n, 1))
         if D < 1 or n % D:
             raise ValueError(f"twoos_project: tile must divide the {n} entries of a sample, got tile={tile}")
-        lower, upper = bands_on(max(n // D, 1), D, float(alpha), "normal", None, acc, x.device)
+        alpha = _checks.number("twoos_project", "alpha", alpha)
+        lower, upper = bands_on(max(n // D, 1), D, alpha, "normal", None, acc, x.device)
     else:
+        if not (isinstance(bands, (list, tuple)) and len(bands) == 2):
+            raise TypeError(f"twoos_project: bands must be a (lower, upper) pair of tensors, got "
+                            f"{type(bands).__name__}")
+        for name, b in zip(("bands[0] (lower)", "bands[1] (upper)"), bands):
+            if not _checks.tensor("twoos_project", name, b).is_floating_point():
+                raise ValueError(f"twoos_project: {name} must be a real floating tensor, got {_dtypes.name(b.dtype)}")
+            if b.device.type == "cpu" and not torch.compiler.is_compiling() and torch.isnan(b).any():
+                raise ValueError(f"twoos_project: {name} holds NaN (a band edge must be a number or +-inf)")
         lower, upper = (b.to(x.device, acc).contiguous() for b in bands)
         if tile is not None and lower.dim() == 2 and lower.shape[1] != tile:
             raise ValueError(f"twoos_project: tile={tile} but the bands are [M, D] = {list(lower.shape)}")

@@ -55,9 +55,10 @@ def twoos_bands(M: int, D: int, alpha: float = 1e-4, dist: str = "normal", dof: 
     Returns: (lower, upper), float64 CPU tensors [M, D], fresh copies (the cache keeps its own).
     Cost: 2 M D inverse incomplete beta evaluations (~1 us each) on the first call for a key.
     """
-    if not (isinstance(M, int) and isinstance(D, int) and M >= 1 and D >= 1):
+    if not (isinstance(M, int) and isinstance(D, int) and not isinstance(M, bool) and not isinstance(D, bool)
+            and M >= 1 and D >= 1):
         raise ValueError(f"twoos_bands: M and D must be ints >= 1, got M={M!r}, D={D!r}")
-    if not 0 < alpha < 1:
+    if isinstance(alpha, (bool, complex, str)) or alpha is None or not 0 < alpha < 1:
         raise ValueError(f"twoos_bands: alpha must be in (0, 1), got {alpha}")
     if dist not in DISTS:
         raise ValueError(f"twoos_bands: dist must be one of {DISTS}, got {dist!r}")

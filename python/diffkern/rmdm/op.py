@@ -52,10 +52,11 @@ def check_recurse(x, weights, mod, n_iter, heads, eps) -> None:
 
 
 def check_recurse_bwd(dstates, x, states, weights, mod, heads, eps) -> None:
-    check_recurse(x, weights, mod, states.shape[0] if states.dim() == 4 else 0, heads, eps)
     for name, t in (("states", states), ("dstates", dstates)):
-        if t.dim() != 4:
-            _fail(f"{name} must be [n_iter, B, T, d], got shape {list(t.shape)}")
+        if t.dim() != 4 or t.shape[0] < 1:
+            _fail(f"{name} must be [n_iter, B, T, d] with n_iter >= 1, got shape {list(t.shape)}")
+    check_recurse(x, weights, mod, states.shape[0], heads, eps)
+    for name, t in (("states", states), ("dstates", dstates)):
         _check_like(name, t, (states.shape[0], *x.shape), x)
 
 
@@ -120,10 +121,22 @@ def recurse(block_params, x: torch.Tensor, n_iter: int, *, heads: int, mod: torc
         once per call) where it fits, else the tiled one (rmdm/triton_kernels.py says which when); the
         backward is the C++ backward run on ATen's CUDA kernels and cuBLAS (the `cuda` backend of
         rmdm_recurse_bwd; it needs a CUDA build). See `diffkern.backend`.
+    Bad input: TypeError (not a tensor, a float n_iter or heads) or ValueError (shapes, dtypes, devices,
+        n_iter < 1, heads not dividing d, eps <= 0), naming the argument.
+    NaN/inf policy: propagated like the reference: a NaN/inf in x, mod or a weight makes the affected
+        samples' states NaN (attention mixes it over the sample's tokens); values are not checked.
     """
-    weights = [w for blk in block_params for w in blk]
+    _checks.tensor(OP, "x", x)
+    _checks.tensor(OP, "mod", mod, optional=True)
+    if isinstance(block_params, torch.Tensor) or not isinstance(block_params, (list, tuple)):
+        raise TypeError(f"{OP}: block_params must be a list of K blocks, each a sequence of {N_PARAMS} tensors, got "
+                        f"{type(block_params).__name__}")
+    weights = []
+    for k, blk in enumerate(block_params):
+        weights += _checks.tensor_list(OP, f"block_params[{k}]", blk)
+    n_iter, heads = _checks.integer(OP, "n_iter", n_iter), _checks.integer(OP, "heads", heads)
     with _nvtx.range("diffkern.recurse"):
-        states = _ops.ops.rmdm_recurse(x, weights, mod, int(n_iter), int(heads), float(eps))
+        states = _ops.ops.rmdm_recurse(x, weights, mod, n_iter, heads, _checks.number(OP, "eps", eps))
     return states if return_all else states[-1]
 
 

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .. import _dtypes, _lazy, _nvtx, _ops, _registry, _triton
+from .. import _checks, _dtypes, _lazy, _nvtx, _ops, _registry, _triton
 from . import reference
 triton_kernels = _lazy.module(__package__ + ".triton_kernels")  # imports triton on first use
 
@@ -202,8 +202,17 @@ def _forward_only(op, *tensors) -> None:
                            "tensors")
 
 
-def _scale(q, scale):
-    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+def _public(op, q, k, v, n_query, scale):
+    """The Python types of the public arguments, and the defaults that need a valid shape:
+    (n_query, scale) as the op takes them (its schema checks the rest)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.tensor(op, name, t, optional=name == "v" and op == MASS_OP)
+    if q.dim() != 4:
+        _fail(op, f"q must be [B, H, N_q, head_dim], got shape {list(q.shape)}")
+    if q.shape[3] < 1:
+        _fail(op, "head_dim must be at least 1")
+    n = q.shape[2] if n_query is None else _checks.integer(op, "n_query", n_query)
+    return n, 1.0 / math.sqrt(q.shape[-1]) if scale is None else _checks.number(op, "scale", scale)
 
 
 def sink_mass(q, k, n_query: int | None = None, scale: float | None = None):
@@ -221,11 +230,15 @@ def sink_mass(q, k, n_query: int | None = None, scale: float | None = None):
         (mass [B, H, N_k], lse [B, H, N_q] over all queries), float32 (float64 for float64).
     No backward (forward-only; inputs requiring grad raise under grad mode). Nothing is saved.
     Backends: C++/ATen blocked (CPU tensors), Triton (CUDA tensors), reference; see `diffkern.backend`.
+    Bad input: TypeError (not a tensor, a float n_query) or ValueError (shape, dtype, device, stride,
+        head_dim 0, no keys, n_query outside [1, N_q], scale <= 0), naming the argument.
+    NaN/inf policy: propagated like the reference: a NaN/inf in a row's q or in any k of the row's
+        (b, h) makes that row's lse NaN and the masses of that (b, h) NaN; values are not checked.
     """
+    n, sc = _public(MASS_OP, q, k, None, n_query, scale)
     _forward_only(MASS_OP, q, k)
-    n = q.shape[2] if n_query is None else int(n_query)
     with _nvtx.range("diffkern.sink_mass"):
-        return _ops.ops.sink_mass(q, k, n, _scale(q, scale))
+        return _ops.ops.sink_mass(q, k, n, sc)
 
 
 def _random_keys(B, n_keys, K, seed, call_index, device):
@@ -258,12 +271,14 @@ def _check_mode(mode, row_scope, k_sink, bias, seed):
         _fail(ATTN_OP, f"mode must be one of {MODES}, got {mode!r}")
     if row_scope not in ROW_SCOPES:
         _fail(ATTN_OP, f"row_scope must be one of {ROW_SCOPES}, got {row_scope!r}")
-    if not (isinstance(k_sink, int) and k_sink >= 0):
+    if not (isinstance(k_sink, int) and not isinstance(k_sink, bool) and k_sink >= 0):
         _fail(ATTN_OP, f"k_sink must be an int >= 0, got {k_sink!r}")
-    if not bias <= 0:
+    if not _checks.number(ATTN_OP, "bias", bias) <= 0:
         _fail(ATTN_OP, f"bias must be <= 0 (a suppression; -inf allowed), got {bias}")
     if mode == "random" and seed is None:
         _fail(ATTN_OP, "mode 'random' needs a seed (the set is drawn from seed, call_index and b)")
+    if seed is not None:
+        _checks.integer(ATTN_OP, "seed", seed)
 
 
 def sink_attention(q, k, v, k_sink: int = 1, mode: str = "per_head", row_scope: str = "image",
@@ -297,18 +312,23 @@ def sink_attention(q, k, v, k_sink: int = 1, mode: str = "per_head", row_scope: 
         after suppression, in the suppressed rows; None in measure mode).
     No backward (forward-only; inputs requiring grad raise under grad mode). Memory O(N): never N_q x N_k.
     Backends: C++/ATen blocked (CPU tensors), Triton (CUDA tensors), reference; see `diffkern.backend`.
+    Bad input: TypeError (not a tensor, a float n_query, seed or call_index) or ValueError (shape, dtype,
+        device, stride, head_dim 0, an unknown mode or row_scope, k_sink not an int >= 0, bias > 0, random
+        mode without a seed), naming the argument.
+    NaN/inf policy: propagated like the reference: a NaN/inf in q, k or v of a (b, h) makes the affected
+        rows' outputs (and with q or k, that (b, h)'s masses, hence the selection) NaN; values are not checked.
     """
+    n, sc = _public(ATTN_OP, q, k, v, n_query, scale)
     _check_mode(mode, row_scope, k_sink, bias, seed)
     _forward_only(ATTN_OP, q, k, v)
-    n = q.shape[2] if n_query is None else int(n_query)
-    sc = _scale(q, scale)
     with _nvtx.range("diffkern.sink_attention"):
         o, lse, mass, entropy = _ops.ops.sink_attention_fwd(q, k, v, n, sc)
         idx = post = chosen = None
         if mode == "measure" or k_sink == 0 or q.shape[0] == 0:
             out = o.to(q.dtype)
         else:
-            idx, chosen = _select(mass, mode, k_sink, seed, 0 if call_index is None else int(call_index))
+            idx, chosen = _select(mass, mode, k_sink, seed,
+                                  0 if call_index is None else _checks.integer(ATTN_OP, "call_index", call_index))
             n_rows = n if row_scope == "image" else q.shape[2]
             out, post = _ops.ops.sink_suppress(q, k, v, o, lse, idx, n_rows, sc, float(bias))
         if not return_stats:

@@ -155,7 +155,17 @@ def install_sink_processors(model, layers, processor=None, **settings) -> SinkRe
     recorder = settings.pop("recorder", None) or SinkRecorder()
     current = model.attn_processors
     names = list(current)
-    chosen = {names[i] if isinstance(i, int) else i for i in layers}
+    if isinstance(layers, (int, str)):
+        layers = [layers]
+    chosen = set()
+    for i in layers:
+        if isinstance(i, str):
+            chosen.add(i)
+        elif isinstance(i, int) and not isinstance(i, bool) and -len(names) <= i < len(names):
+            chosen.add(names[i])
+        else:
+            raise ValueError(f"install_sink_processors: layers must hold layer indices in [0, {len(names)}) or "
+                             f"processor names, got {i!r}")
     unknown = chosen - set(names)
     if unknown:
         raise ValueError(f"install_sink_processors: no attention layer named {sorted(unknown)}")
