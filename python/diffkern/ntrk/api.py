@@ -21,6 +21,21 @@ def _per_sample(name: str, value, mu: torch.Tensor) -> torch.Tensor:
                     ).reshape(-1).expand(B).contiguous()
 
 
+def _philox_state(mu, generator, seed, offset) -> torch.Tensor:
+    """The op's int64 [2] (seed, offset) tensor on mu's device; a seed not given is drawn from `generator`
+    (torch's default generator of mu's device when None) by a tensor op, never read on the host, so the
+    default call stays in one compiled graph and draws fresh noise on every call."""
+    if not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"ntrk_step: offset must be an int >= 0, got {offset!r}")
+    if seed is not None:
+        return torch.tensor([int(seed), offset], dtype=torch.int64, device=mu.device)
+    if generator is None:  # no generator=None argument: fake tensors refuse it under dynamic shapes
+        drawn = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=mu.device)
+    else:
+        drawn = torch.randint(0, 2**62, (1,), generator=generator, dtype=torch.int64, device=generator.device)
+    return torch.cat([drawn.to(mu.device), drawn.new_full((1,), offset, device=mu.device)])
+
+
 def ntrk_step(mu, sigma, w, rho, eps=None, generator: torch.Generator | None = None, seed: int | None = None,
               offset: int = 0):
     """The noise-tilted reverse step: the model's mean and sigma, the whitened guidance in the noise.
@@ -34,7 +49,14 @@ def ntrk_step(mu, sigma, w, rho, eps=None, generator: torch.Generator | None = N
         sigma, rho: floats, 0-dim or [B] tensors; rho in [0, 1] (outside gives NaN for that sample).
         eps = None draws eps in the kernel: eps[n] = the Philox4x32-10 normal at (seed, offset + n) for
             the flat element index n (csrc/include/diffkern/philox.h; tl.randint4x's words), the same
-            numbers on every backend. seed: given, or drawn from `generator` (torch's default one if None).
+            stream on every backend: the Philox words and uniforms are bit-identical, the float32 normal
+            transform (log, sqrt, polynomial cos) may round differently per backend (FMA contraction,
+            the platform's logf): each backend is within the error model of the float64 Box-Muller of
+            the same uniforms (tests/test_ntrk_step.py; measured: backends differ by <= 2.4e-7).
+            seed: given, or drawn on mu's device from `generator` (torch's default one for mu's device if
+            None; torch.manual_seed reproduces it). The seed is drawn by a tensor op and passed to the
+            kernel in a tensor, so the default call compiles into one graph (torch.compile(fullgraph=True))
+            with no host sync and draws fresh noise per call; an explicit `generator` runs eagerly.
     Returns:
         x: mu's shape and dtype. One pass: reads mu, w (and eps when given) once, writes x once.
     Autograd: differentiable in mu, w and a given eps (dw = sigma sqrt(rho) dx, deps = sigma sqrt(1-rho) dx);
@@ -47,12 +69,10 @@ def ntrk_step(mu, sigma, w, rho, eps=None, generator: torch.Generator | None = N
         raise ValueError(f"ntrk_step: sigma must be finite and >= 0, got {sigma}")
     if mu.dim() < 1:
         raise ValueError("ntrk_step: mu must be [B, ...], got a 0-dim tensor")
-    if eps is None and seed is None:
-        device = generator.device if generator is not None else "cpu"
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
+    philox = _philox_state(mu, generator, seed, offset) if eps is None else None
     with _nvtx.range("diffkern.ntrk_step"):
         return torch.ops.diffkern.ntrk_step(mu, _per_sample("sigma", sigma, mu), w, _per_sample("rho", rho, mu), eps,
-                                            0 if seed is None else int(seed), int(offset))
+                                            philox)
 
 
 def default_tile(n: int, limit: int = 256) -> int:
@@ -81,7 +101,7 @@ def twoos_project(x, tile: int | None = None, bands=None, passes: int = 8, alpha
     Backends: C++ (CPU tensors), Triton (CUDA tensors; D <= 1024), reference; see `diffkern.backend`.
     Memory: the Triton backend keeps ~22 bytes per entry of scratch (sorted values, int16 columns, int64 keys).
     """
-    from .bands import bands_on
+    from .bands import bands_for
 
     if x.dim() < 1:
         raise ValueError("twoos_project: x must be [B, ...], got a 0-dim tensor")
@@ -91,7 +111,7 @@ def twoos_project(x, tile: int | None = None, bands=None, passes: int = 8, alpha
         D = tile if tile is not None else default_tile(max(n, 1))
         if D < 1 or n % D:
             raise ValueError(f"twoos_project: tile must divide the {n} entries of a sample, got tile={tile}")
-        lower, upper = bands_on(max(n // D, 1), D, float(alpha), "normal", None, acc, x.device)
+        lower, upper = bands_for(max(n // D, 1), D, float(alpha), "normal", None, acc, x.device)
     else:
         lower, upper = (b.to(x.device, acc).contiguous() for b in bands)
         if tile is not None and lower.dim() == 2 and lower.shape[1] != tile:
