@@ -203,3 +203,22 @@ def test_recurse():
     def f(x):
         return diffkern.recurse(blocks, x, n_iter=3, heads=2), diffkern.recurse(blocks, x, 3, heads=2, return_all=True)
     compiles_once(f, lambda B: (randn(B, 9, d),))
+
+
+def test_the_opaque_ops_the_defaults_compile_through_pass_opcheck():
+    """diffkern::twoos_band_table (band tables inside a graph) and diffkern::sink_record (the sink
+    processors' device-side recording): schema, fake and dispatch consistent."""
+    from diffkern.ntrk.bands import band_table, bands_on
+    from diffkern.sinks.processors import SinkRecorder
+    lower, upper = band_table(3, 8, 0.3, "chi2", 8.0, torch.float32, torch.device("cpu"))
+    want = bands_on(3, 8, 0.3, "chi2", 8.0, torch.float32, torch.device("cpu"))
+    assert torch.equal(lower, want[0]) and torch.equal(upper, want[1]) and lower.data_ptr() != want[0].data_ptr()
+    torch.library.opcheck(torch.ops.diffkern.twoos_band_table.default,
+                          (3, 8, 0.3, "normal", None, torch.float32, torch.device("cpu")))
+    rec, calls = SinkRecorder(), torch.zeros((), dtype=torch.int64)
+    args = (calls, torch.tensor([0.5, 0.25]), torch.tensor([[[1]]]), torch.tensor([[[0.5]]]), id(rec), "blocks.0",
+            "per_head", "max_mass,index0_mass")
+    torch.library.opcheck(torch.ops.diffkern.sink_record.default, args)
+    records = rec.records  # opcheck runs the op on copies of `calls`: every record is call 0
+    assert records and all(r["call"] == 0 and r["layer"] == "blocks.0" for r in records)
+    assert records[0]["max_mass"] == 0.5 and records[0]["index0_mass"] == 0.25 and records[0]["row_entropy"] is None

@@ -73,6 +73,9 @@ def ntrk_step_kernel(mu_ptr, w_ptr, eps_ptr, x_ptr, sigma_ptr, rho_ptr, philox_p
     rho = tl.load(rho_ptr + i)
     a = sigma * tl.sqrt(rho)
     b = sigma * tl.sqrt(1.0 - rho)
+    if not HAS_EPS:
+        seed = tl.load(philox_ptr)
+        offset = tl.load(philox_ptr + 1)
     for k in range(tiles_per_chunk):
         e = ((pid % n_chunks) * tiles_per_chunk + k).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         offs = i.to(tl.int64) * D + e
@@ -82,7 +85,7 @@ def ntrk_step_kernel(mu_ptr, w_ptr, eps_ptr, x_ptr, sigma_ptr, rho_ptr, philox_p
         if HAS_EPS:
             eps = tl.load(eps_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         else:
-            eps = _randn(tl.load(philox_ptr), tl.load(philox_ptr + 1) + offs)
+            eps = _randn(seed, offset + offs)
         tl.store(x_ptr + offs, (mu + a * w + b * eps).to(x_ptr.dtype.element_ty), mask=mask)
 
 

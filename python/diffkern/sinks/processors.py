@@ -55,7 +55,7 @@ class SinkRecorder:
             pending, self._pending = self._pending, []
             device = pending[0]["scalars"].device
             scalars = iter(torch.cat([p["scalars"].to(device, torch.float64) for p in pending]).tolist())
-            calls = torch.stack([p["call"].cpu() for p in pending]).tolist()
+            calls = torch.stack([p["call"].to(device) for p in pending]).tolist()
             for p, call in zip(pending, calls):
                 rec = {"layer": p["layer"], "call": call, "mode": p["mode"]}
                 rec.update({k: None for k in _SCALAR_STATS})
@@ -100,6 +100,8 @@ class _SinkProcessor:
 
     def _attend(self, query, key, value, n_query: int):
         """[B, H, N_q, d] attention of the (already normed, concatenated) q, k, v, with statistics recorded."""
+        if self.calls.device != query.device:  # the counter lives beside the statistics: no copy per call
+            self.calls = self.calls.to(query.device)
         out, stats = sink_attention(query, key, value, k_sink=self.k_sink, mode=self.mode, row_scope=self.row_scope,
                                     n_query=n_query, bias=self.bias, seed=self.seed, call_index=self.calls,
                                     return_stats=True)
