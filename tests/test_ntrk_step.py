@@ -1,5 +1,6 @@
 """diffkern.ntrk_step: every backend against float64, the in-kernel Philox stream, autograd, opcheck, compile."""
 import math
+import re
 
 import pytest
 import torch
@@ -150,6 +151,30 @@ def test_bad_arguments_raise_value_errors_naming_them(backend, case, match):
     kw.update(case(kw))
     with forced(backend), pytest.raises(ValueError, match=match):
         diffkern.ntrk_step(**kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("philox,match", [
+    (None, "ntrk_step: philox (the int64 [2] tensor (seed, offset)) is required when eps is None"),
+    (torch.tensor([1, 2], dtype=torch.int32),
+     "ntrk_step: philox must be a contiguous int64 [2] tensor (seed, offset), got int32 of shape [2]"),
+    (torch.tensor([1, 2, 3]), "ntrk_step: philox must be a contiguous int64 [2] tensor (seed, offset), got int64 of "
+                              "shape [3]"),
+    (torch.tensor([[1, 2], [3, 4]]).t()[0], "got int64 of shape [2]"),  # strided
+])
+def test_the_op_checks_its_philox_state(backend, philox, match):
+    """The op's (seed, offset) tensor: C++ and Python backends check it in the same words."""
+    mu, sigma, w, rho, _ = make((2, 5), torch.float32, device_for(backend))
+    state = None if philox is None else philox.to(mu.device)
+    with forced(backend), pytest.raises(ValueError, match=re.escape(match)):
+        torch.ops.diffkern.ntrk_step(mu, sigma, w, rho, None, state)
+
+
+def test_offset_must_be_a_non_negative_int():
+    mu, sigma, w, rho, _ = make((2, 5), torch.float32)
+    for offset in (-1, 1.5):
+        with pytest.raises(ValueError, match="ntrk_step: offset must be an int >= 0"):
+            diffkern.ntrk_step(mu, sigma, w, rho, seed=1, offset=offset)
 
 
 def test_triton_backend_refuses_float64():
