@@ -43,6 +43,10 @@ class SinkRecorder:
         self._pending: list = []
         _RECORDERS[id(self)] = self
 
+    def __setstate__(self, state) -> None:  # a copy (copy.deepcopy, pickle) records under its own id
+        self.__dict__.update(state)
+        _RECORDERS[id(self)] = self
+
     def add(self, layer: str, calls: torch.Tensor, mode: str, stats: dict) -> None:
         """Records one call (its index: the counter `calls`, which this increments)."""
         names = [k for k in _SCALAR_STATS if stats[k] is not None]
