@@ -194,7 +194,9 @@ def flow_sde_step(x, v, sigma, sigma_next, eps=None, std_rule: str = "wan", std_
     _checks.tensor(STEP_OP, "eps", eps, optional=True)
     rule, coef = _rule(STEP_OP, std_rule, std_coef)
     if eps is None:
-        eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        # No generator=None argument: fake tensors refuse it under dynamic shapes (torch.compile).
+        extra = {} if generator is None else {"generator": generator}
+        eps = torch.randn(x.shape, dtype=x.dtype, device=x.device, **extra)
     with _nvtx.range("diffkern.flow_sde_step"):
         return _ops.ops.flow_sde_step(x, v, sigma, sigma_next, eps, rule, coef)
 

@@ -24,7 +24,7 @@ def _check_per_sample(op, t, name, mu, B):
         raise ValueError(f"{op}: {name} dtype must be float32 or float64, got {_dtypes.name(t.dtype)}")
 
 
-def check_step(mu, sigma, w, rho, eps, seed, offset) -> None:
+def check_step(mu, sigma, w, rho, eps, philox) -> None:
     """The checks csrc/cpu/ntrk.cpp makes, in the same order and words."""
     if mu.dim() < 1:
         raise ValueError(f"{STEP_OP}: mu must be [B, ...], got a 0-dim tensor")
@@ -37,8 +37,15 @@ def check_step(mu, sigma, w, rho, eps, seed, offset) -> None:
         _checks.check_like(STEP_OP, name, y, "mu", mu)
     _check_per_sample(STEP_OP, sigma, "sigma", mu, mu.shape[0])
     _check_per_sample(STEP_OP, rho, "rho", mu, mu.shape[0])
-    if offset < 0:
-        raise ValueError(f"{STEP_OP}: offset must be >= 0, got {offset}")
+    if philox is None:
+        if eps is None:
+            raise ValueError(f"{STEP_OP}: philox (the int64 [2] tensor (seed, offset)) is required when eps is None")
+        return
+    if philox.device != mu.device:
+        raise ValueError(f"{STEP_OP}: philox is on {philox.device} but mu is on {mu.device}")
+    if philox.dtype != torch.int64 or philox.shape != (2,) or not philox.is_contiguous():
+        raise ValueError(f"{STEP_OP}: philox must be a contiguous int64 [2] tensor (seed, offset), got "
+                         f"{_dtypes.name(philox.dtype)} of shape {list(philox.shape)}")
 
 
 def check_project(x, lower, upper, max_passes) -> None:
@@ -83,8 +90,8 @@ _registry.register(PROJECT_OP, check_project, triton=_triton_backend(lambda *arg
 
 
 @_registry.register_fake("diffkern::ntrk_step")
-def _step_fake(mu, sigma, w, rho, eps, seed, offset):
-    check_step(mu, sigma, w, rho, eps, seed, offset)
+def _step_fake(mu, sigma, w, rho, eps, philox):
+    check_step(mu, sigma, w, rho, eps, philox)
     return mu.new_empty(mu.shape)
 
 
@@ -99,7 +106,7 @@ def _project_fake(x, lower, upper, max_passes):
 
 
 def _step_setup(ctx, inputs, output):
-    mu, sigma, w, rho, eps, _, _ = inputs
+    mu, sigma, w, rho, eps, _ = inputs
     ctx.save_for_backward(sigma, rho)
     ctx.has_eps = eps is not None
     ctx.set_materialize_grads(False)
@@ -112,14 +119,14 @@ def _step_backward(ctx, dx):
     its opmath by torch): dx is read twice, dw and deps written once, dmu is dx itself.
     """
     if dx is None:
-        return (None,) * 7
+        return (None,) * 6
     sigma, rho = ctx.saved_tensors
     shape = (-1,) + (1,) * (dx.dim() - 1)
     acc = _dtypes.acc(dx.dtype)
     s, r = sigma.to(acc).reshape(shape), rho.to(acc).reshape(shape)
     dw = dx * (s * torch.sqrt(r)).to(dx.dtype)
     deps = dx * (s * torch.sqrt(1 - r)).to(dx.dtype) if ctx.has_eps else None
-    return dx, None, dw, None, deps, None, None
+    return dx, None, dw, None, deps, None
 
 
 _registry.register_autograd("diffkern::ntrk_step", _step_backward, setup_context=_step_setup)

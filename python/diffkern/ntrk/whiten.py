@@ -27,7 +27,7 @@ import torch
 
 from .. import _checks, _dtypes
 from .api import default_tile, twoos_project
-from .bands import bands_on
+from .bands import bands_for
 
 DOMAINS = ("fourier", "value", "tile_mean", "tile_energy")
 VALUE_DOMAINS = DOMAINS[1:]
@@ -48,7 +48,7 @@ def _project_tiles(stat: torch.Tensor, alpha: float, passes: int, dist: str = "n
     """2OS projection of the per-tile statistics [B, M] (tiles of the statistic: the largest divisor <= 256)."""
     M = stat.shape[1]
     d = default_tile(M)
-    bands = bands_on(M // d, d, alpha, dist, dof, stat.dtype, stat.device)
+    bands = bands_for(M // d, d, alpha, dist, dof, stat.dtype, stat.device)
     return twoos_project(stat.contiguous(), bands=bands, passes=passes)[0]
 
 
@@ -57,7 +57,7 @@ def _value_domains(z: torch.Tensor, domains, M: int, D: int, alpha: float, passe
     B, N = z.shape
     for domain in domains:
         if domain == "value":
-            bands = bands_on(M, D, alpha, "normal", None, z.dtype, z.device)
+            bands = bands_for(M, D, alpha, "normal", None, z.dtype, z.device)
             z = twoos_project(z.contiguous(), bands=bands, passes=passes)[0]
         elif domain == "tile_mean":
             t = z.view(B, M, D).mean(2) * math.sqrt(D)

@@ -11,6 +11,7 @@ import math
 import torch
 
 from .. import _checks, _dtypes, _lazy, _nvtx, _ops, _registry, _triton
+from ..ntrk.reference import philox_randint4x
 from . import reference
 triton_kernels = _lazy.module(__package__ + ".triton_kernels")  # imports triton on first use
 
@@ -242,12 +243,15 @@ def sink_mass(q, k, n_query: int | None = None, scale: float | None = None):
 
 
 def _random_keys(B, n_keys, K, seed, call_index, device):
-    """A fresh reproducible set per (seed, call_index, b): randperm from a generator seeded by their mix."""
-    rows = []
-    for b in range(B):
-        mixed = (seed * 0x9E3779B97F4A7C15 + call_index * 0xBF58476D1CE4E5B9 + b * 0x94D049BB133111EB) % (2**63 - 1)
-        rows.append(torch.randperm(n_keys, generator=torch.Generator().manual_seed(mixed))[:K])
-    return torch.stack(rows)[:, None, :].to(device)
+    """A fresh reproducible set of K keys per (seed, call_index, b), by tensor ops only (no generator, no
+    host sync: it compiles): key j of sample b gets the first Philox4x32-10 word at counter
+    (j, b, call_index), key seed (ntrk.reference.philox_randint4x), and the K smallest (word, j) win: a
+    uniform K-subset for each (seed, call_index, b)."""
+    j = torch.arange(n_keys, dtype=torch.int64, device=device)
+    b = torch.arange(B, dtype=torch.int64, device=device)[:, None]
+    call = torch.as_tensor(call_index, dtype=torch.int64, device=device)
+    word = philox_randint4x(seed, j + (b << 32), high=call)[0]
+    return torch.topk((word << 31) | j, K, dim=-1, largest=False).indices[:, None, :]
 
 
 def _select(mass, mode, k_sink, seed, call_index):
@@ -301,7 +305,8 @@ def sink_attention(q, k, v, k_sink: int = 1, mode: str = "per_head", row_scope: 
     Args:
         q: [B, H, N_q, d]; k, v: [B, H, N_k, d]; float16/bfloat16/float32 (float64 on cpu/reference),
             unit last stride. Keys are ordered [image, text] as in SD3; n_query defaults to N_q.
-        bias: <= 0, default -1e4 (the paper's); seed/call_index: the random mode's reproducible draw.
+        bias: <= 0, default -1e4 (the paper's); seed/call_index: the random mode's reproducible draw
+            (call_index an int or a 0-dim int64 tensor, e.g. a counter kept on the device).
         scale: default 1/sqrt(d).
     Returns:
         out [B, H, N_q, d] in q's dtype, or (out, stats) with return_stats. stats (tensors): indices
@@ -327,8 +332,9 @@ def sink_attention(q, k, v, k_sink: int = 1, mode: str = "per_head", row_scope: 
         if mode == "measure" or k_sink == 0 or q.shape[0] == 0:
             out = o.to(q.dtype)
         else:
-            idx, chosen = _select(mass, mode, k_sink, seed,
-                                  0 if call_index is None else _checks.integer(ATTN_OP, "call_index", call_index))
+            call = call_index if isinstance(call_index, torch.Tensor) else \
+                0 if call_index is None else _checks.integer(ATTN_OP, "call_index", call_index)
+            idx, chosen = _select(mass, mode, k_sink, seed, call)
             n_rows = n if row_scope == "image" else q.shape[2]
             out, post = _ops.ops.sink_suppress(q, k, v, o, lse, idx, n_rows, sc, float(bias))
         if not return_stats:
