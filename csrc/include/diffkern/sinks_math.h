@@ -13,6 +13,12 @@ namespace diffkern::sinks {
 //   out' = (o - w sum_S P v) / (1 - w sum_S P),   P'_ij = g P_ij / (1 - w sum_S P)  (j in S),
 // w = 1 - e^b, g = e^b. When S holds every key, the bias shifts every logit alike and cancels in the
 // softmax: (w, g) = (0, 1) keeps the unmasked row (also for b = -inf, the limit of finite biases).
+// The correction divides the unmasked row's rounding error by its denominator 1 - w sum_S P, which
+// vanishes when the suppressed keys hold nearly all of the row's mass (the paper's situation): a row
+// whose denominator is below kRecomputeBelow is recomputed as the masked softmax itself,
+// softmax_j(s_ij + b [j in S]) v, so no row's error is amplified more than 1 / kRecomputeBelow.
+constexpr double kRecomputeBelow = 0.5;
+
 struct SuppressionWeights {
   double w, g;
 };

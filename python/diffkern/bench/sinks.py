@@ -49,6 +49,15 @@ def kernel_traffic(N_q, N_k, d, n_query, K, n_rows, itemsize, tiles, sel_block, 
     }
 
 
+def recompute_traffic(rows, N_k, d, itemsize, bn):
+    """Bytes one suppress_kernel tile loads to recompute its rows (a row whose suppressed keys hold more
+    than 1 - RECOMPUTE_BELOW of its mass): its `rows` image queries, the first selected index, then per
+    key the bias row (fp32), k and v; and its tl.dot FLOPs. Data-dependent, so kernel_traffic leaves it
+    out: the modeled traffic is that of inputs where no row is recomputed."""
+    keys = triton.cdiv(N_k, bn) * bn
+    return dict(loaded=rows * d * itemsize + 8 + N_k * (4 + 2 * d * itemsize), flops=4 * rows * keys * d)
+
+
 def plain_flash(N_q, N_k, d, itemsize, bm):
     """One flash-attention forward (q once, k and v once per query tile, o and lse written)."""
     t_q = triton.cdiv(N_q, bm)

@@ -9,7 +9,9 @@
   topk_kernel       one program per score row: keeps the best K_PAD packed (score, index) keys in a
                     scratch row and merges each new chunk of BLOCK - K_PAD scores into it with tl.sort.
   suppress_kernel   one program per (BLOCK_M queries, b, h): gathers the K selected keys and values,
-                    corrects the unmasked o by their terms: 4 N_q K d FLOPs.
+                    corrects the unmasked o by their terms: 4 N_q K d FLOPs. A tile holding a row whose
+                    correction denominator is below RECOMPUTE_BELOW (the suppressed keys hold most of its
+                    mass) also recomputes its rows as a flash pass with the bias row added: 4 BLOCK_M N_k d.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import triton.language as tl
 
 from .. import _dtypes, _triton
 from .._triton import KernelSpec
-from .reference import suppression_weights
+from .reference import RECOMPUTE_BELOW, suppression_weights
 
 MAX_D = 256
 # Largest K the top-k kernel keeps (head-union at k = 50 x 24 heads is 1200 keys).
@@ -158,10 +160,35 @@ def topk_kernel(score_ptr, idx_ptr, best_ptr, N, k, BLOCK: tl.constexpr, K_PAD: 
 
 
 @triton.jit
-def suppress_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, out_ptr, post_ptr, H, N_q, N_k, n_rows, K, d,
-                    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, si_b, si_h, scale, w, g,
-                    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                    DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+def _masked_rows(q, k_base, v_base, bias_row, j0, N_k, d, sk_n, sv_n, dd, scale,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    """Rows q against every key with bias_row [N_k] added to the logits, by an online softmax: (the masked
+    output softmax(s + bias) v [BLOCK_M, BLOCK_D], the masked probability of key j0 [BLOCK_M])."""
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    t0 = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n0 in range(0, N_k, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        bias = tl.load(bias_row + cols, mask=cols < N_k, other=float("-inf"))
+        s = _dot(q, _load_cols(k_base, cols, N_k, sk_n, dd, d), DOT_F32, PRECISION) * scale + bias[None, :]
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile of bias -inf keys only: no NaN
+        alpha = tl.exp(m - m_ref)
+        p = tl.exp(s - m_ref[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        t0 = t0 * alpha + tl.sum(tl.where((cols == j0)[None, :], p, 0.0), 1)
+        acc = acc * alpha[:, None] + _dot(p, _load_rows(v_base, cols, N_k, sv_n, dd, d), DOT_F32, PRECISION)
+        m = m_new
+    return acc / l[:, None], t0 / l
+
+
+@triton.jit
+def suppress_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, bias_ptr, out_ptr, post_ptr, H, N_q, N_k, n_rows,
+                    K, d, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, si_b, si_h, sb_b, sb_h, scale, w, g,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, RECOMPUTE: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -169,16 +196,18 @@ def suppress_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, out_ptr, post_
     dd = tl.arange(0, BLOCK_D)
     row_ok, fix = rows < N_q, rows < n_rows
     tile_mask = row_ok[:, None] & (dd < d)[None, :]
+    q_base = q_ptr + b * sq_b + h * sq_h
+    idx_base = idx_ptr + b * si_b + h * si_h
     c = tl.zeros([BLOCK_M], tl.float32)  # sum_S P
     p0 = tl.zeros([BLOCK_M], tl.float32)  # P of the first selected key
     u = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # sum_S P v
     if pid_m * BLOCK_M < n_rows:
-        q = _load_rows(q_ptr + b * sq_b + h * sq_h, rows, n_rows, sq_n, dd, d)
+        q = _load_rows(q_base, rows, n_rows, sq_n, dd, d)
         lse = tl.load(lse_ptr + bh * N_q + rows, mask=fix, other=0.0)
         for s0 in range(0, K, BLOCK_S):
             sel = s0 + tl.arange(0, BLOCK_S)
             sel_ok = sel < K
-            j = tl.load(idx_ptr + b * si_b + h * si_h + sel, mask=sel_ok, other=0)
+            j = tl.load(idx_base + sel, mask=sel_ok, other=0)
             kt = tl.load(k_ptr + b * sk_b + h * sk_h + j[None, :] * sk_n + dd[:, None],
                          mask=sel_ok[None, :] & (dd < d)[:, None], other=0.0)
             s = _dot(q, kt, DOT_F32, PRECISION) * scale
@@ -192,8 +221,19 @@ def suppress_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, out_ptr, post_
     # o is read only now, after the loop: holding it through the loop spills at head_dim 128
     o_offs = (bh * N_q + rows[:, None]) * d + dd[None, :]
     o = tl.load(o_ptr + o_offs, mask=tile_mask, other=0.0)
-    tl.store(out_ptr + o_offs, ((o - w * u) / denom[:, None]).to(out_ptr.dtype.element_ty), mask=tile_mask)
-    tl.store(post_ptr + bh * n_rows + rows, g * p0 / denom, mask=fix)
+    exact = fix & (denom < RECOMPUTE)
+    denom = tl.where(exact, 1.0, denom)  # those rows are recomputed below: no 0/0 on the way
+    out = (o - w * u) / denom[:, None]
+    post = g * p0 / denom
+    if tl.max(exact.to(tl.int32), 0) > 0:
+        q = _load_rows(q_base, rows, n_rows, sq_n, dd, d)
+        masked, post_masked = _masked_rows(q, k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h,
+                                           bias_ptr + b * sb_b + h * sb_h, tl.load(idx_base), N_k, d, sk_n, sv_n,
+                                           dd, scale, BLOCK_M, BLOCK_N, BLOCK_D, DOT_F32, PRECISION)
+        out = tl.where(exact[:, None], masked, out)
+        post = tl.where(exact, post_masked, post)
+    tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(post_ptr + bh * n_rows + rows, post, mask=fix)
 
 
 def _dot_f32(dtype: torch.dtype) -> bool:
@@ -275,13 +315,16 @@ def sink_suppress(q, k, v, o, lse, idx, n_rows, scale, bias):
         return out, post
     w, g = suppression_weights(bias, K, N_k)
     bd = block_d(d)
-    bm, _, warps = tiles(d, q.dtype)
-    si_h = idx.stride(1) if idx.shape[1] > 1 else 0
+    bm, bn, warps = tiles(d, q.dtype)
+    G = idx.shape[1]
+    # the bias row of the selected keys, read only by tiles that recompute a row (no host sync decides that)
+    bias_row = torch.zeros((B, G, N_k), dtype=torch.float32, device=q.device).scatter_(-1, idx, bias)
+    si_h, sb_h = (idx.stride(1), N_k) if G > 1 else (0, 0)
     suppress_kernel[(triton.cdiv(N_q, bm), B * H)](
-        q, k, v, o, lse, idx, out, post, H, N_q, N_k, n_rows, K, d, *_bh_strides(q), *_bh_strides(k),
-        *_bh_strides(v), idx.stride(0), si_h, scale, w, g, BLOCK_M=bm, BLOCK_S=SEL_BLOCK, BLOCK_D=bd,
-        DOT_F32=_dot_f32(q.dtype), PRECISION=_precision(), num_warps=warps,
-        maxnreg=_triton.register_budget(warps))
+        q, k, v, o, lse, idx, bias_row, out, post, H, N_q, N_k, n_rows, K, d, *_bh_strides(q), *_bh_strides(k),
+        *_bh_strides(v), idx.stride(0), si_h, G * N_k, sb_h, scale, w, g, BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_S=SEL_BLOCK, BLOCK_D=bd, DOT_F32=_dot_f32(q.dtype), PRECISION=_precision(),
+        RECOMPUTE=RECOMPUTE_BELOW, num_warps=warps, maxnreg=_triton.register_budget(warps))
     return out, post
 
 
@@ -303,10 +346,11 @@ def aot_specs() -> list[KernelSpec]:
                 (col_mass_kernel, {"q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "lse_ptr": "*fp32", "mass_ptr": "*fp32",
                                    **dims, "n_query": "i32", **{s: "i64" for s in list(strides)[:6]},
                                    "scale": "fp32", "inv_n_query": "fp32"}, {"BLOCK_M": bm, "BLOCK_N": bn}),
-                (suppress_kernel, {**qkv, "o_ptr": "*fp32", "lse_ptr": "*fp32", "idx_ptr": "*i64", "out_ptr": f"*{ty}",
-                                   "post_ptr": "*fp32", **dims, "n_rows": "i32", "K": "i32", **strides,
-                                   "si_b": "i64", "si_h": "i64", "scale": "fp32", "w": "fp32", "g": "fp32"},
-                 {"BLOCK_M": bm, "BLOCK_S": SEL_BLOCK})):
+                (suppress_kernel, {**qkv, "o_ptr": "*fp32", "lse_ptr": "*fp32", "idx_ptr": "*i64",
+                                   "bias_ptr": "*fp32", "out_ptr": f"*{ty}", "post_ptr": "*fp32", **dims,
+                                   "n_rows": "i32", "K": "i32", **strides, "si_b": "i64", "si_h": "i64",
+                                   "sb_b": "i64", "sb_h": "i64", "scale": "fp32", "w": "fp32", "g": "fp32"},
+                 {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_S": SEL_BLOCK, "RECOMPUTE": RECOMPUTE_BELOW})):
             c = {**common, **constexprs}
             name = f"{kernel.__name__}[{ty},d={d}," + ",".join(f"{k}={v}" for k, v in c.items()) + "]"
             specs.append(KernelSpec(name, kernel, signature, c, warps, _triton.register_budget(warps), tags))
