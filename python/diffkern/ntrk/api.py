@@ -60,6 +60,16 @@ def default_tile(n: int, limit: int = 256) -> int:
     return next(d for d in range(min(n, limit), 0, -1) if n % d == 0)
 
 
+def _check_no_nan_bands(lower, upper) -> None:
+    """A NaN bound is an error: a ValueError for tables on the CPU; for CUDA tables (and under torch.compile)
+    a device-side assert, so no host sync: the failure surfaces at the next synchronising call."""
+    bad = torch.isnan(torch.as_tensor(lower)).any() | torch.isnan(torch.as_tensor(upper)).any()
+    if bad.is_cuda or torch.compiler.is_compiling():
+        torch._assert_async(~bad, "twoos_project: bands (lower, upper) must not hold NaN")
+    elif bad:
+        raise ValueError("twoos_project: bands (lower, upper) must not hold NaN")
+
+
 def twoos_project(x, tile: int | None = None, bands=None, passes: int = 8, alpha: float = 1e-4):
     """Projects each sample onto the 2OS Gaussian confidence set (specs/ntrk.md).
 
@@ -72,7 +82,8 @@ def twoos_project(x, tile: int | None = None, bands=None, passes: int = 8, alpha
         x: [B, ...] contiguous float16/bfloat16/float32 (float64 on cpu/reference); any latent shape.
         tile: D; default the largest divisor of N at most 256 (FLUX 16x128x128: 256; Wan 16x21x60x104:
             256 with M = 8190). bands: optional (lower, upper) [M, D] tables (default
-            `twoos_bands(M, D, alpha)`); passes: the cap on clipping passes (>= 0).
+            `twoos_bands(M, D, alpha)`; a NaN bound raises ValueError for CPU tables and fails a
+            device-side assert for CUDA ones, with no host sync); passes: the cap on clipping passes (>= 0).
     Returns:
         (out, in_set): out like x; in_set [B] (float32, float64 for float64 x), the fraction of out's
         entries inside their bands (1.0 once converged; measured in float32 before rounding to x's dtype).
@@ -80,6 +91,8 @@ def twoos_project(x, tile: int | None = None, bands=None, passes: int = 8, alpha
         constant or the identity per entry, and guidance differentiates before it, not through it.
     Backends: C++ (CPU tensors), Triton (CUDA tensors; D <= 1024), reference; see `diffkern.backend`.
     Memory: the Triton backend keeps ~22 bytes per entry of scratch (sorted values, int16 columns, int64 keys).
+    NaN policy (every backend, as the reference): a NaN entry ranks above every number (ties by position),
+    stays NaN in out and counts as outside its band; it does not change the other entries' ranks otherwise.
     """
     from .bands import bands_on
 
@@ -93,6 +106,7 @@ def twoos_project(x, tile: int | None = None, bands=None, passes: int = 8, alpha
             raise ValueError(f"twoos_project: tile must divide the {n} entries of a sample, got tile={tile}")
         lower, upper = bands_on(max(n // D, 1), D, float(alpha), "normal", None, acc, x.device)
     else:
+        _check_no_nan_bands(*bands)
         lower, upper = (b.to(x.device, acc).contiguous() for b in bands)
         if tile is not None and lower.dim() == 2 and lower.shape[1] != tile:
             raise ValueError(f"twoos_project: tile={tile} but the bands are [M, D] = {list(lower.shape)}")
