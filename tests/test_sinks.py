@@ -227,15 +227,19 @@ def test_benchmark_traffic_model_equals_interpreter_counts():
     with diffkern.backend("triton"), TritonMonitor(check_bounds=False) as mon:
         _, stats = diffkern.sink_attention(q, k, v, k_sink=1, n_query=n, return_stats=True)
     counted = mon.by_kernel()
-    bm, bn = tk.tiles(d, torch.bfloat16)[:2]
-    model = kernel_traffic(N_q, N_k, d, n, 1, n, 2, (bm, bn), tk.SEL_BLOCK, tk.topk_config(1, N_k)[:2])
-    # the tiles holding a row whose selected key has more than 1 - RECOMPUTE_BELOW of its mass (float64)
+    model = kernel_traffic(N_q, N_k, d, n, 1, n, 2, tk.tiles(d, torch.bfloat16)[:2], tk.SEL_BLOCK,
+                           tk.topk_config(1, N_k)[:2])
+    bm, bn = tk.recompute_tiles(d, torch.bfloat16)
+    # recompute_kernel's tiles holding a row whose selected key has more than 1 - RECOMPUTE_BELOW of its
+    # mass (float64)
     p = torch.softmax(reference.logits(*oracle(q, k), d ** -0.5), -1)[:, :, :n]
     sel = torch.gather(p, -1, stats["indices"][:, :, None, :].expand(B, H, n, 1))[..., 0]
     redo = torch.nn.functional.pad(sel > 1 - reference.RECOMPUTE_BELOW, (0, -n % bm)).view(B, H, -1, bm)
-    rows = [min(bm, n - t * bm) for _, _, t in redo.any(-1).nonzero().tolist()]
-    assert rows, "the planted sink must make some tile recompute"
-    model["suppress_kernel"]["loaded"] += sum(recompute_traffic(r, N_k, d, 2, bn)["loaded"] for r in rows) / (B * H)
+    tiles = [recompute_traffic(min(bm, n - t * bm), int(redo[b, h, t].sum()), N_k, d, 2, bn)
+             for b, h, t in redo.any(-1).nonzero().tolist()]
+    assert tiles, "the planted sink must make some tile recompute"
+    for kind in ("loaded", "stored"):
+        model["recompute_kernel"][kind] += sum(tile[kind] for tile in tiles) / (B * H)
     assert set(counted) == set(model)
     for name, m in model.items():
         assert (counted[name]["bytes_loaded"], counted[name]["bytes_stored"]) == (m["loaded"] * B * H,
