@@ -91,8 +91,8 @@ def twoos_project(x, tile: int | None = None, bands=None, passes: int = 8, alpha
         constant or the identity per entry, and guidance differentiates before it, not through it.
     Backends: C++ (CPU tensors), Triton (CUDA tensors; D <= 1024), reference; see `diffkern.backend`.
     Memory: the Triton backend keeps ~22 bytes per entry of scratch (sorted values, int16 columns, int64 keys).
-    NaN policy (every backend, as the reference): a NaN entry ranks above every number (ties by position),
-    stays NaN in out and counts as outside its band; it does not change the other entries' ranks otherwise.
+    NaN policy (every backend, as the reference): a NaN entry (either sign) ranks above every number (NaNs
+    tie by position), stays NaN in out and counts as outside its band.
     """
     from .bands import bands_on
 
