@@ -84,12 +84,17 @@ def _fold(v, qg, m, l, acc, probe, inv_d, inv_sqrt_d, eps):
 
 
 @triton.jit
-def _overflow_scale(src_table, n_src, b, t, dd, mask, inv_d, dtype: tl.constexpr, BLOCK_T: tl.constexpr):
+def _overflow_scale(src_table, n_src, c_ptr, n_add, b, t, dd, mask, row, inv_d, dtype: tl.constexpr,
+                    BLOCK_T: tl.constexpr):
     """sigma [BLOCK_T] of the overflow fallback: 1 / sqrt(m), m the largest mean((v * OVERFLOW_RESCALE)^2)
-    over each token's sources (dar_math.h overflow_rms_scale); 1 where m is 0, inf or NaN."""
+    over each token's sources and stored summary c (when n_add > 0) (dar_math.h overflow_rms_scale); 1
+    where m is 0, inf or NaN."""
     m = tl.zeros([BLOCK_T], tl.float32)
     for i in range(n_src):
         v = _load_source(src_table, i, b, t, dd, mask, dtype) * OVERFLOW_RESCALE
+        m = tl.maximum(m, tl.sum(v * v, 1) * inv_d)
+    if n_add > 0:
+        v = tl.load(c_ptr + row, mask=mask, other=0.0).to(tl.float32) * OVERFLOW_RESCALE
         m = tl.maximum(m, tl.sum(v * v, 1) * inv_d)
     return tl.where((m > 0) & (m <= FLOAT32_MAX), 1.0 / tl.sqrt(m), 1.0)
 
@@ -165,7 +170,8 @@ def route_fwd_kernel(src_table, add_table, q_ptr, gain_ptr, h_ptr, lse_ptr, c_pt
     redo = t_ok & ((probe + lse * 0.0 + tl.sum(h * 0.0, 1)) != 0.0)
     if tl.max(redo.to(tl.int32), 0) > 0:
         tl.debug_barrier()  # the stored summary c is read back
-        sigma = _overflow_scale(src_table, n_src, b, t, dd, mask, inv_d, h_ptr.dtype.element_ty, BLOCK_T)
+        sigma = _overflow_scale(src_table, n_src, c_ptr, n_add, b, t, dd, mask, row, inv_d, h_ptr.dtype.element_ty,
+                                BLOCK_T)
         h, lse, _ = _route_tile(src_table, n_src, c_ptr, n_add, b, t, dd, mask, row, qg, sigma, inv_d, inv_sqrt_d,
                                 eps, h_ptr.dtype.element_ty, BLOCK_T, BLOCK_D)
         tl.store(h_ptr + row, h.to(h_ptr.dtype.element_ty), mask=mask & redo[:, None])
@@ -236,7 +242,8 @@ def route_bwd_kernel(src_table, dsrc_table, q_ptr, gain_ptr, h_ptr, dh_ptr, lse_
         else:
             partial += tl.sum(tl.where(redo[:, None], 0.0, u), 0)
         if tl.max(redo.to(tl.int32), 0) > 0:
-            sigma = _overflow_scale(src_table, n_src, b, t, dd, mask, inv_d, h_ptr.dtype.element_ty, BLOCK_T)
+            sigma = _overflow_scale(src_table, n_src, h_ptr, 0, b, t, dd, mask, row, inv_d, h_ptr.dtype.element_ty,
+                                    BLOCK_T)
             redo_rows = mask & redo[:, None]
             u, _ = _bwd_tile(src_table, dsrc_table, n_src, h_ptr, dlast_ptr, b, t, dd, mask, row, qg, dh, lse,
                              OVERFLOW_RESCALE, sigma, inv_d, inv_sqrt_d, eps, redo_rows, HAS_DLAST, BLOCK_T, BLOCK_D)
