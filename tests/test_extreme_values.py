@@ -101,13 +101,14 @@ def dar_fan_in(sources):
 DAR_BACKENDS = [b for b in ("cpu", "triton", "cuda") if b in backends_under_test("dar_route_fwd")]
 
 
+@pytest.mark.parametrize("d", (24, 1100), ids=("d24", "d1100"))  # one warp holds several rows / a row spans warps
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("backend", DAR_BACKENDS)
-def test_dar_route_near_float32_max_matches_float64_reference(backend, dtype):
+def test_dar_route_near_float32_max_matches_float64_reference(backend, dtype, d):
     """A token whose float32 sums overflow is routed again (in double on cpu, rescaled in the GPU kernels).
     The plain float32 computation is inf/NaN here, so the tolerance is the error model's spread and the
     output ulp only."""
-    sources, q, gain, dh = huge_sources(dtype)
+    sources, q, gain, dh = huge_sources(dtype, d=d)
     dev = device_for(backend)
     sources, q, gain, dh = [x.to(dev) for x in sources], q.to(dev), gain.to(dev), dh.to(dev)
     with forced(backend):
