@@ -171,6 +171,12 @@ def dar_route(sources, q, gain, eps: float = 1e-6) -> torch.Tensor:
     Backends: C++ (CPU tensors), CUDA C++ (CUDA tensors, when built with CUDA), Triton (CUDA tensors),
         reference; see `diffkern.backend`.
     NaN/inf in an input make the affected tokens' outputs NaN; nothing else is checked for them.
+    Finite inputs up to the float32 maximum give finite outputs, as the float64 reference: a token whose
+    float32 sums overflow is routed again (forward and backward), in double on CPU, and on the GPU kernels
+    with its rows scaled so that its largest source has rms 1 (dar_math.h). That GPU scaling assumes the
+    token's sources are of comparable scale: eps shrinks with it (to 0), and a source over ~1e19 smaller
+    than the largest underflows (its score, hence the token, becomes NaN). The reference backend computes
+    in plain float32 and overflows there.
     """
     with _nvtx.range("diffkern.dar_route"):
         return torch.ops.diffkern.dar_route_fwd(list(sources), q, gain, float(eps))[0]
