@@ -124,6 +124,8 @@ def dar_gather(sources, addends, q, gain, eps: float = 1e-6):
         backward: the routed sources (c, not the addends), h and the log-sum-exp; alpha and rstd are
         recomputed. Double backward is not supported.
     Backends: C++ (CPU tensors), Triton (CUDA tensors), reference; see `diffkern.backend`.
+    NaN/inf and finite inputs near the float32 maximum: as `dar_route` (the summary c counts as a source;
+    c itself overflows to inf where the addends' float32 sum does).
     """
     with _nvtx.range("diffkern.dar_gather"):
         h, _, c = torch.ops.diffkern.dar_gather_fwd(list(sources), list(addends), q, gain, float(eps))
