@@ -169,7 +169,7 @@ def route_fwd_kernel(src_table, add_table, q_ptr, gain_ptr, h_ptr, lse_ptr, c_pt
     tl.store(lse_ptr + b * T + t, lse, mask=t_ok)
     redo = t_ok & ((probe + lse * 0.0 + tl.sum(h * 0.0, 1)) != 0.0)
     if tl.max(redo.to(tl.int32), 0) > 0:
-        tl.debug_barrier()  # the stored summary c is read back
+        tl.debug_barrier()  # the stored summary c is read back; the rewrites land after the first stores
         sigma = _overflow_scale(src_table, n_src, c_ptr, n_add, b, t, dd, mask, row, inv_d, h_ptr.dtype.element_ty,
                                 BLOCK_T)
         h, lse, _ = _route_tile(src_table, n_src, c_ptr, n_add, b, t, dd, mask, row, qg, sigma, inv_d, inv_sqrt_d,
@@ -242,6 +242,7 @@ def route_bwd_kernel(src_table, dsrc_table, q_ptr, gain_ptr, h_ptr, dh_ptr, lse_
         else:
             partial += tl.sum(tl.where(redo[:, None], 0.0, u), 0)
         if tl.max(redo.to(tl.int32), 0) > 0:
+            tl.debug_barrier()  # the rewrites below land after this tile's first dv (and dq) stores
             sigma = _overflow_scale(src_table, n_src, h_ptr, 0, b, t, dd, mask, row, inv_d, h_ptr.dtype.element_ty,
                                     BLOCK_T)
             redo_rows = mask & redo[:, None]
