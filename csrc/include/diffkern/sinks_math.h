@@ -16,8 +16,10 @@ namespace diffkern::sinks {
 // The correction divides the unmasked row's rounding error by its denominator 1 - w sum_S P, which
 // vanishes when the suppressed keys hold nearly all of the row's mass (the paper's situation): a row
 // whose denominator is below kRecomputeBelow is recomputed as the masked softmax itself,
-// softmax_j(s_ij + b [j in S]) v, so no row's error is amplified more than 1 / kRecomputeBelow.
-constexpr double kRecomputeBelow = 0.5;
+// softmax_j(s_ij + b [j in S]) v, so no row's error is amplified more than 1 / kRecomputeBelow = 8x
+// (3 bits of fp32, below a bf16 or fp16 output's rounding), and only rows whose suppressed keys hold
+// over 7/8 of the mass pay for the second pass.
+constexpr double kRecomputeBelow = 0.125;
 
 struct SuppressionWeights {
   double w, g;

@@ -17,7 +17,7 @@ from .. import _dtypes
 # Rows whose correction denominator 1 - w sum_S P is below this are recomputed as the masked softmax
 # itself by the fused kernels (csrc/include/diffkern/sinks_math.h kRecomputeBelow, the same value): the
 # correction divides the unmasked row's rounding error by that denominator, at most 1 / RECOMPUTE_BELOW.
-RECOMPUTE_BELOW = 0.5
+RECOMPUTE_BELOW = 0.125
 
 
 def suppression_weights(bias: float, n_selected: int, n_keys: int) -> tuple[float, float]:
