@@ -2,6 +2,7 @@
 sink suppression when the suppressed keys hold nearly all of a row's mass, DAR routing near the float32
 maximum, whiten at tiny scales, NaN through the 2OS projection, and flow_sde_step reproducible from the
 first call of a process."""
+import math
 import os
 import subprocess
 import sys
@@ -160,6 +161,24 @@ def test_dar_route_nan_policy_is_kept_by_the_fallback(backend):
         h, lse = torch.ops.diffkern.dar_route_fwd(sources, q, gain, 1e-6)
     bad = torch.isnan(h).any(-1)
     assert bad[0, 2] and bad.sum() == 1 and torch.isnan(lse[0, 2]) and torch.isfinite(lse).sum() == lse.numel() - 1
+
+
+@pytest.mark.parametrize("backend", DAR_BACKENDS)
+@pytest.mark.parametrize("n", [1, 3])
+def test_dar_route_infinite_scores_are_nan_like_the_reference(backend, n):
+    """An inf in q makes every score +-inf: the reference's softmax is NaN wherever a score is +inf
+    (inf - inf) or all are -inf, so every token is NaN there, single-source calls included."""
+    g = torch.Generator().manual_seed(3)
+    sources = [torch.randn(2, 5, 8, generator=g) for _ in range(n)]
+    q, gain = torch.randn(8, generator=g), torch.ones(8)
+    q[3] = math.inf
+    with forced("reference"):
+        want = torch.ops.diffkern.dar_route_fwd([s.double() for s in sources], q.double(), gain.double(), 1e-6)[0]
+    dev = device_for(backend)
+    with forced(backend):
+        h, _ = torch.ops.diffkern.dar_route_fwd([s.to(dev) for s in sources], q.to(dev), gain.to(dev), 1e-6)
+    assert torch.isnan(want).all()
+    assert torch.isnan(h).all()
 
 
 # ---- whiten at tiny scales ----

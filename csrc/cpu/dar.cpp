@@ -112,7 +112,7 @@ inline acc_t fold_source(const acc_t* __restrict v, const acc_t* __restrict qg, 
   const acc_t s = route_score(rstd_from_sumsq(ss, inv_d, eps), p, inv_sqrt_d);
   acc_t scale, w;
   if (first) {
-    state = {s, acc_t(1)};
+    state = softmax_start(s);
     std::copy(v, v + d, acc);
   } else if (softmax_push(state, s, scale, w)) {
 #pragma omp simd

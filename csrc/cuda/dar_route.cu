@@ -119,7 +119,7 @@ DIFFKERN_DEVICE float fold_sources(const FwdArgs<T, Q>& a, bool valid, int64_t b
     const float s = route_score(rstd_from_sumsq(sums[0], a.inv_d, eps), sums[1], a.inv_sqrt_d);
     float scale, w;
     if (i == 0) {
-      state = {s, 1.0f};
+      state = softmax_start(s);
 #pragma unroll
       for (int e = 0; e < E; ++e) acc[e] = v[e];
     } else if (softmax_push(state, s, scale, w)) {

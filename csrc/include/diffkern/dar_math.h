@@ -56,15 +56,30 @@ struct SoftmaxState {
   T l;
 };
 
-// Folds score s into the state. The accumulator becomes acc * scale + w * v, where exactly one of
-// scale, w is 1: returns true when the max grew (acc must be rescaled), false when only v is added.
+// exp(s - m) for a score s that becomes the running max m = s: 1, or NaN where the reference's
+// exp(s - max(s)) is NaN (s = +inf, or NaN), so such a score makes the token NaN on every backend.
+// A -inf score keeps weight 1 here and gets weight 0 as soon as a larger score arrives, as exp(-inf).
+template <typename T>
+DIFFKERN_HD inline T max_weight(T s) {
+  return (s < T(0) || s - s == T(0)) ? T(1) : s - s;
+}
+
+// The state after the first source's score s (its value is the accumulator, with weight max_weight(s)).
+template <typename T>
+DIFFKERN_HD inline SoftmaxState<T> softmax_start(T s) {
+  return {s, max_weight(s)};
+}
+
+// Folds score s into the state. The accumulator becomes acc * scale + w * v, where (finite scores)
+// exactly one of scale, w is 1: returns true when the max grew (acc must be rescaled and v added with
+// weight 1; w = NaN for s = +inf reaches h through l), false when only w * v is added.
 // A NaN score fails the comparison and makes w, hence l and acc, NaN, so it propagates to h and lse.
 template <typename T>
 DIFFKERN_HD inline bool softmax_push(SoftmaxState<T>& st, T s, T& scale, T& w) {
   if (s > st.m) {
     scale = exp_(st.m - s);
-    w = T(1);
-    st.l = st.l * scale + T(1);
+    w = max_weight(s);
+    st.l = st.l * scale + w;
     st.m = s;
     return true;
   }
