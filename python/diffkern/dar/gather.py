@@ -1,4 +1,4 @@
-"""DAR chunked residual gathering as a torch op: checks, fakes, autograd, backends, public API.
+"""DAR chunked residual gathering as a torch op: checks, fakes, backends, public API (autograd: csrc/diffkern/autograd_dar.cpp).
 
 Schemas: diffkern::dar_gather_fwd / dar_gather_bwd (csrc/diffkern/ops.cpp); C++ CPU kernels in
 csrc/cpu/dar.cpp and Triton kernels in triton_kernels.py, both the routing kernels themselves run
@@ -73,31 +73,6 @@ def _fwd_fake(sources, addends, q, gain, eps):
 def _bwd_fake(dh, sources, q, gain, h, lse, dlast, eps):
     check_gather_bwd(dh, sources, q, gain, h, lse, dlast, eps)
     return [x.new_empty(x.shape) for x in sources], q.new_empty(q.shape), gain.new_empty(gain.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    sources, addends, q, gain, eps = inputs
-    h, lse, c = output
-    routed = [*sources, c] if addends else list(sources)  # the addends themselves are not needed
-    ctx.save_for_backward(q, gain, h, lse, *routed)
-    ctx.n_sources, ctx.n_addends, ctx.eps = len(sources), len(addends), eps
-    ctx.mark_non_differentiable(lse)
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, dh, _dlse, dc):
-    q, gain, h, lse, *routed = ctx.saved_tensors
-    n, k = ctx.n_sources, ctx.n_addends
-    if dh is None:  # only the summary's gradient reached this op: it passes to every addend unchanged
-        return [None] * n, [dc] * k, None, None, None
-    dlast = dc.contiguous() if (k and dc is not None) else None
-    dsources, dq, dgain = torch.ops.diffkern.dar_gather_bwd(dh.contiguous(), routed, q, gain, h, lse, dlast, ctx.eps)
-    dsources = list(dsources)
-    dsum = dsources.pop() if k else None
-    return dsources, [dsum] * k, dq, dgain, None
-
-
-torch.library.register_autograd("diffkern::dar_gather_fwd", _backward, setup_context=_setup_context)
 
 
 def dar_gather(sources, addends, q, gain, eps: float = 1e-6):

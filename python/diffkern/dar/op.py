@@ -1,7 +1,8 @@
-"""DAR routing as a torch op: argument checks, fake (meta) implementations, autograd, backends, public API.
+"""DAR routing as a torch op: argument checks, fake (meta) implementations, backends, public API.
 
-The schemas live in csrc/diffkern/ops.cpp and the C++ CPU kernels in csrc/cpu/dar.cpp; this file
-registers everything Python owns for diffkern::dar_route_fwd / dar_route_bwd.
+The schemas live in csrc/diffkern/ops.cpp, the C++ CPU kernels in csrc/cpu/dar.cpp and the autograd in
+csrc/diffkern/autograd_dar.cpp; this file registers everything Python owns for diffkern::dar_route_fwd /
+dar_route_bwd.
 """
 from __future__ import annotations
 
@@ -127,26 +128,6 @@ def _bwd_fake(dh, sources, q, gain, h, lse, eps):
     check_bwd(dh, sources, q, gain, h, lse, eps)
     return [x.new_empty(x.shape) for x in sources], \
         q.new_empty(q.shape), gain.new_empty(gain.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    sources, q, gain, eps = inputs
-    h, lse = output
-    ctx.save_for_backward(q, gain, h, lse, *sources)
-    ctx.eps = eps
-    ctx.mark_non_differentiable(lse)
-    ctx.set_materialize_grads(False)  # lse's gradient is never used: do not fill one with zeros
-
-
-def _backward(ctx, dh, _dlse):
-    q, gain, h, lse, *sources = ctx.saved_tensors
-    if dh is None:  # h's gradient undefined (autograd may pass None instead of zeros)
-        return [None] * len(sources), None, None, None
-    dsources, dq, dgain = torch.ops.diffkern.dar_route_bwd(dh.contiguous(), sources, q, gain, h, lse, ctx.eps)
-    return list(dsources), dq, dgain, None
-
-
-torch.library.register_autograd("diffkern::dar_route_fwd", _backward, setup_context=_setup_context)
 
 
 def dar_route(sources, q, gain, eps: float = 1e-6) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""Flow-GRPO as torch ops: argument checks, fake (meta) implementations, autograd, backends, public API.
+"""Flow-GRPO as torch ops: argument checks, fake (meta) implementations, backends, public API.
 
-The schemas live in csrc/diffkern/ops.cpp and the C++ CPU kernels in csrc/cpu/grpo.cpp; this file
+The schemas live in csrc/diffkern/ops.cpp, the C++ CPU kernels in csrc/cpu/grpo.cpp and the autograd in
+csrc/diffkern/autograd_grpo.cpp; this file
 registers everything Python owns for diffkern::flow_sde_step / grpo_log_prob / grpo_log_prob_bwd.
 """
 from __future__ import annotations
@@ -105,45 +106,6 @@ def _log_prob_fake(v, *rest):
 def _log_prob_bwd_fake(dlog_prob, dkl, v, x, target, sigma, sigma_next, v_ref, v_uncond, *rest):
     check_log_prob_bwd(dlog_prob, dkl, v, x, target, sigma, sigma_next, v_ref, v_uncond, *rest)
     return [v.new_empty(v.shape) for _ in range(1 if v_uncond is None else 2)]
-
-
-def _sde_step_setup(ctx, inputs, output):
-    ctx.mark_non_differentiable(*output)
-
-
-def _sde_step_backward(ctx, *grads):
-    return (None,) * 7
-
-
-# A rollout op: x_next is sampled, so nothing is differentiated through it (training differentiates
-# grpo_iso_loss instead). Registered so that inputs requiring grad give outputs that plainly do not.
-torch.library.register_autograd("diffkern::flow_sde_step", _sde_step_backward, setup_context=_sde_step_setup)
-
-
-def _log_prob_setup(ctx, inputs, output):
-    v, x, target, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule, std_coef = inputs
-    ctx.save_for_backward(v, x, target, sigma, sigma_next, v_ref, v_uncond)
-    ctx.scalars = (cfg_scale, std_rule, std_coef)
-    ctx.mark_non_differentiable(output[2])
-    ctx.set_materialize_grads(False)
-
-
-def _log_prob_backward(ctx, dlog_prob, dkl, _dinv_lambda):
-    v, x, target, sigma, sigma_next, v_ref, v_uncond = ctx.saved_tensors
-    if dlog_prob is None and dkl is None:
-        return (None,) * 10
-    zeros = torch.zeros(v.shape[:1], dtype=_dtypes.acc(v.dtype), device=v.device)
-    dlog_prob = zeros if dlog_prob is None else dlog_prob.to(zeros.dtype).contiguous()
-    if dkl is None:  # kl unused: the backward need not read v_ref
-        dkl, v_ref = zeros, None
-    else:
-        dkl = dkl.to(zeros.dtype).contiguous()
-    grads = torch.ops.diffkern.grpo_log_prob_bwd(dlog_prob, dkl, v, x, target, sigma, sigma_next, v_ref, v_uncond,
-                                                 *ctx.scalars)
-    return grads[0], None, None, None, None, None, grads[1] if v_uncond is not None else None, None, None, None
-
-
-torch.library.register_autograd("diffkern::grpo_log_prob", _log_prob_backward, setup_context=_log_prob_setup)
 
 
 def _rule(op: str, std_rule: str, std_coef):

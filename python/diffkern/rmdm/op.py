@@ -1,7 +1,8 @@
-"""Shared-block recursion as torch ops: argument checks, fake (meta) implementations, autograd, backends, API.
+"""Shared-block recursion as torch ops: argument checks, fake (meta) implementations, backends, API.
 
-The schemas live in csrc/diffkern/ops.cpp and the C++ CPU kernels in csrc/cpu/rmdm_recurse.cpp; this
-file registers everything Python owns for diffkern::rmdm_recurse / rmdm_recurse_bwd.
+The schemas live in csrc/diffkern/ops.cpp, the C++ CPU kernels in csrc/cpu/rmdm_recurse.cpp and the
+autograd in csrc/diffkern/autograd_rmdm.cpp; this file registers everything Python owns for
+diffkern::rmdm_recurse / rmdm_recurse_bwd.
 """
 from __future__ import annotations
 
@@ -75,23 +76,6 @@ def _recurse_bwd_fake(dstates, x, states, weights, mod, heads, eps):
     check_recurse_bwd(dstates, x, states, weights, mod, heads, eps)
     return x.new_empty(x.shape), [w.new_empty(w.shape) for w in weights], \
         (mod.new_empty(mod.shape) if mod is not None else x.new_empty(0))
-
-
-def _setup(ctx, inputs, output):
-    x, weights, mod, n_iter, heads, eps = inputs
-    ctx.save_for_backward(x, output, *weights, *([mod] if mod is not None else []))
-    ctx.n_weights, ctx.has_mod, ctx.scalars = len(weights), mod is not None, (heads, eps)
-
-
-def _backward(ctx, dstates):
-    x, states, *rest = ctx.saved_tensors
-    weights, mod = rest[:ctx.n_weights], (rest[-1] if ctx.has_mod else None)
-    dx, dweights, dmod = torch.ops.diffkern.rmdm_recurse_bwd(dstates.contiguous(), x, states, weights, mod,
-                                                             *ctx.scalars)
-    return dx, list(dweights), (dmod if ctx.has_mod else None), None, None, None
-
-
-torch.library.register_autograd("diffkern::rmdm_recurse", _backward, setup_context=_setup)
 
 
 def recurse(block_params, x: torch.Tensor, n_iter: int, *, heads: int, mod: torch.Tensor | None = None,
