@@ -11,7 +11,11 @@ from . import op  # noqa: F401  (registers the backends, fakes and autograd)
 
 def _per_sample(name: str, value, mu: torch.Tensor) -> torch.Tensor:
     """A float, a 0-dim or a [B] tensor as the contiguous [B] tensor the op takes (accumulation dtype)."""
-    B, acc = mu.shape[0], _dtypes.acc(mu.dtype)
+    B = mu.shape[0]
+    if isinstance(value, torch.Tensor) and value.shape == (B,) and value.dtype in (torch.float32, torch.float64) \
+            and value.device == mu.device and value.is_contiguous():
+        return value  # already what the op takes: no conversion calls (they cost as much as the op at small B)
+    acc = _dtypes.acc(mu.dtype)
     if not isinstance(value, torch.Tensor):
         return torch.full((B,), float(value), dtype=acc, device=mu.device)
     if value.dim() > 1 or (value.dim() == 1 and value.shape[0] not in (1, B)):
