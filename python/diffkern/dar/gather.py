@@ -97,7 +97,8 @@ def dar_gather(sources, addends, q, gain, eps: float = 1e-6):
     Traffic: reads n + k sources, writes h and c (k > 0) plus 4 bytes/token of log-sum-exp.
     Autograd: gradients flow to sources, addends (each gets c's total gradient), q and gain. Saved for
         backward: the routed sources (c, not the addends), h and the log-sum-exp; alpha and rstd are
-        recomputed. Double backward is not supported.
+        recomputed. Double backward is refused: differentiating the gradient raises NotImplementedError naming
+        diffkern.dar.dar_gather.
     Backends: C++ (CPU tensors), Triton (CUDA tensors), reference; see `diffkern.backend`.
     """
     with _nvtx.range("diffkern.dar_gather"):

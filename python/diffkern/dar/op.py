@@ -148,7 +148,9 @@ def dar_route(sources, q, gain, eps: float = 1e-6) -> torch.Tensor:
     Returns:
         h [B, T, d] in the sources' dtype. Softmax and norm math run in float32 (float64 for float64).
     Autograd: gradients flow to every source, q and gain. Saved for backward: h and the per-token
-        log-sum-exp [B, T] (4 bytes/token); rstd and alpha are recomputed. Double backward is not supported.
+        log-sum-exp [B, T] (4 bytes/token); rstd and alpha are recomputed. Double backward is refused:
+        differentiating the gradient (create_graph=True, then backward through it) raises NotImplementedError
+        naming diffkern.dar_route; the first-order gradient itself is the same with create_graph.
     Backends: C++ (CPU tensors), CUDA C++ (CUDA tensors, when built with CUDA), Triton (CUDA tensors),
         reference; see `diffkern.backend`.
     NaN/inf in an input make the affected tokens' outputs NaN; nothing else is checked for them.

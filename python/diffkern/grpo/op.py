@@ -135,8 +135,8 @@ def flow_sde_step(x, v, sigma, sigma_next, eps=None, std_rule: str = "wan", std_
     Returns:
         (x_next, y) in x's dtype; (log_prob, inv_lambda) [B] float32 (float64 for float64). log_prob is
         of y as stored (the x_next/x form of the loss re-reads rounded x and x_next, so in bfloat16 its
-        on-policy ratio is 1 only to that rounding). A rollout op: no gradient flows through it. Nothing
-        is saved. Traffic: reads x, v, eps; writes x_next, y.
+        on-policy ratio is 1 only to that rounding). Autograd: none, a rollout op: the outputs never require
+        grad, whatever the inputs (so there is no double backward either). Nothing is saved. Traffic: reads x, v, eps; writes x_next, y.
     Backends: C++ (CPU tensors), CUDA C++ or Triton (CUDA tensors; CUDA C++ when built with CUDA), reference; see `diffkern.backend`.
     NaN/inf in a sample's inputs make that sample's outputs NaN; other samples are unaffected.
     """
@@ -188,6 +188,8 @@ def grpo_iso_loss(v, x=None, x_next=None, sigma=None, sigma_next=None, log_prob_
         An empty batch gives loss 0.
     Autograd: gradients reach v (and v_uncond: dv_c = w dv, dv_u = (1 - w) dv) through one fused backward
         that re-reads its latent inputs and writes each gradient once. Saved: the inputs (no temporaries).
+        Double backward is refused: differentiating the gradient raises NotImplementedError naming
+        diffkern.grpo_iso_loss.
         Traffic per step without CFG or KL, in passes over B x D: y form 2 reads + (2 reads, 1 write) = 5;
         pair form 3 + (3, 1) = 7.
     Backends: C++ (CPU tensors), CUDA C++ or Triton (CUDA tensors; CUDA C++ when built with CUDA), reference; see `diffkern.backend`. The TGR mean is

@@ -42,7 +42,8 @@ def ntrk_step(mu, sigma, w, rho, eps=None, generator: torch.Generator | None = N
     Returns:
         x: mu's shape and dtype. One pass: reads mu, w (and eps when given) once, writes x once.
     Autograd: differentiable in mu, w and a given eps (dw = sigma sqrt(rho) dx, deps = sigma sqrt(1-rho) dx);
-        sigma and rho get no gradient. Saved: sigma and rho ([B]).
+        sigma and rho get no gradient. Saved: sigma and rho ([B]). Double backward is supported (the step is
+        linear in mu, w and eps, so the second-order terms are zero; gradgradcheck in float64).
     Backends: C++ (CPU tensors), CUDA C++ or Triton (CUDA tensors; CUDA C++ when built with CUDA), reference; see `diffkern.backend`.
     """
     if not isinstance(rho, torch.Tensor) and not 0 <= rho <= 1:

@@ -98,6 +98,8 @@ def recurse(block_params, x: torch.Tensor, n_iter: int, *, heads: int, mod: torc
         h_L [B, T, d], or states [n_iter, B, T, d] with states[k-1] = h_k.
     Autograd: gradients reach x, every weight and mod. Saved: x, the n_iter states (the iteration inputs)
         and the weights; the backward re-runs one iteration at a time (memory: one iteration's activations).
+        Double backward is refused: differentiating the gradient raises NotImplementedError naming
+        diffkern.recurse.
     Backends: C++ (CPU tensors), reference (plain PyTorch, any device). On CUDA tensors the forward is Triton
         (T <= 256, d <= 512), one launch per call: the persistent weight-stationary kernel (each weight read
         once per call) where it fits, else the tiled one (rmdm/triton_kernels.py says which when); the
