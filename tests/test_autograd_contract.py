@@ -139,11 +139,9 @@ def detached(args):
                  for a in args)
 
 
-def first_order(fn, inputs):
-    """fn's output reduced with fixed weights, and its gradients with create_graph=True."""
-    out = fn(*inputs)
-    w = randn(*out.shape, seed=99, dtype=out.dtype, grad=False)
-    return torch.autograd.grad((out * w).sum(), inputs, create_graph=True)
+def weighted(out):
+    """out reduced to a scalar with fixed random weights (every element gets its own gradient)."""
+    return (out * randn(*out.shape, seed=99, dtype=out.dtype, grad=False)).sum()
 
 
 def grpo_loss(v, x, x_next, sigma, sigma_next):
@@ -153,11 +151,10 @@ def grpo_loss(v, x, x_next, sigma, sigma_next):
                                   clip_eps=0.2)[0]
 
 
+# public name: (its arguments, the call, the leaves to differentiate)
 REFUSED = {
-    "diffkern.dar_route": (lambda: dar_args(), lambda s, q, g: diffkern.dar_route(s, q, g),
-                           lambda s, q, g: [*s, q, g]),
-    "diffkern.dar.dar_gather": (lambda: dar_args(),
-                                lambda s, q, g: sum(diffkern.dar.dar_gather(s[:1], s[1:], q, g)),
+    "diffkern.dar_route": (dar_args, diffkern.dar_route, lambda s, q, g: [*s, q, g]),
+    "diffkern.dar.dar_gather": (dar_args, lambda s, q, g: sum(diffkern.dar.dar_gather(s[:1], s[1:], q, g)),
                                 lambda s, q, g: [*s, q, g]),
     "diffkern.grpo_iso_loss": (lambda: grpo_calls()["grpo_log_prob"][:5], grpo_loss, lambda v, *_: [v]),
     "diffkern.recurse": (lambda: rmdm_calls()["rmdm_recurse"][:3],
@@ -172,7 +169,7 @@ def test_double_backward_is_refused_naming_the_op(public, backend):
     make, fn, leaves = REFUSED[public]
     args = make()
     with forced(backend):
-        grads = first_order(lambda *leaf: fn(*args), leaves(*args))
+        grads = torch.autograd.grad(weighted(fn(*args)), leaves(*args), create_graph=True)
         total = sum(g.sum() for g in grads)
         with pytest.raises(NotImplementedError, match=f"double backward of {public} is not supported"):
             total.backward()
@@ -183,9 +180,8 @@ def test_first_order_gradient_is_the_same_with_create_graph(public):
     """Refusing the second order leaves the first intact: create_graph=True gives the plain gradients."""
     make, fn, leaves = REFUSED[public]
     args = make()
-    with_graph = first_order(lambda *leaf: fn(*args), leaves(*args))
-    out = fn(*args)
-    plain = torch.autograd.grad((out * randn(*out.shape, seed=99, dtype=out.dtype, grad=False)).sum(), leaves(*args))
+    with_graph = torch.autograd.grad(weighted(fn(*args)), leaves(*args), create_graph=True)
+    plain = torch.autograd.grad(weighted(fn(*args)), leaves(*args))
     for a, b in zip(with_graph, plain):
         assert torch.equal(a.detach(), b)
 

@@ -6,7 +6,7 @@ import math
 import torch
 
 from .. import _dtypes, _nvtx
-from . import op  # noqa: F401  (registers the backends, fakes and autograd)
+from . import op  # noqa: F401  (registers the backends and fakes)
 
 
 def _per_sample(name: str, value, mu: torch.Tensor) -> torch.Tensor:
