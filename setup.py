@@ -8,7 +8,10 @@ Environment variables (all documented in README.md):
                            compiler's default target); one name ("native" for a build that only runs here) builds
                            that variant alone
   MAX_JOBS                 parallel compile jobs (default: sized to cores and free memory)
-  DIFFKERN_DEBUG=1         -O0 -g builds
+  DIFFKERN_DEBUG=1         -O0 -g builds (otherwise the libraries are linked without debug info)
+
+The runtime requirement on torch is the exact release this build compiled against: diffkern._C loads
+with no other (diffkern/_ops.py checks it at import).
 """
 import glob
 import os
@@ -61,6 +64,16 @@ for _masquerade in ("/usr/lib/ccache", "/usr/lib64/ccache", "/usr/local/opt/ccac
 
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def version():
+    with open(os.path.join(ROOT, "python", "diffkern", "_version.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"$', f.read(), re.MULTILINE).group(1)
+
+
+def install_requires():
+    """torch at the release built against (a local label such as +cu130 dropped), and the band tables' math."""
+    return [f"torch=={torch.__version__.split('+')[0]}", "numpy>=1.26", "scipy>=1.11"]
 
 
 def want_cuda():
@@ -122,7 +135,7 @@ def write_build_info(with_cuda, archs, variants):
             f.write(text)
 
 
-def cpu_kernels(variant, cxx):
+def cpu_kernels(variant, cxx, link):
     """The CPU kernels (csrc/cpu) for one ISA variant: a library of their own, loaded by _C (not imported).
 
     Hidden visibility binds the variant's inline and template code within its own library.
@@ -131,7 +144,7 @@ def cpu_kernels(variant, cxx):
     flags = cxx + march(variant) + ["-fopenmp", "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
     return CppExtension(f"diffkern._C_cpu_{tag}", sorted(glob.glob("csrc/cpu/*.cpp")),
                         include_dirs=[INCLUDE_DIR],
-                        extra_compile_args={"cxx": flags}, extra_link_args=["-fopenmp"])
+                        extra_compile_args={"cxx": flags}, extra_link_args=["-fopenmp", *link])
 
 
 def extensions():
@@ -142,15 +155,17 @@ def extensions():
     write_build_info(with_cuda, archs, variants)
     debug = os.environ.get("DIFFKERN_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
+    # Python's flags add -g: a release links without debug info (the default CUDA build: 67 MB -> 5.1 MB).
+    link = ["-Wl,--strip-debug"] if not debug and sys.platform.startswith("linux") else []
     cxx = opt + ["-std=c++20", "-Wall", "-Wno-unknown-pragmas"]
-    kernels = [cpu_kernels(variant, cxx) for variant in variants]
+    kernels = [cpu_kernels(variant, cxx, link) for variant in variants]
     # The variant list reaches the loader as a C++ flag only: nvcc would split a -D value at its commas.
     cxx = cxx + march(variants[0]) + [f"-DDIFFKERN_CPU_VARIANTS={','.join(variants)}"]
     sources = sorted(glob.glob("csrc/diffkern/*.cpp"))
     include_dirs = [INCLUDE_DIR]
     if not with_cuda:
-        return [CppExtension("diffkern._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}),
-                *kernels]
+        return [CppExtension("diffkern._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
+                             extra_link_args=link), *kernels]
     sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     # torch's CUDA headers include cuBLAS/cuSPARSE headers that ship in the nvidia wheels, not the toolkit
     wheel_include = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "cu13", "include")
@@ -163,7 +178,7 @@ def extensions():
     nvcc = opt + ["-std=c++20", "-Xptxas=-warn-spills", "--expt-relaxed-constexpr"]
     return [CUDAExtension("diffkern._C", sources, include_dirs=include_dirs, library_dirs=lib_dirs,
                           define_macros=[("DIFFKERN_WITH_CUDA", "1")],
-                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}), *kernels]
+                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link), *kernels]
 
 
 class BuildExtensions(BuildExtension.with_options(use_ninja=True)):
@@ -181,6 +196,8 @@ class BuildExtensions(BuildExtension.with_options(use_ninja=True)):
 
 setup(
     name="diffkern",
+    version=version(),
+    install_requires=install_requires(),
     packages=find_packages("python"),
     package_dir={"": "python"},
     ext_modules=extensions(),

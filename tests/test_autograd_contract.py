@@ -6,7 +6,9 @@ import torch
 
 import diffkern
 from diffkern.grpo import reference as grpo_reference
+from diffkern.ntrk import bands  # noqa: F401  (defines diffkern::twoos_band_table)
 from diffkern.rmdm import reference as rmdm_reference
+from diffkern.sinks import processors  # (defines diffkern::sink_record)
 from diffkern.testing import cuda_harness
 from diffkern.testing.backends import forced
 
@@ -14,7 +16,9 @@ B, T, D = 2, 3, 8
 WAN = grpo_reference.STD_RULES["wan"], grpo_reference.WAN_STD_COEF
 # Ops without tensor arguments: opcheck has only their schema (and fake for the data op) to check.
 NO_TENSORS = {"cpu_isa": ("test_schema",), "cuda_runtime_version": ("test_schema",),
-              "rmdm_sudoku": ("test_schema", "test_faketensor")}
+              "rmdm_sudoku": ("test_schema", "test_faketensor"),
+              "twoos_band_table": ("test_schema", "test_faketensor")}
+RECORDER = processors.SinkRecorder()  # held here: diffkern::sink_record finds its recorder by id, weakly
 
 
 def randn(*shape, seed=0, dtype=torch.float32, grad=True):
@@ -64,8 +68,10 @@ def ntrk_calls():
     mu, w, eps = (randn(B, 6, seed=40 + i) for i in range(3))
     sigma, rho = per_sample(0.2, 1.2, 3), per_sample(0.0, 1.0, 4)
     lower, upper = (t.float() for t in diffkern.twoos_bands(2, 3))
-    return {"ntrk_step": (mu, sigma, w, rho, eps, 3, 0), "ntrk_step_cuda": (mu, sigma, w, rho, None, 3, 0),
-            "twoos_project": (randn(B, 6, seed=43), lower, upper, 2)}
+    philox = torch.tensor([3, 0])
+    return {"ntrk_step": (mu, sigma, w, rho, eps, philox), "ntrk_step_cuda": (mu, sigma, w, rho, None, philox),
+            "twoos_project": (randn(B, 6, seed=43), lower, upper, 2),
+            "twoos_band_table": (2, 3, 1e-4, "normal", None, torch.float32, torch.device("cpu"))}
 
 
 def rmdm_calls():
@@ -85,7 +91,9 @@ def sinks_calls():
     o, lse, mass, _ = (t.detach() for t in torch.ops.diffkern.sink_attention_fwd(q, k, v, 4, 0.5))
     idx = torch.ops.diffkern.sink_topk(mass, 1, True)
     return {"sink_mass": (q, k, 4, 0.5), "sink_attention_fwd": (q, k, v, 4, 0.5),
-            "sink_topk": (mass.requires_grad_(), 1, True), "sink_suppress": (q, k, v, o, lse, idx, 4, 0.5, -1e4)}
+            "sink_topk": (mass.requires_grad_(), 1, True), "sink_suppress": (q, k, v, o, lse, idx, 4, 0.5, -1e4),
+            "sink_record": (torch.zeros((), dtype=torch.int64), mass[0, 0, :2].detach(), idx, None, id(RECORDER),
+                            "layer", "per_head", "a,b")}
 
 
 OPS_OF = {
@@ -93,9 +101,9 @@ OPS_OF = {
     dar_gather_calls: ("dar_gather_fwd", "dar_gather_bwd"),
     grpo_calls: ("flow_sde_step", "flow_sde_step_cuda", "grpo_log_prob", "grpo_log_prob_cuda", "grpo_log_prob_bwd",
                  "grpo_log_prob_bwd_cuda"),
-    ntrk_calls: ("ntrk_step", "ntrk_step_cuda", "twoos_project"),
+    ntrk_calls: ("ntrk_step", "ntrk_step_cuda", "twoos_project", "twoos_band_table"),
     rmdm_calls: ("rmdm_recurse", "rmdm_recurse_bwd", "rmdm_recurse_bwd_cuda", "rmdm_sudoku", "rmdm_sudoku_count"),
-    sinks_calls: ("sink_mass", "sink_attention_fwd", "sink_topk", "sink_suppress"),
+    sinks_calls: ("sink_mass", "sink_attention_fwd", "sink_topk", "sink_suppress", "sink_record"),
 }
 # The ops that refuse a derivative (backward ops, the cuda backends' internal ops, the forward-only sink ops).
 REFUSING = {"dar_route_bwd", "dar_route_bwd_cuda", "dar_gather_bwd", "grpo_log_prob_bwd", "grpo_log_prob_bwd_cuda",
@@ -194,11 +202,11 @@ def test_ntrk_step_double_backward_matches_float64_gradgradcheck(with_eps):
     sigma, rho = per_sample(0.2, 1.2, 3, torch.float64), per_sample(0.0, 1.0, 4, torch.float64)
     if with_eps:
         def step(mu, w, eps):
-            return torch.ops.diffkern.ntrk_step(mu, sigma, w, rho, eps, 0, 0)
+            return torch.ops.diffkern.ntrk_step(mu, sigma, w, rho, eps, None)
         inputs = (mu, w, eps)
     else:
         def step(mu, w):
-            return torch.ops.diffkern.ntrk_step(mu, sigma, w, rho, None, 3, 0)
+            return torch.ops.diffkern.ntrk_step(mu, sigma, w, rho, None, torch.tensor([3, 0]))
         inputs = (mu, w)
     assert torch.autograd.gradcheck(step, inputs)
     assert torch.autograd.gradgradcheck(step, inputs)

@@ -32,7 +32,7 @@ def calls():
         "flow_sde_step_cuda": (x, v, *sigmas(), t, *WAN),
         "grpo_log_prob_cuda": lp,
         "grpo_log_prob_bwd_cuda": (torch.ones(B), torch.ones(B), *lp),
-        "ntrk_step_cuda": (x, torch.rand(B), v, torch.rand(B), None, 3, 0),
+        "ntrk_step_cuda": (x, torch.rand(B), v, torch.rand(B), None, torch.tensor([3, 0])),
     }
 
 
@@ -50,12 +50,12 @@ BAD = [
     ("flow_sde_step_cuda", 1, torch.zeros(B, D + 1), "v has shape [2, 38] but x has shape [2, 37]"),
     ("flow_sde_step_cuda", 0, torch.zeros(B, D, dtype=torch.float64), "float64"),
     ("flow_sde_step_cuda", 2, torch.zeros(B + 1), "sigma must be [B]"),
-    ("grpo_log_prob_cuda", 2, torch.zeros(D, B).t(), "target must be contiguous; call .contiguous()"),
+    ("grpo_log_prob_cuda", 2, torch.zeros(D, B).t(), "x_next must be contiguous; call .contiguous()"),
     ("grpo_log_prob_cuda", 5, torch.zeros(B, D, dtype=torch.float16), "v_ref dtype float16 differs from v dtype float32"),
     ("grpo_log_prob_bwd_cuda", 0, torch.ones(B + 1), "dlog_prob must be a contiguous [B]"),
     ("ntrk_step_cuda", 2, torch.zeros(B, D - 1), "w has shape [2, 36] but mu has shape [2, 37]"),
     ("ntrk_step_cuda", 3, torch.zeros(B, 1), "rho must be [B]"),
-    ("ntrk_step_cuda", 6, -1, "offset must be >= 0"),
+    ("ntrk_step_cuda", 5, torch.zeros(2, dtype=torch.int32), "philox must be a contiguous int64 [2] tensor"),
 ]
 
 

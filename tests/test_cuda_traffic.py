@@ -93,6 +93,6 @@ def test_ntrk_step_traffic(dtype, offset, with_eps):
     s, N = dtype.itemsize, B * D
     mu, w, eps = latents(3, dtype, offset)
     sigma, rho = torch.rand(B) + 0.1, torch.rand(B)
-    t = counted("ntrk_step", mu, sigma, w, rho, eps if with_eps else None, 7, 0)
-    # reads mu, w (+ eps), writes x; sigma and rho
-    assert (t.bytes, t.launches) == ((3 + with_eps) * N * s + 8 * B, 1)
+    t = counted("ntrk_step", mu, sigma, w, rho, eps if with_eps else None, None if with_eps else torch.tensor([7, 0]))
+    # reads mu, w (+ eps), writes x; sigma and rho; the (seed, offset) pair when drawing
+    assert (t.bytes, t.launches) == ((3 + with_eps) * N * s + 8 * B + 16 * (not with_eps), 1)

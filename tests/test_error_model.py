@@ -99,7 +99,7 @@ def ntrk_case():
         return [diffkern.ntrk_step(mu, sigma, w, rho, eps=eps)]
 
     def oracle(mu, sigma, w, rho, eps):
-        return [ntrk.ntrk_step(mu, sigma, w, rho, eps, 0, 0)]
+        return [ntrk.ntrk_step(mu, sigma, w, rho, eps, None)]
     # elementwise: no reduction, so no summation order to reverse; sigma and rho read exactly into scalars
     return Case(kernel, oracle, [mu, sigma, w, rho, eps], [0, None, 0, None, 0], oracle, {
         "dropped": lambda a: [*a[:2], dropped(a[2], (0, 5)), *a[3:]],

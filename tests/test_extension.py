@@ -39,3 +39,16 @@ def test_every_op_has_a_schema_and_python_registrations():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CPU")
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA")
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "Meta")
+
+
+def test_without_the_extension_a_compiled_op_raises_the_load_error(monkeypatch):
+    """What `diffkern._ops.ops` is when _C did not load (tests/test_install.py runs a real install without it)."""
+    monkeypatch.setattr(_ops, "LOAD_ERROR", diffkern.ExtensionError("diffkern._C is not built; rebuild it"))
+    with pytest.raises(diffkern.ExtensionError, match=r"diffkern::dar_route_fwd cannot run: diffkern._C is not built"):
+        _ops._Missing().dar_route_fwd([], None, None, 1e-6)
+    with pytest.raises(AttributeError):
+        _ops._Missing()._private
+
+
+def test_loaded_ops_are_torch_ops():
+    assert _ops.LOADED and _ops.ops is torch.ops.diffkern

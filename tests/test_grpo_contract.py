@@ -47,13 +47,13 @@ BAD_STEP = {
     "std_rule": (lambda device: step_args(device) | dict(std_rule="ddim"), r"std_rule must be 'wan' or 'sd3'"),
 }
 BAD_LOSS = {
-    "x_next shape": (edit(loss_args, x_next=lambda a: a["x_next"][:1]), r"target has shape \[1, 3, 8\] but v has shape"),
+    "x_next shape": (edit(loss_args, x_next=lambda a: a["x_next"][:1]), r"x_next has shape \[1, 3, 8\] but v has shape"),
     "x dtype": (edit(loss_args, x=lambda a: a["x"].double()), r"x dtype float64 differs from v dtype float32"),
     "y and x": (edit(loss_args, y=lambda a: a["x_next"]), r"give the stored step either as x and x_next, or as y"),
     "no step": (edit(loss_args, x=lambda a: None), r"give the stored step either as x and x_next, or as y"),
     "y strided": (edit(loss_args, x=lambda a: None, x_next=lambda a: None,
                        y=lambda a: a["x_next"].transpose(1, 2).contiguous().transpose(1, 2)),
-                  r"target must be contiguous"),
+                  r"y must be contiguous"),
     "v_ref dtype": (edit(loss_args, v_ref=lambda a: a["v_ref"].half(), beta=lambda a: 0.1),
                     r"v_ref dtype float16 differs"),
     "v_uncond strided": (edit(loss_args, v_uncond=lambda a: a["v_uncond"].transpose(1, 2).contiguous().transpose(1, 2)),

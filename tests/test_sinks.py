@@ -240,3 +240,19 @@ def test_modeled_flops_stay_under_1_6x_flash_at_sd3_shapes():
     rows = modeled_rows((4096,), K=1) + modeled_rows((4096,), K=5) + modeled_rows((4096,), K=120)
     assert all(1.4 < r["flops_ratio"] <= 1.6 for r in rows), [r["flops_ratio"] for r in rows]
     assert modeled_rows((4096,), K=1200)[0]["flops_ratio"] > 1.6
+
+
+def test_random_mode_draws_uniform_key_sets():
+    """The random control set (Philox words by tensor ops, the K smallest): over 3000 calls each key is
+    chosen K / N_k of the time and each unordered pair equally often (chi-square, seeded: deterministic)."""
+    from scipy import stats
+
+    from diffkern.sinks.op import _random_keys
+    n_keys, K, calls = 7, 2, 3000
+    idx = torch.cat([_random_keys(2, n_keys, K, 11, c, "cpu")[:, 0] for c in range(calls)])  # [2 * calls, K]
+    assert all(len(set(row.tolist())) == K for row in idx)
+    per_key = torch.bincount(idx.flatten(), minlength=n_keys).double()
+    pairs = torch.bincount(idx.min(1).values * n_keys + idx.max(1).values, minlength=n_keys * n_keys).double()
+    pairs = pairs[pairs > 0]
+    assert len(pairs) == n_keys * (n_keys - 1) // 2
+    assert stats.chisquare(per_key.numpy()).pvalue > 1e-3 and stats.chisquare(pairs.numpy()).pvalue > 1e-3

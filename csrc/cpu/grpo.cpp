@@ -47,6 +47,23 @@ struct Geometry {
   int64_t B, D, n_chunks;
 };
 
+// The step values, read here where they live on the host. The CUDA kernels do not check them (that would
+// be a host sync per call): there an invalid step gives that sample NaN or inf.
+// Element i of a [B] float32/float64 tensor (any stride: expanded views too), read in place.
+double element(const at::Tensor& t, int64_t i) {
+  const int64_t at = i * t.stride(0);
+  return t.scalar_type() == at::kDouble ? t.const_data_ptr<double>()[at] : t.const_data_ptr<float>()[at];
+}
+
+void check_steps(const char* op, const at::Tensor& sigma, const at::Tensor& sigma_next, int64_t std_rule) {
+  for (int64_t i = 0; i < sigma.numel(); ++i) {
+    const double s = element(sigma, i), sn = element(sigma_next, i);
+    TORCH_CHECK_VALUE(valid_step(s, sn, static_cast<int>(std_rule)), op,
+                      ": sigma and sigma_next must satisfy 0 <= sigma_next < sigma <= 1 (sigma < 1 for std_rule "
+                      "sd3), got sigma[", i, "] = ", s, ", sigma_next[", i, "] = ", sn);
+  }
+}
+
 // `lead` sets the shape, dtype and device every other latent must share.
 Geometry check_latents(const char* op, NamedTensor lead, std::initializer_list<NamedTensor> others,
                        const at::Tensor& sigma, const at::Tensor& sigma_next, int64_t std_rule, double std_coef) {
@@ -55,6 +72,7 @@ Geometry check_latents(const char* op, NamedTensor lead, std::initializer_list<N
   check_per_sample(op, {"sigma_next", &sigma_next}, lead);
   TORCH_CHECK_VALUE(std_rule == kWan || std_rule == kSD3, op, ": std_rule must be 0 (wan) or 1 (sd3), got ", std_rule);
   TORCH_CHECK_VALUE(std::isfinite(std_coef) && std_coef > 0, op, ": std_coef must be finite and > 0, got ", std_coef);
+  check_steps(op, sigma, sigma_next, std_rule);
   return {B, D, (D + kChunk - 1) / kChunk};
 }
 
@@ -200,7 +218,7 @@ Geometry check_loss_args(const at::Tensor& v, const std::optional<at::Tensor>& x
                          const std::optional<at::Tensor>& v_uncond, double cfg_scale, int64_t std_rule,
                          double std_coef) {
   const Geometry g = check_latents(kLossOp, {"v", &v},
-                                   {{"target", &target}, {"x", optional_ptr(x)}, {"v_ref", optional_ptr(v_ref)},
+                                   {{x ? "x_next" : "y", &target}, {"x", optional_ptr(x)}, {"v_ref", optional_ptr(v_ref)},
                                     {"v_uncond", optional_ptr(v_uncond)}},
                                    sigma, sigma_next, std_rule, std_coef);
   TORCH_CHECK_VALUE(std::isfinite(cfg_scale), kLossOp, ": cfg_scale must be finite, got ", cfg_scale);

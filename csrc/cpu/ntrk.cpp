@@ -52,12 +52,12 @@ void check_floating(const char* op, const at::Tensor& t, const char* name) {
 
 // The checks python/diffkern/ntrk/op.py makes, in the same order and words.
 void check_step(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& w, const at::Tensor& rho,
-                const std::optional<at::Tensor>& eps, int64_t offset) {
+                const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& philox) {
   const NamedTensor lead{"mu", &mu};
   check_latents(kStepOp, lead, {{"w", &w}, {"eps", optional_ptr(eps)}}, /*empty_rows=*/true);
   check_per_sample(kStepOp, {"sigma", &sigma}, lead);
   check_per_sample(kStepOp, {"rho", &rho}, lead);
-  TORCH_CHECK_VALUE(offset >= 0, kStepOp, ": offset must be >= 0, got ", offset);
+  check_philox_state(kStepOp, philox, eps.has_value(), lead);
 }
 
 template <typename acc_t>
@@ -103,11 +103,14 @@ void step_kernel(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor
 }
 
 at::Tensor ntrk_step_cpu(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& w, const at::Tensor& rho,
-                         const std::optional<at::Tensor>& eps, int64_t seed, int64_t offset) {
-  check_step(mu, sigma, w, rho, eps, offset);
+                         const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& philox) {
+  check_step(mu, sigma, w, rho, eps, philox);
   at::Tensor x = empty_output(mu.sizes(), mu.options());
+  // (seed, offset) as the kernel reads them: uint64, so an offset past 2^63 wraps like the counter.
+  const int64_t* state = eps ? nullptr : philox->const_data_ptr<int64_t>();
+  const uint64_t seed = state ? static_cast<uint64_t>(state[0]) : 0, offset = state ? static_cast<uint64_t>(state[1]) : 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), kStepOp, [&] {
-    step_kernel<scalar_t>(mu, sigma, w, rho, eps, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), x);
+    step_kernel<scalar_t>(mu, sigma, w, rho, eps, seed, offset, x);
   });
   return x;
 }

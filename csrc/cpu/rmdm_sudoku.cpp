@@ -70,12 +70,12 @@ struct Grid {
   }
 };
 
-// Number of completions of g, counting no further than `limit`.
-int count_solutions(Grid& g, int limit) {
+// Number of completions of g, counting no further than `limit` (int64: the caller's limit is never narrowed).
+int64_t count_solutions(Grid& g, int64_t limit) {
   uint16_t mask = 0;
   const int c = g.most_constrained(mask);
   if (c < 0) return 1;
-  int n = 0;
+  int64_t n = 0;
   for (uint16_t m = mask; m && n < limit; m &= m - 1) {
     g.put(c, __builtin_ctz(m) + 1);
     n += count_solutions(g, limit - n);
@@ -172,7 +172,7 @@ at::Tensor rmdm_sudoku_count_cpu(const at::Tensor& puzzles, int64_t limit) {
         consistent = (g.candidates(c) >> (d - 1)) & 1u;
         if (consistent) g.put(c, static_cast<int>(d));
       }
-      pc[i] = consistent ? count_solutions(g, static_cast<int>(limit)) : 0;
+      pc[i] = consistent ? count_solutions(g, limit) : 0;
     }
   });
   return counts;

@@ -66,7 +66,7 @@ inline LogProbInputs log_prob_inputs(const at::Tensor& v, const std::optional<at
                                      double cfg_scale, int64_t std_rule, double std_coef) {
   TORCH_CHECK_VALUE(std::isfinite(cfg_scale), kLossOp, ": cfg_scale must be finite, got ", cfg_scale);
   const Step s = step_of(kLossOp, {"v", &v},
-                         {{"target", &target}, {"x", opt(x)}, {"v_ref", opt(v_ref)}, {"v_uncond", opt(v_uncond)}},
+                         {{x ? "x_next" : "y", &target}, {"x", opt(x)}, {"v_ref", opt(v_ref)}, {"v_uncond", opt(v_uncond)}},
                          sigma, sigma_next, std_rule, std_coef);
   return {s, v.const_data_ptr(), data_or_null(v_uncond), data_or_null(x), target.const_data_ptr(), data_or_null(v_ref),
           float(cfg_scale)};

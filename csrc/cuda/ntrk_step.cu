@@ -33,12 +33,13 @@ struct StepArgs {
   gptr<const T> in[kInputs];
   unsigned present;
   gptr<T> x;
-  uint64_t seed, offset;
+  gptr<const int64_t> philox;  // (seed, offset), read by each block when eps is drawn
 };
 
 template <typename T, int W>
 __global__ void __launch_bounds__(kTileThreads, kMinBlocksPerSm) ntrk_step_kernel(StepArgs<T> p) {
   const bool given = p.present >> kEps & 1u;
+  const uint64_t seed = given ? 0 : uint64_t(p.philox[0]), offset = given ? 0 : uint64_t(p.philox[1]);
   for (int64_t tile = blockIdx.x; tile < p.B * p.n_tiles; tile += gridDim.x) {
     const int64_t i = tile / p.n_tiles;
     const Tilt<float> t = tilt<float>(p.sigma[i], p.rho[i]);
@@ -48,7 +49,7 @@ __global__ void __launch_bounds__(kTileThreads, kMinBlocksPerSm) ntrk_step_kerne
                    float x[N];
 #pragma unroll
                    for (int e = 0; e < N; ++e) {
-                     const float eps = given ? v[kEps][e] : philox::randn(p.seed, p.offset + uint64_t(at + e));
+                     const float eps = given ? v[kEps][e] : philox::randn(seed, offset + uint64_t(at + e));
                      x[e] = v[kMu][e] + t.a * v[kW][e] + t.b * eps;
                    }
                    store_unit<N>(p.x, at, x);
@@ -69,7 +70,7 @@ const char* step(const StepParams& p) {
                            {global_ptr(static_cast<const T*>(p.mu), n, "mu"), global_ptr(static_cast<const T*>(p.w), n, "w"),
                             global_ptr(static_cast<const T*>(p.eps), p.eps ? n : 0, "eps")},
                            1u << kMu | 1u << kW | (p.eps ? 1u << kEps : 0u),
-                           global_ptr(static_cast<T*>(p.x), n, "x"), p.seed, p.offset};
+                           global_ptr(static_cast<T*>(p.x), n, "x"), global_ptr(p.philox, p.philox ? 2 : 0, "philox")};
     return launch_kernel("ntrk_step_kernel", ntrk_step_kernel<T, decltype(width)::value>,
                          dim3(unsigned(tiles < cap ? tiles : cap)), dim3(kTileThreads), 0, p.stream, args);
   });

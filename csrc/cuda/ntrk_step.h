@@ -13,13 +13,13 @@ using diffkern::cuda::Latents;
 using diffkern::cuda::PerSample;
 
 // x = mu + sigma_i (sqrt(rho_i) w + sqrt(1 - rho_i) eps), eps given or philox::randn(seed, offset + n)
-// for flat element n.
+// for flat element n, with (seed, offset) the two int64 words at `philox` in device memory.
 struct StepParams {
   Latents lat;
   PerSample sigma, rho;
   const void *mu, *w, *eps;  // [B, D], dtype; eps may be nullptr
   void* x;                   // [B, D], dtype
-  uint64_t seed, offset;
+  const int64_t* philox;     // [2] (seed, offset); nullptr when eps is given
   void* stream;
 };
 

@@ -11,9 +11,9 @@ namespace diffkern::ntrk::cuda {
 namespace {
 
 at::Tensor ntrk_step_cuda(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& w, const at::Tensor& rho,
-                          const std::optional<at::Tensor>& eps, int64_t seed, int64_t offset) {
+                          const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& philox) {
   const c10::cuda::OptionalCUDAGuard guard(mu.device());
-  return step_on(mu, sigma, w, rho, eps, seed, offset, c10::cuda::getCurrentCUDAStream().stream());
+  return step_on(mu, sigma, w, rho, eps, philox, c10::cuda::getCurrentCUDAStream().stream());
 }
 
 }  // namespace

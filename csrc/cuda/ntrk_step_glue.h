@@ -15,18 +15,19 @@
 namespace diffkern::ntrk::cuda {
 
 inline at::Tensor step_on(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& w, const at::Tensor& rho,
-                          const std::optional<at::Tensor>& eps, int64_t seed, int64_t offset, void* stream) {
+                          const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& philox,
+                          void* stream) {
   constexpr const char* op = "ntrk_step";
   const Latents lat = diffkern::cuda::latents_of(op, {"mu", &mu}, {{"w", &w}, {"eps", eps ? &*eps : nullptr}},
                                                  /*empty_rows=*/true);
   const PerSample s = diffkern::cuda::per_sample(op, "sigma", sigma, mu, "mu");
   const PerSample r = diffkern::cuda::per_sample(op, "rho", rho, mu, "mu");
-  TORCH_CHECK_VALUE(offset >= 0, op, ": offset must be >= 0, got ", offset);
+  check_philox_state(op, philox, eps.has_value(), {"mu", &mu});
   at::Tensor x = empty_output(mu.sizes(), mu.options());
   diffkern::cuda::check_launch(op, step({diffkern::cuda::with_fresh_outputs(lat, mu), s, r, mu.const_data_ptr(),
                                          w.const_data_ptr(), eps ? eps->const_data_ptr() : nullptr,
-                                         x.mutable_data_ptr(), static_cast<uint64_t>(seed),
-                                         static_cast<uint64_t>(offset), stream}));
+                                         x.mutable_data_ptr(), eps ? nullptr : philox->const_data_ptr<int64_t>(),
+                                         stream}));
   return x;
 }
 

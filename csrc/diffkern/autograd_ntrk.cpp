@@ -1,6 +1,6 @@
 // Autograd of the NoiseTilt ops (schemas in ops.cpp). ntrk_step is linear in mu, w and eps, and its
 // backward is composed of ATen ops on the incoming gradient, so it is differentiable again (double
-// backward supported); sigma and rho get no gradient. twoos_project is not differentiable.
+// backward supported); sigma, rho and the Philox state get no gradient. twoos_project is not differentiable.
 #include "autograd.h"
 
 #include <ATen/ATen.h>
@@ -17,14 +17,14 @@ using OptTensor = std::optional<Tensor>;
 
 struct Step : torch::autograd::Function<Step> {
   static Tensor forward(AutogradContext* ctx, const Tensor& mu, const Tensor& sigma, const Tensor& w,
-                        const Tensor& rho, const OptTensor& eps, int64_t seed, int64_t offset) {
-    static auto fwd = op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, int64_t,
-                                int64_t)>("ntrk_step");
+                        const Tensor& rho, const OptTensor& eps, const OptTensor& philox) {
+    static auto fwd = op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                const OptTensor&)>("ntrk_step");
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({sigma, rho});
     ctx->saved_data["has_eps"] = eps.has_value();
     ctx->set_materialize_grads(false);
-    return fwd.call(mu, sigma, w, rho, eps, seed, offset);
+    return fwd.call(mu, sigma, w, rho, eps, philox);
   }
 
   // dmu = dx, dw = sigma sqrt(rho) dx, deps = sigma sqrt(1 - rho) dx (per sample). One multiply per gradient
@@ -32,7 +32,7 @@ struct Step : torch::autograd::Function<Step> {
   // dw and deps written once, dmu is dx itself. sigma and rho are constants here, also to a second order.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const Tensor& dx = grads[0];
-    if (!dx.defined()) return variable_list(7);
+    if (!dx.defined()) return variable_list(6);
     const auto saved = ctx->get_saved_variables();
     std::vector<int64_t> shape(dx.dim(), 1);
     shape[0] = -1;
@@ -40,13 +40,13 @@ struct Step : torch::autograd::Function<Step> {
     const auto s = saved[0].detach().to(acc).reshape(shape), r = saved[1].detach().to(acc).reshape(shape);
     const auto dw = dx * (s * r.sqrt()).to(dx.scalar_type());
     const auto deps = ctx->saved_data["has_eps"].toBool() ? dx * (s * (1 - r).sqrt()).to(dx.scalar_type()) : Tensor();
-    return {dx, Tensor(), dw, Tensor(), deps, Tensor(), Tensor()};
+    return {dx, Tensor(), dw, Tensor(), deps, Tensor()};
   }
 };
 
 Tensor step(const Tensor& mu, const Tensor& sigma, const Tensor& w, const Tensor& rho, const OptTensor& eps,
-            int64_t seed, int64_t offset) {
-  return Step::apply(mu, sigma, w, rho, eps, seed, offset);
+            const OptTensor& philox) {
+  return Step::apply(mu, sigma, w, rho, eps, philox);
 }
 
 }  // namespace

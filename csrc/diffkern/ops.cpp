@@ -109,10 +109,12 @@ TORCH_LIBRARY_FRAGMENT(diffkern, m) {
   //   x = mu + sigma_i (sqrt(rho_i) w + sqrt(1 - rho_i) eps)
   // with eps the given tensor, or (eps = None) eps[n] = philox randn(seed, offset + n) for the flat
   // element index n (csrc/include/diffkern/philox.h, on tl.randint4x's Philox words). sigma, rho: [B].
-  m.def("ntrk_step(Tensor mu, Tensor sigma, Tensor w, Tensor rho, Tensor? eps, int seed, int offset) -> Tensor x");
+  // philox: the int64 [2] tensor (seed, offset) on mu's device, read by the kernel (no host sync, so a
+  // seed drawn from torch's generator stays in a compiled graph); needed when eps is None, else unread.
+  m.def("ntrk_step(Tensor mu, Tensor sigma, Tensor w, Tensor rho, Tensor? eps, Tensor? philox) -> Tensor x");
   // Internal: the CUDA C++ kernel of ntrk_step, same signature and semantics (the `cuda` backend).
   m.def(
-      "ntrk_step_cuda(Tensor mu, Tensor sigma, Tensor w, Tensor rho, Tensor? eps, int seed, int offset)"
+      "ntrk_step_cuda(Tensor mu, Tensor sigma, Tensor w, Tensor rho, Tensor? eps, Tensor? philox)"
       " -> Tensor x");
   // 2OS projection of each sample's N = M * D entries onto the Gaussian confidence set of the [M, D]
   // band table: sort each tile of D, sort each rank across the M tiles, clip Z[r, j] to

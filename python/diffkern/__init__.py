@@ -1,9 +1,11 @@
 """diffkern: fused kernels for 2026 diffusion-transformer techniques, as torch custom ops.
 
 Public API: the ops below (each also reachable as torch.ops.diffkern.*), `backend` to force an
-implementation, and `build_info` to see how the extension was built.
+implementation, and `build_info` to see how the extension was built. Everything imports without the
+compiled extension (the references, models and modules run); a compiled op then raises ExtensionError.
 """
 from ._ops import ExtensionError, build_info
+from ._version import __version__
 from ._registry import backend
 from .dar import dar_route
 from .grpo import flow_sde_step, grpo_iso_loss
@@ -12,4 +14,5 @@ from .rmdm import recurse
 from .sinks import sink_attention, sink_mass
 
 __all__ = ["ExtensionError", "backend", "build_info", "dar_route", "flow_sde_step", "grpo_iso_loss", "ntrk_step",
-           "recurse", "sink_attention", "sink_mass", "twoos_bands", "twoos_project", "whiten"]
+           "recurse", "sink_attention", "sink_mass", "twoos_bands", "twoos_project", "whiten",
+           "__version__"]

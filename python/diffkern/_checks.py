@@ -1,5 +1,7 @@
 """Argument checks several ops share, in the words of their C++ twins (csrc/cpu/grpo.cpp and ntrk.cpp,
 csrc/include/diffkern/rmdm_args.h)."""
+import operator
+
 import torch
 
 from . import _dtypes
@@ -25,3 +27,54 @@ def check_like(op: str, name: str, t: torch.Tensor, lead: str, x: torch.Tensor) 
         raise ValueError(f"{op}: {name} is on {t.device} but {lead} is on {x.device}")
     if not t.is_contiguous():
         raise ValueError(f"{op}: {name} must be contiguous; call .contiguous()")
+
+
+def _kind(value) -> str:
+    """The type's name as the user would write it: "float", "NoneType", "numpy.ndarray"."""
+    t = type(value)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def tensor(op: str, name: str, value, optional: bool = False):
+    """value is a torch.Tensor (or None when optional): anything else (a numpy array, a list, None) is a
+    TypeError naming the argument, before any code reads it as a tensor."""
+    if isinstance(value, torch.Tensor) or (optional and value is None):
+        return value
+    need = "a torch.Tensor or None" if optional else "a torch.Tensor"
+    raise TypeError(f"{op}: {name} must be {need}, got {_kind(value)}")
+
+
+def integer(op: str, name: str, value) -> int:
+    """value as an int: a Python int, a SymInt or anything with __index__ (numpy integers); a float (2.7),
+    a bool or None is a TypeError naming the argument, never truncated."""
+    if isinstance(value, torch.SymInt):
+        return value
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{op}: {name} must be an int, got {_kind(value)} {value!r}")
+
+
+def number(op: str, name: str, value) -> float:
+    """value as a real number (int, float, SymFloat/SymInt, numpy scalar); anything else is a TypeError
+    naming the argument."""
+    if isinstance(value, (torch.SymFloat, torch.SymInt)):
+        return value
+    if not isinstance(value, (bool, complex, str)) and value is not None:
+        try:
+            return float(value)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    raise TypeError(f"{op}: {name} must be a real number, got {_kind(value)} {value!r}")
+
+
+def tensor_list(op: str, name: str, value) -> list:
+    """value (a list or tuple of tensors) as a list; a bare tensor, a numpy array or a non-tensor entry is a
+    TypeError naming the argument (or the entry)."""
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{op}: {name} must be a list or tuple of tensors, got {_kind(value)}")
+    for i, t in enumerate(value):
+        tensor(op, f"{name}[{i}]", t)
+    return list(value)

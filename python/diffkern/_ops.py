@@ -1,5 +1,9 @@
 """Loads the compiled extension (every op schema and the C++ kernels) after checking it matches this torch.
 
+A missing or mismatched extension does not fail `import diffkern`: the references, models and modules
+still import and run, `LOAD_ERROR` holds the reason, and `ops` (the op namespace every public wrapper
+calls through, `torch.ops.diffkern` when loaded) raises that `ExtensionError` when a compiled op is called.
+
 A mismatched build is the most common way a torch extension breaks, so the build's torch/CUDA versions
 are read from a plain Python file first and compared before the shared library is touched. Loading
 diffkern._C also loads the CPU kernels of the widest ISA variant this CPU runs, or of the one
@@ -13,8 +17,8 @@ import os
 import torch
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_REBUILD = ("rebuild it against the installed torch: `make build` in a source checkout, or "
-            "`pip install --no-build-isolation --force-reinstall --no-deps .`")
+_REBUILD = ("rebuild it against the installed torch: `make build` in a source checkout, or from anywhere "
+            "`pip install --no-build-isolation --force-reinstall --no-deps <diffkern source directory or archive>`")
 
 
 class ExtensionError(ImportError):
@@ -32,7 +36,8 @@ def _build_info() -> dict:
 def _check_versions(info: dict) -> None:
     if info["torch"] != torch.__version__:
         raise ExtensionError(
-            f"diffkern._C was built for torch {info['torch']} but torch {torch.__version__} is installed; {_REBUILD}")
+            f"diffkern._C was built for torch {info['torch']} but torch {torch.__version__} is installed; install "
+            f"that torch (`pip install torch=={info['torch'].split('+')[0]}`) or {_REBUILD}")
     if info["torch_cuda"] != torch.version.cuda:
         raise ExtensionError(
             f"diffkern._C was built for a torch with CUDA {info['torch_cuda']} but the installed torch has "
@@ -60,7 +65,26 @@ def load() -> dict:
     return info
 
 
-BUILD_INFO = load()
+class _Missing:
+    """Stands in for torch.ops.diffkern when the extension did not load: calling any op raises the load error."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+
+        def missing(*args, **kwargs):
+            raise ExtensionError(f"diffkern::{name} cannot run: {LOAD_ERROR}")
+        return missing
+
+
+try:
+    BUILD_INFO, LOAD_ERROR = load(), None
+except ExtensionError as err:
+    if hasattr(torch.ops.diffkern, "cpu_isa"):
+        raise  # _C loaded but no CPU kernel variant can (DIFFKERN_CPU_ISA): a setting to fix, not a missing build
+    BUILD_INFO, LOAD_ERROR = None, err
+LOADED = LOAD_ERROR is None
+ops = torch.ops.diffkern if LOADED else _Missing()
 
 
 def build_info() -> dict:
@@ -68,8 +92,11 @@ def build_info() -> dict:
 
     cpu_arch is the baseline -march everything but the wide CPU kernels was compiled for, cpu_variants the
     CPU kernels' ISA variants (baseline first), cpu_isa the one loaded in this process. With CUDA built:
-    the CUDA runtime compiled against and the one found (None without a driver).
+    the CUDA runtime compiled against and the one found (None without a driver). Raises ExtensionError when
+    the extension did not load.
     """
+    if not LOADED:
+        raise LOAD_ERROR
     info = dict(BUILD_INFO, cpu_isa=torch.ops.diffkern.cpu_isa())
     if info["with_cuda"]:
         linked = torch.ops.diffkern.cuda_runtime_version()

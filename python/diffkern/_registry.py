@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from . import _triton
-from ._ops import BUILD_INFO
+from ._ops import BUILD_INFO, LOADED
 
 BACKENDS = ("cpu", "triton", "cuda", "reference")
 GPU_PREFERENCE = ("cuda", "triton")
@@ -40,14 +40,24 @@ def register(op: str, check: Callable, **backends: Callable) -> None:
     """Registers the Python backends of `torch.ops.diffkern.<op>` and routes its CUDA key through them.
 
     `check(*args)` validates the op's arguments before any Python backend runs (the C++ kernels check
-    the same in C++); a backend adds only its own limits.
+    the same in C++); a backend adds only its own limits. Without the extension (diffkern._ops.LOADED false)
+    there is no op to route: nothing is registered.
     """
+    if not LOADED:
+        return
     unknown = set(backends) - set(BACKENDS)
     if unknown:
         raise ValueError(f"unknown backend(s) {sorted(unknown)} for diffkern::{op}; known: {BACKENDS}")
     _impls[op] = dict(backends)
     _checks[op] = check
     _cuda_lib.impl(op, functools.partial(_run_cuda, op), "CUDA")
+
+
+def register_fake(op: str, fn: Callable | None = None):
+    """torch.library.register_fake for a diffkern op (qualified name), skipped without the extension."""
+    if LOADED:
+        return torch.library.register_fake(op, fn)
+    return fn if fn is not None else (lambda f: f)
 
 
 def available(op: str) -> tuple[str, ...]:

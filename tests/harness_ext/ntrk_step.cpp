@@ -9,8 +9,8 @@
 namespace {
 
 at::Tensor step(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& w, const at::Tensor& rho,
-                const std::optional<at::Tensor>& eps, int64_t seed, int64_t offset) {
-  return diffkern::ntrk::cuda::step_on(mu, sigma, w, rho, eps, seed, offset, nullptr);
+                const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& philox) {
+  return diffkern::ntrk::cuda::step_on(mu, sigma, w, rho, eps, philox, nullptr);
 }
 
 }  // namespace

@@ -34,6 +34,13 @@ DIFFKERN_HD inline StepCoef<T> step_coefficients(T sigma, T sigma_next, int std_
           T(1) / lambda};
 }
 
+// Whether sigma -> sigma_next is a step the formulas above are defined for: 0 <= sigma_next < sigma <= 1,
+// and sigma < 1 for "sd3" (its std divides by 1 - sigma). NaN is not.
+template <typename T>
+DIFFKERN_HD inline bool valid_step(T sigma, T sigma_next, int std_rule) {
+  return sigma_next >= T(0) && sigma_next < sigma && (std_rule == kWan ? sigma <= T(1) : sigma < T(1));
+}
+
 // x_next - mu of one element from the residual target y = x_next - a x, or from x_next and x: the
 // loss's residual, written so that both forms round alike ((target - b v) - a x).
 template <typename T>

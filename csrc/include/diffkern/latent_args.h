@@ -61,4 +61,19 @@ inline void check_per_sample(const char* op, NamedTensor s, NamedTensor lead) {
                     " dtype must be float32 or float64, got ", dtype_name(sp->scalar_type()));
 }
 
+// ntrk_step's Philox state: when eps is absent, a contiguous int64 [2] tensor (seed, offset) on the lead
+// latent's device; when eps is given it is not read and may be absent.
+inline void check_philox_state(const char* op, const std::optional<at::Tensor>& philox, bool has_eps,
+                               NamedTensor lead) {
+  if (!philox) {
+    TORCH_CHECK_VALUE(has_eps, op, ": philox (the int64 [2] tensor (seed, offset)) is required when eps is None");
+    return;
+  }
+  check_same_device(op, *philox, "philox", *lead.second, lead.first);
+  TORCH_CHECK_VALUE(philox->scalar_type() == at::kLong && philox->dim() == 1 && philox->size(0) == 2 &&
+                        philox->is_contiguous(),
+                    op, ": philox must be a contiguous int64 [2] tensor (seed, offset), got ",
+                    dtype_name(philox->scalar_type()), " of shape ", philox->sizes());
+}
+
 }  // namespace diffkern

@@ -1,7 +1,8 @@
 // Counter-based normal draws on the integer stream of Triton's tl.randint4x (triton/language/random.py,
 // 10 rounds of Philox4x32): every backend (C++ CPU, CUDA, Triton, the PyTorch reference) draws the
 // same eps for the same (seed, offset). The words and uniforms are bit-identical everywhere; the
-// normal agrees to the last ulp (logf/sqrtf and FMA contraction differ between compilers).
+// normal agrees to the last ulp (logf/sqrtf and FMA contraction differ between compilers; the tests
+// hold every backend to the float64 Box-Muller of the same uniforms under their error model).
 //
 //   key     = (seed mod 2^32, seed >> 32)
 //   counter = (offset mod 2^32, offset >> 32, 0, 0)

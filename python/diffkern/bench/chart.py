@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import textwrap
 
-import matplotlib
+from .. import _optional
+
+matplotlib = _optional.require("matplotlib", "plots")
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)

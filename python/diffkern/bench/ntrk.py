@@ -65,7 +65,7 @@ def _step_diffkern(mu, w, eps):
 
 
 def _step_reference(mu, w, eps):
-    return reference.ntrk_step(mu, _per_sample(mu, SIGMA), w, _per_sample(mu, RHO), eps, 0, 0)
+    return reference.ntrk_step(mu, _per_sample(mu, SIGMA), w, _per_sample(mu, RHO), eps, None)
 
 
 def _tilted_args(case: Case, dtype: torch.dtype, device: str):
@@ -86,7 +86,7 @@ def _tilted_reference(mu, eps, guidance: Guidance):
     B, (M, D) = g.shape[0], lower.shape
     w = reference.project_pass(g.to(lower.dtype).reshape(B, M, D), lower, upper, clip=True)[0].reshape(g.shape)
     w = w.to(g.dtype)
-    return reference.ntrk_step(mu, _per_sample(mu, SIGMA), w, _per_sample(mu, RHO), eps, 0, 0)
+    return reference.ntrk_step(mu, _per_sample(mu, SIGMA), w, _per_sample(mu, RHO), eps, None)
 
 
 def _timed_in(case: Case) -> str:

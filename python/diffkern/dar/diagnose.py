@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _optional
 from .sit import velocity_loss
 
 SYMPTOMS = ("amplitude", "grad_rms", "cosine")
@@ -52,7 +53,7 @@ def _measure(model: nn.Module, batch, loss_fn) -> dict:
 
 def plot(results: dict, path: str) -> None:
     """Three panels (amplitude, gradient RMS, adjacent cosine) against block index, one line per model."""
-    import matplotlib
+    matplotlib = _optional.require("matplotlib", "plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -19,11 +19,10 @@ op, and the op stays one routing pass with one optional input and one optional o
 """
 from __future__ import annotations
 
-import torch
-
-from .. import _dtypes, _nvtx, _registry
-from . import reference, triton_kernels
-from .op import check_bwd, check_fwd, check_like_source, check_saved, check_triton
+from .. import _checks, _dtypes, _lazy, _nvtx, _ops, _registry
+from . import reference
+triton_kernels = _lazy.module(__package__ + ".triton_kernels")  # imports triton on first use
+from .op import check_bwd, check_fwd, check_like_source, check_public, check_saved, check_triton
 
 OP = "dar_gather"
 
@@ -61,7 +60,7 @@ _registry.register("dar_gather_fwd", check_gather_fwd, triton=_fwd_triton, refer
 _registry.register("dar_gather_bwd", check_gather_bwd, triton=_bwd_triton, reference=_bwd_reference)
 
 
-@torch.library.register_fake("diffkern::dar_gather_fwd")
+@_registry.register_fake("diffkern::dar_gather_fwd")
 def _fwd_fake(sources, addends, q, gain, eps):
     check_gather_fwd(sources, addends, q, gain, eps)
     src = sources[0]
@@ -69,7 +68,7 @@ def _fwd_fake(sources, addends, q, gain, eps):
     return src.new_empty(src.shape), src.new_empty(src.shape[:2], dtype=_dtypes.acc(src.dtype)), c
 
 
-@torch.library.register_fake("diffkern::dar_gather_bwd")
+@_registry.register_fake("diffkern::dar_gather_bwd")
 def _bwd_fake(dh, sources, q, gain, h, lse, dlast, eps):
     check_gather_bwd(dh, sources, q, gain, h, lse, dlast, eps)
     return [x.new_empty(x.shape) for x in sources], q.new_empty(q.shape), gain.new_empty(gain.shape)
@@ -100,7 +99,12 @@ def dar_gather(sources, addends, q, gain, eps: float = 1e-6):
         recomputed. Double backward is refused: differentiating the gradient raises NotImplementedError naming
         diffkern.dar.dar_gather.
     Backends: C++ (CPU tensors), Triton (CUDA tensors), reference; see `diffkern.backend`.
+    NaN/inf policy: propagated like the reference (a NaN/inf in a token's sources or addends makes that
+        token's h NaN and its c NaN/inf); values are not checked. Bad arguments raise TypeError or
+        ValueError naming the argument, as dar_route.
     """
+    sources, q, gain, eps = check_public(sources, q, gain, eps, OP)
+    addends = _checks.tensor_list(OP, "addends", addends)
     with _nvtx.range("diffkern.dar_gather"):
-        h, _, c = torch.ops.diffkern.dar_gather_fwd(list(sources), list(addends), q, gain, float(eps))
+        h, _, c = _ops.ops.dar_gather_fwd(sources, addends, q, gain, eps)
     return h, (c if addends else None)

@@ -10,8 +10,9 @@ import math
 
 import torch
 
-from .. import _dtypes, _nvtx, _registry, _triton
-from . import reference, triton_kernels
+from .. import _checks, _dtypes, _lazy, _nvtx, _ops, _registry, _triton
+from . import reference
+triton_kernels = _lazy.module(__package__ + ".triton_kernels")  # imports triton on first use
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -106,15 +107,15 @@ def _bwd_triton(dh, sources, q, gain, h, lse, eps):
     return triton_kernels.route_bwd(dh, sources, q, gain, h, lse, eps)
 
 
-_registry.register("dar_route_fwd", check_fwd, triton=_fwd_triton, cuda=torch.ops.diffkern.dar_route_fwd_cuda,
+_registry.register("dar_route_fwd", check_fwd, triton=_fwd_triton, cuda=_ops.ops.dar_route_fwd_cuda,
                    reference=reference.route_fwd)
-_registry.register("dar_route_bwd", check_bwd, triton=_bwd_triton, cuda=torch.ops.diffkern.dar_route_bwd_cuda,
+_registry.register("dar_route_bwd", check_bwd, triton=_bwd_triton, cuda=_ops.ops.dar_route_bwd_cuda,
                    reference=reference.route_bwd)
 
 
 # The internal ops of the cuda backend (csrc/cuda/dar_route_api.cpp) share the public ops' fakes.
-@torch.library.register_fake("diffkern::dar_route_fwd_cuda")
-@torch.library.register_fake("diffkern::dar_route_fwd")
+@_registry.register_fake("diffkern::dar_route_fwd_cuda")
+@_registry.register_fake("diffkern::dar_route_fwd")
 def _fwd_fake(sources, q, gain, eps):
     check_fwd(sources, q, gain, eps)
     src = sources[0]
@@ -122,8 +123,8 @@ def _fwd_fake(sources, q, gain, eps):
     return src.new_empty(src.shape), src.new_empty(src.shape[:2], dtype=acc)
 
 
-@torch.library.register_fake("diffkern::dar_route_bwd_cuda")
-@torch.library.register_fake("diffkern::dar_route_bwd")
+@_registry.register_fake("diffkern::dar_route_bwd_cuda")
+@_registry.register_fake("diffkern::dar_route_bwd")
 def _bwd_fake(dh, sources, q, gain, h, lse, eps):
     check_bwd(dh, sources, q, gain, h, lse, eps)
     return [x.new_empty(x.shape) for x in sources], \
@@ -153,7 +154,16 @@ def dar_route(sources, q, gain, eps: float = 1e-6) -> torch.Tensor:
         naming diffkern.dar_route; the first-order gradient itself is the same with create_graph.
     Backends: C++ (CPU tensors), CUDA C++ (CUDA tensors, when built with CUDA), Triton (CUDA tensors),
         reference; see `diffkern.backend`.
-    NaN/inf in an input make the affected tokens' outputs NaN; nothing else is checked for them.
+    NaN/inf policy: propagated like the reference: a NaN/inf in a token's sources (or in q, gain) makes
+        that token's output NaN; tensor values are not checked. Bad arguments raise TypeError (not a tensor,
+        eps not a number) or ValueError (shape, dtype, device, stride, eps < 0), naming the argument.
     """
+    sources, q, gain, eps = check_public(sources, q, gain, eps)
     with _nvtx.range("diffkern.dar_route"):
-        return torch.ops.diffkern.dar_route_fwd(list(sources), q, gain, float(eps))[0]
+        return _ops.ops.dar_route_fwd(sources, q, gain, eps)[0]
+
+
+def check_public(sources, q, gain, eps, op: str = "dar_route"):
+    """The Python types of the public arguments (the op's schema checks the rest): (sources list, q, gain, eps)."""
+    return (_checks.tensor_list(op, "sources", sources), _checks.tensor(op, "q", q), _checks.tensor(op, "gain", gain),
+            _checks.number(op, "eps", eps))

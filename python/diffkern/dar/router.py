@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from .. import _checks
 from .gather import dar_gather
 
 QUERIES = ("static", "timestep", "dynamic")
@@ -97,6 +98,9 @@ class DARRouter(nn.Module):
     def __init__(self, d: int, n_sublayers: int, chunk_size: int | None = 4, query: str = "static",
                  cond_dim: int | None = None, eps: float = 1e-6, summary: str = "sum"):
         super().__init__()
+        d, n_sublayers = _checks.integer("DARRouter", "d", d), _checks.integer("DARRouter", "n_sublayers", n_sublayers)
+        if chunk_size is not None:
+            chunk_size = _checks.integer("DARRouter", "chunk_size", chunk_size)
         if query not in QUERIES:
             raise ValueError(f"DARRouter: query must be one of {QUERIES}, got {query!r}")
         if summary not in SUMMARIES:
@@ -130,7 +134,7 @@ class DARRouter(nn.Module):
 
     def begin(self, x0: torch.Tensor) -> DARHistory:
         """A new history for one forward pass, starting from the patch embedding x0 [B, T, d]."""
-        if x0.dim() == 3 and x0.shape[-1] != self.d:
+        if _checks.tensor("DARRouter.begin", "x0", x0).dim() == 3 and x0.shape[-1] != self.d:
             raise ValueError(f"DARRouter.begin: x0 must have d={self.d} features, got shape {list(x0.shape)}")
         return DARHistory(x0, self.chunk_size)
 

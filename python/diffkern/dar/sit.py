@@ -15,8 +15,9 @@ TIME_SCALE = 1000.0
 
 def velocity_loss(model, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """The flow-matching loss on clean samples x [B, C, H, W] with labels y [B]; t ~ U(0, 1) per sample."""
-    t = torch.rand(x.shape[0], generator=generator, dtype=x.dtype).to(x.device)
-    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    gen = {} if generator is None else {"generator": generator}  # not generator=None: torch.compile refuses it
+    t = torch.rand(x.shape[0], dtype=x.dtype, **gen).to(x.device)
+    noise = torch.randn(x.shape, dtype=x.dtype, **gen).to(x.device)
     tb = t.view(-1, *([1] * (x.dim() - 1)))
     x_t = (1 - tb) * noise + tb * x
     return (model(x_t, TIME_SCALE * t, y) - (x - noise)).pow(2).mean()

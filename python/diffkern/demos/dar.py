@@ -20,6 +20,7 @@ import time
 import numpy as np
 import torch
 
+from .. import _optional
 from ..dar import diagnose
 from ..dar.blocks import DiT
 from ..dar.sit import sample, velocity_loss
@@ -29,7 +30,7 @@ STREAMS = ("residual", "dar")
 
 def load_digits(seed: int):
     """(x_train, y_train, x_val, y_val): 8x8 digits as [N, 1, 8, 8] in [-1, 1], a fixed 1500/297 split."""
-    from sklearn.datasets import load_digits as sk_digits
+    sk_digits = _optional.require("sklearn.datasets", "demos").load_digits
     data = sk_digits()
     x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 8.0 - 1.0
     y = torch.tensor(data.target, dtype=torch.long)
@@ -77,12 +78,12 @@ def train(model: DiT, data, args, log) -> dict:
 
 
 def digit_classifier(x: torch.Tensor, y: torch.Tensor):
-    from sklearn.linear_model import LogisticRegression
+    LogisticRegression = _optional.require("sklearn.linear_model", "demos").LogisticRegression
     return LogisticRegression(max_iter=2000).fit(x.reshape(len(x), -1).numpy(), y.numpy())
 
 
 def plot_losses(runs: dict, path: str) -> None:
-    import matplotlib
+    matplotlib = _optional.require("matplotlib", "demos")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -103,7 +104,7 @@ def plot_losses(runs: dict, path: str) -> None:
 
 
 def plot_samples(samples: dict, path: str) -> None:
-    import matplotlib
+    matplotlib = _optional.require("matplotlib", "demos")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(samples), figsize=(5 * len(samples), 5.4))

@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from .. import _optional
 from ..grpo import IsoTimestepSampler, flow_sde_step, flow_sigmas
 from ..nn import FlashGRPOLoss
 
@@ -144,7 +145,7 @@ def samples(model, n_per_class: int, seed: int):
 
 
 def plot(path: str, curves: dict, final_samples: dict) -> None:
-    import matplotlib
+    matplotlib = _optional.require("matplotlib", "demos")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax, *scatters) = plt.subplots(1, 1 + len(final_samples), figsize=(5 + 4 * len(final_samples), 4))

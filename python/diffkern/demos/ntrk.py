@@ -22,6 +22,7 @@ import time
 import torch
 from torch import nn
 
+from .. import _optional
 from ..ntrk.diagnostics import gaussianity, looks_gaussian
 from ..sampling import BaseSampler, DPSSampler, NTRKSampler, SVDDSampler, best_of_n
 
@@ -195,7 +196,7 @@ def main(argv=None):
 
 
 def _plot(rows, path):
-    import matplotlib
+    matplotlib = _optional.require("matplotlib", "demos")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -19,6 +19,7 @@ import time
 import torch
 
 import diffkern
+from diffkern import _optional
 from diffkern.rmdm import RecursiveMDM, sample, sudoku
 
 STEPS = (1, 5, 20)
@@ -87,7 +88,7 @@ def evaluate(model, puzzles, solutions, steps: int, n_iter: int, method: str = "
 
 
 def plot(results: dict, path: str) -> None:
-    import matplotlib
+    matplotlib = _optional.require("matplotlib", "demos")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -5,22 +5,22 @@ signatures and share their fakes, so torch.library.opcheck and tracing see the s
 """
 from __future__ import annotations
 
-import torch
+from .. import _registry
 
 
-@torch.library.register_fake("diffkern::flow_sde_step_cuda")
+@_registry.register_fake("diffkern::flow_sde_step_cuda")
 def _sde_step_fake(*args):
     from . import op
     return op._sde_step_fake(*args)
 
 
-@torch.library.register_fake("diffkern::grpo_log_prob_cuda")
+@_registry.register_fake("diffkern::grpo_log_prob_cuda")
 def _log_prob_fake(*args):
     from . import op
     return op._log_prob_fake(*args)
 
 
-@torch.library.register_fake("diffkern::grpo_log_prob_bwd_cuda")
+@_registry.register_fake("diffkern::grpo_log_prob_bwd_cuda")
 def _log_prob_bwd_fake(*args):
     from . import op
     return op._log_prob_bwd_fake(*args)

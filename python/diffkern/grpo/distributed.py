@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .. import _dtypes
+from .. import _checks, _dtypes
 
 
 def _distributed(group) -> bool:
@@ -40,6 +40,16 @@ def global_mean(t: torch.Tensor, group=None) -> torch.Tensor:
     return total[0] / total[1]
 
 
+def _check_ids(op: str, prompt_ids) -> None:
+    """prompt_ids is a 1-d integer tensor: ids are compared exactly, never truncated from floats."""
+    _checks.tensor(op, "prompt_ids", prompt_ids)
+    if prompt_ids.is_floating_point() or prompt_ids.is_complex() or prompt_ids.dtype == torch.bool:
+        raise ValueError(f"{op}: prompt_ids must be an integer tensor (ids are compared exactly, never truncated), "
+                         f"got {_dtypes.name(prompt_ids.dtype)}")
+    if prompt_ids.dim() != 1:
+        raise ValueError(f"{op}: prompt_ids must be [n], got shape {list(prompt_ids.shape)}")
+
+
 def advantages(rewards: torch.Tensor, prompt_ids: torch.Tensor, global_std: bool = True, eps: float = 1e-4,
                clip: float = 5.0, group=None) -> torch.Tensor:
     """GRPO advantages of this rank's rollouts, from the rewards of every rank.
@@ -52,6 +62,10 @@ def advantages(rewards: torch.Tensor, prompt_ids: torch.Tensor, global_std: bool
         rewards: [n] float rewards of this rank's rollouts; prompt_ids: [n] integer prompt ids.
     Returns: [n] advantages in float32 (float64 for float64 rewards).
     """
+    _checks.tensor("advantages", "rewards", rewards)
+    if not rewards.is_floating_point():
+        raise ValueError(f"advantages: rewards must be a floating tensor, got {_dtypes.name(rewards.dtype)}")
+    _check_ids("advantages", prompt_ids)
     if rewards.dim() != 1 or prompt_ids.shape != rewards.shape:
         raise ValueError(f"advantages: rewards and prompt_ids must be [n] tensors of one length, got shapes "
                          f"{list(rewards.shape)} and {list(prompt_ids.shape)}")
@@ -81,6 +95,7 @@ class IsoTimestepSampler:
     """
 
     def __init__(self, num_steps: int = 20, window: range | None = None, seed: int = 0, group=None):
+        num_steps = _checks.integer("IsoTimestepSampler", "num_steps", num_steps)
         self.window = torch.tensor(list(range(num_steps // 2) if window is None else window), dtype=torch.int64)
         if self.window.numel() == 0 or self.window.min() < 0 or self.window.max() >= num_steps:
             raise ValueError(f"IsoTimestepSampler: window must be a non-empty range inside [0, {num_steps}), "
@@ -89,7 +104,8 @@ class IsoTimestepSampler:
         self.group = group
 
     def sample(self, prompt_ids: torch.Tensor) -> torch.Tensor:
-        """[n] step indices for this rank's rollouts, given their [n] prompt ids."""
+        """[n] step indices for this rank's rollouts, given their [n] prompt ids (an integer tensor)."""
+        _check_ids("IsoTimestepSampler.sample", prompt_ids)
         ids = prompt_ids.to(torch.int64)
         all_ids, _ = all_gather_cat(ids, self.group)
         unique = torch.unique(all_ids)

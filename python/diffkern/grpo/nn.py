@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _checks
 from . import distributed
 from .op import grpo_iso_loss
 
@@ -26,7 +27,11 @@ class FlashGRPOLoss(torch.nn.Module):
         v: [B, ...] velocity with grad; the stored step as y (recommended) or x and x_next; sigma,
         sigma_next, log_prob_old: [B]; rewards and prompt_ids [B] (or precomputed advantages [B]).
     Returns: (loss, stats): stats of grpo_iso_loss plus "advantages".
+    Bad input: as grpo_iso_loss; rewards and prompt_ids must be [B] tensors (prompt_ids integer), else a
+        TypeError/ValueError naming them. NaN/inf policy: a NaN reward makes its group's advantages NaN
+        (propagated like `diffkern.grpo.advantages`); the rest as grpo_iso_loss.
     """
+    _NAME = "FlashGRPOLoss"
 
     def __init__(self, clip_eps: float = 1e-3, tgr: bool = True, beta: float = 0.0, std_rule: str = "wan",
                  std_coef: float | None = None, global_std: bool = True, adv_eps: float = 1e-4,
@@ -40,6 +45,11 @@ class FlashGRPOLoss(torch.nn.Module):
         if (advantages is None) == (rewards is None or prompt_ids is None):
             raise ValueError("FlashGRPOLoss: give rewards and prompt_ids, or advantages (not both)")
         if advantages is None:
+            B = _checks.tensor(self._NAME, "v", v).shape[:1]  # a 0-dim v is grpo_iso_loss's error to raise
+            for name, t in (("rewards", rewards), ("prompt_ids", prompt_ids)):
+                if B and _checks.tensor(self._NAME, name, t).shape != B:
+                    raise ValueError(f"{self._NAME}: {name} must be [B] = {list(B)} (one per sample of v), got shape "
+                                     f"{list(t.shape)}")
             advantages = distributed.advantages(rewards, prompt_ids, self.global_std, self.adv_eps, self.adv_clip,
                                                 self.group)
         loss, stats = grpo_iso_loss(v, x, x_next, sigma, sigma_next, log_prob_old, advantages, self.clip_eps,

@@ -10,15 +10,18 @@ import math
 
 import torch
 
-from .. import _checks, _dtypes, _nvtx, _registry, _triton
-from . import cuda_ops, distributed, reference, triton_kernels  # noqa: F401 (cuda_ops: fakes)
+from .. import _checks, _dtypes, _lazy, _nvtx, _ops, _registry, _triton
+from . import cuda_ops, distributed, reference  # noqa: F401 (cuda_ops: fakes)
+triton_kernels = _lazy.module(__package__ + ".triton_kernels")  # imports triton on first use
 
 STEP_OP, LOSS_OP = "flow_sde_step", "grpo_iso_loss"
 
 
 def _check_latents(op, lead: str, x, others: dict, sigma, sigma_next, std_rule, std_coef) -> None:
     """The checks csrc/cpu/grpo.cpp makes, in the same order and words; `lead` names x, which sets the
-    shape, dtype and device of the other latents."""
+    shape, dtype and device of the other latents. The C++ CPU kernels also check the step values
+    (check_steps: they are on the host there); the backends registered here are the GPU's (and model
+    it when forced on CPU tensors), so they read no values back."""
     def fail(msg):
         raise ValueError(f"{op}: {msg}")
     if x.dim() < 1:
@@ -51,8 +54,9 @@ def check_sde_step(x, v, sigma, sigma_next, eps, std_rule, std_coef) -> None:
 
 
 def check_log_prob(v, x, target, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule, std_coef) -> None:
-    _check_latents(LOSS_OP, "v", v, {"target": target, "x": x, "v_ref": v_ref, "v_uncond": v_uncond}, sigma,
-                   sigma_next, std_rule, std_coef)
+    # target is the caller's x_next (with x) or y (without): named so
+    _check_latents(LOSS_OP, "v", v, {"x_next" if x is not None else "y": target, "x": x, "v_ref": v_ref,
+                                     "v_uncond": v_uncond}, sigma, sigma_next, std_rule, std_coef)
     if not -math.inf < cfg_scale < math.inf:
         raise ValueError(f"{LOSS_OP}: cfg_scale must be finite, got {cfg_scale}")
 
@@ -78,17 +82,17 @@ def _triton_backend(launch, x_arg: int, op: str):
 
 
 _registry.register("flow_sde_step", check_sde_step,
-                   triton=_triton_backend(triton_kernels.sde_step, 0, STEP_OP), reference=reference.flow_sde_step,
-                   cuda=torch.ops.diffkern.flow_sde_step_cuda)
+                   triton=_triton_backend(lambda *args: triton_kernels.sde_step(*args), 0, STEP_OP), reference=reference.flow_sde_step,
+                   cuda=_ops.ops.flow_sde_step_cuda)
 _registry.register("grpo_log_prob", check_log_prob,
-                   triton=_triton_backend(triton_kernels.log_prob_fwd, 0, LOSS_OP), reference=reference.log_prob,
-                   cuda=torch.ops.diffkern.grpo_log_prob_cuda)
+                   triton=_triton_backend(lambda *args: triton_kernels.log_prob_fwd(*args), 0, LOSS_OP), reference=reference.log_prob,
+                   cuda=_ops.ops.grpo_log_prob_cuda)
 _registry.register("grpo_log_prob_bwd", check_log_prob_bwd,
-                   triton=_triton_backend(triton_kernels.log_prob_bwd, 2, LOSS_OP), reference=reference.log_prob_bwd,
-                   cuda=torch.ops.diffkern.grpo_log_prob_bwd_cuda)
+                   triton=_triton_backend(lambda *args: triton_kernels.log_prob_bwd(*args), 2, LOSS_OP), reference=reference.log_prob_bwd,
+                   cuda=_ops.ops.grpo_log_prob_bwd_cuda)
 
 
-@torch.library.register_fake("diffkern::flow_sde_step")
+@_registry.register_fake("diffkern::flow_sde_step")
 def _sde_step_fake(x, v, sigma, sigma_next, eps, std_rule, std_coef):
     check_sde_step(x, v, sigma, sigma_next, eps, std_rule, std_coef)
     acc = _dtypes.acc(x.dtype)
@@ -96,22 +100,23 @@ def _sde_step_fake(x, v, sigma, sigma_next, eps, std_rule, std_coef):
         x.new_empty(x.shape[:1], dtype=acc)
 
 
-@torch.library.register_fake("diffkern::grpo_log_prob")
+@_registry.register_fake("diffkern::grpo_log_prob")
 def _log_prob_fake(v, *rest):
     check_log_prob(v, *rest)
     return tuple(v.new_empty(v.shape[:1], dtype=_dtypes.acc(v.dtype)) for _ in range(3))
 
 
-@torch.library.register_fake("diffkern::grpo_log_prob_bwd")
+@_registry.register_fake("diffkern::grpo_log_prob_bwd")
 def _log_prob_bwd_fake(dlog_prob, dkl, v, x, target, sigma, sigma_next, v_ref, v_uncond, *rest):
     check_log_prob_bwd(dlog_prob, dkl, v, x, target, sigma, sigma_next, v_ref, v_uncond, *rest)
     return [v.new_empty(v.shape) for _ in range(1 if v_uncond is None else 2)]
 
 
 def _rule(op: str, std_rule: str, std_coef):
-    if std_rule not in reference.STD_RULES:
+    if not isinstance(std_rule, str) or std_rule not in reference.STD_RULES:
         raise ValueError(f"{op}: std_rule must be 'wan' or 'sd3', got {std_rule!r}")
-    return reference.STD_RULES[std_rule], float(reference.default_std_coef(std_rule) if std_coef is None else std_coef)
+    return reference.STD_RULES[std_rule], _checks.number(
+        op, "std_coef", reference.default_std_coef(std_rule) if std_coef is None else std_coef)
 
 
 def flow_sde_step(x, v, sigma, sigma_next, eps=None, std_rule: str = "wan", std_coef: float | None = None,
@@ -138,17 +143,31 @@ def flow_sde_step(x, v, sigma, sigma_next, eps=None, std_rule: str = "wan", std_
         on-policy ratio is 1 only to that rounding). Autograd: none, a rollout op: the outputs never require
         grad, whatever the inputs (so there is no double backward either). Nothing is saved. Traffic: reads x, v, eps; writes x_next, y.
     Backends: C++ (CPU tensors), CUDA C++ or Triton (CUDA tensors; CUDA C++ when built with CUDA), reference; see `diffkern.backend`.
-    NaN/inf in a sample's inputs make that sample's outputs NaN; other samples are unaffected.
+    Bad input: TypeError (not a tensor, std_coef not a number) or ValueError (shape, dtype, device, an
+        unknown std_rule), naming the argument. The step must satisfy 0 <= sigma_next < sigma <= 1 (sigma < 1
+        for "sd3"): the CPU kernels, which have the values on the host, raise a ValueError naming sigma and
+        sigma_next; on CUDA tensors they are not read back (no host sync), and a sample with an invalid
+        step gets NaN/inf (as with the Python backends forced on CPU tensors).
+    NaN/inf policy: propagated like the reference: NaN/inf in a sample's x, v or eps make that sample's
+        outputs NaN/inf; other samples are unaffected.
     """
+    x, v, sigma, sigma_next = (_checks.tensor(STEP_OP, n, t) for n, t in
+                               (("x", x), ("v", v), ("sigma", sigma), ("sigma_next", sigma_next)))
+    _checks.tensor(STEP_OP, "eps", eps, optional=True)
     rule, coef = _rule(STEP_OP, std_rule, std_coef)
     if eps is None:
-        eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        # No generator=None argument: fake tensors refuse it under dynamic shapes (torch.compile).
+        extra = {} if generator is None else {"generator": generator}
+        eps = torch.randn(x.shape, dtype=x.dtype, device=x.device, **extra)
     with _nvtx.range("diffkern.flow_sde_step"):
-        return torch.ops.diffkern.flow_sde_step(x, v, sigma, sigma_next, eps, rule, coef)
+        return _ops.ops.flow_sde_step(x, v, sigma, sigma_next, eps, rule, coef)
 
 
 def _check_per_sample(name, t, v):
-    if t is None or t.device != v.device or list(t.shape) != [v.shape[0]] or not t.is_floating_point():
+    _checks.tensor(LOSS_OP, name, t, optional=True)
+    if t is not None and t.device != v.device:
+        raise ValueError(f"{LOSS_OP}: {name} is on {t.device} but v is on {v.device}")
+    if t is None or list(t.shape) != [v.shape[0]] or not t.is_floating_point():
         got = "None" if t is None else f"shape {list(t.shape)}, dtype {_dtypes.name(t.dtype)} on {t.device}"
         raise ValueError(f"{LOSS_OP}: {name} must be a floating [B] = [{v.shape[0]}] tensor on {v.device}, got {got}")
 
@@ -195,24 +214,39 @@ def grpo_iso_loss(v, x=None, x_next=None, sigma=None, sigma_next=None, log_prob_
     Backends: C++ (CPU tensors), CUDA C++ or Triton (CUDA tensors; CUDA C++ when built with CUDA), reference; see `diffkern.backend`. The TGR mean is
         over the global batch: every rank's samples of `group` (default: the default group) when
         torch.distributed is initialised (an all-reduce of two numbers), else this batch.
+    Bad input: TypeError (not a tensor, a scalar not a number) or ValueError (shape, dtype, device, the
+        stored step given both ways, beta > 0 without v_ref, cfg_scale without v_uncond), naming the
+        argument. The step values are checked as in flow_sde_step (by the CPU kernels; NaN/inf on a GPU).
+    NaN/inf policy: propagated like the reference: NaN/inf in a sample's latents or per-sample inputs make
+        that sample's log p (and the loss, a mean over samples) NaN/inf.
     """
+    _checks.tensor(LOSS_OP, "v", v)
+    for name, t in (("x", x), ("x_next", x_next), ("y", y), ("v_ref", v_ref), ("v_uncond", v_uncond)):
+        _checks.tensor(LOSS_OP, name, t, optional=True)
     rule, coef = _rule(LOSS_OP, std_rule, std_coef)
     x, target = _target(x, x_next, y)
     if (cfg_scale is None) != (v_uncond is None):
         raise ValueError(f"{LOSS_OP}: cfg_scale and v_uncond go together (got cfg_scale={cfg_scale}, "
                          f"v_uncond {'given' if v_uncond is not None else 'None'})")
+    clip_eps, beta = _checks.number(LOSS_OP, "clip_eps", clip_eps), _checks.number(LOSS_OP, "beta", beta)
+    if cfg_scale is not None:
+        cfg_scale = _checks.number(LOSS_OP, "cfg_scale", cfg_scale)
     if not 0 <= clip_eps < math.inf:  # comparisons, not math.isfinite: they trace (symbolic floats)
         raise ValueError(f"{LOSS_OP}: clip_eps must be finite and >= 0, got {clip_eps}")
     if not 0 <= beta < math.inf:
         raise ValueError(f"{LOSS_OP}: beta must be finite and >= 0, got {beta}")
+    if beta > 0 and v_ref is None:
+        raise ValueError(f"{LOSS_OP}: beta = {beta} > 0 weights a KL term to the reference policy: give v_ref "
+                         "(or beta = 0)")
     for name, t in (("sigma", sigma), ("sigma_next", sigma_next)):
         if t is None:
             raise ValueError(f"{LOSS_OP}: {name} is required")
+        _checks.tensor(LOSS_OP, name, t)
     _check_per_sample("log_prob_old", log_prob_old, v)
     _check_per_sample("advantages", advantages, v)
     with _nvtx.range("diffkern.grpo_iso_loss"):
         w = 1.0 if cfg_scale is None else float(cfg_scale)
-        log_prob, kl, inv_lambda = torch.ops.diffkern.grpo_log_prob(v, x, target, sigma, sigma_next,
+        log_prob, kl, inv_lambda = _ops.ops.grpo_log_prob(v, x, target, sigma, sigma_next,
                                                                     v_ref if beta > 0 else None, v_uncond, w, rule,
                                                                     coef)
         weights = inv_lambda / distributed.global_mean(inv_lambda, group) if tgr else torch.ones_like(log_prob)

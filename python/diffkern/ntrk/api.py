@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .. import _dtypes, _nvtx
+from .. import _checks, _dtypes, _nvtx, _ops
 from . import op  # noqa: F401  (registers the backends and fakes)
 
 
@@ -17,12 +17,31 @@ def _per_sample(name: str, value, mu: torch.Tensor) -> torch.Tensor:
         return value  # already what the op takes: no conversion calls (they cost as much as the op at small B)
     acc = _dtypes.acc(mu.dtype)
     if not isinstance(value, torch.Tensor):
-        return torch.full((B,), float(value), dtype=acc, device=mu.device)
+        return torch.full((B,), _checks.number("ntrk_step", name, value), dtype=acc, device=mu.device)
+    if value.device != mu.device and (value.device.type == "meta" or mu.device.type == "meta"):
+        raise ValueError(f"ntrk_step: {name} is on {value.device} but mu is on {mu.device}")
+    if value.is_complex() or value.dtype == torch.bool:
+        raise ValueError(f"ntrk_step: {name} must be a real tensor, got {_dtypes.name(value.dtype)}")
     if value.dim() > 1 or (value.dim() == 1 and value.shape[0] not in (1, B)):
         raise ValueError(f"ntrk_step: {name} must be a float, a 0-dim tensor or a [B] = [{B}] tensor, got shape "
                          f"{list(value.shape)}")
     return value.to(device=mu.device, dtype=acc if value.dtype not in (torch.float32, torch.float64) else value.dtype
                     ).reshape(-1).expand(B).contiguous()
+
+
+def _philox_state(mu, generator, seed, offset) -> torch.Tensor:
+    """The op's int64 [2] (seed, offset) tensor on mu's device; a seed not given is drawn from `generator`
+    (torch's default generator of mu's device when None) by a tensor op, never read on the host, so the
+    default call stays in one compiled graph and draws fresh noise on every call."""
+    if offset < 0:
+        raise ValueError(f"ntrk_step: offset must be >= 0, got {offset}")
+    if seed is not None:
+        return torch.tensor([int(seed), offset], dtype=torch.int64, device=mu.device)
+    if generator is None:  # no generator=None argument: fake tensors refuse it under dynamic shapes
+        drawn = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=mu.device)
+    else:
+        drawn = torch.randint(0, 2**62, (1,), generator=generator, dtype=torch.int64, device=generator.device)
+    return torch.cat([drawn.to(mu.device), drawn.new_full((1,), offset, device=mu.device)])
 
 
 def ntrk_step(mu, sigma, w, rho, eps=None, generator: torch.Generator | None = None, seed: int | None = None,
@@ -38,26 +57,43 @@ def ntrk_step(mu, sigma, w, rho, eps=None, generator: torch.Generator | None = N
         sigma, rho: floats, 0-dim or [B] tensors; rho in [0, 1] (outside gives NaN for that sample).
         eps = None draws eps in the kernel: eps[n] = the Philox4x32-10 normal at (seed, offset + n) for
             the flat element index n (csrc/include/diffkern/philox.h; tl.randint4x's words), the same
-            numbers on every backend. seed: given, or drawn from `generator` (torch's default one if None).
+            stream on every backend: the Philox words and uniforms are bit-identical, the float32 normal
+            transform (log, sqrt, polynomial cos) may round differently per backend (FMA contraction,
+            the platform's logf): each backend is within the error model of the float64 Box-Muller of
+            the same uniforms (tests/test_ntrk_step.py). Measured over 2^20 draws: every backend within
+            4.8e-7 of that float64 value (~1 ulp at |eps| ~ 4), ~20% of draws differing from
+            reference.philox_randn in their last bits, by at most 7.2e-7.
+            seed: given, or drawn on mu's device from `generator` (torch's default one for mu's device if
+            None; torch.manual_seed reproduces it). The seed is drawn by a tensor op and passed to the
+            kernel in a tensor, so the default call compiles into one graph (torch.compile(fullgraph=True))
+            with no host sync and draws fresh noise per call; an explicit `generator` runs eagerly.
     Returns:
         x: mu's shape and dtype. One pass: reads mu, w (and eps when given) once, writes x once.
     Autograd: differentiable in mu, w and a given eps (dw = sigma sqrt(rho) dx, deps = sigma sqrt(1-rho) dx);
         sigma and rho get no gradient. Saved: sigma and rho ([B]). Double backward is supported (the step is
         linear in mu, w and eps, so the second-order terms are zero; gradgradcheck in float64).
     Backends: C++ (CPU tensors), CUDA C++ or Triton (CUDA tensors; CUDA C++ when built with CUDA), reference; see `diffkern.backend`.
+    Bad input: TypeError (not a tensor, a float seed or offset) or ValueError (shape, dtype, device, a
+        float sigma < 0 or rho outside [0, 1]), naming the argument. Tensor sigma and rho are not read
+        back (no host sync).
+    NaN/inf policy: propagated like the reference: NaN/inf in mu, w, eps or a sample's sigma make those
+        outputs NaN/inf; a tensor rho outside [0, 1] gives that sample NaN.
     """
-    if not isinstance(rho, torch.Tensor) and not 0 <= rho <= 1:
+    mu, w = _checks.tensor("ntrk_step", "mu", mu), _checks.tensor("ntrk_step", "w", w)
+    _checks.tensor("ntrk_step", "eps", eps, optional=True)
+    if seed is not None:
+        seed = _checks.integer("ntrk_step", "seed", seed)
+    offset = _checks.integer("ntrk_step", "offset", offset)
+    if not isinstance(rho, torch.Tensor) and not 0 <= _checks.number("ntrk_step", "rho", rho) <= 1:
         raise ValueError(f"ntrk_step: rho must be in [0, 1], got {rho}")
-    if not isinstance(sigma, torch.Tensor) and not 0 <= sigma < math.inf:
+    if not isinstance(sigma, torch.Tensor) and not 0 <= _checks.number("ntrk_step", "sigma", sigma) < math.inf:
         raise ValueError(f"ntrk_step: sigma must be finite and >= 0, got {sigma}")
     if mu.dim() < 1:
         raise ValueError("ntrk_step: mu must be [B, ...], got a 0-dim tensor")
-    if eps is None and seed is None:
-        device = generator.device if generator is not None else "cpu"
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
+    philox = _philox_state(mu, generator, seed, offset) if eps is None else None
     with _nvtx.range("diffkern.ntrk_step"):
-        return torch.ops.diffkern.ntrk_step(mu, _per_sample("sigma", sigma, mu), w, _per_sample("rho", rho, mu), eps,
-                                            0 if seed is None else int(seed), int(offset))
+        return _ops.ops.ntrk_step(mu, _per_sample("sigma", sigma, mu), w, _per_sample("rho", rho, mu), eps,
+                                philox)
 
 
 def default_tile(n: int, limit: int = 256) -> int:
@@ -85,9 +121,18 @@ def twoos_project(x, tile: int | None = None, bands=None, passes: int = 8, alpha
         constant or the identity per entry, and guidance differentiates before it, not through it.
     Backends: C++ (CPU tensors), Triton (CUDA tensors; D <= 1024), reference; see `diffkern.backend`.
     Memory: the Triton backend keeps ~22 bytes per entry of scratch (sorted values, int16 columns, int64 keys).
+    Bad input: TypeError (not a tensor, a float tile or passes) or ValueError (shape, dtype, a tile that
+        does not divide a sample, a band table of another shape), naming the argument.
+    NaN/inf policy: like the reference: a NaN entry stays NaN in out and counts as outside its band
+        (in_set < 1); +-inf entries are clipped to their band edges like any other value. A NaN in a
+        user band table is a ValueError when the table is on the CPU (not read back from a GPU).
     """
-    from .bands import bands_on
+    from .bands import bands_for
 
+    _checks.tensor("twoos_project", "x", x)
+    tile = None if tile is None else _checks.integer("twoos_project", "tile", tile)
+    if _checks.integer("twoos_project", "passes", passes) < 0:
+        raise ValueError(f"twoos_project: passes must be >= 0, got {passes}")
     if x.dim() < 1:
         raise ValueError("twoos_project: x must be [B, ...], got a 0-dim tensor")
     n = math.prod(x.shape[1:])
@@ -96,10 +141,19 @@ def twoos_project(x, tile: int | None = None, bands=None, passes: int = 8, alpha
         D = tile if tile is not None else default_tile(max(n, 1))
         if D < 1 or n % D:
             raise ValueError(f"twoos_project: tile must divide the {n} entries of a sample, got tile={tile}")
-        lower, upper = bands_on(max(n // D, 1), D, float(alpha), "normal", None, acc, x.device)
+        alpha = _checks.number("twoos_project", "alpha", alpha)
+        lower, upper = bands_for(max(n // D, 1), D, alpha, "normal", None, acc, x.device)
     else:
+        if not (isinstance(bands, (list, tuple)) and len(bands) == 2):
+            raise TypeError(f"twoos_project: bands must be a (lower, upper) pair of tensors, got "
+                            f"{type(bands).__name__}")
+        for name, b in zip(("bands[0] (lower)", "bands[1] (upper)"), bands):
+            if not _checks.tensor("twoos_project", name, b).is_floating_point():
+                raise ValueError(f"twoos_project: {name} must be a real floating tensor, got {_dtypes.name(b.dtype)}")
+            if b.device.type == "cpu" and not torch.compiler.is_compiling() and torch.isnan(b).any():
+                raise ValueError(f"twoos_project: {name} holds NaN (a band edge must be a number or +-inf)")
         lower, upper = (b.to(x.device, acc).contiguous() for b in bands)
         if tile is not None and lower.dim() == 2 and lower.shape[1] != tile:
             raise ValueError(f"twoos_project: tile={tile} but the bands are [M, D] = {list(lower.shape)}")
     with _nvtx.range("diffkern.twoos_project"):
-        return torch.ops.diffkern.twoos_project(x, lower, upper, int(passes))
+        return _ops.ops.twoos_project(x, lower, upper, int(passes))

@@ -14,7 +14,6 @@ import functools
 
 import numpy as np
 import torch
-from scipy import special, stats
 
 DISTS = ("normal", "chi2")
 
@@ -25,6 +24,7 @@ def _quantile(M: int, D: int, p: float, dist: str, dof: float | None) -> np.ndar
     Each Beta quantile is also computed from the other tail (1 - I^-1(a, b, q) = I^-1(b, a, 1 - q)), and
     the outer quantile takes whichever of t, 1 - t is small: no precision is lost near 1.
     """
+    from scipy import special, stats  # here, not at import: scipy costs ~1 s to import
     r = np.arange(1, M + 1, dtype=np.float64)[:, None]
     j = np.arange(1, D + 1, dtype=np.float64)[None, :]
     b = special.betaincinv(r, M - r + 1, p)
@@ -54,10 +54,12 @@ def twoos_bands(M: int, D: int, alpha: float = 1e-4, dist: str = "normal", dof: 
 
     Returns: (lower, upper), float64 CPU tensors [M, D], fresh copies (the cache keeps its own).
     Cost: 2 M D inverse incomplete beta evaluations (~1 us each) on the first call for a key.
+    Inside torch.compile the table comes from the op diffkern::twoos_band_table (no graph break).
     """
-    if not (isinstance(M, int) and isinstance(D, int) and M >= 1 and D >= 1):
+    if not (isinstance(M, int) and isinstance(D, int) and not isinstance(M, bool) and not isinstance(D, bool)
+            and M >= 1 and D >= 1):
         raise ValueError(f"twoos_bands: M and D must be ints >= 1, got M={M!r}, D={D!r}")
-    if not 0 < alpha < 1:
+    if isinstance(alpha, (bool, complex, str)) or alpha is None or not 0 < alpha < 1:
         raise ValueError(f"twoos_bands: alpha must be in (0, 1), got {alpha}")
     if dist not in DISTS:
         raise ValueError(f"twoos_bands: dist must be one of {DISTS}, got {dist!r}")
@@ -65,7 +67,10 @@ def twoos_bands(M: int, D: int, alpha: float = 1e-4, dist: str = "normal", dof: 
         raise ValueError(f"twoos_bands: dist 'chi2' needs dof > 0, got {dof!r}")
     if dist == "normal" and dof is not None:
         raise ValueError(f"twoos_bands: dof is only for dist 'chi2', got dof={dof!r}")
-    lower, upper = _tables(M, D, float(alpha), dist, None if dof is None else float(dof))
+    dof = None if dof is None else float(dof)
+    if torch.compiler.is_compiling():
+        return band_table(M, D, float(alpha), dist, dof, torch.float64, torch.device("cpu"))
+    lower, upper = _tables(M, D, float(alpha), dist, dof)
     return torch.from_numpy(lower.copy()), torch.from_numpy(upper.copy())
 
 
@@ -74,3 +79,25 @@ def bands_on(M: int, D: int, alpha: float, dist: str, dof: float | None, dtype: 
     """The table in the dtype and on the device a kernel reads it from (cached: one copy per device)."""
     lower, upper = twoos_bands(M, D, alpha, dist, dof)
     return lower.to(device, dtype).contiguous(), upper.to(device, dtype).contiguous()
+
+
+@torch.library.custom_op("diffkern::twoos_band_table", mutates_args=())
+def band_table(M: int, D: int, alpha: float, dist: str, dof: float | None, dtype: torch.dtype,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`bands_on` as an opaque op for torch.compile: fresh copies of the cached (lower, upper) [M, D]."""
+    lower, upper = bands_on(M, D, alpha, dist, dof, dtype, device)
+    return lower.clone(), upper.clone()
+
+
+@band_table.register_fake
+def _band_table_fake(M, D, alpha, dist, dof, dtype, device):
+    return torch.empty((M, D), dtype=dtype, device=device), torch.empty((M, D), dtype=dtype, device=device)
+
+
+def bands_for(M: int, D: int, alpha: float, dist: str, dof: float | None, dtype: torch.dtype, device: torch.device):
+    """The table a kernel reads (`bands_on`), also inside torch.compile: there it comes from the op
+    diffkern::twoos_band_table, so the scipy construction stays out of the graph (no graph break, no
+    recompile; a copy of the cached table per call, M * D entries twice), and eagerly from the cache."""
+    if torch.compiler.is_compiling():
+        return band_table(M, D, alpha, dist, dof, dtype, device)
+    return bands_on(M, D, alpha, dist, dof, dtype, device)

@@ -1,16 +1,16 @@
 """NoiseTilt as torch ops: argument checks, fake (meta) implementations, backends.
 
 The schemas live in csrc/diffkern/ops.cpp, the C++ CPU kernels in csrc/cpu/ntrk.cpp and the autograd in
-csrc/diffkern/autograd_ntrk.cpp; this file
-registers everything Python owns for diffkern::ntrk_step and diffkern::twoos_project. The public
-functions (with their docstrings) are in ntrk/api.py.
+csrc/diffkern/autograd_ntrk.cpp; this file registers everything Python owns for diffkern::ntrk_step and
+diffkern::twoos_project. The public functions (with their docstrings) are in ntrk/api.py.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import _checks, _dtypes, _registry, _triton
-from . import reference, triton_kernels
+from .. import _checks, _dtypes, _lazy, _ops, _registry, _triton
+from . import reference
+triton_kernels = _lazy.module(__package__ + ".triton_kernels")  # imports triton on first use
 
 STEP_OP, PROJECT_OP = "ntrk_step", "twoos_project"
 
@@ -24,7 +24,7 @@ def _check_per_sample(op, t, name, mu, B):
         raise ValueError(f"{op}: {name} dtype must be float32 or float64, got {_dtypes.name(t.dtype)}")
 
 
-def check_step(mu, sigma, w, rho, eps, seed, offset) -> None:
+def check_step(mu, sigma, w, rho, eps, philox) -> None:
     """The checks csrc/cpu/ntrk.cpp makes, in the same order and words."""
     if mu.dim() < 1:
         raise ValueError(f"{STEP_OP}: mu must be [B, ...], got a 0-dim tensor")
@@ -37,8 +37,15 @@ def check_step(mu, sigma, w, rho, eps, seed, offset) -> None:
         _checks.check_like(STEP_OP, name, y, "mu", mu)
     _check_per_sample(STEP_OP, sigma, "sigma", mu, mu.shape[0])
     _check_per_sample(STEP_OP, rho, "rho", mu, mu.shape[0])
-    if offset < 0:
-        raise ValueError(f"{STEP_OP}: offset must be >= 0, got {offset}")
+    if philox is None:
+        if eps is None:
+            raise ValueError(f"{STEP_OP}: philox (the int64 [2] tensor (seed, offset)) is required when eps is None")
+        return
+    if philox.device != mu.device:
+        raise ValueError(f"{STEP_OP}: philox is on {philox.device} but mu is on {mu.device}")
+    if philox.dtype != torch.int64 or philox.shape != (2,) or not philox.is_contiguous():
+        raise ValueError(f"{STEP_OP}: philox must be a contiguous int64 [2] tensor (seed, offset), got "
+                         f"{_dtypes.name(philox.dtype)} of shape {list(philox.shape)}")
 
 
 def check_project(x, lower, upper, max_passes) -> None:
@@ -76,23 +83,23 @@ def _triton_backend(launch, op: str):
     return run
 
 
-_registry.register(STEP_OP, check_step, triton=_triton_backend(triton_kernels.ntrk_step, STEP_OP),
-                   cuda=torch.ops.diffkern.ntrk_step_cuda, reference=reference.ntrk_step)
-_registry.register(PROJECT_OP, check_project, triton=_triton_backend(triton_kernels.twoos_project, PROJECT_OP),
+_registry.register(STEP_OP, check_step, triton=_triton_backend(lambda *args: triton_kernels.ntrk_step(*args), STEP_OP),
+                   cuda=_ops.ops.ntrk_step_cuda, reference=reference.ntrk_step)
+_registry.register(PROJECT_OP, check_project, triton=_triton_backend(lambda *args: triton_kernels.twoos_project(*args), PROJECT_OP),
                    reference=reference.twoos_project)
 
 
-@torch.library.register_fake("diffkern::ntrk_step")
-def _step_fake(mu, sigma, w, rho, eps, seed, offset):
-    check_step(mu, sigma, w, rho, eps, seed, offset)
+@_registry.register_fake("diffkern::ntrk_step")
+def _step_fake(mu, sigma, w, rho, eps, philox):
+    check_step(mu, sigma, w, rho, eps, philox)
     return mu.new_empty(mu.shape)
 
 
 # The internal op of the cuda backend (its kernel lives in csrc/cuda/ntrk_step.cu) shares the public op's fake.
-torch.library.register_fake("diffkern::ntrk_step_cuda")(_step_fake)
+_registry.register_fake("diffkern::ntrk_step_cuda")(_step_fake)
 
 
-@torch.library.register_fake("diffkern::twoos_project")
+@_registry.register_fake("diffkern::twoos_project")
 def _project_fake(x, lower, upper, max_passes):
     check_project(x, lower, upper, max_passes)
     return x.new_empty(x.shape), x.new_empty(x.shape[:1], dtype=_dtypes.acc(x.dtype))

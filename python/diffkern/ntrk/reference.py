@@ -22,9 +22,12 @@ def _mulhilo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (p_hi + (p_lo >> 16)) >> 16, (a * b) & _MASK32
 
 
-def philox_randint4x(seed: int, offset: torch.Tensor) -> list[torch.Tensor]:
-    """The four uint32 words (in int64 tensors) of Philox4x32-10 at counter (offset, 0, 0), key seed."""
-    c = [offset & _MASK32, (offset >> 32) & _MASK32, torch.zeros_like(offset), torch.zeros_like(offset)]
+def philox_randint4x(seed, offset: torch.Tensor, high: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The four uint32 words (in int64 tensors) of Philox4x32-10 at the 128-bit counter (offset, high),
+    high = 0 unless given (int64 tensors, broadcast), key seed (an int or a 0-dim int64 tensor: read by
+    tensor ops, never on the host)."""
+    hi = torch.zeros_like(offset) if high is None else high
+    c = [offset & _MASK32, (offset >> 32) & _MASK32, hi & _MASK32, (hi >> 32) & _MASK32]
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     for _ in range(10):
         hi_b, lo_b = _mulhilo(c[2], _ROUND_B)
@@ -62,7 +65,7 @@ def cos_2pi(u: torch.Tensor) -> torch.Tensor:
     return torch.where(quadrant == 0, c, torch.where(quadrant == 1, -s, torch.where(quadrant == 2, -c, s)))
 
 
-def philox_randn(seed: int, offset: torch.Tensor) -> torch.Tensor:
+def philox_randn(seed, offset: torch.Tensor) -> torch.Tensor:
     """float32 N(0, 1) draws at int64 `offset`s of stream `seed` (csrc/include/diffkern/philox.h)."""
     r = philox_randint4x(seed, offset.to(torch.int64))
     u1 = torch.clamp_min(philox_uniform(r[0]), 1e-7)
@@ -73,12 +76,15 @@ def _per_sample(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *([1] * (x.dim() - 1)))
 
 
-def ntrk_step(mu, sigma, w, rho, eps, seed, offset):
-    """Reference backend of diffkern::ntrk_step: x in mu's dtype, math in its accumulation dtype."""
+def ntrk_step(mu, sigma, w, rho, eps, philox):
+    """Reference backend of diffkern::ntrk_step: x in mu's dtype, math in its accumulation dtype.
+
+    eps None: drawn at philox = (seed, offset), an int64 [2] tensor on mu's device.
+    """
     acc = _dtypes.acc(mu.dtype)
     if eps is None:
-        flat = offset + torch.arange(mu.numel(), dtype=torch.int64, device=mu.device)
-        eps = philox_randn(seed, flat).reshape(mu.shape)
+        flat = philox[1] + torch.arange(mu.numel(), dtype=torch.int64, device=mu.device)
+        eps = philox_randn(philox[0], flat).reshape(mu.shape)
     s, r = _per_sample(sigma.to(acc), mu), _per_sample(rho.to(acc), mu)
     x = mu.to(acc) + s * torch.sqrt(r) * w.to(acc) + s * torch.sqrt(1 - r) * eps.to(acc)
     return x.to(mu.dtype)

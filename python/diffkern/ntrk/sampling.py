@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from .. import _checks
 from ..grpo.reference import flow_sigmas, step_coefficients
 from .api import ntrk_step
 from .whiten import DOMAINS, WHITEN_ALPHA, whiten
@@ -47,6 +48,8 @@ class BaseSampler:
 
     def __init__(self, velocity: Callable, reward: Callable, steps: int = 25, std_coef: float = 0.7,
                  record: bool = False):
+        if _checks.integer(type(self).__name__, "steps", steps) < 1:
+            raise ValueError(f"{type(self).__name__}: steps must be >= 1, got {steps}")
         self.velocity, self.reward, self.steps, self.std_coef, self.record = velocity, reward, steps, std_coef, record
 
     def schedule(self, device) -> torch.Tensor:
@@ -139,6 +142,8 @@ class SVDDSampler(BaseSampler):
 
     def __init__(self, velocity, reward, steps: int = 25, std_coef: float = 0.7, k: int = 4, record: bool = False):
         super().__init__(velocity, reward, steps, std_coef, record)
+        if _checks.integer("SVDDSampler", "k", k) < 1:
+            raise ValueError(f"SVDDSampler: k must be >= 1, got {k}")
         self.k = k
 
     def step(self, x, t, t_next, cond, trace, generator):
@@ -163,6 +168,8 @@ def best_of_n(sampler: BaseSampler, x_init: Callable[[], torch.Tensor], n: int,
     """n independent runs of `sampler` from fresh starts x_init(); per sample keeps the best final reward.
 
     Returns (x0, Trace) with n times the NFE and VJPs of one run."""
+    if _checks.integer("best_of_n", "n", n) < 1:
+        raise ValueError(f"best_of_n: n must be >= 1, got {n}")
     best_x, total = None, Trace()
     for _ in range(n):
         x, tr = sampler.sample(x_init(), generator, **cond)

@@ -2,7 +2,8 @@
 
 ntrk_step_kernel: x = mu + a_i w + b_i eps over chunks of BLOCK-element tiles, one program per
   (sample, chunk); a_i = sigma_i sqrt(rho_i), b_i = sigma_i sqrt(1 - rho_i). eps is read, or drawn
-  in-kernel at (seed, offset + flat index): tl.randint4x's Philox words and philox.h's normal transform.
+  in-kernel at (seed, offset + flat index), both read from the int64 philox tensor: tl.randint4x's
+  Philox words and philox.h's normal transform.
   Moves (2 or 3) + 1 latents: mu, w (, eps) read once, x written once.
 
 2OS projection, one pass = three launches over a sample's N = M * D entries (y: [B, M, D] fp32):
@@ -64,7 +65,7 @@ def _randn(seed, offset):
 
 
 @triton.jit
-def ntrk_step_kernel(mu_ptr, w_ptr, eps_ptr, x_ptr, sigma_ptr, rho_ptr, seed, offset, D, n_chunks, tiles_per_chunk,
+def ntrk_step_kernel(mu_ptr, w_ptr, eps_ptr, x_ptr, sigma_ptr, rho_ptr, philox_ptr, D, n_chunks, tiles_per_chunk,
                      HAS_EPS: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     i = pid // n_chunks
@@ -72,6 +73,9 @@ def ntrk_step_kernel(mu_ptr, w_ptr, eps_ptr, x_ptr, sigma_ptr, rho_ptr, seed, of
     rho = tl.load(rho_ptr + i)
     a = sigma * tl.sqrt(rho)
     b = sigma * tl.sqrt(1.0 - rho)
+    if not HAS_EPS:
+        seed = tl.load(philox_ptr)
+        offset = tl.load(philox_ptr + 1)
     for k in range(tiles_per_chunk):
         e = ((pid % n_chunks) * tiles_per_chunk + k).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         offs = i.to(tl.int64) * D + e
@@ -170,7 +174,7 @@ def clip_kernel(keys_ptr, perm_ptr, lower_ptr, upper_ptr, y_ptr, count_ptr, M, D
     tl.store(y_ptr + b * N + m * D + c, v, mask=valid)
 
 
-def ntrk_step(mu, sigma, w, rho, eps, seed, offset):
+def ntrk_step(mu, sigma, w, rho, eps, philox):
     """Launches ntrk_step_kernel: x in mu's dtype."""
     x = _triton.empty(mu.shape, mu.dtype, mu.device)
     B = mu.shape[0]
@@ -181,7 +185,8 @@ def ntrk_step(mu, sigma, w, rho, eps, seed, offset):
     per_chunk = _triton.tiles_per_chunk(B, n_tiles, mu.device)
     n_chunks = triton.cdiv(n_tiles, per_chunk)
     ntrk_step_kernel[(B * n_chunks,)](mu, w, mu if eps is None else eps, x, sigma.float().contiguous(),
-                                      rho.float().contiguous(), seed, offset, D, n_chunks, per_chunk,
+                                      rho.float().contiguous(), mu if philox is None else philox, D, n_chunks,
+                                      per_chunk,
                                       HAS_EPS=eps is not None, BLOCK=BLOCK, num_warps=NUM_WARPS,
                                       maxnreg=_triton.register_budget(NUM_WARPS))
     return x
@@ -239,7 +244,7 @@ def aot_specs() -> list[KernelSpec]:
             specs.append(KernelSpec(
                 f"ntrk_step_kernel[{ty},HAS_EPS={has_eps}]", ntrk_step_kernel,
                 {"mu_ptr": p, "w_ptr": p, "eps_ptr": p, "x_ptr": p, "sigma_ptr": "*fp32", "rho_ptr": "*fp32",
-                 "seed": "i64", "offset": "i64", "D": "i32", "n_chunks": "i32", "tiles_per_chunk": "i32",
+                 "philox_ptr": "*i64", "D": "i32", "n_chunks": "i32", "tiles_per_chunk": "i32",
                  "HAS_EPS": "constexpr", "BLOCK": "constexpr"},
                 {"HAS_EPS": has_eps, "BLOCK": BLOCK}, NUM_WARPS, budget, {"dtype": _dtypes.name(dtype), "op": "step"}))
         for D in (32, 128, 256, 1024):

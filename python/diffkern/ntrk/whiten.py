@@ -25,8 +25,9 @@ import math
 
 import torch
 
+from .. import _checks, _dtypes
 from .api import default_tile, twoos_project
-from .bands import bands_on
+from .bands import bands_for
 
 DOMAINS = ("fourier", "value", "tile_mean", "tile_energy")
 VALUE_DOMAINS = DOMAINS[1:]
@@ -47,7 +48,7 @@ def _project_tiles(stat: torch.Tensor, alpha: float, passes: int, dist: str = "n
     """2OS projection of the per-tile statistics [B, M] (tiles of the statistic: the largest divisor <= 256)."""
     M = stat.shape[1]
     d = default_tile(M)
-    bands = bands_on(M // d, d, alpha, dist, dof, stat.dtype, stat.device)
+    bands = bands_for(M // d, d, alpha, dist, dof, stat.dtype, stat.device)
     return twoos_project(stat.contiguous(), bands=bands, passes=passes)[0]
 
 
@@ -56,7 +57,7 @@ def _value_domains(z: torch.Tensor, domains, M: int, D: int, alpha: float, passe
     B, N = z.shape
     for domain in domains:
         if domain == "value":
-            bands = bands_on(M, D, alpha, "normal", None, z.dtype, z.device)
+            bands = bands_for(M, D, alpha, "normal", None, z.dtype, z.device)
             z = twoos_project(z.contiguous(), bands=bands, passes=passes)[0]
         elif domain == "tile_mean":
             t = z.view(B, M, D).mean(2) * math.sqrt(D)
@@ -82,7 +83,22 @@ position, which is no guidance at all.
     Returns: w, g's shape and dtype (math in float32, float64 for float64 g).
     Autograd: none (built on twoos_project, which is non-differentiable).
     Backends: each projection runs on the current backend of twoos_project; the rest is PyTorch.
+    Bad input: TypeError (g not a tensor, a float tile or passes) or ValueError (g not a float dtype, an
+        unknown domain, a tile that does not divide a sample, alpha outside (0, 1)), naming the argument.
+    NaN/inf policy: like the reference (the same code): a sample whose g holds NaN or inf has no defined
+        spread and gets w = 0, as a constant sample does (no guidance); other samples are unaffected.
     """
+    _checks.tensor("whiten", "g", g)
+    if g.dtype not in _checks.FLOATS:
+        raise ValueError(f"whiten: g dtype must be float16, bfloat16, float32 or float64, got {_dtypes.name(g.dtype)}")
+    if isinstance(domains, str):
+        domains = (domains,)
+    tile = None if tile is None else _checks.integer("whiten", "tile", tile)
+    if _checks.integer("whiten", "passes", passes) < 0:
+        raise ValueError(f"whiten: passes must be >= 0, got {passes}")
+    alpha = _checks.number("whiten", "alpha", alpha)
+    if not 0 < alpha < 1:
+        raise ValueError(f"whiten: alpha must be in (0, 1), got {alpha}")
     unknown = set(domains) - set(DOMAINS)
     if unknown:
         raise ValueError(f"whiten: unknown domain(s) {sorted(unknown)}; choose from {DOMAINS}")

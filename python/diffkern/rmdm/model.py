@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _checks
 from .op import recurse
 from .reference import N_MOD, param_shapes
 
@@ -76,6 +77,8 @@ class RecursiveMDM(nn.Module):
     def forward(self, z: torch.Tensor, t: torch.Tensor | None = None, n_iter: int | None = None,
                 return_all: bool = False) -> torch.Tensor:
         """Logits [B, T, vocab] after n_iter (default L) iterations, or [n_iter, B, T, vocab] for every one."""
+        if _checks.tensor("RecursiveMDM", "z", z).is_floating_point() or z.is_complex() or z.dtype == torch.bool:
+            raise ValueError(f"RecursiveMDM: z must be an integer tensor of token ids [B, T], got {z.dtype}")
         h = self.embed(z) + self.pos[: z.shape[1]]
         mod = None
         if self.time is not None:

@@ -10,8 +10,9 @@ import math
 
 import torch
 
-from .. import _checks, _nvtx, _registry
-from . import reference, triton_kernels
+from .. import _checks, _lazy, _nvtx, _ops, _registry
+from . import reference
+triton_kernels = _lazy.module(__package__ + ".triton_kernels")  # imports triton on first use
 from .reference import N_MOD, N_PARAMS, param_shapes
 
 OP = "recurse"
@@ -52,26 +53,27 @@ def check_recurse(x, weights, mod, n_iter, heads, eps) -> None:
 
 
 def check_recurse_bwd(dstates, x, states, weights, mod, heads, eps) -> None:
-    check_recurse(x, weights, mod, states.shape[0] if states.dim() == 4 else 0, heads, eps)
     for name, t in (("states", states), ("dstates", dstates)):
-        if t.dim() != 4:
-            _fail(f"{name} must be [n_iter, B, T, d], got shape {list(t.shape)}")
+        if t.dim() != 4 or t.shape[0] < 1:
+            _fail(f"{name} must be [n_iter, B, T, d] with n_iter >= 1, got shape {list(t.shape)}")
+    check_recurse(x, weights, mod, states.shape[0], heads, eps)
+    for name, t in (("states", states), ("dstates", dstates)):
         _check_like(name, t, (states.shape[0], *x.shape), x)
 
 
-_registry.register("rmdm_recurse", check_recurse, triton=triton_kernels.recurse_fwd, reference=reference.recurse)
+_registry.register("rmdm_recurse", check_recurse, triton=lambda *args: triton_kernels.recurse_fwd(*args), reference=reference.recurse)
 _registry.register("rmdm_recurse_bwd", check_recurse_bwd, reference=reference.recurse_bwd,
                    cuda=lambda *args: torch.ops.diffkern.rmdm_recurse_bwd_cuda(*args))
 
 
-@torch.library.register_fake("diffkern::rmdm_recurse")
+@_registry.register_fake("diffkern::rmdm_recurse")
 def _recurse_fake(x, weights, mod, n_iter, heads, eps):
     check_recurse(x, weights, mod, n_iter, heads, eps)
     return x.new_empty((n_iter, *x.shape))
 
 
-@torch.library.register_fake("diffkern::rmdm_recurse_bwd")
-@torch.library.register_fake("diffkern::rmdm_recurse_bwd_cuda")
+@_registry.register_fake("diffkern::rmdm_recurse_bwd")
+@_registry.register_fake("diffkern::rmdm_recurse_bwd_cuda")
 def _recurse_bwd_fake(dstates, x, states, weights, mod, heads, eps):
     check_recurse_bwd(dstates, x, states, weights, mod, heads, eps)
     return x.new_empty(x.shape), [w.new_empty(w.shape) for w in weights], \
@@ -105,23 +107,35 @@ def recurse(block_params, x: torch.Tensor, n_iter: int, *, heads: int, mod: torc
         once per call) where it fits, else the tiled one (rmdm/triton_kernels.py says which when); the
         backward is the C++ backward run on ATen's CUDA kernels and cuBLAS (the `cuda` backend of
         rmdm_recurse_bwd; it needs a CUDA build). See `diffkern.backend`.
+    Bad input: TypeError (not a tensor, a float n_iter or heads) or ValueError (shapes, dtypes, devices,
+        n_iter < 1, heads not dividing d, eps <= 0), naming the argument.
+    NaN/inf policy: propagated like the reference: a NaN/inf in x, mod or a weight makes the affected
+        samples' states NaN (attention mixes it over the sample's tokens); values are not checked.
     """
-    weights = [w for blk in block_params for w in blk]
+    _checks.tensor(OP, "x", x)
+    _checks.tensor(OP, "mod", mod, optional=True)
+    if isinstance(block_params, torch.Tensor) or not isinstance(block_params, (list, tuple)):
+        raise TypeError(f"{OP}: block_params must be a list of K blocks, each a sequence of {N_PARAMS} tensors, got "
+                        f"{type(block_params).__name__}")
+    weights = []
+    for k, blk in enumerate(block_params):
+        weights += _checks.tensor_list(OP, f"block_params[{k}]", blk)
+    n_iter, heads = _checks.integer(OP, "n_iter", n_iter), _checks.integer(OP, "heads", heads)
     with _nvtx.range("diffkern.recurse"):
-        states = torch.ops.diffkern.rmdm_recurse(x, weights, mod, int(n_iter), int(heads), float(eps))
+        states = _ops.ops.rmdm_recurse(x, weights, mod, n_iter, heads, _checks.number(OP, "eps", eps))
     return states if return_all else states[-1]
 
 
 # The Sudoku data ops (csrc/cpu/rmdm_sudoku.cpp) run on CPU only; their fakes give the output shapes
 # so code that calls them traces under torch.compile and fake tensors.
-@torch.library.register_fake("diffkern::rmdm_sudoku")
+@_registry.register_fake("diffkern::rmdm_sudoku")
 def _sudoku_fake(n, clues, seed):
     if n < 0:
         raise ValueError(f"rmdm_sudoku: n must be >= 0, got {n}")
     return (torch.empty(n, 81, dtype=torch.int64, device="cpu"), torch.empty(n, 81, dtype=torch.int64, device="cpu"))
 
 
-@torch.library.register_fake("diffkern::rmdm_sudoku_count")
+@_registry.register_fake("diffkern::rmdm_sudoku_count")
 def _sudoku_count_fake(puzzles, limit):
     if not (puzzles.dim() == 2 and puzzles.shape[1] == 81 and puzzles.dtype == torch.int64):
         raise ValueError(f"rmdm_sudoku_count: puzzles must be an int64 [n, 81] tensor, got {list(puzzles.shape)} "

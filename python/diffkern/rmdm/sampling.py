@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import _checks
+
 
 @torch.no_grad()
 def sample(model, x_prompt: torch.Tensor, prompt: torch.Tensor, steps: int, n_iter: int | None = None,
@@ -23,8 +25,13 @@ def sample(model, x_prompt: torch.Tensor, prompt: torch.Tensor, steps: int, n_it
     """
     if method not in ("topk", "ancestral"):
         raise ValueError(f"sample: method must be 'topk' or 'ancestral', got {method!r}")
-    if steps < 1:
+    if _checks.integer("sample", "steps", steps) < 1:
         raise ValueError(f"sample: steps must be >= 1, got {steps}")
+    for name, t in (("x_prompt", x_prompt), ("prompt", prompt)):
+        if _checks.tensor("sample", name, t).is_floating_point() or t.is_complex():
+            raise ValueError(f"sample: {name} must be an integer or bool tensor, got {t.dtype}")
+    if prompt.shape != x_prompt.shape:
+        raise ValueError(f"sample: prompt has shape {list(prompt.shape)} but x_prompt has shape {list(x_prompt.shape)}")
     z = torch.where(prompt, x_prompt, torch.full_like(x_prompt, model.mask_id))
     n_answer = (~prompt).sum(-1)
     for i in range(steps):

@@ -10,8 +10,10 @@ import math
 
 import torch
 
-from .. import _dtypes, _nvtx, _registry, _triton
-from . import reference, triton_kernels
+from .. import _checks, _dtypes, _lazy, _nvtx, _ops, _registry, _triton
+from ..ntrk.reference import philox_randint4x
+from . import reference
+triton_kernels = _lazy.module(__package__ + ".triton_kernels")  # imports triton on first use
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MASS_OP, ATTN_OP = "sink_mass", "sink_attention"
@@ -147,24 +149,24 @@ def _suppress_with_idx_check(fn):
     return run
 
 
-_registry.register("sink_mass", check_mass, triton=_triton_checked(triton_kernels.sink_mass),
+_registry.register("sink_mass", check_mass, triton=_triton_checked(lambda *args: triton_kernels.sink_mass(*args)),
                    reference=reference.sink_mass)
-_registry.register("sink_attention_fwd", check_fwd, triton=_triton_checked(triton_kernels.attention_fwd),
+_registry.register("sink_attention_fwd", check_fwd, triton=_triton_checked(lambda *args: triton_kernels.attention_fwd(*args)),
                    reference=reference.attention_fwd)
 _registry.register("sink_topk", check_topk, triton=_topk_triton, reference=reference.sink_topk)
 _registry.register("sink_suppress", check_suppress,
-                   triton=_suppress_with_idx_check(_triton_checked(triton_kernels.sink_suppress)),
+                   triton=_suppress_with_idx_check(_triton_checked(lambda *args: triton_kernels.sink_suppress(*args))),
                    reference=_suppress_with_idx_check(reference.sink_suppress))
 
 
-@torch.library.register_fake("diffkern::sink_mass")
+@_registry.register_fake("diffkern::sink_mass")
 def _mass_fake(q, k, n_query, scale):
     check_mass(q, k, n_query, scale)
     acc = _dtypes.acc(q.dtype)
     return q.new_empty(k.shape[:3], dtype=acc), q.new_empty(q.shape[:3], dtype=acc)
 
 
-@torch.library.register_fake("diffkern::sink_attention_fwd")
+@_registry.register_fake("diffkern::sink_attention_fwd")
 def _fwd_fake(q, k, v, n_query, scale):
     check_fwd(q, k, v, n_query, scale)
     acc = _dtypes.acc(q.dtype)
@@ -172,13 +174,13 @@ def _fwd_fake(q, k, v, n_query, scale):
             q.new_empty(k.shape[:3], dtype=acc), q.new_empty(q.shape[:3], dtype=acc))
 
 
-@torch.library.register_fake("diffkern::sink_topk")
+@_registry.register_fake("diffkern::sink_topk")
 def _topk_fake(score, k, largest):
     check_topk(score, k, largest)
     return score.new_empty((*score.shape[:2], k), dtype=torch.int64)
 
 
-@torch.library.register_fake("diffkern::sink_suppress")
+@_registry.register_fake("diffkern::sink_suppress")
 def _suppress_fake(q, k, v, o, lse, idx, n_rows, scale, bias):
     check_suppress(q, k, v, o, lse, idx, n_rows, scale, bias)
     return q.new_empty(q.shape), q.new_empty((*q.shape[:2], n_rows), dtype=_dtypes.acc(q.dtype))
@@ -190,8 +192,17 @@ def _forward_only(op, *tensors) -> None:
                            "tensors")
 
 
-def _scale(q, scale):
-    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+def _public(op, q, k, v, n_query, scale):
+    """The Python types of the public arguments, and the defaults that need a valid shape:
+    (n_query, scale) as the op takes them (its schema checks the rest)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.tensor(op, name, t, optional=name == "v" and op == MASS_OP)
+    if q.dim() != 4:
+        _fail(op, f"q must be [B, H, N_q, head_dim], got shape {list(q.shape)}")
+    if q.shape[3] < 1:
+        _fail(op, "head_dim must be at least 1")
+    n = q.shape[2] if n_query is None else _checks.integer(op, "n_query", n_query)
+    return n, 1.0 / math.sqrt(q.shape[-1]) if scale is None else _checks.number(op, "scale", scale)
 
 
 def sink_mass(q, k, n_query: int | None = None, scale: float | None = None):
@@ -209,20 +220,27 @@ def sink_mass(q, k, n_query: int | None = None, scale: float | None = None):
         (mass [B, H, N_k], lse [B, H, N_q] over all queries), float32 (float64 for float64).
     No backward (forward-only; inputs requiring grad raise under grad mode). Nothing is saved.
     Backends: C++/ATen blocked (CPU tensors), Triton (CUDA tensors), reference; see `diffkern.backend`.
+    Bad input: TypeError (not a tensor, a float n_query) or ValueError (shape, dtype, device, stride,
+        head_dim 0, no keys, n_query outside [1, N_q], scale <= 0), naming the argument.
+    NaN/inf policy: propagated like the reference: a NaN/inf in a row's q or in any k of the row's
+        (b, h) makes that row's lse NaN and the masses of that (b, h) NaN; values are not checked.
     """
+    n, sc = _public(MASS_OP, q, k, None, n_query, scale)
     _forward_only(MASS_OP, q, k)
-    n = q.shape[2] if n_query is None else int(n_query)
     with _nvtx.range("diffkern.sink_mass"):
-        return torch.ops.diffkern.sink_mass(q, k, n, _scale(q, scale))
+        return _ops.ops.sink_mass(q, k, n, sc)
 
 
 def _random_keys(B, n_keys, K, seed, call_index, device):
-    """A fresh reproducible set per (seed, call_index, b): randperm from a generator seeded by their mix."""
-    rows = []
-    for b in range(B):
-        mixed = (seed * 0x9E3779B97F4A7C15 + call_index * 0xBF58476D1CE4E5B9 + b * 0x94D049BB133111EB) % (2**63 - 1)
-        rows.append(torch.randperm(n_keys, generator=torch.Generator().manual_seed(mixed))[:K])
-    return torch.stack(rows)[:, None, :].to(device)
+    """A fresh reproducible set of K keys per (seed, call_index, b), by tensor ops only (no generator, no
+    host sync: it compiles): key j of sample b gets the first Philox4x32-10 word at counter
+    (j, b, call_index), key seed (ntrk.reference.philox_randint4x), and the K smallest (word, j) win: a
+    uniform K-subset for each (seed, call_index, b)."""
+    j = torch.arange(n_keys, dtype=torch.int64, device=device)
+    b = torch.arange(B, dtype=torch.int64, device=device)[:, None]
+    call = torch.as_tensor(call_index, dtype=torch.int64, device=device)
+    word = philox_randint4x(seed, j + (b << 32), high=call)[0]
+    return torch.topk((word << 31) | j, K, dim=-1, largest=False).indices[:, None, :]
 
 
 def _select(mass, mode, k_sink, seed, call_index):
@@ -230,14 +248,14 @@ def _select(mass, mode, k_sink, seed, call_index):
     B, H, N_k = mass.shape
     if mode == "per_head":
         score = mass
-        idx = torch.ops.diffkern.sink_topk(mass, min(k_sink, N_k), True)
+        idx = _ops.ops.sink_topk(mass, min(k_sink, N_k), True)
     else:
         score = mass.mean(1, keepdim=True)
         K = min(k_sink * H, N_k)
         if mode == "random":
             idx = _random_keys(B, N_k, K, seed, call_index, mass.device)
         else:
-            idx = torch.ops.diffkern.sink_topk(score, K, mode == "head_union")
+            idx = _ops.ops.sink_topk(score, K, mode == "head_union")
     return idx, torch.gather(score, -1, idx)
 
 
@@ -246,12 +264,14 @@ def _check_mode(mode, row_scope, k_sink, bias, seed):
         _fail(ATTN_OP, f"mode must be one of {MODES}, got {mode!r}")
     if row_scope not in ROW_SCOPES:
         _fail(ATTN_OP, f"row_scope must be one of {ROW_SCOPES}, got {row_scope!r}")
-    if not (isinstance(k_sink, int) and k_sink >= 0):
+    if not (isinstance(k_sink, int) and not isinstance(k_sink, bool) and k_sink >= 0):
         _fail(ATTN_OP, f"k_sink must be an int >= 0, got {k_sink!r}")
-    if not bias <= 0:
+    if not _checks.number(ATTN_OP, "bias", bias) <= 0:
         _fail(ATTN_OP, f"bias must be <= 0 (a suppression; -inf allowed), got {bias}")
     if mode == "random" and seed is None:
         _fail(ATTN_OP, "mode 'random' needs a seed (the set is drawn from seed, call_index and b)")
+    if seed is not None:
+        _checks.integer(ATTN_OP, "seed", seed)
 
 
 def sink_attention(q, k, v, k_sink: int = 1, mode: str = "per_head", row_scope: str = "image",
@@ -274,7 +294,8 @@ def sink_attention(q, k, v, k_sink: int = 1, mode: str = "per_head", row_scope: 
     Args:
         q: [B, H, N_q, d]; k, v: [B, H, N_k, d]; float16/bfloat16/float32 (float64 on cpu/reference),
             unit last stride. Keys are ordered [image, text] as in SD3; n_query defaults to N_q.
-        bias: <= 0, default -1e4 (the paper's); seed/call_index: the random mode's reproducible draw.
+        bias: <= 0, default -1e4 (the paper's); seed/call_index: the random mode's reproducible draw
+            (call_index an int or a 0-dim int64 tensor, e.g. a counter kept on the device).
         scale: default 1/sqrt(d).
     Returns:
         out [B, H, N_q, d] in q's dtype, or (out, stats) with return_stats. stats (tensors): indices
@@ -285,20 +306,26 @@ def sink_attention(q, k, v, k_sink: int = 1, mode: str = "per_head", row_scope: 
         after suppression, in the suppressed rows; None in measure mode).
     No backward (forward-only; inputs requiring grad raise under grad mode). Memory O(N): never N_q x N_k.
     Backends: C++/ATen blocked (CPU tensors), Triton (CUDA tensors), reference; see `diffkern.backend`.
+    Bad input: TypeError (not a tensor, a float n_query, seed or call_index) or ValueError (shape, dtype,
+        device, stride, head_dim 0, an unknown mode or row_scope, k_sink not an int >= 0, bias > 0, random
+        mode without a seed), naming the argument.
+    NaN/inf policy: propagated like the reference: a NaN/inf in q, k or v of a (b, h) makes the affected
+        rows' outputs (and with q or k, that (b, h)'s masses, hence the selection) NaN; values are not checked.
     """
+    n, sc = _public(ATTN_OP, q, k, v, n_query, scale)
     _check_mode(mode, row_scope, k_sink, bias, seed)
     _forward_only(ATTN_OP, q, k, v)
-    n = q.shape[2] if n_query is None else int(n_query)
-    sc = _scale(q, scale)
     with _nvtx.range("diffkern.sink_attention"):
-        o, lse, mass, entropy = torch.ops.diffkern.sink_attention_fwd(q, k, v, n, sc)
+        o, lse, mass, entropy = _ops.ops.sink_attention_fwd(q, k, v, n, sc)
         idx = post = chosen = None
         if mode == "measure" or k_sink == 0 or q.shape[0] == 0:
             out = o.to(q.dtype)
         else:
-            idx, chosen = _select(mass, mode, k_sink, seed, 0 if call_index is None else int(call_index))
+            call = call_index if isinstance(call_index, torch.Tensor) else \
+                0 if call_index is None else _checks.integer(ATTN_OP, "call_index", call_index)
+            idx, chosen = _select(mass, mode, k_sink, seed, call)
             n_rows = n if row_scope == "image" else q.shape[2]
-            out, post = torch.ops.diffkern.sink_suppress(q, k, v, o, lse, idx, n_rows, sc, float(bias))
+            out, post = _ops.ops.sink_suppress(q, k, v, o, lse, idx, n_rows, sc, float(bias))
         if not return_stats:
             return out
         return out, _stats(mass, entropy, n, idx, chosen, post)

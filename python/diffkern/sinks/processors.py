@@ -16,7 +16,7 @@ Forward only, like the ops: run the model under torch.no_grad().
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -26,21 +26,68 @@ from .op import sink_attention
 _SCALAR_STATS = ("max_mass", "index0_mass", "row_entropy", "top5_concentration", "top_sink_mass_after")
 
 
-@dataclass
+_RECORDERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
 class SinkRecorder:
     """One record per attention call: layer name, call index, mode, the scalar statistics (floats), and
-    the chosen indices and their masses (CPU tensors; None in measure mode)."""
-    records: list = field(default_factory=list)
+    the chosen indices and their masses (CPU tensors; None in measure mode).
 
-    def add(self, layer: str, call_index: int, mode: str, stats: dict) -> None:
-        rec = {"layer": layer, "call": call_index, "mode": mode}
-        rec.update({k: None if stats[k] is None else stats[k].item() for k in _SCALAR_STATS})
-        for k in ("indices", "index_mass"):
-            rec[k] = None if stats[k] is None else stats[k].detach().cpu()
-        self.records.append(rec)
+    `add` keeps a call's statistics on the model's device, through the opaque op diffkern::sink_record
+    (no host sync, and no graph break or recompile under torch.compile: the compiler sees one op, not a
+    Python list growing); reading `records` converts every pending call at once, with one transfer.
+    """
+
+    def __init__(self):
+        self._records: list = []
+        self._pending: list = []
+        _RECORDERS[id(self)] = self
+
+    def __setstate__(self, state) -> None:  # a copy (copy.deepcopy, pickle) records under its own id
+        self.__dict__.update(state)
+        _RECORDERS[id(self)] = self
+
+    def add(self, layer: str, calls: torch.Tensor, mode: str, stats: dict) -> None:
+        """Records one call (its index: the counter `calls`, which this increments)."""
+        names = [k for k in _SCALAR_STATS if stats[k] is not None]
+        _sink_record(calls, torch.stack([stats[k].detach() for k in names]), stats["indices"], stats["index_mass"],
+                     id(self), layer, mode, ",".join(names))
+
+    @property
+    def records(self) -> list:
+        if self._pending:
+            pending, self._pending = self._pending, []
+            device = pending[0]["scalars"].device
+            scalars = iter(torch.cat([p["scalars"].to(device, torch.float64) for p in pending]).tolist())
+            calls = torch.stack([p["call"].to(device) for p in pending]).tolist()
+            for p, call in zip(pending, calls):
+                rec = {"layer": p["layer"], "call": call, "mode": p["mode"]}
+                rec.update({k: None for k in _SCALAR_STATS})
+                rec.update({k: next(scalars) for k in p["names"]})
+                rec.update({k: None if p[k] is None else p[k].detach().cpu() for k in ("indices", "index_mass")})
+                self._records.append(rec)
+        return self._records
 
     def clear(self) -> None:
-        self.records.clear()
+        self._records.clear()
+        self._pending.clear()
+
+
+@torch.library.custom_op("diffkern::sink_record", mutates_args=("calls",))
+def _sink_record(calls: torch.Tensor, scalars: torch.Tensor, indices: torch.Tensor | None,
+                 index_mass: torch.Tensor | None, recorder: int, layer: str, sink_mode: str, names: str) -> None:
+    """Appends a call's statistics (copies, left on their device) to SinkRecorder `recorder` (its id)
+    and increments the call counter `calls` (a 0-dim int64 tensor)."""
+    _RECORDERS[recorder]._pending.append({
+        "layer": layer, "call": calls.clone(), "mode": sink_mode, "names": names.split(",") if names else [],
+        "scalars": scalars.clone(), "indices": None if indices is None else indices.clone(),
+        "index_mass": None if index_mass is None else index_mass.clone()})
+    calls += 1
+
+
+@_sink_record.register_fake
+def _sink_record_fake(calls, scalars, indices, index_mass, recorder, layer, sink_mode, names):
+    return None
 
 
 class _SinkProcessor:
@@ -51,18 +98,20 @@ class _SinkProcessor:
         self.layer, self.mode, self.k_sink, self.row_scope = layer, mode, k_sink, row_scope
         self.bias, self.seed = bias, seed
         self.recorder = recorder if recorder is not None else SinkRecorder()
-        self.calls = 0  # the random mode's call counter: a fresh, reproducible set at every call
+        # The call counter (the random mode's call_index: a fresh, reproducible set at every call), a
+        # tensor so that counting neither specializes a compiled graph nor reads the device.
+        self.calls = torch.zeros((), dtype=torch.int64)
 
     def _attend(self, query, key, value, n_query: int):
         """[B, H, N_q, d] attention of the (already normed, concatenated) q, k, v, with statistics recorded."""
-        call = self.calls
-        self.calls += 1
+        if self.calls.device != query.device:  # the counter lives beside the statistics: no copy per call
+            self.calls = self.calls.to(query.device)
         out, stats = sink_attention(query, key, value, k_sink=self.k_sink, mode=self.mode, row_scope=self.row_scope,
-                                    n_query=n_query, bias=self.bias, seed=self.seed, call_index=call,
+                                    n_query=n_query, bias=self.bias, seed=self.seed, call_index=self.calls,
                                     return_stats=True)
         if self.mode == "measure":
             out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        self.recorder.add(self.layer, call, self.mode, stats)
+        self.recorder.add(self.layer, self.calls, self.mode, stats)
         return out
 
 
@@ -155,7 +204,17 @@ def install_sink_processors(model, layers, processor=None, **settings) -> SinkRe
     recorder = settings.pop("recorder", None) or SinkRecorder()
     current = model.attn_processors
     names = list(current)
-    chosen = {names[i] if isinstance(i, int) else i for i in layers}
+    if isinstance(layers, (int, str)):
+        layers = [layers]
+    chosen = set()
+    for i in layers:
+        if isinstance(i, str):
+            chosen.add(i)
+        elif isinstance(i, int) and not isinstance(i, bool) and -len(names) <= i < len(names):
+            chosen.add(names[i])
+        else:
+            raise ValueError(f"install_sink_processors: layers must hold layer indices in [0, {len(names)}) or "
+                             f"processor names, got {i!r}")
     unknown = chosen - set(names)
     if unknown:
         raise ValueError(f"install_sink_processors: no attention layer named {sorted(unknown)}")
