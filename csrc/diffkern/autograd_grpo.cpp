@@ -45,7 +45,8 @@ struct LogProb : torch::autograd::Function<LogProb> {
     const auto saved = ctx->get_saved_variables();
     const Tensor& v = saved[0];
     auto optional = [](const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; };
-    const auto zeros = at::zeros({v.size(0)}, v.options().dtype(at::toOpMathType(v.scalar_type())));
+    // sym_size: a plain size() would specialise a compiled graph on the batch size.
+    const auto zeros = at::zeros_symint({v.sym_size(0)}, v.options().dtype(at::toOpMathType(v.scalar_type())));
     OptTensor v_ref = optional(saved[5]);
     if (!dkl.defined()) v_ref = std::nullopt;  // kl unused: the backward need not read v_ref
     const OptTensor v_uncond = optional(saved[6]);
