@@ -60,6 +60,18 @@ inline void narrow_row(const float* __restrict src, c10::BFloat16* __restrict ds
   }
 }
 
+// Any other pair (a float32 row widened to double, a double row narrowed to float32 or 16 bits): one
+// rounding per element, for the kernels' rare double-precision fallbacks.
+template <typename T, typename A>
+inline void widen_row(const T* __restrict src, A* __restrict dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<A>(static_cast<float>(src[j]));
+}
+
+template <typename A, typename T>
+inline void narrow_row(const A* __restrict src, T* __restrict dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
+}
+
 template <typename acc_t, typename T>
 inline const acc_t* widen(const T* src, acc_t* buf, int64_t n) {
   if constexpr (std::is_same_v<T, acc_t>) {

@@ -99,8 +99,9 @@ inline void scale_by_gain(const acc_t* __restrict q, const acc_t* __restrict gai
 }
 
 // Folds one source row v into the running softmax `state` and the weighted sum `acc` (started by the first).
+// Returns 0 when its sums (of squares, <q*g, v>) are finite, NaN when one overflowed or met a NaN/inf.
 template <typename acc_t>
-inline void fold_source(const acc_t* __restrict v, const acc_t* __restrict qg, int64_t d, acc_t inv_d,
+inline acc_t fold_source(const acc_t* __restrict v, const acc_t* __restrict qg, int64_t d, acc_t inv_d,
                         acc_t inv_sqrt_d, acc_t eps, bool first, SoftmaxState<acc_t>& state, acc_t* __restrict acc) {
   acc_t ss = 0, p = 0;
 #pragma omp simd reduction(+ : ss, p)
@@ -120,21 +121,58 @@ inline void fold_source(const acc_t* __restrict v, const acc_t* __restrict qg, i
 #pragma omp simd
     for (int64_t j = 0; j < d; ++j) acc[j] += w * v[j];
   }
+  return (ss + p) * acc_t(0);
+}
+
+// The q*g row of a token in the work type W.
+template <typename W, typename q_t, typename acc_t>
+void query_row_times_gain(const q_t* q_row, const acc_t* gain, W* __restrict qg, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) qg[j] = static_cast<W>(static_cast<acc_t>(q_row[j])) * static_cast<W>(gain[j]);
+}
+
+// Routes one token over its source rows (and the stored summary row c_row, when not null) in the work
+// type W, writes its h row and returns lse. `probe` becomes 0 when every sum and every element of h is
+// finite, NaN otherwise. buf: 3 rows of d.
+template <typename W, typename scalar_t, typename q_t>
+W route_token(const RouteInputs<scalar_t, q_t>& in, int64_t b, int64_t t, int64_t d, const W* qg,
+              const scalar_t* c_row, scalar_t* h_out, W* buf, W& probe) {
+  const W inv_d = W(1) / W(d), inv_sqrt_d = W(1) / std::sqrt(W(d)), eps = static_cast<W>(in.eps);
+  W *acc = buf, *vbuf = buf + d;
+  SoftmaxState<W> state{};
+  W zero = 0;
+  const size_t n = in.src.size();
+  for (size_t i = 0; i < n; ++i) {
+    zero += fold_source(widen(in.src[i].row(b, t), vbuf, d), qg, d, inv_d, inv_sqrt_d, eps, i == 0, state, acc);
+  }
+  if (c_row != nullptr) zero += fold_source(widen(c_row, vbuf, d), qg, d, inv_d, inv_sqrt_d, eps, false, state, acc);
+  const W inv_l = W(1) / state.l;
+  W* __restrict h_row = staging(h_out, buf + 2 * d);
+#pragma omp simd reduction(+ : zero)
+  for (int64_t j = 0; j < d; ++j) {
+    h_row[j] = acc[j] * inv_l;
+    zero += h_row[j] * W(0);
+  }
+  narrow(h_row, h_out, d);
+  probe = zero;
+  return softmax_lse(state);
 }
 
 // Writes h and lse; with addends, also the summary row c = sum_k addends[k] (fp32 sum, rounded once),
 // which is routed as stored: later ops and the backward read that same rounded c.
+// A token whose float32 result is not finite is routed again in double (route_token<double>): finite
+// inputs near the float32 maximum overflow a float32 sum of squares, <q*g, v> or the weighted sum,
+// never a double one, so such a token gets the reference's finite answer; a token of NaN or inf inputs
+// stays NaN/inf, as in the reference.
 template <typename scalar_t, typename q_t>
 void route_fwd_kernel(const Tiling& g, const RouteInputs<scalar_t, q_t>& in, scalar_t* h,
                       at::opmath_type<scalar_t>* lse, scalar_t* c) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t d = g.d;
-  const acc_t inv_d = acc_t(1) / d, inv_sqrt_d = acc_t(1) / std::sqrt(acc_t(d));
   at::parallel_for(0, g.B * g.n_blocks, task_grain(g), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(5 * d);
+    std::vector<acc_t> scratch(6 * d);
     acc_t* __restrict qg = scratch.data();
-    acc_t* __restrict acc = qg + d;
-    acc_t *vbuf = acc + d, *q_buf = vbuf + d, *c_buf = q_buf + d;
+    acc_t *q_buf = qg + d, *c_buf = q_buf + d, *work = c_buf + d;
+    std::vector<double> fallback;
     const q_t* q_cached = nullptr;  // a static or per-batch q row is scaled by gain once per chunk
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / g.n_blocks, t0 = task % g.n_blocks * kTokenBlock;
@@ -143,50 +181,99 @@ void route_fwd_kernel(const Tiling& g, const RouteInputs<scalar_t, q_t>& in, sca
         const q_t* q_row = in.q + b * g.q_sb + t * g.q_st;
         if (q_row != q_cached) scale_by_gain(widen(q_row, q_buf, d), in.gain, qg, d);
         q_cached = q_row;
-        SoftmaxState<acc_t> state{};
-        for (int64_t i = 0; i < g.n; ++i) {
-          fold_source(widen(in.src[i].row(b, t), vbuf, d), qg, d, inv_d, inv_sqrt_d, in.eps, i == 0, state, acc);
-        }
         const int64_t tok = b * g.T + t;
+        const scalar_t* c_row = nullptr;
         if (!in.add.empty()) {
-          acc_t* __restrict c_row = staging(c + tok * d, c_buf);
-          std::fill(c_row, c_row + d, acc_t(0));
+          acc_t* __restrict c_acc = staging(c + tok * d, c_buf);
+          std::fill(c_acc, c_acc + d, acc_t(0));
           for (const SourceRows<scalar_t>& a : in.add) {
-            const acc_t* __restrict v = widen(a.row(b, t), vbuf, d);
+            const acc_t* __restrict v = widen(a.row(b, t), work, d);
 #pragma omp simd
-            for (int64_t j = 0; j < d; ++j) c_row[j] += v[j];
+            for (int64_t j = 0; j < d; ++j) c_acc[j] += v[j];
           }
-          narrow(c_row, c + tok * d, d);
-          fold_source(widen(c + tok * d, vbuf, d), qg, d, inv_d, inv_sqrt_d, in.eps, false, state, acc);
+          narrow(c_acc, c + tok * d, d);
+          c_row = c + tok * d;
         }
-        lse[tok] = softmax_lse(state);
-        const acc_t inv_l = acc_t(1) / state.l;
-        acc_t* __restrict h_row = staging(h + tok * d, vbuf);
-#pragma omp simd
-        for (int64_t j = 0; j < d; ++j) h_row[j] = acc[j] * inv_l;
-        narrow(h_row, h + tok * d, d);
+        acc_t probe;
+        lse[tok] = route_token(in, b, t, d, qg, c_row, h + tok * d, work, probe);
+        if constexpr (!std::is_same_v<acc_t, double>) {
+          if (!(std::isfinite(lse[tok]) && probe == 0)) {
+            fallback.resize(4 * d);
+            query_row_times_gain(q_row, in.gain, fallback.data(), d);
+            double probe_d;
+            lse[tok] = static_cast<acc_t>(
+                route_token(in, b, t, d, fallback.data(), c_row, h + tok * d, fallback.data() + d, probe_d));
+          }
+        }
       }
     }
   });
 }
 
+// One token's gradients in the work type W: each source's dv (plus dlast into the last one's) written
+// to dsrc[i] + tok * d, and u = sum_i c_i v_i. Returns 0 when every sum and every dv and u element is
+// finite, NaN otherwise. buf: 5 rows of d.
+template <typename W, typename scalar_t, typename q_t>
+W bwd_token(const RouteInputs<scalar_t, q_t>& in, int64_t b, int64_t t, int64_t tok, int64_t d, const W* qg,
+            const scalar_t* dh, const scalar_t* h, W lse, const scalar_t* dlast, const std::vector<scalar_t*>& dsrc,
+            W* __restrict u, W* buf) {
+  const W inv_d = W(1) / W(d), inv_sqrt_d = W(1) / std::sqrt(W(d)), eps = static_cast<W>(in.eps);
+  W *vbuf = buf, *dh_buf = buf + d, *h_buf = buf + 2 * d, *out_buf = buf + 3 * d, *dlast_buf = buf + 4 * d;
+  const W* __restrict dh_row = widen(dh + tok * d, dh_buf, d);
+  const W* __restrict h_row = widen(h + tok * d, h_buf, d);
+  W delta = 0, zero = 0;
+#pragma omp simd reduction(+ : delta)
+  for (int64_t j = 0; j < d; ++j) delta += dh_row[j] * h_row[j];
+  zero += delta * W(0);
+  std::fill(u, u + d, W(0));
+  const size_t n = in.src.size();
+  for (size_t i = 0; i < n; ++i) {
+    const W* __restrict v = widen(in.src[i].row(b, t), vbuf, d);
+    W ss = 0, p = 0, da = 0;
+#pragma omp simd reduction(+ : ss, p, da)
+    for (int64_t j = 0; j < d; ++j) {
+      ss += v[j] * v[j];
+      p += qg[j] * v[j];
+      da += dh_row[j] * v[j];
+    }
+    zero += (ss + p + da) * W(0);
+    const RouteGrad<W> gr = route_grad(rstd_from_sumsq(ss, inv_d, eps), p, da, delta, lse, inv_d, inv_sqrt_d);
+    W* __restrict dv = staging(dsrc[i] + tok * d, out_buf);
+#pragma omp simd reduction(+ : zero)
+    for (int64_t j = 0; j < d; ++j) {
+      dv[j] = gr.alpha * dh_row[j] + gr.c * qg[j] - gr.beta * v[j];
+      u[j] += gr.c * v[j];
+      zero += dv[j] * W(0);
+    }
+    if (dlast != nullptr && i == n - 1) {
+      const W* __restrict dl = widen(dlast + tok * d, dlast_buf, d);
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) dv[j] += dl[j];
+    }
+    narrow(dv, dsrc[i] + tok * d, d);
+  }
+#pragma omp simd reduction(+ : zero)
+  for (int64_t j = 0; j < d; ++j) zero += u[j] * W(0);
+  return zero;
+}
+
 // Writes dsources (plus dlast, when given, into the last one's) and, for a per-token q, dq; leaves
 // in partial[task] (a [d] row per (b, block)) the block's sum over tokens of u (static and per-batch
-// q) or of q_tok * u (per-token q).
+// q) or of q_tok * u (per-token q). A token whose float32 gradients are not finite is recomputed in
+// double, as in the forward (route_fwd_kernel).
 template <typename scalar_t, typename q_t>
 void route_bwd_kernel(const Tiling& g, const RouteInputs<scalar_t, q_t>& in, const scalar_t* dh, const scalar_t* h,
                       const at::opmath_type<scalar_t>* lse, const scalar_t* dlast, const std::vector<scalar_t*>& dsrc,
                       q_t* dq, at::opmath_type<scalar_t>* partial) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t d = g.d;
-  const acc_t inv_d = acc_t(1) / d, inv_sqrt_d = acc_t(1) / std::sqrt(acc_t(d));
   const bool per_token = g.q_kind == QKind::kPerToken;
   at::parallel_for(0, g.B * g.n_blocks, task_grain(g), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(8 * d);
+    std::vector<acc_t> scratch(9 * d);
     acc_t* __restrict qg = scratch.data();
     acc_t* __restrict u = qg + d;
-    acc_t *vbuf = u + d, *dh_buf = vbuf + d, *h_buf = dh_buf + d, *q_buf = h_buf + d, *out_buf = q_buf + d;
-    acc_t* dlast_buf = out_buf + d;
+    acc_t *q_buf = u + d, *out_buf = q_buf + d, *work = out_buf + d;
+    std::vector<double> fallback;
     const q_t* q_cached = nullptr;
     const acc_t* q_tok = nullptr;
     for (int64_t task = begin; task < end; ++task) {
@@ -202,35 +289,15 @@ void route_bwd_kernel(const Tiling& g, const RouteInputs<scalar_t, q_t>& in, con
         }
         q_cached = q_row;
         const int64_t tok = b * g.T + t;
-        const acc_t* __restrict dh_row = widen(dh + tok * d, dh_buf, d);
-        const acc_t* __restrict h_row = widen(h + tok * d, h_buf, d);
-        acc_t delta = 0;
-#pragma omp simd reduction(+ : delta)
-        for (int64_t j = 0; j < d; ++j) delta += dh_row[j] * h_row[j];
-        std::fill(u, u + d, acc_t(0));
-        for (int64_t i = 0; i < g.n; ++i) {
-          const acc_t* __restrict v = widen(in.src[i].row(b, t), vbuf, d);
-          acc_t ss = 0, p = 0, da = 0;
-#pragma omp simd reduction(+ : ss, p, da)
-          for (int64_t j = 0; j < d; ++j) {
-            ss += v[j] * v[j];
-            p += qg[j] * v[j];
-            da += dh_row[j] * v[j];
+        const acc_t probe = bwd_token(in, b, t, tok, d, qg, dh, h, lse[tok], dlast, dsrc, u, work);
+        if constexpr (!std::is_same_v<acc_t, double>) {
+          if (probe != 0) {
+            fallback.resize(7 * d);
+            double *qg_d = fallback.data(), *u_d = qg_d + d;
+            query_row_times_gain(q_row, in.gain, qg_d, d);
+            bwd_token(in, b, t, tok, d, qg_d, dh, h, static_cast<double>(lse[tok]), dlast, dsrc, u_d, u_d + d);
+            for (int64_t j = 0; j < d; ++j) u[j] = static_cast<acc_t>(u_d[j]);
           }
-          const RouteGrad<acc_t> gr =
-              route_grad(rstd_from_sumsq(ss, inv_d, in.eps), p, da, delta, lse[tok], inv_d, inv_sqrt_d);
-          acc_t* __restrict dv = staging(dsrc[i] + tok * d, out_buf);
-#pragma omp simd
-          for (int64_t j = 0; j < d; ++j) {
-            dv[j] = gr.alpha * dh_row[j] + gr.c * qg[j] - gr.beta * v[j];
-            u[j] += gr.c * v[j];
-          }
-          if (dlast != nullptr && i == g.n - 1) {
-            const acc_t* __restrict dl = widen(dlast + tok * d, dlast_buf, d);
-#pragma omp simd
-            for (int64_t j = 0; j < d; ++j) dv[j] += dl[j];
-          }
-          narrow(dv, dsrc[i] + tok * d, d);
         }
         if (per_token) {
           acc_t* __restrict dq_row = staging(dq + tok * d, out_buf);

@@ -127,6 +127,16 @@ struct RowBuffers {
   std::vector<acc_t> data;
 };
 
+// The calling thread's `count` row buffers, allocated on its first call. Out of line on purpose: a
+// thread_local initialised inside a kernel's row lambda let the compiler emit the row loop twice (after
+// the initialisation and on the warm path), and the two copies rounded differently, so a thread's first
+// call differed from its later ones in the last bits (flow_sde_step's log_prob in a fresh process).
+template <typename acc_t, int count>
+[[gnu::noinline]] RowBuffers<acc_t>& row_buffers() {
+  thread_local RowBuffers<acc_t> buf(count);
+  return buf;
+}
+
 template <typename scalar_t>
 void sde_step_kernel(const Geometry& g, const at::Tensor& x, const at::Tensor& v, const at::Tensor& sigma,
                      const at::Tensor& sigma_next, const at::Tensor& eps, int64_t std_rule, double std_coef,
@@ -137,7 +147,7 @@ void sde_step_kernel(const Geometry& g, const at::Tensor& x, const at::Tensor& v
                  *pn = eps.const_data_ptr<scalar_t>();
   scalar_t *pxn = x_next.mutable_data_ptr<scalar_t>(), *py = y.mutable_data_ptr<scalar_t>();
   const auto ss = for_rows<1, acc_t>(g, [&](int64_t i, int64_t off, int64_t n) {
-    thread_local RowBuffers<acc_t> buf(5);
+    RowBuffers<acc_t>& buf = row_buffers<acc_t, 5>();
     const StepCoef<acc_t>& c = coef[i];
     const acc_t *__restrict xr = widen(px + off, buf[0], n), *__restrict vr = widen(pv + off, buf[1], n),
                 *__restrict nr = widen(pn + off, buf[2], n);
@@ -232,7 +242,7 @@ void log_prob_kernel(const Geometry& g, const LossRows<scalar_t, at::opmath_type
   using acc_t = at::opmath_type<scalar_t>;
   const auto coef = coefficients<acc_t>(sigma, sigma_next, std_rule, std_coef);
   const auto sums = for_rows<2, acc_t>(g, [&](int64_t i, int64_t off, int64_t n) {
-    thread_local RowBuffers<acc_t> buf(5);
+    RowBuffers<acc_t>& buf = row_buffers<acc_t, 5>();
     const StepCoef<acc_t>& c = coef[i];
     const acc_t* __restrict vr = rows.velocity(off, n, buf[0], buf[1]);
     const auto [t, x] = rows.step(off, n, buf[2], buf[3]);
@@ -290,7 +300,7 @@ void log_prob_bwd_kernel(const Geometry& g, const at::Tensor& dlog_prob, const a
   scalar_t* pdu = grads.size() > 1 ? grads[1].mutable_data_ptr<scalar_t>() : nullptr;
   const acc_t w = rows.w;
   for_rows<0, acc_t>(g, [&](int64_t i, int64_t off, int64_t n) {
-    thread_local RowBuffers<acc_t> buf(6);
+    RowBuffers<acc_t>& buf = row_buffers<acc_t, 6>();
     const StepCoef<acc_t>& c = coef[i];
     // d log_prob / dv = (x_next - mu) b / (std^2 Dt D); d kl / dv = b^2 (v - v_ref) / (std^2 Dt D)
     const acc_t k = c.b * 2 * c.inv_2var / acc_t(g.D), k_lp = glp[i] * k, k_kl = gkl[i] * k * c.b;

@@ -116,7 +116,7 @@ at::Tensor ntrk_step_cpu(const at::Tensor& mu, const at::Tensor& sigma, const at
 }
 
 // An entry and where it came from; ordered by (value, position), NaN above every number (double; float
-// entries sort as packed keys, where NaNs order by their bits).
+// entries sort as packed keys, where every NaN is canonical and above every number too).
 template <typename acc_t>
 struct Ranked {
   acc_t v;

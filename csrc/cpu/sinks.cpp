@@ -5,7 +5,9 @@
 // the column mass (no online-softmax rescaling on CPU). Every step is GEMM-shaped, and at::matmul runs
 // it through oneDNN/MKL at the machine's peak, which a hand-written loop would not match without its
 // own GEMM micro-kernel. Extra memory: a few [B, H, kRows, N_k] fp32 blocks, linear in N_k, plus fp32
-// copies of k and v. The suppression corrects the unmasked output with the K selected keys' terms only.
+// copies of k and v. The suppression corrects the unmasked output with the K selected keys' terms only,
+// except in rows where the suppressed keys hold most of the mass (sinks_math.h kRecomputeBelow): those
+// are recomputed, a block at a time, as the masked softmax.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -182,24 +184,50 @@ at::Tensor gather_keys(const at::Tensor& x, const at::Tensor& idx, at::ScalarTyp
   return at::gather(x, 2, idx.expand({B, H, K}).unsqueeze(-1).expand({B, H, K, x.size(3)})).to(acc);
 }
 
+// Rows of a block whose correction denominator is below kRecomputeBelow, recomputed as the masked
+// softmax itself: the block's logits against every key plus the bias row, so its memory stays that of
+// the forward's blocks. Writes those rows of `out_blk` and `post_blk` ([B, H, rows, d], [B, H, rows]).
+void recompute_rows(const at::Tensor& q_blk, const at::Tensor& kt, const at::Tensor& va, const at::Tensor& bias_row,
+                    const at::Tensor& idx, const at::Tensor& exact, double scale, at::Tensor& out_blk,
+                    at::Tensor& post_blk) {
+  const int64_t B = q_blk.size(0), H = q_blk.size(1), rows = q_blk.size(2);
+  const at::Tensor p = at::softmax(at::matmul(q_blk, kt).mul_(scale).add_(bias_row.unsqueeze(2)), -1);
+  const at::Tensor top = idx.narrow(2, 0, 1).expand({B, H, 1}).unsqueeze(2).expand({B, H, rows, 1});
+  out_blk = at::where(exact.unsqueeze(-1), at::matmul(p, va), out_blk);
+  post_blk = at::where(exact, at::gather(p, -1, top).squeeze(-1), post_blk);
+}
+
 std::tuple<at::Tensor, at::Tensor> sink_suppress_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const at::Tensor& o, const at::Tensor& lse, const at::Tensor& idx,
                                                      int64_t n_rows, double scale, double bias) {
   check_suppress(q, k, v, o, lse, idx, n_rows, scale, bias);
-  const int64_t B = q.size(0), H = q.size(1);
+  const int64_t B = q.size(0), H = q.size(1), N_k = k.size(2);
   const at::ScalarType acc = at::toOpMathType(q.scalar_type());
-  const SuppressionWeights wg = suppression_weights(bias, idx.size(2), k.size(2));
+  const SuppressionWeights wg = suppression_weights(bias, idx.size(2), N_k);
   at::Tensor out = empty_output(q.sizes(), q.options());
   out.copy_(o);
   at::Tensor post = empty_output({B, H, n_rows}, q.options().dtype(acc));
   const at::Tensor kst = gather_keys(k, idx, acc).transpose(-1, -2), vs = gather_keys(v, idx, acc);
+  at::Tensor kt, va, bias_row;  // for recomputed rows only, made on first need
   for (int64_t r0 = 0; r0 < n_rows; r0 += kRows) {
     const int64_t r1 = std::min(n_rows, r0 + kRows);
-    const at::Tensor s = at::matmul(q.slice(2, r0, r1).to(acc), kst).mul_(scale);
+    const at::Tensor q_blk = q.slice(2, r0, r1).to(acc);
+    const at::Tensor s = at::matmul(q_blk, kst).mul_(scale);
     const at::Tensor p = (s - lse.slice(2, r0, r1).unsqueeze(-1)).exp_();
     const at::Tensor denom = 1.0 - wg.w * p.sum(-1);
-    out.slice(2, r0, r1).copy_((o.slice(2, r0, r1) - wg.w * at::matmul(p, vs)) / denom.unsqueeze(-1));
-    post.slice(2, r0, r1).copy_(wg.g * p.select(-1, 0) / denom);
+    at::Tensor out_blk = (o.slice(2, r0, r1) - wg.w * at::matmul(p, vs)) / denom.unsqueeze(-1);
+    at::Tensor post_blk = wg.g * p.select(-1, 0) / denom;
+    const at::Tensor exact = denom < kRecomputeBelow;
+    if (exact.any().item<bool>()) {
+      if (!kt.defined()) {
+        kt = k.to(acc).transpose(-1, -2);
+        va = v.to(acc);
+        bias_row = at::zeros({B, idx.size(1), N_k}, q.options().dtype(acc)).scatter_(-1, idx, bias);
+      }
+      recompute_rows(q_blk, kt, va, bias_row, idx, exact, scale, out_blk, post_blk);
+    }
+    out.slice(2, r0, r1).copy_(out_blk);
+    post.slice(2, r0, r1).copy_(post_blk);
   }
   return {out, post};
 }

@@ -77,29 +77,46 @@ DIFFKERN_DEVICE void scaled_query(const FwdArgs<T, Q>& a, bool valid, int64_t b,
   for (int e = 0; e < E; ++e) qg[e] = q[e] * g[e];
 }
 
-// One token per row of the block: online softmax over the sources, each read once.
-template <typename T, typename Q>
-__global__ void __launch_bounds__(kMaxRowThreads) route_fwd_kernel(FwdArgs<T, Q> a) {
-  DIFFKERN_SHARED(float, scratch, 2 * kMaxSums * kMaxWarps);
-  constexpr int V = kVec<T>;
-  const int64_t tok = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
-  const bool valid = tok < a.B * a.T;  // padding rows still take part in the row's shuffles
-  const int64_t b = valid ? tok / a.T : 0, t = valid ? tok % a.T : 0;
-  float q[E], qg[E], acc[E] = {};
-  scaled_query<V>(a, valid, b, t, q, qg);
-  SoftmaxState<float> state{-INFINITY, 0.0f};
-  int parity = 0;
+// The overflow fallback's m (dar_math.h): the largest mean((v * kOverflowRescale)^2) over the token's
+// source rows, the same on all the row's threads.
+template <int V, typename T, typename Q>
+DIFFKERN_DEVICE float overflow_mean_square(const FwdArgs<T, Q>& a, bool valid, int64_t b, int64_t t,
+                                           sptr<float> scratch, int& parity) {
+  float m = 0.0f;
+  for (int i = 0; i < a.n; ++i) {
+    float v[E] = {};
+    if (valid) load_row<V>(table_row<const T>(a.sources, i, b, t, "sources"), a.d, v);
+    float ss[1] = {0.0f};
+#pragma unroll
+    for (int e = 0; e < E; ++e) ss[0] += (v[e] * kOverflowRescale) * (v[e] * kOverflowRescale);
+    row_sum(ss, scratch, parity);
+    m = fmaxf(m, ss[0] * a.inv_d);
+  }
+  return m;
+}
+
+// Folds a token's sources, each row scaled by pre * sigma (eps by its square, so the scores do not
+// change), into acc and state: an online softmax, each source read once. Returns 0 when every row sum
+// was finite, NaN otherwise (the same on all the row's threads).
+template <int V, typename T, typename Q>
+DIFFKERN_DEVICE float fold_sources(const FwdArgs<T, Q>& a, bool valid, int64_t b, int64_t t, const float (&qg)[E],
+                                   float pre, float sigma, float (&acc)[E], SoftmaxState<float>& state,
+                                   sptr<float> scratch, int& parity) {
+  const float eps = a.eps * (pre * sigma) * (pre * sigma);
+  float probe = 0.0f;
   for (int i = 0; i < a.n; ++i) {
     float v[E] = {};
     if (valid) load_row<V>(table_row<const T>(a.sources, i, b, t, "sources"), a.d, v);
     float sums[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int e = 0; e < E; ++e) {
+      v[e] = v[e] * pre * sigma;
       sums[0] += v[e] * v[e];
       sums[1] += qg[e] * v[e];
     }
     row_sum(sums, scratch, parity);
-    const float s = route_score(rstd_from_sumsq(sums[0], a.inv_d, a.eps), sums[1], a.inv_sqrt_d);
+    probe += (sums[0] + sums[1]) * 0.0f;
+    const float s = route_score(rstd_from_sumsq(sums[0], a.inv_d, eps), sums[1], a.inv_sqrt_d);
     float scale, w;
     if (i == 0) {
       state = {s, 1.0f};
@@ -113,17 +130,103 @@ __global__ void __launch_bounds__(kMaxRowThreads) route_fwd_kernel(FwdArgs<T, Q>
       for (int e = 0; e < E; ++e) acc[e] += w * v[e];
     }
   }
-  if (!valid) return;
-  const float inv_l = 1.0f / state.l;
+  return probe;
+}
+
+// One token per row of the block. A token whose sums overflowed or whose h is not finite is routed again
+// with its rows scaled by kOverflowRescale (dar_math.h); a whole warp takes part, as its shuffles need.
+template <typename T, typename Q>
+__global__ void __launch_bounds__(kMaxRowThreads) route_fwd_kernel(FwdArgs<T, Q> a) {
+  DIFFKERN_SHARED(float, scratch, 2 * kMaxSums * kMaxWarps);
+  constexpr int V = kVec<T>;
+  const int64_t tok = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  const bool valid = tok < a.B * a.T;  // padding rows still take part in the row's shuffles
+  const int64_t b = valid ? tok / a.T : 0, t = valid ? tok % a.T : 0;
+  float q[E], qg[E], acc[E] = {};
+  scaled_query<V>(a, valid, b, t, q, qg);
+  SoftmaxState<float> state{-INFINITY, 0.0f};
+  int parity = 0;
+  float check[1] = {fold_sources<V>(a, valid, b, t, qg, 1.0f, 1.0f, acc, state, scratch, parity)};
+  float inv_l = 1.0f / state.l;
 #pragma unroll
-  for (int e = 0; e < E; ++e) acc[e] *= inv_l;
+  for (int e = 0; e < E; ++e) {
+    acc[e] *= inv_l;
+    check[0] += acc[e] * 0.0f;
+  }
+  row_sum(check, scratch, parity);
+  const bool redo = valid && !(check[0] == 0.0f);
+  if (valid && !redo) {
+    store_row<V>(a.h + tok * a.d, a.d, acc);
+    if (threadIdx.x == 0) a.lse[tok] = softmax_lse(state);
+  }
+  if (!__any_sync(kFullMask, redo)) return;
+  const float sigma = overflow_rms_scale(overflow_mean_square<V>(a, valid, b, t, scratch, parity));
+  state = {-INFINITY, 0.0f};
+  fold_sources<V>(a, valid, b, t, qg, kOverflowRescale, sigma, acc, state, scratch, parity);
+  if (!redo) return;
+  inv_l = 1.0f / (state.l * sigma);
+#pragma unroll
+  for (int e = 0; e < E; ++e) acc[e] = acc[e] * inv_l * (1.0f / kOverflowRescale);
   store_row<V>(a.h + tok * a.d, a.d, acc);
   if (threadIdx.x == 0) a.lse[tok] = softmax_lse(state);
 }
 
+// A token's gradients with its rows (and h) scaled by pre * sigma, eps by its square (dv does not
+// change): stores each source's dv when `store`, leaves u = sum_i c_i v_i in u. Returns 0 when every row
+// sum and this thread's dv and u elements are finite, NaN otherwise.
+template <int V, typename T, typename Q>
+DIFFKERN_DEVICE float bwd_sources(const BwdArgs<T, Q>& a, bool valid, bool store, int64_t b, int64_t t,
+                                  const float (&qg)[E], const float (&dh)[E], float lse, float pre, float sigma,
+                                  float (&u)[E], sptr<float> scratch, int& parity) {
+  const FwdArgs<T, Q>& in = a.in;
+  const int64_t tok = b * in.T + t;
+  float h[E] = {};
+  if (valid) load_row<V>(gptr<const T>(in.h) + tok * in.d, in.d, h);
+  float delta[1] = {0.0f};  // <dh, h> = sum_i alpha_i <dh, v_i>: spares a second pass over the sources
+#pragma unroll
+  for (int e = 0; e < E; ++e) delta[0] += dh[e] * (h[e] * pre * sigma);
+  row_sum(delta, scratch, parity);
+  const float eps = in.eps * (pre * sigma) * (pre * sigma);
+  float probe = delta[0] * 0.0f;
+#pragma unroll
+  for (int e = 0; e < E; ++e) u[e] = 0.0f;
+  for (int i = 0; i < in.n; ++i) {
+    float v[E] = {};
+    if (valid) load_row<V>(table_row<const T>(in.sources, i, b, t, "sources"), in.d, v);
+    float sums[3] = {0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      v[e] = v[e] * pre * sigma;
+      sums[0] += v[e] * v[e];
+      sums[1] += qg[e] * v[e];
+      sums[2] += dh[e] * v[e];
+    }
+    row_sum(sums, scratch, parity);
+    probe += (sums[0] + sums[1] + sums[2]) * 0.0f;
+    const RouteGrad<float> gr =
+        route_grad(rstd_from_sumsq(sums[0], in.inv_d, eps), sums[1], sums[2], delta[0], lse, in.inv_d, in.inv_sqrt_d);
+    float dv[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      dv[e] = gr.alpha * dh[e] + gr.c * qg[e] - gr.beta * v[e];
+      u[e] += gr.c * v[e];
+      probe += dv[e] * 0.0f;
+    }
+    if (store) store_row<V>(table_row<T>(a.dsources, i, b, t, "dsources"), in.d, dv);
+  }
+  const float inv_sigma = 1.0f / sigma, inv_pre = 1.0f / pre;
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    u[e] = u[e] * inv_sigma * inv_pre;
+    probe += u[e] * 0.0f;
+  }
+  return probe;
+}
+
 // Each block walks one chunk of one batch row's tokens, blockDim.y rows at a time: writes dsources
 // and (per-token q) dq, and leaves partial[b, chunk] = the chunk's sum of u (static/per-batch q) or
-// of q * u (per-token q), where u = sum_i c_i v_i.
+// of q * u (per-token q), where u = sum_i c_i v_i. A token whose sums overflowed or whose gradients are
+// not finite is computed again with its rows scaled by kOverflowRescale, as in the forward.
 template <typename T, typename Q>
 __global__ void __launch_bounds__(kMaxRowThreads) route_bwd_kernel(BwdArgs<T, Q> a) {
   DIFFKERN_SHARED(float, scratch, 2 * kMaxSums * kMaxWarps);
@@ -137,53 +240,36 @@ __global__ void __launch_bounds__(kMaxRowThreads) route_bwd_kernel(BwdArgs<T, Q>
   for (int64_t t0 = t_begin; t0 < t_end; t0 += blockDim.y) {
     const int64_t t = t0 + threadIdx.y, tok = b * in.T + t;
     const bool valid = t < t_end;
-    float q[E], qg[E], dh[E] = {}, h[E] = {};
+    float q[E], qg[E], dh[E] = {};
     scaled_query<V>(in, valid, b, t, q, qg);
-    if (valid) {
-      load_row<V>(a.dh + tok * in.d, in.d, dh);
-      load_row<V>(gptr<const T>(in.h) + tok * in.d, in.d, h);
-    }
-    float delta[1] = {0.0f};  // <dh, h> = sum_i alpha_i <dh, v_i>: spares a second pass over the sources
-#pragma unroll
-    for (int e = 0; e < E; ++e) delta[0] += dh[e] * h[e];
-    row_sum(delta, scratch, parity);
+    if (valid) load_row<V>(a.dh + tok * in.d, in.d, dh);
     const float lse = valid ? float(in.lse[tok]) : 0.0f;
-    float u[E] = {};
-    for (int i = 0; i < in.n; ++i) {
-      float v[E] = {};
-      if (valid) load_row<V>(table_row<const T>(in.sources, i, b, t, "sources"), in.d, v);
-      float sums[3] = {0.0f, 0.0f, 0.0f};
+    float u[E];
+    // a padding row's u may be NaN (eps = 0 makes its rstd infinite): only valid rows count
+    float check[1] = {bwd_sources<V>(a, valid, valid, b, t, qg, dh, lse, 1.0f, 1.0f, u, scratch, parity)};
+    row_sum(check, scratch, parity);
+    const bool redo = valid && !(check[0] == 0.0f);
+    const auto take = [&] {
+      if (a.per_token_q) {
+        float dq[E], g[E];
+        load_row<V>(in.q + (b * in.q_sb + t * in.q_st), in.d, q);  // reloaded (cache hit) rather than held
+        load_row<V>(in.gain, in.d, g);
 #pragma unroll
-      for (int e = 0; e < E; ++e) {
-        sums[0] += v[e] * v[e];
-        sums[1] += qg[e] * v[e];
-        sums[2] += dh[e] * v[e];
+        for (int e = 0; e < E; ++e) {
+          dq[e] = u[e] * g[e];
+          part[e] += q[e] * u[e];
+        }
+        store_row<V>(a.dq + tok * in.d, in.d, dq);
+      } else {
+#pragma unroll
+        for (int e = 0; e < E; ++e) part[e] += u[e];
       }
-      row_sum(sums, scratch, parity);
-      const RouteGrad<float> gr = route_grad(rstd_from_sumsq(sums[0], in.inv_d, in.eps), sums[1], sums[2], delta[0],
-                                             lse, in.inv_d, in.inv_sqrt_d);
-      float dv[E];
-#pragma unroll
-      for (int e = 0; e < E; ++e) {
-        dv[e] = gr.alpha * dh[e] + gr.c * qg[e] - gr.beta * v[e];
-        u[e] += gr.c * v[e];
-      }
-      if (valid) store_row<V>(table_row<T>(a.dsources, i, b, t, "dsources"), in.d, dv);
-    }
-    if (!valid) continue;  // a padding row's u may be NaN (eps = 0 makes its rstd infinite)
-    if (a.per_token_q) {
-      float dq[E], g[E];
-      load_row<V>(in.q + (b * in.q_sb + t * in.q_st), in.d, q);  // reloaded (cache hit) rather than held
-      load_row<V>(in.gain, in.d, g);
-#pragma unroll
-      for (int e = 0; e < E; ++e) {
-        dq[e] = u[e] * g[e];
-        part[e] += q[e] * u[e];
-      }
-      store_row<V>(a.dq + tok * in.d, in.d, dq);
-    } else {
-#pragma unroll
-      for (int e = 0; e < E; ++e) part[e] += u[e];
+    };
+    if (valid && !redo) take();
+    if (__any_sync(kFullMask, redo)) {
+      const float sigma = overflow_rms_scale(overflow_mean_square<V>(in, valid, b, t, scratch, parity));
+      bwd_sources<V>(a, valid, redo, b, t, qg, dh, lse, kOverflowRescale, sigma, u, scratch, parity);
+      if (redo) take();
     }
   }
   const gptr<float> out = a.partial + int64_t(blockIdx.x) * in.d;

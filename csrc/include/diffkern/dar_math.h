@@ -21,6 +21,21 @@ DIFFKERN_HD inline double log_(double x) { return ::log(x); }
 DIFFKERN_HD inline float sqrt_(float x) { return ::sqrtf(x); }
 DIFFKERN_HD inline double sqrt_(double x) { return ::sqrt(x); }
 
+// Finite inputs near the float32 maximum overflow a float32 sum of squares (or <q*g, v>, <dh, v>, the
+// weighted sum) although the routing is finite. The GPU kernels route such a token again with every row
+// scaled by kOverflowRescale * sigma and eps by its square: the scores, the weights and dv are unchanged
+// by that scaling, h and u come back divided by it. kOverflowRescale is a power of two (exact) that
+// brings float32's largest values to ~3e14, whose squares summed over any d the kernels take stay finite;
+// sigma = overflow_rms_scale(m), m the largest mean((v * kOverflowRescale)^2) over the token's sources,
+// then brings the largest source's rms to 1, so rstd stays near 1 and the backward's rstd^2 cannot
+// underflow. (The CPU kernels route such a token again in double instead.)
+constexpr float kOverflowRescale = 0x1p-80f;
+
+template <typename T>
+DIFFKERN_HD inline T overflow_rms_scale(T m) {
+  return m > T(0) && m < T(INFINITY) ? T(1) / sqrt_(m) : T(1);  // 1 for 0, inf, NaN: those propagate
+}
+
 // rstd = (mean(v^2) + eps)^-1/2 from the row's sum of squares.
 template <typename T>
 DIFFKERN_HD inline T rstd_from_sumsq(T sumsq, T inv_d, T eps) {

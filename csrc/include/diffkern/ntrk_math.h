@@ -26,9 +26,10 @@ DIFFKERN_HD inline Tilt<T> tilt(T sigma, T rho) {
 // 2OS ranks order entries by (value, position). As one int64: the order-preserving int32 of the float
 // (sign-magnitude folded to two's complement) above the position, so the signed order of the keys is
 // that lexicographic order (the Triton kernels pack the same keys). -0.0 is folded onto +0.0 first,
-// as they compare equal; NaNs sort by their bits.
+// as they compare equal; every NaN becomes the positive quiet NaN, which orders above +inf, so NaNs
+// sort last whatever their sign bit (torch.sort's order, the reference's).
 DIFFKERN_HD inline int64_t packed_key(float v, int32_t position) {
-  v = v + 0.0f;
+  v = v != v ? NAN : v + 0.0f;
   int32_t bits;
   memcpy(&bits, &v, sizeof(bits));
   const int32_t ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF);

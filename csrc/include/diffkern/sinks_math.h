@@ -13,6 +13,14 @@ namespace diffkern::sinks {
 //   out' = (o - w sum_S P v) / (1 - w sum_S P),   P'_ij = g P_ij / (1 - w sum_S P)  (j in S),
 // w = 1 - e^b, g = e^b. When S holds every key, the bias shifts every logit alike and cancels in the
 // softmax: (w, g) = (0, 1) keeps the unmasked row (also for b = -inf, the limit of finite biases).
+// The correction divides the unmasked row's rounding error by its denominator 1 - w sum_S P, which
+// vanishes when the suppressed keys hold nearly all of the row's mass (the paper's situation): a row
+// whose denominator is below kRecomputeBelow is recomputed as the masked softmax itself,
+// softmax_j(s_ij + b [j in S]) v, so no row's error is amplified more than 1 / kRecomputeBelow = 8x
+// (3 bits of fp32, below a bf16 or fp16 output's rounding), and only rows whose suppressed keys hold
+// over 7/8 of the mass pay for the second pass.
+constexpr double kRecomputeBelow = 0.125;
+
 struct SuppressionWeights {
   double w, g;
 };

@@ -7,7 +7,7 @@ report section (sinks.md and sinks.json in --out):
      shapes B=2, H=24, d=64, N_k = N_q + 333. Each point runs in its own child process; peak extra
      memory = the child's peak RSS minus its RSS once the inputs exist. Explicit points whose
      matrices would not fit this shared machine are modeled (their matrix size), not run.
-  2. Modeled GPU (bf16, SD3 shapes): FLOPs and memory traffic of the four Triton kernels against one
+  2. Modeled GPU (bf16, SD3 shapes): FLOPs and memory traffic of the five Triton kernels against one
      plain flash-attention forward, from `kernel_traffic` (the kernels' loop structure; the tests hold
      it equal to the interpreter's counted bytes), and the modeled H100 time.
 """
@@ -45,8 +45,20 @@ def kernel_traffic(N_q, N_k, d, n_query, K, n_rows, itemsize, tiles, sel_block, 
         "topk_kernel": dict(loaded=N_k * 4 + (chunks * k_pad + K) * 8, stored=((chunks + 1) * k_pad + K) * 8,
                             flops=0),
         "suppress_kernel": dict(loaded=N_q * d * 4 + n_rows * (d * itemsize + 4) + t_r * K * (8 + 2 * d * itemsize),
-                                stored=N_q * d * itemsize + n_rows * 4, flops=4 * n_rows * k_sel * d),
+                                stored=N_q * d * itemsize + n_rows * 5, flops=4 * n_rows * k_sel * d),
+        "recompute_kernel": dict(loaded=n_rows, stored=0, flops=0),  # the row flags; see recompute_traffic
     }
+
+
+def recompute_traffic(rows, flagged, N_k, d, itemsize, bn):
+    """What one recompute_kernel tile with `flagged` rows (rows whose suppressed keys hold more than
+    1 - RECOMPUTE_BELOW of their mass) of its `rows` image queries adds: it loads those queries, the first
+    selected index, then per key the bias row (fp32), k and v, and stores the flagged rows' out and post;
+    and its tl.dot FLOPs. Data-dependent, so kernel_traffic leaves it out: the modeled traffic is that of
+    inputs where no row is recomputed."""
+    keys = triton.cdiv(N_k, bn) * bn
+    return dict(loaded=rows * d * itemsize + 8 + N_k * (4 + 2 * d * itemsize), stored=flagged * (d * itemsize + 4),
+                flops=4 * rows * keys * d)
 
 
 def plain_flash(N_q, N_k, d, itemsize, bm):

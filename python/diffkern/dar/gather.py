@@ -99,9 +99,9 @@ def dar_gather(sources, addends, q, gain, eps: float = 1e-6):
         recomputed. Double backward is refused: differentiating the gradient raises NotImplementedError naming
         diffkern.dar.dar_gather.
     Backends: C++ (CPU tensors), Triton (CUDA tensors), reference; see `diffkern.backend`.
-    NaN/inf policy: propagated like the reference (a NaN/inf in a token's sources or addends makes that
-        token's h NaN and its c NaN/inf); values are not checked. Bad arguments raise TypeError or
-        ValueError naming the argument, as dar_route.
+    NaN/inf and finite inputs near the float32 maximum: as `dar_route` (the summary c counts as a source;
+    c itself overflows to inf where the addends' float32 sum does).
+    Bad arguments raise TypeError or ValueError naming the argument, as dar_route.
     """
     sources, q, gain, eps = check_public(sources, q, gain, eps, OP)
     addends = _checks.tensor_list(OP, "addends", addends)

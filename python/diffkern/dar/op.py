@@ -155,8 +155,15 @@ def dar_route(sources, q, gain, eps: float = 1e-6) -> torch.Tensor:
     Backends: C++ (CPU tensors), CUDA C++ (CUDA tensors, when built with CUDA), Triton (CUDA tensors),
         reference; see `diffkern.backend`.
     NaN/inf policy: propagated like the reference: a NaN/inf in a token's sources (or in q, gain) makes
-        that token's output NaN; tensor values are not checked. Bad arguments raise TypeError (not a tensor,
-        eps not a number) or ValueError (shape, dtype, device, stride, eps < 0), naming the argument.
+        that token's output NaN; tensor values are not checked.
+    Finite inputs up to the float32 maximum give finite outputs, as the float64 reference: a token whose
+    float32 sums overflow is routed again (forward and backward), in double on CPU, and on the GPU kernels
+    with its rows scaled so that its largest source has rms 1 (dar_math.h). That GPU scaling assumes the
+    token's sources are of comparable scale: eps shrinks with it (to 0), and a source over ~1e19 smaller
+    than the largest underflows (its score, hence the token, becomes NaN). The reference backend computes
+    in plain float32 and overflows there.
+    Bad arguments raise TypeError (not a tensor, eps not a number) or ValueError (shape, dtype, device,
+        stride, eps < 0), naming the argument.
     """
     sources, q, gain, eps = check_public(sources, q, gain, eps)
     with _nvtx.range("diffkern.dar_route"):

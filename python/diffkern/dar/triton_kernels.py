@@ -8,6 +8,12 @@ source is read from memory exactly once:
             per program for the reductions over tokens (dq of a static/timestep q, dgain), summed on the host.
 The sources are reached through a table of (data pointer, batch stride, token stride), so a list of
 any length and layout is read in place.
+Near the float32 maximum a token's sum of squares (or <q*g, v>, <dh, v>, the weighted sum) overflows
+although every input is finite. A tile holding such a token (any sum or output not finite) routes its
+tokens again with every row scaled by OVERFLOW_RESCALE * sigma and eps by its square (dar_math.h; sigma
+brings the largest source's rms to 1): the scores, weights and dv are unchanged by that scaling and h, u
+come back divided by it; only those tokens' outputs are rewritten. A tile without one pays a per-token
+finiteness check only.
 Chunked gathering (dar_gather) runs the same kernels: the forward also reads k addends, writes their
 sum c once (fp32 sum, rounded to the sources' dtype) and routes over the stored c after the sources;
 the backward adds c's incoming gradient to the last source's (one more read).
@@ -25,6 +31,10 @@ from .. import _dtypes, _triton
 from .._triton import KernelSpec
 
 MAX_D = 4096
+# csrc/include/diffkern/dar_math.h kOverflowRescale: a tile holding a token whose float32 sums overflow
+# routes again with every row scaled by it (2^-80, exact) and eps by its square.
+OVERFLOW_RESCALE = tl.constexpr(2.0**-80)
+FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 # Live fp32 tiles are [BLOCK_T, BLOCK_D]. The forward keeps ~3 (acc, q*g, v): 4096-element tiles at
 # 16 elements per thread. The backward keeps ~7 (dh, q, q*g, u, v, dv, a product): 1024-element tiles
 # at 8 per thread. Chosen by compiling every configuration for sm_80/sm_90a (ptxas -v) with the full
@@ -55,20 +65,57 @@ def _load_source(table, i, b, t, dd, mask, dtype: tl.constexpr):
 
 @triton.jit
 def _score(v, qg, inv_d, inv_sqrt_d, eps):
-    """(s, rstd, p) per token: rstd = (mean(v^2) + eps)^-1/2, p = <q*g, v>, s = rstd p / sqrt(d)."""
-    rstd = tl.rsqrt(tl.sum(v * v, 1) * inv_d + eps)
+    """(s, rstd, p, probe) per token: rstd = (mean(v^2) + eps)^-1/2, p = <q*g, v>, s = rstd p / sqrt(d);
+    probe is 0 when both sums are finite, NaN otherwise."""
+    ss = tl.sum(v * v, 1)
+    rstd = tl.rsqrt(ss * inv_d + eps)
     p = tl.sum(qg * v, 1)
-    return rstd * p * inv_sqrt_d, rstd, p
+    return rstd * p * inv_sqrt_d, rstd, p, (ss + p) * 0.0
 
 
 @triton.jit
-def _fold(v, qg, m, l, acc, inv_d, inv_sqrt_d, eps):
+def _fold(v, qg, m, l, acc, probe, inv_d, inv_sqrt_d, eps):
     """One online-softmax step: folds source tile v into the running max m, sum l and weighted sum acc."""
-    s, rstd, p = _score(v, qg, inv_d, inv_sqrt_d, eps)
+    s, rstd, p, bad = _score(v, qg, inv_d, inv_sqrt_d, eps)
     m_new = tl.maximum(m, s)
     scale = tl.exp(m - m_new)
     w = tl.exp(s - m_new)
-    return m_new, l * scale + w, acc * scale[:, None] + w[:, None] * v
+    return m_new, l * scale + w, acc * scale[:, None] + w[:, None] * v, probe + bad
+
+
+@triton.jit
+def _overflow_scale(src_table, n_src, c_ptr, n_add, b, t, dd, mask, row, inv_d, dtype: tl.constexpr,
+                    BLOCK_T: tl.constexpr):
+    """sigma [BLOCK_T] of the overflow fallback: 1 / sqrt(m), m the largest mean((v * OVERFLOW_RESCALE)^2)
+    over each token's sources and stored summary c (when n_add > 0) (dar_math.h overflow_rms_scale); 1
+    where m is 0, inf or NaN."""
+    m = tl.zeros([BLOCK_T], tl.float32)
+    for i in range(n_src):
+        v = _load_source(src_table, i, b, t, dd, mask, dtype) * OVERFLOW_RESCALE
+        m = tl.maximum(m, tl.sum(v * v, 1) * inv_d)
+    if n_add > 0:
+        v = tl.load(c_ptr + row, mask=mask, other=0.0).to(tl.float32) * OVERFLOW_RESCALE
+        m = tl.maximum(m, tl.sum(v * v, 1) * inv_d)
+    return tl.where((m > 0) & (m <= FLOAT32_MAX), 1.0 / tl.sqrt(m), 1.0)
+
+
+@triton.jit
+def _route_tile(src_table, n_src, c_ptr, n_add, b, t, dd, mask, row, qg, sigma, inv_d, inv_sqrt_d, eps,
+                dtype: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Routes the tile's rows scaled by OVERFLOW_RESCALE * sigma (the stored summary c after the sources,
+    when n_add > 0): (h, lse, probe), probe 0 where every sum is finite."""
+    m = tl.full([BLOCK_T], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_T], tl.float32)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    probe = tl.zeros([BLOCK_T], tl.float32)
+    eps_s = eps * (OVERFLOW_RESCALE * sigma) * (OVERFLOW_RESCALE * sigma)
+    for i in range(n_src):
+        v = _load_source(src_table, i, b, t, dd, mask, dtype) * OVERFLOW_RESCALE * sigma[:, None]
+        m, l, acc, probe = _fold(v, qg, m, l, acc, probe, inv_d, inv_sqrt_d, eps_s)
+    if n_add > 0:
+        v = tl.load(c_ptr + row, mask=mask, other=0.0).to(tl.float32) * OVERFLOW_RESCALE * sigma[:, None]
+        m, l, acc, probe = _fold(v, qg, m, l, acc, probe, inv_d, inv_sqrt_d, eps_s)
+    return acc / (l * sigma)[:, None] * (1.0 / OVERFLOW_RESCALE), m + tl.log(l), probe
 
 
 @triton.jit
@@ -105,18 +152,61 @@ def route_fwd_kernel(src_table, add_table, q_ptr, gain_ptr, h_ptr, lse_ptr, c_pt
     m = tl.full([BLOCK_T], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_T], tl.float32)
     acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    probe = tl.zeros([BLOCK_T], tl.float32)
     for i in range(n_src):
         v = _load_source(src_table, i, b, t, dd, mask, h_ptr.dtype.element_ty)
-        m, l, acc = _fold(v, qg, m, l, acc, inv_d, inv_sqrt_d, eps)
+        m, l, acc, probe = _fold(v, qg, m, l, acc, probe, inv_d, inv_sqrt_d, eps)
     if n_add > 0:
         c = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
         for k in range(n_add):
             c += _load_source(add_table, k, b, t, dd, mask, h_ptr.dtype.element_ty)
         c = c.to(h_ptr.dtype.element_ty)
         tl.store(c_ptr + row, c, mask=mask)
-        m, l, acc = _fold(c.to(tl.float32), qg, m, l, acc, inv_d, inv_sqrt_d, eps)
-    tl.store(h_ptr + row, (acc / l[:, None]).to(h_ptr.dtype.element_ty), mask=mask)
-    tl.store(lse_ptr + b * T + t, m + tl.log(l), mask=t_ok)
+        m, l, acc, probe = _fold(c.to(tl.float32), qg, m, l, acc, probe, inv_d, inv_sqrt_d, eps)
+    h = acc / l[:, None]
+    lse = m + tl.log(l)
+    tl.store(h_ptr + row, h.to(h_ptr.dtype.element_ty), mask=mask)
+    tl.store(lse_ptr + b * T + t, lse, mask=t_ok)
+    redo = t_ok & ((probe + lse * 0.0 + tl.sum(h * 0.0, 1)) != 0.0)
+    if tl.max(redo.to(tl.int32), 0) > 0:
+        tl.debug_barrier()  # the stored summary c is read back; the rewrites land after the first stores
+        sigma = _overflow_scale(src_table, n_src, c_ptr, n_add, b, t, dd, mask, row, inv_d, h_ptr.dtype.element_ty,
+                                BLOCK_T)
+        h, lse, _ = _route_tile(src_table, n_src, c_ptr, n_add, b, t, dd, mask, row, qg, sigma, inv_d, inv_sqrt_d,
+                                eps, h_ptr.dtype.element_ty, BLOCK_T, BLOCK_D)
+        tl.store(h_ptr + row, h.to(h_ptr.dtype.element_ty), mask=mask & redo[:, None])
+        tl.store(lse_ptr + b * T + t, lse, mask=redo)
+
+
+@triton.jit
+def _bwd_tile(src_table, dsrc_table, n_src, h_ptr, dlast_ptr, b, t, dd, mask, row, qg, dh, lse, pre, sigma, inv_d,
+              inv_sqrt_d, eps, out_mask, HAS_DLAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The tile's gradients with every row scaled by pre * sigma (eps by its square; dv does not change): stores
+    each source's dv where out_mask; returns (u = sum_i c_i v_i, probe), probe 0 where every sum, dv and u
+    is finite."""
+    dtype = h_ptr.dtype.element_ty
+    # sum_j alpha_j <dh, v_j> = <dh, h>: reading h once spares a second pass over every source
+    delta = tl.sum(dh * (tl.load(h_ptr + row, mask=mask, other=0.0).to(tl.float32) * pre * sigma[:, None]), 1)
+    eps_s = eps * (pre * sigma) * (pre * sigma)
+    probe = delta * 0.0
+    u = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    for i in range(n_src):
+        v = _load_source(src_table, i, b, t, dd, mask, dtype) * pre * sigma[:, None]
+        s, rstd, p, bad = _score(v, qg, inv_d, inv_sqrt_d, eps_s)
+        alpha = tl.exp(s - lse)
+        da = tl.sum(dh * v, 1)
+        ds = alpha * (da - delta)
+        c = ds * rstd * inv_sqrt_d
+        dv = alpha[:, None] * dh + c[:, None] * qg - (c * rstd * rstd * p * inv_d)[:, None] * v
+        probe += bad + da * 0.0 + tl.sum(dv * 0.0, 1)
+        if HAS_DLAST:
+            if i == n_src - 1:
+                dv += tl.load(dlast_ptr + row, mask=mask, other=0.0).to(tl.float32)
+        dsrc = tl.load(dsrc_table + 3 * i).to(tl.pointer_type(dtype))
+        tl.store(dsrc + row, dv.to(dtype), mask=out_mask)
+        u += c[:, None] * v
+    u = u * (1.0 / sigma)[:, None] * (1.0 / pre)
+    return u, probe + tl.sum(u * 0.0, 1)
 
 
 @triton.jit
@@ -141,28 +231,28 @@ def route_bwd_kernel(src_table, dsrc_table, q_ptr, gain_ptr, h_ptr, dh_ptr, lse_
         else:
             qg = qg_row
         dh = tl.load(dh_ptr + row, mask=mask, other=0.0).to(tl.float32)
-        # sum_j alpha_j <dh, v_j> = <dh, h>: reading h once spares a second pass over every source
-        delta = tl.sum(dh * tl.load(h_ptr + row, mask=mask, other=0.0).to(tl.float32), 1)
         lse = tl.load(lse_ptr + b * T + t, mask=t_ok, other=0.0)
-        u = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-        for i in range(n_src):
-            v = _load_source(src_table, i, b, t, dd, mask, h_ptr.dtype.element_ty)
-            s, rstd, p = _score(v, qg, inv_d, inv_sqrt_d, eps)
-            alpha = tl.exp(s - lse)
-            ds = alpha * (tl.sum(dh * v, 1) - delta)
-            c = ds * rstd * inv_sqrt_d
-            dv = alpha[:, None] * dh + c[:, None] * qg - (c * rstd * rstd * p * inv_d)[:, None] * v
-            if HAS_DLAST:
-                if i == n_src - 1:
-                    dv += tl.load(dlast_ptr + row, mask=mask, other=0.0).to(tl.float32)
-            dsrc = tl.load(dsrc_table + 3 * i).to(tl.pointer_type(h_ptr.dtype.element_ty))
-            tl.store(dsrc + row, dv.to(h_ptr.dtype.element_ty), mask=mask)
-            u += c[:, None] * v
+        ones = tl.full([BLOCK_T], 1.0, tl.float32)
+        u, probe = _bwd_tile(src_table, dsrc_table, n_src, h_ptr, dlast_ptr, b, t, dd, mask, row, qg, dh, lse, 1.0,
+                             ones, inv_d, inv_sqrt_d, eps, mask, HAS_DLAST, BLOCK_T, BLOCK_D)
+        redo = t_ok & (probe != 0.0)
         if DYNAMIC_Q:
             tl.store(dq_ptr + row, (u * g[None, :]).to(dq_ptr.dtype.element_ty), mask=mask)
-            partial += tl.sum(q * u, 0)
+            partial += tl.sum(tl.where(redo[:, None], 0.0, q * u), 0)
         else:
-            partial += tl.sum(u, 0)
+            partial += tl.sum(tl.where(redo[:, None], 0.0, u), 0)
+        if tl.max(redo.to(tl.int32), 0) > 0:
+            tl.debug_barrier()  # the rewrites below land after this tile's first dv (and dq) stores
+            sigma = _overflow_scale(src_table, n_src, h_ptr, 0, b, t, dd, mask, row, inv_d, h_ptr.dtype.element_ty,
+                                    BLOCK_T)
+            redo_rows = mask & redo[:, None]
+            u, _ = _bwd_tile(src_table, dsrc_table, n_src, h_ptr, dlast_ptr, b, t, dd, mask, row, qg, dh, lse,
+                             OVERFLOW_RESCALE, sigma, inv_d, inv_sqrt_d, eps, redo_rows, HAS_DLAST, BLOCK_T, BLOCK_D)
+            if DYNAMIC_Q:
+                tl.store(dq_ptr + row, (u * g[None, :]).to(dq_ptr.dtype.element_ty), mask=redo_rows)
+                partial += tl.sum(tl.where(redo[:, None], q * u, 0.0), 0)
+            else:
+                partial += tl.sum(tl.where(redo[:, None], u, 0.0), 0)
     tl.store(partial_ptr + pid.to(tl.int64) * d + dd, partial, mask=dd < d)
 
 

@@ -101,6 +101,16 @@ def default_tile(n: int, limit: int = 256) -> int:
     return next(d for d in range(min(n, limit), 0, -1) if n % d == 0)
 
 
+def _check_no_nan_bands(lower, upper) -> None:
+    """A NaN bound is an error: a ValueError for tables on the CPU; for CUDA tables (and under torch.compile)
+    a device-side assert, so no host sync: the failure surfaces at the next synchronising call."""
+    bad = torch.isnan(torch.as_tensor(lower)).any() | torch.isnan(torch.as_tensor(upper)).any()
+    if bad.is_cuda or torch.compiler.is_compiling():
+        torch._assert_async(~bad, "twoos_project: bands (lower, upper) must not hold NaN")
+    elif bad:
+        raise ValueError("twoos_project: bands (lower, upper) must not hold NaN")
+
+
 def twoos_project(x, tile: int | None = None, bands=None, passes: int = 8, alpha: float = 1e-4):
     """Projects each sample onto the 2OS Gaussian confidence set (specs/ntrk.md).
 
@@ -113,7 +123,8 @@ def twoos_project(x, tile: int | None = None, bands=None, passes: int = 8, alpha
         x: [B, ...] contiguous float16/bfloat16/float32 (float64 on cpu/reference); any latent shape.
         tile: D; default the largest divisor of N at most 256 (FLUX 16x128x128: 256; Wan 16x21x60x104:
             256 with M = 8190). bands: optional (lower, upper) [M, D] tables (default
-            `twoos_bands(M, D, alpha)`); passes: the cap on clipping passes (>= 0).
+            `twoos_bands(M, D, alpha)`; a NaN bound raises ValueError for CPU tables and fails a
+            device-side assert for CUDA ones, with no host sync); passes: the cap on clipping passes (>= 0).
     Returns:
         (out, in_set): out like x; in_set [B] (float32, float64 for float64 x), the fraction of out's
         entries inside their bands (1.0 once converged; measured in float32 before rounding to x's dtype).
@@ -123,9 +134,9 @@ def twoos_project(x, tile: int | None = None, bands=None, passes: int = 8, alpha
     Memory: the Triton backend keeps ~22 bytes per entry of scratch (sorted values, int16 columns, int64 keys).
     Bad input: TypeError (not a tensor, a float tile or passes) or ValueError (shape, dtype, a tile that
         does not divide a sample, a band table of another shape), naming the argument.
-    NaN/inf policy: like the reference: a NaN entry stays NaN in out and counts as outside its band
-        (in_set < 1); +-inf entries are clipped to their band edges like any other value. A NaN in a
-        user band table is a ValueError when the table is on the CPU (not read back from a GPU).
+    NaN/inf policy (every backend, as the reference): a NaN entry (either sign) ranks above every number
+        (NaNs tie by position), stays NaN in out and counts as outside its band; +-inf entries are clipped
+        to their band edges like any other value. A NaN in a user band table is an error (see `bands`).
     """
     from .bands import bands_for
 
@@ -150,8 +161,7 @@ def twoos_project(x, tile: int | None = None, bands=None, passes: int = 8, alpha
         for name, b in zip(("bands[0] (lower)", "bands[1] (upper)"), bands):
             if not _checks.tensor("twoos_project", name, b).is_floating_point():
                 raise ValueError(f"twoos_project: {name} must be a real floating tensor, got {_dtypes.name(b.dtype)}")
-            if b.device.type == "cpu" and not torch.compiler.is_compiling() and torch.isnan(b).any():
-                raise ValueError(f"twoos_project: {name} holds NaN (a band edge must be a number or +-inf)")
+        _check_no_nan_bands(*bands)
         lower, upper = (b.to(x.device, acc).contiguous() for b in bands)
         if tile is not None and lower.dim() == 2 and lower.shape[1] != tile:
             raise ValueError(f"twoos_project: tile={tile} but the bands are [M, D] = {list(lower.shape)}")

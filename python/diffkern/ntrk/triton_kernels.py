@@ -91,7 +91,9 @@ def ntrk_step_kernel(mu_ptr, w_ptr, eps_ptr, x_ptr, sigma_ptr, rho_ptr, philox_p
 
 @triton.jit
 def _packed_key(v, position):
-    """(order-preserving int32 of v, position) as one int64 whose signed order is that lexicographic order."""
+    """(order-preserving int32 of v, position) as one int64 whose signed order is that lexicographic order.
+    Every NaN becomes the positive quiet NaN, which orders above +inf: NaNs sort last, as torch.sort's."""
+    v = tl.where(v != v, float("nan"), v)
     bits = (v + 0.0).to(tl.int32, bitcast=True)  # + 0.0 folds -0.0 onto +0.0
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     return (ordered.to(tl.int64) << 32) | position.to(tl.int64)
@@ -166,8 +168,8 @@ def clip_kernel(keys_ptr, perm_ptr, lower_ptr, upper_ptr, y_ptr, count_ptr, M, D
     lo = tl.load(lower_ptr + band, mask=valid, other=0.0)
     hi = tl.load(upper_ptr + band, mask=valid, other=0.0)
     tl.store(count_ptr + pid, tl.sum((valid & (v >= lo) & (v <= hi)).to(tl.int32), 0))
-    if CLIP:
-        v = tl.minimum(tl.maximum(v, lo), hi)
+    if CLIP:  # a NaN entry stays NaN (the reference's torch.minimum/maximum), never clipped into its band
+        v = tl.minimum(tl.maximum(v, lo, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL)
     m = (key & 0xFFFFFFFF).to(tl.int64)
     N = M.to(tl.int64) * D
     c = tl.load(perm_ptr + b * N + m * D + j, mask=valid, other=0).to(tl.int64)

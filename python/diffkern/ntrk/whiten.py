@@ -73,8 +73,10 @@ def whiten(g: torch.Tensor, domains=DOMAINS, tile: int | None = None, alpha: flo
     """Whitens a guidance gradient per sample into a typical draw of N(0, I): W(g) (specs/ntrk.md).
 
     w = P_k(... P_1(g / rms g)) for the domains P_1..P_k in `domains` (module docstring: each domain's
-    statistic and band). A sample whose g is constant gives w = 0: 2OS would rank its equal entries by
-position, which is no guidance at all.
+    statistic and band). A sample whose g is constant (all zero included) gives w = 0: 2OS would rank its
+    equal entries by position, which is no guidance at all. Scale-invariant down to the smallest normal
+    number: g is divided by its max-abs before the rms is formed (bitwise so for power-of-two scales).
+    NaN or inf in a sample makes that sample's w NaN; other samples are unaffected.
 
     Args:
         g: [B, ...] float16/bfloat16/float32/float64, any latent shape; tile: D (default the largest
@@ -113,7 +115,10 @@ position, which is no guidance at all.
     M = N // D
     acc = torch.float64 if g.dtype == torch.float64 else torch.float32
     z = g.detach().reshape(B, N).to(acc)
-    live = z.std(1, keepdim=True, correction=0) > 0
+    # max-abs first: the squares of a gradient below ~1e-19 (fp32) would underflow in the rms
+    amax = z.abs().amax(1, keepdim=True)
+    z = z / torch.where(amax > 0, amax, 1)
+    live = z.std(1, keepdim=True, correction=0) != 0  # NaN: live, so the NaN propagates
     z = z / torch.where(live, z.pow(2).mean(1, keepdim=True).sqrt(), 1)
     for domain in domains:
         if domain == "fourier":

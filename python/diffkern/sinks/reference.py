@@ -14,6 +14,12 @@ import torch
 from .. import _dtypes
 
 
+# Rows whose correction denominator 1 - w sum_S P is below this are recomputed as the masked softmax
+# itself by the fused kernels (csrc/include/diffkern/sinks_math.h kRecomputeBelow, the same value): the
+# correction divides the unmasked row's rounding error by that denominator, at most 1 / RECOMPUTE_BELOW.
+RECOMPUTE_BELOW = 0.125
+
+
 def suppression_weights(bias: float, n_selected: int, n_keys: int) -> tuple[float, float]:
     """(w, g) with w = 1 - e^bias, g = e^bias, so that for a suppressed row
         out' = (o - w sum_{j in S} P_ij v_j) / (1 - w sum_{j in S} P_ij),  P'_ij = g P_ij / (1 - w sum_S P)  (j in S).

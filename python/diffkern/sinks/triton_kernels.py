@@ -9,7 +9,11 @@
   topk_kernel       one program per score row: keeps the best K_PAD packed (score, index) keys in a
                     scratch row and merges each new chunk of BLOCK - K_PAD scores into it with tl.sort.
   suppress_kernel   one program per (BLOCK_M queries, b, h): gathers the K selected keys and values,
-                    corrects the unmasked o by their terms: 4 N_q K d FLOPs.
+                    corrects the unmasked o by their terms: 4 N_q K d FLOPs; flags each row whose correction
+                    denominator is below RECOMPUTE_BELOW (the suppressed keys hold most of its mass).
+  recompute_kernel  one program per (BLOCK_M image queries, b, h): a tile holding a flagged row recomputes
+                    it as the masked softmax (a flash pass with the bias row added: 4 BLOCK_M N_k d FLOPs)
+                    and rewrites its output; any other tile reads its flags and exits.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import triton.language as tl
 
 from .. import _dtypes, _triton
 from .._triton import KernelSpec
-from .reference import suppression_weights
+from .reference import RECOMPUTE_BELOW, suppression_weights
 
 MAX_D = 256
 # Largest K the top-k kernel keeps (head-union at k = 50 x 24 heads is 1200 keys).
@@ -35,6 +39,14 @@ TILES_F32 = {16: (32, 32, 8), 32: (32, 32, 8), 64: (32, 32, 8), 128: (32, 32, 8)
 
 def tiles(d: int, dtype: torch.dtype) -> tuple[int, int, int]:
     return (TILES_F32 if dtype == torch.float32 else TILES)[block_d(d)]
+
+
+def recompute_tiles(d: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of recompute_kernel: at most half the flash tile's height and 32 keys wide, since
+    its online softmax also carries the bias row and the tracked key's probability (the flash tiles spill
+    on sm_80/sm_90a)."""
+    bm, bn, _ = tiles(d, dtype)
+    return max(16, bm // 2), min(bn, 32)
 
 
 SEL_BLOCK = 16  # selected keys per correction step (tl.dot's minimum width)
@@ -158,10 +170,35 @@ def topk_kernel(score_ptr, idx_ptr, best_ptr, N, k, BLOCK: tl.constexpr, K_PAD: 
 
 
 @triton.jit
-def suppress_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, out_ptr, post_ptr, H, N_q, N_k, n_rows, K, d,
-                    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, si_b, si_h, scale, w, g,
+def _masked_rows(q, k_base, v_base, bias_row, j0, N_k, d, sk_n, sv_n, dd, scale,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    """Rows q against every key with bias_row [N_k] added to the logits, by an online softmax: (the masked
+    output softmax(s + bias) v [BLOCK_M, BLOCK_D], the masked probability of key j0 [BLOCK_M])."""
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    t0 = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n0 in range(0, N_k, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        bias = tl.load(bias_row + cols, mask=cols < N_k, other=float("-inf"))
+        s = _dot(q, _load_cols(k_base, cols, N_k, sk_n, dd, d), DOT_F32, PRECISION) * scale + bias[None, :]
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile of bias -inf keys only: no NaN
+        alpha = tl.exp(m - m_ref)
+        p = tl.exp(s - m_ref[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        t0 = t0 * alpha + tl.sum(tl.where((cols == j0)[None, :], p, 0.0), 1)
+        acc = acc * alpha[:, None] + _dot(p, _load_rows(v_base, cols, N_k, sv_n, dd, d), DOT_F32, PRECISION)
+        m = m_new
+    return acc / l[:, None], t0 / l
+
+
+@triton.jit
+def suppress_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, out_ptr, post_ptr, flag_ptr, H, N_q, N_k, n_rows, K,
+                    d, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, si_b, si_h, scale, w, g,
                     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                    DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+                    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, RECOMPUTE: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -192,8 +229,33 @@ def suppress_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, out_ptr, post_
     # o is read only now, after the loop: holding it through the loop spills at head_dim 128
     o_offs = (bh * N_q + rows[:, None]) * d + dd[None, :]
     o = tl.load(o_ptr + o_offs, mask=tile_mask, other=0.0)
+    exact = fix & (denom < RECOMPUTE)
+    denom = tl.where(exact, 1.0, denom)  # recompute_kernel rewrites those rows: no 0/0 on the way
     tl.store(out_ptr + o_offs, ((o - w * u) / denom[:, None]).to(out_ptr.dtype.element_ty), mask=tile_mask)
     tl.store(post_ptr + bh * n_rows + rows, g * p0 / denom, mask=fix)
+    tl.store(flag_ptr + bh * n_rows + rows, exact.to(tl.int8), mask=fix)
+
+
+@triton.jit
+def recompute_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, bias_ptr, flag_ptr, out_ptr, post_ptr, H, N_q, N_k, n_rows, d,
+                     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, si_b, si_h, sb_b, sb_h, scale,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    fix = rows < n_rows
+    exact = tl.load(flag_ptr + bh * n_rows + rows, mask=fix, other=0) != 0
+    if tl.max(exact.to(tl.int32), 0) > 0:
+        dd = tl.arange(0, BLOCK_D)
+        q = _load_rows(q_ptr + b * sq_b + h * sq_h, rows, n_rows, sq_n, dd, d)
+        masked, post = _masked_rows(q, k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h,
+                                    bias_ptr + b * sb_b + h * sb_h, tl.load(idx_ptr + b * si_b + h * si_h), N_k, d,
+                                    sk_n, sv_n, dd, scale, BLOCK_M, BLOCK_N, BLOCK_D, DOT_F32, PRECISION)
+        o_offs = (bh * N_q + rows[:, None]) * d + dd[None, :]
+        tl.store(out_ptr + o_offs, masked.to(out_ptr.dtype.element_ty), mask=exact[:, None] & (dd < d)[None, :])
+        tl.store(post_ptr + bh * n_rows + rows, post, mask=exact)
 
 
 def _dot_f32(dtype: torch.dtype) -> bool:
@@ -266,7 +328,8 @@ def sink_topk(score, k, largest):
 
 
 def sink_suppress(q, k, v, o, lse, idx, n_rows, scale, bias):
-    """Launches suppress_kernel: (out [B, H, N_q, d] in q's dtype, post [B, H, n_rows] fp32)."""
+    """Launches suppress_kernel, then recompute_kernel for its flagged rows: (out [B, H, N_q, d] in q's dtype,
+    post [B, H, n_rows] fp32)."""
     B, H, N_q, d = q.shape
     N_k, K = k.shape[2], idx.shape[2]
     out = _triton.empty((B, H, N_q, d), q.dtype, q.device)
@@ -277,11 +340,22 @@ def sink_suppress(q, k, v, o, lse, idx, n_rows, scale, bias):
     bd = block_d(d)
     bm, _, warps = tiles(d, q.dtype)
     si_h = idx.stride(1) if idx.shape[1] > 1 else 0
+    flags = torch.empty((B, H, n_rows), dtype=torch.int8, device=q.device)
+    common = dict(BLOCK_D=bd, DOT_F32=_dot_f32(q.dtype), PRECISION=_precision(), num_warps=warps,
+                  maxnreg=_triton.register_budget(warps))
     suppress_kernel[(triton.cdiv(N_q, bm), B * H)](
-        q, k, v, o, lse, idx, out, post, H, N_q, N_k, n_rows, K, d, *_bh_strides(q), *_bh_strides(k),
-        *_bh_strides(v), idx.stride(0), si_h, scale, w, g, BLOCK_M=bm, BLOCK_S=SEL_BLOCK, BLOCK_D=bd,
-        DOT_F32=_dot_f32(q.dtype), PRECISION=_precision(), num_warps=warps,
-        maxnreg=_triton.register_budget(warps))
+        q, k, v, o, lse, idx, out, post, flags, H, N_q, N_k, n_rows, K, d, *_bh_strides(q), *_bh_strides(k),
+        *_bh_strides(v), idx.stride(0), si_h, scale, w, g, BLOCK_M=bm, BLOCK_S=SEL_BLOCK, RECOMPUTE=RECOMPUTE_BELOW,
+        **common)
+    if n_rows:
+        G = idx.shape[1]
+        # the bias row of the selected keys, read only by tiles that recompute a row (no host sync decides that)
+        bias_row = torch.zeros((B, G, N_k), dtype=torch.float32, device=q.device).scatter_(-1, idx, bias)
+        rm, rn = recompute_tiles(d, q.dtype)
+        recompute_kernel[(triton.cdiv(n_rows, rm), B * H)](
+            q, k, v, idx, bias_row, flags, out, post, H, N_q, N_k, n_rows, d, *_bh_strides(q), *_bh_strides(k),
+            *_bh_strides(v), idx.stride(0), si_h, G * N_k, N_k if G > 1 else 0, scale, BLOCK_M=rm, BLOCK_N=rn,
+            **common)
     return out, post
 
 
@@ -304,9 +378,13 @@ def aot_specs() -> list[KernelSpec]:
                                    **dims, "n_query": "i32", **{s: "i64" for s in list(strides)[:6]},
                                    "scale": "fp32", "inv_n_query": "fp32"}, {"BLOCK_M": bm, "BLOCK_N": bn}),
                 (suppress_kernel, {**qkv, "o_ptr": "*fp32", "lse_ptr": "*fp32", "idx_ptr": "*i64", "out_ptr": f"*{ty}",
-                                   "post_ptr": "*fp32", **dims, "n_rows": "i32", "K": "i32", **strides,
-                                   "si_b": "i64", "si_h": "i64", "scale": "fp32", "w": "fp32", "g": "fp32"},
-                 {"BLOCK_M": bm, "BLOCK_S": SEL_BLOCK})):
+                                   "post_ptr": "*fp32", "flag_ptr": "*i8", **dims, "n_rows": "i32", "K": "i32",
+                                   **strides, "si_b": "i64", "si_h": "i64", "scale": "fp32", "w": "fp32", "g": "fp32"},
+                 {"BLOCK_M": bm, "BLOCK_S": SEL_BLOCK, "RECOMPUTE": RECOMPUTE_BELOW}),
+                (recompute_kernel, {**qkv, "idx_ptr": "*i64", "bias_ptr": "*fp32", "flag_ptr": "*i8",
+                                    "out_ptr": f"*{ty}", "post_ptr": "*fp32", **dims, "n_rows": "i32", **strides,
+                                    "si_b": "i64", "si_h": "i64", "sb_b": "i64", "sb_h": "i64", "scale": "fp32"},
+                 dict(zip(("BLOCK_M", "BLOCK_N"), recompute_tiles(d, dtype))))):
             c = {**common, **constexprs}
             name = f"{kernel.__name__}[{ty},d={d}," + ",".join(f"{k}={v}" for k, v in c.items()) + "]"
             specs.append(KernelSpec(name, kernel, signature, c, warps, _triton.register_budget(warps), tags))
