@@ -21,6 +21,11 @@ torch.ops.load_library(sys.argv[1])
 assert torch.ops.diffkern.cpu_isa() == sys.argv[2], torch.ops.diffkern.cpu_isa()
 h, lse = torch.ops.diffkern.dar_route_fwd([torch.ones(1, 2, 4)], torch.ones(4), torch.ones(4), 0.0)
 assert torch.equal(h, torch.ones(1, 2, 4)) and torch.equal(lse, torch.full((1, 2), 2.0)), (h, lse)
+# Autograd lives in the library too (csrc/diffkern/autograd_*.cpp): a C++ or Python program without diffkern's
+# Python package gets gradients.
+q = torch.ones(4, requires_grad=True)
+torch.ops.diffkern.dar_route_fwd([torch.ones(1, 2, 4)], q, torch.ones(4), 0.0)[0].sum().backward()
+assert q.grad is not None and q.grad.shape == (4,), q.grad
 """
 
 

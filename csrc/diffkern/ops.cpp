@@ -1,7 +1,8 @@
 // Every diffkern schema, in one place. Kernels register against these per dispatch key:
-// C++ CPU kernels in csrc/cpu/, GPU backends from Python (Triton) and csrc/cuda/ (CUDA C++).
-// Fake (meta) implementations and autograd formulas are registered from Python; each technique's
-// fragment names the module that holds them, so a C++ program that loads these ops can find them.
+// C++ CPU kernels in csrc/cpu/, GPU backends from Python (Triton) and csrc/cuda/ (CUDA C++), autograd
+// in csrc/diffkern/autograd_<technique>.cpp (the Autograd key). Fake (meta) implementations are
+// registered from Python; each technique's fragment names the module that holds them, so a C++ program
+// that loads these ops can find them.
 #include <torch/library.h>
 
 TORCH_LIBRARY(diffkern, m) {}

@@ -60,12 +60,6 @@ def register_fake(op: str, fn: Callable | None = None):
     return fn if fn is not None else (lambda f: f)
 
 
-def register_autograd(op: str, backward: Callable, setup_context: Callable | None = None) -> None:
-    """torch.library.register_autograd for a diffkern op (qualified name), skipped without the extension."""
-    if LOADED:
-        torch.library.register_autograd(op, backward, setup_context=setup_context)
-
-
 def available(op: str) -> tuple[str, ...]:
     """The backends `op` has, the C++ CPU kernel included."""
     return ("cpu", *_impls[op])

@@ -18,7 +18,7 @@ WORKLOAD_MODULES = ("dar", "grpo", "ntrk")
 # ops without a Triton backward): diffkern.bench modules with report(quick, out, mode=None) -> Markdown
 # (mode: the harness's diffkern.bench.mode.Mode, for its samples and headline cases; None: the module's
 # own defaults), each writing its own .json/.md to `out`; the harness runs them after the workloads.
-REPORT_MODULES = ("dar_memory", "dar_model", "rmdm", "sinks")
+REPORT_MODULES = ("dar_memory", "dar_model", "rmdm", "sinks", "overhead")
 
 # The passes every section reports: forward alone, backward alone, and one training step.
 FWD, BWD, STEP = "fwd", "bwd", "fwd+bwd"

@@ -1,4 +1,4 @@
-"""DAR chunked residual gathering as a torch op: checks, fakes, autograd, backends, public API.
+"""DAR chunked residual gathering as a torch op: checks, fakes, backends, public API (autograd: csrc/diffkern/autograd_dar.cpp).
 
 Schemas: diffkern::dar_gather_fwd / dar_gather_bwd (csrc/diffkern/ops.cpp); C++ CPU kernels in
 csrc/cpu/dar.cpp and Triton kernels in triton_kernels.py, both the routing kernels themselves run
@@ -18,8 +18,6 @@ backward (chunk recomputation then keeps only summaries), S <= 2 and "last" summ
 op, and the op stays one routing pass with one optional input and one optional output.
 """
 from __future__ import annotations
-
-import torch
 
 from .. import _checks, _dtypes, _lazy, _nvtx, _ops, _registry
 from . import reference
@@ -76,31 +74,6 @@ def _bwd_fake(dh, sources, q, gain, h, lse, dlast, eps):
     return [x.new_empty(x.shape) for x in sources], q.new_empty(q.shape), gain.new_empty(gain.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    sources, addends, q, gain, eps = inputs
-    h, lse, c = output
-    routed = [*sources, c] if addends else list(sources)  # the addends themselves are not needed
-    ctx.save_for_backward(q, gain, h, lse, *routed)
-    ctx.n_sources, ctx.n_addends, ctx.eps = len(sources), len(addends), eps
-    ctx.mark_non_differentiable(lse)
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, dh, _dlse, dc):
-    q, gain, h, lse, *routed = ctx.saved_tensors
-    n, k = ctx.n_sources, ctx.n_addends
-    if dh is None:  # only the summary's gradient reached this op: it passes to every addend unchanged
-        return [None] * n, [dc] * k, None, None, None
-    dlast = dc.contiguous() if (k and dc is not None) else None
-    dsources, dq, dgain = torch.ops.diffkern.dar_gather_bwd(dh.contiguous(), routed, q, gain, h, lse, dlast, ctx.eps)
-    dsources = list(dsources)
-    dsum = dsources.pop() if k else None
-    return dsources, [dsum] * k, dq, dgain, None
-
-
-_registry.register_autograd("diffkern::dar_gather_fwd", _backward, setup_context=_setup_context)
-
-
 def dar_gather(sources, addends, q, gain, eps: float = 1e-6):
     """DAR chunked residual gathering: route over earlier sources and a chunk summary formed in the same pass.
 
@@ -123,7 +96,8 @@ def dar_gather(sources, addends, q, gain, eps: float = 1e-6):
     Traffic: reads n + k sources, writes h and c (k > 0) plus 4 bytes/token of log-sum-exp.
     Autograd: gradients flow to sources, addends (each gets c's total gradient), q and gain. Saved for
         backward: the routed sources (c, not the addends), h and the log-sum-exp; alpha and rstd are
-        recomputed. Double backward is not supported.
+        recomputed. Double backward is refused: differentiating the gradient raises NotImplementedError naming
+        diffkern.dar.dar_gather.
     Backends: C++ (CPU tensors), Triton (CUDA tensors), reference; see `diffkern.backend`.
     NaN/inf and finite inputs near the float32 maximum: as `dar_route` (the summary c counts as a source;
     c itself overflows to inf where the addends' float32 sum does).

@@ -1,7 +1,8 @@
-"""DAR routing as a torch op: argument checks, fake (meta) implementations, autograd, backends, public API.
+"""DAR routing as a torch op: argument checks, fake (meta) implementations, backends, public API.
 
-The schemas live in csrc/diffkern/ops.cpp and the C++ CPU kernels in csrc/cpu/dar.cpp; this file
-registers everything Python owns for diffkern::dar_route_fwd / dar_route_bwd.
+The schemas live in csrc/diffkern/ops.cpp, the C++ CPU kernels in csrc/cpu/dar.cpp and the autograd in
+csrc/diffkern/autograd_dar.cpp; this file registers everything Python owns for diffkern::dar_route_fwd /
+dar_route_bwd.
 """
 from __future__ import annotations
 
@@ -130,26 +131,6 @@ def _bwd_fake(dh, sources, q, gain, h, lse, eps):
         q.new_empty(q.shape), gain.new_empty(gain.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    sources, q, gain, eps = inputs
-    h, lse = output
-    ctx.save_for_backward(q, gain, h, lse, *sources)
-    ctx.eps = eps
-    ctx.mark_non_differentiable(lse)
-    ctx.set_materialize_grads(False)  # lse's gradient is never used: do not fill one with zeros
-
-
-def _backward(ctx, dh, _dlse):
-    q, gain, h, lse, *sources = ctx.saved_tensors
-    if dh is None:  # h's gradient undefined (autograd may pass None instead of zeros)
-        return [None] * len(sources), None, None, None
-    dsources, dq, dgain = torch.ops.diffkern.dar_route_bwd(dh.contiguous(), sources, q, gain, h, lse, ctx.eps)
-    return list(dsources), dq, dgain, None
-
-
-_registry.register_autograd("diffkern::dar_route_fwd", _backward, setup_context=_setup_context)
-
-
 def dar_route(sources, q, gain, eps: float = 1e-6) -> torch.Tensor:
     """DAR cross-layer routing: rebuild a sublayer input as a softmax-weighted mix of earlier outputs.
 
@@ -168,7 +149,9 @@ def dar_route(sources, q, gain, eps: float = 1e-6) -> torch.Tensor:
     Returns:
         h [B, T, d] in the sources' dtype. Softmax and norm math run in float32 (float64 for float64).
     Autograd: gradients flow to every source, q and gain. Saved for backward: h and the per-token
-        log-sum-exp [B, T] (4 bytes/token); rstd and alpha are recomputed. Double backward is not supported.
+        log-sum-exp [B, T] (4 bytes/token); rstd and alpha are recomputed. Double backward is refused:
+        differentiating the gradient (create_graph=True, then backward through it) raises NotImplementedError
+        naming diffkern.dar_route; the first-order gradient itself is the same with create_graph.
     Backends: C++ (CPU tensors), CUDA C++ (CUDA tensors, when built with CUDA), Triton (CUDA tensors),
         reference; see `diffkern.backend`.
     NaN/inf policy: propagated like the reference: a NaN/inf in a token's sources (or in q, gain) makes

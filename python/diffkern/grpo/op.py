@@ -1,6 +1,7 @@
-"""Flow-GRPO as torch ops: argument checks, fake (meta) implementations, autograd, backends, public API.
+"""Flow-GRPO as torch ops: argument checks, fake (meta) implementations, backends, public API.
 
-The schemas live in csrc/diffkern/ops.cpp and the C++ CPU kernels in csrc/cpu/grpo.cpp; this file
+The schemas live in csrc/diffkern/ops.cpp, the C++ CPU kernels in csrc/cpu/grpo.cpp and the autograd in
+csrc/diffkern/autograd_grpo.cpp; this file
 registers everything Python owns for diffkern::flow_sde_step / grpo_log_prob / grpo_log_prob_bwd.
 """
 from __future__ import annotations
@@ -111,45 +112,6 @@ def _log_prob_bwd_fake(dlog_prob, dkl, v, x, target, sigma, sigma_next, v_ref, v
     return [v.new_empty(v.shape) for _ in range(1 if v_uncond is None else 2)]
 
 
-def _sde_step_setup(ctx, inputs, output):
-    ctx.mark_non_differentiable(*output)
-
-
-def _sde_step_backward(ctx, *grads):
-    return (None,) * 7
-
-
-# A rollout op: x_next is sampled, so nothing is differentiated through it (training differentiates
-# grpo_iso_loss instead). Registered so that inputs requiring grad give outputs that plainly do not.
-_registry.register_autograd("diffkern::flow_sde_step", _sde_step_backward, setup_context=_sde_step_setup)
-
-
-def _log_prob_setup(ctx, inputs, output):
-    v, x, target, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule, std_coef = inputs
-    ctx.save_for_backward(v, x, target, sigma, sigma_next, v_ref, v_uncond)
-    ctx.scalars = (cfg_scale, std_rule, std_coef)
-    ctx.mark_non_differentiable(output[2])
-    ctx.set_materialize_grads(False)
-
-
-def _log_prob_backward(ctx, dlog_prob, dkl, _dinv_lambda):
-    v, x, target, sigma, sigma_next, v_ref, v_uncond = ctx.saved_tensors
-    if dlog_prob is None and dkl is None:
-        return (None,) * 10
-    zeros = torch.zeros(v.shape[:1], dtype=_dtypes.acc(v.dtype), device=v.device)
-    dlog_prob = zeros if dlog_prob is None else dlog_prob.to(zeros.dtype).contiguous()
-    if dkl is None:  # kl unused: the backward need not read v_ref
-        dkl, v_ref = zeros, None
-    else:
-        dkl = dkl.to(zeros.dtype).contiguous()
-    grads = torch.ops.diffkern.grpo_log_prob_bwd(dlog_prob, dkl, v, x, target, sigma, sigma_next, v_ref, v_uncond,
-                                                 *ctx.scalars)
-    return grads[0], None, None, None, None, None, grads[1] if v_uncond is not None else None, None, None, None
-
-
-_registry.register_autograd("diffkern::grpo_log_prob", _log_prob_backward, setup_context=_log_prob_setup)
-
-
 def _rule(op: str, std_rule: str, std_coef):
     if not isinstance(std_rule, str) or std_rule not in reference.STD_RULES:
         raise ValueError(f"{op}: std_rule must be 'wan' or 'sd3', got {std_rule!r}")
@@ -178,8 +140,8 @@ def flow_sde_step(x, v, sigma, sigma_next, eps=None, std_rule: str = "wan", std_
     Returns:
         (x_next, y) in x's dtype; (log_prob, inv_lambda) [B] float32 (float64 for float64). log_prob is
         of y as stored (the x_next/x form of the loss re-reads rounded x and x_next, so in bfloat16 its
-        on-policy ratio is 1 only to that rounding). A rollout op: no gradient flows through it. Nothing
-        is saved. Traffic: reads x, v, eps; writes x_next, y.
+        on-policy ratio is 1 only to that rounding). Autograd: none, a rollout op: the outputs never require
+        grad, whatever the inputs (so there is no double backward either). Nothing is saved. Traffic: reads x, v, eps; writes x_next, y.
     Backends: C++ (CPU tensors), CUDA C++ or Triton (CUDA tensors; CUDA C++ when built with CUDA), reference; see `diffkern.backend`.
     Bad input: TypeError (not a tensor, std_coef not a number) or ValueError (shape, dtype, device, an
         unknown std_rule), naming the argument. The step must satisfy 0 <= sigma_next < sigma <= 1 (sigma < 1
@@ -245,6 +207,8 @@ def grpo_iso_loss(v, x=None, x_next=None, sigma=None, sigma_next=None, log_prob_
         An empty batch gives loss 0.
     Autograd: gradients reach v (and v_uncond: dv_c = w dv, dv_u = (1 - w) dv) through one fused backward
         that re-reads its latent inputs and writes each gradient once. Saved: the inputs (no temporaries).
+        Double backward is refused: differentiating the gradient raises NotImplementedError naming
+        diffkern.grpo_iso_loss.
         Traffic per step without CFG or KL, in passes over B x D: y form 2 reads + (2 reads, 1 write) = 5;
         pair form 3 + (3, 1) = 7.
     Backends: C++ (CPU tensors), CUDA C++ or Triton (CUDA tensors; CUDA C++ when built with CUDA), reference; see `diffkern.backend`. The TGR mean is

@@ -6,12 +6,16 @@ import math
 import torch
 
 from .. import _checks, _dtypes, _nvtx, _ops
-from . import op  # noqa: F401  (registers the backends, fakes and autograd)
+from . import op  # noqa: F401  (registers the backends and fakes)
 
 
 def _per_sample(name: str, value, mu: torch.Tensor) -> torch.Tensor:
     """A float, a 0-dim or a [B] tensor as the contiguous [B] tensor the op takes (accumulation dtype)."""
-    B, acc = mu.shape[0], _dtypes.acc(mu.dtype)
+    B = mu.shape[0]
+    if isinstance(value, torch.Tensor) and value.shape == (B,) and value.dtype in (torch.float32, torch.float64) \
+            and value.device == mu.device and value.is_contiguous():
+        return value  # already what the op takes: no conversion calls (they cost as much as the op at small B)
+    acc = _dtypes.acc(mu.dtype)
     if not isinstance(value, torch.Tensor):
         return torch.full((B,), _checks.number("ntrk_step", name, value), dtype=acc, device=mu.device)
     if value.device != mu.device and (value.device.type == "meta" or mu.device.type == "meta"):
@@ -66,7 +70,8 @@ def ntrk_step(mu, sigma, w, rho, eps=None, generator: torch.Generator | None = N
     Returns:
         x: mu's shape and dtype. One pass: reads mu, w (and eps when given) once, writes x once.
     Autograd: differentiable in mu, w and a given eps (dw = sigma sqrt(rho) dx, deps = sigma sqrt(1-rho) dx);
-        sigma and rho get no gradient. Saved: sigma and rho ([B]).
+        sigma and rho get no gradient. Saved: sigma and rho ([B]). Double backward is supported (the step is
+        linear in mu, w and eps, so the second-order terms are zero; gradgradcheck in float64).
     Backends: C++ (CPU tensors), CUDA C++ or Triton (CUDA tensors; CUDA C++ when built with CUDA), reference; see `diffkern.backend`.
     Bad input: TypeError (not a tensor, a float seed or offset) or ValueError (shape, dtype, device, a
         float sigma < 0 or rho outside [0, 1]), naming the argument. Tensor sigma and rho are not read

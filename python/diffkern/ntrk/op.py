@@ -1,8 +1,8 @@
-"""NoiseTilt as torch ops: argument checks, fake (meta) implementations, autograd, backends.
+"""NoiseTilt as torch ops: argument checks, fake (meta) implementations, backends.
 
-The schemas live in csrc/diffkern/ops.cpp and the C++ CPU kernels in csrc/cpu/ntrk.cpp; this file
-registers everything Python owns for diffkern::ntrk_step and diffkern::twoos_project. The public
-functions (with their docstrings) are in ntrk/api.py.
+The schemas live in csrc/diffkern/ops.cpp, the C++ CPU kernels in csrc/cpu/ntrk.cpp and the autograd in
+csrc/diffkern/autograd_ntrk.cpp; this file registers everything Python owns for diffkern::ntrk_step and
+diffkern::twoos_project. The public functions (with their docstrings) are in ntrk/api.py.
 """
 from __future__ import annotations
 
@@ -103,44 +103,3 @@ _registry.register_fake("diffkern::ntrk_step_cuda")(_step_fake)
 def _project_fake(x, lower, upper, max_passes):
     check_project(x, lower, upper, max_passes)
     return x.new_empty(x.shape), x.new_empty(x.shape[:1], dtype=_dtypes.acc(x.dtype))
-
-
-def _step_setup(ctx, inputs, output):
-    mu, sigma, w, rho, eps, _ = inputs
-    ctx.save_for_backward(sigma, rho)
-    ctx.has_eps = eps is not None
-    ctx.set_materialize_grads(False)
-
-
-def _step_backward(ctx, dx):
-    """dmu = dx, dw = sigma sqrt(rho) dx, deps = sigma sqrt(1 - rho) dx (per sample); sigma, rho: none.
-
-    One multiply per gradient in dx's dtype (the per-sample factor rounded to it, the product formed in
-    its opmath by torch): dx is read twice, dw and deps written once, dmu is dx itself.
-    """
-    if dx is None:
-        return (None,) * 6
-    sigma, rho = ctx.saved_tensors
-    shape = (-1,) + (1,) * (dx.dim() - 1)
-    acc = _dtypes.acc(dx.dtype)
-    s, r = sigma.to(acc).reshape(shape), rho.to(acc).reshape(shape)
-    dw = dx * (s * torch.sqrt(r)).to(dx.dtype)
-    deps = dx * (s * torch.sqrt(1 - r)).to(dx.dtype) if ctx.has_eps else None
-    return dx, None, dw, None, deps, None
-
-
-_registry.register_autograd("diffkern::ntrk_step", _step_backward, setup_context=_step_setup)
-
-
-def _project_setup(ctx, inputs, output):
-    ctx.mark_non_differentiable(*output)
-
-
-def _project_backward(ctx, *grads):
-    return (None,) * 4
-
-
-# The projection is piecewise: the identity on in-band entries, a constant (the band edge) on clipped
-# ones, with a sort in between. Its gradient would be zero on exactly the entries guidance cares
-# about, so it is declared non-differentiable: outputs of inputs requiring grad plainly do not.
-_registry.register_autograd("diffkern::twoos_project", _project_backward, setup_context=_project_setup)

@@ -1,7 +1,8 @@
-"""Shared-block recursion as torch ops: argument checks, fake (meta) implementations, autograd, backends, API.
+"""Shared-block recursion as torch ops: argument checks, fake (meta) implementations, backends, API.
 
-The schemas live in csrc/diffkern/ops.cpp and the C++ CPU kernels in csrc/cpu/rmdm_recurse.cpp; this
-file registers everything Python owns for diffkern::rmdm_recurse / rmdm_recurse_bwd.
+The schemas live in csrc/diffkern/ops.cpp, the C++ CPU kernels in csrc/cpu/rmdm_recurse.cpp and the
+autograd in csrc/diffkern/autograd_rmdm.cpp; this file registers everything Python owns for
+diffkern::rmdm_recurse / rmdm_recurse_bwd.
 """
 from __future__ import annotations
 
@@ -79,23 +80,6 @@ def _recurse_bwd_fake(dstates, x, states, weights, mod, heads, eps):
         (mod.new_empty(mod.shape) if mod is not None else x.new_empty(0))
 
 
-def _setup(ctx, inputs, output):
-    x, weights, mod, n_iter, heads, eps = inputs
-    ctx.save_for_backward(x, output, *weights, *([mod] if mod is not None else []))
-    ctx.n_weights, ctx.has_mod, ctx.scalars = len(weights), mod is not None, (heads, eps)
-
-
-def _backward(ctx, dstates):
-    x, states, *rest = ctx.saved_tensors
-    weights, mod = rest[:ctx.n_weights], (rest[-1] if ctx.has_mod else None)
-    dx, dweights, dmod = torch.ops.diffkern.rmdm_recurse_bwd(dstates.contiguous(), x, states, weights, mod,
-                                                             *ctx.scalars)
-    return dx, list(dweights), (dmod if ctx.has_mod else None), None, None, None
-
-
-_registry.register_autograd("diffkern::rmdm_recurse", _backward, setup_context=_setup)
-
-
 def recurse(block_params, x: torch.Tensor, n_iter: int, *, heads: int, mod: torch.Tensor | None = None,
             eps: float = 1e-5, return_all: bool = False) -> torch.Tensor:
     """Applies the same K pre-norm transformer blocks n_iter times: R-MDM's shared-block recursion.
@@ -116,6 +100,8 @@ def recurse(block_params, x: torch.Tensor, n_iter: int, *, heads: int, mod: torc
         h_L [B, T, d], or states [n_iter, B, T, d] with states[k-1] = h_k.
     Autograd: gradients reach x, every weight and mod. Saved: x, the n_iter states (the iteration inputs)
         and the weights; the backward re-runs one iteration at a time (memory: one iteration's activations).
+        Double backward is refused: differentiating the gradient raises NotImplementedError naming
+        diffkern.recurse.
     Backends: C++ (CPU tensors), reference (plain PyTorch, any device). On CUDA tensors the forward is Triton
         (T <= 256, d <= 512), one launch per call: the persistent weight-stationary kernel (each weight read
         once per call) where it fits, else the tiled one (rmdm/triton_kernels.py says which when); the

@@ -186,17 +186,6 @@ def _suppress_fake(q, k, v, o, lse, idx, n_rows, scale, bias):
     return q.new_empty(q.shape), q.new_empty((*q.shape[:2], n_rows), dtype=_dtypes.acc(q.dtype))
 
 
-def _no_backward(op):
-    def backward(ctx, *grads):
-        raise NotImplementedError(f"diffkern::{op} is forward-only: it has no backward. Call it under "
-                                  "torch.no_grad() (attention-sink analysis is an inference-time tool)")
-    return backward
-
-
-for _op in ("sink_mass", "sink_attention_fwd", "sink_suppress"):
-    _registry.register_autograd(f"diffkern::{_op}", _no_backward(_op))
-
-
 def _forward_only(op, *tensors) -> None:
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         raise RuntimeError(f"{op} is forward-only (no backward): call it under torch.no_grad() or pass detached "

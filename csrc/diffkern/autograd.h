@@ -1,0 +1,33 @@
+// Shared pieces of the ops' autograd kernels (csrc/diffkern/autograd_<technique>.cpp). Each op's
+// autograd lives on the Autograd dispatch key, next to its schema: a torch::autograd::Function for the
+// differentiable ops, and one of the two boxed kernels below for the others. Every kernel runs its op
+// below autograd, so the CPU kernels, the CUDA key's Python backends and a `diffkern.backend(...)`
+// override all run under it unchanged.
+#pragma once
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <string>
+
+namespace diffkern::autograd {
+
+// The typed handle of diffkern::<name> (looked up once per call site: keep it in a function-local static).
+template <class Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow((std::string("diffkern::") + name).c_str(), "")
+      .typed<Signature>();
+}
+
+// An Autograd kernel whose op has no derivative. Its floating outputs of inputs that require grad (under
+// grad mode) get a grad_fn that raises NotImplementedError(message) when a gradient reaches it, so
+// differentiating through the op fails loudly instead of giving a silent None or a wrong gradient.
+torch::CppFunction refuse_backward(std::string message);
+
+// An Autograd kernel for an op whose outputs are not differentiable: they never require grad.
+torch::CppFunction non_differentiable();
+
+// The message of a backward op's refuse_backward: "double backward of <public> is not supported ...".
+std::string no_double_backward(const std::string& public_name, const std::string& backward_op);
+
+}  // namespace diffkern::autograd

@@ -1,0 +1,85 @@
+// Autograd of the Flow-GRPO ops (schemas in ops.cpp). grpo_log_prob differentiates to v (and v_uncond)
+// through grpo_log_prob_bwd, which refuses a derivative itself; flow_sde_step is a rollout op whose outputs
+// are not differentiable.
+#include "autograd.h"
+
+#include <ATen/OpMathType.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+namespace diffkern::autograd {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<Tensor>;
+
+// Saved: the tensor inputs (no temporaries); inv_lambda gets no gradient.
+struct LogProb : torch::autograd::Function<LogProb> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& v, const OptTensor& x, const Tensor& target,
+                               const Tensor& sigma, const Tensor& sigma_next, const OptTensor& v_ref,
+                               const OptTensor& v_uncond, double cfg_scale, int64_t std_rule, double std_coef) {
+    static auto fwd = op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const Tensor&,
+                                                            const Tensor&, const Tensor&, const OptTensor&,
+                                                            const OptTensor&, double, int64_t, double)>("grpo_log_prob");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [log_prob, kl, inv_lambda] = fwd.call(v, x, target, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule,
+                                               std_coef);
+    ctx->save_for_backward({v, x.value_or(Tensor()), target, sigma, sigma_next, v_ref.value_or(Tensor()),
+                            v_uncond.value_or(Tensor())});
+    ctx->saved_data["cfg_scale"] = cfg_scale;
+    ctx->saved_data["std_rule"] = std_rule;
+    ctx->saved_data["std_coef"] = std_coef;
+    ctx->mark_non_differentiable({inv_lambda});
+    ctx->set_materialize_grads(false);
+    return {log_prob, kl, inv_lambda};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto bwd = op<std::vector<Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                             const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                             const OptTensor&, double, int64_t, double)>("grpo_log_prob_bwd");
+    variable_list out(10);
+    const Tensor &dlog_prob = grads[0], &dkl = grads[1];
+    if (!dlog_prob.defined() && !dkl.defined()) return out;
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& v = saved[0];
+    auto optional = [](const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; };
+    // sym_size: a plain size() would specialise a compiled graph on the batch size.
+    const auto zeros = at::zeros_symint({v.sym_size(0)}, v.options().dtype(at::toOpMathType(v.scalar_type())));
+    OptTensor v_ref = optional(saved[5]);
+    if (!dkl.defined()) v_ref = std::nullopt;  // kl unused: the backward need not read v_ref
+    const OptTensor v_uncond = optional(saved[6]);
+    auto d = bwd.call(dlog_prob.defined() ? dlog_prob.to(zeros.scalar_type()).contiguous() : zeros,
+                      dkl.defined() ? dkl.to(zeros.scalar_type()).contiguous() : zeros, v, optional(saved[1]),
+                      saved[2], saved[3], saved[4], v_ref, v_uncond, ctx->saved_data["cfg_scale"].toDouble(),
+                      ctx->saved_data["std_rule"].toInt(), ctx->saved_data["std_coef"].toDouble());
+    out[0] = d[0];
+    if (v_uncond) out[6] = d[1];
+    return out;
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> log_prob(const Tensor& v, const OptTensor& x, const Tensor& target,
+                                            const Tensor& sigma, const Tensor& sigma_next, const OptTensor& v_ref,
+                                            const OptTensor& v_uncond, double cfg_scale, int64_t std_rule,
+                                            double std_coef) {
+  auto out = LogProb::apply(v, x, target, sigma, sigma_next, v_ref, v_uncond, cfg_scale, std_rule, std_coef);
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(diffkern, Autograd, m) {
+  m.impl("grpo_log_prob", &log_prob);
+  m.impl("grpo_log_prob_bwd", refuse_backward(no_double_backward("diffkern.grpo_iso_loss", "grpo_log_prob_bwd")));
+  // x_next is sampled: nothing is differentiated through a rollout step (training differentiates grpo_iso_loss).
+  m.impl("flow_sde_step", non_differentiable());
+  m.impl("flow_sde_step_cuda", non_differentiable());
+  m.impl("grpo_log_prob_cuda", refuse_backward("diffkern::grpo_log_prob_cuda is an internal backend op without "
+                                               "autograd; call diffkern::grpo_log_prob"));
+  m.impl("grpo_log_prob_bwd_cuda",
+         refuse_backward(no_double_backward("diffkern.grpo_iso_loss", "grpo_log_prob_bwd_cuda")));
+}
+
+}  // namespace diffkern::autograd

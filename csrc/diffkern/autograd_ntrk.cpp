@@ -1,0 +1,64 @@
+// Autograd of the NoiseTilt ops (schemas in ops.cpp). ntrk_step is linear in mu, w and eps, and its
+// backward is composed of ATen ops on the incoming gradient, so it is differentiable again (double
+// backward supported); sigma, rho and the Philox state get no gradient. twoos_project is not differentiable.
+#include "autograd.h"
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+namespace diffkern::autograd {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<Tensor>;
+
+struct Step : torch::autograd::Function<Step> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& mu, const Tensor& sigma, const Tensor& w,
+                        const Tensor& rho, const OptTensor& eps, const OptTensor& philox) {
+    static auto fwd = op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                const OptTensor&)>("ntrk_step");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({sigma, rho});
+    ctx->saved_data["has_eps"] = eps.has_value();
+    ctx->set_materialize_grads(false);
+    return fwd.call(mu, sigma, w, rho, eps, philox);
+  }
+
+  // dmu = dx, dw = sigma sqrt(rho) dx, deps = sigma sqrt(1 - rho) dx (per sample). One multiply per gradient
+  // in dx's dtype (the per-sample factor rounded to it, the product formed in its opmath): dx is read twice,
+  // dw and deps written once, dmu is dx itself. sigma and rho are constants here, also to a second order.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor& dx = grads[0];
+    if (!dx.defined()) return variable_list(6);
+    const auto saved = ctx->get_saved_variables();
+    std::vector<int64_t> shape(dx.dim(), 1);
+    shape[0] = -1;
+    const auto acc = at::toOpMathType(dx.scalar_type());
+    const auto s = saved[0].detach().to(acc).reshape(shape), r = saved[1].detach().to(acc).reshape(shape);
+    const auto dw = dx * (s * r.sqrt()).to(dx.scalar_type());
+    const auto deps = ctx->saved_data["has_eps"].toBool() ? dx * (s * (1 - r).sqrt()).to(dx.scalar_type()) : Tensor();
+    return {dx, Tensor(), dw, Tensor(), deps, Tensor()};
+  }
+};
+
+Tensor step(const Tensor& mu, const Tensor& sigma, const Tensor& w, const Tensor& rho, const OptTensor& eps,
+            const OptTensor& philox) {
+  return Step::apply(mu, sigma, w, rho, eps, philox);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(diffkern, Autograd, m) {
+  m.impl("ntrk_step", &step);
+  m.impl("ntrk_step_cuda", refuse_backward("diffkern::ntrk_step_cuda is an internal backend op without autograd; "
+                                           "call diffkern::ntrk_step"));
+  // The projection is piecewise: the identity on in-band entries, a constant (the band edge) on clipped ones,
+  // with a sort in between. Its gradient would be zero on exactly the entries guidance cares about, so it is
+  // declared non-differentiable: outputs of inputs requiring grad plainly do not.
+  m.impl("twoos_project", non_differentiable());
+}
+
+}  // namespace diffkern::autograd
