@@ -172,8 +172,8 @@ def test_the_op_checks_its_philox_state(backend, philox, match):
 
 def test_offset_must_be_a_non_negative_int():
     mu, sigma, w, rho, _ = make((2, 5), torch.float32)
-    for offset in (-1, 1.5):
-        with pytest.raises(ValueError, match="ntrk_step: offset must be an int >= 0"):
+    for offset, error, match in ((-1, ValueError, "offset must be >= 0"), (1.5, TypeError, "offset must be an int")):
+        with pytest.raises(error, match=f"ntrk_step: {match}"):
             diffkern.ntrk_step(mu, sigma, w, rho, seed=1, offset=offset)
 
 

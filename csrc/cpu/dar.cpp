@@ -145,7 +145,7 @@ W route_token(const RouteInputs<scalar_t, q_t>& in, int64_t b, int64_t t, int64_
     zero += fold_source(widen(in.src[i].row(b, t), vbuf, d), qg, d, inv_d, inv_sqrt_d, eps, i == 0, state, acc);
   }
   if (c_row != nullptr) zero += fold_source(widen(c_row, vbuf, d), qg, d, inv_d, inv_sqrt_d, eps, false, state, acc);
-  const W inv_l = W(1) / state.l;
+  const W inv_l = softmax_inv_l(state);
   W* __restrict h_row = staging(h_out, buf + 2 * d);
 #pragma omp simd reduction(+ : zero)
   for (int64_t j = 0; j < d; ++j) {

@@ -147,7 +147,7 @@ __global__ void __launch_bounds__(kMaxRowThreads) route_fwd_kernel(FwdArgs<T, Q>
   SoftmaxState<float> state{-INFINITY, 0.0f};
   int parity = 0;
   float check[1] = {fold_sources<V>(a, valid, b, t, qg, 1.0f, 1.0f, acc, state, scratch, parity)};
-  float inv_l = 1.0f / state.l;
+  float inv_l = softmax_inv_l(state);
 #pragma unroll
   for (int e = 0; e < E; ++e) {
     acc[e] *= inv_l;
@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(kMaxRowThreads) route_fwd_kernel(FwdArgs<T, Q>
   state = {-INFINITY, 0.0f};
   fold_sources<V>(a, valid, b, t, qg, kOverflowRescale, sigma, acc, state, scratch, parity);
   if (!redo) return;
-  inv_l = 1.0f / (state.l * sigma);
+  inv_l = softmax_inv_l(state) / sigma;
 #pragma unroll
   for (int e = 0; e < E; ++e) acc[e] = acc[e] * inv_l * (1.0f / kOverflowRescale);
   store_row<V>(a.h + tok * a.d, a.d, acc);

@@ -39,7 +39,7 @@ struct Step : torch::autograd::Function<Step> {
     const auto acc = at::toOpMathType(dx.scalar_type());
     const auto s = saved[0].detach().to(acc).reshape(shape), r = saved[1].detach().to(acc).reshape(shape);
     const auto dw = dx * (s * r.sqrt()).to(dx.scalar_type());
-    const auto deps = ctx->saved_data["has_eps"].toBool() ? dx * (s * (1 - r).sqrt()).to(dx.scalar_type()) : Tensor();
+    const auto deps = ctx->saved_data["has_eps"].toBool() ? dx * (s * at::rsub(r, 1).sqrt()).to(dx.scalar_type()) : Tensor();
     return {dx, Tensor(), dw, Tensor(), deps, Tensor()};
   }
 };

@@ -89,6 +89,13 @@ DIFFKERN_HD inline bool softmax_push(SoftmaxState<T>& st, T s, T& scale, T& w) {
   return false;
 }
 
+// 1 / l, the softmax's normaliser: NaN when every score was -inf (m = -inf), where the reference's
+// exp(s - max(s)) is exp(-inf + inf); single-source calls included.
+template <typename T>
+DIFFKERN_HD inline T softmax_inv_l(const SoftmaxState<T>& st) {
+  return st.m == -T(INFINITY) ? st.m - st.m : T(1) / st.l;
+}
+
 template <typename T>
 DIFFKERN_HD inline T softmax_lse(const SoftmaxState<T>& st) {
   return st.m + log_(st.l);
