@@ -10,8 +10,6 @@
 namespace diffkern::autograd {
 namespace {
 
-using torch::autograd::variable_list;
-
 // The grad_fn of a refused op's outputs: raises when the engine reaches it.
 struct NoBackward final : torch::autograd::Node {
   explicit NoBackward(std::string message) : message_(std::move(message)) {}

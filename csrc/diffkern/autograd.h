@@ -6,11 +6,20 @@
 #pragma once
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
+
+#include <optional>
 
 #include <string>
 
 namespace diffkern::autograd {
+
+using at::Tensor;
+using at::TensorList;
+using OptTensor = std::optional<at::Tensor>;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
 
 // The typed handle of diffkern::<name> (looked up once per call site: keep it in a function-local static).
 template <class Signature>

@@ -2,15 +2,8 @@
 // their backward ops, which themselves refuse a derivative (double backward is not supported).
 #include "autograd.h"
 
-#include <torch/csrc/autograd/custom_function.h>
-
 namespace diffkern::autograd {
 namespace {
-
-using at::Tensor;
-using at::TensorList;
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 
 using RouteBwd = std::tuple<std::vector<Tensor>, Tensor, Tensor>(const Tensor&, TensorList, const Tensor&,
                                                                  const Tensor&, const Tensor&, const Tensor&, double);

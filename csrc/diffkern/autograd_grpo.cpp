@@ -4,15 +4,9 @@
 #include "autograd.h"
 
 #include <ATen/OpMathType.h>
-#include <torch/csrc/autograd/custom_function.h>
 
 namespace diffkern::autograd {
 namespace {
-
-using at::Tensor;
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-using OptTensor = std::optional<Tensor>;
 
 // Saved: the tensor inputs (no temporaries); inv_lambda gets no gradient.
 struct LogProb : torch::autograd::Function<LogProb> {

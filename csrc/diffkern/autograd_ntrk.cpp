@@ -5,15 +5,9 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <torch/csrc/autograd/custom_function.h>
 
 namespace diffkern::autograd {
 namespace {
-
-using at::Tensor;
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-using OptTensor = std::optional<Tensor>;
 
 struct Step : torch::autograd::Function<Step> {
   static Tensor forward(AutogradContext* ctx, const Tensor& mu, const Tensor& sigma, const Tensor& w,

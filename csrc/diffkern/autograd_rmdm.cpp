@@ -3,16 +3,8 @@
 // not record a graph: that would be a wrong second-order gradient).
 #include "autograd.h"
 
-#include <torch/csrc/autograd/custom_function.h>
-
 namespace diffkern::autograd {
 namespace {
-
-using at::Tensor;
-using at::TensorList;
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-using OptTensor = std::optional<Tensor>;
 
 // Saved: x, the states (the iteration inputs) and the weights (and mod); the backward re-runs one iteration
 // at a time.
