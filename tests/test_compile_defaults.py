@@ -17,6 +17,7 @@ from diffkern.dar import dar_gather
 from diffkern.dar.blocks import DiT
 from diffkern.dar.sit import velocity_loss
 from diffkern.nn import DARRouter, FlashGRPOLoss
+from diffkern.rmdm import RecursiveMDM
 from diffkern.rmdm import reference as rmdm_reference
 from diffkern.sinks.op import MODES
 from diffkern.sinks.processors import install_sink_processors
@@ -203,6 +204,29 @@ def test_recurse():
     def f(x):
         return diffkern.recurse(blocks, x, n_iter=3, heads=2), diffkern.recurse(blocks, x, 3, heads=2, return_all=True)
     compiles_once(f, lambda B: (randn(B, 9, d),))
+
+
+def test_recursive_mdm_loss():
+    torch.manual_seed(0)
+    model = RecursiveMDM(vocab=9, d=16, heads=2, K=2, L=2, seq_len=81)
+
+    def f(x, prompt):
+        return model.loss(x, prompt)
+    f.params = list(model.parameters())
+    compiles_once(f, lambda B: (torch.arange(B * 81).view(B, 81) % 9, torch.arange(B * 81).view(B, 81) % 3 == 0),
+                  loss=lambda l: l)
+
+
+def test_dar_router_run_with_recomputation():
+    d = 16
+    torch.manual_seed(0)
+    router = DARRouter(d, n_sublayers=4, chunk_size=2, query="timestep", cond_dim=d, summary="sum")
+    sublayers = [torch.nn.Linear(d, d) for _ in range(4)]
+
+    def f(x0, cond):
+        return router.run(x0, sublayers, cond, recompute=True)
+    f.params = [*router.parameters(), *(p for sub in sublayers for p in sub.parameters())]
+    compiles_once(f, lambda B: (randn(B, 5, d, requires_grad=True), randn(B, d, seed=1)), loss=lambda h: h.square().sum())
 
 
 def test_the_opaque_ops_the_defaults_compile_through_pass_opcheck():

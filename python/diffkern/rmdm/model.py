@@ -100,8 +100,10 @@ class RecursiveMDM(nn.Module):
         t ~ U(t_min, 1) per sample; each answer token is masked with probability t.
         """
         B = x.shape[0]
-        t = torch.rand(B, generator=generator, device=x.device) * (1 - t_min) + t_min
-        masked = (torch.rand(x.shape, generator=generator, device=x.device) < t[:, None]) & ~prompt
+        # no generator=None argument: fake tensors refuse it under dynamic shapes (torch.compile)
+        draw = dict(device=x.device) if generator is None else dict(device=x.device, generator=generator)
+        t = torch.rand(B, **draw) * (1 - t_min) + t_min
+        masked = (torch.rand(x.shape, **draw) < t[:, None]) & ~prompt
         z = torch.where(masked, torch.full_like(x, self.mask_id), x)
         logits = self(z, t, return_all=True)  # [L, B, T, V]
         nll = F.cross_entropy(logits.flatten(0, 2).float(), x.repeat(logits.shape[0], 1).flatten(),
