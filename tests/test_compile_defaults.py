@@ -88,11 +88,16 @@ def test_dar_gather():
                   lambda B: [randn(B, 5, d, seed=s) for s in range(4)])
 
 
-def test_dar_router_run():
-    d = 16
+def router_and_sublayers(d=16):
+    """The README's DARRouter (timestep query, chunks of 2) over 4 linear sublayers."""
     torch.manual_seed(0)
     router = DARRouter(d, n_sublayers=4, chunk_size=2, query="timestep", cond_dim=d, summary="sum")
-    sublayers = [torch.nn.Linear(d, d) for _ in range(4)]
+    return router, [torch.nn.Linear(d, d) for _ in range(4)]
+
+
+def test_dar_router_run():
+    d = 16
+    router, sublayers = router_and_sublayers(d)
 
     def f(x0, cond):
         hist = router.begin(x0)
@@ -219,9 +224,7 @@ def test_recursive_mdm_loss():
 
 def test_dar_router_run_with_recomputation():
     d = 16
-    torch.manual_seed(0)
-    router = DARRouter(d, n_sublayers=4, chunk_size=2, query="timestep", cond_dim=d, summary="sum")
-    sublayers = [torch.nn.Linear(d, d) for _ in range(4)]
+    router, sublayers = router_and_sublayers(d)
 
     def f(x0, cond):
         return router.run(x0, sublayers, cond, recompute=True)
