@@ -115,7 +115,8 @@ class KernelSpec:
     """One launch configuration of a Triton kernel, enough to compile it ahead of time for a GPU.
 
     `signature` maps every non-constexpr argument to a Triton type string ("*bf16", "i32", "fp32", ...);
-    `constexprs` gives every constexpr argument its value.
+    `constexprs` gives every constexpr argument its value; `attrs` maps an argument to the attributes a
+    launch infers for it (`[["tt.divisibility", 16]]`), none unless given.
     """
     name: str
     kernel: object
@@ -124,6 +125,7 @@ class KernelSpec:
     num_warps: int
     maxnreg: int | None = None
     tags: dict = field(default_factory=dict)
+    attrs: dict = field(default_factory=dict)
 
 
 def register_budget(num_warps: int) -> int:

@@ -11,6 +11,11 @@ much shared memory and spilling it needs. What it cannot prove: that the kernel 
 on the GPU (the interpreter tests correctness on CPU; nothing here runs), nor that the shared memory
 fits a particular card (compare `shared_bytes` with the card's limit yourself).
 
+`launched(spec, arch, one=..., divisible=...)` is `spec` as Triton's launcher specialises it for one
+call: an integer argument equal to 1 becomes the constexpr 1, and integers that are multiples of 16
+and 16-byte-aligned pointers are marked `tt.divisibility` 16. The specs themselves never specialise,
+so a kernel that compiles from its spec can still fail to compile when launched with, say, M == 1.
+
 It works under TRITON_INTERPRET=1, where `@triton.jit` returns interpreter wrappers: the wrapped
 Python functions, and the @triton.jit helpers they call, are rebuilt as JITFunctions for compiling.
 
@@ -23,15 +28,16 @@ import re
 import subprocess
 import tempfile
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
 from triton.runtime.cache import get_cache_manager
 from triton.runtime.interpreter import InterpretedFunction
-from triton.runtime.jit import JITFunction
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from diffkern._triton import KernelSpec
 
@@ -61,7 +67,8 @@ def sm_arch(arch: int) -> str:
 def _compile(spec: KernelSpec, arch: int):
     fn = jit_function(spec.kernel)
     config = f"{spec.name} (kernel {fn.__name__}, {sm_arch(arch)}, num_warps={spec.num_warps}, {spec.constexprs})"
-    source = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs)
+    attrs = {(fn.arg_names.index(name),): value for name, value in spec.attrs.items()}
+    source = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
     try:
         return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=_options(spec)), config
     except Exception as error:
@@ -88,6 +95,59 @@ def compile_spec(spec: KernelSpec, arch: int) -> Resources:
         stack_bytes=_field(report, rf"Function properties for {entry}\s+(\d+) bytes stack frame", config),
         shared_bytes=compiled.metadata.shared,
     )
+
+
+# Integer argument values by declared type: one the launcher leaves unspecialised, one a multiple of 16.
+_PLAIN = {"i32": 3, "i64": 2**32 + 3}
+_DIVISIBLE = {"i32": 16, "i64": 2**32}
+_TORCH_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64,
+                "i64": torch.int64, "i32": torch.int32, "i16": torch.int16, "i8": torch.int8, "u8": torch.uint8}
+
+
+@dataclass
+class _Tensor:
+    """What Triton's launcher reads of a tensor argument to specialise on it."""
+    dtype: torch.dtype
+    address: int
+
+    def data_ptr(self) -> int:
+        return self.address
+
+
+def integer_arguments(spec: KernelSpec) -> list[str]:
+    """The arguments of `spec` that a launch passes as Python ints."""
+    return [name for name, ty in spec.signature.items() if ty in _PLAIN]
+
+
+def launched(spec: KernelSpec, arch: int, one: str | None = None, divisible: bool = False) -> KernelSpec:
+    """`spec` as a launch on compute capability `arch` compiles it: every pointer 16-byte aligned (as torch
+    allocates), the integer argument `one` equal to 1, every other integer a value of its declared type that
+    is a multiple of 16 if `divisible`, else neither 1 nor a multiple of 16.
+
+    Triton's own launcher code (the binder it builds per kernel, and its packing of the binder's result
+    into signature, constexprs and attributes) does the specialising, so nothing here restates its rules.
+    """
+    fn = jit_function(spec.kernel)
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    bind = create_function_from_signature(fn.signature, fn.params, backend)
+    values = _DIVISIBLE if divisible else _PLAIN
+    args = {}
+    for name in fn.arg_names:
+        ty = spec.signature.get(name, "constexpr")
+        if ty == "constexpr":
+            args[name] = spec.constexprs[name]
+        elif ty.startswith("*"):
+            args[name] = _Tensor(_TORCH_DTYPE[ty[1:]], address=1 << 20)  # 16-byte aligned
+        elif ty in values:
+            args[name] = 1 if name == one else values[ty]
+        else:
+            args[name] = 0.5  # a float: the launcher never specialises on its value
+    bound, specialization, options = bind(**args)
+    _, signature, constexprs, attrs = fn._pack_args(backend, {}, bound, specialization, options)
+    label = ",".join(([f"{one}=1"] if one else []) + (["divisible"] if divisible else []) + ["aligned"])
+    return replace(spec, name=f"{spec.name}[{label}]", signature=signature,
+                   constexprs={fn.arg_names[path[0]]: value for path, value in constexprs.items()},
+                   attrs={fn.arg_names[path[0]]: value for path, value in attrs.items() if value})
 
 
 def _options(spec: KernelSpec) -> dict:
