@@ -112,7 +112,8 @@ def row_sort_kernel(y_ptr, sorted_ptr, perm_ptr, M, D, n_row_blocks, ROWS: tl.co
     rows = ((pid % n_row_blocks) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]
     cols = tl.arange(0, BLOCK_D).to(tl.int64)[None, :]
     mask = (rows < M) & (cols < D)
-    N = M.to(tl.int64) * D
+    # tl.cast, not M.to: a launch with M == 1 passes M as the constexpr 1, a Python int with no .to
+    N = tl.cast(M, tl.int64) * D
     v = tl.load(y_ptr + b * N + rows * D + cols, mask=mask, other=0.0).to(tl.float32)
     keys = tl.sort(tl.where(mask, _packed_key(v, cols), KEY_PAD), dim=1)
     tl.store(sorted_ptr + b * N + cols * M + rows, _key_value(keys), mask=mask)
@@ -171,7 +172,7 @@ def clip_kernel(keys_ptr, perm_ptr, lower_ptr, upper_ptr, y_ptr, count_ptr, M, D
     if CLIP:  # a NaN entry stays NaN (the reference's torch.minimum/maximum), never clipped into its band
         v = tl.minimum(tl.maximum(v, lo, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL)
     m = (key & 0xFFFFFFFF).to(tl.int64)
-    N = M.to(tl.int64) * D
+    N = tl.cast(M, tl.int64) * D  # tl.cast: M may be the constexpr 1 (row_sort_kernel)
     c = tl.load(perm_ptr + b * N + m * D + j, mask=valid, other=0).to(tl.int64)
     tl.store(y_ptr + b * N + m * D + c, v, mask=valid)
 
