@@ -97,9 +97,10 @@ def compile_spec(spec: KernelSpec, arch: int) -> Resources:
     )
 
 
-# Integer argument values by declared type: one the launcher leaves unspecialised, one a multiple of 16.
-_PLAIN = {"i32": 3, "i64": 2**32 + 3}
-_DIVISIBLE = {"i32": 16, "i64": 2**32}
+# Integer argument values: one the launcher leaves unspecialised, one a multiple of 16. Both are small, as
+# sizes and strides are in practice, so the launcher types them i32 even where a spec declares i64 (that
+# declared type is what compile_spec(spec) compiles).
+_PLAIN, _DIVISIBLE = 3, 16
 _TORCH_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64,
                 "i64": torch.int64, "i32": torch.int32, "i16": torch.int16, "i8": torch.int8, "u8": torch.uint8}
 
@@ -116,13 +117,13 @@ class _Tensor:
 
 def integer_arguments(spec: KernelSpec) -> list[str]:
     """The arguments of `spec` that a launch passes as Python ints."""
-    return [name for name, ty in spec.signature.items() if ty in _PLAIN]
+    return [name for name, ty in spec.signature.items() if ty in ("i32", "i64")]
 
 
 def launched(spec: KernelSpec, arch: int, one: str | None = None, divisible: bool = False) -> KernelSpec:
     """`spec` as a launch on compute capability `arch` compiles it: every pointer 16-byte aligned (as torch
-    allocates), the integer argument `one` equal to 1, every other integer a value of its declared type that
-    is a multiple of 16 if `divisible`, else neither 1 nor a multiple of 16.
+    allocates), the integer argument `one` equal to 1, every other integer a small one that is a multiple
+    of 16 if `divisible`, else neither 1 nor a multiple of 16.
 
     Triton's own launcher code (the binder it builds per kernel, and its packing of the binder's result
     into signature, constexprs and attributes) does the specialising, so nothing here restates its rules.
@@ -130,7 +131,7 @@ def launched(spec: KernelSpec, arch: int, one: str | None = None, divisible: boo
     fn = jit_function(spec.kernel)
     backend = make_backend(GPUTarget("cuda", arch, 32))
     bind = create_function_from_signature(fn.signature, fn.params, backend)
-    values = _DIVISIBLE if divisible else _PLAIN
+    integers = set(integer_arguments(spec))
     args = {}
     for name in fn.arg_names:
         ty = spec.signature.get(name, "constexpr")
@@ -138,8 +139,8 @@ def launched(spec: KernelSpec, arch: int, one: str | None = None, divisible: boo
             args[name] = spec.constexprs[name]
         elif ty.startswith("*"):
             args[name] = _Tensor(_TORCH_DTYPE[ty[1:]], address=1 << 20)  # 16-byte aligned
-        elif ty in values:
-            args[name] = 1 if name == one else values[ty]
+        elif name in integers:
+            args[name] = 1 if name == one else _DIVISIBLE if divisible else _PLAIN
         else:
             args[name] = 0.5  # a float: the launcher never specialises on its value
     bound, specialization, options = bind(**args)
