@@ -6,16 +6,10 @@ import pytest
 import torch
 
 import diffkern
-from diffkern.dar import triton_kernels as dar_kernels
-from diffkern.grpo import triton_kernels as grpo_kernels
-from diffkern.ntrk import triton_kernels as ntrk_kernels
-from diffkern.rmdm import triton_kernels as rmdm_kernels
-from diffkern.sinks import triton_kernels as sinks_kernels
-from diffkern.testing.aot import compile_spec
+from diffkern.testing.aot import compile_spec, library_specs
 from diffkern.testing.backends import forced
 
-SPECS = [*dar_kernels.aot_specs(), *grpo_kernels.aot_specs(), *ntrk_kernels.aot_specs(), *rmdm_kernels.aot_specs(),
-         *sinks_kernels.aot_specs()]
+SPECS = library_specs()
 
 
 @pytest.mark.parametrize("arch", (80, 90))

@@ -10,12 +10,11 @@ not take is compiled specialised by no test.
 """
 import pytest
 
-from diffkern.testing.aot import compile_spec, integer_arguments, launched
-from test_kernels_compile import SPECS
+from diffkern.testing.aot import compile_spec, integer_arguments, launched, library_specs
 
 ARCH = 90
 FIRST_SPECS = {}
-for spec in SPECS:
+for spec in library_specs():
     FIRST_SPECS.setdefault(spec.kernel, spec)
 VARIANTS = [(spec, one, divisible) for spec in FIRST_SPECS.values()
             for one, divisible in [(None, False), (None, True), *((name, False) for name in integer_arguments(spec))]]

@@ -34,10 +34,10 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
-from triton.compiler import ASTSource, make_backend
+from triton.compiler import ASTSource
 from triton.runtime.cache import get_cache_manager
 from triton.runtime.interpreter import InterpretedFunction
-from triton.runtime.jit import JITFunction, create_function_from_signature
+from triton.runtime.jit import JITFunction
 
 from diffkern._triton import KernelSpec
 
@@ -57,6 +57,16 @@ class Resources:
     spill_loads: int
     stack_bytes: int  # the kernel's stack frame
     shared_bytes: int  # per program (CTA), as Triton allocates it
+
+
+def library_specs() -> list[KernelSpec]:
+    """Every launch configuration the library's Triton kernels declare (each technique's aot_specs())."""
+    from diffkern.dar import triton_kernels as dar
+    from diffkern.grpo import triton_kernels as grpo
+    from diffkern.ntrk import triton_kernels as ntrk
+    from diffkern.rmdm import triton_kernels as rmdm
+    from diffkern.sinks import triton_kernels as sinks
+    return [spec for module in (dar, grpo, ntrk, rmdm, sinks) for spec in module.aot_specs()]
 
 
 def sm_arch(arch: int) -> str:
@@ -127,7 +137,12 @@ def launched(spec: KernelSpec, arch: int, one: str | None = None, divisible: boo
 
     Triton's own launcher code (the binder it builds per kernel, and its packing of the binder's result
     into signature, constexprs and attributes) does the specialising, so nothing here restates its rules.
+    Those are Triton internals (checked on 3.8), imported here so that the rest of this module does not
+    depend on them.
     """
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
     fn = jit_function(spec.kernel)
     backend = make_backend(GPUTarget("cuda", arch, 32))
     bind = create_function_from_signature(fn.signature, fn.params, backend)
