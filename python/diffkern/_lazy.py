@@ -2,7 +2,7 @@
 
 The Triton kernels (`<technique>/triton_kernels.py`) import triton and define every @triton.jit kernel at
 import, about 0.2 s; they are needed only when a Triton backend runs. Code that registers a backend
-before then must not read the module's attributes (wrap the launcher: `lambda *args: kernels.f(*args)`).
+before then must not read the module's attributes (register `kernels.function("f")` instead).
 """
 from __future__ import annotations
 
@@ -21,6 +21,11 @@ class _LazyModule:
 
     def __getattr__(self, attr: str):
         return getattr(importlib.import_module(self._name), attr)
+
+    def function(self, attr: str):
+        """The module's function `attr` as a callable that imports the module on its first call, so a
+        backend can be registered at import without importing it."""
+        return lambda *args: getattr(self, attr)(*args)
 
     def __repr__(self) -> str:
         return f"<lazy module {self._name!r}>"

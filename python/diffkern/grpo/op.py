@@ -82,14 +82,14 @@ def _triton_backend(launch, x_arg: int, op: str):
 
 
 _registry.register("flow_sde_step", check_sde_step,
-                   triton=_triton_backend(lambda *args: triton_kernels.sde_step(*args), 0, STEP_OP), reference=reference.flow_sde_step,
-                   cuda=_ops.ops.flow_sde_step_cuda)
+                   triton=_triton_backend(triton_kernels.function("sde_step"), 0, STEP_OP),
+                   reference=reference.flow_sde_step, cuda=_ops.ops.flow_sde_step_cuda)
 _registry.register("grpo_log_prob", check_log_prob,
-                   triton=_triton_backend(lambda *args: triton_kernels.log_prob_fwd(*args), 0, LOSS_OP), reference=reference.log_prob,
-                   cuda=_ops.ops.grpo_log_prob_cuda)
+                   triton=_triton_backend(triton_kernels.function("log_prob_fwd"), 0, LOSS_OP),
+                   reference=reference.log_prob, cuda=_ops.ops.grpo_log_prob_cuda)
 _registry.register("grpo_log_prob_bwd", check_log_prob_bwd,
-                   triton=_triton_backend(lambda *args: triton_kernels.log_prob_bwd(*args), 2, LOSS_OP), reference=reference.log_prob_bwd,
-                   cuda=_ops.ops.grpo_log_prob_bwd_cuda)
+                   triton=_triton_backend(triton_kernels.function("log_prob_bwd"), 2, LOSS_OP),
+                   reference=reference.log_prob_bwd, cuda=_ops.ops.grpo_log_prob_bwd_cuda)
 
 
 @_registry.register_fake("diffkern::flow_sde_step")
@@ -141,8 +141,10 @@ def flow_sde_step(x, v, sigma, sigma_next, eps=None, std_rule: str = "wan", std_
         (x_next, y) in x's dtype; (log_prob, inv_lambda) [B] float32 (float64 for float64). log_prob is
         of y as stored (the x_next/x form of the loss re-reads rounded x and x_next, so in bfloat16 its
         on-policy ratio is 1 only to that rounding). Autograd: none, a rollout op: the outputs never require
-        grad, whatever the inputs (so there is no double backward either). Nothing is saved. Traffic: reads x, v, eps; writes x_next, y.
-    Backends: C++ (CPU tensors), CUDA C++ or Triton (CUDA tensors; CUDA C++ when built with CUDA), reference; see `diffkern.backend`.
+        grad, whatever the inputs (so there is no double backward either). Nothing is saved. Traffic: reads
+        x, v, eps; writes x_next, y.
+    Backends: C++ (CPU tensors), CUDA C++ or Triton (CUDA tensors; CUDA C++ when built with CUDA), reference;
+        see `diffkern.backend`.
     Bad input: TypeError (not a tensor, std_coef not a number) or ValueError (shape, dtype, device, an
         unknown std_rule), naming the argument. The step must satisfy 0 <= sigma_next < sigma <= 1 (sigma < 1
         for "sd3"): the CPU kernels, which have the values on the host, raise a ValueError naming sigma and
@@ -211,9 +213,10 @@ def grpo_iso_loss(v, x=None, x_next=None, sigma=None, sigma_next=None, log_prob_
         diffkern.grpo_iso_loss.
         Traffic per step without CFG or KL, in passes over B x D: y form 2 reads + (2 reads, 1 write) = 5;
         pair form 3 + (3, 1) = 7.
-    Backends: C++ (CPU tensors), CUDA C++ or Triton (CUDA tensors; CUDA C++ when built with CUDA), reference; see `diffkern.backend`. The TGR mean is
-        over the global batch: every rank's samples of `group` (default: the default group) when
-        torch.distributed is initialised (an all-reduce of two numbers), else this batch.
+    Backends: C++ (CPU tensors), CUDA C++ or Triton (CUDA tensors; CUDA C++ when built with CUDA), reference;
+        see `diffkern.backend`. The TGR mean is over the global batch: every rank's samples of `group`
+        (default: the default group) when torch.distributed is initialised (an all-reduce of two numbers),
+        else this batch.
     Bad input: TypeError (not a tensor, a scalar not a number) or ValueError (shape, dtype, device, the
         stored step given both ways, beta > 0 without v_ref, cfg_scale without v_uncond), naming the
         argument. The step values are checked as in flow_sde_step (by the CPU kernels; NaN/inf on a GPU).

@@ -83,9 +83,10 @@ def _triton_backend(launch, op: str):
     return run
 
 
-_registry.register(STEP_OP, check_step, triton=_triton_backend(lambda *args: triton_kernels.ntrk_step(*args), STEP_OP),
+_registry.register(STEP_OP, check_step, triton=_triton_backend(triton_kernels.function("ntrk_step"), STEP_OP),
                    cuda=_ops.ops.ntrk_step_cuda, reference=reference.ntrk_step)
-_registry.register(PROJECT_OP, check_project, triton=_triton_backend(lambda *args: triton_kernels.twoos_project(*args), PROJECT_OP),
+_registry.register(PROJECT_OP, check_project,
+                   triton=_triton_backend(triton_kernels.function("twoos_project"), PROJECT_OP),
                    reference=reference.twoos_project)
 
 

@@ -76,7 +76,6 @@ def whiten(g: torch.Tensor, domains=DOMAINS, tile: int | None = None, alpha: flo
     statistic and band). A sample whose g is constant (all zero included) gives w = 0: 2OS would rank its
     equal entries by position, which is no guidance at all. Scale-invariant down to the smallest normal
     number: g is divided by its max-abs before the rms is formed (bitwise so for power-of-two scales).
-    NaN or inf in a sample makes that sample's w NaN; other samples are unaffected.
 
     Args:
         g: [B, ...] float16/bfloat16/float32/float64, any latent shape; tile: D (default the largest
@@ -87,8 +86,8 @@ def whiten(g: torch.Tensor, domains=DOMAINS, tile: int | None = None, alpha: flo
     Backends: each projection runs on the current backend of twoos_project; the rest is PyTorch.
     Bad input: TypeError (g not a tensor, a float tile or passes) or ValueError (g not a float dtype, an
         unknown domain, a tile that does not divide a sample, alpha outside (0, 1)), naming the argument.
-    NaN/inf policy: like the reference (the same code): a sample whose g holds NaN or inf has no defined
-        spread and gets w = 0, as a constant sample does (no guidance); other samples are unaffected.
+    NaN/inf policy: like the reference (the same code): a NaN or inf in a sample makes that sample's w NaN;
+        other samples are unaffected.
     """
     _checks.tensor("whiten", "g", g)
     if g.dtype not in _checks.FLOATS:

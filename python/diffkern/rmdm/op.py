@@ -61,7 +61,8 @@ def check_recurse_bwd(dstates, x, states, weights, mod, heads, eps) -> None:
         _check_like(name, t, (states.shape[0], *x.shape), x)
 
 
-_registry.register("rmdm_recurse", check_recurse, triton=lambda *args: triton_kernels.recurse_fwd(*args), reference=reference.recurse)
+_registry.register("rmdm_recurse", check_recurse, triton=triton_kernels.function("recurse_fwd"),
+                   reference=reference.recurse)
 _registry.register("rmdm_recurse_bwd", check_recurse_bwd, reference=reference.recurse_bwd,
                    cuda=lambda *args: torch.ops.diffkern.rmdm_recurse_bwd_cuda(*args))
 

@@ -149,13 +149,13 @@ def _suppress_with_idx_check(fn):
     return run
 
 
-_registry.register("sink_mass", check_mass, triton=_triton_checked(lambda *args: triton_kernels.sink_mass(*args)),
+_registry.register("sink_mass", check_mass, triton=_triton_checked(triton_kernels.function("sink_mass")),
                    reference=reference.sink_mass)
-_registry.register("sink_attention_fwd", check_fwd, triton=_triton_checked(lambda *args: triton_kernels.attention_fwd(*args)),
+_registry.register("sink_attention_fwd", check_fwd, triton=_triton_checked(triton_kernels.function("attention_fwd")),
                    reference=reference.attention_fwd)
 _registry.register("sink_topk", check_topk, triton=_topk_triton, reference=reference.sink_topk)
 _registry.register("sink_suppress", check_suppress,
-                   triton=_suppress_with_idx_check(_triton_checked(lambda *args: triton_kernels.sink_suppress(*args))),
+                   triton=_suppress_with_idx_check(_triton_checked(triton_kernels.function("sink_suppress"))),
                    reference=_suppress_with_idx_check(reference.sink_suppress))
 
 
