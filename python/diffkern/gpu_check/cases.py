@@ -33,8 +33,8 @@ WAN, FLUX = (16, 21, 60, 104), (16, 128, 128)
 class OpCase:
     """One op at one shape.
 
-    make(dtype, device, grad) -> the positional arguments of `call` (seeded; with grad, the inputs the
-        backward differentiates require grad); call(*args) -> a tensor or a tuple of tensors.
+    make(dtype, device, grad, seed=0) -> the positional arguments of `call` (drawn from `seed`; with grad,
+        the inputs the backward differentiates require grad); call(*args) -> a tensor or a tuple of tensors.
     kernel / bwd_kernel: the registered ops (diffkern._registry) whose backends run the forward and the
         backward (bwd_kernel None: the backward is the forward's ops under autograd, or there is none).
     n: the error model's fan-in of one output, or one per argument (diffkern.testing.numerics).
@@ -79,10 +79,10 @@ def _grad(tensors, grad: bool):
 
 
 # ---- DAR
-def _route_make(B, T, d, n, layout="plain", seed=0):
-    def make(dtype, device, grad):
+def _route_make(B, T, d, n, layout="plain"):
+    def make(dtype, device, grad, seed=0):
         g = _gen(seed)
-        if layout == "real":
+        if layout == "real" and seed == 0:
             sources, q, gain = ROUTE.make_args(BenchCase("", dict(n=n, B=B, T=T, d=d, q="[B,d]"), B * T), dtype, device)
         else:
             off = 1 if layout == "misaligned" else 0
@@ -98,9 +98,9 @@ def _route_make(B, T, d, n, layout="plain", seed=0):
 def _gather_make(B, T, d, n, n_add, offset=0):
     route = _route_make(B, T, d, n, "misaligned" if offset else "plain")
 
-    def make(dtype, device, grad):
-        sources, q, gain = route(dtype, device, grad)
-        g = _gen(1)
+    def make(dtype, device, grad, seed=0):
+        sources, q, gain = route(dtype, device, grad, seed)
+        g = _gen(seed + 1)
         addends = _grad([randn(g, (B, T, d), dtype, device, offset=offset) for _ in range(n_add)], grad)
         return [sources, addends, q, gain]
     return make
@@ -138,8 +138,8 @@ def _step_inputs(g, B, latent, dtype, device, offset=0):
 
 
 def _sde_make(B, latent, offset=0):
-    def make(dtype, device, grad):
-        return list(_step_inputs(_gen(0), B, latent, dtype, device, offset))
+    def make(dtype, device, grad, seed=0):
+        return list(_step_inputs(_gen(seed), B, latent, dtype, device, offset))
     return make
 
 
@@ -151,8 +151,8 @@ def _sde_call(x, v, sigma, sigma_next, eps):
 
 
 def _loss_make(B, latent, form, offset=0):
-    def make(dtype, device, grad):
-        g = _gen(0)
+    def make(dtype, device, grad, seed=0):
+        g = _gen(seed)
         x, v, sigma, sigma_next, eps = _step_inputs(g, B, latent, dtype, device, offset)
         x_next, y, log_prob, _ = grpo_reference.flow_sde_step(x, v, sigma, sigma_next, eps, 0,
                                                               grpo_reference.WAN_STD_COEF)
@@ -195,8 +195,8 @@ def _grpo(tiny: bool) -> list[OpCase]:
 
 # ---- NoiseTilt
 def _ntrk_make(B, latent, offset=0):
-    def make(dtype, device, grad):
-        g = _gen(0)
+    def make(dtype, device, grad, seed=0):
+        g = _gen(seed)
         mu, w, eps = (randn(g, (B, *latent), dtype, device, offset=offset) for _ in range(3))
         sigma = torch.full((B,), 0.3, device=device)
         rho = torch.linspace(0.2, 0.8, B, device=device)
@@ -205,8 +205,8 @@ def _ntrk_make(B, latent, offset=0):
 
 
 def _project_make(B, N, offset=0, scale=1.0, shift=0.0):
-    def make(dtype, device, grad):
-        return [randn(_gen(0), (B, N), dtype, device, scale, shift, offset=offset)]
+    def make(dtype, device, grad, seed=0):
+        return [randn(_gen(seed), (B, N), dtype, device, scale, shift, offset=offset)]
     return make
 
 
@@ -236,8 +236,8 @@ def _ntrk(tiny: bool) -> list[OpCase]:
 
 # ---- R-MDM
 def _recurse_make(B, T, d, f, K, offset=0):
-    def make(dtype, device, grad):
-        g = _gen(0)
+    def make(dtype, device, grad, seed=0):
+        g = _gen(seed)
         blocks = [_grad([randn(g, s, dtype, device, 1 / math.sqrt(s[-1]) if len(s) > 1 else 0.1,
                                1.0 if i in (0, 6) else 0.0) for i, s in enumerate(param_shapes(d, f))], grad)
                   for _ in range(K)]
@@ -270,8 +270,8 @@ def _qkv_make(B, H, N, d, n_txt, layout="plain", sink=0.0):
     shares, so at N in the thousands it draws a clear top mass (as SD3's sinks do) and the top-k choice
     does not hinge on rounding. (At small N the same key would hold most of each row, where the
     suppression's correction amplifies o's rounding beyond the tests' error model: not used there.)"""
-    def make(dtype, device, grad):
-        g = _gen(0)
+    def make(dtype, device, grad, seed=0):
+        g = _gen(seed)
         u = torch.randn(d, generator=g) if sink else torch.zeros(d)
         q, k, v = (torch.randn(B, H, N, d, generator=g) for _ in range(3))
         q = q + u
