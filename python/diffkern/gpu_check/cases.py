@@ -220,7 +220,7 @@ def _ntrk(tiny: bool) -> list[OpCase]:
     ntrk_fan_in = (0, None, 0, None, 0)  # mu, w, eps elementwise; the per-sample sigma, rho not perturbed
     cases = [OpCase("ntrk_step", shape, "ntrk_step", _ntrk_make(B, lat, off), diffkern.ntrk_step, ntrk_fan_in, True,
                     real=real)
-             for shape, (B, lat, off), real in ((f"wan B=1", (1, wan, 0), True), ("B=1 D=1", (1, (1,), 0), False),
+             for shape, (B, lat, off), real in (("wan B=1", (1, wan, 0), True), ("B=1 D=1", (1, (1,), 0), False),
                                                 ("odd misaligned", (3, (5, 7), 1), False))]
     tile = 8 if tiny else 256
     for shape, (B, N, t, off), real in ((f"flux N={flux_n} tile={tile}", (2, flux_n, tile, 0), True),
