@@ -36,19 +36,25 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _section_rows(name: str, ctx) -> list:
     from .context import Row
+    ctx.log(f"section {name}")
     try:
         module = importlib.import_module(f"{__package__}.{name}")
     except ModuleNotFoundError as err:
-        if err.name != f"{__package__}.{name}":
-            raise
-        return [Row(name, name, "skip", "section not built")]
-    ctx.log(f"section {name}")
+        if err.name == f"{__package__}.{name}":
+            return [Row(name, name, "skip", "section not built")]
+        return _failed(name, err)
+    except Exception as err:  # noqa: BLE001 - a module that does not import is that section's failure
+        return _failed(name, err)
     try:
         return list(module.run(ctx))
-    except Exception as err:  # one broken section must not hide the others
-        last = traceback.format_exception_only(type(err), err)[-1].strip()
-        traceback.print_exc(file=sys.stderr)
-        return [Row(name, f"{name} section", "fail", last)]
+    except Exception as err:  # noqa: BLE001 - one broken section must not hide the others
+        return _failed(name, err)
+
+
+def _failed(name: str, err: Exception) -> list:
+    from .context import Row
+    traceback.print_exc(file=sys.stderr)
+    return [Row(name, f"{name} section", "fail", traceback.format_exception_only(type(err), err)[-1].strip())]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         raise SystemExit("no CUDA device: run with --cpu-dry-run")
+    args.out.mkdir(parents=True, exist_ok=True)  # sections may write their own files there
     ctx = Context(device=device, dry_run=args.cpu_dry_run, out=args.out, deadline=start + args.budget_s)
     rows = []
     for name in args.sections:
         rows += _section_rows(name, ctx)
-    args.out.mkdir(parents=True, exist_ok=True)
     table = report.write(ctx, rows, args.sections, wall_s=time.monotonic() - start)
     print(table)
     return 1 if any(r.status == "fail" for r in rows) else 0

@@ -63,7 +63,7 @@ def capture_replay(case: OpCase, dtype, device, pass_: str, forced) -> tuple[lis
 
 def _op_rows(ctx: Context, until: float) -> list[Row]:
     rows = []
-    for case in (c for c in catalogue(tiny=ctx.dry_run)):
+    for case in catalogue(tiny=ctx.dry_run):
         dtype = case.dtypes[0]
         for pass_ in ("fwd", "bwd") if case.differentiable else ("fwd",):
             for label, forced in _backends(case, ctx, pass_) if not ctx.dry_run else [("gpu backends", None)]:
