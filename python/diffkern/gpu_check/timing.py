@@ -135,7 +135,8 @@ def _time_call(ctx, call: TimedCall, compile_mode: str) -> list[Row]:
 
 def _roofline_rows(call: TimedCall, status: str, detail: str) -> list[Row]:
     roof = roofline(call.workload, call.case, DTYPE.itemsize)
-    return [Row(SECTION, f"{call.name} {p}", status, detail,
+    return [Row(SECTION, f"{call.name} {p}", status,
+                f"{detail}; roofline {roof[p].h100_s() * 1e6:.3g} us on an H100 ({roof[p].bound()}-bound)",
                 {"roofline": roof[p].as_dict(), "backends": list(call.backends())}) for p in call.passes]
 
 
