@@ -111,8 +111,12 @@ def parse_resource_usage(text: str) -> list[dict]:
 
 
 def _kernel_name(mangled: str) -> str:
-    m = re.search(r"\d+(\w+_kernel)", mangled)
-    return m.group(1) if m else mangled[:60]
+    """The `..._kernel` identifier in an Itanium-mangled name (each identifier follows its length)."""
+    for m in re.finditer(r"\d+", mangled):
+        name = mangled[m.end():m.end() + int(m.group())]
+        if name.endswith("_kernel"):
+            return name
+    return mangled[:60]
 
 
 def cuda_rows() -> list[Row]:
