@@ -5,12 +5,16 @@ counts the op picks on an H100, 64 (bf16, 32 per block) and 128 (fp32, 64 per bl
 back-to-back launches, every output bit-identical to the first (the kernel adds its partial sums in
 program order), the first and the tiled kernel's each within the error model's tolerance of the
 float64 oracle (so they differ by at most two tolerances), and the barrier counter back to [0, 0] after.
-Then the fallback: a grid that cannot be co-resident (more programs than the SMs hold threads for)
-must give the tiled kernel's result instead of failing or hanging; where this build has no fallback the
-row is a skip naming the launch's error.
+Then the fallback (diffkern._cooperative.LaunchRefused; a skip row where this build has none): a grid
+that cannot be co-resident (more programs than the SMs hold threads for) is refused, by the occupancy
+estimate and, with the estimate out of the way, by the driver, leaving the counter at [0, 0]; and the op,
+on a device that keeps no program resident, returns the tiled kernel's states.
 The dry run: the same checks in the interpreter (programs as threads) at 4 programs and 3 launches.
 """
 from __future__ import annotations
+
+import contextlib
+import warnings
 
 import torch
 
@@ -88,25 +92,64 @@ def oversized_programs_per_block(device: torch.device, d: int) -> tuple[int, int
     return props.multi_processor_count * per_sm // d + 1, d
 
 
-def fallback_check(device: torch.device) -> Row:
-    """A grid that cannot be co-resident must give the tiled kernel's result (hazard: no fallback)."""
-    d, heads, n_iter = 256, 8, 1
-    K, pb = oversized_programs_per_block(device, d)
-    shape = (1, 9, d, 4 * d, heads, K, n_iter)
-    x, weights = make(shape, torch.float32, device)
-    name = f"recurse persistent fallback at {K * pb} programs (not co-resident)"
-    tiled = triton_kernels.recurse_tiled(x, weights, None, n_iter, heads, EPS)
+@contextlib.contextmanager
+def _co_resident(programs):
+    """diffkern._cooperative's occupancy estimate replaced by `programs` (a driver or MPS that holds fewer,
+    or an estimate that lets the driver judge)."""
+    real = _cooperative.co_resident_programs
+    _cooperative.co_resident_programs = lambda compiled, props: programs
     try:
-        out = triton_persistent.recurse_persistent(x, weights, None, n_iter, heads, EPS, pb)
+        yield
+    finally:
+        _cooperative.co_resident_programs = real
+
+
+def refusal_check(device: torch.device, how: str) -> Row:
+    """An oversized grid is refused with LaunchRefused, nothing runs, and the counter stays [0, 0]; by the
+    occupancy estimate ("estimate"), or with the estimate out of the way by the driver itself ("driver":
+    the check that Triton's error text on this stack is the one _cooperative recognises)."""
+    d, heads = 256, 8
+    K, pb = oversized_programs_per_block(device, d)
+    shape = (1, 9, d, 4 * d, heads, K, 1)
+    x, weights = make(shape, torch.float32, device)
+    name = f"recurse persistent at {K * pb} programs refused ({how})"
+    try:
+        with _co_resident(1 << 30) if how == "driver" else contextlib.nullcontext():
+            triton_persistent.recurse_persistent(x, weights, None, 1, heads, EPS, pb)
         torch.cuda.synchronize(device)
-    except Exception as error:  # noqa: BLE001 - the launch's refusal, reported
-        return Row(SECTION, name, "skip", f"no fallback in this build: {type(error).__name__}: "
+    except _cooperative.LaunchRefused as refused:
+        counter = _cooperative.sync_buffer(device).tolist()
+        return Row(SECTION, name, "pass" if counter == [0, 0] else "fail",
+                   f"{str(refused)[:160]}; barrier counter {counter}", {"programs": K * pb, "counter": counter})
+    except Exception as error:  # noqa: BLE001 - a refusal _cooperative does not recognise
+        return Row(SECTION, name, "fail", f"not a LaunchRefused: {type(error).__name__}: "
                                           f"{(str(error).splitlines() or [''])[0][:160]}", {"programs": K * pb})
+    return Row(SECTION, name, "fail", "the launch ran: a grid beyond the SMs' threads cannot be co-resident")
+
+
+def op_fallback_check(device: torch.device) -> Row:
+    """The op at the Sudoku shape on a device that holds no program of the persistent kernel (as under
+    MPS or a green context): the tiled kernel's states, bit for bit, with the counter [0, 0]."""
+    shape, dtype, pb = GPU_CASES[0]
+    B, T, d, f, heads, K, n_iter = shape
+    x, weights = make(shape, dtype, device)
+    tiled = triton_kernels.recurse_tiled(x, weights, None, n_iter, heads, EPS)
+    with _co_resident(0), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = triton_kernels.recurse_fwd(x, weights, None, n_iter, heads, EPS)
     counter = _cooperative.sync_buffer(device).tolist()
     equal = torch.equal(out, tiled)
-    ok = equal and counter == [0, 0]
-    return Row(SECTION, name, "pass" if ok else "fail",
-               f"tiled result: {equal}, barrier counter {counter}", {"programs": K * pb, "counter": counter})
+    warned = any("refused" in str(w.message) for w in caught)
+    return Row(SECTION, "recurse falls back to the tiled kernel when refused", "pass" if equal and counter == [0, 0]
+               else "fail", f"tiled result: {equal}, barrier counter {counter}, warned: {warned}",
+               {"counter": counter, "warned": warned})
+
+
+def fallback_rows(device: torch.device) -> list[Row]:
+    if not hasattr(_cooperative, "LaunchRefused"):
+        return [Row(SECTION, "recurse persistent fallback (not co-resident)", "skip",
+                    "no cooperative fallback in this build (diffkern._cooperative.LaunchRefused)")]
+    return [refusal_check(device, "estimate"), refusal_check(device, "driver"), op_fallback_check(device)]
 
 
 def run(ctx) -> list[Row]:
@@ -118,5 +161,4 @@ def run(ctx) -> list[Row]:
     for shape, dtype, pb in GPU_CASES:
         ctx.log(f"cooperative: {shape[5] * pb} programs, {LAUNCHES} launches")
         rows.append(barrier_check(shape, dtype, pb, LAUNCHES, ctx.device))
-    rows.append(fallback_check(ctx.device))
-    return rows
+    return rows + fallback_rows(ctx.device)
