@@ -21,7 +21,8 @@ from .context import Row
 
 SECTION = "sanitizer"
 TOOLS = ("memcheck", "racecheck")
-TOOL_TIMEOUT_S, RESERVE_S = 150.0, 90.0
+# Seconds per tool at most, and kept for the sections after this one (timing, registers).
+TOOL_TIMEOUT_S, RESERVE_S = 120.0, 150.0
 CASES_DONE = "cases done"
 
 
