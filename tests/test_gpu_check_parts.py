@@ -52,6 +52,7 @@ def test_sanitizer_reports_are_parsed(text, status, errors):
 
 def test_a_clean_report_whose_cases_did_not_finish_fails():
     assert sanitizer.verdict("memcheck", sanitizer.parse(CLEAN.replace("cases done\n", ""))).status == "fail"
+    assert sanitizer.verdict("memcheck", sanitizer.parse(CLEAN, returncode=-11)).status == "fail"
 
 
 def _spec(kernel_name: str):

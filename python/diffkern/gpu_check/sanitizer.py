@@ -38,10 +38,11 @@ def find_sanitizer() -> str | None:
     return None
 
 
-def parse(output: str) -> dict:
+def parse(output: str, returncode: int = 0) -> dict:
     """What a compute-sanitizer run reported: errors (the ERROR SUMMARY, or racecheck's error count; None
     when the tool printed no summary), warnings (racecheck's), the first reported problem, the tool's
-    own messages, and whether the case script finished."""
+    own messages, whether the case script finished, and the exit status (the target's, which the tool
+    passes on: a target that died can come with a clean summary)."""
     tool_lines = [line.removeprefix("=========").strip() for line in output.splitlines()
                   if line.startswith("=========") and line.strip("= ")]
     errors = warnings = None
@@ -55,21 +56,22 @@ def parse(output: str) -> dict:
                                                         r"Uninitialized|Malloc|Leaked|Address)", line)
                 and "SUMMARY" not in line]
     return {"errors": errors, "warnings": warnings, "first_problem": problems[0] if problems else "",
-            "tool_message": " | ".join(tool_lines[-3:]), "cases_done": CASES_DONE in output}
+            "tool_message": " | ".join(tool_lines[-3:]), "cases_done": CASES_DONE in output,
+            "returncode": returncode}
 
 
 def verdict(tool: str, report: dict) -> Row:
     """The row for one tool's parsed report."""
     name = f"compute-sanitizer {tool}"
-    metrics = {k: report[k] for k in ("errors", "warnings", "cases_done")}
+    metrics = {k: report[k] for k in ("errors", "warnings", "cases_done", "returncode")}
     if report["errors"] is None:
         return Row(SECTION, name, "skip", f"no summary from the tool: {report['tool_message'] or 'no output'}",
                    metrics)
     if report["errors"]:
         return Row(SECTION, name, "fail", f"{report['errors']} errors; first: {report['first_problem']}", metrics)
-    if not report["cases_done"]:
-        return Row(SECTION, name, "fail", f"0 errors but the cases did not finish: {report['tool_message']}",
-                   metrics)
+    if not report["cases_done"] or report["returncode"]:
+        return Row(SECTION, name, "fail", f"0 errors but the cases did not finish (exit status "
+                                          f"{report['returncode']}): {report['tool_message']}", metrics)
     return Row(SECTION, name, "pass", f"0 errors ({report['warnings'] or 0} warnings)", metrics)
 
 
@@ -87,7 +89,7 @@ def _run_tool(ctx, sanitizer: str, tool: str) -> Row:
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=budget)
     except subprocess.TimeoutExpired:
         return Row(SECTION, f"compute-sanitizer {tool}", "skip", f"timed out after {budget:.0f} s (the run's budget)")
-    return verdict(tool, parse(run.stdout + run.stderr))
+    return verdict(tool, parse(run.stdout + run.stderr, run.returncode))
 
 
 def run(ctx) -> list[Row]:
