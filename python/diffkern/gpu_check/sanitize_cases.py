@@ -1,12 +1,15 @@
 """Tiny calls of every CUDA C++ kernel, forward and backward, for compute-sanitizer to watch:
-`python -m diffkern.gpu_check.sanitize_cases [--device cuda|cpu]`.
+`python -m diffkern.gpu_check.sanitize_cases [--device cuda|harness|cpu]`.
 
 On CUDA every call runs on the cuda backend (csrc/cuda/*.cu): route_fwd/route_bwd/route_reduce
 (dar_route, static, per-sample and per-token queries), sde_step + finalize (flow_sde_step),
 log_prob_fwd/log_prob_bwd + finalize (grpo_iso_loss: pair and y forms, KL and CFG), ntrk_step (eps
 given and drawn in-kernel, and its backward). Shapes are awkward on purpose: odd widths, more than one
-2048-element tile, and latents 2 bytes off their 16-byte alignment (the kernels' scalar path). On the CPU
-(the dry run) the same calls run on the C++ CPU kernels, which only proves the script runs.
+2048-element tile, and latents 2 bytes off their 16-byte alignment (the kernels' scalar path).
+`--device harness` (the dry run, where the harness is built) runs the same kernels on CPU tensors in the
+host-execution harness (diffkern.testing.cuda_harness), whose bounds-checked pointers and shared-memory
+race detector are the CPU's stand-in for memcheck and racecheck; `--device cpu` runs the C++ CPU
+kernels, which only proves the script runs.
 Prints one line per case and "cases done" at the end; any exception exits non-zero.
 """
 from __future__ import annotations
@@ -93,14 +96,17 @@ CASES = (dar_route_cases, grpo_cases, ntrk_cases)
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--device", default="cuda", choices=("cuda", "harness", "cpu"))
     args = parser.parse_args(argv)
     import contextlib
 
     import diffkern
-    device = torch.device(args.device)
+    if args.device == "harness":
+        from diffkern.testing import cuda_harness
+        cuda_harness.load()
+    device = torch.device("cpu" if args.device == "harness" else args.device)
     gen = torch.Generator().manual_seed(0)
-    with diffkern.backend("cuda") if device.type == "cuda" else contextlib.nullcontext():
+    with diffkern.backend("cuda") if args.device != "cpu" else contextlib.nullcontext():
         for dtype in DTYPES:
             for cases in CASES:
                 for name in cases(device, dtype, gen):

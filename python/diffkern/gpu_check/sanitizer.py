@@ -5,8 +5,9 @@ allocator off (PYTORCH_NO_CUDA_MEMORY_CACHING=1: every tensor its own allocation
 read past a tensor's end instead of landing in a neighbour within the same cached block), limited to
 TOOL_TIMEOUT_S and to the run's time left. Its report is parsed (`parse`): 0 errors and every case done
 passes; errors fail with the first one; a tool that never reaches its summary (it refuses the device,
-the driver is too old, ...) is a skip quoting its message. The dry run runs the case script on the CPU
-kernels without the tool (it proves the script runs) and skips the tools.
+the driver is too old, ...) is a skip quoting its message. The dry run runs the case script without the
+tool: on the CUDA kernels in the host-execution harness where that is built (its bounds and race checks
+stand in for the tools), else on the C++ CPU kernels (it proves the script runs); the tools are skips.
 """
 from __future__ import annotations
 
@@ -94,10 +95,13 @@ def _run_tool(ctx, sanitizer: str, tool: str) -> Row:
 
 def run(ctx) -> list[Row]:
     if ctx.dry_run or ctx.device.type != "cuda":
-        cases = subprocess.run(_cases_cmd("cpu"), capture_output=True, text=True, timeout=300)
+        from ..testing import cuda_harness
+        where = "harness" if cuda_harness.built() else "cpu"
+        cases = subprocess.run(_cases_cmd(where), capture_output=True, text=True, timeout=300)
         ok = cases.returncode == 0 and CASES_DONE in cases.stdout
         n = sum(line.startswith("case ") for line in cases.stdout.splitlines())
-        rows = [Row(SECTION, "sanitize_cases on the CPU kernels", "pass" if ok else "fail",
+        kernels = "the CUDA kernels in the host harness" if where == "harness" else "the C++ CPU kernels"
+        rows = [Row(SECTION, f"sanitize_cases on {kernels}", "pass" if ok else "fail",
                     f"{n} cases" if ok else (cases.stderr.strip().splitlines() or ["no output"])[-1])]
         return rows + [Row(SECTION, f"compute-sanitizer {tool}", "skip", "needs CUDA") for tool in TOOLS]
     sanitizer = find_sanitizer()
