@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.requirements-stamp
 
-.PHONY: test bench build cmake clean
+.PHONY: test bench build cmake clean gpu-check
 
 $(STAMP): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,21 @@ test: build
 # make bench: the headline rows in a few minutes; make bench FULL=1: every traffic count in the interpreter.
 bench: build
 	$(PY) benchmarks/run.py --out results $(if $(FULL),--full)
+
+# make gpu-check: on a machine with one NVIDIA GPU and a preinstalled torch, Triton and nvcc (no venv, no
+# network): build in place for that GPU only (GPU_ARCH, one CPU kernel variant), then prove and time every op
+# (python -m diffkern.gpu_check) into $(OUT); the driver gets what is left of GPU_CHECK_BUDGET_S seconds.
+OUT ?= gpu_check_out
+GPU_ARCH ?= 9.0a
+GPU_CHECK_BUDGET_S ?= 480
+MAX_JOBS ?= $(shell nproc)
+
+gpu-check:
+	start=$$(date +%s) && \
+	TORCH_CUDA_ARCH_LIST="$(GPU_ARCH)" DIFFKERN_CUDA=1 DIFFKERN_CPU_ARCH=native MAX_JOBS=$(MAX_JOBS) \
+		$(PYTHON) setup.py --quiet build_ext --inplace && \
+	PYTHONPATH=python $(PYTHON) -m diffkern.gpu_check --out $(OUT) \
+		--budget-s $$(( $(GPU_CHECK_BUDGET_S) - $$(date +%s) + start ))
 
 cmake: $(STAMP)
 	cmake -S . -B build-cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"

@@ -56,38 +56,40 @@ def _flat(outputs) -> list:
     return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
 
 
-def _perturb(x, rel: float, g: torch.Generator | None):
-    """x on the CPU in float64 (nested lists kept), each element times (1 + rel r), r ~ N(0, 1); rel = 0
-    gives the plain float64 copy. The requires_grad flag is kept, for oracles that differentiate."""
+def _perturb(x, rel: float, g: torch.Generator | None, device="cpu"):
+    """x on `device` in float64 (nested lists kept), each element times (1 + rel r), r ~ N(0, 1) drawn on
+    the CPU (the same r on every device); rel = 0 gives the plain float64 copy. The requires_grad flag is
+    kept, for oracles that differentiate."""
     if isinstance(x, (list, tuple)):
-        return type(x)(_perturb(t, rel, g) for t in x)
+        return type(x)(_perturb(t, rel, g, device) for t in x)
     if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
         return x
-    y = x.detach().cpu().double()
+    y = x.detach().to(device, torch.float64)
     if rel:
-        y = y * (1 + rel * torch.randn(y.shape, generator=g, dtype=torch.float64))
+        y = y * (1 + rel * torch.randn(y.shape, generator=g, dtype=torch.float64).to(device))
     return y.requires_grad_(x.requires_grad)
 
 
 def oracle_with_spread(fn: Callable, inputs: Sequence, n: int | Sequence[int | None], dtype: torch.dtype,
-                       seed: int = 0):
+                       seed: int = 0, device: torch.device | str = "cpu"):
     """(outputs, spreads): fn(*inputs) in float64 and, per output, the model's spread (module docstring).
 
     fn: the float64 oracle, returning a tensor or a sequence of tensors (None entries allowed);
     inputs: its arguments (tensors, nested lists of tensors, or anything else passed through), copied to
-    float64 on the CPU (keeping requires_grad) before fn sees them;
+    float64 on `device` (keeping requires_grad) before fn sees them (the CPU by default; a GPU's float64
+    oracle serves real model shapes faster);
     n: the fan-in of one output, or one per input (None: not perturbed); dtype: the kernel's input dtype
     (which accumulation it uses).
     Every perturbation is seeded, so the tolerance is the same on every run.
     """
-    outputs = _flat(fn(*_perturb(inputs, 0.0, None)))
+    outputs = _flat(fn(*_perturb(inputs, 0.0, None, device)))
     fan_in = [n] * len(inputs) if isinstance(n, int) else list(n)
     assert len(fan_in) == len(inputs), "one fan-in per input"
     rel = [0.0 if m is None else math.sqrt(m + 16) * acc_unit_roundoff(dtype) for m in fan_in]
     g = torch.Generator().manual_seed(seed)
     spreads = [0.0] * len(outputs)
     for _ in range(SAMPLES):
-        perturbed = [_perturb(x, r, g) for x, r in zip(inputs, rel)]
+        perturbed = [_perturb(x, r, g, device) for x, r in zip(inputs, rel)]
         for i, (y, p) in enumerate(zip(outputs, _flat(fn(*perturbed)))):
             if y is not None and y.numel():
                 spreads[i] = max(spreads[i], max_error(p, y))
