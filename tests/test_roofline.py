@@ -33,6 +33,14 @@ def test_dar_route_by_hand():
     assert r[BWD].flops == 14 * 2 * 4
 
 
+def test_dar_gather_by_hand():
+    """n=2 sources and a=3 addends of B=1, T=1, d=4 in fp32: routing over 3 (the sources and c) plus the 2
+    additions forming c; fwd reads 5 stream tensors + q + gain and writes h and c."""
+    r = roofline(timed_ops.GATHER, timed_ops._gather_case(2, 3, 1, 1, 4), 4)
+    assert r[FWD].flops == 6 * 3 * 4 + 2 * 4 and r[BWD].flops == 14 * 3 * 4
+    assert r[FWD].bytes == 4 * (5 * 4 + 4 + 4 + 2 * 4) and r[BWD].bytes == 4 * (4 + 5 * 4 + 4 + 4)
+
+
 def test_a_compute_bound_call_is_timed_by_its_flops():
     r = Roofline(flops=2 * H100_BF16_FLOPS, bytes=1.0)
     assert r.h100_s() == 2.0 and r.bound() == "compute"
@@ -55,6 +63,14 @@ def test_sink_attention_flops_equal_one_attention():
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         F.scaled_dot_product_attention(q, k, v)
     assert roofline(timed_ops.SINKS, case, 4)[FWD].flops == counter.get_total_flops()
+
+
+def test_sink_mass_flops_equal_the_references_scores():
+    case = timed_ops._sink_case(B=1, H=2, n_query=24, n_text=9, d=16)
+    q, k, v, n = timed_ops._sink_args(case, torch.float32, "cpu")
+    with FlopCounterMode(display=False) as counter:
+        timed_ops.MASS.reference(q, k, v, n)
+    assert roofline(timed_ops.MASS, case, 4)[FWD].flops == counter.get_total_flops()
 
 
 def test_ntrk_step_kernel_moves_the_minimum_plus_its_per_sample_scalars():

@@ -2,7 +2,7 @@
 
 Bytes are the workload's minimum (`Workload.min_bytes`: every input of the public op read once, every
 output written once); FLOPs are those of the op's formula, a multiply and an add counting one each:
-  * the matmul-shaped ops (recurse, sink_attention) count their products 2 m n k, as
+  * the matmul-shaped ops (recurse, sink_mass, sink_attention) count their products 2 m n k, as
     torch.utils.flop_counter does (the tests hold the two equal); their norms, softmaxes and gelus are left
     out (a few per element against 2 d per element of each product);
   * the elementwise and reduction ops count their arithmetic per latent element (each function's
@@ -66,12 +66,23 @@ def dar_route_flops(p: dict) -> dict:
     return {FWD: 6 * n, BWD: 14 * n}
 
 
+def dar_gather_flops(p: dict) -> dict:
+    """dar_route's over the n sources and the new chunk summary c, and the a - 1 additions forming c."""
+    route = dar_route_flops({**p, "n": p["n"] + 1})
+    return {FWD: route[FWD] + (p["a"] - 1) * p["B"] * p["T"] * p["d"], BWD: route[BWD]}
+
+
 def recurse_flops(p: dict) -> dict:
     """The products of K blocks applied L times (forward only): per token 2 d (3d + d + 2f) for QKV, W_o and
     the MLP, per sample and head 4 T^2 d_h for the scores and P v."""
     B, T, d, f = p["B"], p["T"], p["d"], p["f"]
     per_block = 2 * B * T * d * (4 * d + 2 * f) + 4 * B * T * T * d
     return {FWD: p["K"] * p["L"] * per_block, BWD: 0}
+
+
+def sink_mass_flops(p: dict) -> dict:
+    """The scores of every query (the lse needs all rows), 2 N_q N_k d per (b, h)."""
+    return {FWD: 2 * p["B"] * p["H"] * p["N_q"] * p["N_k"] * p["d"], BWD: 0}
 
 
 def sink_attention_flops(p: dict) -> dict:
@@ -83,6 +94,7 @@ def sink_attention_flops(p: dict) -> dict:
 # FLOPs per workload name (the op, or the op and the form of its call).
 FLOPS: dict[str, Callable[[dict], dict]] = {
     "dar_route": dar_route_flops,
+    "dar_gather": dar_gather_flops,
     # fwd: mu = a x + b v, x_next - mu, its square summed (6); y form: y - b v, squared and summed (4);
     # bwd: the residual again and dv = c r (4; y form 3)
     "grpo_iso_loss": _per_element(6, 4, _latents),
@@ -94,6 +106,7 @@ FLOPS: dict[str, Callable[[dict], dict]] = {
     "ntrk_tilted_step": _per_element(4, 1, _samples),
     "twoos_project": _per_element(0, 0, _samples),
     "recurse": recurse_flops,
+    "sink_mass": sink_mass_flops,
     "sink_attention": sink_attention_flops,
 }
 

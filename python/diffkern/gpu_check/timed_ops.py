@@ -1,6 +1,7 @@
 """The op calls the GPU check times, at their real shapes: the benchmark's workloads (DiT-XL/2 routing,
-Wan Flow-GRPO loss, FLUX/Wan NoiseTilt, Sudoku R-MDM) and the ops it has no workload for (flow_sde_step
-and twoos_project at the same latents, sink_attention at SD3's N = 4096 + 333 tokens).
+Wan Flow-GRPO loss, FLUX/Wan NoiseTilt, Sudoku R-MDM) and the ops it has no workload for (dar_gather at
+the same routing shape, flow_sde_step and twoos_project at the same latents, sink_mass and sink_attention
+at SD3's N = 4096 + 333 tokens). whiten (the 2OS kernels again) and twoos_bands (host tables) are not timed.
 
 Each `TimedCall` names the registry ops its call runs, so the GPU backends it can be forced onto are those
 every one of them has (`backends`), and whether the issue's memory-bound bars apply to it.
@@ -13,12 +14,14 @@ import torch
 
 from .. import _registry
 from ..bench import dar, grpo, ntrk, rmdm
-from ..bench.workload import FWD, STEP, Case, Workload
+from ..bench.workload import BWD, FWD, STEP, Case, Workload
+from ..dar import dar_gather
+from ..dar.reference import dar_gather_reference
 from ..grpo import flow_sde_step
 from ..grpo import reference as grpo_reference
 from ..ntrk.api import twoos_project
 from ..sinks import reference as sinks_reference
-from ..sinks.op import sink_attention
+from ..sinks.op import sink_attention, sink_mass
 
 SD3 = dict(B=2, H=24, n_query=4096, n_text=333, d=64)
 
@@ -48,10 +51,39 @@ def _no_specs():
     return []
 
 
+def _gather_case(n: int, a: int, B: int, T: int, d: int) -> Case:
+    return Case(f"n={n}+{a} B={B} T={T} d={d}", dict(n=n, a=a, B=B, T=T, d=d), B * T)
+
+
+def _gather_args(case: Case, dtype: torch.dtype, device: str):
+    p = case.params
+    sources, q, gain = dar._make_args(dar._case(p["n"] + p["a"], p["B"], p["T"], p["d"]), dtype, device)
+    return sources[:p["n"]], sources[p["n"]:], q, gain
+
+
+def _gather_min_bytes(case: Case, itemsize: int) -> dict:
+    """fwd: n sources, a addends, q, gain read, h and c written; bwd (the gradient through h): dh read, the
+    gradients of every input written."""
+    p = case.params
+    stream, small = p["B"] * p["T"] * p["d"], p["B"] * p["d"] + p["d"]
+    inputs = (p["n"] + p["a"]) * stream + small
+    return {FWD: itemsize * (inputs + 2 * stream), BWD: itemsize * (stream + inputs)}
+
+
+# DiT-XL/2 chunked routing (S=4): a chunk's routing op reads the 15 sources before it and forms the new
+# chunk summary from its 3 sublayer outputs (diffkern.gpu_check.cases' real dar_gather case, at the bench's B).
+GATHER = Workload(
+    name="dar_gather", title="DAR chunked gathering (dar_gather, the gradient through h)",
+    full_cases=(_gather_case(15, 3, **dar.SITXL),), quick_cases=(), make_args=_gather_args,
+    diffkern=lambda sources, addends, q, gain: dar_gather(sources, addends, q, gain)[0],
+    reference=lambda sources, addends, q, gain: dar_gather_reference(sources, addends, q, gain)[0],
+    min_bytes=_gather_min_bytes, aot_specs=_no_specs, spec_used=lambda spec, c, dtype: False)
+
+
 def _forward_only(name, title, cases, make_args, diffkern, eager, min_fwd_bytes) -> Workload:
     return Workload(name=name, title=title, full_cases=cases, quick_cases=cases, make_args=make_args,
                     diffkern=diffkern, reference=eager,
-                    min_bytes=lambda c, itemsize: {FWD: min_fwd_bytes(c, itemsize), "bwd": 0},
+                    min_bytes=lambda c, itemsize: {FWD: min_fwd_bytes(c, itemsize), BWD: 0},
                     aot_specs=_no_specs, spec_used=lambda spec, c, dtype: False)
 
 
@@ -105,6 +137,14 @@ def sink_attention_eager(q, k, v, n_query):
     return sinks_reference.sink_suppress(q, k, v, None, None, idx, n_query, scale, -1e4)[0]
 
 
+MASS = _forward_only(
+    "sink_mass", "Attention sink mass (sink_mass, image queries)", (_sink_case(**SD3),), _sink_args,
+    lambda q, k, v, n: sink_mass(q, k, n_query=n)[0],
+    lambda q, k, v, n: sinks_reference.sink_mass(q, k, n, q.shape[-1] ** -0.5)[0],
+    # reads q, k; writes mass [B, H, N_k] and lse [B, H, N_q] (float32)
+    lambda c, itemsize: c.params["B"] * c.params["H"] * ((c.params["N_q"] + c.params["N_k"]) * c.params["d"] * itemsize
+                                                         + 4 * (c.params["N_q"] + c.params["N_k"])))
+
 SINKS = _forward_only(
     "sink_attention", "Attention sinks (sink_attention, per-head top-1, image rows)", (_sink_case(**SD3),), _sink_args,
     lambda q, k, v, n: sink_attention(q, k, v, k_sink=1, mode="per_head", row_scope="image", n_query=n),
@@ -121,6 +161,7 @@ def calls() -> list[TimedCall]:
     route, (loss_y, loss) = dar.ROUTE, grpo.WORKLOADS
     step, tilted = ntrk.STEP_WORKLOAD, ntrk.TILTED_WORKLOAD
     out = [TimedCall(route, c, (FWD, STEP), ("dar_route_fwd", "dar_route_bwd"), True) for c in route.full_cases]
+    out += [TimedCall(GATHER, GATHER.full_cases[0], (FWD, STEP), ("dar_gather_fwd", "dar_gather_bwd"), False)]
     out += [TimedCall(w, c, (FWD, STEP), ("grpo_log_prob", "grpo_log_prob_bwd"), True)
             for w in (loss, loss_y) for c in w.full_cases]
     out += [TimedCall(SDE_STEP, SDE_STEP.full_cases[0], (FWD,), ("flow_sde_step",), True)]
@@ -129,6 +170,7 @@ def calls() -> list[TimedCall]:
         out += [TimedCall(PROJECT, c, (FWD,), ("twoos_project",), True),
                 TimedCall(tilted, c, (FWD, STEP), ("twoos_project", "ntrk_step"), False)]
     out += [TimedCall(rmdm.RECURSE, c, (FWD,), ("rmdm_recurse",), False) for c in rmdm.RECURSE.full_cases]
+    out += [TimedCall(MASS, MASS.full_cases[0], (FWD,), ("sink_mass",), False)]
     out += [TimedCall(SINKS, SINKS.full_cases[0], (FWD,),
                       ("sink_attention_fwd", "sink_mass", "sink_topk", "sink_suppress"), False)]
     return sorted(out, key=lambda call: call.case != call.workload.full_cases[0])
