@@ -90,6 +90,13 @@ def test_launched_kernels_are_compared_with_their_aot_spec(maxnreg_of_launch, n_
     assert row.metrics["n_regs"] == 118 and row.metrics["aot_registers"] == 120
 
 
+def test_a_launch_is_judged_without_its_aot_figures_when_they_were_not_compiled():
+    specs, spec = _spec("ntrk_step_kernel")
+    launched = registers.Launched("ntrk_step_kernel", dict(spec.constexprs), spec.num_warps, None, 90, 0)
+    row = registers.compare(launched, spec, None)
+    assert row.status == "fail" and "maxnreg None" in row.detail and "not compiled" in row.detail
+
+
 def test_a_configuration_without_an_aot_spec_is_reported():
     specs, spec = _spec("ntrk_step_kernel")
     launched = registers.Launched("ntrk_step_kernel", dict(spec.constexprs), spec.num_warps + 64, spec.maxnreg, 90, 0)
