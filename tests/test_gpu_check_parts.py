@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from diffkern import _cooperative
+from diffkern.bench import dar, grpo, ntrk
 from diffkern.bench.workload import FWD
-from diffkern.gpu_check import cooperative, registers, sanitizer, timing
+from diffkern.gpu_check import cooperative, registers, sanitizer, timed_ops, timing
 from diffkern.gpu_check.timed_ops import SINKS, calls
 from diffkern.rmdm import triton_persistent
 from diffkern.testing.aot import Resources, integer_arguments, jit_function, library_specs
@@ -188,3 +189,26 @@ def test_dry_run_timing_rows_carry_every_calls_roofline():
     assert len(rows) == sum(len(c.passes) for c in calls())
     assert all(r.status == "skip" and r.metrics["roofline"]["h100_us"] > 0 for r in rows)
     assert {r.name.rsplit(" ", 1)[-1] for r in rows} == {FWD, "fwd+bwd"}
+
+
+TINY = {"dar_route": dar._case(3, 2, 5, 40), "dar_gather": timed_ops._gather_case(3, 2, 2, 5, 40),
+        "grpo_iso_loss_y": grpo._case(2, (37,)), "ntrk_tilted_step": ntrk._case(2, (4, 8, 8), tile=16),
+        "sink_attention": timed_ops._sink_case(1, 2, 24, 9, 16)}
+
+
+def test_the_gpu_timing_path_builds_its_rows_with_a_stand_in_timer(monkeypatch):
+    """_time_call's GPU code (inputs, every candidate, both passes, rates and bars) on tiny CPU cases in the
+    interpreter, each candidate called once by a timer that reports 1 ms."""
+    monkeypatch.setattr(timing, "bench_ms", lambda fn, small: (fn(), (1.0, "stand-in"))[1])
+    ctx = types.SimpleNamespace(device=torch.device("cpu"), time_left=lambda: 0.0, peaks={"copy_gbps": 1.0})
+    for call in calls():
+        if call.workload.name in TINY and call.case == call.workload.full_cases[0]:
+            tiny = types.SimpleNamespace(workload=call.workload, case=TINY[call.workload.name], passes=call.passes,
+                                         memory_bound=call.memory_bound, name=call.name, backends=lambda: ("triton",))
+            rows = timing._time_call(ctx, tiny, "default")
+            info = [r for r in rows if r.status == "info"]
+            assert len(info) == len(call.passes), [r.name for r in rows]
+            expected = {"eager"} | ({"sdpa_flash"} if call.workload is SINKS else set())
+            assert all(set(r.metrics["ms"]) == {"diffkern[triton]"} | expected for r in info)
+            assert all(r.metrics["compile_mode"] == "skipped (time)" for r in info)
+            assert all(r.status in ("met", "not met", "skip") for r in rows if r.status != "info")
