@@ -23,6 +23,7 @@ from ..bench import rmdm
 from ..rmdm import reference, triton_kernels, triton_persistent
 from ..testing.numerics import max_error, oracle_with_spread, tolerance
 from .context import Row
+from .correctness import _last_line
 
 SECTION = "cooperative"
 LAUNCHES = 1000
@@ -122,10 +123,9 @@ def refusal_check(device: torch.device, how: str) -> Row:
     except _cooperative.LaunchRefused as refused:
         counter = _cooperative.sync_buffer(device).tolist()
         return Row(SECTION, name, "pass" if counter == [0, 0] else "fail",
-                   f"{str(refused)[:160]}; barrier counter {counter}", {"programs": K * pb, "counter": counter})
+                   f"{_last_line(refused)}; barrier counter {counter}", {"programs": K * pb, "counter": counter})
     except Exception as error:  # noqa: BLE001 - a refusal _cooperative does not recognise
-        return Row(SECTION, name, "fail", f"not a LaunchRefused: {type(error).__name__}: "
-                                          f"{(str(error).splitlines() or [''])[0][:160]}", {"programs": K * pb})
+        return Row(SECTION, name, "fail", f"not a LaunchRefused: {_last_line(error)}", {"programs": K * pb})
     return Row(SECTION, name, "fail", "the launch ran: a grid beyond the SMs' threads cannot be co-resident")
 
 
@@ -169,7 +169,7 @@ def run(ctx) -> list[Row]:
         try:
             rows.append(barrier_check(shape, dtype, pb, LAUNCHES, ctx.device))
         except refused as error:  # a smaller GPU (an A100 has 108 SMs) cannot hold 128 of these programs
-            rows.append(Row(SECTION, f"recurse persistent {shape[5] * pb} programs", "skip", str(error)[:200]))
+            rows.append(Row(SECTION, f"recurse persistent {shape[5] * pb} programs", "skip", _last_line(error)))
     if ctx.time_left() < RESERVE_S:
         return rows + [Row(SECTION, "recurse persistent fallback (not co-resident)", "skip", "out of time")]
     return rows + fallback_rows(ctx.device)

@@ -22,6 +22,7 @@ import torch
 from ..bench.roofline import roofline
 from ..bench.workload import STEP, forward_call, requiring_grad, step_call
 from .context import Row
+from .correctness import _last_line
 from .timed_ops import SINKS, TimedCall, calls
 
 SECTION = "timing"
@@ -34,11 +35,6 @@ RESERVE_S, COMPILE_S = 45.0, 30.0
 # so it keeps Triton's default 20 ms (thousands of microsecond calls to capture, not tens of thousands).
 WARMUP_MS, REP_MS, GRAPH_REP_MS = 25, 100, 20
 EAGER_BAR, COMPILE_BAR, BANDWIDTH_BAR, FLASH_BAR = 1.5, 1.5, 0.8, 1.3
-
-
-def one_line(error: BaseException) -> str:
-    """The error's type and the first line of its message, cut to 200 characters."""
-    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
 
 
 def bench_ms(fn, small: bool) -> tuple[float, str]:
@@ -54,7 +50,7 @@ def bench_ms(fn, small: bool) -> tuple[float, str]:
                 return do_bench_cudagraph(fn, rep=GRAPH_REP_MS, return_mode="median"), "cudagraph"
         except Exception as error:  # noqa: BLE001 - noted in the row, timed without the graph
             torch.cuda.synchronize()
-            method = f"do_bench (cudagraph capture failed: {one_line(error)})"
+            method = f"do_bench (cudagraph capture failed: {_last_line(error)})"
     return do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median"), method
 
 
@@ -157,7 +153,7 @@ def run(ctx) -> list[Row]:
         try:
             rows += _time_call(ctx, call, compile_mode)
         except Exception as error:  # noqa: BLE001 - one call failing must not hide the others' times
-            rows.append(Row(SECTION, call.name, "fail", one_line(error)))
+            rows.append(Row(SECTION, call.name, "fail", _last_line(error)))
             gc.collect()
             torch.cuda.empty_cache()
     return rows
