@@ -65,7 +65,8 @@ def _fake_kernel(spec, maxnreg, n_regs, n_spills, extra_constants=None):
     """A stand-in JITFunction whose device cache holds one compiled configuration of `spec`."""
     fn = jit_function(spec.kernel)
     constants = {(fn.arg_names.index(k),): v for k, v in {**spec.constexprs, **(extra_constants or {})}.items()}
-    compiled = types.SimpleNamespace(src=types.SimpleNamespace(constants=constants), n_regs=n_regs, n_spills=n_spills,
+    source = types.SimpleNamespace(constants=constants, signature=dict(spec.signature))
+    compiled = types.SimpleNamespace(src=source, n_regs=n_regs, n_spills=n_spills,
                                      metadata=types.SimpleNamespace(num_warps=spec.num_warps, maxnreg=maxnreg))
     return types.SimpleNamespace(__name__=fn.__name__, arg_names=fn.arg_names,
                                  device_caches={0: ({"key": compiled}, {}, None, None, None)})
@@ -85,7 +86,7 @@ def test_launched_kernels_are_compared_with_their_aot_spec(maxnreg_of_launch, n_
     fake = _fake_kernel(spec, maxnreg, 118, n_spills, {integer_arguments(spec)[0]: 1})
     (launched,) = registers.launched_kernels(fake)
     match = registers.match_spec(launched, specs)
-    assert match.constexprs == spec.constexprs and match.num_warps == spec.num_warps
+    assert match is spec
     row = registers.compare(launched, match, _aot(match, aot_spills))
     assert row.status == status, row.detail
     assert row.metrics["n_regs"] == 118 and row.metrics["aot_registers"] == 120

@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .context import Row
@@ -33,13 +33,15 @@ DRY_RUN_KERNELS = ("ntrk_step_kernel", "route_fwd_kernel")
 @dataclass(frozen=True)
 class Launched:
     """One configuration of a Triton kernel that ran: its function name, constexprs (the launch's
-    specialisations included), num_warps, the maxnreg it was compiled with, and the driver's figures."""
+    specialisations included), num_warps, the maxnreg it was compiled with, the driver's figures, and its
+    pointer arguments' types ("*bf16", ...: the dtype variant, which no constexpr names)."""
     kernel: str
     constexprs: dict
     num_warps: int
     maxnreg: int | None
     n_regs: int
     n_spills: int
+    pointers: dict = field(default_factory=dict)
 
 
 def _compiled_kernels(fn) -> list:
@@ -55,8 +57,10 @@ def launched_kernels(fn) -> list[Launched]:
             ck._init_handles()  # n_regs/n_spills are read when the binary is loaded
         names = fn.arg_names
         constants = getattr(ck.src, "constants", {})
+        pointers = {k: v for k, v in getattr(ck.src, "signature", {}).items() if str(v).startswith("*")}
         out.append(Launched(fn.__name__, {names[k[0]]: v for k, v in constants.items() if len(k) == 1},
-                            ck.metadata.num_warps, getattr(ck.metadata, "maxnreg", None), ck.n_regs, ck.n_spills))
+                            ck.metadata.num_warps, getattr(ck.metadata, "maxnreg", None), ck.n_regs, ck.n_spills,
+                            pointers))
     return out
 
 
@@ -65,11 +69,12 @@ def _same(a, b) -> bool:
 
 
 def match_spec(launched: Launched, specs) -> object | None:
-    """The AOT spec of `launched`'s kernel and num_warps whose constexprs the launch all has, the one
-    naming the most constexprs; None when no spec describes this configuration."""
+    """The AOT spec of `launched`'s kernel, num_warps and pointer types whose constexprs the launch all has,
+    the one naming the most constexprs; None when no spec describes this configuration."""
     from ..testing.aot import jit_function
     fits = [s for s in specs if jit_function(s.kernel).__name__ == launched.kernel and s.num_warps == launched.num_warps
-            and all(k in launched.constexprs and _same(launched.constexprs[k], v) for k, v in s.constexprs.items())]
+            and all(k in launched.constexprs and _same(launched.constexprs[k], v) for k, v in s.constexprs.items())
+            and all(s.signature.get(k, v) == v for k, v in launched.pointers.items())]
     return max(fits, key=lambda s: len(s.constexprs), default=None)
 
 
