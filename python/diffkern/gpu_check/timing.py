@@ -97,6 +97,22 @@ def bar_rows(call: TimedCall, label: str, ms: dict, diffkern_ms: float, gbps: fl
     return rows
 
 
+def backend_rows(call: TimedCall, p: str, name: str, ms: dict, how: dict, roof, peaks: dict) -> list[Row]:
+    """The info row of candidate `name` (a diffkern backend) in pass `p` (its time, achieved rates and their
+    fractions of the measured peaks, the other candidates' times), then its bar rows."""
+    achieved = roof.achieved(ms[name] * 1e-3)
+    copy, matmul = (achieved[a] / peaks[k] if peaks.get(k) else None
+                    for a, k in (("gbps", "copy_gbps"), ("tflops", "bf16_tflops")))
+    rates = (f"{achieved['gbps']:.0f} GB/s" + (f" ({copy:.0%} of copy)" if copy else "") + ", "
+             f"{achieved['tflops']:.1f} TFLOP/s" + (f" ({matmul:.0%} of bf16 matmul)" if matmul else ""))
+    others = ", ".join(f"{k} {v:.4g} ms" for k, v in ms.items() if not k.startswith("diffkern"))
+    label = f"{p} {name.removeprefix('diffkern[').rstrip(']')}"
+    row = Row(SECTION, f"{call.name} {label}", "info", f"{ms[name]:.4g} ms, {rates}; {others}",
+              {"ms": ms, **how, "roofline": roof.as_dict(), **achieved, "copy_gbps_of_peak": copy,
+               "bf16_tflops_of_peak": matmul})
+    return [row, *bar_rows(call, label, ms, ms[name], achieved["gbps"], peaks)]
+
+
 def _time_call(ctx, call: TimedCall, compile_mode: str) -> list[Row]:
     roof = roofline(call.workload, call.case, DTYPE.itemsize)
     args = call.workload.make_args(call.case, DTYPE, ctx.device)
@@ -115,16 +131,8 @@ def _time_call(ctx, call: TimedCall, compile_mode: str) -> list[Row]:
             with context():
                 ms[name], methods[name] = bench_ms(timed, roof[p].h100_s() < SMALL_CALL_S)
         for name in (n for n in ms if n.startswith("diffkern")):
-            achieved = roof[p].achieved(ms[name] * 1e-3)
-            fractions = {f"{k}_of_peak": achieved[a] / ctx.peaks[k] if ctx.peaks.get(k) else None
-                         for a, k in (("gbps", "copy_gbps"), ("tflops", "bf16_tflops"))}
-            label = f"{p} {name.removeprefix('diffkern[').rstrip(']')}"
-            rows.append(Row(SECTION, f"{call.name} {label}", "info",
-                            f"{ms[name]:.4g} ms, {achieved['gbps']:.0f} GB/s, {achieved['tflops']:.1f} TFLOP/s; "
-                            + ", ".join(f"{k} {v:.4g} ms" for k, v in ms.items() if not k.startswith("diffkern")),
-                            {"ms": ms, "timed_by": methods, "compile_mode": with_compile or "skipped (time)",
-                             "roofline": roof[p].as_dict(), **achieved, **fractions}))
-            rows += bar_rows(call, label, ms, ms[name], achieved["gbps"], ctx.peaks)
+            rows += backend_rows(call, p, name, ms, {"timed_by": methods, "compile_mode": with_compile or
+                                                     "skipped (time)"}, roof[p], ctx.peaks)
     del args, grad_args, candidates
     gc.collect()
     torch.cuda.empty_cache()
