@@ -114,6 +114,7 @@ def backend_rows(call: TimedCall, p: str, name: str, ms: dict, how: dict, roof, 
 
 
 def _time_call(ctx, call: TimedCall, compile_mode: str) -> list[Row]:
+    """Every candidate in every pass of `call` in bf16; torch.compile only while the time left allows it."""
     roof = roofline(call.workload, call.case, DTYPE.itemsize)
     args = call.workload.make_args(call.case, DTYPE, ctx.device)
     grad_args = requiring_grad(args) if STEP in call.passes else None
