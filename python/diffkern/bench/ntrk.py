@@ -78,14 +78,18 @@ def _tilted_diffkern(mu, eps, guidance: Guidance):
     return ntrk_step(mu, SIGMA, w, RHO, eps=eps)
 
 
-def _tilted_reference(mu, eps, guidance: Guidance):
-    g, tile = guidance.g, guidance.tile
+def project_reference(g, tile: int):
+    """twoos_project's one pass in eager PyTorch (g [B, N], N a multiple of `tile`): w in g's dtype."""
     lower, upper = bands_on(g.shape[1] // tile, tile, 1e-4, "normal", None, _dtypes.acc(g.dtype), g.device)
     # one pass, as the kernels make for an input already in the set (no data-dependent loop: the eager
     # traffic count runs this on meta tensors)
     B, (M, D) = g.shape[0], lower.shape
     w = reference.project_pass(g.to(lower.dtype).reshape(B, M, D), lower, upper, clip=True)[0].reshape(g.shape)
-    w = w.to(g.dtype)
+    return w.to(g.dtype)
+
+
+def _tilted_reference(mu, eps, guidance: Guidance):
+    w = project_reference(guidance.g, guidance.tile)
     return reference.ntrk_step(mu, _per_sample(mu, SIGMA), w, _per_sample(mu, RHO), eps, None)
 
 

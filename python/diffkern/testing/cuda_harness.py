@@ -61,6 +61,13 @@ def loaded() -> bool:
     return _loaded
 
 
+def built() -> bool:
+    """Whether the extension of the current sources is built already (then `load` takes a second, not minutes)."""
+    key = _key()
+    return (ROOT / "tests" / "harness_ext").is_dir() and (ROOT / "build" / f"harness-ext-{key}" /
+                                                         f"diffkern_harness_{key}.so").is_file()
+
+
 @dataclass
 class Traffic:
     """Distinct global-memory bytes each harness launch touched, summed over launches (csrc/harness/traffic.h)."""
