@@ -157,7 +157,8 @@ def recurse_tiled_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, qkv_pt
 
 
 def recurse_fwd(x, weights, mod, n_iter, heads, eps):
-    """The triton backend of diffkern::rmdm_recurse: the persistent kernel where its plan allows, else the tiled one."""
+    """The triton backend of diffkern::rmdm_recurse: the persistent kernel where its plan allows and the device
+    accepts its cooperative launch, else the tiled one (the same states)."""
     B, T, d = x.shape
     if d > MAX_D or T > MAX_T:
         raise ValueError(f"recurse: the triton backend runs T <= {MAX_T} and d <= {MAX_D}, got T={T}, d={d}")
@@ -165,7 +166,10 @@ def recurse_fwd(x, weights, mod, n_iter, heads, eps):
     pb = triton_persistent.plan(B * T, d, weights[8].shape[0], len(weights) // N_PARAMS, x.element_size(),
                                 _cooperative.max_programs(x.device))
     if pb is not None:
-        return triton_persistent.recurse_persistent(x, weights, mod, n_iter, heads, eps, pb)
+        try:
+            return triton_persistent.recurse_persistent(x, weights, mod, n_iter, heads, eps, pb)
+        except _cooperative.LaunchRefused as refused:  # the grid cannot be co-resident here after all
+            _cooperative.fall_back(refused, "the tiled kernel")
     return recurse_tiled(x, weights, mod, n_iter, heads, eps)
 
 
@@ -184,7 +188,8 @@ def recurse_tiled(x, weights, mod, n_iter, heads, eps):
     mod_arg = mod if mod is not None else x
     recurse_tiled_kernel[(B,)](x, table, mod_arg, states, h, u, qkv, ctx, g, T, d, weights[8].shape[0],
                                len(weights) // N_PARAMS, n_iter, heads, d // heads, (d // heads) ** -0.5, eps,
-                               DT=TL_DTYPE[x.dtype], HAS_MOD=mod is not None, num_warps=num_warps, **cfg)
+                               DT=TL_DTYPE[x.dtype], HAS_MOD=mod is not None, num_warps=num_warps,
+                               maxnreg=_triton.register_budget(num_warps), **cfg)
     return states
 
 

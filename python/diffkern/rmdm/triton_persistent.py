@@ -238,7 +238,8 @@ def recurse_persistent(x, weights, mod, n_iter, heads, eps, programs_per_block: 
     _cooperative.launch(recurse_persistent_kernel, (K * programs_per_block,), x, table,
                         mod if mod is not None else x, states, h, u, qkv, ctx, part, _cooperative.sync_buffer(x.device),
                         N, T, d, f, K, n_iter, heads, d // heads, (d // heads) ** -0.5, eps, programs_per_block,
-                        DT=TL_DTYPE[x.dtype], HAS_MOD=mod is not None, num_warps=num_warps, **cfg)
+                        DT=TL_DTYPE[x.dtype], HAS_MOD=mod is not None, num_warps=num_warps,
+                        maxnreg=_triton.register_budget(num_warps), **cfg)
     return states
 
 
