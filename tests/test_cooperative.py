@@ -163,7 +163,6 @@ class FakeGpuKernel:
 @pytest.fixture
 def fake_gpu(monkeypatch):
     monkeypatch.setattr(_cooperative._triton, "interpreting", lambda: False)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: H100)
 
 

@@ -128,7 +128,7 @@ def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
     The kernel's barrier counter is its argument `sync_ptr`. Raises LaunchRefused when the grid cannot be
     co-resident; after any failed launch the counter is zeroed again.
     """
-    sync = {**dict(zip(kernel.arg_names, args)), **kwargs}["sync_ptr"]
+    sync = _sync_argument(kernel, args, kwargs)
     try:
         (_launch_interpreted if _triton.interpreting() else _launch_on_gpu)(kernel, grid, args, kwargs)
     except BaseException as error:
@@ -139,11 +139,16 @@ def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
         raise
 
 
+def _sync_argument(kernel, args, kwargs) -> torch.Tensor:
+    return {**dict(zip(kernel.arg_names, args)), **kwargs}["sync_ptr"]
+
+
 def _launch_on_gpu(kernel, grid, args, kwargs) -> None:
     compiled = kernel.warmup(*args, grid=grid, launch_cooperative_grid=True, **kwargs)
     compiled._init_handles()  # loads the module: n_regs
     n = _programs(grid)
-    fits = co_resident_programs(compiled, torch.cuda.get_device_properties(torch.cuda.current_device()))
+    device = _sync_argument(kernel, args, kwargs).device
+    fits = co_resident_programs(compiled, torch.cuda.get_device_properties(device))
     if n > fits:
         raise LaunchRefused(kernel.__name__, f"{n} programs, the device keeps {fits} of them resident "
                                              f"({compiled.n_regs} registers, {compiled.metadata.shared} B shared)")
