@@ -29,7 +29,7 @@ def dar_route(g):
 
 
 def dar_gather(g):
-    h, c = diffkern.dar.dar_gather([_randn(g, 2, 5, 8)], [_randn(g, 2, 5, 8)], _randn(g, 8), _randn(g, 8))
+    diffkern.dar.dar_gather([_randn(g, 2, 5, 8)], [_randn(g, 2, 5, 8)], _randn(g, 8), _randn(g, 8))
 
 
 def grpo(g):
