@@ -2,7 +2,8 @@
 
 Environment variables (all documented in README.md):
   DIFFKERN_CUDA=0|1        force the CUDA sources off/on (default: on when nvcc is found and torch is a CUDA build)
-  TORCH_CUDA_ARCH_LIST     GPU archs (default "8.0;9.0a")
+  TORCH_CUDA_ARCH_LIST     GPU archs (default CUDA_ARCHS: sm_80 and sm_90a cubins, and compute_80 PTX that newer
+                           GPUs, Blackwell on, JIT-compile at load)
   DIFFKERN_CPU_ARCH        -march of the CPU kernels, a ';'-separated list, baseline first (default on x86-64:
                            "x86-64-v2;x86-64-v3;x86-64-v4", the widest the CPU runs chosen at load; elsewhere the
                            compiler's default target); one name ("native" for a build that only runs here) builds
@@ -74,6 +75,12 @@ def version():
 def install_requires():
     """torch at the release built against (a local label such as +cu130 dropped), and the band tables' math."""
     return [f"torch=={torch.__version__.split('+')[0]}", "numpy>=1.26", "scipy>=1.11"]
+
+
+# "+PTX" (torch's syntax) embeds compute_80 PTX beside the sm_80 cubin, from the same front-end pass: no
+# measurable build time (an sm_90 cubin with compute_90 PTX instead adds ~50% to each CUDA file's compile).
+# CMakeLists.txt has the same default.
+CUDA_ARCHS = "8.0+PTX;9.0a"
 
 
 def want_cuda():
@@ -150,7 +157,7 @@ def cpu_kernels(variant, cxx, link):
 def extensions():
     """diffkern._C (schemas, CPU kernel loader, CUDA kernels; baseline ISA) and one CPU kernel library per variant."""
     with_cuda = want_cuda()
-    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CUDA_ARCHS)
     variants = cpu_variants()
     write_build_info(with_cuda, archs, variants)
     debug = os.environ.get("DIFFKERN_DEBUG") == "1"

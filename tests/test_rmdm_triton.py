@@ -113,6 +113,30 @@ def test_the_op_runs_the_kernel_the_plan_picks(monkeypatch):
         assert [r.kernel for r in mon.launches] == [kernel]
 
 
+def test_a_refused_cooperative_launch_falls_back_to_the_tiled_kernel(monkeypatch):
+    """The driver refusing the persistent kernel's grid (simulated: the launch dirties the counter and raises
+    Triton's error for CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE) runs the tiled kernel: the same states, one
+    warning for any number of calls, the counter zeroed."""
+    from diffkern import _cooperative
+
+    def refused(kernel, grid, args, kwargs):
+        kwargs.get("sync_ptr", args[kernel.arg_names.index("sync_ptr")]).fill_(5)
+        raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
+    monkeypatch.setattr(_cooperative, "_launch_interpreted", refused)
+    monkeypatch.setattr(_cooperative, "_warned", set())
+    shape = (2, 5, 6, 10, 2, 2, 3)
+    blocks, x, mod = make(shape, torch.float32, True)
+    tiled = triton_kernels.recurse_tiled(x, weights_of(blocks), mod, shape[6], shape[4], EPS)
+    with pytest.warns(RuntimeWarning, match="recurse_persistent_kernel.*refused.*tiled kernel") as caught:
+        for _ in range(2):
+            with forced("triton"), TritonMonitor() as mon:
+                states = diffkern.recurse(blocks, x, shape[6], heads=shape[4], mod=mod, return_all=True)
+            assert [r.kernel for r in mon.launches] == ["recurse_tiled_kernel"]
+            assert torch.equal(states, tiled)
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
+    assert _cooperative.sync_buffer(x.device).tolist() == [0, 0]
+
+
 def test_every_program_passes_syncs_per_call_barriers(monkeypatch):
     """Counts the barrier arrivals (atomic adds of 1): syncs_per_call per program, plus one exit each; the
     counter is back at zero afterwards, ready for the next launch on the stream."""

@@ -110,6 +110,14 @@ def tensor_table(tensors: Sequence[torch.Tensor], device: torch.device, stride_d
     return table.to(device, non_blocking=True) if device.type != "cpu" else table
 
 
+def aligned(tensors: Sequence[torch.Tensor], stride_dims: Sequence[int] = ()) -> bool:
+    """Whether every tensor starts 16-byte aligned and its strides along `stride_dims` are whole multiples
+    of 16 bytes: what a kernel may then state (tl.multiple_of) about the pointers and strides it reads from
+    a tensor_table, which carry no alignment facts of their own, to load 16 bytes at a time."""
+    return all(t.data_ptr() % 16 == 0 and all(t.stride(k) * t.element_size() % 16 == 0 for k in stride_dims)
+               for t in tensors)
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     """One launch configuration of a Triton kernel, enough to compile it ahead of time for a GPU.

@@ -49,7 +49,8 @@ def _spec_used(spec, case: Case, dtype: torch.dtype) -> bool:
     return (spec.tags.get("dtype") == _dtypes.name(dtype)
             and spec.constexprs.get("BLOCK_D") == max(16, triton.next_power_of_2(case.params["d"]))
             and spec.constexprs.get("DYNAMIC_Q", False) == (case.params["q"] == "[B,T,d]")
-            and not spec.constexprs.get("HAS_DLAST", False))
+            and not spec.constexprs.get("HAS_DLAST", False)
+            and spec.constexprs["ALIGNED"])  # the cases' tensors are torch allocations
 
 
 def _modeled(case: Case, dtype: torch.dtype) -> dict:

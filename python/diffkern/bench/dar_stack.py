@@ -102,7 +102,8 @@ def _spec_used(spec, case: Case, dtype: torch.dtype) -> bool:
     return (spec.tags.get("dtype") == _dtypes.name(dtype)
             and spec.constexprs.get("BLOCK_D") == max(16, triton.next_power_of_2(case.params["d"]))
             and not spec.constexprs.get("DYNAMIC_Q", False)
-            and (case.params["S"] is not None or not spec.constexprs.get("HAS_DLAST", False)))
+            and (case.params["S"] is not None or not spec.constexprs.get("HAS_DLAST", False))
+            and spec.constexprs["ALIGNED"])  # the cases' tensors are torch allocations
 
 
 STACK = Workload(

@@ -7,7 +7,10 @@ source is read from memory exactly once:
   backward  reads n sources + dh + h + q + gain + lse, writes n dsources + dq, plus one fp32 [d] partial
             per program for the reductions over tokens (dq of a static/timestep q, dgain), summed on the host.
 The sources are reached through a table of (data pointer, batch stride, token stride), so a list of
-any length and layout is read in place.
+any length and layout is read in place. A pointer or stride read from memory carries no alignment facts, so
+the kernels' ALIGNED variant, launched when the host has checked every table tensor (_triton.aligned: 16-byte
+aligned, strides whole multiples of 16 bytes), states them with tl.multiple_of and loads (and stores) 16
+bytes at a time; the other variant serves misaligned views.
 Near the float32 maximum a token's sum of squares (or <q*g, v>, <dh, v>, the weighted sum) overflows
 although every input is finite. A tile holding such a token (any sum or output not finite) routes its
 tokens again with every row scaled by OVERFLOW_RESCALE * sigma and eps by its square (dar_math.h; sigma
@@ -54,11 +57,23 @@ def route_config(d: int, backward: bool) -> tuple[int, int, int]:
 
 
 @triton.jit
-def _load_source(table, i, b, t, dd, mask, dtype: tl.constexpr):
-    """Source i of the (pointer, batch stride, token stride) table as an fp32 [BLOCK_T, BLOCK_D] tile."""
+def _table_ptr(table, i, dtype: tl.constexpr, ALIGNED: tl.constexpr):
+    """Row i's data pointer in a (pointer, batch stride, token stride) table, 16-byte aligned when ALIGNED."""
     base = tl.load(table + 3 * i).to(tl.pointer_type(dtype))
+    if ALIGNED:
+        base = tl.multiple_of(base, 16)
+    return base
+
+
+@triton.jit
+def _load_source(table, i, b, t, dd, mask, dtype: tl.constexpr, ALIGNED: tl.constexpr):
+    """Source i of the (pointer, batch stride, token stride) table as an fp32 [BLOCK_T, BLOCK_D] tile."""
+    base = _table_ptr(table, i, dtype, ALIGNED)
     stride_b = tl.load(table + 3 * i + 1)
     stride_t = tl.load(table + 3 * i + 2)
+    if ALIGNED:  # whole multiples of 16 bytes
+        stride_b = tl.multiple_of(stride_b, 128 // dtype.primitive_bitwidth)
+        stride_t = tl.multiple_of(stride_t, 128 // dtype.primitive_bitwidth)
     offs = b * stride_b + t[:, None] * stride_t + dd[None, :]
     return tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
 
@@ -85,13 +100,13 @@ def _fold(v, qg, m, l, acc, probe, inv_d, inv_sqrt_d, eps):
 
 @triton.jit
 def _overflow_scale(src_table, n_src, c_ptr, n_add, b, t, dd, mask, row, inv_d, dtype: tl.constexpr,
-                    BLOCK_T: tl.constexpr):
+                    BLOCK_T: tl.constexpr, ALIGNED: tl.constexpr):
     """sigma [BLOCK_T] of the overflow fallback: 1 / sqrt(m), m the largest mean((v * OVERFLOW_RESCALE)^2)
     over each token's sources and stored summary c (when n_add > 0) (dar_math.h overflow_rms_scale); 1
     where m is 0, inf or NaN."""
     m = tl.zeros([BLOCK_T], tl.float32)
     for i in range(n_src):
-        v = _load_source(src_table, i, b, t, dd, mask, dtype) * OVERFLOW_RESCALE
+        v = _load_source(src_table, i, b, t, dd, mask, dtype, ALIGNED) * OVERFLOW_RESCALE
         m = tl.maximum(m, tl.sum(v * v, 1) * inv_d)
     if n_add > 0:
         v = tl.load(c_ptr + row, mask=mask, other=0.0).to(tl.float32) * OVERFLOW_RESCALE
@@ -101,7 +116,7 @@ def _overflow_scale(src_table, n_src, c_ptr, n_add, b, t, dd, mask, row, inv_d, 
 
 @triton.jit
 def _route_tile(src_table, n_src, c_ptr, n_add, b, t, dd, mask, row, qg, sigma, inv_d, inv_sqrt_d, eps,
-                dtype: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                dtype: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr):
     """Routes the tile's rows scaled by OVERFLOW_RESCALE * sigma (the stored summary c after the sources,
     when n_add > 0): (h, lse, probe), probe 0 where every sum is finite."""
     m = tl.full([BLOCK_T], float("-inf"), tl.float32)
@@ -110,7 +125,7 @@ def _route_tile(src_table, n_src, c_ptr, n_add, b, t, dd, mask, row, qg, sigma, 
     probe = tl.zeros([BLOCK_T], tl.float32)
     eps_s = eps * (OVERFLOW_RESCALE * sigma) * (OVERFLOW_RESCALE * sigma)
     for i in range(n_src):
-        v = _load_source(src_table, i, b, t, dd, mask, dtype) * OVERFLOW_RESCALE * sigma[:, None]
+        v = _load_source(src_table, i, b, t, dd, mask, dtype, ALIGNED) * OVERFLOW_RESCALE * sigma[:, None]
         m, l, acc, probe = _fold(v, qg, m, l, acc, probe, inv_d, inv_sqrt_d, eps_s)
     if n_add > 0:
         v = tl.load(c_ptr + row, mask=mask, other=0.0).to(tl.float32) * OVERFLOW_RESCALE * sigma[:, None]
@@ -138,7 +153,7 @@ def _query_row(q_ptr, b, stride_qb, dd, d):
 @triton.jit
 def route_fwd_kernel(src_table, add_table, q_ptr, gain_ptr, h_ptr, lse_ptr, c_ptr, n_src, n_add, T, d, n_tiles,
                      stride_qb, stride_qt, inv_d, inv_sqrt_d, eps,
-                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, DYNAMIC_Q: tl.constexpr):
+                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, DYNAMIC_Q: tl.constexpr, ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // n_tiles).to(tl.int64)
     dd = tl.arange(0, BLOCK_D)
@@ -154,12 +169,12 @@ def route_fwd_kernel(src_table, add_table, q_ptr, gain_ptr, h_ptr, lse_ptr, c_pt
     acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
     probe = tl.zeros([BLOCK_T], tl.float32)
     for i in range(n_src):
-        v = _load_source(src_table, i, b, t, dd, mask, h_ptr.dtype.element_ty)
+        v = _load_source(src_table, i, b, t, dd, mask, h_ptr.dtype.element_ty, ALIGNED)
         m, l, acc, probe = _fold(v, qg, m, l, acc, probe, inv_d, inv_sqrt_d, eps)
     if n_add > 0:
         c = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
         for k in range(n_add):
-            c += _load_source(add_table, k, b, t, dd, mask, h_ptr.dtype.element_ty)
+            c += _load_source(add_table, k, b, t, dd, mask, h_ptr.dtype.element_ty, ALIGNED)
         c = c.to(h_ptr.dtype.element_ty)
         tl.store(c_ptr + row, c, mask=mask)
         m, l, acc, probe = _fold(c.to(tl.float32), qg, m, l, acc, probe, inv_d, inv_sqrt_d, eps)
@@ -171,16 +186,17 @@ def route_fwd_kernel(src_table, add_table, q_ptr, gain_ptr, h_ptr, lse_ptr, c_pt
     if tl.max(redo.to(tl.int32), 0) > 0:
         tl.debug_barrier()  # the stored summary c is read back; the rewrites land after the first stores
         sigma = _overflow_scale(src_table, n_src, c_ptr, n_add, b, t, dd, mask, row, inv_d, h_ptr.dtype.element_ty,
-                                BLOCK_T)
+                                BLOCK_T, ALIGNED)
         h, lse, _ = _route_tile(src_table, n_src, c_ptr, n_add, b, t, dd, mask, row, qg, sigma, inv_d, inv_sqrt_d,
-                                eps, h_ptr.dtype.element_ty, BLOCK_T, BLOCK_D)
+                                eps, h_ptr.dtype.element_ty, BLOCK_T, BLOCK_D, ALIGNED)
         tl.store(h_ptr + row, h.to(h_ptr.dtype.element_ty), mask=mask & redo[:, None])
         tl.store(lse_ptr + b * T + t, lse, mask=redo)
 
 
 @triton.jit
 def _bwd_tile(src_table, dsrc_table, n_src, h_ptr, dlast_ptr, b, t, dd, mask, row, qg, dh, lse, pre, sigma, inv_d,
-              inv_sqrt_d, eps, out_mask, HAS_DLAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+              inv_sqrt_d, eps, out_mask, HAS_DLAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+              ALIGNED: tl.constexpr):
     """The tile's gradients with every row scaled by pre * sigma (eps by its square; dv does not change): stores
     each source's dv where out_mask; returns (u = sum_i c_i v_i, probe), probe 0 where every sum, dv and u
     is finite."""
@@ -191,7 +207,7 @@ def _bwd_tile(src_table, dsrc_table, n_src, h_ptr, dlast_ptr, b, t, dd, mask, ro
     probe = delta * 0.0
     u = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
     for i in range(n_src):
-        v = _load_source(src_table, i, b, t, dd, mask, dtype) * pre * sigma[:, None]
+        v = _load_source(src_table, i, b, t, dd, mask, dtype, ALIGNED) * pre * sigma[:, None]
         s, rstd, p, bad = _score(v, qg, inv_d, inv_sqrt_d, eps_s)
         alpha = tl.exp(s - lse)
         da = tl.sum(dh * v, 1)
@@ -202,8 +218,7 @@ def _bwd_tile(src_table, dsrc_table, n_src, h_ptr, dlast_ptr, b, t, dd, mask, ro
         if HAS_DLAST:
             if i == n_src - 1:
                 dv += tl.load(dlast_ptr + row, mask=mask, other=0.0).to(tl.float32)
-        dsrc = tl.load(dsrc_table + 3 * i).to(tl.pointer_type(dtype))
-        tl.store(dsrc + row, dv.to(dtype), mask=out_mask)
+        tl.store(_table_ptr(dsrc_table, i, dtype, ALIGNED) + row, dv.to(dtype), mask=out_mask)
         u += c[:, None] * v
     u = u * (1.0 / sigma)[:, None] * (1.0 / pre)
     return u, probe + tl.sum(u * 0.0, 1)
@@ -212,7 +227,8 @@ def _bwd_tile(src_table, dsrc_table, n_src, h_ptr, dlast_ptr, b, t, dd, mask, ro
 @triton.jit
 def route_bwd_kernel(src_table, dsrc_table, q_ptr, gain_ptr, h_ptr, dh_ptr, lse_ptr, dlast_ptr, dq_ptr, partial_ptr,
                      n_src, T, d, n_chunks, tiles_per_chunk, stride_qb, stride_qt, inv_d, inv_sqrt_d, eps,
-                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, DYNAMIC_Q: tl.constexpr, HAS_DLAST: tl.constexpr):
+                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, DYNAMIC_Q: tl.constexpr, HAS_DLAST: tl.constexpr,
+                     ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // n_chunks).to(tl.int64)
     dd = tl.arange(0, BLOCK_D)
@@ -234,7 +250,7 @@ def route_bwd_kernel(src_table, dsrc_table, q_ptr, gain_ptr, h_ptr, dh_ptr, lse_
         lse = tl.load(lse_ptr + b * T + t, mask=t_ok, other=0.0)
         ones = tl.full([BLOCK_T], 1.0, tl.float32)
         u, probe = _bwd_tile(src_table, dsrc_table, n_src, h_ptr, dlast_ptr, b, t, dd, mask, row, qg, dh, lse, 1.0,
-                             ones, inv_d, inv_sqrt_d, eps, mask, HAS_DLAST, BLOCK_T, BLOCK_D)
+                             ones, inv_d, inv_sqrt_d, eps, mask, HAS_DLAST, BLOCK_T, BLOCK_D, ALIGNED)
         redo = t_ok & (probe != 0.0)
         if DYNAMIC_Q:
             tl.store(dq_ptr + row, (u * g[None, :]).to(dq_ptr.dtype.element_ty), mask=mask)
@@ -244,10 +260,11 @@ def route_bwd_kernel(src_table, dsrc_table, q_ptr, gain_ptr, h_ptr, dh_ptr, lse_
         if tl.max(redo.to(tl.int32), 0) > 0:
             tl.debug_barrier()  # the rewrites below land after this tile's first dv (and dq) stores
             sigma = _overflow_scale(src_table, n_src, h_ptr, 0, b, t, dd, mask, row, inv_d, h_ptr.dtype.element_ty,
-                                    BLOCK_T)
+                                    BLOCK_T, ALIGNED)
             redo_rows = mask & redo[:, None]
             u, _ = _bwd_tile(src_table, dsrc_table, n_src, h_ptr, dlast_ptr, b, t, dd, mask, row, qg, dh, lse,
-                             OVERFLOW_RESCALE, sigma, inv_d, inv_sqrt_d, eps, redo_rows, HAS_DLAST, BLOCK_T, BLOCK_D)
+                             OVERFLOW_RESCALE, sigma, inv_d, inv_sqrt_d, eps, redo_rows, HAS_DLAST, BLOCK_T, BLOCK_D,
+                             ALIGNED)
             if DYNAMIC_Q:
                 tl.store(dq_ptr + row, (u * g[None, :]).to(dq_ptr.dtype.element_ty), mask=redo_rows)
                 partial += tl.sum(tl.where(redo[:, None], q * u, 0.0), 0)
@@ -288,7 +305,8 @@ def route_fwd(sources, q, gain, eps, addends=()):
     add_table = _triton.tensor_table(addends, dev, stride_dims=(0, 1)) if addends else table
     n_tiles = triton.cdiv(T, meta["BLOCK_T"])
     route_fwd_kernel[(B * n_tiles,)](table, add_table, q, gain, h, lse, c if addends else h, len(sources),
-                                     len(addends), T, d, n_tiles, *scalars, DYNAMIC_Q=q.dim() == 3, **meta)
+                                     len(addends), T, d, n_tiles, *scalars, DYNAMIC_Q=q.dim() == 3,
+                                     ALIGNED=_triton.aligned([*sources, *addends], (0, 1)), **meta)
     return h, lse, c
 
 
@@ -310,7 +328,8 @@ def route_bwd(dh, sources, q, gain, h, lse, eps, dlast=None):
     partial = _triton.empty((B, n_chunks, d), torch.float32, dev)
     route_bwd_kernel[(B * n_chunks,)](table, dtable, q, gain, h, dh, lse, dh if dlast is None else dlast,
                                       dq if dynamic else partial, partial, len(sources), T, d, n_chunks, per_chunk,
-                                      *scalars, DYNAMIC_Q=dynamic, HAS_DLAST=dlast is not None, **meta)
+                                      *scalars, DYNAMIC_Q=dynamic, HAS_DLAST=dlast is not None,
+                                      ALIGNED=_triton.aligned([*sources, *dsources], (0, 1)), **meta)
     if dynamic:
         return dsources, dq, partial.sum((0, 1)).to(gain.dtype)
     u = partial.sum(1)  # [B, d]: sum over each batch row's tokens
@@ -325,12 +344,16 @@ def aot_specs() -> list[KernelSpec]:
     specs = []
     common = {"n_src": "i32", "T": "i32", "d": "i32", "stride_qb": "i64", "stride_qt": "i64", "inv_d": "fp32",
               "inv_sqrt_d": "fp32", "eps": "fp32", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr",
-              "DYNAMIC_Q": "constexpr"}
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+              "DYNAMIC_Q": "constexpr", "ALIGNED": "constexpr"}
+    # ALIGNED (torch's allocations, whole-vector strides) in every dtype and d; the misaligned-view variant in
+    # bf16 at the narrowest and widest d (the register extremes), to keep the compile tests' count down.
+    all_d = [2**k for k in range(4, MAX_D.bit_length())]
+    for dtype, aligned, widths in ((torch.bfloat16, True, all_d), (torch.float16, True, all_d),
+                                   (torch.float32, True, all_d), (torch.bfloat16, False, all_d[::len(all_d) - 1])):
         ty = _triton.TRITON_DTYPE[dtype]
         params = {"q_ptr": f"*{ty}", "gain_ptr": f"*{ty}", "h_ptr": f"*{ty}", "lse_ptr": "*fp32"}
-        for d, dynamic in itertools.product((2**k for k in range(4, MAX_D.bit_length())), (False, True)):
-            tags = {"dtype": _dtypes.name(dtype), "block_d": d, "dynamic_q": dynamic}
+        for d, dynamic in itertools.product(widths, (False, True)):
+            tags = {"dtype": _dtypes.name(dtype), "block_d": d, "dynamic_q": dynamic, "aligned": aligned}
             fwd = {"src_table": "*i64", "add_table": "*i64", **params, "c_ptr": f"*{ty}", "n_add": "i32",
                    "n_tiles": "i32"}
             bwd = {"src_table": "*i64", "dsrc_table": "*i64", **params, "dh_ptr": f"*{ty}", "dlast_ptr": f"*{ty}",
@@ -341,8 +364,8 @@ def aot_specs() -> list[KernelSpec]:
                     (route_bwd_kernel, True, bwd, {"HAS_DLAST": False}),
                     (route_bwd_kernel, True, bwd, {"HAS_DLAST": True})):
                 block_t, block_d, num_warps = route_config(d, backward)
-                constexprs = {"BLOCK_T": block_t, "BLOCK_D": block_d, "DYNAMIC_Q": dynamic, **extra}
-                flags = "".join(f",{k}={v}" for k, v in extra.items())
+                constexprs = {"BLOCK_T": block_t, "BLOCK_D": block_d, "DYNAMIC_Q": dynamic, **extra, "ALIGNED": aligned}
+                flags = "".join(f",{k}={v}" for k, v in extra.items()) + ("" if aligned else ",ALIGNED=False")
                 name = f"{kernel.__name__}[{ty},BLOCK_T={block_t},BLOCK_D={block_d},DYNAMIC_Q={dynamic}{flags}]"
                 specs.append(KernelSpec(name, kernel, {**signature, **common}, constexprs, num_warps,
                                         _triton.register_budget(num_warps), {**tags, **extra}))

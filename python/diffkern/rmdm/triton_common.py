@@ -14,15 +14,20 @@ SQRT_HALF = tl.constexpr(0.7071067811865476)
 
 
 @triton.jit
-def param_ptr(table, i, DT: tl.constexpr):
-    """The typed pointer of weight tensor i of the pointer table."""
-    return tl.load(table + i).to(tl.pointer_type(DT))
+def param_ptr(table, i, DT: tl.constexpr, ALIGNED: tl.constexpr):
+    """The typed pointer of weight tensor i of the pointer table. A pointer read from memory carries no
+    alignment facts: ALIGNED (the host checked every weight 16-byte aligned, _triton.aligned) states them, so
+    rows whose width is a multiple of 16 bytes load 16 bytes at a time."""
+    ptr = tl.load(table + i).to(tl.pointer_type(DT))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
 @triton.jit
-def param_vec(table, i, idx, mask, DT: tl.constexpr):
+def param_vec(table, i, idx, mask, DT: tl.constexpr, ALIGNED: tl.constexpr):
     """Elements idx of the table's tensor i (a bias or LayerNorm vector), in fp32."""
-    return tl.load(param_ptr(table, i, DT) + idx, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(param_ptr(table, i, DT, ALIGNED) + idx, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit

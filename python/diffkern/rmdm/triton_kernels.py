@@ -62,9 +62,11 @@ def _linear(src, rows, rmask, ld, w_ptr, b_ptr, n, nmask, Kd, BLOCK_T: tl.conste
 
 
 @triton.jit
-def _norm(h, table, i, cols, cmask, D, eps, mod, SHIFT: tl.constexpr, HAS_MOD: tl.constexpr, DT: tl.constexpr):
+def _norm(h, table, i, cols, cmask, D, eps, mod, SHIFT: tl.constexpr, HAS_MOD: tl.constexpr, DT: tl.constexpr,
+          ALIGNED: tl.constexpr):
     """LN with weight/bias tensors i, i + 1 of the table, then adaLN's modulation when there is one."""
-    u = layer_norm(h, param_vec(table, i, cols, cmask, DT), param_vec(table, i + 1, cols, cmask, DT), cmask, D, eps)
+    u = layer_norm(h, param_vec(table, i, cols, cmask, DT, ALIGNED), param_vec(table, i + 1, cols, cmask, DT, ALIGNED),
+                   cmask, D, eps)
     if HAS_MOD:
         u = modulate(u, mod, SHIFT, cols, cmask, D)
     return u
@@ -72,7 +74,8 @@ def _norm(h, table, i, cols, cmask, D, eps, mod, SHIFT: tl.constexpr, HAS_MOD: t
 
 @triton.jit
 def _project_residual(h, src, ld, table, i, mod, PART: tl.constexpr, T, D, state, WRITE_STATE,
-                      HAS_MOD: tl.constexpr, DT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+                      HAS_MOD: tl.constexpr, DT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_T: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
     """h += gate * (src W^T + b) for the sample's T rows (src: fp32 [T, ld]; W, b: table tensors i, i + 1),
     in BLOCK_N-column chunks; also writes the new h to state when WRITE_STATE."""
     for t0 in range(0, T, BLOCK_T):
@@ -81,15 +84,16 @@ def _project_residual(h, src, ld, table, i, mod, PART: tl.constexpr, T, D, state
         for n0 in range(0, D, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             nmask = n < D
-            a = _linear(src, rows, rmask, ld, param_ptr(table, i, DT), param_ptr(table, i + 1, DT), n, nmask, ld,
-                        BLOCK_T, BLOCK_N)
+            a = _linear(src, rows, rmask, ld, param_ptr(table, i, DT, ALIGNED), param_ptr(table, i + 1, DT, ALIGNED), n,
+                        nmask, ld, BLOCK_T, BLOCK_N)
             add_gated(h, state, rows[:, None] * D + n[None, :], rmask[:, None] & nmask[None, :],
                       gate(mod, PART, n, nmask, D, HAS_MOD)[None, :], a, WRITE_STATE, DT)
 
 
 @triton.jit
 def recurse_tiled_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, qkv_ptr, ctx_ptr, g_ptr, T, D, F, K, n_iter,
-                         heads, DH, scale, eps, DT: tl.constexpr, HAS_MOD: tl.constexpr, BLOCK_T: tl.constexpr,
+                         heads, DH, scale, eps, DT: tl.constexpr, HAS_MOD: tl.constexpr, ALIGNED: tl.constexpr,
+                         BLOCK_T: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
@@ -115,7 +119,7 @@ def recurse_tiled_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, qkv_pt
                 rows = t0 + r0
                 m = (rows < T)[:, None] & cmask[None, :]
                 hh = tl.load(h + rows[:, None] * D + cols[None, :], mask=m, other=0.0)
-                u = _norm(hh, table, w0 + 0, cols, cmask, D, eps, mod, 0, HAS_MOD, DT)
+                u = _norm(hh, table, w0 + 0, cols, cmask, D, eps, mod, 0, HAS_MOD, DT, ALIGNED)
                 tl.store(ub + rows[:, None] * D + cols[None, :], u, mask=m)
             tl.debug_barrier()
             for t0 in range(0, T, BLOCK_T):
@@ -124,22 +128,23 @@ def recurse_tiled_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, qkv_pt
                 for n0 in range(0, 3 * D, BLOCK_N):
                     n = n0 + tl.arange(0, BLOCK_N)
                     nmask = n < 3 * D
-                    y = _linear(ub, rows, rmask, D, param_ptr(table, w0 + 2, DT), param_ptr(table, w0 + 3, DT), n,
-                                nmask, D, BLOCK_T, BLOCK_N)
+                    y = _linear(ub, rows, rmask, D, param_ptr(table, w0 + 2, DT, ALIGNED),
+                                param_ptr(table, w0 + 3, DT, ALIGNED), n, nmask, D, BLOCK_T, BLOCK_N)
                     tl.store(qkv + rows[:, None] * 3 * D + n[None, :], y, mask=rmask[:, None] & nmask[None, :])
             tl.debug_barrier()
             for t0 in range(0, T, BLOCK_T):  # B: attention, online softmax over key tiles
                 for hd in range(heads):
                     attend(qkv, ctx, t0, hd, T, D, DH, scale, BLOCK_T, BLOCK_DH)
             tl.debug_barrier()
-            _project_residual(h, ctx, D, table, w0 + 4, mod, 2, T, D, state, False, HAS_MOD, DT, BLOCK_T, BLOCK_N)
+            _project_residual(h, ctx, D, table, w0 + 4, mod, 2, T, D, state, False, HAS_MOD, DT, ALIGNED, BLOCK_T,
+                              BLOCK_N)
             tl.debug_barrier()
             for t0 in range(0, T, BLOCK_T):  # D: LN2, W_1 and gelu into g, then W_2 and the gated residual
                 rows = t0 + r0
                 m = (rows < T)[:, None] & cmask[None, :]
                 offs = rows[:, None] * D + cols[None, :]
                 hh = tl.load(h + offs, mask=m, other=0.0)
-                u = _norm(hh, table, w0 + 6, cols, cmask, D, eps, mod, 3, HAS_MOD, DT)
+                u = _norm(hh, table, w0 + 6, cols, cmask, D, eps, mod, 3, HAS_MOD, DT, ALIGNED)
                 tl.store(ub + offs, u, mask=m)
             tl.debug_barrier()
             for t0 in range(0, T, BLOCK_T):
@@ -148,16 +153,18 @@ def recurse_tiled_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, qkv_pt
                 for n0 in range(0, F, BLOCK_N):
                     n = n0 + tl.arange(0, BLOCK_N)
                     nmask = n < F
-                    z = _linear(ub, rows, rmask, D, param_ptr(table, w0 + 8, DT), param_ptr(table, w0 + 9, DT), n,
-                                nmask, D, BLOCK_T, BLOCK_N)
+                    z = _linear(ub, rows, rmask, D, param_ptr(table, w0 + 8, DT, ALIGNED),
+                                param_ptr(table, w0 + 9, DT, ALIGNED), n, nmask, D, BLOCK_T, BLOCK_N)
                     tl.store(g + rows[:, None] * F + n[None, :], gelu(z), mask=rmask[:, None] & nmask[None, :])
             tl.debug_barrier()
-            _project_residual(h, g, F, table, w0 + 10, mod, 5, T, D, state, k == K - 1, HAS_MOD, DT, BLOCK_T, BLOCK_N)
+            _project_residual(h, g, F, table, w0 + 10, mod, 5, T, D, state, k == K - 1, HAS_MOD, DT, ALIGNED, BLOCK_T,
+                              BLOCK_N)
             tl.debug_barrier()
 
 
 def recurse_fwd(x, weights, mod, n_iter, heads, eps):
-    """The triton backend of diffkern::rmdm_recurse: the persistent kernel where its plan allows, else the tiled one."""
+    """The triton backend of diffkern::rmdm_recurse: the persistent kernel where its plan allows and the device
+    accepts its cooperative launch, else the tiled one (the same states)."""
     B, T, d = x.shape
     if d > MAX_D or T > MAX_T:
         raise ValueError(f"recurse: the triton backend runs T <= {MAX_T} and d <= {MAX_D}, got T={T}, d={d}")
@@ -165,7 +172,10 @@ def recurse_fwd(x, weights, mod, n_iter, heads, eps):
     pb = triton_persistent.plan(B * T, d, weights[8].shape[0], len(weights) // N_PARAMS, x.element_size(),
                                 _cooperative.max_programs(x.device))
     if pb is not None:
-        return triton_persistent.recurse_persistent(x, weights, mod, n_iter, heads, eps, pb)
+        try:
+            return triton_persistent.recurse_persistent(x, weights, mod, n_iter, heads, eps, pb)
+        except _cooperative.LaunchRefused as refused:  # the grid cannot be co-resident here after all
+            _cooperative.fall_back(refused, "the tiled kernel")
     return recurse_tiled(x, weights, mod, n_iter, heads, eps)
 
 
@@ -184,7 +194,9 @@ def recurse_tiled(x, weights, mod, n_iter, heads, eps):
     mod_arg = mod if mod is not None else x
     recurse_tiled_kernel[(B,)](x, table, mod_arg, states, h, u, qkv, ctx, g, T, d, weights[8].shape[0],
                                len(weights) // N_PARAMS, n_iter, heads, d // heads, (d // heads) ** -0.5, eps,
-                               DT=TL_DTYPE[x.dtype], HAS_MOD=mod is not None, num_warps=num_warps, **cfg)
+                               DT=TL_DTYPE[x.dtype], HAS_MOD=mod is not None, ALIGNED=_triton.aligned(weights),
+                               num_warps=num_warps,
+                               maxnreg=_triton.register_budget(num_warps), **cfg)
     return states
 
 
@@ -201,7 +213,7 @@ def aot_specs() -> list[KernelSpec]:
         sig = {"x_ptr": p, "table": "*i64", "mod_ptr": p, "states_ptr": p, "h_ptr": "*fp32", "u_ptr": "*fp32",
                "qkv_ptr": "*fp32", "ctx_ptr": "*fp32", "g_ptr": "*fp32", "T": "i32", "D": "i32", "F": "i32", "K": "i32", "n_iter": "i32",
                "heads": "i32", "DH": "i32", "scale": "fp32", "eps": "fp32"}
-        constexprs = {"DT": TL_DTYPE[dtype], "HAS_MOD": has_mod, **cfg}
+        constexprs = {"DT": TL_DTYPE[dtype], "HAS_MOD": has_mod, "ALIGNED": True, **cfg}
         sig.update({k: "constexpr" for k in constexprs})
         specs.append(KernelSpec(f"recurse_tiled_kernel[{ty},HAS_MOD={has_mod},d={d}]", recurse_tiled_kernel, sig,
                                 constexprs, num_warps, _triton.register_budget(num_warps),

@@ -122,8 +122,8 @@ def _add_gated(h_ptr, y, rows, rm, rd, rdm, mod_ptr, kb, K, T, D, state_ptr, WRI
 @triton.jit
 def recurse_persistent_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, qkv_ptr, ctx_ptr, part_ptr, sync_ptr,
                               N, T, D, F, K, n_iter, heads, DH, scale, eps, PB, DT: tl.constexpr,
-                              HAS_MOD: tl.constexpr, RD: tl.constexpr, RF: tl.constexpr, BLOCK_D: tl.constexpr,
-                              BLOCK_DH: tl.constexpr, BLOCK_T: tl.constexpr,
+                              HAS_MOD: tl.constexpr, ALIGNED: tl.constexpr, RD: tl.constexpr, RF: tl.constexpr,
+                              BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_T: tl.constexpr,
                               BT_D: tl.constexpr, BT_F: tl.constexpr, BT_LN: tl.constexpr):
     p = tl.program_id(0)
     P = tl.num_programs(0)
@@ -138,24 +138,24 @@ def recurse_persistent_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, q
     rfm = rf < F
     # This program's slice of block blk's weights, read once and held for the whole call.
     w0 = blk * 12
-    w_qkv = param_ptr(table, w0 + 2, DT)
+    w_qkv = param_ptr(table, w0 + 2, DT, ALIGNED)
     wq = _load_rows(w_qkv, rd, rdm, D, cols, cm)
     wk = _load_rows(w_qkv, D + rd, rdm, D, cols, cm)
     wv = _load_rows(w_qkv, 2 * D + rd, rdm, D, cols, cm)
-    bq = param_vec(table, w0 + 3, rd, rdm, DT)
-    bk = param_vec(table, w0 + 3, D + rd, rdm, DT)
-    bv = param_vec(table, w0 + 3, 2 * D + rd, rdm, DT)
-    wo = _load_rows(param_ptr(table, w0 + 4, DT), rd, rdm, D, cols, cm)
-    bo = param_vec(table, w0 + 5, rd, rdm, DT)
-    w1 = _load_rows(param_ptr(table, w0 + 8, DT), rf, rfm, D, cols, cm)
-    b1 = param_vec(table, w0 + 9, rf, rfm, DT)
-    w2 = _load_rows(param_ptr(table, w0 + 10, DT), cols, cm, F, rf, rfm)  # columns rf of W_2: [BLOCK_D, RF]
-    b2 = param_vec(table, w0 + 11, rd, rdm, DT)
+    bq = param_vec(table, w0 + 3, rd, rdm, DT, ALIGNED)
+    bk = param_vec(table, w0 + 3, D + rd, rdm, DT, ALIGNED)
+    bv = param_vec(table, w0 + 3, 2 * D + rd, rdm, DT, ALIGNED)
+    wo = _load_rows(param_ptr(table, w0 + 4, DT, ALIGNED), rd, rdm, D, cols, cm)
+    bo = param_vec(table, w0 + 5, rd, rdm, DT, ALIGNED)
+    w1 = _load_rows(param_ptr(table, w0 + 8, DT, ALIGNED), rf, rfm, D, cols, cm)
+    b1 = param_vec(table, w0 + 9, rf, rfm, DT, ALIGNED)
+    w2 = _load_rows(param_ptr(table, w0 + 10, DT, ALIGNED), cols, cm, F, rf, rfm)  # columns rf of W_2: [BLOCK_D, RF]
+    b2 = param_vec(table, w0 + 11, rd, rdm, DT, ALIGNED)
     lm = cm & lead
-    ln1_w = param_vec(table, w0 + 0, cols, lm, DT)
-    ln1_b = param_vec(table, w0 + 1, cols, lm, DT)
-    ln2_w = param_vec(table, w0 + 6, cols, lm, DT)
-    ln2_b = param_vec(table, w0 + 7, cols, lm, DT)
+    ln1_w = param_vec(table, w0 + 0, cols, lm, DT, ALIGNED)
+    ln1_b = param_vec(table, w0 + 1, cols, lm, DT, ALIGNED)
+    ln2_w = param_vec(table, w0 + 6, cols, lm, DT, ALIGNED)
+    ln2_b = param_vec(table, w0 + 7, cols, lm, DT, ALIGNED)
 
     for r0 in range(p * BT_LN, N, P * BT_LN):  # h = x, rows spread over all programs
         rows = r0 + tl.arange(0, BT_LN)
@@ -238,7 +238,9 @@ def recurse_persistent(x, weights, mod, n_iter, heads, eps, programs_per_block: 
     _cooperative.launch(recurse_persistent_kernel, (K * programs_per_block,), x, table,
                         mod if mod is not None else x, states, h, u, qkv, ctx, part, _cooperative.sync_buffer(x.device),
                         N, T, d, f, K, n_iter, heads, d // heads, (d // heads) ** -0.5, eps, programs_per_block,
-                        DT=TL_DTYPE[x.dtype], HAS_MOD=mod is not None, num_warps=num_warps, **cfg)
+                        DT=TL_DTYPE[x.dtype], HAS_MOD=mod is not None, ALIGNED=_triton.aligned(weights),
+                        num_warps=num_warps,
+                        maxnreg=_triton.register_budget(num_warps), **cfg)
     return states
 
 
@@ -260,7 +262,7 @@ def aot_specs() -> list[KernelSpec]:
             "h_ptr", "u_ptr", "qkv_ptr", "ctx_ptr", "part_ptr")}, "sync_ptr": "*i32",
             **{n: "i32" for n in ("N", "T", "D", "F", "K", "n_iter", "heads", "DH")}, "scale": "fp32", "eps": "fp32",
             "PB": "i32"}
-        constexprs = {"DT": TL_DTYPE[dtype], "HAS_MOD": has_mod, **cfg}
+        constexprs = {"DT": TL_DTYPE[dtype], "HAS_MOD": has_mod, "ALIGNED": True, **cfg}
         sig.update({k: "constexpr" for k in constexprs})
         specs.append(KernelSpec(f"recurse_persistent_kernel[{ty},HAS_MOD={has_mod},d={d},K={K},PB={pb}]",
                                 recurse_persistent_kernel, sig, constexprs, num_warps,

@@ -9,7 +9,8 @@ patches the interpreter for the duration of a `with` block and, for every launch
   table (`diffkern._triton.tensor_table` tells `pointer_table_observers`) while the monitor is
   active; a violation raises `OutOfBoundsError` out of the launch, not the interpreter's
   `InterpreterError` wrapper;
-- counts programs (product of the grid) and bytes loaded / stored: active lanes x element size,
+- records each launch's grid and keyword arguments (constexprs, num_warps, maxnreg), and counts programs
+  (product of the grid) and bytes loaded / stored: active lanes x element size,
   for plain, masked, tensor-descriptor and atomic accesses; with `by_tensor=True` also the bytes
   loaded from and stored to each tensor (`LaunchRecord.loaded_by` / `stored_by`, keyed by the names
   bounds errors use).
@@ -51,10 +52,12 @@ class OutOfBoundsError(AssertionError):
 
 @dataclass
 class LaunchRecord:
-    """One kernel launch: its grid and the bytes its active lanes moved."""
+    """One kernel launch: its grid, its keyword arguments (`meta`: constexprs and launch options such as
+    num_warps and maxnreg, absent where Triton's default applies) and the bytes its active lanes moved."""
     kernel: str
     grid: tuple[int, int, int]
     programs: int
+    meta: dict = field(default_factory=dict)
     bytes_loaded: int = 0
     bytes_stored: int = 0
     loaded_by: dict[str, int] = field(default_factory=dict)
@@ -162,6 +165,7 @@ class TritonMonitor:
         self._arg_names: list[str] = []
         self._ranges: _Ranges | None = None
         self._record: LaunchRecord | None = None
+        self._meta: dict = {}
         self._restore: list[tuple[object, str, object]] = []
 
     # -- totals ------------------------------------------------------------------------------
@@ -224,6 +228,7 @@ class TritonMonitor:
         @functools.wraps(original)
         def launch(executor, *args, **kwargs):
             monitor._kernel, monitor._arg_names = executor.fn.__name__, list(executor.arg_names)
+            monitor._meta = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
             try:
                 return original(executor, *args, **kwargs)
             except InterpreterError as error:
@@ -255,7 +260,7 @@ class TritonMonitor:
         def set_grid_dim(builder, nx, ny, nz):
             original(builder, nx, ny, nz)
             if monitor._kernel is not None:
-                monitor._record = LaunchRecord(monitor._kernel, (nx, ny, nz), nx * ny * nz)
+                monitor._record = LaunchRecord(monitor._kernel, (nx, ny, nz), nx * ny * nz, dict(monitor._meta))
                 monitor.launches.append(monitor._record)
         return set_grid_dim
 
