@@ -4,6 +4,7 @@ Nothing here is technique-specific; the kernels themselves live in `<technique>/
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import types
@@ -80,6 +81,43 @@ def _restore_after_device_calls() -> None:
 
 if interpreting():
     _restore_after_device_calls()
+
+
+_guards = threading.local()
+
+
+def _first_tensor(args) -> torch.Tensor | None:
+    for a in args:
+        t = _first_tensor(a) if isinstance(a, (list, tuple)) else a
+        if isinstance(t, torch.Tensor):
+            return t
+    return None
+
+
+@contextlib.contextmanager
+def device_guard(args):
+    """Runs the block on the device of the first tensor in `args` (lists and tuples searched in order).
+
+    Triton launches on the current CUDA device's current stream, whatever device their tensors are on, so
+    every op entry (diffkern._registry) runs its backend under this guard: tensors on cuda:1 while the
+    current device is 0 launch on cuda:1's current stream. For CPU tensors (the interpreter, the host
+    harness) it changes nothing; in both cases `guarded_device()` reports the device inside the block.
+    """
+    t = _first_tensor(args)
+    device = None if t is None else t.device
+    stack = _guards.__dict__.setdefault("devices", [])
+    stack.append(device)
+    try:
+        with torch.cuda.device(device) if device is not None and device.type == "cuda" else contextlib.nullcontext():
+            yield
+    finally:
+        stack.pop()
+
+
+def guarded_device() -> torch.device | None:
+    """The device of this thread's innermost `device_guard` (None outside every guard, or for no tensors)."""
+    stack = getattr(_guards, "devices", None)
+    return stack[-1] if stack else None
 
 
 def check_float32_math(op: str, dtype: torch.dtype, what: str) -> None:
