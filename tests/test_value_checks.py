@@ -62,3 +62,20 @@ def test_unchecked_nan_band_is_not_an_error(check_skipped):
     with forced("triton"):
         out, _ = diffkern.twoos_project(x, bands=(lower, upper))
     assert out.shape == x.shape
+
+
+@pytest.mark.gpu
+def test_out_of_range_index_under_graph_capture_suppresses_nothing():
+    q, k, v = make_qkv(1, 2, 9, 11, 64, torch.float32, seed=3, planted=1, device="cuda")
+    o, lse, _, _ = torch.ops.diffkern.sink_attention_fwd(q, k, v, 9, 0.125)
+    args = (q, k, v, o, lse)
+    good, bad = (torch.tensor([[[j]]], device="cuda") for j in (1, 10**6))
+    torch.ops.diffkern.sink_suppress(*args, good, 9, 0.125, -1e4)  # compiles the kernels before the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        out, post = torch.ops.diffkern.sink_suppress(*args, bad, 9, 0.125, -1e4)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, o) and not post.any()
