@@ -31,6 +31,16 @@ def test_every_launch_runs_under_its_tensors_device(op):
             f"{op}: kernel {launch.kernel} ran under guard {launch.guard} with tensors on {set(launch.devices)}"
 
 
+@pytest.mark.parametrize("op, name", [(op, name) for op in sorted(_registry._impls) for name in _registry._impls[op]])
+def test_every_backend_is_called_under_the_guard(op, name, monkeypatch):
+    """The single guard point: the registry calls every Python backend, and the CUDA C++ ops behind the `cuda`
+    backends, inside the guard (the C++ ops also set their own CUDAGuard)."""
+    seen = []
+    monkeypatch.setitem(_registry._impls[op], name, lambda *args: seen.append(_triton.guarded_device()))
+    _registry._implementation(op, name)(*detached(SAMPLES[op]()[op]))
+    assert seen == [torch.device("cpu")]
+
+
 def test_guard_is_the_first_tensor_in_nested_arguments():
     x = torch.zeros(1)
     with _triton.device_guard((3, [x], torch.zeros(1, device="meta"))):
