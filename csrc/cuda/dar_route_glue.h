@@ -56,9 +56,11 @@ struct DeviceTable {
 // n * 32 bytes, so with a few hundred sources the LRU holds at most 256 x 2 x ~10 KB.
 constexpr size_t kTableCacheCapacity = 256;
 
+// Never destroyed: freeing its CUDA and pinned tensors in static destructors would run after torch's
+// allocators are gone.
 inline TableCache<TableKey, DeviceTable, TableKeyHash>& table_cache() {
-  static TableCache<TableKey, DeviceTable, TableKeyHash> cache(kTableCacheCapacity);
-  return cache;
+  static auto* cache = new TableCache<TableKey, DeviceTable, TableKeyHash>(kTableCacheCapacity);
+  return *cache;
 }
 
 // The (pointer, extent, batch stride, token stride) table of `xs`, on their device.
