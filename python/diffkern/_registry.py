@@ -41,8 +41,8 @@ def register(op: str, check: Callable, **backends: Callable) -> None:
 
     `check(*args)` validates the op's arguments before any Python backend runs (the C++ kernels check
     the same in C++); a backend adds only its own limits. Check and backend run under the device of the
-    first tensor argument (`_triton.device_guard`), so Triton launches reach that device's current stream. Without the extension (diffkern._ops.LOADED false)
-    there is no op to route: nothing is registered.
+    first tensor argument (`_triton.device_guard`), so Triton launches reach that device's current stream.
+    Without the extension (diffkern._ops.LOADED false) there is no op to route: nothing is registered.
     """
     if not LOADED:
         return
