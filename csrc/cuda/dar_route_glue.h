@@ -4,6 +4,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
+#include <functional>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -14,6 +16,7 @@
 #include "dar_route.h"
 #include "diffkern/check.h"
 #include "diffkern/dar_args.h"
+#include "diffkern/table_cache.h"
 
 namespace diffkern::dar::cuda {
 
@@ -29,22 +32,64 @@ inline int64_t reach(const at::Tensor& t) {
   return r;
 }
 
+// A device table's cache key (device, stream, its rows) and value (the pinned host source beside it).
+struct TableKey {
+  int64_t device;
+  const void* stream;
+  std::vector<int64_t> rows;
+  bool operator==(const TableKey&) const = default;
+};
+
+struct TableKeyHash {
+  size_t operator()(const TableKey& k) const {
+    size_t h = std::hash<int64_t>{}(k.device) ^ (std::hash<const void*>{}(k.stream) << 1);
+    for (const int64_t r : k.rows) h = h * 1000003u ^ std::hash<int64_t>{}(r);
+    return h;
+  }
+};
+
+struct DeviceTable {
+  at::Tensor host, device;
+};
+
+// Entries the LRU keeps outside capture (python/diffkern/_tables.py keeps as many): a table is at most
+// n * 32 bytes, so with a few hundred sources the LRU holds at most 256 x 2 x ~10 KB.
+constexpr size_t kTableCacheCapacity = 256;
+
+// Never destroyed: freeing its CUDA and pinned tensors in static destructors would run after torch's
+// allocators are gone.
+inline TableCache<TableKey, DeviceTable, TableKeyHash>& table_cache() {
+  static auto* cache = new TableCache<TableKey, DeviceTable, TableKeyHash>(kTableCacheCapacity);
+  return *cache;
+}
+
 // The (pointer, extent, batch stride, token stride) table of `xs`, on their device.
 //
-// Cost per call (review of issue 8): one pinned host tensor from torch's caching host allocator and one
-// asynchronous host-to-device copy of n * 32 bytes, ordered on the current stream before the launch
-// (no synchronisation; the allocator keeps the pinned block until the copy has run). A table in the
-// kernel parameters instead would drop the copy, but the backward takes two tables (sources and
-// dsources) and the 4 KB parameter limit of sm_80 would cap n near 60 with no fallback; kept, since
-// ~2 us of copy issue time is small next to a routing kernel that moves (n + 2) B T d elements. Not
-// checked: capture of this copy in a CUDA graph (its pinned source must outlive the graph).
-inline at::Tensor source_table(at::TensorList xs) {
+// For CUDA tensors it comes from table_cache() (diffkern/table_cache.h): a hit costs a hash of the rows
+// and no copy; a miss fills a pinned host table and copies it asynchronously on `stream`, keeping both.
+// So a table captured in a CUDA graph (`capturing`) lives, with its pinned source, as long as the process,
+// and replays read what the capture wrote. A table in the kernel parameters instead would drop the copy,
+// but the backward takes two tables (sources and dsources) and the 4 KB parameter limit of sm_80 would
+// cap n near 60 with no fallback. CPU tensors (the host harness) get a plain host table.
+inline at::Tensor source_table(at::TensorList xs, void* stream, bool capturing) {
   const at::Device device = xs[0].device();
-  at::Tensor table = at::empty({static_cast<int64_t>(xs.size()), 4},
-                               at::TensorOptions().dtype(at::kLong).pinned_memory(device.is_cuda()));
-  auto* rows = reinterpret_cast<RouteSource*>(table.mutable_data_ptr<int64_t>());
-  for (size_t i = 0; i < xs.size(); ++i) rows[i] = {xs[i].const_data_ptr(), reach(xs[i]), xs[i].stride(0), xs[i].stride(1)};
-  return device.is_cpu() ? table : table.to(device, /*non_blocking=*/true);
+  std::vector<int64_t> rows(xs.size() * 4);
+  auto* sources = reinterpret_cast<RouteSource*>(rows.data());
+  for (size_t i = 0; i < xs.size(); ++i) {
+    sources[i] = {xs[i].const_data_ptr(), reach(xs[i]), xs[i].stride(0), xs[i].stride(1)};
+  }
+  const auto host_table = [&](const std::vector<int64_t>& content, bool pinned) {
+    at::Tensor table = at::empty({static_cast<int64_t>(xs.size()), 4},
+                                 at::TensorOptions().dtype(at::kLong).pinned_memory(pinned));
+    std::memcpy(table.mutable_data_ptr<int64_t>(), content.data(), content.size() * sizeof(int64_t));
+    return table;
+  };
+  if (device.is_cpu()) return host_table(rows, false);
+  const TableKey key{device.index(), stream, std::move(rows)};
+  return table_cache().get(key, capturing, [&] {
+    at::Tensor host = host_table(key.rows, true);
+    return DeviceTable{host, host.to(device, /*non_blocking=*/true)};
+  }).device;
 }
 
 inline void check_kernel_limits(const Geometry& g, at::ScalarType dtype) {
@@ -68,14 +113,16 @@ inline RouteInputs route_inputs(const Geometry& g, const at::Tensor& table, cons
 
 inline void check_launch(const char* err) { TORCH_CHECK(err == nullptr, kOp, ": kernel launch failed: ", err); }
 
+// `capturing`: whether `stream` is capturing a CUDA graph (source_table); the host harness passes none.
 inline std::tuple<at::Tensor, at::Tensor> route_fwd_on(at::TensorList sources, const at::Tensor& q,
-                                                       const at::Tensor& gain, double eps, void* stream) {
+                                                       const at::Tensor& gain, double eps, void* stream,
+                                                       bool capturing = false) {
   const Geometry g = check_route_args(sources, q, gain, eps);
   const at::ScalarType dtype = sources[0].scalar_type();
   check_kernel_limits(g, dtype);
   at::Tensor h = empty_output({g.B, g.T, g.d}, sources[0].options());
   at::Tensor lse = empty_output({g.B, g.T}, sources[0].options().dtype(at::kFloat));
-  const at::Tensor table = source_table(sources), gain_f32 = gain.to(at::kFloat).contiguous();
+  const at::Tensor table = source_table(sources, stream, capturing), gain_f32 = gain.to(at::kFloat).contiguous();
   check_launch(route_fwd({route_inputs(g, table, q, gain_f32, dtype, eps), h.mutable_data_ptr(),
                           lse.mutable_data_ptr<float>(), stream}));
   return {h, lse};
@@ -83,7 +130,7 @@ inline std::tuple<at::Tensor, at::Tensor> route_fwd_on(at::TensorList sources, c
 
 inline std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> route_bwd_on(
     const at::Tensor& dh, at::TensorList sources, const at::Tensor& q, const at::Tensor& gain, const at::Tensor& h,
-    const at::Tensor& lse, double eps, void* stream) {
+    const at::Tensor& lse, double eps, void* stream, bool capturing = false) {
   const Geometry g = check_route_bwd_args(dh, sources, q, gain, h, lse, eps);
   const at::ScalarType dtype = sources[0].scalar_type();
   check_kernel_limits(g, dtype);
@@ -93,7 +140,8 @@ inline std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> route_bwd_on(
   at::Tensor dq = empty_output(q.sizes(), q.options());
   at::Tensor dgain = empty_output({g.d}, gain.options().dtype(at::kFloat));
   at::Tensor partial = empty_output({g.B, chunks.n_chunks, g.d}, dgain.options());
-  const at::Tensor table = source_table(sources), dtable = source_table(dsources);
+  const at::Tensor table = source_table(sources, stream, capturing);
+  const at::Tensor dtable = source_table(dsources, stream, capturing);
   const at::Tensor gain_f32 = gain.to(at::kFloat).contiguous();
   check_launch(route_bwd({route_inputs(g, table, q, gain_f32, dtype, eps), dh.const_data_ptr(), h.const_data_ptr(),
                           lse.const_data_ptr<float>(), static_cast<const RouteSource*>(dtable.const_data_ptr()),

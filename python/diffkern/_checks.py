@@ -78,3 +78,22 @@ def tensor_list(op: str, name: str, value) -> list:
     for i, t in enumerate(value):
         tensor(op, f"{name}[{i}]", t)
     return list(value)
+
+
+def host_value_check(device: torch.device, capturing: bool, compiling: bool) -> bool:
+    """Whether a check of a tensor's values, which reads them on the host, may run: the decision alone.
+
+    Always on CPU outside torch.compile tracing. On CUDA only outside stream capture (a host read of a
+    captured stream is illegal, and a graph replays without the host) and outside tracing (the values do
+    not exist yet). Where it may not run, the check is skipped rather than made a device-side assert (which
+    would end the process's use of the GPU), so an op that skips it must stay memory-safe on any value.
+    """
+    return not compiling and not (device.type == "cuda" and capturing)
+
+
+def values_readable(t: torch.Tensor) -> bool:
+    """`host_value_check` for tensor t now. Reading the values of a CUDA tensor then costs one small
+    device-to-host copy that waits for the current stream (~10-20 us on an idle GPU, plus the queued work)."""
+    compiling = torch.compiler.is_compiling()
+    capturing = not compiling and t.is_cuda and torch.cuda.is_current_stream_capturing()
+    return host_value_check(t.device, capturing, compiling)

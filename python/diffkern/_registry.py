@@ -40,8 +40,9 @@ def register(op: str, check: Callable, **backends: Callable) -> None:
     """Registers the Python backends of `torch.ops.diffkern.<op>` and routes its CUDA key through them.
 
     `check(*args)` validates the op's arguments before any Python backend runs (the C++ kernels check
-    the same in C++); a backend adds only its own limits. Without the extension (diffkern._ops.LOADED false)
-    there is no op to route: nothing is registered.
+    the same in C++); a backend adds only its own limits. Check and backend run under the device of the
+    first tensor argument (`_triton.device_guard`), so Triton launches reach that device's current stream.
+    Without the extension (diffkern._ops.LOADED false) there is no op to route: nothing is registered.
     """
     if not LOADED:
         return
@@ -71,8 +72,9 @@ def _implementation(op: str, name: str) -> Callable:
         raise NotImplementedError(f"diffkern::{op} has no '{name}' backend; available: {available(op)}")
 
     def checked(*args):
-        _checks[op](*args)
-        return fn(*args)
+        with _triton.device_guard(args):
+            _checks[op](*args)
+            return fn(*args)
     return checked
 
 

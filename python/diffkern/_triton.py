@@ -12,6 +12,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import _tables
+
 # DIFFKERN_DEBUG_FILL=nan makes every output and scratch buffer a launcher allocates start as NaN,
 # so an element a kernel forgets to write fails a test loudly (the C++ kernels read the same variable).
 _DEBUG_FILL = os.environ.get("DIFFKERN_DEBUG_FILL", "") == "nan"
@@ -82,6 +84,50 @@ if interpreting():
     _restore_after_device_calls()
 
 
+_guards = threading.local()
+
+
+def _first_tensor(args) -> torch.Tensor | None:
+    for a in args:
+        t = _first_tensor(a) if isinstance(a, (list, tuple)) else a
+        if isinstance(t, torch.Tensor):
+            return t
+    return None
+
+
+class device_guard:  # noqa: N801 - used as a context manager, like torch.cuda.device
+    """Runs the block on the device of the first tensor in `args` (lists and tuples searched in order).
+
+    Triton launches on the current CUDA device's current stream, whatever device their tensors are on, so
+    every op entry (diffkern._registry) runs its backend under this guard: tensors on cuda:1 while the
+    current device is 0 launch on cuda:1's current stream. For CPU tensors (the interpreter, the host
+    harness) it changes nothing; in both cases `guarded_device()` reports the device inside the block.
+    """
+
+    def __init__(self, args):
+        t = _first_tensor(args)
+        self.device = None if t is None else t.device
+        self._cuda = torch.cuda.device(self.device) if t is not None and t.is_cuda else None
+
+    def __enter__(self):
+        _guards.__dict__.setdefault("devices", []).append(self.device)
+        if self._cuda is not None:
+            self._cuda.__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            if self._cuda is not None:
+                self._cuda.__exit__(*exc)
+        finally:
+            _guards.devices.pop()
+
+
+def guarded_device() -> torch.device | None:
+    """The device of this thread's innermost `device_guard` (None outside every guard, or for no tensors)."""
+    stack = getattr(_guards, "devices", None)
+    return stack[-1] if stack else None
+
+
 def check_float32_math(op: str, dtype: torch.dtype, what: str) -> None:
     """Triton kernels accumulate in float32, so float64 inputs are refused rather than silently rounded."""
     if dtype == torch.float64:
@@ -101,13 +147,14 @@ def tensor_table(tensors: Sequence[torch.Tensor], device: torch.device, stride_d
 
     Kernels that take a list of tensors cast column 0 back to a typed pointer
     (`tl.load(table + i * cols).to(tl.pointer_type(...))`) and read the strides beside it, so a list of
-    any length and layout is read in place: no stack/cat copy.
+    any length and layout is read in place: no stack/cat copy. On CUDA the table comes from the
+    content-keyed cache of diffkern._tables (no copy on a hit; CUDA-graph capturable); on CPU (the
+    interpreter) it is a plain host tensor.
     """
     for observe in pointer_table_observers:
         observe(tensors)
-    rows = [[t.data_ptr(), *(t.stride(k) for k in stride_dims)] for t in tensors]
-    table = torch.tensor(rows, dtype=torch.int64)
-    return table.to(device, non_blocking=True) if device.type != "cpu" else table
+    rows = tuple((t.data_ptr(), *(t.stride(k) for k in stride_dims)) for t in tensors)
+    return torch.tensor(rows, dtype=torch.int64) if device.type == "cpu" else _tables.device_table(rows, device)
 
 
 def aligned(tensors: Sequence[torch.Tensor], stride_dims: Sequence[int] = ()) -> bool:

@@ -102,12 +102,12 @@ def default_tile(n: int, limit: int = 256) -> int:
 
 
 def _check_no_nan_bands(lower, upper) -> None:
-    """A NaN bound is an error: a ValueError for tables on the CPU; for CUDA tables (and under torch.compile)
-    a device-side assert, so no host sync: the failure surfaces at the next synchronising call."""
-    bad = torch.isnan(torch.as_tensor(lower)).any() | torch.isnan(torch.as_tensor(upper)).any()
-    if bad.is_cuda or torch.compiler.is_compiling():
-        torch._assert_async(~bad, "twoos_project: bands (lower, upper) must not hold NaN")
-    elif bad:
+    """A NaN bound is a ValueError, checked on the host (for CUDA tables one D2H copy of a flag and a wait
+    for the current stream). Skipped under CUDA-graph capture and torch.compile tracing
+    (_checks.values_readable): a bound is a value, never an index, so a NaN one only gives NaN or unclipped
+    entries in its band, never an access out of bounds."""
+    if _checks.values_readable(lower) and _checks.values_readable(upper) and \
+            bool(torch.isnan(lower).any() | torch.isnan(upper).any()):
         raise ValueError("twoos_project: bands (lower, upper) must not hold NaN")
 
 
@@ -123,8 +123,9 @@ def twoos_project(x, tile: int | None = None, bands=None, passes: int = 8, alpha
         x: [B, ...] contiguous float16/bfloat16/float32 (float64 on cpu/reference); any latent shape.
         tile: D; default the largest divisor of N at most 256 (FLUX 16x128x128: 256; Wan 16x21x60x104:
             256 with M = 8190). bands: optional (lower, upper) [M, D] tables (default
-            `twoos_bands(M, D, alpha)`; a NaN bound raises ValueError for CPU tables and fails a
-            device-side assert for CUDA ones, with no host sync); passes: the cap on clipping passes (>= 0).
+            `twoos_bands(M, D, alpha)`; a NaN bound raises ValueError, checked on the host: one sync for
+            CUDA tables; not checked under CUDA-graph capture or torch.compile); passes: the cap on
+            clipping passes (>= 0).
     Returns:
         (out, in_set): out like x; in_set [B] (float32, float64 for float64 x), the fraction of out's
         entries inside their bands (1.0 once converged; measured in float32 before rounding to x's dtype).

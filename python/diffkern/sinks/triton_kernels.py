@@ -216,6 +216,7 @@ def suppress_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, out_ptr, post_
             sel = s0 + tl.arange(0, BLOCK_S)
             sel_ok = sel < K
             j = tl.load(idx_ptr + b * si_b + h * si_h + sel, mask=sel_ok, other=0)
+            sel_ok = sel_ok & (j >= 0) & (j < N_k)  # an index out of range (unchecked under capture) selects nothing
             kt = tl.load(k_ptr + b * sk_b + h * sk_h + j[None, :] * sk_n + dd[:, None],
                          mask=sel_ok[None, :] & (dd < d)[:, None], other=0.0)
             s = _dot(q, kt, DOT_F32, PRECISION) * scale
@@ -349,8 +350,11 @@ def sink_suppress(q, k, v, o, lse, idx, n_rows, scale, bias):
         **common)
     if n_rows:
         G = idx.shape[1]
-        # the bias row of the selected keys, read only by tiles that recompute a row (no host sync decides that)
-        bias_row = torch.zeros((B, G, N_k), dtype=torch.float32, device=q.device).scatter_(-1, idx, bias)
+        # the bias row of the selected keys, read only by tiles that recompute a row (no host sync decides
+        # that); an out-of-range index (unchecked under capture) biases no key, as in suppress_kernel
+        in_range = (idx >= 0) & (idx < N_k)
+        bias_row = torch.zeros((B, G, N_k), dtype=torch.float32, device=q.device).scatter_reduce_(
+            -1, idx.clamp(0, N_k - 1), torch.where(in_range, bias, 0.0).float(), "amin")
         rm, rn = recompute_tiles(d, q.dtype)
         recompute_kernel[(triton.cdiv(n_rows, rm), B * H)](
             q, k, v, idx, bias_row, flags, out, post, H, N_q, N_k, n_rows, d, *_bh_strides(q), *_bh_strides(k),

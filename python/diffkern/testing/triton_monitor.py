@@ -13,7 +13,9 @@ patches the interpreter for the duration of a `with` block and, for every launch
   (product of the grid) and bytes loaded / stored: active lanes x element size,
   for plain, masked, tensor-descriptor and atomic accesses; with `by_tensor=True` also the bytes
   loaded from and stored to each tensor (`LaunchRecord.loaded_by` / `stored_by`, keyed by the names
-  bounds errors use).
+  bounds errors use);
+- records the devices of the launch's tensor arguments and the device guard it ran under
+  (`diffkern._triton.device_guard`, None outside every guard): `LaunchRecord.devices` / `guard`.
 
 Launches whose programs run in threads (diffkern._cooperative) are counted the same way.
 
@@ -53,11 +55,14 @@ class OutOfBoundsError(AssertionError):
 @dataclass
 class LaunchRecord:
     """One kernel launch: its grid, its keyword arguments (`meta`: constexprs and launch options such as
-    num_warps and maxnreg, absent where Triton's default applies) and the bytes its active lanes moved."""
+    num_warps and maxnreg, absent where Triton's default applies), its tensors' devices, the device guard
+    it ran under and the bytes its active lanes moved."""
     kernel: str
     grid: tuple[int, int, int]
     programs: int
     meta: dict = field(default_factory=dict)
+    devices: frozenset = frozenset()
+    guard: torch.device | None = None
     bytes_loaded: int = 0
     bytes_stored: int = 0
     loaded_by: dict[str, int] = field(default_factory=dict)
@@ -114,12 +119,12 @@ def _storage_span(tensor: torch.Tensor, name: str) -> tuple[int, int, str]:
     return storage.data_ptr(), storage.data_ptr() + storage.nbytes(), name
 
 
-def _tensor_spans(value, name: str) -> list[tuple[int, int, str]]:
-    """Storage spans of a launch argument: a tensor, a tuple of them, or a tensor descriptor."""
+def _tensors(value, name: str) -> list[tuple[torch.Tensor, str]]:
+    """The tensors of a launch argument (a tensor, a tuple of them, or a tensor descriptor) with their names."""
     if isinstance(value, tuple):
-        return [span for i, v in enumerate(value) for span in _tensor_spans(v, f"{name}[{i}]")]
+        return [named for i, v in enumerate(value) for named in _tensors(v, f"{name}[{i}]")]
     base = getattr(value, "base", value)  # triton TensorWrapper and TensorDescriptor keep the tensor in .base
-    return [_storage_span(base, name)] if isinstance(base, torch.Tensor) else []
+    return [(base, name)] if isinstance(base, torch.Tensor) else []
 
 
 def _itemsize(ptrs) -> int:
@@ -162,6 +167,8 @@ class TritonMonitor:
         self.launches: list[LaunchRecord] = []
         self._table_tensors: list[torch.Tensor] = []
         self._kernel: str | None = None
+        self._guard: torch.device | None = None
+        self._devices: frozenset = frozenset()
         self._arg_names: list[str] = []
         self._ranges: _Ranges | None = None
         self._record: LaunchRecord | None = None
@@ -229,6 +236,7 @@ class TritonMonitor:
         def launch(executor, *args, **kwargs):
             monitor._kernel, monitor._arg_names = executor.fn.__name__, list(executor.arg_names)
             monitor._meta = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+            monitor._guard = _triton.guarded_device()
             try:
                 return original(executor, *args, **kwargs)
             except InterpreterError as error:
@@ -246,8 +254,10 @@ class TritonMonitor:
         @functools.wraps(original)
         def init_args(executor, args_dev, kwargs):
             args_hst, kwargs_hst = original(executor, args_dev, kwargs)
+            monitor._devices = frozenset(t.device for i, a in enumerate([*args_dev, *kwargs.values()])
+                                         for t, _ in _tensors(a, str(i)))
             named = list(zip(monitor._arg_names, args_hst)) + list(kwargs_hst.items())
-            spans = [span for name, value in named for span in _tensor_spans(value, f"argument '{name}'")]
+            spans = [_storage_span(t, n) for name, value in named for t, n in _tensors(value, f"argument '{name}'")]
             spans += [_storage_span(t, f"tensor_table tensor #{i}") for i, t in enumerate(monitor._table_tensors)]
             monitor._ranges = _Ranges(spans)
             return args_hst, kwargs_hst
@@ -260,7 +270,8 @@ class TritonMonitor:
         def set_grid_dim(builder, nx, ny, nz):
             original(builder, nx, ny, nz)
             if monitor._kernel is not None:
-                monitor._record = LaunchRecord(monitor._kernel, (nx, ny, nz), nx * ny * nz, dict(monitor._meta))
+                monitor._record = LaunchRecord(monitor._kernel, (nx, ny, nz), nx * ny * nz, dict(monitor._meta),
+                                               monitor._devices, monitor._guard)
                 monitor.launches.append(monitor._record)
         return set_grid_dim
 
