@@ -64,6 +64,22 @@ def test_unchecked_nan_band_is_not_an_error(check_skipped):
     assert out.shape == x.shape
 
 
+
+def test_unreadable_counts_run_every_2os_pass_without_a_host_read(monkeypatch):
+    """Under capture the projection cannot read its in-set counts to stop early: it runs every pass, which
+    gives the early-exit answer (a pass after convergence clips nothing), and reads no tensor on the host."""
+    lower, upper = (b.float().to(device_for("triton")) for b in diffkern.twoos_bands(4, 16))
+    x = (3 * torch.randn(3, 64, generator=torch.Generator().manual_seed(1))).to(lower.device)
+    with forced("triton"):
+        expected = diffkern.twoos_project(x, bands=(lower, upper))
+        monkeypatch.setattr(_checks, "values_readable", lambda t: False)
+
+        def no_host_read(t):
+            raise AssertionError("a tensor was read on the host")
+        monkeypatch.setattr(torch.Tensor, "__bool__", no_host_read)
+        got = diffkern.twoos_project(x, bands=(lower, upper))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
 @pytest.mark.gpu
 def test_out_of_range_index_under_graph_capture_suppresses_nothing():
     q, k, v = make_qkv(1, 2, 9, 11, 64, torch.float32, seed=3, planted=1, device="cuda")

@@ -36,7 +36,10 @@ def _philox_state(mu, generator, seed, offset) -> torch.Tensor:
     if offset < 0:
         raise ValueError(f"ntrk_step: offset must be >= 0, got {offset}")
     if seed is not None:
-        return torch.tensor([int(seed), offset], dtype=torch.int64, device=mu.device)
+        # two fills, not torch.tensor([...]): no host-to-device copy, so the call can be graph-captured
+        state = torch.full((2,), int(seed), dtype=torch.int64, device=mu.device)
+        state[1].fill_(offset)
+        return state
     if generator is None:  # no generator=None argument: fake tensors refuse it under dynamic shapes
         drawn = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=mu.device)
     else:

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _dtypes, _triton
+from .. import _checks, _dtypes, _triton
 from .._triton import KernelSpec
 
 # ntrk_step: 1024 elements at 8 per thread (4 warps); three live fp32 tiles (or two and the Philox state).
@@ -231,7 +231,9 @@ def twoos_project(x, lower, upper, max_passes):
         clip_kernel[(B * D * n_chunks,)](keys, perm, lower, upper, y, counts, M, D, n_chunks, CLIP=p < max_passes,
                                          CHUNK=chunk, LOG_CHUNK=chunk.bit_length() - 1, **sort_meta)
         inside = counts.sum(1)
-        if bool((inside == N).all()) or p == max_passes:
+        # the early exit reads the counts on the host; under CUDA-graph capture every pass runs instead
+        # (a pass after every sample is in the set clips nothing and leaves y as it is)
+        if p == max_passes or (_checks.values_readable(inside) and bool((inside == N).all())):
             break
     return y.reshape(x.shape).to(x.dtype), inside.float() / N
 
