@@ -6,7 +6,7 @@
 // it through oneDNN/MKL at the machine's peak, which a hand-written loop would not match without its
 // own GEMM micro-kernel. Extra memory: a few [B, H, kRows, N_k] fp32 blocks, linear in N_k, plus fp32
 // copies of k and v. The suppression corrects the unmasked output with the K selected keys' terms only,
-// except in rows where the suppressed keys hold most of the mass (sinks_math.h kRecomputeBelow): those
+// except in rows where the suppressed keys hold most of the mass (sinks_math.h recompute_below): those
 // are recomputed, a block at a time, as the masked softmax.
 #include <algorithm>
 #include <cmath>
@@ -184,7 +184,7 @@ at::Tensor gather_keys(const at::Tensor& x, const at::Tensor& idx, at::ScalarTyp
   return at::gather(x, 2, idx.expand({B, H, K}).unsqueeze(-1).expand({B, H, K, x.size(3)})).to(acc);
 }
 
-// Rows of a block whose correction denominator is below kRecomputeBelow, recomputed as the masked
+// Rows of a block whose correction denominator is below recompute_below, recomputed as the masked
 // softmax itself: the block's logits against every key plus the bias row, so its memory stays that of
 // the forward's blocks. Writes those rows of `out_blk` and `post_blk` ([B, H, rows, d], [B, H, rows]).
 void recompute_rows(const at::Tensor& q_blk, const at::Tensor& kt, const at::Tensor& va, const at::Tensor& bias_row,
@@ -204,6 +204,7 @@ std::tuple<at::Tensor, at::Tensor> sink_suppress_cpu(const at::Tensor& q, const 
   const int64_t B = q.size(0), H = q.size(1), N_k = k.size(2);
   const at::ScalarType acc = at::toOpMathType(q.scalar_type());
   const SuppressionWeights wg = suppression_weights(bias, idx.size(2), N_k);
+  const double below = recompute_below(q.element_size());
   at::Tensor out = empty_output(q.sizes(), q.options());
   out.copy_(o);
   at::Tensor post = empty_output({B, H, n_rows}, q.options().dtype(acc));
@@ -217,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor> sink_suppress_cpu(const at::Tensor& q, const 
     const at::Tensor denom = 1.0 - wg.w * p.sum(-1);
     at::Tensor out_blk = (o.slice(2, r0, r1) - wg.w * at::matmul(p, vs)) / denom.unsqueeze(-1);
     at::Tensor post_blk = wg.g * p.select(-1, 0) / denom;
-    const at::Tensor exact = denom < kRecomputeBelow;
+    const at::Tensor exact = denom < below;
     if (exact.any().item<bool>()) {
       if (!kt.defined()) {
         kt = k.to(acc).transpose(-1, -2);

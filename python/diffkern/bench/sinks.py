@@ -52,7 +52,7 @@ def kernel_traffic(N_q, N_k, d, n_query, K, n_rows, itemsize, tiles, sel_block, 
 
 def recompute_traffic(rows, flagged, N_k, d, itemsize, bn):
     """What one recompute_kernel tile with `flagged` rows (rows whose suppressed keys hold more than
-    1 - RECOMPUTE_BELOW of their mass) of its `rows` image queries adds: it loads those queries, the first
+    1 - recompute_below(dtype) of their mass) of its `rows` image queries adds: it loads those queries, the first
     selected index, then per key the bias row (fp32), k and v, and stores the flagged rows' out and post;
     and its tl.dot FLOPs. Data-dependent, so kernel_traffic leaves it out: the modeled traffic is that of
     inputs where no row is recomputed."""

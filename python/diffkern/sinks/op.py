@@ -290,11 +290,13 @@ def sink_attention(q, k, v, k_sink: int = 1, mode: str = "per_head", row_scope: 
     whole row and cancels, so such a row keeps its unmasked attention (for bias = -inf too, the limit).
     The fused path: a flash forward (unmasked o, lse, entropy), the column-mass pass, top-k, then the
     unmasked o corrected by the |S| selected keys' terms: out = (o - w sum_S P v) / (1 - w sum_S P),
-    w = 1 - e^bias, in fp32. The correction divides o's rounding error by its denominator, so a row whose
-    denominator is below RECOMPUTE_BELOW = 1/8 (the suppressed keys hold over 7/8 of its mass, as a strong
-    sink does) is recomputed as the masked softmax itself, a flash pass over its query tile (CPU: its block
-    of rows) with the bias added: no row's error is amplified more than 8x (3 bits of fp32, below a
-    bf16/fp16 output's rounding), and the cost of that pass is paid only by the tiles holding such rows.
+    w = 1 - e^bias, in fp32. The correction divides the rounding of o, lse and the selected keys' logits by
+    its denominator, so a row whose denominator is below reference.recompute_below(dtype) is recomputed as
+    the masked softmax itself, a flash pass over its query tile (CPU: its block of rows) with the bias added:
+    for bf16/fp16 that is 1/8 (the suppressed keys hold over 7/8 of its mass, as a strong sink does; at most
+    8x, 3 bits of the fp32 accumulation, below the output's rounding), for float32/float64 1/2 (over half of
+    its mass; at most 2x, within the tests' error model). The cost of that pass is paid only by the tiles
+    holding such rows.
     NaN policy: NaN in q, k or v propagates to the rows (and statistics) it reaches, as in the reference.
 
     Args:

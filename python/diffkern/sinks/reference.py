@@ -14,10 +14,20 @@ import torch
 from .. import _dtypes
 
 
-# Rows whose correction denominator 1 - w sum_S P is below this are recomputed as the masked softmax
-# itself by the fused kernels (csrc/include/diffkern/sinks_math.h kRecomputeBelow, the same value): the
-# correction divides the unmasked row's rounding error by that denominator, at most 1 / RECOMPUTE_BELOW.
-RECOMPUTE_BELOW = 0.125
+# Rows whose correction denominator 1 - w sum_S P is below recompute_below(dtype) are recomputed as the
+# masked softmax itself by the fused kernels (csrc/include/diffkern/sinks_math.h, the same values and rule,
+# with the analysis): the correction amplifies the rounding of o, lse and the selected keys' logits by up to
+# 1 / that denominator. 16-bit outputs absorb 8x the fp32 error under their own rounding; 32/64-bit outputs
+# hold the error model only up to 2x.
+RECOMPUTE_BELOW_16BIT = 0.125
+RECOMPUTE_BELOW_WIDE = 0.5
+
+
+def recompute_below(dtype: torch.dtype) -> float:
+    """The correction denominator below which a row of a `dtype` output (the inputs' dtype) is recomputed:
+    1/8 for float16/bfloat16, 1/2 for float32/float64 (the rows whose suppressed keys hold over 7/8, resp.
+    over 1/2, of their mass)."""
+    return RECOMPUTE_BELOW_16BIT if dtype.itemsize <= 2 else RECOMPUTE_BELOW_WIDE
 
 
 def suppression_weights(bias: float, n_selected: int, n_keys: int) -> tuple[float, float]:

@@ -10,7 +10,7 @@
                     scratch row and merges each new chunk of BLOCK - K_PAD scores into it with tl.sort.
   suppress_kernel   one program per (BLOCK_M queries, b, h): gathers the K selected keys and values,
                     corrects the unmasked o by their terms: 4 N_q K d FLOPs; flags each row whose correction
-                    denominator is below RECOMPUTE_BELOW (the suppressed keys hold most of its mass).
+                    denominator is below recompute_below(dtype) (the suppressed keys hold most of its mass).
   recompute_kernel  one program per (BLOCK_M image queries, b, h): a tile holding a flagged row recomputes
                     it as the masked softmax (a flash pass with the bias row added: 4 BLOCK_M N_k d FLOPs)
                     and rewrites its output; any other tile reads its flags and exits.
@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .. import _dtypes, _triton
 from .._triton import KernelSpec
-from .reference import RECOMPUTE_BELOW, suppression_weights
+from .reference import recompute_below, suppression_weights
 
 MAX_D = 256
 # Largest K the top-k kernel keeps (head-union at k = 50 x 24 heads is 1200 keys).
@@ -346,8 +346,8 @@ def sink_suppress(q, k, v, o, lse, idx, n_rows, scale, bias):
                   maxnreg=_triton.register_budget(warps))
     suppress_kernel[(triton.cdiv(N_q, bm), B * H)](
         q, k, v, o, lse, idx, out, post, flags, H, N_q, N_k, n_rows, K, d, *_bh_strides(q), *_bh_strides(k),
-        *_bh_strides(v), idx.stride(0), si_h, scale, w, g, BLOCK_M=bm, BLOCK_S=SEL_BLOCK, RECOMPUTE=RECOMPUTE_BELOW,
-        **common)
+        *_bh_strides(v), idx.stride(0), si_h, scale, w, g, BLOCK_M=bm, BLOCK_S=SEL_BLOCK,
+        RECOMPUTE=recompute_below(q.dtype), **common)
     if n_rows:
         G = idx.shape[1]
         # the bias row of the selected keys, read only by tiles that recompute a row (no host sync decides
@@ -384,7 +384,7 @@ def aot_specs() -> list[KernelSpec]:
                 (suppress_kernel, {**qkv, "o_ptr": "*fp32", "lse_ptr": "*fp32", "idx_ptr": "*i64", "out_ptr": f"*{ty}",
                                    "post_ptr": "*fp32", "flag_ptr": "*i8", **dims, "n_rows": "i32", "K": "i32",
                                    **strides, "si_b": "i64", "si_h": "i64", "scale": "fp32", "w": "fp32", "g": "fp32"},
-                 {"BLOCK_M": bm, "BLOCK_S": SEL_BLOCK, "RECOMPUTE": RECOMPUTE_BELOW}),
+                 {"BLOCK_M": bm, "BLOCK_S": SEL_BLOCK, "RECOMPUTE": recompute_below(dtype)}),
                 (recompute_kernel, {**qkv, "idx_ptr": "*i64", "bias_ptr": "*fp32", "flag_ptr": "*i8",
                                     "out_ptr": f"*{ty}", "post_ptr": "*fp32", **dims, "n_rows": "i32", **strides,
                                     "si_b": "i64", "si_h": "i64", "sb_b": "i64", "sb_h": "i64", "scale": "fp32"},
