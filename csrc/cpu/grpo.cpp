@@ -79,12 +79,12 @@ Geometry check_latents(const char* op, NamedTensor lead, std::initializer_list<N
 template <typename acc_t>
 std::vector<StepCoef<acc_t>> coefficients(const at::Tensor& sigma, const at::Tensor& sigma_next, int64_t std_rule,
                                           double std_coef) {
-  const at::Tensor s = sigma.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-  const at::Tensor sn = sigma_next.to(s.scalar_type()).contiguous();
   std::vector<StepCoef<acc_t>> c;
-  for (int64_t i = 0; i < s.numel(); ++i) {
-    c.push_back(step_coefficients<acc_t>(s.const_data_ptr<acc_t>()[i], sn.const_data_ptr<acc_t>()[i],
-                                         static_cast<int>(std_rule), static_cast<acc_t>(std_coef)));
+  c.reserve(sigma.numel());
+  for (int64_t i = 0; i < sigma.numel(); ++i) {  // read in place: no tensor ops (a tiny call's time is in them)
+    c.push_back(step_coefficients<acc_t>(static_cast<acc_t>(element(sigma, i)),
+                                         static_cast<acc_t>(element(sigma_next, i)), static_cast<int>(std_rule),
+                                         static_cast<acc_t>(std_coef)));
   }
   return c;
 }
@@ -401,17 +401,26 @@ void check_ppo_args(const at::Tensor& v, const std::optional<at::Tensor>& v_ref,
   }
 }
 
+// The values of a [B] floating tensor (any stride) as acc_t, rounded as Tensor.to(acc_t) rounds them.
+template <typename acc_t>
+std::vector<acc_t> sample_values(const at::Tensor& t) {
+  const bool in_place = t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
+  const at::Tensor s = in_place ? t : t.to(at::kDouble);  // float16/bfloat16: exact in double
+  std::vector<acc_t> out(s.numel());
+  for (int64_t i = 0; i < s.numel(); ++i) out[i] = static_cast<acc_t>(element(s, i));
+  return out;
+}
+
 // The [B] epilogue of grpo_iso_loss (ppo_term per sample), from log_prob, kl and inv_lambda. Sums run
 // in sample order.
 template <typename acc_t>
 void ppo_epilogue(int64_t B, const acc_t* log_prob, const acc_t* kl, const acc_t* inv_lambda,
                   const at::Tensor& log_prob_old, const at::Tensor& advantages, double clip_eps, bool tgr, double beta,
                   const std::optional<at::Tensor>& tgr_mean, std::array<at::Tensor, 6>& out) {
-  constexpr at::ScalarType acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
-  const at::Tensor old = log_prob_old.to(acc_dtype), adv = advantages.to(acc_dtype);
+  const std::vector<acc_t> old = sample_values<acc_t>(log_prob_old), adv = sample_values<acc_t>(advantages);
   acc_t mean = 0;
   if (tgr_mean) {
-    mean = tgr_mean->to(acc_dtype).reshape({1}).const_data_ptr<acc_t>()[0];
+    mean = static_cast<acc_t>(tgr_mean->item<double>());
   } else {
     for (int64_t i = 0; i < B; ++i) mean += inv_lambda[i];
     mean /= acc_t(std::max<int64_t>(B, 1));
@@ -422,9 +431,8 @@ void ppo_epilogue(int64_t B, const acc_t* log_prob, const acc_t* kl, const acc_t
   acc_t loss = 0, kl_sum = 0, delta_sq = 0, clipped = 0, ratio = 0;
   for (int64_t i = 0; i < B; ++i) {
     weights[i] = tgr ? inv_lambda[i] / mean : acc_t(1);
-    const acc_t delta = log_prob[i] - old.const_data_ptr<acc_t>()[i * old.stride(0)];
-    const PpoTerm<acc_t> t =
-        ppo_term(delta, adv.const_data_ptr<acc_t>()[i * adv.stride(0)], weights[i], lo, hi);
+    const acc_t delta = log_prob[i] - old[i];
+    const PpoTerm<acc_t> t = ppo_term(delta, adv[i], weights[i], lo, hi);
     loss += t.loss;
     kl_sum += kl[i];
     delta_sq += delta * delta;

@@ -165,6 +165,9 @@ def _iso_loss_fake(*args):
     return _iso_loss(*args)
 
 
+_DEFAULT_RULES = {name: (rule, reference.default_std_coef(name)) for name, rule in reference.STD_RULES.items()}
+
+
 def _rule(op: str, std_rule: str, std_coef):
     if not isinstance(std_rule, str) or std_rule not in reference.STD_RULES:
         raise ValueError(f"{op}: std_rule must be 'wan' or 'sd3', got {std_rule!r}")
@@ -279,14 +282,14 @@ def grpo_iso_loss(v, x=None, x_next=None, sigma=None, sigma_next=None, log_prob_
     NaN/inf policy: propagated like the reference: NaN/inf in a sample's latents or per-sample inputs make
         that sample's log p (and the loss, a mean over samples) NaN/inf.
     """
-    args = (v, x, x_next, y, sigma, sigma_next, log_prob_old, advantages, v_ref, v_uncond, cfg_scale, clip_eps, tgr,
-            beta, std_rule, std_coef)
     if not (tgr and distributed._distributed(group)):
         try:  # the op checks its arguments (in C++ on CPU tensors): no Python checks on the way in
-            return _loss(*args)
+            return _loss(v, x, x_next, y, sigma, sigma_next, log_prob_old, advantages, v_ref, v_uncond, cfg_scale,
+                         clip_eps, tgr, beta, std_rule, std_coef)
         except (TypeError, RuntimeError):
             pass  # a Python value the op's schema refuses (a numpy array, None, a string): named below
-    args = _checked_loss_args(*args)
+    args = _checked_loss_args(v, x, x_next, y, sigma, sigma_next, log_prob_old, advantages, v_ref, v_uncond, cfg_scale,
+                              clip_eps, tgr, beta, std_rule, std_coef)
     tgr_mean = None
     if tgr and distributed._distributed(group):  # the TGR mean of every rank's 1/lambda, then the op
         rule, coef = _rule(LOSS_OP, std_rule, std_coef)
@@ -299,7 +302,8 @@ def grpo_iso_loss(v, x=None, x_next=None, sigma=None, sigma_next=None, log_prob_
 def _loss(v, x, x_next, y, sigma, sigma_next, log_prob_old, advantages, v_ref, v_uncond, cfg_scale, clip_eps, tgr,
           beta, std_rule, std_coef, tgr_mean=None):
     """grpo_iso_loss's one op call, as (loss, stats)."""
-    rule, coef = _rule(LOSS_OP, std_rule, std_coef)
+    rule, coef = _DEFAULT_RULES[std_rule] if std_coef is None and std_rule in _DEFAULT_RULES else \
+        _rule(LOSS_OP, std_rule, std_coef)
     with _nvtx.range("diffkern.grpo_iso_loss"):
         loss, approx_kl, clip_fraction, ratio_mean, weights, _ = _ops.ops.grpo_iso_loss(
             v, x, x_next, y, sigma, sigma_next, log_prob_old, advantages, v_ref, v_uncond, cfg_scale, clip_eps,
