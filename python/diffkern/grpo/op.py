@@ -280,7 +280,8 @@ def grpo_iso_loss(v, x=None, x_next=None, sigma=None, sigma_next=None, log_prob_
         stored step given both ways, beta > 0 without v_ref, cfg_scale without v_uncond), naming the
         argument. The step values are checked as in flow_sde_step (by the CPU kernels; NaN/inf on a GPU).
     NaN/inf policy: propagated like the reference: NaN/inf in a sample's latents or per-sample inputs make
-        that sample's log p (and the loss, a mean over samples) NaN/inf.
+        that sample's log p (and the loss, a mean over samples) NaN/inf, and its gradients NaN (the other
+        samples' gradients are unaffected, as autograd through the reference gives them).
     """
     if not (tgr and distributed._distributed(group)):
         try:  # the op checks its arguments (in C++ on CPU tensors): no Python checks on the way in
