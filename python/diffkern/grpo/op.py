@@ -6,9 +6,11 @@ registers everything Python owns for diffkern::flow_sde_step / grpo_log_prob / g
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
+import torch.distributed as dist
 
 from .. import _checks, _dtypes, _lazy, _nvtx, _ops, _registry, _triton
 from . import cuda_ops, distributed, reference  # noqa: F401 (cuda_ops: fakes)
@@ -166,6 +168,8 @@ def _iso_loss_fake(*args):
 
 
 _DEFAULT_RULES = {name: (rule, reference.default_std_coef(name)) for name, rule in reference.STD_RULES.items()}
+_DIST = dist.is_available()
+_NO_RANGE = contextlib.nullcontext()  # NVTX off: no range object per call (a tiny call's time is in such things)
 
 
 def _rule(op: str, std_rule: str, std_coef):
@@ -283,7 +287,8 @@ def grpo_iso_loss(v, x=None, x_next=None, sigma=None, sigma_next=None, log_prob_
         that sample's log p (and the loss, a mean over samples) NaN/inf, and its gradients NaN (the other
         samples' gradients are unaffected, as autograd through the reference gives them).
     """
-    if not (tgr and distributed._distributed(group)):
+    # (group and is_initialized first: the common call, one process, pays for one check)
+    if not (tgr and (group is not None or _DIST and dist.is_initialized()) and distributed._distributed(group)):
         try:  # the op checks its arguments (in C++ on CPU tensors): no Python checks on the way in
             return _loss(v, x, x_next, y, sigma, sigma_next, log_prob_old, advantages, v_ref, v_uncond, cfg_scale,
                          clip_eps, tgr, beta, std_rule, std_coef)
@@ -305,7 +310,7 @@ def _loss(v, x, x_next, y, sigma, sigma_next, log_prob_old, advantages, v_ref, v
     """grpo_iso_loss's one op call, as (loss, stats)."""
     rule, coef = _DEFAULT_RULES[std_rule] if std_coef is None and std_rule in _DEFAULT_RULES else \
         _rule(LOSS_OP, std_rule, std_coef)
-    with _nvtx.range("diffkern.grpo_iso_loss"):
+    with _nvtx.range("diffkern.grpo_iso_loss") if _nvtx.ENABLED else _NO_RANGE:
         loss, approx_kl, clip_fraction, ratio_mean, weights, _ = _ops.ops.grpo_iso_loss(
             v, x, x_next, y, sigma, sigma_next, log_prob_old, advantages, v_ref, v_uncond, cfg_scale, clip_eps,
             bool(tgr), beta, rule, coef, tgr_mean)
