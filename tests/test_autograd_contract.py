@@ -60,8 +60,11 @@ def grpo_calls():
     step = (x, v, sigma, sigma_next, eps, *WAN)
     lp = (v, x, t, sigma, sigma_next, r, u, 4.5, *WAN)
     bwd = (randn(B, seed=30), randn(B, seed=31), *lp)
+    # log_prob_old near log p, so that the ratios are near 1 (one sample clipped at clip_eps = 0.2)
+    old = (torch.ops.diffkern.grpo_log_prob(*lp)[0].detach() - torch.tensor([0.05, 0.5])).requires_grad_()
+    loss = (v, x, t, None, sigma, sigma_next, old, randn(B, seed=32), r, u, 4.5, 0.2, True, 0.1, *WAN, None)
     return {"flow_sde_step": step, "flow_sde_step_cuda": step, "grpo_log_prob": lp, "grpo_log_prob_cuda": lp,
-            "grpo_log_prob_bwd": bwd, "grpo_log_prob_bwd_cuda": bwd}
+            "grpo_log_prob_bwd": bwd, "grpo_log_prob_bwd_cuda": bwd, "grpo_iso_loss": loss}
 
 
 def ntrk_calls():
@@ -100,7 +103,7 @@ OPS_OF = {
     dar_route_calls: ("dar_route_fwd", "dar_route_bwd", "dar_route_fwd_cuda", "dar_route_bwd_cuda"),
     dar_gather_calls: ("dar_gather_fwd", "dar_gather_bwd"),
     grpo_calls: ("flow_sde_step", "flow_sde_step_cuda", "grpo_log_prob", "grpo_log_prob_cuda", "grpo_log_prob_bwd",
-                 "grpo_log_prob_bwd_cuda"),
+                 "grpo_log_prob_bwd_cuda", "grpo_iso_loss"),
     ntrk_calls: ("ntrk_step", "ntrk_step_cuda", "twoos_project", "twoos_band_table"),
     rmdm_calls: ("rmdm_recurse", "rmdm_recurse_bwd", "rmdm_recurse_bwd_cuda", "rmdm_sudoku", "rmdm_sudoku_count"),
     sinks_calls: ("sink_mass", "sink_attention_fwd", "sink_topk", "sink_suppress", "sink_record"),

@@ -241,13 +241,44 @@ def test_on_policy_loss_with_unit_advantages_is_minus_one(backend):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("backend", ("cpu", "reference"))
 def test_gradcheck_float64(backend, variant):
+    """Gradients to v (and v_uncond), log_prob_old and advantages, numerically."""
     kw, options = loss_case(backend, torch.float64, variant)
-    names = ["v"] + (["v_uncond"] if kw["v_uncond"] is not None else [])
+    for name in ("log_prob_old", "advantages"):
+        kw[name] = kw[name].double().requires_grad_()
+    names = ["v"] + (["v_uncond"] if kw["v_uncond"] is not None else []) + ["log_prob_old", "advantages"]
 
     def loss(*leaves):
         return diffkern.grpo_iso_loss(**(kw | dict(zip(names, leaves))), **options)[0]
     with forced(backend):
         assert torch.autograd.gradcheck(loss, [kw[n] for n in names], eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if supports(b, torch.float64)])
+def test_gradients_at_ties_and_nan_match_autograd(backend):
+    """The written-out PPO derivatives (grpo_math.h ppo_term, reference.ppo_epilogue) where autograd's rules
+    decide: a ratio of exactly 1 (the two branches of the max tie), A = 0, and a NaN sample (NaN gradient
+    to its inputs; the other samples' gradients as without it)."""
+    kw, options = loss_case(backend, torch.float64, "y")
+    with forced(backend):
+        log_prob = torch.ops.diffkern.grpo_log_prob(*op_args(kw))[0].detach()
+    kw["log_prob_old"] = torch.cat([log_prob[:1], kw["log_prob_old"][1:].double()]).requires_grad_()  # ratio 1
+    kw["advantages"] = torch.tensor([1.0, 0.0, -0.7, 2.0, -1.2, 0.8], dtype=torch.float64,
+                                    device=log_prob.device).requires_grad_()
+    with torch.no_grad():
+        kw["v"][4, 3] = float("nan")
+    leaves = [kw[name] for name in ("v", "log_prob_old", "advantages")]
+    with forced(backend):
+        grads = torch.autograd.grad(diffkern.grpo_iso_loss(**kw, **options)[0], leaves)
+    ref = on_cpu_leaves(kw)
+    for name in ("log_prob_old", "advantages"):
+        ref[name].requires_grad_()
+    want = torch.autograd.grad(grpo_iso_loss_reference(**ref, **options)[0], [ref[n] for n in ("v", "log_prob_old",
+                                                                                                 "advantages")])
+    for got, expected in zip(grads, want):
+        assert torch.equal(got.isnan().cpu(), expected.isnan())
+        torch.testing.assert_close(got.cpu(), expected, equal_nan=True)  # float64: summation order only
+    assert grads[0][4].isnan().all() and not grads[0][[0, 1, 2, 3, 5]].isnan().any()
+    assert grads[2][0] != 0  # the tie: half the gradient from each branch of the max, which agree
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

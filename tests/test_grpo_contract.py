@@ -2,6 +2,7 @@
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import diffkern
 from diffkern.testing.backends import backends_under_test, device_for, forced
@@ -134,12 +135,40 @@ def test_opcheck(backend, variant):
     kw = make_loss_inputs((2, 3, 40), torch.float32, variant, device=device_for(backend))
     args = op_args(kw)
     x = torch.randn_like(kw["v"])
+    per_sample = [torch.tensor(t, device=x.device, requires_grad=True) for t in ([0.5, -0.5], [1.0, -2.0])]
+    loss = (args[0].detach().requires_grad_(), kw.get("x"), kw.get("x_next"), kw.get("y"), kw["sigma"],
+            kw["sigma_next"], *per_sample, kw["v_ref"], kw["v_uncond"], kw["cfg_scale"], 0.2, True,
+            0.1 if kw["v_ref"] is not None else 0.0, *args[-2:], None)
     with forced(backend):
+        torch.library.opcheck(torch.ops.diffkern.grpo_iso_loss.default, loss)
         torch.library.opcheck(torch.ops.diffkern.flow_sde_step.default,
                               (x, kw["v"], kw["sigma"], kw["sigma_next"], torch.randn_like(x), 1, 0.7))
         torch.library.opcheck(torch.ops.diffkern.grpo_log_prob.default, (args[0].requires_grad_(), *args[1:]))
         torch.library.opcheck(torch.ops.diffkern.grpo_log_prob_bwd.default,
                               (torch.randn(2), torch.randn(2), args[0].detach(), *args[1:]))
+
+
+class _Ops(TorchDispatchMode):
+    """The ops a call dispatches below autograd (not those a kernel calls inside)."""
+
+    def __init__(self):
+        super().__init__()
+        self.called = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.called.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("grad", (False, True))
+def test_cpu_call_is_one_op(grad):
+    """On CPU tensors grpo_iso_loss is one op call: log p, the PPO epilogue and the argument checks run in the
+    C++ kernel (issue 22's per-call overhead), with or without grad."""
+    kw = loss_args()
+    kw["v"].requires_grad_(grad)
+    with _Ops() as ops:
+        diffkern.grpo_iso_loss(**kw, beta=0.1)
+    assert ops.called == ["diffkern.grpo_iso_loss.default"]
 
 
 @pytest.mark.parametrize("variant", ("cfg+ref", "y+cfg+ref"))

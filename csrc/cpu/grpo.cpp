@@ -79,12 +79,12 @@ Geometry check_latents(const char* op, NamedTensor lead, std::initializer_list<N
 template <typename acc_t>
 std::vector<StepCoef<acc_t>> coefficients(const at::Tensor& sigma, const at::Tensor& sigma_next, int64_t std_rule,
                                           double std_coef) {
-  const at::Tensor s = sigma.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-  const at::Tensor sn = sigma_next.to(s.scalar_type()).contiguous();
   std::vector<StepCoef<acc_t>> c;
-  for (int64_t i = 0; i < s.numel(); ++i) {
-    c.push_back(step_coefficients<acc_t>(s.const_data_ptr<acc_t>()[i], sn.const_data_ptr<acc_t>()[i],
-                                         static_cast<int>(std_rule), static_cast<acc_t>(std_coef)));
+  c.reserve(sigma.numel());
+  for (int64_t i = 0; i < sigma.numel(); ++i) {  // read in place: no tensor ops (a tiny call's time is in them)
+    c.push_back(step_coefficients<acc_t>(static_cast<acc_t>(element(sigma, i)),
+                                         static_cast<acc_t>(element(sigma_next, i)), static_cast<int>(std_rule),
+                                         static_cast<acc_t>(std_coef)));
   }
   return c;
 }
@@ -235,11 +235,11 @@ Geometry check_loss_args(const at::Tensor& v, const std::optional<at::Tensor>& x
   return g;
 }
 
-template <typename scalar_t>
-void log_prob_kernel(const Geometry& g, const LossRows<scalar_t, at::opmath_type<scalar_t>>& rows,
-                     const at::Tensor& sigma, const at::Tensor& sigma_next, int64_t std_rule, double std_coef,
-                     at::Tensor& log_prob, at::Tensor& kl, at::Tensor& inv_lambda) {
-  using acc_t = at::opmath_type<scalar_t>;
+// Writes log_prob, kl and inv_lambda, [B] each.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void log_prob_kernel(const Geometry& g, const LossRows<scalar_t, acc_t>& rows, const at::Tensor& sigma,
+                     const at::Tensor& sigma_next, int64_t std_rule, double std_coef, acc_t* log_prob, acc_t* kl,
+                     acc_t* inv_lambda) {
   const auto coef = coefficients<acc_t>(sigma, sigma_next, std_rule, std_coef);
   const auto sums = for_rows<2, acc_t>(g, [&](int64_t i, int64_t off, int64_t n) {
     RowBuffers<acc_t>& buf = row_buffers<acc_t, 5>();
@@ -265,10 +265,10 @@ void log_prob_kernel(const Geometry& g, const LossRows<scalar_t, at::opmath_type
   });
   for (int64_t i = 0; i < g.B; ++i) {
     const StepCoef<acc_t>& c = coef[i];
-    log_prob.mutable_data_ptr<acc_t>()[i] = -sums[i][0] / acc_t(g.D) * c.inv_2var - c.log_norm;
+    log_prob[i] = -sums[i][0] / acc_t(g.D) * c.inv_2var - c.log_norm;
     // mu - mu_ref = b (v - v_ref): the x terms cancel.
-    kl.mutable_data_ptr<acc_t>()[i] = c.b * c.b * sums[i][1] / acc_t(g.D) * c.inv_2var;
-    inv_lambda.mutable_data_ptr<acc_t>()[i] = c.inv_lambda;
+    kl[i] = c.b * c.b * sums[i][1] / acc_t(g.D) * c.inv_2var;
+    inv_lambda[i] = c.inv_lambda;
   }
 }
 
@@ -283,7 +283,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grpo_log_prob_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), kLossOp, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     log_prob_kernel<scalar_t>(g, loss_rows<scalar_t, acc_t>(v, x, target, v_ref, v_uncond, cfg_scale), sigma,
-                              sigma_next, std_rule, std_coef, log_prob, kl, inv_lambda);
+                              sigma_next, std_rule, std_coef, log_prob.mutable_data_ptr<acc_t>(),
+                              kl.mutable_data_ptr<acc_t>(), inv_lambda.mutable_data_ptr<acc_t>());
   });
   return {log_prob, kl, inv_lambda};
 }
@@ -357,10 +358,129 @@ std::vector<at::Tensor> grpo_log_prob_bwd_cpu(const at::Tensor& dlog_prob, const
   return grads;
 }
 
+// The stored step as grpo_log_prob takes it: (x, x_next) for the pair, (none, y) for the residual target.
+std::pair<std::optional<at::Tensor>, at::Tensor> stored_step(const std::optional<at::Tensor>& x,
+                                                             const std::optional<at::Tensor>& x_next,
+                                                             const std::optional<at::Tensor>& y) {
+  auto given = [](const std::optional<at::Tensor>& t) { return t ? "given" : "None"; };
+  TORCH_CHECK_VALUE(y ? !x && !x_next : x && x_next, kLossOp,
+                    ": give the stored step either as x and x_next, or as y alone (flow_sde_step's residual target "
+                    "x_next - a x); got x ", given(x), ", x_next ", given(x_next), ", y ", given(y));
+  return y ? std::pair{std::optional<at::Tensor>(), *y} : std::pair{x, *x_next};
+}
+
+// A floating [B] tensor of v's batch on v's device (log_prob_old, advantages), any stride.
+void check_sample_values(const char* name, const at::Tensor& t, const at::Tensor& v) {
+  check_same_device(kLossOp, t, name, v, "v");
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == v.size(0) && at::isFloatingType(t.scalar_type()), kLossOp, ": ",
+                    name, " must be a floating [B] = [", v.size(0), "] tensor on ", v.device(), ", got shape ",
+                    t.sizes(), ", dtype ", dtype_name(t.scalar_type()), " on ", t.device());
+}
+
+// The arguments grpo_log_prob does not take, in the order and words of python/diffkern/grpo/op.py's checks.
+void check_ppo_args(const at::Tensor& v, const std::optional<at::Tensor>& v_ref,
+                    const std::optional<at::Tensor>& v_uncond, std::optional<double> cfg_scale,
+                    const at::Tensor& log_prob_old, const at::Tensor& advantages, double clip_eps, double beta,
+                    const std::optional<at::Tensor>& tgr_mean) {
+  TORCH_CHECK_VALUE(cfg_scale.has_value() == v_uncond.has_value(), kLossOp,
+                    ": cfg_scale and v_uncond go together (got cfg_scale=",
+                    cfg_scale ? c10::str(*cfg_scale) : std::string("None"), ", v_uncond ",
+                    v_uncond ? "given" : "None", ")");
+  TORCH_CHECK_VALUE(clip_eps >= 0 && std::isfinite(clip_eps), kLossOp, ": clip_eps must be finite and >= 0, got ",
+                    clip_eps);
+  TORCH_CHECK_VALUE(beta >= 0 && std::isfinite(beta), kLossOp, ": beta must be finite and >= 0, got ", beta);
+  TORCH_CHECK_VALUE(beta == 0 || v_ref, kLossOp, ": beta = ", beta,
+                    " > 0 weights a KL term to the reference policy: give v_ref (or beta = 0)");
+  check_sample_values("log_prob_old", log_prob_old, v);
+  check_sample_values("advantages", advantages, v);
+  if (tgr_mean) {
+    check_same_device(kLossOp, *tgr_mean, "tgr_mean", v, "v");
+    TORCH_CHECK_VALUE(tgr_mean->numel() == 1 && at::isFloatingType(tgr_mean->scalar_type()), kLossOp,
+                      ": tgr_mean must be a floating one-element tensor, got shape ", tgr_mean->sizes(), ", dtype ",
+                      dtype_name(tgr_mean->scalar_type()));
+  }
+}
+
+// The values of a [B] floating tensor (any stride) as acc_t, rounded as Tensor.to(acc_t) rounds them.
+template <typename acc_t>
+std::vector<acc_t> sample_values(const at::Tensor& t) {
+  const bool in_place = t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
+  const at::Tensor s = in_place ? t : t.to(at::kDouble);  // float16/bfloat16: exact in double
+  std::vector<acc_t> out(s.numel());
+  for (int64_t i = 0; i < s.numel(); ++i) out[i] = static_cast<acc_t>(element(s, i));
+  return out;
+}
+
+// The [B] epilogue of grpo_iso_loss (ppo_term per sample), from log_prob, kl and inv_lambda. Sums run
+// in sample order.
+template <typename acc_t>
+void ppo_epilogue(int64_t B, const acc_t* log_prob, const acc_t* kl, const acc_t* inv_lambda,
+                  const at::Tensor& log_prob_old, const at::Tensor& advantages, double clip_eps, bool tgr, double beta,
+                  const std::optional<at::Tensor>& tgr_mean, std::array<at::Tensor, 6>& out) {
+  const std::vector<acc_t> old = sample_values<acc_t>(log_prob_old), adv = sample_values<acc_t>(advantages);
+  acc_t mean = 0;
+  if (tgr_mean) {
+    mean = static_cast<acc_t>(tgr_mean->item<double>());
+  } else {
+    for (int64_t i = 0; i < B; ++i) mean += inv_lambda[i];
+    mean /= acc_t(std::max<int64_t>(B, 1));
+  }
+  const acc_t n = acc_t(std::max<int64_t>(B, 1)), lo = static_cast<acc_t>(1 - clip_eps),
+              hi = static_cast<acc_t>(1 + clip_eps), eps = static_cast<acc_t>(clip_eps);
+  acc_t *weights = out[4].mutable_data_ptr<acc_t>(), *d = out[5].mutable_data_ptr<acc_t>();
+  acc_t loss = 0, kl_sum = 0, delta_sq = 0, clipped = 0, ratio = 0;
+  for (int64_t i = 0; i < B; ++i) {
+    weights[i] = tgr ? inv_lambda[i] / mean : acc_t(1);
+    const acc_t delta = log_prob[i] - old[i];
+    const PpoTerm<acc_t> t = ppo_term(delta, adv[i], weights[i], lo, hi);
+    loss += t.loss;
+    kl_sum += kl[i];
+    delta_sq += delta * delta;
+    clipped += std::abs(t.ratio - 1) > eps ? acc_t(1) : acc_t(0);
+    ratio += t.ratio;
+    d[i] = t.dlog_prob / n;
+    d[B + i] = t.dadvantage / n;
+    d[2 * B + i] = static_cast<acc_t>(beta) / n;
+  }
+  loss /= n;
+  if (beta != 0) loss += static_cast<acc_t>(beta) * kl_sum / n;
+  out[0].mutable_data_ptr<acc_t>()[0] = loss;
+  out[1].mutable_data_ptr<acc_t>()[0] = acc_t(0.5) * delta_sq / n;
+  out[2].mutable_data_ptr<acc_t>()[0] = clipped / n;
+  out[3].mutable_data_ptr<acc_t>()[0] = ratio / n;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grpo_iso_loss_cpu(
+    const at::Tensor& v, const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& x_next,
+    const std::optional<at::Tensor>& y, const at::Tensor& sigma, const at::Tensor& sigma_next,
+    const at::Tensor& log_prob_old, const at::Tensor& advantages, const std::optional<at::Tensor>& v_ref,
+    const std::optional<at::Tensor>& v_uncond, std::optional<double> cfg_scale, double clip_eps, bool tgr,
+    double beta, int64_t std_rule, double std_coef, const std::optional<at::Tensor>& tgr_mean) {
+  const auto [x_in, target] = stored_step(x, x_next, y);
+  check_ppo_args(v, v_ref, v_uncond, cfg_scale, log_prob_old, advantages, clip_eps, beta, tgr_mean);
+  const std::optional<at::Tensor> ref = beta > 0 ? v_ref : std::nullopt;  // read only when weighted
+  const double w = cfg_scale.value_or(1.0);
+  const Geometry g = check_loss_args(v, x_in, target, sigma, sigma_next, ref, v_uncond, w, std_rule, std_coef);
+  const at::TensorOptions acc = v.options().dtype(at::toOpMathType(v.scalar_type()));
+  const at::IntArrayRef scalar{};
+  std::array<at::Tensor, 6> out{empty_output(scalar, acc), empty_output(scalar, acc), empty_output(scalar, acc),
+                                empty_output(scalar, acc), empty_output({g.B}, acc), empty_output({3, g.B}, acc)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), kLossOp, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> per_sample(3 * g.B);
+    acc_t *log_prob = per_sample.data(), *kl = log_prob + g.B, *inv_lambda = kl + g.B;
+    log_prob_kernel<scalar_t>(g, loss_rows<scalar_t, acc_t>(v, x_in, target, ref, v_uncond, w), sigma, sigma_next,
+                              std_rule, std_coef, log_prob, kl, inv_lambda);
+    ppo_epilogue<acc_t>(g.B, log_prob, kl, inv_lambda, log_prob_old, advantages, clip_eps, tgr, beta, tgr_mean, out);
+  });
+  return {out[0], out[1], out[2], out[3], out[4], out[5]};
+}
+
 }  // namespace
 }  // namespace diffkern::grpo
 
 TORCH_LIBRARY_IMPL(diffkern, CPU, m) {
+  m.impl("grpo_iso_loss", TORCH_FN(diffkern::grpo::grpo_iso_loss_cpu));
   m.impl("flow_sde_step", TORCH_FN(diffkern::grpo::flow_sde_step_cpu));
   m.impl("grpo_log_prob", TORCH_FN(diffkern::grpo::grpo_log_prob_cpu));
   m.impl("grpo_log_prob_bwd", TORCH_FN(diffkern::grpo::grpo_log_prob_bwd_cpu));

@@ -65,6 +65,19 @@ TORCH_LIBRARY_FRAGMENT(diffkern, m) {
       "grpo_log_prob_bwd(Tensor dlog_prob, Tensor dkl, Tensor v, Tensor? x, Tensor target, Tensor sigma,"
       " Tensor sigma_next, Tensor? v_ref, Tensor? v_uncond, float cfg_scale, int std_rule, float std_coef)"
       " -> Tensor[]");
+  // The whole one-step PPO loss in one call: grpo_log_prob (the stored step as x and x_next, or as y;
+  // v_ref read only when beta > 0; cfg_scale and v_uncond together) and the [B] epilogue, per sample
+  //   r = exp(log_prob - log_prob_old),  w = inv_lambda / mean(inv_lambda) (tgr; else 1),
+  //   loss = mean(max(-w A r, -w A clip(r, 1 - clip_eps, 1 + clip_eps))) + beta mean(kl)
+  // tgr_mean: the mean of inv_lambda over the global batch (None: this batch's). Also returned: the
+  // statistics, and dloss_dsample [3, B] = d loss / d (log_prob, advantages, kl), which the backward
+  // scales by the incoming gradient (dv through grpo_log_prob_bwd).
+  m.def(
+      "grpo_iso_loss(Tensor v, Tensor? x, Tensor? x_next, Tensor? y, Tensor sigma, Tensor sigma_next,"
+      " Tensor log_prob_old, Tensor advantages, Tensor? v_ref, Tensor? v_uncond, float? cfg_scale, float clip_eps,"
+      " bool tgr, float beta, int std_rule, float std_coef, Tensor? tgr_mean)"
+      " -> (Tensor loss, Tensor approx_kl, Tensor clip_fraction, Tensor ratio_mean, Tensor weights,"
+      " Tensor dloss_dsample)");
 }
 
 TORCH_LIBRARY_FRAGMENT(diffkern, m) {

@@ -53,4 +53,24 @@ DIFFKERN_HD inline T residual(const StepCoef<T>& c, T target, T v, T x) {
   return residual(c, target, v) - c.a * x;
 }
 
+// The PPO-clip term of one sample (specs/grpo.md "Loss") and its derivatives, exactly as autograd
+// differentiates  l = max(-w A r, -w A clip(r, lo, hi)),  r = exp(delta),  delta = log p - log p_old:
+// torch.maximum lets NaN win and splits the gradient of a tie in halves (a NaN sends it to both
+// sides); clamp passes the gradient inside [lo, hi], bounds included. lo = 1 - clip_eps and
+// hi = 1 + clip_eps are rounded to T by the caller (from double, as torch.clamp rounds its bounds).
+// python/diffkern/grpo/reference.py `ppo_epilogue` is the same math.
+template <typename T>
+struct PpoTerm {
+  T loss, ratio, dlog_prob, dadvantage;  // l, r, dl/d(log p), dl/dA
+};
+
+template <typename T>
+DIFFKERN_HD inline PpoTerm<T> ppo_term(T delta, T advantage, T weight, T lo, T hi) {
+  const T r = exp(delta), rc = r < lo ? lo : (r > hi ? hi : r);
+  const T wa = weight * advantage, a = -wa * r, b = -wa * rc;
+  const T ga = a == b ? T(0.5) : (a < b ? T(0) : T(1)), gb = a == b ? T(0.5) : (a > b ? T(0) : T(1));
+  const T in_range = r >= lo && r <= hi ? T(1) : T(0);
+  return {a != a || a >= b ? a : b, r, -wa * (ga + gb * in_range) * r, -weight * (ga * r + gb * rc)};
+}
+
 }  // namespace diffkern::grpo

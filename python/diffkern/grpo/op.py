@@ -2,13 +2,15 @@
 
 The schemas live in csrc/diffkern/ops.cpp, the C++ CPU kernels in csrc/cpu/grpo.cpp and the autograd in
 csrc/diffkern/autograd_grpo.cpp; this file
-registers everything Python owns for diffkern::flow_sde_step / grpo_log_prob / grpo_log_prob_bwd.
+registers everything Python owns for diffkern::flow_sde_step / grpo_log_prob / grpo_log_prob_bwd / grpo_iso_loss.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
+import torch.distributed as dist
 
 from .. import _checks, _dtypes, _lazy, _nvtx, _ops, _registry, _triton
 from . import cuda_ops, distributed, reference  # noqa: F401 (cuda_ops: fakes)
@@ -81,6 +83,50 @@ def _triton_backend(launch, x_arg: int, op: str):
     return run
 
 
+def _check_ppo_args(v, v_ref, v_uncond, cfg_scale, log_prob_old, advantages, clip_eps, beta, tgr_mean) -> None:
+    """The arguments of diffkern::grpo_iso_loss that grpo_log_prob does not take: csrc/cpu/grpo.cpp
+    `check_ppo_args`, in the same order and words."""
+    if (cfg_scale is None) != (v_uncond is None):
+        raise ValueError(f"{LOSS_OP}: cfg_scale and v_uncond go together (got cfg_scale={cfg_scale}, "
+                         f"v_uncond {'given' if v_uncond is not None else 'None'})")
+    if not 0 <= clip_eps < math.inf:  # comparisons, not math.isfinite: they trace (symbolic floats)
+        raise ValueError(f"{LOSS_OP}: clip_eps must be finite and >= 0, got {clip_eps}")
+    if not 0 <= beta < math.inf:
+        raise ValueError(f"{LOSS_OP}: beta must be finite and >= 0, got {beta}")
+    if beta > 0 and v_ref is None:
+        raise ValueError(f"{LOSS_OP}: beta = {beta} > 0 weights a KL term to the reference policy: give v_ref "
+                         "(or beta = 0)")
+    _check_per_sample("log_prob_old", log_prob_old, v)
+    _check_per_sample("advantages", advantages, v)
+    if tgr_mean is not None:
+        if tgr_mean.device != v.device:
+            raise ValueError(f"{LOSS_OP}: tgr_mean is on {tgr_mean.device} but v is on {v.device}")
+        if tgr_mean.numel() != 1 or not tgr_mean.is_floating_point():
+            raise ValueError(f"{LOSS_OP}: tgr_mean must be a floating one-element tensor, got shape "
+                             f"{list(tgr_mean.shape)}, dtype {_dtypes.name(tgr_mean.dtype)}")
+
+
+def check_iso_loss(v, x, x_next, y, sigma, sigma_next, log_prob_old, advantages, v_ref, v_uncond, cfg_scale,
+                   clip_eps, tgr, beta, std_rule, std_coef, tgr_mean) -> None:
+    """diffkern::grpo_iso_loss's checks (csrc/cpu/grpo.cpp `grpo_iso_loss_cpu`): the stored step, the PPO
+    arguments, then grpo_log_prob's."""
+    x, target = _target(x, x_next, y)
+    _check_ppo_args(v, v_ref, v_uncond, cfg_scale, log_prob_old, advantages, clip_eps, beta, tgr_mean)
+    check_log_prob(v, x, target, sigma, sigma_next, v_ref if beta > 0 else None, v_uncond,
+                   1.0 if cfg_scale is None else cfg_scale, std_rule, std_coef)
+
+
+def _iso_loss(v, x, x_next, y, sigma, sigma_next, log_prob_old, advantages, v_ref, v_uncond, cfg_scale, clip_eps,
+              tgr, beta, std_rule, std_coef, tgr_mean):
+    """The Python backends of diffkern::grpo_iso_loss (the GPU's, and "reference"): grpo_log_prob on the
+    same backend, then the [B] epilogue in PyTorch (reference.ppo_epilogue, grpo_math.h's `ppo_term`)."""
+    x, target = _target(x, x_next, y)
+    log_prob, kl, inv_lambda = _ops.ops.grpo_log_prob(v, x, target, sigma, sigma_next, v_ref if beta > 0 else None,
+                                                      v_uncond, 1.0 if cfg_scale is None else cfg_scale, std_rule,
+                                                      std_coef)
+    return reference.ppo_epilogue(log_prob, kl, inv_lambda, log_prob_old, advantages, clip_eps, tgr, beta, tgr_mean)
+
+
 _registry.register("flow_sde_step", check_sde_step,
                    triton=_triton_backend(triton_kernels.function("sde_step"), 0, STEP_OP),
                    reference=reference.flow_sde_step, cuda=_ops.ops.flow_sde_step_cuda)
@@ -90,6 +136,7 @@ _registry.register("grpo_log_prob", check_log_prob,
 _registry.register("grpo_log_prob_bwd", check_log_prob_bwd,
                    triton=_triton_backend(triton_kernels.function("log_prob_bwd"), 2, LOSS_OP),
                    reference=reference.log_prob_bwd, cuda=_ops.ops.grpo_log_prob_bwd_cuda)
+_registry.register("grpo_iso_loss", check_iso_loss, triton=_iso_loss, reference=_iso_loss, cuda=_iso_loss)
 
 
 @_registry.register_fake("diffkern::flow_sde_step")
@@ -110,6 +157,19 @@ def _log_prob_fake(v, *rest):
 def _log_prob_bwd_fake(dlog_prob, dkl, v, x, target, sigma, sigma_next, v_ref, v_uncond, *rest):
     check_log_prob_bwd(dlog_prob, dkl, v, x, target, sigma, sigma_next, v_ref, v_uncond, *rest)
     return [v.new_empty(v.shape) for _ in range(1 if v_uncond is None else 2)]
+
+
+@_registry.register_fake("diffkern::grpo_iso_loss")
+def _iso_loss_fake(*args):
+    """The Python backend itself: grpo_log_prob's fake, then the epilogue's [B] ops on fake tensors (so that
+    counting aten traffic on meta tensors sees the epilogue the GPU backends run: bench/grpo_model.py)."""
+    check_iso_loss(*args)
+    return _iso_loss(*args)
+
+
+_DEFAULT_RULES = {name: (rule, reference.default_std_coef(name)) for name, rule in reference.STD_RULES.items()}
+_DIST = dist.is_available()
+_NO_RANGE = contextlib.nullcontext()  # NVTX off: no range object per call (a tiny call's time is in such things)
 
 
 def _rule(op: str, std_rule: str, std_coef):
@@ -208,49 +268,71 @@ def grpo_iso_loss(v, x=None, x_next=None, sigma=None, sigma_next=None, log_prob_
         0.5 mean((log p - log p_old)^2), clip_fraction = mean(|r - 1| > clip_eps), ratio_mean and weights.
         An empty batch gives loss 0.
     Autograd: gradients reach v (and v_uncond: dv_c = w dv, dv_u = (1 - w) dv) through one fused backward
-        that re-reads its latent inputs and writes each gradient once. Saved: the inputs (no temporaries).
+        that re-reads its latent inputs and writes each gradient once; log_prob_old and advantages get theirs
+        too. Saved: the inputs and 3 x B numbers (no temporaries).
         Double backward is refused: differentiating the gradient raises NotImplementedError naming
         diffkern.grpo_iso_loss.
         Traffic per step without CFG or KL, in passes over B x D: y form 2 reads + (2 reads, 1 write) = 5;
         pair form 3 + (3, 1) = 7.
     Backends: C++ (CPU tensors), CUDA C++ or Triton (CUDA tensors; CUDA C++ when built with CUDA), reference;
-        see `diffkern.backend`. The TGR mean is over the global batch: every rank's samples of `group`
-        (default: the default group) when torch.distributed is initialised (an all-reduce of two numbers),
-        else this batch.
+        see `diffkern.backend`. One op call, diffkern::grpo_iso_loss: on CPU tensors one C++ kernel checks the
+        arguments and computes log p and the PPO epilogue; the other backends run grpo_log_prob's and the
+        epilogue in PyTorch. The TGR mean is over the global batch: every rank's samples of `group`
+        (default: the default group) when torch.distributed is initialised (1/lambda from the sigmas, an
+        all-reduce of two numbers, then the op), else this batch.
     Bad input: TypeError (not a tensor, a scalar not a number) or ValueError (shape, dtype, device, the
         stored step given both ways, beta > 0 without v_ref, cfg_scale without v_uncond), naming the
         argument. The step values are checked as in flow_sde_step (by the CPU kernels; NaN/inf on a GPU).
     NaN/inf policy: propagated like the reference: NaN/inf in a sample's latents or per-sample inputs make
-        that sample's log p (and the loss, a mean over samples) NaN/inf.
+        that sample's log p (and the loss, a mean over samples) NaN/inf, and its gradients NaN (the other
+        samples' gradients are unaffected, as autograd through the reference gives them).
     """
+    # (group and is_initialized first: the common call, one process, pays for one check)
+    if not (tgr and (group is not None or _DIST and dist.is_initialized()) and distributed._distributed(group)):
+        try:  # the op checks its arguments (in C++ on CPU tensors): no Python checks on the way in
+            return _loss(v, x, x_next, y, sigma, sigma_next, log_prob_old, advantages, v_ref, v_uncond, cfg_scale,
+                         clip_eps, tgr, beta, std_rule, std_coef)
+        except (TypeError, RuntimeError):
+            pass  # a Python value the op's schema refuses (a numpy array, None, a string): named below
+    args = _checked_loss_args(v, x, x_next, y, sigma, sigma_next, log_prob_old, advantages, v_ref, v_uncond, cfg_scale,
+                              clip_eps, tgr, beta, std_rule, std_coef)
+    tgr_mean = None
+    if tgr and distributed._distributed(group):  # the TGR mean of every rank's 1/lambda, then the op
+        rule, coef = _rule(LOSS_OP, std_rule, std_coef)
+        inv_lambda = reference.step_coefficients(*(s.to(_dtypes.acc(v.dtype)) for s in (sigma, sigma_next)), rule,
+                                                 coef).inv_lambda
+        tgr_mean = distributed.global_mean(inv_lambda, group)
+    return _loss(*args, tgr_mean)
+
+
+def _loss(v, x, x_next, y, sigma, sigma_next, log_prob_old, advantages, v_ref, v_uncond, cfg_scale, clip_eps, tgr,
+          beta, std_rule, std_coef, tgr_mean=None):
+    """grpo_iso_loss's one op call, as (loss, stats)."""
+    rule, coef = _DEFAULT_RULES[std_rule] if std_coef is None and std_rule in _DEFAULT_RULES else \
+        _rule(LOSS_OP, std_rule, std_coef)
+    with _nvtx.range("diffkern.grpo_iso_loss") if _nvtx.ENABLED else _NO_RANGE:
+        loss, approx_kl, clip_fraction, ratio_mean, weights, _ = _ops.ops.grpo_iso_loss(
+            v, x, x_next, y, sigma, sigma_next, log_prob_old, advantages, v_ref, v_uncond, cfg_scale, clip_eps,
+            bool(tgr), beta, rule, coef, tgr_mean)
+    return loss, {"approx_kl": approx_kl, "clip_fraction": clip_fraction, "ratio_mean": ratio_mean, "weights": weights}
+
+
+def _checked_loss_args(v, x, x_next, y, sigma, sigma_next, log_prob_old, advantages, v_ref, v_uncond, cfg_scale,
+                       clip_eps, tgr, beta, std_rule, std_coef):
+    """grpo_iso_loss's arguments checked in Python (a TypeError or ValueError naming the argument), the
+    numbers as floats: the path of a call the op refused, and of the distributed TGR mean."""
     _checks.tensor(LOSS_OP, "v", v)
     for name, t in (("x", x), ("x_next", x_next), ("y", y), ("v_ref", v_ref), ("v_uncond", v_uncond)):
         _checks.tensor(LOSS_OP, name, t, optional=True)
-    rule, coef = _rule(LOSS_OP, std_rule, std_coef)
-    x, target = _target(x, x_next, y)
-    if (cfg_scale is None) != (v_uncond is None):
-        raise ValueError(f"{LOSS_OP}: cfg_scale and v_uncond go together (got cfg_scale={cfg_scale}, "
-                         f"v_uncond {'given' if v_uncond is not None else 'None'})")
+    _rule(LOSS_OP, std_rule, std_coef)
+    _target(x, x_next, y)
     clip_eps, beta = _checks.number(LOSS_OP, "clip_eps", clip_eps), _checks.number(LOSS_OP, "beta", beta)
     if cfg_scale is not None:
         cfg_scale = _checks.number(LOSS_OP, "cfg_scale", cfg_scale)
-    if not 0 <= clip_eps < math.inf:  # comparisons, not math.isfinite: they trace (symbolic floats)
-        raise ValueError(f"{LOSS_OP}: clip_eps must be finite and >= 0, got {clip_eps}")
-    if not 0 <= beta < math.inf:
-        raise ValueError(f"{LOSS_OP}: beta must be finite and >= 0, got {beta}")
-    if beta > 0 and v_ref is None:
-        raise ValueError(f"{LOSS_OP}: beta = {beta} > 0 weights a KL term to the reference policy: give v_ref "
-                         "(or beta = 0)")
+    _check_ppo_args(v, v_ref, v_uncond, cfg_scale, log_prob_old, advantages, clip_eps, beta, None)
     for name, t in (("sigma", sigma), ("sigma_next", sigma_next)):
         if t is None:
             raise ValueError(f"{LOSS_OP}: {name} is required")
         _checks.tensor(LOSS_OP, name, t)
-    _check_per_sample("log_prob_old", log_prob_old, v)
-    _check_per_sample("advantages", advantages, v)
-    with _nvtx.range("diffkern.grpo_iso_loss"):
-        w = 1.0 if cfg_scale is None else float(cfg_scale)
-        log_prob, kl, inv_lambda = _ops.ops.grpo_log_prob(v, x, target, sigma, sigma_next,
-                                                                    v_ref if beta > 0 else None, v_uncond, w, rule,
-                                                                    coef)
-        weights = inv_lambda / distributed.global_mean(inv_lambda, group) if tgr else torch.ones_like(log_prob)
-        return reference.ppo_loss(log_prob, kl, log_prob_old, advantages, weights, clip_eps, beta)
+    return (v, x, x_next, y, sigma, sigma_next, log_prob_old, advantages, v_ref, v_uncond, cfg_scale, clip_eps, tgr,
+            beta, std_rule, std_coef)

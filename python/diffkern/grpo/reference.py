@@ -158,6 +158,40 @@ def ppo_loss(log_prob, kl, log_prob_old, advantages, weights, clip_eps: float, b
     return loss, stats
 
 
+def ppo_epilogue(log_prob, kl, inv_lambda, log_prob_old, advantages, clip_eps: float, tgr: bool, beta: float,
+                 tgr_mean=None):
+    """The [B] epilogue of diffkern::grpo_iso_loss with its derivatives written out (no autograd): the Python
+    backends' twin of the C++ kernel's (csrc/include/diffkern/grpo_math.h `ppo_term`, the same math).
+
+    Returns (loss, approx_kl, clip_fraction, ratio_mean, weights, dloss_dsample): ppo_loss's loss and
+    statistics with the TGR weights (the mean of inv_lambda: tgr_mean, else this batch's), and
+    dloss_dsample [3, B] = d loss / d (log_prob, advantages, kl) as autograd takes them through ppo_loss
+    (torch.maximum: a tie splits the gradient in halves, NaN sends it to both sides; clamp: gradient
+    inside [1 - clip_eps, 1 + clip_eps], bounds included).
+    """
+    dtype, n = log_prob.dtype, max(log_prob.shape[0], 1)
+    if not tgr:
+        weights = torch.ones_like(log_prob)
+    else:
+        weights = inv_lambda / (inv_lambda.sum() / n if tgr_mean is None else tgr_mean.to(dtype).reshape(()))
+    delta = log_prob - log_prob_old.to(dtype)
+    ratio = torch.exp(delta)
+    lo, hi = 1 - clip_eps, 1 + clip_eps
+    clipped = torch.clamp(ratio, lo, hi)
+    wa = weights * advantages.to(dtype)
+    a, b = -wa * ratio, -wa * clipped
+    tie = a == b
+    ga, gb = torch.where(tie, 0.5, (~(a < b)).to(dtype)), torch.where(tie, 0.5, (~(a > b)).to(dtype))
+    in_range = ((ratio >= lo) & (ratio <= hi)).to(dtype)
+    dloss_dsample = torch.stack([-wa * (ga + gb * in_range) * ratio, -weights * (ga * ratio + gb * clipped),
+                                 torch.full_like(a, beta)]) / n
+    loss = torch.maximum(a, b).sum() / n
+    if beta:
+        loss = loss + beta * kl.sum() / n
+    return (loss, 0.5 * delta.pow(2).sum() / n, ((ratio - 1).abs() > clip_eps).to(dtype).sum() / n, ratio.sum() / n,
+            weights, dloss_dsample)
+
+
 def grpo_iso_loss_reference(v, x=None, x_next=None, sigma=None, sigma_next=None, log_prob_old=None, advantages=None,
                             clip_eps=1e-3, tgr=True, beta=0.0, v_ref=None, cfg_scale=None, v_uncond=None,
                             std_rule="wan", std_coef=None, *, y=None):
