@@ -93,7 +93,7 @@ def _on_cpu(op: str, name: str) -> str | None:
     """Why backend `name` of `op` cannot run on CPU tensors here, or None when it can."""
     if name == "triton" and not _triton.interpreting():
         return "needs TRITON_INTERPRET=1"
-    if name == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(f"diffkern::{op}_cuda", "CPU"):
+    if name == "cuda" and _registry.harness_missing(op):
         return "test harness only"
     return None
 

@@ -111,13 +111,21 @@ def _run_forced_on_cpu(op: str, name: str, *args):
         raise RuntimeError(
             f"diffkern::{op}: backend 'triton' on CPU tensors runs in the Triton interpreter, which needs "
             "TRITON_INTERPRET=1 in the environment before triton is imported")
-    # (an op without a diffkern::<op>_cuda twin composes ops that have one, and reaches this check through them)
-    if name == "cuda" and torch._C._dispatch_has_kernel(f"diffkern::{op}_cuda") and \
-            not torch._C._dispatch_has_kernel_for_dispatch_key(f"diffkern::{op}_cuda", "CPU"):
+    if name == "cuda" and harness_missing(op):
         raise RuntimeError(
             f"diffkern::{op}: backend 'cuda' on CPU tensors runs the CUDA kernels in the host-execution "
             "harness, which is not loaded (diffkern.testing.cuda_harness.load() builds and loads it)")
     return fn(*args)
+
+
+def harness_missing(op: str) -> bool:
+    """Whether backend 'cuda' cannot run `op` on CPU tensors because the host-execution harness (tests only)
+    is not loaded: its diffkern::<op>_cuda twin has no CPU kernel. An op without a twin composes ops that
+    have one (grpo_iso_loss: grpo_log_prob's) and needs the harness all the same."""
+    own = f"diffkern::{op}_cuda"
+    twins = [own] if torch._C._dispatch_has_kernel(own) else \
+        [f"diffkern::{o}_cuda" for o in _impls if torch._C._dispatch_has_kernel(f"diffkern::{o}_cuda")]
+    return not any(torch._C._dispatch_has_kernel_for_dispatch_key(t, "CPU") for t in twins)
 
 
 @contextlib.contextmanager
