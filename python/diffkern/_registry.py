@@ -32,16 +32,19 @@ GPU_PREFERENCE = ("cuda", "triton")
 
 _impls: dict[str, dict[str, Callable]] = {}
 _checks: dict[str, Callable] = {}
+_cuda_twin: dict[str, str] = {}
 _forced: list[str] = []
 _cuda_lib = torch.library.Library("diffkern", "IMPL")
 
 
-def register(op: str, check: Callable, **backends: Callable) -> None:
+def register(op: str, check: Callable, cuda_twin: str | None = None, **backends: Callable) -> None:
     """Registers the Python backends of `torch.ops.diffkern.<op>` and routes its CUDA key through them.
 
     `check(*args)` validates the op's arguments before any Python backend runs (the C++ kernels check
     the same in C++); a backend adds only its own limits. Check and backend run under the device of the
     first tensor argument (`_triton.device_guard`), so Triton launches reach that device's current stream.
+    `cuda_twin`: the op whose diffkern::<twin>_cuda kernel the 'cuda' backend runs (default: `op` itself;
+    an op composed of another names it, so a forced 'cuda' on CPU tensors is checked against its harness).
     Without the extension (diffkern._ops.LOADED false) there is no op to route: nothing is registered.
     """
     if not LOADED:
@@ -51,6 +54,7 @@ def register(op: str, check: Callable, **backends: Callable) -> None:
         raise ValueError(f"unknown backend(s) {sorted(unknown)} for diffkern::{op}; known: {BACKENDS}")
     _impls[op] = dict(backends)
     _checks[op] = check
+    _cuda_twin[op] = cuda_twin or op
     _cuda_lib.impl(op, functools.partial(_run_cuda, op), "CUDA")
 
 
@@ -120,12 +124,8 @@ def _run_forced_on_cpu(op: str, name: str, *args):
 
 def harness_missing(op: str) -> bool:
     """Whether backend 'cuda' cannot run `op` on CPU tensors because the host-execution harness (tests only)
-    is not loaded: its diffkern::<op>_cuda twin has no CPU kernel. An op without a twin composes ops that
-    have one (grpo_iso_loss: grpo_log_prob's) and needs the harness all the same."""
-    own = f"diffkern::{op}_cuda"
-    twins = [own] if torch._C._dispatch_has_kernel(own) else \
-        [f"diffkern::{o}_cuda" for o in _impls if torch._C._dispatch_has_kernel(f"diffkern::{o}_cuda")]
-    return not any(torch._C._dispatch_has_kernel_for_dispatch_key(t, "CPU") for t in twins)
+    is not loaded: its CUDA twin (`register`'s cuda_twin) has no CPU kernel."""
+    return not torch._C._dispatch_has_kernel_for_dispatch_key(f"diffkern::{_cuda_twin[op]}_cuda", "CPU")
 
 
 @contextlib.contextmanager

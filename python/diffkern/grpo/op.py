@@ -136,7 +136,8 @@ _registry.register("grpo_log_prob", check_log_prob,
 _registry.register("grpo_log_prob_bwd", check_log_prob_bwd,
                    triton=_triton_backend(triton_kernels.function("log_prob_bwd"), 2, LOSS_OP),
                    reference=reference.log_prob_bwd, cuda=_ops.ops.grpo_log_prob_bwd_cuda)
-_registry.register("grpo_iso_loss", check_iso_loss, triton=_iso_loss, reference=_iso_loss, cuda=_iso_loss)
+_registry.register("grpo_iso_loss", check_iso_loss, cuda_twin="grpo_log_prob", triton=_iso_loss, reference=_iso_loss,
+                   cuda=_iso_loss)
 
 
 @_registry.register_fake("diffkern::flow_sde_step")
