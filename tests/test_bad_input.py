@@ -286,6 +286,8 @@ rows("grpo_iso_loss", {
     "beta > 0 without v_ref": kw_call(loss, loss_in, Raises(ValueError, "beta", "v_ref"), beta=0.1),
     "beta negative": kw_call(loss, loss_in, Raises(ValueError, "beta"), beta=-0.1),
     "clip_eps string": kw_call(loss, loss_in, Raises(TypeError, "clip_eps"), clip_eps="0.1"),
+    "clip_eps bool": kw_call(loss, loss_in, Raises(TypeError, "clip_eps"), clip_eps=True),
+    "beta bool": kw_call(loss, loss_in, Raises(TypeError, "beta"), beta=False),
     "cfg_scale without v_uncond": kw_call(loss, loss_in, Raises(ValueError, "cfg_scale", "v_uncond"), cfg_scale=2.0),
     "advantages [B+1]": kw_call(loss, edit(loss_in, advantages=lambda kw: randn(4)), Raises(ValueError, "advantages")),
     "valid": kw_call(loss_of(loss), loss_in, Reference((10, None, None, None, 0, 10))),

@@ -289,7 +289,9 @@ def grpo_iso_loss(v, x=None, x_next=None, sigma=None, sigma_next=None, log_prob_
         samples' gradients are unaffected, as autograd through the reference gives them).
     """
     # (group and is_initialized first: the common call, one process, pays for one check)
-    if not (tgr and (group is not None or _DIST and dist.is_initialized()) and distributed._distributed(group)):
+    # (a bool is a number to the op's schema but not to diffkern: such a call takes the checked path)
+    if not (tgr and (group is not None or _DIST and dist.is_initialized()) and distributed._distributed(group)) \
+            and bool not in (clip_eps.__class__, beta.__class__, cfg_scale.__class__):
         try:  # the op checks its arguments (in C++ on CPU tensors): no Python checks on the way in
             return _loss(v, x, x_next, y, sigma, sigma_next, log_prob_old, advantages, v_ref, v_uncond, cfg_scale,
                          clip_eps, tgr, beta, std_rule, std_coef)
