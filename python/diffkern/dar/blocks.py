@@ -186,7 +186,8 @@ class DiT(nn.Module):
         input_size, patch_size, in_channels: image side, patch side, channels (T = (input_size/patch)^2).
         hidden_size, depth, num_heads, mlp_ratio: the transformer (2 * depth sublayers).
         class_dropout_prob, num_classes: label conditioning (a null class when the dropout is > 0).
-        learn_sigma: output 2*in_channels (mean and variance, DiT) instead of in_channels (SiT velocity).
+        learn_sigma: output 2*in_channels (mean and variance, DiT) instead of in_channels (SiT velocity);
+            `diffkern.dar.sit` takes the first in_channels of a 2*in_channels output as the velocity.
         stream: "residual" (the baseline) or "dar".
         chunk_size, query, summary: the DARRouter's chunking (None = full scheme), query variant
             ("static", "timestep" = w_l + e_l(c) with c the adaLN conditioning, "dynamic") and chunk
