@@ -3,6 +3,7 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
+from diffkern import sink_attention
 from diffkern.sinks import reference
 from diffkern.sinks.processors import (SinkAttnProcessor, SinkJointAttnProcessor, SinkRecorder,
                                        install_sink_processors)
@@ -127,3 +128,85 @@ def test_attention_mask_is_refused():
     proc = SinkAttnProcessor()
     with pytest.raises(NotImplementedError, match="attention_mask"):
         proc(None, torch.zeros(1, 2, 3), attention_mask=torch.zeros(1, 2))
+
+
+def sd35():
+    """A tiny SD3.5-Medium-style transformer: blocks 0 and 1 have a second attention `attn2` (dual attention)."""
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=64,
+                                 num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=128,
+                                 pooled_projection_dim=16, out_channels=4, pos_embed_max_size=8,
+                                 qk_norm="rms_norm", dual_attention_layers=(0, 1)).eval()
+
+
+def sink_layers(model) -> dict:
+    return {name.removesuffix(".processor"): type(p) for name, p in model.attn_processors.items()
+            if isinstance(p, (SinkJointAttnProcessor, SinkAttnProcessor))}
+
+
+@pytest.mark.parametrize("layers, want", [
+    ({2}, {"transformer_blocks.2.attn": SinkJointAttnProcessor}),
+    (-1, {"transformer_blocks.2.attn": SinkJointAttnProcessor}),
+    ({1}, {"transformer_blocks.1.attn": SinkJointAttnProcessor}),
+    ((1, "attn2"), {"transformer_blocks.1.attn2": SinkJointAttnProcessor}),
+    ({(0, "attn"), (0, "attn2"), 2}, {"transformer_blocks.0.attn": SinkJointAttnProcessor,
+                                      "transformer_blocks.0.attn2": SinkJointAttnProcessor,
+                                      "transformer_blocks.2.attn": SinkJointAttnProcessor}),
+    ({"transformer_blocks.1.attn2.processor"}, {"transformer_blocks.1.attn2": SinkJointAttnProcessor}),
+])
+def test_sd35_layers_are_transformer_block_indices(layers, want):
+    model = sd35()
+    install_sink_processors(model, layers, mode="measure")
+    assert sink_layers(model) == want
+
+
+def oracle_stats(attn, hidden_states, encoder_hidden_states=None, **_):
+    """The measure-mode statistics of `attn` (an Attention module) on its inputs, projected as diffusers does."""
+    def heads(x, norm):
+        x = x.view(x.shape[0], -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+        return x if norm is None else norm(x)
+    q, k, v = (heads(attn.to_q(hidden_states), attn.norm_q), heads(attn.to_k(hidden_states), attn.norm_k),
+               heads(attn.to_v(hidden_states), None))
+    if encoder_hidden_states is not None:
+        e = encoder_hidden_states
+        q, k, v = (torch.cat(p, dim=2) for p in ((q, heads(attn.add_q_proj(e), attn.norm_added_q)),
+                                                  (k, heads(attn.add_k_proj(e), attn.norm_added_k)),
+                                                  (v, heads(attn.add_v_proj(e), None))))
+    return sink_attention(q, k, v, mode="measure", n_query=hidden_states.shape[1], return_stats=True)[1]
+
+
+def test_sd35_statistics_come_from_the_chosen_block():
+    model, inputs = sd35(), sd3_inputs()
+    seen = {}  # each attention module's inputs, found through the module tree, not through attn_processors
+
+    def keep(key):
+        def hook(module, args, kwargs):
+            seen[key] = (module, kwargs)
+        return hook
+    for i, block in enumerate(model.transformer_blocks):
+        for name in ("attn", "attn2"):
+            if getattr(block, name, None) is not None:
+                getattr(block, name).register_forward_pre_hook(keep(f"transformer_blocks.{i}.{name}"), with_kwargs=True)
+    stock = run(sd35(), inputs)
+    rec = install_sink_processors(model, {2, (1, "attn2")}, mode="measure")
+    assert torch.equal(run(model, inputs), stock)
+    with torch.no_grad(), forced("cpu"):
+        want = {key: oracle_stats(m, **kwargs) for key, (m, kwargs) in seen.items()}
+    assert sorted(r["layer"] for r in rec.records) == ["transformer_blocks.1.attn2", "transformer_blocks.2.attn"]
+    for r in rec.records:
+        assert r["max_mass"] == want[r["layer"]]["max_mass"].item()
+        assert r["row_entropy"] == want[r["layer"]]["row_entropy"].item()
+        others = [w["max_mass"].item() for key, w in want.items() if key != r["layer"]]
+        assert r["max_mass"] not in others, "the statistics do not single out one block"
+
+
+@pytest.mark.parametrize("bad", (3, -4, True, 1.0, (2, "attn2"), (0, "attn3"), (1, 2), (0, "attn", 1),
+                                 "transformer_blocks.9.attn.processor"))
+def test_sd35_bad_layers_raise(bad):
+    with pytest.raises(ValueError, match="layers"):
+        install_sink_processors(sd35(), [bad])
+
+
+def test_unet_layers_refuse_block_pairs():
+    with pytest.raises(ValueError, match="layers"):
+        install_sink_processors(unet(), {(0, "attn1")})

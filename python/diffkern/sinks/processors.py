@@ -5,9 +5,10 @@
                           keys ordered [image, text], the image queries first (n_query = image tokens).
   SinkAttnProcessor       replaces AttnProcessor2_0 (SDXL-style UNet self- and cross-attention): every
                           query is an image query.
-  install_sink_processors(model, layers, ...)  puts them on the chosen layers (indices into
-                          model.attn_processors, in order: for SD3 the joint block index) and returns the
-                          SinkRecorder that collects one record of statistics per call.
+  install_sink_processors(model, layers, ...)  puts them on the chosen layers (for SD3 / SD3.5, transformer
+                          block indices; (i, "attn2") picks an SD3.5 dual-attention block's second
+                          attention) and returns the SinkRecorder that collects one record of statistics
+                          per call.
 
 In "measure" mode the output comes from F.scaled_dot_product_attention, exactly the stock processor's
 call, so the model's output is bit-identical to the stock model; the statistics come from
@@ -196,28 +197,22 @@ class SinkAttnProcessor(_SinkProcessor):
 def install_sink_processors(model, layers, processor=None, **settings) -> SinkRecorder:
     """Puts a sink processor on each chosen layer of a diffusers model; the other layers keep theirs.
 
-    layers: indices into model.attn_processors (in its order: for SD3Transformer2DModel, the joint block
-        index, e.g. {6, 12, 18}) or processor names. processor: SinkJointAttnProcessor or SinkAttnProcessor
-        (default: chosen per layer from the stock processor's kind). settings: mode, k_sink, row_scope,
-        bias, seed (see diffkern.sink_attention). Returns the SinkRecorder all installed processors share.
+    layers: a collection (or a single one) of
+        - i (int): on a model with `transformer_blocks` (SD3Transformer2DModel, SD3.5 included), block i's
+          joint attention `transformer_blocks.{i}.attn`, e.g. {6, 12, 18}; negative i counts from the last
+          block. On a model without them (an SDXL-style UNet), the i-th entry of model.attn_processors.
+        - (i, name): the attention `name` of transformer block i, e.g. (1, "attn2") for the second (image-only)
+          attention of an SD3.5 dual-attention block (diffusers' `dual_attention_layers`); (i, "attn") is i.
+        - a processor name, a key of model.attn_processors, e.g. "transformer_blocks.1.attn2.processor".
+        Anything else, or an entry naming no attention layer, raises ValueError naming `layers`.
+    processor: SinkJointAttnProcessor or SinkAttnProcessor (default: chosen per layer from the stock
+        processor's kind; SD3.5's attn2 runs joint attention without a text stream, every query an image
+        query). settings: mode, k_sink, row_scope, bias, seed (see diffkern.sink_attention). Returns the
+        SinkRecorder all installed processors share.
     """
     recorder = settings.pop("recorder", None) or SinkRecorder()
     current = model.attn_processors
-    names = list(current)
-    if isinstance(layers, (int, str)):
-        layers = [layers]
-    chosen = set()
-    for i in layers:
-        if isinstance(i, str):
-            chosen.add(i)
-        elif isinstance(i, int) and not isinstance(i, bool) and -len(names) <= i < len(names):
-            chosen.add(names[i])
-        else:
-            raise ValueError(f"install_sink_processors: layers must hold layer indices in [0, {len(names)}) or "
-                             f"processor names, got {i!r}")
-    unknown = chosen - set(names)
-    if unknown:
-        raise ValueError(f"install_sink_processors: no attention layer named {sorted(unknown)}")
+    chosen = _layer_names(model, layers, list(current))
     new = {}
     for name, proc in current.items():
         if name not in chosen:
@@ -227,3 +222,44 @@ def install_sink_processors(model, layers, processor=None, **settings) -> SinkRe
         new[name] = cls(layer=name.removesuffix(".processor"), recorder=recorder, **settings)
     model.set_attn_processor(new)
     return recorder
+
+
+def _layer_names(model, layers, names: list) -> set:
+    """install_sink_processors' `layers` -> the set of attn_processors keys it names (see there)."""
+    blocks = getattr(model, "transformer_blocks", None)
+    n_blocks = None if blocks is None else len(blocks)
+    if isinstance(layers, (int, str)) or _is_block_pair(layers):
+        layers = [layers]
+    chosen = set()
+    for entry in layers:
+        if isinstance(entry, str):
+            chosen.add(entry)
+            continue
+        if n_blocks is None:
+            if _is_int(entry) and -len(names) <= entry < len(names):
+                chosen.add(names[entry])
+                continue
+            expected = f"attention layer indices in [0, {len(names)})"
+        else:
+            index, attn = (entry, "attn") if _is_int(entry) else entry if _is_block_pair(entry) else (None, None)
+            if index is not None and -n_blocks <= index < n_blocks:
+                name = f"transformer_blocks.{index % n_blocks}.{attn}.processor"
+                if name not in names:
+                    raise ValueError(f"install_sink_processors: layers entry {entry!r}: transformer block "
+                                     f"{index % n_blocks} has no attention {attn!r}")
+                chosen.add(name)
+                continue
+            expected = f"transformer block indices in [0, {n_blocks}), (block index, attention name) pairs"
+        raise ValueError(f"install_sink_processors: layers must hold {expected} or processor names, got {entry!r}")
+    unknown = chosen - set(names)
+    if unknown:
+        raise ValueError(f"install_sink_processors: layers names no attention layer {sorted(unknown)}")
+    return chosen
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_block_pair(x) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and _is_int(x[0]) and isinstance(x[1], str)
