@@ -88,4 +88,8 @@ std::string no_double_backward(const std::string& public_name, const std::string
          ") has no derivative. Differentiate it once (no create_graph through it)";
 }
 
+std::string internal_backend(const std::string& op) {
+  return "diffkern::" + op + "_cuda is an internal backend op without autograd; call diffkern::" + op;
+}
+
 }  // namespace diffkern::autograd

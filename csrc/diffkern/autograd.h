@@ -39,4 +39,8 @@ torch::CppFunction non_differentiable();
 // The message of a backward op's refuse_backward: "double backward of <public> is not supported ...".
 std::string no_double_backward(const std::string& public_name, const std::string& backward_op);
 
+// The message of an internal backend op's refuse_backward: "diffkern::<op>_cuda is an internal backend op
+// without autograd; call diffkern::<op>".
+std::string internal_backend(const std::string& op);
+
 }  // namespace diffkern::autograd

@@ -102,8 +102,7 @@ TORCH_LIBRARY_IMPL(diffkern, Autograd, m) {
   m.impl("dar_gather_fwd", &gather);
   m.impl("dar_route_bwd", refuse_backward(no_double_backward("diffkern.dar_route", "dar_route_bwd")));
   m.impl("dar_gather_bwd", refuse_backward(no_double_backward("diffkern.dar.dar_gather", "dar_gather_bwd")));
-  m.impl("dar_route_fwd_cuda", refuse_backward("diffkern::dar_route_fwd_cuda is an internal backend op without "
-                                               "autograd; call diffkern::dar_route_fwd"));
+  m.impl("dar_route_fwd_cuda", refuse_backward(internal_backend("dar_route_fwd")));
   m.impl("dar_route_bwd_cuda", refuse_backward(no_double_backward("diffkern.dar_route", "dar_route_bwd_cuda")));
 }
 

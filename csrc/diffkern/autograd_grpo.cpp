@@ -136,8 +136,7 @@ TORCH_LIBRARY_IMPL(diffkern, Autograd, m) {
   // x_next is sampled: nothing is differentiated through a rollout step (training differentiates grpo_iso_loss).
   m.impl("flow_sde_step", non_differentiable());
   m.impl("flow_sde_step_cuda", non_differentiable());
-  m.impl("grpo_log_prob_cuda", refuse_backward("diffkern::grpo_log_prob_cuda is an internal backend op without "
-                                               "autograd; call diffkern::grpo_log_prob"));
+  m.impl("grpo_log_prob_cuda", refuse_backward(internal_backend("grpo_log_prob")));
   m.impl("grpo_log_prob_bwd_cuda",
          refuse_backward(no_double_backward("diffkern.grpo_iso_loss", "grpo_log_prob_bwd_cuda")));
 }

@@ -47,8 +47,7 @@ Tensor step(const Tensor& mu, const Tensor& sigma, const Tensor& w, const Tensor
 
 TORCH_LIBRARY_IMPL(diffkern, Autograd, m) {
   m.impl("ntrk_step", &step);
-  m.impl("ntrk_step_cuda", refuse_backward("diffkern::ntrk_step_cuda is an internal backend op without autograd; "
-                                           "call diffkern::ntrk_step"));
+  m.impl("ntrk_step_cuda", refuse_backward(internal_backend("ntrk_step")));
   // The projection is piecewise: the identity on in-band entries, a constant (the band edge) on clipped ones,
   // with a sort in between. Its gradient would be zero on exactly the entries guidance cares about, so it is
   // declared non-differentiable: outputs of inputs requiring grad plainly do not.

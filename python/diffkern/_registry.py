@@ -122,6 +122,12 @@ def _run_forced_on_cpu(op: str, name: str, *args):
     return fn(*args)
 
 
+def unchecked(op: str, name: str) -> Callable:
+    """Backend `name` of `op` without its argument check, for an op composed of `op` whose own check covers
+    op's (looked up when called; it runs under the composed op's device guard)."""
+    return lambda *args: _impls[op][name](*args)
+
+
 def harness_missing(op: str) -> bool:
     """Whether backend 'cuda' cannot run `op` on CPU tensors because the host-execution harness (tests only)
     is not loaded: its CUDA twin (`register`'s cuda_twin) has no CPU kernel."""

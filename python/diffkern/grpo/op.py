@@ -116,15 +116,17 @@ def check_iso_loss(v, x, x_next, y, sigma, sigma_next, log_prob_old, advantages,
                    1.0 if cfg_scale is None else cfg_scale, std_rule, std_coef)
 
 
-def _iso_loss(v, x, x_next, y, sigma, sigma_next, log_prob_old, advantages, v_ref, v_uncond, cfg_scale, clip_eps,
-              tgr, beta, std_rule, std_coef, tgr_mean):
-    """The Python backends of diffkern::grpo_iso_loss (the GPU's, and "reference"): grpo_log_prob on the
-    same backend, then the [B] epilogue in PyTorch (reference.ppo_epilogue, grpo_math.h's `ppo_term`)."""
-    x, target = _target(x, x_next, y)
-    log_prob, kl, inv_lambda = _ops.ops.grpo_log_prob(v, x, target, sigma, sigma_next, v_ref if beta > 0 else None,
-                                                      v_uncond, 1.0 if cfg_scale is None else cfg_scale, std_rule,
-                                                      std_coef)
-    return reference.ppo_epilogue(log_prob, kl, inv_lambda, log_prob_old, advantages, clip_eps, tgr, beta, tgr_mean)
+def _iso_loss_with(log_prob):
+    """A Python backend of diffkern::grpo_iso_loss (the GPU's, and "reference"): `log_prob` (grpo_log_prob's
+    backend of the same name, whose arguments check_iso_loss has checked already; the op itself in the fake),
+    then the [B] epilogue in PyTorch (reference.ppo_epilogue, grpo_math.h's `ppo_term`)."""
+    def run(v, x, x_next, y, sigma, sigma_next, log_prob_old, advantages, v_ref, v_uncond, cfg_scale, clip_eps, tgr,
+            beta, std_rule, std_coef, tgr_mean):
+        x, target = _target(x, x_next, y)
+        log_p, kl, inv_lambda = log_prob(v, x, target, sigma, sigma_next, v_ref if beta > 0 else None, v_uncond,
+                                         1.0 if cfg_scale is None else cfg_scale, std_rule, std_coef)
+        return reference.ppo_epilogue(log_p, kl, inv_lambda, log_prob_old, advantages, clip_eps, tgr, beta, tgr_mean)
+    return run
 
 
 _registry.register("flow_sde_step", check_sde_step,
@@ -136,8 +138,9 @@ _registry.register("grpo_log_prob", check_log_prob,
 _registry.register("grpo_log_prob_bwd", check_log_prob_bwd,
                    triton=_triton_backend(triton_kernels.function("log_prob_bwd"), 2, LOSS_OP),
                    reference=reference.log_prob_bwd, cuda=_ops.ops.grpo_log_prob_bwd_cuda)
-_registry.register("grpo_iso_loss", check_iso_loss, cuda_twin="grpo_log_prob", triton=_iso_loss, reference=_iso_loss,
-                   cuda=_iso_loss)
+_registry.register("grpo_iso_loss", check_iso_loss, cuda_twin="grpo_log_prob",
+                   **{name: _iso_loss_with(_registry.unchecked("grpo_log_prob", name))
+                      for name in ("triton", "reference", "cuda")})
 
 
 @_registry.register_fake("diffkern::flow_sde_step")
@@ -165,7 +168,7 @@ def _iso_loss_fake(*args):
     """The Python backend itself: grpo_log_prob's fake, then the epilogue's [B] ops on fake tensors (so that
     counting aten traffic on meta tensors sees the epilogue the GPU backends run: bench/grpo_model.py)."""
     check_iso_loss(*args)
-    return _iso_loss(*args)
+    return _iso_loss_with(lambda *a: _ops.ops.grpo_log_prob(*a))(*args)
 
 
 _DEFAULT_RULES = {name: (rule, reference.default_std_coef(name)) for name, rule in reference.STD_RULES.items()}
