@@ -38,10 +38,13 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features [B, dim] of (possibly fractional) timesteps t [B]: cos then sin, geometric frequencies."""
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> torch.Tensor:
+    """Sinusoidal features [B, dim] of (possibly fractional) timesteps t [B]: cos(t f_k) then sin(t f_k) with
+    f_k = max_period^(-k / (dim/2 - freq_shift)), k < dim/2. freq_shift = 0 is DiT's; diffusers' DiT uses
+    Timesteps(downscale_freq_shift=1), i.e. freq_shift = 1 (its lowest frequency is exactly 1/max_period)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+                      / (half - freq_shift))
     angles = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
     return F.pad(emb, (0, dim % 2))
@@ -77,16 +80,16 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """t [B] -> [B, d]: sinusoidal features through a two-layer SiLU MLP."""
+    """t [B] -> [B, d]: sinusoidal features (`timestep_embedding`, with `freq_shift`) through a two-layer SiLU MLP."""
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, freq_shift: float = 0.0):
         super().__init__()
-        self.frequency_embedding_size = frequency_embedding_size
+        self.frequency_embedding_size, self.freq_shift = frequency_embedding_size, freq_shift
         self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
                                  nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        emb = timestep_embedding(t, self.frequency_embedding_size)
+        emb = timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
@@ -136,13 +139,13 @@ class Mlp(nn.Module):
 
 class DiTBlock(nn.Module):
     """Two adaLN-Zero sublayers. `branches` gives each sublayer's gated output; the stream decides how
-    their inputs are formed (residual sum in `forward`, DAR routing in `DiT`)."""
+    their inputs are formed (residual sum in `forward`, DAR routing in `DiT`). mlp_norm_eps: norm2's eps."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, mlp_norm_eps: float = 1e-6):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
@@ -194,13 +197,17 @@ class DiT(nn.Module):
             summary rule ("sum" or "last"); used when stream="dar".
         recompute: with chunked DAR, recompute each chunk's sublayers in backward (activation
             checkpointing per chunk) so autograd keeps about S + N stream tensors instead of 2 * depth.
+        timestep_freq_shift, mlp_norm_eps: the timestep features' frequency shift (`timestep_embedding`) and
+            the eps of each block's MLP LayerNorm (norm2); the defaults (0, 1e-6) are DiT's, diffusers'
+            DiTTransformer2DModel has 1 and its config's norm_eps (`diffkern.dar.convert`).
     forward(x [B, C, H, W], t [B], y [B] int64) -> [B, out_channels, H, W].
     """
 
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
                  num_classes: int = 1000, learn_sigma: bool = True, stream: str = "dar", chunk_size: int | None = 4,
-                 query: str = "timestep", summary: str = "sum", recompute: bool = False):
+                 query: str = "timestep", summary: str = "sum", recompute: bool = False,
+                 timestep_freq_shift: float = 0.0, mlp_norm_eps: float = 1e-6):
         super().__init__()
         if stream not in STREAMS:
             raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
@@ -210,10 +217,10 @@ class DiT(nn.Module):
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.patch_size, self.num_heads = patch_size, num_heads
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.x_embedder.grid_size)[None])
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, mlp_norm_eps) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self._init_weights()
         if stream == "dar":  # built after the init above, so the router keeps its own (uniform-routing) init

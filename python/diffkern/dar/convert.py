@@ -1,6 +1,7 @@
 """Turn a standard residual DiT into its DAR form, keeping every pretrained weight.
 
-The source is any module with the usual DiT layout: x_embedder (a patch embedding whose `proj` is a
+The source is diffusers' DiTTransformer2DModel (layout map and numerical differences in
+`diffkern.dar.convert_diffusers`) or any module with the usual DiT layout: x_embedder (a patch embedding whose `proj` is a
 Conv2d), pos_embed [1, T, d], t_embedder.mlp, y_embedder.embedding_table, blocks[i] each with norm1,
 attn (qkv, proj, num_heads), norm2, mlp (fc1, fc2) and adaLN_modulation producing 6 chunks, and
 final_layer (norm_final, linear, adaLN_modulation producing 2 chunks). The architecture is read off
@@ -13,12 +14,9 @@ from __future__ import annotations
 from torch import nn
 
 from .blocks import DiT
+from .convert_diffusers import _fail, architecture_and_weights, is_diffusers_dit
 
 _REQUIRED = ("x_embedder", "t_embedder", "y_embedder", "blocks", "final_layer", "pos_embed")
-
-
-def _fail(msg: str):
-    raise ValueError(f"to_dar: {msg}")
 
 
 def _architecture(src: nn.Module) -> dict:
@@ -61,18 +59,20 @@ def to_dar(model: nn.Module, stream: str = "dar", chunk_size: int | None = 4, qu
     """A `DiT` with `model`'s architecture and weights, its residual stream replaced by DAR routing.
 
     Args:
-        model: a residual DiT in the standard layout (module docstring).
-        stream: "dar", or "residual" for the same weights in diffkern's residual DiT (numerically the source).
+        model: a residual DiT in the standard layout, or diffusers' DiTTransformer2DModel (module docstring).
+        stream: "dar", or "residual" for the same weights in diffkern's residual DiT (numerically the source:
+            equal up to the rounding of a different operation order, e.g. the fused qkv projection).
         chunk_size, query, summary, recompute: the router's settings (see `diffkern.dar.blocks.DiT`).
     Returns the new model on `model`'s device and dtype, in `model`'s train/eval mode. Raises ValueError
     when `model` does not have the standard layout or a weight does not fit.
     """
-    out = DiT(**_architecture(model), stream=stream, chunk_size=chunk_size, query=query, summary=summary,
-              recompute=recompute)
+    args, weights = architecture_and_weights(model) if is_diffusers_dit(model) else (_architecture(model),
+                                                                                   model.state_dict())
+    out = DiT(**args, stream=stream, chunk_size=chunk_size, query=query, summary=summary, recompute=recompute)
     ref = next(model.parameters())
     out = out.to(device=ref.device, dtype=ref.dtype)
     try:
-        result = out.load_state_dict(model.state_dict(), strict=False)
+        result = out.load_state_dict(weights, strict=False)
     except RuntimeError as error:
         _fail(f"a weight does not fit the DiT layout: {error}")
     unexpected = list(result.unexpected_keys)
