@@ -37,18 +37,19 @@ def inputs(dtype=torch.float32):
     return x, torch.tensor([3.0, 700.0], dtype=dtype), torch.tensor([1, CLASSES])  # CLASSES: the null class
 
 
-@pytest.mark.parametrize("learn_sigma,norm_eps", [(True, 1e-5), (False, 0.05)])
-def test_residual_form_of_the_converted_model_is_the_diffusers_model(learn_sigma, norm_eps):
+@pytest.mark.parametrize("learn_sigma,config", [(True, dict(norm_eps=1e-5)),
+                                                (False, dict(norm_eps=0.05, attention_bias=False))])
+def test_residual_form_of_the_converted_model_is_the_diffusers_model(learn_sigma, config):
     """fp32 conversion against the diffusers model in float64 (the oracle), within the error model's fp32
     tolerance: the two layouts compute the same function in a different operation order. A norm_eps far from
-    DiT's 1e-6 checks that the MLP LayerNorm's eps is carried over."""
-    model = diffusers_dit(learn_sigma, norm_eps=norm_eps)
+    DiT's 1e-6 checks that the MLP LayerNorm's eps is carried over; attention_bias=False, the zero qkv bias."""
+    model = diffusers_dit(learn_sigma, **config)
     x, t, y = inputs()
     converted = to_dar(model, stream="residual")
     assert converted.out_channels == (2 * CH if learn_sigma else CH) and not converted.training
     with torch.no_grad():
         actual, plain = converted(x, t, y), model(x, t, y).sample
-        oracle_model = diffusers_dit(learn_sigma, norm_eps=norm_eps).double()
+        oracle_model = diffusers_dit(learn_sigma, **config).double()
         (oracle,), (spread,) = oracle_with_spread(lambda x: oracle_model(x, t.double(), y).sample, [x],
                                                   n=4 * D, dtype=torch.float32)
     assert_close_to_oracle(actual, oracle, plain, "converted residual DiT", spread)
@@ -66,7 +67,8 @@ def test_every_sublayer_holds_the_diffusers_weights():
         pairs += [(ours.adaLN_modulation[1], theirs.norm1.linear), (ours.attn.proj, theirs.attn1.to_out[0]),
                   (ours.mlp.fc1, theirs.ff.net[0].proj), (ours.mlp.fc2, theirs.ff.net[2])]
         a = theirs.attn1
-        for part, (w, b) in zip((a.to_q, a.to_k, a.to_v), zip(ours.attn.qkv.weight.chunk(3), ours.attn.qkv.bias.chunk(3))):
+        rows = zip(ours.attn.qkv.weight.chunk(3), ours.attn.qkv.bias.chunk(3))
+        for part, (w, b) in zip((a.to_q, a.to_k, a.to_v), rows):
             assert torch.equal(w, part.weight) and torch.equal(b, part.bias)
     for ours, theirs in pairs:
         assert ours.state_dict().keys() == theirs.state_dict().keys()
@@ -122,3 +124,10 @@ def test_a_block_whose_embedder_differs_is_refused_by_name():
 def test_layouts_the_dit_cannot_hold_are_refused_by_name(config, match):
     with pytest.raises(ValueError, match=match):
         to_dar(diffusers_dit(**config))
+
+
+def test_a_weight_with_no_place_in_the_dit_is_refused_by_name():
+    model = diffusers_dit()
+    model.transformer_blocks[1].extra = torch.nn.Linear(D, D)
+    with pytest.raises(ValueError, match=r"transformer_blocks\.1\.extra\.weight"):
+        to_dar(model)

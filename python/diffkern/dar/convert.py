@@ -1,8 +1,8 @@
 """Turn a standard residual DiT into its DAR form, keeping every pretrained weight.
 
 The source is diffusers' DiTTransformer2DModel (layout map and numerical differences in
-`diffkern.dar.convert_diffusers`) or any module with the usual DiT layout: x_embedder (a patch embedding whose `proj` is a
-Conv2d), pos_embed [1, T, d], t_embedder.mlp, y_embedder.embedding_table, blocks[i] each with norm1,
+`diffkern.dar.convert_diffusers`) or any module with the usual DiT layout: x_embedder (a patch embedding
+whose `proj` is a Conv2d), pos_embed [1, T, d], t_embedder.mlp, y_embedder.embedding_table, blocks[i] each with norm1,
 attn (qkv, proj, num_heads), norm2, mlp (fc1, fc2) and adaLN_modulation producing 6 chunks, and
 final_layer (norm_final, linear, adaLN_modulation producing 2 chunks). The architecture is read off
 the source's weights, a `diffkern.dar.blocks.DiT` of that shape is built and the source's state dict

@@ -62,13 +62,15 @@ def null_class_of(model, null_class: int | None) -> int:
                      "(no y_embedder with class_dropout_prob > 0), so pass null_class")
 
 
-def guided_velocity(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
-                    null_class: int | None) -> torch.Tensor:
+def guided_velocity(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float = 1.0,
+                    null_class: int | None = None) -> torch.Tensor:
     """Classifier-free guidance on all C velocity channels: v_u + cfg_scale (v_c - v_u), v_c at labels y and
-    v_u at the null class, both from one model call on the doubled batch; cfg_scale = 1 is one plain call."""
+    v_u at the null class (`null_class_of`), both from one model call on the doubled batch; cfg_scale = 1 is
+    one plain call, `velocity(model, x, t, y)`. Shapes as `velocity`."""
     if cfg_scale == 1:
         return velocity(model, x, t, y)
-    both = velocity(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)]))
+    null = torch.full_like(y, null_class_of(model, null_class))
+    both = velocity(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
     cond, uncond = both.chunk(2)
     return uncond + cfg_scale * (cond - uncond)
 
@@ -112,11 +114,12 @@ def sample(model, noise: torch.Tensor, y: torch.Tensor, steps: int = 50, method:
     last_step_size when invalid.
     """
     _check(steps, method, cfg_scale, diffusion_norm, last_step_size)
-    null = null_class_of(model, null_class) if cfg_scale != 1 else None
+    if cfg_scale != 1:
+        null_class = null_class_of(model, null_class)  # refused here, before any model call
 
     def v_at(x: torch.Tensor, t: float) -> torch.Tensor:
         return guided_velocity(model, x, torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device), y,
-                               cfg_scale, null)
+                               cfg_scale, null_class)
 
     def drift(x: torch.Tensor, t: float) -> torch.Tensor:  # the SDE's drift v + w(t)/2 s, w/2 s = norm (t v - x)
         v = v_at(x, t)
