@@ -17,6 +17,15 @@ CALL = dict(num_inference_steps=3, guidance_scale=7.0, height=16, width=16)
 PIPE_KWARGS = dict(max_sequence_length=8)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's matmuls are far too small for thread synchronisation to pay (5x faster on one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pipe():
     return tiny_pipeline(blocks=2)

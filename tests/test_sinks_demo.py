@@ -2,6 +2,8 @@
 report, plots and JSON, and says in the report what a random tiny model can and cannot show."""
 import json
 
+import torch
+
 from diffkern.demos import sinks as demo
 
 TINY = ["--prompts", "a cat", "a red cube", "--seeds", "2", "--steps", "2", "--blocks", "2", "--layers", "0", "1",
@@ -9,7 +11,11 @@ TINY = ["--prompts", "a cat", "a red cube", "--seeds", "2", "--steps", "2", "--b
 
 
 def test_demo_writes_its_report_plots_and_json(tmp_path, capsys):
-    result = demo.main(["--out", str(tmp_path), *TINY])
+    threads = torch.get_num_threads()
+    try:
+        result = demo.main(["--out", str(tmp_path), *TINY])
+    finally:
+        torch.set_num_threads(threads)  # the demo runs on one thread; the tests after it in this process do not
     for name in ("sinks_mass.png", "sinks_deviation.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG", name
     report = (tmp_path / "sinks_report.md").read_text()

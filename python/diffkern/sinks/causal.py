@@ -7,6 +7,7 @@ or `unet` install_sink_processors accepts); imports neither diffusers nor transf
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import time
@@ -106,7 +107,7 @@ def run_causal_test(pipe, prompts, seeds, layers, ks: Sequence[int] = KS, contro
     ks = _ints("ks", ks, lo=1)
     modes = _modes(sink_mode, extra_modes, controls)
     scorers, distances = dict(scorers or {}), dict(distances or {})
-    model = getattr(pipe, "transformer", None) or pipe.unet
+    model = pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
     names = [n for n in model.attn_processors if n in _layer_names(model, layers, list(model.attn_processors))]
     height = height or pipe.default_sample_size * pipe.vae_scale_factor
     width = width or pipe.default_sample_size * pipe.vae_scale_factor
@@ -119,7 +120,7 @@ def run_causal_test(pipe, prompts, seeds, layers, ks: Sequence[int] = KS, contro
     values: dict = {}          # metric -> condition -> [per pair]
     base_scores: dict = {name: [] for name in scorers}
     curve_sums: dict = {}      # condition -> stat -> layer -> [per step sums]
-    picks: dict = {c: [] for c in conditions}
+    picks = {c: _Selection(n_img) for c in conditions}
     timesteps = None
     for p, (prompt, seed) in enumerate(pairs):
         layer_seeds = [(control_seed * len(pairs) + p) * len(names) + i for i in range(len(names))]
@@ -135,7 +136,7 @@ def run_causal_test(pipe, prompts, seeds, layers, ks: Sequence[int] = KS, contro
             img, records, _ = generate(*c)
             images.append(img)
             _add_curves(curve_sums, c, records, names, len(timesteps))
-            picks[c].extend(records)
+            picks[c].add(records)
         images = torch.cat(images)
         per_metric = {PIXEL_MSE: (images - base).square().mean((1, 2, 3))}
         for name, fn in distances.items():
@@ -168,7 +169,7 @@ def run_causal_test(pipe, prompts, seeds, layers, ks: Sequence[int] = KS, contro
                     bootstrap_seed=bootstrap_seed)
     return CausalResult(settings, timesteps, deviation, delta_delta,
                         {name: bootstrap_ci(v, **boot) for name, v in base_scores.items()}, curves,
-                        {m: {k: _selection(picks[(m, k)], n_img) for k in ks} for m in modes},
+                        {m: {k: picks[(m, k)].summary() for k in ks} for m in modes},
                         time.perf_counter() - start)
 
 
@@ -206,23 +207,37 @@ def _add_curves(sums, condition, records, names, n_steps) -> None:
                     curve[r["call"] // per_step] += x / per_step
 
 
-def _selection(records, n_img: int) -> dict:
-    """The selected keys' positions and masses over `records` (see CausalResult.selection)."""
-    idx = torch.cat([r["indices"].flatten(0, 1) for r in records])       # [calls * B * G, K]
-    top1 = idx[:, 0]
+class _Selection:
+    """Running tallies of where one condition's selected keys sit (CausalResult.selection): the records'
+    indices are counted as they come, never kept (at SD3's size they would take gigabytes)."""
 
-    def classes(x, prefix):
-        n = x.numel()
-        return {f"{prefix}index0": (x == 0).sum().item() / n,
-                f"{prefix}image": ((x > 0) & (x < n_img)).sum().item() / n,
-                f"{prefix}text": (x >= n_img).sum().item() / n}
-    keys, counts = top1.unique(return_counts=True)
-    order = counts.argsort(descending=True)[:5]
-    after = [r["top_sink_mass_after"] for r in records if r["top_sink_mass_after"] is not None]
-    return {**classes(idx, ""), **classes(top1, "top1_"),
-            "mass_before": torch.cat([r["index_mass"][..., 0].flatten() for r in records]).double().mean().item(),
-            "mass_after": sum(after) / len(after) if after else None,
-            "top1_keys": [[int(keys[i]), int(counts[i])] for i in order]}
+    def __init__(self, n_img: int):
+        self.n_img = n_img
+        self.counts = {p: {"index0": 0, "image": 0, "text": 0, "all": 0} for p in ("", "top1_")}
+        self.top1 = collections.Counter()
+        self.before, self.after, self.calls, self.calls_after = 0.0, 0.0, 0, 0
+
+    def add(self, records) -> None:
+        for r in records:
+            idx = r["indices"].flatten(0, 1)                          # [B * G, K]
+            for prefix, x in (("", idx), ("top1_", idx[:, 0])):
+                n = self.counts[prefix]
+                n["all"] += x.numel()
+                n["index0"] += (x == 0).sum().item()
+                n["image"] += ((x > 0) & (x < self.n_img)).sum().item()
+                n["text"] += (x >= self.n_img).sum().item()
+            self.top1.update(idx[:, 0].tolist())
+            self.before += r["index_mass"][..., 0].double().mean().item()
+            self.calls += 1
+            if r["top_sink_mass_after"] is not None:
+                self.after += r["top_sink_mass_after"]
+                self.calls_after += 1
+
+    def summary(self) -> dict:
+        out = {prefix + c: n[c] / n["all"] for prefix, n in self.counts.items() for c in ("index0", "image", "text")}
+        return {**out, "mass_before": self.before / self.calls,
+                "mass_after": self.after / self.calls_after if self.calls_after else None,
+                "top1_keys": [[j, n] for j, n in self.top1.most_common(5)]}
 
 
 def _image_tokens(pipe, model, height, width) -> int:
