@@ -27,18 +27,19 @@ from ..sinks.causal import CONTROLS, KS, run_causal_test
 PROMPTS = ("a red cube on a wooden table", "a cat asleep in the snow", "two birds over a grey sea",
            "an old clock tower at night")
 # the tiny pipeline's demo defaults: 6 blocks suppressed at 1, 3, 5 (SD3-medium's 24 at 6, 12, 18), 64 px
-# (256 image tokens), 8 + 8 text tokens (SD3: 4096 and 333)
-TINY = dict(blocks=6, layers=[1, 3, 5], size=64, steps=20, text_tokens=8)
+# (256 image tokens), 32 CLIP + 8 (zero) T5 text tokens (SD3: 4096 image, 77 + 256 text); a CLIP token is a
+# character here, so the default prompts fit in 32
+TINY = dict(blocks=6, layers=[1, 3, 5], size=64, steps=20, clip_tokens=32, t5_tokens=8)
 STATEMENT = ("This run uses a tiny random-weight SD3 pipeline: it shows the machinery (the suppression at every "
              "step, the equal-budget controls, the statistics, the paired intervals), not the paper's conclusions. "
              "Those need the real SD3 checkpoint (`--model-id`) and perceptual / text-alignment scorers (LPIPS, "
              "CLIP-T: `run_causal_test(..., scorers=..., distances=...)`).")
 
 
-def tiny_pipeline(blocks: int = 6, heads: int = 2, head_dim: int = 32, text_tokens: int = 8, seed: int = 0):
+def tiny_pipeline(blocks: int = 6, heads: int = 2, head_dim: int = 32, clip_tokens: int = 32, seed: int = 0):
     """A random-weight StableDiffusion3Pipeline from diffusers' and transformers' own classes: an
     SD3Transformer2DModel of `blocks` joint blocks, a 2-level AutoencoderKL (vae_scale_factor 2), two tiny
-    CLIPTextModelWithProjection encoders with character-level CLIP tokenizers (`text_tokens` tokens each;
+    CLIPTextModelWithProjection encoders with character-level CLIP tokenizers (`clip_tokens` tokens each;
     the vocabulary is written here: lower-case letters, digits and punctuation) and no T5 (SD3 then feeds
     zeros in its place). Seeded; nothing is downloaded."""
     diffusers = _optional.require("diffusers", "diffusers")
@@ -49,13 +50,13 @@ def tiny_pipeline(blocks: int = 6, heads: int = 2, head_dim: int = 32, text_toke
         vocab[token] = len(vocab)
 
     def tokenizer():
-        return transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=text_tokens)
+        return transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=clip_tokens)
 
     def text_encoder(s):
         torch.manual_seed(s)
         config = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
                                              num_hidden_layers=2, num_attention_heads=2,
-                                             max_position_embeddings=text_tokens, projection_dim=16,
+                                             max_position_embeddings=clip_tokens, projection_dim=16,
                                              bos_token_id=0, eos_token_id=1, pad_token_id=1)
         return transformers.CLIPTextModelWithProjection(config).eval()
 
@@ -96,8 +97,9 @@ def report(result, title: str, statement: str | None) -> str:
             f"{s['num_inference_steps']} steps, guidance {s['guidance_scale']}; suppressed at "
             f"{', '.join(s['layers'])} (every step; rows: {s['row_scope']}); {s['n_image_tokens']} image tokens. "
             f"Budgets: {s['sink_mode']} and the controls suppress k x heads keys per sample; per_head, the "
-            f"paper's main mode, k keys per head. Intervals: {level} paired bootstrap over the (prompt, seed) pairs "
-            f"({s['n_boot']} resamples, seed {s['bootstrap_seed']}). {result.seconds:.0f} s.", ""]
+            f"paper's main mode, k keys per head. pixel_mse: the mean squared difference of the [0, 1] RGB images "
+            f"from the unsuppressed one's (same prompt, seed and noise). Intervals: {level} paired bootstrap over the "
+            f"(prompt, seed) pairs ({s['n_boot']} resamples, seed {s['bootstrap_seed']}). {result.seconds:.0f} s.", ""]
     for metric, by_mode in result.deviation.items():
         out += [f"## Deviation from the unsuppressed image: {metric} (mean [{level} interval])", "",
                 "| mode " + head, rule]
@@ -193,9 +195,9 @@ def main(argv=None):
         pipe, title, statement, extra = pipe.to(args.device), args.model_id, None, {}
         defaults = dict(steps=28, layers=[12], size=None)
     else:
-        pipe = tiny_pipeline(blocks=args.blocks, text_tokens=TINY["text_tokens"])
+        pipe = tiny_pipeline(blocks=args.blocks, clip_tokens=TINY["clip_tokens"])
         title, statement = "a tiny random-weight SD3 pipeline", STATEMENT
-        extra = {"max_sequence_length": TINY["text_tokens"]}
+        extra = {"max_sequence_length": TINY["t5_tokens"]}
         defaults = dict(steps=TINY["steps"], layers=TINY["layers"], size=TINY["size"])
     size = args.size or defaults["size"]
     result = run_causal_test(pipe, args.prompts, range(args.seeds), args.layers or defaults["layers"], ks=args.ks,
