@@ -91,7 +91,8 @@ def run_causal_test(pipe, prompts, seeds, layers, ks: Sequence[int] = KS, contro
         row_scope: "image" or "all" (sink_attention's). processor_settings: more install_sink_processors
             settings for the suppressed runs (bias, ...). pipe_kwargs: more pipeline arguments (SD3:
             max_sequence_length, ...). height, width: default the pipeline's default size.
-        scorers: name -> fn(images [N, C, H, W] in [0, 1], prompts list of N str) -> [N] scores (e.g. CLIP-T);
+        scorers: name -> fn(images [N, C, H, W] in [0, 1], float64 on the CPU; prompts, a list of N str) -> [N]
+            scores (e.g. CLIP-T: move the images to the scorer's device and dtype);
             reported as "delta_<name>" = score(suppressed) - score(unsuppressed). distances: name ->
             fn(images_a, images_b) -> [N] paired distances of a[n] from b[n] (e.g. LPIPS). Each is called
             once per pair, on that pair's images of every condition at once.
