@@ -53,7 +53,7 @@ def amplification(q, k, idx, rows, alpha):
     times o's size (scale: its denominator; value: the cancellation in o - (1 - alpha) sum_S P v), capped by
     the recompute rule (sinks_math.h); 1 for alpha >= 1."""
     p = torch.softmax(reference.logits(*oracle(q, k), q.shape[-1] ** -0.5), -1)[:, :, :rows]
-    kept = 1.0 - (1.0 - alpha) * (p * reference.key_bias(idx, q.shape[1], k.shape[2], 1.0, p.dtype)).sum(-1).max()
+    kept = 1.0 - (1.0 - alpha) * (p * reference.key_mask(idx, q.shape[1], k.shape[2])).sum(-1).max()
     return min(1.0 / kept.item(), 1.0 / reference.recompute_below(q.dtype)) if alpha < 1 else 1.0
 
 
@@ -193,3 +193,12 @@ def test_processor_passes_the_intervention_through():
     with torch.no_grad():
         assert torch.equal(proc._attend(q, k, v, n_query=10), want)
     assert not torch.equal(want, diffkern.sink_attention(q, k, v, k_sink=2, n_query=10))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    q, k, v = make_qkv(2, 2, 9, 11, 64, torch.float32, planted=1)
+
+    def step(q, k, v):
+        return diffkern.sink_attention(q, k, v, n_query=7, intervention="value", alpha=0.5)
+    torch.testing.assert_close(torch.compile(step, backend="aot_eager", fullgraph=True)(q, k, v), step(q, k, v))

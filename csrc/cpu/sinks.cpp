@@ -187,7 +187,8 @@ at::Tensor gather_keys(const at::Tensor& x, const at::Tensor& idx, at::ScalarTyp
 
 // Rows of a block whose normalised correction factor is at most recompute_below (sinks_math.h), recomputed
 // as the masked softmax itself: the block's logits against every key plus the bias row, times va (the value
-// path: v with the selected keys' rows scaled), so its memory stays that of the forward's blocks. Writes those rows of `out_blk` and `post_blk` ([B, H, rows, d], [B, H, rows]).
+// path: v with the selected keys' rows scaled), so its memory stays that of the forward's blocks. Writes
+// those rows of `out_blk` and `post_blk` ([B, H, rows, d], [B, H, rows]).
 void recompute_rows(const at::Tensor& q_blk, const at::Tensor& kt, const at::Tensor& va, const at::Tensor& bias_row,
                     const at::Tensor& idx, const at::Tensor& exact, double scale, at::Tensor& out_blk,
                     at::Tensor& post_blk) {

@@ -322,14 +322,13 @@ def sink_attention(q, k, v, k_sink: int = 1, mode: str = "per_head", row_scope: 
     unmasked o corrected by the |S| selected keys' terms, in fp32, with g = e^bias (mask) or alpha:
     out = (o - (1 - g) sum_S P v) / (1 - (1 - g) sum_S P) (for g > 1 divided through by g), and for value
     out = o - (1 - alpha) sum_S P v. Through the factor 1 - (1 - g) sum_S P (the denominator; for value, the
-    cancellation), the rounding of o, lse and the selected keys' logits is amplified by up to its inverse, so a
-    row where that factor is at most
-    reference.recompute_below(dtype) is recomputed as the masked softmax itself (value: softmax times the
-    scaled values), a flash pass over its query tile (CPU: its block of rows): for bf16/fp16 that is 1/8 (with
-    g = 0, the suppressed keys hold over 7/8 of its mass, as a strong sink does; at most 8x, 3 bits of the
-    fp32 accumulation, below the output's rounding), for float32/float64 1/2 (over half of its mass; at most
-    2x, within the tests' error model); g >= 1 never recomputes. The cost of that pass is paid only by the
-    tiles holding such rows.
+    cancellation), the rounding of o, lse and the selected keys' logits is amplified by up to its inverse, so
+    a row where that factor is at most reference.recompute_below(dtype) is recomputed as the masked softmax
+    itself (value: the softmax times the scaled values), a flash pass over its query tile (CPU: its block of
+    rows): for bf16/fp16 that is 1/8 (with g = 0, the suppressed keys hold over 7/8 of its mass, as a strong
+    sink does; at most 8x, 3 bits of the fp32 accumulation, below the output's rounding), for float32/float64
+    1/2 (over half of its mass; at most 2x, within the tests' error model); g >= 1 never recomputes. The cost
+    of that pass is paid only by the tiles holding such rows.
     NaN policy: NaN in q, k or v propagates to the rows (and statistics) it reaches, as in the reference.
 
     Args:
@@ -351,10 +350,10 @@ def sink_attention(q, k, v, k_sink: int = 1, mode: str = "per_head", row_scope: 
         mode).
     No backward (forward-only; inputs requiring grad raise under grad mode). Memory O(N): never N_q x N_k.
     Backends: C++/ATen blocked (CPU tensors), Triton (CUDA tensors), reference; see `diffkern.backend`.
-    Bad input: TypeError (not a tensor, a float n_query, seed or call_index) or ValueError (shape, dtype,
-        device, stride, head_dim 0, an unknown mode, row_scope or intervention, k_sink not an int >= 0,
-        bias > 0, alpha negative or not finite, bias or alpha given to an intervention that does not read
-        it, random mode without a seed), naming the argument.
+    Bad input: TypeError (not a tensor, a float n_query, seed or call_index, a bias or alpha not a number) or
+        ValueError (shape, dtype, device, stride, head_dim 0, an unknown mode, row_scope or intervention,
+        k_sink not an int >= 0, bias > 0, alpha negative or not finite, bias or alpha given to an intervention
+        that does not read it, random mode without a seed), naming the argument.
     NaN/inf policy: propagated like the reference: a NaN/inf in q, k or v of a (b, h) makes the affected
         rows' outputs (and with q or k, that (b, h)'s masses, hence the selection) NaN; values are not checked.
     """

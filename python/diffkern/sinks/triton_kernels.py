@@ -10,9 +10,10 @@
                     scratch row and merges each new chunk of BLOCK - K_PAD scores into it with tl.sort.
   suppress_kernel   one program per (BLOCK_M queries, b, h): gathers the K selected keys and values,
                     corrects the unmasked o by their terms: 4 N_q K d FLOPs; flags each row whose correction
-                    denominator is below recompute_below(dtype) (the suppressed keys hold most of its mass).
+                    factor is at most recompute_below(dtype) (the suppressed keys hold most of its mass).
   recompute_kernel  one program per (BLOCK_M image queries, b, h): a tile holding a flagged row recomputes
-                    it as the masked softmax (a flash pass with the bias row added: 4 BLOCK_M N_k d FLOPs)
+                    it as the masked softmax (a flash pass with the bias row added, or for the value path the
+                    selected values scaled: 4 BLOCK_M N_k d FLOPs)
                     and rewrites its output; any other tile reads its flags and exits.
 """
 from __future__ import annotations
@@ -238,7 +239,7 @@ def suppress_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, out_ptr, post_
     # o is read only now, after the loop: holding it through the loop spills at head_dim 128
     o_offs = (bh * N_q + rows[:, None]) * d + dd[None, :]
     o = tl.load(o_ptr + o_offs, mask=tile_mask, other=0.0)
-    exact = fix & (a - w * c <= RECOMPUTE * a)  # the output is (a - w c) / a times o's size, or less
+    exact = fix & (a - w * c <= RECOMPUTE * a)  # 1 / that factor amplifies the rounding (sinks_math.h)
     denom = tl.where(exact | (rows >= n_rows), 1.0, denom)  # recompute_kernel rewrites those rows: no 0/0 on the way
     fixed = tl.where(fix[:, None], (a * o - w * u) / denom[:, None], o)  # rows >= n_rows: o itself
     tl.store(out_ptr + o_offs, fixed.to(out_ptr.dtype.element_ty), mask=tile_mask)
