@@ -542,6 +542,20 @@ rows("sink_attention", {
         n: (lambda n: lambda kw: kw[n].bfloat16())(n) for n in ("q", "k", "v")}), SINK_REF),
     "nan in v": kw_call(attend, edit(attn_in, **nan_at("v", 2)), SINK_REF),
     "bias -inf": kw_call(attend, attn_in, SINK_REF, bias=-math.inf),
+    "intervention": kw_call(attend, attn_in, Raises(ValueError, "intervention"), intervention="soft"),
+    "alpha -1": kw_call(attend, attn_in, Raises(ValueError, "alpha"), intervention="scale", alpha=-1.0),
+    "alpha inf": kw_call(attend, attn_in, Raises(ValueError, "alpha"), intervention="value", alpha=math.inf),
+    "alpha nan": kw_call(attend, attn_in, Raises(ValueError, "alpha"), intervention="scale", alpha=math.nan),
+    "alpha string": kw_call(attend, attn_in, Raises(TypeError, "alpha"), intervention="value", alpha="0.5"),
+    "alpha with mask": kw_call(attend, attn_in, Raises(ValueError, "alpha"), alpha=0.5),
+    "bias with scale": kw_call(attend, attn_in, Raises(ValueError, "bias"), intervention="scale", bias=-5.0),
+    "scale alpha 3": kw_call(attend, attn_in, SINK_REF, intervention="scale", alpha=3.0),
+    "scale alpha 0, every key": kw_call(attend, attn_in, SINK_REF, k_sink=5, intervention="scale"),
+    "value": kw_call(attend, attn_in, SINK_REF, intervention="value"),
+    "value, every key": kw_call(attend, attn_in, SINK_REF, k_sink=5, intervention="value", alpha=0.5),
+    "dominant key, scale alpha 1e-3": kw_call(attend, dominant_sink, SINK_REF, intervention="scale", alpha=1e-3),
+    "dominant key, value": kw_call(attend, dominant_sink, SINK_REF, intervention="value"),
+    "dominant key, scale alpha 1e30": kw_call(attend, dominant_sink, SINK_REF, intervention="scale", alpha=1e30),
 })
 
 rows("backend", {

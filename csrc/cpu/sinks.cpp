@@ -169,7 +169,8 @@ void check_suppress(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   TORCH_CHECK_VALUE(n_rows >= 0 && n_rows <= N_q, kAttnOp, ": n_rows must be in [0, N_q] = [0, ", N_q, "], got ",
                     n_rows);
   TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, kAttnOp, ": scale must be finite and > 0, got ", scale);
-  TORCH_CHECK_VALUE(bias <= 0, kAttnOp, ": bias must be <= 0 (a suppression; -inf allowed), got ", bias);
+  TORCH_CHECK_VALUE(!std::isnan(bias) && bias < std::numeric_limits<double>::infinity(), kAttnOp,
+                    ": bias must be finite or -inf, got ", bias);
   if (idx.numel() > 0) {
     const auto [lo, hi] = at::aminmax(idx);
     TORCH_CHECK_VALUE(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < N_k, kAttnOp,
@@ -184,9 +185,10 @@ at::Tensor gather_keys(const at::Tensor& x, const at::Tensor& idx, at::ScalarTyp
   return at::gather(x, 2, idx.expand({B, H, K}).unsqueeze(-1).expand({B, H, K, x.size(3)})).to(acc);
 }
 
-// Rows of a block whose correction denominator is below recompute_below, recomputed as the masked
-// softmax itself: the block's logits against every key plus the bias row, so its memory stays that of
-// the forward's blocks. Writes those rows of `out_blk` and `post_blk` ([B, H, rows, d], [B, H, rows]).
+// Rows of a block whose normalised correction factor is at most recompute_below (sinks_math.h), recomputed
+// as the masked softmax itself: the block's logits against every key plus the bias row, times va (the value
+// path: v with the selected keys' rows scaled), so its memory stays that of the forward's blocks. Writes
+// those rows of `out_blk` and `post_blk` ([B, H, rows, d], [B, H, rows]).
 void recompute_rows(const at::Tensor& q_blk, const at::Tensor& kt, const at::Tensor& va, const at::Tensor& bias_row,
                     const at::Tensor& idx, const at::Tensor& exact, double scale, at::Tensor& out_blk,
                     at::Tensor& post_blk) {
@@ -199,11 +201,11 @@ void recompute_rows(const at::Tensor& q_blk, const at::Tensor& kt, const at::Ten
 
 std::tuple<at::Tensor, at::Tensor> sink_suppress_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const at::Tensor& o, const at::Tensor& lse, const at::Tensor& idx,
-                                                     int64_t n_rows, double scale, double bias) {
+                                                     int64_t n_rows, double scale, double bias, bool renormalize) {
   check_suppress(q, k, v, o, lse, idx, n_rows, scale, bias);
   const int64_t B = q.size(0), H = q.size(1), N_k = k.size(2);
   const at::ScalarType acc = at::toOpMathType(q.scalar_type());
-  const SuppressionWeights wg = suppression_weights(bias, idx.size(2), N_k);
+  const SuppressionWeights wg = suppression_weights(bias, idx.size(2), N_k, renormalize);
   const double below = recompute_below(q.element_size());
   at::Tensor out = empty_output(q.sizes(), q.options());
   out.copy_(o);
@@ -215,15 +217,17 @@ std::tuple<at::Tensor, at::Tensor> sink_suppress_cpu(const at::Tensor& q, const 
     const at::Tensor q_blk = q.slice(2, r0, r1).to(acc);
     const at::Tensor s = at::matmul(q_blk, kst).mul_(scale);
     const at::Tensor p = (s - lse.slice(2, r0, r1).unsqueeze(-1)).exp_();
-    const at::Tensor denom = 1.0 - wg.w * p.sum(-1);
-    at::Tensor out_blk = (o.slice(2, r0, r1) - wg.w * at::matmul(p, vs)) / denom.unsqueeze(-1);
+    const at::Tensor c = p.sum(-1);
+    const at::Tensor denom = wg.a - wg.d * c;
+    at::Tensor out_blk = (wg.a * o.slice(2, r0, r1) - wg.w * at::matmul(p, vs)) / denom.unsqueeze(-1);
     at::Tensor post_blk = wg.g * p.select(-1, 0) / denom;
-    const at::Tensor exact = denom < below;
+    const at::Tensor exact = (wg.a - wg.w * c) <= below * wg.a;
     if (exact.any().item<bool>()) {
-      if (!kt.defined()) {
+      if (!kt.defined()) {  // value path: no bias, the selected keys' values scaled by e^bias instead
         kt = k.to(acc).transpose(-1, -2);
-        va = v.to(acc);
-        bias_row = at::zeros({B, idx.size(1), N_k}, q.options().dtype(acc)).scatter_(-1, idx, bias);
+        const at::Tensor zeros = at::zeros({B, idx.size(1), N_k}, q.options().dtype(acc));
+        bias_row = renormalize ? zeros.scatter_(-1, idx, bias) : zeros;
+        va = renormalize ? v.to(acc) : v.to(acc) * (zeros + 1.0).scatter_(-1, idx, std::exp(bias)).unsqueeze(-1);
       }
       recompute_rows(q_blk, kt, va, bias_row, idx, exact, scale, out_blk, post_blk);
     }

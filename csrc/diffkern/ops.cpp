@@ -92,11 +92,13 @@ TORCH_LIBRARY_FRAGMENT(diffkern, m) {
       " -> (Tensor o, Tensor lse, Tensor mass, Tensor entropy)");
   // Indices [B, G, k] of the k largest (or smallest) scores of each row of score [B, G, N]; ties -> lower index.
   m.def("sink_topk(Tensor score, int k, bool largest) -> Tensor");
-  // Rows i < n_rows re-softmaxed with `bias` added to the keys idx [B, G, K] (G in {1, H}), from o and lse:
-  //   out = (o - w sum_S P v) / (1 - w sum_S P), w = 1 - e^bias;  post = e^bias P[..., idx[0]] / (1 - w sum_S P)
+  // Rows i < n_rows with the keys idx [B, G, K] (G in {1, H}) of S changed by g = e^bias, from o and lse.
+  // renormalize: `bias` added to their logits and the row re-softmaxed (g may be > 1; S = every key cancels):
+  //   out = (o - w sum_S P v) / (1 - w sum_S P), w = 1 - g;  post = g P[..., idx[0]] / (1 - w sum_S P)
+  // !renormalize (value path): their values scaled by g:  out = o - w sum_S P v;  post = P[..., idx[0]]
   m.def(
       "sink_suppress(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor idx, int n_rows, float scale,"
-      " float bias) -> (Tensor out, Tensor post)");
+      " float bias, bool renormalize=True) -> (Tensor out, Tensor post)");
 }
 
 TORCH_LIBRARY_FRAGMENT(diffkern, m) {

@@ -19,6 +19,8 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MASS_OP, ATTN_OP = "sink_mass", "sink_attention"
 MODES = ("per_head", "head_union", "random", "bottom", "measure")
 ROW_SCOPES = ("image", "all")
+INTERVENTIONS = ("mask", "scale", "value")
+DEFAULT_BIAS = -1e4  # the paper's mask
 
 
 def _fail(op, msg):
@@ -84,7 +86,7 @@ def check_topk(score, k, largest) -> None:
         _fail(ATTN_OP, f"k must be in [0, N] = [0, {score.shape[2]}], got {k}")
 
 
-def check_suppress(q, k, v, o, lse, idx, n_rows, scale, bias) -> None:
+def check_suppress(q, k, v, o, lse, idx, n_rows, scale, bias, renormalize=True) -> None:
     _check_qkv(ATTN_OP, q, k, v)
     B, H, N_q, _ = q.shape
     N_k = k.shape[2]
@@ -107,8 +109,8 @@ def check_suppress(q, k, v, o, lse, idx, n_rows, scale, bias) -> None:
         _fail(ATTN_OP, f"n_rows must be in [0, N_q] = [0, {N_q}], got {n_rows}")
     if not 0 < scale < math.inf:
         _fail(ATTN_OP, f"scale must be finite and > 0, got {scale}")
-    if not bias <= 0:
-        _fail(ATTN_OP, f"bias must be <= 0 (a suppression; -inf allowed), got {bias}")
+    if math.isnan(bias) or bias == math.inf:
+        _fail(ATTN_OP, f"bias must be finite or -inf, got {bias}")
 
 
 def _check_idx_values(idx, n_keys) -> None:
@@ -182,8 +184,8 @@ def _topk_fake(score, k, largest):
 
 
 @_registry.register_fake("diffkern::sink_suppress")
-def _suppress_fake(q, k, v, o, lse, idx, n_rows, scale, bias):
-    check_suppress(q, k, v, o, lse, idx, n_rows, scale, bias)
+def _suppress_fake(q, k, v, o, lse, idx, n_rows, scale, bias, renormalize=True):
+    check_suppress(q, k, v, o, lse, idx, n_rows, scale, bias, renormalize)
     return q.new_empty(q.shape), q.new_empty((*q.shape[:2], n_rows), dtype=_dtypes.acc(q.dtype))
 
 
@@ -275,9 +277,29 @@ def _check_mode(mode, row_scope, k_sink, bias, seed):
         _checks.integer(ATTN_OP, "seed", seed)
 
 
+def _intervention(intervention, alpha, bias) -> tuple[float, bool]:
+    """(the op's bias, renormalize) for an intervention; each reads only its own parameter, and a value
+    given to the other one is refused (it would be silently ignored)."""
+    if intervention not in INTERVENTIONS:
+        _fail(ATTN_OP, f"intervention must be one of {INTERVENTIONS}, got {intervention!r}")
+    alpha = _checks.number(ATTN_OP, "alpha", alpha)
+    if not 0 <= alpha < math.inf:
+        _fail(ATTN_OP, f"alpha must be finite and >= 0, got {alpha}")
+    if intervention == "mask":
+        if alpha != 0:
+            _fail(ATTN_OP, f"alpha applies to the interventions 'scale' and 'value' (intervention 'mask' uses bias), "
+                           f"got alpha={alpha}")
+        return float(bias), True
+    if bias != DEFAULT_BIAS:
+        _fail(ATTN_OP, f"bias applies to intervention 'mask' only (intervention {intervention!r} uses alpha), "
+                       f"got bias={bias}")
+    return math.log(alpha) if alpha > 0 else -math.inf, intervention == "scale"
+
+
 def sink_attention(q, k, v, k_sink: int = 1, mode: str = "per_head", row_scope: str = "image",
-                   n_query: int | None = None, bias: float = -1e4, seed: int | None = None,
-                   call_index: int | None = None, return_stats: bool = False, scale: float | None = None):
+                   n_query: int | None = None, bias: float = DEFAULT_BIAS, seed: int | None = None,
+                   call_index: int | None = None, return_stats: bool = False, scale: float | None = None,
+                   intervention: str = "mask", alpha: float = 0.0):
     """Attention with the keys that receive the most (or a control set of) attention mass suppressed.
 
     With m the incoming mass over the first n_query (image) queries (see `sink_mass`), the mode picks S:
@@ -285,24 +307,37 @@ def sink_attention(q, k, v, k_sink: int = 1, mode: str = "per_head", row_scope: 
       head_union  top k_sink*H keys of mbar[b, :] = mean_h m[b, h, :] per sample, shared by all heads;
       bottom      the k_sink*H keys of lowest mbar; random: k_sink*H keys drawn per (seed, call_index, b);
       measure     nothing suppressed: the unmasked output, bit-identical to the op with k_sink = 0.
-    Rows i < n_query (row_scope "image") or all rows ("all") get softmax_j(s_ij + bias [j in S]) v;
-    values are untouched. At most N_k keys are selected; when S holds every key, the bias shifts the
-    whole row and cancels, so such a row keeps its unmasked attention (for bias = -inf too, the limit).
+    The intervention changes rows i < n_query (row_scope "image") or all rows ("all"), P = softmax_j(s_ij):
+      mask   (default, the paper's) softmax_j(s_ij + bias [j in S]) v: S's logits biased, the row
+             re-softmaxed; values untouched;
+      scale  S's probabilities times alpha, the row renormalised: P'_ij = alpha^[j in S] P_ij / sum_l
+             alpha^[l in S] P_il, out = P' v (= mask with bias = log alpha; alpha = 0 is bias -inf,
+             alpha > 1 amplifies S, alpha = 1 is the unmasked output);
+      value  S's values times alpha, probabilities untouched, no renormalisation:
+             out = P v - (1 - alpha) sum_{j in S} P_ij v_j (alpha = 0, the default, removes S's values).
+    At most N_k keys are selected; for mask and scale, when S holds every key the bias shifts the whole row
+    and cancels, so such a row keeps its unmasked attention (for bias = -inf too, the limit); value with
+    S = every key gives alpha times the unmasked output.
     The fused path: a flash forward (unmasked o, lse, entropy), the column-mass pass, top-k, then the
-    unmasked o corrected by the |S| selected keys' terms: out = (o - w sum_S P v) / (1 - w sum_S P),
-    w = 1 - e^bias, in fp32. The correction divides the rounding of o, lse and the selected keys' logits by
-    its denominator, so a row whose denominator is below reference.recompute_below(dtype) is recomputed as
-    the masked softmax itself, a flash pass over its query tile (CPU: its block of rows) with the bias added:
-    for bf16/fp16 that is 1/8 (the suppressed keys hold over 7/8 of its mass, as a strong sink does; at most
-    8x, 3 bits of the fp32 accumulation, below the output's rounding), for float32/float64 1/2 (over half of
-    its mass; at most 2x, within the tests' error model). The cost of that pass is paid only by the tiles
-    holding such rows.
+    unmasked o corrected by the |S| selected keys' terms, in fp32, with g = e^bias (mask) or alpha:
+    out = (o - (1 - g) sum_S P v) / (1 - (1 - g) sum_S P) (for g > 1 divided through by g), and for value
+    out = o - (1 - alpha) sum_S P v. Through the factor 1 - (1 - g) sum_S P (the denominator; for value, the
+    cancellation), the rounding of o, lse and the selected keys' logits is amplified by up to its inverse, so
+    a row where that factor is at most reference.recompute_below(dtype) is recomputed as the masked softmax
+    itself (value: the softmax times the scaled values), a flash pass over its query tile (CPU: its block of
+    rows): for bf16/fp16 that is 1/8 (with g = 0, the suppressed keys hold over 7/8 of its mass, as a strong
+    sink does; at most 8x, 3 bits of the fp32 accumulation, below the output's rounding), for float32/float64
+    1/2 (over half of its mass; at most 2x, within the tests' error model); g >= 1 never recomputes. The cost
+    of that pass is paid only by the tiles holding such rows.
     NaN policy: NaN in q, k or v propagates to the rows (and statistics) it reaches, as in the reference.
 
     Args:
         q: [B, H, N_q, d]; k, v: [B, H, N_k, d]; float16/bfloat16/float32 (float64 on cpu/reference),
             unit last stride. Keys are ordered [image, text] as in SD3; n_query defaults to N_q.
-        bias: <= 0, default -1e4 (the paper's); seed/call_index: the random mode's reproducible draw
+        bias: <= 0, default -1e4 (the paper's), intervention "mask" only.
+        intervention: "mask", "scale" or "value" (above). alpha: finite, >= 0, default 0; "scale" and "value"
+            only (a bias other than the default with them, or an alpha other than 0 with "mask", raises).
+        seed/call_index: the random mode's reproducible draw
             (call_index an int or a 0-dim int64 tensor, e.g. a counter kept on the device).
         scale: default 1/sqrt(d).
     Returns:
@@ -311,17 +346,20 @@ def sink_attention(q, k, v, k_sink: int = 1, mode: str = "per_head", row_scope: 
         max_mass (mean over b, h of max_j m), index0_mass (mean m[:, :, 0]), row_entropy (mean over image
         rows of -sum P log P, unmasked), top5_concentration (mean over b, h of the 5 largest m summed),
         top_sink_mass_after (the mean over b, h and image rows of the first selected key's probability
-        after suppression, in the suppressed rows; None in measure mode).
+        after suppression, in the suppressed rows: for "value" its unchanged probability; None in measure
+        mode).
     No backward (forward-only; inputs requiring grad raise under grad mode). Memory O(N): never N_q x N_k.
     Backends: C++/ATen blocked (CPU tensors), Triton (CUDA tensors), reference; see `diffkern.backend`.
-    Bad input: TypeError (not a tensor, a float n_query, seed or call_index) or ValueError (shape, dtype,
-        device, stride, head_dim 0, an unknown mode or row_scope, k_sink not an int >= 0, bias > 0, random
-        mode without a seed), naming the argument.
+    Bad input: TypeError (not a tensor, a float n_query, seed or call_index, a bias or alpha not a number) or
+        ValueError (shape, dtype, device, stride, head_dim 0, an unknown mode, row_scope or intervention,
+        k_sink not an int >= 0, bias > 0, alpha negative or not finite, bias or alpha given to an intervention
+        that does not read it, random mode without a seed), naming the argument.
     NaN/inf policy: propagated like the reference: a NaN/inf in q, k or v of a (b, h) makes the affected
         rows' outputs (and with q or k, that (b, h)'s masses, hence the selection) NaN; values are not checked.
     """
     n, sc = _public(ATTN_OP, q, k, v, n_query, scale)
     _check_mode(mode, row_scope, k_sink, bias, seed)
+    change, renormalize = _intervention(intervention, alpha, bias)
     _forward_only(ATTN_OP, q, k, v)
     with _nvtx.range("diffkern.sink_attention"):
         o, lse, mass, entropy = _ops.ops.sink_attention_fwd(q, k, v, n, sc)
@@ -333,7 +371,7 @@ def sink_attention(q, k, v, k_sink: int = 1, mode: str = "per_head", row_scope: 
                 0 if call_index is None else _checks.integer(ATTN_OP, "call_index", call_index)
             idx, chosen = _select(mass, mode, k_sink, seed, call)
             n_rows = n if row_scope == "image" else q.shape[2]
-            out, post = _ops.ops.sink_suppress(q, k, v, o, lse, idx, n_rows, sc, float(bias))
+            out, post = _ops.ops.sink_suppress(q, k, v, o, lse, idx, n_rows, sc, change, renormalize)
         if not return_stats:
             return out
         return out, _stats(mass, entropy, n, idx, chosen, post)

@@ -95,9 +95,10 @@ class _SinkProcessor:
     """Settings and per-call bookkeeping shared by both processors."""
 
     def __init__(self, layer: str = "", mode: str = "measure", k_sink: int = 1, row_scope: str = "image",
-                 bias: float = -1e4, seed: int | None = None, recorder: SinkRecorder | None = None):
+                 bias: float = -1e4, seed: int | None = None, recorder: SinkRecorder | None = None,
+                 intervention: str = "mask", alpha: float = 0.0):
         self.layer, self.mode, self.k_sink, self.row_scope = layer, mode, k_sink, row_scope
-        self.bias, self.seed = bias, seed
+        self.bias, self.seed, self.intervention, self.alpha = bias, seed, intervention, alpha
         self.recorder = recorder if recorder is not None else SinkRecorder()
         # The call counter (the random mode's call_index: a fresh, reproducible set at every call), a
         # tensor so that counting neither specializes a compiled graph nor reads the device.
@@ -109,7 +110,7 @@ class _SinkProcessor:
             self.calls = self.calls.to(query.device)
         out, stats = sink_attention(query, key, value, k_sink=self.k_sink, mode=self.mode, row_scope=self.row_scope,
                                     n_query=n_query, bias=self.bias, seed=self.seed, call_index=self.calls,
-                                    return_stats=True)
+                                    return_stats=True, intervention=self.intervention, alpha=self.alpha)
         if self.mode == "measure":
             out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         self.recorder.add(self.layer, self.calls, self.mode, stats)
@@ -207,8 +208,8 @@ def install_sink_processors(model, layers, processor=None, **settings) -> SinkRe
         Anything else, or an entry naming no attention layer, raises ValueError naming `layers`.
     processor: SinkJointAttnProcessor or SinkAttnProcessor (default: chosen per layer from the stock
         processor's kind; SD3.5's attn2 runs joint attention without a text stream, every query an image
-        query). settings: mode, k_sink, row_scope, bias, seed (see diffkern.sink_attention). Returns the
-        SinkRecorder all installed processors share.
+        query). settings: mode, k_sink, row_scope, bias, seed, intervention, alpha (see
+        diffkern.sink_attention). Returns the SinkRecorder all installed processors share.
     """
     recorder = settings.pop("recorder", None) or SinkRecorder()
     current = model.attn_processors

@@ -3,7 +3,8 @@
 
 Over the image queries i < n_query (specs/sinks.md), s = scale q k^T:
     P[b,h,i,j] = softmax_j(s[b,h,i,:]),   m[b,h,j] = (1/n_query) sum_{i<n_query} P[b,h,i,j]
-Suppression adds `bias` to the selected keys' logits (rows i < n_rows) and re-normalises.
+Suppression adds `bias` to the selected keys' logits (rows i < n_rows) and re-normalises, or (the value
+path) scales their values by e^bias.
 """
 from __future__ import annotations
 
@@ -30,16 +31,27 @@ def recompute_below(dtype: torch.dtype) -> float:
     return RECOMPUTE_BELOW_16BIT if dtype.itemsize <= 2 else RECOMPUTE_BELOW_WIDE
 
 
-def suppression_weights(bias: float, n_selected: int, n_keys: int) -> tuple[float, float]:
-    """(w, g) with w = 1 - e^bias, g = e^bias, so that for a suppressed row
-        out' = (o - w sum_{j in S} P_ij v_j) / (1 - w sum_{j in S} P_ij),  P'_ij = g P_ij / (1 - w sum_S P)  (j in S).
-    When S holds every key the bias shifts every logit alike and cancels in the softmax: (w, g) = (0, 1),
-    the row keeps its unmasked attention (also for bias = -inf, the limit of finite biases).
+def suppression_weights(bias: float, n_selected: int, n_keys: int,
+                        renormalize: bool = True) -> tuple[float, float, float, float]:
+    """(a, w, d, g), so that for a suppressed row, with P the unmasked probabilities and S the selected keys,
+        out' = (a o - w sum_{j in S} P_ij v_j) / (a - d sum_{j in S} P_ij),  post' = g P_i,idx0 / (a - d sum_S P)
+    (csrc/include/diffkern/sinks_math.h, the same rule). With e = e^bias:
+      renormalize, bias <= 0:  (1, 1 - e, 1 - e, e): bias added to S's logits, the row re-softmaxed;
+      renormalize, bias > 0:   (h, h - 1, h - 1, 1), h = e^-bias: the same divided through by e (no overflow);
+      renormalize, S holds every key: (1, 0, 0, 1): the bias shifts every logit alike and cancels, the row
+        keeps its unmasked attention (also for bias = -inf, the limit of finite biases);
+      not renormalize (value path): (1, 1 - e, 0, 1): S's values scaled by e, probabilities untouched.
+    A row with a - d sum_S P <= recompute_below(dtype) * a is recomputed as the masked softmax.
     """
+    if not renormalize:
+        return 1.0, 1.0 - math.exp(bias), 0.0, 1.0
     if n_selected >= n_keys:
-        return 0.0, 1.0
+        return 1.0, 0.0, 0.0, 1.0
+    if bias > 0:
+        h = math.exp(-bias)
+        return h, h - 1.0, h - 1.0, 1.0
     g = math.exp(bias)
-    return 1.0 - g, g
+    return 1.0, 1.0 - g, 1.0 - g, g
 
 
 def logits(q, k, scale):
@@ -75,28 +87,37 @@ def sink_topk(score, k, largest):
     return torch.sort(score, dim=-1, descending=largest, stable=True).indices[..., :k].contiguous()
 
 
-def key_bias(idx, n_heads, n_keys, bias, dtype):
-    """The additive bias [B, H, 1, N_k]: `bias` on the selected keys (idx [B, G, K], G in {1, H}), 0 elsewhere."""
+def key_mask(idx, n_heads, n_keys):
+    """[B, H, 1, N_k] bool: True on the selected keys (idx [B, G, K], G in {1, H})."""
     B, G, _ = idx.shape
     mask = torch.zeros(B, G, n_keys, dtype=torch.bool, device=idx.device).scatter_(-1, idx, True)
-    return torch.where(mask, torch.tensor(bias, dtype=dtype), torch.tensor(0.0, dtype=dtype)) \
-        .expand(B, n_heads, n_keys)[:, :, None, :]
+    return mask.expand(B, n_heads, n_keys)[:, :, None, :]
 
 
-def sink_suppress(q, k, v, o, lse, idx, n_rows, scale, bias):
+def key_bias(idx, n_heads, n_keys, bias, dtype):
+    """The additive bias [B, H, 1, N_k]: `bias` on the selected keys (idx [B, G, K], G in {1, H}), 0 elsewhere."""
+    zero = torch.tensor(0.0, dtype=dtype)
+    return torch.where(key_mask(idx, n_heads, n_keys), torch.tensor(bias, dtype=dtype), zero)
+
+
+def sink_suppress(q, k, v, o, lse, idx, n_rows, scale, bias, renormalize=True):
     """Reference backend of diffkern::sink_suppress, from the explicit matrix (o and lse are not read).
 
-    Rows i < n_rows get softmax(s + bias on the selected keys) v; the others plain attention. Returns
-    (out [B, H, N_q, d] in q's dtype, post [B, H, n_rows]: the re-normalised probability of idx[..., 0]).
+    Rows i < n_rows get, with renormalize, softmax(s + bias on the selected keys) v (none when the selection
+    holds every key: the bias cancels), without it P v' with the selected keys' values v'_j = e^bias v_j; the
+    other rows plain attention. Returns (out [B, H, N_q, d] in q's dtype, post [B, H, n_rows]: the
+    probability of idx[..., 0] after the change).
     """
     s = logits(q, k, scale)
     B, H, N_q, N_k = s.shape
-    w, g = suppression_weights(bias, idx.shape[-1], N_k)
     p = torch.softmax(s, -1)
-    if w != 0.0:
-        rows = torch.arange(N_q, device=s.device)[:, None] < n_rows
-        biased = s + torch.where(rows, key_bias(idx, H, N_k, bias, s.dtype), 0.0)
-        p = torch.softmax(biased, -1)
-    out = torch.matmul(p, v.to(s.dtype)).to(q.dtype)
+    rows = torch.arange(N_q, device=s.device)[:, None] < n_rows
+    if renormalize and suppression_weights(bias, idx.shape[-1], N_k)[1] != 0.0:
+        p = torch.softmax(s + torch.where(rows, key_bias(idx, H, N_k, bias, s.dtype), 0.0), -1)
+    vs = v.to(s.dtype)
+    out = torch.matmul(p, vs)
+    if not renormalize:
+        scaled = torch.where(key_mask(idx, H, N_k).transpose(-1, -2), math.exp(bias) * vs, vs)
+        out = torch.where(rows, torch.matmul(p, scaled), out)
     top = idx[..., :1].expand(B, H, 1)[:, :, None, :].expand(B, H, n_rows, 1)
-    return out, torch.gather(p[:, :, :n_rows], -1, top)[..., 0]
+    return out.to(q.dtype), torch.gather(p[:, :, :n_rows], -1, top)[..., 0]

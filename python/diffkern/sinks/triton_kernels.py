@@ -10,14 +10,16 @@
                     scratch row and merges each new chunk of BLOCK - K_PAD scores into it with tl.sort.
   suppress_kernel   one program per (BLOCK_M queries, b, h): gathers the K selected keys and values,
                     corrects the unmasked o by their terms: 4 N_q K d FLOPs; flags each row whose correction
-                    denominator is below recompute_below(dtype) (the suppressed keys hold most of its mass).
+                    factor is at most recompute_below(dtype) (the suppressed keys hold most of its mass).
   recompute_kernel  one program per (BLOCK_M image queries, b, h): a tile holding a flagged row recomputes
-                    it as the masked softmax (a flash pass with the bias row added: 4 BLOCK_M N_k d FLOPs)
+                    it as the masked softmax (a flash pass with the bias row added, or for the value path the
+                    selected values scaled: 4 BLOCK_M N_k d FLOPs)
                     and rewrites its output; any other tile reads its flags and exits.
 """
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 import triton
@@ -170,25 +172,32 @@ def topk_kernel(score_ptr, idx_ptr, best_ptr, N, k, BLOCK: tl.constexpr, K_PAD: 
 
 
 @triton.jit
-def _masked_rows(q, k_base, v_base, bias_row, j0, N_k, d, sk_n, sv_n, dd, scale,
+def _masked_rows(q, k_base, v_base, key_row, j0, N_k, d, sk_n, sv_n, dd, scale,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
-    """Rows q against every key with bias_row [N_k] added to the logits, by an online softmax: (the masked
-    output softmax(s + bias) v [BLOCK_M, BLOCK_D], the masked probability of key j0 [BLOCK_M])."""
+                 DOT_F32: tl.constexpr, PRECISION: tl.constexpr, RENORMALIZE: tl.constexpr):
+    """Rows q against every key, by an online softmax: (the masked output [BLOCK_M, BLOCK_D], the masked
+    probability of key j0 [BLOCK_M]). RENORMALIZE: key_row [N_k] is a bias added to the logits, the output
+    softmax(s + bias) v; else it scales the values, softmax(s) (key_row v)."""
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     t0 = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(0, N_k, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        bias = tl.load(bias_row + cols, mask=cols < N_k, other=float("-inf"))
-        s = _dot(q, _load_cols(k_base, cols, N_k, sk_n, dd, d), DOT_F32, PRECISION) * scale + bias[None, :]
+        s = _dot(q, _load_cols(k_base, cols, N_k, sk_n, dd, d), DOT_F32, PRECISION) * scale
+        if RENORMALIZE:
+            s += tl.load(key_row + cols, mask=cols < N_k, other=float("-inf"))[None, :]
+        else:
+            factor = tl.load(key_row + cols, mask=cols < N_k, other=0.0)
+            s = tl.where((cols < N_k)[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile of bias -inf keys only: no NaN
         alpha = tl.exp(m - m_ref)
         p = tl.exp(s - m_ref[:, None])
         l = l * alpha + tl.sum(p, 1)
         t0 = t0 * alpha + tl.sum(tl.where((cols == j0)[None, :], p, 0.0), 1)
+        if not RENORMALIZE:
+            p *= factor[None, :]  # l and t0 have the unscaled p: the probabilities are untouched
         acc = acc * alpha[:, None] + _dot(p, _load_rows(v_base, cols, N_k, sv_n, dd, d), DOT_F32, PRECISION)
         m = m_new
     return acc / l[:, None], t0 / l
@@ -196,7 +205,7 @@ def _masked_rows(q, k_base, v_base, bias_row, j0, N_k, d, sk_n, sv_n, dd, scale,
 
 @triton.jit
 def suppress_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, out_ptr, post_ptr, flag_ptr, H, N_q, N_k, n_rows, K,
-                    d, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, si_b, si_h, scale, w, g,
+                    d, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, si_b, si_h, scale, a, w, wd, g,
                     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, RECOMPUTE: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -226,22 +235,23 @@ def suppress_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, out_ptr, post_
             c += tl.sum(p, 1)
             p0 += tl.sum(tl.where((sel == 0)[None, :], p, 0.0), 1)
             u += _dot(p, vs, DOT_F32, PRECISION)
-    denom = 1.0 - w * c
+    denom = a - wd * c  # (a, w, wd, g): reference.suppression_weights
     # o is read only now, after the loop: holding it through the loop spills at head_dim 128
     o_offs = (bh * N_q + rows[:, None]) * d + dd[None, :]
     o = tl.load(o_ptr + o_offs, mask=tile_mask, other=0.0)
-    exact = fix & (denom < RECOMPUTE)
-    denom = tl.where(exact, 1.0, denom)  # recompute_kernel rewrites those rows: no 0/0 on the way
-    tl.store(out_ptr + o_offs, ((o - w * u) / denom[:, None]).to(out_ptr.dtype.element_ty), mask=tile_mask)
+    exact = fix & (a - w * c <= RECOMPUTE * a)  # 1 / that factor amplifies the rounding (sinks_math.h)
+    denom = tl.where(exact | (rows >= n_rows), 1.0, denom)  # recompute_kernel rewrites those rows: no 0/0 on the way
+    fixed = tl.where(fix[:, None], (a * o - w * u) / denom[:, None], o)  # rows >= n_rows: o itself
+    tl.store(out_ptr + o_offs, fixed.to(out_ptr.dtype.element_ty), mask=tile_mask)
     tl.store(post_ptr + bh * n_rows + rows, g * p0 / denom, mask=fix)
     tl.store(flag_ptr + bh * n_rows + rows, exact.to(tl.int8), mask=fix)
 
 
 @triton.jit
-def recompute_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, bias_ptr, flag_ptr, out_ptr, post_ptr, H, N_q, N_k, n_rows, d,
+def recompute_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, row_ptr, flag_ptr, out_ptr, post_ptr, H, N_q, N_k, n_rows, d,
                      sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, si_b, si_h, sb_b, sb_h, scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+                     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, RENORMALIZE: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -252,8 +262,9 @@ def recompute_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, bias_ptr, flag_ptr, out_ptr, 
         dd = tl.arange(0, BLOCK_D)
         q = _load_rows(q_ptr + b * sq_b + h * sq_h, rows, n_rows, sq_n, dd, d)
         masked, post = _masked_rows(q, k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h,
-                                    bias_ptr + b * sb_b + h * sb_h, tl.load(idx_ptr + b * si_b + h * si_h), N_k, d,
-                                    sk_n, sv_n, dd, scale, BLOCK_M, BLOCK_N, BLOCK_D, DOT_F32, PRECISION)
+                                    row_ptr + b * sb_b + h * sb_h, tl.load(idx_ptr + b * si_b + h * si_h), N_k, d,
+                                    sk_n, sv_n, dd, scale, BLOCK_M, BLOCK_N, BLOCK_D, DOT_F32, PRECISION,
+                                    RENORMALIZE)
         o_offs = (bh * N_q + rows[:, None]) * d + dd[None, :]
         tl.store(out_ptr + o_offs, masked.to(out_ptr.dtype.element_ty), mask=exact[:, None] & (dd < d)[None, :])
         tl.store(post_ptr + bh * n_rows + rows, post, mask=exact)
@@ -328,7 +339,7 @@ def sink_topk(score, k, largest):
     return idx
 
 
-def sink_suppress(q, k, v, o, lse, idx, n_rows, scale, bias):
+def sink_suppress(q, k, v, o, lse, idx, n_rows, scale, bias, renormalize=True):
     """Launches suppress_kernel, then recompute_kernel for its flagged rows: (out [B, H, N_q, d] in q's dtype,
     post [B, H, n_rows] fp32)."""
     B, H, N_q, d = q.shape
@@ -337,7 +348,7 @@ def sink_suppress(q, k, v, o, lse, idx, n_rows, scale, bias):
     post = _triton.empty((B, H, n_rows), torch.float32, q.device)
     if B * H * N_q == 0:
         return out, post
-    w, g = suppression_weights(bias, K, N_k)
+    a, w, wd, g = suppression_weights(bias, K, N_k, renormalize)
     bd = block_d(d)
     bm, _, warps = tiles(d, q.dtype)
     si_h = idx.stride(1) if idx.shape[1] > 1 else 0
@@ -346,20 +357,23 @@ def sink_suppress(q, k, v, o, lse, idx, n_rows, scale, bias):
                   maxnreg=_triton.register_budget(warps))
     suppress_kernel[(triton.cdiv(N_q, bm), B * H)](
         q, k, v, o, lse, idx, out, post, flags, H, N_q, N_k, n_rows, K, d, *_bh_strides(q), *_bh_strides(k),
-        *_bh_strides(v), idx.stride(0), si_h, scale, w, g, BLOCK_M=bm, BLOCK_S=SEL_BLOCK,
+        *_bh_strides(v), idx.stride(0), si_h, scale, a, w, wd, g, BLOCK_M=bm, BLOCK_S=SEL_BLOCK,
         RECOMPUTE=recompute_below(q.dtype), **common)
-    if n_rows:
+    if n_rows and w != 0.0:  # w = 0: no row is changed, none flagged
         G = idx.shape[1]
-        # the bias row of the selected keys, read only by tiles that recompute a row (no host sync decides
-        # that); an out-of-range index (unchecked under capture) biases no key, as in suppress_kernel
+        # the selected keys' bias row (renormalize) or value factors (value path: e^bias, 1 elsewhere), read
+        # only by tiles that recompute a row (no host sync decides that); an out-of-range index (unchecked
+        # under capture) changes no key, as in suppress_kernel
+        neutral, change = (0.0, bias) if renormalize else (1.0, math.exp(bias))
         in_range = (idx >= 0) & (idx < N_k)
-        bias_row = torch.zeros((B, G, N_k), dtype=torch.float32, device=q.device).scatter_reduce_(
-            -1, idx.clamp(0, N_k - 1), torch.where(in_range, bias, 0.0).float(), "amin")
+        row = torch.full((B, G, N_k), neutral, dtype=torch.float32, device=q.device).scatter_reduce_(
+            -1, idx.clamp(0, N_k - 1), torch.where(in_range, change, neutral).float(),
+            "amin" if change <= neutral else "amax")
         rm, rn = recompute_tiles(d, q.dtype)
         recompute_kernel[(triton.cdiv(n_rows, rm), B * H)](
-            q, k, v, idx, bias_row, flags, out, post, H, N_q, N_k, n_rows, d, *_bh_strides(q), *_bh_strides(k),
+            q, k, v, idx, row, flags, out, post, H, N_q, N_k, n_rows, d, *_bh_strides(q), *_bh_strides(k),
             *_bh_strides(v), idx.stride(0), si_h, G * N_k, N_k if G > 1 else 0, scale, BLOCK_M=rm, BLOCK_N=rn,
-            **common)
+            RENORMALIZE=renormalize, **common)
     return out, post
 
 
@@ -375,6 +389,10 @@ def aot_specs() -> list[KernelSpec]:
         common = {"BLOCK_D": bd, "DOT_F32": dtype == torch.float32, "PRECISION": "tf32x3"}
         tags = {"dtype": _dtypes.name(dtype), "head_dim": d}
         qkv = {"q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "v_ptr": f"*{ty}"}
+        recompute = ({**qkv, "idx_ptr": "*i64", "row_ptr": "*fp32", "flag_ptr": "*i8", "out_ptr": f"*{ty}",
+                      "post_ptr": "*fp32", **dims, "n_rows": "i32", **strides, "si_b": "i64", "si_h": "i64",
+                      "sb_b": "i64", "sb_h": "i64", "scale": "fp32"},
+                     dict(zip(("BLOCK_M", "BLOCK_N"), recompute_tiles(d, dtype))))
         for kernel, signature, constexprs in (
                 (attn_fwd_kernel, {**qkv, "o_ptr": "*fp32", "lse_ptr": "*fp32", "ent_ptr": "*fp32", **dims, **strides,
                                    "scale": "fp32"}, {"BLOCK_M": bm, "BLOCK_N": bn, "HAS_V": True}),
@@ -383,12 +401,11 @@ def aot_specs() -> list[KernelSpec]:
                                    "scale": "fp32", "inv_n_query": "fp32"}, {"BLOCK_M": bm, "BLOCK_N": bn}),
                 (suppress_kernel, {**qkv, "o_ptr": "*fp32", "lse_ptr": "*fp32", "idx_ptr": "*i64", "out_ptr": f"*{ty}",
                                    "post_ptr": "*fp32", "flag_ptr": "*i8", **dims, "n_rows": "i32", "K": "i32",
-                                   **strides, "si_b": "i64", "si_h": "i64", "scale": "fp32", "w": "fp32", "g": "fp32"},
+                                   **strides, "si_b": "i64", "si_h": "i64", "scale": "fp32", "a": "fp32", "w": "fp32",
+                                   "wd": "fp32", "g": "fp32"},
                  {"BLOCK_M": bm, "BLOCK_S": SEL_BLOCK, "RECOMPUTE": recompute_below(dtype)}),
-                (recompute_kernel, {**qkv, "idx_ptr": "*i64", "bias_ptr": "*fp32", "flag_ptr": "*i8",
-                                    "out_ptr": f"*{ty}", "post_ptr": "*fp32", **dims, "n_rows": "i32", **strides,
-                                    "si_b": "i64", "si_h": "i64", "sb_b": "i64", "sb_h": "i64", "scale": "fp32"},
-                 dict(zip(("BLOCK_M", "BLOCK_N"), recompute_tiles(d, dtype))))):
+                (recompute_kernel, recompute[0], {**recompute[1], "RENORMALIZE": True}),
+                (recompute_kernel, recompute[0], {**recompute[1], "RENORMALIZE": False})):
             c = {**common, **constexprs}
             name = f"{kernel.__name__}[{ty},d={d}," + ",".join(f"{k}={v}" for k, v in c.items()) + "]"
             specs.append(KernelSpec(name, kernel, signature, c, warps, _triton.register_budget(warps), tags))
