@@ -28,6 +28,8 @@ namespace {
 // 64 rows x 4.4K keys x 24 heads x B=2 is 54 MB of fp32 logits per block (the explicit matrix is 3.5 GB),
 // and wide enough that each matmul stays GEMM-efficient.
 constexpr int64_t kRows = 64;
+// Most probabilities per row sink_attention_fwd returns (top_p); python/diffkern/sinks/op.py MAX_ROW_TOP.
+constexpr int64_t kMaxRowTop = 8;
 constexpr const char* kMassOp = "sink_mass";
 constexpr const char* kAttnOp = "sink_attention";
 
@@ -91,16 +93,19 @@ void softmax_rows(acc_t* x, int64_t rows, int64_t n, acc_t scale, acc_t* lse, ac
   });
 }
 
-// (o, lse, mass, entropy) in the accumulation dtype; o and entropy are undefined without v.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blocked_forward(const at::Tensor& q, const at::Tensor& k,
-                                                                           const at::Tensor* v, int64_t n_query,
-                                                                           double scale) {
+// (o, lse, mass, entropy, top_p) in the accumulation dtype; o and entropy are undefined without v. top_p
+// [B, H, N_q, row_top]: each row's row_top largest probabilities, descending (at::topk of the block's P, ties
+// counted separately), 0 past N_k.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> blocked_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor* v, int64_t n_query, double scale, int64_t row_top) {
   const int64_t B = q.size(0), H = q.size(1), N_q = q.size(2), N_k = k.size(2);
   const at::ScalarType acc = at::toOpMathType(q.scalar_type());
   const auto opts = q.options().dtype(acc);
   const at::Tensor kt = k.to(acc).transpose(-1, -2);
   const at::Tensor va = v != nullptr ? v->to(acc) : at::Tensor();
   at::Tensor lse = empty_output({B, H, N_q}, opts), mass = at::zeros({B, H, N_k}, opts), o, entropy;
+  const at::Tensor top_p = at::zeros({B, H, N_q, row_top}, opts);
+  const int64_t n_top = std::min(row_top, N_k);
   if (v != nullptr) {
     o = empty_output({B, H, N_q, v->size(3)}, opts);
     entropy = empty_output({B, H, N_q}, opts);
@@ -115,30 +120,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blocked_forward(const
     });
     lse.slice(2, r0, r1).copy_(row_lse);
     if (r0 < n_query) mass.add_(p.slice(2, 0, std::min(r1, n_query) - r0).sum(2));
+    if (n_top > 0) top_p.slice(2, r0, r1).narrow(3, 0, n_top).copy_(std::get<0>(at::topk(p, n_top, -1)));
     if (v != nullptr) {
       o.slice(2, r0, r1).copy_(at::matmul(p, va));
       entropy.slice(2, r0, r1).copy_(row_entropy);
     }
   }
   mass.div_(static_cast<double>(std::max<int64_t>(n_query, 1)));
-  return {o, lse, mass, entropy};
+  return {o, lse, mass, entropy, top_p};
 }
 
 std::tuple<at::Tensor, at::Tensor> sink_mass_cpu(const at::Tensor& q, const at::Tensor& k, int64_t n_query,
                                                  double scale) {
   check_qkv(kMassOp, q, k, nullptr);
   check_scalars(kMassOp, q, n_query, scale);
-  auto [o, lse, mass, entropy] = blocked_forward(q, k, nullptr, n_query, scale);
+  auto [o, lse, mass, entropy, top_p] = blocked_forward(q, k, nullptr, n_query, scale, 0);
   return {mass, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sink_attention_fwd_cpu(const at::Tensor& q,
-                                                                                  const at::Tensor& k,
-                                                                                  const at::Tensor& v,
-                                                                                  int64_t n_query, double scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sink_attention_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t n_query, double scale, int64_t row_top) {
   check_qkv(kAttnOp, q, k, &v);
   check_scalars(kAttnOp, q, n_query, scale);
-  return blocked_forward(q, k, &v, n_query, scale);
+  TORCH_CHECK_VALUE(row_top >= 0 && row_top <= kMaxRowTop, kAttnOp, ": row_top must be in [0, ", kMaxRowTop,
+                    "], got ", row_top);
+  return blocked_forward(q, k, &v, n_query, scale, row_top);
 }
 
 at::Tensor sink_topk_cpu(const at::Tensor& score, int64_t k, bool largest) {

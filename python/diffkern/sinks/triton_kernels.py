@@ -1,7 +1,9 @@
 """Triton kernels for attention sinks (specs/sinks.md) and their launchers. Nothing here forms N_q x N_k.
 
   attn_fwd_kernel   flash forward, one program per (BLOCK_M queries, b, h): online softmax over key tiles;
-                    writes lse (and, with V, the fp32 unmasked output o and the row entropy).
+                    writes lse (and, with V, the fp32 unmasked output o and the row entropy; with ROW_TOP
+                    = r > 0, each row's r largest probabilities: a running top-r of the logits merged per
+                    key tile, r extractions over the tile and the running set; r = 1 is the running max).
                     Reads q once and k (and v) once per query tile; 4 N_q N_k d FLOPs with V, 2 without.
   col_mass_kernel   column pass, one program per (BLOCK_N keys, b, h): walks the image query tiles and
                     sums exp(s - lse) down each key's column (flash backward's dK loop structure, no V).
@@ -82,10 +84,29 @@ def _load_cols(base, cols, n, stride_n, dd, d):
 
 
 @triton.jit
-def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ent_ptr, H, N_q, N_k, d,
+def _merge_top(top, s, cols, R: tl.constexpr, R_PAD: tl.constexpr):
+    """The R largest of each row of the running top [BLOCK_M, R_PAD] (descending in slots < R, -inf in the
+    rest) and the tile s [BLOCK_M, BLOCK_N] (columns `cols`), descending: R extractions of the largest
+    remaining entry, each removing one occurrence (ties count separately), from the running set first."""
+    slots = tl.arange(0, R_PAD)
+    new = tl.full(top.shape, float("-inf"), tl.float32)
+    for i in tl.static_range(R):
+        mt, ms = tl.max(top, 1), tl.max(s, 1)
+        mx = tl.maximum(mt, ms)
+        jt = tl.min(tl.where(top == mx[:, None], slots[None, :], R_PAD), 1)
+        js = tl.min(tl.where(s == mx[:, None], cols[None, :], 2147483647), 1)
+        top = tl.where((mt >= ms)[:, None] & (slots[None, :] == jt[:, None]), float("-inf"), top)
+        s = tl.where((mt < ms)[:, None] & (cols[None, :] == js[:, None]), float("-inf"), s)
+        new = tl.where(slots[None, :] == i, mx[:, None], new)
+    return new
+
+
+@triton.jit
+def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ent_ptr, top_ptr, H, N_q, N_k, d,
                     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, scale,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    HAS_V: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+                    HAS_V: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                    ROW_TOP: tl.constexpr, R_PAD: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -97,11 +118,14 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ent_ptr, H, N_q, N_k, d
     l = tl.zeros([BLOCK_M], tl.float32)
     t = tl.zeros([BLOCK_M], tl.float32)  # sum_j e^{s_ij - m_i} s_ij, for the entropy
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    top = tl.full([BLOCK_M, R_PAD], float("-inf"), tl.float32)  # the running top-ROW_TOP logits (ROW_TOP > 1)
     for n0 in range(0, N_k, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = (cols < N_k)[None, :]
         s = _dot(q, _load_cols(k_base, cols, N_k, sk_n, dd, d), DOT_F32, PRECISION) * scale
         s = tl.where(col_ok, s, float("-inf"))
+        if ROW_TOP > 1:
+            top = _merge_top(top, s, cols, ROW_TOP, R_PAD)
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -118,6 +142,12 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ent_ptr, H, N_q, N_k, d
         o_offs = (bh * N_q + rows[:, None]) * d + dd[None, :]
         tl.store(o_ptr + o_offs, acc / l[:, None], mask=row_ok[:, None] & (dd < d)[None, :])
         tl.store(ent_ptr + bh * N_q + rows, lse - t / l, mask=row_ok)
+    if ROW_TOP > 0:
+        slots = tl.arange(0, R_PAD)
+        if ROW_TOP == 1:
+            top = tl.where(slots[None, :] == 0, m[:, None], top)
+        top_offs = (bh * N_q + rows[:, None]) * ROW_TOP + slots[None, :]
+        tl.store(top_ptr + top_offs, tl.exp(top - lse[:, None]), mask=row_ok[:, None] & (slots < ROW_TOP)[None, :])
 
 
 @triton.jit
@@ -271,7 +301,7 @@ def _bh_strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _fwd(q, k, v, n_query, scale):
+def _fwd(q, k, v, n_query, scale, row_top=0):
     B, H, N_q, d = q.shape
     N_k = k.shape[2]
     dev = q.device
@@ -279,32 +309,35 @@ def _fwd(q, k, v, n_query, scale):
     mass = _triton.empty((B, H, N_k), torch.float32, dev)
     o = _triton.empty((B, H, N_q, d), torch.float32, dev) if v is not None else None
     ent = _triton.empty((B, H, N_q), torch.float32, dev) if v is not None else None
+    top = _triton.empty((B, H, N_q, row_top), torch.float32, dev)
     if B * H * N_q == 0:
-        return o, lse, mass.zero_(), ent
+        return o, lse, mass.zero_(), ent, top
     bd = block_d(d)
     bm, bn, warps = tiles(d, q.dtype)
     meta = dict(BLOCK_D=bd, DOT_F32=_dot_f32(q.dtype), PRECISION=_precision(), num_warps=warps,
                 maxnreg=_triton.register_budget(warps))
     vv = v if v is not None else k
     attn_fwd_kernel[(triton.cdiv(N_q, bm), B * H)](
-        q, k, vv, o if o is not None else lse, lse, ent if ent is not None else lse, H, N_q, N_k, d,
-        *_bh_strides(q), *_bh_strides(k), *_bh_strides(vv), scale,
-        BLOCK_M=bm, BLOCK_N=bn, HAS_V=v is not None, **meta)
+        q, k, vv, o if o is not None else lse, lse, ent if ent is not None else lse, top if row_top else lse, H, N_q,
+        N_k, d, *_bh_strides(q), *_bh_strides(k), *_bh_strides(vv), scale,
+        BLOCK_M=bm, BLOCK_N=bn, HAS_V=v is not None, ROW_TOP=row_top, R_PAD=triton.next_power_of_2(max(row_top, 1)),
+        **meta)
     col_mass_kernel[(triton.cdiv(N_k, bn), B * H)](
         q, k, lse, mass, H, N_q, N_k, n_query, d, *_bh_strides(q), *_bh_strides(k), scale, 1.0 / max(n_query, 1),
         BLOCK_M=bm, BLOCK_N=bn, **meta)
-    return o, lse, mass, ent
+    return o, lse, mass, ent, top
 
 
 def sink_mass(q, k, n_query, scale):
     """Launches attn_fwd_kernel (lse only) and col_mass_kernel: (mass [B, H, N_k], lse [B, H, N_q]) fp32."""
-    _, lse, mass, _ = _fwd(q, k, None, n_query, scale)
+    _, lse, mass, _, _ = _fwd(q, k, None, n_query, scale)
     return mass, lse
 
 
-def attention_fwd(q, k, v, n_query, scale):
-    """Launches attn_fwd_kernel (with V) and col_mass_kernel: (o, lse, mass, entropy), fp32."""
-    return _fwd(q, k, v, n_query, scale)
+def attention_fwd(q, k, v, n_query, scale, row_top=0):
+    """Launches attn_fwd_kernel (with V, and the top-row_top probabilities) and col_mass_kernel: (o, lse, mass,
+    entropy, top_p), fp32."""
+    return _fwd(q, k, v, n_query, scale, row_top)
 
 
 def topk_config(k: int, n: int) -> tuple[int, int, int]:
