@@ -3,7 +3,7 @@
   attn_fwd_kernel   flash forward, one program per (BLOCK_M queries, b, h): online softmax over key tiles;
                     writes lse (and, with V, the fp32 unmasked output o and the row entropy; with ROW_TOP
                     = r > 0, each row's r largest probabilities: a running top-r of the logits merged per
-                    key tile, r extractions over the tile and the running set; r = 1 is the running max).
+                    key tile, r max-and-count reductions over the tile; r = 1 is the running max).
                     Reads q once and k (and v) once per query tile; 4 N_q N_k d FLOPs with V, 2 without.
   col_mass_kernel   column pass, one program per (BLOCK_N keys, b, h): walks the image query tiles and
                     sums exp(s - lse) down each key's column (flash backward's dK loop structure, no V).
@@ -84,20 +84,22 @@ def _load_cols(base, cols, n, stride_n, dd, d):
 
 
 @triton.jit
-def _merge_top(top, s, cols, R: tl.constexpr, R_PAD: tl.constexpr):
+def _merge_top(top, s, R: tl.constexpr, R_PAD: tl.constexpr):
     """The R largest of each row of the running top [BLOCK_M, R_PAD] (descending in slots < R, -inf in the
-    rest) and the tile s [BLOCK_M, BLOCK_N] (columns `cols`), descending: R extractions of the largest
-    remaining entry, each removing one occurrence (ties count separately), from the running set first."""
-    slots = tl.arange(0, R_PAD)
+    rest) and the tile s [BLOCK_M, BLOCK_N], descending, ties counted separately: R steps, each taking the
+    largest value below the last one taken and filling as many slots as it occurs (reductions only: no
+    modified copy of the tile is held)."""
+    slots = tl.arange(0, R_PAD)[None, :]
     new = tl.full(top.shape, float("-inf"), tl.float32)
-    for i in tl.static_range(R):
-        mt, ms = tl.max(top, 1), tl.max(s, 1)
-        mx = tl.maximum(mt, ms)
-        jt = tl.min(tl.where(top == mx[:, None], slots[None, :], R_PAD), 1)
-        js = tl.min(tl.where(s == mx[:, None], cols[None, :], 2147483647), 1)
-        top = tl.where((mt >= ms)[:, None] & (slots[None, :] == jt[:, None]), float("-inf"), top)
-        s = tl.where((mt < ms)[:, None] & (cols[None, :] == js[:, None]), float("-inf"), s)
-        new = tl.where(slots[None, :] == i, mx[:, None], new)
+    prev = tl.full([top.shape[0]], float("inf"), tl.float32)
+    filled = tl.zeros([top.shape[0]], tl.int32)
+    for _ in tl.static_range(R):
+        mx = tl.maximum(tl.max(tl.where(s < prev[:, None], s, float("-inf")), 1),
+                        tl.max(tl.where(top < prev[:, None], top, float("-inf")), 1))
+        count = tl.sum((s == mx[:, None]).to(tl.int32), 1) + tl.sum((top == mx[:, None]).to(tl.int32), 1)
+        new = tl.where((slots >= filled[:, None]) & (slots < (filled + count)[:, None]) & (slots < R), mx[:, None], new)
+        filled += count
+        prev = mx
     return new
 
 
@@ -124,8 +126,6 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ent_ptr, top_ptr, H, N_
         col_ok = (cols < N_k)[None, :]
         s = _dot(q, _load_cols(k_base, cols, N_k, sk_n, dd, d), DOT_F32, PRECISION) * scale
         s = tl.where(col_ok, s, float("-inf"))
-        if ROW_TOP > 1:
-            top = _merge_top(top, s, cols, ROW_TOP, R_PAD)
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -134,6 +134,8 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ent_ptr, top_ptr, H, N_
             v = _load_rows(v_ptr + b * sv_b + h * sv_h, cols, N_k, sv_n, dd, d)
             acc = acc * alpha[:, None] + _dot(p, v, DOT_F32, PRECISION)
             t = t * alpha + tl.sum(p * tl.where(col_ok, s, 0.0), 1)
+        if ROW_TOP > 1:
+            top = _merge_top(top, s, ROW_TOP, R_PAD)
         m = m_new
     lse = m + tl.log(l)
     row_ok = rows < N_q
@@ -397,7 +399,8 @@ def sink_suppress(q, k, v, o, lse, idx, n_rows, scale, bias):
 
 
 def aot_specs() -> list[KernelSpec]:
-    """The launch configurations of head_dim 64 and 128 per dtype, and the top-k kernel for K up to MAX_TOPK."""
+    """The launch configurations of head_dim 64 and 128 per dtype (the forward without and with the statistics'
+    row_top = 5), and the top-k kernel for K up to MAX_TOPK."""
     specs = []
     strides = {f"s{x}_{y}": "i64" for x in ("q", "k", "v") for y in ("b", "h", "n")}
     dims = {"H": "i32", "N_q": "i32", "N_k": "i32", "d": "i32"}
@@ -408,9 +411,11 @@ def aot_specs() -> list[KernelSpec]:
         common = {"BLOCK_D": bd, "DOT_F32": dtype == torch.float32, "PRECISION": "tf32x3"}
         tags = {"dtype": _dtypes.name(dtype), "head_dim": d}
         qkv = {"q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "v_ptr": f"*{ty}"}
+        fwd = {**qkv, "o_ptr": "*fp32", "lse_ptr": "*fp32", "ent_ptr": "*fp32", "top_ptr": "*fp32", **dims, **strides,
+               "scale": "fp32"}
         for kernel, signature, constexprs in (
-                (attn_fwd_kernel, {**qkv, "o_ptr": "*fp32", "lse_ptr": "*fp32", "ent_ptr": "*fp32", **dims, **strides,
-                                   "scale": "fp32"}, {"BLOCK_M": bm, "BLOCK_N": bn, "HAS_V": True}),
+                *((attn_fwd_kernel, fwd, {"BLOCK_M": bm, "BLOCK_N": bn, "HAS_V": True, "ROW_TOP": r,
+                                          "R_PAD": triton.next_power_of_2(max(r, 1))}) for r in (5, 0)),
                 (col_mass_kernel, {"q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "lse_ptr": "*fp32", "mass_ptr": "*fp32",
                                    **dims, "n_query": "i32", **{s: "i64" for s in list(strides)[:6]},
                                    "scale": "fp32", "inv_n_query": "fp32"}, {"BLOCK_M": bm, "BLOCK_N": bn}),
