@@ -73,7 +73,7 @@ def test_sd3_measure_mode_output_is_identical_to_stock(backend):
     assert torch.equal(run(model, inputs, backend), stock)
     assert [r["layer"] for r in rec.records] == ["transformer_blocks.0.attn", "transformer_blocks.2.attn"]
     for r in rec.records:
-        assert 0 < r["max_mass"] <= 1 and r["indices"] is None and 0 < r["top5_concentration"] <= 1 + 1e-6
+        assert 0 < r["max_mass"] <= 1 and r["indices"] is None and 0 < r["top5_mass"] <= 1 + 1e-6
 
 
 @pytest.mark.parametrize("row_scope", ("image", "all"))
