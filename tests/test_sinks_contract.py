@@ -110,6 +110,9 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.diffkern.sink_mass.default, (q, k, 7, 0.125))
         o, lse, mass, *_ = torch.ops.diffkern.sink_attention_fwd(q, k, v, 7, 0.125)
         torch.library.opcheck(torch.ops.diffkern.sink_attention_fwd.default, (q, k, v, 7, 0.125))
+        for keys in (11, 3):  # each row's top-5 probabilities, past N_k too
+            torch.library.opcheck(torch.ops.diffkern.sink_attention_fwd.default,
+                                  (q, k[:, :, :keys], v[:, :, :keys], 7, 0.125, 5))
         torch.library.opcheck(torch.ops.diffkern.sink_topk.default, (mass, 3, True))
         for idx in (torch.tensor([[[4, 0]]]), torch.tensor([[[1], [10]]])):
             torch.library.opcheck(torch.ops.diffkern.sink_suppress.default,
