@@ -64,6 +64,18 @@ def test_row_top_zero_is_the_plain_forward(backend):
     assert all(torch.equal(a, b) for a, b in zip(plain[:4], with_top[:4]))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_a_query_row_makes_its_top_p_nan(backend):
+    """NaN policy: a NaN reaches its row's probabilities (as its lse), and only that row."""
+    q, k, v = make_qkv(1, 2, 9, 11, 16, torch.float32, device=device_for(backend))
+    q[0, 1, 4, 3] = float("nan")
+    with forced(backend):
+        top = torch.ops.diffkern.sink_attention_fwd(q, k, v, 9, 0.25, 5)[4].cpu()
+    nan = torch.zeros(1, 2, 9, 5, dtype=torch.bool)
+    nan[0, 1, 4] = True
+    assert torch.equal(top.isnan(), nan)
+
+
 def placed_sinks(H, N_q, N_k, n_query, places, dtype, device, seed=0):
     """q, k, v with one planted sink per head h at key places[h] (a strong shared direction)."""
     g = torch.Generator().manual_seed(seed)

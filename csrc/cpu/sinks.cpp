@@ -66,9 +66,12 @@ void check_scalars(const char* op, const at::Tensor& q, int64_t n_query, double 
 
 // Each row of a block of logits x [rows, n] (unscaled, contiguous) becomes its softmax P in place, with
 // lse = m + log l and the entropy -sum P log P = lse - sum P s written per row: a pass for the max, one
-// for exp and the two sums, one to normalise (unfused ATen takes ~10 passes over the block).
+// for exp and the two sums, one to normalise (unfused ATen takes ~10 passes over the block). With
+// row_top > 0, top [rows, row_top] (zeros on entry) receives each row's row_top largest P, descending, by
+// insertion into a sorted list during the normalising pass (equal values fill separate slots).
 template <typename acc_t>
-void softmax_rows(acc_t* x, int64_t rows, int64_t n, acc_t scale, acc_t* lse, acc_t* entropy) {
+void softmax_rows(acc_t* x, int64_t rows, int64_t n, acc_t scale, acc_t* lse, acc_t* entropy, acc_t* top,
+                  int64_t row_top) {
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       acc_t* __restrict s = x + r * n;
@@ -85,8 +88,21 @@ void softmax_rows(acc_t* x, int64_t rows, int64_t n, acc_t scale, acc_t* lse, ac
         s[j] = e;
       }
       const acc_t inv_l = acc_t(1) / l;
+      if (row_top > 0) {
+        acc_t* __restrict best = top + r * row_top;
+        for (int64_t j = 0; j < n; ++j) {
+          const acc_t p = s[j] *= inv_l;
+          if (p > best[row_top - 1]) {
+            int64_t t = row_top - 1;
+            for (; t > 0 && best[t - 1] < p; --t) best[t] = best[t - 1];
+            best[t] = p;
+          }
+        }
+        if (std::isnan(l)) std::fill(best, best + row_top, l);  // a NaN row's P is NaN: propagated, as lse's
+      } else {
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) s[j] *= inv_l;
+        for (int64_t j = 0; j < n; ++j) s[j] *= inv_l;
+      }
       lse[r] = m + std::log(l);
       entropy[r] = lse[r] - t * inv_l;
     }
@@ -94,8 +110,8 @@ void softmax_rows(acc_t* x, int64_t rows, int64_t n, acc_t scale, acc_t* lse, ac
 }
 
 // (o, lse, mass, entropy, top_p) in the accumulation dtype; o and entropy are undefined without v. top_p
-// [B, H, N_q, row_top]: each row's row_top largest probabilities, descending (at::topk of the block's P, ties
-// counted separately), 0 past N_k.
+// [B, H, N_q, row_top]: each row's row_top largest probabilities, descending (ties counted separately), 0 past
+// N_k.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> blocked_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor* v, int64_t n_query, double scale, int64_t row_top) {
   const int64_t B = q.size(0), H = q.size(1), N_q = q.size(2), N_k = k.size(2);
@@ -105,7 +121,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> blocked_f
   const at::Tensor va = v != nullptr ? v->to(acc) : at::Tensor();
   at::Tensor lse = empty_output({B, H, N_q}, opts), mass = at::zeros({B, H, N_k}, opts), o, entropy;
   const at::Tensor top_p = at::zeros({B, H, N_q, row_top}, opts);
-  const int64_t n_top = std::min(row_top, N_k);
   if (v != nullptr) {
     o = empty_output({B, H, N_q, v->size(3)}, opts);
     entropy = empty_output({B, H, N_q}, opts);
@@ -114,13 +129,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> blocked_f
     const int64_t r1 = std::min(N_q, r0 + kRows);
     const at::Tensor p = at::matmul(q.slice(2, r0, r1).to(acc), kt).contiguous();
     const at::Tensor row_lse = at::empty({B, H, r1 - r0}, opts), row_entropy = at::empty_like(row_lse);
+    const at::Tensor row_top_p = at::zeros({B, H, r1 - r0, row_top}, opts);
     AT_DISPATCH_FLOATING_TYPES(acc, kAttnOp, [&] {
       softmax_rows<scalar_t>(p.mutable_data_ptr<scalar_t>(), B * H * (r1 - r0), N_k, static_cast<scalar_t>(scale),
-                             row_lse.mutable_data_ptr<scalar_t>(), row_entropy.mutable_data_ptr<scalar_t>());
+                             row_lse.mutable_data_ptr<scalar_t>(), row_entropy.mutable_data_ptr<scalar_t>(),
+                             row_top_p.mutable_data_ptr<scalar_t>(), row_top);
     });
     lse.slice(2, r0, r1).copy_(row_lse);
     if (r0 < n_query) mass.add_(p.slice(2, 0, std::min(r1, n_query) - r0).sum(2));
-    if (n_top > 0) top_p.slice(2, r0, r1).narrow(3, 0, n_top).copy_(std::get<0>(at::topk(p, n_top, -1)));
+    if (row_top > 0) top_p.slice(2, r0, r1).copy_(row_top_p);
     if (v != nullptr) {
       o.slice(2, r0, r1).copy_(at::matmul(p, va));
       entropy.slice(2, r0, r1).copy_(row_entropy);
