@@ -546,6 +546,7 @@ rows("sink_attention", {
     "anti_sink, N_k < n_query": kw_call(attend, edit(attn_in, k=lambda kw: kw["k"][:, :, :3],
                                                      v=lambda kw: kw["v"][:, :, :3]), Raises(ValueError, "mode"),
                                         mode="anti_sink"),
+    "anti_sink, no queries": kw_call(attend, edit(attn_in, q=lambda kw: kw["q"][:, :, :0]), SINK_REF, mode="anti_sink"),
     "anti_sink with stats, N_k < 5": kw_call(attend, edit(attn_in, k=lambda kw: kw["k"][:, :, :4],
                                                           v=lambda kw: kw["v"][:, :, :4]), SINK_REF,
                                              mode="anti_sink", return_stats=True),

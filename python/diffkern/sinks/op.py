@@ -351,7 +351,7 @@ def sink_attention(q, k, v, k_sink: int = 1, mode: str = "per_head", row_scope: 
     with _nvtx.range("diffkern.sink_attention"):
         o, lse, mass, entropy, top_p = _ops.ops.sink_attention_fwd(q, k, v, n, sc, row_top)
         idx = post = chosen = None
-        if mode == "measure" or k_sink == 0 or q.shape[0] == 0:
+        if mode == "measure" or k_sink == 0 or q.shape[0] == 0 or (mode == "anti_sink" and n == 0):
             out = o.to(q.dtype)
         else:
             call = call_index if isinstance(call_index, torch.Tensor) else \
