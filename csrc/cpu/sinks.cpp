@@ -64,11 +64,33 @@ void check_scalars(const char* op, const at::Tensor& q, int64_t n_query, double 
   TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, op, ": scale must be finite and > 0, got ", scale);
 }
 
+// The row_top largest of p[0, n), descending, into best (zeros on entry: values past n stay 0), by insertion
+// into the sorted list (equal values fill separate slots); a chunk of kChunk values none of which can enter the
+// list is skipped after one vectorised count. A NaN row (l NaN) gets NaN, as its lse does.
+template <typename acc_t>
+void top_of_row(const acc_t* __restrict p, int64_t n, acc_t* __restrict best, int64_t row_top, acc_t l) {
+  constexpr int64_t kChunk = 64;
+  for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+    const int64_t j1 = std::min(n, j0 + kChunk);
+    const acc_t low = best[row_top - 1];
+    int above = 0;
+#pragma omp simd reduction(+ : above)
+    for (int64_t j = j0; j < j1; ++j) above += p[j] > low;
+    if (above == 0) continue;
+    for (int64_t j = j0; j < j1; ++j) {
+      if (!(p[j] > best[row_top - 1])) continue;
+      int64_t t = row_top - 1;
+      for (; t > 0 && best[t - 1] < p[j]; --t) best[t] = best[t - 1];
+      best[t] = p[j];
+    }
+  }
+  if (std::isnan(l)) std::fill(best, best + row_top, l);
+}
+
 // Each row of a block of logits x [rows, n] (unscaled, contiguous) becomes its softmax P in place, with
 // lse = m + log l and the entropy -sum P log P = lse - sum P s written per row: a pass for the max, one
 // for exp and the two sums, one to normalise (unfused ATen takes ~10 passes over the block). With
-// row_top > 0, top [rows, row_top] (zeros on entry) receives each row's row_top largest P, descending, by
-// insertion into a sorted list during the normalising pass (equal values fill separate slots).
+// row_top > 0, top [rows, row_top] (zeros on entry) receives each row's row_top largest P (top_of_row).
 template <typename acc_t>
 void softmax_rows(acc_t* x, int64_t rows, int64_t n, acc_t scale, acc_t* lse, acc_t* entropy, acc_t* top,
                   int64_t row_top) {
@@ -88,21 +110,9 @@ void softmax_rows(acc_t* x, int64_t rows, int64_t n, acc_t scale, acc_t* lse, ac
         s[j] = e;
       }
       const acc_t inv_l = acc_t(1) / l;
-      if (row_top > 0) {
-        acc_t* __restrict best = top + r * row_top;
-        for (int64_t j = 0; j < n; ++j) {
-          const acc_t p = s[j] *= inv_l;
-          if (p > best[row_top - 1]) {
-            int64_t t = row_top - 1;
-            for (; t > 0 && best[t - 1] < p; --t) best[t] = best[t - 1];
-            best[t] = p;
-          }
-        }
-        if (std::isnan(l)) std::fill(best, best + row_top, l);  // a NaN row's P is NaN: propagated, as lse's
-      } else {
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) s[j] *= inv_l;
-      }
+      for (int64_t j = 0; j < n; ++j) s[j] *= inv_l;
+      if (row_top > 0) top_of_row(s, n, top + r * row_top, row_top, l);
       lse[r] = m + std::log(l);
       entropy[r] = lse[r] - t * inv_l;
     }
