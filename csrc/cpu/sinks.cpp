@@ -1,13 +1,13 @@
 // CPU kernels of the attention-sink ops (specs/sinks.md; schemas in csrc/diffkern/ops.cpp).
 //
 // Blocked ATen, never the [N_q, N_k] matrix: a block of kRows queries meets every key at once, so one
-// pass gives the exact row log-sum-exp, the unmasked output, the row entropy, each row's largest
-// probabilities (row_top) and the block's share of the column mass (no online-softmax rescaling on CPU).
-// Every step is GEMM-shaped, and at::matmul runs it through oneDNN/MKL at the machine's peak, which a
-// hand-written loop would not match without its own GEMM micro-kernel. Extra memory: a few
-// [B, H, kRows, N_k] fp32 blocks, linear in N_k, plus fp32 copies of k and v. The suppression corrects the
-// unmasked output with the K selected keys' terms only, except in rows where the suppressed keys hold most of
-// the mass (sinks_math.h recompute_below): those are recomputed, a block at a time, as the masked softmax.
+// pass gives the exact row log-sum-exp, the unmasked output, the row entropy and the block's share of
+// the column mass (no online-softmax rescaling on CPU). Every step is GEMM-shaped, and at::matmul runs
+// it through oneDNN/MKL at the machine's peak, which a hand-written loop would not match without its
+// own GEMM micro-kernel. Extra memory: a few [B, H, kRows, N_k] fp32 blocks, linear in N_k, plus fp32
+// copies of k and v. The suppression corrects the unmasked output with the K selected keys' terms only,
+// except in rows where the suppressed keys hold most of the mass (sinks_math.h recompute_below): those
+// are recomputed, a block at a time, as the masked softmax.
 #include <algorithm>
 #include <cmath>
 #include <limits>
