@@ -556,6 +556,20 @@ rows("sink_attention", {
     "dominant key, scale alpha 1e-3": kw_call(attend, dominant_sink, SINK_REF, intervention="scale", alpha=1e-3),
     "dominant key, value": kw_call(attend, dominant_sink, SINK_REF, intervention="value"),
     "dominant key, scale alpha 1e30": kw_call(attend, dominant_sink, SINK_REF, intervention="scale", alpha=1e30),
+    "anti_sink": kw_call(attend, attn_in, SINK_REF, mode="anti_sink", k_sink=1),
+    "anti_sink, N_k < n_query": kw_call(attend, edit(attn_in, k=lambda kw: kw["k"][:, :, :3],
+                                                     v=lambda kw: kw["v"][:, :, :3]), Raises(ValueError, "mode"),
+                                        mode="anti_sink"),
+    "anti_sink, no queries": kw_call(attend, edit(attn_in, q=lambda kw: kw["q"][:, :, :0]), SINK_REF, mode="anti_sink"),
+    "anti_sink with stats, N_k < 5": kw_call(attend, edit(attn_in, k=lambda kw: kw["k"][:, :, :4],
+                                                          v=lambda kw: kw["v"][:, :, :4]), SINK_REF,
+                                             mode="anti_sink", return_stats=True),
+})
+fwd = torch.ops.diffkern.sink_attention_fwd
+rows("sink_attention_fwd", {
+    "row_top 9": kw_call(fwd, attn_in, Raises(ValueError, "row_top"), n_query=4, scale=0.5, row_top=9),
+    "row_top -1": kw_call(fwd, attn_in, Raises(ValueError, "row_top"), n_query=4, scale=0.5, row_top=-1),
+    "row_top 8, N_k < 8": kw_call(fwd, attn_in, SINK_REF, n_query=4, scale=0.5, row_top=8),
 })
 
 rows("backend", {

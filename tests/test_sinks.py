@@ -181,7 +181,7 @@ def test_stats_match_explicit_matrix(backend):
     q, k, v = make_qkv(2, 3, 37, 45, 64, torch.float32, planted=2, device=device_for(backend))
     with forced(backend):
         _, stats = diffkern.sink_attention(q, k, v, k_sink=1, n_query=30, return_stats=True)
-    names = ("max_mass", "index0_mass", "row_entropy", "top5_concentration", "index_mass")
+    names = ("max_mass", "index0_mass", "row_entropy", "top5_mass", "index_mass")
     indices = stats["indices"].cpu()
 
     def explicit(q, k, v):
@@ -250,10 +250,12 @@ def test_topk_merges_chunks_and_breaks_ties_towards_lower_index(backend, largest
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="counts interpreted launches, which run only without a GPU")
 def test_benchmark_traffic_model_equals_interpreter_counts():
-    """The bytes the benchmark models for each Triton kernel are the bytes the kernels issue, with the
-    suppression's recomputed tiles (the planted sink holds nearly all of some rows' mass) counted apart."""
+    """The bytes the benchmark models for each Triton kernel are the bytes the kernels issue (statistics on: the
+    forward stores each row's top-5), with the suppression's recomputed tiles (the planted sink holds nearly all
+    of some rows' mass) counted apart."""
     from diffkern.bench.sinks import kernel_traffic, recompute_traffic
     from diffkern.sinks import triton_kernels as tk
+    from diffkern.sinks.op import STATS_ROW_TOP
     from diffkern.testing.triton_monitor import TritonMonitor
     B, H, N_q, N_k, d, n = 1, 2, 70, 67, 64, 60
     q, k, v = make_qkv(B, H, N_q, N_k, d, torch.bfloat16, planted=1)
@@ -262,7 +264,7 @@ def test_benchmark_traffic_model_equals_interpreter_counts():
         _, stats = diffkern.sink_attention(q, k, v, k_sink=1, n_query=n, return_stats=True)
     counted = mon.by_kernel()
     model = kernel_traffic(N_q, N_k, d, n, 1, n, 2, tk.tiles(d, torch.bfloat16)[:2], tk.SEL_BLOCK,
-                           tk.topk_config(1, N_k)[:2])
+                           tk.topk_config(1, N_k)[:2], STATS_ROW_TOP)
     bm, bn = tk.recompute_tiles(d, torch.bfloat16)
     # recompute_kernel's tiles holding a row whose selected key has more than 1 - recompute_below(bf16) of its
     # mass (float64)

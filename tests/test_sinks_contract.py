@@ -77,7 +77,7 @@ def test_bad_input_is_rejected_while_tracing(name):
 def test_suppress_rejects_out_of_range_indices(backend):
     kw = good(device_for(backend))
     with forced(backend):
-        o, lse, _, _ = torch.ops.diffkern.sink_attention_fwd(kw["q"], kw["k"], kw["v"], 9, 0.125)
+        o, lse, *_ = torch.ops.diffkern.sink_attention_fwd(kw["q"], kw["k"], kw["v"], 9, 0.125)
         idx = torch.tensor([[[3, 11]]], device=o.device)
         with pytest.raises(ValueError, match=r"sink_attention: idx values must be in \[0, N_k\) = \[0, 11\)"):
             torch.ops.diffkern.sink_suppress(kw["q"], kw["k"], kw["v"], o, lse, idx, 9, 0.125, -1e4)
@@ -108,8 +108,11 @@ def test_opcheck(backend):
     q, k, v = make_qkv(1, 2, 9, 11, 64, torch.float32, device=device_for(backend), bnhd=True)
     with forced(backend):
         torch.library.opcheck(torch.ops.diffkern.sink_mass.default, (q, k, 7, 0.125))
-        o, lse, mass, _ = torch.ops.diffkern.sink_attention_fwd(q, k, v, 7, 0.125)
+        o, lse, mass, *_ = torch.ops.diffkern.sink_attention_fwd(q, k, v, 7, 0.125)
         torch.library.opcheck(torch.ops.diffkern.sink_attention_fwd.default, (q, k, v, 7, 0.125))
+        for keys in (11, 3):  # each row's top-5 probabilities, past N_k too
+            torch.library.opcheck(torch.ops.diffkern.sink_attention_fwd.default,
+                                  (q, k[:, :, :keys], v[:, :, :keys], 7, 0.125, 5))
         torch.library.opcheck(torch.ops.diffkern.sink_topk.default, (mass, 3, True))
         for idx in (torch.tensor([[[4, 0]]]), torch.tensor([[[1], [10]]])):
             torch.library.opcheck(torch.ops.diffkern.sink_suppress.default,

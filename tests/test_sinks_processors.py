@@ -73,7 +73,7 @@ def test_sd3_measure_mode_output_is_identical_to_stock(backend):
     assert torch.equal(run(model, inputs, backend), stock)
     assert [r["layer"] for r in rec.records] == ["transformer_blocks.0.attn", "transformer_blocks.2.attn"]
     for r in rec.records:
-        assert 0 < r["max_mass"] <= 1 and r["indices"] is None and 0 < r["top5_concentration"] <= 1 + 1e-6
+        assert 0 < r["max_mass"] <= 1 and r["indices"] is None and 0 < r["top5_mass"] <= 1 + 1e-6
 
 
 @pytest.mark.parametrize("row_scope", ("image", "all"))
@@ -122,6 +122,34 @@ def test_random_mode_draws_a_fresh_reproducible_set_per_call():
     again = install_sink_processors(fresh, layers={1}, mode="random", k_sink=1, seed=3, recorder=SinkRecorder())
     run(fresh, inputs)
     assert again is not rec and torch.equal(again.records[0]["indices"], first)
+
+
+class ExplicitAntiSinkJoint(SinkJointAttnProcessor):
+    """The anti-sink control the authors' way: the float64 matrix, the image rows' head-mean max probability,
+    sort, bias those image tokens as keys, re-softmax."""
+
+    def _attend(self, query, key, value, n_query):
+        q, k, v = (x.double() for x in (query, key, value))
+        scale = q.shape[-1] ** -0.5
+        p = torch.softmax(reference.logits(q, k, scale), -1)[:, :, :n_query]
+        r = p.amax(-1).mean(1, keepdim=True)
+        idx = r.sort(dim=-1, descending=True, stable=True).indices[..., :self.k_sink * q.shape[1]]
+        self.recorder.records.append({"layer": self.layer, "indices": idx})
+        return reference.sink_suppress(q, k, v, None, None, idx, n_query, scale, self.bias)[0].to(query.dtype)
+
+
+def test_sd3_anti_sink_matches_explicit_matrix_reference():
+    model, inputs = sd3(), sd3_inputs()
+    want_rec = install_sink_processors(model, layers={1}, processor=ExplicitAntiSinkJoint, mode="anti_sink", k_sink=2)
+    want = run(model, inputs)
+    rec = install_sink_processors(model, layers={1}, processor=SinkJointAttnProcessor, mode="anti_sink", k_sink=2)
+    got = run(model, inputs)
+    record = rec.records[0]
+    assert torch.equal(record["indices"], want_rec.records[0]["indices"]) and record["indices"].shape == (2, 1, 4)
+    assert (record["indices"] < 16).all(), "image tokens (16 of them), as keys"
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert 0 < record["top_k_conc"] <= 1 + 1e-6 and 0 < record["max_act"] <= 1
+    assert record["sink_at_index0"] + record["sink_in_image"] + record["sink_in_text"] == 1
 
 
 def test_attention_mask_is_refused():

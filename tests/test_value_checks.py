@@ -31,7 +31,7 @@ def check_skipped(monkeypatch):
 def suppress(idx, n_rows=9):
     q, k, v = make_qkv(1, 2, 9, 11, 64, torch.float32, seed=3, planted=1, device=device_for("triton"))
     with forced("triton"):  # bounds-checked under the interpreter
-        o, lse, _, _ = torch.ops.diffkern.sink_attention_fwd(q, k, v, 9, 0.125)
+        o, lse, *_ = torch.ops.diffkern.sink_attention_fwd(q, k, v, 9, 0.125)
         out, post = torch.ops.diffkern.sink_suppress(q, k, v, o, lse, torch.tensor(idx, device=q.device), n_rows,
                                                      0.125, -1e4)
     return o, out, post
@@ -83,7 +83,7 @@ def test_unreadable_counts_run_every_2os_pass_without_a_host_read(monkeypatch):
 @pytest.mark.gpu
 def test_out_of_range_index_under_graph_capture_suppresses_nothing():
     q, k, v = make_qkv(1, 2, 9, 11, 64, torch.float32, seed=3, planted=1, device="cuda")
-    o, lse, _, _ = torch.ops.diffkern.sink_attention_fwd(q, k, v, 9, 0.125)
+    o, lse, *_ = torch.ops.diffkern.sink_attention_fwd(q, k, v, 9, 0.125)
     args = (q, k, v, o, lse)
     good, bad = (torch.tensor([[[j]]], device="cuda") for j in (1, 10**6))
     torch.ops.diffkern.sink_suppress(*args, good, 9, 0.125, -1e4)  # compiles the kernels before the capture

@@ -28,6 +28,8 @@ namespace {
 // 64 rows x 4.4K keys x 24 heads x B=2 is 54 MB of fp32 logits per block (the explicit matrix is 3.5 GB),
 // and wide enough that each matmul stays GEMM-efficient.
 constexpr int64_t kRows = 64;
+// Most probabilities per row sink_attention_fwd returns (top_p); python/diffkern/sinks/op.py MAX_ROW_TOP.
+constexpr int64_t kMaxRowTop = 8;
 constexpr const char* kMassOp = "sink_mass";
 constexpr const char* kAttnOp = "sink_attention";
 
@@ -62,11 +64,36 @@ void check_scalars(const char* op, const at::Tensor& q, int64_t n_query, double 
   TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, op, ": scale must be finite and > 0, got ", scale);
 }
 
+// The row_top largest of p[0, n), descending, into best (zeros on entry: values past n stay 0), by insertion
+// into the sorted list (equal values fill separate slots); a chunk of kChunk values none of which can enter the
+// list is skipped after one vectorised count. A NaN row (l NaN) gets NaN, as its lse does.
+template <typename acc_t>
+void top_of_row(const acc_t* __restrict p, int64_t n, acc_t* __restrict best, int64_t row_top, acc_t l) {
+  constexpr int64_t kChunk = 64;
+  for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+    const int64_t j1 = std::min(n, j0 + kChunk);
+    const acc_t low = best[row_top - 1];
+    int above = 0;
+#pragma omp simd reduction(+ : above)
+    for (int64_t j = j0; j < j1; ++j) above += p[j] > low;
+    if (above == 0) continue;
+    for (int64_t j = j0; j < j1; ++j) {
+      if (!(p[j] > best[row_top - 1])) continue;
+      int64_t t = row_top - 1;
+      for (; t > 0 && best[t - 1] < p[j]; --t) best[t] = best[t - 1];
+      best[t] = p[j];
+    }
+  }
+  if (std::isnan(l)) std::fill(best, best + row_top, l);
+}
+
 // Each row of a block of logits x [rows, n] (unscaled, contiguous) becomes its softmax P in place, with
 // lse = m + log l and the entropy -sum P log P = lse - sum P s written per row: a pass for the max, one
-// for exp and the two sums, one to normalise (unfused ATen takes ~10 passes over the block).
+// for exp and the two sums, one to normalise (unfused ATen takes ~10 passes over the block). With
+// row_top > 0, top [rows, row_top] (zeros on entry) receives each row's row_top largest P (top_of_row).
 template <typename acc_t>
-void softmax_rows(acc_t* x, int64_t rows, int64_t n, acc_t scale, acc_t* lse, acc_t* entropy) {
+void softmax_rows(acc_t* x, int64_t rows, int64_t n, acc_t scale, acc_t* lse, acc_t* entropy, acc_t* top,
+                  int64_t row_top) {
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       acc_t* __restrict s = x + r * n;
@@ -85,22 +112,25 @@ void softmax_rows(acc_t* x, int64_t rows, int64_t n, acc_t scale, acc_t* lse, ac
       const acc_t inv_l = acc_t(1) / l;
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) s[j] *= inv_l;
+      if (row_top > 0) top_of_row(s, n, top + r * row_top, row_top, l);
       lse[r] = m + std::log(l);
       entropy[r] = lse[r] - t * inv_l;
     }
   });
 }
 
-// (o, lse, mass, entropy) in the accumulation dtype; o and entropy are undefined without v.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blocked_forward(const at::Tensor& q, const at::Tensor& k,
-                                                                           const at::Tensor* v, int64_t n_query,
-                                                                           double scale) {
+// (o, lse, mass, entropy, top_p) in the accumulation dtype; o and entropy are undefined without v. top_p
+// [B, H, N_q, row_top]: each row's row_top largest probabilities, descending (ties counted separately), 0 past
+// N_k.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> blocked_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor* v, int64_t n_query, double scale, int64_t row_top) {
   const int64_t B = q.size(0), H = q.size(1), N_q = q.size(2), N_k = k.size(2);
   const at::ScalarType acc = at::toOpMathType(q.scalar_type());
   const auto opts = q.options().dtype(acc);
   const at::Tensor kt = k.to(acc).transpose(-1, -2);
   const at::Tensor va = v != nullptr ? v->to(acc) : at::Tensor();
   at::Tensor lse = empty_output({B, H, N_q}, opts), mass = at::zeros({B, H, N_k}, opts), o, entropy;
+  const at::Tensor top_p = at::zeros({B, H, N_q, row_top}, opts);
   if (v != nullptr) {
     o = empty_output({B, H, N_q, v->size(3)}, opts);
     entropy = empty_output({B, H, N_q}, opts);
@@ -109,36 +139,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blocked_forward(const
     const int64_t r1 = std::min(N_q, r0 + kRows);
     const at::Tensor p = at::matmul(q.slice(2, r0, r1).to(acc), kt).contiguous();
     const at::Tensor row_lse = at::empty({B, H, r1 - r0}, opts), row_entropy = at::empty_like(row_lse);
+    const at::Tensor row_top_p = at::zeros({B, H, r1 - r0, row_top}, opts);
     AT_DISPATCH_FLOATING_TYPES(acc, kAttnOp, [&] {
       softmax_rows<scalar_t>(p.mutable_data_ptr<scalar_t>(), B * H * (r1 - r0), N_k, static_cast<scalar_t>(scale),
-                             row_lse.mutable_data_ptr<scalar_t>(), row_entropy.mutable_data_ptr<scalar_t>());
+                             row_lse.mutable_data_ptr<scalar_t>(), row_entropy.mutable_data_ptr<scalar_t>(),
+                             row_top_p.mutable_data_ptr<scalar_t>(), row_top);
     });
     lse.slice(2, r0, r1).copy_(row_lse);
     if (r0 < n_query) mass.add_(p.slice(2, 0, std::min(r1, n_query) - r0).sum(2));
+    if (row_top > 0) top_p.slice(2, r0, r1).copy_(row_top_p);
     if (v != nullptr) {
       o.slice(2, r0, r1).copy_(at::matmul(p, va));
       entropy.slice(2, r0, r1).copy_(row_entropy);
     }
   }
   mass.div_(static_cast<double>(std::max<int64_t>(n_query, 1)));
-  return {o, lse, mass, entropy};
+  return {o, lse, mass, entropy, top_p};
 }
 
 std::tuple<at::Tensor, at::Tensor> sink_mass_cpu(const at::Tensor& q, const at::Tensor& k, int64_t n_query,
                                                  double scale) {
   check_qkv(kMassOp, q, k, nullptr);
   check_scalars(kMassOp, q, n_query, scale);
-  auto [o, lse, mass, entropy] = blocked_forward(q, k, nullptr, n_query, scale);
+  auto [o, lse, mass, entropy, top_p] = blocked_forward(q, k, nullptr, n_query, scale, 0);
   return {mass, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sink_attention_fwd_cpu(const at::Tensor& q,
-                                                                                  const at::Tensor& k,
-                                                                                  const at::Tensor& v,
-                                                                                  int64_t n_query, double scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sink_attention_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t n_query, double scale, int64_t row_top) {
   check_qkv(kAttnOp, q, k, &v);
   check_scalars(kAttnOp, q, n_query, scale);
-  return blocked_forward(q, k, &v, n_query, scale);
+  TORCH_CHECK_VALUE(row_top >= 0 && row_top <= kMaxRowTop, kAttnOp, ": row_top must be in [0, ", kMaxRowTop,
+                    "], got ", row_top);
+  return blocked_forward(q, k, &v, n_query, scale, row_top);
 }
 
 at::Tensor sink_topk_cpu(const at::Tensor& score, int64_t k, bool largest) {

@@ -86,10 +86,11 @@ TORCH_LIBRARY_FRAGMENT(diffkern, m) {
   // P = softmax_j(s); every op is O(N) in memory (no N_q x N_k matrix).
   //   mass[b,h,j] = (1/n_query) sum_{i<n_query} P[b,h,i,j],   lse[b,h,i] = log sum_j exp(s[b,h,i,j])
   m.def("sink_mass(Tensor q, Tensor k, int n_query, float scale) -> (Tensor mass, Tensor lse)");
-  // The unmasked attention o = P v (accumulation dtype), with lse, mass and the row entropy -sum_j P log P.
+  // The unmasked attention o = P v (accumulation dtype), with lse, mass, the row entropy -sum_j P log P and
+  // top_p [B, H, N_q, row_top]: each row's row_top (0..8) largest P_ij, descending, 0 past N_k.
   m.def(
-      "sink_attention_fwd(Tensor q, Tensor k, Tensor v, int n_query, float scale)"
-      " -> (Tensor o, Tensor lse, Tensor mass, Tensor entropy)");
+      "sink_attention_fwd(Tensor q, Tensor k, Tensor v, int n_query, float scale, int row_top=0)"
+      " -> (Tensor o, Tensor lse, Tensor mass, Tensor entropy, Tensor top_p)");
   // Indices [B, G, k] of the k largest (or smallest) scores of each row of score [B, G, N]; ties -> lower index.
   m.def("sink_topk(Tensor score, int k, bool largest) -> Tensor");
   // Rows i < n_rows with the keys idx [B, G, K] (G in {1, H}) of S changed by g = e^bias, from o and lse.

@@ -2,7 +2,7 @@
 
 A forward-only op does not fit the fwd/bwd workload model of the main harness, so this is its own
 report section (sinks.md and sinks.json in --out):
-  1. CPU: peak extra memory and median time of sink_attention (per-head top-1, C++ backend) against the
+  1. CPU: peak extra memory and median time of sink_attention (per-head top-1, statistics on, C++ backend) against the
      explicit-matrix reference (the authors' way: the whole fp32 probability matrix), at SD3-like
      shapes B=2, H=24, d=64, N_k = N_q + 333. Each point runs in its own child process; peak extra
      memory = the child's peak RSS minus its RSS once the inputs exist. Explicit points whose
@@ -29,16 +29,18 @@ B, H, D, N_TEXT = 2, 24, 64, 333
 EXPLICIT_MAX_BYTES = 6e9
 
 
-def kernel_traffic(N_q, N_k, d, n_query, K, n_rows, itemsize, tiles, sel_block, topk_cfg):
+def kernel_traffic(N_q, N_k, d, n_query, K, n_rows, itemsize, tiles, sel_block, topk_cfg, row_top=0):
     """Per (b, h) (top-k: per score row), the bytes each kernel loads and stores, as the kernels issue
-    them (active lanes; re-reads across programs counted each time), and their tl.dot FLOPs."""
+    them (active lanes; re-reads across programs counted each time), and their tl.dot FLOPs; row_top: the
+    probabilities per row the forward keeps (5 with the statistics)."""
     bm, bn = tiles
     t_q, t_k, t_r = triton.cdiv(N_q, bm), triton.cdiv(N_k, bn), triton.cdiv(n_rows, bm)
     block, k_pad = topk_cfg
     chunks = triton.cdiv(N_k, block - k_pad)
     k_sel = triton.cdiv(K, sel_block) * sel_block
     return {
-        "attn_fwd_kernel": dict(loaded=(N_q + 2 * t_q * N_k) * d * itemsize, stored=N_q * d * 4 + 2 * N_q * 4,
+        "attn_fwd_kernel": dict(loaded=(N_q + 2 * t_q * N_k) * d * itemsize,
+                                stored=N_q * d * 4 + (2 + row_top) * N_q * 4,
                                 flops=4 * N_q * N_k * d),
         "col_mass_kernel": dict(loaded=N_k * d * itemsize + t_k * n_query * (d * itemsize + 4), stored=N_k * 4,
                                 flops=2 * n_query * N_k * d),
@@ -69,15 +71,18 @@ def plain_flash(N_q, N_k, d, itemsize, bm):
 
 def modeled_rows(sizes, K=1):
     """K selected keys per (b, h): k_sink per head, or k_sink * H shared (head-union; its top-k then has
-    B rows, not B * H: counted as B * H here, an overcount of a few KB)."""
+    B rows, not B * H: counted as B * H here, an overcount of a few KB); with the statistics (the forward
+    stores each row's top-5)."""
     import torch
 
     from ..sinks import triton_kernels as tk
+    from ..sinks.op import STATS_ROW_TOP
     rows = []
     for n in sizes:
         N_k = n + N_TEXT
         tiles = tk.tiles(D, torch.bfloat16)[:2]
-        per = kernel_traffic(n + N_TEXT, N_k, D, n, K, n, 2, tiles, tk.SEL_BLOCK, tk.topk_config(K, N_k)[:2])
+        per = kernel_traffic(n + N_TEXT, N_k, D, n, K, n, 2, tiles, tk.SEL_BLOCK, tk.topk_config(K, N_k)[:2],
+                             STATS_ROW_TOP)
         # every kernel runs once per (b, h): the per-head top-k has B * H score rows too
         ours = {k: sum(v[k] for v in per.values()) * B * H for k in ("loaded", "stored", "flops")}
         plain = {k: v * B * H for k, v in plain_flash(n + N_TEXT, N_k, D, 2, tiles[0]).items()}
@@ -114,7 +119,7 @@ def _child(kind: str, n_img: int, repeats: int) -> dict:
 
     def fused():
         with torch.no_grad(), diffkern.backend("cpu"):
-            return diffkern.sink_attention(q, k, v, k_sink=1, n_query=n_img)
+            return diffkern.sink_attention(q, k, v, k_sink=1, n_query=n_img, return_stats=True)
     fn = explicit if kind == "explicit" else fused
     base = _rss_bytes()
     times = []
@@ -145,7 +150,7 @@ def cpu_rows(sizes, repeats: int, log=print):
 
 
 def markdown(cpu, modeled) -> str:
-    out = ["## Attention sinks (sink_attention, per-head top-1, forward only)", "",
+    out = ["## Attention sinks (sink_attention, per-head top-1, statistics on, forward only)", "",
            f"### CPU (fp32, B={B}, H={H}, d={D}, N_k = N_q + {N_TEXT}; own child process per point)", "",
            "| N_q | candidate | median ms | peak extra MB |", "|---|---|---|---|"]
     for r in cpu:

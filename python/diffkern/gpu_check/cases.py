@@ -306,6 +306,10 @@ def _sinks(tiny: bool) -> list[OpCase]:
         cases.append(OpCase("sink_attention", shape, "sink_attention_fwd", make,
                             lambda q, k, v, n=n_img: diffkern.sink_attention(q, k, v, k_sink=1, n_query=n),
                             fan_in, real=real))
+        # the fused forward's five outputs with each row's top-5 probabilities (the statistics' pass)
+        cases.append(OpCase("sink_attention", f"{shape} row_top=5", "sink_attention_fwd", make,
+                            lambda q, k, v, n=n_img: torch.ops.diffkern.sink_attention_fwd(
+                                q, k, v, n, q.shape[-1] ** -0.5, 5), fan_in, real=real))
     return cases
 
 

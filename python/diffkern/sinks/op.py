@@ -17,10 +17,14 @@ triton_kernels = _lazy.module(__package__ + ".triton_kernels")  # imports triton
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MASS_OP, ATTN_OP = "sink_mass", "sink_attention"
-MODES = ("per_head", "head_union", "random", "bottom", "measure")
+MODES = ("per_head", "head_union", "random", "bottom", "anti_sink", "measure")
 ROW_SCOPES = ("image", "all")
 INTERVENTIONS = ("mask", "scale", "value")
 DEFAULT_BIAS = -1e4  # the paper's mask
+# Most probabilities per row sink_attention_fwd returns (top_p); csrc/cpu/sinks.cpp kMaxRowTop. The statistics
+# take each row's 5 largest (the paper's top_k_conc).
+MAX_ROW_TOP = 8
+STATS_ROW_TOP = 5
 
 
 def _fail(op, msg):
@@ -69,9 +73,11 @@ def check_mass(q, k, n_query, scale) -> None:
     _check_scalars(MASS_OP, q, n_query, scale)
 
 
-def check_fwd(q, k, v, n_query, scale) -> None:
+def check_fwd(q, k, v, n_query, scale, row_top=0) -> None:
     _check_qkv(ATTN_OP, q, k, v)
     _check_scalars(ATTN_OP, q, n_query, scale)
+    if not 0 <= row_top <= MAX_ROW_TOP:
+        _fail(ATTN_OP, f"row_top must be in [0, {MAX_ROW_TOP}], got {row_top}")
 
 
 def check_topk(score, k, largest) -> None:
@@ -170,11 +176,12 @@ def _mass_fake(q, k, n_query, scale):
 
 
 @_registry.register_fake("diffkern::sink_attention_fwd")
-def _fwd_fake(q, k, v, n_query, scale):
-    check_fwd(q, k, v, n_query, scale)
+def _fwd_fake(q, k, v, n_query, scale, row_top=0):
+    check_fwd(q, k, v, n_query, scale, row_top)
     acc = _dtypes.acc(q.dtype)
     return (q.new_empty(q.shape, dtype=acc), q.new_empty(q.shape[:3], dtype=acc),
-            q.new_empty(k.shape[:3], dtype=acc), q.new_empty(q.shape[:3], dtype=acc))
+            q.new_empty(k.shape[:3], dtype=acc), q.new_empty(q.shape[:3], dtype=acc),
+            q.new_empty((*q.shape[:3], row_top), dtype=acc))
 
 
 @_registry.register_fake("diffkern::sink_topk")
@@ -246,8 +253,9 @@ def _random_keys(B, n_keys, K, seed, call_index, device):
     return torch.topk((word << 31) | j, K, dim=-1, largest=False).indices[:, None, :]
 
 
-def _select(mass, mode, k_sink, seed, call_index):
-    """(idx [B, G, K], the score each chosen key was chosen by [B, G, K]) for a suppressing mode."""
+def _select(mass, row_max, mode, k_sink, seed, call_index):
+    """(idx [B, G, K], the chosen keys' m (per head) or mbar [B, G, K]) for a suppressing mode; row_max
+    [B, H, n_query]: each image row's largest probability (read by anti_sink only)."""
     B, H, N_k = mass.shape
     if mode == "per_head":
         score = mass
@@ -257,6 +265,9 @@ def _select(mass, mode, k_sink, seed, call_index):
         K = min(k_sink * H, N_k)
         if mode == "random":
             idx = _random_keys(B, N_k, K, seed, call_index, mass.device)
+        elif mode == "anti_sink":  # image token i is key i
+            r = row_max.mean(1, keepdim=True)
+            idx = _ops.ops.sink_topk(r, min(k_sink * H, r.shape[-1]), True)
         else:
             idx = _ops.ops.sink_topk(score, K, mode == "head_union")
     return idx, torch.gather(score, -1, idx)
@@ -306,6 +317,9 @@ def sink_attention(q, k, v, k_sink: int = 1, mode: str = "per_head", row_scope: 
       per_head    top-k_sink keys of m[b, h, :] per (b, h);
       head_union  top k_sink*H keys of mbar[b, :] = mean_h m[b, h, :] per sample, shared by all heads;
       bottom      the k_sink*H keys of lowest mbar; random: k_sink*H keys drawn per (seed, call_index, b);
+      anti_sink   the control: per sample, the k_sink*H image tokens i < n_query of largest
+                  r[b, i] = mean_h max_j P[b, h, i, j], suppressed as keys (keys are ordered [image, text]:
+                  image token i is key i); needs N_k >= n_query;
       measure     nothing suppressed: the unmasked output, bit-identical to the op with k_sink = 0.
     The intervention changes rows i < n_query (row_scope "image") or all rows ("all"), P = softmax_j(s_ij):
       mask   (default, the paper's) softmax_j(s_ij + bias [j in S]) v: S's logits biased, the row
@@ -344,46 +358,67 @@ def sink_attention(q, k, v, k_sink: int = 1, mode: str = "per_head", row_scope: 
         out [B, H, N_q, d] in q's dtype, or (out, stats) with return_stats. stats (tensors): indices
         [B, G, K] (G = H per head, 1 otherwise; None in measure mode), index_mass (their m or mbar),
         max_mass (mean over b, h of max_j m), index0_mass (mean m[:, :, 0]), row_entropy (mean over image
-        rows of -sum P log P, unmasked), top5_concentration (mean over b, h of the 5 largest m summed),
-        top_sink_mass_after (the mean over b, h and image rows of the first selected key's probability
-        after suppression, in the suppressed rows: for "value" its unchanged probability; None in measure
-        mode).
+        rows of -sum P log P, unmasked), top5_mass (mean over b, h of the 5 largest m summed), top_k_conc
+        (the paper's: mean over b, h and image rows i of the sum of row i's 5 largest P_ij, 0 past N_k),
+        max_act (mean over b, h of max over image rows i and keys j of P_ij), sink_at_index0 /
+        sink_in_image / sink_in_text (the fractions of (b, h) whose top-1 key j* = argmax_j m[b, h, j],
+        ties to the lower index, is 0 / in 1..n_query-1 / >= n_query, a text key), top_sink_mass_after
+        (the mean over b, h and image rows of the first selected key's probability after suppression, in the
+        suppressed rows: for "value" its unchanged probability; None in measure mode). All unmasked but
+        top_sink_mass_after, 0-dim, in the accumulation dtype. The per-row top-5 comes from the fused forward (row_top = 5, O(N_q) memory),
+        requested only with return_stats.
     No backward (forward-only; inputs requiring grad raise under grad mode). Memory O(N): never N_q x N_k.
     Backends: C++/ATen blocked (CPU tensors), Triton (CUDA tensors), reference; see `diffkern.backend`.
     Bad input: TypeError (not a tensor, a float n_query, seed or call_index, a bias or alpha not a number) or
         ValueError (shape, dtype, device, stride, head_dim 0, an unknown mode, row_scope or intervention,
         k_sink not an int >= 0, bias > 0, alpha negative or not finite, bias or alpha given to an intervention
-        that does not read it, random mode without a seed), naming the argument.
+        that does not read it, random mode without a seed, anti_sink with N_k < n_query), naming the argument.
     NaN/inf policy: propagated like the reference: a NaN/inf in q, k or v of a (b, h) makes the affected
         rows' outputs (and with q or k, that (b, h)'s masses, hence the selection) NaN; values are not checked.
     """
     n, sc = _public(ATTN_OP, q, k, v, n_query, scale)
     _check_mode(mode, row_scope, k_sink, bias, seed)
     change, renormalize = _intervention(intervention, alpha, bias)
+    if mode == "anti_sink" and k.dim() == 4 and k.shape[2] < n:
+        _fail(ATTN_OP, f"mode 'anti_sink' suppresses image tokens as keys (keys ordered [image, text]) and needs "
+                       f"N_k >= n_query, got N_k = {k.shape[2]}, n_query = {n}")
     _forward_only(ATTN_OP, q, k, v)
+    # each row's top-5 probabilities for the statistics; anti_sink needs only each row's largest
+    row_top = STATS_ROW_TOP if return_stats else int(mode == "anti_sink")
     with _nvtx.range("diffkern.sink_attention"):
-        o, lse, mass, entropy = _ops.ops.sink_attention_fwd(q, k, v, n, sc)
+        o, lse, mass, entropy, top_p = _ops.ops.sink_attention_fwd(q, k, v, n, sc, row_top)
         idx = post = chosen = None
-        if mode == "measure" or k_sink == 0 or q.shape[0] == 0:
+        if mode == "measure" or k_sink == 0 or q.shape[0] == 0 or (mode == "anti_sink" and n == 0):
             out = o.to(q.dtype)
         else:
             call = call_index if isinstance(call_index, torch.Tensor) else \
                 0 if call_index is None else _checks.integer(ATTN_OP, "call_index", call_index)
-            idx, chosen = _select(mass, mode, k_sink, seed, call)
+            idx, chosen = _select(mass, top_p[:, :, :n, 0] if row_top else None, mode, k_sink, seed, call)
             n_rows = n if row_scope == "image" else q.shape[2]
             out, post = _ops.ops.sink_suppress(q, k, v, o, lse, idx, n_rows, sc, change, renormalize)
         if not return_stats:
             return out
-        return out, _stats(mass, entropy, n, idx, chosen, post)
+        return out, _stats(mass, entropy, top_p, n, idx, chosen, post)
 
 
-def _stats(mass, entropy, n_query, idx, chosen, post) -> dict:
+def _stats(mass, entropy, top_p, n_query, idx, chosen, post) -> dict:
+    """sink_attention's statistics (its docstring); top_p [B, H, N_q, 5] each row's 5 largest probabilities."""
+    image_top = top_p[:, :, :n_query]
+    sink = mass.argmax(-1)  # the first of equal maxima
+
+    def fraction(where):
+        return where.to(mass.dtype).mean()
     return {
         "indices": idx,
         "index_mass": chosen,
         "max_mass": mass.amax(-1).mean(),
         "index0_mass": mass[..., 0].mean(),
         "row_entropy": entropy[:, :, :n_query].mean(),
-        "top5_concentration": mass.topk(min(5, mass.shape[-1]), -1).values.sum(-1).mean(),
+        "top5_mass": mass.topk(min(5, mass.shape[-1]), -1).values.sum(-1).mean(),
+        "top_k_conc": image_top.sum(-1).mean(),
+        "max_act": image_top[..., 0].amax(-1).mean() if n_query else mass.new_tensor(math.nan),
+        "sink_at_index0": fraction(sink == 0),
+        "sink_in_image": fraction((sink > 0) & (sink < n_query)),
+        "sink_in_text": fraction(sink >= n_query),
         "top_sink_mass_after": None if post is None else post[:, :, :n_query].mean(),
     }

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from .op import sink_attention
 
-_SCALAR_STATS = ("max_mass", "index0_mass", "row_entropy", "top5_concentration", "top_sink_mass_after")
+_SCALAR_STATS = ("max_mass", "index0_mass", "row_entropy", "top5_mass", "top_k_conc", "max_act", "sink_at_index0",
+                 "sink_in_image", "sink_in_text", "top_sink_mass_after")
 
 
 _RECORDERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()

@@ -68,17 +68,26 @@ def sink_mass(q, k, n_query, scale):
     return p[:, :, :n_query].sum(2) / n_query, lse
 
 
-def attention_fwd(q, k, v, n_query, scale):
-    """Reference backend of diffkern::sink_attention_fwd: (o, lse, mass, entropy), all in the accumulation dtype.
+def row_top_p(p, row_top):
+    """[..., row_top]: the row_top largest entries of each row of p, descending (ties count separately), 0 past
+    p's last dim."""
+    r = min(row_top, p.shape[-1])
+    return torch.nn.functional.pad(p.topk(r, -1).values, (0, row_top - r))
 
-    o = P v (unmasked), entropy_i = -sum_j P_ij log P_ij = lse_i - sum_j P_ij s_ij.
+
+def attention_fwd(q, k, v, n_query, scale, row_top=0):
+    """Reference backend of diffkern::sink_attention_fwd: (o, lse, mass, entropy, top_p), all in the
+    accumulation dtype.
+
+    o = P v (unmasked), entropy_i = -sum_j P_ij log P_ij = lse_i - sum_j P_ij s_ij, top_p [B, H, N_q, row_top]
+    each row's row_top largest P_ij (row_top_p).
     """
     s = logits(q, k, scale)
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - lse[..., None])
     o = torch.matmul(p, v.to(s.dtype))
     entropy = lse - (p * s).sum(-1)
-    return o, lse, p[:, :, :n_query].sum(2) / n_query, entropy
+    return o, lse, p[:, :, :n_query].sum(2) / n_query, entropy, row_top_p(p, row_top)
 
 
 def sink_topk(score, k, largest):

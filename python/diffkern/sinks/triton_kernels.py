@@ -1,7 +1,9 @@
 """Triton kernels for attention sinks (specs/sinks.md) and their launchers. Nothing here forms N_q x N_k.
 
   attn_fwd_kernel   flash forward, one program per (BLOCK_M queries, b, h): online softmax over key tiles;
-                    writes lse (and, with V, the fp32 unmasked output o and the row entropy).
+                    writes lse (and, with V, the fp32 unmasked output o and the row entropy; with ROW_TOP
+                    = r > 0, each row's r largest probabilities: a running top-r of the logits merged per
+                    key tile, r max-and-count reductions over the tile; r = 1 is the running max).
                     Reads q once and k (and v) once per query tile; 4 N_q N_k d FLOPs with V, 2 without.
   col_mass_kernel   column pass, one program per (BLOCK_N keys, b, h): walks the image query tiles and
                     sums exp(s - lse) down each key's column (flash backward's dK loop structure, no V).
@@ -84,10 +86,31 @@ def _load_cols(base, cols, n, stride_n, dd, d):
 
 
 @triton.jit
-def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ent_ptr, H, N_q, N_k, d,
+def _merge_top(top, s, R: tl.constexpr, R_PAD: tl.constexpr):
+    """The R largest of each row of the running top [BLOCK_M, R_PAD] (descending in slots < R, -inf in the
+    rest) and the tile s [BLOCK_M, BLOCK_N], descending, ties counted separately: R steps, each taking the
+    largest value below the last one taken and filling as many slots as it occurs (reductions only: no
+    modified copy of the tile is held)."""
+    slots = tl.arange(0, R_PAD)[None, :]
+    new = tl.full(top.shape, float("-inf"), tl.float32)
+    prev = tl.full([top.shape[0]], float("inf"), tl.float32)
+    filled = tl.zeros([top.shape[0]], tl.int32)
+    for _ in tl.static_range(R):
+        mx = tl.maximum(tl.max(tl.where(s < prev[:, None], s, float("-inf")), 1),
+                        tl.max(tl.where(top < prev[:, None], top, float("-inf")), 1))
+        count = tl.sum((s == mx[:, None]).to(tl.int32), 1) + tl.sum((top == mx[:, None]).to(tl.int32), 1)
+        new = tl.where((slots >= filled[:, None]) & (slots < (filled + count)[:, None]) & (slots < R), mx[:, None], new)
+        filled += count
+        prev = mx
+    return new
+
+
+@triton.jit
+def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ent_ptr, top_ptr, H, N_q, N_k, d,
                     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, scale,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    HAS_V: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+                    HAS_V: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                    ROW_TOP: tl.constexpr, R_PAD: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -99,6 +122,7 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ent_ptr, H, N_q, N_k, d
     l = tl.zeros([BLOCK_M], tl.float32)
     t = tl.zeros([BLOCK_M], tl.float32)  # sum_j e^{s_ij - m_i} s_ij, for the entropy
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    top = tl.full([BLOCK_M, R_PAD], float("-inf"), tl.float32)  # the running top-ROW_TOP logits (ROW_TOP > 1)
     for n0 in range(0, N_k, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = (cols < N_k)[None, :]
@@ -112,6 +136,8 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ent_ptr, H, N_q, N_k, d
             v = _load_rows(v_ptr + b * sv_b + h * sv_h, cols, N_k, sv_n, dd, d)
             acc = acc * alpha[:, None] + _dot(p, v, DOT_F32, PRECISION)
             t = t * alpha + tl.sum(p * tl.where(col_ok, s, 0.0), 1)
+        if ROW_TOP > 1:
+            top = _merge_top(top, s, ROW_TOP, R_PAD)
         m = m_new
     lse = m + tl.log(l)
     row_ok = rows < N_q
@@ -120,6 +146,12 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ent_ptr, H, N_q, N_k, d
         o_offs = (bh * N_q + rows[:, None]) * d + dd[None, :]
         tl.store(o_ptr + o_offs, acc / l[:, None], mask=row_ok[:, None] & (dd < d)[None, :])
         tl.store(ent_ptr + bh * N_q + rows, lse - t / l, mask=row_ok)
+    if ROW_TOP > 0:
+        slots = tl.arange(0, R_PAD)
+        if ROW_TOP == 1:
+            top = tl.where(slots[None, :] == 0, m[:, None], top)
+        top_offs = (bh * N_q + rows[:, None]) * ROW_TOP + slots[None, :]
+        tl.store(top_ptr + top_offs, tl.exp(top - lse[:, None]), mask=row_ok[:, None] & (slots < ROW_TOP)[None, :])
 
 
 @triton.jit
@@ -282,7 +314,7 @@ def _bh_strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _fwd(q, k, v, n_query, scale):
+def _fwd(q, k, v, n_query, scale, row_top=0):
     B, H, N_q, d = q.shape
     N_k = k.shape[2]
     dev = q.device
@@ -290,32 +322,35 @@ def _fwd(q, k, v, n_query, scale):
     mass = _triton.empty((B, H, N_k), torch.float32, dev)
     o = _triton.empty((B, H, N_q, d), torch.float32, dev) if v is not None else None
     ent = _triton.empty((B, H, N_q), torch.float32, dev) if v is not None else None
+    top = _triton.empty((B, H, N_q, row_top), torch.float32, dev)
     if B * H * N_q == 0:
-        return o, lse, mass.zero_(), ent
+        return o, lse, mass.zero_(), ent, top
     bd = block_d(d)
     bm, bn, warps = tiles(d, q.dtype)
     meta = dict(BLOCK_D=bd, DOT_F32=_dot_f32(q.dtype), PRECISION=_precision(), num_warps=warps,
                 maxnreg=_triton.register_budget(warps))
     vv = v if v is not None else k
     attn_fwd_kernel[(triton.cdiv(N_q, bm), B * H)](
-        q, k, vv, o if o is not None else lse, lse, ent if ent is not None else lse, H, N_q, N_k, d,
-        *_bh_strides(q), *_bh_strides(k), *_bh_strides(vv), scale,
-        BLOCK_M=bm, BLOCK_N=bn, HAS_V=v is not None, **meta)
+        q, k, vv, o if o is not None else lse, lse, ent if ent is not None else lse, top if row_top else lse, H, N_q,
+        N_k, d, *_bh_strides(q), *_bh_strides(k), *_bh_strides(vv), scale,
+        BLOCK_M=bm, BLOCK_N=bn, HAS_V=v is not None, ROW_TOP=row_top, R_PAD=triton.next_power_of_2(max(row_top, 1)),
+        **meta)
     col_mass_kernel[(triton.cdiv(N_k, bn), B * H)](
         q, k, lse, mass, H, N_q, N_k, n_query, d, *_bh_strides(q), *_bh_strides(k), scale, 1.0 / max(n_query, 1),
         BLOCK_M=bm, BLOCK_N=bn, **meta)
-    return o, lse, mass, ent
+    return o, lse, mass, ent, top
 
 
 def sink_mass(q, k, n_query, scale):
     """Launches attn_fwd_kernel (lse only) and col_mass_kernel: (mass [B, H, N_k], lse [B, H, N_q]) fp32."""
-    _, lse, mass, _ = _fwd(q, k, None, n_query, scale)
+    _, lse, mass, _, _ = _fwd(q, k, None, n_query, scale)
     return mass, lse
 
 
-def attention_fwd(q, k, v, n_query, scale):
-    """Launches attn_fwd_kernel (with V) and col_mass_kernel: (o, lse, mass, entropy), fp32."""
-    return _fwd(q, k, v, n_query, scale)
+def attention_fwd(q, k, v, n_query, scale, row_top=0):
+    """Launches attn_fwd_kernel (with V, and the top-row_top probabilities) and col_mass_kernel: (o, lse, mass,
+    entropy, top_p), fp32."""
+    return _fwd(q, k, v, n_query, scale, row_top)
 
 
 def topk_config(k: int, n: int) -> tuple[int, int, int]:
@@ -378,7 +413,8 @@ def sink_suppress(q, k, v, o, lse, idx, n_rows, scale, bias, renormalize=True):
 
 
 def aot_specs() -> list[KernelSpec]:
-    """The launch configurations of head_dim 64 and 128 per dtype, and the top-k kernel for K up to MAX_TOPK."""
+    """The launch configurations of head_dim 64 and 128 per dtype (the forward without and with the statistics'
+    row_top = 5), and the top-k kernel for K up to MAX_TOPK."""
     specs = []
     strides = {f"s{x}_{y}": "i64" for x in ("q", "k", "v") for y in ("b", "h", "n")}
     dims = {"H": "i32", "N_q": "i32", "N_k": "i32", "d": "i32"}
@@ -393,9 +429,11 @@ def aot_specs() -> list[KernelSpec]:
                       "post_ptr": "*fp32", **dims, "n_rows": "i32", **strides, "si_b": "i64", "si_h": "i64",
                       "sb_b": "i64", "sb_h": "i64", "scale": "fp32"},
                      dict(zip(("BLOCK_M", "BLOCK_N"), recompute_tiles(d, dtype))))
+        fwd = {**qkv, "o_ptr": "*fp32", "lse_ptr": "*fp32", "ent_ptr": "*fp32", "top_ptr": "*fp32", **dims, **strides,
+               "scale": "fp32"}
         for kernel, signature, constexprs in (
-                (attn_fwd_kernel, {**qkv, "o_ptr": "*fp32", "lse_ptr": "*fp32", "ent_ptr": "*fp32", **dims, **strides,
-                                   "scale": "fp32"}, {"BLOCK_M": bm, "BLOCK_N": bn, "HAS_V": True}),
+                *((attn_fwd_kernel, fwd, {"BLOCK_M": bm, "BLOCK_N": bn, "HAS_V": True, "ROW_TOP": r,
+                                          "R_PAD": triton.next_power_of_2(max(r, 1))}) for r in (5, 0)),
                 (col_mass_kernel, {"q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "lse_ptr": "*fp32", "mass_ptr": "*fp32",
                                    **dims, "n_query": "i32", **{s: "i64" for s in list(strides)[:6]},
                                    "scale": "fp32", "inv_n_query": "fp32"}, {"BLOCK_M": bm, "BLOCK_N": bn}),
