@@ -23,6 +23,7 @@ import torch
 
 from .. import _optional
 from ..sinks.causal import CONTROLS, KS, run_causal_test
+from ..sinks.op import INTERVENTIONS
 
 PROMPTS = ("a red cube on a wooden table", "a cat asleep in the snow", "two birds over a grey sea",
            "an old clock tower at night")
@@ -82,6 +83,11 @@ def _interval(iv) -> str:
     return f"{iv.mean:.3g} [{iv.lo:.3g}, {iv.hi:.3g}]"
 
 
+def _intervention(settings) -> str:
+    kind = settings.get("intervention", "mask")
+    return f"mask (logit bias {settings.get('bias', -1e4):g})" if kind == "mask" else f"{kind}, alpha {settings['alpha']:g}"
+
+
 def report(result, title: str, statement: str | None) -> str:
     """The Markdown report of a CausalResult: settings, deviation and ΔΔ tables with their intervals, the
     unsuppressed run's sink statistics and where the suppressed keys sit."""
@@ -99,7 +105,8 @@ def report(result, title: str, statement: str | None) -> str:
             f"Budgets: {s['sink_mode']} and the controls suppress k x heads keys per sample; per_head, the "
             f"paper's main mode, k keys per head. pixel_mse: the mean squared difference of the [0, 1] RGB images "
             f"from the unsuppressed one's (same prompt, seed and noise). Intervals: {level} paired bootstrap over the "
-            f"(prompt, seed) pairs ({s['n_boot']} resamples, seed {s['bootstrap_seed']}). {result.seconds:.0f} s.", ""]
+            f"(prompt, seed) pairs ({s['n_boot']} resamples, seed {s['bootstrap_seed']}). Intervention: "
+            f"{_intervention(s['processor_settings'])}. {result.seconds:.0f} s.", ""]
     for metric, by_mode in result.deviation.items():
         out += [f"## Deviation from the unsuppressed image: {metric} (mean [{level} interval])", "",
                 "| mode " + head, rule]
@@ -181,6 +188,9 @@ def main(argv=None):
     p.add_argument("--size", type=int, help=f"image height and width (tiny default {TINY['size']})")
     p.add_argument("--guidance", type=float, default=7.0)
     p.add_argument("--row-scope", default="image", choices=("image", "all"))
+    p.add_argument("--intervention", default="mask", choices=INTERVENTIONS,
+                   help="what suppression does to the selected keys (sink_attention's; mask: the -1e4 logit bias)")
+    p.add_argument("--alpha", type=float, default=0.0, help="the scale / value interventions' factor")
     p.add_argument("--blocks", type=int, default=TINY["blocks"], help="the tiny transformer's blocks")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="of the --model-id pipeline (e.g. bfloat16 on a GPU)")
@@ -203,7 +213,9 @@ def main(argv=None):
     result = run_causal_test(pipe, args.prompts, range(args.seeds), args.layers or defaults["layers"], ks=args.ks,
                              controls=args.controls, num_inference_steps=args.steps or defaults["steps"],
                              guidance_scale=args.guidance, height=size, width=size, row_scope=args.row_scope,
-                             pipe_kwargs=extra, log=None if args.quiet else print)
+                             pipe_kwargs=extra, log=None if args.quiet else print,
+                             processor_settings={} if args.intervention == "mask" else
+                             {"intervention": args.intervention, "alpha": args.alpha})
     text = report(result, title, statement)
     with open(os.path.join(args.out, "sinks_report.md"), "w") as f:
         f.write(text)

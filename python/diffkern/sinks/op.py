@@ -365,8 +365,8 @@ def sink_attention(q, k, v, k_sink: int = 1, mode: str = "per_head", row_scope: 
         ties to the lower index, is 0 / in 1..n_query-1 / >= n_query, a text key), top_sink_mass_after
         (the mean over b, h and image rows of the first selected key's probability after suppression, in the
         suppressed rows: for "value" its unchanged probability; None in measure mode). All unmasked but
-        top_sink_mass_after, 0-dim, in the accumulation dtype. The per-row top-5 comes from the fused forward (row_top = 5, O(N_q) memory),
-        requested only with return_stats.
+        top_sink_mass_after, 0-dim, in the accumulation dtype. The per-row top-5 comes from the fused forward
+        (row_top = 5, O(N_q) memory), requested only with return_stats.
     No backward (forward-only; inputs requiring grad raise under grad mode). Memory O(N): never N_q x N_k.
     Backends: C++/ATen blocked (CPU tensors), Triton (CUDA tensors), reference; see `diffkern.backend`.
     Bad input: TypeError (not a tensor, a float n_query, seed or call_index, a bias or alpha not a number) or

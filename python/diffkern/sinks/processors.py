@@ -210,7 +210,9 @@ def install_sink_processors(model, layers, processor=None, **settings) -> SinkRe
     processor: SinkJointAttnProcessor or SinkAttnProcessor (default: chosen per layer from the stock
         processor's kind; SD3.5's attn2 runs joint attention without a text stream, every query an image
         query). settings: mode, k_sink, row_scope, bias, seed, intervention, alpha (see
-        diffkern.sink_attention). Returns the SinkRecorder all installed processors share.
+        diffkern.sink_attention; mode "anti_sink" suppresses image tokens as keys, so it refuses, at the
+        first call, a cross-attention whose keys are the text alone). Returns the SinkRecorder all installed
+        processors share.
     """
     recorder = settings.pop("recorder", None) or SinkRecorder()
     current = model.attn_processors
