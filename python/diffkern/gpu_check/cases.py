@@ -310,6 +310,12 @@ def _sinks(tiny: bool) -> list[OpCase]:
         cases.append(OpCase("sink_attention", f"{shape} row_top=5", "sink_attention_fwd", make,
                             lambda q, k, v, n=n_img: torch.ops.diffkern.sink_attention_fwd(
                                 q, k, v, n, q.shape[-1] ** -0.5, 5), fan_in, real=real))
+        # the control and the ablations' interventions (value path, amplification), each through the fused path
+        for label, kw in (("anti_sink", dict(mode="anti_sink")), ("value", dict(intervention="value")),
+                          ("scale alpha=3", dict(mode="head_union", intervention="scale", alpha=3.0))):
+            cases.append(OpCase("sink_attention", f"{shape} {label}", "sink_attention_fwd", make,
+                                lambda q, k, v, n=n_img, kw=kw: diffkern.sink_attention(q, k, v, k_sink=1, n_query=n,
+                                                                                       **kw), fan_in, real=real))
     return cases
 
 
