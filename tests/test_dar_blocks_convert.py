@@ -141,10 +141,14 @@ def test_residual_form_of_the_converted_weights_is_the_source(source):
 
 @pytest.mark.parametrize("chunk_size,query", [(4, "timestep"), (2, "static"), (None, "dynamic")])
 def test_converted_dar_model_runs_forward_and_backward(source, chunk_size, query):
-    dar = to_dar(source, chunk_size=chunk_size, query=query)
-    x, t, y = inputs()
+    assert_dar_trains(to_dar(source, chunk_size=chunk_size, query=query), *inputs(), (2, 2 * CH, SIZE, SIZE))
+
+
+def assert_dar_trains(dar, x, t, y, out_shape) -> None:
+    """A converted DAR model's forward is finite with the expected shape, and its backward reaches every
+    parameter finitely, the router's with a nonzero gradient."""
     out = dar(x, t, y)
-    assert out.shape == (2, 2 * CH, SIZE, SIZE) and torch.isfinite(out).all()
+    assert out.shape == out_shape and torch.isfinite(out).all()
     out.square().mean().backward()
     grads = {n: p.grad for n, p in dar.named_parameters() if p.requires_grad}
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values())

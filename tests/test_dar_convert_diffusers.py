@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from diffkern.dar.convert import to_dar
 from diffkern.testing.numerics import assert_close_to_oracle, oracle_with_spread
+from test_dar_blocks_convert import assert_dar_trains
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -98,13 +99,7 @@ def test_each_sublayer_computes_what_the_diffusers_sublayer_computes():
 @pytest.mark.parametrize("chunk_size,query", [(2, "timestep"), (None, "dynamic")])
 def test_converted_dar_model_runs_forward_and_backward(chunk_size, query):
     dar = to_dar(diffusers_dit(), chunk_size=chunk_size, query=query).train()
-    x, t, y = inputs()
-    out = dar(x, t, y)
-    assert out.shape == (2, 2 * CH, SIZE, SIZE) and torch.isfinite(out).all()
-    out.square().mean().backward()
-    grads = {n: p.grad for n, p in dar.named_parameters() if p.requires_grad}
-    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
-    assert any(g.abs().sum() > 0 for n, g in grads.items() if n.startswith("router."))
+    assert_dar_trains(dar, *inputs(), (2, 2 * CH, SIZE, SIZE))
 
 
 def test_a_block_whose_embedder_differs_is_refused_by_name():
