@@ -17,13 +17,13 @@ import argparse
 import dataclasses
 import json
 import os
-import string
 
 import torch
 
 from .. import _optional
 from ..sinks.causal import CONTROLS, KS, run_causal_test
 from ..sinks.op import INTERVENTIONS
+from ..testing.tiny_pipelines import tiny_sd3_pipeline as tiny_pipeline
 
 PROMPTS = ("a red cube on a wooden table", "a cat asleep in the snow", "two birds over a grey sea",
            "an old clock tower at night")
@@ -35,48 +35,6 @@ STATEMENT = ("This run uses a tiny random-weight SD3 pipeline: it shows the mach
              "step, the equal-budget controls, the statistics, the paired intervals), not the paper's conclusions. "
              "Those need the real SD3 checkpoint (`--model-id`) and perceptual / text-alignment scorers (LPIPS, "
              "CLIP-T: `run_causal_test(..., scorers=..., distances=...)`).")
-
-
-def tiny_pipeline(blocks: int = 6, heads: int = 2, head_dim: int = 32, clip_tokens: int = 32, seed: int = 0):
-    """A random-weight StableDiffusion3Pipeline from diffusers' and transformers' own classes: an
-    SD3Transformer2DModel of `blocks` joint blocks, a 2-level AutoencoderKL (vae_scale_factor 2), two tiny
-    CLIPTextModelWithProjection encoders with character-level CLIP tokenizers (`clip_tokens` tokens each;
-    the vocabulary is written here: lower-case letters, digits and punctuation) and no T5 (SD3 then feeds
-    zeros in its place). Seeded; nothing is downloaded."""
-    diffusers = _optional.require("diffusers", "diffusers")
-    transformers = _optional.require("transformers", "diffusers")
-    chars = string.ascii_lowercase + string.digits + string.punctuation
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for token in [c for c in chars] + [c + "</w>" for c in chars]:  # a character, inside or at the end of a word
-        vocab[token] = len(vocab)
-
-    def tokenizer():
-        return transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=clip_tokens)
-
-    def text_encoder(s):
-        torch.manual_seed(s)
-        config = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                             num_hidden_layers=2, num_attention_heads=2,
-                                             max_position_embeddings=clip_tokens, projection_dim=16,
-                                             bos_token_id=0, eos_token_id=1, pad_token_id=1)
-        return transformers.CLIPTextModelWithProjection(config).eval()
-
-    torch.manual_seed(seed)
-    transformer = diffusers.SD3Transformer2DModel(
-        sample_size=32, patch_size=2, in_channels=4, num_layers=blocks, attention_head_dim=head_dim,
-        num_attention_heads=heads, joint_attention_dim=64, caption_projection_dim=heads * head_dim,
-        pooled_projection_dim=32, out_channels=4, pos_embed_max_size=32, qk_norm="rms_norm").eval()
-    torch.manual_seed(seed + 1)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
-                                  down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-                                  shift_factor=0.0609, scaling_factor=1.5035).eval()
-    pipe = diffusers.StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-        text_encoder=text_encoder(seed + 2), tokenizer=tokenizer(), text_encoder_2=text_encoder(seed + 3),
-        tokenizer_2=tokenizer(), text_encoder_3=None, tokenizer_3=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _interval(iv) -> str:
