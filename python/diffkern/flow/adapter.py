@@ -57,7 +57,9 @@ class FlowAdapter:
                   num_frames: int | None = None, mu: float | None = None) -> "FlowAdapter":
         """The adapter of a StableDiffusion3Pipeline, FluxPipeline or WanPipeline (dispatch on pipe.transformer),
         for the sizes and step count a pipe(...) call would take (height / width default to the pipeline's:
-        SD3 and FLUX default_sample_size x vae_scale_factor, Wan 480 x 832 and 81 frames)."""
+        SD3 and FLUX default_sample_size x vae_scale_factor, Wan 480 x 832 and 81 frames). mu: the dynamic-shift
+        mu instead of the one computed from the image size (SD3's pipe(mu=...)). Wan2.2's two-expert and
+        expanded-timestep pipelines are refused."""
         if getattr(pipe, "transformer", None) is None or getattr(pipe, "scheduler", None) is None:
             raise ValueError(f"pipe must be a diffusers pipeline with a transformer and a scheduler, got "
                              f"{type(pipe).__name__}")
