@@ -19,9 +19,12 @@ from diffkern.testing import numerics
 
 from test_sinks_processors import sd3
 
-WORLD, PROMPTS, GROUP = 2, 2, 2
+WORLD, PROMPTS, GROUP = 2, 2, 3
 B = PROMPTS * GROUP
-STEPS = (3, 3, 7, 7)  # ITG: one SDE step per prompt
+STEPS = (3, 3, 3, 7, 7, 7)  # ITG: one SDE step per prompt
+# Each rank holds rollouts of both prompts, in unequal shares: its local group means, reward std and TGR mean
+# all differ from the global batch's.
+RANK_ROWS = ((0, 1, 3), (2, 4, 5))
 # The attention projections; not add_q_proj: the last block's text queries feed nothing (context_pre_only), so
 # its LoRA would get no gradient (and DDP would need find_unused_parameters=True).
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -151,7 +154,7 @@ def test_gradient_checkpointing_recomputes_the_velocity_and_gives_the_same_gradi
 
 def test_bad_input_names_the_argument():
     batch = rollout_batch()
-    with pytest.raises(ValueError, match="GRPOStep: sigma must be a \\[4\\] tensor"):
+    with pytest.raises(ValueError, match="GRPOStep: sigma must be a \\[6\\] tensor"):
         GRPOStep(**{**vars(batch), "sigma": batch.sigma[:3]})
     with pytest.raises(ValueError, match="give rewards and prompt_ids, or advantages"):
         GRPOStep(**{**vars(batch), "advantages": torch.zeros(B)})
@@ -168,7 +171,7 @@ def worker(rank, init_file, out_dir, batch):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
-        mine = batch.select(torch.arange(rank, B, WORLD))  # strided: each prompt's rollouts on every rank
+        mine = batch.select(torch.tensor(RANK_ROWS[rank]))
         out = {}
         model = lora_sd3()
         ddp = DistributedDataParallel(model)

@@ -4,7 +4,10 @@ The model is seen through a velocity callable, `velocity(x, sigma, cond) -> v` (
 x_sigma = (1 - sigma) x0 + sigma noise, v = noise - x0, classifier-free guidance applied inside), so the same
 step trains a plain module, a peft LoRA model, or one wrapped in DistributedDataParallel or FSDP2's
 `fully_shard`: the wrapper's gradient averaging over ranks gives the global batch's gradient when every rank
-holds the same number of samples, and FlashGRPOLoss makes the advantages and the TGR mean global.
+holds the same number of samples, and FlashGRPOLoss makes the advantages and the TGR mean global. Under DDP
+the velocity calls the DistributedDataParallel wrapper (its forward arms the gradient hooks); every trainable
+parameter must get a gradient, or DDP needs find_unused_parameters=True (in SD3's last block, context_pre_only,
+a LoRA on attn.add_q_proj gets none). Under FSDP2 it calls the fully_shard-ed module itself.
 """
 from __future__ import annotations
 
