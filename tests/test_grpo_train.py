@@ -13,7 +13,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from diffkern.grpo import GRPOStep, flow_sde_step, flow_sigmas, grpo_train_step
+from diffkern.grpo import GRPOStep, VelocityModule, flow_sde_step, flow_sigmas, grpo_train_step
 from diffkern.nn import FlashGRPOLoss
 from diffkern.testing import numerics
 
@@ -174,8 +174,8 @@ def worker(rank, init_file, out_dir, batch):
         mine = batch.select(torch.tensor(RANK_ROWS[rank]))
         out = {}
         model = lora_sd3()
-        ddp = DistributedDataParallel(model)
-        out["ddp"] = sgd_step(model, sd3_velocity(ddp), mine, reference_velocity(model))
+        ddp = DistributedDataParallel(VelocityModule(sd3_velocity(model), model))
+        out["ddp"] = sgd_step(model, ddp, mine, reference_velocity(model))
         model = lora_sd3()
         for block in model.transformer_blocks:
             fully_shard(block)

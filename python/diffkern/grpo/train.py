@@ -4,10 +4,12 @@ The model is seen through a velocity callable, `velocity(x, sigma, cond) -> v` (
 x_sigma = (1 - sigma) x0 + sigma noise, v = noise - x0, classifier-free guidance applied inside), so the same
 step trains a plain module, a peft LoRA model, or one wrapped in DistributedDataParallel or FSDP2's
 `fully_shard`: the wrapper's gradient averaging over ranks gives the global batch's gradient when every rank
-holds the same number of samples, and FlashGRPOLoss makes the advantages and the TGR mean global. Under DDP
-the velocity calls the DistributedDataParallel wrapper (its forward arms the gradient hooks); every trainable
-parameter must get a gradient, or DDP needs find_unused_parameters=True (in SD3's last block, context_pre_only,
-a LoRA on attn.add_q_proj gets none). Under FSDP2 it calls the fully_shard-ed module itself.
+holds the same number of samples, and FlashGRPOLoss makes the advantages and the TGR mean global.
+FSDP2 shards the module in place: `fully_shard(transformer)` (after its blocks), and the same velocity trains it.
+DDP must see the forward (it arms the gradient all-reduce there): train
+`DistributedDataParallel(VelocityModule(velocity, transformer))` as the velocity. Every trainable parameter must
+get a gradient under DDP, or it needs find_unused_parameters=True (in SD3's last block, context_pre_only, a LoRA
+on attn.add_q_proj gets none).
 """
 from __future__ import annotations
 
@@ -75,6 +77,19 @@ class GRPOStep:
         pick = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in pick.items()}
         pick["cond"] = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in self.cond.items()}
         return GRPOStep(**pick)
+
+
+class VelocityModule(torch.nn.Module):
+    """A velocity callable as a module that owns `model` (the transformer it calls), so that a wrapper which
+    needs a module's forward takes it: DistributedDataParallel(VelocityModule(adapter.velocity, transformer)).
+    forward(x, sigma, cond) = velocity(x, sigma, cond)."""
+
+    def __init__(self, velocity: Velocity, model: torch.nn.Module):
+        super().__init__()
+        self.velocity, self.model = velocity, model
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+        return self.velocity(x, sigma, cond)
 
 
 def _describe(t) -> str:
