@@ -30,8 +30,8 @@ class GRPOStep:
 
     x: [B, ...] the latents x_k before the SDE step, in the transformer's own layout (SD3 [B, C, H, W],
         FLUX packed [B, N, 64], Wan [B, C, F, H, W]); any float dtype (the loss runs in y's dtype).
-    y: [B, ...] x's shape: flow_sde_step's residual target x_{k+1} - a x_k (its second output), float32
-        recommended (the paper computes log p in fp32).
+    y: [B, ...] x's shape: flow_sde_step's residual target x_{k+1} - a x_k (its second output, in the dtype the
+        step ran in; run it in float32: the paper computes log p in fp32, and the loss casts v to y's dtype).
     sigma, sigma_next: [B] float32/float64, sigma_k and sigma_{k+1} of each sample's step (t == sigma).
     log_prob_old: [B] float32, flow_sde_step's log_prob of y under the rollout policy.
     cond: the conditioning the velocity takes, a dict of batch-first [B, ...] tensors (what the adapter's
@@ -72,7 +72,7 @@ class GRPOStep:
             raise ValueError("GRPOStep: give rewards and prompt_ids, or advantages (not both)")
 
     def select(self, rows) -> GRPOStep:
-        """The samples `rows` (an index, slice or index tensor into the batch): one rank's share, or a micro-batch."""
+        """The samples `rows` (a slice or a 1-d index tensor into the batch): one rank's share, or a micro-batch."""
         pick = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         pick = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in pick.items()}
         pick["cond"] = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in self.cond.items()}
