@@ -25,7 +25,7 @@ import time
 import torch
 
 from .. import _optional
-from ..grpo import IsoTimestepSampler, flow_sde_step, flow_sigmas
+from ..grpo import GRPOStep, IsoTimestepSampler, flow_sde_step, flow_sigmas, grpo_train_step
 from ..nn import FlashGRPOLoss
 
 CLASSES, RING, BLOB_STD = 8, 3.0, 0.3
@@ -124,10 +124,9 @@ def grpo(base: Velocity, variant: str, updates: int, prompts: int, group: int, l
         x0, (x_k, y, log_prob_old, sigma, sigma_next) = rollout(model, prompt, k, x_init, g)
         r = reward(x0, prompt)
         curve.append(r.mean().item())
-        v = model(x_k, sigma, prompt)
-        loss, _ = loss_fn(v, sigma, sigma_next, log_prob_old, r, ids, y=y)
+        step = GRPOStep(x_k, y, sigma, sigma_next, log_prob_old, {"class": prompt}, prompt_ids=ids, rewards=r)
         opt.zero_grad()
-        loss.backward()
+        grpo_train_step(lambda x, s, cond: model(x, s, cond["class"]), step, loss_fn)
         opt.step()
     return curve, model
 
