@@ -20,6 +20,7 @@ from ..grpo.reference import flow_sigmas
 
 DEFAULT_STEPS = 25
 REWARD_ON = ("latents", "pixels")
+ADAPTER_ATTRS = ("sigmas", "velocity", "decode", "transformer", "vae")  # the FlowAdapter attributes FlowModel uses
 
 
 class VelocityModel:
@@ -59,7 +60,7 @@ class FlowModel:
     """
 
     def __init__(self, adapter, reward_on: str = "latents", checkpoint: bool = False):
-        if not all(hasattr(adapter, a) for a in ("sigmas", "velocity", "decode", "transformer")):
+        if not all(hasattr(adapter, a) for a in ADAPTER_ATTRS):
             raise TypeError(f"FlowModel: adapter must be a diffkern.flow.FlowAdapter, got {type(adapter).__name__}")
         if reward_on not in REWARD_ON:
             raise ValueError(f"FlowModel: reward_on must be one of {REWARD_ON}, got {reward_on!r}")
@@ -102,7 +103,7 @@ def as_model(model, steps, who: str):
     if callable(model):
         return VelocityModel(model, DEFAULT_STEPS if steps is None else steps)
     if not isinstance(model, FlowModel):
-        if not hasattr(model, "sigmas") or not hasattr(model, "velocity"):
+        if not all(hasattr(model, a) for a in ADAPTER_ATTRS):
             raise TypeError(f"{who}: model must be a velocity callable, a diffkern.flow.FlowAdapter or a FlowModel, "
                             f"got {type(model).__name__}")
         model = FlowModel(model)
