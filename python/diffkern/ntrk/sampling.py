@@ -11,6 +11,11 @@ and differs only in what it does to that step:
   SVDDSampler   K candidate noises, keep the one whose x0_hat(x') scores best  1 + K NFE per step
   best_of_n     N independent runs of any sampler, keep the best final reward   N x its NFE
 NFE counts velocity evaluations per trajectory (a VJP is reported apart, as `grads`).
+
+The model is a velocity callable velocity(x, t, **cond) on the samplers' own schedule (flow_sigmas, shift 1),
+or a diffusers pipeline through diffkern.flow.FlowAdapter (its schedule, velocity with its guidance, a reward
+on latents or decoded pixels, gradient checkpointing): see diffkern.ntrk.models. The rule std_t = c t is
+finite at every sigma of a pipeline's schedule, the first one (sigma = 1 for SD3 and FLUX) included.
 """
 from __future__ import annotations
 
@@ -20,8 +25,9 @@ from typing import Callable
 import torch
 
 from .. import _checks
-from ..grpo.reference import flow_sigmas, step_coefficients
+from ..grpo.reference import step_coefficients
 from .api import ntrk_step
+from .models import as_model
 from .whiten import DOMAINS, WHITEN_ALPHA, whiten
 
 
@@ -40,32 +46,39 @@ def _per_sample(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class BaseSampler:
-    """The pretrained model's own stochastic sampler: `steps` SDE steps from t = 0.999 to 0.
+    """The pretrained model's own stochastic sampler: `steps` SDE steps down the model's schedule.
 
-    velocity(x, t, **cond) -> v (t: [B]); reward(x0) -> [B], differentiable (used by the guided
-    samplers and to score the result). std_coef: c of std_t = c t.
+    model: a velocity callable velocity(x, t, **cond) -> v (t: [B]) stepped from t = 0.999 to 0 in `steps`
+    (default 25) steps; or a diffkern.flow.FlowAdapter (steps None: the pipeline's sigmas, reward on latents)
+    or a diffkern.ntrk.models.FlowModel(adapter, reward_on="pixels", checkpoint=True) for a reward on
+    decoded images / checkpointed VJPs. reward(x0) -> [B], differentiable (used by the guided samplers
+    and to score the result; None: the base sampler and NTRK at rho = 0 need none). std_coef: c of std_t = c t.
     """
 
-    def __init__(self, velocity: Callable, reward: Callable, steps: int = 25, std_coef: float = 0.7,
+    def __init__(self, model, reward: Callable | None, steps: int | None = None, std_coef: float = 0.7,
                  record: bool = False):
-        if _checks.integer(type(self).__name__, "steps", steps) < 1:
-            raise ValueError(f"{type(self).__name__}: steps must be >= 1, got {steps}")
-        self.velocity, self.reward, self.steps, self.std_coef, self.record = velocity, reward, steps, std_coef, record
+        self.model = as_model(model, steps, type(self).__name__)
+        self.reward, self.steps, self.std_coef, self.record = reward, self.model.steps, std_coef, record
 
     def schedule(self, device) -> torch.Tensor:
-        return flow_sigmas(self.steps, shift=1.0, dtype=torch.float32).to(device)
+        return self.model.sigmas(device)
 
     def _v(self, x, t, cond, trace: Trace, batch: int):
         trace.nfe += x.shape[0] / batch
-        return self.velocity(x, t.expand(x.shape[0]), **cond)
+        return self.model.velocity(x, t.expand(x.shape[0]), cond)
+
+    def _score(self, x0):
+        if self.reward is None:
+            raise ValueError(f"{type(self).__name__}: reward is None but this sampler needs one")
+        return self.model.score(self.reward, x0)
 
     def _v_and_grad(self, x, t, cond, trace: Trace, batch: int):
         """v and g = grad_x r(x - t v(x)): one forward and one VJP through the model and the reward."""
         trace.grads += 1
-        with torch.enable_grad():
+        with torch.enable_grad(), self.model.grad_context():
             xg = x.detach().requires_grad_()
             v = self._v(xg, t, cond, trace, batch)
-            (g,) = torch.autograd.grad(self.reward(xg - _per_sample(t.expand(x.shape[0]), x) * v).sum(), xg)
+            (g,) = torch.autograd.grad(self._score(xg - _per_sample(t.expand(x.shape[0]), x) * v).sum(), xg)
         return v.detach(), g
 
     def step(self, x, t, t_next, cond, trace: Trace, generator):
@@ -86,12 +99,14 @@ class BaseSampler:
 
     @torch.no_grad()
     def sample(self, x: torch.Tensor, generator: torch.Generator | None = None, **cond):
-        """Runs the reverse chain from x (the t = 0.999 draw, [B, ...]); returns (x0, Trace)."""
+        """Runs the reverse chain from x (the draw at the schedule's first sigma, [B, ...]: adapter.init_noise
+        for an adapter) with cond (an adapter's encode(...) dict, unpacked); returns (x0, Trace), the trace's
+        reward None when the sampler has no reward."""
         trace = Trace()
         ts = self.schedule(x.device)
         for k in range(self.steps):
             x = self.step(x, ts[k], ts[k + 1], cond, trace, generator)
-        trace.reward = self.reward(x).detach()
+        trace.reward = None if self.reward is None else self._score(x).detach()
         return x, trace
 
 
@@ -100,22 +115,28 @@ class NTRKSampler(BaseSampler):
     gradient in the noise, x' = mu + s (sqrt(rho_t) W(g) + sqrt(1 - rho_t) eps) through diffkern.ntrk_step.
 
     rho: a float in [0, 1] or a function t -> rho_t; whiten_kw: arguments of diffkern.whiten (domains,
-    tile, alpha, passes).
+    tile, alpha, passes). A step with rho_t = 0 skips the VJP (w = 0): it is the base step's mean and sigma
+    with the kernel's Philox noise.
     """
 
-    def __init__(self, velocity, reward, steps: int = 25, std_coef: float = 0.7, rho=0.5, record: bool = False,
-                 **whiten_kw):
-        super().__init__(velocity, reward, steps, std_coef, record)
+    def __init__(self, model, reward, steps: int | None = None, std_coef: float = 0.7, rho=0.5,
+                 record: bool = False, **whiten_kw):
+        super().__init__(model, reward, steps, std_coef, record)
         self.rho = rho if callable(rho) else (lambda t, r=float(rho): r)
         self.whiten_kw = {"domains": DOMAINS, "alpha": WHITEN_ALPHA, **whiten_kw}
 
     def step(self, x, t, t_next, cond, trace, generator):
         c = self._coef(t, t_next, x)
-        v, g = self._v_and_grad(x, t, cond, trace, x.shape[0])
+        rho = float(self.rho(float(t)))
+        if rho == 0:
+            v = self._v(x, t, cond, trace, x.shape[0])
+            w = torch.zeros_like(v)
+        else:
+            v, g = self._v_and_grad(x, t, cond, trace, x.shape[0])
+            w = whiten(g, **self.whiten_kw)
         mu = c.a * x + c.b * v
-        w = whiten(g, **self.whiten_kw)
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
-        x_next = ntrk_step(mu.contiguous(), c.noise_scale, w.contiguous(), float(self.rho(float(t))), seed=seed)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=x.device).item())
+        x_next = ntrk_step(mu.contiguous(), c.noise_scale, w.contiguous(), rho, seed=seed)
         return self._record(x_next, mu, c.noise_scale, trace)
 
 
@@ -123,9 +144,9 @@ class DPSSampler(BaseSampler):
     """Mean-shift guidance (DPS-style): x' = mu + scale s^2 g + s eps, the Gaussian step tilted by
     exp(scale * linearised reward); the injected perturbation is eps + scale s g, no longer N(0, I)."""
 
-    def __init__(self, velocity, reward, steps: int = 25, std_coef: float = 0.7, scale: float = 1.0,
+    def __init__(self, model, reward, steps: int | None = None, std_coef: float = 0.7, scale: float = 1.0,
                  record: bool = False):
-        super().__init__(velocity, reward, steps, std_coef, record)
+        super().__init__(model, reward, steps, std_coef, record)
         self.scale = scale
 
     def step(self, x, t, t_next, cond, trace, generator):
@@ -138,10 +159,12 @@ class DPSSampler(BaseSampler):
 
 class SVDDSampler(BaseSampler):
     """SVDD-style search: per step, K candidate noises; each candidate x' is scored by r(x0_hat(x'))
-    (one more velocity evaluation per candidate) and the best is kept."""
+    (one more velocity evaluation per candidate) and the best is kept. The reward scores the K B candidates
+    at once, candidate j of sample b in row j B + b (cond repeated so)."""
 
-    def __init__(self, velocity, reward, steps: int = 25, std_coef: float = 0.7, k: int = 4, record: bool = False):
-        super().__init__(velocity, reward, steps, std_coef, record)
+    def __init__(self, model, reward, steps: int | None = None, std_coef: float = 0.7, k: int = 4,
+                 record: bool = False):
+        super().__init__(model, reward, steps, std_coef, record)
         if _checks.integer("SVDDSampler", "k", k) < 1:
             raise ValueError(f"SVDDSampler: k must be >= 1, got {k}")
         self.k = k
@@ -158,14 +181,15 @@ class SVDDSampler(BaseSampler):
             x0 = cand - t_next * self._v(cand, t_next, rep, trace, B)
         else:
             x0 = cand
-        best = self.reward(x0).reshape(self.k, B).argmax(0)
+        best = self._score(x0).reshape(self.k, B).argmax(0)
         x_next = cand.reshape(self.k, B, *x.shape[1:])[best, torch.arange(B, device=x.device)]
         return self._record(x_next, mu, c.noise_scale, trace)
 
 
 def best_of_n(sampler: BaseSampler, x_init: Callable[[], torch.Tensor], n: int,
               generator: torch.Generator | None = None, **cond):
-    """n independent runs of `sampler` from fresh starts x_init(); per sample keeps the best final reward.
+    """n independent runs of `sampler` from fresh starts x_init() (for an adapter: lambda:
+    adapter.init_noise(B, generator)); per sample keeps the best final reward.
 
     Returns (x0, Trace) with n times the NFE and VJPs of one run."""
     if _checks.integer("best_of_n", "n", n) < 1:
