@@ -2,6 +2,7 @@
 from .distributed import IsoTimestepSampler, advantages
 from .op import flow_sde_step, grpo_iso_loss
 from .reference import flow_sigmas, grpo_iso_loss_reference
+from .train import GRPOStep, grpo_train_step
 
-__all__ = ["IsoTimestepSampler", "advantages", "flow_sde_step", "flow_sigmas", "grpo_iso_loss",
-           "grpo_iso_loss_reference"]
+__all__ = ["GRPOStep", "IsoTimestepSampler", "advantages", "flow_sde_step", "flow_sigmas", "grpo_iso_loss",
+           "grpo_iso_loss_reference", "grpo_train_step"]
