@@ -127,7 +127,8 @@ def flow_grpo_first_step(x, v, eps, sigmas):
     """Flow-GRPO's SD3 step (sd3_sde_with_logprob) at the schedule's first sigma (1), written out from its
     public formulas in the dtype of the arguments (float64: the oracle): std = a sqrt(sigma / (1 - sigma_max)),
     sigma_max = the schedule's second sigma (Flow-GRPO's replacement of sigma == 1), a = 0.7. Returns
-    (x_next, log_prob, 1/lambda); lambda is the spec's TGR factor sqrt(Dt) / std + std sqrt(Dt) (1 - sigma) / (2 sigma)."""
+    (x_next, log_prob, 1/lambda); lambda is the spec's TGR factor
+    sqrt(Dt) / std + std sqrt(Dt) (1 - sigma) / (2 sigma)."""
     sigma, sigma_prev, sigma_max = sigmas[0], sigmas[1], sigmas[1]
     assert sigma.item() == 1.0
     dt = sigma_prev - sigma
