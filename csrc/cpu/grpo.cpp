@@ -55,12 +55,11 @@ double element(const at::Tensor& t, int64_t i) {
   return t.scalar_type() == at::kDouble ? t.const_data_ptr<double>()[at] : t.const_data_ptr<float>()[at];
 }
 
-void check_steps(const char* op, const at::Tensor& sigma, const at::Tensor& sigma_next, int64_t std_rule) {
+void check_steps(const char* op, const at::Tensor& sigma, const at::Tensor& sigma_next) {
   for (int64_t i = 0; i < sigma.numel(); ++i) {
     const double s = element(sigma, i), sn = element(sigma_next, i);
-    TORCH_CHECK_VALUE(valid_step(s, sn, static_cast<int>(std_rule)), op,
-                      ": sigma and sigma_next must satisfy 0 <= sigma_next < sigma <= 1 (sigma < 1 for std_rule "
-                      "sd3), got sigma[", i, "] = ", s, ", sigma_next[", i, "] = ", sn);
+    TORCH_CHECK_VALUE(valid_step(s, sn), op, ": sigma and sigma_next must satisfy 0 <= sigma_next < sigma <= 1, got "
+                      "sigma[", i, "] = ", s, ", sigma_next[", i, "] = ", sn);
   }
 }
 
@@ -72,7 +71,7 @@ Geometry check_latents(const char* op, NamedTensor lead, std::initializer_list<N
   check_per_sample(op, {"sigma_next", &sigma_next}, lead);
   TORCH_CHECK_VALUE(std_rule == kWan || std_rule == kSD3, op, ": std_rule must be 0 (wan) or 1 (sd3), got ", std_rule);
   TORCH_CHECK_VALUE(std::isfinite(std_coef) && std_coef > 0, op, ": std_coef must be finite and > 0, got ", std_coef);
-  check_steps(op, sigma, sigma_next, std_rule);
+  check_steps(op, sigma, sigma_next);
   return {B, D, (D + kChunk - 1) / kChunk};
 }
 

@@ -19,10 +19,21 @@ struct StepCoef {
   T a, b, noise_scale, inv_2var, log_norm, inv_lambda;
 };
 
+// The step's std: c sigma ("wan") or Flow-GRPO's SD3 form c sqrt(sigma / (1 - s)) ("sd3"), where s = sigma,
+// except at sigma == 1 (the first sigma of diffusers' schedules), where Flow-GRPO puts the schedule's second
+// sigma (scheduler.sigmas[1]) in the denominator: that is this first step's sigma_next, so s = sigma_next.
+// Every other factor of the step is finite at sigma = 1 (they divide by sigma, not by 1 - sigma) and at
+// sigma_next = 0 (Dt = sigma > 0).
+template <typename T>
+DIFFKERN_HD inline T step_std(T sigma, T sigma_next, int std_rule, T std_coef) {
+  return std_rule == kWan ? std_coef * sigma
+                          : std_coef * sqrt(sigma / (T(1) - (sigma == T(1) ? sigma_next : sigma)));
+}
+
 template <typename T>
 DIFFKERN_HD inline StepCoef<T> step_coefficients(T sigma, T sigma_next, int std_rule, T std_coef) {
   const T dt = sigma_next - sigma, Dt = -dt;
-  const T std = std_rule == kWan ? std_coef * sigma : std_coef * sqrt(sigma / (T(1) - sigma));
+  const T std = step_std(sigma, sigma_next, std_rule, std_coef);
   const T s2 = std * std, sqrt_Dt = sqrt(Dt);
   const T half_log_2pi = T(0.91893853320467274178);
   const T lambda = sqrt_Dt / std + std * sqrt_Dt * (T(1) - sigma) / (T(2) * sigma);
@@ -34,11 +45,11 @@ DIFFKERN_HD inline StepCoef<T> step_coefficients(T sigma, T sigma_next, int std_
           T(1) / lambda};
 }
 
-// Whether sigma -> sigma_next is a step the formulas above are defined for: 0 <= sigma_next < sigma <= 1,
-// and sigma < 1 for "sd3" (its std divides by 1 - sigma). NaN is not.
+// Whether sigma -> sigma_next is a step the formulas above are defined for (both rules, "sd3" at sigma = 1
+// included): 0 <= sigma_next < sigma <= 1. NaN is not.
 template <typename T>
-DIFFKERN_HD inline bool valid_step(T sigma, T sigma_next, int std_rule) {
-  return sigma_next >= T(0) && sigma_next < sigma && (std_rule == kWan ? sigma <= T(1) : sigma < T(1));
+DIFFKERN_HD inline bool valid_step(T sigma, T sigma_next) {
+  return sigma_next >= T(0) && sigma_next < sigma && sigma <= T(1);
 }
 
 // x_next - mu of one element from the residual target y = x_next - a x, or from x_next and x: the

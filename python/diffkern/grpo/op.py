@@ -188,7 +188,8 @@ def flow_sde_step(x, v, sigma, sigma_next, eps=None, std_rule: str = "wan", std_
     """One stochastic flow-matching step with its Gaussian log-probability and the TGR factor 1/lambda.
 
     Per sample i (specs/grpo.md), dt = sigma_next - sigma < 0, Dt = -dt, std = c sigma ("wan", c = the
-    Wan schedule's sigma_1 ~ 0.98242 by default) or c sqrt(sigma / (1 - sigma)) ("sd3", c = 0.7):
+    Wan schedule's sigma_1 ~ 0.98242 by default) or Flow-GRPO's SD3 form c sqrt(sigma / (1 - s)) ("sd3",
+    c = 0.7), s = sigma except at sigma == 1, where s = sigma_next:
         mu = a x + b v,  a = 1 + std^2 dt / (2 sigma),  b = (1 + std^2 (1 - sigma) / (2 sigma)) dt
         y = b v + std sqrt(Dt) eps,  x_next = a x + y  (= mu + std sqrt(Dt) eps)
         log_prob = mean_e[-(y - b v)^2 / (2 std^2 Dt)] - log(std sqrt(Dt)) - log sqrt(2 pi)
@@ -196,6 +197,11 @@ def flow_sde_step(x, v, sigma, sigma_next, eps=None, std_rule: str = "wan", std_
     y = x_next - a x is the residual target: store it for training and pass it to grpo_iso_loss(y=...),
     which then reads 2 latent tensors instead of 3 (x_next - mu = y - b v), and more exactly in a low
     precision dtype (y is O(std sqrt(Dt)) where x_next is O(1)).
+    The "sd3" std divides by 1 - sigma, and sigma = 1 is the first sigma of diffusers' flow-matching
+    schedules (SD3, FLUX, Wan): there Flow-GRPO (sd3_sde_with_logprob) replaces that sigma by the schedule's
+    second one, scheduler.sigmas[1], which at the first step is the step's sigma_next; so every step of a
+    diffusers schedule, the first (sigma = 1) and the last (sigma_next = 0) included, is finite. The rest
+    of the step divides by sigma, never by 1 - sigma.
 
     Args:
         x, v: [B, ...] contiguous latents and (guided) velocity, float16/bfloat16/float32 (float64 on cpu/reference).
@@ -210,8 +216,8 @@ def flow_sde_step(x, v, sigma, sigma_next, eps=None, std_rule: str = "wan", std_
     Backends: C++ (CPU tensors), CUDA C++ or Triton (CUDA tensors; CUDA C++ when built with CUDA), reference;
         see `diffkern.backend`.
     Bad input: TypeError (not a tensor, std_coef not a number) or ValueError (shape, dtype, device, an
-        unknown std_rule), naming the argument. The step must satisfy 0 <= sigma_next < sigma <= 1 (sigma < 1
-        for "sd3"): the CPU kernels, which have the values on the host, raise a ValueError naming sigma and
+        unknown std_rule), naming the argument. The step must satisfy 0 <= sigma_next < sigma <= 1 (either
+        std_rule): the CPU kernels, which have the values on the host, raise a ValueError naming sigma and
         sigma_next; on CUDA tensors they are not read back (no host sync), and a sample with an invalid
         step gets NaN/inf (as with the Python backends forced on CPU tensors).
     NaN/inf policy: propagated like the reference: NaN/inf in a sample's x, v or eps make that sample's

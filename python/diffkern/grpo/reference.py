@@ -1,7 +1,7 @@
 """Flow-GRPO in plain PyTorch: the readable definition, the test oracle (float64) and the "reference" backend.
 
 Per sample, one step sigma -> sigma_next of the flow SDE (specs/grpo.md), dt = sigma_next - sigma < 0, Dt = -dt:
-    std = c sigma (rule "wan") or c sqrt(sigma / (1 - sigma)) (rule "sd3")
+    std = c sigma (rule "wan") or c sqrt(sigma / (1 - s)) (rule "sd3"; s = sigma, or sigma_next at sigma == 1)
     mu  = a x + b v,   a = 1 + std^2 dt / (2 sigma),   b = (1 + std^2 (1 - sigma) / (2 sigma)) dt
     x'  = mu + std sqrt(Dt) eps
     log p = mean over elements of [-(x' - mu)^2 / (2 std^2 Dt)] - log(std sqrt(Dt)) - log sqrt(2 pi)
@@ -49,10 +49,24 @@ class StepCoef(NamedTuple):
     inv_lambda: torch.Tensor
 
 
+def step_std(sigma: torch.Tensor, sigma_next: torch.Tensor, std_rule: int, std_coef: float) -> torch.Tensor:
+    """The step's std [B]: c sigma ("wan"), or Flow-GRPO's SD3 form c sqrt(sigma / (1 - s)) ("sd3").
+
+    s = sigma, except at sigma == 1 (the first sigma of diffusers' flow-matching schedules), where the
+    square root would divide by zero: there Flow-GRPO's sd3_sde_with_logprob puts the schedule's second
+    sigma (scheduler.sigmas[1]) in the denominator, which at that first step is the step's sigma_next; so
+    s = sigma_next, and no argument is added. Every other factor of the step is finite at sigma = 1 and at
+    sigma_next = 0.
+    """
+    if std_rule == STD_RULES["wan"]:
+        return std_coef * sigma
+    return std_coef * torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_next, sigma)))
+
+
 def step_coefficients(sigma: torch.Tensor, sigma_next: torch.Tensor, std_rule: int, std_coef: float) -> StepCoef:
     dt = sigma_next - sigma
     Dt = -dt
-    std = std_coef * sigma if std_rule == STD_RULES["wan"] else std_coef * torch.sqrt(sigma / (1 - sigma))
+    std = step_std(sigma, sigma_next, std_rule, std_coef)
     s2, sqrt_Dt = std * std, torch.sqrt(Dt)
     lam = sqrt_Dt / std + std * sqrt_Dt * (1 - sigma) / (2 * sigma)
     return StepCoef(1 + s2 * dt / (2 * sigma), (1 + s2 * (1 - sigma) / (2 * sigma)) * dt, std * sqrt_Dt,

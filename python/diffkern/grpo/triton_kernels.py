@@ -42,12 +42,13 @@ def _coefficients(sigma_ptr, sigma_next_ptr, i, std_coef, STD_RULE: tl.constexpr
     """Sample i's step scalars (a, b, noise_scale, inv_2var, log_norm, inv_lambda), fp32: the formulas of
     csrc/include/diffkern/grpo_math.h `step_coefficients` (mu = a x + b v)."""
     sigma = tl.load(sigma_ptr + i)
-    dt = tl.load(sigma_next_ptr + i) - sigma
+    sigma_next = tl.load(sigma_next_ptr + i)
+    dt = sigma_next - sigma
     Dt = -dt
     if STD_RULE == 0:
         std = std_coef * sigma
-    else:
-        std = std_coef * tl.sqrt(sigma / (1.0 - sigma))
+    else:  # Flow-GRPO's SD3 form: sigma_next in the denominator at sigma == 1 (grpo_math.h step_std)
+        std = std_coef * tl.sqrt(sigma / (1.0 - tl.where(sigma == 1.0, sigma_next, sigma)))
     s2 = std * std
     sqrt_Dt = tl.sqrt(Dt)
     half_log_2pi = 0.9189385332046727
