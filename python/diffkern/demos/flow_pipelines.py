@@ -30,8 +30,7 @@ import torch
 
 from .. import _optional
 from ..flow import FlowAdapter
-from ..grpo import IsoTimestepSampler, grpo_train_step
-from ..grpo.rollout import rollout
+from ..grpo import IsoTimestepSampler, grpo_train_step, rollout
 from ..nn import FlashGRPOLoss
 from ..sampling import BaseSampler, DPSSampler, FlowModel, NTRKSampler, SVDDSampler, best_of_n
 from ..sinks.bootstrap import bootstrap_ci, paired_difference_ci
@@ -54,19 +53,34 @@ STATEMENT = ("This run uses a tiny random-weight SD3 pipeline and a colour stati
              "real checkpoint and a real reward model.")
 REAL_CHECKPOINT = """\
 ```python
-import torch, diffusers
+import diffusers, peft, torch
 from diffkern.flow import FlowAdapter
+from diffkern.grpo import IsoTimestepSampler, grpo_train_step, rollout
+from diffkern.nn import FlashGRPOLoss
 from diffkern.sampling import FlowModel, NTRKSampler
-pipe = diffusers.StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3-medium-diffusers",
-                                                          torch_dtype=torch.bfloat16).to("cuda")
-adapter = FlowAdapter.from_pipe(pipe, num_inference_steps=28)            # FluxPipeline, WanPipeline alike
-cond = adapter.encode(["a red cube on a table"])                          # the pipeline's encode_prompt + CFG
+
+pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(
+    "stabilityai/stable-diffusion-3-medium-diffusers", torch_dtype=torch.bfloat16).to("cuda")
+adapter = FlowAdapter.from_pipe(pipe, num_inference_steps=28)  # FluxPipeline and WanPipeline alike
+reward = my_reward  # images [B, 3, H, W] in [0, 1] -> [B], differentiable
+
+# NTRK: reward-tilted sampling (the VJP through the transformer and the VAE, checkpointed per block)
+cond = adapter.encode(["a red cube on a table"])  # the pipeline's encode_prompt and its guidance
 sampler = NTRKSampler(FlowModel(adapter, reward_on="pixels", checkpoint=True), reward, rho=0.5)
 x0, trace = sampler.sample(adapter.init_noise(1, torch.Generator().manual_seed(0)), **cond)
-images = adapter.decode(x0)                                               # [B, 3, H, W] in [0, 1]
-# GRPO: pipe.transformer.add_adapter(peft.LoraConfig(r=..., target_modules=[...])), then per update
-#   result = diffkern.grpo.rollout(adapter, prompts, G, IsoTimestepSampler(28), reward, decode=True)
-#   grpo_train_step(adapter.velocity, result.step, FlashGRPOLoss()); optimizer.step()
+images = adapter.decode(x0)
+
+# Flash-GRPO: a LoRA on the transformer, one rollout and one optimizer step per update
+pipe.transformer.requires_grad_(False).add_adapter(
+    peft.LoraConfig(r=16, lora_alpha=16, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+opt = torch.optim.AdamW([p for p in pipe.transformer.parameters() if p.requires_grad], lr=1e-4)
+steps, loss_fn = IsoTimestepSampler(28), FlashGRPOLoss()
+for update in range(100):
+    result = rollout(adapter, ["a red cube on a table", "a cat"], 8, steps, lambda images, _: reward(images),
+                     decode=True)
+    opt.zero_grad()
+    grpo_train_step(adapter.velocity, result.step, loss_fn)
+    opt.step()
 ```"""
 
 
