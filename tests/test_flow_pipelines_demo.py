@@ -30,6 +30,10 @@ def test_demo_smoke_run_writes_report_plot_and_json(tmp_path, capsys):
     for name, (nfe, vjp) in budget.items():
         assert (methods[name]["nfe"], methods[name]["vjp"]) == (nfe, vjp), name
         assert len(methods[name]["vs_base"]["values"]) == units and f"| {name} | {nfe} | {vjp} |" in report
+    for name, runs in (("base", 1), ("ntrk", 1), ("dps", 1), ("svdd", 1), ("best-of-3", 3)):
+        assert methods[name]["gaussian_steps"][1] == runs * demo.SMOKE["seeds"] * K, name
+    for name in ("base", "ntrk"):  # the model's own noise, and NTRK's tilted noise, stay N(0, I) at every step
+        assert methods[name]["gaussian_steps"][0] == methods[name]["gaussian_steps"][1], name
     # best-of-3 keeps the best of runs whose first is the base sampler's own (same noise, same generator)
     assert min(methods["best-of-3"]["vs_base"]["values"]) >= 0
     assert saved["summary"]["dps_sweep"]["chosen"] in demo.DPS_SCALES

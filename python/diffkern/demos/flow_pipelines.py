@@ -9,7 +9,8 @@ the mean over pixels of R - (G + B) / 2 of the decoded [0, 1] image (differentia
    (K velocity evaluations), NTRK and DPS (K evaluations + K VJPs, a VJP costing about 2 evaluations), SVDD with
    2 candidates (3K - 2 evaluations) and best-of-3 of the base sampler (3K): every guided method spends about 3K
    forward-equivalents. NTRK at its default rho; DPS at the best scale of a sweep on a held-out seed. Paired
-   bootstrap intervals of each method's reward minus the base sampler's, over the (seed, prompt) units.
+   bootstrap intervals of each method's reward minus the base sampler's, over the (seed, prompt) units, and per
+   method how many steps' injected noise still looks N(0, I) (diffkern.ntrk.diagnostics.looks_gaussian).
 2. 20 GRPO updates of a LoRA (peft) on the transformer's attention projections: diffkern.grpo.rollout (Euler
    steps but one SDE step per rollout, std_rule "wan"), then grpo_train_step with FlashGRPOLoss and one Adam
    step. Variants from the same LoRA start and seeds: naive (each rollout its own SDE step, no TGR), itg (one
@@ -32,6 +33,7 @@ from .. import _optional
 from ..flow import FlowAdapter
 from ..grpo import IsoTimestepSampler, grpo_train_step, rollout
 from ..nn import FlashGRPOLoss
+from ..ntrk.diagnostics import looks_gaussian
 from ..sampling import BaseSampler, DPSSampler, FlowModel, NTRKSampler, SVDDSampler, best_of_n
 from ..sinks.bootstrap import bootstrap_ci, paired_difference_ci
 from ..testing.tiny_pipelines import tiny_sd3_pipeline
@@ -102,23 +104,25 @@ class PerRolloutSampler(IsoTimestepSampler):
 
 def _methods(model, p, dps_scale: float) -> dict:
     """name -> (sampler, n): the best of n runs of sampler, at the matched budget (module docstring)."""
-    base = BaseSampler(model, redness)
-    return {"base": (base, 1), "ntrk": (NTRKSampler(model, redness, rho=p["rho"]), 1),
-            "dps": (DPSSampler(model, redness, scale=dps_scale), 1), "svdd": (SVDDSampler(model, redness, k=2), 1),
-            "best-of-3": (base, 3)}
+    base = BaseSampler(model, redness, record=True)
+    return {"base": (base, 1), "ntrk": (NTRKSampler(model, redness, rho=p["rho"], record=True), 1),
+            "dps": (DPSSampler(model, redness, scale=dps_scale, record=True), 1),
+            "svdd": (SVDDSampler(model, redness, k=2, record=True), 1), "best-of-3": (base, 3)}
 
 
-def _runs(adapter, sampler, n: int, seeds, cond) -> tuple[list, object]:
-    """(rewards of every (seed, prompt) unit, the last seed's trace): best_of_n(sampler, n) per seed, its first
-    run from that seed's initial noise (the same for every method), further runs from the sampler's generator."""
-    rewards = []
+def _runs(adapter, sampler, n: int, seeds, cond) -> tuple[list, object, list]:
+    """(rewards of every (seed, prompt) unit, the last seed's trace, per recorded step whether its injected noise
+    looks N(0, I)): best_of_n(sampler, n) per seed, its first run from that seed's initial noise (the same for
+    every method), further runs from the sampler's generator."""
+    rewards, gaussian = [], []
     for seed in seeds:
         g = torch.Generator().manual_seed(seed)
         first = [adapter.init_noise(len(PROMPTS), torch.Generator().manual_seed(1000 + seed))]
         _, trace = best_of_n(sampler, lambda: first.pop() if first else adapter.init_noise(len(PROMPTS), g), n, g,
                              **cond)
         rewards += trace.reward.tolist()
-    return rewards, trace
+        gaussian += [looks_gaussian(q) for q in trace.perturbations]
+    return rewards, trace, gaussian
 
 
 def _dps_scale(model, adapter, cond) -> tuple[float, dict]:
@@ -140,8 +144,9 @@ def guidance(pipe, p) -> dict:
     out = {"dps_sweep": {"chosen": scale, "mean_reward": sweep}, "methods": {}}
     for name, (sampler, n) in _methods(model, p, scale).items():
         t0 = time.perf_counter()
-        rewards, trace = _runs(adapter, sampler, n, range(p["seeds"]), cond)
+        rewards, trace, gaussian = _runs(adapter, sampler, n, range(p["seeds"]), cond)
         out["methods"][name] = {"nfe": trace.nfe, "vjp": trace.grads, "rewards": rewards,
+                                "gaussian_steps": [sum(gaussian), len(gaussian)],
                                 "seconds": round(time.perf_counter() - t0, 1)}
     return out
 
@@ -178,7 +183,8 @@ def summarise(part1: dict, curves: dict, p) -> dict:
     """The tables' numbers: per method its mean reward and the paired interval of its difference from base; per
     GRPO variant the mean reward of the first and last updates (a tenth of them, at least 1) over seeds."""
     base = part1["methods"]["base"]["rewards"]
-    methods = {name: {"nfe": m["nfe"], "vjp": m["vjp"], "reward": bootstrap_ci(m["rewards"]).__dict__,
+    methods = {name: {"nfe": m["nfe"], "vjp": m["vjp"], "gaussian_steps": m["gaussian_steps"],
+                      "reward": bootstrap_ci(m["rewards"]).__dict__,
                       "vs_base": paired_difference_ci(m["rewards"], base).__dict__, "seconds": m["seconds"]}
                for name, m in part1["methods"].items()}
     w = max(1, p["updates"] // 10)
@@ -210,11 +216,17 @@ def report(summary: dict, p, seconds: float) -> str:
            f"reward-gradient backward passes. NTRK rho {p['rho']} (its default, not tuned); DPS scale "
            f"{summary['dps_sweep']['chosen']:g}, the best on a held-out seed (scale: its mean reward "
            f"{', '.join(f'{k:g}: {r:.4f}' for k, r in summary['dps_sweep']['mean_reward'].items())}); SVDD 2 "
-           "candidates per step; best-of-3 of the base sampler. Intervals: 95% paired bootstrap over the units.", "",
-           "| method | NFE | VJP | reward [95% CI] | minus base [95% CI] | seconds |", "|---" * 6 + "|"]
+           "candidates per step; best-of-3 of the base sampler. Intervals: 95% paired bootstrap over the units. "
+           "N(0, I) steps: the steps whose injected noise (x' - mu_model) / s passes diffkern.ntrk.diagnostics."
+           "looks_gaussian (moments and KS; the pretrained model's own noise passes), of all steps run. The reward "
+           "alone does not say whether guidance left the model's distribution; this column is the noise-level "
+           "check (no realism scorer exists for a random model).", "",
+           "| method | NFE | VJP | reward [95% CI] | minus base [95% CI] | N(0, I) steps | seconds |",
+           "|---" * 7 + "|"]
     for name, m in summary["methods"].items():
         out.append(f"| {name} | {m['nfe']:g} | {m['vjp']:g} | {_iv(m['reward'])} | "
-                   f"{'-' if name == 'base' else _iv(m['vs_base'])} | {m['seconds']:.1f} |")
+                   f"{'-' if name == 'base' else _iv(m['vs_base'])} | {m['gaussian_steps'][0]} / "
+                   f"{m['gaussian_steps'][1]} | {m['seconds']:.1f} |")
     w = summary["window"]
     out += ["", f"## 2. Flash-GRPO with LoRA: {p['updates']} updates x {p['grpo_seeds']} seeds", "",
             f"Each update: {len(PROMPTS)} prompts x {p['group']} rollouts (one SDE step each, std_rule "
