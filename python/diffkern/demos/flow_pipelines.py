@@ -39,8 +39,8 @@ from ..sinks.bootstrap import bootstrap_ci, paired_difference_ci
 from ..testing.tiny_pipelines import tiny_sd3_pipeline
 
 PROMPTS = ("a red cube", "a cat in snow", "a grey sea", "a clock tower")
-# The grpo kernels' "sd3" rule is being fixed at sigma = 1 in a parallel change; the demo uses "wan" in the rollout
-# and the loss (std_rule="sd3" would go in both places, ROLLOUT_RULE below).
+# The rollout's and the loss's std rule (both must agree): "wan", std = c sigma; "sd3" (Flow-GRPO's SD3 form, finite
+# at sigma = 1) works as well and would go here.
 ROLLOUT_RULE = "wan"
 # Attention projections of the SD3 blocks; not add_q_proj (the last block's text queries feed nothing).
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj", "to_add_out"]
