@@ -38,6 +38,16 @@ def seeded_global_rng():
     np.random.seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one CPU thread for the test, the previous count restored after it (the tiny diffusers pipelines
+    run several times faster than on the default count, and their bit-identity checks do not depend on it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

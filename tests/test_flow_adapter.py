@@ -27,12 +27,7 @@ SCHEDULES = [("sd3", {}), ("sd3", dict(use_dynamic_shifting=True, base_shift=0.5
              ("flux", dict(use_dynamic_shifting=False)), ("wan", {}), ("wan", dict(shift_terminal=0.02))]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _adapter(name, steps, dtype=torch.float32, **scheduler_config):

@@ -23,12 +23,7 @@ STEPS = 6
 SD3_SIZES = dict(height=32, width=32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sd3_adapter(dtype=torch.float32):
