@@ -238,3 +238,19 @@ def test_sd35_bad_layers_raise(bad):
 def test_unet_layers_refuse_block_pairs():
     with pytest.raises(ValueError, match="layers"):
         install_sink_processors(unet(), {(0, "attn1")})
+
+
+@pytest.mark.parametrize("settings,name", [(dict(mode="top"), "mode"), (dict(k_sink=-1), "k_sink"),
+                                           (dict(mode="random"), "seed"), (dict(bias=1.0), "bias"),
+                                           (dict(intervention="soft"), "intervention"),
+                                           (dict(intervention="value", alpha=-1.0), "alpha"),
+                                           (dict(alpha=0.5), "alpha"),
+                                           (dict(intervention="scale", bias=-5.0), "bias")])
+def test_bad_settings_are_refused_at_install(settings, name):
+    """A setting sink_attention would refuse raises when the processors are installed, naming it, and leaves
+    the model's processors as they were."""
+    model = sd3()
+    stock = {k: type(v) for k, v in model.attn_processors.items()}
+    with pytest.raises(ValueError, match=name):
+        install_sink_processors(model, {0}, **settings)
+    assert {k: type(v) for k, v in model.attn_processors.items()} == stock

@@ -22,7 +22,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .op import sink_attention
+from .op import _check_mode, _intervention, sink_attention
 
 _SCALAR_STATS = ("max_mass", "index0_mass", "row_entropy", "top5_mass", "top_k_conc", "max_act", "sink_at_index0",
                  "sink_in_image", "sink_in_text", "top_sink_mass_after")
@@ -98,6 +98,8 @@ class _SinkProcessor:
     def __init__(self, layer: str = "", mode: str = "measure", k_sink: int = 1, row_scope: str = "image",
                  bias: float = -1e4, seed: int | None = None, recorder: SinkRecorder | None = None,
                  intervention: str = "mask", alpha: float = 0.0):
+        _check_mode(mode, row_scope, k_sink, bias, seed)  # refused at install, not at the model's first call
+        _intervention(intervention, alpha, bias)
         self.layer, self.mode, self.k_sink, self.row_scope = layer, mode, k_sink, row_scope
         self.bias, self.seed, self.intervention, self.alpha = bias, seed, intervention, alpha
         self.recorder = recorder if recorder is not None else SinkRecorder()
