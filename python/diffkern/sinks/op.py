@@ -404,14 +404,14 @@ def sink_attention(q, k, v, k_sink: int = 1, mode: str = "per_head", row_scope: 
 def _stats(mass, entropy, top_p, n_query, idx, chosen, post) -> dict:
     """sink_attention's statistics (its docstring); top_p [B, H, N_q, 5] each row's 5 largest probabilities."""
     image_top = top_p[:, :, :n_query]
-    sink = mass.argmax(-1)  # the first of equal maxima
+    max_mass, sink = mass.max(-1)  # one pass: the largest mass and its key, the first of equal maxima
 
     def fraction(where):
         return where.to(mass.dtype).mean()
     return {
         "indices": idx,
         "index_mass": chosen,
-        "max_mass": mass.amax(-1).mean(),
+        "max_mass": max_mass.mean(),
         "index0_mass": mass[..., 0].mean(),
         "row_entropy": entropy[:, :, :n_query].mean(),
         "top5_mass": mass.topk(min(5, mass.shape[-1]), -1).values.sum(-1).mean(),
