@@ -130,7 +130,7 @@ def rollout(adapter, prompts, group_size: int, sampler: IsoTimestepSampler | Non
         generator: draws the initial noise (adapter.init_noise, the pipeline's draw) then each SDE noise.
     Returns: a RolloutResult (shapes and dtypes there); result.step is the GRPOStep for grpo_train_step.
     Bad input: TypeError or ValueError naming the argument (adapter, prompts, group_size, prompt_ids, sampler,
-        std_rule, reward's output); flow_sde_step's own for a step it refuses (std_rule "sd3" at sigma = 1).
+        std_rule, reward's output).
     NaN policy: a NaN velocity makes its sample's latents, y and log_prob_old NaN; other samples are unaffected.
     """
     P, G = _check_args(adapter, prompts, group_size, prompt_ids, std_rule)
@@ -159,11 +159,13 @@ def rollout(adapter, prompts, group_size: int, sampler: IsoTimestepSampler | Non
     k = sampler.sample(ids)
     x_k, y = torch.empty_like(x), torch.empty(x.shape, dtype=torch.float32, device=x.device)
     log_prob = torch.empty(B, dtype=torch.float32, device=x.device)
+    drawn = k.tolist()  # one host read of the draw, not one per step: the rows taking their SDE step at step i
+    rows_at = {i: torch.tensor([b for b, j in enumerate(drawn) if j == i], device=x.device) for i in set(drawn)}
     for i in range(K):
         v = adapter.velocity(x, sigmas[i].expand(B), cond)
         x_next = euler_step(x, v, sigmas[i], sigmas[i + 1])
-        rows = (k == i).nonzero()[:, 0]
-        if rows.numel():
+        rows = rows_at.get(i)
+        if rows is not None:
             xs, vs = x[rows].to(torch.float32), v[rows].to(torch.float32)
             n = rows.shape[0]
             x_sde, y[rows], log_prob[rows], _ = flow_sde_step(
