@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from diffkern.bench import dar, dar_stack, interpreted, report, traffic
+from diffkern.bench import cpu_gap, dar, dar_stack, interpreted, report, traffic
 from diffkern.bench.mode import MODES
 from diffkern.bench.workload import REPORT_MODULES, registered
 
@@ -129,3 +129,16 @@ def test_a_case_the_default_run_leaves_out_is_one_row_saying_so():
     assert rows == [{"case": case.name, "pass": "fwd+bwd", "not_counted": entry["not_counted"]}]
     assert report._errors(rows) == [f"- {case.name}: not counted in this run: {entry['not_counted']}"]
     assert "FULL=1" in entry["not_counted"] and case.name in traffic.note([entry])
+
+
+def test_cpu_gap_section_has_a_judged_line_per_row_case_pass_and_thread_count(quick_run):
+    out, _, _, _ = quick_run
+    lines = json.loads((out / "cpu_gap.json").read_text())["lines"]
+    want = {(r.title, c.name, p, n) for r in cpu_gap.ROWS for c in r.cases(MODES["quick"]) for p in r.passes
+            for n in cpu_gap.THREADS}
+    assert {(x["row"], x["case"], x["pass"], x["threads"]) for x in lines} == want and len(lines) == len(want)
+    for x in lines:
+        assert x["verdict"] in {"met", "not met"} or x["verdict"].startswith("at machine limit (")
+        assert (x["fraction"] is None) == (x["limit"] is None)
+        if x["limit"] is not None:
+            assert x["fraction"] > 0 and math.isfinite(x["fraction"]) and x["limit_rate"] > 0

@@ -12,6 +12,9 @@
   *_model.py       traffic models tested equal to those counts (dar_route, grpo, ntrk), for the default run;
                    dar_model.py is the DiT-S/2 step timing (a report module, like dar_memory, rmdm, sinks)
   overhead.py      per-call overhead of the public ops with and without grad vs a trivial custom op (a report module)
+  machine.py       this machine's limits: STREAM-like bandwidth at a working set, GEMM throughput at given shapes
+  cpu_gap.py       issue 19's table: the CPU rows against eager and torch.compile at 2 and 1 threads, judged on
+                   their bars or the machine's limit (a report module)
   traffic.py       modeled GPU traffic rows: minimum vs diffkern vs eager, modeled H100 time
   resources.py     registers/spills/shared memory of the Triton configs and CUDA kernels, compiled for sm_90a
   gpu.py           real GPU time with triton.testing.do_bench, where CUDA exists

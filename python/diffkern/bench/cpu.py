@@ -26,8 +26,11 @@ def _on_backend(name: str, call):
 
 
 def case_rows(workload: Workload, case, dtype: torch.dtype, warmup: int, rounds: int,
-              min_sample_s: float, log=print) -> list[dict]:
-    """Rows for one case: fwd and fwd+bwd, each with the three candidates' median times and ratios."""
+              min_sample_s: float, log=print, passes=(FWD, STEP), extra=None) -> list[dict]:
+    """Rows for one case: each of `passes` (fwd, fwd+bwd) with the three candidates' median times and ratios.
+
+    extra(pass) -> {name: callable}: more callables timed interleaved with the three in that pass (a
+    yardstick, such as diffkern.bench.machine's); the row gets each one's median as `<name>_ms`."""
     args = workload.make_args(case, dtype, "cpu")
     grad_args = requiring_grad(args)
     torch._dynamo.reset()
@@ -38,15 +41,15 @@ def case_rows(workload: Workload, case, dtype: torch.dtype, warmup: int, rounds:
         max_abs_err = (got.double() - expected.double()).abs().max().item()
     dout = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1)).to(expected.dtype)
     candidates = {"eager": workload.reference, "compile": compiled, "diffkern": workload.diffkern}
-    passes = {FWD: {k: forward_call(fn, args) for k, fn in candidates.items()},
-              STEP: {k: step_call(fn, grad_args, dout) for k, fn in candidates.items()}}
+    calls = {FWD: lambda fn: forward_call(fn, args), STEP: lambda fn: step_call(fn, grad_args, dout)}
+    passes = {p: {k: calls[p](fn) for k, fn in candidates.items()} for p in passes}
     for fns in passes.values():
         fns["diffkern"] = _on_backend("cpu", fns["diffkern"])
     rows = []
     for p, fns in passes.items():
         log(f"{workload.name}: cpu timing {case.name} {p}")
         compile_s = first_call_seconds(fns["compile"])
-        t = time_interleaved(fns, warmup, rounds, min_sample_s)
+        t = time_interleaved({**fns, **(extra(p) if extra else {})}, warmup, rounds, min_sample_s)
         dk = t["diffkern"].median_s
         rows.append({"case": case.name, "pass": p, "dtype": _dtypes.name(dtype),
                      **{f"{k}_ms": v.median_s * 1e3 for k, v in t.items()},

@@ -12,7 +12,6 @@ ratios compare like with like on a busy machine.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 
@@ -76,12 +75,10 @@ def measure(rounds: int = 15, warmup: int = 50, min_sample_s: float = 0.01, thre
     on `threads` threads."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    gc.freeze()  # the timer collects before every sample: leave torch's and triton's objects out of it
     try:
         fns = {(name, grad): fn for grad in (True, False) for name, fn in _calls(grad).items()}
         timings = time_interleaved(fns, warmup, rounds, min_sample_s)
     finally:
-        gc.unfreeze()
         torch.set_num_threads(previous)
     us = {key: t.median_s * 1e6 for key, t in timings.items()}
     yardstick = us[("trivial custom op", True)]

@@ -29,7 +29,8 @@ from ..rmdm.reference import N_PARAMS, param_shapes
 from . import cpu
 from .bars import evaluate
 from .interpreted import interpreter_env
-from .workload import EVERY_RUN, FULL_RUN, FWD, Bar, Case, Workload
+from .machine import Gemm, gemm_flops
+from .workload import BWD, EVERY_RUN, FULL_RUN, FWD, Bar, Case, Workload
 
 HEADS, K, L, EPS = 8, 2, 4, 1e-5
 
@@ -135,6 +136,23 @@ def _min_bytes(case: Case, itemsize: int) -> dict:
     return {FWD: (2 * n_x + n_w) * itemsize, "bwd": (n_x + n_w) * itemsize}
 
 
+def block_gemms(case: Case) -> dict[str, tuple[Gemm, ...]]:
+    """The matrix products of one block evaluation (the op makes K L of them), per pass. fwd: QKV, the scores
+    Q K^T and P V per (sample, head), W_o, the MLP's two; bwd: both products of each of those (every input
+    requires grad: the gradients of x, the weights and, inside the attention, of q, k, v and P)."""
+    p = case.params
+    BT, d, f, dh = p["B"] * p["T"], p["d"], p["f"], p["d"] // p["heads"]
+    heads = p["B"] * p["heads"]
+    fwd = (Gemm(1, BT, 3 * d, d), Gemm(heads, p["T"], p["T"], dh), Gemm(heads, p["T"], dh, p["T"]),
+           Gemm(1, BT, d, d), Gemm(1, BT, f, d), Gemm(1, BT, d, f))
+    return {FWD: fwd, BWD: tuple(b for g in fwd for b in g.backward())}
+
+
+def _flops(case: Case) -> dict:
+    """Every block evaluation's products, K L times."""
+    return {p: case.params["K"] * case.params["L"] * gemm_flops(gs) for p, gs in block_gemms(case).items()}
+
+
 RECURSE = Workload(
     name="recurse",
     title="R-MDM shared-block recursion (recurse), one Sudoku denoising step",
@@ -147,6 +165,7 @@ RECURSE = Workload(
     aot_specs=lambda: [],
     spec_used=lambda spec, case, dtype: False,
     timed_in=lambda case: EVERY_RUN if case.params["B"] == 1 else FULL_RUN,
+    flops=_flops,
     bars=(
         Bar("CPU recursion >= 1.5x faster than eager at B=1", "cpu", "eager_over_diffkern", ">=", 1.5, (FWD,),
             lambda case: case.params["B"] == 1),

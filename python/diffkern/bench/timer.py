@@ -36,21 +36,27 @@ def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int, rounds: 
     A sample repeats its callable until it lasts about `min_sample_s`, so short calls are not lost in
     timer resolution; taking the samples round-robin means a slow spell of the machine lands on every
     candidate rather than on one, which keeps their ratios honest. The garbage collector is off while
-    a sample runs.
+    a sample runs, and collects before it only the objects made since the rounds began.
     """
     calls = {}
     for name, fn in fns.items():
         once = min(_sample(fn, 1) for _ in range(max(1, warmup)))
         calls[name] = max(1, round(min_sample_s / max(once, 1e-9)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            gc.collect()
-            gc.disable()
-            try:
-                samples[name].append(_sample(fn, calls[name]))
-            finally:
-                gc.enable()
+    # The collection before each sample skips every object alive now (torch's, a torch.compile'd graph's: after
+    # a large compile a full collection takes most of a second).
+    gc.freeze()
+    try:
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                gc.collect()
+                gc.disable()
+                try:
+                    samples[name].append(_sample(fn, calls[name]))
+                finally:
+                    gc.enable()
+    finally:
+        gc.unfreeze()
     out = {}
     for name, xs in samples.items():
         q1, _, q3 = statistics.quantiles(xs, n=4) if len(xs) > 1 else (xs[0], None, xs[0])

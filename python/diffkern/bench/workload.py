@@ -18,7 +18,7 @@ WORKLOAD_MODULES = ("dar", "grpo", "ntrk")
 # ops without a Triton backward): diffkern.bench modules with report(quick, out, mode=None) -> Markdown
 # (mode: the harness's diffkern.bench.mode.Mode, for its samples and headline cases; None: the module's
 # own defaults), each writing its own .json/.md to `out`; the harness runs them after the workloads.
-REPORT_MODULES = ("dar_memory", "dar_model", "rmdm", "sinks", "overhead")
+REPORT_MODULES = ("dar_memory", "dar_model", "rmdm", "sinks", "overhead", "cpu_gap")
 
 # The passes every section reports: forward alone, backward alone, and one training step.
 FWD, BWD, STEP = "fwd", "bwd", "fwd+bwd"
@@ -78,6 +78,8 @@ class Workload:
     counted_in(case) -> which runs count the case in the interpreter: EVERY_RUN; FULL_RUN (a count that
         takes minutes: the default run takes `modeled_counts` instead, or leaves the case out when there is
         no model); NO_RUN (beyond the interpreter: the model only).
+    flops(case) -> {"fwd": n, "bwd": n}: the FLOPs of the op's matrix products (2 m n k each; the backward's
+        are the products giving every input's gradient), for a GEMM-bound op; None for the others.
     """
     name: str
     title: str
@@ -95,6 +97,7 @@ class Workload:
     modeled_counts: Callable[[Case, torch.dtype], dict | None] = lambda case, dtype: None
     timed_in: Callable[[Case], str] = lambda case: EVERY_RUN
     counted_in: Callable[[Case], str] = lambda case: EVERY_RUN
+    flops: Callable[[Case], dict] | None = None
 
     def cases(self, quick: bool) -> tuple[Case, ...]:
         return self.quick_cases if quick else self.full_cases

@@ -1,0 +1,148 @@
+"""This machine's limits on the CPU, measured in the run that judges against them: streaming bandwidth and the
+GEMM library's throughput, each at the working set or shapes of the op it judges, at the current thread count.
+
+Bandwidth (STREAM-like, torch ops, float32, one call moves `nbytes`):
+  copy   dst = src                 two arrays of nbytes/2: reads nbytes/2, writes nbytes/2
+  triad  a = b + 3 c               three arrays of nbytes/3: reads 2 nbytes/3, writes nbytes/3
+  read   sum(x)                    one array of nbytes, read (for the ops that mostly read: a store also costs
+                                   a write-allocate read, which no count here includes)
+Bytes count each array element read or written once, as STREAM counts them. The outputs are allocated once
+(an op that returns a fresh tensor larger than glibc's mmap threshold, 32 MB, also faults its pages in on
+every call: no figure here includes that). The working set of one call is `nbytes`, the same as an op whose
+minimal traffic is `nbytes`, so a case that fits in the caches is judged against cache bandwidth, and one
+that does not against memory. torch's copy_ and add(out=) reach what an OpenMP C++ loop compiled with -O3
+-march=native reaches on this machine (checked when this module was written), so the torch ops are the
+yardstick. The limit is the fastest of the three.
+
+GEMM throughput: torch.mm / torch.bmm in float32 (the library torch calls: oneDNN/MKL on x86) on given
+shapes, FLOPs = 2 batch m n k per product, the products run back to back.
+
+The `*_calls` functions return the callables, for a caller that times them interleaved with the op they
+judge (diffkern.bench.cpu_gap does: a slow spell of a shared machine then hits both alike); `bandwidth`
+and `gemm_throughput` time them alone (`python -m diffkern.bench.machine` prints both at a few sizes).
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .timer import time_interleaved
+
+STREAM_KERNELS = ("copy", "triad", "read")
+TRIAD_SCALAR = 3.0
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """`batch` products C[m, n] = A[m, k] @ B[k, n] (batch 1: torch.mm, else torch.bmm)."""
+    batch: int
+    m: int
+    n: int
+    k: int
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.batch * self.m * self.n * self.k
+
+    def backward(self) -> tuple[Gemm, Gemm]:
+        """The two products of its backward when both operands need gradients: dA = dC B^T, dB = A^T dC."""
+        return Gemm(self.batch, self.m, self.k, self.n), Gemm(self.batch, self.k, self.n, self.m)
+
+
+def _randn(shape, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(shape, generator=gen).to(dtype)
+
+
+def stream_calls(nbytes: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, Callable[[], object]]:
+    """{"copy": fn, "triad": fn, "read": fn}: each call moves `nbytes` (rounded down to whole elements per array)
+    between arrays allocated here, outputs included (first-touched before timing)."""
+    if nbytes <= 0:
+        raise ValueError(f"nbytes must be positive, got {nbytes}")
+    gen, item = torch.Generator().manual_seed(seed), torch.finfo(dtype).bits // 8
+    n2, n3 = max(1, nbytes // (2 * item)), max(1, nbytes // (3 * item))
+    src, dst = _randn(n2, gen, dtype), torch.zeros(n2, dtype=dtype)
+    b, c, a = _randn(n3, gen, dtype), _randn(n3, gen, dtype), torch.zeros(n3, dtype=dtype)
+    x, total = _randn(max(1, nbytes // item), gen, dtype), torch.zeros((), dtype=dtype)
+    return {"copy": lambda: dst.copy_(src), "triad": lambda: torch.add(b, c, alpha=TRIAD_SCALAR, out=a),
+            "read": lambda: torch.sum(x, dim=0, out=total)}
+
+
+def stream_bytes(nbytes: int, dtype: torch.dtype = torch.float32) -> dict[str, int]:
+    """The bytes one call of each of stream_calls(nbytes) moves (nbytes, less the rounding to whole elements)."""
+    item = torch.finfo(dtype).bits // 8
+    return {"copy": 2 * item * max(1, nbytes // (2 * item)), "triad": 3 * item * max(1, nbytes // (3 * item)),
+            "read": item * max(1, nbytes // item)}
+
+
+def gemm_call(gemms: Sequence[Gemm], dtype: torch.dtype = torch.float32, seed: int = 0) -> Callable[[], object]:
+    """One callable running every product of `gemms` once, in order, into outputs allocated here."""
+    if not gemms:
+        raise ValueError("gemms must name at least one product")
+    gen = torch.Generator().manual_seed(seed)
+    ops = []
+    for g in gemms:
+        lead = () if g.batch == 1 else (g.batch,)
+        a, b = _randn((*lead, g.m, g.k), gen, dtype), _randn((*lead, g.k, g.n), gen, dtype)
+        out = torch.empty((*lead, g.m, g.n), dtype=dtype)
+        ops.append((torch.mm if g.batch == 1 else torch.bmm, a, b, out))
+
+    def call():
+        for mm, a, b, out in ops:
+            mm(a, b, out=out)
+    return call
+
+
+def gemm_flops(gemms: Sequence[Gemm]) -> int:
+    return sum(g.flops for g in gemms)
+
+
+def _at_threads(threads: int | None, fn):
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def bandwidth(nbytes: int, threads: int | None = None, warmup: int = 2, rounds: int = 5,
+              min_sample_s: float = 0.02) -> dict[str, float]:
+    """Bytes per second of copy, triad and read at working set `nbytes` on `threads` torch threads (None: the
+    current count), median of `rounds` interleaved samples; "best": the fastest of them."""
+    calls, moved = stream_calls(nbytes), stream_bytes(nbytes)
+    t = _at_threads(threads, lambda: time_interleaved(calls, warmup, rounds, min_sample_s))
+    out = {k: moved[k] / t[k].median_s for k in STREAM_KERNELS}
+    return {**out, "best": max(out.values())}
+
+
+def gemm_throughput(gemms: Sequence[Gemm], threads: int | None = None, warmup: int = 2, rounds: int = 5,
+                    min_sample_s: float = 0.02) -> float:
+    """FLOP/s of torch.mm/bmm running `gemms` back to back on `threads` torch threads (None: the current
+    count), median of `rounds` samples."""
+    call = gemm_call(gemms)
+    t = _at_threads(threads, lambda: time_interleaved({"gemm": call}, warmup, rounds, min_sample_s))
+    return gemm_flops(gemms) / t["gemm"].median_s
+
+
+def main(argv=None) -> None:
+    """`python -m diffkern.bench.machine [--threads N ...]`: bandwidth at a few working sets and the GEMM
+    throughput of a square product, printed."""
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    ap.add_argument("--mb", type=float, nargs="+", default=[4, 16, 64, 256])
+    args = ap.parse_args(argv)
+    for threads in args.threads:
+        for mb in args.mb:
+            bw = bandwidth(int(mb * 1e6), threads)
+            rates = ", ".join(f"{k} {bw[k] / 1e9:.1f} GB/s" for k in STREAM_KERNELS)
+            print(f"{threads} thread(s), {mb:g} MB: {rates}")
+        square = Gemm(1, 1024, 1024, 1024)
+        print(f"{threads} thread(s), mm 1024^3: {gemm_throughput([square], threads) / 1e9:.1f} GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Issue 19's report section (diffkern.bench.cpu_gap) and the machine limits it judges by (diffkern.bench.machine):
+the verdict and the limit fraction on constructed numbers, the yardsticks' byte and FLOP accounting, and a sanity
+check of the measurements (positive, finite: no timing thresholds). The section's run itself is in the harness's
+quick run (tests/test_bench.py)."""
+import math
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from diffkern.bench import cpu_gap, machine, rmdm, roofline
+from diffkern.bench.mode import MODES
+from diffkern.bench.workload import FWD, STEP, grad_leaves, requiring_grad
+
+EAGER3, COMPILE1 = cpu_gap.eager_bar(3.0), cpu_gap.compile_bar(1.0)
+
+
+@pytest.mark.parametrize("eager, compiled, fraction, kind, want", [
+    (3.5, 1.2, None, None, "met"),                              # no limit applies: the ratios alone
+    (3.0, 1.0, 0.1, "bandwidth", "met"),                        # bars are inclusive; a low fraction does not matter
+    (2.0, 1.2, None, None, "not met"),                          # no limit to fall back on
+    (2.0, 1.2, 0.85, "bandwidth", "at machine limit (85% of bandwidth)"),
+    (3.5, 0.9, 0.8, "GEMM", "at machine limit (80% of GEMM)"),
+    (3.5, 0.9, 0.79, "GEMM", "not met"),
+])
+def test_verdict_on_constructed_numbers(eager, compiled, fraction, kind, want):
+    values = {"eager_over_diffkern": eager, "compile_over_diffkern": compiled}
+    assert cpu_gap.verdict(values, (EAGER3, COMPILE1), fraction, kind) == want
+
+
+def _cpu_row(p, **ms):
+    return {"pass": p, "eager_ms": ms["eager"], "compile_ms": ms["compile"], "diffkern_ms": ms["diffkern"],
+            "eager_over_diffkern": ms["eager"] / ms["diffkern"],
+            "compile_over_diffkern": ms["compile"] / ms["diffkern"],
+            "compile_first_call_s": 1.0, "timings": {}, **{f"{k}_ms": v for k, v in ms.items()}}
+
+
+def _row(title):
+    return next(r for r in cpu_gap.ROWS if r.title == title)
+
+
+def test_bandwidth_fraction_is_minimal_bytes_over_the_fastest_yardstick():
+    row = _row("NTRK fused step")
+    case = row.workload.full_cases[0]
+    n = case.params["B"] * case.params["N"] * 4
+    works = {"copy": 100.0, "triad": 150.0, "read": 100.0}
+    # triad: 150 B / 1 ms is the fastest yardstick; the step moves fwd 4n + bwd 3n (dmu is dx itself)
+    r = _cpu_row(STEP, eager=10.0, compile=3.0, diffkern=7 * n / 150.0 / 0.9, copy=1.0, triad=1.0, read=2.0)
+    line = cpu_gap.judge(row, case, r, works)
+    assert line["limit"] == "bandwidth" and line["limit_yardstick"] == "triad"
+    assert line["fraction"] == pytest.approx(0.9)
+    assert line["verdict"] == "at machine limit (90% of bandwidth)"
+
+
+def test_gemm_fraction_is_the_ops_flops_over_the_librarys_rate():
+    row = _row("R-MDM training step")
+    case = row.workload.full_cases[0]
+    block = sum(g.flops for p in (FWD, "bwd") for g in rmdm.block_gemms(case)[p])
+    # the library does one block evaluation's products (fwd and bwd) in 1 ms: the step's K L = 8 of them in 8 ms
+    for diffkern_ms, verdict in ((40.0, "not met"), (9.0, "at machine limit (89% of GEMM)")):
+        r = _cpu_row(STEP, eager=10.0, compile=10.0, diffkern=diffkern_ms, gemm=1.0)
+        line = cpu_gap.judge(row, case, r, {"gemm": block})
+        assert line["fraction"] == pytest.approx(8.0 / diffkern_ms)
+        assert line["bars"] == [">= 1.5x eager"] and line["verdict"] == verdict
+
+
+def test_a_row_without_a_limit_is_met_or_not_met():
+    row = _row("DAR whole stack")
+    case = row.workload.full_cases[1]
+    slow = cpu_gap.judge(row, case, _cpu_row(FWD, eager=9.0, compile=3.0, diffkern=3.5), None)
+    fast = cpu_gap.judge(row, case, _cpu_row(FWD, eager=9.0, compile=3.0, diffkern=2.9), None)
+    assert (slow["limit"], slow["fraction"], slow["verdict"]) == (None, None, "not met")
+    assert fast["verdict"] == "met"
+
+
+def test_recurse_flops_are_every_matrix_product_of_the_eager_block_and_its_backward():
+    """Against torch's FLOP counter on the eager block with math attention (whose products are bmm's it counts)."""
+    case = rmdm.RECURSE.quick_cases[0]
+    args = requiring_grad(rmdm._make_args(case, torch.float64, "cpu"))
+    with sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as fwd:
+            out = rmdm.eager_recurse(*args)
+        with FlopCounterMode(display=False) as bwd:
+            torch.autograd.grad(out, grad_leaves(args), torch.ones_like(out))
+    assert rmdm.RECURSE.flops(case) == {FWD: fwd.get_total_flops(), "bwd": bwd.get_total_flops()}
+    assert rmdm.RECURSE.flops(case)[FWD] == roofline.recurse_flops(case.params)[FWD]
+
+
+def test_every_row_has_a_case_in_every_run_and_the_default_run_names_the_rest():
+    for row in cpu_gap.ROWS:
+        assert row.cases(MODES["quick"]) == row.workload.quick_cases
+        assert row.cases(MODES["full"]) == row.workload.full_cases
+        default = row.cases(MODES["default"])
+        assert default and all(c in row.workload.full_cases for c in default)
+    md = cpu_gap.markdown([], {2: 1.0, 1: 1.0}, MODES["default"])
+    assert "full L=56 B=1 T=8 d=1152" in md and "B=64 T=81" in md and md.startswith(f"## {cpu_gap.TITLE}")
+
+
+def test_stream_yardsticks_move_the_bytes_they_count():
+    nbytes = 3000
+    moved = machine.stream_bytes(nbytes)
+    outs = {k: fn() for k, fn in machine.stream_calls(nbytes).items()}
+    assert moved["copy"] == 2 * 4 * outs["copy"].numel() and moved["triad"] == 3 * 4 * outs["triad"].numel()
+    assert moved["read"] == 4 * 750 and outs["read"].numel() == 1
+    assert all(0 < moved[k] <= nbytes for k in machine.STREAM_KERNELS)
+
+
+def test_backward_products_of_a_gemm_are_its_two_gradients():
+    g = machine.Gemm(3, 5, 7, 11)
+    assert g.flops == 2 * 3 * 5 * 7 * 11
+    assert [(b.m, b.n, b.k) for b in g.backward()] == [(5, 11, 7), (11, 7, 5)]
+    assert all(b.flops == g.flops for b in g.backward())
+
+
+def test_measured_limits_are_positive_and_finite():
+    rates = machine.bandwidth(1 << 16, threads=1, warmup=1, rounds=2, min_sample_s=0.001)
+    assert set(rates) == {*machine.STREAM_KERNELS, "best"} and rates["best"] == max(rates.values())
+    flops = machine.gemm_throughput([machine.Gemm(1, 16, 8, 4), machine.Gemm(2, 8, 8, 8)], threads=1, warmup=1,
+                                    rounds=2, min_sample_s=0.001)
+    assert all(v > 0 and math.isfinite(v) for v in [*rates.values(), flops])
+
+
+def test_bad_sizes_are_refused_naming_the_argument():
+    with pytest.raises(ValueError, match="nbytes"):
+        machine.stream_calls(0)
+    with pytest.raises(ValueError, match="gemms"):
+        machine.gemm_call([])
