@@ -228,7 +228,8 @@ def markdown(lines: list[dict], seconds: dict, mode: Mode, rows: Sequence[Row] =
            "(sum) moving the same bytes at the same threads (outputs preallocated: a fresh output over 32 MB also "
            "faults its pages in, which the limit leaves out); GEMM = the op's matrix-product FLOPs / diffkern's time "
            "over torch.mm/bmm running one block evaluation's products at the op's shapes and threads. Verdict: met "
-           f"(every bar), at machine limit (a bar missed, diffkern at >= {LIMIT_FRACTION:.0%} of the limit), not met.", "",
+           f"(every bar), at machine limit (a bar missed, diffkern at >= {LIMIT_FRACTION:.0%} of the limit), not "
+           "met.", "",
            "| row | case | pass | threads | eager ms | torch.compile ms | diffkern ms | eager/diffkern | "
            "compile/diffkern | bars | machine limit | diffkern at | fraction | verdict |",
            "|" + "---|" * 14]
