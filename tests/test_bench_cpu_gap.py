@@ -2,6 +2,7 @@
 the verdict and the limit fraction on constructed numbers, the yardsticks' byte and FLOP accounting, and a sanity
 check of the measurements (positive, finite: no timing thresholds). The section's run itself is in the harness's
 quick run (tests/test_bench.py)."""
+import gc
 import math
 
 import pytest
@@ -126,3 +127,13 @@ def test_bad_sizes_are_refused_naming_the_argument():
         machine.stream_calls(0)
     with pytest.raises(ValueError, match="gemms"):
         machine.gemm_call([])
+
+
+def test_the_timer_leaves_the_garbage_collector_as_it_found_it():
+    """The rounds run with every older object frozen (a collection after a large torch.compile takes most of a
+    second); after them nothing stays frozen and collection is on."""
+    from diffkern.bench.timer import time_interleaved
+    seen = []
+    time_interleaved({"probe": lambda: seen.append(gc.get_freeze_count())}, 1, 2, 0.0)
+    assert seen[0] == 0 and all(n > 0 for n in seen[1:])  # the warmup call runs before the freeze
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
