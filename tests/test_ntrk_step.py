@@ -116,6 +116,44 @@ def test_gradcheck_float64(backend, with_eps):
         assert torch.autograd.gradcheck(step, leaves)
 
 
+def _step_grads(dtype, shape, with_eps, create_graph):
+    """(dw, deps or None) of ntrk_step on CPU for a seeded dx, and the inputs (mu, sigma, w, rho, eps, dx)."""
+    mu, sigma, w, rho, eps = make(shape, dtype)
+    dx = torch.randn(shape, generator=torch.Generator().manual_seed(9)).to(dtype)
+    leaves = [w.requires_grad_()] + ([eps.requires_grad_()] if with_eps else [])
+    x = diffkern.ntrk_step(mu, sigma, w, rho, eps=eps if with_eps else None, seed=5)
+    grads = torch.autograd.grad(x, leaves, dx, create_graph=create_graph)
+    return (*grads, None)[:2], (mu, sigma, w, rho, eps, dx)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_backward_matches_float64_reference(dtype, shape):
+    """A first-order CPU backward runs the fused kernel diffkern::ntrk_step_bwd (dx read once)."""
+    (dw, deps), (mu, sigma, w, rho, eps, dx) = _step_grads(dtype, shape, True, create_graph=False)
+
+    def grads(mu, sigma, w, rho, eps, dx):
+        w, eps = w.detach().requires_grad_(), eps.detach().requires_grad_()
+        return torch.autograd.grad(reference.ntrk_step(mu, sigma, w, rho, eps, None), (w, eps), dx)
+    # one product per element (fan-in 0); sigma and rho only form the per-sample factor
+    oracles, spreads = oracle_with_spread(grads, [mu, sigma, w, rho, eps, dx], [None, None, None, None, None, 0], dtype)
+    plain = grads(mu, sigma, w, rho, eps, dx)
+    for name, got, oracle, p, spread in zip(("dw", "deps"), (dw, deps), oracles, plain, spreads):
+        assert got.dtype == dtype
+        assert_close_to_oracle(got, oracle, p, name, spread)
+
+
+@pytest.mark.parametrize("with_eps", (True, False))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_backward_kernel_equals_the_differentiable_aten_form(dtype, with_eps):
+    """Under create_graph the backward is ATen ops (differentiable again); otherwise the fused kernel. Both round
+    the per-sample factor to dx's dtype and multiply once, so their gradients are equal bit for bit."""
+    fused, _ = _step_grads(dtype, SHAPES[3], with_eps, create_graph=False)
+    aten, _ = _step_grads(dtype, SHAPES[3], with_eps, create_graph=True)
+    for f, a in zip(fused, aten):
+        assert (f is None and a is None) or torch.equal(f, a.detach())
+
+
 def test_opcheck():
     mu, sigma, w, rho, eps = make((2, 3, 5), torch.float32)
     mu.requires_grad_()

@@ -22,18 +22,26 @@ struct Step : torch::autograd::Function<Step> {
   }
 
   // dmu = dx, dw = sigma sqrt(rho) dx, deps = sigma sqrt(1 - rho) dx (per sample). One multiply per gradient
-  // in dx's dtype (the per-sample factor rounded to it, the product formed in its opmath): dx is read twice,
-  // dw and deps written once, dmu is dx itself. sigma and rho are constants here, also to a second order.
+  // in dx's dtype (the per-sample factor rounded to it, the product formed in its opmath); dmu is dx itself.
+  // A contiguous CPU dx outside create_graph goes to the fused kernel (diffkern::ntrk_step_bwd: dx read once,
+  // bit for bit the ATen form); otherwise ATen ops (dx read twice), which stay differentiable: sigma and rho
+  // are constants here, also to a second order.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto fused = op<std::vector<Tensor>(const Tensor&, const Tensor&, const Tensor&, bool)>("ntrk_step_bwd");
     const Tensor& dx = grads[0];
     if (!dx.defined()) return variable_list(6);
     const auto saved = ctx->get_saved_variables();
+    const bool has_eps = ctx->saved_data["has_eps"].toBool();
+    if (dx.is_cpu() && dx.is_contiguous() && !at::GradMode::is_enabled()) {
+      const auto d = fused.call(dx, saved[0], saved[1], has_eps);
+      return {dx, Tensor(), d[0], Tensor(), has_eps ? d[1] : Tensor(), Tensor()};
+    }
     std::vector<int64_t> shape(dx.dim(), 1);
     shape[0] = -1;
     const auto acc = at::toOpMathType(dx.scalar_type());
     const auto s = saved[0].detach().to(acc).reshape(shape), r = saved[1].detach().to(acc).reshape(shape);
     const auto dw = dx * (s * r.sqrt()).to(dx.scalar_type());
-    const auto deps = ctx->saved_data["has_eps"].toBool() ? dx * (s * at::rsub(r, 1).sqrt()).to(dx.scalar_type()) : Tensor();
+    const auto deps = has_eps ? dx * (s * at::rsub(r, 1).sqrt()).to(dx.scalar_type()) : Tensor();
     return {dx, Tensor(), dw, Tensor(), deps, Tensor()};
   }
 };
@@ -48,6 +56,8 @@ Tensor step(const Tensor& mu, const Tensor& sigma, const Tensor& w, const Tensor
 TORCH_LIBRARY_IMPL(diffkern, Autograd, m) {
   m.impl("ntrk_step", &step);
   m.impl("ntrk_step_cuda", refuse_backward(internal_backend("ntrk_step")));
+  m.impl("ntrk_step_bwd", refuse_backward("diffkern::ntrk_step_bwd is ntrk_step's internal backward kernel, without "
+                                          "autograd; differentiate diffkern.ntrk_step (double backward supported)"));
   // The projection is piecewise: the identity on in-band entries, a constant (the band edge) on clipped ones,
   // with a sort in between. Its gradient would be zero on exactly the entries guidance cares about, so it is
   // declared non-differentiable: outputs of inputs requiring grad plainly do not.

@@ -15,9 +15,9 @@ triton_kernels = _lazy.module(__package__ + ".triton_kernels")  # imports triton
 STEP_OP, PROJECT_OP = "ntrk_step", "twoos_project"
 
 
-def _check_per_sample(op, t, name, mu, B):
+def _check_per_sample(op, t, name, mu, B, lead="mu"):
     if t.device != mu.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but mu is on {mu.device}")
+        raise ValueError(f"{op}: {name} is on {t.device} but {lead} is on {mu.device}")
     if t.dim() != 1 or t.shape[0] != B:
         raise ValueError(f"{op}: {name} must be [B] = [{B}], got shape {list(t.shape)}")
     if t.dtype not in (torch.float32, torch.float64):
@@ -98,6 +98,22 @@ def _step_fake(mu, sigma, w, rho, eps, philox):
 
 # The internal op of the cuda backend (its kernel lives in csrc/cuda/ntrk_step.cu) shares the public op's fake.
 _registry.register_fake("diffkern::ntrk_step_cuda")(_step_fake)
+
+
+def check_step_bwd(dx, sigma, rho) -> None:
+    """The checks csrc/cpu/ntrk.cpp makes of ntrk_step_bwd's arguments, in the same order and words."""
+    op = STEP_OP + "_bwd"
+    if dx.dim() < 1:
+        raise ValueError(f"{op}: dx must be [B, ...], got a 0-dim tensor")
+    _checks.check_float_contiguous(op, "dx", dx)
+    _check_per_sample(op, sigma, "sigma", dx, dx.shape[0], "dx")
+    _check_per_sample(op, rho, "rho", dx, dx.shape[0], "dx")
+
+
+@_registry.register_fake("diffkern::ntrk_step_bwd")
+def _step_bwd_fake(dx, sigma, rho, has_eps):
+    check_step_bwd(dx, sigma, rho)
+    return [dx.new_empty(dx.shape) for _ in range(2 if has_eps else 1)]
 
 
 @_registry.register_fake("diffkern::twoos_project")
