@@ -73,7 +73,7 @@ def ntrk_calls():
     lower, upper = (t.float() for t in diffkern.twoos_bands(2, 3))
     philox = torch.tensor([3, 0])
     return {"ntrk_step": (mu, sigma, w, rho, eps, philox), "ntrk_step_cuda": (mu, sigma, w, rho, None, philox),
-            "ntrk_step_bwd": (randn(B, 6, seed=44), sigma, rho, True),
+            "ntrk_step_bwd": (randn(B, 6, seed=44), sigma, rho, True, True),
             "twoos_project": (randn(B, 6, seed=43), lower, upper, 2),
             "twoos_band_table": (2, 3, 1e-4, "normal", None, torch.float32, torch.device("cpu"))}
 

@@ -362,7 +362,7 @@ rows("ntrk_step", {
 
 def step_bwd_in():
     kw = ntrk_in()
-    return dict(dx=kw["mu"], sigma=kw["sigma"], rho=kw["rho"], has_eps=True)
+    return dict(dx=kw["mu"], sigma=kw["sigma"], rho=kw["rho"], w_grad=True, eps_grad=True)
 
 
 step_bwd = torch.ops.diffkern.ntrk_step_bwd

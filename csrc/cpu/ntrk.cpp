@@ -3,7 +3,7 @@
 // ntrk_step: one pass in chunks of kChunk elements, parallel over (sample, chunk); reads mu, w (and
 // eps when given) once, writes x once. Without eps the normals come from philox.h at the element's
 // flat index, the same stream as the Triton kernel's tl.randn and the reference.
-// ntrk_step_bwd (its backward on CPU): reads dx once, writes dw (and deps) once.
+// ntrk_step_bwd (its backward on CPU): reads dx once, writes the requested of dw and deps once.
 // twoos_project: per pass, a row phase (sort each tile of D, parallel over blocks of tiles), a column phase
 // (sort each rank j across the M tiles and clip it against its band; parallel over (sample, j)) and the unsort
 // (parallel over blocks of tiles). Every sort orders by (value, position), so ranks and results are
@@ -129,41 +129,43 @@ at::Tensor ntrk_step_cpu(const at::Tensor& mu, const at::Tensor& sigma, const at
 }
 
 // dw = a dx and deps = b dx (a = sigma sqrt(rho), b = sigma sqrt(1 - rho) per sample, each rounded to dx's
-// dtype first: the rounding of the ATen form in csrc/diffkern/autograd_ntrk.cpp) from one read of dx.
+// dtype first: the rounding of the ATen form in csrc/diffkern/autograd_ntrk.cpp) from one read of dx; a null
+// output is not computed.
 template <typename scalar_t>
-void step_bwd_kernel(const at::Tensor& dx, const at::Tensor& sigma, const at::Tensor& rho, at::Tensor& dw,
+void step_bwd_kernel(const at::Tensor& dx, const at::Tensor& sigma, const at::Tensor& rho, at::Tensor* dw,
                      at::Tensor* deps) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = dx.size(0), D = B > 0 ? dx.numel() / B : 0;
   const auto coef = tilts<acc_t>(sigma, rho);
   const scalar_t* pdx = dx.const_data_ptr<scalar_t>();
-  scalar_t *pdw = dw.mutable_data_ptr<scalar_t>(), *pde = deps ? deps->mutable_data_ptr<scalar_t>() : nullptr;
-  for_rows<acc_t>(B, D, 3, [&](int64_t i, int64_t off, int64_t n, acc_t* buf) {
-    const acc_t a = static_cast<scalar_t>(coef[i].a), b = static_cast<scalar_t>(coef[i].b);
+  scalar_t *pdw = dw ? dw->mutable_data_ptr<scalar_t>() : nullptr, *pde = deps ? deps->mutable_data_ptr<scalar_t>() : nullptr;
+  for_rows<acc_t>(B, D, 2, [&](int64_t i, int64_t off, int64_t n, acc_t* buf) {
     const acc_t* __restrict g = widen(pdx + off, buf, n);
-    acc_t* __restrict gw = staging(pdw + off, buf + kRow);
+    for (const auto& [out, factor] : {std::pair{pdw, coef[i].a}, std::pair{pde, coef[i].b}}) {
+      if (out == nullptr) continue;
+      const acc_t f = static_cast<scalar_t>(factor);
+      acc_t* __restrict r = staging(out + off, buf + kRow);
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) gw[j] = a * g[j];
-    narrow(gw, pdw + off, n);
-    if (pde == nullptr) return;
-    acc_t* __restrict ge = staging(pde + off, buf + 2 * kRow);
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) ge[j] = b * g[j];
-    narrow(ge, pde + off, n);
+      for (int64_t j = 0; j < n; ++j) r[j] = f * g[j];
+      narrow(r, out + off, n);
+    }
   });
 }
 
 std::vector<at::Tensor> ntrk_step_bwd_cpu(const at::Tensor& dx, const at::Tensor& sigma, const at::Tensor& rho,
-                                          bool has_eps) {
+                                          bool w_grad, bool eps_grad) {
   const NamedTensor lead{"dx", &dx};
   check_latents(kStepBwdOp, lead, {}, /*empty_rows=*/true);
   check_per_sample(kStepBwdOp, {"sigma", &sigma}, lead);
   check_per_sample(kStepBwdOp, {"rho", &rho}, lead);
-  std::vector<at::Tensor> grads{empty_output(dx.sizes(), dx.options())};
-  if (has_eps) grads.push_back(empty_output(dx.sizes(), dx.options()));
+  at::Tensor dw = w_grad ? empty_output(dx.sizes(), dx.options()) : at::Tensor();
+  at::Tensor deps = eps_grad ? empty_output(dx.sizes(), dx.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dx.scalar_type(), kStepBwdOp, [&] {
-    step_bwd_kernel<scalar_t>(dx, sigma, rho, grads[0], has_eps ? &grads[1] : nullptr);
+    step_bwd_kernel<scalar_t>(dx, sigma, rho, w_grad ? &dw : nullptr, eps_grad ? &deps : nullptr);
   });
+  std::vector<at::Tensor> grads;
+  for (const at::Tensor& t : {dw, deps})
+    if (t.defined()) grads.push_back(t);
   return grads;
 }
 

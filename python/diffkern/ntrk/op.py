@@ -111,9 +111,9 @@ def check_step_bwd(dx, sigma, rho) -> None:
 
 
 @_registry.register_fake("diffkern::ntrk_step_bwd")
-def _step_bwd_fake(dx, sigma, rho, has_eps):
+def _step_bwd_fake(dx, sigma, rho, w_grad, eps_grad):
     check_step_bwd(dx, sigma, rho)
-    return [dx.new_empty(dx.shape) for _ in range(2 if has_eps else 1)]
+    return [dx.new_empty(dx.shape) for _ in range(int(w_grad) + int(eps_grad))]
 
 
 @_registry.register_fake("diffkern::twoos_project")
