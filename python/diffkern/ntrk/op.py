@@ -48,6 +48,17 @@ def check_step(mu, sigma, w, rho, eps, philox) -> None:
                          f"{_dtypes.name(philox.dtype)} of shape {list(philox.shape)}")
 
 
+def check_step_bwd(dx, sigma, rho, w_grad=True, eps_grad=True) -> None:
+    """The checks csrc/cpu/ntrk.cpp makes of ntrk_step_bwd's arguments, in the same order and words (the two
+    flags are bools by the schema)."""
+    op = STEP_OP + "_bwd"
+    if dx.dim() < 1:
+        raise ValueError(f"{op}: dx must be [B, ...], got a 0-dim tensor")
+    _checks.check_float_contiguous(op, "dx", dx)
+    _check_per_sample(op, sigma, "sigma", dx, dx.shape[0], "dx")
+    _check_per_sample(op, rho, "rho", dx, dx.shape[0], "dx")
+
+
 def check_project(x, lower, upper, max_passes) -> None:
     """The checks csrc/cpu/ntrk.cpp makes, in the same order and words."""
     if x.dim() < 1:
@@ -85,6 +96,10 @@ def _triton_backend(launch, op: str):
 
 _registry.register(STEP_OP, check_step, triton=_triton_backend(triton_kernels.function("ntrk_step"), STEP_OP),
                    cuda=_ops.ops.ntrk_step_cuda, reference=reference.ntrk_step)
+# The fused backward kernel is C++ on CPU only (the autograd calls it for CPU tensors): every other backend is the
+# ATen form, so a forced backend on CPU tensors runs the backward the GPUs run.
+_registry.register(STEP_OP + "_bwd", check_step_bwd, cuda_twin=STEP_OP,
+                   triton=reference.ntrk_step_bwd, cuda=reference.ntrk_step_bwd, reference=reference.ntrk_step_bwd)
 _registry.register(PROJECT_OP, check_project,
                    triton=_triton_backend(triton_kernels.function("twoos_project"), PROJECT_OP),
                    reference=reference.twoos_project)
@@ -100,19 +115,9 @@ def _step_fake(mu, sigma, w, rho, eps, philox):
 _registry.register_fake("diffkern::ntrk_step_cuda")(_step_fake)
 
 
-def check_step_bwd(dx, sigma, rho) -> None:
-    """The checks csrc/cpu/ntrk.cpp makes of ntrk_step_bwd's arguments, in the same order and words."""
-    op = STEP_OP + "_bwd"
-    if dx.dim() < 1:
-        raise ValueError(f"{op}: dx must be [B, ...], got a 0-dim tensor")
-    _checks.check_float_contiguous(op, "dx", dx)
-    _check_per_sample(op, sigma, "sigma", dx, dx.shape[0], "dx")
-    _check_per_sample(op, rho, "rho", dx, dx.shape[0], "dx")
-
-
 @_registry.register_fake("diffkern::ntrk_step_bwd")
 def _step_bwd_fake(dx, sigma, rho, w_grad, eps_grad):
-    check_step_bwd(dx, sigma, rho)
+    check_step_bwd(dx, sigma, rho, w_grad, eps_grad)
     return [dx.new_empty(dx.shape) for _ in range(int(w_grad) + int(eps_grad))]
 
 
