@@ -138,7 +138,8 @@ void step_bwd_kernel(const at::Tensor& dx, const at::Tensor& sigma, const at::Te
   const int64_t B = dx.size(0), D = B > 0 ? dx.numel() / B : 0;
   const auto coef = tilts<acc_t>(sigma, rho);
   const scalar_t* pdx = dx.const_data_ptr<scalar_t>();
-  scalar_t *pdw = dw ? dw->mutable_data_ptr<scalar_t>() : nullptr, *pde = deps ? deps->mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* pdw = dw ? dw->mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* pde = deps ? deps->mutable_data_ptr<scalar_t>() : nullptr;
   for_rows<acc_t>(B, D, 2, [&](int64_t i, int64_t off, int64_t n, acc_t* buf) {
     const acc_t* __restrict g = widen(pdx + off, buf, n);
     for (const auto& [out, factor] : {std::pair{pdw, coef[i].a}, std::pair{pde, coef[i].b}}) {
