@@ -73,6 +73,7 @@ def ntrk_calls():
     lower, upper = (t.float() for t in diffkern.twoos_bands(2, 3))
     philox = torch.tensor([3, 0])
     return {"ntrk_step": (mu, sigma, w, rho, eps, philox), "ntrk_step_cuda": (mu, sigma, w, rho, None, philox),
+            "ntrk_step_bwd": (randn(B, 6, seed=44), sigma, rho, True, True),
             "twoos_project": (randn(B, 6, seed=43), lower, upper, 2),
             "twoos_band_table": (2, 3, 1e-4, "normal", None, torch.float32, torch.device("cpu"))}
 
@@ -104,13 +105,14 @@ OPS_OF = {
     dar_gather_calls: ("dar_gather_fwd", "dar_gather_bwd"),
     grpo_calls: ("flow_sde_step", "flow_sde_step_cuda", "grpo_log_prob", "grpo_log_prob_cuda", "grpo_log_prob_bwd",
                  "grpo_log_prob_bwd_cuda", "grpo_iso_loss"),
-    ntrk_calls: ("ntrk_step", "ntrk_step_cuda", "twoos_project", "twoos_band_table"),
+    ntrk_calls: ("ntrk_step", "ntrk_step_cuda", "ntrk_step_bwd", "twoos_project", "twoos_band_table"),
     rmdm_calls: ("rmdm_recurse", "rmdm_recurse_bwd", "rmdm_recurse_bwd_cuda", "rmdm_sudoku", "rmdm_sudoku_count"),
     sinks_calls: ("sink_mass", "sink_attention_fwd", "sink_topk", "sink_suppress", "sink_record"),
 }
 # The ops that refuse a derivative (backward ops, the cuda backends' internal ops, the forward-only sink ops).
 REFUSING = {"dar_route_bwd", "dar_route_bwd_cuda", "dar_gather_bwd", "grpo_log_prob_bwd", "grpo_log_prob_bwd_cuda",
             "rmdm_recurse_bwd", "rmdm_recurse_bwd_cuda", "dar_route_fwd_cuda", "grpo_log_prob_cuda", "ntrk_step_cuda",
+            "ntrk_step_bwd",
             "sink_mass", "sink_attention_fwd", "sink_suppress"}
 SAMPLES = {name: calls for calls, names in OPS_OF.items() for name in names}  # op -> its sample's builder
 OPCHECKED = sorted(set(SAMPLES) | set(NO_TENSORS))

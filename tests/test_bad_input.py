@@ -358,6 +358,22 @@ rows("ntrk_step", {
     "nan in mu": kw_call(ntrk, edit(ntrk_in, **nan_at("mu", 5)), NTRK_REF),
     "rho outside [0, 1] (tensor)": kw_call(ntrk, edit(ntrk_in, rho=lambda kw: torch.tensor([0.5, 1.5])), NTRK_REF),
 })
+
+
+def step_bwd_in():
+    kw = ntrk_in()
+    return dict(dx=kw["mu"], sigma=kw["sigma"], rho=kw["rho"], w_grad=True, eps_grad=True)
+
+
+step_bwd = torch.ops.diffkern.ntrk_step_bwd
+rows("ntrk_step_bwd", {
+    "0-dim dx": kw_call(step_bwd, edit(step_bwd_in, dx=lambda kw: kw["dx"][0, 0, 0]), Raises(ValueError, "dx")),
+    "int dx": kw_call(step_bwd, edit(step_bwd_in, dx=lambda kw: kw["dx"].long()), Raises(ValueError, "dx")),
+    "dx not contiguous": kw_call(step_bwd, edit(step_bwd_in, dx=lambda kw: kw["dx"].transpose(1, 2)),
+                                 Raises(ValueError, "dx")),
+    "sigma [B+1]": kw_call(step_bwd, edit(step_bwd_in, sigma=lambda kw: torch.ones(3)), Raises(ValueError, "sigma")),
+    "float16 rho": kw_call(step_bwd, edit(step_bwd_in, rho=lambda kw: kw["rho"].half()), Raises(ValueError, "rho")),
+})
 rows("twoos_project", {
     **generic(project, project_in, "x"),
     "float tile": kw_call(project, edit(project_in, tile=lambda kw: 6.0), Raises(TypeError, "tile")),

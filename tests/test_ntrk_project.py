@@ -101,6 +101,27 @@ def test_converged_projection_is_idempotent_and_in_set(backend, monkeypatch):
     assert torch.equal(once, twice)
 
 
+def test_cpu_ties_rank_by_position_like_the_reference_at_any_thread_count():
+    """Entries from five values (+-0 tie, as torch.sort has them) over 2 x 4100 tiles of 16: the C++ kernel's radix
+    ranks (stable: ties keep position order) give the reference's out exactly, at 1 thread and at 2 (blocks of
+    tiles and columns split across threads)."""
+    B, M, D = 2, 4100, 16
+    g = torch.Generator().manual_seed(5)
+    values = torch.tensor([-1.5, -0.0, 0.0, 0.25, 2.0])
+    x = values[torch.randint(0, 5, (B, M * D), generator=g)]
+    lower, upper = awkward_bands(M, D)
+    ref, ref_in = reference.twoos_project(x.double(), lower.double(), upper.double(), 2)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with forced("cpu"):
+                out, in_set = torch.ops.diffkern.twoos_project(x, lower, upper, 2)
+            assert torch.equal(out, ref.float()) and torch.equal(in_set.double(), ref_in.float().double())
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_pure_noise_passes_almost_unchanged_at_flux_size():
     """The bar: a N(0, I) draw of a FLUX latent (16 x 128 x 128, tiles of 256) keeps cosine >= 0.9999."""
     x = torch.randn(2, 16, 128, 128, generator=torch.Generator().manual_seed(3))

@@ -116,6 +116,48 @@ def test_gradcheck_float64(backend, with_eps):
         assert torch.autograd.gradcheck(step, leaves)
 
 
+def _step_grads(dtype, shape, wrt, create_graph, with_eps=True):
+    """The gradients of ntrk_step on CPU for a seeded dx with respect to `wrt` (names among mu, w, eps; the other
+    inputs do not require grad), and the inputs (mu, sigma, w, rho, eps, dx)."""
+    mu, sigma, w, rho, eps = make(shape, dtype)
+    dx = torch.randn(shape, generator=torch.Generator().manual_seed(9)).to(dtype)
+    inputs = {"mu": mu, "w": w, "eps": eps}
+    leaves = [inputs[name].requires_grad_() for name in wrt]
+    x = diffkern.ntrk_step(mu, sigma, w, rho, eps=eps if with_eps else None, seed=5)
+    return torch.autograd.grad(x, leaves, dx, create_graph=create_graph), (mu, sigma, w, rho, eps, dx)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_backward_matches_float64_reference(dtype, shape):
+    """A first-order CPU backward runs the fused kernel diffkern::ntrk_step_bwd (dx read once)."""
+    (dw, deps), (mu, sigma, w, rho, eps, dx) = _step_grads(dtype, shape, ("w", "eps"), create_graph=False)
+
+    def grads(mu, sigma, w, rho, eps, dx):
+        w, eps = w.detach().requires_grad_(), eps.detach().requires_grad_()
+        return torch.autograd.grad(reference.ntrk_step(mu, sigma, w, rho, eps, None), (w, eps), dx)
+    # one product per element (fan-in 0); sigma and rho only form the per-sample factor
+    oracles, spreads = oracle_with_spread(grads, [mu, sigma, w, rho, eps, dx], [None, None, None, None, None, 0], dtype)
+    plain = grads(mu, sigma, w, rho, eps, dx)
+    for name, got, oracle, p, spread in zip(("dw", "deps"), (dw, deps), oracles, plain, spreads):
+        assert got.dtype == dtype
+        assert_close_to_oracle(got, oracle, p, name, spread)
+
+
+@pytest.mark.parametrize("wrt,with_eps", [(("mu", "w", "eps"), True), (("w",), True), (("eps",), True),
+                                          (("mu", "w"), False)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_backward_kernel_equals_the_differentiable_aten_form(dtype, wrt, with_eps):
+    """Under create_graph the backward is ATen ops (differentiable again); otherwise the fused kernel, which writes
+    only the gradients asked for. Both round the per-sample factor to dx's dtype and multiply once, so their
+    gradients are equal bit for bit."""
+    fused, _ = _step_grads(dtype, SHAPES[3], wrt, create_graph=False, with_eps=with_eps)
+    aten, _ = _step_grads(dtype, SHAPES[3], wrt, create_graph=True, with_eps=with_eps)
+    assert len(fused) == len(aten) == len(wrt)
+    for f, a in zip(fused, aten):
+        assert torch.equal(f, a.detach())
+
+
 def test_opcheck():
     mu, sigma, w, rho, eps = make((2, 3, 5), torch.float32)
     mu.requires_grad_()

@@ -132,6 +132,10 @@ TORCH_LIBRARY_FRAGMENT(diffkern, m) {
   m.def(
       "ntrk_step_cuda(Tensor mu, Tensor sigma, Tensor w, Tensor rho, Tensor? eps, Tensor? philox)"
       " -> Tensor x");
+  // Internal: ntrk_step's backward on CPU, dw = sigma sqrt(rho) dx (when w_grad) and deps = sigma sqrt(1 - rho) dx
+  // (when eps_grad) from one read of dx; returns those requested, in that order. The autograd of ntrk_step calls
+  // it (first order only).
+  m.def("ntrk_step_bwd(Tensor dx, Tensor sigma, Tensor rho, bool w_grad, bool eps_grad) -> Tensor[]");
   // 2OS projection of each sample's N = M * D entries onto the Gaussian confidence set of the [M, D]
   // band table: sort each tile of D, sort each rank across the M tiles, clip Z[r, j] to
   // [lower[r, j], upper[r, j]], undo both sorts; repeated (at most max_passes clips) until every entry

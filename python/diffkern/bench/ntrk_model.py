@@ -11,7 +11,7 @@ step, a probe past M clamped to M - 1), so the bytes are a function of the shape
                    and the column (2); stores the value (4) and one int32 count per program
   ntrk_step_kernel loads mu, w, eps and stores x (the dtype), plus sigma and rho (4 + 4) per program
 The aten glue around them (the band tables cast to fp32 on a process's first call, the in-set
-reduction per pass, the output cast, the per-sample factors; the backward's two multiplies) is
+reduction per pass, the output cast, the per-sample factors; the backward's multiply for deps) is
 modeled op by op. tests/test_ntrk_model.py holds
 every figure equal to the interpreter's and AtenTraffic's counts on small awkward shapes.
 The number of projection passes is data-dependent; the modeled case assumes one (its input is a
@@ -61,10 +61,11 @@ def tilted_step_counts(B: int, M: int, D: int, itemsize: int, passes: int = 1, f
     fwd_glue += [("sum", 4 * B * D * n_chunks, 8 * B), ("eq", 8 * B, B), ("all", B, 1), ("is_nonzero", 1, 0)] * passes
     fwd_glue += cast + [("to", 8 * B, 4 * B), ("div", 4 * B, 4 * B)]  # out, in_set = count / N
     fwd_glue += [("full", 0, 4 * B)] * 2  # sigma, rho per sample
-    # dw is not asked for (w is the projection's output); deps = dx * (sigma sqrt(1 - rho)) in dx's dtype
-    factor = [("sqrt", 4 * B, 4 * B), ("mul", 8 * B, 4 * B), ("_to_copy", 4 * B, itemsize * B),
-              ("mul", (B * n + B) * itemsize, B * n * itemsize)]
-    bwd_glue = factor + [("rsub", 4 * B, 4 * B)] + factor
+    # dw is not asked for (w is the projection's output), so not computed; deps = dx * (sigma sqrt(1 - rho)) in dx's
+    # dtype. Counted on CPU tensors, where the backward runs diffkern::ntrk_step_bwd's ATen form (reference.py),
+    # whose cast is an aten.to; the GPU's (csrc/diffkern/autograd_ntrk.cpp) moves the same bytes as an _to_copy.
+    bwd_glue = [("rsub", 4 * B, 4 * B), ("sqrt", 4 * B, 4 * B), ("mul", 8 * B, 4 * B), ("to", 4 * B, itemsize * B),
+                ("mul", (B * n + B) * itemsize, B * n * itemsize)]
     return {"fwd": counts.flat({**project_kernels(B, M, D, itemsize, passes), **step_kernel(B, n, itemsize)},
                          counts.glue(fwd_glue)),
             "bwd": counts.flat({}, counts.glue(bwd_glue))}

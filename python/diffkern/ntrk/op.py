@@ -15,9 +15,9 @@ triton_kernels = _lazy.module(__package__ + ".triton_kernels")  # imports triton
 STEP_OP, PROJECT_OP = "ntrk_step", "twoos_project"
 
 
-def _check_per_sample(op, t, name, mu, B):
+def _check_per_sample(op, t, name, mu, B, lead="mu"):
     if t.device != mu.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but mu is on {mu.device}")
+        raise ValueError(f"{op}: {name} is on {t.device} but {lead} is on {mu.device}")
     if t.dim() != 1 or t.shape[0] != B:
         raise ValueError(f"{op}: {name} must be [B] = [{B}], got shape {list(t.shape)}")
     if t.dtype not in (torch.float32, torch.float64):
@@ -46,6 +46,17 @@ def check_step(mu, sigma, w, rho, eps, philox) -> None:
     if philox.dtype != torch.int64 or philox.shape != (2,) or not philox.is_contiguous():
         raise ValueError(f"{STEP_OP}: philox must be a contiguous int64 [2] tensor (seed, offset), got "
                          f"{_dtypes.name(philox.dtype)} of shape {list(philox.shape)}")
+
+
+def check_step_bwd(dx, sigma, rho, w_grad=True, eps_grad=True) -> None:
+    """The checks csrc/cpu/ntrk.cpp makes of ntrk_step_bwd's arguments, in the same order and words (the two
+    flags are bools by the schema)."""
+    op = STEP_OP + "_bwd"
+    if dx.dim() < 1:
+        raise ValueError(f"{op}: dx must be [B, ...], got a 0-dim tensor")
+    _checks.check_float_contiguous(op, "dx", dx)
+    _check_per_sample(op, sigma, "sigma", dx, dx.shape[0], "dx")
+    _check_per_sample(op, rho, "rho", dx, dx.shape[0], "dx")
 
 
 def check_project(x, lower, upper, max_passes) -> None:
@@ -85,6 +96,10 @@ def _triton_backend(launch, op: str):
 
 _registry.register(STEP_OP, check_step, triton=_triton_backend(triton_kernels.function("ntrk_step"), STEP_OP),
                    cuda=_ops.ops.ntrk_step_cuda, reference=reference.ntrk_step)
+# The fused backward kernel is C++ on CPU only (the autograd calls it for CPU tensors): every other backend is the
+# ATen form, so a forced backend on CPU tensors runs the backward the GPUs run.
+_registry.register(STEP_OP + "_bwd", check_step_bwd, cuda_twin=STEP_OP,
+                   triton=reference.ntrk_step_bwd, cuda=reference.ntrk_step_bwd, reference=reference.ntrk_step_bwd)
 _registry.register(PROJECT_OP, check_project,
                    triton=_triton_backend(triton_kernels.function("twoos_project"), PROJECT_OP),
                    reference=reference.twoos_project)
@@ -98,6 +113,12 @@ def _step_fake(mu, sigma, w, rho, eps, philox):
 
 # The internal op of the cuda backend (its kernel lives in csrc/cuda/ntrk_step.cu) shares the public op's fake.
 _registry.register_fake("diffkern::ntrk_step_cuda")(_step_fake)
+
+
+@_registry.register_fake("diffkern::ntrk_step_bwd")
+def _step_bwd_fake(dx, sigma, rho, w_grad, eps_grad):
+    check_step_bwd(dx, sigma, rho, w_grad, eps_grad)
+    return [dx.new_empty(dx.shape) for _ in range(int(w_grad) + int(eps_grad))]
 
 
 @_registry.register_fake("diffkern::twoos_project")

@@ -90,6 +90,16 @@ def ntrk_step(mu, sigma, w, rho, eps, philox):
     return x.to(mu.dtype)
 
 
+def ntrk_step_bwd(dx, sigma, rho, w_grad: bool, eps_grad: bool) -> list:
+    """Reference backend of diffkern::ntrk_step_bwd: [dw if w_grad] + [deps if eps_grad], dw = sigma sqrt(rho) dx and
+    deps = sigma sqrt(1 - rho) dx, each per-sample factor formed in dx's accumulation dtype and rounded to dx's
+    dtype before the one multiply: the ATen ops of ntrk_step's backward on GPUs (csrc/diffkern/autograd_ntrk.cpp)."""
+    acc = _dtypes.acc(dx.dtype)
+    s, r = _per_sample(sigma.detach().to(acc), dx), _per_sample(rho.detach().to(acc), dx)
+    factors = ([s * r.sqrt()] if w_grad else []) + ([s * (1 - r).sqrt()] if eps_grad else [])
+    return [dx * f.to(dx.dtype) for f in factors]
+
+
 def _sort_by_value_then_position(v: torch.Tensor, dim: int):
     """torch.sort with ties in position order; -0.0 and +0.0 compare equal, as in the kernels."""
     return torch.sort(v, dim=dim, stable=True)
