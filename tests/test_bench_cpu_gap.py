@@ -45,13 +45,26 @@ def test_bandwidth_fraction_is_minimal_bytes_over_the_fastest_yardstick():
     row = _row("NTRK fused step")
     case = row.workload.full_cases[0]
     n = case.params["B"] * case.params["N"] * 4
-    works = {"copy": 100.0, "triad": 150.0, "read": 100.0}
-    # triad: 150 B / 1 ms is the fastest yardstick; the step moves fwd 4n + bwd 3n (dmu is dx itself)
-    r = _cpu_row(STEP, eager=10.0, compile=3.0, diffkern=7 * n / 150.0 / 0.9, copy=1.0, triad=1.0, read=2.0)
+    works = {"copy": 100.0, "triad": 150.0, "read": 100.0, "copy_fresh": 100.0, "triad_fresh": 150.0}
+    # triad_fresh: 150 B / 2 ms is the fastest yardstick writing into new outputs, as the step does (it returns x
+    # and deps); the step moves fwd 4n + bwd 3n (dmu is dx itself)
+    ms = dict(copy=1.0, triad=1.0, read=2.0, copy_fresh=4.0, triad_fresh=2.0)
+    r = _cpu_row(STEP, eager=10.0, compile=3.0, diffkern=7 * n / 75.0 / 0.9, **ms)
     line = cpu_gap.judge(row, case, r, works)
-    assert line["limit"] == "bandwidth" and line["limit_yardstick"] == "triad"
-    assert line["fraction"] == pytest.approx(0.9)
+    assert line["limit"] == "bandwidth" and line["limit_yardstick"] == "triad_fresh"
+    assert line["fraction"] == pytest.approx(0.9) and line["strict_fraction"] == pytest.approx(0.45)
     assert line["verdict"] == "at machine limit (90% of bandwidth)"
+
+
+def test_a_pass_without_new_latent_outputs_is_held_to_preallocated_bandwidth():
+    """The GRPO loss's forward returns per-sample statistics only: the preallocated yardsticks judge it."""
+    row = _row("GRPO loss (stored y)")
+    case = row.workload.full_cases[0]
+    works = {"copy": 100.0, "triad": 150.0, "read": 100.0, "copy_fresh": 100.0, "triad_fresh": 150.0}
+    r = _cpu_row(FWD, eager=10.0, compile=3.0, diffkern=3.5, copy=1.0, triad=1.0, read=2.0, copy_fresh=4.0,
+                 triad_fresh=2.0)
+    line = cpu_gap.judge(row, case, r, works)
+    assert line["limit_yardstick"] == "triad" and line["fraction"] == line["strict_fraction"]
 
 
 def test_gemm_fraction_is_the_ops_flops_over_the_librarys_rate():
@@ -101,10 +114,16 @@ def test_every_row_has_a_case_in_every_run_and_the_default_run_names_the_rest():
 def test_stream_yardsticks_move_the_bytes_they_count():
     nbytes = 3000
     moved = machine.stream_bytes(nbytes)
-    outs = {k: fn() for k, fn in machine.stream_calls(nbytes).items()}
+    calls = machine.stream_calls(nbytes)
+    outs = {k: fn() for k, fn in calls.items()}
     assert moved["copy"] == 2 * 4 * outs["copy"].numel() and moved["triad"] == 3 * 4 * outs["triad"].numel()
+    assert moved["copy_fresh"] == 2 * 4 * outs["copy_fresh"].numel()
+    assert moved["triad_fresh"] == 3 * 4 * outs["triad_fresh"].numel()
+    assert torch.equal(outs["copy_fresh"], outs["copy"]) and torch.equal(outs["triad_fresh"], outs["triad"])
+    again = {k: calls[k]() for k in machine.FRESH_KERNELS}
+    assert all(again[k].data_ptr() != outs[k].data_ptr() for k in machine.FRESH_KERNELS)  # a new output per call
     assert moved["read"] == 4 * 750 and outs["read"].numel() == 1
-    assert all(0 < moved[k] <= nbytes for k in machine.STREAM_KERNELS)
+    assert all(0 < moved[k] <= nbytes for k in (*machine.STREAM_KERNELS, *machine.FRESH_KERNELS))
 
 
 def test_backward_products_of_a_gemm_are_its_two_gradients():
@@ -116,7 +135,9 @@ def test_backward_products_of_a_gemm_are_its_two_gradients():
 
 def test_measured_limits_are_positive_and_finite():
     rates = machine.bandwidth(1 << 16, threads=1, warmup=1, rounds=2, min_sample_s=0.001)
-    assert set(rates) == {*machine.STREAM_KERNELS, "best"} and rates["best"] == max(rates.values())
+    assert set(rates) == {*machine.STREAM_KERNELS, *machine.FRESH_KERNELS, "best", "best_fresh"}
+    assert rates["best"] == max(rates[k] for k in machine.STREAM_KERNELS)
+    assert rates["best_fresh"] == max(rates[k] for k in machine.FRESH_KERNELS)
     flops = machine.gemm_throughput([machine.Gemm(1, 16, 8, 4), machine.Gemm(2, 8, 8, 8)], threads=1, warmup=1,
                                     rounds=2, min_sample_s=0.001)
     assert all(v > 0 and math.isfinite(v) for v in [*rates.values(), flops])
