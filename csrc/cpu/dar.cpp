@@ -3,7 +3,7 @@
 // in the same pass (written once, routed as stored); its backward is dar_route's plus an incoming
 // gradient added to the last source's. Both ops run the kernels below.
 //
-// Tokens are walked in blocks of kTokenBlock, in parallel over (b, block). Per token each source row
+// Tokens are walked in blocks of Tiling::block, in parallel over (b, block). Per token each source row
 // is read once from memory: its second use (the softmax accumulator; dv and u in the backward)
 // re-reads it from L1, where one d-row sits. Traffic, in elements: the forward reads n*B*T*d and
 // writes B*T*(d+1); the backward reads (n+2)*B*T*d + B*T and writes n*B*T*d, plus B*T*d each way
@@ -34,19 +34,24 @@ using cpu::narrow;
 using cpu::staging;
 using cpu::widen;
 
-// Tokens per parallel task, hence per partial sum of the dq/dgain reductions. A task (64 * n * d
-// element-ops) dwarfs scheduling costs, and B=1 still splits across threads from T=128 on. Fixed,
-// so the reductions do not depend on the thread count.
+// Most tokens per parallel task, hence per partial sum of the dq/dgain reductions.
 constexpr int64_t kTokenBlock = 64;
 // Columns of d per task of the final reduction over the partial sums.
 constexpr int64_t kColumnBlock = 256;
 // Least element-ops worth a thread: ATen's own GRAIN_SIZE for elementwise loops.
 constexpr int64_t kMinTaskWork = 32768;
 
-// The checked geometry plus the CPU kernels' tiling of each batch row into token blocks.
+// The checked geometry plus the CPU kernels' tiling of each batch row into token blocks. A block is
+// the fewest tokens (at most kTokenBlock) whose n * d element-ops add up to kMinTaskWork, so that a
+// few tokens over many sources (a DiT at B=1, T=8: n * d >= 10^4) still split across threads, while
+// a block never costs more to schedule than it computes. The block depends on the shape only, so the
+// reductions over blocks add up in the same order at every thread count.
 struct Tiling : Geometry {
-  int64_t n_blocks;
-  explicit Tiling(const Geometry& g) : Geometry(g), n_blocks((g.T + kTokenBlock - 1) / kTokenBlock) {}
+  int64_t block, n_blocks;
+  explicit Tiling(const Geometry& g)
+      : Geometry(g),
+        block(std::clamp<int64_t>((kMinTaskWork + g.n * g.d - 1) / (g.n * g.d), 1, kTokenBlock)),
+        n_blocks((g.T + block - 1) / block) {}
 };
 
 template <typename scalar_t>
@@ -69,7 +74,7 @@ struct RouteInputs {
 
 // Tasks per parallel chunk, so that tiny problems run on one thread instead of paying for the pool.
 int64_t task_grain(const Tiling& g) {
-  return std::max<int64_t>(1, kMinTaskWork / (kTokenBlock * g.n * g.d));
+  return std::max<int64_t>(1, kMinTaskWork / (g.block * g.n * g.d));
 }
 
 template <typename scalar_t, typename q_t>
@@ -175,8 +180,8 @@ void route_fwd_kernel(const Tiling& g, const RouteInputs<scalar_t, q_t>& in, sca
     std::vector<double> fallback;
     const q_t* q_cached = nullptr;  // a static or per-batch q row is scaled by gain once per chunk
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / g.n_blocks, t0 = task % g.n_blocks * kTokenBlock;
-      const int64_t t_end = std::min(g.T, t0 + kTokenBlock);
+      const int64_t b = task / g.n_blocks, t0 = task % g.n_blocks * g.block;
+      const int64_t t_end = std::min(g.T, t0 + g.block);
       for (int64_t t = t0; t < t_end; ++t) {
         const q_t* q_row = in.q + b * g.q_sb + t * g.q_st;
         if (q_row != q_cached) scale_by_gain(widen(q_row, q_buf, d), in.gain, qg, d);
@@ -277,8 +282,8 @@ void route_bwd_kernel(const Tiling& g, const RouteInputs<scalar_t, q_t>& in, con
     const q_t* q_cached = nullptr;
     const acc_t* q_tok = nullptr;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / g.n_blocks, t0 = task % g.n_blocks * kTokenBlock;
-      const int64_t t_end = std::min(g.T, t0 + kTokenBlock);
+      const int64_t b = task / g.n_blocks, t0 = task % g.n_blocks * g.block;
+      const int64_t t_end = std::min(g.T, t0 + g.block);
       acc_t* __restrict part = partial + task * d;
       std::fill(part, part + d, acc_t(0));
       for (int64_t t = t0; t < t_end; ++t) {
@@ -323,7 +328,9 @@ void reduce_partials(const Tiling& g, const RouteInputs<scalar_t, q_t>& in, cons
                      acc_t* dgain) {
   const q_t* q = in.q;
   const acc_t* gain = in.gain;
-  at::parallel_for(0, g.d, kColumnBlock, [&](int64_t j0, int64_t j1) {
+  // Column chunks of at least kColumnBlock columns and kMinTaskWork partial-sum reads each.
+  const int64_t grain = std::max(kColumnBlock, kMinTaskWork / std::max<int64_t>(1, g.B * g.n_blocks));
+  at::parallel_for(0, g.d, grain, [&](int64_t j0, int64_t j1) {
     std::vector<acc_t> row(j1 - j0), total(j1 - j0, acc_t(0));
     for (int64_t b = 0; b < g.B; ++b) {
       std::fill(row.begin(), row.end(), acc_t(0));
