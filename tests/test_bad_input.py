@@ -212,6 +212,9 @@ rows("DARRouter", {
     "sublayer index": (Call(router_call, lambda: [randn(2, 3, 8), 5]), Raises(ValueError, "sublayer index")),
     "float d": (Call(DARRouter, lambda: [8.5, 2]), Raises(TypeError, "d")),
     "float chunk_size": (Call(lambda c: DARRouter(8, 2, chunk_size=c), lambda: [1.5]), Raises(TypeError, "chunk_size")),
+    "str eps": (Call(lambda e: DARRouter(8, 2, eps=e), lambda: ["1e-6"]), Raises(TypeError, "eps")),
+    "negative eps": (Call(lambda x0: DARRouter(8, 2, eps=-1.0).run(x0, [torch.nn.Identity()] * 2), lambda: [randn(2, 3, 8)]),
+                     Raises(ValueError, "eps")),
 })
 
 # ---- Flow-GRPO

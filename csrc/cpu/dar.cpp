@@ -3,7 +3,7 @@
 // in the same pass (written once, routed as stored); its backward is dar_route's plus an incoming
 // gradient added to the last source's. Both ops run the kernels below.
 //
-// Tokens are walked in blocks of kTokenBlock, in parallel over (b, block). Per token each source row
+// Tokens are walked in blocks of Tiling::block, in parallel over (b, block). Per token each source row
 // is read once from memory: its second use (the softmax accumulator; dv and u in the backward)
 // re-reads it from L1, where one d-row sits. Traffic, in elements: the forward reads n*B*T*d and
 // writes B*T*(d+1); the backward reads (n+2)*B*T*d + B*T and writes n*B*T*d, plus B*T*d each way
@@ -34,19 +34,24 @@ using cpu::narrow;
 using cpu::staging;
 using cpu::widen;
 
-// Tokens per parallel task, hence per partial sum of the dq/dgain reductions. A task (64 * n * d
-// element-ops) dwarfs scheduling costs, and B=1 still splits across threads from T=128 on. Fixed,
-// so the reductions do not depend on the thread count.
+// Most tokens per parallel task, hence per partial sum of the dq/dgain reductions.
 constexpr int64_t kTokenBlock = 64;
 // Columns of d per task of the final reduction over the partial sums.
 constexpr int64_t kColumnBlock = 256;
 // Least element-ops worth a thread: ATen's own GRAIN_SIZE for elementwise loops.
 constexpr int64_t kMinTaskWork = 32768;
 
-// The checked geometry plus the CPU kernels' tiling of each batch row into token blocks.
+// The checked geometry plus the CPU kernels' tiling of each batch row into token blocks. A block is
+// the fewest tokens (at most kTokenBlock) whose n * d element-ops add up to kMinTaskWork, so that a
+// few tokens over many sources (a DiT at B=1, T=8: n * d >= 10^4) still split across threads, while
+// a block never costs more to schedule than it computes. The block depends on the shape only, so the
+// reductions over blocks add up in the same order at every thread count.
 struct Tiling : Geometry {
-  int64_t n_blocks;
-  explicit Tiling(const Geometry& g) : Geometry(g), n_blocks((g.T + kTokenBlock - 1) / kTokenBlock) {}
+  int64_t block, n_blocks;
+  explicit Tiling(const Geometry& g)
+      : Geometry(g),
+        block(std::clamp<int64_t>((kMinTaskWork + g.n * g.d - 1) / (g.n * g.d), 1, kTokenBlock)),
+        n_blocks((g.T + block - 1) / block) {}
 };
 
 template <typename scalar_t>
@@ -69,7 +74,7 @@ struct RouteInputs {
 
 // Tasks per parallel chunk, so that tiny problems run on one thread instead of paying for the pool.
 int64_t task_grain(const Tiling& g) {
-  return std::max<int64_t>(1, kMinTaskWork / (kTokenBlock * g.n * g.d));
+  return std::max<int64_t>(1, kMinTaskWork / (g.block * g.n * g.d));
 }
 
 template <typename scalar_t, typename q_t>
@@ -98,17 +103,51 @@ inline void scale_by_gain(const acc_t* __restrict q, const acc_t* __restrict gai
   for (int64_t j = 0; j < d; ++j) qg[j] = q[j] * gain[j];
 }
 
+// The sums of one source row v: ss = sum v^2, p = sum qg v and, with kGrad, da = sum dh v. Each runs in
+// four independent chains, one per quarter of the row, added in a fixed order: one chain of vector FMAs
+// waits on every add's latency (4 cycles per vector), four keep the FMA units busy.
+template <bool kGrad, typename W>
+inline void row_sums(const W* __restrict v, const W* __restrict qg, const W* __restrict dh, int64_t d, W& ss, W& p,
+                     W& da) {
+  const int64_t m = d / 4;
+  const W *v1 = v + m, *v2 = v + 2 * m, *v3 = v + 3 * m;
+  const W *g1 = qg + m, *g2 = qg + 2 * m, *g3 = qg + 3 * m;
+  const W *h1 = kGrad ? dh + m : nullptr, *h2 = kGrad ? dh + 2 * m : nullptr, *h3 = kGrad ? dh + 3 * m : nullptr;
+  W s0 = 0, s1 = 0, s2 = 0, s3 = 0, p0 = 0, p1 = 0, p2 = 0, p3 = 0, a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, p0, p1, p2, p3, a0, a1, a2, a3)
+  for (int64_t j = 0; j < m; ++j) {
+    s0 += v[j] * v[j];
+    s1 += v1[j] * v1[j];
+    s2 += v2[j] * v2[j];
+    s3 += v3[j] * v3[j];
+    p0 += qg[j] * v[j];
+    p1 += g1[j] * v1[j];
+    p2 += g2[j] * v2[j];
+    p3 += g3[j] * v3[j];
+    if constexpr (kGrad) {
+      a0 += dh[j] * v[j];
+      a1 += h1[j] * v1[j];
+      a2 += h2[j] * v2[j];
+      a3 += h3[j] * v3[j];
+    }
+  }
+  for (int64_t j = 4 * m; j < d; ++j) {
+    s0 += v[j] * v[j];
+    p0 += qg[j] * v[j];
+    if constexpr (kGrad) a0 += dh[j] * v[j];
+  }
+  ss = (s0 + s1) + (s2 + s3);
+  p = (p0 + p1) + (p2 + p3);
+  da = (a0 + a1) + (a2 + a3);
+}
+
 // Folds one source row v into the running softmax `state` and the weighted sum `acc` (started by the first).
 // Returns 0 when its sums (of squares, <q*g, v>) are finite, NaN when one overflowed or met a NaN/inf.
 template <typename acc_t>
 inline acc_t fold_source(const acc_t* __restrict v, const acc_t* __restrict qg, int64_t d, acc_t inv_d,
                         acc_t inv_sqrt_d, acc_t eps, bool first, SoftmaxState<acc_t>& state, acc_t* __restrict acc) {
-  acc_t ss = 0, p = 0;
-#pragma omp simd reduction(+ : ss, p)
-  for (int64_t j = 0; j < d; ++j) {
-    ss += v[j] * v[j];
-    p += qg[j] * v[j];
-  }
+  acc_t ss, p, unused;
+  row_sums<false>(v, qg, static_cast<const acc_t*>(nullptr), d, ss, p, unused);
   const acc_t s = route_score(rstd_from_sumsq(ss, inv_d, eps), p, inv_sqrt_d);
   acc_t scale, w;
   if (first) {
@@ -175,8 +214,8 @@ void route_fwd_kernel(const Tiling& g, const RouteInputs<scalar_t, q_t>& in, sca
     std::vector<double> fallback;
     const q_t* q_cached = nullptr;  // a static or per-batch q row is scaled by gain once per chunk
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / g.n_blocks, t0 = task % g.n_blocks * kTokenBlock;
-      const int64_t t_end = std::min(g.T, t0 + kTokenBlock);
+      const int64_t b = task / g.n_blocks, t0 = task % g.n_blocks * g.block;
+      const int64_t t_end = std::min(g.T, t0 + g.block);
       for (int64_t t = t0; t < t_end; ++t) {
         const q_t* q_row = in.q + b * g.q_sb + t * g.q_st;
         if (q_row != q_cached) scale_by_gain(widen(q_row, q_buf, d), in.gain, qg, d);
@@ -229,13 +268,8 @@ W bwd_token(const RouteInputs<scalar_t, q_t>& in, int64_t b, int64_t t, int64_t 
   const size_t n = in.src.size();
   for (size_t i = 0; i < n; ++i) {
     const W* __restrict v = widen(in.src[i].row(b, t), vbuf, d);
-    W ss = 0, p = 0, da = 0;
-#pragma omp simd reduction(+ : ss, p, da)
-    for (int64_t j = 0; j < d; ++j) {
-      ss += v[j] * v[j];
-      p += qg[j] * v[j];
-      da += dh_row[j] * v[j];
-    }
+    W ss, p, da;
+    row_sums<true>(v, qg, dh_row, d, ss, p, da);
     zero += (ss + p + da) * W(0);
     const RouteGrad<W> gr = route_grad(rstd_from_sumsq(ss, inv_d, eps), p, da, delta, lse, inv_d, inv_sqrt_d);
     W* __restrict dv = staging(dsrc[i] + tok * d, out_buf);
@@ -277,8 +311,8 @@ void route_bwd_kernel(const Tiling& g, const RouteInputs<scalar_t, q_t>& in, con
     const q_t* q_cached = nullptr;
     const acc_t* q_tok = nullptr;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / g.n_blocks, t0 = task % g.n_blocks * kTokenBlock;
-      const int64_t t_end = std::min(g.T, t0 + kTokenBlock);
+      const int64_t b = task / g.n_blocks, t0 = task % g.n_blocks * g.block;
+      const int64_t t_end = std::min(g.T, t0 + g.block);
       acc_t* __restrict part = partial + task * d;
       std::fill(part, part + d, acc_t(0));
       for (int64_t t = t0; t < t_end; ++t) {
@@ -323,7 +357,9 @@ void reduce_partials(const Tiling& g, const RouteInputs<scalar_t, q_t>& in, cons
                      acc_t* dgain) {
   const q_t* q = in.q;
   const acc_t* gain = in.gain;
-  at::parallel_for(0, g.d, kColumnBlock, [&](int64_t j0, int64_t j1) {
+  // Column chunks of at least kColumnBlock columns and kMinTaskWork partial-sum reads each.
+  const int64_t grain = std::max(kColumnBlock, kMinTaskWork / std::max<int64_t>(1, g.B * g.n_blocks));
+  at::parallel_for(0, g.d, grain, [&](int64_t j0, int64_t j1) {
     std::vector<acc_t> row(j1 - j0), total(j1 - j0, acc_t(0));
     for (int64_t b = 0; b < g.B; ++b) {
       std::fill(row.begin(), row.end(), acc_t(0));

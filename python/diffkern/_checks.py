@@ -75,8 +75,9 @@ def tensor_list(op: str, name: str, value) -> list:
     TypeError naming the argument (or the entry)."""
     if not isinstance(value, (list, tuple)):
         raise TypeError(f"{op}: {name} must be a list or tuple of tensors, got {_kind(value)}")
-    for i, t in enumerate(value):
-        tensor(op, f"{name}[{i}]", t)
+    if not all(isinstance(t, torch.Tensor) for t in value):  # one pass on the common path; names the entry below
+        for i, t in enumerate(value):
+            tensor(op, f"{name}[{i}]", t)
     return list(value)
 
 

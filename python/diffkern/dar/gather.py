@@ -104,7 +104,12 @@ def dar_gather(sources, addends, q, gain, eps: float = 1e-6):
     Bad arguments raise TypeError or ValueError naming the argument, as dar_route.
     """
     sources, q, gain, eps = check_public(sources, q, gain, eps, OP)
-    addends = _checks.tensor_list(OP, "addends", addends)
+    return gather(sources, _checks.tensor_list(OP, "addends", addends), q, gain, eps)
+
+
+def gather(sources: list, addends: list, q, gain, eps: float):
+    """`dar_gather` without its Python type checks, for callers whose arguments are tensors by construction
+    (DARRouter): lists of tensors and a float eps. The op checks everything else."""
     with _nvtx.range("diffkern.dar_gather"):
         h, _, c = _ops.ops.dar_gather_fwd(sources, addends, q, gain, eps)
     return h, (c if addends else None)

@@ -30,10 +30,17 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .. import _checks
-from .gather import dar_gather
+from .gather import gather
 
 QUERIES = ("static", "timestep", "dynamic")
 SUMMARIES = ("sum", "last")
+
+
+def _entry(params: nn.ParameterList, p: int) -> torch.Tensor:
+    """params[p] for an index in range by construction, without ParameterList.__getitem__'s index
+    normalisation (paid twice per routing op, it cost as much as the rest of the router's Python). The
+    entry is read where the module registered it, so functional_call's and load_state_dict's are seen."""
+    return params._parameters[str(p)]
 
 
 class DARHistory:
@@ -112,7 +119,7 @@ class DARRouter(nn.Module):
         if query == "timestep" and not cond_dim:
             raise ValueError("DARRouter: query='timestep' needs cond_dim (the size of the conditioning vector)")
         self.d, self.n_sublayers, self.chunk_size = d, n_sublayers, chunk_size
-        self.query, self.summary, self.eps = query, summary, eps
+        self.query, self.summary, self.eps = query, summary, _checks.number("DARRouter", "eps", eps)
         n_pos = n_sublayers + 1
         self.gain = nn.ParameterList([torch.ones(d) for _ in range(n_pos)])
         if query == "dynamic":
@@ -144,20 +151,20 @@ class DARRouter(nn.Module):
             v = hist.newest
             return F.linear(v, self.query_proj[p].weight.to(v.dtype))
         if self.query == "static":
-            return self.query_weight[p]
+            return _entry(self.query_weight, p)
         if cond is None or cond.dim() != 2 or cond.shape[-1] != self.cond_dim:
             got = None if cond is None else list(cond.shape)
             raise ValueError(f"DARRouter: query='timestep' needs cond [B, {self.cond_dim}], got {got}")
         e = self.time_embed[p]
-        return self.query_weight[p] + e(cond.to(e.weight.dtype))
+        return _entry(self.query_weight, p) + e(cond.to(e.weight.dtype))
 
     def _route(self, p: int, hist: DARHistory, sources, addends, cond):
         src = hist.x0
-        q, gain = self._q(p, hist, cond), self.gain[p]
+        q, gain = self._q(p, hist, cond), _entry(self.gain, p)
         allowed = (src.dtype, torch.float32 if src.dtype != torch.float64 else torch.float64)
         q = q if q.dtype in allowed else q.to(src.dtype)
         gain = gain if gain.dtype in allowed else gain.to(src.dtype)
-        return dar_gather(sources, addends, q, gain, self.eps)
+        return gather(sources, addends, q, gain, self.eps)
 
     def forward(self, hist: DARHistory, l: int, cond: torch.Tensor | None = None) -> torch.Tensor:
         """The input h_l [B, T, d] of sublayer l; call after the outputs of sublayers 0..l-1 were appended."""
