@@ -105,7 +105,8 @@ _registry.register("rmdm_recurse", check_recurse, triton=triton_kernels.function
 _registry.register("rmdm_recurse_bwd", check_recurse_bwd, reference=reference.recurse_bwd,
                    cuda=lambda *args: torch.ops.diffkern.rmdm_recurse_bwd_cuda(*args))
 _registry.register("rmdm_recurse_keep", check_recurse, reference=_keep_reference)
-_registry.register("rmdm_recurse_keep_bwd", check_recurse_keep_bwd, reference=_recomputing(reference.recurse_bwd),
+_registry.register("rmdm_recurse_keep_bwd", check_recurse_keep_bwd, cuda_twin="rmdm_recurse_bwd",
+                   reference=_recomputing(reference.recurse_bwd),
                    cuda=_recomputing(lambda *args: torch.ops.diffkern.rmdm_recurse_bwd_cuda(*args)))
 
 
