@@ -226,9 +226,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> keep_bwd_kernel(
     bw.dw.emplace_back(kBlockParams);
     for (Param i : {kLn1W, kLn1B, kLn2W, kLn2B}) bw.dw[k][i] = at::zeros({geo.d}, opts);
   }
-  bw.dy = at::empty({geo.K * bw.dy_block()}, opts);
-  bw.scratch_d = at::empty({bw.M, geo.d}, opts), bw.scratch_d2 = at::empty({bw.M, geo.d}, opts);
-  bw.scratch_f = at::empty({bw.M, geo.f}, opts);
+  static thread_local at::Tensor dy_slot, scratch_slot;  // reused across calls: see reusable
+  bw.dy = reusable(dy_slot, geo.K * bw.dy_block(), opts);
+  const at::Tensor scratch = reusable(scratch_slot, bw.M * (2 * geo.d + geo.f), opts);
+  bw.scratch_d = scratch.narrow(0, 0, bw.M * geo.d).view({bw.M, geo.d});
+  bw.scratch_d2 = scratch.narrow(0, bw.M * geo.d, bw.M * geo.d).view({bw.M, geo.d});
+  bw.scratch_f = scratch.narrow(0, 2 * bw.M * geo.d, bw.M * geo.f).view({bw.M, geo.f});
   at::Tensor dh = at::zeros({bw.M, geo.d}, opts);
   for (int64_t it = n_iter - 1; it >= 0; --it) {
     dh.add_(dstates[it].reshape({bw.M, geo.d}));

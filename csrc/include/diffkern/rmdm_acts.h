@@ -12,6 +12,10 @@
 
 #include <cstdint>
 
+#include <ATen/core/Tensor.h>
+
+#include "diffkern/check.h"
+
 namespace diffkern::rmdm {
 
 enum ActField : int { kXhat1, kRstd1, kU1, kQkv, kProbs, kCtx, kAttnOut, kXhat2, kRstd2, kU2, kZ, kG, kMlpOut,
@@ -39,5 +43,19 @@ struct ActsLayout {
     return base + k * per_block + offset[f] + it * rows * width[f];
   }
 };
+
+// A [numel] tensor for the training pair's large buffers: the tensor in `slot` when nothing else holds its storage
+// (autograd has released the last step's activations) and it has this size and dtype, else a new one put in the
+// slot. A fresh tensor of tens of MB faults in every page of its storage on every step (glibc hands large
+// blocks back to the system when they are freed), which cost a third of a B=1 Sudoku training step; reusing one
+// touches the same pages. The slot keeps the storage of the last call's size for the thread's lifetime.
+inline at::Tensor reusable(at::Tensor& slot, int64_t numel, const at::TensorOptions& options) {
+  if (!(slot.defined() && slot.use_count() == 1 && slot.storage().use_count() == 1 && slot.numel() == numel &&
+        slot.dtype() == options.dtype())) {
+    slot = at::Tensor();  // the old storage goes first: the new one may take its place
+    slot = empty_output({numel}, options);
+  }
+  return slot;
+}
 
 }  // namespace diffkern::rmdm
