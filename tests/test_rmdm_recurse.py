@@ -171,6 +171,26 @@ def test_backward_saves_the_inputs_states_and_weights_and_kept_activations(backe
     assert sum(saved) == expected + keeps * op.acts_numel(B, T, d, f, heads, K, n_iter, True)
 
 
+def test_kept_activations_of_a_live_graph_are_never_reused():
+    """The training pair reuses its activation buffer only once autograd released it: a second forward while the
+    first graph is alive (gradient accumulation), and a backward run twice (retain_graph), give the gradients
+    of a lone call."""
+    shape = (2, 5, 6, 10, 2, 2, 3)
+    blocks, x, _ = make(shape, torch.float32, False)
+    weights = [w.requires_grad_() for b in blocks for w in b]
+    xs = [x.requires_grad_(), (2 * x).detach().requires_grad_()]
+
+    def grads(states, retain=False):
+        return torch.autograd.grad(states.square().sum(), [*xs[:1], *weights], retain_graph=retain)
+    alone = grads(diffkern.recurse(blocks, xs[0], 3, heads=2, recompute=False))
+    first = diffkern.recurse(blocks, xs[0], 3, heads=2, recompute=False)
+    second = diffkern.recurse(blocks, xs[1], 3, heads=2, recompute=False)  # alive while `first` runs backward
+    for got in (grads(first, retain=True), grads(first)):
+        for a, b in zip(got, alone):
+            assert torch.equal(a, b)
+    assert second.requires_grad
+
+
 def test_opcheck_and_compile():
     blocks, x, mod = make((2, 3, 4, 6, 2, 2, 2), torch.float32, True)
     weights = [w for b in blocks for w in b]
