@@ -6,7 +6,8 @@ interleaved samples (diffkern.bench.timer.time_interleaved, all in one process) 
   * the training step (forward + torch.autograd.grad of every input) of eager PyTorch, torch.compile (Inductor;
     recompiled per thread count), diffkern (the training pair keeping the forward's activations, the default) and
     diffkern with recompute=True (the backward re-running each iteration: the step before the training pair);
-  * its phases: diffkern's forward (rmdm_recurse_keep) and backward (rmdm_recurse_keep_bwd) alone;
+  * its phases: diffkern's forward (rmdm_recurse_keep) alone, and the rest of the step (backward: step - forward;
+    no activations are held between calls, so both reuse the op's buffers as a training loop does);
   * "mm floor": the step's GEMMs, as eager runs them (torch.mm / torch.bmm per block evaluation at the same
     shapes and thread count), timed alone: the time the GEMM library needs for the step's FLOPs.
 and the GEMM efficiency of each candidate, (mm floor) / (its step time): above 1 means its GEMMs run faster than
@@ -77,14 +78,10 @@ def case_row(B: int, threads: int, rounds: int) -> dict:
            (("eager", rmdm.eager_recurse), ("compile", compiled), ("diffkern", dk(None)),
             ("diffkern recompute", dk(True)))}
     fns["compile"]()
-    states, acts = torch.ops.diffkern.rmdm_recurse_keep(x, weights, None, rmdm.L, rmdm.HEADS, rmdm.EPS)
-    dstates = torch.zeros_like(states)
-    dstates[-1] = dout
     fns["diffkern fwd"] = lambda: torch.ops.diffkern.rmdm_recurse_keep(x, weights, None, rmdm.L, rmdm.HEADS, rmdm.EPS)
-    fns["diffkern bwd"] = lambda: torch.ops.diffkern.rmdm_recurse_keep_bwd(dstates, x, states, acts, weights, None,
-                                                                           rmdm.HEADS, rmdm.EPS)
     fns["mm floor"] = _gemm_floor(B, 81, 256, p["f"], p["heads"], p["K"], p["L"])
     t = {k: v.median_s * 1e3 for k, v in time_interleaved(fns, 2, rounds, 0.2).items()}
+    t["diffkern bwd (step - fwd)"] = t["diffkern"] - t["diffkern fwd"]
     flops = step_flops(B, 81, 256, p["f"], p["K"], p["L"])
     return {"case": case.name, "threads": threads, "ms": t, "step_gflop": flops / 1e9,
             "eager/diffkern": t["eager"] / t["diffkern"], "compile/diffkern": t["compile"] / t["diffkern"],
