@@ -258,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor> rmdm_recurse_keep_cpu(const at::Tensor& x, at
   at::Tensor states = empty_output({n_iter, g.B, g.T, g.d}, x.options());
   const ActsLayout layout(g.B, g.T, g.d, g.f, g.heads, n_iter, mod.has_value());
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  static thread_local at::Tensor slot;
+  static thread_local std::shared_ptr<ReusedBlock> slot;
   at::Tensor acts = reusable(slot, layout.numel(g.K), x.options().dtype(acc));
   if (g.B * g.T == 0) return {states, acts};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rmdm_recurse_keep", [&] {

@@ -226,7 +226,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> keep_bwd_kernel(
     bw.dw.emplace_back(kBlockParams);
     for (Param i : {kLn1W, kLn1B, kLn2W, kLn2B}) bw.dw[k][i] = at::zeros({geo.d}, opts);
   }
-  static thread_local at::Tensor dy_slot, scratch_slot;  // reused across calls: see reusable
+  static thread_local std::shared_ptr<ReusedBlock> dy_slot, scratch_slot;  // reused across calls: see reusable
   bw.dy = reusable(dy_slot, geo.K * bw.dy_block(), opts);
   const at::Tensor scratch = reusable(scratch_slot, bw.M * (2 * geo.d + geo.f), opts);
   bw.scratch_d = scratch.narrow(0, 0, bw.M * geo.d).view({bw.M, geo.d});

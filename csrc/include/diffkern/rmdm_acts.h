@@ -10,11 +10,13 @@
 // the ungated branch outputs a and y (the gates' gradients need them).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <memory>
 
 #include <ATen/core/Tensor.h>
-
-#include "diffkern/check.h"
+#include <ATen/ops/from_blob.h>
+#include <c10/core/CPUAllocator.h>
 
 namespace diffkern::rmdm {
 
@@ -44,18 +46,28 @@ struct ActsLayout {
   }
 };
 
-// A [numel] tensor for the training pair's large buffers: the tensor in `slot` when nothing else holds its storage
-// (autograd has released the last step's activations) and it has this size and dtype, else a new one put in the
-// slot. A fresh tensor of tens of MB faults in every page of its storage on every step (glibc hands large
-// blocks back to the system when they are freed), which cost a third of a B=1 Sudoku training step; reusing one
-// touches the same pages. The slot keeps the storage of the last call's size for the thread's lifetime.
-inline at::Tensor reusable(at::Tensor& slot, int64_t numel, const at::TensorOptions& options) {
-  if (!(slot.defined() && slot.use_count() == 1 && slot.storage().use_count() == 1 && slot.numel() == numel &&
-        slot.dtype() == options.dtype())) {
-    slot = at::Tensor();  // the old storage goes first: the new one may take its place
-    slot = empty_output({numel}, options);
+// Memory for the training pair's large buffers, reused across calls: a fresh tensor of tens of MB faults in
+// every page of its storage on every step (glibc hands large blocks back to the system when they are freed),
+// which cost a third of a B=1 Sudoku training step. `reusable` hands out the slot's block while no tensor made
+// from it is alive (the last step's activations were released by autograd), else a new block that becomes the
+// slot's; a block lives while its slot or a tensor made from it does. The slot keeps the last call's size.
+struct ReusedBlock {
+  c10::DataPtr mem;
+  int64_t bytes = 0;
+  std::atomic<bool> in_use{false};
+};
+
+inline at::Tensor reusable(std::shared_ptr<ReusedBlock>& slot, int64_t numel, const at::TensorOptions& options) {
+  const int64_t bytes = numel * static_cast<int64_t>(options.dtype().itemsize());
+  if (!slot || slot->in_use.load() || slot->bytes != bytes) {
+    slot.reset();  // the old block goes first (unless a tensor holds it): the new one may take its place
+    slot = std::make_shared<ReusedBlock>();
+    slot->mem = c10::GetCPUAllocator()->allocate(bytes);
+    slot->bytes = bytes;
   }
-  return slot;
+  slot->in_use.store(true);
+  std::shared_ptr<ReusedBlock> block = slot;
+  return at::from_blob(block->mem.get(), {numel}, [block](void*) { block->in_use.store(false); }, options);
 }
 
 }  // namespace diffkern::rmdm
