@@ -26,7 +26,7 @@
 namespace diffkern::rmdm {
 namespace {
 
-constexpr int64_t kRowGrain = 64;  // rows per task of the per-row passes, as in the forward
+constexpr int64_t kRowGrain = 16;  // rows per task of the per-row passes (B*T = 81 rows: 6 tasks to balance)
 // Most rows (n_iter * B * T) of a weight gradient on the packed micro-kernel: its panels of x (rows * 32 values)
 // stay within L2 up to here; longer reductions go to ATen's blocked GEMM.
 constexpr int64_t kPackedGradRows = 2048;
