@@ -86,7 +86,10 @@ def rmdm_calls():
     x, mod = randn(B, T, d, seed=70), (0.3 * randn(B, 1, 6, d, seed=71)).detach().requires_grad_()
     states = torch.ops.diffkern.rmdm_recurse(x, weights, mod, 2, heads, 1e-5).detach()
     bwd = (randn(*states.shape, seed=72), x, states.requires_grad_(), weights, mod, heads, 1e-5)
+    acts = torch.ops.diffkern.rmdm_recurse_keep(x, weights, mod, 2, heads, 1e-5)[1].detach()
     return {"rmdm_recurse": (x, weights, mod, 2, heads, 1e-5), "rmdm_recurse_bwd": bwd, "rmdm_recurse_bwd_cuda": bwd,
+            "rmdm_recurse_keep": (x, weights, mod, 2, heads, 1e-5),
+            "rmdm_recurse_keep_bwd": (*bwd[:3], acts, *bwd[3:]),
             "rmdm_sudoku": (2, 40, 7), "rmdm_sudoku_count": (torch.ops.diffkern.rmdm_sudoku(2, 40, 7)[0], 2)}
 
 
@@ -106,14 +109,15 @@ OPS_OF = {
     grpo_calls: ("flow_sde_step", "flow_sde_step_cuda", "grpo_log_prob", "grpo_log_prob_cuda", "grpo_log_prob_bwd",
                  "grpo_log_prob_bwd_cuda", "grpo_iso_loss"),
     ntrk_calls: ("ntrk_step", "ntrk_step_cuda", "ntrk_step_bwd", "twoos_project", "twoos_band_table"),
-    rmdm_calls: ("rmdm_recurse", "rmdm_recurse_bwd", "rmdm_recurse_bwd_cuda", "rmdm_sudoku", "rmdm_sudoku_count"),
+    rmdm_calls: ("rmdm_recurse", "rmdm_recurse_bwd", "rmdm_recurse_bwd_cuda", "rmdm_recurse_keep",
+                 "rmdm_recurse_keep_bwd", "rmdm_sudoku", "rmdm_sudoku_count"),
     sinks_calls: ("sink_mass", "sink_attention_fwd", "sink_topk", "sink_suppress", "sink_record"),
 }
 # The ops that refuse a derivative (backward ops, the cuda backends' internal ops, the forward-only sink ops).
 REFUSING = {"dar_route_bwd", "dar_route_bwd_cuda", "dar_gather_bwd", "grpo_log_prob_bwd", "grpo_log_prob_bwd_cuda",
-            "rmdm_recurse_bwd", "rmdm_recurse_bwd_cuda", "dar_route_fwd_cuda", "grpo_log_prob_cuda", "ntrk_step_cuda",
-            "ntrk_step_bwd",
-            "sink_mass", "sink_attention_fwd", "sink_suppress"}
+            "rmdm_recurse_bwd", "rmdm_recurse_bwd_cuda", "rmdm_recurse_keep_bwd", "dar_route_fwd_cuda",
+            "grpo_log_prob_cuda", "ntrk_step_cuda", "ntrk_step_bwd", "sink_mass", "sink_attention_fwd",
+            "sink_suppress"}
 SAMPLES = {name: calls for calls, names in OPS_OF.items() for name in names}  # op -> its sample's builder
 OPCHECKED = sorted(set(SAMPLES) | set(NO_TENSORS))
 

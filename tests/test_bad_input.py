@@ -469,6 +469,7 @@ rows("recurse", {
     "mod shape": kw_call(recurse, recurse_in, Raises(ValueError, "mod"), mod=randn(2, 1, 6, 7)),
     "mod numpy": kw_call(recurse, recurse_in, Raises(TypeError, "mod"), mod=np.zeros((2, 1, 6, 8), np.float32)),
     "eps 0": kw_call(recurse, recurse_in, Raises(ValueError, "eps"), eps=0.0),
+    "recompute 1": kw_call(recurse, recurse_in, Raises(TypeError, "recompute"), recompute=1),
     "float64": kw_call(recurse, edit(recurse_in, x=lambda kw: kw["x"].double(), block_params=lambda kw: [
         [w.double() for w in blk] for blk in kw["block_params"]]), REC_REF),
     "zero batch": kw_call(recurse, edit(recurse_in, x=lambda kw: kw["x"][:0]), REC_REF),
@@ -489,6 +490,23 @@ rows("rmdm_recurse_bwd", {
     "3-d states": kw_call(recurse_bwd, edit(recurse_bwd_in, states=lambda kw: kw["states"][0]),
                           Raises(ValueError, "states")),
     "dstates shape": kw_call(recurse_bwd, edit(recurse_bwd_in, dstates=lambda kw: kw["dstates"][:1]),
+                             Raises(ValueError, "dstates")),
+})
+
+
+def keep_bwd_in(acts=lambda acts: acts):
+    """rmdm_recurse_keep_bwd's arguments with the activations rmdm_recurse_keep returned, edited by `acts`."""
+    kw = recurse_bwd_in()
+    kw["states"], kept = torch.ops.diffkern.rmdm_recurse_keep(kw["x"], kw["weights"], None, 2, 2, 1e-5)
+    return dict(kw, acts=acts(kept))
+
+
+keep_bwd = torch.ops.diffkern.rmdm_recurse_keep_bwd
+rows("rmdm_recurse_keep_bwd", {  # acts read by the layout of the other arguments: any other tensor is refused
+    "acts short": kw_call(keep_bwd, lambda: keep_bwd_in(lambda a: a[:-1]), Raises(ValueError, "acts")),
+    "acts float64": kw_call(keep_bwd, lambda: keep_bwd_in(lambda a: a.double()), Raises(ValueError, "acts")),
+    "acts empty (the reference's)": kw_call(keep_bwd, lambda: keep_bwd_in(lambda a: a[:0]), Raises(ValueError, "acts")),
+    "dstates shape": kw_call(keep_bwd, edit(keep_bwd_in, dstates=lambda kw: kw["dstates"][:1]),
                              Raises(ValueError, "dstates")),
 })
 mdm = RecursiveMDM(vocab=9, d=8, heads=2, K=1, L=2, seq_len=81)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import diffkern
-from diffkern.rmdm import reference
+from diffkern.rmdm import op, reference
 from diffkern.testing.backends import backends_under_test, device_for, forced, supports
 from diffkern.testing.numerics import assert_close_to_oracle, oracle_with_spread
 
@@ -103,6 +103,13 @@ def params(dtypes, backends=BACKENDS):
     return [(b, dt) for b in backends for dt in dtypes if supports(b, dt)]
 
 
+def bwd_params(dtypes):
+    """params of the backward's backends, the CPU kernels' both ways: the training pair keeping the forward's
+    activations (recompute=None, the default for these sizes) and the recomputing backward (recompute=True)."""
+    return [pytest.param(b, dt, rc, id=f"{b}-{str(dt).removeprefix('torch.')}" + ("-recompute" if rc else ""))
+            for b, dt in params(dtypes, BWD_BACKENDS) for rc in ((None, True) if b == "cpu" else (None,))]
+
+
 @pytest.mark.parametrize("with_mod", (False, True), ids=("plain", "adaln"))
 @pytest.mark.parametrize("shape", SHAPES, ids=ids)
 @pytest.mark.parametrize("backend,dtype", params((torch.float64, torch.float32, torch.bfloat16)))
@@ -122,8 +129,8 @@ def test_forward_matches_the_plain_block_applied_n_iter_times(backend, dtype, sh
 
 @pytest.mark.parametrize("with_mod", (False, True), ids=("plain", "adaln"))
 @pytest.mark.parametrize("shape", SHAPES, ids=ids)
-@pytest.mark.parametrize("backend,dtype", params((torch.float64, torch.float32, torch.bfloat16), BWD_BACKENDS))
-def test_backward_matches_autograd_through_the_plain_blocks(backend, dtype, shape, with_mod):
+@pytest.mark.parametrize("backend,dtype,recompute", bwd_params((torch.float64, torch.float32, torch.bfloat16)))
+def test_backward_matches_autograd_through_the_plain_blocks(backend, dtype, recompute, shape, with_mod):
     device = device_for(backend)
     blocks, x, mod = make(shape, dtype, with_mod, device=device)
     heads, n_iter = shape[4], shape[6]
@@ -133,7 +140,7 @@ def test_backward_matches_autograd_through_the_plain_blocks(backend, dtype, shap
     dstates = torch.randn((n_iter, *x.shape), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     forward = backend if backend in BACKENDS else ("triton" if device.type == "cuda" else "cpu")
     with forced(forward):
-        states = diffkern.recurse(blocks, x, n_iter, heads=heads, mod=mod, return_all=True)
+        states = diffkern.recurse(blocks, x, n_iter, heads=heads, mod=mod, return_all=True, recompute=recompute)
     with forced(backend):
         grads = [g.cpu() for g in torch.autograd.grad(states, leaves, dstates.to(device, dtype))]
     oracle, spreads = plain_oracle(shape, x, blocks, mod, dstates)
@@ -143,19 +150,45 @@ def test_backward_matches_autograd_through_the_plain_blocks(backend, dtype, shap
         assert_close_to_oracle(g, o, p.cpu(), f"grad of leaf {i}", spread)
 
 
+@pytest.mark.parametrize("recompute,limit", ((True, op.KEEP_LIMIT_BYTES), (None, op.KEEP_LIMIT_BYTES), (None, 0),
+                                             (False, 0)), ids=("recompute", "keep-rule", "over-limit", "keep"))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_backward_saves_only_the_inputs_states_and_weights(backend):
-    """Per-iteration recomputation: autograd keeps x, the n_iter states, the weights and mod, nothing else."""
-    shape = (2, 5, 6, 10, 2, 2, 3)
+def test_backward_saves_the_inputs_states_and_weights_and_kept_activations(backend, recompute, limit, monkeypatch):
+    """Recomputation (any backend but the CPU kernels, recompute=True, or kept tensors over KEEP_LIMIT_BYTES):
+    autograd keeps x, the n_iter states, the weights and mod, nothing else. The CPU kernels' training pair
+    (recompute=False, or None within the limit) keeps rmdm_recurse_keep's activations (acts_numel) too."""
+    monkeypatch.setattr(op, "KEEP_LIMIT_BYTES", limit)
+    shape = B, T, d, f, heads, K, n_iter = (2, 5, 6, 10, 2, 2, 3)
     blocks, x, mod = make(shape, torch.float32, True)
     for t in [x, mod, *[w for b in blocks for w in b]]:
         t.requires_grad_(True)
     saved = []
     with forced(backend), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t,
                                                                     lambda t: t):
-        diffkern.recurse(blocks, x, shape[6], heads=shape[4], mod=mod, return_all=True)
-    expected = x.numel() * (1 + shape[6]) + mod.numel() + sum(w.numel() for b in blocks for w in b)
-    assert sum(saved) == expected
+        diffkern.recurse(blocks, x, n_iter, heads=heads, mod=mod, return_all=True, recompute=recompute)
+    expected = x.numel() * (1 + n_iter) + mod.numel() + sum(w.numel() for b in blocks for w in b)
+    keeps = backend == "cpu" and (recompute is False or (recompute is None and limit > 0))
+    assert sum(saved) == expected + keeps * op.acts_numel(B, T, d, f, heads, K, n_iter, True)
+
+
+def test_kept_activations_of_a_live_graph_are_never_reused():
+    """The training pair reuses its activation buffer only once autograd released it: a second forward while the
+    first graph is alive (gradient accumulation), and a backward run twice (retain_graph), give the gradients
+    of a lone call."""
+    shape = (2, 5, 6, 10, 2, 2, 3)
+    blocks, x, _ = make(shape, torch.float32, False)
+    weights = [w.requires_grad_() for b in blocks for w in b]
+    xs = [x.requires_grad_(), (2 * x).detach().requires_grad_()]
+
+    def grads(states, retain=False):
+        return torch.autograd.grad(states.square().sum(), [*xs[:1], *weights], retain_graph=retain)
+    alone = grads(diffkern.recurse(blocks, xs[0], 3, heads=2, recompute=False))
+    first = diffkern.recurse(blocks, xs[0], 3, heads=2, recompute=False)
+    second = diffkern.recurse(blocks, xs[1], 3, heads=2, recompute=False)  # alive while `first` runs backward
+    for got in (grads(first, retain=True), grads(first)):
+        for a, b in zip(got, alone):
+            assert torch.equal(a, b)
+    assert second.requires_grad
 
 
 def test_opcheck_and_compile():

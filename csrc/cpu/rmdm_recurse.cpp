@@ -7,8 +7,10 @@
 // output GEMM with the gated residual, LN2 (+adaLN), packed W_1 GEMM + gelu, packed W_2 GEMM + gated
 // residual. Traffic per call: x and the weights read once, the n_iter states written once; the
 // activations (M * (7d + f) values and B * heads * T^2 scores) live in per-call buffers that stay in
-// cache at the Sudoku shapes.
+// cache at the Sudoku shapes. The training forward (rmdm_recurse_keep) is the same loop writing every
+// block evaluation's intermediates into the activations its backward reads (diffkern/rmdm_acts.h).
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 #include <ATen/Dispatch.h>
@@ -16,12 +18,14 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_softmax.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/gelu.h>
 #include <torch/library.h>
 
 #include "convert.h"
 #include "diffkern/check.h"
+#include "diffkern/rmdm_acts.h"
 #include "diffkern/rmdm_args.h"
 #include "diffkern/rmdm_gemm.h"
 #include "diffkern/rmdm_math.h"
@@ -40,12 +44,46 @@ struct Block {
 
 template <typename acc_t>
 struct Buffers {
-  std::vector<acc_t> h, u, qkv, scores, ctx, a, z;
+  std::vector<acc_t> h, u, qkv, scores, probs, ctx, a, z;
   void resize(int64_t B, int64_t T, int64_t d, int64_t f, int64_t heads) {
     h.resize(B * T * d), u.resize(B * T * d), qkv.resize(B * T * 3 * d), scores.resize(B * heads * T * T);
-    ctx.resize(B * T * d), a.resize(B * T * d), z.resize(B * T * f);
+    probs.resize(B * heads * T * T), ctx.resize(B * T * d), a.resize(B * T * d), z.resize(B * T * f);
   }
 };
+
+// Where one block evaluation writes its intermediates: the per-call buffers (inference: xhat1 null), or
+// slices of the kept activations (diffkern/rmdm_acts.h), which also get the LayerNorms' normalised rows
+// xhat and reciprocal deviations rstd, and (with adaLN) the ungated branch outputs a and y.
+template <typename acc_t>
+struct BlockOut {
+  acc_t *xhat1, *rstd1, *u1, *qkv, *probs, *ctx, *a, *xhat2, *rstd2, *u2, *z, *g, *y;
+
+  static BlockOut scratch(Buffers<acc_t>& b) {
+    return {nullptr, nullptr, b.u.data(), b.qkv.data(), b.probs.data(), b.ctx.data(), b.a.data(),
+            nullptr, nullptr, b.u.data(), b.z.data(), b.z.data(), b.a.data()};
+  }
+
+  static BlockOut kept(const ActsLayout& l, acc_t* acts, int64_t k, int64_t it, bool with_mod, Buffers<acc_t>& b) {
+    const auto at = [&](ActField f) { return l.at(acts, k, f, it); };
+    return {at(kXhat1), at(kRstd1), at(kU1), at(kQkv), at(kProbs), at(kCtx), with_mod ? at(kAttnOut) : b.a.data(),
+            at(kXhat2), at(kRstd2), at(kU2), at(kZ), at(kG), with_mod ? at(kMlpOut) : b.a.data()};
+  }
+};
+
+// norm_row, also writing xhat = (h - mean) rstd and rstd when xhat is not null (the same arithmetic).
+template <typename acc_t>
+void norm_row_keeping(const acc_t* h, int64_t d, const acc_t* w, const acc_t* b, const acc_t* shift,
+                      const acc_t* scale, acc_t eps, acc_t* u, acc_t* xhat, acc_t* rstd) {
+  if (!xhat) return norm_row(h, d, w, b, shift, scale, eps, u);
+  acc_t mean;
+  row_moments(h, d, eps, mean, *rstd);
+  const acc_t r = *rstd;
+#pragma omp simd
+  for (int64_t c = 0; c < d; ++c) {
+    xhat[c] = (h[c] - mean) * r;
+    u[c] = scale ? (xhat[c] * w[c] + b[c]) * (acc_t(1) + scale[c]) + shift[c] : xhat[c] * w[c] + b[c];
+  }
+}
 
 template <typename scalar_t, typename acc_t>
 void widen_into(const scalar_t* src, acc_t* dst, int64_t n) {
@@ -96,9 +134,10 @@ Workspace<acc_t>& workspace() {
 
 // ctx = softmax(q k^T / sqrt(dh)) v for every (sample, head), q/k/v read from the [M, 3d] qkv buffer.
 // Both products run on the packed micro-kernel: per head, k^T (scaled) and v are packed into panels, the
-// scores go to `scores` [B*heads*T, T], and the row softmax between them is ATen's vectorised one.
+// scores go to `scores` [B*heads*T, T], and the row softmax between them (ATen's vectorised one) to `probs`.
 template <typename acc_t>
-void attention(const acc_t* qkv, int64_t B, int64_t T, int64_t d, int64_t heads, acc_t* scores, acc_t* ctx) {
+void attention(const acc_t* qkv, int64_t B, int64_t T, int64_t d, int64_t heads, acc_t* scores, acc_t* probs,
+               acc_t* ctx) {
   const int64_t dh = d / heads;
   const acc_t scale = acc_t(1) / std::sqrt(acc_t(dh));
   at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
@@ -110,8 +149,9 @@ void attention(const acc_t* qkv, int64_t B, int64_t T, int64_t d, int64_t heads,
     }
   });
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const at::Tensor probs = at::_softmax(at::from_blob(scores, {B * heads * T, T}, options), -1, false);
-  const acc_t* pr = probs.const_data_ptr<acc_t>();
+  at::Tensor p = at::from_blob(probs, {B * heads * T, T}, options);
+  at::_softmax_out(p, at::from_blob(scores, {B * heads * T, T}, options), -1, false);
+  const acc_t* pr = probs;
   at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
     PackedWeight<acc_t> v;
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -130,39 +170,48 @@ void for_rows(int64_t B, int64_t T, const F& f) {
   });
 }
 
-// One pre-norm block on buf.h in place; mod (nullable) points at this block's [6, d] of sample 0,
-// sample b's at mod + b * mod_stride.
+// One pre-norm block on buf.h in place, its intermediates written to `o`; mod (nullable) points at this
+// block's [6, d] of sample 0, sample b's at mod + b * mod_stride.
 template <typename acc_t>
 void block_forward(const Block<acc_t>& w, const acc_t* mod, int64_t mod_stride, const Geometry& g, acc_t eps,
-                   Buffers<acc_t>& buf) {
+                   Buffers<acc_t>& buf, const BlockOut<acc_t>& o) {
   const int64_t d = g.d, f = g.f, M = g.B * g.T;
   const auto part = [&](int64_t b, ModPart p) { return mod ? mod + b * mod_stride + p * d : nullptr; };
+  const auto keep = [&](acc_t* p, int64_t r, int64_t width) { return p ? p + r * width : nullptr; };
   for_rows(g.B, g.T, [&](int64_t b, int64_t r) {
-    norm_row(buf.h.data() + r * d, d, w.ln1_w.data(), w.ln1_b.data(), part(b, kShift1), part(b, kScale1), eps,
-             buf.u.data() + r * d);
+    norm_row_keeping(buf.h.data() + r * d, d, w.ln1_w.data(), w.ln1_b.data(), part(b, kShift1), part(b, kScale1),
+                     eps, o.u1 + r * d, keep(o.xhat1, r, d), keep(o.rstd1, r, 1));
   });
-  packed_linear(buf.u.data(), M, d, w.qkv, buf.qkv.data(), 3 * d);
-  attention(buf.qkv.data(), g.B, g.T, d, g.heads, buf.scores.data(), buf.ctx.data());
-  packed_linear(buf.ctx.data(), M, d, w.o, buf.a.data(), d);
+  packed_linear(o.u1, M, d, w.qkv, o.qkv, 3 * d);
+  attention(o.qkv, g.B, g.T, d, g.heads, buf.scores.data(), o.probs, o.ctx);
+  packed_linear(o.ctx, M, d, w.o, o.a, d);
   for_rows(g.B, g.T, [&](int64_t b, int64_t r) {
-    acc_t *h = buf.h.data() + r * d, *u = buf.u.data() + r * d;
-    gated_add(h, buf.a.data() + r * d, part(b, kGate1), d);
-    norm_row(h, d, w.ln2_w.data(), w.ln2_b.data(), part(b, kShift2), part(b, kScale2), eps, u);
+    acc_t* h = buf.h.data() + r * d;
+    gated_add(h, o.a + r * d, part(b, kGate1), d);
+    norm_row_keeping(h, d, w.ln2_w.data(), w.ln2_b.data(), part(b, kShift2), part(b, kScale2), eps, o.u2 + r * d,
+                     keep(o.xhat2, r, d), keep(o.rstd2, r, 1));
   });
-  packed_linear(buf.u.data(), M, d, w.fc1, buf.z.data(), f);
-  // ATen's vectorised exact (erf) gelu, the function reference.block applies (F.gelu).
+  packed_linear(o.u2, M, d, w.fc1, o.z, f);
+  // ATen's vectorised exact (erf) gelu, the function reference.block applies (F.gelu); in place unless z is kept.
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  at::Tensor z = at::from_blob(buf.z.data(), {M * f}, options);
-  at::gelu_(z);
-  packed_linear(buf.z.data(), M, f, w.fc2, buf.a.data(), d);
+  at::Tensor z = at::from_blob(o.z, {M * f}, options);
+  if (o.g == o.z) {
+    at::gelu_(z);
+  } else {
+    at::Tensor gz = at::from_blob(o.g, {M * f}, options);
+    at::gelu_out(gz, z);
+  }
+  packed_linear(o.g, M, f, w.fc2, o.y, d);
   for_rows(g.B, g.T, [&](int64_t b, int64_t r) {
-    gated_add(buf.h.data() + r * d, buf.a.data() + r * d, part(b, kGate2), d);
+    gated_add(buf.h.data() + r * d, o.y + r * d, part(b, kGate2), d);
   });
 }
 
+// acts (nullable): where the training forward keeps the activations, laid out by `layout`.
 template <typename scalar_t>
 void recurse_kernel(const Geometry& g, const at::Tensor& x, at::TensorList weights, const at::Tensor* mod,
-                    int64_t n_iter, double eps, at::Tensor& states) {
+                    int64_t n_iter, double eps, at::Tensor& states, at::opmath_type<scalar_t>* acts,
+                    const ActsLayout& layout) {
   using acc_t = at::opmath_type<scalar_t>;
   Workspace<acc_t>& ws = workspace<acc_t>();
   pack_blocks<scalar_t, acc_t>(weights, ws.blocks);
@@ -175,7 +224,9 @@ void recurse_kernel(const Geometry& g, const at::Tensor& x, at::TensorList weigh
   scalar_t* out = states.mutable_data_ptr<scalar_t>();
   for (int64_t it = 0; it < n_iter; ++it) {
     for (int64_t k = 0; k < K; ++k) {
-      block_forward(blocks[k], mod ? m.data() + k * kMod * g.d : nullptr, mod_stride, g, acc_t(eps), buf);
+      const BlockOut<acc_t> o = acts ? BlockOut<acc_t>::kept(layout, acts, k, it, mod != nullptr, buf)
+                                     : BlockOut<acc_t>::scratch(buf);
+      block_forward(blocks[k], mod ? m.data() + k * kMod * g.d : nullptr, mod_stride, g, acc_t(eps), buf, o);
     }
     scalar_t* dst = out + it * M * g.d;
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -191,10 +242,31 @@ at::Tensor rmdm_recurse_cpu(const at::Tensor& x, at::TensorList weights, const s
   const Geometry g = check_recurse(x, weights, mod, n_iter, heads, eps);
   at::Tensor states = empty_output({n_iter, g.B, g.T, g.d}, x.options());
   if (g.B * g.T == 0) return states;
+  const ActsLayout none(0, 0, 0, 0, 0, 0, false);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rmdm_recurse", [&] {
-    recurse_kernel<scalar_t>(g, x, weights, mod ? &*mod : nullptr, n_iter, eps, states);
+    recurse_kernel<scalar_t>(g, x, weights, mod ? &*mod : nullptr, n_iter, eps, states, nullptr, none);
   });
   return states;
+}
+
+// The training forward: the states and the activations rmdm_recurse_keep_bwd reads (diffkern/rmdm_acts.h), in
+// the accumulation type (float32, float64 for float64 x).
+std::tuple<at::Tensor, at::Tensor> rmdm_recurse_keep_cpu(const at::Tensor& x, at::TensorList weights,
+                                                         const std::optional<at::Tensor>& mod, int64_t n_iter,
+                                                         int64_t heads, double eps) {
+  const Geometry g = check_recurse(x, weights, mod, n_iter, heads, eps);
+  at::Tensor states = empty_output({n_iter, g.B, g.T, g.d}, x.options());
+  const ActsLayout layout(g.B, g.T, g.d, g.f, g.heads, n_iter, mod.has_value());
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  static thread_local std::shared_ptr<ReusedBlock> slot;
+  at::Tensor acts = reusable(slot, layout.numel(g.K), x.options().dtype(acc));
+  if (g.B * g.T == 0) return {states, acts};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rmdm_recurse_keep", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    recurse_kernel<scalar_t>(g, x, weights, mod ? &*mod : nullptr, n_iter, eps, states,
+                             acts.mutable_data_ptr<acc_t>(), layout);
+  });
+  return {states, acts};
 }
 
 }  // namespace
@@ -202,4 +274,5 @@ at::Tensor rmdm_recurse_cpu(const at::Tensor& x, at::TensorList weights, const s
 
 TORCH_LIBRARY_IMPL(diffkern, CPU, m) {
   m.impl("rmdm_recurse", TORCH_FN(diffkern::rmdm::rmdm_recurse_cpu));
+  m.impl("rmdm_recurse_keep", TORCH_FN(diffkern::rmdm::rmdm_recurse_keep_cpu));
 }

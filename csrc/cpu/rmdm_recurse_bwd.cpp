@@ -169,18 +169,6 @@ at::Tensor block_backward(const at::Tensor& dout, const Saved& s, const std::vec
                                 dw[kLn1B], dm);
 }
 
-void check_bwd(const at::Tensor& dstates, const at::Tensor& x, const at::Tensor& states, at::TensorList weights,
-               const std::optional<at::Tensor>& mod, int64_t heads, double eps) {
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"states", &states}, {"dstates", &dstates}}) {
-    TORCH_CHECK_VALUE(t->dim() == 4 && t->size(0) >= 1, kOp, ": ", name,
-                      " must be [n_iter, B, T, d] with n_iter >= 1, got shape ", t->sizes());
-  }
-  check_recurse(x, weights, mod, states.size(0), heads, eps);
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"states", &states}, {"dstates", &dstates}}) {
-    check_like(name, *t, {states.size(0), x.size(0), x.size(1), x.size(2)}, x);
-  }
-}
-
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> rmdm_recurse_bwd_aten(
     const at::Tensor& dstates, const at::Tensor& x, const at::Tensor& states, at::TensorList weights,
     const std::optional<at::Tensor>& mod, int64_t heads, double eps) {

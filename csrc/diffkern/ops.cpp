@@ -157,6 +157,15 @@ TORCH_LIBRARY_FRAGMENT(diffkern, m) {
   m.def(
       "rmdm_recurse_bwd(Tensor dstates, Tensor x, Tensor states, Tensor[] weights, Tensor? mod, int heads,"
       " float eps) -> (Tensor dx, Tensor[] dweights, Tensor dmod)");
+  // The training pair on CPU (python/diffkern/rmdm/op.py picks it when the kept activations fit its memory
+  // rule): the forward also returns every block evaluation's activations (a flat tensor in the accumulation
+  // type, csrc/include/diffkern/rmdm_acts.h), and the backward reads them instead of recomputing.
+  m.def(
+      "rmdm_recurse_keep(Tensor x, Tensor[] weights, Tensor? mod, int n_iter, int heads, float eps)"
+      " -> (Tensor states, Tensor acts)");
+  m.def(
+      "rmdm_recurse_keep_bwd(Tensor dstates, Tensor x, Tensor states, Tensor acts, Tensor[] weights, Tensor? mod,"
+      " int heads, float eps) -> (Tensor dx, Tensor[] dweights, Tensor dmod)");
   // The backward's GPU backend (the `cuda` backend of rmdm_recurse_bwd): the same C++ as the CPU kernel,
   // composed of ATen ops, so on CUDA tensors its GEMMs run in cuBLAS (csrc/cpu/rmdm_recurse_bwd.cpp).
   m.def(

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -55,6 +56,20 @@ inline Geometry check_recurse(const at::Tensor& x, at::TensorList weights, const
   TORCH_CHECK_VALUE(heads >= 1 && d % heads == 0, kOp, ": heads must be >= 1 and divide d = ", d, ", got ", heads);
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, kOp, ": eps must be finite and > 0, got ", eps);
   return {B, T, d, f, heads, K};
+}
+
+// The checks of the backward ops' shared arguments (python/diffkern/rmdm/op.py `check_recurse_bwd`).
+inline Geometry check_bwd(const at::Tensor& dstates, const at::Tensor& x, const at::Tensor& states, at::TensorList weights,
+                      const std::optional<at::Tensor>& mod, int64_t heads, double eps) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"states", &states}, {"dstates", &dstates}}) {
+    TORCH_CHECK_VALUE(t->dim() == 4 && t->size(0) >= 1, kOp, ": ", name,
+                      " must be [n_iter, B, T, d] with n_iter >= 1, got shape ", t->sizes());
+  }
+  const Geometry g = check_recurse(x, weights, mod, states.size(0), heads, eps);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"states", &states}, {"dstates", &dstates}}) {
+    check_like(name, *t, {states.size(0), x.size(0), x.size(1), x.size(2)}, x);
+  }
+  return g;
 }
 
 }  // namespace diffkern::rmdm

@@ -32,14 +32,18 @@ struct PackedWeight {
 
   // Packs the [n, kd] matrix with element (j, k) at src[j * stride_n + k * stride_k], times `scale`, and a
   // zero bias: the per-head K^T and V operands of attention.
+  // Panels are packed in parallel when there is kMinParallelWork to share (a backward's weights and inputs).
   void pack_strided(const acc_t* src, int64_t n, int64_t kd, int64_t stride_n, int64_t stride_k, acc_t scale) {
     N = n, Kd = kd, panels = (n + kNR - 1) / kNR;
     data.assign(panels * kd * kNR, acc_t(0));
     bias.assign(n, acc_t(0));
-    for (int64_t p = 0; p < panels; ++p)
-      for (int64_t k = 0; k < kd; ++k)
-        for (int64_t j = p * kNR; j < std::min(n, (p + 1) * kNR); ++j)
-          data[(p * kd + k) * kNR + j % kNR] = src[j * stride_n + k * stride_k] * scale;
+    at::parallel_for(0, panels, std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(kd * kNR, 1)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p)
+        for (int64_t k = 0; k < kd; ++k)
+          for (int64_t j = p * kNR; j < std::min(n, (p + 1) * kNR); ++j)
+            data[(p * kd + k) * kNR + j % kNR] = src[j * stride_n + k * stride_k] * scale;
+    });
   }
 
   // Packs W [N, Kd] (row stride Kd) and its bias, both of storage type T, widening to acc_t.

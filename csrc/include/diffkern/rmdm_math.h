@@ -15,17 +15,24 @@ constexpr int64_t kMod = 6;
 enum Param : int64_t { kLn1W, kLn1B, kWqkv, kBqkv, kWo, kBo, kLn2W, kLn2B, kW1, kB1, kW2, kB2 };
 enum ModPart : int64_t { kShift1, kScale1, kGate1, kShift2, kScale2, kGate2 };
 
+// The mean of one row of d and its reciprocal standard deviation 1 / sqrt(var + eps) (LayerNorm's statistics).
+template <typename T>
+DIFFKERN_HD inline void row_moments(const T* h, int64_t d, T eps, T& mean, T& rstd) {
+  T sum = 0, var = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < d; ++c) sum += h[c];
+  mean = sum / T(d);
+#pragma omp simd reduction(+ : var)
+  for (int64_t c = 0; c < d; ++c) var += (h[c] - mean) * (h[c] - mean);
+  rstd = T(1) / sqrt(var / T(d) + eps);
+}
+
 // u = ((h - mean) * rstd * w + b) * (1 + scale) + shift over one row of d; scale/shift may be null.
 template <typename T>
 DIFFKERN_HD inline void norm_row(const T* h, int64_t d, const T* w, const T* b, const T* shift, const T* scale,
                                  T eps, T* u) {
-  T mean = 0, var = 0;
-#pragma omp simd reduction(+ : mean)
-  for (int64_t c = 0; c < d; ++c) mean += h[c];
-  mean /= T(d);
-#pragma omp simd reduction(+ : var)
-  for (int64_t c = 0; c < d; ++c) var += (h[c] - mean) * (h[c] - mean);
-  const T rstd = T(1) / sqrt(var / T(d) + eps);
+  T mean, rstd;
+  row_moments(h, d, eps, mean, rstd);
   if (scale) {
 #pragma omp simd
     for (int64_t c = 0; c < d; ++c) u[c] = ((h[c] - mean) * rstd * w[c] + b[c]) * (T(1) + scale[c]) + shift[c];

@@ -1,8 +1,8 @@
 """Shared-block recursion as torch ops: argument checks, fake (meta) implementations, backends, API.
 
-The schemas live in csrc/diffkern/ops.cpp, the C++ CPU kernels in csrc/cpu/rmdm_recurse.cpp and the
+The schemas live in csrc/diffkern/ops.cpp, the C++ CPU kernels in csrc/cpu/rmdm_recurse*.cpp and the
 autograd in csrc/diffkern/autograd_rmdm.cpp; this file registers everything Python owns for
-diffkern::rmdm_recurse / rmdm_recurse_bwd.
+diffkern::rmdm_recurse / rmdm_recurse_bwd and the CPU training pair rmdm_recurse_keep / rmdm_recurse_keep_bwd.
 """
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ triton_kernels = _lazy.module(__package__ + ".triton_kernels")  # imports triton
 from .reference import N_MOD, N_PARAMS, param_shapes
 
 OP = "recurse"
+# The training pair (forward keeping its activations, backward reading them) is used while the activations and
+# the backward's kept output gradients take at most this many bytes; beyond it the backward recomputes.
+KEEP_LIMIT_BYTES = 2 << 30
 
 
 def _fail(msg: str):
@@ -61,10 +64,50 @@ def check_recurse_bwd(dstates, x, states, weights, mod, heads, eps) -> None:
         _check_like(name, t, (states.shape[0], *x.shape), x)
 
 
+def acts_numel(B, T, d, f, heads, K, n_iter, with_mod) -> int:
+    """Elements of rmdm_recurse_keep's activations (csrc/include/diffkern/rmdm_acts.h): per row of every block
+    evaluation, two normalised rows, u1, qkv, ctx, u2 (8d), two deviations, the attention probabilities
+    (heads * T), z and gelu(z) (2f), and with adaLN the two ungated branch outputs (2d)."""
+    return K * n_iter * B * T * (8 * d + 2 + heads * T + 2 * f + (2 * d if with_mod else 0))
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _acts_shape(x, weights, mod, n_iter, heads):
+    B, T, d = x.shape
+    return (acts_numel(B, T, d, weights[8].shape[0], heads, len(weights) // N_PARAMS, n_iter, mod is not None),)
+
+
+def check_recurse_keep_bwd(dstates, x, states, acts, weights, mod, heads, eps) -> None:
+    check_recurse_bwd(dstates, x, states, weights, mod, heads, eps)
+    shape = _acts_shape(x, weights, mod, states.shape[0], heads)
+    if acts.dim() != 1 or acts.shape[0] != shape[0] or acts.dtype != _acc_dtype(x) or not acts.is_contiguous() \
+            or acts.device != x.device:
+        _fail(f"acts must be the contiguous {str(_acc_dtype(x)).removeprefix('torch.')} [{shape[0]}] tensor "
+              f"rmdm_recurse_keep returned for these arguments, got {str(acts.dtype).removeprefix('torch.')} of "
+              f"shape {list(acts.shape)}")
+
+
+def _keep_reference(x, weights, mod, n_iter, heads, eps):
+    """The reference computes no activations: its acts are empty (rmdm_recurse_keep_bwd's CPU kernel refuses them)."""
+    return reference.recurse(x, weights, mod, n_iter, heads, eps), x.new_empty(0, dtype=_acc_dtype(x))
+
+
+def _recomputing(backend):
+    """rmdm_recurse_bwd's backend `backend` as one of rmdm_recurse_keep_bwd (acts unused: it recomputes)."""
+    return lambda dstates, x, states, acts, *rest: backend(dstates, x, states, *rest)
+
+
 _registry.register("rmdm_recurse", check_recurse, triton=triton_kernels.function("recurse_fwd"),
                    reference=reference.recurse)
 _registry.register("rmdm_recurse_bwd", check_recurse_bwd, reference=reference.recurse_bwd,
                    cuda=lambda *args: torch.ops.diffkern.rmdm_recurse_bwd_cuda(*args))
+_registry.register("rmdm_recurse_keep", check_recurse, reference=_keep_reference)
+_registry.register("rmdm_recurse_keep_bwd", check_recurse_keep_bwd, cuda_twin="rmdm_recurse_bwd",
+                   reference=_recomputing(reference.recurse_bwd),
+                   cuda=_recomputing(lambda *args: torch.ops.diffkern.rmdm_recurse_bwd_cuda(*args)))
 
 
 @_registry.register_fake("diffkern::rmdm_recurse")
@@ -73,16 +116,48 @@ def _recurse_fake(x, weights, mod, n_iter, heads, eps):
     return x.new_empty((n_iter, *x.shape))
 
 
-@_registry.register_fake("diffkern::rmdm_recurse_bwd")
-@_registry.register_fake("diffkern::rmdm_recurse_bwd_cuda")
-def _recurse_bwd_fake(dstates, x, states, weights, mod, heads, eps):
-    check_recurse_bwd(dstates, x, states, weights, mod, heads, eps)
+@_registry.register_fake("diffkern::rmdm_recurse_keep")
+def _recurse_keep_fake(x, weights, mod, n_iter, heads, eps):
+    check_recurse(x, weights, mod, n_iter, heads, eps)
+    return x.new_empty((n_iter, *x.shape)), x.new_empty(_acts_shape(x, weights, mod, n_iter, heads),
+                                                        dtype=_acc_dtype(x))
+
+
+def _bwd_outputs(x, weights, mod):
     return x.new_empty(x.shape), [w.new_empty(w.shape) for w in weights], \
         (mod.new_empty(mod.shape) if mod is not None else x.new_empty(0))
 
 
+@_registry.register_fake("diffkern::rmdm_recurse_bwd")
+@_registry.register_fake("diffkern::rmdm_recurse_bwd_cuda")
+def _recurse_bwd_fake(dstates, x, states, weights, mod, heads, eps):
+    check_recurse_bwd(dstates, x, states, weights, mod, heads, eps)
+    return _bwd_outputs(x, weights, mod)
+
+
+@_registry.register_fake("diffkern::rmdm_recurse_keep_bwd")
+def _recurse_keep_bwd_fake(dstates, x, states, acts, weights, mod, heads, eps):
+    check_recurse_keep_bwd(dstates, x, states, acts, weights, mod, heads, eps)
+    return _bwd_outputs(x, weights, mod)
+
+
+def _keeps(x, weights, mod, n_iter, heads, eps, recompute) -> bool:
+    """Whether this call runs the training pair: a CPU call that records a graph, on the C++ kernels (no other
+    backend forced), unless `recompute` says otherwise or (recompute None) the kept tensors pass KEEP_LIMIT_BYTES."""
+    if recompute or x.device.type != "cpu" or any(b != "cpu" for b in _registry._forced) \
+            or not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, mod, *weights)):
+        return False
+    if recompute is not None:
+        return True
+    check_recurse(x, weights, mod, n_iter, heads, eps)  # the sizes below assume valid shapes
+    B, T, d = x.shape
+    dy = len(weights) // N_PARAMS * n_iter * B * T * (5 * d + weights[8].shape[0])  # the backward's kept gradients
+    kept = _acts_shape(x, weights, mod, n_iter, heads)[0] + dy
+    return kept * _acc_dtype(x).itemsize <= KEEP_LIMIT_BYTES
+
+
 def recurse(block_params, x: torch.Tensor, n_iter: int, *, heads: int, mod: torch.Tensor | None = None,
-            eps: float = 1e-5, return_all: bool = False) -> torch.Tensor:
+            eps: float = 1e-5, return_all: bool = False, recompute: bool | None = None) -> torch.Tensor:
     """Applies the same K pre-norm transformer blocks n_iter times: R-MDM's shared-block recursion.
 
         h_0 = x,   h_k = Blocks(h_{k-1}),   Blocks = block_K o ... o block_1,
@@ -97,10 +172,18 @@ def recurse(block_params, x: torch.Tensor, n_iter: int, *, heads: int, mod: torc
         n_iter: iterations L >= 1. heads: attention heads (divides d). eps: the LayerNorm epsilon.
         mod: optional adaLN modulation [B, K, 6, d] (shift1, scale1, gate1, shift2, scale2, gate2).
         return_all: return every iteration's state (deep supervision) instead of the last.
+        recompute: whether the backward recomputes the forward instead of reading kept activations (CPU).
+            None (default): keep them when they fit KEEP_LIMIT_BYTES (2 GiB, with the backward's kept output
+            gradients: K * n_iter * B * T * (13d + 3f + heads * T + 2) floats, 2d more with mod).
     Returns:
         h_L [B, T, d], or states [n_iter, B, T, d] with states[k-1] = h_k.
-    Autograd: gradients reach x, every weight and mod. Saved: x, the n_iter states (the iteration inputs)
-        and the weights; the backward re-runs one iteration at a time (memory: one iteration's activations).
+    Autograd: gradients reach x, every weight and mod. Recomputing (CUDA tensors, another backend forced, or
+        recompute=True): saved are x, the n_iter states (the iteration inputs) and the weights; the backward
+        re-runs one iteration at a time (memory: one iteration's activations). Keeping (CPU kernels): the
+        training forward diffkern::rmdm_recurse_keep also saves every block evaluation's activations
+        (acts_numel floats) and the backward reads them, with each weight gradient one GEMM over all
+        iterations' rows. Its activation and gradient buffers are reused by the next call once autograd has
+        released them (each thread keeps the last call's, so a training loop does not fault in fresh pages).
         Double backward is refused: differentiating the gradient raises NotImplementedError naming
         diffkern.recurse.
     Backends: C++ (CPU tensors), reference (plain PyTorch, any device). On CUDA tensors the forward is Triton
@@ -122,8 +205,14 @@ def recurse(block_params, x: torch.Tensor, n_iter: int, *, heads: int, mod: torc
     for k, blk in enumerate(block_params):
         weights += _checks.tensor_list(OP, f"block_params[{k}]", blk)
     n_iter, heads = _checks.integer(OP, "n_iter", n_iter), _checks.integer(OP, "heads", heads)
+    if recompute is not None and not isinstance(recompute, bool):
+        raise TypeError(f"{OP}: recompute must be None or a bool, got {type(recompute).__name__}")
+    eps = _checks.number(OP, "eps", eps)
     with _nvtx.range("diffkern.recurse"):
-        states = _ops.ops.rmdm_recurse(x, weights, mod, n_iter, heads, _checks.number(OP, "eps", eps))
+        if _keeps(x, weights, mod, n_iter, heads, eps, recompute):
+            states = _ops.ops.rmdm_recurse_keep(x, weights, mod, n_iter, heads, eps)[0]
+        else:
+            states = _ops.ops.rmdm_recurse(x, weights, mod, n_iter, heads, eps)
     return states if return_all else states[-1]
 
 

@@ -1,0 +1,282 @@
+// CPU backward of R-MDM's shared-block recursion from the activations its training forward kept
+// (rmdm_recurse_keep_bwd; schema in csrc/diffkern/ops.cpp, layout in diffkern/rmdm_acts.h).
+//
+// Nothing is recomputed. Iterations and blocks are walked backwards; each block's input gradient is formed
+// from the kept activations: the input-gradient GEMMs dx = dy W and attention's backward on the forward
+// kernel's packed micro-kernel (diffkern/rmdm_gemm.h, each W packed once per call), gelu's backward on ATen's
+// kernel, the softmax and LayerNorm backward per row. The gradients reaching each matrix's output (dy) are kept for all
+// iterations, so each weight gradient is one GEMM over the n_iter * B * T rows of all iterations
+// (dW = dy^T x, db = the column sums of dy) after the walk, instead of one per iteration over B * T rows.
+// Everything runs in the accumulation type; the outputs are rounded to x's dtype once.
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "diffkern/check.h"
+#include "diffkern/rmdm_acts.h"
+#include "diffkern/rmdm_args.h"
+#include "diffkern/rmdm_gemm.h"
+#include "diffkern/rmdm_math.h"
+
+namespace diffkern::rmdm {
+namespace {
+
+constexpr int64_t kRowGrain = 16;  // rows per task of the per-row passes (B*T = 81 rows: 6 tasks to balance)
+// Most rows (n_iter * B * T) of a weight gradient on the packed micro-kernel: its panels of x (rows * 32 values)
+// stay within L2 up to here; longer reductions go to ATen's blocked GEMM.
+constexpr int64_t kPackedGradRows = 2048;
+
+// The output gradients kept per block for the weight gradients, [n_iter * M, width] each, in this order.
+enum DyField : int { kDqkv, kDattn, kDz, kDmlp, kDyFields };
+
+template <typename acc_t>
+struct BlockWeights {
+  at::Tensor p[kBlockParams];                       // the block's tensors in the accumulation type
+  PackedWeight<acc_t> qkv_t, o_t, fc1_t, fc2_t;     // W [n, k] packed as the [k, n] operand of dy W
+
+  BlockWeights(const at::Tensor* w, at::ScalarType acc) {
+    for (int i = 0; i < kBlockParams; ++i) p[i] = w[i].to(acc).contiguous();
+    const auto pack = [&](PackedWeight<acc_t>& t, Param i) {
+      const int64_t n = p[i].size(0), k = p[i].size(1);
+      t.pack_strided(p[i].const_data_ptr<acc_t>(), k, n, 1, k, acc_t(1));
+    };
+    pack(qkv_t, kWqkv), pack(o_t, kWo), pack(fc1_t, kW1), pack(fc2_t, kW2);
+  }
+
+  const acc_t* operator[](Param i) const { return p[i].const_data_ptr<acc_t>(); }
+};
+
+template <typename F>
+void for_rows(int64_t M, const F& f) {
+  at::parallel_for(0, M, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) f(r);
+  });
+}
+
+template <typename acc_t>
+at::Tensor view(const acc_t* p, at::IntArrayRef sizes) {
+  return at::from_blob(const_cast<acc_t*>(p), sizes, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+// One call's state: geometry, kept activations and output gradients, and the accumulated gradients.
+template <typename acc_t>
+struct Backward {
+  Geometry g;
+  int64_t M, n_iter;
+  ActsLayout layout;
+  const acc_t* acts;
+  const acc_t* mod;                        // [B, K, 6, d] in acc_t, or null
+  at::Tensor dm;                           // [B, K, 6, d] or undefined
+  std::vector<BlockWeights<acc_t>> w;
+  std::vector<std::vector<at::Tensor>> dw;  // per block: d ln1_w, d ln1_b, d ln2_w, d ln2_b (indices by Param)
+  at::Tensor dy;                           // [K, kDyFields blocks of n_iter * M * width]
+  at::Tensor scratch_d, scratch_d2, scratch_f;
+
+  int64_t dy_width(int f) const { return f == kDqkv ? 3 * g.d : f == kDz ? g.f : g.d; }
+  int64_t dy_block() const { return n_iter * M * (5 * g.d + g.f); }
+  acc_t* dy_at(int64_t k, DyField f, int64_t it = 0) {
+    int64_t off = k * dy_block();
+    for (int i = 0; i < f; ++i) off += n_iter * M * dy_width(i);
+    return dy.mutable_data_ptr<acc_t>() + off + it * M * dy_width(f);
+  }
+  const acc_t* act(int64_t k, ActField f, int64_t it) const { return layout.at(acts, k, f, it); }
+  const acc_t* mod_part(int64_t b, int64_t k, ModPart p) const {
+    return mod + ((b * g.K + k) * kMod + p) * g.d;
+  }
+
+  // out[r] = gate_b * in[r] (gate null: a copy) for the M rows; with adaLN, dm's gate += sum_t in * branch.
+  void gate(int64_t k, ModPart p, const acc_t* in, const acc_t* branch, acc_t* out) {
+    const int64_t d = g.d;
+    if (mod) {
+      dm.select(1, k).select(1, p).add_((view(in, {g.B, g.T, d}) * view(branch, {g.B, g.T, d})).sum(1));
+    }
+    for_rows(M, [&](int64_t r) {
+      const acc_t* gt = mod ? mod_part(r / g.T, k, p) : nullptr;
+      const acc_t* src = in + r * d;
+      acc_t* dst = out + r * d;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) dst[c] = gt ? gt[c] * src[c] : src[c];
+    });
+  }
+
+  // The gradient through u = (xhat w + b)(1 + scale) + shift, xhat = (h - mean) rstd, added to dh; du is
+  // overwritten. Accumulates the LayerNorm weight and bias gradients and (adaLN) the shift and scale ones.
+  void norm_backward(int64_t k, int64_t it, ActField xhat_f, ActField rstd_f, Param lw, Param lb, ModPart shift,
+                     acc_t* du, acc_t* dh) {
+    const int64_t d = g.d;
+    const acc_t *xhat = act(k, xhat_f, it), *rstd = act(k, rstd_f, it), *wt = w[k][lw];
+    at::Tensor du_t = view(du, {g.B, g.T, d}), xhat_t = view(xhat, {g.B, g.T, d});
+    if (mod) {
+      at::Tensor dmk = dm.select(1, k);
+      dmk.select(1, shift).add_(du_t.sum(1));
+      dmk.select(1, shift + 1).add_((du_t * (xhat_t * w[k].p[lw] + w[k].p[lb])).sum(1));
+      du_t.mul_(view(mod, {g.B, g.K, kMod, d}).select(1, k).select(1, shift + 1).unsqueeze(1) + 1);
+    }
+    dw[k][lw].add_((du_t * xhat_t).sum({0, 1}));
+    dw[k][lb].add_(du_t.sum({0, 1}));
+    for_rows(M, [&](int64_t r) {
+      const acc_t *dl = du + r * d, *xh = xhat + r * d;
+      acc_t s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+      for (int64_t c = 0; c < d; ++c) s1 += dl[c] * wt[c], s2 += dl[c] * wt[c] * xh[c];
+      const acc_t m1 = s1 / acc_t(d), m2 = s2 / acc_t(d), rs = rstd[r];
+      acc_t* o = dh + r * d;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) o[c] += rs * (dl[c] * wt[c] - m1 - xh[c] * m2);
+    });
+  }
+
+  // dctx [M, d] -> dqkv [M, 3d] through ctx = softmax(q k^T / sqrt(dh)) v, per (sample, head) on the packed
+  // micro-kernel as in the forward: dP = dctx V^T, dS = P (dP - rowsum(dP P)) / sqrt(dh), dQ = dS K,
+  // dK = dS^T Q, dV = P^T dctx (the transposed left operands copied, the right ones packed).
+  void attention_backward(int64_t k, int64_t it, const acc_t* dctx, acc_t* dqkv) {
+    const int64_t T = g.T, H = g.heads, d = g.d, dh = d / H;
+    const acc_t scale = acc_t(1) / std::sqrt(acc_t(dh));
+    const acc_t *qkv = act(k, kQkv, it), *probs = act(k, kProbs, it);
+    at::parallel_for(0, g.B * H, 1, [&](int64_t begin, int64_t end) {
+      PackedWeight<acc_t> w;
+      std::vector<acc_t> ds(T * T), tr(T * T);
+      const auto transpose = [&](const acc_t* src) {
+        for (int64_t i = 0; i < T; ++i)
+          for (int64_t j = 0; j < T; ++j) tr[j * T + i] = src[i * T + j];
+      };
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / H, h = bh % H;
+        const acc_t* q = qkv + b * T * 3 * d + h * dh;  // row stride 3d; k at q + d, v at q + 2d
+        const acc_t* p = probs + bh * T * T;
+        const acc_t* dc = dctx + b * T * d + h * dh;
+        acc_t* out = dqkv + b * T * 3 * d + h * dh;
+        w.pack_strided(q + 2 * d, T, dh, 3 * d, 1, acc_t(1));
+        packed_linear(dc, T, d, w, ds.data(), T);
+        for (int64_t i = 0; i < T; ++i) {
+          acc_t* r = ds.data() + i * T;
+          const acc_t* pr = p + i * T;
+          acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t j = 0; j < T; ++j) dot += r[j] * pr[j];
+#pragma omp simd
+          for (int64_t j = 0; j < T; ++j) r[j] = pr[j] * (r[j] - dot) * scale;
+        }
+        w.pack_strided(q + d, dh, T, 1, 3 * d, acc_t(1));
+        packed_linear(ds.data(), T, T, w, out, 3 * d);
+        transpose(ds.data());
+        w.pack_strided(q, dh, T, 1, 3 * d, acc_t(1));
+        packed_linear(tr.data(), T, T, w, out + d, 3 * d);
+        transpose(p);
+        w.pack_strided(dc, dh, T, 1, d, acc_t(1));
+        packed_linear(tr.data(), T, T, w, out + 2 * d, 3 * d);
+      }
+    });
+  }
+
+  // One block evaluation's backward: dh [M, d] holds the gradient of its output and receives its input's.
+  void block(int64_t k, int64_t it, acc_t* dh) {
+    const int64_t d = g.d, f = g.f;
+    const BlockWeights<acc_t>& wk = w[k];
+    acc_t *du = scratch_d.mutable_data_ptr<acc_t>(), *dctx = scratch_d2.mutable_data_ptr<acc_t>();
+    acc_t *dmlp = dy_at(k, kDmlp, it), *dz = dy_at(k, kDz, it), *dattn = dy_at(k, kDattn, it);
+    acc_t* dqkv = dy_at(k, kDqkv, it);
+    gate(k, kGate2, dh, mod ? act(k, kMlpOut, it) : nullptr, dmlp);
+    packed_linear(dmlp, M, d, wk.fc2_t, scratch_f.mutable_data_ptr<acc_t>(), f);
+    at::Tensor dz_t = view(dz, {M, f});
+    at::gelu_backward_out(dz_t, scratch_f, view(act(k, kZ, it), {M, f}));
+    packed_linear(dz, M, f, wk.fc1_t, du, d);
+    norm_backward(k, it, kXhat2, kRstd2, kLn2W, kLn2B, kShift2, du, dh);
+    gate(k, kGate1, dh, mod ? act(k, kAttnOut, it) : nullptr, dattn);
+    packed_linear(dattn, M, d, wk.o_t, dctx, d);
+    attention_backward(k, it, dctx, dqkv);
+    packed_linear(dqkv, M, 3 * d, wk.qkv_t, du, d);
+    norm_backward(k, it, kXhat1, kRstd1, kLn1W, kLn1B, kShift1, du, dh);
+  }
+
+  // dW = dy^T x and db = the column sums of dy over all iterations' rows: dy field f, input x of block k. Up to
+  // kPackedGradRows rows on the packed micro-kernel (x packed, dy transposed), beyond them ATen's GEMM.
+  std::pair<at::Tensor, at::Tensor> weight_grad(int64_t k, DyField f, ActField x) {
+    const int64_t rows = n_iter * M, n = dy_width(f), n_in = layout.width[x];
+    const at::Tensor dy_all = view(dy_at(k, f), {rows, n});
+    at::Tensor db = dy_all.sum(0);
+    if (rows > kPackedGradRows) return {at::mm(dy_all.t(), view(act(k, x, 0), {rows, n_in})), db};
+    const at::Tensor dy_t = dy_all.t().contiguous();
+    PackedWeight<acc_t> x_t;
+    x_t.pack_strided(act(k, x, 0), n_in, rows, 1, n_in, acc_t(1));
+    at::Tensor dw = at::empty({n, n_in}, dy_all.options());
+    packed_linear(dy_t.const_data_ptr<acc_t>(), n, rows, x_t, dw.mutable_data_ptr<acc_t>(), n_in);
+    return {dw, db};
+  }
+};
+
+template <typename scalar_t>
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> keep_bwd_kernel(
+    const Geometry& geo, const at::Tensor& dstates, const at::Tensor& x, const at::Tensor& acts,
+    at::TensorList weights, const std::optional<at::Tensor>& mod, int64_t n_iter) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  const auto opts = x.options().dtype(acc);
+  Backward<acc_t> bw{geo, geo.B * geo.T, n_iter, ActsLayout(geo.B, geo.T, geo.d, geo.f, geo.heads, n_iter, mod.has_value()),
+                     acts.const_data_ptr<acc_t>(), nullptr};
+  const at::Tensor m = mod ? mod->to(acc).contiguous() : at::Tensor();
+  if (mod) bw.mod = m.const_data_ptr<acc_t>(), bw.dm = at::zeros(m.sizes(), opts);
+  for (int64_t k = 0; k < geo.K; ++k) {
+    bw.w.emplace_back(weights.data() + k * kBlockParams, acc);
+    bw.dw.emplace_back(kBlockParams);
+    for (Param i : {kLn1W, kLn1B, kLn2W, kLn2B}) bw.dw[k][i] = at::zeros({geo.d}, opts);
+  }
+  static thread_local std::shared_ptr<ReusedBlock> dy_slot, scratch_slot;  // reused across calls: see reusable
+  bw.dy = reusable(dy_slot, geo.K * bw.dy_block(), opts);
+  const at::Tensor scratch = reusable(scratch_slot, bw.M * (2 * geo.d + geo.f), opts);
+  bw.scratch_d = scratch.narrow(0, 0, bw.M * geo.d).view({bw.M, geo.d});
+  bw.scratch_d2 = scratch.narrow(0, bw.M * geo.d, bw.M * geo.d).view({bw.M, geo.d});
+  bw.scratch_f = scratch.narrow(0, 2 * bw.M * geo.d, bw.M * geo.f).view({bw.M, geo.f});
+  at::Tensor dh = at::zeros({bw.M, geo.d}, opts);
+  for (int64_t it = n_iter - 1; it >= 0; --it) {
+    dh.add_(dstates[it].reshape({bw.M, geo.d}));
+    for (int64_t k = geo.K - 1; k >= 0; --k) bw.block(k, it, dh.mutable_data_ptr<acc_t>());
+  }
+  std::vector<at::Tensor> dweights;
+  for (int64_t k = 0; k < geo.K; ++k) {
+    std::vector<at::Tensor>& dw = bw.dw[k];
+    std::tie(dw[kWqkv], dw[kBqkv]) = bw.weight_grad(k, kDqkv, kU1);
+    std::tie(dw[kWo], dw[kBo]) = bw.weight_grad(k, kDattn, kCtx);
+    std::tie(dw[kW1], dw[kB1]) = bw.weight_grad(k, kDz, kU2);
+    std::tie(dw[kW2], dw[kB2]) = bw.weight_grad(k, kDmlp, kG);
+    for (int i = 0; i < kBlockParams; ++i) dweights.push_back(dw[i].to(x.scalar_type()));
+  }
+  return {dh.view(x.sizes()).to(x.scalar_type()), dweights,
+          mod ? bw.dm.to(x.scalar_type()) : at::empty({0}, x.options())};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> rmdm_recurse_keep_bwd_cpu(
+    const at::Tensor& dstates, const at::Tensor& x, const at::Tensor& states, const at::Tensor& acts,
+    at::TensorList weights, const std::optional<at::Tensor>& mod, int64_t heads, double eps) {
+  const Geometry g = check_bwd(dstates, x, states, weights, mod, heads, eps);
+  const int64_t n_iter = states.size(0);
+  const ActsLayout layout(g.B, g.T, g.d, g.f, g.heads, n_iter, mod.has_value());
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_VALUE(acts.dim() == 1 && acts.size(0) == layout.numel(g.K) && acts.scalar_type() == acc &&
+                        acts.is_contiguous() && acts.device() == x.device(),
+                    kOp, ": acts must be the contiguous ", dtype_name(acc), " [", layout.numel(g.K),
+                    "] tensor rmdm_recurse_keep returned for these arguments, got ", dtype_name(acts.scalar_type()),
+                    " of shape ", acts.sizes());
+  if (g.B * g.T == 0) {
+    std::vector<at::Tensor> dweights;
+    for (const auto& w : weights) dweights.push_back(at::zeros_like(w));
+    return {at::zeros_like(x), dweights, mod ? at::zeros_like(*mod) : at::empty({0}, x.options())};
+  }
+  std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rmdm_recurse_keep_bwd", [&] {
+    out = keep_bwd_kernel<scalar_t>(g, dstates, x, acts, weights, mod, n_iter);
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace diffkern::rmdm
+
+TORCH_LIBRARY_IMPL(diffkern, CPU, m) {
+  m.impl("rmdm_recurse_keep_bwd", TORCH_FN(diffkern::rmdm::rmdm_recurse_keep_bwd_cpu));
+}
