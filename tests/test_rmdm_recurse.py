@@ -171,6 +171,15 @@ def test_backward_saves_the_inputs_states_and_weights_and_kept_activations(backe
     assert sum(saved) == expected + keeps * op.acts_numel(B, T, d, f, heads, K, n_iter, True)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cpu"])
+def test_the_training_pair_is_the_cpu_kernels_alone(backend):
+    """rmdm_recurse_keep's activations are laid out by the C++ kernels: another backend forced on it is refused,
+    naming the op and the backend, rather than returning tensors its fake does not describe."""
+    blocks, x, _ = make((2, 5, 6, 10, 2, 2, 3), torch.float32, False)
+    with forced(backend), pytest.raises(NotImplementedError, match=f"rmdm_recurse_keep has no '{backend}' backend"):
+        torch.ops.diffkern.rmdm_recurse_keep(x, [w for b in blocks for w in b], None, 3, 2, EPS)
+
+
 def test_kept_activations_of_a_live_graph_are_never_reused():
     """The training pair reuses its activation buffer only once autograd released it: a second forward while the
     first graph is alive (gradient accumulation), and a backward run twice (retain_graph), give the gradients

@@ -90,11 +90,6 @@ def check_recurse_keep_bwd(dstates, x, states, acts, weights, mod, heads, eps) -
               f"shape {list(acts.shape)}")
 
 
-def _keep_reference(x, weights, mod, n_iter, heads, eps):
-    """The reference computes no activations: its acts are empty (rmdm_recurse_keep_bwd's CPU kernel refuses them)."""
-    return reference.recurse(x, weights, mod, n_iter, heads, eps), x.new_empty(0, dtype=_acc_dtype(x))
-
-
 def _recomputing(backend):
     """rmdm_recurse_bwd's backend `backend` as one of rmdm_recurse_keep_bwd (acts unused: it recomputes)."""
     return lambda dstates, x, states, acts, *rest: backend(dstates, x, states, *rest)
@@ -104,7 +99,9 @@ _registry.register("rmdm_recurse", check_recurse, triton=triton_kernels.function
                    reference=reference.recurse)
 _registry.register("rmdm_recurse_bwd", check_recurse_bwd, reference=reference.recurse_bwd,
                    cuda=lambda *args: torch.ops.diffkern.rmdm_recurse_bwd_cuda(*args))
-_registry.register("rmdm_recurse_keep", check_recurse, reference=_keep_reference)
+# The training pair is the C++ CPU kernels' alone (`recurse` takes it only there): its activations' layout is
+# theirs, so no other backend could return what the fake promises; a forced one is refused, naming the op.
+_registry.register("rmdm_recurse_keep", check_recurse)
 _registry.register("rmdm_recurse_keep_bwd", check_recurse_keep_bwd, cuda_twin="rmdm_recurse_bwd",
                    reference=_recomputing(reference.recurse_bwd),
                    cuda=_recomputing(lambda *args: torch.ops.diffkern.rmdm_recurse_bwd_cuda(*args)))
