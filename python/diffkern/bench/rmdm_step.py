@@ -8,15 +8,12 @@ interleaved samples (diffkern.bench.timer.time_interleaved, all in one process) 
     diffkern with recompute=True (the backward re-running each iteration: the step before the training pair);
   * its phases: diffkern's forward (rmdm_recurse_keep) alone, and the rest of the step (backward: step - forward;
     no activations are held between calls, so both reuse the op's buffers as a training loop does);
-  * "mm floor": the step's GEMMs, as eager runs them (torch.mm / torch.bmm per block evaluation at the same
-    shapes and thread count), timed alone: the time the GEMM library needs for the step's FLOPs.
+  * "mm floor": the step's GEMMs (diffkern.bench.rmdm.block_gemms, K L block evaluations) run by torch.mm /
+    torch.bmm (diffkern.bench.machine.gemm_call) at the same shapes and thread count, timed alone: the time the
+    GEMM library needs for the step's FLOPs (RECURSE.flops, held to torch's FLOP counter by the tests).
 and the GEMM efficiency of each candidate, (mm floor) / (its step time): above 1 means its GEMMs run faster than
 the library's at these shapes. An eager step with efficiency e bounds any step doing the same GEMMs at the
 library's speed to 1/e times eager (the issue's 1.5x bar needs e <= 0.67 or GEMMs faster than the library's).
-
-FLOPs of one step (`step_flops`): 3 x the forward's, where one block evaluation's forward is
-2 M d (4d + 2f) (qkv, output, MLP projections) + 4 B T^2 d (scores and context), M = B T, times K L evaluations;
-the backward has twice the forward's GEMM FLOPs (input and weight gradients); recomputation adds one forward.
 """
 from __future__ import annotations
 
@@ -27,36 +24,19 @@ import torch
 from ..rmdm import op
 from ..rmdm.reference import N_PARAMS
 from . import rmdm
+from .machine import gemm_call
 from .timer import time_interleaved
-from .workload import requiring_grad, step_call
+from .workload import BWD, FWD, requiring_grad, step_call
 
 
-def step_flops(B: int, T: int, d: int, f: int, K: int, L: int, recompute: bool = False) -> int:
-    """GEMM FLOPs of one training step (forward and backward; recompute adds a forward)."""
-    forward = K * L * (2 * B * T * d * (4 * d + 2 * f) + 4 * B * T * T * d)
-    return (4 if recompute else 3) * forward
-
-
-def _gemm_floor(B: int, T: int, d: int, f: int, heads: int, K: int, L: int):
-    """A callable running one step's GEMMs as eager does them: per block evaluation, torch.mm for the 4
-    projections x (forward, input gradient, weight gradient) and torch.bmm for attention's 2 + 4 products."""
-    g = torch.Generator().manual_seed(0)
-    M, dh = B * T, d // heads
-
-    def r(*s):
-        return torch.randn(s, generator=g)
-    mats = [(r(M, a), r(a, b)) for a, b in ((d, 3 * d), (d, d), (d, f), (f, d))]  # forward
-    mats += [(r(M, b), r(b, a)) for a, b in ((d, 3 * d), (d, d), (d, f), (f, d))]  # input gradients
-    mats += [(r(b, M), r(M, a)) for a, b in ((d, 3 * d), (d, d), (d, f), (f, d))]  # weight gradients
-    q, p = r(B * heads, T, dh), r(B * heads, T, T)
-    bmms = [(q, q.transpose(1, 2))] * 2 + [(p, q)] * 4  # scores, context; backward: dP, dV, dQ, dK
+def _gemm_floor(case):
+    """One step's products (forward and backward of K L block evaluations) by torch.mm / torch.bmm."""
+    gemms = rmdm.block_gemms(case)
+    once = gemm_call([*gemms[FWD], *gemms[BWD]])
 
     def run():
-        for _ in range(K * L):
-            for a, b in mats:
-                torch.mm(a, b)
-            for a, b in bmms:
-                torch.bmm(a, b)
+        for _ in range(case.params["K"] * case.params["L"]):
+            once()
     return run
 
 
@@ -64,7 +44,6 @@ def case_row(B: int, threads: int, rounds: int) -> dict:
     """Medians (ms) and ratios of one case at one thread count (see the module docstring)."""
     torch.set_num_threads(threads)
     case = rmdm._case(B, 81, 256)
-    p = case.params
     x, weights = rmdm._make_args(case, torch.float32, "cpu")
     gx, gw = requiring_grad((x, weights))
     dout = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
@@ -79,10 +58,10 @@ def case_row(B: int, threads: int, rounds: int) -> dict:
             ("diffkern recompute", dk(True)))}
     fns["compile"]()
     fns["diffkern fwd"] = lambda: torch.ops.diffkern.rmdm_recurse_keep(x, weights, None, rmdm.L, rmdm.HEADS, rmdm.EPS)
-    fns["mm floor"] = _gemm_floor(B, 81, 256, p["f"], p["heads"], p["K"], p["L"])
+    fns["mm floor"] = _gemm_floor(case)
     t = {k: v.median_s * 1e3 for k, v in time_interleaved(fns, 2, rounds, 0.2).items()}
     t["diffkern bwd (step - fwd)"] = t["diffkern"] - t["diffkern fwd"]
-    flops = step_flops(B, 81, 256, p["f"], p["K"], p["L"])
+    flops = sum(rmdm.RECURSE.flops(case).values())
     return {"case": case.name, "threads": threads, "ms": t, "step_gflop": flops / 1e9,
             "eager/diffkern": t["eager"] / t["diffkern"], "compile/diffkern": t["compile"] / t["diffkern"],
             "eager/diffkern recompute": t["eager"] / t["diffkern recompute"],
