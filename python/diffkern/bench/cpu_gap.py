@@ -86,15 +86,6 @@ def gemm_limit(workload: Workload, block_gemms: Callable[[Case], dict]) -> Limit
     return Limit("GEMM", "GFLOP/s", lambda case, p: _in_pass(workload.flops(case), p), yardsticks)
 
 
-def ntrk_min_bytes(workload: Workload) -> Callable[[Case, int], dict]:
-    """The workload's minimum less one latent in the backward: the op's gradient of mu is the incoming dx itself
-    (csrc/diffkern/autograd_ntrk.cpp, and eager's add), so no byte is written for it."""
-    def min_bytes(case: Case, itemsize: int) -> dict:
-        b = workload.min_bytes(case, itemsize)
-        return {FWD: b[FWD], BWD: b[BWD] - case.params["B"] * case.params["N"] * itemsize}
-    return min_bytes
-
-
 def eager_bar(target: float, passes=(FWD, STEP)) -> Bar:
     return Bar(f">= {target:g}x eager", "cpu", "eager_over_diffkern", ">=", target, passes)
 
@@ -136,9 +127,9 @@ ROWS = (
     Row("GRPO loss (stored x, x_next)", _GRPO["grpo_iso_loss"], (compile_bar(1.0),),
         bandwidth_limit(_GRPO["grpo_iso_loss"].min_bytes, (STEP,))),
     Row("NTRK fused step", ntrk.STEP_WORKLOAD, (eager_bar(3.0), compile_bar(1.0)),
-        bandwidth_limit(ntrk_min_bytes(ntrk.STEP_WORKLOAD), (FWD, STEP))),
+        bandwidth_limit(ntrk.STEP_WORKLOAD.min_bytes, (FWD, STEP))),
     Row("NTRK tilted step (2OS project + step)", ntrk.TILTED_WORKLOAD, (eager_bar(3.0), compile_bar(1.0)),
-        bandwidth_limit(ntrk_min_bytes(ntrk.TILTED_WORKLOAD), (FWD, STEP))),
+        bandwidth_limit(ntrk.TILTED_WORKLOAD.min_bytes, (FWD, STEP))),
     Row("R-MDM training step", rmdm.RECURSE, (eager_bar(1.5, (STEP,)),), gemm_limit(rmdm.RECURSE, rmdm.block_gemms)),
 )
 

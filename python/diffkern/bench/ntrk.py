@@ -116,15 +116,17 @@ def _tilted_modeled(case: Case, dtype: torch.dtype) -> dict:
 
 
 def _step_min_bytes(case: Case, itemsize: int) -> dict:
-    """fwd: read mu, w, eps, write x; bwd: read dx, write dmu, dw, deps."""
+    """fwd: read mu, w, eps, write x; bwd: read dx, write dw, deps (dmu is dx itself, no byte written:
+    csrc/diffkern/autograd_ntrk.cpp)."""
     n = case.params["B"] * case.params["N"] * itemsize
-    return {"fwd": 4 * n, "bwd": 4 * n}
+    return {"fwd": 4 * n, "bwd": 3 * n}
 
 
 def _tilted_min_bytes(case: Case, itemsize: int) -> dict:
-    """fwd: read mu, g, eps, write x; bwd: read dx, write dmu, deps."""
+    """fwd: read mu, g, eps, write x; bwd: read dx, write deps (dmu is dx itself; w comes from the projection,
+    which is not differentiable)."""
     n = case.params["B"] * case.params["N"] * itemsize
-    return {"fwd": 4 * n, "bwd": 3 * n}
+    return {"fwd": 4 * n, "bwd": 2 * n}
 
 
 def _step_spec_used(spec, case: Case, dtype: torch.dtype) -> bool:
