@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include "diffkern/check.h"
+#include "diffkern/rmdm_adaln_grad.h"
 #include "diffkern/rmdm_args.h"
 #include "diffkern/rmdm_gemm.h"
 #include "diffkern/rmdm_math.h"
@@ -131,16 +132,12 @@ at::Tensor linear_backward(const at::Tensor& dy, const at::Tensor& x, const Line
 }
 
 // Gradient through u = LN(h)(1 + scale) + shift: accumulates the LN weight/bias and mod grads, returns dh.
-at::Tensor norm_backward(const at::Tensor& du, const at::Tensor& h, const at::Tensor& ln, const at::Tensor& mean,
+// du is a temporary of the caller's: the modulation's backward overwrites it.
+at::Tensor norm_backward(at::Tensor du, const at::Tensor& h, const at::Tensor& ln, const at::Tensor& mean,
                          const at::Tensor& rstd, const at::Tensor& lw, const at::Tensor& lb, const at::Tensor& m,
                          ModPart shift, at::Tensor& dlw, at::Tensor& dlb, at::Tensor& dm) {
-  at::Tensor dln = du;
-  if (m.defined()) {
-    dm.select(1, shift).add_(du.sum(1));
-    dm.select(1, shift + 1).add_((du * ln).sum(1));
-    dln = du * (m.select(1, shift + 1).unsqueeze(1) + 1);
-  }
-  auto [dh, dw, db] = at::native_layer_norm_backward(dln, h, {h.size(-1)}, mean, rstd, lw, lb, {true, true, true});
+  if (m.defined()) modulation_backward(du, ln, m, shift, dm);
+  auto [dh, dw, db] = at::native_layer_norm_backward(du, h, {h.size(-1)}, mean, rstd, lw, lb, {true, true, true});
   dlw.add_(dw), dlb.add_(db);
   return dh;
 }
@@ -150,13 +147,13 @@ at::Tensor block_backward(const at::Tensor& dout, const Saved& s, const std::vec
                           const at::Tensor& m,
                           std::vector<at::Tensor>& dw, at::Tensor& dm) {
   const int64_t B = s.h.size(0), T = s.h.size(1), d = s.h.size(2), dh_size = s.q.size(-1);
-  if (m.defined()) dm.select(1, kGate2).add_((dout * s.y).sum(1));
+  if (m.defined()) gate_backward(dout, s.y, kGate2, dm);
   const auto dg = linear_backward(gated(dout, m, kGate2), s.g, lin.fc2, dw[kW2], dw[kB2]);
   const auto dz = at::gelu_backward(dg, s.z);
   const auto du2 = linear_backward(dz, s.u2, lin.fc1, dw[kW1], dw[kB1]);
   const auto dh_mid = dout + norm_backward(du2, s.h_mid, s.ln2, s.mean2, s.rstd2, w[kLn2W], w[kLn2B], m, kShift2,
                                            dw[kLn2W], dw[kLn2B], dm);
-  if (m.defined()) dm.select(1, kGate1).add_((dh_mid * s.a).sum(1));
+  if (m.defined()) gate_backward(dh_mid, s.a, kGate1, dm);
   const auto dctx = linear_backward(gated(dh_mid, m, kGate1), s.ctx, lin.o, dw[kWo], dw[kBo]);
   const auto dctx_h = dctx.view({B, T, -1, dh_size}).transpose(1, 2);  // [B, H, T, dh]
   const auto dp = at::matmul(dctx_h, s.v.transpose(-1, -2));

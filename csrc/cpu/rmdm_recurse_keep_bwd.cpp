@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include "diffkern/check.h"
+#include "diffkern/rmdm_adaln_grad.h"
 #include "diffkern/rmdm_acts.h"
 #include "diffkern/rmdm_args.h"
 #include "diffkern/rmdm_gemm.h"
@@ -93,7 +94,8 @@ struct Backward {
   void gate(int64_t k, ModPart p, const acc_t* in, const acc_t* branch, acc_t* out) {
     const int64_t d = g.d;
     if (mod) {
-      dm.select(1, k).select(1, p).add_((view(in, {g.B, g.T, d}) * view(branch, {g.B, g.T, d})).sum(1));
+      at::Tensor dm_k = dm.select(1, k);
+      gate_backward(view(in, {g.B, g.T, d}), view(branch, {g.B, g.T, d}), p, dm_k);
     }
     for_rows(M, [&](int64_t r) {
       const acc_t* gt = mod ? mod_part(r / g.T, k, p) : nullptr;
@@ -112,10 +114,9 @@ struct Backward {
     const acc_t *xhat = act(k, xhat_f, it), *rstd = act(k, rstd_f, it), *wt = w[k][lw];
     at::Tensor du_t = view(du, {g.B, g.T, d}), xhat_t = view(xhat, {g.B, g.T, d});
     if (mod) {
-      at::Tensor dmk = dm.select(1, k);
-      dmk.select(1, shift).add_(du_t.sum(1));
-      dmk.select(1, shift + 1).add_((du_t * (xhat_t * w[k].p[lw] + w[k].p[lb])).sum(1));
-      du_t.mul_(view(mod, {g.B, g.K, kMod, d}).select(1, k).select(1, shift + 1).unsqueeze(1) + 1);
+      at::Tensor dm_k = dm.select(1, k);
+      modulation_backward(du_t, xhat_t * w[k].p[lw] + w[k].p[lb], view(mod, {g.B, g.K, kMod, d}).select(1, k), shift,
+                          dm_k);
     }
     dw[k][lw].add_((du_t * xhat_t).sum({0, 1}));
     dw[k][lb].add_(du_t.sum({0, 1}));

@@ -42,11 +42,11 @@ def case_rows(workload: Workload, case, dtype: torch.dtype, warmup: int, rounds:
     dout = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1)).to(expected.dtype)
     candidates = {"eager": workload.reference, "compile": compiled, "diffkern": workload.diffkern}
     calls = {FWD: lambda fn: forward_call(fn, args), STEP: lambda fn: step_call(fn, grad_args, dout)}
-    passes = {p: {k: calls[p](fn) for k, fn in candidates.items()} for p in passes}
-    for fns in passes.values():
+    timed = {p: {k: calls[p](fn) for k, fn in candidates.items()} for p in passes}
+    for fns in timed.values():
         fns["diffkern"] = _on_backend("cpu", fns["diffkern"])
     rows = []
-    for p, fns in passes.items():
+    for p, fns in timed.items():
         log(f"{workload.name}: cpu timing {case.name} {p}")
         compile_s = first_call_seconds(fns["compile"])
         t = time_interleaved({**fns, **(extra(p) if extra else {})}, warmup, rounds, min_sample_s)
@@ -58,7 +58,7 @@ def case_rows(workload: Workload, case, dtype: torch.dtype, warmup: int, rounds:
                      "compile_first_call_s": compile_s,
                      "max_abs_err_vs_eager": max_abs_err if p == FWD else None,
                      "timings": {k: v.as_dict() for k, v in t.items()}})
-    del args, grad_args, passes, candidates, compiled
+    del args, grad_args, timed, candidates, compiled
     gc.collect()
     return rows
 

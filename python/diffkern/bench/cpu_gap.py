@@ -35,6 +35,7 @@ from . import cpu, dar_stack, grpo, ntrk, rmdm
 from .bars import _OPS
 from .machine import FRESH_KERNELS, STREAM_KERNELS, gemm_call, gemm_flops, stream_bytes, stream_calls
 from .mode import MODES, Mode
+from .timer import threads as torch_threads
 from .workload import BWD, EVERY_RUN, FWD, STEP, Bar, Case, Workload
 
 THREADS = (2, 1)
@@ -182,10 +183,9 @@ def measure(mode: Mode, threads: Sequence[int] = THREADS, rows: Sequence[Row] = 
     """(lines, wall seconds per thread count): every row's cases that `mode` times, with its samples, at each
     thread count; the thread count is restored after."""
     log = log or (lambda msg: print(f"cpu_gap: {msg}", file=sys.stderr, flush=True))
-    previous, lines, seconds = torch.get_num_threads(), [], {}
-    try:
-        for n in threads:
-            torch.set_num_threads(n)
+    lines, seconds = [], {}
+    for n in threads:
+        with torch_threads(n):
             start = time.perf_counter()
             for row in rows:
                 for case in row.cases(mode):
@@ -196,8 +196,6 @@ def measure(mode: Mode, threads: Sequence[int] = THREADS, rows: Sequence[Row] = 
                         lines.append({"row": row.title, "workload": row.workload.name, "case": case.name,
                                       "pass": "", "threads": n, "error": repr(error), "verdict": "error"})
             seconds[n] = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(previous)
     return lines, seconds
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .timer import threads as _threads
 from .timer import time_interleaved
 
 STREAM_KERNELS = ("copy", "triad", "read")
@@ -107,23 +108,14 @@ def gemm_flops(gemms: Sequence[Gemm]) -> int:
     return sum(g.flops for g in gemms)
 
 
-def _at_threads(threads: int | None, fn):
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(previous)
-
-
 def bandwidth(nbytes: int, threads: int | None = None, warmup: int = 2, rounds: int = 5,
               min_sample_s: float = 0.02) -> dict[str, float]:
     """Bytes per second of copy, triad and read at working set `nbytes` on `threads` torch threads (None: the
     current count), median of `rounds` interleaved samples; "best": the fastest into preallocated outputs,
     "best_fresh": the fastest into fresh ones."""
     calls, moved = stream_calls(nbytes), stream_bytes(nbytes)
-    t = _at_threads(threads, lambda: time_interleaved(calls, warmup, rounds, min_sample_s))
+    with _threads(threads):
+        t = time_interleaved(calls, warmup, rounds, min_sample_s)
     out = {k: moved[k] / t[k].median_s for k in calls}
     return {**out, "best": max(out[k] for k in STREAM_KERNELS), "best_fresh": max(out[k] for k in FRESH_KERNELS)}
 
@@ -133,7 +125,8 @@ def gemm_throughput(gemms: Sequence[Gemm], threads: int | None = None, warmup: i
     """FLOP/s of torch.mm/bmm running `gemms` back to back on `threads` torch threads (None: the current
     count), median of `rounds` samples."""
     call = gemm_call(gemms)
-    t = _at_threads(threads, lambda: time_interleaved({"gemm": call}, warmup, rounds, min_sample_s))
+    with _threads(threads):
+        t = time_interleaved({"gemm": call}, warmup, rounds, min_sample_s)
     return gemm_flops(gemms) / t["gemm"].median_s
 
 

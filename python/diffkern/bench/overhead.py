@@ -20,6 +20,7 @@ import torch
 import diffkern
 
 from .timer import time_interleaved
+from .timer import threads as torch_threads
 
 B = 2
 
@@ -73,13 +74,9 @@ def _calls(grad: bool) -> dict:
 def measure(rounds: int = 15, warmup: int = 50, min_sample_s: float = 0.01, threads: int = 1) -> list[dict]:
     """Rows of us per call with and without grad, and the with-grad call over the trivial op's with-grad call,
     on `threads` threads."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         fns = {(name, grad): fn for grad in (True, False) for name, fn in _calls(grad).items()}
         timings = time_interleaved(fns, warmup, rounds, min_sample_s)
-    finally:
-        torch.set_num_threads(previous)
     us = {key: t.median_s * 1e6 for key, t in timings.items()}
     yardstick = us[("trivial custom op", True)]
     return [{"op": name, "grad_us": us[(name, True)], "no_grad_us": us[(name, False)],

@@ -1,11 +1,14 @@
 """Wall-clock timing of CPU callables, interleaved so that drift on a noisy machine hits every candidate alike."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import statistics
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -69,3 +72,15 @@ def first_call_seconds(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def threads(n: int | None):
+    """torch's CPU thread count set to `n` (None: left as is) inside the block, and restored after it."""
+    previous = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
