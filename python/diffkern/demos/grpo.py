@@ -27,6 +27,7 @@ tables) and DIR/grpo_demo.png. Everything runs on CPU through diffkern's C++ ker
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -155,12 +156,19 @@ def sensitivity(model, n_groups: int, group: int, seed: int) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, per_class: int = EVAL_PER_CLASS, seed: int = 12345) -> dict:
-    """The ODE sampler from fixed noises: mean reward, layout rate, detail, and diversity (the mean over classes
-    of sqrt(trace of the samples' covariance))."""
+def samples(model, per_class: int, seed: int):
+    """(x, c): per_class ODE samples of every class."""
     g = torch.Generator().manual_seed(seed)
     c = torch.arange(CLASSES).repeat_interleave(per_class)
     x0, _ = rollout(model, c, torch.full_like(c, -1), torch.randn(c.shape[0], 2, generator=g), g)
+    return x0, c
+
+
+@torch.no_grad()
+def evaluate(model, per_class: int = EVAL_PER_CLASS, seed: int = 12345) -> dict:
+    """The ODE sampler from fixed noises: mean reward, layout rate, detail, and diversity (the mean over classes
+    of sqrt(trace of the samples' covariance))."""
+    x0, c = samples(model, per_class, seed)
     layout, detail = reward_parts(x0, c)
     spread = x0.view(CLASSES, per_class, 2).var(1).sum(1).sqrt().mean()
     return {"reward": (layout + detail).mean().item(), "layout": layout.mean().item(),
@@ -184,9 +192,7 @@ def gradient_agreement(base: Velocity, variant: str, batches: int, prompts: int,
     """The mechanism's direct measure: `batches` independent one-update gradients of the pre-trained model, and
     per batch the cosine between its gradient and the mean of the others' (leave one out): near 0 when the
     advantages are mostly noise, near 1 when every batch points the same way. Its across-batch interval."""
-    cfg = VARIANTS[variant]
-    model = Velocity()
-    model.load_state_dict(base.state_dict())
+    cfg, model = VARIANTS[variant], copy.deepcopy(base)
     loss_fn = FlashGRPOLoss(tgr=cfg["tgr"])
     sampler = IsoTimestepSampler(STEPS, WINDOW, seed=seed)
     g, g_naive = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 10_000)
@@ -214,13 +220,11 @@ def grpo(base: Velocity, variant: str, updates: int, prompts: int, group: int, l
          eval_every: int) -> dict:
     """One GRPO run: per-update mean rollout reward (the policy before that update), the evaluation reward at
     eval_points(updates, eval_every), the final evaluation and the tuned model."""
-    cfg = VARIANTS[variant]
-    model = Velocity()
-    model.load_state_dict(base.state_dict())
+    cfg, model = VARIANTS[variant], copy.deepcopy(base)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = FlashGRPOLoss(tgr=cfg["tgr"])
     sampler = IsoTimestepSampler(STEPS, WINDOW, seed=seed)
-    # the naive variant's steps come from their own stream: every variant sees the same prompts and noise
+    # the naive variant's steps come from their own stream: every variant sees the same prompts and noises
     g, g_naive = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 10_000)
     train, evals = [], []
     for u in range(updates):
@@ -234,15 +238,6 @@ def grpo(base: Velocity, variant: str, updates: int, prompts: int, group: int, l
     final = evaluate(model)
     evals.append(final["reward"])
     return {"train": train, "eval": evals, "final": final, "model": model}
-
-
-@torch.no_grad()
-def samples(model, per_class: int, seed: int):
-    """(x, c): per_class ODE samples of every class."""
-    g = torch.Generator().manual_seed(seed)
-    c = torch.arange(CLASSES).repeat_interleave(per_class)
-    x0, _ = rollout(model, c, torch.full_like(c, -1), torch.randn(c.shape[0], 2, generator=g), g)
-    return x0, c
 
 
 def collapsed(final: dict, pre: dict) -> bool:
@@ -350,12 +345,12 @@ def run(out: str, quick: bool = False, seeds: int | None = None) -> dict:
     # The model is tiny: thread synchronisation would cost more than its matmuls.
     torch.set_num_threads(1)
     cfg = dict(QUICK if quick else FULL)
-    seeds = cfg.pop("seeds") if seeds is None else seeds
+    default_seeds = cfg.pop("seeds")
+    seeds = default_seeds if seeds is None else seeds
     if not isinstance(seeds, int) or seeds < 2:
         raise ValueError(f"grpo demo: seeds must be an integer >= 2 (the across-seed t interval), got {seeds!r}")
     os.makedirs(out, exist_ok=True)
     start, cpu = time.perf_counter(), time.process_time()
-    cfg.pop("seeds", None)
     base, grad_batches = pretrain(cfg.pop("pretrain"), seed=0), cfg.pop("grad_batches")
     runs = {name: [grpo(base, name, seed=s, **cfg) for s in range(seeds)] for name in VARIANTS}
     pre = evaluate(base)
