@@ -294,7 +294,7 @@ def _plot(summary: dict, path: str):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric, label in ((axes[0], "reward", "mean reward (0 best)"),
-                              (axes[1], "mmd_goal", "MMD^2 vs held-out goal data (0: same distribution)")):
+                              (axes[1], "mmd_goal", "MMD^2 vs held-out goal data")):
         for method in ("base", "DPS", "NTRK", "SVDD", "NTRK-raw"):
             pts = sorted((r["NFE"], r[metric]) for k, r in summary["rows"].items() if k.split("@")[0] == method)
             if pts:
