@@ -1,21 +1,28 @@
-"""NoiseTilt on CPU in minutes: reward vs NFE for base, DPS, best-of-N, SVDD-like and NTRK, and how
-Gaussian the injected noise stays (DPS vs NTRK).
+"""NoiseTilt on CPU in minutes: does reward guidance keep samples on the data distribution, at equal NFE?
 
 Data: 16x16 images of one Gaussian bump (random centre and width) on a dark background. Model: an MLP
-velocity field trained in-process by flow matching (x_t = (1 - t) x0 + t eps, v = eps - x0). Reward
-(analytic, differentiable): log of the share of softmax(4 x) mass in the top-left quadrant, i.e. "the
-bump sits top-left" (0 is the best; a bump elsewhere scores about -3). Realism: the mean squared
-distance of a sample to the nearest image of the data family (a grid of bump centres and widths):
-guidance that leaves the data manifold raises it.
+velocity field trained in-process by flow matching (x_t = (1 - t) x0 + t eps, v = eps - x0), one per
+seed. Reward (analytic, differentiable): log of the share of softmax(4 x) mass in the top-left quadrant,
+i.e. "the bump sits top-left" (0 is the best; a bump elsewhere scores about -3).
 
-    python -m diffkern.demos.ntrk --out DIR [--quick]
-writes DIR/ntrk_demo.md (the tables) and DIR/ntrk_demo.png (reward vs NFE); the trained model is kept
-in DIR and reused by a later run with the same DIR.
+Methods at equal NFE (25 per trajectory, budgets N = 1, 4, 8 trajectories): best-of-N of base, DPS and
+NTRK; SVDD with K = N - 1 candidates per step; at N = 1 also NTRK-raw, NTRK's step with the gradient
+only scaled to unit rms instead of whitened (the ablation of W). Measures per method and seed: the
+reward; MMD^2 (diffkern.ntrk.mmd, permutation test) against held-out draws of the data and of the data
+given the goal (reward > TOP_LEFT: real bumps that sit top-left, what a guided sampler that stays on
+the data manifold should produce); the nearest-bump MSE; and per step whether the injected noise passes
+diffkern.ntrk.diagnostics.looks_gaussian (marginal) and looks_white (marginal + spectral).
+Across seeds: Student-t intervals (diffkern.demos.seeds), paired for the NTRK - other differences.
+
+    python -m diffkern.demos.ntrk --out DIR [--quick] [--seeds S]
+writes DIR/ntrk_demo.md (tables), DIR/ntrk_demo.json (every number, per seed) and DIR/ntrk_demo.png
+(reward and MMD^2 vs NFE); the trained models are kept in DIR and reused by a later run with the same DIR.
 """
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
+import json
 import os
 import time
 
@@ -23,10 +30,13 @@ import torch
 from torch import nn
 
 from .. import _optional
-from ..ntrk.diagnostics import gaussianity, looks_gaussian
+from ..ntrk.diagnostics import common_direction_p, looks_gaussian, looks_white
+from ..ntrk.mmd import median_bandwidth, mmd_test
 from ..sampling import BaseSampler, DPSSampler, NTRKSampler, SVDDSampler, best_of_n
+from .seeds import fmt, t_interval
 
 SIDE = 16
+TOP_LEFT = -0.7  # reward above which the bump sits top-left: the goal
 
 
 def _bump(c, w):
@@ -94,122 +104,222 @@ def train(iters: int, generator: torch.Generator) -> Velocity:
     return model.eval().requires_grad_(False)
 
 
-def run(name, sampler, n, batch, generator):
-    start = lambda: torch.randn(batch, 1, SIDE, SIDE, generator=generator)  # noqa: E731
-    t0 = time.perf_counter()
-    x, trace = best_of_n(sampler, start, n, generator)
-    r = trace.reward
-    return {"method": name, "NFE": trace.nfe, "VJP": trace.grads, "reward": r.mean().item(),
-            "se": r.std().item() / math.sqrt(r.numel()), "top_left": (r > -0.7).float().mean().item(),
-            "off": off_manifold(x).mean().item(),
-            "seconds": time.perf_counter() - t0, "trace": trace, "x": x}
+def top_left_bumps(n: int, generator: torch.Generator) -> torch.Tensor:
+    """[n, 1, 16, 16] draws of the data conditioned on the reward's goal (reward > TOP_LEFT), by rejection."""
+    kept, have = [], 0
+    while have < n:
+        x = bumps(4 * n, generator)
+        x = x[reward(x) > TOP_LEFT]
+        kept.append(x)
+        have += x.shape[0]
+    return torch.cat(kept)[:n]
 
 
-def noise_check(trace) -> dict:
-    """The injected perturbation of every step, pooled over the batch: moments, KS, pass rate."""
-    stats = [gaussianity(p) for p in trace.perturbations]
-    passed = sum(looks_gaussian(p) for p in trace.perturbations)
-    mean = lambda k: sum(abs(s[k]) for s in stats) / len(stats)  # noqa: E731
-    return {"steps": len(stats), "pass": passed, "|mean|": mean("mean"),
-            "var": sum(s["var"] for s in stats) / len(stats),
-            "|skew|": mean("skew"), "|kurt|": mean("kurt"), "KS": mean("ks"), "KS max": max(s["ks"] for s in stats)}
-
-
-def _weakest_near_best(sweeps, prefix: str) -> float:
-    """The smallest guidance strength whose one-run reward is within 0.05 of the best of its sweep
-    (stronger guidance past that point only moves samples further off the data manifold)."""
-    rows = [s for s in sweeps if s["method"].startswith(prefix)]
-    top = max(r["reward"] for r in rows)
-    return min(float(r["method"].split("=")[1]) for r in rows if r["reward"] >= top - 0.05)
-
-
-def _trained(out_dir: str, iters: int, generator: torch.Generator) -> tuple[Velocity, str]:
-    """The velocity model, trained now or loaded from an earlier run's out_dir/ntrk_demo_model_<iters>.pt."""
-    path = os.path.join(out_dir, f"ntrk_demo_model_{iters}.pt")
+def _trained(out_dir: str, iters: int, seed: int, generator: torch.Generator) -> Velocity:
+    """The seed's velocity model, trained now or loaded from an earlier run's
+    out_dir/ntrk_demo_model_<iters>_<seed>.pt."""
+    path = os.path.join(out_dir, f"ntrk_demo_model_{iters}_{seed}.pt")
     if os.path.exists(path):
         model = Velocity()
         model.load_state_dict(torch.load(path))
-        return model.eval().requires_grad_(False), f"loaded from {path}"
-    t0 = time.perf_counter()
+        return model.eval().requires_grad_(False)
     model = train(iters, generator)
     torch.save(model.state_dict(), path)
-    return model, f"trained in {time.perf_counter() - t0:.0f} s"
+    return model
+
+
+def _weakest_near_best(rewards: dict) -> float:
+    """The smallest guidance strength whose one-run mean reward is within 0.05 of the best of its sweep
+    (stronger guidance past that point only moves samples further off the data manifold)."""
+    top = max(rewards.values())
+    return min(k for k, r in rewards.items() if r >= top - 0.05)
+
+
+def _samplers(model, n: int, scale: float, rho: float, record: bool) -> dict:
+    """The methods at a budget of n trajectories' NFE (25 n): best-of-n of base / DPS / NTRK, SVDD with
+    K = n - 1 candidates (1 + K NFE per step but the last), NTRK-raw (unwhitened g / rms g) at n = 1."""
+    ntrk = dict(rho=rho, tile=16, record=record)
+    methods = {"base": BaseSampler(model, reward, record=record),
+               "DPS": DPSSampler(model, reward, scale=scale, record=record),
+               "NTRK": NTRKSampler(model, reward, **ntrk)}
+    if n == 1:
+        methods["NTRK-raw"] = NTRKSampler(model, reward, domains=(), **ntrk)
+    else:
+        methods["SVDD"] = SVDDSampler(model, reward, k=n - 1)
+    return methods
+
+
+def _measure(x, r, refs: dict, p: dict, generator) -> dict:
+    """Reward, goal share, nearest-bump MSE and MMD^2 (with its permutation p) against each reference set."""
+    row = {"reward": r.mean().item(), "top_left": (r > TOP_LEFT).float().mean().item(),
+           "off": off_manifold(x).mean().item()}
+    for name, (ref, h) in refs.items():
+        t = mmd_test(x, ref, bandwidth=h, permutations=p["permutations"], generator=generator)
+        row[f"mmd_{name}"], row[f"p_{name}"] = t["mmd2"], t["p"]
+    return row
+
+
+def _noise_checks(trace) -> dict:
+    """Per step of one run: does the injected noise pass the marginal check, the marginal + spectral check,
+    and does the batch share a mean direction (p < 1e-3)?"""
+    ps = trace.perturbations
+    return {"steps": len(ps), "marginal": sum(looks_gaussian(z) for z in ps), "white": sum(looks_white(z) for z in ps),
+            "shared": sum(common_direction_p(z) < 1e-3 for z in ps),
+            "var": sum(z.double().var().item() for z in ps) / len(ps)}
+
+
+def one_seed(seed: int, p: dict, out: str) -> dict:
+    """Everything measured for one seed: its own model, held-out data, guidance sweep and the method rows."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    t0 = time.process_time()
+    model = _trained(out, p["iters"], seed, gen)
+    held = torch.Generator().manual_seed(10_000 + seed)  # held-out data: never seen in training
+    data, goal = bumps(p["held_out"], held), top_left_bumps(p["held_out"], held)
+    refs = {"data": (data, median_bandwidth(data)), "goal": (goal, median_bandwidth(goal))}
+    start = lambda: torch.randn(p["batch"], 1, SIDE, SIDE, generator=gen)  # noqa: E731
+    rows = {}
+    for name, fresh in (("data", bumps(p["batch"], held)), ("goal data", top_left_bumps(p["batch"], held))):
+        rows[f"{name}@0"] = {"NFE": 0, "VJP": 0, **_measure(fresh, reward(fresh), refs, p, gen)}
+    dps = {s: best_of_n(DPSSampler(model, reward, scale=s), start, 1, gen)[1].reward.mean().item() for s in p["scales"]}
+    ntrk = {r: best_of_n(NTRKSampler(model, reward, rho=r, tile=16), start, 1, gen)[1].reward.mean().item()
+            for r in p["rhos"]}
+    scale, rho = _weakest_near_best(dps), _weakest_near_best(ntrk)
+    noise = {}
+    for n in p["ns"]:
+        for name, sampler in _samplers(model, n, scale, rho, record=n == 1).items():
+            c0 = time.process_time()
+            x, trace = best_of_n(sampler, start, 1 if name == "SVDD" else n, gen)
+            rows[f"{name}@{n}"] = {"NFE": trace.nfe, "VJP": trace.grads, **_measure(x, trace.reward, refs, p, gen),
+                                   "cpu_s": time.process_time() - c0}
+            if n == 1:
+                noise[name] = _noise_checks(trace)
+    return {"seed": seed, "scale": scale, "rho": rho, "sweep": {"DPS": dps, "NTRK": ntrk}, "rows": rows,
+            "noise": noise, "cpu_s": time.process_time() - t0}
+
+
+METRICS = ("reward", "top_left", "mmd_data", "mmd_goal", "off")
+FULL = dict(seeds=5, iters=2500, batch=256, held_out=512, ns=(1, 4, 8), scales=(1.0, 3.0, 10.0),
+            rhos=(0.03, 0.1, 0.3), permutations=200)
+QUICK = dict(seeds=2, iters=150, batch=16, held_out=48, ns=(1, 2), scales=(3.0,), rhos=(0.1,), permutations=20)
+
+
+def summarise(seeds: list) -> dict:
+    """Across seeds: per row and metric a Student-t interval; per budget the paired NTRK - other differences."""
+    rows = {}
+    for key in seeds[0]["rows"]:
+        per = [s["rows"][key] for s in seeds]
+        rows[key] = {m: t_interval([r[m] for r in per]) for m in METRICS}
+        rows[key]["NFE"], rows[key]["VJP"] = per[0]["NFE"], per[0]["VJP"]
+        rows[key]["reject_data"] = sum(r["p_data"] < 0.05 for r in per)
+        rows[key]["reject_goal"] = sum(r["p_goal"] < 0.05 for r in per)
+    diffs = {}
+    for key in rows:
+        method, n = key.split("@")
+        if method != "NTRK":
+            continue
+        for other in ("base", "DPS", "SVDD", "NTRK-raw"):
+            if f"{other}@{n}" in rows:
+                diffs[f"NTRK - {other} @{n}"] = {
+                    m: t_interval([s["rows"][key][m] - s["rows"][f"{other}@{n}"][m] for s in seeds])
+                    for m in ("reward", "mmd_goal", "mmd_data")}
+    noise = {name: {k: sum(s["noise"][name][k] for s in seeds) for k in ("steps", "marginal", "white", "shared")}
+             for name in seeds[0]["noise"]}
+    for name in noise:
+        noise[name]["var"] = sum(s["noise"][name]["var"] for s in seeds) / len(seeds)
+    return {"rows": rows, "diffs": diffs, "noise": noise}
+
+
+def _table(summary: dict, seeds: list, p: dict) -> list:
+    n_seeds = len(seeds)
+    lines = ["| method @ N | NFE | VJP | reward | share top-left | MMD^2 vs data | MMD^2 vs goal data | "
+             "nearest-bump MSE | seeds p<0.05 (data / goal) |", "|---|---|---|---|---|---|---|---|---|"]
+    for key, r in sorted(summary["rows"].items(), key=lambda kv: (kv[1]["NFE"], kv[0])):
+        lines.append(f"| {key} | {r['NFE']:.0f} | {r['VJP']:.0f} | {fmt(r['reward'])} | {fmt(r['top_left'])} | "
+                     f"{fmt(r['mmd_data'])} | {fmt(r['mmd_goal'])} | {fmt(r['off'])} | "
+                     f"{r['reject_data']}/{n_seeds} / {r['reject_goal']}/{n_seeds} |")
+    lines += ["", "Paired across seeds (NTRK minus the other method at the same N; 95% t intervals):", "",
+              "| difference | reward | MMD^2 vs goal data | MMD^2 vs data |", "|---|---|---|---|"]
+    for key, d in summary["diffs"].items():
+        lines.append(f"| {key} | {fmt(d['reward'])} | {fmt(d['mmd_goal'])} | {fmt(d['mmd_data'])} |")
+    lines += ["", f"## Injected noise (x' - mu_model) / s, every step of one N = 1 run per seed "
+              f"({p['batch']} x {SIDE * SIDE} entries per step)", "",
+              "| sampler | steps passing marginal (looks_gaussian) | passing marginal + spectral (looks_white) | "
+              "steps with a shared batch direction (p < 1e-3) | mean variance |", "|---|---|---|---|---|"]
+    for name, c in summary["noise"].items():
+        lines.append(f"| {name} | {c['marginal']}/{c['steps']} | {c['white']}/{c['steps']} | "
+                     f"{c['shared']}/{c['steps']} | {c['var']:.4f} |")
+    return lines
+
+
+def run(out: str, quick: bool = False, seeds: int | None = None) -> dict:
+    """The whole demo into `out`: ntrk_demo.md, ntrk_demo.json, ntrk_demo.png; returns the JSON's content."""
+    p = dict(QUICK if quick else FULL)
+    p["seeds"] = seeds or p["seeds"]
+    os.makedirs(out, exist_ok=True)
+    wall, cpu = time.perf_counter(), time.process_time()
+    per_seed = [one_seed(s, p, out) for s in range(p["seeds"])]
+    summary = summarise(per_seed)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    lines = [f"# NoiseTilt demo: 16x16 bump images, top-left reward; {p['seeds']} seeds (each its own model, "
+             f"{p['iters']} training steps), {p['batch']} samples per method and seed, 25 SDE steps", "",
+             f"MMD^2: unbiased, Gaussian kernel at the median-heuristic bandwidth of the reference set, against "
+             f"{p['held_out']} held-out draws of the data ('data') and of the data given the goal, reward > "
+             f"{TOP_LEFT} ('goal data'); permutation test with {p['permutations']} relabellings. "
+             f"Guidance strength per seed by a one-run sweep (weakest within 0.05 of the best reward): "
+             f"DPS scale {[s['scale'] for s in per_seed]}, NTRK rho {[s['rho'] for s in per_seed]}. "
+             f"Cells: mean [95% t interval over seeds].", "", *_table(summary, per_seed, p), "",
+             f"Wall {wall:.0f} s, CPU {cpu:.0f} s."]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "ntrk_demo.md"), "w") as f:
+        f.write(text)
+    result = {"params": p, "seeds": per_seed, "summary": _jsonable(summary), "wall_s": wall, "cpu_s": cpu}
+    with open(os.path.join(out, "ntrk_demo.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    _plot(summary, os.path.join(out, "ntrk_demo.png"))
+    print(text)
+    return result
+
+
+def _jsonable(summary: dict) -> dict:
+    conv = lambda v: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v  # noqa: E731
+    return {"rows": {k: {m: conv(v) for m, v in r.items()} for k, r in summary["rows"].items()},
+            "diffs": {k: {m: conv(v) for m, v in d.items()} for k, d in summary["diffs"].items()},
+            "noise": summary["noise"]}
+
+
+def _plot(summary: dict, path: str):
+    matplotlib = _optional.require("matplotlib", "demos")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric, label in ((axes[0], "reward", "mean reward (0 best)"),
+                              (axes[1], "mmd_goal", "MMD^2 vs held-out goal data")):
+        for method in ("base", "DPS", "NTRK", "SVDD", "NTRK-raw"):
+            pts = sorted((r["NFE"], r[metric]) for k, r in summary["rows"].items() if k.split("@")[0] == method)
+            if pts:
+                ax.errorbar([q[0] for q in pts], [q[1].mean for q in pts],
+                            [[q[1].mean - q[1].lo for q in pts], [q[1].hi - q[1].mean for q in pts]],
+                            marker="o", capsize=3, label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("NFE per sample (velocity evaluations)")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle("16x16 bumps, top-left reward: mean and 95% t interval over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="directory for ntrk_demo.md and ntrk_demo.png")
-    ap.add_argument("--quick", action="store_true", help="a smaller model, batch and N grid (smoke test)")
+    ap.add_argument("--out", required=True, help="directory for ntrk_demo.md, .json and .png")
+    ap.add_argument("--quick", action="store_true", help="the CI smoke size (2 seeds, tiny model and batch)")
+    ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5, quick 2)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (small ops: 1 is fastest)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    iters, batch, ns = (300, 16, (1, 2)) if args.quick else (2500, 64, (1, 2, 4, 8))
-    model, how = _trained(args.out, iters, gen)
-    lines = [f"# NoiseTilt demo: 16x16 bump images, top-left reward ({iters} training steps, {how}; "
-             f"batch {batch}; 25 SDE steps)", ""]
-    data = bumps(4096, gen)
-    data_r = reward(data)
-    lines.append(f"Data: mean reward {data_r.mean():.3f}, share with reward > -0.7 (bump top-left): "
-                 f"{(data_r > -0.7).float().mean():.3f}, off-manifold MSE {off_manifold(data[:512]).mean():.4f}")
-    # one-run sweeps of the guidance strength, best value kept for the NFE-matched runs
-    sweeps = []
-    for scale in (1.0, 3.0, 10.0):
-        sweeps.append(run(f"DPS scale={scale}", DPSSampler(model, reward, scale=scale), 1, batch, gen))
-    for rho in (0.03, 0.1, 0.3):
-        sweeps.append(run(f"NTRK rho={rho}", NTRKSampler(model, reward, rho=rho, tile=16), 1, batch, gen))
-    scale, rho = _weakest_near_best(sweeps, "DPS"), _weakest_near_best(sweeps, "NTRK")
-    rows = []
-    for n in ns:
-        rows.append(run(f"base (best-of-{n})", BaseSampler(model, reward), n, batch, gen))
-        rows.append(run(f"DPS scale={scale} (best-of-{n})", DPSSampler(model, reward, scale=scale), n, batch, gen))
-        rows.append(run(f"NTRK rho={rho} (best-of-{n})", NTRKSampler(model, reward, rho=rho, tile=16), n, batch, gen))
-    for k in ((1, 3) if args.quick else (1, 3, 7)):
-        rows.append(run(f"SVDD K={k}", SVDDSampler(model, reward, k=k), 1, batch, gen))
-    header = "| method | NFE | VJP | mean reward (+- se) | share top-left | off-manifold MSE | seconds |"
-    rule = "|---|---|---|---|---|---|---|"
-    fmt = lambda r: (f"| {r['method']} | {r['NFE']:.0f} | {r['VJP']:.0f} | "  # noqa: E731
-                     f"{r['reward']:.3f} +- {r['se']:.3f} | {r['top_left']:.2f} | {r['off']:.4f} | "
-                     f"{r['seconds']:.1f} |")
-    lines += ["", "## Guidance strength sweep (one run each)", "", header, rule, *map(fmt, sweeps), "",
-              "## Reward vs NFE (matched NFE through best-of-N / K)", "", header, rule,
-              *map(fmt, sorted(rows, key=lambda r: (r["NFE"], r["method"])))]
-    checks = [("base", run("base", BaseSampler(model, reward, record=True), 1, batch, gen)),
-              (f"DPS scale={scale}", run("DPS", DPSSampler(model, reward, scale=scale, record=True), 1, batch, gen)),
-              (f"NTRK rho={rho}", run("NTRK", NTRKSampler(model, reward, rho=rho, tile=16, record=True), 1, batch,
-                                      gen))]
-    lines += ["", "## Injected noise (x' - mu_model) / s per step, pooled over the batch "
-              f"({batch * SIDE * SIDE} entries): Gaussianity", "",
-              "| sampler | steps passing (moments within 5 se, KS p >= 1e-3) | mean abs mean | mean var | "
-              "mean abs skew | mean abs excess kurt | mean KS | max KS |", "|---|---|---|---|---|---|---|---|"]
-    for name, r in checks:
-        c = noise_check(r["trace"])
-        lines.append(f"| {name} | {c['pass']}/{c['steps']} | {c['|mean|']:.4f} | {c['var']:.3f} | {c['|skew|']:.3f} | "
-                     f"{c['|kurt|']:.3f} | {c['KS']:.4f} | {c['KS max']:.4f} |")
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(args.out, "ntrk_demo.md"), "w") as f:
-        f.write(text)
-    _plot(rows, os.path.join(args.out, "ntrk_demo.png"))
-    print(text)
-
-
-def _plot(rows, path):
-    matplotlib = _optional.require("matplotlib", "demos")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for prefix in ("base", "DPS", "NTRK", "SVDD"):
-        pts = sorted((r["NFE"], r["reward"], r["se"]) for r in rows if r["method"].startswith(prefix))
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts], marker="o", capsize=3, label=prefix)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("NFE per sample (velocity evaluations)")
-    ax.set_ylabel("mean reward")
-    ax.set_title("16x16 bumps, top-left reward")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    run(args.out, args.quick, args.seeds)
 
 
 if __name__ == "__main__":
