@@ -122,18 +122,24 @@ def plot(result: dict, cfg, path: str) -> None:
     s = result["summary"]
     rows = [(task, m) for task, ms in METRICS.items() for m in ms]
     fig, axes = plt.subplots(len(rows), 2, figsize=(10, 3 * len(rows)), squeeze=False)
+    colors = dict(zip(cfg.models(), ("C0", "C1", "C2")))
     for (task, metric), ax_row in zip(rows, axes):
         for ax, sweep in zip(ax_row, ("T", "L_s")):
             for model in s[task]:
+                K, L = cfg.models()[model]
                 points = _sweeps(cfg, model).get(sweep)
-                if points is None:
+                if points is None:  # the iso-FLOP model at T = t_fixed, as a reference level
+                    ax.axhline(s[task][model]["points"][_key(cfg.t_fixed, L)][metric]["mean"], ls="--",
+                               color=colors[model], label=f"{model} ({K}x{L}), L_s={L}")
                     continue
                 ivs = [s[task][model]["points"][key][metric] for _, key in points]
                 means = [iv["mean"] for iv in ivs]
                 err = [[iv["mean"] - iv["lo"] for iv in ivs], [iv["hi"] - iv["mean"] for iv in ivs]]
-                K, L = cfg.models()[model]
-                ax.errorbar([x for x, _ in points], means, yerr=err, marker="o", capsize=3, label=f"{model} ({K}x{L})")
+                ax.errorbar([x for x, _ in points], means, yerr=err, marker="o", capsize=3, color=colors[model],
+                            label=f"{model} ({K}x{L})")
             ax.set_xscale("log", base=2)
+            ax.set_xticks(list(cfg.t_grid if sweep == "T" else cfg.ls_grid))
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
             ax.set_xlabel("denoising steps T (L_s = L_t)" if sweep == "T" else f"inference depth L_s (T = {cfg.t_fixed})")
             ax.set_ylabel(LABELS[metric], fontsize=8)
             ax.set_title(LABELS[task], fontsize=9)
