@@ -101,7 +101,7 @@ def markdown(result: dict, cfg) -> str:
                 models = [m for m in s[task] if sweep in _sweeps(cfg, m)]
                 xs = [x for x, _ in _sweeps(cfg, models[0])[sweep]]
                 lines += ["", f"### {LABELS[task]}: {LABELS[metric]} vs {sweep} ({fixed})", "",
-                          f"| model | " + " | ".join(f"{sweep}={x}" for x in xs) + " |",
+                          "| model | " + " | ".join(f"{sweep}={x}" for x in xs) + " |",
                           "|---|" + "---|" * len(xs)]
                 for model in models:
                     K, L = cfg.models()[model]
@@ -140,7 +140,8 @@ def plot(result: dict, cfg, path: str) -> None:
             ax.set_xscale("log", base=2)
             ax.set_xticks(list(cfg.t_grid if sweep == "T" else cfg.ls_grid))
             ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-            ax.set_xlabel("denoising steps T (L_s = L_t)" if sweep == "T" else f"inference depth L_s (T = {cfg.t_fixed})")
+            ax.set_xlabel("denoising steps T (L_s = L_t)" if sweep == "T"
+                          else f"inference depth L_s (T = {cfg.t_fixed})")
             ax.set_ylabel(LABELS[metric], fontsize=8)
             ax.set_title(LABELS[task], fontsize=9)
             ax.legend(fontsize=7)
