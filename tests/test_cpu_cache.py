@@ -167,14 +167,15 @@ def test_the_cache_holds_the_latest_released_blocks_up_to_its_bound():
 
 
 def test_concurrent_calls_get_their_own_blocks():
-    expected = {seed: training_step(seed) for seed in (0, 1)}
+    """Two threads calling the op at once (it runs without the GIL), each holding several outputs: every output
+    has the values of its own call."""
+    expected = {seed: step(seed).clone() for seed in (0, 1)}
     failures = []
 
     def loop(seed):
-        for _ in range(20):
-            got = training_step(seed)
-            if not all(torch.equal(a, b) for a, b in zip(got, expected[seed])):
-                failures.append(seed)
+        for _ in range(50):
+            outs = [step(seed) for _ in range(4)]
+            failures.extend(seed for o in outs if not torch.equal(o, expected[seed]))
     threads = [threading.Thread(target=loop, args=(seed,)) for seed in (0, 1)]
     for t in threads:
         t.start()
