@@ -16,6 +16,7 @@ B, T, D = 2, 3, 8
 WAN = grpo_reference.STD_RULES["wan"], grpo_reference.WAN_STD_COEF
 # Ops without tensor arguments: opcheck has only their schema (and fake for the data op) to check.
 NO_TENSORS = {"cpu_isa": ("test_schema",), "cuda_runtime_version": ("test_schema",),
+              "cpu_cache_bytes": ("test_schema",), "cpu_cache_clear": ("test_schema",),
               "rmdm_sudoku": ("test_schema", "test_faketensor"),
               "twoos_band_table": ("test_schema", "test_faketensor")}
 RECORDER = processors.SinkRecorder()  # held here: diffkern::sink_record finds its recorder by id, weakly

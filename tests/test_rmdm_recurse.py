@@ -181,17 +181,19 @@ def test_the_training_pair_is_the_cpu_kernels_alone(backend):
 
 
 def test_kept_activations_of_a_live_graph_are_never_reused():
-    """The training pair reuses its activation buffer only once autograd released it: a second forward while the
-    first graph is alive (gradient accumulation), and a backward run twice (retain_graph), give the gradients
-    of a lone call."""
-    shape = (2, 5, 6, 10, 2, 2, 3)
+    """The training pair reuses its activation buffer only once autograd released it (it comes from the CPU
+    output cache, tests/test_cpu_cache.py): a second forward while the first graph is alive (gradient
+    accumulation), and a backward run twice (retain_graph), give the gradients of a lone call."""
+    shape = (2, 16, 6, 10, 2, 2, 3)  # activations of 78 KB: above the cache's 64 KiB minimum
     blocks, x, _ = make(shape, torch.float32, False)
     weights = [w.requires_grad_() for b in blocks for w in b]
     xs = [x.requires_grad_(), (2 * x).detach().requires_grad_()]
 
     def grads(states, retain=False):
         return torch.autograd.grad(states.square().sum(), [*xs[:1], *weights], retain_graph=retain)
+    diffkern.empty_cache()
     alone = grads(diffkern.recurse(blocks, xs[0], 3, heads=2, recompute=False))
+    assert diffkern.cached_bytes() >= 4 * op.acts_numel(*shape, False)  # released: the next call reuses them
     first = diffkern.recurse(blocks, xs[0], 3, heads=2, recompute=False)
     second = diffkern.recurse(blocks, xs[1], 3, heads=2, recompute=False)  # alive while `first` runs backward
     for got in (grads(first, retain=True), grads(first)):

@@ -3,7 +3,9 @@
 // ntrk_step: one pass in chunks of kChunk elements, parallel over (sample, chunk); reads mu, w (and
 // eps when given) once, writes x once. Without eps the normals come from philox.h at the element's
 // flat index, the same stream as the Triton kernel's tl.randn and the reference.
-// ntrk_step_bwd (its backward on CPU): reads dx once, writes the requested of dw and deps once.
+// ntrk_step_bwd (its backward on CPU): reads dx once, writes the requested of dw and deps once. Both ops' outputs
+// come from the CPU output cache (diffkern/cpu_cache.h): a training step's fresh latent-sized outputs otherwise
+// fault in every page, which cost most of the step.
 // twoos_project: per pass, a row phase (sort each tile of D, parallel over blocks of tiles), a column phase
 // (sort each rank j across the M tiles and clip it against its band; parallel over (sample, j)) and the unsort
 // (parallel over blocks of tiles). Every sort orders by (value, position), so ranks and results are
@@ -25,6 +27,7 @@
 #include "convert.h"
 #include "radix.h"
 #include "diffkern/check.h"
+#include "diffkern/cpu_cache.h"
 #include "diffkern/latent_args.h"
 #include "diffkern/ntrk_math.h"
 #include "diffkern/philox.h"
@@ -118,7 +121,7 @@ void step_kernel(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor
 at::Tensor ntrk_step_cpu(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& w, const at::Tensor& rho,
                          const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& philox) {
   check_step(mu, sigma, w, rho, eps, philox);
-  at::Tensor x = empty_output(mu.sizes(), mu.options());
+  at::Tensor x = cache::empty(mu.sizes(), mu.options());
   // (seed, offset) as the kernel reads them: uint64, so an offset past 2^63 wraps like the counter.
   const int64_t* state = eps ? nullptr : philox->const_data_ptr<int64_t>();
   const uint64_t seed = state ? static_cast<uint64_t>(state[0]) : 0, offset = state ? static_cast<uint64_t>(state[1]) : 0;
@@ -159,8 +162,8 @@ std::vector<at::Tensor> ntrk_step_bwd_cpu(const at::Tensor& dx, const at::Tensor
   check_latents(kStepBwdOp, lead, {}, /*empty_rows=*/true);
   check_per_sample(kStepBwdOp, {"sigma", &sigma}, lead);
   check_per_sample(kStepBwdOp, {"rho", &rho}, lead);
-  at::Tensor dw = w_grad ? empty_output(dx.sizes(), dx.options()) : at::Tensor();
-  at::Tensor deps = eps_grad ? empty_output(dx.sizes(), dx.options()) : at::Tensor();
+  at::Tensor dw = w_grad ? cache::empty(dx.sizes(), dx.options()) : at::Tensor();
+  at::Tensor deps = eps_grad ? cache::empty(dx.sizes(), dx.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dx.scalar_type(), kStepBwdOp, [&] {
     step_bwd_kernel<scalar_t>(dx, sigma, rho, w_grad ? &dw : nullptr, eps_grad ? &deps : nullptr);
   });

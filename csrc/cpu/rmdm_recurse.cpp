@@ -25,6 +25,7 @@
 
 #include "convert.h"
 #include "diffkern/check.h"
+#include "diffkern/cpu_cache.h"
 #include "diffkern/rmdm_acts.h"
 #include "diffkern/rmdm_args.h"
 #include "diffkern/rmdm_gemm.h"
@@ -258,8 +259,9 @@ std::tuple<at::Tensor, at::Tensor> rmdm_recurse_keep_cpu(const at::Tensor& x, at
   at::Tensor states = empty_output({n_iter, g.B, g.T, g.d}, x.options());
   const ActsLayout layout(g.B, g.T, g.d, g.f, g.heads, n_iter, mod.has_value());
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  static thread_local std::shared_ptr<ReusedBlock> slot;
-  at::Tensor acts = reusable(slot, layout.numel(g.K), x.options().dtype(acc));
+  // from the CPU output cache (diffkern/cpu_cache.h): a fresh block of tens of MB faulted in every page each
+  // step, a third of a B=1 Sudoku training step; the last step's block is reused once autograd released it
+  at::Tensor acts = cache::empty({layout.numel(g.K)}, x.options().dtype(acc));
   if (g.B * g.T == 0) return {states, acts};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rmdm_recurse_keep", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include "diffkern/check.h"
+#include "diffkern/cpu_cache.h"
 #include "diffkern/rmdm_adaln_grad.h"
 #include "diffkern/rmdm_acts.h"
 #include "diffkern/rmdm_args.h"
@@ -227,9 +228,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> keep_bwd_kernel(
     bw.dw.emplace_back(kBlockParams);
     for (Param i : {kLn1W, kLn1B, kLn2W, kLn2B}) bw.dw[k][i] = at::zeros({geo.d}, opts);
   }
-  static thread_local std::shared_ptr<ReusedBlock> dy_slot, scratch_slot;  // reused across calls: see reusable
-  bw.dy = reusable(dy_slot, geo.K * bw.dy_block(), opts);
-  const at::Tensor scratch = reusable(scratch_slot, bw.M * (2 * geo.d + geo.f), opts);
+  bw.dy = cache::empty({geo.K * bw.dy_block()}, opts);  // both reused across calls: diffkern/cpu_cache.h
+  const at::Tensor scratch = cache::empty({bw.M * (2 * geo.d + geo.f)}, opts);
   bw.scratch_d = scratch.narrow(0, 0, bw.M * geo.d).view({bw.M, geo.d});
   bw.scratch_d2 = scratch.narrow(0, bw.M * geo.d, bw.M * geo.d).view({bw.M, geo.d});
   bw.scratch_f = scratch.narrow(0, 2 * bw.M * geo.d, bw.M * geo.f).view({bw.M, geo.f});

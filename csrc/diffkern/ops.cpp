@@ -181,4 +181,8 @@ TORCH_LIBRARY_FRAGMENT(diffkern, m) {
   // The ISA variant of the CPU kernels loaded in this process, as its -march name ("x86-64-v3"):
   // csrc/diffkern/cpu_dispatch.cpp picks it when the library loads. Raises when none could be loaded.
   m.def("cpu_isa() -> str");
+  // The CPU output cache (csrc/include/diffkern/cpu_cache.h): the bytes of released output blocks it holds for
+  // reuse, and freeing them all (diffkern.empty_cache()).
+  m.def("cpu_cache_bytes() -> int");
+  m.def("cpu_cache_clear() -> ()");
 }

@@ -16,8 +16,8 @@ from . import _registry, _triton
 from ._ops import build_info
 
 # Runtime variables worth a line when set (README, "Environment variables").
-RUNTIME_VARIABLES = ("DIFFKERN_CPU_ISA", "DIFFKERN_DEBUG_FILL", "DIFFKERN_NVTX", "TRITON_INTERPRET",
-                     "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
+RUNTIME_VARIABLES = ("DIFFKERN_CPU_ISA", "DIFFKERN_CPU_CACHE_BYTES", "DIFFKERN_DEBUG_FILL", "DIFFKERN_NVTX",
+                     "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:

@@ -43,14 +43,19 @@ inline void check_finite_nonneg(const char* op, double x, const char* name) {
   TORCH_CHECK_VALUE(std::isfinite(x) && x >= 0, op, ": ", name, " must be finite and >= 0, got ", x);
 }
 
-// at::empty, or a NaN-filled tensor when DIFFKERN_DEBUG_FILL=nan (read once), so that an output
-// element a kernel forgets to write fails the tests instead of holding stale memory.
-inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+// Whether DIFFKERN_DEBUG_FILL=nan (read once): outputs start NaN-filled, so that an output element a kernel
+// forgets to write fails the tests instead of holding stale memory.
+inline bool debug_fill_nan() {
   static const bool fill_nan = [] {
     const char* v = std::getenv("DIFFKERN_DEBUG_FILL");
     return v != nullptr && std::string_view(v) == "nan";
   }();
-  return fill_nan ? at::full(sizes, NAN, options) : at::empty(sizes, options);
+  return fill_nan;
+}
+
+// at::empty, or a NaN-filled tensor under DIFFKERN_DEBUG_FILL=nan.
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return debug_fill_nan() ? at::full(sizes, NAN, options) : at::empty(sizes, options);
 }
 
 }  // namespace diffkern

@@ -10,13 +10,7 @@
 // the ungated branch outputs a and y (the gates' gradients need them).
 #pragma once
 
-#include <atomic>
 #include <cstdint>
-#include <memory>
-
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/from_blob.h>
-#include <c10/core/CPUAllocator.h>
 
 namespace diffkern::rmdm {
 
@@ -45,29 +39,5 @@ struct ActsLayout {
     return base + k * per_block + offset[f] + it * rows * width[f];
   }
 };
-
-// Memory for the training pair's large buffers, reused across calls: a fresh tensor of tens of MB faults in
-// every page of its storage on every step (glibc hands large blocks back to the system when they are freed),
-// which cost a third of a B=1 Sudoku training step. `reusable` hands out the slot's block while no tensor made
-// from it is alive (the last step's activations were released by autograd), else a new block that becomes the
-// slot's; a block lives while its slot or a tensor made from it does. The slot keeps the last call's size.
-struct ReusedBlock {
-  c10::DataPtr mem;
-  int64_t bytes = 0;
-  std::atomic<bool> in_use{false};
-};
-
-inline at::Tensor reusable(std::shared_ptr<ReusedBlock>& slot, int64_t numel, const at::TensorOptions& options) {
-  const int64_t bytes = numel * static_cast<int64_t>(options.dtype().itemsize());
-  if (!slot || slot->in_use.load() || slot->bytes != bytes) {
-    slot.reset();  // the old block goes first (unless a tensor holds it): the new one may take its place
-    slot = std::make_shared<ReusedBlock>();
-    slot->mem = c10::GetCPUAllocator()->allocate(bytes);
-    slot->bytes = bytes;
-  }
-  slot->in_use.store(true);
-  std::shared_ptr<ReusedBlock> block = slot;
-  return at::from_blob(block->mem.get(), {numel}, [block](void*) { block->in_use.store(false); }, options);
-}
 
 }  // namespace diffkern::rmdm

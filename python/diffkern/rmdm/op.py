@@ -179,8 +179,9 @@ def recurse(block_params, x: torch.Tensor, n_iter: int, *, heads: int, mod: torc
         re-runs one iteration at a time (memory: one iteration's activations). Keeping (CPU kernels): the
         training forward diffkern::rmdm_recurse_keep also saves every block evaluation's activations
         (acts_numel floats) and the backward reads them, with each weight gradient one GEMM over all
-        iterations' rows. Its activation and gradient buffers are reused by the next call once autograd has
-        released them (each thread keeps the last call's, so a training loop does not fault in fresh pages).
+        iterations' rows. Its activation and gradient buffers come from the CPU output cache: reused by the
+        next call once autograd has released them, so a training loop does not fault in fresh pages;
+        diffkern.empty_cache() frees them.
         Double backward is refused: differentiating the gradient raises NotImplementedError naming
         diffkern.recurse.
     Backends: C++ (CPU tensors), reference (plain PyTorch, any device). On CUDA tensors the forward is Triton
