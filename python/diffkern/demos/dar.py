@@ -28,9 +28,7 @@ Runs (seed, model) jobs on --workers processes, one torch thread each.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
-import multiprocessing
 import os
 import resource
 import time
@@ -42,6 +40,7 @@ from .. import _optional
 from ..dar.blocks import DiT
 from ..dar.diagnose import SYMPTOMS, diagnose, plot as plot_diagnose
 from ..dar.sit import sample, velocity_loss
+from .jobs import run_jobs
 from .seeds import fmt, t_interval
 
 VARIANTS = {"residual": dict(stream="residual"), "dar-static": dict(stream="dar", query="static"),
@@ -217,17 +216,12 @@ def plot_samples(samples: dict, path: str) -> None:
 
 def run_all(args, log) -> list:
     """Every (variant, seed) job, on args.workers spawned processes (in this process when workers == 1)."""
-    jobs = [(v, s) for s in range(args.seeds) for v in VARIANTS]
-    if args.workers == 1:
-        return [run_job(v, s, args) for v, s in jobs]
+    jobs = [(v, s, args) for s in range(args.seeds) for v in VARIANTS]
     jobs.sort(key=lambda j: j[0] == BASELINE)  # the cheaper residual jobs last: the workers finish together
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process whose OpenMP runtime is already up
-    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
-        futures = [pool.submit(run_job, v, s, args) for v, s in jobs]
-        for f in concurrent.futures.as_completed(futures):
-            r = f.result()
-            log(f"  {r['variant']} seed {r['seed']}: val {r['val'][-1][2]:.4f} ({r['train_cpu_s']:.0f} CPU s)")
-        return [f.result() for f in futures]
+
+    def done(r):
+        log(f"  {r['variant']} seed {r['seed']}: val {r['val'][-1][2]:.4f} ({r['train_cpu_s']:.0f} CPU s)")
+    return run_jobs(run_job, jobs, args.workers, done)
 
 
 def parse(argv):

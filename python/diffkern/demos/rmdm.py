@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import resource
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from . import rmdm_report
+from .jobs import run_jobs
 from .rmdm_train import countdown_data, run_job, sudoku_data
 
 
@@ -77,12 +76,7 @@ def run(cfg: Config, out: str, workers: int, backend: str) -> dict:
     jobs = [(tasks[t], name, K, L, seed, cfg, backend) for t in tasks for name, (K, L) in cfg.models().items()
             for seed in cfg.seeds]
     jobs.sort(key=lambda j: -cfg.steps[j[0].name] * j[0].seq_len * j[2] * j[3])
-    if workers == 1:
-        runs = [run_job(*j) for j in jobs]
-    else:
-        ctx = multiprocessing.get_context("spawn")  # forking a process that has run ATen's thread pools can hang
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            runs = list(pool.map(run_job, *zip(*jobs)))
+    runs = run_jobs(run_job, jobs, workers)
     timing = {"wall_s": time.time() - start, "workers": workers, "cpu_s": _cpu_seconds() - cpu}
     result = {"config": asdict(cfg), "timing": timing, "runs": runs, "summary": rmdm_report.summarize(runs, cfg)}
     with open(os.path.join(out, "rmdm.json"), "w") as f:
