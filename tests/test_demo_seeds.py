@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from diffkern.demos.seeds import fmt, t_interval
+from diffkern.demos.seeds import fmt, t_interval, t_interval_dict
 
 
 def test_t_interval_matches_the_textbook_formula():
@@ -29,3 +29,9 @@ def test_t_interval_nan_and_bad_input():
     with pytest.raises(ValueError, match="level"):
         t_interval([1.0, 2.0], level=1.5)
     assert fmt(t_interval([1.0, 2.0, 3.0])) == "2 [-0.484, 4.48]"
+
+
+def test_stored_form_formats_like_the_interval():
+    d = t_interval_dict([1.0, 2.0, 3.0])
+    assert set(d) == {"mean", "lo", "hi", "level", "values"} and d["values"] == [1.0, 2.0, 3.0]
+    assert fmt({**d, "task": "sudoku"}) == fmt(t_interval([1.0, 2.0, 3.0])) == "2 [-0.484, 4.48]"

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -39,8 +38,7 @@ import torch
 from .. import _optional
 from ..grpo import GRPOStep, IsoTimestepSampler, flow_sde_step, flow_sigmas, grpo_train_step
 from ..nn import FlashGRPOLoss
-from ..sinks.bootstrap import Interval
-from .seeds import fmt, t_interval
+from .seeds import fmt, t_interval, t_interval_dict
 
 CLASSES, RADIUS, BLOB_STD, DETAIL_SHIFT = 4, 2.5, 0.25, 0.5
 STEPS, SHIFT = 20, 3.0
@@ -204,16 +202,12 @@ def gradient_agreement(base: Velocity, variant: str, batches: int, prompts: int,
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]).double())
     grads = torch.stack(grads)
     others = (grads.sum(0) - grads) / (batches - 1)
-    return _interval(torch.nn.functional.cosine_similarity(grads, others, dim=1).tolist())
+    return t_interval_dict(torch.nn.functional.cosine_similarity(grads, others, dim=1).tolist())
 
 
 def eval_points(updates: int, eval_every: int) -> list[int]:
     """The updates before which the evaluation runs, and the end of training."""
     return list(range(0, updates, eval_every)) + [updates]
-
-
-def _interval(values) -> dict:
-    return dataclasses.asdict(t_interval(values))
 
 
 def grpo(base: Velocity, variant: str, updates: int, prompts: int, group: int, lr: float, seed: int,
@@ -253,19 +247,15 @@ def summarise(runs: dict, pre: dict) -> dict:
     for name, rs in runs.items():
         final = {key: [r["final"][key] for r in rs] for key in ("reward", "layout", "detail", "diversity")}
         area = [sum(r["eval"]) / len(r["eval"]) for r in rs]
-        table[name] = {**{key: _interval(v) for key, v in final.items()},
-                       "gain": _interval([f - pre["reward"] for f in final["reward"]]),
-                       "curve_mean": _interval(area),
+        table[name] = {**{key: t_interval_dict(v) for key, v in final.items()},
+                       "gain": t_interval_dict([f - pre["reward"] for f in final["reward"]]),
+                       "curve_mean": t_interval_dict(area),
                        "collapsed": sum(collapsed(r["final"], pre) for r in rs)}
     pairs = {}
     for a, b in (("itg", "naive"), ("itg+tgr", "itg"), ("itg+tgr", "naive")):
         diff = [x["final"]["reward"] - y["final"]["reward"] for x, y in zip(runs[a], runs[b])]
-        pairs[f"{a} - {b}"] = _interval(diff)
+        pairs[f"{a} - {b}"] = t_interval_dict(diff)
     return {"variants": table, "paired_final_reward": pairs}
-
-
-def _iv(d: dict, digits: int = 3) -> str:
-    return fmt(Interval(**d), digits)
 
 
 def markdown(result: dict) -> str:
@@ -279,16 +269,16 @@ def markdown(result: dict) -> str:
              "| variant | final reward | gain over pre-trained | curve mean | layout rate | detail | diversity "
              "| collapsed |", "|---|---|---|---|---|---|---|---|"]
     for name, row in s["variants"].items():
-        lines.append(f"| {name} | {_iv(row['reward'])} | {_iv(row['gain'])} | {_iv(row['curve_mean'])} | "
-                     f"{_iv(row['layout'])} | {_iv(row['detail'])} | {_iv(row['diversity'])} | "
+        lines.append(f"| {name} | {fmt(row['reward'])} | {fmt(row['gain'])} | {fmt(row['curve_mean'])} | "
+                     f"{fmt(row['layout'])} | {fmt(row['detail'])} | {fmt(row['diversity'])} | "
                      f"{row['collapsed']}/{result['seeds']} |")
     lines += ["", "Paired differences of the final reward (same seed: same prompts and noises):", "",
               "| difference | mean [95% CI] |", "|---|---|"]
-    lines += [f"| {name} | {_iv(d)} |" for name, d in s["paired_final_reward"].items()]
+    lines += [f"| {name} | {fmt(d)} |" for name, d in s["paired_final_reward"].items()]
     lines += ["", "Gradient agreement at the pre-trained model (cosine of one update's gradient with the mean of "
               f"{result['params_grad_batches']} - 1 others, mean [95% CI over batches]):", "",
               "| variant | cosine |", "|---|---|"]
-    lines += [f"| {name} | {_iv(d)} |" for name, d in result["gradient_agreement"].items()]
+    lines += [f"| {name} | {fmt(d)} |" for name, d in result["gradient_agreement"].items()]
     sens = result["sensitivity"]
     lines += ["", "The task's timestep dependence (pre-trained model, SDE step at k, ODE elsewhere, shared noise per "
               "group): within-group reward std, layout flips vs the ODE sample, mean reward.", "",

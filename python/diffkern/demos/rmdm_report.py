@@ -6,11 +6,9 @@ test problems).
 """
 from __future__ import annotations
 
-import dataclasses
 
 from .. import _optional
-from ..sinks.bootstrap import Interval
-from .seeds import fmt, t_interval
+from .seeds import fmt, t_interval_dict
 
 METRICS = {"sudoku": ("vpr", "cell_acc"), "countdown": ("right_token", "validity")}
 LABELS = {"vpr": "valid-puzzle rate (VPR)", "cell_acc": "blank-cell accuracy", "right_token": "right-token rate",
@@ -53,22 +51,17 @@ def summarize(runs: list, cfg) -> dict:
                 continue
             out[task][model] = {
                 "K": rs[0]["K"], "L": rs[0]["L"], "params": rs[0]["params"],
-                "final_loss": dataclasses.asdict(t_interval([r["train"]["final_loss"] for r in rs])),
-                "train_cpu_s": dataclasses.asdict(t_interval([r["train"]["cpu_s"] for r in rs])),
-                "points": {key: {m: dataclasses.asdict(t_interval([r["scores"][key][m] for r in rs]))
+                "final_loss": t_interval_dict([r["train"]["final_loss"] for r in rs]),
+                "train_cpu_s": t_interval_dict([r["train"]["cpu_s"] for r in rs]),
+                "points": {key: {m: t_interval_dict([r["scores"][key][m] for r in rs])
                                  for m in metric_names} for key in rs[0]["scores"]}}
         for label, (ma, ka), (mb, kb) in comparisons(cfg):
             a, b = _per_seed(runs, task, ma), _per_seed(runs, task, mb)
             for m in metric_names:
                 diff = [ra["scores"][ka][m] - rb["scores"][kb][m] for ra, rb in zip(a, b)]
                 out["paired"].append({"task": task, "metric": m, "comparison": label,
-                                      **dataclasses.asdict(t_interval(diff))})
+                                      **t_interval_dict(diff)})
     return out
-
-
-def _iv(d: dict) -> str:
-    """`mean [lo, hi]` of an interval stored as a dict."""
-    return fmt(Interval(d["mean"], d["lo"], d["hi"], d["level"], d["values"]), 3)
 
 
 def _sweeps(cfg, model: str) -> dict:
@@ -94,7 +87,7 @@ def markdown(result: dict, cfg) -> str:
     for task in METRICS:
         for model, m in s[task].items():
             lines.append(f"| {LABELS[task]} | {model} | {m['K']}x{m['L']} | {m['params']:,} | {m['K'] * m['L']} | "
-                         f"{_iv(m['final_loss'])} | {m['train_cpu_s']['mean']:.0f} |")
+                         f"{fmt(m['final_loss'])} | {m['train_cpu_s']['mean']:.0f} |")
     for task, metric_names in METRICS.items():
         for metric in metric_names:
             for sweep, fixed in (("T", "L_s = L_t"), ("L_s", f"T = {cfg.t_fixed}")):
@@ -107,10 +100,10 @@ def markdown(result: dict, cfg) -> str:
                     K, L = cfg.models()[model]
                     pts = s[task][model]["points"]
                     lines.append(f"| {model} ({K}x{L}) | " + " | ".join(
-                        _iv(pts[key][metric]) for _, key in _sweeps(cfg, model)[sweep]) + " |")
+                        fmt(pts[key][metric]) for _, key in _sweeps(cfg, model)[sweep]) + " |")
     lines += ["", "### Paired per-seed differences (the paper's claims)", "",
               "| task | metric | comparison | difference [95% interval] |", "|---|---|---|---|"]
-    lines += [f"| {LABELS[p['task']]} | {LABELS[p['metric']]} | {p['comparison']} | {_iv(p)} |" for p in s["paired"]]
+    lines += [f"| {LABELS[p['task']]} | {LABELS[p['metric']]} | {p['comparison']} | {fmt(p)} |" for p in s["paired"]]
     return "\n".join(lines) + "\n"
 
 

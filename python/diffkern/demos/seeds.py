@@ -5,6 +5,7 @@ extreme seeds); the t interval mean ± t_{n-1, (1+level)/2} · s / sqrt(n) is th
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -32,6 +33,13 @@ def t_interval(values, level: float = 0.95) -> Interval:
     return Interval(mean, mean - half, mean + half, level, x.tolist())
 
 
-def fmt(iv: Interval, digits: int = 3) -> str:
-    """`mean [lo, hi]` with `digits` significant digits, for the demos' Markdown tables."""
-    return f"{iv.mean:.{digits}g} [{iv.lo:.{digits}g}, {iv.hi:.{digits}g}]"
+def t_interval_dict(values, level: float = 0.95) -> dict:
+    """t_interval(values, level) as the JSON-ready dict the demos store (the Interval's fields)."""
+    return dataclasses.asdict(t_interval(values, level))
+
+
+def fmt(iv: Interval | dict, digits: int = 3) -> str:
+    """`mean [lo, hi]` with `digits` significant digits, for the demos' Markdown tables; iv is an Interval or
+    its stored dict form (other keys of the dict are ignored)."""
+    mean, lo, hi = (iv["mean"], iv["lo"], iv["hi"]) if isinstance(iv, dict) else (iv.mean, iv.lo, iv.hi)
+    return f"{mean:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
