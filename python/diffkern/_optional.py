@@ -12,3 +12,10 @@ def require(name: str, extra: str) -> types.ModuleType:
     except ImportError as err:
         raise ImportError(f"{name} is not installed; it is an optional dependency of diffkern, installed by "
                           f"`pip install 'diffkern[{extra}]'`") from err
+
+
+def pyplot(extra: str) -> types.ModuleType:
+    """matplotlib.pyplot on the non-interactive Agg backend (files only, no display needed), or the ImportError
+    of `require` naming `extra`."""
+    require("matplotlib", extra).use("Agg")
+    return importlib.import_module("matplotlib.pyplot")

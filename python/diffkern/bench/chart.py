@@ -7,10 +7,7 @@ import textwrap
 
 from .. import _optional
 
-matplotlib = _optional.require("matplotlib", "plots")
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+plt = _optional.pyplot("plots")
 
 _COLORS = {"eager": "#c44e52", "compile": "#dd8452", "minimum": "#8c8c8c", "diffkern": "#4c72b0"}
 

@@ -53,9 +53,7 @@ def _measure(model: nn.Module, batch, loss_fn) -> dict:
 
 def plot(results: dict, path: str) -> None:
     """Three panels (amplitude, gradient RMS, adjacent cosine) against block index, one line per model."""
-    matplotlib = _optional.require("matplotlib", "plots")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _optional.pyplot("plots")
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     titles = ("forward amplitude RMS(h_i)", "backward gradient RMS(dL/dh_i)", "cos(h_i, h_i+1)")

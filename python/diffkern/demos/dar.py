@@ -171,16 +171,9 @@ def table(stats: dict, args) -> str:
     return "\n".join(lines)
 
 
-def _pyplot():
-    matplotlib = _optional.require("matplotlib", "demos")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_val(runs: dict, path: str) -> None:
     """Validation loss against step and against training CPU seconds: one thin line per seed, one colour per model."""
-    plt = _pyplot()
+    plt = _optional.pyplot("demos")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for k, (name, by_seed) in enumerate(runs.items()):
         for s, r in sorted(by_seed.items()):
@@ -201,7 +194,7 @@ def plot_val(runs: dict, path: str) -> None:
 
 def plot_samples(samples: dict, path: str) -> None:
     """One panel per model: a row of samples per digit 0-9."""
-    plt = _pyplot()
+    plt = _optional.pyplot("demos")
     fig, axes = plt.subplots(1, len(samples), figsize=(4.5 * len(samples), 5))
     for ax, (name, s) in zip(np.atleast_1d(axes), samples.items()):
         per_class = s.shape[0] // 10

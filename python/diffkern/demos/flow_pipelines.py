@@ -242,9 +242,7 @@ def report(summary: dict, p, seconds: float) -> str:
 
 
 def plot(path: str, summary: dict, curves: dict) -> None:
-    matplotlib = _optional.require("matplotlib", "demos")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _optional.pyplot("demos")
     fig, (bars, ax) = plt.subplots(1, 2, figsize=(11, 4))
     names = list(summary["methods"])
     diffs = [summary["methods"][n]["vs_base"] for n in names]

@@ -291,9 +291,7 @@ def markdown(result: dict) -> str:
 
 
 def plot(path: str, result: dict, final_samples: dict) -> None:
-    matplotlib = _optional.require("matplotlib", "demos")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _optional.pyplot("demos")
     fig, axes = plt.subplots(2, 3, figsize=(15, 9))
     (ax_eval, ax_train, ax_sens), scatters = axes
     for name, runs in result["curves"].items():

@@ -289,9 +289,7 @@ def _jsonable(summary: dict) -> dict:
 
 
 def _plot(summary: dict, path: str):
-    matplotlib = _optional.require("matplotlib", "demos")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _optional.pyplot("demos")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric, label in ((axes[0], "reward", "mean reward (0 best)"),
                               (axes[1], "mmd_goal", "MMD^2 vs held-out goal data")):

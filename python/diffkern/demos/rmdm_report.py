@@ -109,9 +109,7 @@ def markdown(result: dict, cfg) -> str:
 
 def plot(result: dict, cfg, path: str) -> None:
     """One panel per (task metric, sweep): mean over seeds with the t interval as error bars."""
-    matplotlib = _optional.require("matplotlib", "demos")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _optional.pyplot("demos")
     s = result["summary"]
     rows = [(task, m) for task, ms in METRICS.items() for m in ms]
     fig, axes = plt.subplots(len(rows), 2, figsize=(10, 3 * len(rows)), squeeze=False)
@@ -132,7 +130,7 @@ def plot(result: dict, cfg, path: str) -> None:
                             label=f"{model} ({K}x{L})")
             ax.set_xscale("log", base=2)
             ax.set_xticks(list(cfg.t_grid if sweep == "T" else cfg.ls_grid))
-            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.xaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
             ax.set_xlabel("denoising steps T (L_s = L_t)" if sweep == "T"
                           else f"inference depth L_s (T = {cfg.t_fixed})")
             ax.set_ylabel(LABELS[metric], fontsize=8)

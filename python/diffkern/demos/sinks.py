@@ -101,9 +101,7 @@ def report(result, title: str, statement: str | None) -> str:
 def plot(result, out: str) -> None:
     """DIR/sinks_mass.png (the unsuppressed run's max and index-0 mass over timesteps, per layer) and
     DIR/sinks_deviation.png (pixel MSE per mode and ΔΔ per control against k, with their intervals)."""
-    matplotlib = _optional.require("matplotlib", "demos")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _optional.pyplot("demos")
     base = result.curves["measure"][0]
     stats = [s for s in ("max_mass", "index0_mass") if s in base]
     fig, axes = plt.subplots(1, len(stats), figsize=(5.5 * len(stats), 4), squeeze=False)
