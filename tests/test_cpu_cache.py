@@ -153,6 +153,15 @@ def test_empty_cache_frees_every_held_block():
     assert diffkern.cached_bytes() == 0
 
 
+def test_empty_cache_runs_inside_a_fullgraph_compiled_function():
+    step(0)  # its output released at once: one block held
+    assert diffkern.cached_bytes() == NBYTES
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: (diffkern.empty_cache(), x * 2)[1], fullgraph=True, backend="eager")
+    assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 2.0))
+    assert diffkern.cached_bytes() == 0
+
+
 def test_the_cache_holds_the_latest_released_blocks_up_to_its_bound():
     """kMaxBlocks released blocks at most, the oldest going first; outputs under 64 KiB never enter it."""
     sizes = [(B, N + 16 * i) for i in range(MAX_BLOCKS + 6)]

@@ -20,5 +20,8 @@ def empty_cache() -> None:
 
 
 def cached_bytes() -> int:
-    """Bytes of released blocks the CPU output cache holds now, ready for reuse (0 without the extension)."""
+    """Bytes of released blocks the CPU output cache holds now, ready for reuse (0 without the extension).
+
+    A host-side query of the process's state: call it outside torch.compile'd code (fullgraph=True refuses an
+    op returning a Python int; its value would otherwise be frozen into the graph). empty_cache compiles."""
     return _ops.ops.cpu_cache_bytes() if _ops.LOADED else 0
