@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _dtypes, _triton
+from .. import _dot, _dtypes, _triton
+from .._dot import dot
 from .._triton import KernelSpec
 from .reference import recompute_below, suppression_weights
 
@@ -54,21 +55,12 @@ def recompute_tiles(d: int, dtype: torch.dtype) -> tuple[int, int]:
 
 
 SEL_BLOCK = 16  # selected keys per correction step (tl.dot's minimum width)
-# Under the interpreter bf16 tl.dot is wrong (TRITON_ON_CPU.md): operands go through fp32 there ("ieee",
-# exact). fp32 inputs on a GPU use tf32x3 (three tf32 products, ~fp32 accurate, on tensor cores): an
-# "ieee" fp32 tl.dot of these tiles needs over 255 registers and spills kilobytes on sm_80/sm_90a.
+# Products run as diffkern._dot says (16-bit tensor cores, tf32x3 or tf32 for fp32, fp32 "ieee" under the
+# interpreter): an "ieee" fp32 tl.dot of these tiles needs over 255 registers and spills on sm_80/sm_90a.
 
 
 def block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
-
-
-@triton.jit
-def _dot(a, b, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
-    if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
-    # fp32 p meets bf16/fp16 v on the tensor cores in v's dtype, as flash-attention does
-    return tl.dot(a.to(b.dtype), b)
 
 
 @triton.jit
@@ -126,7 +118,7 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ent_ptr, top_ptr, H, N_
     for n0 in range(0, N_k, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = (cols < N_k)[None, :]
-        s = _dot(q, _load_cols(k_base, cols, N_k, sk_n, dd, d), DOT_F32, PRECISION) * scale
+        s = dot(q, _load_cols(k_base, cols, N_k, sk_n, dd, d), DOT_F32, PRECISION) * scale
         s = tl.where(col_ok, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp(m - m_new)
@@ -134,7 +126,7 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ent_ptr, top_ptr, H, N_
         l = l * alpha + tl.sum(p, 1)
         if HAS_V:
             v = _load_rows(v_ptr + b * sv_b + h * sv_h, cols, N_k, sv_n, dd, d)
-            acc = acc * alpha[:, None] + _dot(p, v, DOT_F32, PRECISION)
+            acc = acc * alpha[:, None] + dot(p, v, DOT_F32, PRECISION)
             t = t * alpha + tl.sum(p * tl.where(col_ok, s, 0.0), 1)
         if ROW_TOP > 1:
             top = _merge_top(top, s, ROW_TOP, R_PAD)
@@ -171,7 +163,7 @@ def col_mass_kernel(q_ptr, k_ptr, lse_ptr, mass_ptr, H, N_q, N_k, n_query, d,
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < n_query
         lse = tl.load(lse_ptr + bh * N_q + rows, mask=row_ok, other=0.0)
-        s = _dot(_load_rows(q_base, rows, n_query, sq_n, dd, d), kt, DOT_F32, PRECISION) * scale
+        s = dot(_load_rows(q_base, rows, n_query, sq_n, dd, d), kt, DOT_F32, PRECISION) * scale
         acc += tl.sum(tl.where(row_ok[:, None], tl.exp(s - lse[:, None]), 0.0), 0)
     tl.store(mass_ptr + bh * N_k + cols, acc * inv_n_query, mask=cols < N_k)
 
@@ -216,7 +208,7 @@ def _masked_rows(q, k_base, v_base, key_row, j0, N_k, d, sk_n, sv_n, dd, scale,
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(0, N_k, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        s = _dot(q, _load_cols(k_base, cols, N_k, sk_n, dd, d), DOT_F32, PRECISION) * scale
+        s = dot(q, _load_cols(k_base, cols, N_k, sk_n, dd, d), DOT_F32, PRECISION) * scale
         if RENORMALIZE:
             s += tl.load(key_row + cols, mask=cols < N_k, other=float("-inf"))[None, :]
         else:
@@ -230,7 +222,7 @@ def _masked_rows(q, k_base, v_base, key_row, j0, N_k, d, sk_n, sv_n, dd, scale,
         t0 = t0 * alpha + tl.sum(tl.where((cols == j0)[None, :], p, 0.0), 1)
         if not RENORMALIZE:
             p *= factor[None, :]  # l and t0 have the unscaled p: the probabilities are untouched
-        acc = acc * alpha[:, None] + _dot(p, _load_rows(v_base, cols, N_k, sv_n, dd, d), DOT_F32, PRECISION)
+        acc = acc * alpha[:, None] + dot(p, _load_rows(v_base, cols, N_k, sv_n, dd, d), DOT_F32, PRECISION)
         m = m_new
     return acc / l[:, None], t0 / l
 
@@ -260,13 +252,13 @@ def suppress_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, out_ptr, post_
             sel_ok = sel_ok & (j >= 0) & (j < N_k)  # an index out of range (unchecked under capture) selects nothing
             kt = tl.load(k_ptr + b * sk_b + h * sk_h + j[None, :] * sk_n + dd[:, None],
                          mask=sel_ok[None, :] & (dd < d)[:, None], other=0.0)
-            s = _dot(q, kt, DOT_F32, PRECISION) * scale
+            s = dot(q, kt, DOT_F32, PRECISION) * scale
             p = tl.where(fix[:, None] & sel_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
             vs = tl.load(v_ptr + b * sv_b + h * sv_h + j[:, None] * sv_n + dd[None, :],
                          mask=sel_ok[:, None] & (dd < d)[None, :], other=0.0)
             c += tl.sum(p, 1)
             p0 += tl.sum(tl.where((sel == 0)[None, :], p, 0.0), 1)
-            u += _dot(p, vs, DOT_F32, PRECISION)
+            u += dot(p, vs, DOT_F32, PRECISION)
     denom = a - wd * c  # (a, w, wd, g): reference.suppression_weights
     # o is read only now, after the loop: holding it through the loop spills at head_dim 128
     o_offs = (bh * N_q + rows[:, None]) * d + dd[None, :]
@@ -302,14 +294,6 @@ def recompute_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, row_ptr, flag_ptr, out_ptr, p
         tl.store(post_ptr + bh * n_rows + rows, post, mask=exact)
 
 
-def _dot_f32(dtype: torch.dtype) -> bool:
-    return _triton.interpreting() or dtype == torch.float32
-
-
-def _precision() -> str:
-    return "ieee" if _triton.interpreting() else "tf32x3"
-
-
 def _bh_strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -327,7 +311,7 @@ def _fwd(q, k, v, n_query, scale, row_top=0):
         return o, lse, mass.zero_(), ent, top
     bd = block_d(d)
     bm, bn, warps = tiles(d, q.dtype)
-    meta = dict(BLOCK_D=bd, DOT_F32=_dot_f32(q.dtype), PRECISION=_precision(), num_warps=warps,
+    meta = dict(BLOCK_D=bd, **_dot.dot_meta(q.dtype), num_warps=warps,
                 maxnreg=_triton.register_budget(warps))
     vv = v if v is not None else k
     attn_fwd_kernel[(triton.cdiv(N_q, bm), B * H)](
@@ -388,7 +372,7 @@ def sink_suppress(q, k, v, o, lse, idx, n_rows, scale, bias, renormalize=True):
     bm, _, warps = tiles(d, q.dtype)
     si_h = idx.stride(1) if idx.shape[1] > 1 else 0
     flags = torch.empty((B, H, n_rows), dtype=torch.int8, device=q.device)
-    common = dict(BLOCK_D=bd, DOT_F32=_dot_f32(q.dtype), PRECISION=_precision(), num_warps=warps,
+    common = dict(BLOCK_D=bd, **_dot.dot_meta(q.dtype), num_warps=warps,
                   maxnreg=_triton.register_budget(warps))
     suppress_kernel[(triton.cdiv(N_q, bm), B * H)](
         q, k, v, o, lse, idx, out, post, flags, H, N_q, N_k, n_rows, K, d, *_bh_strides(q), *_bh_strides(k),

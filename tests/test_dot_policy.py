@@ -1,0 +1,24 @@
+"""diffkern._dot.dot_meta: the precision every Triton matrix product runs at, per input dtype."""
+import pytest
+import torch
+
+from diffkern import _dot, _triton
+
+
+def test_interpreter_runs_every_product_in_fp32_ieee():
+    assert _triton.interpreting()
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert _dot.dot_meta(dtype) == {"DOT_F32": True, "PRECISION": "ieee"}
+
+
+@pytest.mark.parametrize("matmul_precision, expected", [("highest", "tf32x3"), ("high", "tf32"), ("medium", "tf32")])
+def test_gpu_fp32_follows_torch_matmul_precision(monkeypatch, matmul_precision, expected):
+    monkeypatch.setattr(_triton, "interpreting", lambda: False)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(matmul_precision)
+        assert _dot.dot_meta(torch.float32) == {"DOT_F32": True, "PRECISION": expected}
+        assert _dot.dot_meta(torch.bfloat16)["DOT_F32"] is False
+        assert _dot.dot_meta(torch.float16)["DOT_F32"] is False
+    finally:
+        torch.set_float32_matmul_precision(before)
