@@ -2,9 +2,10 @@
 sums added by a fixed-order tree, checked through the cuda backend (the host-execution harness on CPU).
 
 The harness models one SM, so route_bwd_chunks gives each batch row max(1, 4 / B) chunks: many batch rows
-make many partials. Shapes: B * n_chunks = 300 (> 256: more segments than thread rows, each thread row
-walking several), and 2 batch rows of 2 chunks (a per-batch q's pairwise tree); d = 130 leaves a block
-with 2 of its 32 columns in range.
+make many partials. Shapes: B * n_chunks = 300 (> 256): a static or per-token q's 300 partials in one
+16-row tree, a per-batch q's 300 one-chunk segments walked 16 at a time; 2 batch rows of 2 chunks: a
+per-batch q's segments each in a 2-row tree, side by side, a static q's 4 partials in a 4-row tree.
+d = 130 leaves a block with 2 of its 32 columns in range.
 """
 import pytest
 import torch

@@ -292,16 +292,29 @@ __global__ void __launch_bounds__(kMaxRowThreads) route_bwd_kernel(BwdArgs<T, Q>
   }
 }
 
+// The thread rows per segment of route_reduce_kernel: the power of two S <= kReduceRows with the least serial
+// depth ceil(segments / G) * (ceil(chunks / S) + log2 S), G = kReduceRows / S; a tie goes to the wider tree.
+DIFFKERN_DEVICE int reduce_group(int64_t segments, int64_t chunks) {
+  int best = 1;  // S = 1: no tree, each thread row walks whole segments
+  int64_t best_depth = (segments + kReduceRows - 1) / kReduceRows * chunks;
+  for (int S = 2, log2 = 1; S <= kReduceRows; S *= 2, ++log2) {
+    const int64_t G = kReduceRows / S;
+    const int64_t depth = (segments + G - 1) / G * ((chunks + S - 1) / S + log2);
+    if (depth <= best_depth) best = S, best_depth = depth;
+  }
+  return best;
+}
+
 // The partial sums of a column, summed by a block of kReduceCols columns x kReduceRows thread rows in a
 // fixed order (the shape's alone, never timing): a dq row needs the sum over one batch row's chunks (a
 // per-batch q), dgain and a static q's dq the sum over every partial. The partials are cut into segments
-// (a batch row's chunks for a per-batch q, else all B * n_chunks as one); the thread rows form groups of S
-// (a power of two, at most kReduceRows, no wider than a segment needs), and each group takes every G-th
-// segment (G = kReduceRows / S) in turn. Within a group, thread s sums chunks s, s + S, ... serially, then a
-// shared-memory tree adds the S sums pairwise (sum[s] += sum[s + stride], stride S/2 ... 1). The group's first thread
-// writes the batch row's dq and accumulates its share of the total in segment order; a last tree over
-// the thread rows adds the G shares. Serial depth: ceil(segments / G) * (ceil(chunks / S) + log2 S) +
-// log2 kReduceRows, where the old one-thread-per-column loop took B * n_chunks.
+// (a batch row's chunks for a per-batch q, else all B * n_chunks as one); the thread rows form G groups of S
+// (reduce_group: a power of two, the shape's alone), and each group takes every G-th segment in turn.
+// Within a group, thread s sums chunks s, s + S, ... serially, then a shared-memory tree adds the S sums
+// pairwise (sum[s] += sum[s + stride], stride S/2 ... 1). The group's first thread writes the batch row's
+// dq and accumulates its share of the total in segment order; a last tree over the thread rows adds the G
+// shares. Serial depth: ceil(segments / G) * (ceil(chunks / S) + log2 S) + log2 kReduceRows adds, where
+// one thread per column took B * n_chunks (512 at SiT-XL/2's B=8, T=256, d=1152 on 132 SMs: now 37).
 template <typename Q>
 __global__ void __launch_bounds__(kReduceCols* kReduceRows) route_reduce_kernel(ReduceArgs<Q> a) {
   DIFFKERN_SHARED(float, tree, kReduceRows * kReduceCols);
@@ -310,8 +323,7 @@ __global__ void __launch_bounds__(kReduceCols* kReduceRows) route_reduce_kernel(
   const bool col = j < a.d;
   const bool per_batch = a.q_kind == QKind::kPerBatch;
   const int64_t segments = per_batch ? a.B : 1, chunks = per_batch ? a.n_chunks : a.B * a.n_chunks;
-  int S = 1;
-  while (S < kReduceRows && S < chunks) S *= 2;
+  const int S = reduce_group(segments, chunks);
   const int G = kReduceRows / S, group = y / S, s = y % S;
   const float g = col ? a.gain[j] : 0.0f;
   float share = 0.0f;  // this group's sum over its segments (the first thread of each group)
