@@ -115,7 +115,8 @@ def test_every_traffic_row_says_whether_it_is_counted_or_modeled(quick_run):
 
 def test_every_workload_has_a_kernel_roofline_table_that_adds_up_to_its_traffic(quick_run):
     """Per case and pass, one total row; its launches and bytes are the traffic row's (the same counts), its
-    predicted time the sum of its kernels' and at least the op-level minimum's; the table is printed."""
+    predicted time the sum of its kernels' and at least the op-level minimum's (where the op has a FLOP
+    formula); the table is printed."""
     _, stdout, results, _ = quick_run
     for w in results["workloads"].values():
         assert w["roofline"]["status"] == "ok", w["roofline"]["note"]
@@ -124,7 +125,7 @@ def test_every_workload_has_a_kernel_roofline_table_that_adds_up_to_its_traffic(
             rows = [r for r in w["roofline"]["rows"] if (r["case"], r["pass"]) == (case, p)]
             (total,) = [r for r in rows if r["kernel"] == kernel_roofline.TOTAL]
             assert (total["launches"], total["bytes"]) == (t["diffkern_launches"], t["diffkern_bytes"])
-            assert total["h100_us"] >= total["min_h100_us"] * (1 - 1e-9) > 0
+            assert total["h100_us"] >= total.get("min_h100_us", 0) * (1 - 1e-9) and total["h100_us"] > 0
             if p != "fwd+bwd":
                 kernels = [r for r in rows if r is not total]
                 assert kernels and math.isclose(total["h100_us"], sum(r["h100_us"] for r in kernels))

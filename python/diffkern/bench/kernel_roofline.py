@@ -10,8 +10,8 @@ geometry. Per kernel (its launches summed):
              so for a kernel whose launches differ in shape it is a lower bound of the launches' own sum
   bound      which roof sets that time
 The aten ops diffkern runs around its kernels are one more row ("aten glue": their kernels, their bytes; their
-FLOPs are not counted, so that row's time is the bytes'). The op's total is the sum over every row (launches
-one after the other) and stands beside the op-level minimum (diffkern.bench.roofline: each input read once,
+FLOPs are not counted, so that row's time is the bytes', and a total's FLOPs are its kernels'). The op's total
+is the sum over every row (launches one after the other) and stands beside the op-level minimum (diffkern.bench.roofline: each input read once,
 each output written once, the formula's FLOPs at the bf16 peak).
 """
 from __future__ import annotations
@@ -55,11 +55,10 @@ def pass_rows(counts: dict, dtype: torch.dtype) -> list[dict]:
 
 
 def total(rows: list[dict], minimum: Roofline | None) -> dict:
-    """The op's total over `rows` (launches one after the other) beside its op-level minimum roofline, if any;
-    flops None when some row's are not counted (the sum is then of those counted, `flops_counted`)."""
+    """The op's total over `rows` (launches one after the other; FLOPs: the rows' that are counted) beside its
+    op-level minimum roofline, if any."""
     out = dict(kernel=TOTAL, launches=sum(r["launches"] for r in rows), bytes=sum(r["bytes"] for r in rows),
-               flops_counted=sum(r["flops"] or 0 for r in rows), h100_us=sum(r["h100_us"] for r in rows))
-    out["flops"] = out["flops_counted"] if all(r["flops"] is not None for r in rows) else None
+               flops=sum(r["flops"] or 0 for r in rows), h100_us=sum(r["h100_us"] for r in rows))
     if minimum is not None:
         out.update(min_h100_us=minimum.h100_s() * 1e6, min_bound=minimum.bound(),
                    over_min=out["h100_us"] / (minimum.h100_s() * 1e6))
@@ -94,7 +93,8 @@ NOTE = ("Per kernel, its launches summed: bytes = its active lanes' loads and st
         "interpreter, or the workload's tested model of those counts); FLOPs = 2 m n k of every tl.dot its programs "
         "run, at block shape; predicted H100 time = max(bytes / 3.35 TB/s, FLOPs / the H100's dense peak at the "
         "precision its dots run on a GPU for this dtype: bf16/fp16 990, tf32 495, tf32x3 165, fp32 67 TFLOP/s). "
-        "aten glue = the aten ops diffkern runs around its kernels (FLOPs not counted). total = every row's time "
-        "added (launches back to back, no overlap, no launch latency); op minimum = the op-level roofline (each "
-        "input read once, each output written once, the formula's FLOPs at 990 TFLOP/s). The CUDA C++ kernels "
-        "are not in this table (the harness counts their bytes per pass, in the traffic table).")
+        "aten glue = the aten ops diffkern runs around its kernels (their FLOPs not counted: a total's FLOPs are its "
+        "kernels'). total = every row's time added (launches back to back, no overlap, no launch latency); op "
+        "minimum = the op-level roofline (each input read once, each output written once, the formula's FLOPs at "
+        "990 TFLOP/s). The CUDA C++ kernels are not in this table (the harness counts their bytes per pass, in the "
+        "traffic table).")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from .kernel_roofline import TOTAL
+
 MB = 1e6
 MODE_NOTE = {
     "quick": "quick run (--quick: small shapes, not representative).",
@@ -69,20 +71,14 @@ def _bars(bars: list[dict]) -> list[str]:
                   [[b["bar"], worst(b), f"{b['op']} {b['target']:.2f}x", met(b)] for b in bars])
 
 
-def _gflop(r: dict) -> str:
-    if r["flops"] is None:
-        return "not counted" if "flops_counted" not in r else f">= {_num(r['flops_counted'] / 1e9)} (glue not counted)"
-    return _num(r["flops"] / 1e9)
-
-
 def _roofline_line(r: dict) -> list:
     """A kernel's row, or the op's total (in bold) beside its op-level minimum roofline."""
-    is_total = "flops_counted" in r
+    is_total = r["kernel"] == TOTAL
     minimum = f"{_num(r['min_h100_us'])} ({r['min_bound']})" if "min_h100_us" in r else (
         "no op formula" if is_total else "")
     return [r["case"], r["pass"], r["source"], f"**{r['kernel']}**" if is_total else r["kernel"], r["launches"],
-            _num(r["bytes"] / MB), _gflop(r), r.get("precision", ""), _num(r["h100_us"]), r.get("bound", ""),
-            minimum, _x(r.get("over_min"))]
+            _num(r["bytes"] / MB), "not counted" if r["flops"] is None else _num(r["flops"] / 1e9),
+            r.get("precision", ""), _num(r["h100_us"]), r.get("bound", ""), minimum, _x(r.get("over_min"))]
 
 
 def workload_markdown(name: str, w: dict, meta: dict) -> list[str]:
