@@ -11,8 +11,8 @@ geometry. Per kernel (its launches summed):
   bound      which roof sets that time
 The aten ops diffkern runs around its kernels are one more row ("aten glue": their kernels, their bytes; their
 FLOPs are not counted, so that row's time is the bytes', and a total's FLOPs are its kernels'). The op's total
-is the sum over every row (launches one after the other) and stands beside the op-level minimum (diffkern.bench.roofline: each input read once,
-each output written once, the formula's FLOPs at the bf16 peak).
+is the sum over every row (launches one after the other) and stands beside the op-level minimum
+(diffkern.bench.roofline: each input read once, each output written once, the formula's FLOPs at the bf16 peak).
 """
 from __future__ import annotations
 
