@@ -5,7 +5,8 @@ For every registered workload (diffkern.bench.workload) and its shapes, in one r
   1. CPU time: eager reference, torch.compile of it, diffkern's C++ kernel; forward and forward+backward;
   2. modeled GPU memory traffic (bf16): diffkern's Triton kernels counted in the interpreter (child
      processes) or taken from the workload's tested model (each row says which), against the minimum and
-     the eager reference's aten ops;
+     the eager reference's aten ops; and from the same counts, every kernel's launches, bytes, FLOPs and
+     roofline-predicted H100 time, with the op's total beside its op-level minimum (kernel_roofline);
   3. compiled resources of the Triton launch configurations and CUDA C++ kernels for sm_90a;
   4. real GPU time where CUDA is available;
 and whether each of the op's bars is met; then the sections that do not fit the one-op workload model
@@ -31,10 +32,11 @@ import time  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from diffkern.bench import bars, chart, cpu, gpu, interpreted, report, resources, traffic  # noqa: E402
+from diffkern.bench import bars, chart, cpu, gpu, interpreted, kernel_roofline, report, resources, traffic  # noqa: E402
 from diffkern.bench.mode import MODES  # noqa: E402
 from diffkern.bench.progress import Progress  # noqa: E402
 from diffkern.bench.report import section  # noqa: E402
+from diffkern.bench.roofline import H100_DOT_FLOPS, H100_HBM_BYTES_PER_S  # noqa: E402
 from diffkern.bench.workload import REPORT_MODULES, registered  # noqa: E402
 
 CPU_DTYPE, GPU_DTYPE = torch.float32, torch.bfloat16
@@ -124,13 +126,15 @@ def main(argv=None) -> dict:
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "triton": triton.__version__,
         "gpu": gpu.device_name() if gpu.available() else None,
         "cpu_dtype": str(CPU_DTYPE).removeprefix("torch."), "traffic_dtype": str(GPU_DTYPE).removeprefix("torch."),
-        "h100_bytes_per_s": traffic.H100_BYTES_PER_S, "resources_arch": f"sm_{args.arch}{'a' if args.arch >= 90 else ''}",
+        "h100_bytes_per_s": traffic.H100_BYTES_PER_S, "h100_hbm_bytes_per_s": H100_HBM_BYTES_PER_S,
+        "h100_dot_flops": H100_DOT_FLOPS, "resources_arch": f"sm_{args.arch}{'a' if args.arch >= 90 else ''}",
         "timing": {"rounds": mode.rounds, "warmup": mode.warmup, "min_sample_s": mode.min_sample_s},
         "seconds": seconds}, "workloads": {}}
     for i, w in enumerate(workloads, 1):
         log(f"{w.name}: workload {i}/{len(workloads)}")
         entries = counted[w.name]
         traffic_sec = section(traffic.rows(w, mode.quick, entries, GPU_DTYPE), note=traffic.note(entries))
+        roofline_sec = section(kernel_roofline.rows(w, mode.quick, entries, GPU_DTYPE), note=kernel_roofline.NOTE)
         timed = mode.timed_cases(w)
         cpu_sec = section(_timed(seconds, f"cpu {w.name}", cpu.rows, w, timed, CPU_DTYPE, mode.warmup, mode.rounds,
                                  mode.min_sample_s, log), note=CPU_NOTE.format(rounds=mode.rounds) + _untimed(w, mode))
@@ -145,7 +149,7 @@ def main(argv=None) -> dict:
             "title": w.title, "cases": [{"name": c.name, "params": c.params, "tokens": c.tokens}
                                         for c in w.cases(mode.quick)],
             "bars": bars.evaluate(w, mode.quick, sections), "cpu": cpu_sec, "traffic": traffic_sec,
-            "resources": res[w.name], "gpu": gpu_sec}
+            "roofline": roofline_sec, "resources": res[w.name], "gpu": gpu_sec}
     extra = []
     for name in REPORT_MODULES:
         log(f"{name}: report")

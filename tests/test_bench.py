@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from diffkern.bench import cpu_gap, dar, dar_stack, interpreted, report, traffic
+from diffkern.bench import cpu_gap, dar, dar_stack, interpreted, kernel_roofline, report, traffic
 from diffkern.bench.mode import MODES
 from diffkern.bench.workload import REPORT_MODULES, registered
 
@@ -111,6 +111,25 @@ def test_every_traffic_row_says_whether_it_is_counted_or_modeled(quick_run):
     for w in results["workloads"].values():
         assert {r["source"] for r in w["traffic"]["rows"]} <= {"counted", "modeled"}
     assert "| case | pass | source |" in stdout
+
+
+def test_every_workload_has_a_kernel_roofline_table_that_adds_up_to_its_traffic(quick_run):
+    """Per case and pass, one total row; its launches and bytes are the traffic row's (the same counts), its
+    predicted time the sum of its kernels' and at least the op-level minimum's (where the op has a FLOP
+    formula); the table is printed."""
+    _, stdout, results, _ = quick_run
+    for w in results["workloads"].values():
+        assert w["roofline"]["status"] == "ok", w["roofline"]["note"]
+        traffic_rows = {(r["case"], r["pass"]): r for r in w["traffic"]["rows"]}
+        for (case, p), t in traffic_rows.items():
+            rows = [r for r in w["roofline"]["rows"] if (r["case"], r["pass"]) == (case, p)]
+            (total,) = [r for r in rows if r["kernel"] == kernel_roofline.TOTAL]
+            assert (total["launches"], total["bytes"]) == (t["diffkern_launches"], t["diffkern_bytes"])
+            assert total["h100_us"] >= total.get("min_h100_us", 0) * (1 - 1e-9) and total["h100_us"] > 0
+            if p != "fwd+bwd":
+                kernels = [r for r in rows if r is not total]
+                assert kernels and math.isclose(total["h100_us"], sum(r["h100_us"] for r in kernels))
+    assert stdout.count("### Per-kernel roofline") == len(results["workloads"])
 
 
 def test_the_default_run_counts_a_subset_of_the_full_runs_cases():

@@ -22,3 +22,11 @@ def test_gpu_fp32_follows_torch_matmul_precision(monkeypatch, matmul_precision, 
         assert _dot.dot_meta(torch.float16)["DOT_F32"] is False
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_the_gpu_policy_can_be_asked_for_under_the_interpreter():
+    """What bench.roofline's per-kernel peaks take: the precision a GPU runs, while the tests interpret."""
+    assert _triton.interpreting()
+    assert _dot.dot_meta(torch.bfloat16, interpreting=False)["DOT_F32"] is False
+    assert _dot.dot_meta(torch.float32, interpreting=False)["PRECISION"] in ("tf32x3", "tf32")
+    assert _dot.dot_meta(torch.float32, interpreting=True) == _dot.dot_meta(torch.float32)

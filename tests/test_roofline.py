@@ -1,5 +1,8 @@
 """bench/roofline.py: the byte and FLOP formulas on hand-derivable cases, the matmul FLOPs against
-torch.utils.flop_counter, and the minimal bytes against the interpreter's counts of the Triton kernels."""
+torch.utils.flop_counter, and the minimal bytes against the interpreter's counts of the Triton kernels;
+bench/kernel_roofline.py: the per-kernel table's arithmetic."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,8 +10,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import diffkern
-from diffkern.bench import dar, grpo, interpreted, ntrk, rmdm
-from diffkern.bench.roofline import H100_BF16_FLOPS, H100_HBM_BYTES_PER_S, Roofline, roofline
+from diffkern.bench import counts, dar, grpo, interpreted, kernel_roofline, ntrk, rmdm
+from diffkern.bench.roofline import H100_BF16_FLOPS, H100_DOT_FLOPS, H100_HBM_BYTES_PER_S, Roofline, roofline
 from diffkern.bench.workload import BWD, FWD, STEP
 from diffkern.gpu_check import timed_ops
 from diffkern.testing.triton_monitor import TritonMonitor
@@ -106,3 +109,63 @@ def test_every_timed_call_has_a_roofline():
     for call in timed_ops.calls():
         r = roofline(call.workload, call.case, 2)
         assert all(r[p].bytes > 0 and r[p].h100_s() > 0 for p in call.passes), call.name
+
+
+def test_kernel_table_times_each_kernel_at_its_dot_precision_and_adds_them_up():
+    """Hand-made counts of one bf16 pass: a compute-bound kernel (bf16 peak), a memory-bound one without dots,
+    and aten glue; the total adds the three times and stands beside the op minimum."""
+    fwd = counts.flat({"mm_kernel": counts.kernel(8, 3_000_000, 1_000_000, launches=2, flops=990_000_000_000),
+                       "copy_kernel": counts.kernel(4, 6_700_000, 3_350_000)},
+                      counts.glue([("sum", 335_000, 0), ("mul", 0, 0)]))
+    rows = kernel_roofline.pass_rows(fwd, torch.bfloat16)
+    assert [(r["kernel"], r["launches"], r["bytes"], r["flops"], r["precision"], r["bound"]) for r in rows] == [
+        ("copy_kernel", 1, 10_050_000, 0, "-", "memory"),
+        ("mm_kernel", 2, 4_000_000, 990_000_000_000, "bf16", "compute"),
+        (kernel_roofline.GLUE, 2, 335_000, None, "-", "memory")]
+    assert [r["h100_us"] for r in rows] == pytest.approx([3.0, 1000, 0.1])
+    minimum = Roofline(flops=0, bytes=3.35e6)
+    total = kernel_roofline.total(rows, minimum)
+    assert (total["launches"], total["bytes"], total["flops"]) == (5, 14_385_000, 990_000_000_000)
+    assert total["h100_us"] == pytest.approx(3.0 + 1000 + 0.1)
+    assert (total["min_h100_us"], total["min_bound"]) == (pytest.approx(1.0), "memory")
+    assert total["over_min"] == pytest.approx(total["h100_us"])
+
+
+def test_fp32_dots_run_at_the_precision_torch_asks_for_on_a_gpu():
+    """An fp32 case's products: tf32x3 under torch's default matmul precision, tf32 once it is "high"."""
+    fwd = counts.flat({"mm_kernel": counts.kernel(1, 0, 0, flops=165_000_000)}, counts.glue([]))
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        (row,) = kernel_roofline.pass_rows(fwd, torch.float32)
+        assert (row["precision"], row["h100_us"]) == ("tf32x3", pytest.approx(1.0))
+        torch.set_float32_matmul_precision("high")
+        (row,) = kernel_roofline.pass_rows(fwd, torch.float32)
+        assert (row["precision"], row["h100_us"]) == ("tf32", pytest.approx(1e6 * 165e6 / H100_DOT_FLOPS["tf32"]))
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_kernel_table_of_a_counted_case_and_of_a_case_without_counts():
+    """A DAR case counted in the interpreter: a row per kernel and a total per pass (fwd+bwd: fwd's and bwd's
+    added), its bytes the traffic table's; a case without counts is one row saying why."""
+    case = dar._case(3, 2, 5, 37)
+    entry = interpreted.count_case(dar.ROUTE, case, torch.bfloat16, cuda=False)
+    workload = dataclasses.replace(dar.ROUTE, quick_cases=(case, dar._case(2, 1, 3, 8)))
+    rows = kernel_roofline.rows(workload, True, [entry], torch.bfloat16)
+    by = {(r["case"], r["pass"], r.get("kernel")): r for r in rows}
+    assert by[(case.name, FWD, "route_fwd_kernel")]["flops"] == 0
+    for p in (FWD, BWD):
+        c = entry["counts"][p]
+        total = by[(case.name, p, kernel_roofline.TOTAL)]
+        assert total["bytes"] == sum(c[k] for k in ("triton.bytes_loaded", "triton.bytes_stored", "glue.bytes_read",
+                                                    "glue.bytes_written"))
+        assert total["launches"] == c["triton.launches"] + c["glue.kernels"]
+        assert total["min_h100_us"] == pytest.approx(roofline(dar.ROUTE, case, 2)[p].h100_s() * 1e6)
+        assert total["over_min"] >= 1
+    step = by[(case.name, STEP, kernel_roofline.TOTAL)]
+    totals = [by[(case.name, p, kernel_roofline.TOTAL)]["h100_us"] for p in (FWD, BWD)]
+    assert step["h100_us"] == pytest.approx(sum(totals))
+    assert all(r["source"] == "counted" for r in rows if r["case"] == case.name)
+    (missing,) = [r for r in rows if r["case"] != case.name]
+    assert missing == {"case": dar._case(2, 1, 3, 8).name, "pass": STEP, "error": "not counted"}

@@ -68,6 +68,46 @@ def histogram_kernel(idx_ptr, counts_ptr, n, BLOCK: tl.constexpr):
     tl.atomic_add(counts_ptr + tl.load(idx_ptr + offs, mask=mask), 1, mask=mask)
 
 
+@triton.jit
+def two_dots_kernel(a_ptr, b_ptr, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """c = (a @ b) @ b^T[:N, :N] over one [BLOCK_M, *] row tile per program: a K-loop of dots, then one more;
+    programs past M return before any dot."""
+    pid = tl.program_id(0)
+    if pid * BLOCK_M >= M:
+        return
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + rows * K + ks[None, :], mask=(rows < M) & (ks[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + ks[:, None] * N + cols, mask=(ks[:, None] < K) & (cols < N), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    sq = tl.load(b_ptr + tl.arange(0, BLOCK_N)[:, None] * N + cols,
+                 mask=(tl.arange(0, BLOCK_N)[:, None] < N) & (cols < N), other=0.0)
+    out = tl.dot(acc, tl.trans(sq), input_precision="ieee")
+    tl.store(c_ptr + rows * N + cols, out, mask=(rows < M) & (cols < N))
+
+
+def test_dots_count_2mnk_at_their_block_shape_in_every_program_that_runs_them():
+    """M=20 rows in tiles of 16 (the second tile half masked), a grid of 3 (the third program returns before
+    its dots), K=40 in steps of 16 (3 dots of 16x16x16, the last past K), then one 16x16x16 dot: each running
+    program counts 4 products of 2 * 16^3 FLOPs, masked rows and columns included."""
+    M, N, K = 20, 12, 40
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(M, K, generator=g), torch.randn(K, N, generator=g)
+    c = torch.empty(M, N)
+    with TritonMonitor() as mon:
+        two_dots_kernel[(3,)](a, b, c, M, N, K, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+    assert mon.launches[0].flops == 2 * 4 * 2 * 16 ** 3
+    assert mon.by_kernel()["two_dots_kernel"]["flops"] == 2 * 4 * 2 * 16 ** 3
+    torch.testing.assert_close(c, (a.double() @ b.double() @ b.double()[:N].T).float())
+    with TritonMonitor() as mon:
+        scale_kernel[(1,)](a, c, torch.ones(1), 4, BLOCK=16)
+    assert mon.launches[0].flops == 0
+
+
 def test_masked_tail_counts_only_active_lanes_and_scalar_loads():
     n, block = 1000, 128
     x, scale = torch.randn(n), torch.tensor([2.0])
@@ -170,8 +210,8 @@ def test_totals_and_by_kernel_sum_over_launches():
         scale_kernel[(1,)](x, y, torch.ones(1), 10, BLOCK=16)
     assert mon.num_launches == 3
     assert mon.by_kernel() == {
-        "unmasked_copy_kernel": dict(launches=2, programs=6, bytes_loaded=512, bytes_stored=512),
-        "scale_kernel": dict(launches=1, programs=1, bytes_loaded=44, bytes_stored=40),
+        "unmasked_copy_kernel": dict(launches=2, programs=6, bytes_loaded=512, bytes_stored=512, flops=0),
+        "scale_kernel": dict(launches=1, programs=1, bytes_loaded=44, bytes_stored=40, flops=0),
     }
     assert (mon.bytes_loaded, mon.bytes_stored) == (556, 552)
 

@@ -19,8 +19,9 @@ namespace {
 
 // Backward blocks wanted per SM: enough to fill it, few enough that the partial sums stay small.
 constexpr int kBlocksPerSm = 4;
-// Threads per block of the reduce kernel, one per column of d: it moves B * n_chunks * d floats once.
-constexpr int kReduceThreads = 128;
+// The reduce kernel's block: kReduceCols columns of d (one 128-byte row segment of the partials) x
+// kReduceRows thread rows over the partials; it moves B * n_chunks * d floats once.
+constexpr int kReduceCols = 32, kReduceRows = 16;
 
 template <typename S, typename Q>  // S: the sources' storage type
 struct FwdArgs {
@@ -291,24 +292,72 @@ __global__ void __launch_bounds__(kMaxRowThreads) route_bwd_kernel(BwdArgs<T, Q>
   }
 }
 
-// One thread per column: sums the partials in a fixed order (a batch row's chunks, then the rows)
-// into dgain and, for a static or per-batch q, dq = gain * sum u.
+// The thread rows per segment of route_reduce_kernel: the power of two S <= kReduceRows with the least serial
+// depth ceil(segments / G) * (ceil(chunks / S) + log2 S), G = kReduceRows / S; a tie goes to the wider tree.
+DIFFKERN_DEVICE int reduce_group(int64_t segments, int64_t chunks) {
+  int best = 1;  // S = 1: no tree, each thread row walks whole segments
+  int64_t best_depth = (segments + kReduceRows - 1) / kReduceRows * chunks;
+  for (int S = 2, log2 = 1; S <= kReduceRows; S *= 2, ++log2) {
+    const int64_t G = kReduceRows / S;
+    const int64_t depth = (segments + G - 1) / G * ((chunks + S - 1) / S + log2);
+    if (depth <= best_depth) best = S, best_depth = depth;
+  }
+  return best;
+}
+
+// The partial sums of a column, summed by a block of kReduceCols columns x kReduceRows thread rows in a
+// fixed order (the shape's alone, never timing): a dq row needs the sum over one batch row's chunks (a
+// per-batch q), dgain and a static q's dq the sum over every partial. The partials are cut into segments
+// (a batch row's chunks for a per-batch q, else all B * n_chunks as one); the thread rows form G groups of S
+// (reduce_group: a power of two, the shape's alone), and each group takes every G-th segment in turn.
+// Within a group, thread s sums chunks s, s + S, ... serially, then a shared-memory tree adds the S sums
+// pairwise (sum[s] += sum[s + stride], stride S/2 ... 1). The group's first thread writes the batch row's
+// dq and accumulates its share of the total in segment order; a last tree over the thread rows adds the G
+// shares. Serial depth: ceil(segments / G) * (ceil(chunks / S) + log2 S) + log2 kReduceRows adds, where
+// one thread per column took B * n_chunks (512 at SiT-XL/2's B=8, T=256, d=1152 on 132 SMs: now 37).
 template <typename Q>
-__global__ void route_reduce_kernel(ReduceArgs<Q> a) {
-  const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= a.d) return;
-  const float g = a.gain[j];
-  float total = 0.0f;
-  for (int64_t b = 0; b < a.B; ++b) {
-    float row = 0.0f;
-    for (int64_t c = 0; c < a.n_chunks; ++c) row += a.partial[(b * a.n_chunks + c) * a.d + j];
-    if (a.q_kind == QKind::kPerBatch) {
-      a.dq[b * a.d + j] = from_float<Q>(row * g);
-      total += to_float(a.q[b * a.q_sb + j]) * row;
-    } else {
-      total += row;
+__global__ void __launch_bounds__(kReduceCols* kReduceRows) route_reduce_kernel(ReduceArgs<Q> a) {
+  DIFFKERN_SHARED(float, tree, kReduceRows * kReduceCols);
+  const int x = int(threadIdx.x), y = int(threadIdx.y);
+  const int64_t j = int64_t(blockIdx.x) * kReduceCols + x;
+  const bool col = j < a.d;
+  const bool per_batch = a.q_kind == QKind::kPerBatch;
+  const int64_t segments = per_batch ? a.B : 1, chunks = per_batch ? a.n_chunks : a.B * a.n_chunks;
+  const int S = reduce_group(segments, chunks);
+  const int G = kReduceRows / S, group = y / S, s = y % S;
+  const float g = col ? a.gain[j] : 0.0f;
+  float share = 0.0f;  // this group's sum over its segments (the first thread of each group)
+  for (int64_t first = 0; first < segments; first += G) {
+    const int64_t b = first + group;
+    float v = 0.0f;
+    if (col && b < segments)
+      for (int64_t c = s; c < chunks; c += S) v += a.partial[(b * chunks + c) * a.d + j];
+    if (S > 1) {
+      tree[y * kReduceCols + x] = v;
+      __syncthreads();
+      for (int stride = S / 2; stride > 0; stride /= 2) {
+        if (s < stride) tree[y * kReduceCols + x] += tree[(y + stride) * kReduceCols + x];
+        __syncthreads();
+      }
+      v = tree[y * kReduceCols + x];  // each thread writes only its own slot: no barrier before the next segment
+    }
+    if (col && s == 0 && b < segments) {
+      if (per_batch) {
+        a.dq[b * a.d + j] = from_float<Q>(v * g);
+        share += to_float(a.q[b * a.q_sb + j]) * v;
+      } else {
+        share += v;
+      }
     }
   }
+  tree[y * kReduceCols + x] = share;
+  __syncthreads();
+  for (int stride = kReduceRows / 2; stride > 0; stride /= 2) {
+    if (y < stride) tree[y * kReduceCols + x] += tree[(y + stride) * kReduceCols + x];
+    __syncthreads();
+  }
+  if (!col || y != 0) return;
+  const float total = tree[x];
   if (a.q_kind == QKind::kStatic) {
     a.dq[j] = from_float<Q>(total * g);
     a.dgain[j] = to_float(a.q[j]) * total;
@@ -392,7 +441,7 @@ const char* route_bwd(const RouteBwdParams& p) {
                                global_ptr(in.gain, in.d, "gain"), dq, global_ptr(p.dgain, in.d, "dgain"),
                                in.B, in.d, p.chunks.n_chunks, in.q_sb, in.q_kind};
     return launch_kernel("route_reduce_kernel", route_reduce_kernel<Q>,
-                         dim3(unsigned((in.d + kReduceThreads - 1) / kReduceThreads)), dim3(kReduceThreads), 0,
+                         dim3(unsigned((in.d + kReduceCols - 1) / kReduceCols)), dim3(kReduceCols, kReduceRows), 0,
                          p.stream, reduce);
   });
 }

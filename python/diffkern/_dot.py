@@ -20,9 +20,10 @@ import triton.language as tl
 from . import _triton
 
 
-def dot_meta(dtype: torch.dtype) -> dict:
-    """The constexprs DOT_F32 and PRECISION a kernel's `dot` calls take for inputs of `dtype`."""
-    if _triton.interpreting():
+def dot_meta(dtype: torch.dtype, interpreting: bool | None = None) -> dict:
+    """The constexprs DOT_F32 and PRECISION a kernel's `dot` calls take for inputs of `dtype`; `interpreting`
+    None: as this process runs them, False: as a GPU does (what the roofline's peaks follow)."""
+    if _triton.interpreting() if interpreting is None else interpreting:
         return {"DOT_F32": True, "PRECISION": "ieee"}
     if dtype != torch.float32:
         return {"DOT_F32": False, "PRECISION": "tf32x3"}  # PRECISION unused on the 16-bit path

@@ -16,6 +16,8 @@
   cpu_gap.py       issue 19's table: the CPU rows against eager and torch.compile at 2 and 1 threads, judged on
                    their bars or the machine's limit (a report module)
   traffic.py       modeled GPU traffic rows: minimum vs diffkern vs eager, modeled H100 time
+  roofline.py      each call's FLOPs and minimal bytes, the H100 roofline time; the peaks per dot precision
+  kernel_roofline.py  every kernel's launches, bytes, FLOPs and predicted H100 time, from the same counts
   resources.py     registers/spills/shared memory of the Triton configs and CUDA kernels, compiled for sm_90a
   gpu.py           real GPU time with triton.testing.do_bench, where CUDA exists
   bars.py          whether each of an op's bars is met by this run's numbers

@@ -1,7 +1,8 @@
 """The per-pass counts format every traffic figure of the harness takes, counted or modeled.
 
     triton.bytes_loaded / bytes_stored / launches      summed over the pass's Triton launches
-    kernel.<name>.{launches, programs, bytes_loaded, bytes_stored}
+    kernel.<name>.{launches, programs, bytes_loaded, bytes_stored, flops}   flops: 2 m n k over every tl.dot
+                                                                          the kernel's programs run
     glue.bytes_read / bytes_written / kernels, glue.op.<aten op>   the aten ops around the kernels
 
 diffkern.bench.interpreted fills it from the interpreter's monitor and AtenTraffic; the traffic models
@@ -10,9 +11,9 @@ diffkern.bench.interpreted fills it from the interpreter's monitor and AtenTraff
 from __future__ import annotations
 
 
-def kernel(programs: int, loaded: int, stored: int, launches: int = 1) -> dict:
-    """One kernel's statistics, as TritonMonitor.by_kernel() reports them."""
-    return dict(launches=launches, programs=programs, bytes_loaded=loaded, bytes_stored=stored)
+def kernel(programs: int, loaded: int, stored: int, launches: int = 1, flops: int = 0) -> dict:
+    """One kernel's statistics, as TritonMonitor.by_kernel() reports them (flops 0: a kernel without tl.dot)."""
+    return dict(launches=launches, programs=programs, bytes_loaded=loaded, bytes_stored=stored, flops=flops)
 
 
 def glue(ops: list[tuple[str, int, int]]) -> dict:

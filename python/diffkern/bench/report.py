@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from .kernel_roofline import TOTAL
+
 MB = 1e6
 MODE_NOTE = {
     "quick": "quick run (--quick: small shapes, not representative).",
@@ -69,6 +71,16 @@ def _bars(bars: list[dict]) -> list[str]:
                   [[b["bar"], worst(b), f"{b['op']} {b['target']:.2f}x", met(b)] for b in bars])
 
 
+def _roofline_line(r: dict) -> list:
+    """A kernel's row, or the op's total (in bold) beside its op-level minimum roofline."""
+    is_total = r["kernel"] == TOTAL
+    minimum = f"{_num(r['min_h100_us'])} ({r['min_bound']})" if "min_h100_us" in r else (
+        "no op formula" if is_total else "")
+    return [r["case"], r["pass"], r["source"], f"**{r['kernel']}**" if is_total else r["kernel"], r["launches"],
+            _num(r["bytes"] / MB), "not counted" if r["flops"] is None else _num(r["flops"] / 1e9),
+            r.get("precision", ""), _num(r["h100_us"]), r.get("bound", ""), minimum, _x(r.get("over_min"))]
+
+
 def workload_markdown(name: str, w: dict, meta: dict) -> list[str]:
     out = [f"## {w['title']}", "", "Cases: " + "; ".join(c["name"] for c in w["cases"]) + ".", ""]
     out += ["### Bars (from the issue; judged on this run's numbers)", ""] + _bars(w["bars"]) + [""]
@@ -89,6 +101,11 @@ def workload_markdown(name: str, w: dict, meta: dict) -> list[str]:
                    _x(r["diffkern_over_min"]), _num(r["cuda_bytes"] / MB) if "cuda_bytes" in r else "-",
                    _num(r["eager_bytes"] / MB), _x(r["eager_over_diffkern"]), r["diffkern_launches"],
                    r["eager_kernels"], " / ".join(_num(r["modeled_h100_us"][k]) for k in ("min", "diffkern", "eager"))])
+    out += _section_lines(
+        f"Per-kernel roofline ({meta['traffic_dtype']}; counted or modeled, not timed; predicted H100 time = "
+        f"max(bytes / {meta['h100_hbm_bytes_per_s'] / 1e12:.2f} TB/s, FLOPs / the peak at the kernel's dot precision))",
+        w["roofline"], ["case", "pass", "source", "kernel", "launches", "MB", "GFLOP", "dot precision",
+                        "predicted H100 us", "bound", "op minimum H100 us", "total/minimum"], _roofline_line)
     out += _section_lines(
         f"Compiled resources ({meta['resources_arch']}, {meta['traffic_dtype']}, configs the cases launch)",
         w["resources"], ["kernel config", "warps", "registers", "spill stores/loads B", "stack B", "shared B"],

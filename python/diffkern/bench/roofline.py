@@ -8,32 +8,54 @@ output written once); FLOPs are those of the op's formula, a multiply and an add
   * the elementwise and reduction ops count their arithmetic per latent element (each function's
     docstring gives the count); the 2OS projection sorts, which is counted as 0 FLOPs.
 The predicted H100 time is max(bytes / HBM bandwidth, FLOPs / dense bf16 peak): a lower bound for a
-kernel, and the unit the GPU check reports achieved GB/s and TFLOP/s against.
+kernel, and the unit the GPU check reports achieved GB/s and TFLOP/s against. A single kernel's products
+run at the precision diffkern._dot picks on a GPU for the inputs' dtype, so its roofline
+(diffkern.bench.kernel_roofline) takes that precision's peak (`dot_peak`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
+from .._dot import dot_meta
 from .workload import BWD, FWD, STEP, Case, Workload
 
 # H100 SXM: HBM3 bandwidth and dense bf16 tensor-core throughput (the spec sheet's figures).
 H100_HBM_BYTES_PER_S, H100_BF16_FLOPS = 3.35e12, 990e12
+# Dense H100 SXM throughput of a product at each precision a tl.dot runs (diffkern._dot): 16-bit operands on
+# the tensor cores, tf32 on them, tf32x3 (three tf32 products, a third of tf32), fp32 "ieee" on the CUDA cores.
+H100_DOT_FLOPS = {"bf16": H100_BF16_FLOPS, "fp16": H100_BF16_FLOPS, "tf32": 495e12, "tf32x3": 165e12, "ieee": 67e12}
+_SIXTEEN_BIT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The precision a kernel's products run at on a GPU for inputs of `dtype` (diffkern._dot's policy, as a GPU
+    applies it even while this process interprets): a key of H100_DOT_FLOPS."""
+    meta = dot_meta(dtype, interpreting=False)
+    return meta["PRECISION"] if meta["DOT_F32"] else _SIXTEEN_BIT[dtype]
+
+
+def dot_peak(dtype: torch.dtype) -> float:
+    """The H100's dense FLOP/s for products at dot_precision(dtype)."""
+    return H100_DOT_FLOPS[dot_precision(dtype)]
 
 
 @dataclass(frozen=True)
 class Roofline:
-    """FLOPs and minimal bytes of one call (one pass)."""
+    """FLOPs and bytes of one call (one pass) or one kernel; `peak_flops`: the FLOP/s its products run at."""
     flops: float
     bytes: float
+    peak_flops: float = H100_BF16_FLOPS
 
     def h100_s(self) -> float:
         """Predicted H100 time: the slower of moving the bytes and doing the FLOPs at peak."""
-        return max(self.bytes / H100_HBM_BYTES_PER_S, self.flops / H100_BF16_FLOPS)
+        return max(self.bytes / H100_HBM_BYTES_PER_S, self.flops / self.peak_flops)
 
     def bound(self) -> str:
         """Which roof limits the call on an H100: "memory" or "compute"."""
-        return "memory" if self.bytes / H100_HBM_BYTES_PER_S >= self.flops / H100_BF16_FLOPS else "compute"
+        return "memory" if self.bytes / H100_HBM_BYTES_PER_S >= self.flops / self.peak_flops else "compute"
 
     def achieved(self, seconds: float) -> dict:
         """GB/s and TFLOP/s the call reaches if it takes `seconds`."""

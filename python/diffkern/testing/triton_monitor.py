@@ -11,7 +11,9 @@ patches the interpreter for the duration of a `with` block and, for every launch
   `InterpreterError` wrapper;
 - records each launch's grid and keyword arguments (constexprs, num_warps, maxnreg), and counts programs
   (product of the grid) and bytes loaded / stored: active lanes x element size,
-  for plain, masked, tensor-descriptor and atomic accesses; with `by_tensor=True` also the bytes
+  for plain, masked, tensor-descriptor and atomic accesses; and the FLOPs of every `tl.dot` a program
+  runs, 2 m n k at the product's block shape (rows and columns of a block that lie past the data count:
+  the tensor cores compute them too); with `by_tensor=True` also the bytes
   loaded from and stored to each tensor (`LaunchRecord.loaded_by` / `stored_by`, keyed by the names
   bounds errors use);
 - records the devices of the launch's tensor arguments and the device guard it ran under
@@ -56,7 +58,7 @@ class OutOfBoundsError(AssertionError):
 class LaunchRecord:
     """One kernel launch: its grid, its keyword arguments (`meta`: constexprs and launch options such as
     num_warps and maxnreg, absent where Triton's default applies), its tensors' devices, the device guard
-    it ran under and the bytes its active lanes moved."""
+    it ran under, the bytes its active lanes moved and the FLOPs of its programs' dots."""
     kernel: str
     grid: tuple[int, int, int]
     programs: int
@@ -65,6 +67,7 @@ class LaunchRecord:
     guard: torch.device | None = None
     bytes_loaded: int = 0
     bytes_stored: int = 0
+    flops: int = 0
     loaded_by: dict[str, int] = field(default_factory=dict)
     stored_by: dict[str, int] = field(default_factory=dict)
 
@@ -141,6 +144,11 @@ def _active(ptrs, mask) -> np.ndarray:
     return addresses[np.broadcast_to(mask.data.astype(bool), addresses.shape)]
 
 
+def _dot_flops(out_shape: tuple[int, ...], k: int) -> int:
+    """2 m n k of a product whose [..., m, n] result sums over k (a 3-D dot: times its batch)."""
+    return 2 * int(np.prod(out_shape)) * int(k)
+
+
 def _underlying(error: BaseException, kind: type) -> BaseException | None:
     seen = set()
     while error is not None and id(error) not in seen:
@@ -189,14 +197,15 @@ class TritonMonitor:
         return len(self.launches)
 
     def by_kernel(self) -> dict[str, dict]:
-        """Per kernel name: launches, programs, bytes_loaded, bytes_stored summed over its launches."""
+        """Per kernel name: launches, programs, bytes_loaded, bytes_stored, flops summed over its launches."""
         out: dict[str, dict] = {}
         for r in self.launches:
-            k = out.setdefault(r.kernel, dict(launches=0, programs=0, bytes_loaded=0, bytes_stored=0))
+            k = out.setdefault(r.kernel, dict(launches=0, programs=0, bytes_loaded=0, bytes_stored=0, flops=0))
             k["launches"] += 1
             k["programs"] += r.programs
             k["bytes_loaded"] += r.bytes_loaded
             k["bytes_stored"] += r.bytes_stored
+            k["flops"] += r.flops
         return out
 
     # -- context -----------------------------------------------------------------------------
@@ -213,6 +222,7 @@ class TritonMonitor:
         self._patch(builder, "create_masked_store", self._wrap_access("store", "ptrs", "mask", stores=True))
         self._patch(builder, "create_atomic_rmw", self._wrap_access("atomic", "ptr", "mask", loads=True, stores=True))
         self._patch(builder, "create_atomic_cas", self._wrap_access("atomic", "ptr", None, loads=True, stores=True))
+        self._patch(builder, "create_dot", self._wrap_dot)
         self._patch(JITFunction, "run", self._refuse_compiled)
         _triton.pointer_table_observers.append(self._table_tensors.extend)
         return self
@@ -295,6 +305,19 @@ class TritonMonitor:
                 return original(builder, *args, **kwargs)
             return access
         return make
+
+    def _wrap_dot(self, original):
+        """A hook for a builder's dot: adds 2 m n k (times any batch dimensions) of its result to the launch."""
+        monitor = self
+
+        @functools.wraps(original)
+        def dot(builder, a, b, *args, **kwargs):
+            out = original(builder, a, b, *args, **kwargs)
+            if monitor._record is not None:
+                with monitor._lock:
+                    monitor._record.flops += _dot_flops(out.data.shape, a.data.shape[-1])
+            return out
+        return dot
 
     def _account(self, kind, ptrs, mask, loads, stores, builder) -> None:
         addresses = _active(ptrs, mask)
