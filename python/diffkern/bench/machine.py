@@ -19,7 +19,7 @@ that does not against memory. torch's copy_ and add(out=) reach what an OpenMP C
 yardstick. The limit is the fastest of the three.
 
 Pass structure (`pass_calls`): the yardstick of a fused kernel whose passes each read and write several arrays in
-one sweep, which no torch op does (a torch op reads at most its inputs and writes one output per pass). One call
+one sweep, which torch's ops do not cover (none writes several outputs in one sweep, as a fused backward does). One call
 runs the op's passes in order, pass i reading R_i float32 arrays and writing W_i others in one sweep
 (diffkern::stream_pass, csrc/cpu/stream.cpp: a plain compiled loop, every output = the sum of the inputs), every
 array distinct, as the op's are, outputs allocated once (as the CPU output cache hands an op's output blocks back
