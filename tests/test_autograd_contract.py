@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import diffkern
+from diffkern.bench import machine  # noqa: F401  (the fake of diffkern::stream_pass)
 from diffkern.grpo import reference as grpo_reference
 from diffkern.ntrk import bands  # noqa: F401  (defines diffkern::twoos_band_table)
 from diffkern.rmdm import reference as rmdm_reference
@@ -104,6 +105,11 @@ def sinks_calls():
                             "layer", "per_head", "a,b")}
 
 
+def machine_calls():
+    ins, outs = [randn(7, seed=90 + i, grad=False) for i in range(3)], [randn(7, seed=95, grad=False)]
+    return {"stream_pass": (ins, outs, False)}
+
+
 OPS_OF = {
     dar_route_calls: ("dar_route_fwd", "dar_route_bwd", "dar_route_fwd_cuda", "dar_route_bwd_cuda"),
     dar_gather_calls: ("dar_gather_fwd", "dar_gather_bwd"),
@@ -113,6 +119,7 @@ OPS_OF = {
     rmdm_calls: ("rmdm_recurse", "rmdm_recurse_bwd", "rmdm_recurse_bwd_cuda", "rmdm_recurse_keep",
                  "rmdm_recurse_keep_bwd", "rmdm_sudoku", "rmdm_sudoku_count"),
     sinks_calls: ("sink_mass", "sink_attention_fwd", "sink_topk", "sink_suppress", "sink_record"),
+    machine_calls: ("stream_pass",),  # the benchmarks' yardstick: inputs that require no grad, outputs in place
 }
 # The ops that refuse a derivative (backward ops, the cuda backends' internal ops, the forward-only sink ops).
 REFUSING = {"dar_route_bwd", "dar_route_bwd_cuda", "dar_gather_bwd", "grpo_log_prob_bwd", "grpo_log_prob_bwd_cuda",

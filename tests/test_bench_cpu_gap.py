@@ -56,12 +56,66 @@ def test_bandwidth_fraction_is_minimal_bytes_over_the_fastest_yardstick():
     assert line["verdict"] == "at machine limit (90% of bandwidth)"
 
 
-def test_the_fused_step_is_held_to_preallocated_bandwidth():
-    """ntrk_step's outputs and its fused backward's come from the CPU output cache, so they fault in no pages:
-    the preallocated yardsticks judge both passes."""
+def test_the_fused_step_is_held_to_its_own_passes_into_preallocated_outputs():
+    """ntrk_step's outputs and its fused backward's come from the CPU output cache, so they fault in no pages: the
+    pass yardstick (read 3 latents and write 1, then read 1 and write 2; outputs allocated once) judges both passes,
+    moving the step's minimal bytes; the STREAM kernels are timed beside it."""
     row = _row("NTRK fused step")
-    for p in (FWD, STEP):
-        assert row.limit.matching(p) == machine.STREAM_KERNELS
+    case = row.workload.full_cases[0]
+    n = case.params["B"] * case.params["N"] * 4
+    for p, latents in ((FWD, 4), (STEP, 7)):
+        assert row.limit.matching(p) == machine.PASS_KERNELS
+        sticks = row.limit.yardsticks(case, p)
+        assert {k: w for k, (_, w) in sticks.items() if k in machine.PASS_KERNELS} == \
+            {k: latents * n for k in machine.PASS_KERNELS} == {k: row.limit.work(case, p) for k in machine.PASS_KERNELS}
+        assert set(machine.STREAM_KERNELS) <= set(sticks)
+
+
+@pytest.mark.parametrize("offset", (0, 1, 3))
+@pytest.mark.parametrize("reads, writes", ((1, 1), (3, 1), (1, 2), (4, 3)))
+def test_stream_pass_writes_the_sum_of_its_reads_with_either_store(reads, writes, offset):
+    """Every output = the sum of the inputs, bit for bit the torch sum in the same order, with plain and streaming
+    stores, on outputs whose start is not 16-byte aligned (offset elements into their storage: the streaming path's
+    plain head) and sizes that leave a tail past the last block of 4."""
+    n = 16384 * 2 + 7
+    gen = torch.Generator().manual_seed(reads * 10 + writes)
+    ins = [torch.randn(n, generator=gen) for _ in range(reads)]
+    want = ins[0].clone()
+    for x in ins[1:]:
+        want += x
+    for nontemporal in (False, True):
+        for alike in (True, False):  # outputs aligned alike (streamed after a plain head), or not (all plain)
+            shifts = [offset + (0 if alike else j) for j in range(writes)]
+            outs = [torch.full((n + k,), float("nan"))[k:] for k in shifts]
+            torch.ops.diffkern.stream_pass(ins, outs, nontemporal)
+            assert all(torch.equal(o, want) for o in outs)
+
+
+def test_the_pass_yardsticks_count_every_array_once_and_run():
+    """pass_bytes counts each array of each pass once; the yardsticks and torch's version of the same passes run and
+    give positive, finite rates (no timing thresholds)."""
+    passes = ((3, 1), (1, 2))
+    assert machine.pass_bytes(passes, 100) == 4 * 100 * 7
+    calls = {**machine.pass_calls(passes, 100), "torch": machine.torch_pass_call(passes, 100)}
+    assert set(calls) == {*machine.PASS_KERNELS, "torch"}
+    rates = machine.pass_rates(passes, 100, threads=1, warmup=1, rounds=2, min_sample_s=0.001)
+    assert set(rates) == set(calls) and all(v > 0 and math.isfinite(v) for v in rates.values())
+
+
+def test_bad_passes_are_refused_naming_the_argument():
+    with pytest.raises(ValueError, match="numel"):
+        machine.pass_calls(((1, 1),), 0)
+    with pytest.raises(ValueError, match="passes"):
+        machine.pass_calls(((5, 1),), 10)
+    x, y = torch.zeros(4), torch.zeros(4)
+    with pytest.raises(ValueError, match=r"stream_pass: writes\[0\] must be a contiguous float32"):
+        torch.ops.diffkern.stream_pass([x], [y.double()], False)
+    with pytest.raises(ValueError, match=r"stream_pass: reads\[1\] must be .* of 4 elements"):
+        torch.ops.diffkern.stream_pass([x, torch.zeros(5)], [y], False)
+    with pytest.raises(ValueError, match="stream_pass: reads must hold 1 to 4"):
+        torch.ops.diffkern.stream_pass([x] * 5, [y], False)
+    with pytest.raises(ValueError, match="stream_pass: writes must hold 1 to 3"):
+        torch.ops.diffkern.stream_pass([x], [], False)
 
 
 def test_a_pass_without_new_latent_outputs_is_held_to_preallocated_bandwidth():
@@ -166,3 +220,10 @@ def test_the_timer_leaves_the_garbage_collector_as_it_found_it():
     time_interleaved({"probe": lambda: seen.append(gc.get_freeze_count())}, 1, 2, 0.0)
     assert seen[0] == 0 and all(n > 0 for n in seen[1:])  # the warmup call runs before the freeze
     assert gc.get_freeze_count() == 0 and gc.isenabled()
+
+
+def test_rows_are_selected_by_title_and_an_unknown_title_is_refused():
+    assert cpu_gap.select(None) == cpu_gap.ROWS
+    assert [r.title for r in cpu_gap.select(["ntrk fused", "DAR whole"])] == ["DAR whole stack", "NTRK fused step"]
+    with pytest.raises(ValueError, match="rows: no row title contains"):
+        cpu_gap.select(["no such row"])

@@ -1,6 +1,7 @@
 """DAR chunked residual gathering (diffkern.dar.dar_gather): every backend against the float64 reference."""
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from diffkern.dar import dar_gather, reference
 from diffkern.dar.reference import dar_gather_reference
@@ -182,3 +183,23 @@ def test_triton_traffic_reads_each_input_once_and_writes_the_summary_once():
                                               randn_like(h) if with_dlast else None, 1e-6)
     assert bwd[True].bytes_loaded - bwd[False].bytes_loaded == stream
     assert bwd[True].bytes_stored == bwd[False].bytes_stored
+
+
+def test_an_unrecorded_forward_gives_the_recorded_bits_and_still_refuses_a_tangent():
+    """With nothing for autograd to record (no_grad, or no input requiring grad) the forward op runs below autograd
+    directly (csrc/diffkern/autograd_dar.cpp, for the per-op cost of a small routing op): the same bits as the
+    recorded call, and no graph. A forward-mode tangent still raises, as the recorded path does, instead of being
+    dropped: the direct call is taken only without one."""
+    sources, addends, q, gain = gather_inputs(2, 5, 40, 3, 2, torch.float32, "static")
+    with forced("cpu"):
+        recorded = dar_gather(sources, addends, q, gain)
+        with torch.no_grad():
+            unrecorded = dar_gather(sources, addends, q, gain)
+        plain = dar_gather(*[[t.detach() for t in x] if isinstance(x, list) else x.detach()
+                             for x in (sources, addends, q, gain)])
+        assert recorded[0].grad_fn is not None and unrecorded[0].grad_fn is None and plain[0].grad_fn is None
+        assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(recorded, unrecorded, plain))
+        with fwAD.dual_level(), torch.no_grad():
+            dual = fwAD.make_dual(sources[0].detach(), torch.ones_like(sources[0]))
+            with pytest.raises(RuntimeError, match="jvp is not implemented"):
+                dar_gather([dual, *sources[1:]], addends, q, gain)

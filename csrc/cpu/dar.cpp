@@ -10,6 +10,7 @@
 // for a per-token q. Forming a summary adds k*B*T*d reads (its k addends) and B*T*d writes.
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -208,8 +209,9 @@ void route_fwd_kernel(const Tiling& g, const RouteInputs<scalar_t, q_t>& in, sca
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t d = g.d;
   at::parallel_for(0, g.B * g.n_blocks, task_grain(g), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(6 * d);
-    acc_t* __restrict qg = scratch.data();
+    // uninitialised: every row is written before it is read (a zeroed 6 d rows cost a few percent of a small op)
+    const auto scratch = std::make_unique_for_overwrite<acc_t[]>(6 * d);
+    acc_t* __restrict qg = scratch.get();
     acc_t *q_buf = qg + d, *c_buf = q_buf + d, *work = c_buf + d;
     std::vector<double> fallback;
     const q_t* q_cached = nullptr;  // a static or per-batch q row is scaled by gain once per chunk

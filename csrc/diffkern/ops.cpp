@@ -185,4 +185,7 @@ TORCH_LIBRARY_FRAGMENT(diffkern, m) {
   // reuse, and freeing them all (diffkern.empty_cache()).
   m.def("cpu_cache_bytes() -> int");
   m.def("cpu_cache_clear() -> ()");
+  // The benchmarks' machine-limit yardstick of a one-pass elementwise kernel (csrc/cpu/stream.cpp): every
+  // writes[j] = the sum of reads, float32, in one pass; `nontemporal` stores bypass the caches.
+  m.def("stream_pass(Tensor[] reads, Tensor(a!)[] writes, bool nontemporal) -> ()");
 }

@@ -12,7 +12,9 @@ The limit a row may be held to when a ratio misses (the issue's escape clause):
   bandwidth  memory-bound rows: the op's minimal bytes / diffkern's time, over the fastest of a STREAM copy,
              triad and read (a sum) moving the same bytes (the same working set, so cache-resident cases meet
              cache bandwidth); for a pass that returns new latent-sized tensors, over the fastest copy and triad
-             into outputs each call allocates, as the op's own are
+             into outputs each call allocates, as the op's own are; for a row given its op's pass structure (the
+             NoiseTilt fused step), over the fastest of the same arrays streamed in the same sweeps (plain or
+             streaming stores, diffkern.bench.machine.pass_calls), which any implementation of those passes pays
   GEMM       GEMM-bound rows: the op's matrix-product FLOPs (Workload.flops) / diffkern's time, over torch.mm/bmm
              running one block evaluation's products at the op's shapes
   none       the DAR stack at B=1, T=8 is overhead-bound (57 small routing ops): met or not met.
@@ -33,7 +35,8 @@ import torch
 
 from . import cpu, dar_stack, grpo, ntrk, rmdm
 from .bars import _OPS
-from .machine import FRESH_KERNELS, STREAM_KERNELS, gemm_call, gemm_flops, stream_bytes, stream_calls
+from .machine import (FRESH_KERNELS, PASS_KERNELS, STREAM_KERNELS, gemm_call, gemm_flops, pass_bytes, pass_calls,
+                      stream_bytes, stream_calls)
 from .mode import MODES, Mode
 from .timer import threads as torch_threads
 from .workload import BWD, EVERY_RUN, FWD, STEP, Bar, Case, Workload
@@ -62,20 +65,31 @@ class Limit:
     matching: Callable[[str], tuple[str, ...]] | None = None  # pass -> the yardsticks the limit is over (None: all)
 
 
-def bandwidth_limit(min_bytes: Callable[[Case, int], dict], fresh_passes: tuple[str, ...] = ()) -> Limit:
+def bandwidth_limit(min_bytes: Callable[[Case, int], dict], fresh_passes: tuple[str, ...] = (),
+                    passes: Callable[[Case], tuple[int, dict]] | None = None) -> Limit:
     """Memory-bound: min_bytes(case, itemsize) -> {fwd, bwd} bytes; STREAM copy, triad and read of that working
     set, or, in `fresh_passes` (the passes whose op returns new latent-sized tensors), the copy and triad into
     outputs each call allocates (diffkern.bench.machine: the page faults an out-of-place op pays). Every
-    kernel is timed either way; the limit is taken over the ones the pass matches."""
+    kernel is timed either way; the limit is taken over the ones the pass matches.
+    passes(case) -> (elements per array, {fwd, bwd} -> the op's (arrays read, arrays written) per sweep): the op's
+    own pass structure, streamed by diffkern.bench.machine.pass_calls (plain and streaming stores), is then the
+    limit instead (the STREAM kernels are still timed and reported, in the fraction of the fastest yardstick)."""
     def work(case: Case, p: str) -> float:
         return _in_pass(min_bytes(case, ITEMSIZE), p)
 
     def yardsticks(case: Case, p: str):
         n = int(work(case, p))
         moved = stream_bytes(n, DTYPE)
-        return {k: (fn, moved[k]) for k, fn in stream_calls(n, DTYPE).items()}
-    return Limit("bandwidth", "GB/s", work, yardsticks,
-                 lambda p: FRESH_KERNELS if p in fresh_passes else STREAM_KERNELS)
+        out = {k: (fn, moved[k]) for k, fn in stream_calls(n, DTYPE).items()}
+        if passes is not None:
+            numel, per_pass = passes(case)
+            sweeps = [*per_pass[FWD], *(per_pass[BWD] if p == STEP else ())]
+            out.update({k: (fn, pass_bytes(sweeps, numel)) for k, fn in pass_calls(sweeps, numel).items()})
+        return out
+
+    def matching(p: str) -> tuple[str, ...]:
+        return PASS_KERNELS if passes is not None else FRESH_KERNELS if p in fresh_passes else STREAM_KERNELS
+    return Limit("bandwidth", "GB/s", work, yardsticks, matching)
 
 
 def gemm_limit(workload: Workload, block_gemms: Callable[[Case], dict]) -> Limit:
@@ -127,9 +141,10 @@ ROWS = (
         bandwidth_limit(_GRPO["grpo_iso_loss_y"].min_bytes, (STEP,))),
     Row("GRPO loss (stored x, x_next)", _GRPO["grpo_iso_loss"], (compile_bar(1.0),),
         bandwidth_limit(_GRPO["grpo_iso_loss"].min_bytes, (STEP,))),
-    # the fused step's outputs come from the CPU output cache (no page faults): held to preallocated bandwidth
+    # the fused step's outputs come from the CPU output cache (no page faults): held to its own passes (fwd: read 3
+    # latents, write 1; bwd: read 1, write 2) streamed into preallocated outputs
     Row("NTRK fused step", ntrk.STEP_WORKLOAD, (eager_bar(3.0), compile_bar(1.0)),
-        bandwidth_limit(ntrk.STEP_WORKLOAD.min_bytes)),
+        bandwidth_limit(ntrk.STEP_WORKLOAD.min_bytes, passes=ntrk.step_passes)),
     Row("NTRK tilted step (2OS project + step)", ntrk.TILTED_WORKLOAD, (eager_bar(3.0), compile_bar(1.0)),
         bandwidth_limit(ntrk.TILTED_WORKLOAD.min_bytes, (FWD, STEP))),
     Row("R-MDM training step", rmdm.RECURSE, (eager_bar(1.5, (STEP,)),), gemm_limit(rmdm.RECURSE, rmdm.block_gemms)),
@@ -180,9 +195,9 @@ def case_lines(row: Row, case: Case, threads: int, warmup: int, rounds: int, min
 
 
 def measure(mode: Mode, threads: Sequence[int] = THREADS, rows: Sequence[Row] = ROWS,
-            log=None) -> tuple[list[dict], dict]:
-    """(lines, wall seconds per thread count): every row's cases that `mode` times, with its samples, at each
-    thread count; the thread count is restored after."""
+            log=None, cases: Sequence[str] | None = None) -> tuple[list[dict], dict]:
+    """(lines, wall seconds per thread count): every row's cases that `mode` times (and whose name contains one of
+    `cases`, if given), with its samples, at each thread count; the thread count is restored after."""
     log = log or (lambda msg: print(f"cpu_gap: {msg}", file=sys.stderr, flush=True))
     lines, seconds = [], {}
     for n in threads:
@@ -190,6 +205,8 @@ def measure(mode: Mode, threads: Sequence[int] = THREADS, rows: Sequence[Row] = 
             start = time.perf_counter()
             for row in rows:
                 for case in row.cases(mode):
+                    if cases is not None and not any(c in case.name for c in cases):
+                        continue
                     try:
                         lines += case_lines(row, case, n, mode.warmup, mode.rounds, mode.min_sample_s,
                                             lambda msg, n=n: log(f"{n} thread(s): {msg}"))
@@ -225,8 +242,10 @@ def markdown(lines: list[dict], seconds: dict, mode: Mode, rows: Sequence[Row] =
            "(sum) moving the same bytes at the same threads into preallocated outputs, or, for a pass that returns new "
            "latent-sized tensors (the GRPO loss's dv, the tilted step's projection), the fastest copy and triad into "
            "outputs the call allocates (copy_fresh, triad_fresh: the page faults and zeroing every out-of-place op "
-           "pays on this machine's allocator; the next column holds diffkern against the fastest yardstick of all, "
-           "preallocated ones included); GEMM = the op's matrix-product FLOPs / diffkern's time "
+           "pays on this machine's allocator), or, for the NoiseTilt fused step, its own sweeps over the same arrays "
+           "(fwd: read 3 latents, write 1; bwd: read 1, write 2; plain or streaming stores, outputs allocated once: "
+           "diffkern.bench.machine.pass_calls); the next column holds diffkern against the fastest yardstick of all, "
+           "preallocated ones included; GEMM = the op's matrix-product FLOPs / diffkern's time "
            "over torch.mm/bmm running one block evaluation's products at the op's shapes and threads. Verdict: met "
            f"(every bar), at machine limit (a bar missed, diffkern at >= {LIMIT_FRACTION:.0%} of the limit), not "
            "met.", "",
@@ -252,16 +271,28 @@ def markdown(lines: list[dict], seconds: dict, mode: Mode, rows: Sequence[Row] =
     return "\n".join(out) + "\n"
 
 
-def report(quick: bool, out: str | None, mode: Mode | None = None) -> str:
-    """The harness's REPORT_MODULES entry: measures in `mode` (the harness's run; None: the quick run if `quick`,
-    else the full one), writes cpu_gap.json / cpu_gap.md to `out` (if given) and returns the Markdown."""
+def select(titles: Sequence[str] | None) -> tuple[Row, ...]:
+    """The rows whose title contains any of `titles` (case-insensitive; None: every row); ValueError if none does."""
+    if titles is None:
+        return ROWS
+    picked = tuple(r for r in ROWS if any(t.lower() in r.title.lower() for t in titles))
+    if not picked:
+        raise ValueError(f"rows: no row title contains any of {list(titles)}; titles: {[r.title for r in ROWS]}")
+    return picked
+
+
+def report(quick: bool, out: str | None, mode: Mode | None = None, threads: Sequence[int] = THREADS,
+           rows: Sequence[Row] = ROWS, cases: Sequence[str] | None = None) -> str:
+    """The harness's REPORT_MODULES entry: measures `rows` (their cases named by `cases`, if given) at `threads` in
+    `mode` (the harness's run; None: the quick run if `quick`, else the full one), writes cpu_gap.json / cpu_gap.md
+    to `out` (if given) and returns the Markdown."""
     mode = mode or MODES["quick" if quick else "full"]
-    lines, seconds = measure(mode)
-    md = markdown(lines, seconds, mode)
+    lines, seconds = measure(mode, threads, rows, cases=cases)
+    md = markdown(lines, seconds, mode, rows)
     if out:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "cpu_gap.json"), "w") as f:
-            json.dump({"mode": mode.name, "threads": list(THREADS), "lines": lines,
+            json.dump({"mode": mode.name, "threads": list(threads), "lines": lines,
                        "seconds": seconds}, f, indent=1, default=str)
         with open(os.path.join(out, "cpu_gap.md"), "w") as f:
             f.write(md)
@@ -269,16 +300,22 @@ def report(quick: bool, out: str | None, mode: Mode | None = None) -> str:
 
 
 def main(argv=None) -> None:
-    """`python -m diffkern.bench.cpu_gap [--quick | --default] [--out DIR]`: the section alone, printed (default:
-    every full case, the full run's samples)."""
+    """`python -m diffkern.bench.cpu_gap [--quick | --default] [--out DIR] [--rows TEXT ...] [--cases TEXT ...]
+    [--threads N ...]`: the section alone, printed (default: every row's full cases, the full run's samples, 2 and 1
+    threads)."""
     ap = argparse.ArgumentParser(description=main.__doc__)
     runs = ap.add_mutually_exclusive_group()
     runs.add_argument("--quick", action="store_true")
     runs.add_argument("--default", action="store_true", help="the cases and samples of the default make bench")
     ap.add_argument("--out", default=None, help="folder for cpu_gap.json and cpu_gap.md")
+    ap.add_argument("--rows", nargs="+", default=None, metavar="TEXT",
+                    help="only the rows whose title contains one of these (case-insensitive), e.g. NTRK 'DAR whole'")
+    ap.add_argument("--cases", nargs="+", default=None, metavar="TEXT",
+                    help="only the cases whose name contains one of these (case-sensitive), e.g. S=4 B=4")
+    ap.add_argument("--threads", type=int, nargs="+", default=list(THREADS))
     args = ap.parse_args(argv)
     mode = MODES["quick"] if args.quick else MODES["default"] if args.default else MODES["full"]
-    print(report(mode.quick, args.out, mode))
+    print(report(mode.quick, args.out, mode, args.threads, select(args.rows), args.cases))
 
 
 if __name__ == "__main__":

@@ -34,13 +34,19 @@ def _case(S: int | None, L: int, B: int, T: int, d: int) -> Case:
     return Case(f"{scheme} L={L} B={B} T={T} d={d}", dict(S=S, L=L, B=B, T=T, d=d), B * T)
 
 
+def _identity(h: torch.Tensor) -> torch.Tensor:
+    """A sublayer that returns its input: a plain function, as the eager reference calls none (an nn.Identity per
+    sublayer cost 56 module calls, ~30 us of a 1.4 ms forward at 1 thread, that neither eager nor compile pays)."""
+    return h
+
+
 class _Stack(nn.Module):
     def __init__(self, d: int, L: int, S: int | None):
         super().__init__()
         self.router = DARRouter(d, L, chunk_size=S)
 
     def forward(self, x0):
-        return self.router.run(x0, [nn.Identity()] * self.router.n_sublayers)
+        return self.router.run(x0, [_identity] * self.router.n_sublayers)
 
 
 @functools.cache

@@ -18,6 +18,15 @@ that does not against memory. torch's copy_ and add(out=) reach what an OpenMP C
 -march=native reaches on this machine (checked when this module was written), so the torch ops are the
 yardstick. The limit is the fastest of the three.
 
+Pass structure (`pass_calls`): the yardstick of a fused kernel whose passes each read and write several arrays in
+one sweep, which torch's ops do not cover (none writes several outputs in one sweep, as a fused backward does). One call
+runs the op's passes in order, pass i reading R_i float32 arrays and writing W_i others in one sweep
+(diffkern::stream_pass, csrc/cpu/stream.cpp: a plain compiled loop, every output = the sum of the inputs), every
+array distinct, as the op's are, outputs allocated once (as the CPU output cache hands an op's output blocks back
+every call). "passes" stores plainly, "passes_nt" with streaming (non-temporal) stores, which skip the read of each
+written line when the passes' arrays do not stay in the last-level cache; the limit is the faster of the two.
+`python -m diffkern.bench.machine --passes 3,1 1,2` checks it against torch doing the same passes with its own ops.
+
 GEMM throughput: torch.mm / torch.bmm in float32 (the library torch calls: oneDNN/MKL on x86) on given
 shapes, FLOPs = 2 batch m n k per product, the products run back to back.
 
@@ -33,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import _ops, _registry
 from .timer import threads as _threads
 from .timer import time_interleaved
 
@@ -86,6 +96,61 @@ def stream_bytes(nbytes: int, dtype: torch.dtype = torch.float32) -> dict[str, i
             "triad_fresh": triad}
 
 
+PASS_KERNELS = ("passes", "passes_nt")
+Passes = Sequence[tuple[int, int]]  # (arrays read, arrays written) of each pass, in order
+
+
+def _pass_arrays(passes: Passes, numel: int, seed: int) -> list[tuple[list, list]]:
+    if numel <= 0:
+        raise ValueError(f"numel must be positive, got {numel}")
+    if not passes or any(not (1 <= r <= 4 and 1 <= w <= 3) for r, w in passes):
+        raise ValueError(f"passes must be (reads, writes) pairs with 1 <= reads <= 4 and 1 <= writes <= 3, "
+                         f"got {list(passes)}")
+    gen = torch.Generator().manual_seed(seed)
+    return [([_randn(numel, gen, torch.float32) for _ in range(r)], [torch.zeros(numel) for _ in range(w)])
+            for r, w in passes]
+
+
+@_registry.register_fake("diffkern::stream_pass")
+def _stream_pass_fake(reads, writes, nontemporal):
+    """Writes its outputs in place and returns nothing: no fake outputs to make."""
+
+
+def pass_calls(passes: Passes, numel: int, seed: int = 0) -> dict[str, Callable[[], object]]:
+    """{"passes": fn, "passes_nt": fn}: each call runs `passes` in order, pass i reading passes[i][0] float32 arrays
+    of `numel` elements and writing passes[i][1] others in one sweep (every array distinct; outputs allocated here,
+    first-touched before timing), with plain or streaming stores."""
+    arrays = _pass_arrays(passes, numel, seed)
+
+    def run(nontemporal: bool):
+        def call():
+            for reads, writes in arrays:
+                _ops.ops.stream_pass(reads, writes, nontemporal)
+        return call
+    return {"passes": run(False), "passes_nt": run(True)}
+
+
+def pass_bytes(passes: Passes, numel: int) -> int:
+    """The bytes one call of pass_calls(passes, numel) moves: every array read or written once."""
+    return 4 * numel * sum(r + w for r, w in passes)
+
+
+def torch_pass_call(passes: Passes, numel: int, seed: int = 0) -> Callable[[], object]:
+    """The same passes with torch's own ops, into outputs allocated once: the first output the sum of the reads
+    (torch.add(out=), then in-place adds), the others copies of it. The plain implementation a pass yardstick must
+    not be slower than (it moves more bytes: each extra read or output is a pass of its own)."""
+    arrays = _pass_arrays(passes, numel, seed)
+
+    def call():
+        for reads, writes in arrays:
+            first = writes[0].copy_(reads[0]) if len(reads) == 1 else torch.add(reads[0], reads[1], out=writes[0])
+            for r in reads[2:]:
+                first.add_(r)
+            for w in writes[1:]:
+                w.copy_(first)
+    return call
+
+
 def gemm_call(gemms: Sequence[Gemm], dtype: torch.dtype = torch.float32, seed: int = 0) -> Callable[[], object]:
     """One callable running every product of `gemms` once, in order, into outputs allocated here."""
     if not gemms:
@@ -130,13 +195,38 @@ def gemm_throughput(gemms: Sequence[Gemm], threads: int | None = None, warmup: i
     return gemm_flops(gemms) / t["gemm"].median_s
 
 
+def pass_rates(passes: Passes, numel: int, threads: int | None = None, warmup: int = 2, rounds: int = 5,
+               min_sample_s: float = 0.02) -> dict[str, float]:
+    """Bytes per second of the pass yardstick ("passes", "passes_nt") and of torch doing the same passes ("torch",
+    counting the yardstick's bytes, so the three compare as times do), interleaved, median of `rounds`."""
+    calls = {**pass_calls(passes, numel), "torch": torch_pass_call(passes, numel)}
+    with _threads(threads):
+        t = time_interleaved(calls, warmup, rounds, min_sample_s)
+    return {k: pass_bytes(passes, numel) / t[k].median_s for k in calls}
+
+
+def _pair(text: str) -> tuple[int, int]:
+    reads, writes = text.split(",")
+    return int(reads), int(writes)
+
+
 def main(argv=None) -> None:
-    """`python -m diffkern.bench.machine [--threads N ...]`: bandwidth at a few working sets and the GEMM
-    throughput of a square product, printed."""
+    """`python -m diffkern.bench.machine [--threads N ...] [--passes R,W ... --numel N]`: bandwidth at a few working
+    sets and the GEMM throughput of a square product, printed; with --passes, the pass yardstick of those passes
+    (e.g. 3,1 1,2: NoiseTilt's fused step) beside torch doing them."""
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     ap.add_argument("--mb", type=float, nargs="+", default=[4, 16, 64, 256])
+    ap.add_argument("--passes", type=_pair, nargs="+", default=None, metavar="R,W")
+    ap.add_argument("--numel", type=int, nargs="+", default=[4 * 262144, 2096640])
     args = ap.parse_args(argv)
+    if args.passes:
+        for threads in args.threads:
+            for numel in args.numel:
+                rates = pass_rates(args.passes, numel, threads)
+                print(f"{threads} thread(s), passes {args.passes} of {numel} elements: "
+                      + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in rates.items()))
+        return
     for threads in args.threads:
         for mb in args.mb:
             bw = bandwidth(int(mb * 1e6), threads)

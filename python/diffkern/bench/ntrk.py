@@ -122,6 +122,12 @@ def _step_min_bytes(case: Case, itemsize: int) -> dict:
     return {"fwd": 4 * n, "bwd": 3 * n}
 
 
+def step_passes(case: Case) -> tuple[int, dict]:
+    """(elements per latent, the sweeps of each pass): the fused step's forward reads mu, w, eps and writes x in one
+    sweep; its fused backward reads dx and writes dw, deps in one (diffkern.bench.machine.pass_calls)."""
+    return case.params["B"] * case.params["N"], {"fwd": ((3, 1),), "bwd": ((1, 2),)}
+
+
 def _tilted_min_bytes(case: Case, itemsize: int) -> dict:
     """fwd: read mu, g, eps, write x; bwd: read dx, write deps (dmu is dx itself; w comes from the projection,
     which is not differentiable)."""

@@ -36,11 +36,12 @@ QUERIES = ("static", "timestep", "dynamic")
 SUMMARIES = ("sum", "last")
 
 
-def _entry(params: nn.ParameterList, p: int) -> torch.Tensor:
-    """params[p] for an index in range by construction, without ParameterList.__getitem__'s index
-    normalisation (paid twice per routing op, it cost as much as the rest of the router's Python). The
-    entry is read where the module registered it, so functional_call's and load_state_dict's are seen."""
-    return params._parameters[str(p)]
+def _entry(module: nn.Module, name: str, p: int) -> torch.Tensor:
+    """module.<name>[p] (a ParameterList) for an index in range by construction, without ParameterList.__getitem__'s
+    index normalisation nor nn.Module.__getattr__ (together, paid twice per routing op, they cost as much as the
+    rest of the router's Python). The entry is read where the modules registered it (the list in module._modules,
+    the tensor in the list's _parameters), so functional_call's, load_state_dict's and a replaced list are seen."""
+    return module._modules[name]._parameters[str(p)]
 
 
 class DARHistory:
@@ -151,16 +152,16 @@ class DARRouter(nn.Module):
             v = hist.newest
             return F.linear(v, self.query_proj[p].weight.to(v.dtype))
         if self.query == "static":
-            return _entry(self.query_weight, p)
+            return _entry(self, "query_weight", p)
         if cond is None or cond.dim() != 2 or cond.shape[-1] != self.cond_dim:
             got = None if cond is None else list(cond.shape)
             raise ValueError(f"DARRouter: query='timestep' needs cond [B, {self.cond_dim}], got {got}")
         e = self.time_embed[p]
-        return _entry(self.query_weight, p) + e(cond.to(e.weight.dtype))
+        return _entry(self, "query_weight", p) + e(cond.to(e.weight.dtype))
 
     def _route(self, p: int, hist: DARHistory, sources, addends, cond):
         src = hist.x0
-        q, gain = self._q(p, hist, cond), _entry(self.gain, p)
+        q, gain = self._q(p, hist, cond), _entry(self, "gain", p)
         allowed = (src.dtype, torch.float32 if src.dtype != torch.float64 else torch.float64)
         q = q if q.dtype in allowed else q.to(src.dtype)
         gain = gain if gain.dtype in allowed else gain.to(src.dtype)
