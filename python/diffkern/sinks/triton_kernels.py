@@ -10,13 +10,44 @@
                     Deterministic: no atomics. 2 n_query N_k d FLOPs.
   topk_kernel       one program per score row: keeps the best K_PAD packed (score, index) keys in a
                     scratch row and merges each new chunk of BLOCK - K_PAD scores into it with tl.sort.
-  suppress_kernel   one program per (BLOCK_M queries, b, h): gathers the K selected keys and values,
-                    corrects the unmasked o by their terms: 4 N_q K d FLOPs; flags each row whose correction
-                    factor is at most recompute_below(dtype) (the suppressed keys hold most of its mass).
-  recompute_kernel  one program per (BLOCK_M image queries, b, h): a tile holding a flagged row recomputes
-                    it as the masked softmax (a flash pass with the bias row added, or for the value path the
-                    selected values scaled: 4 BLOCK_M N_k d FLOPs)
-                    and rewrites its output; any other tile reads its flags and exits.
+  suppress_kernel   one program per (BLOCK_M queries, b, h), the pass that writes the output, each row once,
+                    in q's dtype: gathers the K selected keys and values and corrects the unmasked o by their
+                    terms (4 N_q K d FLOPs); a row whose correction factor is at most recompute_below(dtype)
+                    (the suppressed keys hold most of its mass) is written instead as the masked softmax, by a
+                    flash loop over every key in the same program (4 BLOCK_M N_k d FLOPs, only in tiles
+                    holding such a row); o is not read for those rows.
+
+Launch configurations: attn_fwd, col_mass and suppress go through diffkern._autotune.pick with the
+candidates of fwd_configs / col_mass_configs / suppress_configs (configs[0] is what the CPU tests run; every
+distinct candidate is in aot_specs and compiles for sm_80 and sm_90a with 0 spills). The key loops are plain
+`for` loops over tiles with the loads at the top, which Triton software-pipelines num_stages deep. No
+candidate changes a reduction's tile (the keys per online-softmax step, the queries per column-sum step).
+
+Pass structure (FLOPs 2 m n k per product; bytes: HBM, each distinct byte once; predicted H100 time
+max(bytes / 3.35 TB/s, FLOPs / 990 TFLOP/s); numbers at SD3, B=2, H=24, N_q = N_k = 4429, n = 4096 image
+queries, d = 64, bf16, from diffkern.bench.sinks.modeled_rows; one flash forward: 4 N_q N_k d = 247 GFLOP,
+110 MB, 249 us):
+  * selection in the call (per_head, head_union, bottom, anti_sink; measure and any mode with statistics,
+    which need the mass): forward (o fp32, lse, entropy, top-5) + column pass + top-k + suppress:
+    4 N_q N_k d + 2 n N_k d + 4 n K d = 1.46x one flash forward's FLOPs (K = 1 or 5; 1.48x at head-union
+    K = 120), 305 MB, predicted 364 us = 1.46x. The minimum for this path: the mass needs each image row's
+    final lse, known only after that row's whole key sweep, so its terms exp(s_ij - lse_i) need the scores
+    a second time (2 n N_k d) or kept (the bf16 score matrix, 1.9 GB written and read, 1.1 ms against 123 us
+    of recomputing it). Writing the output only after the selection (an lse-only forward, the column pass,
+    then a masked flash forward writing q's dtype once) costs 2 N_q N_k d + 2 n N_k d + 4 N_q N_k d = 1.96x,
+    +123 us, to save the fp32 o's write and read (8 N_q d bytes per (b, h), 109 MB, 32 us): so o stays fp32
+    and the correction is the pass that writes the output. This is the path the diffusers processors run
+    at every denoising step (statistics on). By the roofline it cannot meet "<= 1.3x SDPA flash" (1.46x at
+    equal efficiency; it needs these kernels to reach 1.12x SDPA flash's achieved FLOP rate, which only a GPU
+    run can show). The roofline also omits the exponentials: one per score in both passes, and an H100 does
+    ~3.9e12 per second (16 per SM per clock), so the forward's 9.4e8 take ~0.24 ms (as long as its products)
+    and the column pass's 8.7e8 take ~0.22 ms (twice its products): counting them, ~1.9x.
+  * selection independent of the mass (mode "random", or indices given to torch.ops.diffkern.sink_suppress)
+    without statistics: the minimum is one flash forward with the selected keys' bias in the logits, 1.0x +
+    4 N_q K d, which meets 1.3x; today these run the same three passes (sink_attention_fwd returns the mass),
+    1.46x: a forward op taking the indices is not built.
+  * nothing suppressed (measure, k_sink = 0) without statistics: the minimum is one flash forward, 1.0x;
+    today 1.46x plus the cast of the fp32 o to q's dtype, for the same reason.
 """
 from __future__ import annotations
 
