@@ -41,7 +41,8 @@ queries, d = 64, bf16, from diffkern.bench.sinks.modeled_rows; one flash forward
     equal efficiency; it needs these kernels to reach 1.12x SDPA flash's achieved FLOP rate, which only a GPU
     run can show). The roofline also omits the exponentials: one per score in both passes, and an H100 does
     ~3.9e12 per second (16 per SM per clock), so the forward's 9.4e8 take ~0.24 ms (as long as its products)
-    and the column pass's 8.7e8 take ~0.22 ms (twice its products): counting them, ~1.9x.
+    and the column pass's 8.7e8 take ~0.22 ms (twice its products): counting them, 1.7x (exponentials and
+    products serialised) to 1.9x (overlapped).
   * selection independent of the mass (mode "random", or indices given to torch.ops.diffkern.sink_suppress)
     without statistics: the minimum is one flash forward with the selected keys' bias in the logits, 1.0x +
     4 N_q K d, which meets 1.3x; today these run the same three passes (sink_attention_fwd returns the mass),
