@@ -106,3 +106,25 @@ def test_every_candidate_configuration_is_correct_and_keeps_the_reduced_tile(mon
             out, stats = diffkern.sink_attention(q, k, v, k_sink=1, n_query=n, return_stats=True)
         assert torch.equal(stats["indices"], want_idx), f"candidate {i}"
         assert_corrected_output_close(out, want, plain, spreads[0], suppressed_mass(q, k, want_idx, n))
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_row_top_when_later_key_tiles_hold_no_larger_logit(dtype):
+    """Logits falling with the key index, with ties (keys 3-5 repeat key 2, and key 40 repeats key 4 in a later
+    tile): after the first key tile no tile holds a logit above any row's 5th largest, so the forward skips
+    their merge; the top-5 probabilities, ties counted separately, are still the reference's."""
+    g = torch.Generator().manual_seed(4)
+    B, H, N_q, N_k, d = 1, 2, 40, 100, 32
+    u = torch.randn(d, generator=g)
+    u = u / u.norm()
+    q = (torch.rand(B, H, N_q, 1, generator=g) + 1.0) * u + 0.01 * torch.randn(B, H, N_q, d, generator=g)
+    k = (4.0 - 0.03 * torch.arange(N_k, dtype=torch.float32))[None, None, :, None] * u.expand(B, H, 1, d)
+    k[:, :, 3:6] = k[:, :, 2:3]
+    k[:, :, 40] = k[:, :, 4]
+    v = torch.randn(B, H, N_k, d, generator=g)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    with diffkern.backend("triton"), TritonMonitor():
+        got = torch.ops.diffkern.sink_attention_fwd(q, k, v, N_q, 1.0, 5)[4]
+    (*_, want), spreads = attention_oracle(lambda *x: reference.attention_fwd(*x, N_q, 1.0, 5), q, k, v)
+    plain = reference.attention_fwd(q, k, v, N_q, 1.0, 5)[4]
+    assert_close_to_oracle(got, want, plain, "top_p", spreads[4])

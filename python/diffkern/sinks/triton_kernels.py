@@ -42,7 +42,13 @@ queries, d = 64, bf16, from diffkern.bench.sinks.modeled_rows; one flash forward
     run can show). The roofline also omits the exponentials: one per score in both passes, and an H100 does
     ~3.9e12 per second (16 per SM per clock), so the forward's 9.4e8 take ~0.24 ms (as long as its products)
     and the column pass's 8.7e8 take ~0.22 ms (twice its products): counting them, 1.7x (exponentials and
-    products serialised) to 1.9x (overlapped).
+    products serialised) to 1.9x (overlapped). Nor does it count the statistics' running top-5 (row_top = 5,
+    which the processors request at every call): _merge_top takes ~6 fp32 operations per score per kept value,
+    ~30 per score against ~8 for the online softmax and entropy, ~0.85 ms for the forward's 9.4e8 scores at an
+    H100's ~3.3e13 non-tensor fp32 operations per second (3.4x a flash forward) if every key tile merges. A
+    tile is merged only when some row of it holds a logit above that row's 5th largest so far (a per-row
+    check): with concentrated rows (sinks, local attention) most tiles after the first skip it, with i.i.d.
+    logits almost none do (a row's top-5 changes in ~5/t of its t-th tile); a GPU run at SD3 must tell.
   * selection independent of the mass (mode "random", or indices given to torch.ops.diffkern.sink_suppress)
     without statistics: the minimum is one flash forward with the selected keys' bias in the logits, 1.0x +
     4 N_q K d, which meets 1.3x; today these run the same three passes (sink_attention_fwd returns the mass),
@@ -178,7 +184,8 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ent_ptr, top_ptr, H, N_
         col_ok = (cols < N_k)[None, :]
         s = dot(q, _load_cols(k_base, cols, N_k, sk_n, dd, d), DOT_F32, PRECISION) * scale
         s = tl.where(col_ok, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
+        tile_max = tl.max(s, 1)
+        m_new = tl.maximum(m, tile_max)
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
@@ -187,7 +194,11 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ent_ptr, top_ptr, H, N_
             acc = acc * alpha[:, None] + dot(p, v, DOT_F32, PRECISION)
             t = t * alpha + tl.sum(p * tl.where(col_ok, s, 0.0), 1)
         if ROW_TOP > 1:
-            top = _merge_top(top, s, ROW_TOP, R_PAD)
+            # the merge (~6 R operations per score) changes a row's top only if the tile holds a logit above the
+            # row's R-th largest so far: skipped for the whole tile when no row's does (exact either way)
+            kth = tl.max(tl.where(tl.arange(0, R_PAD)[None, :] == ROW_TOP - 1, top, float("-inf")), 1)
+            if tl.max((tile_max > kth).to(tl.int32), 0) > 0:
+                top = _merge_top(top, s, ROW_TOP, R_PAD)
         m = m_new
     lse = m + tl.log(l)
     row_ok = rows < N_q
