@@ -43,12 +43,13 @@ queries, d = 64, bf16, from diffkern.bench.sinks.modeled_rows; one flash forward
     ~3.9e12 per second (16 per SM per clock), so the forward's 9.4e8 take ~0.24 ms (as long as its products)
     and the column pass's 8.7e8 take ~0.22 ms (twice its products): counting them, 1.7x (exponentials and
     products serialised) to 1.9x (overlapped). Nor does it count the statistics' running top-5 (row_top = 5,
-    which the processors request at every call): _merge_top takes ~6 fp32 operations per score per kept value,
-    ~30 per score against ~8 for the online softmax and entropy, ~0.85 ms for the forward's 9.4e8 scores at an
-    H100's ~3.3e13 non-tensor fp32 operations per second (3.4x a flash forward) if every key tile merges. A
-    tile is merged only when some row of it holds a logit above that row's 5th largest so far (a per-row
-    check): with concentrated rows (sinks, local attention) most tiles after the first skip it, with i.i.d.
-    logits almost none do (a row's top-5 changes in ~5/t of its t-th tile); a GPU run at SD3 must tell.
+    which the processors request at every call). Rebuilt from every key tile by R max-and-count passes, it
+    would take ~30 fp32 operations per score (against ~8 for the online softmax and entropy): ~0.85 ms for the
+    forward's 9.4e8 scores at an H100's ~3.3e13 non-tensor fp32 operations per second, 3.4x a flash forward.
+    Instead a key tile costs a per-row check unless some row holds a logit above its 5th largest so far, and then ~4 + 6 s
+    operations per score for the s distinct values taken (s <= 5, the most any row of the tile takes): with
+    i.i.d. logits a row's top-5 changes ~5/t times in its t-th tile, so s is ~1-3 after the first tiles; with
+    concentrated rows (sinks, local attention) most tiles are skipped. A GPU run at SD3 must tell.
   * selection independent of the mass (mode "random", or indices given to torch.ops.diffkern.sink_suppress)
     without statistics: the minimum is one flash forward with the selected keys' bias in the logits, 1.0x +
     4 N_q K d, which meets 1.3x; today these run the same three passes (sink_attention_fwd returns the mass),
@@ -144,9 +145,8 @@ def _load_cols(base, cols, n, stride_n, dd, d):
 @triton.jit
 def _merge_top(top, s, R: tl.constexpr, R_PAD: tl.constexpr):
     """The R largest of each row of the running top [BLOCK_M, R_PAD] (descending in slots < R, -inf in the
-    rest) and the tile s [BLOCK_M, BLOCK_N], descending, ties counted separately: R steps, each taking the
-    largest value below the last one taken and filling as many slots as it occurs (reductions only: no
-    modified copy of the tile is held)."""
+    rest) and s [BLOCK_M, n] (a tile's candidates, from _tile_top), descending, ties counted separately: R
+    steps, each taking the largest value below the last one taken and filling as many slots as it occurs."""
     slots = tl.arange(0, R_PAD)[None, :]
     new = tl.full(top.shape, float("-inf"), tl.float32)
     prev = tl.full([top.shape[0]], float("inf"), tl.float32)
@@ -158,6 +158,28 @@ def _merge_top(top, s, R: tl.constexpr, R_PAD: tl.constexpr):
         new = tl.where((slots >= filled[:, None]) & (slots < (filled + count)[:, None]) & (slots < R), mx[:, None], new)
         filled += count
         prev = mx
+    return new
+
+
+@triton.jit
+def _tile_top(s, kth, R: tl.constexpr, R_PAD: tl.constexpr):
+    """[BLOCK_M, R_PAD]: the R largest values above kth [BLOCK_M] of each row of the tile s [BLOCK_M, BLOCK_N],
+    descending, ties counted separately, -inf past them. One max-and-count step per distinct value taken, run
+    only while some row of the tile has a value left to take (in most tiles one or none)."""
+    slots = tl.arange(0, R_PAD)[None, :]
+    c = tl.where(s > kth[:, None], s, float("-inf"))
+    left = tl.minimum(tl.sum((c > float("-inf")).to(tl.int32), 1), R)
+    new = tl.full([s.shape[0], R_PAD], float("-inf"), tl.float32)
+    prev = tl.full([s.shape[0]], float("inf"), tl.float32)
+    filled = tl.zeros([s.shape[0]], tl.int32)
+    for _ in tl.static_range(R):
+        if tl.max(left - filled, 0) > 0:
+            mx = tl.max(tl.where(c < prev[:, None], c, float("-inf")), 1)
+            count = tl.where(mx > float("-inf"), tl.sum((c == mx[:, None]).to(tl.int32), 1), 0)
+            new = tl.where((slots >= filled[:, None]) & (slots < (filled + count)[:, None]) & (slots < R),
+                           mx[:, None], new)
+            filled += count
+            prev = mx
     return new
 
 
@@ -194,11 +216,12 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ent_ptr, top_ptr, H, N_
             acc = acc * alpha[:, None] + dot(p, v, DOT_F32, PRECISION)
             t = t * alpha + tl.sum(p * tl.where(col_ok, s, 0.0), 1)
         if ROW_TOP > 1:
-            # the merge (~6 R operations per score) changes a row's top only if the tile holds a logit above the
-            # row's R-th largest so far: skipped for the whole tile when no row's does (exact either way)
+            # only a logit above the row's R-th largest so far can enter its top: a tile where no row holds one
+            # is skipped (a per-row check), else its few such values are taken (_tile_top, ~6 operations per
+            # score and step) and merged with the running top (R_PAD-wide, not BLOCK_N-wide); exact either way
             kth = tl.max(tl.where(tl.arange(0, R_PAD)[None, :] == ROW_TOP - 1, top, float("-inf")), 1)
             if tl.max((tile_max > kth).to(tl.int32), 0) > 0:
-                top = _merge_top(top, s, ROW_TOP, R_PAD)
+                top = _merge_top(top, _tile_top(s, kth, ROW_TOP, R_PAD), ROW_TOP, R_PAD)
         m = m_new
     lse = m + tl.log(l)
     row_ok = rows < N_q
