@@ -39,10 +39,10 @@ def default_tiles(d, dtype) -> dict:
                             ("suppress_kernel", tk.suppress_configs(d, dtype)[0]))}
 
 
-def _tile_flops(m, n, k, bm, bn, bd, products=1) -> int:
-    """2 m n k of every tl.dot the programs run: `products` [bm, bd] x [bd, bn]-sized products (or the
-    transposed pair) per (row tile, column tile) of an m x n grid, padded tiles included."""
-    return 2 * products * triton.cdiv(m, bm) * bm * triton.cdiv(n, bn) * bn * bd
+def _tile_flops(m, n, d, bm, bn, products=1) -> int:
+    """2 m n k of every tl.dot the programs run: `products` [bm, BLOCK_D] x [BLOCK_D, bn]-sized products (or
+    the transposed pair) per (row tile, column tile) of an m x n grid, padded tiles and head_dim included."""
+    return 2 * products * triton.cdiv(m, bm) * bm * triton.cdiv(n, bn) * bn * max(16, triton.next_power_of_2(d))
 
 
 def kernel_traffic(N_q, N_k, d, n_query, K, n_rows, itemsize, tiles, sel_block, topk_cfg, row_top=0):
@@ -52,8 +52,7 @@ def kernel_traffic(N_q, N_k, d, n_query, K, n_rows, itemsize, tiles, sel_block, 
     included); tiles: (BLOCK_M, BLOCK_N) per kernel (default_tiles); row_top: the
     probabilities per row the forward keeps (5 with the statistics). suppress_kernel's flagged tiles
     (recompute_traffic) are data-dependent and left out."""
-    bd = max(16, triton.next_power_of_2(d))
-    (fm, fn), (cm, cn), (sm, sn) = (tiles[k] for k in ("attn_fwd_kernel", "col_mass_kernel", "suppress_kernel"))
+    (fm, fn), (cm, cn), (sm, _) = (tiles[k] for k in ("attn_fwd_kernel", "col_mass_kernel", "suppress_kernel"))
     t_q, t_k, t_r = triton.cdiv(N_q, fm), triton.cdiv(N_k, cn), triton.cdiv(n_rows, sm)
     block, k_pad = topk_cfg
     chunks = triton.cdiv(N_k, block - k_pad)
@@ -61,15 +60,16 @@ def kernel_traffic(N_q, N_k, d, n_query, K, n_rows, itemsize, tiles, sel_block, 
     return {
         "attn_fwd_kernel": dict(loaded=(N_q + 2 * t_q * N_k) * d * itemsize,
                                 stored=o32 + (2 + row_top) * N_q * 4, hbm=qkv + o32 + (2 + row_top) * N_q * 4,
-                                flops=_tile_flops(N_q, N_k, d, fm, fn, bd, 2)),
+                                flops=_tile_flops(N_q, N_k, d, fm, fn, 2)),
         "col_mass_kernel": dict(loaded=N_k * d * itemsize + t_k * n_query * (d * itemsize + 4), stored=N_k * 4,
-                                hbm=N_k * (d * itemsize + 4) + n_query * (d * itemsize + 4), flops=_tile_flops(n_query, N_k, d, cm, cn, bd)),
+                                hbm=N_k * (d * itemsize + 4) + n_query * (d * itemsize + 4),
+                                flops=_tile_flops(n_query, N_k, d, cm, cn)),
         "topk_kernel": dict(loaded=N_k * 4 + (chunks * k_pad + K) * 8, stored=((chunks + 1) * k_pad + K) * 8,
                             hbm=N_k * 4 + K * 8, flops=0),
         "suppress_kernel": dict(loaded=N_q * d * 4 + n_rows * (d * itemsize + 4) + t_r * K * (8 + 2 * d * itemsize),
                                 stored=N_q * d * itemsize + n_rows * 4,
                                 hbm=o32 + n_rows * (d * itemsize + 8) + K * (8 + 2 * d * itemsize) + N_q * d * itemsize,
-                                flops=_tile_flops(n_rows, K, d, sm, sel_block, bd, 2)),
+                                flops=_tile_flops(n_rows, K, d, sm, sel_block, 2)),
     }
 
 
@@ -81,7 +81,7 @@ def recompute_traffic(flagged, N_k, d, itemsize, tile):
     row is recomputed."""
     bm, bn = tile
     return dict(loaded=8 + N_k * (4 + 2 * d * itemsize) - flagged * d * 4, stored=0,
-                flops=_tile_flops(bm, N_k, d, bm, bn, max(16, triton.next_power_of_2(d)), 2))
+                flops=_tile_flops(bm, N_k, d, bm, bn, 2))
 
 
 def plain_flash(N_q, N_k, d, itemsize, tile):
@@ -90,7 +90,7 @@ def plain_flash(N_q, N_k, d, itemsize, tile):
     bm, bn = tile
     t_q = triton.cdiv(N_q, bm)
     return dict(loaded=(N_q + 2 * t_q * N_k) * d * itemsize, stored=N_q * (d * itemsize + 4),
-                hbm=(2 * N_q + 2 * N_k) * d * itemsize + N_q * 4, flops=_tile_flops(N_q, N_k, d, bm, bn, max(16, triton.next_power_of_2(d)), 2))
+                hbm=(2 * N_q + 2 * N_k) * d * itemsize + N_q * 4, flops=_tile_flops(N_q, N_k, d, bm, bn, 2))
 
 
 def modeled_rows(sizes, K=1):

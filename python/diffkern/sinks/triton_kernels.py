@@ -46,10 +46,10 @@ queries, d = 64, bf16, from diffkern.bench.sinks.modeled_rows; one flash forward
     which the processors request at every call). Rebuilt from every key tile by R max-and-count passes, it
     would take ~30 fp32 operations per score (against ~8 for the online softmax and entropy): ~0.85 ms for the
     forward's 9.4e8 scores at an H100's ~3.3e13 non-tensor fp32 operations per second, 3.4x a flash forward.
-    Instead a key tile costs a per-row check unless some row holds a logit above its 5th largest so far, and then ~4 + 6 s
-    operations per score for the s distinct values taken (s <= 5, the most any row of the tile takes): with
-    i.i.d. logits a row's top-5 changes ~5/t times in its t-th tile, so s is ~1-3 after the first tiles; with
-    concentrated rows (sinks, local attention) most tiles are skipped. A GPU run at SD3 must tell.
+    Instead a key tile costs a per-row check unless some row holds a logit above its 5th largest so far, and
+    then ~4 + 6 s operations per score for the s distinct values taken (s <= 5, the most any row of the tile
+    takes): with i.i.d. logits a row's top-5 changes ~5/t times in its t-th tile, so s is ~1-3 after the first
+    tiles; with concentrated rows (sinks, local attention) most tiles are skipped. A GPU run at SD3 must tell.
   * selection independent of the mass (mode "random", or indices given to torch.ops.diffkern.sink_suppress)
     without statistics: the minimum is one flash forward with the selected keys' bias in the logits, 1.0x +
     4 N_q K d, which meets 1.3x; today these run the same three passes (sink_attention_fwd returns the mass),
@@ -362,9 +362,9 @@ def suppress_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, row_ptr, out_p
     tl.store(out_ptr + o_offs, fixed.to(out_ptr.dtype.element_ty), mask=tile_mask & ~exact[:, None])
     tl.store(post_ptr + bh * n_rows + rows, g * p0 / denom, mask=fix & ~exact)
     if tl.max(exact.to(tl.int32), 0) > 0:  # the same pass writes the flagged rows, as the masked softmax
-        masked, post = _masked_rows(q, k_base, v_base, row_ptr + b * sb_b + h * sb_h, tl.load(idx_ptr + b * si_b + h * si_h),
-                                    N_k, d, sk_n, sv_n, dd, scale, BLOCK_M, BLOCK_N, BLOCK_D, DOT_F32, PRECISION,
-                                    RENORMALIZE)
+        j0 = tl.load(idx_ptr + b * si_b + h * si_h)
+        masked, post = _masked_rows(q, k_base, v_base, row_ptr + b * sb_b + h * sb_h, j0, N_k, d, sk_n, sv_n, dd,
+                                    scale, BLOCK_M, BLOCK_N, BLOCK_D, DOT_F32, PRECISION, RENORMALIZE)
         tl.store(out_ptr + o_offs, masked.to(out_ptr.dtype.element_ty), mask=exact[:, None] & (dd < d)[None, :])
         tl.store(post_ptr + bh * n_rows + rows, post, mask=exact)
 
@@ -512,14 +512,15 @@ def aot_specs() -> list[KernelSpec]:
                "sb_b": "i64", "sb_h": "i64", "scale": "fp32", "a": "fp32", "w": "fp32", "wd": "fp32", "g": "fp32"}
         for config in _distinct(fwd_configs(d, dtype)):
             for r in (5, 0):
-                specs.append(_spec(attn_fwd_kernel, fwd, {**common, "HAS_V": True, "ROW_TOP": r,
-                                                          "R_PAD": triton.next_power_of_2(max(r, 1))}, config, ty, d, tags))
+                fixed = {**common, "HAS_V": True, "ROW_TOP": r, "R_PAD": triton.next_power_of_2(max(r, 1))}
+                specs.append(_spec(attn_fwd_kernel, fwd, fixed, config, ty, d, tags))
         for config in _distinct(col_mass_configs(d, dtype)):
             specs.append(_spec(col_mass_kernel, col, common, config, ty, d, tags))
         for config in _distinct(suppress_configs(d, dtype)):
             for renormalize in (True, False):
-                specs.append(_spec(suppress_kernel, sup, {**common, "BLOCK_S": SEL_BLOCK, "RECOMPUTE": recompute_below(dtype),
-                                                          "RENORMALIZE": renormalize}, config, ty, d, tags))
+                fixed = {**common, "BLOCK_S": SEL_BLOCK, "RECOMPUTE": recompute_below(dtype),
+                         "RENORMALIZE": renormalize}
+                specs.append(_spec(suppress_kernel, sup, fixed, config, ty, d, tags))
     for k_pad, largest in itertools.product((16, 64, 256, MAX_TOPK), (True, False)):
         block, k_pad, warps = topk_config(k_pad, 4429)
         c = {"BLOCK": block, "K_PAD": k_pad, "LARGEST": largest}
