@@ -253,7 +253,7 @@ def test_benchmark_traffic_model_equals_interpreter_counts():
     """The bytes the benchmark models for each Triton kernel are the bytes the kernels issue (statistics on: the
     forward stores each row's top-5), with the suppression's recomputed tiles (the planted sink holds nearly all
     of some rows' mass) counted apart."""
-    from diffkern.bench.sinks import kernel_traffic, recompute_traffic
+    from diffkern.bench.sinks import default_tiles, kernel_traffic, recompute_traffic
     from diffkern.sinks import triton_kernels as tk
     from diffkern.sinks.op import STATS_ROW_TOP
     from diffkern.testing.triton_monitor import TritonMonitor
@@ -263,19 +263,20 @@ def test_benchmark_traffic_model_equals_interpreter_counts():
     with diffkern.backend("triton"), TritonMonitor(check_bounds=False) as mon:
         _, stats = diffkern.sink_attention(q, k, v, k_sink=1, n_query=n, return_stats=True)
     counted = mon.by_kernel()
-    model = kernel_traffic(N_q, N_k, d, n, 1, n, 2, tk.tiles(d, torch.bfloat16)[:2], tk.SEL_BLOCK,
-                           tk.topk_config(1, N_k)[:2], STATS_ROW_TOP)
-    bm, bn = tk.recompute_tiles(d, torch.bfloat16)
-    # recompute_kernel's tiles holding a row whose selected key has more than 1 - recompute_below(bf16) of its
+    tiles = default_tiles(d, torch.bfloat16)
+    model = kernel_traffic(N_q, N_k, d, n, 1, n, 2, tiles, tk.SEL_BLOCK, tk.topk_config(1, N_k)[:2], STATS_ROW_TOP)
+    bm = tiles["suppress_kernel"][0]
+    # suppress_kernel's tiles holding a row whose selected key has more than 1 - recompute_below(bf16) of its
     # mass (float64)
     p = torch.softmax(reference.logits(*oracle(q, k), d ** -0.5), -1)[:, :, :n]
     sel = torch.gather(p, -1, stats["indices"][:, :, None, :].expand(B, H, n, 1))[..., 0]
     redo = torch.nn.functional.pad(sel > 1 - reference.recompute_below(torch.bfloat16), (0, -n % bm)).view(B, H, -1, bm)
-    tiles = [recompute_traffic(min(bm, n - t * bm), int(redo[b, h, t].sum()), N_k, d, 2, bn)
-             for b, h, t in redo.any(-1).nonzero().tolist()]
-    assert tiles, "the planted sink must make some tile recompute"
+    flagged = [recompute_traffic(int(redo[b, h, t].sum()), N_k, d, 2, tiles["suppress_kernel"])
+               for b, h, t in redo.any(-1).nonzero().tolist()]
+    assert flagged, "the planted sink must make some tile recompute"
+    assert not redo.all(), "and some tile correct its rows"
     for kind in ("loaded", "stored"):
-        model["recompute_kernel"][kind] += sum(tile[kind] for tile in tiles) / (B * H)
+        model["suppress_kernel"][kind] += sum(tile[kind] for tile in flagged) / (B * H)
     assert set(counted) == set(model)
     for name, m in model.items():
         assert (counted[name]["bytes_loaded"], counted[name]["bytes_stored"]) == (m["loaded"] * B * H,

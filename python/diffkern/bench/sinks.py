@@ -7,7 +7,7 @@ report section (sinks.md and sinks.json in --out):
      shapes B=2, H=24, d=64, N_k = N_q + 333. Each point runs in its own child process; peak extra
      memory = the child's peak RSS minus its RSS once the inputs exist. Explicit points whose
      matrices would not fit this shared machine are modeled (their matrix size), not run.
-  2. Modeled GPU (bf16, SD3 shapes): FLOPs and memory traffic of the five Triton kernels against one
+  2. Modeled GPU (bf16, SD3 shapes): FLOPs and memory traffic of the four Triton kernels against one
      plain flash-attention forward, from `kernel_traffic` (the kernels' loop structure; the tests hold
      it equal to the interpreter's counted bytes), and the modeled H100 time.
 """
@@ -23,50 +23,74 @@ import time
 
 import triton
 
-H100_BYTES_PER_S, H100_BF16_FLOPS = 3.0e12, 989e12
+from .roofline import H100_BF16_FLOPS, H100_HBM_BYTES_PER_S
+
 B, H, D, N_TEXT = 2, 24, 64, 333
 # The explicit reference holds ~4 fp32 [B, H, N_q, N_k] tensors at once; run it only below this.
 EXPLICIT_MAX_BYTES = 6e9
 
 
+def default_tiles(d, dtype) -> dict:
+    """(BLOCK_M, BLOCK_N) per kernel of the configuration the CPU tests run (each candidate list's first)."""
+    from ..sinks import triton_kernels as tk
+    return {name: (c.constexprs["BLOCK_M"], c.constexprs["BLOCK_N"])
+            for name, c in (("attn_fwd_kernel", tk.fwd_configs(d, dtype)[0]),
+                            ("col_mass_kernel", tk.col_mass_configs(d, dtype)[0]),
+                            ("suppress_kernel", tk.suppress_configs(d, dtype)[0]))}
+
+
+def _tile_flops(m, n, d, bm, bn, products=1) -> int:
+    """2 m n k of every tl.dot the programs run: `products` [bm, BLOCK_D] x [BLOCK_D, bn]-sized products (or
+    the transposed pair) per (row tile, column tile) of an m x n grid, padded tiles and head_dim included."""
+    return 2 * products * triton.cdiv(m, bm) * bm * triton.cdiv(n, bn) * bn * max(16, triton.next_power_of_2(d))
+
+
 def kernel_traffic(N_q, N_k, d, n_query, K, n_rows, itemsize, tiles, sel_block, topk_cfg, row_top=0):
     """Per (b, h) (top-k: per score row), the bytes each kernel loads and stores, as the kernels issue
-    them (active lanes; re-reads across programs counted each time), and their tl.dot FLOPs; row_top: the
-    probabilities per row the forward keeps (5 with the statistics)."""
-    bm, bn = tiles
-    t_q, t_k, t_r = triton.cdiv(N_q, bm), triton.cdiv(N_k, bn), triton.cdiv(n_rows, bm)
+    them (active lanes; re-reads across programs counted each time), the HBM bytes if every re-read hits the
+    L2 (hbm: each distinct byte moved once), and their tl.dot FLOPs (2 m n k per product, padded tiles
+    included); tiles: (BLOCK_M, BLOCK_N) per kernel (default_tiles); row_top: the
+    probabilities per row the forward keeps (5 with the statistics). suppress_kernel's flagged tiles
+    (recompute_traffic) are data-dependent and left out."""
+    (fm, fn), (cm, cn), (sm, _) = (tiles[k] for k in ("attn_fwd_kernel", "col_mass_kernel", "suppress_kernel"))
+    t_q, t_k, t_r = triton.cdiv(N_q, fm), triton.cdiv(N_k, cn), triton.cdiv(n_rows, sm)
     block, k_pad = topk_cfg
     chunks = triton.cdiv(N_k, block - k_pad)
-    k_sel = triton.cdiv(K, sel_block) * sel_block
+    qkv, o32 = (N_q + 2 * N_k) * d * itemsize, N_q * d * 4
     return {
         "attn_fwd_kernel": dict(loaded=(N_q + 2 * t_q * N_k) * d * itemsize,
-                                stored=N_q * d * 4 + (2 + row_top) * N_q * 4,
-                                flops=4 * N_q * N_k * d),
+                                stored=o32 + (2 + row_top) * N_q * 4, hbm=qkv + o32 + (2 + row_top) * N_q * 4,
+                                flops=_tile_flops(N_q, N_k, d, fm, fn, 2)),
         "col_mass_kernel": dict(loaded=N_k * d * itemsize + t_k * n_query * (d * itemsize + 4), stored=N_k * 4,
-                                flops=2 * n_query * N_k * d),
+                                hbm=N_k * (d * itemsize + 4) + n_query * (d * itemsize + 4),
+                                flops=_tile_flops(n_query, N_k, d, cm, cn)),
         "topk_kernel": dict(loaded=N_k * 4 + (chunks * k_pad + K) * 8, stored=((chunks + 1) * k_pad + K) * 8,
-                            flops=0),
+                            hbm=N_k * 4 + K * 8, flops=0),
         "suppress_kernel": dict(loaded=N_q * d * 4 + n_rows * (d * itemsize + 4) + t_r * K * (8 + 2 * d * itemsize),
-                                stored=N_q * d * itemsize + n_rows * 5, flops=4 * n_rows * k_sel * d),
-        "recompute_kernel": dict(loaded=n_rows, stored=0, flops=0),  # the row flags; see recompute_traffic
+                                stored=N_q * d * itemsize + n_rows * 4,
+                                hbm=o32 + n_rows * (d * itemsize + 8) + K * (8 + 2 * d * itemsize) + N_q * d * itemsize,
+                                flops=_tile_flops(n_rows, K, d, sm, sel_block, 2)),
     }
 
 
-def recompute_traffic(rows, flagged, N_k, d, itemsize, bn):
-    """What one recompute_kernel tile with `flagged` rows (rows whose suppressed keys hold more than
-    1 - recompute_below(dtype) of their mass) of its `rows` image queries adds: it loads those queries, the first
-    selected index, then per key the bias row (fp32), k and v, and stores the flagged rows' out and post;
-    and its tl.dot FLOPs. Data-dependent, so kernel_traffic leaves it out: the modeled traffic is that of
-    inputs where no row is recomputed."""
-    keys = triton.cdiv(N_k, bn) * bn
-    return dict(loaded=rows * d * itemsize + 8 + N_k * (4 + 2 * d * itemsize), stored=flagged * (d * itemsize + 4),
-                flops=4 * rows * keys * d)
+def recompute_traffic(flagged, N_k, d, itemsize, tile):
+    """What one suppress_kernel tile (BLOCK_M, BLOCK_N) = `tile` with `flagged` rows (rows whose suppressed keys
+    hold more than 1 - recompute_below(dtype) of their mass) adds to kernel_traffic: the masked softmax loads the
+    first selected index, then per key the bias row (fp32), k and v, and the flagged rows do not read o; and its
+    tl.dot FLOPs. Data-dependent, so kernel_traffic leaves it out: the modeled traffic is that of inputs where no
+    row is recomputed."""
+    bm, bn = tile
+    return dict(loaded=8 + N_k * (4 + 2 * d * itemsize) - flagged * d * 4, stored=0,
+                flops=_tile_flops(bm, N_k, d, bm, bn, 2))
 
 
-def plain_flash(N_q, N_k, d, itemsize, bm):
-    """One flash-attention forward (q once, k and v once per query tile, o and lse written)."""
+def plain_flash(N_q, N_k, d, itemsize, tile):
+    """One flash-attention forward at the forward's tile (q once, k and v once per query tile, o and lse
+    written)."""
+    bm, bn = tile
     t_q = triton.cdiv(N_q, bm)
-    return dict(loaded=(N_q + 2 * t_q * N_k) * d * itemsize, stored=N_q * (d * itemsize + 4), flops=4 * N_q * N_k * d)
+    return dict(loaded=(N_q + 2 * t_q * N_k) * d * itemsize, stored=N_q * (d * itemsize + 4),
+                hbm=(2 * N_q + 2 * N_k) * d * itemsize + N_q * 4, flops=_tile_flops(N_q, N_k, d, bm, bn, 2))
 
 
 def modeled_rows(sizes, K=1):
@@ -80,17 +104,18 @@ def modeled_rows(sizes, K=1):
     rows = []
     for n in sizes:
         N_k = n + N_TEXT
-        tiles = tk.tiles(D, torch.bfloat16)[:2]
+        tiles = default_tiles(D, torch.bfloat16)
         per = kernel_traffic(n + N_TEXT, N_k, D, n, K, n, 2, tiles, tk.SEL_BLOCK, tk.topk_config(K, N_k)[:2],
                              STATS_ROW_TOP)
         # every kernel runs once per (b, h): the per-head top-k has B * H score rows too
-        ours = {k: sum(v[k] for v in per.values()) * B * H for k in ("loaded", "stored", "flops")}
-        plain = {k: v * B * H for k, v in plain_flash(n + N_TEXT, N_k, D, 2, tiles[0]).items()}
+        ours = {k: sum(v[k] for v in per.values()) * B * H for k in ("loaded", "stored", "hbm", "flops")}
+        plain = {k: v * B * H for k, v in plain_flash(n + N_TEXT, N_k, D, 2, tiles["attn_fwd_kernel"]).items()}
         ob, pb = ours["loaded"] + ours["stored"], plain["loaded"] + plain["stored"]
         rows.append(dict(N_q=n + N_TEXT, N_k=N_k, n_query=n, K=K, flops=ours["flops"], plain_flops=plain["flops"],
                          flops_ratio=ours["flops"] / plain["flops"], bytes=ob, plain_bytes=pb, bytes_ratio=ob / pb,
-                         h100_us=max(ob / H100_BYTES_PER_S, ours["flops"] / H100_BF16_FLOPS) * 1e6,
-                         plain_h100_us=max(pb / H100_BYTES_PER_S, plain["flops"] / H100_BF16_FLOPS) * 1e6,
+                         hbm_bytes=ours["hbm"], plain_hbm_bytes=plain["hbm"],
+                         h100_us=max(ours["hbm"] / H100_HBM_BYTES_PER_S, ours["flops"] / H100_BF16_FLOPS) * 1e6,
+                         plain_h100_us=max(plain["hbm"] / H100_HBM_BYTES_PER_S, plain["flops"] / H100_BF16_FLOPS) * 1e6,
                          explicit_matrix_bytes=B * H * (n + N_TEXT) * N_k * 4))
     return rows
 
@@ -159,12 +184,13 @@ def markdown(cpu, modeled) -> str:
         else:
             out.append(f"| {r['N_q']} | {r['kind']} | {r['median_ms']:.0f} | {r['peak_extra_mb']:.0f} |")
     out += ["", f"### Modeled GPU (bf16, B={B}, H={H}, d={D}; Triton kernels vs one plain flash forward)", "",
-            "| N_q | N_k | K selected | FLOPs ratio | bytes (MB) ours / flash | modeled H100 us ours / flash "
-            "| explicit P matrix MB |",
-            "|---|---|---|---|---|---|---|"]
+            "| N_q | N_k | K selected | FLOPs ratio | issued bytes (MB) ours / flash | HBM bytes (MB) ours / flash "
+            "| predicted H100 us ours / flash (ratio) | explicit P matrix MB |",
+            "|---|---|---|---|---|---|---|---|"]
     for r in modeled:
         out.append(f"| {r['N_q']} | {r['N_k']} | {r['K']} | {r['flops_ratio']:.3f} | {r['bytes'] / 1e6:.0f} / "
-                   f"{r['plain_bytes'] / 1e6:.0f} | {r['h100_us']:.0f} / {r['plain_h100_us']:.0f} | "
+                   f"{r['plain_bytes'] / 1e6:.0f} | {r['hbm_bytes'] / 1e6:.0f} / {r['plain_hbm_bytes'] / 1e6:.0f} | "
+                   f"{r['h100_us']:.0f} / {r['plain_h100_us']:.0f} ({r['h100_us'] / r['plain_h100_us']:.2f}x) | "
                    f"{r['explicit_matrix_bytes'] / 1e6:.0f} |")
     return "\n".join(out) + "\n"
 

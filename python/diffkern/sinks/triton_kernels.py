@@ -10,13 +10,52 @@
                     Deterministic: no atomics. 2 n_query N_k d FLOPs.
   topk_kernel       one program per score row: keeps the best K_PAD packed (score, index) keys in a
                     scratch row and merges each new chunk of BLOCK - K_PAD scores into it with tl.sort.
-  suppress_kernel   one program per (BLOCK_M queries, b, h): gathers the K selected keys and values,
-                    corrects the unmasked o by their terms: 4 N_q K d FLOPs; flags each row whose correction
-                    factor is at most recompute_below(dtype) (the suppressed keys hold most of its mass).
-  recompute_kernel  one program per (BLOCK_M image queries, b, h): a tile holding a flagged row recomputes
-                    it as the masked softmax (a flash pass with the bias row added, or for the value path the
-                    selected values scaled: 4 BLOCK_M N_k d FLOPs)
-                    and rewrites its output; any other tile reads its flags and exits.
+  suppress_kernel   one program per (BLOCK_M queries, b, h), the pass that writes the output, each row once,
+                    in q's dtype: gathers the K selected keys and values and corrects the unmasked o by their
+                    terms (4 N_q K d FLOPs); a row whose correction factor is at most recompute_below(dtype)
+                    (the suppressed keys hold most of its mass) is written instead as the masked softmax, by a
+                    flash loop over every key in the same program (4 BLOCK_M N_k d FLOPs, only in tiles
+                    holding such a row); o is not read for those rows.
+
+Launch configurations: attn_fwd, col_mass and suppress go through diffkern._autotune.pick with the
+candidates of fwd_configs / col_mass_configs / suppress_configs (configs[0] is what the CPU tests run; every
+distinct candidate is in aot_specs and compiles for sm_80 and sm_90a with 0 spills). The key loops are plain
+`for` loops over tiles with the loads at the top, which Triton software-pipelines num_stages deep. No
+candidate changes a reduction's tile (the keys per online-softmax step, the queries per column-sum step).
+
+Pass structure (FLOPs 2 m n k per product; bytes: HBM, each distinct byte once; predicted H100 time
+max(bytes / 3.35 TB/s, FLOPs / 990 TFLOP/s); numbers at SD3, B=2, H=24, N_q = N_k = 4429, n = 4096 image
+queries, d = 64, bf16, from diffkern.bench.sinks.modeled_rows; one flash forward: 4 N_q N_k d = 247 GFLOP,
+110 MB, 249 us):
+  * selection in the call (per_head, head_union, bottom, anti_sink; measure and any mode with statistics,
+    which need the mass): forward (o fp32, lse, entropy, top-5) + column pass + top-k + suppress:
+    4 N_q N_k d + 2 n N_k d + 4 n K d = 1.46x one flash forward's FLOPs (K = 1 or 5; 1.48x at head-union
+    K = 120), 305 MB, predicted 364 us = 1.46x. The minimum for this path: the mass needs each image row's
+    final lse, known only after that row's whole key sweep, so its terms exp(s_ij - lse_i) need the scores
+    a second time (2 n N_k d) or kept (the bf16 score matrix, 1.9 GB written and read, 1.1 ms against 123 us
+    of recomputing it). Writing the output only after the selection (an lse-only forward, the column pass,
+    then a masked flash forward writing q's dtype once) costs 2 N_q N_k d + 2 n N_k d + 4 N_q N_k d = 1.96x,
+    +123 us, to save the fp32 o's write and read (8 N_q d bytes per (b, h), 109 MB, 32 us): so o stays fp32
+    and the correction is the pass that writes the output. This is the path the diffusers processors run
+    at every denoising step (statistics on). By the roofline it cannot meet "<= 1.3x SDPA flash" (1.46x at
+    equal efficiency; it needs these kernels to reach 1.12x SDPA flash's achieved FLOP rate, which only a GPU
+    run can show). The roofline also omits the exponentials: one per score in both passes, and an H100 does
+    ~3.9e12 per second (16 per SM per clock), so the forward's 9.4e8 take ~0.24 ms (as long as its products)
+    and the column pass's 8.7e8 take ~0.22 ms (twice its products): counting them, 1.7x (exponentials and
+    products serialised) to 1.9x (overlapped). Nor does it count the statistics' running top-5 (row_top = 5,
+    which the processors request at every call). Rebuilt from every key tile by R max-and-count passes, it
+    would take ~30 fp32 operations per score (against ~8 for the online softmax and entropy): ~0.85 ms for the
+    forward's 9.4e8 scores at an H100's ~3.3e13 non-tensor fp32 operations per second, 3.4x a flash forward.
+    Instead a key tile costs a per-row check unless some row holds a logit above its 5th largest so far, and
+    then ~4 + 6 s operations per score for the s distinct values taken (s <= 5, the most any row of the tile
+    takes): with i.i.d. logits a row's top-5 changes ~5/t times in its t-th tile, so s is ~1-3 after the first
+    tiles; with concentrated rows (sinks, local attention) most tiles are skipped. A GPU run at SD3 must tell.
+  * selection independent of the mass (mode "random", or indices given to torch.ops.diffkern.sink_suppress)
+    without statistics: the minimum is one flash forward with the selected keys' bias in the logits, 1.0x +
+    4 N_q K d, which meets 1.3x; today these run the same three passes (sink_attention_fwd returns the mass),
+    1.46x: a forward op taking the indices is not built.
+  * nothing suppressed (measure, k_sink = 0) without statistics: the minimum is one flash forward, 1.0x;
+    today 1.46x plus the cast of the fp32 o to q's dtype, for the same reason.
 """
 from __future__ import annotations
 
@@ -27,7 +66,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _dot, _dtypes, _triton
+from .. import _autotune, _dot, _dtypes, _triton
+from .._autotune import Config
 from .._dot import dot
 from .._triton import KernelSpec
 from .reference import recompute_below, suppression_weights
@@ -46,12 +86,37 @@ def tiles(d: int, dtype: torch.dtype) -> tuple[int, int, int]:
     return (TILES_F32 if dtype == torch.float32 else TILES)[block_d(d)]
 
 
-def recompute_tiles(d: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of recompute_kernel: at most half the flash tile's height and 32 keys wide, since
-    its online softmax also carries the bias row and the tracked key's probability (the flash tiles spill
-    on sm_80/sm_90a)."""
+def suppress_tiles(d: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of suppress_kernel: at most half the flash tile's height and 32 keys wide, since a
+    tile holding a flagged row runs the masked online softmax, which also carries the bias row and the tracked
+    key's probability (the flash tiles spill there on sm_80/sm_90a)."""
     bm, bn, _ = tiles(d, dtype)
     return max(16, bm // 2), min(bn, 32)
+
+
+def fwd_configs(d: int, dtype: torch.dtype) -> list[Config]:
+    """attn_fwd_kernel's candidates: configs[0] the flash tile above (what the CPU tests run), the same with
+    one more and one fewer pipeline stage, and for 16-bit inputs a twice-taller tile on 8 warps (for fp32 that
+    tile spills on sm_80/sm_90a: tf32x3 holds three splits of each operand). BLOCK_N, the keys each
+    online-softmax step reduces, is the same in all, so every candidate adds each row's terms in the same order."""
+    bm, bn, warps = tiles(d, dtype)
+    taller = [] if dtype == torch.float32 else [Config({"BLOCK_M": 2 * bm, "BLOCK_N": bn}, 8, 3)]
+    return [Config({"BLOCK_M": bm, "BLOCK_N": bn}, warps, stages) for stages in (3, 4, 2)] + taller
+
+
+def col_mass_configs(d: int, dtype: torch.dtype) -> list[Config]:
+    """col_mass_kernel's candidates: BLOCK_N (the keys a program owns) varies, BLOCK_M (the image queries each
+    step of a column's sum adds) does not, so every candidate sums each column in the same order."""
+    bm, bn, warps = tiles(d, dtype)
+    return [Config({"BLOCK_M": bm, "BLOCK_N": bn}, warps, 3), Config({"BLOCK_M": bm, "BLOCK_N": 2 * bn}, 8, 3),
+            Config({"BLOCK_M": bm, "BLOCK_N": bn}, warps, 4)]
+
+
+def suppress_configs(d: int, dtype: torch.dtype) -> list[Config]:
+    """suppress_kernel's candidates: its tile (suppress_tiles) with 2 or 3 pipeline stages for the flagged
+    tiles' key loop."""
+    bm, bn = suppress_tiles(d, dtype)
+    return [Config({"BLOCK_M": bm, "BLOCK_N": bn}, tiles(d, dtype)[2], stages) for stages in (3, 2)]
 
 
 SEL_BLOCK = 16  # selected keys per correction step (tl.dot's minimum width)
@@ -80,9 +145,8 @@ def _load_cols(base, cols, n, stride_n, dd, d):
 @triton.jit
 def _merge_top(top, s, R: tl.constexpr, R_PAD: tl.constexpr):
     """The R largest of each row of the running top [BLOCK_M, R_PAD] (descending in slots < R, -inf in the
-    rest) and the tile s [BLOCK_M, BLOCK_N], descending, ties counted separately: R steps, each taking the
-    largest value below the last one taken and filling as many slots as it occurs (reductions only: no
-    modified copy of the tile is held)."""
+    rest) and s [BLOCK_M, n] (a tile's candidates, from _tile_top), descending, ties counted separately: R
+    steps, each taking the largest value below the last one taken and filling as many slots as it occurs."""
     slots = tl.arange(0, R_PAD)[None, :]
     new = tl.full(top.shape, float("-inf"), tl.float32)
     prev = tl.full([top.shape[0]], float("inf"), tl.float32)
@@ -94,6 +158,28 @@ def _merge_top(top, s, R: tl.constexpr, R_PAD: tl.constexpr):
         new = tl.where((slots >= filled[:, None]) & (slots < (filled + count)[:, None]) & (slots < R), mx[:, None], new)
         filled += count
         prev = mx
+    return new
+
+
+@triton.jit
+def _tile_top(s, kth, R: tl.constexpr, R_PAD: tl.constexpr):
+    """[BLOCK_M, R_PAD]: the R largest values above kth [BLOCK_M] of each row of the tile s [BLOCK_M, BLOCK_N],
+    descending, ties counted separately, -inf past them. One max-and-count step per distinct value taken, run
+    only while some row of the tile has a value left to take (in most tiles one or none)."""
+    slots = tl.arange(0, R_PAD)[None, :]
+    c = tl.where(s > kth[:, None], s, float("-inf"))
+    left = tl.minimum(tl.sum((c > float("-inf")).to(tl.int32), 1), R)
+    new = tl.full([s.shape[0], R_PAD], float("-inf"), tl.float32)
+    prev = tl.full([s.shape[0]], float("inf"), tl.float32)
+    filled = tl.zeros([s.shape[0]], tl.int32)
+    for _ in tl.static_range(R):
+        if tl.max(left - filled, 0) > 0:
+            mx = tl.max(tl.where(c < prev[:, None], c, float("-inf")), 1)
+            count = tl.where(mx > float("-inf"), tl.sum((c == mx[:, None]).to(tl.int32), 1), 0)
+            new = tl.where((slots >= filled[:, None]) & (slots < (filled + count)[:, None]) & (slots < R),
+                           mx[:, None], new)
+            filled += count
+            prev = mx
     return new
 
 
@@ -120,7 +206,8 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ent_ptr, top_ptr, H, N_
         col_ok = (cols < N_k)[None, :]
         s = dot(q, _load_cols(k_base, cols, N_k, sk_n, dd, d), DOT_F32, PRECISION) * scale
         s = tl.where(col_ok, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
+        tile_max = tl.max(s, 1)
+        m_new = tl.maximum(m, tile_max)
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
@@ -129,7 +216,12 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ent_ptr, top_ptr, H, N_
             acc = acc * alpha[:, None] + dot(p, v, DOT_F32, PRECISION)
             t = t * alpha + tl.sum(p * tl.where(col_ok, s, 0.0), 1)
         if ROW_TOP > 1:
-            top = _merge_top(top, s, ROW_TOP, R_PAD)
+            # only a logit above the row's R-th largest so far can enter its top: a tile where no row holds one
+            # is skipped (a per-row check), else its few such values are taken (_tile_top, ~6 operations per
+            # score and step) and merged with the running top (R_PAD-wide, not BLOCK_N-wide); exact either way
+            kth = tl.max(tl.where(tl.arange(0, R_PAD)[None, :] == ROW_TOP - 1, top, float("-inf")), 1)
+            if tl.max((tile_max > kth).to(tl.int32), 0) > 0:
+                top = _merge_top(top, _tile_top(s, kth, ROW_TOP, R_PAD), ROW_TOP, R_PAD)
         m = m_new
     lse = m + tl.log(l)
     row_ok = rows < N_q
@@ -228,10 +320,11 @@ def _masked_rows(q, k_base, v_base, key_row, j0, N_k, d, sk_n, sv_n, dd, scale,
 
 
 @triton.jit
-def suppress_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, out_ptr, post_ptr, flag_ptr, H, N_q, N_k, n_rows, K,
-                    d, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, si_b, si_h, scale, a, w, wd, g,
-                    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, RECOMPUTE: tl.constexpr):
+def suppress_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, row_ptr, out_ptr, post_ptr, H, N_q, N_k, n_rows, K,
+                    d, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, si_b, si_h, sb_b, sb_h, scale, a, w, wd, g,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, RECOMPUTE: tl.constexpr,
+                    RENORMALIZE: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -239,63 +332,50 @@ def suppress_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, out_ptr, post_
     dd = tl.arange(0, BLOCK_D)
     row_ok, fix = rows < N_q, rows < n_rows
     tile_mask = row_ok[:, None] & (dd < d)[None, :]
+    k_base, v_base = k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h
+    q = _load_rows(q_ptr + b * sq_b + h * sq_h, rows, n_rows, sq_n, dd, d)  # no lane past n_rows loads
     c = tl.zeros([BLOCK_M], tl.float32)  # sum_S P
     p0 = tl.zeros([BLOCK_M], tl.float32)  # P of the first selected key
     u = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # sum_S P v
     if pid_m * BLOCK_M < n_rows:
-        q = _load_rows(q_ptr + b * sq_b + h * sq_h, rows, n_rows, sq_n, dd, d)
         lse = tl.load(lse_ptr + bh * N_q + rows, mask=fix, other=0.0)
         for s0 in range(0, K, BLOCK_S):
             sel = s0 + tl.arange(0, BLOCK_S)
             sel_ok = sel < K
             j = tl.load(idx_ptr + b * si_b + h * si_h + sel, mask=sel_ok, other=0)
             sel_ok = sel_ok & (j >= 0) & (j < N_k)  # an index out of range (unchecked under capture) selects nothing
-            kt = tl.load(k_ptr + b * sk_b + h * sk_h + j[None, :] * sk_n + dd[:, None],
-                         mask=sel_ok[None, :] & (dd < d)[:, None], other=0.0)
+            kt = tl.load(k_base + j[None, :] * sk_n + dd[:, None], mask=sel_ok[None, :] & (dd < d)[:, None], other=0.0)
             s = dot(q, kt, DOT_F32, PRECISION) * scale
             p = tl.where(fix[:, None] & sel_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
-            vs = tl.load(v_ptr + b * sv_b + h * sv_h + j[:, None] * sv_n + dd[None, :],
-                         mask=sel_ok[:, None] & (dd < d)[None, :], other=0.0)
+            vs = tl.load(v_base + j[:, None] * sv_n + dd[None, :], mask=sel_ok[:, None] & (dd < d)[None, :], other=0.0)
             c += tl.sum(p, 1)
             p0 += tl.sum(tl.where((sel == 0)[None, :], p, 0.0), 1)
             u += dot(p, vs, DOT_F32, PRECISION)
     denom = a - wd * c  # (a, w, wd, g): reference.suppression_weights
+    # 1 / that factor amplifies the rounding (sinks_math.h): such a row is recomputed below instead
+    exact = fix & (a - w * c <= RECOMPUTE * a)
+    denom = tl.where(exact | (rows >= n_rows), 1.0, denom)  # no 0/0 in a row that is not corrected
     # o is read only now, after the loop: holding it through the loop spills at head_dim 128
     o_offs = (bh * N_q + rows[:, None]) * d + dd[None, :]
-    o = tl.load(o_ptr + o_offs, mask=tile_mask, other=0.0)
-    exact = fix & (a - w * c <= RECOMPUTE * a)  # 1 / that factor amplifies the rounding (sinks_math.h)
-    denom = tl.where(exact | (rows >= n_rows), 1.0, denom)  # recompute_kernel rewrites those rows: no 0/0 on the way
+    o = tl.load(o_ptr + o_offs, mask=tile_mask & ~exact[:, None], other=0.0)
     fixed = tl.where(fix[:, None], (a * o - w * u) / denom[:, None], o)  # rows >= n_rows: o itself
-    tl.store(out_ptr + o_offs, fixed.to(out_ptr.dtype.element_ty), mask=tile_mask)
-    tl.store(post_ptr + bh * n_rows + rows, g * p0 / denom, mask=fix)
-    tl.store(flag_ptr + bh * n_rows + rows, exact.to(tl.int8), mask=fix)
-
-
-@triton.jit
-def recompute_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, row_ptr, flag_ptr, out_ptr, post_ptr, H, N_q, N_k, n_rows, d,
-                     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, si_b, si_h, sb_b, sb_h, scale,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, RENORMALIZE: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    fix = rows < n_rows
-    exact = tl.load(flag_ptr + bh * n_rows + rows, mask=fix, other=0) != 0
-    if tl.max(exact.to(tl.int32), 0) > 0:
-        dd = tl.arange(0, BLOCK_D)
-        q = _load_rows(q_ptr + b * sq_b + h * sq_h, rows, n_rows, sq_n, dd, d)
-        masked, post = _masked_rows(q, k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h,
-                                    row_ptr + b * sb_b + h * sb_h, tl.load(idx_ptr + b * si_b + h * si_h), N_k, d,
-                                    sk_n, sv_n, dd, scale, BLOCK_M, BLOCK_N, BLOCK_D, DOT_F32, PRECISION,
-                                    RENORMALIZE)
-        o_offs = (bh * N_q + rows[:, None]) * d + dd[None, :]
+    tl.store(out_ptr + o_offs, fixed.to(out_ptr.dtype.element_ty), mask=tile_mask & ~exact[:, None])
+    tl.store(post_ptr + bh * n_rows + rows, g * p0 / denom, mask=fix & ~exact)
+    if tl.max(exact.to(tl.int32), 0) > 0:  # the same pass writes the flagged rows, as the masked softmax
+        j0 = tl.load(idx_ptr + b * si_b + h * si_h)
+        masked, post = _masked_rows(q, k_base, v_base, row_ptr + b * sb_b + h * sb_h, j0, N_k, d, sk_n, sv_n, dd,
+                                    scale, BLOCK_M, BLOCK_N, BLOCK_D, DOT_F32, PRECISION, RENORMALIZE)
         tl.store(out_ptr + o_offs, masked.to(out_ptr.dtype.element_ty), mask=exact[:, None] & (dd < d)[None, :])
         tl.store(post_ptr + bh * n_rows + rows, post, mask=exact)
 
 
 def _bh_strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _shape_key(dtype, *sizes) -> tuple:
+    """The autotuning key: the dtype and each size rounded up to a power of two."""
+    return (str(dtype), *(triton.next_power_of_2(max(n, 1)) for n in sizes))
 
 
 def _fwd(q, k, v, n_query, scale, row_top=0):
@@ -309,19 +389,23 @@ def _fwd(q, k, v, n_query, scale, row_top=0):
     top = _triton.empty((B, H, N_q, row_top), torch.float32, dev)
     if B * H * N_q == 0:
         return o, lse, mass.zero_(), ent, top
-    bd = block_d(d)
-    bm, bn, warps = tiles(d, q.dtype)
-    meta = dict(BLOCK_D=bd, **_dot.dot_meta(q.dtype), num_warps=warps,
-                maxnreg=_triton.register_budget(warps))
+    fixed = dict(BLOCK_D=block_d(d), **_dot.dot_meta(q.dtype))
     vv = v if v is not None else k
-    attn_fwd_kernel[(triton.cdiv(N_q, bm), B * H)](
-        q, k, vv, o if o is not None else lse, lse, ent if ent is not None else lse, top if row_top else lse, H, N_q,
-        N_k, d, *_bh_strides(q), *_bh_strides(k), *_bh_strides(vv), scale,
-        BLOCK_M=bm, BLOCK_N=bn, HAS_V=v is not None, ROW_TOP=row_top, R_PAD=triton.next_power_of_2(max(row_top, 1)),
-        **meta)
-    col_mass_kernel[(triton.cdiv(N_k, bn), B * H)](
-        q, k, lse, mass, H, N_q, N_k, n_query, d, *_bh_strides(q), *_bh_strides(k), scale, 1.0 / max(n_query, 1),
-        BLOCK_M=bm, BLOCK_N=bn, **meta)
+
+    def attn(config):
+        return attn_fwd_kernel[(triton.cdiv(N_q, config.constexprs["BLOCK_M"]), B * H)](
+            q, k, vv, o if o is not None else lse, lse, ent if ent is not None else lse, top if row_top else lse, H,
+            N_q, N_k, d, *_bh_strides(q), *_bh_strides(k), *_bh_strides(vv), scale, HAS_V=v is not None,
+            ROW_TOP=row_top, R_PAD=triton.next_power_of_2(max(row_top, 1)), **fixed, **config.meta())
+
+    def col(config):
+        return col_mass_kernel[(triton.cdiv(N_k, config.constexprs["BLOCK_N"]), B * H)](
+            q, k, lse, mass, H, N_q, N_k, n_query, d, *_bh_strides(q), *_bh_strides(k), scale,
+            1.0 / max(n_query, 1), **fixed, **config.meta())
+    attn(_autotune.pick("sinks.attn_fwd_kernel", (*_shape_key(q.dtype, N_q, N_k, d), v is not None, row_top),
+                        fwd_configs(d, q.dtype), attn))
+    col(_autotune.pick("sinks.col_mass_kernel", _shape_key(q.dtype, n_query, N_k, d), col_mass_configs(d, q.dtype),
+                       col))
     return o, lse, mass, ent, top
 
 
@@ -359,8 +443,8 @@ def sink_topk(score, k, largest):
 
 
 def sink_suppress(q, k, v, o, lse, idx, n_rows, scale, bias, renormalize=True):
-    """Launches suppress_kernel, then recompute_kernel for its flagged rows: (out [B, H, N_q, d] in q's dtype,
-    post [B, H, n_rows] fp32)."""
+    """Launches suppress_kernel, which writes every output row once: corrected, or recomputed where flagged:
+    (out [B, H, N_q, d] in q's dtype, post [B, H, n_rows] fp32)."""
     B, H, N_q, d = q.shape
     N_k, K = k.shape[2], idx.shape[2]
     out = _triton.empty((B, H, N_q, d), q.dtype, q.device)
@@ -368,69 +452,75 @@ def sink_suppress(q, k, v, o, lse, idx, n_rows, scale, bias, renormalize=True):
     if B * H * N_q == 0:
         return out, post
     a, w, wd, g = suppression_weights(bias, K, N_k, renormalize)
-    bd = block_d(d)
-    bm, _, warps = tiles(d, q.dtype)
-    si_h = idx.stride(1) if idx.shape[1] > 1 else 0
-    flags = torch.empty((B, H, n_rows), dtype=torch.int8, device=q.device)
-    common = dict(BLOCK_D=bd, **_dot.dot_meta(q.dtype), num_warps=warps,
-                  maxnreg=_triton.register_budget(warps))
-    suppress_kernel[(triton.cdiv(N_q, bm), B * H)](
-        q, k, v, o, lse, idx, out, post, flags, H, N_q, N_k, n_rows, K, d, *_bh_strides(q), *_bh_strides(k),
-        *_bh_strides(v), idx.stride(0), si_h, scale, a, w, wd, g, BLOCK_M=bm, BLOCK_S=SEL_BLOCK,
-        RECOMPUTE=recompute_below(q.dtype), **common)
-    if n_rows and w != 0.0:  # w = 0: no row is changed, none flagged
-        G = idx.shape[1]
+    G = idx.shape[1]
+    si_h = idx.stride(1) if G > 1 else 0
+    row = lse  # read by no program when no row can be flagged (w = 0: every row keeps its attention)
+    if n_rows and w != 0.0:
         # the selected keys' bias row (renormalize) or value factors (value path: e^bias, 1 elsewhere), read
         # only by tiles that recompute a row (no host sync decides that); an out-of-range index (unchecked
-        # under capture) changes no key, as in suppress_kernel
+        # under capture) changes no key, as in the correction
         neutral, change = (0.0, bias) if renormalize else (1.0, math.exp(bias))
         in_range = (idx >= 0) & (idx < N_k)
         row = torch.full((B, G, N_k), neutral, dtype=torch.float32, device=q.device).scatter_reduce_(
             -1, idx.clamp(0, N_k - 1), torch.where(in_range, change, neutral).float(),
             "amin" if change <= neutral else "amax")
-        rm, rn = recompute_tiles(d, q.dtype)
-        recompute_kernel[(triton.cdiv(n_rows, rm), B * H)](
-            q, k, v, idx, row, flags, out, post, H, N_q, N_k, n_rows, d, *_bh_strides(q), *_bh_strides(k),
-            *_bh_strides(v), idx.stride(0), si_h, G * N_k, N_k if G > 1 else 0, scale, BLOCK_M=rm, BLOCK_N=rn,
-            RENORMALIZE=renormalize, **common)
+
+    def launch(config):
+        return suppress_kernel[(triton.cdiv(N_q, config.constexprs["BLOCK_M"]), B * H)](
+            q, k, v, o, lse, idx, row, out, post, H, N_q, N_k, n_rows, K, d, *_bh_strides(q), *_bh_strides(k),
+            *_bh_strides(v), idx.stride(0), si_h, G * N_k, N_k if G > 1 else 0, scale, a, w, wd, g,
+            BLOCK_S=SEL_BLOCK, BLOCK_D=block_d(d), RECOMPUTE=recompute_below(q.dtype), RENORMALIZE=renormalize,
+            **_dot.dot_meta(q.dtype), **config.meta())
+    launch(_autotune.pick("sinks.suppress_kernel", (*_shape_key(q.dtype, N_q, N_k, d), K), suppress_configs(d, q.dtype),
+                          launch))
     return out, post
 
 
+def _spec(kernel, signature, fixed, config, ty, d, tags) -> KernelSpec:
+    c = {**fixed, **config.constexprs}
+    name = f"{kernel.__name__}[{ty},d={d}," + ",".join(f"{k}={v}" for k, v in c.items()) + f",warps={config.num_warps}]"
+    return KernelSpec(name, kernel, signature, c, config.num_warps, _triton.register_budget(config.num_warps), tags)
+
+
+def _distinct(configs) -> list[Config]:
+    """The configurations that compile differently (KernelSpec has no num_stages: those differing only in it
+    compile alike)."""
+    seen = {}
+    for c in configs:
+        seen.setdefault((tuple(c.constexprs.items()), c.num_warps), c)
+    return list(seen.values())
+
+
 def aot_specs() -> list[KernelSpec]:
-    """The launch configurations of head_dim 64 and 128 per dtype (the forward without and with the statistics'
-    row_top = 5), and the top-k kernel for K up to MAX_TOPK."""
+    """Every candidate configuration of head_dim 64 and 128 per dtype (the forward without and with the
+    statistics' row_top = 5; the suppression renormalising or scaling values), and the top-k kernel for K up
+    to MAX_TOPK."""
     specs = []
     strides = {f"s{x}_{y}": "i64" for x in ("q", "k", "v") for y in ("b", "h", "n")}
     dims = {"H": "i32", "N_q": "i32", "N_k": "i32", "d": "i32"}
     for dtype, d in itertools.product((torch.bfloat16, torch.float16, torch.float32), (64, 128)):
         ty = _triton.TRITON_DTYPE[dtype]
-        bd = block_d(d)
-        bm, bn, warps = tiles(d, dtype)
-        common = {"BLOCK_D": bd, "DOT_F32": dtype == torch.float32, "PRECISION": "tf32x3"}
+        common = {"BLOCK_D": block_d(d), "DOT_F32": dtype == torch.float32, "PRECISION": "tf32x3"}
         tags = {"dtype": _dtypes.name(dtype), "head_dim": d}
         qkv = {"q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "v_ptr": f"*{ty}"}
-        recompute = ({**qkv, "idx_ptr": "*i64", "row_ptr": "*fp32", "flag_ptr": "*i8", "out_ptr": f"*{ty}",
-                      "post_ptr": "*fp32", **dims, "n_rows": "i32", **strides, "si_b": "i64", "si_h": "i64",
-                      "sb_b": "i64", "sb_h": "i64", "scale": "fp32"},
-                     dict(zip(("BLOCK_M", "BLOCK_N"), recompute_tiles(d, dtype))))
         fwd = {**qkv, "o_ptr": "*fp32", "lse_ptr": "*fp32", "ent_ptr": "*fp32", "top_ptr": "*fp32", **dims, **strides,
                "scale": "fp32"}
-        for kernel, signature, constexprs in (
-                *((attn_fwd_kernel, fwd, {"BLOCK_M": bm, "BLOCK_N": bn, "HAS_V": True, "ROW_TOP": r,
-                                          "R_PAD": triton.next_power_of_2(max(r, 1))}) for r in (5, 0)),
-                (col_mass_kernel, {"q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "lse_ptr": "*fp32", "mass_ptr": "*fp32",
-                                   **dims, "n_query": "i32", **{s: "i64" for s in list(strides)[:6]},
-                                   "scale": "fp32", "inv_n_query": "fp32"}, {"BLOCK_M": bm, "BLOCK_N": bn}),
-                (suppress_kernel, {**qkv, "o_ptr": "*fp32", "lse_ptr": "*fp32", "idx_ptr": "*i64", "out_ptr": f"*{ty}",
-                                   "post_ptr": "*fp32", "flag_ptr": "*i8", **dims, "n_rows": "i32", "K": "i32",
-                                   **strides, "si_b": "i64", "si_h": "i64", "scale": "fp32", "a": "fp32", "w": "fp32",
-                                   "wd": "fp32", "g": "fp32"},
-                 {"BLOCK_M": bm, "BLOCK_S": SEL_BLOCK, "RECOMPUTE": recompute_below(dtype)}),
-                (recompute_kernel, recompute[0], {**recompute[1], "RENORMALIZE": True}),
-                (recompute_kernel, recompute[0], {**recompute[1], "RENORMALIZE": False})):
-            c = {**common, **constexprs}
-            name = f"{kernel.__name__}[{ty},d={d}," + ",".join(f"{k}={v}" for k, v in c.items()) + "]"
-            specs.append(KernelSpec(name, kernel, signature, c, warps, _triton.register_budget(warps), tags))
+        col = {"q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "lse_ptr": "*fp32", "mass_ptr": "*fp32", **dims, "n_query": "i32",
+               **{s: "i64" for s in list(strides)[:6]}, "scale": "fp32", "inv_n_query": "fp32"}
+        sup = {**qkv, "o_ptr": "*fp32", "lse_ptr": "*fp32", "idx_ptr": "*i64", "row_ptr": "*fp32", "out_ptr": f"*{ty}",
+               "post_ptr": "*fp32", **dims, "n_rows": "i32", "K": "i32", **strides, "si_b": "i64", "si_h": "i64",
+               "sb_b": "i64", "sb_h": "i64", "scale": "fp32", "a": "fp32", "w": "fp32", "wd": "fp32", "g": "fp32"}
+        for config in _distinct(fwd_configs(d, dtype)):
+            for r in (5, 0):
+                fixed = {**common, "HAS_V": True, "ROW_TOP": r, "R_PAD": triton.next_power_of_2(max(r, 1))}
+                specs.append(_spec(attn_fwd_kernel, fwd, fixed, config, ty, d, tags))
+        for config in _distinct(col_mass_configs(d, dtype)):
+            specs.append(_spec(col_mass_kernel, col, common, config, ty, d, tags))
+        for config in _distinct(suppress_configs(d, dtype)):
+            for renormalize in (True, False):
+                fixed = {**common, "BLOCK_S": SEL_BLOCK, "RECOMPUTE": recompute_below(dtype),
+                         "RENORMALIZE": renormalize}
+                specs.append(_spec(suppress_kernel, sup, fixed, config, ty, d, tags))
     for k_pad, largest in itertools.product((16, 64, 256, MAX_TOPK), (True, False)):
         block, k_pad, warps = topk_config(k_pad, 4429)
         c = {"BLOCK": block, "K_PAD": k_pad, "LARGEST": largest}
