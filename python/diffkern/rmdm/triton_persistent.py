@@ -35,7 +35,8 @@ from .. import _cooperative, _triton
 from .._cooperative import grid_exit, grid_sync
 from .._triton import KernelSpec
 from .reference import N_PARAMS
-from .triton_common import TL_DTYPE, add_gated, attend, gate, gelu, layer_norm, modulate, param_ptr, param_vec
+from .triton_common import (TL_DTYPE, add_gated, attend, gate, gelu, layer_norm, modulate, param_ptr, param_vec,
+                            sample_mod_rows)
 
 MAX_ROWS, MAX_D = 512, 256
 PARTIALS_BUDGET = 16 << 20  # bytes of the MLP's partial sums [PB, N, d] fp32, to stay well inside L2
@@ -90,12 +91,6 @@ def _times(a, w):
 
 
 @triton.jit
-def _mod_rows(mod_ptr, rows, kb, K, T, D):
-    """Per token row, the pointer to its sample's [6, D] adaLN block of block kb."""
-    return mod_ptr + ((rows // T).to(tl.int64) * K + kb)[:, None] * 6 * D
-
-
-@triton.jit
 def _norm_rows(h_ptr, u_ptr, w, b, mod_ptr, kb, K, N, T, D, eps, SHIFT: tl.constexpr, HAS_MOD: tl.constexpr,
                BLOCK_D: tl.constexpr, BT: tl.constexpr):
     """u = LN(h) w + b (then adaLN's modulation) for all N rows."""
@@ -106,7 +101,7 @@ def _norm_rows(h_ptr, u_ptr, w, b, mod_ptr, kb, K, N, T, D, eps, SHIFT: tl.const
         m = (rows < N)[:, None] & cm[None, :]
         u = layer_norm(_load_rows(h_ptr, rows, rows < N, D, cols, cm), w, b, cm, D, eps)
         if HAS_MOD:
-            u = modulate(u, _mod_rows(mod_ptr, rows, kb, K, T, D), SHIFT, cols[None, :], m, D)
+            u = modulate(u, sample_mod_rows(mod_ptr, rows, kb, K, T, D), SHIFT, cols[None, :], m, D)
         tl.store(u_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], u, mask=m)
 
 
@@ -115,7 +110,7 @@ def _add_gated(h_ptr, y, rows, rm, rd, rdm, mod_ptr, kb, K, T, D, state_ptr, WRI
                HAS_MOD: tl.constexpr, DT: tl.constexpr):
     """add_gated on a row tile's RD columns, with each row's own sample's gate (y: [BT, RD] fp32)."""
     om = rm[:, None] & rdm[None, :]
-    g = gate(_mod_rows(mod_ptr, rows, kb, K, T, D), PART, rd[None, :], om, D, HAS_MOD)
+    g = gate(sample_mod_rows(mod_ptr, rows, kb, K, T, D), PART, rd[None, :], om, D, HAS_MOD)
     add_gated(h_ptr, state_ptr, rows[:, None].to(tl.int64) * D + rd[None, :], om, g, y, WRITE_STATE, DT)
 
 
