@@ -22,8 +22,8 @@
     so any launch may be repeated, which autotuning does); u, qkv, ctx and g are stored in the inputs' dtype,
     the products' operand dtype. Every product goes through diffkern._dot: bf16/fp16 operands on tensor cores
     with fp32 accumulation, tf32x3 (or tf32 under torch's "high" matmul precision) for fp32 inputs, fp32
-    "ieee" under the interpreter. Launch configurations: `diffkern._autotune.pick` over LINEAR_CONFIGS,
-    ATTENTION_CONFIGS and norm_configs (configs[0] under the interpreter and with DIFFKERN_AUTOTUNE=0).
+    "ieee" under the interpreter. Launch configurations: `diffkern._autotune.pick` over linear_configs,
+    attention_configs and norm_configs (configs[0] under the interpreter and with DIFFKERN_AUTOTUNE=0).
     Large batches and d = 512 run here: at the Sudoku shape B=64 (5184 rows) a product has 81 x 24 tiles.
 """
 from __future__ import annotations
@@ -42,11 +42,31 @@ from .triton_common import TL_DTYPE, gate, gelu, layer_norm, modulate, sample_mo
 MAX_D, MAX_T = 512, 256
 STORE, GELU, RESIDUAL = 0, 1, 2  # linear_kernel's epilogues
 # Candidates (configs[0] is what the interpreter runs): BLOCK_M x BLOCK_N output tiles reduced in BLOCK_K
-# slices. The largest tiles re-read the operands least (an output tile reads BLOCK_M + BLOCK_N rows of Kd).
-LINEAR_CONFIGS = (Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4),
-                  Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32), 8),
-                  Config(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), 4))
-ATTENTION_CONFIGS = (Config(dict(BLOCK_Q=64, BLOCK_KV=64), 4), Config(dict(BLOCK_Q=32, BLOCK_KV=32), 4))
+# slices. Larger tiles re-read the operands less (an output tile reads BLOCK_M + BLOCK_N rows of Kd); the
+# residual epilogue (state, gate and two stores beside the accumulator) and fp32 operands (tf32x3) need more
+# registers, so their lists stop at 128 x 64. configs[0] compiles without spills even where the launch cannot
+# assume 16-divisible sizes (tests/test_kernels_compile.py).
+_FIRST = Config(dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32), 4)
+_MEDIUM = (Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4), Config(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32), 8))
+_LARGE = (Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4), Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32), 8),
+          Config(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), 4))
+_ATTENTION_FIRST = Config(dict(BLOCK_Q=32, BLOCK_KV=32), 4)
+
+
+def linear_configs(dtype: torch.dtype, epilogue: int) -> tuple[Config, ...]:
+    """linear_kernel's candidates for operands of `dtype` and this epilogue."""
+    large = dtype != torch.float32 and epilogue != RESIDUAL
+    return (_FIRST, *(_LARGE if large else _MEDIUM))
+
+
+def attention_configs(dtype: torch.dtype) -> tuple[Config, ...]:
+    """attention_kernel's candidates: 32 x 32 score tiles, then for 16-bit operands 64-query tiles (fp32's tf32x3
+    products spill on sm_80 in any larger tile)."""
+    if dtype == torch.float32:
+        return (_ATTENTION_FIRST,)
+    return _ATTENTION_FIRST, Config(dict(BLOCK_Q=64, BLOCK_KV=64), 4), Config(dict(BLOCK_Q=64, BLOCK_KV=32), 4)
+
+
 NORM_ELEMENTS = (4096, 8192)  # elements of a norm program's [BLOCK_M, BLOCK_D] tile, per candidate
 
 
@@ -186,7 +206,7 @@ def _launch_linear(a, w, bias, out, epilogue, h=None, state=None, mod=None, kb=0
                                    mod if mod is not None else a, M, N, Kd, T, K, kb, int(state is not None), **meta,
                                    **cfg.meta())
     key = (str(a.dtype), triton.next_power_of_2(M), N, Kd, epilogue)
-    return launch(_autotune.pick("rmdm.linear_kernel", key, LINEAR_CONFIGS, launch))
+    return launch(_autotune.pick("rmdm.linear_kernel", key, linear_configs(a.dtype, epilogue), launch))
 
 
 def _launch_attention(qkv, ctx, B, T, heads):
@@ -197,7 +217,8 @@ def _launch_attention(qkv, ctx, B, T, heads):
     def launch(cfg: Config):
         return attention_kernel[(triton.cdiv(T, cfg.constexprs["BLOCK_Q"]), B * heads)](
             qkv, ctx, T, d, heads, dh, dh ** -0.5, **meta, **cfg.meta())
-    return launch(_autotune.pick("rmdm.attention_kernel", (str(qkv.dtype), B, T, dh), ATTENTION_CONFIGS, launch))
+    return launch(_autotune.pick("rmdm.attention_kernel", (str(qkv.dtype), B, T, dh), attention_configs(qkv.dtype),
+                                 launch))
 
 
 def recurse_tiled(x, weights, mod, n_iter, heads, eps):
@@ -225,44 +246,56 @@ def recurse_tiled(x, weights, mod, n_iter, heads, eps):
     return states.view(n_iter, B, T, d)
 
 
-def _spec(name, kernel, sig, constexprs, cfg: Config, tags) -> KernelSpec:
+def _spec(name, kernel, sig, constexprs, cfg: Config, tags, widths) -> KernelSpec:
+    """A KernelSpec with the divisibility a launch infers: every pointer and the `widths` arguments 16-divisible
+    (widths None: nothing assumed, as for a launch at odd sizes from unaligned tensors)."""
     constexprs = {**constexprs, **cfg.constexprs}
+    attrs = {} if widths is None else {n: [["tt.divisibility", 16]] for n, t in sig.items()
+                                       if t.startswith("*") or n in widths}
     sig = {**sig, **{k: "constexpr" for k in constexprs}}
+    tags = {**tags, "divisible": widths is not None}
     return KernelSpec(f"{name}[{','.join(f'{k}={v}' for k, v in tags.items())},{cfg.describe()}]", kernel, sig,
-                      constexprs, cfg.num_warps, _triton.register_budget(cfg.num_warps), tags)
+                      constexprs, cfg.num_warps, _triton.register_budget(cfg.num_warps), tags, attrs)
 
 
-def tiled_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool) -> list[KernelSpec]:
-    """Every candidate of the tiled form's three kernels at width d, head width dh, in `dtype` as a GPU runs
-    it (dot_meta outside the interpreter: 16-bit operands, or tf32x3 for fp32)."""
+def tiled_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible: bool = True) -> list[KernelSpec]:
+    """The tiled form's three kernels at width d, head width dh, in `dtype` as a GPU runs them (dot_meta outside
+    the interpreter: 16-bit operands, or tf32x3 for fp32): every candidate with the widths 16-divisible, or
+    (divisible False) each kernel's configs[0] with nothing assumed."""
     ty = _triton.TRITON_DTYPE[dtype]
     p = f"*{ty}"
     dot = {"DOT_F32": dtype == torch.float32, "PRECISION": "tf32x3"}
     tags = {"dtype": str(dtype).removeprefix("torch."), "d": d}
+
+    def cands(configs):
+        return configs if divisible else configs[:1]
     specs = []
-    for cfg in norm_configs(d):
+    for cfg in cands(norm_configs(d)):
         sig = {"h_ptr": "*fp32", "w_ptr": p, "b_ptr": p, "mod_ptr": p, "u_ptr": p,
                **{n: "i32" for n in ("M", "T", "D", "K", "kb")}, "eps": "fp32"}
         specs.append(_spec("rmdm.norm_kernel", norm_kernel, sig, {"SHIFT": 0, "HAS_MOD": has_mod}, cfg,
-                           {**tags, "HAS_MOD": has_mod}))
+                           {**tags, "HAS_MOD": has_mod}, ("D",) if divisible else None))
     for epilogue in (STORE, GELU, RESIDUAL):
         res = epilogue == RESIDUAL
         sig = {"a_ptr": p, "w_ptr": p, "bias_ptr": p, **{n: "*fp32" if res else p for n in ("out_ptr", "h_ptr")},
                "state_ptr": p, "mod_ptr": p, **{n: "i32" for n in ("M", "N", "Kd", "T", "K", "kb", "write_state")}}
-        for cfg in LINEAR_CONFIGS:
+        for cfg in cands(linear_configs(dtype, epilogue)):
             specs.append(_spec("rmdm.linear_kernel", linear_kernel, sig,
                                {"EPILOGUE": epilogue, "PART": 5, "HAS_MOD": has_mod and res, **dot}, cfg,
-                               {**tags, "EPILOGUE": epilogue, "HAS_MOD": has_mod and res}))
+                               {**tags, "EPILOGUE": epilogue, "HAS_MOD": has_mod and res},
+                               ("N", "Kd") if divisible else None))
     sig = {"qkv_ptr": p, "ctx_ptr": p, **{n: "i32" for n in ("T", "D", "H", "DH")}, "scale": "fp32"}
-    for cfg in ATTENTION_CONFIGS:
+    for cfg in cands(attention_configs(dtype)):
         specs.append(_spec("rmdm.attention_kernel", attention_kernel, sig, {**dot, "BLOCK_DH": block_dh(dh)}, cfg,
-                           {**tags, "dh": dh}))
+                           {**tags, "dh": dh}, ("D", "DH") if divisible else None))
     return specs
 
 
-# (dtype, d, head width, adaLN) of the tiled form's AOT specs: the Sudoku widths with 8 heads, every dtype.
-TILED_AOT = ((torch.bfloat16, 512, 64, True), (torch.float16, 512, 64, False), (torch.float32, 512, 64, True),
-             (torch.bfloat16, 256, 32, False))
+# (dtype, d, head width, adaLN, divisible) of the tiled form's AOT specs: the Sudoku widths with 8 heads in every
+# dtype, and configs[0] at an odd width (d = 40, 2 heads) assuming nothing.
+TILED_AOT = ((torch.bfloat16, 512, 64, True, True), (torch.float16, 512, 64, False, True),
+             (torch.float32, 512, 64, True, True), (torch.bfloat16, 256, 32, False, True),
+             (torch.bfloat16, 40, 20, True, False), (torch.float32, 40, 20, True, False))
 
 
 def aot_specs() -> list[KernelSpec]:
