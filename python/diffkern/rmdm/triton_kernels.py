@@ -168,7 +168,7 @@ def attention_kernel(qkv_ptr, ctx_ptr, T, D, H, DH, scale, DOT_F32: tl.constexpr
 
 def recurse_fwd(x, weights, mod, n_iter, heads, eps):
     """The triton backend of diffkern::rmdm_recurse: the persistent kernel where its plan allows and the device
-    accepts its cooperative launch, else the tiled one (the same states)."""
+    accepts its cooperative launch, else the tiled kernels (the same states)."""
     B, T, d = x.shape
     if d > MAX_D or T > MAX_T:
         raise ValueError(f"recurse: the triton backend runs T <= {MAX_T} and d <= {MAX_D}, got T={T}, d={d}")
@@ -179,7 +179,7 @@ def recurse_fwd(x, weights, mod, n_iter, heads, eps):
         try:
             return triton_persistent.recurse_persistent(x, weights, mod, n_iter, heads, eps, pb)
         except _cooperative.LaunchRefused as refused:  # the grid cannot be co-resident here after all
-            _cooperative.fall_back(refused, "the tiled kernel")
+            _cooperative.fall_back(refused, "the tiled kernels")
     return recurse_tiled(x, weights, mod, n_iter, heads, eps)
 
 
