@@ -111,8 +111,8 @@ def test_plan_picks_the_persistent_regime_where_the_slices_fit():
 
 def tiled_launches(K, n_iter):
     """The kernels recurse_tiled launches, in order: seven per block evaluation."""
-    return ["norm_kernel", "linear_kernel", "attention_kernel", "linear_kernel", "norm_kernel", "linear_kernel",
-            "linear_kernel"] * K * n_iter
+    norm, linear, attention = "recurse_norm_kernel", "recurse_linear_kernel", "recurse_attention_kernel"
+    return [norm, linear, attention, linear, norm, linear, linear] * K * n_iter
 
 
 def test_the_op_runs_the_kernel_the_plan_picks(monkeypatch):

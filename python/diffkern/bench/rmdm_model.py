@@ -3,12 +3,12 @@
 `tiled_launches` lists every launch of one `recurse_tiled` call with what the interpreter's TritonMonitor
 counts for it (programs, bytes of the active lanes loaded and stored) and its FLOPs, 2 m n k of every `tl.dot`
 an active program runs at the block sizes (the tensor cores compute the padded tile). Per block evaluation:
-  norm_kernel (x2)  loads the fp32 state (4 B/element), LN w and b once per program, adaLN's shift and scale
+  recurse_norm_kernel (x2)  loads the fp32 state (4 B/element), LN w and b once per program, adaLN's shift and scale
                     per row; stores u in the operand dtype
-  linear_kernel     a [M, Kd] read once per column tile, W [N, Kd] and the bias once per row tile; STORE/GELU
+  recurse_linear_kernel     a [M, Kd] read once per column tile, W [N, Kd] and the bias once per row tile; STORE/GELU
                     store [M, N] in the operand dtype; RESIDUAL loads the fp32 state and (adaLN) the gate per
                     element, stores the fp32 state and, after an iteration's last block, the output state
-  attention_kernel  each (query tile, sample, head) program loads its q rows and all T keys and values of its
+  recurse_attention_kernel  each (query tile, sample, head) program loads its q rows and all T keys and values of its
                     head; stores ctx
 The h = x copy to fp32 before the first launch is one aten op (not a Triton launch, not counted here).
 tests/test_rmdm_tiled_model.py holds the counts equal to the interpreter's at small awkward shapes.
@@ -42,7 +42,7 @@ def norm_launch(M, d, isz, has_mod, cfg: _autotune.Config) -> dict:
     programs = triton.cdiv(M, cfg.constexprs["BLOCK_M"])
     mod = 2 * M * d * isz if has_mod else 0
     loaded = M * d * 4 + programs * 2 * d * isz + mod
-    return _launch("norm_kernel", programs, loaded, M * d * isz, 0, M * d * (4 + isz) + 2 * d * isz + mod)
+    return _launch("recurse_norm_kernel", programs, loaded, M * d * isz, 0, M * d * (4 + isz) + 2 * d * isz + mod)
 
 
 def linear_launch(M, N, Kd, isz, epilogue, has_mod, write_state, cfg: _autotune.Config) -> dict:
@@ -57,7 +57,8 @@ def linear_launch(M, N, Kd, isz, epilogue, has_mod, write_state, cfg: _autotune.
     else:
         loaded, stored = operands, M * N * isz
         unique += stored
-    return _launch("linear_kernel", pm * pn, loaded, stored, pm * pn * triton.cdiv(Kd, bk) * 2 * bm * bn * bk, unique)
+    flops = pm * pn * triton.cdiv(Kd, bk) * 2 * bm * bn * bk
+    return _launch("recurse_linear_kernel", pm * pn, loaded, stored, flops, unique)
 
 
 def attention_launch(B, T, d, heads, isz, cfg: _autotune.Config) -> dict:
@@ -65,7 +66,7 @@ def attention_launch(B, T, d, heads, isz, cfg: _autotune.Config) -> dict:
     pq = triton.cdiv(T, bq)
     loaded = B * heads * (T * dh + pq * 2 * T * dh) * isz
     flops = B * heads * pq * triton.cdiv(T, bkv) * 2 * (2 * bq * bkv * tk.block_dh(dh))
-    return _launch("attention_kernel", pq * B * heads, loaded, B * T * d * isz, flops, 4 * B * T * d * isz)
+    return _launch("recurse_attention_kernel", pq * B * heads, loaded, B * T * d * isz, flops, 4 * B * T * d * isz)
 
 
 def launch_plan(B, T, d, f, heads, K, L, dtype, has_mod) -> list[tuple]:

@@ -7,14 +7,15 @@
     time is latency and weight traffic, and the tiled form's launches would each keep only a few of the
     GPU's SMs busy (at B=1, T=81 a product has 2 row tiles).
   * tiled (here): every block evaluation is seven launches, each spread over many programs:
-        norm_kernel       LN1 (+adaLN) of the B*T rows, BLOCK_M rows a program            -> u [B*T, d]
-        linear_kernel     u W_qkv^T + b_qkv, one BLOCK_M x BLOCK_N output tile a program   -> qkv [B*T, 3d]
-        attention_kernel  softmax(q k^T / sqrt(d_h)) v, flash-style over key tiles, one program per
-                          (query tile, sample, head)                                      -> ctx [B*T, d]
-        linear_kernel     h' = h + g1 (ctx W_o^T + b_o): the gated residual as epilogue
-        norm_kernel       LN2 (+adaLN)                                                    -> u
-        linear_kernel     gelu(u W_1^T + b_1): bias and gelu as epilogue                  -> g [B*T, f]
-        linear_kernel     h = h' + g2 (g W_2^T + b_2), and states[it] after an iteration's last block.
+        recurse_norm_kernel       LN1 (+adaLN) of the B*T rows, BLOCK_M rows a program     -> u [B*T, d]
+        recurse_linear_kernel     u W_qkv^T + b_qkv, a BLOCK_M x BLOCK_N output tile a program
+                                                                                      -> qkv [B*T, 3d]
+        recurse_attention_kernel  softmax(q k^T / sqrt(d_h)) v, flash-style over key tiles, one program
+                                  per (query tile, sample, head)                      -> ctx [B*T, d]
+        recurse_linear_kernel     h' = h + g1 (ctx W_o^T + b_o): the gated residual as epilogue
+        recurse_norm_kernel       LN2 (+adaLN)                                        -> u
+        recurse_linear_kernel     gelu(u W_1^T + b_1): bias and gelu as epilogue      -> g [B*T, f]
+        recurse_linear_kernel     h = h' + g2 (g W_2^T + b_2), and states[it] after an iteration's last block.
     The LayerNorm is its own launch rather than a product's prologue: a prologue would re-read the fp32 state
     (twice more for the row statistics) for every output-column tile, 3d/BLOCK_N times per row, where
     the separate norm reads it once and writes u once in the operand dtype (diffkern.bench.rmdm_model counts
@@ -37,10 +38,10 @@ from .._autotune import Config
 from .._triton import KernelSpec
 from . import triton_persistent
 from .reference import N_PARAMS
-from .triton_common import TL_DTYPE, gate, gelu, layer_norm, modulate, sample_mod_rows
+from .triton_common import gate, gelu, layer_norm, modulate, sample_mod_rows
 
 MAX_D, MAX_T = 512, 256
-STORE, GELU, RESIDUAL = 0, 1, 2  # linear_kernel's epilogues
+STORE, GELU, RESIDUAL = 0, 1, 2  # recurse_linear_kernel's epilogues
 # Candidates (configs[0] is what the interpreter runs): BLOCK_M x BLOCK_N output tiles reduced in BLOCK_K
 # slices. Larger tiles re-read the operands less (an output tile reads BLOCK_M + BLOCK_N rows of Kd); the
 # residual epilogue (state, gate and two stores beside the accumulator) and fp32 operands (tf32x3) need more
@@ -54,14 +55,14 @@ _ATTENTION_FIRST = Config(dict(BLOCK_Q=32, BLOCK_KV=32), 4)
 
 
 def linear_configs(dtype: torch.dtype, epilogue: int) -> tuple[Config, ...]:
-    """linear_kernel's candidates for operands of `dtype` and this epilogue."""
+    """recurse_linear_kernel's candidates for operands of `dtype` and this epilogue."""
     large = dtype != torch.float32 and epilogue != RESIDUAL
     return (_FIRST, *(_LARGE if large else _MEDIUM))
 
 
 def attention_configs(dtype: torch.dtype) -> tuple[Config, ...]:
-    """attention_kernel's candidates: 32 x 32 score tiles, then for 16-bit operands 64-query tiles (fp32's tf32x3
-    products spill on sm_80 in any larger tile)."""
+    """recurse_attention_kernel's candidates: 32 x 32 score tiles, then for 16-bit operands 64-query tiles
+    (fp32's tf32x3 products spill on sm_80 in any larger tile)."""
     if dtype == torch.float32:
         return (_ATTENTION_FIRST,)
     return _ATTENTION_FIRST, Config(dict(BLOCK_Q=64, BLOCK_KV=64), 4), Config(dict(BLOCK_Q=64, BLOCK_KV=32), 4)
@@ -71,18 +72,18 @@ NORM_ELEMENTS = (4096, 8192)  # elements of a norm program's [BLOCK_M, BLOCK_D] 
 
 
 def norm_configs(d: int) -> tuple[Config, ...]:
-    """norm_kernel's candidates at width d: BLOCK_M rows of BLOCK_D = next_power_of_2(d) columns."""
+    """recurse_norm_kernel's candidates at width d: BLOCK_M rows of BLOCK_D = next_power_of_2(d) columns."""
     block_d = triton.next_power_of_2(d)
     return tuple(Config(dict(BLOCK_M=max(1, n // block_d), BLOCK_D=block_d), w) for n, w in zip(NORM_ELEMENTS, (4, 8)))
 
 
 def block_dh(dh: int) -> int:
-    """attention_kernel's BLOCK_DH for head width dh (tl.dot needs >= 16)."""
+    """recurse_attention_kernel's BLOCK_DH for head width dh (tl.dot needs >= 16)."""
     return max(16, triton.next_power_of_2(dh))
 
 
 @triton.jit
-def norm_kernel(h_ptr, w_ptr, b_ptr, mod_ptr, u_ptr, M, T, D, K, kb, eps, SHIFT: tl.constexpr,
+def recurse_norm_kernel(h_ptr, w_ptr, b_ptr, mod_ptr, u_ptr, M, T, D, K, kb, eps, SHIFT: tl.constexpr,
                 HAS_MOD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """u = LN(h) w + b, then adaLN's (1 + scale) and shift of block kb when HAS_MOD, for rows
     pid * BLOCK_M ... of the fp32 state h [M, D]; u is stored in its own dtype."""
@@ -100,9 +101,10 @@ def norm_kernel(h_ptr, w_ptr, b_ptr, mod_ptr, u_ptr, M, T, D, K, kb, eps, SHIFT:
 
 
 @triton.jit
-def linear_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, h_ptr, state_ptr, mod_ptr, M, N, Kd, T, K, kb, write_state,
-                  EPILOGUE: tl.constexpr, PART: tl.constexpr, HAS_MOD: tl.constexpr, DOT_F32: tl.constexpr,
-                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def recurse_linear_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, h_ptr, state_ptr, mod_ptr, M, N, Kd, T, K, kb,
+                          write_state, EPILOGUE: tl.constexpr, PART: tl.constexpr, HAS_MOD: tl.constexpr,
+                          DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
     """y = a W^T + bias for one [BLOCK_M, BLOCK_N] tile (a [M, Kd], W [N, Kd], fp32 accumulation), then
     EPILOGUE: STORE y or GELU gelu(y) into out [M, N]; RESIDUAL: out = h + gate * y (h, out: fp32 [M, N],
     N = d; gate: adaLN's part PART of block kb, or 1) and, when write_state, out rounded into state."""
@@ -134,8 +136,9 @@ def linear_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, h_ptr, state_ptr, mod_ptr, M,
 
 
 @triton.jit
-def attention_kernel(qkv_ptr, ctx_ptr, T, D, H, DH, scale, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_DH: tl.constexpr):
+def recurse_attention_kernel(qkv_ptr, ctx_ptr, T, D, H, DH, scale, DOT_F32: tl.constexpr,
+                             PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
+                             BLOCK_DH: tl.constexpr):
     """ctx = softmax(q k^T * scale) v for query tile program_id(0) of (sample, head) program_id(1), online over
     key tiles; qkv [B*T, 3D] (q | k | v, heads contiguous in each), ctx [B*T, D], both in the operand dtype."""
     bh = tl.program_id(1)
@@ -188,10 +191,10 @@ def _launch_norm(h, u, w, b, mod, kb, K, T, eps, shift):
     meta = dict(SHIFT=shift, HAS_MOD=mod is not None)
 
     def launch(cfg: Config):
-        return norm_kernel[(triton.cdiv(M, cfg.constexprs["BLOCK_M"]),)](
+        return recurse_norm_kernel[(triton.cdiv(M, cfg.constexprs["BLOCK_M"]),)](
             h, w, b, mod if mod is not None else u, u, M, T, d, K, kb, eps, **meta, **cfg.meta())
-    return launch(_autotune.pick("rmdm.norm_kernel", (str(u.dtype), triton.next_power_of_2(M), d), norm_configs(d),
-                                 launch))
+    key = (str(u.dtype), triton.next_power_of_2(M), d)
+    return launch(_autotune.pick("recurse_norm_kernel", key, norm_configs(d), launch))
 
 
 def _launch_linear(a, w, bias, out, epilogue, h=None, state=None, mod=None, kb=0, K=1, T=1, part=0):
@@ -202,11 +205,11 @@ def _launch_linear(a, w, bias, out, epilogue, h=None, state=None, mod=None, kb=0
 
     def launch(cfg: Config):
         grid = (triton.cdiv(M, cfg.constexprs["BLOCK_M"]), triton.cdiv(N, cfg.constexprs["BLOCK_N"]))
-        return linear_kernel[grid](a, w, bias, out, h, state if state is not None else a,
-                                   mod if mod is not None else a, M, N, Kd, T, K, kb, int(state is not None), **meta,
-                                   **cfg.meta())
-    key = (str(a.dtype), triton.next_power_of_2(M), N, Kd, epilogue)
-    return launch(_autotune.pick("rmdm.linear_kernel", key, linear_configs(a.dtype, epilogue), launch))
+        return recurse_linear_kernel[grid](a, w, bias, out, h, state if state is not None else a,
+                                           mod if mod is not None else a, M, N, Kd, T, K, kb, int(state is not None),
+                                           **meta, **cfg.meta())
+    key = (str(a.dtype), triton.next_power_of_2(M), N, Kd, epilogue, mod is not None)
+    return launch(_autotune.pick("recurse_linear_kernel", key, linear_configs(a.dtype, epilogue), launch))
 
 
 def _launch_attention(qkv, ctx, B, T, heads):
@@ -215,10 +218,10 @@ def _launch_attention(qkv, ctx, B, T, heads):
     meta = dict(BLOCK_DH=block_dh(dh), **_dot.dot_meta(qkv.dtype))
 
     def launch(cfg: Config):
-        return attention_kernel[(triton.cdiv(T, cfg.constexprs["BLOCK_Q"]), B * heads)](
+        return recurse_attention_kernel[(triton.cdiv(T, cfg.constexprs["BLOCK_Q"]), B * heads)](
             qkv, ctx, T, d, heads, dh, dh ** -0.5, **meta, **cfg.meta())
-    return launch(_autotune.pick("rmdm.attention_kernel", (str(qkv.dtype), B, T, dh), attention_configs(qkv.dtype),
-                                 launch))
+    key = (str(qkv.dtype), B, T, dh)
+    return launch(_autotune.pick("recurse_attention_kernel", key, attention_configs(qkv.dtype), launch))
 
 
 def recurse_tiled(x, weights, mod, n_iter, heads, eps):
@@ -273,21 +276,22 @@ def tiled_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible: b
     for cfg in cands(norm_configs(d)):
         sig = {"h_ptr": "*fp32", "w_ptr": p, "b_ptr": p, "mod_ptr": p, "u_ptr": p,
                **{n: "i32" for n in ("M", "T", "D", "K", "kb")}, "eps": "fp32"}
-        specs.append(_spec("rmdm.norm_kernel", norm_kernel, sig, {"SHIFT": 0, "HAS_MOD": has_mod}, cfg,
+        specs.append(_spec("recurse_norm_kernel", recurse_norm_kernel, sig, {"SHIFT": 0, "HAS_MOD": has_mod}, cfg,
                            {**tags, "HAS_MOD": has_mod}, ("D",) if divisible else None))
     for epilogue in (STORE, GELU, RESIDUAL):
         res = epilogue == RESIDUAL
         sig = {"a_ptr": p, "w_ptr": p, "bias_ptr": p, **{n: "*fp32" if res else p for n in ("out_ptr", "h_ptr")},
                "state_ptr": p, "mod_ptr": p, **{n: "i32" for n in ("M", "N", "Kd", "T", "K", "kb", "write_state")}}
         for cfg in cands(linear_configs(dtype, epilogue)):
-            specs.append(_spec("rmdm.linear_kernel", linear_kernel, sig,
+            specs.append(_spec("recurse_linear_kernel", recurse_linear_kernel, sig,
                                {"EPILOGUE": epilogue, "PART": 5, "HAS_MOD": has_mod and res, **dot}, cfg,
                                {**tags, "EPILOGUE": epilogue, "HAS_MOD": has_mod and res},
                                ("N", "Kd") if divisible else None))
     sig = {"qkv_ptr": p, "ctx_ptr": p, **{n: "i32" for n in ("T", "D", "H", "DH")}, "scale": "fp32"}
     for cfg in cands(attention_configs(dtype)):
-        specs.append(_spec("rmdm.attention_kernel", attention_kernel, sig, {**dot, "BLOCK_DH": block_dh(dh)}, cfg,
-                           {**tags, "dh": dh}, ("D", "DH") if divisible else None))
+        specs.append(_spec("recurse_attention_kernel", recurse_attention_kernel, sig,
+                           {**dot, "BLOCK_DH": block_dh(dh)}, cfg, {**tags, "dh": dh},
+                           ("D", "DH") if divisible else None))
     return specs
 
 
