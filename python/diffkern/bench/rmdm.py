@@ -8,10 +8,11 @@ torch.compile compiles that same function.
 Launches and weight traffic per denoising step (`count_gpu_path`, counted by the interpreter in a child
 process, bf16): the Triton kernels' launches and the bytes they load from the weight tensors, over the
 bytes of all weights. The persistent kernel (where the op's plan picks it: B*T <= 512) reads each weight
-once per call; the tiled kernel once per 16-token tile per block evaluation; the unfused block applied
-L times reads each weight once per block evaluation (L per step, modeled: each F.linear reads its weight
-once) in one launch per dispatched op. B=64 is left out of the count (64 programs of the tiled kernel
-take too long to interpret); its tiled weight reads follow B * ceil(T/16) * L, the count a test checks.
+once per call; the tiled kernels (seven launches per block evaluation) once per row tile of each product;
+the unfused block applied L times reads each weight once per block evaluation (L per step, modeled: each
+F.linear reads its weight once) in one launch per dispatched op. B=64 is left out of the count (too slow to
+interpret); the tiled kernels' traffic at every case is modeled by diffkern.bench.rmdm_model, whose H100
+roofline (`rmdm_model.rmdm_roofline`) the report prints, with the issue's Sudoku shape (B=64, d=512).
 """
 from __future__ import annotations
 
@@ -91,9 +92,14 @@ def dispatched_ops(fn, args) -> int:
     return Count.n
 
 
+# The tiled kernels' weight arguments (LayerNorm vectors, matrices, biases); the persistent kernel reads its
+# weights through a pointer table ("tensor_table tensor #i").
+WEIGHT_OWNERS = ("argument 'w_ptr'", "argument 'b_ptr'", "argument 'bias_ptr'")
+
+
 def count_gpu_path(case: Case, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Interpreter counts (needs TRITON_INTERPRET=1) of one no-grad call per Triton kernel: launches,
-    programs, weight bytes loaded over weight bytes, and all bytes loaded and stored."""
+    """Interpreter counts (needs TRITON_INTERPRET=1) of one no-grad call per Triton form: launches, programs
+    (summed over launches), weight bytes loaded over weight bytes, and all bytes loaded and stored."""
     from .. import _triton
     from ..rmdm import triton_kernels, triton_persistent
     from ..testing.triton_monitor import TritonMonitor
@@ -110,13 +116,14 @@ def count_gpu_path(case: Case, dtype: torch.dtype = torch.bfloat16) -> dict:
     for name, run in runs.items():
         with TritonMonitor(by_tensor=True) as mon:
             run()
-        launch = mon.launches[0]
-        loaded = sum(n for owner, n in launch.loaded_by.items() if owner.startswith("tensor_table"))
+        loaded = sum(n for launch in mon.launches for owner, n in launch.loaded_by.items() if owner in WEIGHT_OWNERS
+                     or owner.startswith("tensor_table"))
         # the grid barriers' spinning on their counter depends on thread timing: left out of the totals
         spin = "argument 'sync_ptr'"
-        out[name] = dict(launches=mon.num_launches, programs=launch.programs, weight_reads=loaded / weight_bytes,
-                         bytes_loaded=mon.bytes_loaded - launch.loaded_by.get(spin, 0),
-                         bytes_stored=mon.bytes_stored - launch.stored_by.get(spin, 0))
+        out[name] = dict(launches=mon.num_launches, programs=sum(launch.programs for launch in mon.launches),
+                         weight_reads=loaded / weight_bytes,
+                         bytes_loaded=mon.bytes_loaded - sum(launch.loaded_by.get(spin, 0) for launch in mon.launches),
+                         bytes_stored=mon.bytes_stored - sum(launch.stored_by.get(spin, 0) for launch in mon.launches))
     return out
 
 
@@ -222,6 +229,7 @@ def report(quick: bool, out: str | None, warmup: int = 2, rounds: int = 7, min_s
                 md.append(f"| {c['case']} | {name}{mark} | {k['launches']} | {k['programs']} | {k['weight_reads']:.3f} "
                           f"| {k['bytes_loaded']:,} | {k['bytes_stored']:,} |")
     md += ["", *([] if counted else ["Not counted in this run: the full run counts it (make bench FULL=1).", ""])]
+    md += roofline_section()
     for case in RECURSE.cases(quick):
         x, weights = _make_args(case, torch.float32, "cpu")
         md.append(f"- {case.name}, eager (the block applied L times): {dispatched_ops(eager_recurse, (x, weights))} "
@@ -242,6 +250,21 @@ def report(quick: bool, out: str | None, warmup: int = 2, rounds: int = 7, min_s
         with open(os.path.join(out, "rmdm.md"), "w") as f:
             f.write(text)
     return text
+
+
+def roofline_section() -> list[str]:
+    """Markdown lines: the tiled kernels' modeled H100 time (diffkern.bench.rmdm_model) at its cases."""
+    from . import rmdm_model  # imports triton, which importing this report module does not
+    md = ["### Tiled kernels, modeled H100 roofline per denoising step (bench/rmdm_model.py, no adaLN)", "",
+          "Sum over launches of max(bytes / 3.35 TB/s, FLOPs / peak at the products' precision); bytes as the "
+          "interpreter counts them (every load, L2 hits included) or minimal (each tensor a launch touches, once); "
+          "each launch at its fastest candidate by the model.", "",
+          "| case | dtype | launches | GFLOP | precision | us (counted bytes) | us (minimal bytes) |",
+          "|---|---|---|---|---|---|---|"]
+    for r in rmdm_model.rmdm_roofline():
+        md.append(f"| {r['case']} | {r['dtype']} | {r['launches']} | {r['flops'] / 1e9:.1f} | {r['precision']} "
+                  f"| {r['us_best']:.0f} | {r['us_best_unique']:.0f} |")
+    return md + [""]
 
 
 def main(argv=None) -> None:

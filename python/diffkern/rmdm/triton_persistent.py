@@ -18,7 +18,7 @@ The matmuls against register-held slices are broadcast products reduced over the
 BT-row tiles sized to hold <= PRODUCT elements; they run in fp32 like every other kernel here.
 
 Regime (`plan`, used by triton_kernels.recurse_fwd): persistent when N <= MAX_ROWS (every program walks
-all N rows per stage, so large batches belong to the tiled kernel, which spreads samples over programs),
+all N rows per stage, so large batches belong to the tiled kernels, which spread rows over programs),
 d <= MAX_D, and some PB lets each program hold <= WEIGHT_BUDGET bytes of weights with K*PB <= one program
 per SM (a cooperative launch must be co-resident) and the partial sums within PARTIALS_BUDGET. At the Sudoku shape (d=256, f=1024, K=2) in bf16/fp16
 that is PB=32 (64 programs); in fp32 PB=64 (128 programs, which an H100 has and an A100 does not). At
@@ -56,7 +56,7 @@ def _held_bytes(d: int, f: int, pb: int, itemsize: int) -> int:
 
 
 def plan(n_rows: int, d: int, f: int, K: int, itemsize: int, max_programs: int) -> int | None:
-    """Programs per block for the persistent regime, or None when the call belongs to the tiled kernel."""
+    """Programs per block for the persistent regime, or None when the call belongs to the tiled kernels."""
     if n_rows > MAX_ROWS or d > MAX_D:
         return None
     pb = 1
