@@ -53,3 +53,10 @@ def test_the_sudoku_forward_is_predicted_within_a_millisecond():
     row = rmdm_model.predicted(64, 81, 512, 2048, 8, 2, 4, torch.bfloat16)
     assert row["launches"] == 7 * 2 * 4
     assert row["us_best_unique"] <= 1000
+
+
+def test_the_aten_backward_runs_three_times_the_forward_products_in_fp32():
+    """Recomputation plus both products of each forward one, at fp32's peak: 67 / 990 of bf16's roofline."""
+    row = rmdm_model.aten_backward(64, 81, 512)
+    assert row["flops"] == 3 * recurse_flops(dict(B=64, T=81, d=512, f=2048, K=2, L=4))["fwd"]
+    assert row["ratio_fp32"] == pytest.approx(990 / 67) and row["ratio_tf32"] == pytest.approx(2.0)

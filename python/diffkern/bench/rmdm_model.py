@@ -141,6 +141,22 @@ def rmdm_roofline(dtypes=(torch.bfloat16, torch.float32)) -> list[dict]:
                  **predicted(B, T, d, 4 * d, h, K, L, dt)) for B, T, d, h, K, L in CASES for dt in dtypes]
 
 
+def aten_backward(B, T, d) -> dict:
+    """At the benchmark's heads, f, K and L (bench/rmdm.py): the modeled case against the GPU backward (rmdm_recurse_bwd_cuda: ATen ops and cuBLAS): it re-runs every
+    iteration's forward and then computes both products of every forward product (bench.rmdm.block_gemms),
+    all in fp32 whatever the inputs' dtype (csrc/cpu/rmdm_recurse_bwd.cpp), so its products run at cuBLAS's
+    fp32 peak (tf32 only where torch.backends.cuda.matmul.allow_tf32 is set). FLOPs alone then bound its time
+    from below; against the bf16 roofline of the same products that bound is the ratio it cannot beat. The
+    elementwise ops between (LayerNorm, softmax and gelu backward, residual sums) only add to it."""
+    from . import rmdm  # the workload's GEMM list (rmdm imports this module lazily)
+    flops = rmdm.RECURSE.flops(rmdm._case(B, T, d))
+    total = flops["fwd"] + flops["bwd"]
+    floor = {p: 1e6 * total / H100_PEAK[p] for p in ("ieee", "tf32", "bf16")}
+    return dict(flops=total, us_fp32=floor["ieee"], us_tf32=floor["tf32"], us_bf16_roofline=floor["bf16"],
+                ratio_fp32=floor["ieee"] / floor["bf16"], ratio_tf32=floor["tf32"] / floor["bf16"])
+
+
 if __name__ == "__main__":
     for row in rmdm_roofline():
         print(row)
+    print("ATen backward, B=64 T=81 d=512 K=2 L=4:", aten_backward(64, 81, 512))
