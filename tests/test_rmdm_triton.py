@@ -82,14 +82,17 @@ def weight_loads(launch, weights) -> list[int]:
 
 @pytest.mark.parametrize("n_iter", (1, 3))
 def test_persistent_reads_each_weight_once_per_call(n_iter):
-    """The bar's count: one launch, and every byte of every weight loaded exactly once, for any n_iter."""
-    shape = (2, 19, 12, 40, 3, 2, n_iter)
+    """The bar's count: one launch, and every byte of every weight matrix and bias loaded exactly once, for any
+    n_iter; the LayerNorm vectors once per program of their block (each normalises the rows it multiplies)."""
+    shape, pb = (2, 19, 12, 40, 3, 2, n_iter), 3
     blocks, x, mod = make(shape, torch.float32, True)
     weights = weights_of(blocks)
     with TritonMonitor(by_tensor=True) as mon:
-        triton_persistent.recurse_persistent(x, weights, mod, n_iter, 3, EPS, 3)
+        triton_persistent.recurse_persistent(x, weights, mod, n_iter, 3, EPS, pb)
     assert mon.num_launches == 1
-    assert weight_loads(mon.launches[0], weights) == [w.numel() * w.element_size() for w in weights]
+    times = [pb if reference.BLOCK_PARAMS[i % len(reference.BLOCK_PARAMS)].startswith("ln") else 1
+             for i in range(len(weights))]
+    assert weight_loads(mon.launches[0], weights) == [n * w.numel() * w.element_size() for n, w in zip(times, weights)]
     assert mon.launches[0].loaded_by["argument 'x_ptr'"] == x.numel() * x.element_size()
 
 
