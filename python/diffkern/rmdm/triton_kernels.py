@@ -5,7 +5,12 @@
     grid barriers; each weight is read once per call. Chosen where `triton_persistent.plan` allows
     (B*T <= 512 tokens, d <= 256, the slices fit the co-resident programs): small batches, where the call's
     time is latency and weight traffic, and the tiled form's launches would each keep only a few of the
-    GPU's SMs busy (at B=1, T=81 a product has 2 row tiles).
+    GPU's SMs busy (at B=1, T=81 a product has 3 row tiles). By the model (diffkern.bench.rmdm_model) at
+    the Sudoku step B=1, d=256, K=2, L=4: the tiled form's roofline is about 10 us of bf16 tensor-core
+    work and traffic but 56 dependent launches (2-4 us each without a CUDA graph); the persistent kernel's
+    1.07 GFLOP of CUDA-core fp32 products take >= 16 us at 67 TFLOP/s, behind 41 grid barriers (about 1 us
+    each) in one launch. Its products grow with B*T while the tiled form's launch count does not, so
+    the two cross near a few hundred tokens, where `plan` stops (N <= 512). The GPU check measures this.
   * tiled (here): every block evaluation is seven launches, each spread over many programs:
         recurse_norm_kernel       LN1 (+adaLN) of the B*T rows, BLOCK_M rows a program     -> u [B*T, d]
         recurse_linear_kernel     u W_qkv^T + b_qkv, a BLOCK_M x BLOCK_N output tile a program
