@@ -75,6 +75,26 @@ def test_tiled_matches_the_plain_block_in_16_bit(shape, with_mod, dtype):
     run_tiled(shape, dtype, with_mod)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_tuning_runs_every_candidate_and_each_launch_can_be_repeated(dtype, monkeypatch):
+    """What pick does on a GPU: every launch runs each candidate configuration before the chosen one. The
+    launches are repeatable (a residual reads one fp32 state buffer and writes the other), so the states equal
+    a run of the chosen (last) candidates alone, and those larger tiles match the float64 oracle too."""
+    shape = (2, 19, 12, 40, 3, 2, 2)
+    blocks, x, mod = make(shape, dtype, True)
+    runs = []
+    for tune in (True, False):
+        def pick(name, key, configs, launch, tune=tune):
+            for config in configs if tune else ():
+                launch(config)
+            return configs[-1]
+        monkeypatch.setattr(triton_kernels._autotune, "pick", pick)
+        with TritonMonitor():
+            runs.append(triton_kernels.recurse_tiled(x, weights_of(blocks), mod, shape[6], shape[4], EPS))
+    assert torch.equal(runs[0], runs[1])
+    check_against_oracle(runs[1], shape, dtype, blocks, x, mod)
+
+
 def weight_loads(launch, weights) -> list[int]:
     """Bytes loaded from each weight tensor (they reach the kernel through the pointer table)."""
     return [launch.loaded_by.get(f"tensor_table tensor #{i}", 0) for i in range(len(weights))]
