@@ -11,8 +11,9 @@ over their bytes. The persistent kernel (where the op's plan picks it: B*T <= 51
 (and the LayerNorm vectors once per program); the tiled kernels (seven launches per block evaluation) once
 per row tile of each product; the unfused block applied L times reads each weight once per block evaluation
 (L per step, modeled: each F.linear reads its weight once) in one launch per dispatched op. B=64 is left
-out of the count (too slow to interpret); the tiled kernels' traffic at every case is modeled by diffkern.bench.rmdm_model, whose H100
-roofline (`rmdm_model.rmdm_roofline`) the report prints, with the issue's Sudoku shape (B=64, d=512).
+out of the count (too slow to interpret); the tiled kernels' traffic at every case is modeled by
+diffkern.bench.rmdm_model, whose H100 roofline (`rmdm_model.rmdm_roofline`) the report prints, with the
+issue's Sudoku shape (B=64, d=512).
 """
 from __future__ import annotations
 

@@ -142,12 +142,13 @@ def rmdm_roofline(dtypes=(torch.bfloat16, torch.float32)) -> list[dict]:
 
 
 def aten_backward(B, T, d) -> dict:
-    """At the benchmark's heads, f, K and L (bench/rmdm.py): the modeled case against the GPU backward (rmdm_recurse_bwd_cuda: ATen ops and cuBLAS): it re-runs every
-    iteration's forward and then computes both products of every forward product (bench.rmdm.block_gemms),
-    all in fp32 whatever the inputs' dtype (csrc/cpu/rmdm_recurse_bwd.cpp), so its products run at cuBLAS's
-    fp32 peak (tf32 only where torch.backends.cuda.matmul.allow_tf32 is set). FLOPs alone then bound its time
-    from below; against the bf16 roofline of the same products that bound is the ratio it cannot beat. The
-    elementwise ops between (LayerNorm, softmax and gelu backward, residual sums) only add to it."""
+    """At the benchmark's heads, f, K and L (bench/rmdm.py): the modeled case against the GPU backward
+    (rmdm_recurse_bwd_cuda: ATen ops and cuBLAS). It re-runs every iteration's forward and then computes both
+    products of every forward product (bench.rmdm.block_gemms), all in fp32 whatever the inputs' dtype
+    (csrc/cpu/rmdm_recurse_bwd.cpp), so its products run at cuBLAS's fp32 peak (tf32 only where
+    torch.backends.cuda.matmul.allow_tf32 is set). FLOPs alone then bound its time from below; against the
+    bf16 roofline of the same products that bound is the ratio it cannot beat. The elementwise ops between
+    (LayerNorm, softmax and gelu backward, residual sums) only add to it."""
     from . import rmdm  # the workload's GEMM list (rmdm imports this module lazily)
     flops = rmdm.RECURSE.flops(rmdm._case(B, T, d))
     total = flops["fwd"] + flops["bwd"]
