@@ -266,10 +266,12 @@ def _spec(name, kernel, sig, constexprs, cfg: Config, tags, widths) -> KernelSpe
                       constexprs, cfg.num_warps, _triton.register_budget(cfg.num_warps), tags, attrs)
 
 
-def tiled_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible: bool = True) -> list[KernelSpec]:
+def tiled_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible: bool = True,
+                products: bool = True) -> list[KernelSpec]:
     """The tiled form's three kernels at width d, head width dh, in `dtype` as a GPU runs them (dot_meta outside
     the interpreter: 16-bit operands, or tf32x3 for fp32): every candidate with the widths 16-divisible, or
-    (divisible False) each kernel's configs[0] with nothing assumed."""
+    (divisible False) each kernel's configs[0] with nothing assumed. products False leaves out
+    recurse_linear_kernel, whose compiled code does not depend on d (its widths are runtime arguments)."""
     ty = _triton.TRITON_DTYPE[dtype]
     p = f"*{ty}"
     dot = {"DOT_F32": dtype == torch.float32, "PRECISION": "tf32x3"}
@@ -283,7 +285,7 @@ def tiled_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible: b
                **{n: "i32" for n in ("M", "T", "D", "K", "kb")}, "eps": "fp32"}
         specs.append(_spec("recurse_norm_kernel", recurse_norm_kernel, sig, {"SHIFT": 0, "HAS_MOD": has_mod}, cfg,
                            {**tags, "HAS_MOD": has_mod}, ("D",) if divisible else None))
-    for epilogue in (STORE, GELU, RESIDUAL):
+    for epilogue in (STORE, GELU, RESIDUAL) if products else ():
         res = epilogue == RESIDUAL
         sig = {"a_ptr": p, "w_ptr": p, "bias_ptr": p, **{n: "*fp32" if res else p for n in ("out_ptr", "h_ptr")},
                "state_ptr": p, "mod_ptr": p, **{n: "i32" for n in ("M", "N", "Kd", "T", "K", "kb", "write_state")}}
@@ -300,11 +302,12 @@ def tiled_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible: b
     return specs
 
 
-# (dtype, d, head width, adaLN, divisible) of the tiled form's AOT specs: the Sudoku widths with 8 heads in every
-# dtype, and configs[0] at an odd width (d = 40, 2 heads) assuming nothing.
-TILED_AOT = ((torch.bfloat16, 512, 64, True, True), (torch.float16, 512, 64, False, True),
-             (torch.float32, 512, 64, True, True), (torch.bfloat16, 256, 32, False, True),
-             (torch.bfloat16, 40, 20, True, False), (torch.float32, 40, 20, True, False))
+# (dtype, d, head width, adaLN, divisible, products) of the tiled form's AOT specs: d = 512 with 8 heads in every
+# dtype; at d = 256 (head width 32) the norm and attention kernels, whose code depends on the width; configs[0]
+# at an odd width (d = 40, 2 heads) assuming nothing.
+TILED_AOT = ((torch.bfloat16, 512, 64, True, True, True), (torch.float16, 512, 64, False, True, True),
+             (torch.float32, 512, 64, True, True, True), (torch.bfloat16, 256, 32, False, True, False),
+             (torch.bfloat16, 40, 20, True, False, True), (torch.float32, 40, 20, True, False, True))
 
 
 def aot_specs() -> list[KernelSpec]:
