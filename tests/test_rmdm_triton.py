@@ -3,7 +3,8 @@
 * persistent (weight-stationary, grid barriers, programs run as threads): against the float64 plain block
   for several programs-per-block splits, including splits that leave some programs without weight rows;
   each weight tensor is loaded exactly once per call, whatever n_iter;
-* tiled: against the same oracle, and its weight reads per call for comparison;
+* tiled (seven many-program launches per block evaluation): against the same oracle in every dtype, on
+  awkward shapes (its traffic model: test_rmdm_tiled_model.py);
 * the regime `plan` and the op's dispatch between them.
 """
 import pytest
@@ -47,13 +48,51 @@ def test_persistent_matches_the_plain_block(shape, pb, with_mod, dtype):
     check_against_oracle(states, shape, dtype, blocks, x, mod)
 
 
-@pytest.mark.parametrize("with_mod", (False, True), ids=("plain", "adaln"))
-@pytest.mark.parametrize("shape", [c[0] for c in CASES] + [(1, 33, 40, 72, 2, 1, 2)], ids=ids)
-def test_tiled_matches_the_plain_block(shape, with_mod):
-    blocks, x, mod = make(shape, torch.float32, with_mod)
+# The tiled form's awkward shapes besides CASES: d = 40 (head width 20), head widths 16 and 32, T = 81 over three
+# 32-query tiles.
+TILED_SHAPES = [c[0] for c in CASES] + [(1, 33, 40, 72, 2, 1, 2), (3, 17, 48, 96, 3, 1, 2), (1, 81, 96, 160, 3, 2, 1)]
+
+
+def run_tiled(shape, dtype, with_mod):
+    blocks, x, mod = make(shape, dtype, with_mod)
     with TritonMonitor():
         states = triton_kernels.recurse_tiled(x, weights_of(blocks), mod, shape[6], shape[4], EPS)
-    check_against_oracle(states, shape, torch.float32, blocks, x, mod)
+    check_against_oracle(states, shape, dtype, blocks, x, mod)
+
+
+@pytest.mark.parametrize("with_mod", (False, True), ids=("plain", "adaln"))
+@pytest.mark.parametrize("shape", TILED_SHAPES, ids=ids)
+def test_tiled_matches_the_plain_block(shape, with_mod):
+    run_tiled(shape, torch.float32, with_mod)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("with_mod", (False, True), ids=("plain", "adaln"))
+@pytest.mark.parametrize("shape", TILED_SHAPES[-2:], ids=ids)
+def test_tiled_matches_the_plain_block_in_16_bit(shape, with_mod, dtype):
+    """16-bit storage (u, qkv, ctx, g rounded to it, as the low-precision reference rounds every op's output);
+    the products run through _dot's fp32 switch here, their 16-bit form is compiled AOT."""
+    run_tiled(shape, dtype, with_mod)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_tuning_runs_every_candidate_and_each_launch_can_be_repeated(dtype, monkeypatch):
+    """What pick does on a GPU: every launch runs each candidate configuration before the chosen one. The
+    launches are repeatable (a residual reads one fp32 state buffer and writes the other), so the states equal
+    a run of the chosen (last) candidates alone, and those larger tiles match the float64 oracle too."""
+    shape = (2, 19, 12, 40, 3, 2, 2)
+    blocks, x, mod = make(shape, dtype, True)
+    runs = []
+    for tune in (True, False):
+        def pick(name, key, configs, launch, tune=tune):
+            for config in configs if tune else ():
+                launch(config)
+            return configs[-1]
+        monkeypatch.setattr(triton_kernels._autotune, "pick", pick)
+        with TritonMonitor():
+            runs.append(triton_kernels.recurse_tiled(x, weights_of(blocks), mod, shape[6], shape[4], EPS))
+    assert torch.equal(runs[0], runs[1])
+    check_against_oracle(runs[1], shape, dtype, blocks, x, mod)
 
 
 def weight_loads(launch, weights) -> list[int]:
@@ -63,28 +102,18 @@ def weight_loads(launch, weights) -> list[int]:
 
 @pytest.mark.parametrize("n_iter", (1, 3))
 def test_persistent_reads_each_weight_once_per_call(n_iter):
-    """The bar's count: one launch, and every byte of every weight loaded exactly once, for any n_iter."""
-    shape = (2, 19, 12, 40, 3, 2, n_iter)
+    """The bar's count: one launch, and every byte of every weight matrix and bias loaded exactly once, for any
+    n_iter; the LayerNorm vectors once per program of their block (each normalises the rows it multiplies)."""
+    shape, pb = (2, 19, 12, 40, 3, 2, n_iter), 3
     blocks, x, mod = make(shape, torch.float32, True)
     weights = weights_of(blocks)
     with TritonMonitor(by_tensor=True) as mon:
-        triton_persistent.recurse_persistent(x, weights, mod, n_iter, 3, EPS, 3)
+        triton_persistent.recurse_persistent(x, weights, mod, n_iter, 3, EPS, pb)
     assert mon.num_launches == 1
-    assert weight_loads(mon.launches[0], weights) == [w.numel() * w.element_size() for w in weights]
+    times = [pb if reference.BLOCK_PARAMS[i % len(reference.BLOCK_PARAMS)].startswith("ln") else 1
+             for i in range(len(weights))]
+    assert weight_loads(mon.launches[0], weights) == [n * w.numel() * w.element_size() for n, w in zip(times, weights)]
     assert mon.launches[0].loaded_by["argument 'x_ptr'"] == x.numel() * x.element_size()
-
-
-def test_tiled_reads_the_weights_per_token_tile():
-    """The tiled kernel, for contrast: each block evaluation reads its weights once per 16-token tile."""
-    shape = (2, 19, 12, 40, 3, 2, 2)
-    blocks, x, mod = make(shape, torch.float32, False)
-    weights = weights_of(blocks)
-    with TritonMonitor(by_tensor=True) as mon:
-        triton_kernels.recurse_tiled(x, weights, mod, 2, 3, EPS)
-    tiles = -(-shape[1] // triton_kernels.BLOCK_T)
-    # per block evaluation and token tile, W_qkv/W_o/W_1/W_2 are read once each (LN vectors once per tile too)
-    w_o = weights[4]
-    assert weight_loads(mon.launches[0], weights)[4] == shape[0] * shape[6] * tiles * w_o.numel() * 4
 
 
 def test_plan_picks_the_persistent_regime_where_the_slices_fit():
@@ -103,19 +132,25 @@ def test_plan_picks_the_persistent_regime_where_the_slices_fit():
         assert triton_persistent._held_bytes(d, f, pb, itemsize) <= triton_persistent.WEIGHT_BUDGET
 
 
+def tiled_launches(K, n_iter):
+    """The kernels recurse_tiled launches, in order: seven per block evaluation."""
+    norm, linear, attention = "recurse_norm_kernel", "recurse_linear_kernel", "recurse_attention_kernel"
+    return [norm, linear, attention, linear, norm, linear, linear] * K * n_iter
+
+
 def test_the_op_runs_the_kernel_the_plan_picks(monkeypatch):
     shape = (2, 5, 6, 10, 2, 2, 3)
     blocks, x, _ = make(shape, torch.float32, False)
-    for max_programs, kernel in ((132, "recurse_persistent_kernel"), (1, "recurse_tiled_kernel")):
+    for max_programs, kernels in ((132, ["recurse_persistent_kernel"]), (1, tiled_launches(shape[5], shape[6]))):
         monkeypatch.setattr(triton_kernels._cooperative, "max_programs", lambda device, n=max_programs: n)
         with forced("triton"), TritonMonitor() as mon:
             diffkern.recurse(blocks, x, shape[6], heads=shape[4])
-        assert [r.kernel for r in mon.launches] == [kernel]
+        assert [r.kernel for r in mon.launches] == kernels
 
 
-def test_a_refused_cooperative_launch_falls_back_to_the_tiled_kernel(monkeypatch):
+def test_a_refused_cooperative_launch_falls_back_to_the_tiled_kernels(monkeypatch):
     """The driver refusing the persistent kernel's grid (simulated: the launch dirties the counter and raises
-    Triton's error for CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE) runs the tiled kernel: the same states, one
+    Triton's error for CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE) runs the tiled kernels: the same states, one
     warning for any number of calls, the counter zeroed."""
     from diffkern import _cooperative
 
@@ -127,11 +162,11 @@ def test_a_refused_cooperative_launch_falls_back_to_the_tiled_kernel(monkeypatch
     shape = (2, 5, 6, 10, 2, 2, 3)
     blocks, x, mod = make(shape, torch.float32, True)
     tiled = triton_kernels.recurse_tiled(x, weights_of(blocks), mod, shape[6], shape[4], EPS)
-    with pytest.warns(RuntimeWarning, match="recurse_persistent_kernel.*refused.*tiled kernel") as caught:
+    with pytest.warns(RuntimeWarning, match="recurse_persistent_kernel.*refused.*tiled kernels") as caught:
         for _ in range(2):
             with forced("triton"), TritonMonitor() as mon:
                 states = diffkern.recurse(blocks, x, shape[6], heads=shape[4], mod=mod, return_all=True)
-            assert [r.kernel for r in mon.launches] == ["recurse_tiled_kernel"]
+            assert [r.kernel for r in mon.launches] == tiled_launches(shape[5], shape[6])
             assert torch.equal(states, tiled)
     assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
     assert _cooperative.sync_buffer(x.device).tolist() == [0, 0]

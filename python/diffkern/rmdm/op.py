@@ -185,8 +185,9 @@ def recurse(block_params, x: torch.Tensor, n_iter: int, *, heads: int, mod: torc
         Double backward is refused: differentiating the gradient raises NotImplementedError naming
         diffkern.recurse.
     Backends: C++ (CPU tensors), reference (plain PyTorch, any device). On CUDA tensors the forward is Triton
-        (T <= 256, d <= 512), one launch per call: the persistent weight-stationary kernel (each weight read
-        once per call) where it fits, else the tiled one (rmdm/triton_kernels.py says which when); the
+        (T <= 256, d <= 512): the persistent weight-stationary kernel (one launch, each weight read once per
+        call) where it fits (small batches), else the tiled kernels (seven launches per block evaluation, spread
+        over rows, heads and output columns, products on tensor cores; rmdm/triton_kernels.py says which when); the
         backward is the C++ backward run on ATen's CUDA kernels and cuBLAS (the `cuda` backend of
         rmdm_recurse_bwd; it needs a CUDA build). See `diffkern.backend`.
     Bad input: TypeError (not a tensor, a float n_iter or heads) or ValueError (shapes, dtypes, devices,

@@ -1,7 +1,7 @@
 """The block math both Triton recursion kernels share (triton_kernels.py: tiled, triton_persistent.py: persistent).
 
-Everything is fp32 after loading (inputs are upcast right after `tl.load`); matmuls that use `tl.dot` run
-with `input_precision="ieee"`.
+Everything is fp32 after loading (inputs are upcast right after `tl.load`); `attend` (the persistent kernel's
+attention) runs its `tl.dot`s with `input_precision="ieee"`; the tiled kernels' products go through diffkern._dot.
 """
 from __future__ import annotations
 
@@ -74,6 +74,12 @@ def attend(qkv, ctx, q0, hd, T, D, DH, scale, BLOCK_T: tl.constexpr, BLOCK_DH: t
         acc = acc * alpha[:, None] + tl.dot(p, vv, input_precision="ieee")
         m_i = m_new
     tl.store(ctx + rows[:, None] * D + hd * DH + dcols[None, :], acc / l_i[:, None], mask=qm)
+
+
+@triton.jit
+def sample_mod_rows(mod_ptr, rows, kb, K, T, D):
+    """Per token row, the pointer to its sample's [6, D] adaLN block of block kb."""
+    return mod_ptr + ((rows // T).to(tl.int64) * K + kb)[:, None] * 6 * D
 
 
 @triton.jit

@@ -1,22 +1,36 @@
-"""Triton forward of R-MDM's shared-block recursion (specs/rmdm.md): the tiled kernel and the backend's launcher.
+"""Triton forward of R-MDM's shared-block recursion (specs/rmdm.md): the tiled path and the backend's launcher.
 
-Two kernels, both one launch per call with every iteration inside; `recurse_fwd` picks one per call:
-  * persistent (triton_persistent.py): weight-stationary over K x PB programs with grid barriers; each
-    weight is read once per call. Chosen where `triton_persistent.plan` allows: B*T <= 512 tokens, d <= 256,
-    and the weight slices fit the programs one cooperative launch can keep resident.
-  * tiled (here): program b owns sample b for all n_iter * K block evaluations and walks its T tokens
-    in tiles of BLOCK_T rows through four phases, with a CTA barrier between them because each reads
-    what other threads wrote:
-      A  LN1 (+adaLN) and the QKV projection, written to a per-sample fp32 scratch qkv [T, 3d];
-      B  softmax attention per head, flash-style over key tiles (online max/sum), into ctx [T, d];
-      C  the output projection and the gated residual into the fp32 state h [T, d];
-      D  LN2 (+adaLN), W_1 and exact gelu into a per-sample fp32 scratch g [T, f], then W_2 and the
-         gated residual; after the last block of an iteration the state is also written to states[it].
-    Every token tile of every block evaluation reads the weights (from L2 on a GPU): at T=81, 16-token
-    tiles, that is 6 weight sets per block evaluation per sample, 48 per Sudoku step (K=2, L=4) at B=1.
-    It serves large batches (many samples in flight hide the weight reads) and d up to 512.
-Biases, norms, gelu and residuals are fused and the state never leaves the kernel between iterations.
-Matmuls run in fp32 (`input_precision="ieee"`; inputs are upcast after loading).
+`recurse_fwd` runs one of two forms per call:
+  * persistent (triton_persistent.py): one cooperative launch, weight-stationary over K x PB programs with
+    grid barriers; each weight is read once per call. Chosen where `triton_persistent.plan` allows
+    (B*T <= 512 tokens, d <= 256, the slices fit the co-resident programs): small batches, where the call's
+    time is latency and weight traffic, and the tiled form's launches would each keep only a few of the
+    GPU's SMs busy (at B=1, T=81 a product has 3 row tiles). By the model (diffkern.bench.rmdm_model) at
+    the Sudoku step B=1, d=256, K=2, L=4: the tiled form's roofline is about 10 us of bf16 tensor-core
+    work and traffic but 56 dependent launches (2-4 us each without a CUDA graph); the persistent kernel's
+    1.07 GFLOP of CUDA-core fp32 products take >= 16 us at 67 TFLOP/s, behind 41 grid barriers (about 1 us
+    each) in one launch. Its products grow with B*T while the tiled form's launch count does not, so
+    the two cross near a few hundred tokens, where `plan` stops (N <= 512). The GPU check measures this.
+  * tiled (here): every block evaluation is seven launches, each spread over many programs:
+        recurse_norm_kernel       LN1 (+adaLN) of the B*T rows, BLOCK_M rows a program     -> u [B*T, d]
+        recurse_linear_kernel     u W_qkv^T + b_qkv, a BLOCK_M x BLOCK_N output tile a program
+                                                                                      -> qkv [B*T, 3d]
+        recurse_attention_kernel  softmax(q k^T / sqrt(d_h)) v, flash-style over key tiles, one program
+                                  per (query tile, sample, head)                      -> ctx [B*T, d]
+        recurse_linear_kernel     h' = h + g1 (ctx W_o^T + b_o): the gated residual as epilogue
+        recurse_norm_kernel       LN2 (+adaLN)                                        -> u
+        recurse_linear_kernel     gelu(u W_1^T + b_1): bias and gelu as epilogue      -> g [B*T, f]
+        recurse_linear_kernel     h = h' + g2 (g W_2^T + b_2), and states[it] after an iteration's last block.
+    The LayerNorm is its own launch rather than a product's prologue: a prologue would re-read the fp32 state
+    (twice more for the row statistics) for every output-column tile, 3d/BLOCK_N times per row, where
+    the separate norm reads it once and writes u once in the operand dtype (diffkern.bench.rmdm_model counts
+    both). The residual state stays fp32, in two buffers (a residual launch reads one and writes the other,
+    so any launch may be repeated, which autotuning does); u, qkv, ctx and g are stored in the inputs' dtype,
+    the products' operand dtype. Every product goes through diffkern._dot: bf16/fp16 operands on tensor cores
+    with fp32 accumulation, tf32x3 (or tf32 under torch's "high" matmul precision) for fp32 inputs, fp32
+    "ieee" under the interpreter. Launch configurations: `diffkern._autotune.pick` over linear_configs,
+    attention_configs and norm_configs (configs[0] under the interpreter and with DIFFKERN_AUTOTUNE=0).
+    Large batches and d = 512 run here: at the Sudoku shape B=64 (5184 rows) a product has 81 x 24 tiles.
 """
 from __future__ import annotations
 
@@ -24,147 +38,145 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _cooperative, _triton
+from .. import _autotune, _cooperative, _dot, _triton
+from .._autotune import Config
 from .._triton import KernelSpec
 from . import triton_persistent
 from .reference import N_PARAMS
-from .triton_common import TL_DTYPE, add_gated, attend, gate, gelu, layer_norm, modulate, param_ptr, param_vec
+from .triton_common import gate, gelu, layer_norm, modulate, sample_mod_rows
 
 MAX_D, MAX_T = 512, 256
-# Tile sizes: tl.dot needs every dim >= 16. Every GEMM reduces over BLOCK_N-wide slices read from the
-# fp32 scratch (an FMA dot over all of d = 256 needs 2 KB of registers per thread and spills) into a
-# [BLOCK_T, BLOCK_N] output chunk, so no phase holds a full [BLOCK_T, d] accumulator (which spilled at d = 512).
-BLOCK_T, BLOCK_N = 16, 32
+STORE, GELU, RESIDUAL = 0, 1, 2  # recurse_linear_kernel's epilogues
+# Candidates (configs[0] is what the interpreter runs): BLOCK_M x BLOCK_N output tiles reduced in BLOCK_K
+# slices. Larger tiles re-read the operands less (an output tile reads BLOCK_M + BLOCK_N rows of Kd); the
+# residual epilogue (state, gate and two stores beside the accumulator) and fp32 operands (tf32x3) need more
+# registers, so their lists stop at 128 x 64. configs[0] compiles without spills even where the launch cannot
+# assume 16-divisible sizes (tests/test_kernels_compile.py).
+_FIRST = Config(dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32), 4)
+_MEDIUM = (Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4), Config(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32), 8))
+_LARGE = (Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4), Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32), 8),
+          Config(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), 4))
+_ATTENTION_FIRST = Config(dict(BLOCK_Q=32, BLOCK_KV=32), 4)
 
 
-def _config(d: int, dh: int) -> dict:
-    block_d = max(16, triton.next_power_of_2(d))
-    return dict(BLOCK_T=BLOCK_T, BLOCK_D=block_d, BLOCK_N=BLOCK_N,
-                BLOCK_DH=max(16, triton.next_power_of_2(dh)), num_warps=4 if block_d <= 128 else 8)
+def linear_configs(dtype: torch.dtype, epilogue: int) -> tuple[Config, ...]:
+    """recurse_linear_kernel's candidates for operands of `dtype` and this epilogue."""
+    large = dtype != torch.float32 and epilogue != RESIDUAL
+    return (_FIRST, *(_LARGE if large else _MEDIUM))
+
+
+def attention_configs(dtype: torch.dtype) -> tuple[Config, ...]:
+    """recurse_attention_kernel's candidates: 32 x 32 score tiles, then for 16-bit operands 64-query tiles
+    (fp32's tf32x3 products spill on sm_80 in any larger tile)."""
+    if dtype == torch.float32:
+        return (_ATTENTION_FIRST,)
+    return _ATTENTION_FIRST, Config(dict(BLOCK_Q=64, BLOCK_KV=64), 4), Config(dict(BLOCK_Q=64, BLOCK_KV=32), 4)
+
+
+NORM_ELEMENTS = (4096, 8192)  # elements of a norm program's [BLOCK_M, BLOCK_D] tile, per candidate
+
+
+def norm_configs(d: int) -> tuple[Config, ...]:
+    """recurse_norm_kernel's candidates at width d: BLOCK_M rows of BLOCK_D = next_power_of_2(d) columns."""
+    block_d = triton.next_power_of_2(d)
+    return tuple(Config(dict(BLOCK_M=max(1, n // block_d), BLOCK_D=block_d), w) for n, w in zip(NORM_ELEMENTS, (4, 8)))
+
+
+def block_dh(dh: int) -> int:
+    """recurse_attention_kernel's BLOCK_DH for head width dh (tl.dot needs >= 16)."""
+    return max(16, triton.next_power_of_2(dh))
 
 
 @triton.jit
-def _linear(src, rows, rmask, ld, w_ptr, b_ptr, n, nmask, Kd, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    """src[rows, :Kd] (fp32 scratch, row stride ld) times rows n of W [N, Kd] transposed, plus bias.
+def recurse_norm_kernel(h_ptr, w_ptr, b_ptr, mod_ptr, u_ptr, M, T, D, K, kb, eps, SHIFT: tl.constexpr,
+                HAS_MOD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """u = LN(h) w + b, then adaLN's (1 + scale) and shift of block kb when HAS_MOD, for rows
+    pid * BLOCK_M ... of the fp32 state h [M, D]; u is stored in its own dtype."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    cm = cols < D
+    m = (rows < M)[:, None] & cm[None, :]
+    offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+    u = layer_norm(tl.load(h_ptr + offs, mask=m, other=0.0), w, b, cm, D, eps)
+    if HAS_MOD:
+        u = modulate(u, sample_mod_rows(mod_ptr, rows, kb, K, T, D), SHIFT, cols[None, :], m, D)
+    tl.store(u_ptr + offs, u.to(u_ptr.dtype.element_ty), mask=m)
 
-    The reduction walks Kd in BLOCK_K slices loaded from memory, so no thread holds a whole row of the
-    operands (an fp32 FMA dot over the full d = 256 would need 2 KB of registers per thread)."""
-    acc = tl.zeros((BLOCK_T, n.shape[0]), tl.float32)
+
+@triton.jit
+def recurse_linear_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, h_ptr, state_ptr, mod_ptr, M, N, Kd, T, K, kb,
+                          write_state, EPILOGUE: tl.constexpr, PART: tl.constexpr, HAS_MOD: tl.constexpr,
+                          DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+    """y = a W^T + bias for one [BLOCK_M, BLOCK_N] tile (a [M, Kd], W [N, Kd], fp32 accumulation), then
+    EPILOGUE: STORE y or GELU gelu(y) into out [M, N]; RESIDUAL: out = h + gate * y (h, out: fp32 [M, N],
+    N = d; gate: adaLN's part PART of block kb, or 1) and, when write_state, out rounded into state."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, nm = rows < M, n < N
+    a_rows = a_ptr + rows[:, None].to(tl.int64) * Kd
+    w_rows = w_ptr + n[:, None].to(tl.int64) * Kd
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, Kd, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
-        kmask = kk < Kd
-        a = tl.load(src + rows[:, None] * ld + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        w = tl.load(w_ptr + n[:, None].to(tl.int64) * Kd + kk[None, :], mask=nmask[:, None] & kmask[None, :],
-                    other=0.0).to(tl.float32)
-        acc += tl.dot(a, tl.trans(w), input_precision="ieee")
-    bias = tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-    return acc + bias[None, :]
+        km = kk < Kd
+        a = tl.load(a_rows + kk[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+        w = tl.load(w_rows + kk[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+        acc += _dot.dot(a, tl.trans(w), DOT_F32, PRECISION)
+    y = acc + tl.load(bias_ptr + n, mask=nm, other=0.0).to(tl.float32)[None, :]
+    om = rm[:, None] & nm[None, :]
+    offs = rows[:, None].to(tl.int64) * N + n[None, :]
+    if EPILOGUE == 2:
+        g = gate(sample_mod_rows(mod_ptr, rows, kb, K, T, N), PART, n[None, :], om, N, HAS_MOD)
+        out = tl.load(h_ptr + offs, mask=om, other=0.0) + g * y
+        tl.store(out_ptr + offs, out, mask=om)
+        if write_state:
+            tl.store(state_ptr + offs, out.to(state_ptr.dtype.element_ty), mask=om)
+    else:
+        if EPILOGUE == 1:
+            y = gelu(y)
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=om)
 
 
 @triton.jit
-def _norm(h, table, i, cols, cmask, D, eps, mod, SHIFT: tl.constexpr, HAS_MOD: tl.constexpr, DT: tl.constexpr,
-          ALIGNED: tl.constexpr):
-    """LN with weight/bias tensors i, i + 1 of the table, then adaLN's modulation when there is one."""
-    u = layer_norm(h, param_vec(table, i, cols, cmask, DT, ALIGNED), param_vec(table, i + 1, cols, cmask, DT, ALIGNED),
-                   cmask, D, eps)
-    if HAS_MOD:
-        u = modulate(u, mod, SHIFT, cols, cmask, D)
-    return u
-
-
-@triton.jit
-def _project_residual(h, src, ld, table, i, mod, PART: tl.constexpr, T, D, state, WRITE_STATE,
-                      HAS_MOD: tl.constexpr, DT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_T: tl.constexpr,
-                      BLOCK_N: tl.constexpr):
-    """h += gate * (src W^T + b) for the sample's T rows (src: fp32 [T, ld]; W, b: table tensors i, i + 1),
-    in BLOCK_N-column chunks; also writes the new h to state when WRITE_STATE."""
-    for t0 in range(0, T, BLOCK_T):
-        rows = t0 + tl.arange(0, BLOCK_T)
-        rmask = rows < T
-        for n0 in range(0, D, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            nmask = n < D
-            a = _linear(src, rows, rmask, ld, param_ptr(table, i, DT, ALIGNED), param_ptr(table, i + 1, DT, ALIGNED), n,
-                        nmask, ld, BLOCK_T, BLOCK_N)
-            add_gated(h, state, rows[:, None] * D + n[None, :], rmask[:, None] & nmask[None, :],
-                      gate(mod, PART, n, nmask, D, HAS_MOD)[None, :], a, WRITE_STATE, DT)
-
-
-@triton.jit
-def recurse_tiled_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, qkv_ptr, ctx_ptr, g_ptr, T, D, F, K, n_iter,
-                         heads, DH, scale, eps, DT: tl.constexpr, HAS_MOD: tl.constexpr, ALIGNED: tl.constexpr,
-                         BLOCK_T: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    r0 = tl.arange(0, BLOCK_T)
-    h = h_ptr + b * T * D
-    ub = u_ptr + b * T * D
-    qkv = qkv_ptr + b * T * 3 * D
-    ctx = ctx_ptr + b * T * D
-    g = g_ptr + b * T * F
-    for t0 in range(0, T, BLOCK_T):
-        rows = t0 + r0
-        m = (rows < T)[:, None] & cmask[None, :]
-        offs = rows[:, None] * D + cols[None, :]
-        tl.store(h + offs, tl.load(x_ptr + b * T * D + offs, mask=m, other=0.0).to(tl.float32), mask=m)
-    tl.debug_barrier()
-    for it in range(n_iter):
-        for k in range(K):
-            w0 = k * 12
-            mod = mod_ptr + (b * K + k) * 6 * D
-            state = states_ptr + (it * tl.num_programs(0) + b) * T * D
-            for t0 in range(0, T, BLOCK_T):  # A: LN1 and QKV
-                rows = t0 + r0
-                m = (rows < T)[:, None] & cmask[None, :]
-                hh = tl.load(h + rows[:, None] * D + cols[None, :], mask=m, other=0.0)
-                u = _norm(hh, table, w0 + 0, cols, cmask, D, eps, mod, 0, HAS_MOD, DT, ALIGNED)
-                tl.store(ub + rows[:, None] * D + cols[None, :], u, mask=m)
-            tl.debug_barrier()
-            for t0 in range(0, T, BLOCK_T):
-                rows = t0 + r0
-                rmask = rows < T
-                for n0 in range(0, 3 * D, BLOCK_N):
-                    n = n0 + tl.arange(0, BLOCK_N)
-                    nmask = n < 3 * D
-                    y = _linear(ub, rows, rmask, D, param_ptr(table, w0 + 2, DT, ALIGNED),
-                                param_ptr(table, w0 + 3, DT, ALIGNED), n, nmask, D, BLOCK_T, BLOCK_N)
-                    tl.store(qkv + rows[:, None] * 3 * D + n[None, :], y, mask=rmask[:, None] & nmask[None, :])
-            tl.debug_barrier()
-            for t0 in range(0, T, BLOCK_T):  # B: attention, online softmax over key tiles
-                for hd in range(heads):
-                    attend(qkv, ctx, t0, hd, T, D, DH, scale, BLOCK_T, BLOCK_DH)
-            tl.debug_barrier()
-            _project_residual(h, ctx, D, table, w0 + 4, mod, 2, T, D, state, False, HAS_MOD, DT, ALIGNED, BLOCK_T,
-                              BLOCK_N)
-            tl.debug_barrier()
-            for t0 in range(0, T, BLOCK_T):  # D: LN2, W_1 and gelu into g, then W_2 and the gated residual
-                rows = t0 + r0
-                m = (rows < T)[:, None] & cmask[None, :]
-                offs = rows[:, None] * D + cols[None, :]
-                hh = tl.load(h + offs, mask=m, other=0.0)
-                u = _norm(hh, table, w0 + 6, cols, cmask, D, eps, mod, 3, HAS_MOD, DT, ALIGNED)
-                tl.store(ub + offs, u, mask=m)
-            tl.debug_barrier()
-            for t0 in range(0, T, BLOCK_T):
-                rows = t0 + r0
-                rmask = rows < T
-                for n0 in range(0, F, BLOCK_N):
-                    n = n0 + tl.arange(0, BLOCK_N)
-                    nmask = n < F
-                    z = _linear(ub, rows, rmask, D, param_ptr(table, w0 + 8, DT, ALIGNED),
-                                param_ptr(table, w0 + 9, DT, ALIGNED), n, nmask, D, BLOCK_T, BLOCK_N)
-                    tl.store(g + rows[:, None] * F + n[None, :], gelu(z), mask=rmask[:, None] & nmask[None, :])
-            tl.debug_barrier()
-            _project_residual(h, g, F, table, w0 + 10, mod, 5, T, D, state, k == K - 1, HAS_MOD, DT, ALIGNED, BLOCK_T,
-                              BLOCK_N)
-            tl.debug_barrier()
+def recurse_attention_kernel(qkv_ptr, ctx_ptr, T, D, H, DH, scale, DOT_F32: tl.constexpr,
+                             PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
+                             BLOCK_DH: tl.constexpr):
+    """ctx = softmax(q k^T * scale) v for query tile program_id(0) of (sample, head) program_id(1), online over
+    key tiles; qkv [B*T, 3D] (q | k | v, heads contiguous in each), ctx [B*T, D], both in the operand dtype."""
+    bh = tl.program_id(1)
+    b, hd = bh // H, bh % H
+    base = qkv_ptr + b.to(tl.int64) * T * 3 * D + hd * DH
+    rows = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    dcols = tl.arange(0, BLOCK_DH)
+    dm = dcols < DH
+    qm = (rows < T)[:, None] & dm[None, :]
+    q = tl.load(base + rows[:, None] * 3 * D + dcols[None, :], mask=qm, other=0.0)
+    m_i = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_Q,), tl.float32)
+    acc = tl.zeros((BLOCK_Q, BLOCK_DH), tl.float32)
+    for s0 in range(0, T, BLOCK_KV):
+        keys = s0 + tl.arange(0, BLOCK_KV)
+        km = (keys < T)[:, None] & dm[None, :]
+        kk = tl.load(base + D + keys[:, None] * 3 * D + dcols[None, :], mask=km, other=0.0)
+        vv = tl.load(base + 2 * D + keys[:, None] * 3 * D + dcols[None, :], mask=km, other=0.0)
+        s = _dot.dot(q, tl.trans(kk), DOT_F32, PRECISION) * scale
+        s = tl.where((keys < T)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot.dot(p, vv, DOT_F32, PRECISION)
+        m_i = m_new
+    out = ctx_ptr + (b.to(tl.int64) * T + rows[:, None]) * D + hd * DH + dcols[None, :]
+    tl.store(out, (acc / l_i[:, None]).to(ctx_ptr.dtype.element_ty), mask=qm)
 
 
 def recurse_fwd(x, weights, mod, n_iter, heads, eps):
     """The triton backend of diffkern::rmdm_recurse: the persistent kernel where its plan allows and the device
-    accepts its cooperative launch, else the tiled one (the same states)."""
+    accepts its cooperative launch, else the tiled kernels (the same states)."""
     B, T, d = x.shape
     if d > MAX_D or T > MAX_T:
         raise ValueError(f"recurse: the triton backend runs T <= {MAX_T} and d <= {MAX_D}, got T={T}, d={d}")
@@ -175,47 +187,129 @@ def recurse_fwd(x, weights, mod, n_iter, heads, eps):
         try:
             return triton_persistent.recurse_persistent(x, weights, mod, n_iter, heads, eps, pb)
         except _cooperative.LaunchRefused as refused:  # the grid cannot be co-resident here after all
-            _cooperative.fall_back(refused, "the tiled kernel")
+            _cooperative.fall_back(refused, "the tiled kernels")
     return recurse_tiled(x, weights, mod, n_iter, heads, eps)
 
 
+def _launch_norm(h, u, w, b, mod, kb, K, T, eps, shift):
+    M, d = h.shape
+    meta = dict(SHIFT=shift, HAS_MOD=mod is not None)
+
+    def launch(cfg: Config):
+        return recurse_norm_kernel[(triton.cdiv(M, cfg.constexprs["BLOCK_M"]),)](
+            h, w, b, mod if mod is not None else u, u, M, T, d, K, kb, eps, **meta, **cfg.meta())
+    key = (str(u.dtype), triton.next_power_of_2(M), d)
+    return launch(_autotune.pick("recurse_norm_kernel", key, norm_configs(d), launch))
+
+
+def _launch_linear(a, w, bias, out, epilogue, h=None, state=None, mod=None, kb=0, K=1, T=1, part=0):
+    M, Kd = a.shape
+    N = w.shape[0]
+    meta = dict(EPILOGUE=epilogue, PART=part, HAS_MOD=mod is not None, **_dot.dot_meta(a.dtype))
+    h = h if h is not None else out
+
+    def launch(cfg: Config):
+        grid = (triton.cdiv(M, cfg.constexprs["BLOCK_M"]), triton.cdiv(N, cfg.constexprs["BLOCK_N"]))
+        return recurse_linear_kernel[grid](a, w, bias, out, h, state if state is not None else a,
+                                           mod if mod is not None else a, M, N, Kd, T, K, kb, int(state is not None),
+                                           **meta, **cfg.meta())
+    key = (str(a.dtype), triton.next_power_of_2(M), N, Kd, epilogue, mod is not None)
+    return launch(_autotune.pick("recurse_linear_kernel", key, linear_configs(a.dtype, epilogue), launch))
+
+
+def _launch_attention(qkv, ctx, B, T, heads):
+    d = ctx.shape[1]
+    dh = d // heads
+    meta = dict(BLOCK_DH=block_dh(dh), **_dot.dot_meta(qkv.dtype))
+
+    def launch(cfg: Config):
+        return recurse_attention_kernel[(triton.cdiv(T, cfg.constexprs["BLOCK_Q"]), B * heads)](
+            qkv, ctx, T, d, heads, dh, dh ** -0.5, **meta, **cfg.meta())
+    key = (str(qkv.dtype), B, T, dh)
+    return launch(_autotune.pick("recurse_attention_kernel", key, attention_configs(qkv.dtype), launch))
+
+
 def recurse_tiled(x, weights, mod, n_iter, heads, eps):
-    """Launches recurse_tiled_kernel: one program per sample, every iteration inside. Returns states."""
+    """The tiled form: seven launches per block evaluation (module docstring). Returns states [n_iter, B, T, d]."""
     B, T, d = x.shape
-    cfg = _config(d, d // heads)
-    num_warps = cfg.pop("num_warps")
-    states = _triton.empty((n_iter, B, T, d), x.dtype, x.device)
-    h = _triton.empty((B, T, d), torch.float32, x.device)
-    u = _triton.empty((B, T, d), torch.float32, x.device)
-    qkv = _triton.empty((B, T, 3 * d), torch.float32, x.device)
-    ctx = _triton.empty((B, T, d), torch.float32, x.device)
-    g = _triton.empty((B, T, weights[8].shape[0]), torch.float32, x.device)
-    table = _triton.tensor_table(weights, x.device)
-    mod_arg = mod if mod is not None else x
-    recurse_tiled_kernel[(B,)](x, table, mod_arg, states, h, u, qkv, ctx, g, T, d, weights[8].shape[0],
-                               len(weights) // N_PARAMS, n_iter, heads, d // heads, (d // heads) ** -0.5, eps,
-                               DT=TL_DTYPE[x.dtype], HAS_MOD=mod is not None, ALIGNED=_triton.aligned(weights),
-                               num_warps=num_warps,
-                               maxnreg=_triton.register_budget(num_warps), **cfg)
-    return states
+    M, f, K = B * T, weights[8].shape[0], len(weights) // N_PARAMS
+    states = _triton.empty((n_iter, M, d), x.dtype, x.device)
+    h = x.reshape(M, d).to(torch.float32, copy=True)
+    h2 = _triton.empty((M, d), torch.float32, x.device)
+    u, ctx = (_triton.empty((M, d), x.dtype, x.device) for _ in range(2))
+    qkv = _triton.empty((M, 3 * d), x.dtype, x.device)
+    g = _triton.empty((M, f), x.dtype, x.device)
+    for it in range(n_iter):
+        for kb in range(K):
+            ln1_w, ln1_b, w_qkv, b_qkv, w_o, b_o, ln2_w, ln2_b, w_1, b_1, w_2, b_2 = weights[kb * N_PARAMS:
+                                                                                               (kb + 1) * N_PARAMS]
+            res = dict(mod=mod, kb=kb, K=K, T=T)
+            _launch_norm(h, u, ln1_w, ln1_b, mod, kb, K, T, eps, 0)
+            _launch_linear(u, w_qkv, b_qkv, qkv, STORE)
+            _launch_attention(qkv, ctx, B, T, heads)
+            _launch_linear(ctx, w_o, b_o, h2, RESIDUAL, h=h, part=2, **res)
+            _launch_norm(h2, u, ln2_w, ln2_b, mod, kb, K, T, eps, 3)
+            _launch_linear(u, w_1, b_1, g, GELU)
+            _launch_linear(g, w_2, b_2, h, RESIDUAL, h=h2, state=states[it] if kb == K - 1 else None, part=5, **res)
+    return states.view(n_iter, B, T, d)
+
+
+def _spec(name, kernel, sig, constexprs, cfg: Config, tags, widths) -> KernelSpec:
+    """A KernelSpec with the divisibility a launch infers: every pointer and the `widths` arguments 16-divisible
+    (widths None: nothing assumed, as for a launch at odd sizes from unaligned tensors)."""
+    constexprs = {**constexprs, **cfg.constexprs}
+    attrs = {} if widths is None else {n: [["tt.divisibility", 16]] for n, t in sig.items()
+                                       if t.startswith("*") or n in widths}
+    sig = {**sig, **{k: "constexpr" for k in constexprs}}
+    tags = {**tags, "divisible": widths is not None}
+    return KernelSpec(f"{name}[{','.join(f'{k}={v}' for k, v in tags.items())},{cfg.describe()}]", kernel, sig,
+                      constexprs, cfg.num_warps, _triton.register_budget(cfg.num_warps), tags, attrs)
+
+
+def tiled_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible: bool = True,
+                products: bool = True) -> list[KernelSpec]:
+    """The tiled form's three kernels at width d, head width dh, in `dtype` as a GPU runs them (dot_meta outside
+    the interpreter: 16-bit operands, or tf32x3 for fp32): every candidate with the widths 16-divisible, or
+    (divisible False) each kernel's configs[0] with nothing assumed. products False leaves out
+    recurse_linear_kernel, whose compiled code does not depend on d (its widths are runtime arguments)."""
+    ty = _triton.TRITON_DTYPE[dtype]
+    p = f"*{ty}"
+    dot = {"DOT_F32": dtype == torch.float32, "PRECISION": "tf32x3"}
+    tags = {"dtype": str(dtype).removeprefix("torch."), "d": d}
+
+    def cands(configs):
+        return configs if divisible else configs[:1]
+    specs = []
+    for cfg in cands(norm_configs(d)):
+        sig = {"h_ptr": "*fp32", "w_ptr": p, "b_ptr": p, "mod_ptr": p, "u_ptr": p,
+               **{n: "i32" for n in ("M", "T", "D", "K", "kb")}, "eps": "fp32"}
+        specs.append(_spec("recurse_norm_kernel", recurse_norm_kernel, sig, {"SHIFT": 0, "HAS_MOD": has_mod}, cfg,
+                           {**tags, "HAS_MOD": has_mod}, ("D",) if divisible else None))
+    for epilogue in (STORE, GELU, RESIDUAL) if products else ():
+        res = epilogue == RESIDUAL
+        sig = {"a_ptr": p, "w_ptr": p, "bias_ptr": p, **{n: "*fp32" if res else p for n in ("out_ptr", "h_ptr")},
+               "state_ptr": p, "mod_ptr": p, **{n: "i32" for n in ("M", "N", "Kd", "T", "K", "kb", "write_state")}}
+        for cfg in cands(linear_configs(dtype, epilogue)):
+            specs.append(_spec("recurse_linear_kernel", recurse_linear_kernel, sig,
+                               {"EPILOGUE": epilogue, "PART": 5, "HAS_MOD": has_mod and res, **dot}, cfg,
+                               {**tags, "EPILOGUE": epilogue, "HAS_MOD": has_mod and res},
+                               ("N", "Kd") if divisible else None))
+    sig = {"qkv_ptr": p, "ctx_ptr": p, **{n: "i32" for n in ("T", "D", "H", "DH")}, "scale": "fp32"}
+    for cfg in cands(attention_configs(dtype)):
+        specs.append(_spec("recurse_attention_kernel", recurse_attention_kernel, sig,
+                           {**dot, "BLOCK_DH": block_dh(dh)}, cfg, {**tags, "dh": dh},
+                           ("D", "DH") if divisible else None))
+    return specs
+
+
+# (dtype, d, head width, adaLN, divisible, products) of the tiled form's AOT specs: d = 512 with 8 heads in every
+# dtype; at d = 256 (head width 32) the norm and attention kernels, whose code depends on the width; configs[0]
+# at an odd width (d = 40, 2 heads) assuming nothing.
+TILED_AOT = ((torch.bfloat16, 512, 64, True, True, True), (torch.float16, 512, 64, False, True, True),
+             (torch.float32, 512, 64, True, True, True), (torch.bfloat16, 256, 32, False, True, False),
+             (torch.bfloat16, 40, 20, True, False, True), (torch.float32, 40, 20, True, False, True))
 
 
 def aot_specs() -> list[KernelSpec]:
-    """The tiled kernel at the Sudoku width d = 256 (8 heads of 32) in each storage dtype, with and without
-    adaLN, and at d = 512; then the persistent kernel's configurations."""
-    specs = []
-    for d, dtype, has_mod in ((256, torch.bfloat16, True), (256, torch.float16, False), (256, torch.float32, True),
-                              (512, torch.bfloat16, True)):
-        ty = _triton.TRITON_DTYPE[dtype]
-        cfg = _config(d, d // 8)
-        num_warps = cfg.pop("num_warps")
-        p = f"*{ty}"
-        sig = {"x_ptr": p, "table": "*i64", "mod_ptr": p, "states_ptr": p, "h_ptr": "*fp32", "u_ptr": "*fp32",
-               "qkv_ptr": "*fp32", "ctx_ptr": "*fp32", "g_ptr": "*fp32", "T": "i32", "D": "i32", "F": "i32", "K": "i32", "n_iter": "i32",
-               "heads": "i32", "DH": "i32", "scale": "fp32", "eps": "fp32"}
-        constexprs = {"DT": TL_DTYPE[dtype], "HAS_MOD": has_mod, "ALIGNED": True, **cfg}
-        sig.update({k: "constexpr" for k in constexprs})
-        specs.append(KernelSpec(f"recurse_tiled_kernel[{ty},HAS_MOD={has_mod},d={d}]", recurse_tiled_kernel, sig,
-                                constexprs, num_warps, _triton.register_budget(num_warps),
-                                {"dtype": str(dtype).removeprefix("torch.")}))
-    return specs + triton_persistent.aot_specs()
+    """The tiled form's candidates (TILED_AOT), then the persistent kernel's configurations."""
+    return [s for args in TILED_AOT for s in tiled_specs(*args)] + triton_persistent.aot_specs()

@@ -3,22 +3,26 @@
 Weight-stationary and grid-synchronised, in one cooperative launch (diffkern._cooperative):
   * the grid is K x PB programs. Program (k, j) loads slice j of block k's weights once and holds it in
     registers for all n_iter iterations: rows j*RD ... j*RD + RD - 1 of W_q, W_k, W_v and W_o with their
-    biases and b_2, rows j*RF ... of W_1 with b_1, and the same columns of W_2; program (k, 0) also holds
-    block k's LayerNorm vectors. The slices are disjoint and cover every weight, so the weights cross the
-    memory bus once per call;
-  * the activations of all N = B*T tokens live in fp32 scratch small enough to stay in L2: h, u [N, d],
+    biases and b_2, rows j*RF ... of W_1 with b_1, and the same columns of W_2, and block k's LayerNorm
+    vectors. The slices are disjoint and cover every weight, so the weights cross the memory bus once per
+    call (the LayerNorm vectors once per program);
+  * the activations of all N = B*T tokens live in fp32 scratch small enough to stay in L2: h [N, d],
     qkv [N, 3d], ctx [N, d], and the MLP's partial sums [PB, N, d];
-  * a block evaluation is seven stages, each ended by a grid barrier:
-        LN1 by program (k,0)  ->  q, k, v: each program its RD columns of each  ->  attention, the
-        (sample, head, 16-query tile) items spread over all K*PB programs  ->  W_o: RD columns of the
-        gated residual  ->  LN2  ->  the MLP over the program's RF hidden units, gelu(u W_1[rf]^T + b_1)
-        W_2[:, rf]^T, a partial sum over all d columns  ->  the PB partials added in program order
-        (deterministic), b_2 and the gated residual on RD columns, and the state after the last block.
+  * a block evaluation is five stages, each ended by a grid barrier:
+        q, k, v: each program its RD columns of each, of LN1(h) (+adaLN), which it normalises itself as it
+        reads the rows  ->  attention, the (sample, head, 16-query tile) items spread over all K*PB
+        programs  ->  W_o: RD columns of the gated residual  ->  the MLP over the program's RF hidden
+        units, gelu(LN2(h) W_1[rf]^T + b_1) W_2[:, rf]^T, a partial sum over all d columns  ->  the PB
+        partials added in program order (deterministic), b_2 and the gated residual on RD columns, and
+        the state after the last block.
+    A LayerNorm needs no stage of its own: every program of the block normalises the rows it multiplies
+    (the PB programs each redo that small work) instead of one program writing them for all behind two
+    more barriers.
 The matmuls against register-held slices are broadcast products reduced over the input width, walked over
 BT-row tiles sized to hold <= PRODUCT elements; they run in fp32 like every other kernel here.
 
 Regime (`plan`, used by triton_kernels.recurse_fwd): persistent when N <= MAX_ROWS (every program walks
-all N rows per stage, so large batches belong to the tiled kernel, which spreads samples over programs),
+all N rows per stage, so large batches belong to the tiled kernels, which spread rows over programs),
 d <= MAX_D, and some PB lets each program hold <= WEIGHT_BUDGET bytes of weights with K*PB <= one program
 per SM (a cooperative launch must be co-resident) and the partial sums within PARTIALS_BUDGET. At the Sudoku shape (d=256, f=1024, K=2) in bf16/fp16
 that is PB=32 (64 programs); in fp32 PB=64 (128 programs, which an H100 has and an A100 does not). At
@@ -35,13 +39,14 @@ from .. import _cooperative, _triton
 from .._cooperative import grid_exit, grid_sync
 from .._triton import KernelSpec
 from .reference import N_PARAMS
-from .triton_common import TL_DTYPE, add_gated, attend, gate, gelu, layer_norm, modulate, param_ptr, param_vec
+from .triton_common import (TL_DTYPE, add_gated, attend, gate, gelu, layer_norm, modulate, param_ptr, param_vec,
+                            sample_mod_rows)
 
 MAX_ROWS, MAX_D = 512, 256
 PARTIALS_BUDGET = 16 << 20  # bytes of the MLP's partial sums [PB, N, d] fp32, to stay well inside L2
 WEIGHT_BUDGET = 48 * 1024  # bytes of weights one program holds in registers
 PRODUCT = 8192  # elements of one broadcast-product tile [BT, slice rows, input width]
-LN_TILE = 2048  # elements of one LayerNorm row tile [BT_LN, BLOCK_D] (16 rows of 256 spill with adaLN)
+LN_TILE = 2048  # elements of one row tile [BT_LN, BLOCK_D] of the h = x copy
 BLOCK_T = 16
 
 
@@ -55,7 +60,7 @@ def _held_bytes(d: int, f: int, pb: int, itemsize: int) -> int:
 
 
 def plan(n_rows: int, d: int, f: int, K: int, itemsize: int, max_programs: int) -> int | None:
-    """Programs per block for the persistent regime, or None when the call belongs to the tiled kernel."""
+    """Programs per block for the persistent regime, or None when the call belongs to the tiled kernels."""
     if n_rows > MAX_ROWS or d > MAX_D:
         return None
     pb = 1
@@ -90,24 +95,14 @@ def _times(a, w):
 
 
 @triton.jit
-def _mod_rows(mod_ptr, rows, kb, K, T, D):
-    """Per token row, the pointer to its sample's [6, D] adaLN block of block kb."""
-    return mod_ptr + ((rows // T).to(tl.int64) * K + kb)[:, None] * 6 * D
-
-
-@triton.jit
-def _norm_rows(h_ptr, u_ptr, w, b, mod_ptr, kb, K, N, T, D, eps, SHIFT: tl.constexpr, HAS_MOD: tl.constexpr,
-               BLOCK_D: tl.constexpr, BT: tl.constexpr):
-    """u = LN(h) w + b (then adaLN's modulation) for all N rows."""
-    cols = tl.arange(0, BLOCK_D)
-    cm = cols < D
-    for r0 in range(0, N, BT):
-        rows = r0 + tl.arange(0, BT)
-        m = (rows < N)[:, None] & cm[None, :]
-        u = layer_norm(_load_rows(h_ptr, rows, rows < N, D, cols, cm), w, b, cm, D, eps)
-        if HAS_MOD:
-            u = modulate(u, _mod_rows(mod_ptr, rows, kb, K, T, D), SHIFT, cols[None, :], m, D)
-        tl.store(u_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], u, mask=m)
+def _norm_rows(h_ptr, rows, rm, cols, cm, w, b, mod_ptr, kb, K, T, D, eps, SHIFT: tl.constexpr,
+               HAS_MOD: tl.constexpr):
+    """LN(h) w + b (then adaLN's modulation) of the fp32 state's rows `rows`: [BT, BLOCK_D] fp32."""
+    u = layer_norm(_load_rows(h_ptr, rows, rm, D, cols, cm), w, b, cm, D, eps)
+    if HAS_MOD:
+        u = modulate(u, sample_mod_rows(mod_ptr, rows, kb, K, T, D), SHIFT, cols[None, :],
+                     rm[:, None] & cm[None, :], D)
+    return u
 
 
 @triton.jit
@@ -115,12 +110,12 @@ def _add_gated(h_ptr, y, rows, rm, rd, rdm, mod_ptr, kb, K, T, D, state_ptr, WRI
                HAS_MOD: tl.constexpr, DT: tl.constexpr):
     """add_gated on a row tile's RD columns, with each row's own sample's gate (y: [BT, RD] fp32)."""
     om = rm[:, None] & rdm[None, :]
-    g = gate(_mod_rows(mod_ptr, rows, kb, K, T, D), PART, rd[None, :], om, D, HAS_MOD)
+    g = gate(sample_mod_rows(mod_ptr, rows, kb, K, T, D), PART, rd[None, :], om, D, HAS_MOD)
     add_gated(h_ptr, state_ptr, rows[:, None].to(tl.int64) * D + rd[None, :], om, g, y, WRITE_STATE, DT)
 
 
 @triton.jit
-def recurse_persistent_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, qkv_ptr, ctx_ptr, part_ptr, sync_ptr,
+def recurse_persistent_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, qkv_ptr, ctx_ptr, part_ptr, sync_ptr,
                               N, T, D, F, K, n_iter, heads, DH, scale, eps, PB, DT: tl.constexpr,
                               HAS_MOD: tl.constexpr, ALIGNED: tl.constexpr, RD: tl.constexpr, RF: tl.constexpr,
                               BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -129,7 +124,6 @@ def recurse_persistent_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, q
     P = tl.num_programs(0)
     blk = p // PB
     j = p % PB
-    lead = j == 0
     cols = tl.arange(0, BLOCK_D)
     cm = cols < D
     rd = j * RD + tl.arange(0, RD)
@@ -151,11 +145,10 @@ def recurse_persistent_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, q
     b1 = param_vec(table, w0 + 9, rf, rfm, DT, ALIGNED)
     w2 = _load_rows(param_ptr(table, w0 + 10, DT, ALIGNED), cols, cm, F, rf, rfm)  # columns rf of W_2: [BLOCK_D, RF]
     b2 = param_vec(table, w0 + 11, rd, rdm, DT, ALIGNED)
-    lm = cm & lead
-    ln1_w = param_vec(table, w0 + 0, cols, lm, DT, ALIGNED)
-    ln1_b = param_vec(table, w0 + 1, cols, lm, DT, ALIGNED)
-    ln2_w = param_vec(table, w0 + 6, cols, lm, DT, ALIGNED)
-    ln2_b = param_vec(table, w0 + 7, cols, lm, DT, ALIGNED)
+    ln1_w = param_vec(table, w0 + 0, cols, cm, DT, ALIGNED)
+    ln1_b = param_vec(table, w0 + 1, cols, cm, DT, ALIGNED)
+    ln2_w = param_vec(table, w0 + 6, cols, cm, DT, ALIGNED)
+    ln2_b = param_vec(table, w0 + 7, cols, cm, DT, ALIGNED)
 
     for r0 in range(p * BT_LN, N, P * BT_LN):  # h = x, rows spread over all programs
         rows = r0 + tl.arange(0, BT_LN)
@@ -169,14 +162,11 @@ def recurse_persistent_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, q
         state = states_ptr + (it * N).to(tl.int64) * D
         for kb in range(K):
             mine = blk == kb
-            if mine & lead:
-                _norm_rows(h_ptr, u_ptr, ln1_w, ln1_b, mod_ptr, kb, K, N, T, D, eps, 0, HAS_MOD, BLOCK_D, BT_LN)
-            n_sync = grid_sync(sync_ptr, n_sync, P)
             if mine:
                 for r0 in range(0, N, BT_D):
                     rows = r0 + tl.arange(0, BT_D)
                     rm = rows < N
-                    a = _load_rows(u_ptr, rows, rm, D, cols, cm)
+                    a = _norm_rows(h_ptr, rows, rm, cols, cm, ln1_w, ln1_b, mod_ptr, kb, K, T, D, eps, 0, HAS_MOD)
                     out = qkv_ptr + rows[:, None].to(tl.int64) * 3 * D + rd[None, :]
                     om = rm[:, None] & rdm[None, :]
                     tl.store(out, _times(a, wq) + bq[None, :], mask=om)
@@ -195,15 +185,13 @@ def recurse_persistent_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, q
                     y = _times(_load_rows(ctx_ptr, rows, rm, D, cols, cm), wo) + bo[None, :]
                     _add_gated(h_ptr, y, rows, rm, rd, rdm, mod_ptr, kb, K, T, D, state, False, 2, HAS_MOD, DT)
             n_sync = grid_sync(sync_ptr, n_sync, P)
-            if mine & lead:
-                _norm_rows(h_ptr, u_ptr, ln2_w, ln2_b, mod_ptr, kb, K, N, T, D, eps, 3, HAS_MOD, BLOCK_D, BT_LN)
-            n_sync = grid_sync(sync_ptr, n_sync, P)
             if mine:  # the MLP split over f: gelu(u W_1[rf]^T + b_1[rf]) W_2[:, rf]^T, one partial sum per program
                 part = part_ptr + (j * N).to(tl.int64) * D
                 for r0 in range(0, N, BT_F):
                     rows = r0 + tl.arange(0, BT_F)
                     rm = rows < N
-                    z = _times(_load_rows(u_ptr, rows, rm, D, cols, cm), w1) + b1[None, :]
+                    u = _norm_rows(h_ptr, rows, rm, cols, cm, ln2_w, ln2_b, mod_ptr, kb, K, T, D, eps, 3, HAS_MOD)
+                    z = _times(u, w1) + b1[None, :]
                     tl.store(part + rows[:, None].to(tl.int64) * D + cols[None, :], _times(gelu(z), w2),
                              mask=rm[:, None] & cm[None, :])
             n_sync = grid_sync(sync_ptr, n_sync, P)
@@ -220,8 +208,8 @@ def recurse_persistent_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, u_ptr, q
 
 
 def syncs_per_call(K: int, n_iter: int) -> int:
-    """Grid barriers one call passes: one after h = x, seven per block evaluation."""
-    return 1 + 7 * K * n_iter
+    """Grid barriers one call passes: one after h = x, five per block evaluation."""
+    return 1 + 5 * K * n_iter
 
 
 def recurse_persistent(x, weights, mod, n_iter, heads, eps, programs_per_block: int):
@@ -231,12 +219,12 @@ def recurse_persistent(x, weights, mod, n_iter, heads, eps, programs_per_block: 
     cfg = config(d, f, d // heads, programs_per_block)
     num_warps = cfg.pop("num_warps")
     states = _triton.empty((n_iter, B, T, d), x.dtype, x.device)
-    h, u, ctx = (_triton.empty((N, d), torch.float32, x.device) for _ in range(3))
+    h, ctx = (_triton.empty((N, d), torch.float32, x.device) for _ in range(2))
     qkv = _triton.empty((N, 3 * d), torch.float32, x.device)
     part = _triton.empty((programs_per_block, N, d), torch.float32, x.device)
     table = _triton.tensor_table(weights, x.device)
     _cooperative.launch(recurse_persistent_kernel, (K * programs_per_block,), x, table,
-                        mod if mod is not None else x, states, h, u, qkv, ctx, part, _cooperative.sync_buffer(x.device),
+                        mod if mod is not None else x, states, h, qkv, ctx, part, _cooperative.sync_buffer(x.device),
                         N, T, d, f, K, n_iter, heads, d // heads, (d // heads) ** -0.5, eps, programs_per_block,
                         DT=TL_DTYPE[x.dtype], HAS_MOD=mod is not None, ALIGNED=_triton.aligned(weights),
                         num_warps=num_warps,
@@ -259,7 +247,7 @@ def aot_specs() -> list[KernelSpec]:
         num_warps = cfg.pop("num_warps")
         p = f"*{ty}"
         sig = {"x_ptr": p, "table": "*i64", "mod_ptr": p, "states_ptr": p, **{n: "*fp32" for n in (
-            "h_ptr", "u_ptr", "qkv_ptr", "ctx_ptr", "part_ptr")}, "sync_ptr": "*i32",
+            "h_ptr", "qkv_ptr", "ctx_ptr", "part_ptr")}, "sync_ptr": "*i32",
             **{n: "i32" for n in ("N", "T", "D", "F", "K", "n_iter", "heads", "DH")}, "scale": "fp32", "eps": "fp32",
             "PB": "i32"}
         constexprs = {"DT": TL_DTYPE[dtype], "HAS_MOD": has_mod, "ALIGNED": True, **cfg}

@@ -1,0 +1,163 @@
+"""R-MDM's tiled Triton forward (rmdm/triton_kernels.py) modeled from its launch geometry, and its H100 roofline.
+
+`tiled_launches` lists every launch of one `recurse_tiled` call with what the interpreter's TritonMonitor
+counts for it (programs, bytes of the active lanes loaded and stored) and its FLOPs, 2 m n k of every `tl.dot`
+an active program runs at the block sizes (the tensor cores compute the padded tile). Per block evaluation:
+  recurse_norm_kernel (x2)  loads the fp32 state (4 B/element), LN w and b once per program, adaLN's shift and scale
+                    per row; stores u in the operand dtype
+  recurse_linear_kernel     a [M, Kd] read once per column tile, W [N, Kd] and the bias once per row tile; STORE/GELU
+                    store [M, N] in the operand dtype; RESIDUAL loads the fp32 state and (adaLN) the gate per
+                    element, stores the fp32 state and, after an iteration's last block, the output state
+  recurse_attention_kernel  each (query tile, sample, head) program loads its q rows and all T keys and values of its
+                    head; stores ctx
+The h = x copy to fp32 before the first launch is one aten op (not a Triton launch, not counted here).
+tests/test_rmdm_tiled_model.py holds the counts equal to the interpreter's at small awkward shapes.
+
+The predicted H100 time of a call is the sum over its launches of max(bytes / 3.35 TB/s, FLOPs / peak) with
+the peak of the products' precision on a GPU (diffkern._dot): bf16/fp16 990 TFLOP/s dense, fp32 inputs at
+tf32x3 (torch's default "highest" matmul precision) 165, tf32 495. Bytes are the monitor's (every load an
+active lane issues, L2 hits included), so the figure is an upper bound on the HBM side; `unique_bytes` gives
+each launch's bytes with every tensor touched once (the minimum), for comparison. Launch latency (about
+2-4 us a launch without a CUDA graph) is not in the roofline: `launches` says how many there are.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from .. import _autotune
+from ..rmdm import triton_kernels as tk
+from .roofline import H100_HBM_BYTES_PER_S
+
+# Dense tensor-core peaks of an H100 SXM per product precision (common to every kernel's roofline).
+H100_PEAK = {"bf16": 990e12, "tf32": 495e12, "tf32x3": 165e12, "ieee": 67e12}
+
+
+def _launch(name, programs, loaded, stored, flops, unique) -> dict:
+    return dict(kernel=name, programs=programs, bytes_loaded=loaded, bytes_stored=stored, flops=flops,
+                unique_bytes=unique)
+
+
+def norm_launch(M, d, isz, has_mod, cfg: _autotune.Config) -> dict:
+    programs = triton.cdiv(M, cfg.constexprs["BLOCK_M"])
+    mod = 2 * M * d * isz if has_mod else 0
+    loaded = M * d * 4 + programs * 2 * d * isz + mod
+    return _launch("recurse_norm_kernel", programs, loaded, M * d * isz, 0, M * d * (4 + isz) + 2 * d * isz + mod)
+
+
+def linear_launch(M, N, Kd, isz, epilogue, has_mod, write_state, cfg: _autotune.Config) -> dict:
+    bm, bn, bk = (cfg.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    pm, pn = triton.cdiv(M, bm), triton.cdiv(N, bn)
+    operands = M * Kd * isz * pn + (N * Kd + N) * isz * pm
+    unique = (M * Kd + N * Kd + N) * isz
+    if epilogue == tk.RESIDUAL:
+        gate = M * N * isz if has_mod else 0
+        loaded, stored = operands + M * N * 4 + gate, M * N * (4 + (isz if write_state else 0))
+        unique += M * N * 4 + gate + stored
+    else:
+        loaded, stored = operands, M * N * isz
+        unique += stored
+    flops = pm * pn * triton.cdiv(Kd, bk) * 2 * bm * bn * bk
+    return _launch("recurse_linear_kernel", pm * pn, loaded, stored, flops, unique)
+
+
+def attention_launch(B, T, d, heads, isz, cfg: _autotune.Config) -> dict:
+    bq, bkv, dh = cfg.constexprs["BLOCK_Q"], cfg.constexprs["BLOCK_KV"], d // heads
+    pq = triton.cdiv(T, bq)
+    loaded = B * heads * (T * dh + pq * 2 * T * dh) * isz
+    flops = B * heads * pq * triton.cdiv(T, bkv) * 2 * (2 * bq * bkv * tk.block_dh(dh))
+    return _launch("recurse_attention_kernel", pq * B * heads, loaded, B * T * d * isz, flops, 4 * B * T * d * isz)
+
+
+def launch_plan(B, T, d, f, heads, K, L, dtype, has_mod) -> list[tuple]:
+    """Every launch of recurse_tiled, in order, as (record of a candidate config, the kernel's candidates)."""
+    M, isz = B * T, dtype.itemsize
+    norm = (lambda c: norm_launch(M, d, isz, has_mod, c), tk.norm_configs(d))
+
+    def linear(N, Kd, epilogue, write_state=False):
+        return (lambda c: linear_launch(M, N, Kd, isz, epilogue, has_mod, write_state, c),
+                tk.linear_configs(dtype, epilogue))
+    attention = (lambda c: attention_launch(B, T, d, heads, isz, c), tk.attention_configs(dtype))
+    out = []
+    for _ in range(L):
+        for kb in range(K):
+            out += [norm, linear(3 * d, d, tk.STORE), attention, linear(d, d, tk.RESIDUAL), norm,
+                    linear(f, d, tk.GELU), linear(d, f, tk.RESIDUAL, kb == K - 1)]
+    return out
+
+
+def tiled_launches(B, T, d, f, heads, K, L, dtype, has_mod) -> list[dict]:
+    """Every launch of recurse_tiled at configs[0] (what the interpreter runs)."""
+    return [record(configs[0]) for record, configs in launch_plan(B, T, d, f, heads, K, L, dtype, has_mod)]
+
+
+def by_kernel(launches: list[dict]) -> dict:
+    """Per kernel name: launches, programs, bytes_loaded, bytes_stored, flops (TritonMonitor.by_kernel's keys,
+    with flops)."""
+    out = {}
+    for r in launches:
+        k = out.setdefault(r["kernel"], dict(launches=0, programs=0, bytes_loaded=0, bytes_stored=0, flops=0))
+        k["launches"] += 1
+        for key in ("programs", "bytes_loaded", "bytes_stored", "flops"):
+            k[key] += r[key]
+    return out
+
+
+def precision(dtype: torch.dtype, matmul_precision: str = "highest") -> str:
+    """The products' precision on a GPU (diffkern._dot.dot_meta outside the interpreter)."""
+    if dtype != torch.float32:
+        return "bf16"
+    return "tf32x3" if matmul_precision == "highest" else "tf32"
+
+
+def launch_seconds(r: dict, peak: float, unique: bool = False) -> float:
+    nbytes = r["unique_bytes"] if unique else r["bytes_loaded"] + r["bytes_stored"]
+    return max(nbytes / H100_HBM_BYTES_PER_S, r["flops"] / peak)
+
+
+def predicted(B, T, d, f, heads, K, L, dtype, has_mod=False, matmul_precision="highest") -> dict:
+    """The tiled call's modeled H100 time: at configs[0], and with each launch at its fastest candidate by the
+    model (what autotuning approximates), on the monitor's bytes and on unique bytes."""
+    peak = H100_PEAK[precision(dtype, matmul_precision)]
+    plan = launch_plan(B, T, d, f, heads, K, L, dtype, has_mod)
+    first = [record(configs[0]) for record, configs in plan]
+    every = [[record(c) for c in configs] for record, configs in plan]
+    return dict(
+        launches=len(first), precision=precision(dtype, matmul_precision),
+        flops=sum(r["flops"] for r in first), bytes=sum(r["bytes_loaded"] + r["bytes_stored"] for r in first),
+        unique_bytes=sum(r["unique_bytes"] for r in first),
+        us_configs0=1e6 * sum(launch_seconds(r, peak) for r in first),
+        us_best=1e6 * sum(min(launch_seconds(r, peak) for r in rs) for rs in every),
+        us_best_unique=1e6 * sum(min(launch_seconds(r, peak, True) for r in rs) for rs in every))
+
+
+# (B, T, d, heads, K, L): the issue's Sudoku bar shape and the benchmark's two cases; f = 4d, no adaLN.
+CASES = ((64, 81, 512, 8, 2, 4), (1, 81, 256, 8, 2, 4), (64, 81, 256, 8, 2, 4))
+
+
+def rmdm_roofline(dtypes=(torch.bfloat16, torch.float32)) -> list[dict]:
+    """The modeled H100 time of the tiled forward at CASES, per dtype (one row each)."""
+    return [dict(case=f"B={B} T={T} d={d} heads={h} f={4 * d} K={K} L={L}", dtype=str(dt).removeprefix("torch."),
+                 **predicted(B, T, d, 4 * d, h, K, L, dt)) for B, T, d, h, K, L in CASES for dt in dtypes]
+
+
+def aten_backward(B, T, d) -> dict:
+    """At the benchmark's heads, f, K and L (bench/rmdm.py): the modeled case against the GPU backward
+    (rmdm_recurse_bwd_cuda: ATen ops and cuBLAS). It re-runs every iteration's forward and then computes both
+    products of every forward product (bench.rmdm.block_gemms), all in fp32 whatever the inputs' dtype
+    (csrc/cpu/rmdm_recurse_bwd.cpp), so its products run at cuBLAS's fp32 peak (tf32 only where
+    torch.backends.cuda.matmul.allow_tf32 is set). FLOPs alone then bound its time from below; against the
+    bf16 roofline of the same products that bound is the ratio it cannot beat. The elementwise ops between
+    (LayerNorm, softmax and gelu backward, residual sums) only add to it."""
+    from . import rmdm  # the workload's GEMM list (rmdm imports this module lazily)
+    flops = rmdm.RECURSE.flops(rmdm._case(B, T, d))
+    total = flops["fwd"] + flops["bwd"]
+    floor = {p: 1e6 * total / H100_PEAK[p] for p in ("ieee", "tf32", "bf16")}
+    return dict(flops=total, us_fp32=floor["ieee"], us_tf32=floor["tf32"], us_bf16_roofline=floor["bf16"],
+                ratio_fp32=floor["ieee"] / floor["bf16"], ratio_tf32=floor["tf32"] / floor["bf16"])
+
+
+if __name__ == "__main__":
+    for row in rmdm_roofline():
+        print(row)
+    print("ATen backward, B=64 T=81 d=512 K=2 L=4:", aten_backward(64, 81, 512))
