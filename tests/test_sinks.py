@@ -250,7 +250,8 @@ def test_topk_merges_chunks_and_breaks_ties_towards_lower_index(backend, largest
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="counts interpreted launches, which run only without a GPU")
 def test_benchmark_traffic_model_equals_interpreter_counts():
-    """The bytes the benchmark models for each Triton kernel are the bytes the kernels issue (statistics on: the
+    """The bytes and matrix-product FLOPs the benchmark models for each Triton kernel are those the kernels issue
+    (statistics on: the
     forward stores each row's top-5), with the suppression's recomputed tiles (the planted sink holds nearly all
     of some rows' mass) counted apart."""
     from diffkern.bench.sinks import default_tiles, kernel_traffic, recompute_traffic
@@ -275,12 +276,12 @@ def test_benchmark_traffic_model_equals_interpreter_counts():
                for b, h, t in redo.any(-1).nonzero().tolist()]
     assert flagged, "the planted sink must make some tile recompute"
     assert not redo.all(), "and some tile correct its rows"
-    for kind in ("loaded", "stored"):
+    for kind in ("loaded", "stored", "flops"):
         model["suppress_kernel"][kind] += sum(tile[kind] for tile in flagged) / (B * H)
     assert set(counted) == set(model)
     for name, m in model.items():
-        assert (counted[name]["bytes_loaded"], counted[name]["bytes_stored"]) == (m["loaded"] * B * H,
-                                                                                  m["stored"] * B * H), name
+        assert (counted[name]["bytes_loaded"], counted[name]["bytes_stored"], counted[name]["flops"]) == (
+            m["loaded"] * B * H, m["stored"] * B * H, m["flops"] * B * H), name
 
 
 def test_modeled_flops_stay_under_1_6x_flash_at_sd3_shapes():

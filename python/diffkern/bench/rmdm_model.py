@@ -27,10 +27,7 @@ import triton
 
 from .. import _autotune
 from ..rmdm import triton_kernels as tk
-from .roofline import H100_HBM_BYTES_PER_S
-
-# Dense tensor-core peaks of an H100 SXM per product precision (common to every kernel's roofline).
-H100_PEAK = {"bf16": 990e12, "tf32": 495e12, "tf32x3": 165e12, "ieee": 67e12}
+from .roofline import H100_DOT_FLOPS, H100_HBM_BYTES_PER_S, dot_peak, dot_precision
 
 
 def _launch(name, programs, loaded, stored, flops, unique) -> dict:
@@ -103,27 +100,21 @@ def by_kernel(launches: list[dict]) -> dict:
     return out
 
 
-def precision(dtype: torch.dtype, matmul_precision: str = "highest") -> str:
-    """The products' precision on a GPU (diffkern._dot.dot_meta outside the interpreter)."""
-    if dtype != torch.float32:
-        return "bf16"
-    return "tf32x3" if matmul_precision == "highest" else "tf32"
-
-
 def launch_seconds(r: dict, peak: float, unique: bool = False) -> float:
     nbytes = r["unique_bytes"] if unique else r["bytes_loaded"] + r["bytes_stored"]
     return max(nbytes / H100_HBM_BYTES_PER_S, r["flops"] / peak)
 
 
-def predicted(B, T, d, f, heads, K, L, dtype, has_mod=False, matmul_precision="highest") -> dict:
+def predicted(B, T, d, f, heads, K, L, dtype, has_mod=False) -> dict:
     """The tiled call's modeled H100 time: at configs[0], and with each launch at its fastest candidate by the
-    model (what autotuning approximates), on the monitor's bytes and on unique bytes."""
-    peak = H100_PEAK[precision(dtype, matmul_precision)]
+    model (what autotuning approximates), on the monitor's bytes and on unique bytes; the products at the
+    precision a GPU runs them for `dtype` (roofline.dot_precision: fp32 follows torch's matmul precision)."""
+    peak = dot_peak(dtype)
     plan = launch_plan(B, T, d, f, heads, K, L, dtype, has_mod)
     first = [record(configs[0]) for record, configs in plan]
     every = [[record(c) for c in configs] for record, configs in plan]
     return dict(
-        launches=len(first), precision=precision(dtype, matmul_precision),
+        launches=len(first), precision=dot_precision(dtype),
         flops=sum(r["flops"] for r in first), bytes=sum(r["bytes_loaded"] + r["bytes_stored"] for r in first),
         unique_bytes=sum(r["unique_bytes"] for r in first),
         us_configs0=1e6 * sum(launch_seconds(r, peak) for r in first),
@@ -152,7 +143,7 @@ def aten_backward(B, T, d) -> dict:
     from . import rmdm  # the workload's GEMM list (rmdm imports this module lazily)
     flops = rmdm.RECURSE.flops(rmdm._case(B, T, d))
     total = flops["fwd"] + flops["bwd"]
-    floor = {p: 1e6 * total / H100_PEAK[p] for p in ("ieee", "tf32", "bf16")}
+    floor = {p: 1e6 * total / H100_DOT_FLOPS[p] for p in ("ieee", "tf32", "bf16")}
     return dict(flops=total, us_fp32=floor["ieee"], us_tf32=floor["tf32"], us_bf16_roofline=floor["bf16"],
                 ratio_fp32=floor["ieee"] / floor["bf16"], ratio_tf32=floor["tf32"] / floor["bf16"])
 

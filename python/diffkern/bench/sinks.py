@@ -23,7 +23,7 @@ import time
 
 import triton
 
-from .roofline import H100_BF16_FLOPS, H100_HBM_BYTES_PER_S
+from .roofline import H100_HBM_BYTES_PER_S, dot_peak
 
 B, H, D, N_TEXT = 2, 24, 64, 333
 # The explicit reference holds ~4 fp32 [B, H, N_q, N_k] tensors at once; run it only below this.
@@ -104,7 +104,7 @@ def modeled_rows(sizes, K=1):
     rows = []
     for n in sizes:
         N_k = n + N_TEXT
-        tiles = default_tiles(D, torch.bfloat16)
+        tiles, peak = default_tiles(D, torch.bfloat16), dot_peak(torch.bfloat16)
         per = kernel_traffic(n + N_TEXT, N_k, D, n, K, n, 2, tiles, tk.SEL_BLOCK, tk.topk_config(K, N_k)[:2],
                              STATS_ROW_TOP)
         # every kernel runs once per (b, h): the per-head top-k has B * H score rows too
@@ -114,8 +114,8 @@ def modeled_rows(sizes, K=1):
         rows.append(dict(N_q=n + N_TEXT, N_k=N_k, n_query=n, K=K, flops=ours["flops"], plain_flops=plain["flops"],
                          flops_ratio=ours["flops"] / plain["flops"], bytes=ob, plain_bytes=pb, bytes_ratio=ob / pb,
                          hbm_bytes=ours["hbm"], plain_hbm_bytes=plain["hbm"],
-                         h100_us=max(ours["hbm"] / H100_HBM_BYTES_PER_S, ours["flops"] / H100_BF16_FLOPS) * 1e6,
-                         plain_h100_us=max(plain["hbm"] / H100_HBM_BYTES_PER_S, plain["flops"] / H100_BF16_FLOPS) * 1e6,
+                         h100_us=max(ours["hbm"] / H100_HBM_BYTES_PER_S, ours["flops"] / peak) * 1e6,
+                         plain_h100_us=max(plain["hbm"] / H100_HBM_BYTES_PER_S, plain["flops"] / peak) * 1e6,
                          explicit_matrix_bytes=B * H * (n + N_TEXT) * N_k * 4))
     return rows
 
