@@ -233,10 +233,11 @@ def chosen() -> list[dict]:
                 for (name, key, _), c in _choices.items()]
 
 
-def summary() -> list[str]:
-    """chosen() as one line per choice (what the GPU check and the benchmark print)."""
+def summary(choices: list[dict] | None = None) -> list[str]:
+    """chosen() (or the given list of its entries) as one line per choice: what the GPU check and the benchmark
+    print."""
     lines = []
-    for c in chosen():
+    for c in chosen() if choices is None else choices:
         times = "; ".join(f"{cfg} {ms:.4g} ms" for cfg, ms in sorted(c["ms"].items(), key=lambda kv: kv[1]))
         dropped = "; ".join(f"{cfg}: {why}" for cfg, why in c["dropped"].items())
         lines.append(f"{c['kernel']} {c['key']} on {c['device']}: {c['config']} ({c['source']}"
