@@ -27,14 +27,14 @@ def _randn(g, *shape, dtype=torch.float32, grad=False):
 
 
 def dar_route(g, dtype):
-    """d = 16, 300: route_config's BLOCK_T 16 (candidate 8) and 8 (16); T = 21 leaves ragged tiles; one token
-    near the float32 maximum takes the overflow path."""
+    """d = 16, 300: route_config's BLOCK_T 16 (candidate 32) and 8 (16); T = 21 and 37 leave ragged tiles; one
+    token near the float32 maximum takes the overflow path."""
     out = []
-    for d in (16, 300):
-        sources = [_randn(g, 2, 21, d, dtype=dtype) for _ in range(3)]
+    for d, T in ((16, 37), (300, 21)):
+        sources = [_randn(g, 2, T, d, dtype=dtype) for _ in range(3)]
         sources[1][1, 5] = 3e38 if dtype == torch.float32 else 6e4
         out.append(diffkern.dar_route(sources, _randn(g, d, dtype=dtype), _randn(g, d, dtype=dtype)))
-        out.append(diffkern.dar_route(sources, _randn(g, 2, 21, d, dtype=dtype), torch.ones(d, dtype=dtype)))
+        out.append(diffkern.dar_route(sources, _randn(g, 2, T, d, dtype=dtype), torch.ones(d, dtype=dtype)))
         out += diffkern.dar.dar_gather(sources[:2], sources[2:], _randn(g, 2, d, dtype=dtype), _randn(g, d, dtype=dtype))
     return out
 
@@ -107,11 +107,11 @@ def test_every_candidate_gives_the_same_bits(kernel, call, monkeypatch):
 
 
 def _candidate_groups() -> dict[str, list]:
-    """Base spec name -> the specs of its candidates (candidate_specs' names end in [<configuration>])."""
+    """Group name (candidate_specs' tag: everything but the configuration) -> the specs of its candidates."""
     groups = {}
     for spec in library_specs():
         if "candidate" in spec.tags:
-            groups.setdefault(spec.name.removesuffix(f"[{spec.tags['config']}]"), []).append(spec)
+            groups.setdefault(spec.tags["group"], []).append(spec)
     return {name: specs for name, specs in groups.items() if len(specs) > 1}
 
 
@@ -121,6 +121,7 @@ GROUPS = _candidate_groups()
 @pytest.mark.parametrize("name", GROUPS)
 def test_every_candidate_reduces_in_the_same_order_on_the_gpu(name):
     first, *others = sorted(GROUPS[name], key=lambda s: s.tags["candidate"])
+    assert [s.tags["candidate"] for s in (first, *others)] == list(range(len(others) + 1)), "a group mixes kernels"
     order = reduction_orders(first, 90)
     for spec in others:
         assert reduction_orders(spec, 90) == order, f"{spec.name} sums floats in another order than {first.name}"

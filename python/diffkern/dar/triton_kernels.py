@@ -64,11 +64,11 @@ def route_config(d: int, backward: bool) -> tuple[int, int, int]:
 
 
 def route_candidates(d: int) -> tuple[Config, ...]:
-    """The forward's autotune candidates for feature dim d: route_config's, then twice (or, at MAX_BLOCK_T, half)
-    its tokens per tile at the same warps (BLOCK_D is fixed by d)."""
-    block_t, block_d, num_warps = route_config(d, backward=False)
-    other = 2 * block_t if 2 * block_t <= MAX_BLOCK_T else block_t // 2
-    return tuple(Config({"BLOCK_T": t, "BLOCK_D": block_d}, num_warps) for t in (block_t, other))
+    """The forward's autotune candidates for feature dim d: route_config's BLOCK_T and warps, then twice the
+    tokens per tile at the same warps (BLOCK_D, fixed by d, is passed beside them). Not half: a tile smaller than
+    the warps' threads spreads d over fewer elements per thread (bf16 at d = 16), another order of its sums."""
+    block_t, _, num_warps = route_config(d, backward=False)
+    return tuple(Config({"BLOCK_T": t}, num_warps) for t in (block_t, 2 * block_t))
 
 
 @triton.jit
@@ -316,15 +316,16 @@ def route_fwd(sources, q, gain, eps, addends=()):
     c = _triton.empty((B, T, d) if addends else (0,), sources[0].dtype, dev)
     if B * T == 0:
         return h, lse, c
-    table, _, scalars = _common_args(sources, q, eps, backward=False)
+    table, meta, scalars = _common_args(sources, q, eps, backward=False)
+    block_d = meta["BLOCK_D"]
     add_table = _triton.tensor_table(addends, dev, stride_dims=(0, 1)) if addends else table
     aligned = _triton.aligned([*sources, *addends], (0, 1))
 
     def launch(config):
         n_tiles = triton.cdiv(T, config.constexprs["BLOCK_T"])
         return route_fwd_kernel[(B * n_tiles,)](table, add_table, q, gain, h, lse, c if addends else h, len(sources),
-                                                len(addends), T, d, n_tiles, *scalars, DYNAMIC_Q=q.dim() == 3,
-                                                ALIGNED=aligned, **config.meta())
+                                                len(addends), T, d, n_tiles, *scalars, BLOCK_D=block_d,
+                                                DYNAMIC_Q=q.dim() == 3, ALIGNED=aligned, **config.meta())
 
     key = (_dtypes.name(h.dtype), d, q.dim() == 3, aligned, bool(addends), bucket(B * T))
     launch(_autotune.pick("route_fwd_kernel", key, route_candidates(d), launch, kernel=route_fwd_kernel))
@@ -381,10 +382,10 @@ def aot_specs() -> list[KernelSpec]:
             bwd = {"src_table": "*i64", "dsrc_table": "*i64", **params, "dh_ptr": f"*{ty}", "dlast_ptr": f"*{ty}",
                    "dq_ptr": f"*{ty}" if dynamic else "*fp32", "partial_ptr": "*fp32", "n_chunks": "i32",
                    "tiles_per_chunk": "i32", "HAS_DLAST": "constexpr"}
-            fixed = {"DYNAMIC_Q": dynamic, "ALIGNED": aligned}
+            fixed = {"BLOCK_D": d, "DYNAMIC_Q": dynamic, "ALIGNED": aligned}
             specs += candidate_specs(
-                f"route_fwd_kernel[{ty},DYNAMIC_Q={dynamic}{'' if aligned else ',ALIGNED=False'}]", route_fwd_kernel,
-                {**fwd, **common}, fixed, route_candidates(d), tags)
+                f"route_fwd_kernel[{ty},BLOCK_D={d},DYNAMIC_Q={dynamic}{'' if aligned else ',ALIGNED=False'}]",
+                route_fwd_kernel, {**fwd, **common}, fixed, route_candidates(d), tags)
             block_t, block_d, num_warps = route_config(d, backward=True)
             for has_dlast in (False, True):
                 constexprs = {"BLOCK_T": block_t, "BLOCK_D": block_d, "DYNAMIC_Q": dynamic, "HAS_DLAST": has_dlast,
