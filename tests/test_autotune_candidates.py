@@ -27,10 +27,10 @@ def _randn(g, *shape, dtype=torch.float32, grad=False):
 
 
 def dar_route(g, dtype):
-    """d = 16, 300: route_config's BLOCK_T 16 (candidate 32) and 8 (16); T = 21 and 37 leave ragged tiles; one
+    """d = 600, 300: route_config's BLOCK_T 4 (candidate 8) and 8 (16); T = 37 and 21 leave ragged tiles; one
     token near the float32 maximum takes the overflow path."""
     out = []
-    for d, T in ((16, 37), (300, 21)):
+    for d, T in ((600, 37), (300, 21)):
         sources = [_randn(g, 2, T, d, dtype=dtype) for _ in range(3)]
         sources[1][1, 5] = 3e38 if dtype == torch.float32 else 6e4
         out.append(diffkern.dar_route(sources, _randn(g, d, dtype=dtype), _randn(g, d, dtype=dtype)))

@@ -22,20 +22,25 @@ use for the shapes in `key` (a tuple of str/int/float/bool/None: the shapes that
 The disk cache (DIFFKERN_AUTOTUNE_CACHE_DIR, default ~/.cache/diffkern/autotune; empty disables it) holds
 one small JSON file per choice, named by a hash of the kernel name, its key, the kernel's source (Triton's
 JITFunction.cache_key, which covers the @triton.jit functions it calls), the candidate list, the device
-(name, capability, SM count) and the Triton version: the ingredients of Triton's own autotune cache
-(cache_results), so an edited kernel, a changed candidate list or another GPU or Triton is tuned afresh.
+(name, capability, SM count) and the Triton version (much as Triton's own autotune cache, cache_results, is
+keyed), so an edited kernel, a changed candidate list, another GPU or another Triton is tuned afresh.
 
-Why not `triton.autotune`: its Autotuner times on the first call even while a CUDA graph is being captured
-(and synchronises, which breaks the capture), its pruning hooks run before compiling, so a configuration
-cannot be dropped for spilling, it keeps no report of its choices, and with several configurations it fails
-in the interpreter. This wrapper keeps the launchers plain `kernel[grid](..., **config.meta())` calls.
+Why not `triton.autotune` (checked against triton 3.6 and 3.8): its Autotuner times a new key on its first
+call whatever the stream is doing, so a first call inside CUDA-graph capture would launch, time and
+synchronise inside the capture; it drops a configuration only when it fails (OutOfResources, a compile error),
+never for spilling, and its prune hooks see the configurations before they are compiled; its choices reach a
+report only through knobs.autotuning.listener, which triton 3.6 does not have; and with several
+configurations it fails in the interpreter. This wrapper keeps the launchers plain
+`kernel[grid](..., **config.meta())` calls.
 
-Determinism: candidates may differ only in what leaves every output bit unchanged (num_warps, num_stages,
-tiles of dimensions that are not reduced), so a run gives the same bits whichever candidate wins; a
-candidate that would move a floating-point reduction to another layout is not listed (each kernel module
-says why its list is what it is). tests/test_autotune_candidates.py checks both sides: every candidate gives
-bit-identical outputs in the interpreter, and every candidate's compiled reductions (TTGIR, sm_90a) sum in
-the same order as configs[0]'s.
+Determinism: candidates may differ only in what leaves every output bit unchanged, so a run gives the same
+bits whichever candidate wins. num_stages never changes the arithmetic; num_warps and tile sizes change nothing
+in an elementwise kernel, but wherever a kernel sums floats (tl.sum) they can change the layout of the summed
+axis and so the order of the additions on a GPU (more warps, or a tile smaller than the warps' threads, spreads
+the axis differently). Such candidates are not listed, and each kernel module says why its list is what it is.
+tests/test_autotune_candidates.py checks both halves: every candidate gives bit-identical outputs in the
+interpreter, and every candidate's compiled float reductions (TTGIR, sm_90a: diffkern.testing.aot.
+reduction_orders) are laid out as configs[0]'s along the reduced axis.
 
 `launch` must be safe to call repeatedly (each call writes the same outputs from the same inputs).
 """

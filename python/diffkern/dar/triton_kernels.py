@@ -64,11 +64,12 @@ def route_config(d: int, backward: bool) -> tuple[int, int, int]:
 
 
 def route_candidates(d: int) -> tuple[Config, ...]:
-    """The forward's autotune candidates for feature dim d: route_config's BLOCK_T and warps, then twice the
-    tokens per tile at the same warps (BLOCK_D, fixed by d, is passed beside them). Not half: a tile smaller than
-    the warps' threads spreads d over fewer elements per thread (bf16 at d = 16), another order of its sums."""
+    """The forward's autotune candidates for feature dim d: route_config's BLOCK_T and warps, then, up to
+    MAX_BLOCK_T, twice the tokens per tile at the same warps (BLOCK_D, fixed by d, is passed beside them).
+    Not beyond MAX_BLOCK_T: 32 tokens spill at d = 64..256 in fp32. Not half: a tile smaller than the warps'
+    threads spreads d over fewer elements per thread (bf16 at d = 16), another order of its sums."""
     block_t, _, num_warps = route_config(d, backward=False)
-    return tuple(Config({"BLOCK_T": t}, num_warps) for t in (block_t, 2 * block_t))
+    return tuple(Config({"BLOCK_T": t}, num_warps) for t in (block_t, 2 * block_t) if t <= MAX_BLOCK_T)
 
 
 @triton.jit
