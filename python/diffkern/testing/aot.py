@@ -19,6 +19,9 @@ so a kernel that compiles from its spec can still fail to compile when launched 
 It works under TRITON_INTERPRET=1, where `@triton.jit` returns interpreter wrappers: the wrapped
 Python functions, and the @triton.jit helpers they call, are rebuilt as JITFunctions for compiling.
 
+`reduction_orders(spec, arch)` reads the layout of every floating-point reduction from the TTGIR: two
+configurations with equal lists add in the same order on the GPU (the autotune candidates are held to it).
+
 Compiles are cached by Triton (TRITON_CACHE_DIR, default ~/.triton/cache), and the ptxas report is
 stored beside the cubin in the same cache entry, so a repeated call costs milliseconds.
 """
