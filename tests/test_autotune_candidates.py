@@ -22,45 +22,45 @@ from diffkern.testing.aot import library_specs, reduction_orders
 INTERPRETER = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests (CPU tensors)")
 
 
-def _randn(g, *shape, dtype=torch.float32, grad=False):
-    return torch.randn(*shape, generator=g).to(dtype).requires_grad_(grad)
+def _randn(g, *shape, grad=False):
+    return torch.randn(*shape, generator=g).requires_grad_(grad)
 
 
-def dar_route(g, dtype):
+def dar_route(g):
     """d = 600, 300: route_config's BLOCK_T 4 (candidate 8) and 8 (16); T = 37 and 21 leave ragged tiles; one
     token near the float32 maximum takes the overflow path."""
     out = []
     for d, T in ((600, 37), (300, 21)):
-        sources = [_randn(g, 2, T, d, dtype=dtype) for _ in range(3)]
-        sources[1][1, 5] = 3e38 if dtype == torch.float32 else 6e4
-        out.append(diffkern.dar_route(sources, _randn(g, d, dtype=dtype), _randn(g, d, dtype=dtype)))
-        out.append(diffkern.dar_route(sources, _randn(g, 2, T, d, dtype=dtype), torch.ones(d, dtype=dtype)))
-        out += diffkern.dar.dar_gather(sources[:2], sources[2:], _randn(g, 2, d, dtype=dtype), _randn(g, d, dtype=dtype))
+        sources = [_randn(g, 2, T, d) for _ in range(3)]
+        sources[1][1, 5] = 3e38
+        out.append(diffkern.dar_route(sources, _randn(g, d), _randn(g, d)))
+        out.append(diffkern.dar_route(sources, _randn(g, 2, T, d), torch.ones(d)))
+        out += diffkern.dar.dar_gather(sources[:2], sources[2:], _randn(g, 2, d), _randn(g, d))
     return out
 
 
-def ntrk_step(g, dtype):
+def ntrk_step(g):
     """D = 2053: ragged tiles of 1024 and 2048 elements; eps drawn in-kernel and given."""
-    mu, w, eps = (_randn(g, 2, 2053, dtype=dtype) for _ in range(3))
+    mu, w, eps = (_randn(g, 2, 2053) for _ in range(3))
     sigma, rho = torch.tensor([0.5, 0.7]), torch.tensor([0.3, 0.9])
     drawn = diffkern.ntrk_step(mu, sigma, w, rho, generator=torch.Generator().manual_seed(1))
     return [drawn, diffkern.ntrk_step(mu, sigma, w, rho, eps=eps)]
 
 
-def twoos_project(g, dtype):
-    return list(diffkern.twoos_project(_randn(g, 2, 4, 6, dtype=dtype)))
+def twoos_project(g):
+    return list(diffkern.twoos_project(_randn(g, 2, 4, 6)))
 
 
-def grpo_backward(g, dtype):
+def grpo_backward(g):
     """D = 2053: ragged tiles of 1024 and 2048 elements; CFG and KL on and off; the ratio inside the clip range,
     so every gradient is live."""
     B, D = 2, 2053
     sigma, sigma_next = torch.tensor([0.8, 0.6]), torch.tensor([0.7, 0.5])
     out = []
     for cfg in (False, True):
-        x, eps, v_ref = (_randn(g, B, D, dtype=dtype) for _ in range(3))
-        v = _randn(g, B, D, dtype=dtype, grad=True)
-        v_uncond = _randn(g, B, D, dtype=dtype, grad=True) if cfg else None
+        x, eps, v_ref = (_randn(g, B, D) for _ in range(3))
+        v = _randn(g, B, D, grad=True)
+        v_uncond = _randn(g, B, D, grad=True) if cfg else None
         x_next, _, log_prob, _ = diffkern.flow_sde_step(x, v.detach(), sigma, sigma_next, eps=eps)
         kwargs = dict(beta=0.1, v_ref=v_ref, v_uncond=v_uncond, cfg_scale=4.5) if cfg else {}
         loss = diffkern.grpo_iso_loss(v, x, x_next, sigma, sigma_next, log_prob + 0.01, torch.tensor([1.0, -1.0]),
@@ -96,7 +96,7 @@ def test_every_candidate_gives_the_same_bits(kernel, call, monkeypatch):
 
         monkeypatch.setattr(_autotune, "pick", pick)
         with diffkern.backend("triton"):
-            return call(torch.Generator().manual_seed(0), torch.float32)
+            return call(torch.Generator().manual_seed(0))
 
     first = run(0)
     assert len(candidates) > 1, f"{kernel} has no candidate to compare"
