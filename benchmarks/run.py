@@ -32,6 +32,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+from diffkern import _autotune  # noqa: E402
 from diffkern.bench import bars, chart, cpu, gpu, interpreted, kernel_roofline, report, resources, traffic  # noqa: E402
 from diffkern.bench.mode import MODES  # noqa: E402
 from diffkern.bench.progress import Progress  # noqa: E402
@@ -158,6 +159,10 @@ def main(argv=None) -> dict:
             extra.append(_timed(seconds, name, lambda: module.report(mode.quick, args.out, mode=mode)))
         except Exception as error:  # noqa: BLE001 - the report says which section failed and why
             extra.append(f"## {name}\n\nerror: {error!r}\n")
+    if gpu.available():  # the launch configurations the GPU timings ran with (diffkern._autotune)
+        results["autotune"] = _autotune.chosen()
+        extra.append("\n".join(["## Autotuning", "", *(f"- {line}" for line in _autotune.summary(results["autotune"])),
+                                 ""]))
     seconds["wall"]["total"], seconds["cpu"]["total"] = round(log.elapsed(), 1), round(_cpu_s(os.times()), 1)
 
     md = "\n".join([report.markdown(results), *extra])

@@ -1,6 +1,7 @@
 """The CPU-checkable logic of gpu_check's cooperative, sanitizer, timing and registers sections: the report
 parser, the launched-vs-AOT comparison on fake compiled-kernel records, the bars, and the cooperative
 check in the interpreter (including the defects it must catch)."""
+import json
 import types
 
 import pytest
@@ -213,3 +214,20 @@ def test_the_gpu_timing_path_builds_its_rows_with_a_stand_in_timer(monkeypatch):
             assert all(set(r.metrics["ms"]) == {"diffkern[triton]"} | expected for r in info)
             assert all(r.metrics["compile_mode"] == "skipped (time)" for r in info)
             assert all(r.status in ("met", "not met", "skip") for r in rows if r.status != "info")
+
+
+def test_timing_reports_the_autotune_choices(monkeypatch):
+    """After its timings the section lists every launch configuration diffkern._autotune chose, one info row each
+    with the candidates' times, json-serialisable for gpu_check.json."""
+    from diffkern import _autotune
+    small, large = _autotune.Config({"BLOCK": 1024}, 4), _autotune.Config({"BLOCK": 2048}, 4)
+    monkeypatch.setattr(_autotune, "_choices", {})
+    assert [(r.name, r.status) for r in timing.autotune_rows()] == [("autotune", "info")]
+    entry = {"config": large, "ms": {small: 0.02, large: 0.01}, "source": "timed", "dropped": {}, "device": "H100",
+             "capability": (9, 0)}
+    monkeypatch.setattr(_autotune, "_choices", {("ntrk_step_kernel", ("bfloat16", True, 4096), 0): entry})
+    [row] = timing.autotune_rows()
+    assert row.status == "info" and row.name == "autotune ntrk_step_kernel ('bfloat16', True, 4096)"
+    assert row.detail.startswith(f"ntrk_step_kernel ('bfloat16', True, 4096) on H100: {large.describe()} (timed; ")
+    assert row.metrics["ms"] == {small.describe(): 0.02, large.describe(): 0.01}
+    json.dumps(row.metrics)

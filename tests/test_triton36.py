@@ -6,8 +6,8 @@ numpy 2.4 refuses and triton 3.8 no longer does) and that otherwise sees this in
 file after its own)
 runs a subset that reaches the Triton internals diffkern depends on: the interpreter patches of
 diffkern._triton and diffkern._cooperative (threaded programs, helper calls), the monitor's hooks and
-launch records (its dot FLOPs included), and testing.aot's compile path (ASTSource, launched()'s binder)
-with PTX for sm_90a.
+launch records (its dot FLOPs included), testing.aot's compile path (ASTSource, launched()'s binder) with PTX
+for sm_90a and the TTGIR that reduction_orders reads, and _autotune's use of do_bench and OutOfResources.
 Skipped where triton 3.6.0 cannot be installed.
 """
 import os
@@ -21,8 +21,9 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 VERSION = "3.6.0"
-SUBSET = ["tests/test_cooperative.py", "tests/test_launch_options.py",
+SUBSET = ["tests/test_cooperative.py", "tests/test_launch_options.py", "tests/test_autotune.py",
           "tests/test_aligned_variants.py::test_aligned_dar_kernels_move_bf16_sources_16_bytes_at_a_time",
+          "tests/test_autotune_candidates.py::test_reduction_orders_see_a_change_of_warps",
           "tests/test_triton_monitor.py::test_dots_count_2mnk_at_their_block_shape_in_every_program_that_runs_them"]
 
 

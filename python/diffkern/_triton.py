@@ -181,6 +181,7 @@ class KernelSpec:
     maxnreg: int | None = None
     tags: dict = field(default_factory=dict)
     attrs: dict = field(default_factory=dict)
+    num_stages: int = 3  # Triton's default on NVIDIA GPUs
 
 
 def register_budget(num_warps: int) -> int:

@@ -14,8 +14,9 @@ from .workload import Workload
 
 
 def _used_specs(workload: Workload, quick: bool, dtype: torch.dtype) -> list[tuple[object, list[str]]]:
-    """(spec, names of the cases that launch it); every spec if none is matched (specs without tags)."""
-    specs = workload.aot_specs()
+    """(spec, names of the cases that launch it); every spec if none is matched (specs without tags). Of a kernel's
+    autotune candidates only the first, the one the interpreter's counts run, is listed."""
+    specs = [s for s in workload.aot_specs() if s.tags.get("candidate", 0) == 0]
     used = [(s, [c.name for c in workload.cases(quick) if workload.spec_used(s, c, dtype)]) for s in specs]
     used = [(s, names) for s, names in used if names]
     return used or [(s, []) for s in specs]

@@ -20,6 +20,12 @@ finiteness check only.
 Chunked gathering (dar_gather) runs the same kernels: the forward also reads k addends, writes their
 sum c once (fp32 sum, rounded to the sources' dtype) and routes over the stored c after the sources;
 the backward adds c's incoming gradient to the last source's (one more read).
+Autotuning (diffkern._autotune) keeps every output bit. The forward reduces over d only, per token, so its
+candidates (route_candidates) change BLOCK_T, the tokens of a tile, at the warps of route_config: Triton lays the
+d axis out the same way whatever the number of rows, so every sum over d adds in the same order (checked on the
+compiled code by tests/test_autotune_candidates.py; more or fewer warps moves some widths' d axis to another
+layout). The backward also sums its tile's tokens (the dq/dgain partials), so BLOCK_T is a reduced dimension
+there, and more or fewer warps change the layout of the token or the d axis: it keeps the one configuration.
 """
 from __future__ import annotations
 
@@ -30,7 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _dtypes, _triton
+from .. import _autotune, _dtypes, _triton
+from .._autotune import Config, bucket, candidate_specs
 from .._triton import KernelSpec
 
 MAX_D = 4096
@@ -54,6 +61,15 @@ def route_config(d: int, backward: bool) -> tuple[int, int, int]:
     block_t = max(1, min(MAX_BLOCK_T, TILE_ELEMS[backward] // block_d))
     num_warps = max(1, min(16, block_t * block_d // (32 * ELEMS_PER_THREAD[backward])))
     return block_t, block_d, num_warps
+
+
+def route_candidates(d: int) -> tuple[Config, ...]:
+    """The forward's autotune candidates for feature dim d: route_config's BLOCK_T and warps, then, up to
+    MAX_BLOCK_T, twice the tokens per tile at the same warps (BLOCK_D, fixed by d, is passed beside them).
+    Not beyond MAX_BLOCK_T: 32 tokens spill at d = 64..256 in fp32. Not half: a tile smaller than the warps'
+    threads spreads d over fewer elements per thread (bf16 at d = 16), another order of its sums."""
+    block_t, _, num_warps = route_config(d, backward=False)
+    return tuple(Config({"BLOCK_T": t}, num_warps) for t in (block_t, 2 * block_t) if t <= MAX_BLOCK_T)
 
 
 @triton.jit
@@ -302,11 +318,18 @@ def route_fwd(sources, q, gain, eps, addends=()):
     if B * T == 0:
         return h, lse, c
     table, meta, scalars = _common_args(sources, q, eps, backward=False)
+    block_d = meta["BLOCK_D"]
     add_table = _triton.tensor_table(addends, dev, stride_dims=(0, 1)) if addends else table
-    n_tiles = triton.cdiv(T, meta["BLOCK_T"])
-    route_fwd_kernel[(B * n_tiles,)](table, add_table, q, gain, h, lse, c if addends else h, len(sources),
-                                     len(addends), T, d, n_tiles, *scalars, DYNAMIC_Q=q.dim() == 3,
-                                     ALIGNED=_triton.aligned([*sources, *addends], (0, 1)), **meta)
+    aligned = _triton.aligned([*sources, *addends], (0, 1))
+
+    def launch(config):
+        n_tiles = triton.cdiv(T, config.constexprs["BLOCK_T"])
+        return route_fwd_kernel[(B * n_tiles,)](table, add_table, q, gain, h, lse, c if addends else h, len(sources),
+                                                len(addends), T, d, n_tiles, *scalars, BLOCK_D=block_d,
+                                                DYNAMIC_Q=q.dim() == 3, ALIGNED=aligned, **config.meta())
+
+    key = (_dtypes.name(h.dtype), d, q.dim() == 3, aligned, bool(addends), bucket(B * T))
+    launch(_autotune.pick("route_fwd_kernel", key, route_candidates(d), launch, kernel=route_fwd_kernel))
     return h, lse, c
 
 
@@ -339,8 +362,9 @@ def route_bwd(dh, sources, q, gain, h, lse, eps, dlast=None):
 
 
 def aot_specs() -> list[KernelSpec]:
-    """Every launch configuration the launchers can produce (one per power-of-two d), per dtype and q kind;
-    the backward also with and without a last-source gradient (dar_gather's summary, HAS_DLAST)."""
+    """Every launch configuration the launchers can produce (one per power-of-two d), per dtype and q kind:
+    the forward with each autotune candidate, the backward with and without a last-source gradient
+    (dar_gather's summary, HAS_DLAST)."""
     specs = []
     common = {"n_src": "i32", "T": "i32", "d": "i32", "stride_qb": "i64", "stride_qt": "i64", "inv_d": "fp32",
               "inv_sqrt_d": "fp32", "eps": "fp32", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr",
@@ -359,14 +383,16 @@ def aot_specs() -> list[KernelSpec]:
             bwd = {"src_table": "*i64", "dsrc_table": "*i64", **params, "dh_ptr": f"*{ty}", "dlast_ptr": f"*{ty}",
                    "dq_ptr": f"*{ty}" if dynamic else "*fp32", "partial_ptr": "*fp32", "n_chunks": "i32",
                    "tiles_per_chunk": "i32", "HAS_DLAST": "constexpr"}
-            for kernel, backward, signature, extra in (
-                    (route_fwd_kernel, False, fwd, {}),
-                    (route_bwd_kernel, True, bwd, {"HAS_DLAST": False}),
-                    (route_bwd_kernel, True, bwd, {"HAS_DLAST": True})):
-                block_t, block_d, num_warps = route_config(d, backward)
-                constexprs = {"BLOCK_T": block_t, "BLOCK_D": block_d, "DYNAMIC_Q": dynamic, **extra, "ALIGNED": aligned}
-                flags = "".join(f",{k}={v}" for k, v in extra.items()) + ("" if aligned else ",ALIGNED=False")
-                name = f"{kernel.__name__}[{ty},BLOCK_T={block_t},BLOCK_D={block_d},DYNAMIC_Q={dynamic}{flags}]"
-                specs.append(KernelSpec(name, kernel, {**signature, **common}, constexprs, num_warps,
-                                        _triton.register_budget(num_warps), {**tags, **extra}))
+            fixed = {"BLOCK_D": d, "DYNAMIC_Q": dynamic, "ALIGNED": aligned}
+            specs += candidate_specs(
+                f"route_fwd_kernel[{ty},BLOCK_D={d},DYNAMIC_Q={dynamic}{'' if aligned else ',ALIGNED=False'}]",
+                route_fwd_kernel, {**fwd, **common}, fixed, route_candidates(d), tags)
+            block_t, block_d, num_warps = route_config(d, backward=True)
+            for has_dlast in (False, True):
+                constexprs = {"BLOCK_T": block_t, "BLOCK_D": block_d, "DYNAMIC_Q": dynamic, "HAS_DLAST": has_dlast,
+                              "ALIGNED": aligned}
+                name = (f"route_bwd_kernel[{ty},BLOCK_T={block_t},BLOCK_D={block_d},DYNAMIC_Q={dynamic},"
+                        f"HAS_DLAST={has_dlast}{'' if aligned else ',ALIGNED=False'}]")
+                specs.append(KernelSpec(name, route_bwd_kernel, {**bwd, **common}, constexprs, num_warps,
+                                        _triton.register_budget(num_warps), {**tags, "HAS_DLAST": has_dlast}))
     return specs

@@ -11,6 +11,8 @@ section measured. The issue's bars follow each call as "met" / "not met" rows:
   every op >= 1.5x eager; the memory-bound ops (DAR route, GRPO step and loss, NTRK step, 2OS project)
   >= 80% of the measured copy bandwidth and >= 1.5x torch.compile; sink attention <= 1.3x SDPA flash.
 The dry run builds the same case list with its rooflines, each row "skip: timings need CUDA".
+After the timings, one "autotune" info row per launch configuration diffkern._autotune chose in this run
+(kernel, shape key, configuration, each candidate's median ms, candidates dropped for spilling).
 """
 from __future__ import annotations
 
@@ -147,8 +149,19 @@ def _roofline_rows(call: TimedCall, status: str, detail: str) -> list[Row]:
                 {"roofline": roof[p].as_dict(), "backends": list(call.backends())}) for p in call.passes]
 
 
+def autotune_rows() -> list[Row]:
+    """One info row per configuration diffkern._autotune chose in this process (diffkern._autotune.chosen())."""
+    from .. import _autotune
+    choices = _autotune.chosen()
+    if not choices:
+        return [Row(SECTION, "autotune", "info", "no kernel was tuned (DIFFKERN_AUTOTUNE=0, or no tuned launch ran)")]
+    return [Row(SECTION, f"autotune {c['kernel']} {c['key']}", "info", line, c)
+            for c, line in zip(choices, _autotune.summary(choices))]
+
+
 def run(ctx) -> list[Row]:
-    """One info row per (call, pass, backend) with its times and achieved rates, then its bar rows."""
+    """One info row per (call, pass, backend) with its times and achieved rates, then its bar rows; then the
+    autotune choices."""
     timed = calls()
     if ctx.dry_run or ctx.device.type != "cuda":
         return [r for call in timed for r in _roofline_rows(call, "skip", "timings need CUDA")]
@@ -165,4 +178,4 @@ def run(ctx) -> list[Row]:
             rows.append(Row(SECTION, call.name, "fail", _last_line(error)))
             gc.collect()
             torch.cuda.empty_cache()
-    return rows
+    return rows + autotune_rows()

@@ -11,6 +11,11 @@ tensor math. target is y = x_next - a x (HAS_X off) or x_next (HAS_X on, x read 
   log_prob_bwd_kernel  reads the same again; writes dv (+ dv_uncond) once
   finalize_kernel      per sample: log_prob, kl, inv_lambda from the partial sums
 Bytes per element of B x D (no CFG/KL, y form): forward 2 reads, backward 2 reads + 1 write.
+
+Autotuning (diffkern._autotune) keeps every output bit: log_prob_bwd_kernel is elementwise, so its tile and warps
+are free (BWD_CONFIGS). The other three each reduce over every dimension they tile (tl.sum over the BLOCK lanes,
+finalize over the chunk partials), and their warps and tile fix the order of those float sums on a GPU (a
+different num_warps or BLOCK changes it: tests/test_autotune_candidates.py), so each keeps its one configuration.
 """
 from __future__ import annotations
 
@@ -21,12 +26,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _dtypes, _triton
+from .. import _autotune, _dtypes, _triton
+from .._autotune import Config, bucket, candidate_specs
 from .._triton import KernelSpec
 
 # 1024 elements at 8 per thread (4 warps): the backward keeps ~6 live fp32 tiles (v, v_uncond, x,
 # target, v_ref, dv), far below the register budget; the tile is also the interpreter's unit of work.
 BLOCK, NUM_WARPS = 1024, 4
+BWD_CONFIGS = (Config({"BLOCK": BLOCK}, NUM_WARPS), Config({"BLOCK": 2 * BLOCK}, NUM_WARPS))
 
 
 @triton.jit
@@ -158,11 +165,11 @@ def finalize_kernel(partial_ptr, sigma_ptr, sigma_next_ptr, log_prob_ptr, kl_ptr
     tl.store(inv_lambda_ptr + i, inv_lambda)
 
 
-def _grid(x: torch.Tensor) -> tuple[int, int, int, int]:
-    """(B, D, n_chunks, tiles per chunk) of the split reduction over each sample's elements."""
+def _grid(x: torch.Tensor, block: int = BLOCK) -> tuple[int, int, int, int]:
+    """(B, D, n_chunks, tiles per chunk) of the split reduction over each sample's elements (tiles of `block`)."""
     B, D = x.shape[0], math.prod(x.shape[1:])
-    per_chunk = _triton.tiles_per_chunk(B, triton.cdiv(D, BLOCK), x.device)
-    return B, D, triton.cdiv(triton.cdiv(D, BLOCK), per_chunk), per_chunk
+    per_chunk = _triton.tiles_per_chunk(B, triton.cdiv(D, block), x.device)
+    return B, D, triton.cdiv(triton.cdiv(D, block), per_chunk), per_chunk
 
 
 # Chunks summed per step of finalize_kernel's loop.
@@ -228,18 +235,24 @@ def log_prob_bwd(dlog_prob, dkl, v, x, target, sigma, sigma_next, v_ref, v_uncon
     """Launches log_prob_bwd_kernel: [dv] or [dv, dv_uncond] in v's dtype."""
     grads = [_triton.empty(v.shape, v.dtype, v.device) for _ in range(1 if v_uncond is None else 2)]
     sigma, sigma_next = _sigmas(sigma, sigma_next)
-    B, D, n_chunks, per_chunk = _grid(v)
-    if B == 0:
+    if v.shape[0] == 0:
         return grads
-    log_prob_bwd_kernel[(B * n_chunks,)](grads[0], grads[-1], v, _optional(v_uncond, v), _optional(x, v), target,
-                                         _optional(v_ref, v), dlog_prob, dkl, sigma, sigma_next, std_coef, cfg_scale,
-                                         D, n_chunks, per_chunk, STD_RULE=std_rule, **_flags(x, v_ref, v_uncond),
-                                         **_META)
+
+    def launch(config):
+        B, D, n_chunks, per_chunk = _grid(v, config.constexprs["BLOCK"])
+        return log_prob_bwd_kernel[(B * n_chunks,)](grads[0], grads[-1], v, _optional(v_uncond, v), _optional(x, v),
+                                                    target, _optional(v_ref, v), dlog_prob, dkl, sigma, sigma_next,
+                                                    std_coef, cfg_scale, D, n_chunks, per_chunk, STD_RULE=std_rule,
+                                                    **_flags(x, v_ref, v_uncond), **config.meta())
+
+    key = (_dtypes.name(v.dtype), *_flags(x, v_ref, v_uncond).values(), bucket(v.numel()))
+    launch(_autotune.pick("log_prob_bwd_kernel", key, BWD_CONFIGS, launch, kernel=log_prob_bwd_kernel))
     return grads
 
 
 def aot_specs() -> list[KernelSpec]:
-    """Every launch configuration: one per kernel, dtype, std rule and (HAS_X, HAS_CFG, HAS_REF)."""
+    """Every launch configuration: one per kernel, dtype, std rule and (HAS_X, HAS_CFG, HAS_REF); the backward
+    with each autotune candidate."""
     specs = []
     grid = {"D": "i32", "n_chunks": "i32", "tiles_per_chunk": "i32"}
     step = {"sigma_ptr": "*fp32", "sigma_next_ptr": "*fp32", "std_coef": "fp32"}
@@ -271,8 +284,8 @@ def aot_specs() -> list[KernelSpec]:
                     f"log_prob_fwd_kernel{name}", log_prob_fwd_kernel,
                     {**latents, "partial_ptr": "*fp32", **step, "cfg_scale": "fp32", **grid, "n_programs": "i32",
                      **flags}, constexprs, NUM_WARPS, maxnreg, {**tags, "backward": False}))
-                specs.append(KernelSpec(
+                specs += candidate_specs(
                     f"log_prob_bwd_kernel{name}", log_prob_bwd_kernel,
                     {"dv_ptr": p, "dvu_ptr": p, **latents, "dlog_prob_ptr": "*fp32", "dkl_ptr": "*fp32", **step,
-                     "cfg_scale": "fp32", **grid, **flags}, constexprs, NUM_WARPS, maxnreg, {**tags, "backward": True}))
+                     "cfg_scale": "fp32", **grid, **flags}, constexprs, BWD_CONFIGS, {**tags, "backward": True})
     return specs

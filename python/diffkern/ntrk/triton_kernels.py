@@ -17,6 +17,11 @@ A column never has to fit one program: M is cut into CHUNKs (video latents: M = 
 Bytes per entry and pass: row (input) + 6, col 4 + 8, clip 8 + 2 + 8 (band gathers) + 4 + 8 (LOG_CHUNK + 1)
 per other chunk (the binary search's gathers, L2-resident): bench/ntrk_model.py, tested against the
 interpreter's counts.
+
+Autotuning (diffkern._autotune; the first candidate is what the interpreter runs): every candidate gives the same
+bits. ntrk_step_kernel is elementwise (eps drawn at each element's own Philox offset), so its tile and warps are
+free (STEP_CONFIGS). The 2OS kernels sort keys that are unique (value packed with its position) and count in
+int32, so their results do not depend on the layout: SORT_CONFIGS tries 4 and 8 warps for each.
 """
 from __future__ import annotations
 
@@ -24,16 +29,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _checks, _dtypes, _triton
+from .. import _autotune, _checks, _dtypes, _triton
+from .._autotune import Config, bucket, candidate_specs
 from .._triton import KernelSpec
 
 # ntrk_step: 1024 elements at 8 per thread (4 warps); three live fp32 tiles (or two and the Philox state).
 BLOCK, NUM_WARPS = 1024, 4
+STEP_CONFIGS = (Config({"BLOCK": BLOCK}, NUM_WARPS), Config({"BLOCK": 2 * BLOCK}, NUM_WARPS),
+                Config({"BLOCK": 2 * BLOCK}, 2 * NUM_WARPS))
 # 2OS: packed int64 keys per program. ROW_KEYS keys (ROWS tiles of BLOCK_D) and COL_CHUNK keys per
 # sort keep 8-16 keys per thread at 4 warps: tl.sort's shuffles then stay in registers (no spills on
 # sm_80/sm_90a, tests/test_kernels_compile.py). The tile D is held in one program, so D <= MAX_TILE.
 ROW_KEYS, COL_CHUNK, SORT_WARPS, MAX_TILE = 2048, 1024, 4, 1024
 KEY_PAD = tl.constexpr(2**63 - 1)  # sorts after every real key
+SORT_CONFIGS = (Config(num_warps=SORT_WARPS), Config(num_warps=2 * SORT_WARPS))
 
 
 @triton.jit
@@ -184,14 +193,18 @@ def ntrk_step(mu, sigma, w, rho, eps, philox):
     D = mu.numel() // B if B else 0
     if B == 0 or D == 0:
         return x
-    n_tiles = triton.cdiv(D, BLOCK)
-    per_chunk = _triton.tiles_per_chunk(B, n_tiles, mu.device)
-    n_chunks = triton.cdiv(n_tiles, per_chunk)
-    ntrk_step_kernel[(B * n_chunks,)](mu, w, mu if eps is None else eps, x, sigma.float().contiguous(),
-                                      rho.float().contiguous(), mu if philox is None else philox, D, n_chunks,
-                                      per_chunk,
-                                      HAS_EPS=eps is not None, BLOCK=BLOCK, num_warps=NUM_WARPS,
-                                      maxnreg=_triton.register_budget(NUM_WARPS))
+    sigma, rho = sigma.float().contiguous(), rho.float().contiguous()
+
+    def launch(config):
+        n_tiles = triton.cdiv(D, config.constexprs["BLOCK"])
+        per_chunk = _triton.tiles_per_chunk(B, n_tiles, mu.device)
+        n_chunks = triton.cdiv(n_tiles, per_chunk)
+        return ntrk_step_kernel[(B * n_chunks,)](mu, w, mu if eps is None else eps, x, sigma, rho,
+                                                 mu if philox is None else philox, D, n_chunks, per_chunk,
+                                                 HAS_EPS=eps is not None, **config.meta())
+
+    key = (_dtypes.name(mu.dtype), eps is not None, bucket(B * D))
+    launch(_autotune.pick("ntrk_step_kernel", key, STEP_CONFIGS, launch, kernel=ntrk_step_kernel))
     return x
 
 
@@ -223,13 +236,16 @@ def twoos_project(x, lower, upper, max_passes):
     chunk = col_chunk(M)
     n_chunks = triton.cdiv(M, chunk)
     counts = torch.empty((B, D * n_chunks), dtype=torch.int32, device=dev)
-    sort_meta = dict(num_warps=SORT_WARPS, maxnreg=_triton.register_budget(SORT_WARPS))
     for p in range(max_passes + 1):
-        row_sort_kernel[(B * n_row_blocks,)](x if p == 0 else y, sorted_t, perm, M, D, n_row_blocks, ROWS=rows,
-                                             BLOCK_D=block_d, **sort_meta)
-        col_sort_kernel[(B * D * n_chunks,)](sorted_t, keys, M, n_chunks, CHUNK=chunk, **sort_meta)
-        clip_kernel[(B * D * n_chunks,)](keys, perm, lower, upper, y, counts, M, D, n_chunks, CLIP=p < max_passes,
-                                         CHUNK=chunk, LOG_CHUNK=chunk.bit_length() - 1, **sort_meta)
+        source, clip = x if p == 0 else y, p < max_passes
+        _launch_tuned("row_sort_kernel", (_dtypes.name(source.dtype), block_d, bucket(B * M)), lambda meta: (
+            row_sort_kernel[(B * n_row_blocks,)](source, sorted_t, perm, M, D, n_row_blocks, ROWS=rows,
+                                                 BLOCK_D=block_d, **meta)), row_sort_kernel)
+        _launch_tuned("col_sort_kernel", (chunk, bucket(B * D * M)), lambda meta: (
+            col_sort_kernel[(B * D * n_chunks,)](sorted_t, keys, M, n_chunks, CHUNK=chunk, **meta)), col_sort_kernel)
+        _launch_tuned("clip_kernel", (clip, chunk, bucket(n_chunks), bucket(B * D * M)), lambda meta: (
+            clip_kernel[(B * D * n_chunks,)](keys, perm, lower, upper, y, counts, M, D, n_chunks, CLIP=clip,
+                                             CHUNK=chunk, LOG_CHUNK=chunk.bit_length() - 1, **meta)), clip_kernel)
         inside = counts.sum(1)
         # the early exit reads the counts on the host; under CUDA-graph capture every pass runs instead
         # (a pass after every sample is in the set clips nothing and leaves y as it is)
@@ -238,39 +254,47 @@ def twoos_project(x, lower, upper, max_passes):
     return y.reshape(x.shape).to(x.dtype), inside.float() / N
 
 
+def _launch_tuned(name: str, key: tuple, launch_meta, kernel) -> None:
+    """Launches a 2OS kernel (launch_meta(meta) launches it with the launch options `meta`) with the
+    SORT_CONFIGS candidate that _autotune picks for `key`."""
+    def launch(config):
+        return launch_meta(config.meta())
+    launch(_autotune.pick(name, key, SORT_CONFIGS, launch, kernel=kernel))
+
+
 def aot_specs() -> list[KernelSpec]:
-    """Every launch configuration: the step per dtype and HAS_EPS; the 2OS kernels per tile / chunk size."""
+    """Every launch configuration: the step per dtype and HAS_EPS; the 2OS kernels per tile / chunk size; each
+    with every autotune candidate."""
     specs = []
-    budget = _triton.register_budget(NUM_WARPS)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         ty = _triton.TRITON_DTYPE[dtype]
         p = f"*{ty}"
         for has_eps in (False, True):
-            specs.append(KernelSpec(
+            specs += candidate_specs(
                 f"ntrk_step_kernel[{ty},HAS_EPS={has_eps}]", ntrk_step_kernel,
                 {"mu_ptr": p, "w_ptr": p, "eps_ptr": p, "x_ptr": p, "sigma_ptr": "*fp32", "rho_ptr": "*fp32",
                  "philox_ptr": "*i64", "D": "i32", "n_chunks": "i32", "tiles_per_chunk": "i32",
                  "HAS_EPS": "constexpr", "BLOCK": "constexpr"},
-                {"HAS_EPS": has_eps, "BLOCK": BLOCK}, NUM_WARPS, budget, {"dtype": _dtypes.name(dtype), "op": "step"}))
+                {"HAS_EPS": has_eps}, STEP_CONFIGS, {"dtype": _dtypes.name(dtype), "op": "step"})
         for D in (32, 128, 256, 1024):
             rows, block_d = row_geometry(D)
-            specs.append(KernelSpec(
+            specs += candidate_specs(
                 f"row_sort_kernel[{ty},BLOCK_D={block_d}]", row_sort_kernel,
                 {"y_ptr": p, "sorted_ptr": "*fp32", "perm_ptr": "*i16", "M": "i32", "D": "i32", "n_row_blocks": "i32",
                  "ROWS": "constexpr", "BLOCK_D": "constexpr"},
-                {"ROWS": rows, "BLOCK_D": block_d}, SORT_WARPS, _triton.register_budget(SORT_WARPS),
-                {"dtype": _dtypes.name(dtype), "op": "row", "block_d": block_d}))
+                {"ROWS": rows, "BLOCK_D": block_d}, SORT_CONFIGS, {"dtype": _dtypes.name(dtype), "op": "row",
+                                                                   "block_d": block_d})
     for chunk in (64, 256, COL_CHUNK):
-        specs.append(KernelSpec(
+        specs += candidate_specs(
             f"col_sort_kernel[CHUNK={chunk}]", col_sort_kernel,
             {"sorted_ptr": "*fp32", "keys_ptr": "*i64", "M": "i32", "n_chunks": "i32", "CHUNK": "constexpr"},
-            {"CHUNK": chunk}, SORT_WARPS, _triton.register_budget(SORT_WARPS), {"op": "col", "chunk": chunk}))
+            {"CHUNK": chunk}, SORT_CONFIGS, {"op": "col", "chunk": chunk})
         for clip in (False, True):
-            specs.append(KernelSpec(
+            specs += candidate_specs(
                 f"clip_kernel[CLIP={clip},CHUNK={chunk}]", clip_kernel,
                 {"keys_ptr": "*i64", "perm_ptr": "*i16", "lower_ptr": "*fp32", "upper_ptr": "*fp32", "y_ptr": "*fp32",
                  "count_ptr": "*i32", "M": "i32", "D": "i32", "n_chunks": "i32", "CLIP": "constexpr",
                  "CHUNK": "constexpr", "LOG_CHUNK": "constexpr"},
-                {"CLIP": clip, "CHUNK": chunk, "LOG_CHUNK": chunk.bit_length() - 1}, SORT_WARPS,
-                _triton.register_budget(SORT_WARPS), {"op": "clip", "chunk": chunk, "clip": clip}))
+                {"CLIP": clip, "CHUNK": chunk, "LOG_CHUNK": chunk.bit_length() - 1}, SORT_CONFIGS,
+                {"op": "clip", "chunk": chunk, "clip": clip})
     return specs

@@ -19,6 +19,9 @@ so a kernel that compiles from its spec can still fail to compile when launched 
 It works under TRITON_INTERPRET=1, where `@triton.jit` returns interpreter wrappers: the wrapped
 Python functions, and the @triton.jit helpers they call, are rebuilt as JITFunctions for compiling.
 
+`reduction_orders(spec, arch)` reads the layout of every floating-point reduction from the TTGIR: two
+configurations with equal lists add in the same order on the GPU (the autotune candidates are held to it).
+
 Compiles are cached by Triton (TRITON_CACHE_DIR, default ~/.triton/cache), and the ptxas report is
 stored beside the cubin in the same cache entry, so a repeated call costs milliseconds.
 """
@@ -76,7 +79,8 @@ def sm_arch(arch: int) -> str:
 
 def _compile(spec: KernelSpec, arch: int):
     fn = jit_function(spec.kernel)
-    config = f"{spec.name} (kernel {fn.__name__}, {sm_arch(arch)}, num_warps={spec.num_warps}, {spec.constexprs})"
+    config = (f"{spec.name} (kernel {fn.__name__}, {sm_arch(arch)}, num_warps={spec.num_warps}, "
+              f"num_stages={spec.num_stages}, {spec.constexprs})")
     attrs = {(fn.arg_names.index(name),): value for name, value in spec.attrs.items()}
     source = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
     try:
@@ -167,7 +171,51 @@ def launched(spec: KernelSpec, arch: int, one: str | None = None, divisible: boo
 
 
 def _options(spec: KernelSpec) -> dict:
-    return {"num_warps": spec.num_warps, **({"maxnreg": spec.maxnreg} if spec.maxnreg else {})}
+    return {"num_warps": spec.num_warps, "num_stages": spec.num_stages,
+            **({"maxnreg": spec.maxnreg} if spec.maxnreg else {})}
+
+
+_LAYOUT = re.compile(r"^(#[\w.]+) = (.*)$", re.M)
+_REDUCE = re.compile(r'"tt\.reduce"\(.*?\) <\{axis = (\d+) : i32\}> \((.*?)\) : \((tensor<[^)]*>)\)', re.S)
+_FLOAT_TYPES = ("xf16,", "xbf16,", "xf32,", "xf64,")
+
+
+def reduction_orders(spec: KernelSpec, arch: int) -> list[tuple]:
+    """What fixes the order in which the GPU adds (or multiplies) the floats of every reduction in `spec`
+    (tl.sum and friends), read from the TTGIR Triton builds for `arch`: per such `tt.reduce`, its axis, and
+    the operand's extent, elements per thread, threads per warp and warps along that axis (a blocked layout,
+    or a slice of one), sorted; an operand in any other layout contributes its layout text whole.
+
+    A reduction adds each thread's elements in order, then across the lanes and then the warps along the
+    axis, so two configurations of a kernel with equal lists sum every float in the same order and give the
+    same bits; the interpreter (numpy sums) cannot show this. Max/min and integer reductions are exact in
+    any order and are left out.
+    """
+    ttgir = _compile(spec, arch)[0].asm["ttgir"]
+    layouts = dict(_LAYOUT.findall(ttgir))
+    orders = []
+    for axis, body, operands in _REDUCE.findall(ttgir):
+        if not any(t in operands for t in _FLOAT_TYPES) or not re.search(r"arith\.(addf|mulf)", body):
+            continue
+        axis = int(axis)
+        for operand in re.findall(r"tensor<([^,>]*), (#[\w.]+(?:<[^>]*>)?)>", operands):
+            orders.append((axis, *_axis_layout(*operand, axis, layouts)))
+    return sorted(orders, key=repr)
+
+
+def _axis_layout(shape: str, layout: str, axis: int, layouts: dict) -> tuple:
+    """(extent, elements per thread, threads per warp, warps) of a tensor<shape x type, layout> along axis."""
+    extent = int(shape.split("x")[axis])
+    slice_dim = re.match(r"#ttg\.slice<\{dim = (\d+), parent = (#[\w.]+)\}>", layout)
+    if slice_dim:  # the parent's parameters with the sliced dim removed
+        dim, layout = int(slice_dim.group(1)), slice_dim.group(2)
+        axis += axis >= dim
+    text = layouts.get(layout, layout)
+    blocked = re.fullmatch(r"#ttg\.blocked<\{sizePerThread = \[([\d, ]+)\], threadsPerWarp = \[([\d, ]+)\], "
+                           r"warpsPerCTA = \[([\d, ]+)\], order = \[[\d, ]+\]\}>", text)
+    if not blocked:
+        return extent, text
+    return (extent, *(int(group.split(", ")[axis]) for group in blocked.groups()))
 
 
 def _field(report: str, pattern: str, config: str) -> int:
