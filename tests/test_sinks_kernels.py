@@ -101,7 +101,8 @@ def test_every_candidate_configuration_is_correct_and_keeps_the_reduced_tile(mon
     plain = reference.sink_suppress(q, k, v, None, None, want_idx, n, scale, -1e4)[0]
     count = max(len(getattr(tk, fn)(d, dtype)) for fn in REDUCED_TILE)
     for i in range(count):
-        monkeypatch.setattr(_autotune, "pick", lambda name, key, configs, launch: configs[min(i, len(configs) - 1)])
+        monkeypatch.setattr(_autotune, "pick",
+                            lambda name, key, configs, launch, kernel=None: configs[min(i, len(configs) - 1)])
         with diffkern.backend("triton"):
             out, stats = diffkern.sink_attention(q, k, v, k_sink=1, n_query=n, return_stats=True)
         assert torch.equal(stats["indices"], want_idx), f"candidate {i}"

@@ -74,7 +74,7 @@ def launch_plan(B, T, d, f, heads, K, L, dtype, has_mod) -> list[tuple]:
     def linear(N, Kd, epilogue, write_state=False):
         return (lambda c: linear_launch(M, N, Kd, isz, epilogue, has_mod, write_state, c),
                 tk.linear_configs(dtype, epilogue))
-    attention = (lambda c: attention_launch(B, T, d, heads, isz, c), tk.attention_configs(dtype))
+    attention = (lambda c: attention_launch(B, T, d, heads, isz, c), tk.attention_configs())
     out = []
     for _ in range(L):
         for kb in range(K):

@@ -50,12 +50,13 @@ STORE, GELU, RESIDUAL = 0, 1, 2  # recurse_linear_kernel's epilogues
 # Candidates (configs[0] is what the interpreter runs): BLOCK_M x BLOCK_N output tiles reduced in BLOCK_K
 # slices. Larger tiles re-read the operands less (an output tile reads BLOCK_M + BLOCK_N rows of Kd); the
 # residual epilogue (state, gate and two stores beside the accumulator) and fp32 operands (tf32x3) need more
-# registers, so their lists stop at 128 x 64. configs[0] compiles without spills even where the launch cannot
+# registers, so their lists stop at 128 x 64. BLOCK_K is 32 in every candidate, so each output element adds its
+# products in the same order whichever wins. configs[0] compiles without spills even where the launch cannot
 # assume 16-divisible sizes (tests/test_kernels_compile.py).
 _FIRST = Config(dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32), 4)
 _MEDIUM = (Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4), Config(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32), 8))
 _LARGE = (Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4), Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32), 8),
-          Config(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), 4))
+          Config(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32), 4))
 _ATTENTION_FIRST = Config(dict(BLOCK_Q=32, BLOCK_KV=32), 4)
 
 
@@ -65,12 +66,11 @@ def linear_configs(dtype: torch.dtype, epilogue: int) -> tuple[Config, ...]:
     return (_FIRST, *(_LARGE if large else _MEDIUM))
 
 
-def attention_configs(dtype: torch.dtype) -> tuple[Config, ...]:
-    """recurse_attention_kernel's candidates: 32 x 32 score tiles, then for 16-bit operands 64-query tiles
-    (fp32's tf32x3 products spill on sm_80 in any larger tile)."""
-    if dtype == torch.float32:
-        return (_ATTENTION_FIRST,)
-    return _ATTENTION_FIRST, Config(dict(BLOCK_Q=64, BLOCK_KV=64), 4), Config(dict(BLOCK_Q=64, BLOCK_KV=32), 4)
+def attention_configs() -> tuple[Config, ...]:
+    """recurse_attention_kernel's one configuration, 32 x 32 score tiles: a 64-query tile lays the row sums out
+    differently on the GPU (another order of the additions, tests/test_autotune_candidates.py), a wider key tile
+    changes the online softmax's steps, and fp32's tf32x3 products spill on sm_80 in any larger tile."""
+    return (_ATTENTION_FIRST,)
 
 
 NORM_ELEMENTS = (4096, 8192)  # elements of a norm program's [BLOCK_M, BLOCK_D] tile, per candidate
@@ -199,7 +199,8 @@ def _launch_norm(h, u, w, b, mod, kb, K, T, eps, shift):
         return recurse_norm_kernel[(triton.cdiv(M, cfg.constexprs["BLOCK_M"]),)](
             h, w, b, mod if mod is not None else u, u, M, T, d, K, kb, eps, **meta, **cfg.meta())
     key = (str(u.dtype), triton.next_power_of_2(M), d)
-    return launch(_autotune.pick("recurse_norm_kernel", key, norm_configs(d), launch))
+    return launch(_autotune.pick("recurse_norm_kernel", key, norm_configs(d), launch,
+                                 kernel=recurse_norm_kernel))
 
 
 def _launch_linear(a, w, bias, out, epilogue, h=None, state=None, mod=None, kb=0, K=1, T=1, part=0):
@@ -214,7 +215,8 @@ def _launch_linear(a, w, bias, out, epilogue, h=None, state=None, mod=None, kb=0
                                            mod if mod is not None else a, M, N, Kd, T, K, kb, int(state is not None),
                                            **meta, **cfg.meta())
     key = (str(a.dtype), triton.next_power_of_2(M), N, Kd, epilogue, mod is not None)
-    return launch(_autotune.pick("recurse_linear_kernel", key, linear_configs(a.dtype, epilogue), launch))
+    return launch(_autotune.pick("recurse_linear_kernel", key, linear_configs(a.dtype, epilogue), launch,
+                                 kernel=recurse_linear_kernel))
 
 
 def _launch_attention(qkv, ctx, B, T, heads):
@@ -226,7 +228,8 @@ def _launch_attention(qkv, ctx, B, T, heads):
         return recurse_attention_kernel[(triton.cdiv(T, cfg.constexprs["BLOCK_Q"]), B * heads)](
             qkv, ctx, T, d, heads, dh, dh ** -0.5, **meta, **cfg.meta())
     key = (str(qkv.dtype), B, T, dh)
-    return launch(_autotune.pick("recurse_attention_kernel", key, attention_configs(qkv.dtype), launch))
+    return launch(_autotune.pick("recurse_attention_kernel", key, attention_configs(), launch,
+                                 kernel=recurse_attention_kernel))
 
 
 def recurse_tiled(x, weights, mod, n_iter, heads, eps):
@@ -254,16 +257,20 @@ def recurse_tiled(x, weights, mod, n_iter, heads, eps):
     return states.view(n_iter, B, T, d)
 
 
-def _spec(name, kernel, sig, constexprs, cfg: Config, tags, widths) -> KernelSpec:
-    """A KernelSpec with the divisibility a launch infers: every pointer and the `widths` arguments 16-divisible
-    (widths None: nothing assumed, as for a launch at odd sizes from unaligned tensors)."""
+def _spec(name, kernel, sig, constexprs, configs, index, tags, widths) -> KernelSpec:
+    """The KernelSpec of candidate `index` of `configs`, with the divisibility a launch infers: every pointer and
+    the `widths` arguments 16-divisible (widths None: nothing assumed, as for a launch at odd sizes from unaligned
+    tensors); tagged as _autotune.candidate_specs tags (group, config, candidate) for the reduction-order test."""
+    cfg = configs[index]
     constexprs = {**constexprs, **cfg.constexprs}
     attrs = {} if widths is None else {n: [["tt.divisibility", 16]] for n, t in sig.items()
                                        if t.startswith("*") or n in widths}
     sig = {**sig, **{k: "constexpr" for k in constexprs}}
     tags = {**tags, "divisible": widths is not None}
-    return KernelSpec(f"{name}[{','.join(f'{k}={v}' for k, v in tags.items())},{cfg.describe()}]", kernel, sig,
-                      constexprs, cfg.num_warps, _triton.register_budget(cfg.num_warps), tags, attrs)
+    group = f"{name}[{','.join(f'{k}={v}' for k, v in tags.items())}]"
+    return KernelSpec(f"{group[:-1]},{cfg.describe()}]", kernel, sig, constexprs, cfg.num_warps,
+                      _triton.register_budget(cfg.num_warps),
+                      {**tags, "group": group, "config": cfg.describe(), "candidate": index}, attrs, cfg.num_stages)
 
 
 def tiled_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible: bool = True,
@@ -278,26 +285,29 @@ def tiled_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible: b
     tags = {"dtype": str(dtype).removeprefix("torch."), "d": d}
 
     def cands(configs):
-        return configs if divisible else configs[:1]
+        return range(len(configs) if divisible else 1)
     specs = []
-    for cfg in cands(norm_configs(d)):
+    configs = norm_configs(d)
+    for i in cands(configs):
         sig = {"h_ptr": "*fp32", "w_ptr": p, "b_ptr": p, "mod_ptr": p, "u_ptr": p,
                **{n: "i32" for n in ("M", "T", "D", "K", "kb")}, "eps": "fp32"}
-        specs.append(_spec("recurse_norm_kernel", recurse_norm_kernel, sig, {"SHIFT": 0, "HAS_MOD": has_mod}, cfg,
-                           {**tags, "HAS_MOD": has_mod}, ("D",) if divisible else None))
+        specs.append(_spec("recurse_norm_kernel", recurse_norm_kernel, sig, {"SHIFT": 0, "HAS_MOD": has_mod}, configs,
+                           i, {**tags, "HAS_MOD": has_mod}, ("D",) if divisible else None))
     for epilogue in (STORE, GELU, RESIDUAL) if products else ():
         res = epilogue == RESIDUAL
         sig = {"a_ptr": p, "w_ptr": p, "bias_ptr": p, **{n: "*fp32" if res else p for n in ("out_ptr", "h_ptr")},
                "state_ptr": p, "mod_ptr": p, **{n: "i32" for n in ("M", "N", "Kd", "T", "K", "kb", "write_state")}}
-        for cfg in cands(linear_configs(dtype, epilogue)):
+        configs = linear_configs(dtype, epilogue)
+        for i in cands(configs):
             specs.append(_spec("recurse_linear_kernel", recurse_linear_kernel, sig,
-                               {"EPILOGUE": epilogue, "PART": 5, "HAS_MOD": has_mod and res, **dot}, cfg,
+                               {"EPILOGUE": epilogue, "PART": 5, "HAS_MOD": has_mod and res, **dot}, configs, i,
                                {**tags, "EPILOGUE": epilogue, "HAS_MOD": has_mod and res},
                                ("N", "Kd") if divisible else None))
     sig = {"qkv_ptr": p, "ctx_ptr": p, **{n: "i32" for n in ("T", "D", "H", "DH")}, "scale": "fp32"}
-    for cfg in cands(attention_configs(dtype)):
+    configs = attention_configs()
+    for i in cands(configs):
         specs.append(_spec("recurse_attention_kernel", recurse_attention_kernel, sig,
-                           {**dot, "BLOCK_DH": block_dh(dh)}, cfg, {**tags, "dh": dh},
+                           {**dot, "BLOCK_DH": block_dh(dh)}, configs, i, {**tags, "dh": dh},
                            ("D", "DH") if divisible else None))
     return specs
 

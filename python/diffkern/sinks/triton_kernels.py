@@ -95,21 +95,19 @@ def suppress_tiles(d: int, dtype: torch.dtype) -> tuple[int, int]:
 
 
 def fwd_configs(d: int, dtype: torch.dtype) -> list[Config]:
-    """attn_fwd_kernel's candidates: configs[0] the flash tile above (what the CPU tests run), the same with
-    one more and one fewer pipeline stage, and for 16-bit inputs a twice-taller tile on 8 warps (for fp32 that
-    tile spills on sm_80/sm_90a: tf32x3 holds three splits of each operand). BLOCK_N, the keys each
-    online-softmax step reduces, is the same in all, so every candidate adds each row's terms in the same order."""
+    """attn_fwd_kernel's candidates: configs[0] the flash tile above (what the CPU tests run), then the same with
+    one more and one fewer pipeline stage. Only the stages vary: a taller tile spills at 4 warps and on 8 warps
+    lays the row sums out differently (another order of the additions, tests/test_autotune_candidates.py), so
+    every candidate gives the same bits."""
     bm, bn, warps = tiles(d, dtype)
-    taller = [] if dtype == torch.float32 else [Config({"BLOCK_M": 2 * bm, "BLOCK_N": bn}, 8, 3)]
-    return [Config({"BLOCK_M": bm, "BLOCK_N": bn}, warps, stages) for stages in (3, 4, 2)] + taller
+    return [Config({"BLOCK_M": bm, "BLOCK_N": bn}, warps, stages) for stages in (3, 4, 2)]
 
 
 def col_mass_configs(d: int, dtype: torch.dtype) -> list[Config]:
-    """col_mass_kernel's candidates: BLOCK_N (the keys a program owns) varies, BLOCK_M (the image queries each
-    step of a column's sum adds) does not, so every candidate sums each column in the same order."""
+    """col_mass_kernel's candidates: the tile above at 3, 4 and 2 pipeline stages (a wider key tile changes the
+    layout of the column sums, at 4 warps or 8, and so the order of their additions)."""
     bm, bn, warps = tiles(d, dtype)
-    return [Config({"BLOCK_M": bm, "BLOCK_N": bn}, warps, 3), Config({"BLOCK_M": bm, "BLOCK_N": 2 * bn}, 8, 3),
-            Config({"BLOCK_M": bm, "BLOCK_N": bn}, warps, 4)]
+    return [Config({"BLOCK_M": bm, "BLOCK_N": bn}, warps, stages) for stages in (3, 4, 2)]
 
 
 def suppress_configs(d: int, dtype: torch.dtype) -> list[Config]:
@@ -403,9 +401,9 @@ def _fwd(q, k, v, n_query, scale, row_top=0):
             q, k, lse, mass, H, N_q, N_k, n_query, d, *_bh_strides(q), *_bh_strides(k), scale,
             1.0 / max(n_query, 1), **fixed, **config.meta())
     attn(_autotune.pick("sinks.attn_fwd_kernel", (*_shape_key(q.dtype, N_q, N_k, d), v is not None, row_top),
-                        fwd_configs(d, q.dtype), attn))
+                        fwd_configs(d, q.dtype), attn, kernel=attn_fwd_kernel))
     col(_autotune.pick("sinks.col_mass_kernel", _shape_key(q.dtype, n_query, N_k, d), col_mass_configs(d, q.dtype),
-                       col))
+                       col, kernel=col_mass_kernel))
     return o, lse, mass, ent, top
 
 
@@ -472,23 +470,15 @@ def sink_suppress(q, k, v, o, lse, idx, n_rows, scale, bias, renormalize=True):
             BLOCK_S=SEL_BLOCK, BLOCK_D=block_d(d), RECOMPUTE=recompute_below(q.dtype), RENORMALIZE=renormalize,
             **_dot.dot_meta(q.dtype), **config.meta())
     launch(_autotune.pick("sinks.suppress_kernel", (*_shape_key(q.dtype, N_q, N_k, d), K), suppress_configs(d, q.dtype),
-                          launch))
+                          launch, kernel=suppress_kernel))
     return out, post
 
 
-def _spec(kernel, signature, fixed, config, ty, d, tags) -> KernelSpec:
-    c = {**fixed, **config.constexprs}
-    name = f"{kernel.__name__}[{ty},d={d}," + ",".join(f"{k}={v}" for k, v in c.items()) + f",warps={config.num_warps}]"
-    return KernelSpec(name, kernel, signature, c, config.num_warps, _triton.register_budget(config.num_warps), tags)
-
-
-def _distinct(configs) -> list[Config]:
-    """The configurations that compile differently (KernelSpec has no num_stages: those differing only in it
-    compile alike)."""
-    seen = {}
-    for c in configs:
-        seen.setdefault((tuple(c.constexprs.items()), c.num_warps), c)
-    return list(seen.values())
+def _candidates(kernel, signature, fixed, configs, ty, d, tags) -> list[KernelSpec]:
+    """Every candidate of `kernel` on top of `fixed`, grouped (for the reduction-order test) by all but the
+    configuration."""
+    group = f"{kernel.__name__}[{ty},d={d}," + ",".join(f"{k}={v}" for k, v in fixed.items()) + "]"
+    return _autotune.candidate_specs(group, kernel, signature, fixed, configs, tags)
 
 
 def aot_specs() -> list[KernelSpec]:
@@ -510,17 +500,13 @@ def aot_specs() -> list[KernelSpec]:
         sup = {**qkv, "o_ptr": "*fp32", "lse_ptr": "*fp32", "idx_ptr": "*i64", "row_ptr": "*fp32", "out_ptr": f"*{ty}",
                "post_ptr": "*fp32", **dims, "n_rows": "i32", "K": "i32", **strides, "si_b": "i64", "si_h": "i64",
                "sb_b": "i64", "sb_h": "i64", "scale": "fp32", "a": "fp32", "w": "fp32", "wd": "fp32", "g": "fp32"}
-        for config in _distinct(fwd_configs(d, dtype)):
-            for r in (5, 0):
-                fixed = {**common, "HAS_V": True, "ROW_TOP": r, "R_PAD": triton.next_power_of_2(max(r, 1))}
-                specs.append(_spec(attn_fwd_kernel, fwd, fixed, config, ty, d, tags))
-        for config in _distinct(col_mass_configs(d, dtype)):
-            specs.append(_spec(col_mass_kernel, col, common, config, ty, d, tags))
-        for config in _distinct(suppress_configs(d, dtype)):
-            for renormalize in (True, False):
-                fixed = {**common, "BLOCK_S": SEL_BLOCK, "RECOMPUTE": recompute_below(dtype),
-                         "RENORMALIZE": renormalize}
-                specs.append(_spec(suppress_kernel, sup, fixed, config, ty, d, tags))
+        for r in (5, 0):
+            fixed = {**common, "HAS_V": True, "ROW_TOP": r, "R_PAD": triton.next_power_of_2(max(r, 1))}
+            specs += _candidates(attn_fwd_kernel, fwd, fixed, fwd_configs(d, dtype), ty, d, tags)
+        specs += _candidates(col_mass_kernel, col, common, col_mass_configs(d, dtype), ty, d, tags)
+        for renormalize in (True, False):
+            fixed = {**common, "BLOCK_S": SEL_BLOCK, "RECOMPUTE": recompute_below(dtype), "RENORMALIZE": renormalize}
+            specs += _candidates(suppress_kernel, sup, fixed, suppress_configs(d, dtype), ty, d, tags)
     for k_pad, largest in itertools.product((16, 64, 256, MAX_TOPK), (True, False)):
         block, k_pad, warps = topk_config(k_pad, 4429)
         c = {"BLOCK": block, "K_PAD": k_pad, "LARGEST": largest}
