@@ -1,13 +1,15 @@
 """The block math both Triton recursion kernels share (triton_kernels.py: tiled, triton_persistent.py: persistent).
 
-Everything is fp32 after loading (inputs are upcast right after `tl.load`); `attend` (the persistent kernel's
-attention) runs its `tl.dot`s with `input_precision="ieee"`; the tiled kernels' products go through diffkern._dot.
+Everything is fp32 after loading (inputs are upcast right after `tl.load`); products go through diffkern._dot
+(the persistent kernel runs `attend`'s in fp32 "ieee" on its fp32 scratch).
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from .. import _dot
 
 TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 SQRT_HALF = tl.constexpr(0.7071067811865476)
@@ -46,34 +48,36 @@ def gelu(z):
 
 
 @triton.jit
-def attend(qkv, ctx, q0, hd, T, D, DH, scale, BLOCK_T: tl.constexpr, BLOCK_DH: tl.constexpr):
-    """ctx[q0:q0+BLOCK_T, head hd] = softmax(q k^T * scale) v for one sample, online over key tiles.
+def attend(qkv, ctx, q0, hd, T, D, DH, scale, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+           BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_DH: tl.constexpr):
+    """ctx[q0:q0+BLOCK_Q, head hd] = softmax(q k^T * scale) v for one sample, online over BLOCK_KV-key tiles,
+    the products through diffkern._dot at (DOT_F32, PRECISION).
 
-    qkv: the sample's fp32 [T, 3D] scratch (q | k | v, heads contiguous within each), ctx: its [T, D].
+    qkv: the sample's [T, 3D] (q | k | v, heads contiguous within each), ctx: its [T, D], stored in ctx's dtype.
     """
-    r0 = tl.arange(0, BLOCK_T)
-    rows = q0 + r0
+    rows = q0 + tl.arange(0, BLOCK_Q)
     dcols = tl.arange(0, BLOCK_DH)
     dmask = dcols < DH
     qm = (rows < T)[:, None] & dmask[None, :]
     q = tl.load(qkv + rows[:, None] * 3 * D + hd * DH + dcols[None, :], mask=qm, other=0.0)
-    m_i = tl.full((BLOCK_T,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_T,), tl.float32)
-    acc = tl.zeros((BLOCK_T, BLOCK_DH), tl.float32)
-    for s0 in range(0, T, BLOCK_T):
-        keys = s0 + r0
+    m_i = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_Q,), tl.float32)
+    acc = tl.zeros((BLOCK_Q, BLOCK_DH), tl.float32)
+    for s0 in range(0, T, BLOCK_KV):
+        keys = s0 + tl.arange(0, BLOCK_KV)
         km = (keys < T)[:, None] & dmask[None, :]
         kk = tl.load(qkv + keys[:, None] * 3 * D + D + hd * DH + dcols[None, :], mask=km, other=0.0)
         vv = tl.load(qkv + keys[:, None] * 3 * D + 2 * D + hd * DH + dcols[None, :], mask=km, other=0.0)
-        s = tl.dot(q, tl.trans(kk), input_precision="ieee") * scale
+        s = _dot.dot(q, tl.trans(kk), DOT_F32, PRECISION) * scale
         s = tl.where((keys < T)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, vv, input_precision="ieee")
+        acc = acc * alpha[:, None] + _dot.dot(p, vv, DOT_F32, PRECISION)
         m_i = m_new
-    tl.store(ctx + rows[:, None] * D + hd * DH + dcols[None, :], acc / l_i[:, None], mask=qm)
+    tl.store(ctx + rows[:, None] * D + hd * DH + dcols[None, :], (acc / l_i[:, None]).to(ctx.dtype.element_ty),
+             mask=qm)
 
 
 @triton.jit

@@ -43,7 +43,7 @@ from .._autotune import Config
 from .._triton import KernelSpec
 from . import triton_persistent
 from .reference import N_PARAMS
-from .triton_common import gate, gelu, layer_norm, modulate, sample_mod_rows
+from .triton_common import attend, gate, gelu, layer_norm, modulate, sample_mod_rows
 
 MAX_D, MAX_T = 512, 256
 STORE, GELU, RESIDUAL = 0, 1, 2  # recurse_linear_kernel's epilogues
@@ -147,31 +147,9 @@ def recurse_attention_kernel(qkv_ptr, ctx_ptr, T, D, H, DH, scale, DOT_F32: tl.c
     """ctx = softmax(q k^T * scale) v for query tile program_id(0) of (sample, head) program_id(1), online over
     key tiles; qkv [B*T, 3D] (q | k | v, heads contiguous in each), ctx [B*T, D], both in the operand dtype."""
     bh = tl.program_id(1)
-    b, hd = bh // H, bh % H
-    base = qkv_ptr + b.to(tl.int64) * T * 3 * D + hd * DH
-    rows = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    dcols = tl.arange(0, BLOCK_DH)
-    dm = dcols < DH
-    qm = (rows < T)[:, None] & dm[None, :]
-    q = tl.load(base + rows[:, None] * 3 * D + dcols[None, :], mask=qm, other=0.0)
-    m_i = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_Q,), tl.float32)
-    acc = tl.zeros((BLOCK_Q, BLOCK_DH), tl.float32)
-    for s0 in range(0, T, BLOCK_KV):
-        keys = s0 + tl.arange(0, BLOCK_KV)
-        km = (keys < T)[:, None] & dm[None, :]
-        kk = tl.load(base + D + keys[:, None] * 3 * D + dcols[None, :], mask=km, other=0.0)
-        vv = tl.load(base + 2 * D + keys[:, None] * 3 * D + dcols[None, :], mask=km, other=0.0)
-        s = _dot.dot(q, tl.trans(kk), DOT_F32, PRECISION) * scale
-        s = tl.where((keys < T)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot.dot(p, vv, DOT_F32, PRECISION)
-        m_i = m_new
-    out = ctx_ptr + (b.to(tl.int64) * T + rows[:, None]) * D + hd * DH + dcols[None, :]
-    tl.store(out, (acc / l_i[:, None]).to(ctx_ptr.dtype.element_ty), mask=qm)
+    sample = (bh // H).to(tl.int64) * T
+    attend(qkv_ptr + sample * 3 * D, ctx_ptr + sample * D, tl.program_id(0) * BLOCK_Q, bh % H, T, D, DH, scale,
+           DOT_F32, PRECISION, BLOCK_Q, BLOCK_KV, BLOCK_DH)
 
 
 def recurse_fwd(x, weights, mod, n_iter, heads, eps):

@@ -176,7 +176,7 @@ def recurse_persistent_kernel(x_ptr, table, mod_ptr, states_ptr, h_ptr, qkv_ptr,
             for item in range(p, n_items, P):
                 b = (item // (n_qt * heads)).to(tl.int64)
                 attend(qkv_ptr + b * T * 3 * D, ctx_ptr + b * T * D, (item % n_qt) * BLOCK_T, (item // n_qt) % heads,
-                       T, D, DH, scale, BLOCK_T, BLOCK_DH)
+                       T, D, DH, scale, True, "ieee", BLOCK_T, BLOCK_T, BLOCK_DH)
             n_sync = grid_sync(sync_ptr, n_sync, P)
             if mine:
                 for r0 in range(0, N, BT_D):
