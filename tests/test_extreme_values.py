@@ -27,17 +27,18 @@ def params(op, dtypes):
 
 # ---- sink_attention: the suppressed key holds nearly all of a row's mass ----
 
-def dominant_sink_qkv(dtype, device, seed=0):
-    """B=1, H=2, 70 queries (two fp32 Triton tiles), 67 keys, d=16: key 0 gets a logit ~20 above the rest
-    in most rows (suppressed mass 1 - 1e-8, the paper's situation), ~0.7 of the mass in the others, so one
-    tile holds rows on both sides of recompute_below(dtype)."""
+def dominant_sink_qkv(dtype, device, seed=0, n_q=70, d=16, sink_logit=40.0):
+    """B=1, H=2, n_q queries (70: two fp32 Triton tiles), 67 keys, head_dim d: key 0's logit is sink_logit / 2
+    above the rest in two of every three rows (at 40, suppressed mass 1 - 1e-8, the paper's situation) and an
+    eighth of that in the others (~0.7 of the mass at 40), so a tile holds rows on both sides of
+    recompute_below(dtype)."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(1, 2, 70, 16, generator=g)
-    k = 0.3 * torch.randn(1, 2, 67, 16, generator=g)
-    v = torch.randn(1, 2, 67, 16, generator=g)
+    q = torch.randn(1, 2, n_q, d, generator=g)
+    k = 0.3 * torch.randn(1, 2, 67, d, generator=g)
+    v = torch.randn(1, 2, 67, d, generator=g)
     q[:, :, :, 0] = 2.0
     q[:, :, ::3, 0] = 0.25
-    k[:, :, 0, 0] = 40.0
+    k[:, :, 0, 0] = sink_logit
     return [x.to(device, dtype) for x in (q, k, v)]
 
 

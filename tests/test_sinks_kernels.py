@@ -10,6 +10,7 @@ from diffkern.sinks import reference
 from diffkern.sinks import triton_kernels as tk
 from diffkern.testing.numerics import assert_close_to_oracle
 from diffkern.testing.triton_monitor import TritonMonitor
+from test_extreme_values import dominant_sink_qkv
 from test_sinks import assert_corrected_output_close, attention_oracle, explicit_selection, make_qkv, suppressed_mass
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreted launches run only without a GPU")
@@ -40,26 +41,14 @@ def test_awkward_shapes_match_float64_within_bounds(shape, dtype):
     assert_corrected_output_close(out, want_out, plain_out, out_spreads[0], suppressed_mass(q, k, idx, rows))
 
 
-def dominant_sink_qkv(dtype):
-    """B=1, H=2, 77 queries, 67 keys, head_dim 24: key 0's logit is ~24 above the rest in two of every three
-    rows (it holds 1 - 1e-9 of their mass) and ~3 above in the others (a quarter of their mass), so every
-    suppress tile has rows recomputed and rows corrected."""
-    g = torch.Generator().manual_seed(1)
-    q = torch.randn(1, 2, 77, 24, generator=g)
-    k = 0.3 * torch.randn(1, 2, 67, 24, generator=g)
-    v = torch.randn(1, 2, 67, 24, generator=g)
-    q[:, :, :, 0] = 2.0
-    q[:, :, ::3, 0] = 0.25
-    k[:, :, 0, 0] = 60.0
-    return [x.to(dtype) for x in (q, k, v)]
-
-
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_suppression_writes_each_output_element_once(dtype):
     """The dominant sink: its rows are recomputed as the masked softmax and the others corrected, in one pass that
     stores each output element once (the recomputed rows are not written twice), and the answer is the masked
     reference's, with no NaN; rows past n_query keep the unmasked output."""
-    q, k, v = dominant_sink_qkv(dtype)
+    # key 0 holds 1 - 1e-9 of two in three rows' mass and a quarter of the others': every suppress tile has rows
+    # recomputed and rows corrected
+    q, k, v = dominant_sink_qkv(dtype, "cpu", seed=1, n_q=77, d=24, sink_logit=60.0)
     n, scale = 70, 24 ** -0.5
     with diffkern.backend("triton"), TritonMonitor(by_tensor=True) as mon:
         out, stats = diffkern.sink_attention(q, k, v, k_sink=1, n_query=n, return_stats=True)
