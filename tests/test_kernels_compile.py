@@ -1,4 +1,5 @@
-"""Every Triton launch configuration compiles for sm_80 and sm_90a without register spills.
+"""Every Triton launch configuration compiles for sm_90a (and each kernel's first candidate for sm_80) without
+register spills.
 
 No GPU is needed: triton.compile targets the architecture and ptxas -v reports the resources.
 """
@@ -12,8 +13,12 @@ from diffkern.testing.backends import forced
 SPECS = library_specs()
 
 
-@pytest.mark.parametrize("arch", (80, 90))
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+# Every spec for sm_90a (the H100 the GPU check runs on); for sm_80 each kernel's first autotune candidate and
+# the specs of untuned kernels (a later candidate that spills on an A100 is dropped by _autotune.pick at run time).
+CASES = [(spec, arch) for spec in SPECS for arch in (80, 90) if arch == 90 or spec.tags.get("candidate", 0) == 0]
+
+
+@pytest.mark.parametrize(("spec", "arch"), CASES, ids=lambda x: x.name if hasattr(x, "name") else str(x))
 def test_compiles_without_spills(spec, arch):
     res = compile_spec(spec, arch)
     assert res.registers > 0
