@@ -84,7 +84,7 @@ def test_tuning_runs_every_candidate_and_each_launch_can_be_repeated(dtype, monk
     blocks, x, mod = make(shape, dtype, True)
     runs = []
     for tune in (True, False):
-        def pick(name, key, configs, launch, tune=tune):
+        def pick(name, key, configs, launch, kernel=None, tune=tune):
             for config in configs if tune else ():
                 launch(config)
             return configs[-1]
