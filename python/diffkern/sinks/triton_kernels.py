@@ -19,9 +19,10 @@
 
 Launch configurations: attn_fwd, col_mass and suppress go through diffkern._autotune.pick with the
 candidates of fwd_configs / col_mass_configs / suppress_configs (configs[0] is what the CPU tests run; every
-distinct candidate is in aot_specs and compiles for sm_80 and sm_90a with 0 spills). The key loops are plain
-`for` loops over tiles with the loads at the top, which Triton software-pipelines num_stages deep. No
-candidate changes a reduction's tile (the keys per online-softmax step, the queries per column-sum step).
+candidate is in aot_specs and compiles with 0 spills, tests/test_kernels_compile.py). The key loops are plain
+`for` loops over tiles with the loads at the top, which Triton software-pipelines num_stages deep. The
+candidates differ only in num_stages: a taller or wider tile changes the order of a row's or a column's sums
+(tests/test_autotune_candidates.py) or spills.
 
 Pass structure (FLOPs 2 m n k per product; bytes: HBM, each distinct byte once; predicted H100 time
 max(bytes / 3.35 TB/s, FLOPs / 990 TFLOP/s); numbers at SD3, B=2, H=24, N_q = N_k = 4429, n = 4096 image
