@@ -80,15 +80,15 @@ class Config:
 
 
 def candidate_specs(name: str, kernel, signature: dict, constexprs: dict, configs: Sequence[Config],
-                    tags: dict | None = None) -> list[_triton.KernelSpec]:
+                    tags: dict | None = None, attrs: dict | None = None) -> list[_triton.KernelSpec]:
     """The AOT spec of `kernel` launched with each candidate on top of `constexprs` (so that the compile tests
     hold every candidate to the no-spill rule): named `name[<configuration>]`, tagged with the group `name`
     (which must name everything but the configuration), the configuration, and its index in `configs`
-    ("candidate": 0 is what the interpreter runs)."""
+    ("candidate": 0 is what the interpreter runs); `attrs` as KernelSpec's (what a launch infers)."""
     return [_triton.KernelSpec(f"{name}[{c.describe()}]", kernel, signature, {**constexprs, **c.constexprs}, c.num_warps,
                                _triton.register_budget(c.num_warps),
                                {**(tags or {}), "group": name, "config": c.describe(), "candidate": i},
-                               num_stages=c.num_stages)
+                               attrs or {}, c.num_stages)
             for i, c in enumerate(configs)]
 
 

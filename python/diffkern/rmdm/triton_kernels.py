@@ -235,20 +235,16 @@ def recurse_tiled(x, weights, mod, n_iter, heads, eps):
     return states.view(n_iter, B, T, d)
 
 
-def _spec(name, kernel, sig, constexprs, configs, index, tags, widths) -> KernelSpec:
-    """The KernelSpec of candidate `index` of `configs`, with the divisibility a launch infers: every pointer and
-    the `widths` arguments 16-divisible (widths None: nothing assumed, as for a launch at odd sizes from unaligned
-    tensors); tagged as _autotune.candidate_specs tags (group, config, candidate) for the reduction-order test."""
-    cfg = configs[index]
-    constexprs = {**constexprs, **cfg.constexprs}
+def _specs(name, kernel, sig, constexprs, configs, tags, widths) -> list[KernelSpec]:
+    """Every candidate's spec with the divisibility a launch infers: every pointer and the `widths` arguments
+    16-divisible; widths None: configs[0] alone with nothing assumed (a launch at odd sizes from unaligned
+    tensors)."""
     attrs = {} if widths is None else {n: [["tt.divisibility", 16]] for n, t in sig.items()
                                        if t.startswith("*") or n in widths}
-    sig = {**sig, **{k: "constexpr" for k in constexprs}}
     tags = {**tags, "divisible": widths is not None}
     group = f"{name}[{','.join(f'{k}={v}' for k, v in tags.items())}]"
-    return KernelSpec(f"{group[:-1]},{cfg.describe()}]", kernel, sig, constexprs, cfg.num_warps,
-                      _triton.register_budget(cfg.num_warps),
-                      {**tags, "group": group, "config": cfg.describe(), "candidate": index}, attrs, cfg.num_stages)
+    return _autotune.candidate_specs(group, kernel, sig, constexprs, configs if widths is not None else configs[:1],
+                                     tags, attrs)
 
 
 def tiled_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible: bool = True,
@@ -261,32 +257,21 @@ def tiled_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible: b
     p = f"*{ty}"
     dot = {"DOT_F32": dtype == torch.float32, "PRECISION": "tf32x3"}
     tags = {"dtype": str(dtype).removeprefix("torch."), "d": d}
-
-    def cands(configs):
-        return range(len(configs) if divisible else 1)
-    specs = []
-    configs = norm_configs(d)
-    for i in cands(configs):
-        sig = {"h_ptr": "*fp32", "w_ptr": p, "b_ptr": p, "mod_ptr": p, "u_ptr": p,
-               **{n: "i32" for n in ("M", "T", "D", "K", "kb")}, "eps": "fp32"}
-        specs.append(_spec("recurse_norm_kernel", recurse_norm_kernel, sig, {"SHIFT": 0, "HAS_MOD": has_mod}, configs,
-                           i, {**tags, "HAS_MOD": has_mod}, ("D",) if divisible else None))
+    sig = {"h_ptr": "*fp32", "w_ptr": p, "b_ptr": p, "mod_ptr": p, "u_ptr": p,
+           **{n: "i32" for n in ("M", "T", "D", "K", "kb")}, "eps": "fp32"}
+    specs = _specs("recurse_norm_kernel", recurse_norm_kernel, sig, {"SHIFT": 0, "HAS_MOD": has_mod}, norm_configs(d),
+                   {**tags, "HAS_MOD": has_mod}, ("D",) if divisible else None)
     for epilogue in (STORE, GELU, RESIDUAL) if products else ():
         res = epilogue == RESIDUAL
         sig = {"a_ptr": p, "w_ptr": p, "bias_ptr": p, **{n: "*fp32" if res else p for n in ("out_ptr", "h_ptr")},
                "state_ptr": p, "mod_ptr": p, **{n: "i32" for n in ("M", "N", "Kd", "T", "K", "kb", "write_state")}}
-        configs = linear_configs(dtype, epilogue)
-        for i in cands(configs):
-            specs.append(_spec("recurse_linear_kernel", recurse_linear_kernel, sig,
-                               {"EPILOGUE": epilogue, "PART": 5, "HAS_MOD": has_mod and res, **dot}, configs, i,
-                               {**tags, "EPILOGUE": epilogue, "HAS_MOD": has_mod and res},
-                               ("N", "Kd") if divisible else None))
+        specs += _specs("recurse_linear_kernel", recurse_linear_kernel, sig,
+                        {"EPILOGUE": epilogue, "PART": 5, "HAS_MOD": has_mod and res, **dot},
+                        linear_configs(dtype, epilogue), {**tags, "EPILOGUE": epilogue, "HAS_MOD": has_mod and res},
+                        ("N", "Kd") if divisible else None)
     sig = {"qkv_ptr": p, "ctx_ptr": p, **{n: "i32" for n in ("T", "D", "H", "DH")}, "scale": "fp32"}
-    configs = attention_configs()
-    for i in cands(configs):
-        specs.append(_spec("recurse_attention_kernel", recurse_attention_kernel, sig,
-                           {**dot, "BLOCK_DH": block_dh(dh)}, configs, i, {**tags, "dh": dh},
-                           ("D", "DH") if divisible else None))
+    specs += _specs("recurse_attention_kernel", recurse_attention_kernel, sig, {**dot, "BLOCK_DH": block_dh(dh)},
+                    attention_configs(), {**tags, "dh": dh}, ("D", "DH") if divisible else None)
     return specs
 
 
