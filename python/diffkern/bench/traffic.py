@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 from .aten_traffic import AtenTraffic
+from .roofline import H100_HBM_BYTES_PER_S
 from .workload import BWD, FWD, STEP, Workload, grad_leaves, requiring_grad
 
-H100_BYTES_PER_S = 3.0e12
 
 
 def eager_counts(workload: Workload, case, dtype: torch.dtype) -> dict:
@@ -40,7 +40,7 @@ def _cuda(counts: dict) -> int:
 
 
 def _us(nbytes: int) -> float:
-    return nbytes / H100_BYTES_PER_S * 1e6
+    return nbytes / H100_HBM_BYTES_PER_S * 1e6
 
 
 def source(entry: dict) -> str:
