@@ -89,8 +89,7 @@ def tiled_launches(B, T, d, f, heads, K, L, dtype, has_mod) -> list[dict]:
 
 
 def by_kernel(launches: list[dict]) -> dict:
-    """Per kernel name: launches, programs, bytes_loaded, bytes_stored, flops (TritonMonitor.by_kernel's keys,
-    with flops)."""
+    """Per kernel name: launches, programs, bytes_loaded, bytes_stored, flops (TritonMonitor.by_kernel's keys)."""
     out = {}
     for r in launches:
         k = out.setdefault(r["kernel"], dict(launches=0, programs=0, bytes_loaded=0, bytes_stored=0, flops=0))
