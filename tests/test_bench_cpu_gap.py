@@ -227,3 +227,22 @@ def test_rows_are_selected_by_title_and_an_unknown_title_is_refused():
     assert [r.title for r in cpu_gap.select(["ntrk fused", "DAR whole"])] == ["DAR whole stack", "NTRK fused step"]
     with pytest.raises(ValueError, match="rows: no row title contains"):
         cpu_gap.select(["no such row"])
+
+
+def test_stream_pass_under_fullgraph_compile_and_refusing_nothing_to_autograd():
+    """The yardstick op traces whole (its fake: outputs written in place, nothing returned) and writes the same
+    sums compiled as eager; it is registered non-differentiable, so inputs that require grad run it unrecorded."""
+    gen = torch.Generator().manual_seed(3)
+    ins = [torch.randn(1001, generator=gen) for _ in range(3)]
+    want = ins[0] + ins[1] + ins[2]
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def run(a, b, c, out):
+        torch.ops.diffkern.stream_pass([a, b, c], [out], False)
+        return out * 1.0
+
+    got = run(*ins, torch.zeros(1001))
+    assert torch.equal(got, want)
+    out = torch.zeros(1001)
+    torch.ops.diffkern.stream_pass([ins[0].requires_grad_(), ins[1], ins[2]], [out], True)
+    assert torch.equal(out, want) and out.grad_fn is None
