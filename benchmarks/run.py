@@ -127,7 +127,7 @@ def main(argv=None) -> dict:
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "triton": triton.__version__,
         "gpu": gpu.device_name() if gpu.available() else None,
         "cpu_dtype": str(CPU_DTYPE).removeprefix("torch."), "traffic_dtype": str(GPU_DTYPE).removeprefix("torch."),
-        "h100_bytes_per_s": traffic.H100_BYTES_PER_S, "h100_hbm_bytes_per_s": H100_HBM_BYTES_PER_S,
+        "h100_hbm_bytes_per_s": H100_HBM_BYTES_PER_S,
         "h100_dot_flops": H100_DOT_FLOPS, "resources_arch": f"sm_{args.arch}{'a' if args.arch >= 90 else ''}",
         "timing": {"rounds": mode.rounds, "warmup": mode.warmup, "min_sample_s": mode.min_sample_s},
         "seconds": seconds}, "workloads": {}}

@@ -93,7 +93,7 @@ def workload_markdown(name: str, w: dict, meta: dict) -> list[str]:
                    _num(r["compile_first_call_s"]), _num(r["max_abs_err_vs_eager"], 2)])
     out += _section_lines(
         f"Modeled GPU memory traffic ({meta['traffic_dtype']}; counted, not timed; "
-        f"modeled H100 time = bytes / {meta['h100_bytes_per_s'] / 1e12:.1f} TB/s)", w["traffic"],
+        f"modeled H100 time = bytes / {meta['h100_hbm_bytes_per_s'] / 1e12:.2f} TB/s)", w["traffic"],
         ["case", "pass", "source", "minimum MB", "diffkern (Triton) MB", "diffkern/min", "CUDA C++ MB", "eager MB", "eager/diffkern",
          "diffkern launches", "eager kernels", "modeled H100 us: min / diffkern / eager"],
         lambda r: [r["case"], r["pass"], r["source"], _num(r["min_bytes"] / MB),
