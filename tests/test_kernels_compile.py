@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import diffkern
+from diffkern.testing import aot
 from diffkern.testing.aot import compile_spec, library_specs
 from diffkern.testing.backends import forced
 
@@ -35,3 +36,14 @@ def test_compiles_cold_after_interpreted_launches(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     assert compile_spec(SPECS[0], 90).registers > 0
     assert any(tmp_path.iterdir()), "the compile was not cold"
+
+
+def test_cold_compile_runs_ptxas_once(tmp_path, monkeypatch):
+    """The resources of a cold compile come from the `ptxas -v` report Triton's own cubin step printed: no second
+    ptxas run (a third of a small kernel's compile time)."""
+    def no_second_run(*args, **kwargs):
+        raise AssertionError(f"ptxas run again: {args}")
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(aot, "subprocess", type("NoSubprocess", (), {"run": staticmethod(no_second_run)}))
+    assert compile_spec(SPECS[0], 90).registers > 0

@@ -27,6 +27,8 @@ stored beside the cubin in the same cache entry, so a repeated call costs millis
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import subprocess
 import tempfile
@@ -84,9 +86,32 @@ def _compile(spec: KernelSpec, arch: int):
     attrs = {(fn.arg_names.index(name),): value for name, value in spec.attrs.items()}
     source = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
     try:
-        return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=_options(spec)), config
+        with _ptxas_log() as log:
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=_options(spec))
     except Exception as error:
         raise AotCompileError(f"{config} failed to compile: {error}") from error
+    if log.getvalue():  # a cold compile: Triton's own `ptxas -v` run printed its report
+        _store_report(compiled, log.getvalue())
+    return compiled, config
+
+
+@contextlib.contextmanager
+def _ptxas_log():
+    """Captures the `ptxas -v` report Triton prints while it builds a cubin (knobs.nvidia.dump_ptxas_log), so a
+    cold compile runs ptxas once; where the knob is missing the report stays empty and _ptxas_report runs ptxas."""
+    knobs = getattr(triton, "knobs", None)
+    nvidia = getattr(knobs, "nvidia", None)
+    log = io.StringIO()
+    if nvidia is None or not hasattr(nvidia, "dump_ptxas_log"):
+        yield log
+        return
+    previous = nvidia.dump_ptxas_log
+    nvidia.dump_ptxas_log = True
+    try:
+        with contextlib.redirect_stdout(log):
+            yield log
+    finally:
+        nvidia.dump_ptxas_log = previous
 
 
 def compiled_ptx(spec: KernelSpec, arch: int) -> str:
@@ -225,10 +250,19 @@ def _field(report: str, pattern: str, config: str) -> int:
     return int(match.group(1))
 
 
+def _report_file(compiled) -> tuple:
+    return get_cache_manager(compiled.hash), f"{compiled.name[:150]}.ptxas-v.txt"
+
+
+def _store_report(compiled, report: str) -> None:
+    cache, filename = _report_file(compiled)
+    cache.put(report, filename, binary=False)
+
+
 def _ptxas_report(compiled, arch: int, config: str) -> str:
-    """`ptxas -v` output for the compiled PTX, computed once per Triton cache entry."""
-    cache = get_cache_manager(compiled.hash)
-    filename = f"{compiled.name[:150]}.ptxas-v.txt"
+    """`ptxas -v` output for the compiled PTX, computed once per Triton cache entry: the report Triton's cubin
+    step printed on a cold compile (the same ptxas and flags as below), else a run of its ptxas here."""
+    cache, filename = _report_file(compiled)
     cached = cache.get_file(filename)
     if cached is not None:
         with open(cached) as f:
@@ -246,7 +280,7 @@ def _ptxas_report(compiled, arch: int, config: str) -> str:
     if run.returncode != 0:
         raise AotCompileError(f"{config}: ptxas failed ({run.returncode}):\n{run.stderr}")
     report = run.stdout + run.stderr
-    cache.put(report, filename, binary=False)
+    _store_report(compiled, report)
     return report
 
 
