@@ -19,7 +19,8 @@ build: $(STAMP)
 
 # Test processes (pytest-xdist): the suite is mostly single-threaded Python (the Triton interpreter), so
 # one worker per core; whole files go to one worker, so a module's expensive fixture (a benchmark run, a
-# kernel build) is set up once.
+# kernel build) is set up once, except the AOT compile files, whose tests are handed out one by one at the end
+# (tests/conftest.py: SPREAD_OVER_WORKERS).
 TEST_JOBS ?= 2
 
 test: build

@@ -53,3 +53,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip)
+
+
+# Files of many independent, expensive tests (the ahead-of-time GPU compiles): under `--dist loadfile` (make test)
+# their tests are handed to the pytest-xdist workers one by one instead of as one file.
+SPREAD_OVER_WORKERS = {"test_kernels_compile.py", "test_kernels_specialise.py", "test_autotune_candidates.py"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, except that the SPREAD_OVER_WORKERS files' tests are single work units: every other
+    file still runs whole in one worker (its module fixtures set up once), and since the scheduler hands out
+    the biggest units first, the single compiles come last and keep both workers busy to the end. (The
+    xdist_group marks of `--dist loadgroup` cannot do this: pytest-xdist 3.8 renames node ids in a way pytest
+    9.2 ignores.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FilesAndSpreadTests(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return nodeid if path.rsplit("/", 1)[-1] in SPREAD_OVER_WORKERS else path
+
+    return FilesAndSpreadTests(config, log)
