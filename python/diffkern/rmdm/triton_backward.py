@@ -422,5 +422,54 @@ def recurse_bwd(dstates, x, states, weights, mod, heads, eps):
     return G.view(B, T, d).to(dt), dweights, dmod
 
 
+def backward_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, every: bool = True) -> list[KernelSpec]:
+    """The backward's kernels at width d, head width dh, in `dtype` as a GPU runs them (16-bit operands, or tf32x3
+    for fp32), pointers and widths 16-divisible as at the Sudoku shape: recurse_dx_kernel's three launches (gelu'
+    epilogue; stored in the operand dtype; stored in fp32), recurse_dw_kernel, recurse_attention_bwd_kernel and
+    (every) the two LayerNorm backwards; every False: only the products, whose code differs between the 16-bit dtypes
+    in the tensor-core instructions alone."""
+    ty = _triton.TRITON_DTYPE[dtype]
+    p, f32 = f"*{ty}", "*fp32"
+    dot = {"DOT_F32": dtype == torch.float32, "PRECISION": "tf32x3"}
+    tags = {"dtype": str(dtype).removeprefix("torch."), "d": d}
+    ints = {n: "i32" for n in ("M", "N", "Kd")}
+    specs = []
+    for gelu, out in dict.fromkeys(((True, p), (False, p), (False, f32))):  # fp32: the last two are one
+        sig = {"dy_ptr": p, "w_ptr": p, "z_ptr": out, "out_ptr": out, **ints}
+        specs += tk._specs("recurse_dx_kernel", recurse_dx_kernel, sig, {"GELU_GRAD": gelu, **dot}, (PRODUCT,),
+                           {**tags, "GELU_GRAD": gelu, "out": out}, ("N", "Kd"))
+        if not every:
+            break
+    sig = {"dy_ptr": p, "x_ptr": p, "dw_ptr": f32, "db_ptr": f32, "R": "i32", "N": "i32", "Kd": "i32"}
+    specs += tk._specs("recurse_dw_kernel", recurse_dw_kernel, sig, dot, (PRODUCT,), tags, ("N", "Kd"))
+    sig = {"qkv_ptr": p, "ctx_ptr": p, "dctx_ptr": p, "lse_ptr": f32, "dqkv_ptr": p,
+           **{n: "i32" for n in ("T", "D", "H", "DH")}, "scale": "fp32"}
+    specs += tk._specs("recurse_attention_bwd_kernel", recurse_attention_bwd_kernel, sig,
+                       {**dot, "BLOCK_DH": tk.block_dh(dh)}, (ATTENTION,), {**tags, "dh": dh}, ("D", "DH"))
+    for shift in (0, 3) if every else ():
+        sig = {"du_ptr": f32, "h_ptr": f32, "w_ptr": p, "b_ptr": p, "mod_ptr": p, "res_ptr": f32, "dstate_ptr": p,
+               "a_ptr": p, "y_ptr": p, "dh_ptr": f32, "dy_ptr": p, "part_ptr": f32,
+               **{n: "i32" for n in ("T", "D", "K", "kb", "kb_gate", "gate_part")}, "eps": "fp32", "add_state": "i32"}
+        specs += tk._specs("recurse_norm_bwd_kernel", recurse_norm_bwd_kernel, sig, {"SHIFT": shift, "HAS_MOD": has_mod},
+                           (norm_config(d),), {**tags, "SHIFT": shift, "HAS_MOD": has_mod}, ("D",))
+    return specs
+
+
+def partials_specs(d: int, T: int) -> list[KernelSpec]:
+    """recurse_partials_kernel after either LayerNorm (its code does not depend on the dtype) at width d, T tokens."""
+    sig = {"part_ptr": "*fp32", "dln_ptr": "*fp32", "dmod_ptr": "*fp32", **{n: "i32" for n in ("B", "NT", "D", "K", "kb")}}
+    block_t = triton.next_power_of_2(triton.cdiv(T, norm_config(d).constexprs["BLOCK_M"]))
+    return [s for shift in (0, 3) for s in tk._specs("recurse_partials_kernel", recurse_partials_kernel, sig,
+                                                     {"SHIFT": shift, "BLOCK_T": block_t}, (PARTIALS,),
+                                                     {"d": d, "SHIFT": shift}, ("D",))]
+
+
+# (dtype, d, head width, adaLN, every kernel) of the AOT specs: the Sudoku width d = 512 with 8 heads; bf16 with adaLN,
+# fp32 with adaLN, fp16's products (the LayerNorm backwards differ from bf16's in pointer types alone).
+BACKWARD_AOT = ((torch.bfloat16, 512, 64, True, True), (torch.float32, 512, 64, True, True),
+                (torch.float16, 512, 64, False, False))
+
+
 def aot_specs() -> list[KernelSpec]:
-    return []
+    """BACKWARD_AOT's specs and the partial sums' at the Sudoku shape (d = 512, T = 81)."""
+    return [s for args in BACKWARD_AOT for s in backward_specs(*args)] + partials_specs(512, 81)
