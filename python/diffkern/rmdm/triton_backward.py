@@ -56,10 +56,16 @@ from .reference import N_PARAMS
 from .triton_common import gate, gelu_grad, normalized, scores
 
 PRODUCT = Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4)
-ATTENTION = Config(dict(BLOCK_Q=32, BLOCK_KV=32), 4)
 NORM_ELEMENTS = 4096  # recurse_norm_bwd_kernel's [BLOCK_M, BLOCK_D] tile
 PARTIALS = Config(dict(BLOCK_R=32, BLOCK_D=128), 4)
 N_PARTIALS = 6  # recurse_norm_bwd_kernel's quantities: LN w, LN b, adaLN shift, scale, gate1, gate2
+
+
+def attention_config(dtype: torch.dtype) -> Config:
+    """recurse_attention_bwd_kernel's configuration: 32 x 32 score tiles, 16 x 16 for fp32 inputs, whose tf32x3
+    products (three per dot) spill at 32 x 32 (in 4 or 8 warps) with the dk and dv accumulators live."""
+    tile = 16 if dtype == torch.float32 else 32
+    return Config(dict(BLOCK_Q=tile, BLOCK_KV=tile), 4)
 
 
 def norm_config(d: int) -> Config:
@@ -382,10 +388,11 @@ def _block_backward(A, w, dw, dln, mod, dmod, G, Gm, dy, bufs, kb, K, B, T, head
                      a=A.a, y=A.y)
     _linear_backward(dy, A.ctx, w_o, dw[4], dw[5], dctx)
     dh = d // heads
-    ac = ATTENTION.constexprs
-    recurse_attention_bwd_kernel[(triton.cdiv(T, ac["BLOCK_KV"]) + triton.cdiv(T, ac["BLOCK_Q"]), B * heads)](
+    ac = attention_config(dqkv.dtype)
+    recurse_attention_bwd_kernel[(triton.cdiv(T, ac.constexprs["BLOCK_KV"]) + triton.cdiv(T, ac.constexprs["BLOCK_Q"]),
+                                  B * heads)](
         A.qkv, A.ctx, dctx, A.lse, dqkv, T, d, heads, dh, dh ** -0.5, **_dot.dot_meta(dqkv.dtype),
-        BLOCK_DH=tk.block_dh(dh), **ATTENTION.meta())
+        BLOCK_DH=tk.block_dh(dh), **ac.meta())
     _linear_backward(dqkv, A.u1, w_qkv, dw[2], dw[3], du)
     _launch_norm_bwd(du, A.h, ln1_w, ln1_b, mod, Gm, G, dy, part, dln[0], dmod, kb, K, B, T, eps, 0, (gate_next, 5),
                      dstate=dstate)
@@ -445,7 +452,7 @@ def backward_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, every: bo
     sig = {"qkv_ptr": p, "ctx_ptr": p, "dctx_ptr": p, "lse_ptr": f32, "dqkv_ptr": p,
            **{n: "i32" for n in ("T", "D", "H", "DH")}, "scale": "fp32"}
     specs += tk._specs("recurse_attention_bwd_kernel", recurse_attention_bwd_kernel, sig,
-                       {**dot, "BLOCK_DH": tk.block_dh(dh)}, (ATTENTION,), {**tags, "dh": dh}, ("D", "DH"))
+                       {**dot, "BLOCK_DH": tk.block_dh(dh)}, (attention_config(dtype),), {**tags, "dh": dh}, ("D", "DH"))
     for shift in (0, 3) if every else ():
         sig = {"du_ptr": f32, "h_ptr": f32, "w_ptr": p, "b_ptr": p, "mod_ptr": p, "res_ptr": f32, "dstate_ptr": p,
                "a_ptr": p, "y_ptr": p, "dh_ptr": f32, "dy_ptr": p, "part_ptr": f32,
