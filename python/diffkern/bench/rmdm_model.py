@@ -19,6 +19,10 @@ tf32x3 (torch's default "highest" matmul precision) 165, tf32 495. Bytes are the
 active lane issues, L2 hits included), so the figure is an upper bound on the HBM side; `unique_bytes` gives
 each launch's bytes with every tensor touched once (the minimum), for comparison. Launch latency (about
 2-4 us a launch without a CUDA graph) is not in the roofline: `launches` says how many there are.
+
+The Triton backward (rmdm/triton_backward.py): `backward_launches` lists its launches (each iteration's recompute,
+then 13 per block) with programs, FLOPs and minimal bytes, and `triton_backward` sums them into its modeled H100
+time beside the roofline of the backward's FLOPs alone (the issue's 1.2x bar) and `aten_backward`'s floor.
 """
 from __future__ import annotations
 

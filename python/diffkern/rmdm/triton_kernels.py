@@ -31,6 +31,8 @@
     "ieee" under the interpreter. Launch configurations: `diffkern._autotune.pick` over linear_configs,
     attention_configs and norm_configs (configs[0] under the interpreter and with DIFFKERN_AUTOTUNE=0).
     Large batches and d = 512 run here: at the Sudoku shape B=64 (5184 rows) a product has 81 x 24 tiles.
+The backward (triton_backward.py) re-runs these launches for its recompute, with two runtime flags that the
+forward leaves off: write_pre (a product's pre-activation kept) and write_lse (the attention rows' log-sum-exp).
 """
 from __future__ import annotations
 
@@ -209,7 +211,8 @@ def _launch_attention(qkv, ctx, B, T, heads, lse=None):
     d = ctx.shape[1]
     dh = d // heads
     meta = dict(BLOCK_DH=block_dh(dh), **_dot.dot_meta(qkv.dtype))
-    no_lse = qkv.new_empty(0, dtype=torch.float32) if lse is None else None  # lse_ptr is fp32 in every launch
+    # lse_ptr is fp32 in every launch (one specialisation); one element, as an empty tensor's pointer may be null
+    no_lse = qkv.new_empty(1, dtype=torch.float32) if lse is None else None
 
     def launch(cfg: Config):
         return recurse_attention_kernel[(triton.cdiv(T, cfg.constexprs["BLOCK_Q"]), B * heads)](
