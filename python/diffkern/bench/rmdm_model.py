@@ -179,7 +179,7 @@ def _attention_bwd_launch(B, T, d, heads, dtype) -> dict:
     c, dh, isz = tb.attention_config(dtype).constexprs, d // heads, dtype.itemsize
     nq, nkv = triton.cdiv(T, c["BLOCK_Q"]), triton.cdiv(T, c["BLOCK_KV"])
     tile = 2 * c["BLOCK_Q"] * c["BLOCK_KV"] * tk.block_dh(dh)
-    flops = B * heads * nq * nkv * 7 * tile  # 4 products in a key tile's loop (s, dp, dv, dk), 3 in a query's (s, dp, dq)
+    flops = B * heads * nq * nkv * 7 * tile  # 4 products in a key tile's loop (s, dp, dv, dk), 3 in a query's
     unique = B * T * (3 * d + 2 * d + 3 * d) * isz + B * heads * T * 4  # qkv, ctx, dctx, dqkv, lse
     return _bwd_launch("recurse_attention_bwd_kernel", (nq + nkv) * B * heads, flops, unique)
 
@@ -204,13 +204,13 @@ def _recompute_launches(B, T, d, f, heads, K, dtype, has_mod) -> list[dict]:
         norm = norm_launch(M, d, isz, has_mod, tk.norm_configs(d)[0])
         att = attention_launch(B, T, d, heads, isz, tk.attention_configs()[0])
         att["bytes_stored"] += B * heads * T * 4
-        launches = [norm, linear_launch(M, 3 * d, d, isz, tk.STORE, has_mod, False, tk.linear_configs(dtype, tk.STORE)[0]),
-                    att, linear_launch(M, d, d, isz, tk.RESIDUAL, has_mod, False, tk.linear_configs(dtype, tk.RESIDUAL)[0]),
-                    dict(norm), linear_launch(M, f, d, isz, tk.GELU, has_mod, False, tk.linear_configs(dtype, tk.GELU)[0])]
+        def linear(N, Kd, epilogue, mod=has_mod):
+            return linear_launch(M, N, Kd, isz, epilogue, mod, False, tk.linear_configs(dtype, epilogue)[0])
+        launches = [norm, linear(3 * d, d, tk.STORE), att, linear(d, d, tk.RESIDUAL), dict(norm), linear(f, d, tk.GELU)]
         if kb < K - 1:
-            launches.append(linear_launch(M, d, f, isz, tk.RESIDUAL, has_mod, False, tk.linear_configs(dtype, tk.RESIDUAL)[0]))
+            launches.append(linear(d, f, tk.RESIDUAL))
         elif has_mod:
-            launches.append(linear_launch(M, d, f, isz, tk.STORE, False, False, tk.linear_configs(dtype, tk.STORE)[0]))
+            launches.append(linear(d, f, tk.STORE, False))
         launches[5]["unique_bytes"] += M * f * isz  # z
         launches[2]["unique_bytes"] += B * heads * T * 4  # lse
         if has_mod:

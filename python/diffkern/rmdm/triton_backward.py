@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from .. import _dot, _triton
-from .._autotune import Config, candidate_specs
+from .._autotune import Config
 from .._triton import KernelSpec
 from . import triton_kernels as tk
 from .reference import N_PARAMS
@@ -135,7 +135,8 @@ def recurse_dw_kernel(dy_ptr, x_ptr, dw_ptr, db_ptr, R, N, Kd, DOT_F32: tl.const
 
 @triton.jit
 def _head_tile(ptr, rows, T, ld, col0, DH, BLOCK_DH: tl.constexpr):
-    """Rows `rows` of one head's columns col0 ... col0 + DH of a sample's [T, ld] matrix, 0 outside: [rows, BLOCK_DH]."""
+    """Rows `rows` of one head's columns col0 ... col0 + DH of a sample's [T, ld] matrix, 0 outside:
+    [rows, BLOCK_DH]."""
     dcols = tl.arange(0, BLOCK_DH)
     return tl.load(ptr + rows[:, None] * ld + col0 + dcols[None, :], mask=(rows < T)[:, None] & (dcols < DH)[None, :],
                    other=0.0)
@@ -176,7 +177,8 @@ def recurse_attention_bwd_kernel(qkv_ptr, ctx_ptr, dctx_ptr, lse_ptr, dqkv_ptr, 
     bh = tl.program_id(1)
     col0 = (bh % H) * DH
     sample = (bh // H).to(tl.int64) * T
-    qkv, ctx, dctx, dqkv = qkv_ptr + sample * 3 * D, ctx_ptr + sample * D, dctx_ptr + sample * D, dqkv_ptr + sample * 3 * D
+    qkv, dqkv = qkv_ptr + sample * 3 * D, dqkv_ptr + sample * 3 * D
+    ctx, dctx = ctx_ptr + sample * D, dctx_ptr + sample * D
     lse_row = lse_ptr + bh.to(tl.int64) * T
     n_kv = tl.cdiv(T, BLOCK_KV)
     if tl.program_id(0) < n_kv:
@@ -341,7 +343,8 @@ def _recompute(h_in, acts, weights, mod, B, T, heads, eps):
 
 
 class _Grads:
-    """fp32 accumulators: every weight's gradient (the LayerNorm vectors of a block as one [2, d] per norm) and mod's."""
+    """fp32 accumulators: every weight's gradient (the LayerNorm vectors of a block as one [2, d] per norm) and
+    mod's."""
 
     def __init__(self, weights, mod):
         K, d = len(weights) // N_PARAMS, weights[0].shape[0]
@@ -452,19 +455,22 @@ def backward_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, every: bo
     sig = {"qkv_ptr": p, "ctx_ptr": p, "dctx_ptr": p, "lse_ptr": f32, "dqkv_ptr": p,
            **{n: "i32" for n in ("T", "D", "H", "DH")}, "scale": "fp32"}
     specs += tk._specs("recurse_attention_bwd_kernel", recurse_attention_bwd_kernel, sig,
-                       {**dot, "BLOCK_DH": tk.block_dh(dh)}, (attention_config(dtype),), {**tags, "dh": dh}, ("D", "DH"))
+                       {**dot, "BLOCK_DH": tk.block_dh(dh)}, (attention_config(dtype),), {**tags, "dh": dh},
+                       ("D", "DH"))
     for shift in (0, 3) if every else ():
         sig = {"du_ptr": f32, "h_ptr": f32, "w_ptr": p, "b_ptr": p, "mod_ptr": p, "res_ptr": f32, "dstate_ptr": p,
                "a_ptr": p, "y_ptr": p, "dh_ptr": f32, "dy_ptr": p, "part_ptr": f32,
                **{n: "i32" for n in ("T", "D", "K", "kb", "kb_gate", "gate_part")}, "eps": "fp32", "add_state": "i32"}
-        specs += tk._specs("recurse_norm_bwd_kernel", recurse_norm_bwd_kernel, sig, {"SHIFT": shift, "HAS_MOD": has_mod},
+        specs += tk._specs("recurse_norm_bwd_kernel", recurse_norm_bwd_kernel, sig,
+                           {"SHIFT": shift, "HAS_MOD": has_mod},
                            (norm_config(d),), {**tags, "SHIFT": shift, "HAS_MOD": has_mod}, ("D",))
     return specs
 
 
 def partials_specs(d: int, T: int) -> list[KernelSpec]:
     """recurse_partials_kernel after either LayerNorm (its code does not depend on the dtype) at width d, T tokens."""
-    sig = {"part_ptr": "*fp32", "dln_ptr": "*fp32", "dmod_ptr": "*fp32", **{n: "i32" for n in ("B", "NT", "D", "K", "kb")}}
+    sig = {"part_ptr": "*fp32", "dln_ptr": "*fp32", "dmod_ptr": "*fp32",
+           **{n: "i32" for n in ("B", "NT", "D", "K", "kb")}}
     block_t = triton.next_power_of_2(triton.cdiv(T, norm_config(d).constexprs["BLOCK_M"]))
     return [s for shift in (0, 3) for s in tk._specs("recurse_partials_kernel", recurse_partials_kernel, sig,
                                                      {"SHIFT": shift, "BLOCK_T": block_t}, (PARTIALS,),
