@@ -161,15 +161,15 @@ def _product_flops(pm, pn, depth, cfg: _autotune.Config) -> int:
     return pm * pn * triton.cdiv(depth, bk) * 2 * bm * bn * bk
 
 
-def _dx_launch(M, N, Kd, isz, out_size, gelu) -> dict:
-    cfg = tb.PRODUCT
+def _dx_launch(M, N, Kd, dtype, out_size, gelu) -> dict:
+    cfg, isz = tb.product_config(dtype), dtype.itemsize
     pm, pn = triton.cdiv(M, cfg.constexprs["BLOCK_M"]), triton.cdiv(N, cfg.constexprs["BLOCK_N"])
     unique = (M * Kd + Kd * N + (M * N if gelu else 0)) * isz + M * N * out_size
     return _bwd_launch("recurse_dx_kernel", pm * pn, _product_flops(pm, pn, Kd, cfg), unique)
 
 
-def _dw_launch(R, N, Kd, isz) -> dict:
-    cfg = tb.PRODUCT
+def _dw_launch(R, N, Kd, dtype) -> dict:
+    cfg, isz = tb.product_config(dtype), dtype.itemsize
     pm, pn = triton.cdiv(N, cfg.constexprs["BLOCK_M"]), triton.cdiv(Kd, cfg.constexprs["BLOCK_N"])
     unique = (R * N + R * Kd) * isz + 2 * (N * Kd + N) * 4  # the fp32 accumulators read and written
     return _bwd_launch("recurse_dw_kernel", pm * pn, _product_flops(pm, pn, R, cfg), unique)
@@ -232,11 +232,11 @@ def backward_launches(B, T, d, f, heads, K, L, dtype, has_mod=False) -> list[dic
     for it in reversed(range(L)):
         out += _recompute_launches(B, T, d, f, heads, K, dtype, has_mod)
         for kb in reversed(range(K)):
-            out += [_dw_launch(M, d, f, isz), _dx_launch(M, f, d, isz, isz, True), _dw_launch(M, f, d, isz),
-                    _dx_launch(M, d, f, isz, 4, False), *_norm_bwd_launches(B, T, d, isz, has_mod, True, False),
-                    _dw_launch(M, d, d, isz), _dx_launch(M, d, d, isz, isz, False),
-                    _attention_bwd_launch(B, T, d, heads, dtype), _dw_launch(M, 3 * d, d, isz),
-                    _dx_launch(M, d, 3 * d, isz, 4, False),
+            out += [_dw_launch(M, d, f, dtype), _dx_launch(M, f, d, dtype, isz, True), _dw_launch(M, f, d, dtype),
+                    _dx_launch(M, d, f, dtype, 4, False), *_norm_bwd_launches(B, T, d, isz, has_mod, True, False),
+                    _dw_launch(M, d, d, dtype), _dx_launch(M, d, d, dtype, isz, False),
+                    _attention_bwd_launch(B, T, d, heads, dtype), _dw_launch(M, 3 * d, d, dtype),
+                    _dx_launch(M, d, 3 * d, dtype, 4, False),
                     *_norm_bwd_launches(B, T, d, isz, has_mod, False, kb == 0 and it > 0)]
     return out
 

@@ -55,10 +55,15 @@ from . import triton_kernels as tk
 from .reference import N_PARAMS
 from .triton_common import gate, gelu_grad, normalized, scores
 
-PRODUCT = Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4)
 NORM_ELEMENTS = 4096  # recurse_norm_bwd_kernel's [BLOCK_M, BLOCK_D] tile
 PARTIALS = Config(dict(BLOCK_R=32, BLOCK_D=128), 4)
 N_PARTIALS = 6  # recurse_norm_bwd_kernel's quantities: LN w, LN b, adaLN shift, scale, gate1, gate2
+
+
+def product_config(dtype: torch.dtype) -> Config:
+    """recurse_dx_kernel's and recurse_dw_kernel's configuration: 64 x 64 output tiles reduced in 32-deep slices;
+    32 x 64 for fp32 inputs, whose tf32x3 products spill at 64 x 64 on sm_80 where the sizes are not 16-divisible."""
+    return Config(dict(BLOCK_M=32 if dtype == torch.float32 else 64, BLOCK_N=64, BLOCK_K=32), 4)
 
 
 def attention_config(dtype: torch.dtype) -> Config:
@@ -288,18 +293,20 @@ def recurse_partials_kernel(part_ptr, dln_ptr, dmod_ptr, B, NT, D, K, kb, SHIFT:
 def _launch_dx(dy, w, out, z=None):
     M, Kd = dy.shape
     N = w.shape[1]
-    c = PRODUCT.constexprs
+    cfg = product_config(dy.dtype)
+    c = cfg.constexprs
     recurse_dx_kernel[(triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(N, c["BLOCK_N"]))](
         dy, w, z if z is not None else out, out, M, N, Kd, GELU_GRAD=z is not None, **_dot.dot_meta(dy.dtype),
-        **PRODUCT.meta())
+        **cfg.meta())
 
 
 def _launch_dw(dy, x, dw, db):
     R, N = dy.shape
     Kd = x.shape[1]
-    c = PRODUCT.constexprs
+    cfg = product_config(dy.dtype)
+    c = cfg.constexprs
     recurse_dw_kernel[(triton.cdiv(N, c["BLOCK_M"]), triton.cdiv(Kd, c["BLOCK_N"]))](
-        dy, x, dw, db, R, N, Kd, **_dot.dot_meta(dy.dtype), **PRODUCT.meta())
+        dy, x, dw, db, R, N, Kd, **_dot.dot_meta(dy.dtype), **cfg.meta())
 
 
 def _linear_backward(dy, x, w, dw, db, out, z=None):
@@ -432,12 +439,12 @@ def recurse_bwd(dstates, x, states, weights, mod, heads, eps):
     return G.view(B, T, d).to(dt), dweights, dmod
 
 
-def backward_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, every: bool = True) -> list[KernelSpec]:
+def backward_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible: bool = True) -> list[KernelSpec]:
     """The backward's kernels at width d, head width dh, in `dtype` as a GPU runs them (16-bit operands, or tf32x3
-    for fp32), pointers and widths 16-divisible as at the Sudoku shape: recurse_dx_kernel's three launches (gelu'
-    epilogue; stored in the operand dtype; stored in fp32), recurse_dw_kernel, recurse_attention_bwd_kernel and
-    (every) the two LayerNorm backwards; every False: only the products, whose code differs between the 16-bit dtypes
-    in the tensor-core instructions alone."""
+    for fp32), pointers and widths 16-divisible as at the Sudoku shape (divisible False: nothing assumed, as a launch
+    at odd sizes): recurse_dx_kernel's three launches (gelu' epilogue; stored in the operand dtype; stored in fp32),
+    recurse_dw_kernel, recurse_attention_bwd_kernel and the two LayerNorm backwards (with adaLN or without: their
+    HAS_MOD branch)."""
     ty = _triton.TRITON_DTYPE[dtype]
     p, f32 = f"*{ty}", "*fp32"
     dot = {"DOT_F32": dtype == torch.float32, "PRECISION": "tf32x3"}
@@ -446,24 +453,25 @@ def backward_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, every: bo
     specs = []
     for gelu, out in dict.fromkeys(((True, p), (False, p), (False, f32))):  # fp32: the last two are one
         sig = {"dy_ptr": p, "w_ptr": p, "z_ptr": out, "out_ptr": out, **ints}
-        specs += tk._specs("recurse_dx_kernel", recurse_dx_kernel, sig, {"GELU_GRAD": gelu, **dot}, (PRODUCT,),
-                           {**tags, "GELU_GRAD": gelu, "out": out}, ("N", "Kd"))
-        if not every:
-            break
+        specs += tk._specs("recurse_dx_kernel", recurse_dx_kernel, sig, {"GELU_GRAD": gelu, **dot},
+                           (product_config(dtype),),
+                           {**tags, "GELU_GRAD": gelu, "out": out}, ("N", "Kd") if divisible else None)
     sig = {"dy_ptr": p, "x_ptr": p, "dw_ptr": f32, "db_ptr": f32, "R": "i32", "N": "i32", "Kd": "i32"}
-    specs += tk._specs("recurse_dw_kernel", recurse_dw_kernel, sig, dot, (PRODUCT,), tags, ("N", "Kd"))
+    specs += tk._specs("recurse_dw_kernel", recurse_dw_kernel, sig, dot, (product_config(dtype),), tags,
+                       ("N", "Kd") if divisible else None)
     sig = {"qkv_ptr": p, "ctx_ptr": p, "dctx_ptr": p, "lse_ptr": f32, "dqkv_ptr": p,
            **{n: "i32" for n in ("T", "D", "H", "DH")}, "scale": "fp32"}
     specs += tk._specs("recurse_attention_bwd_kernel", recurse_attention_bwd_kernel, sig,
                        {**dot, "BLOCK_DH": tk.block_dh(dh)}, (attention_config(dtype),), {**tags, "dh": dh},
-                       ("D", "DH"))
-    for shift in (0, 3) if every else ():
+                       ("D", "DH") if divisible else None)
+    for shift in (0, 3):
         sig = {"du_ptr": f32, "h_ptr": f32, "w_ptr": p, "b_ptr": p, "mod_ptr": p, "res_ptr": f32, "dstate_ptr": p,
                "a_ptr": p, "y_ptr": p, "dh_ptr": f32, "dy_ptr": p, "part_ptr": f32,
                **{n: "i32" for n in ("T", "D", "K", "kb", "kb_gate", "gate_part")}, "eps": "fp32", "add_state": "i32"}
         specs += tk._specs("recurse_norm_bwd_kernel", recurse_norm_bwd_kernel, sig,
                            {"SHIFT": shift, "HAS_MOD": has_mod},
-                           (norm_config(d),), {**tags, "SHIFT": shift, "HAS_MOD": has_mod}, ("D",))
+                           (norm_config(d),), {**tags, "SHIFT": shift, "HAS_MOD": has_mod},
+                           ("D",) if divisible else None)
     return specs
 
 
@@ -477,10 +485,10 @@ def partials_specs(d: int, T: int) -> list[KernelSpec]:
                                                      {"d": d, "SHIFT": shift}, ("D",))]
 
 
-# (dtype, d, head width, adaLN, every kernel) of the AOT specs: the Sudoku width d = 512 with 8 heads; bf16 with adaLN,
-# fp32 with adaLN, fp16's products (the LayerNorm backwards differ from bf16's in pointer types alone).
+# (dtype, d, head width, adaLN, divisible) of the AOT specs: the Sudoku width d = 512 with 8 heads, bf16 and fp32 with
+# adaLN, fp16 without; fp32 (the most registers: tf32x3) at an odd width (d = 40, 2 heads) assuming nothing.
 BACKWARD_AOT = ((torch.bfloat16, 512, 64, True, True), (torch.float32, 512, 64, True, True),
-                (torch.float16, 512, 64, False, False))
+                (torch.float16, 512, 64, False, True), (torch.float32, 40, 20, True, False))
 
 
 def aot_specs() -> list[KernelSpec]:
