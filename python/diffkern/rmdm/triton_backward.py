@@ -35,8 +35,8 @@ and dx, the weights' and mod's gradients are rounded from their fp32 accumulator
 Determinism (the same bits on every run): no atomics. Each element of a weight gradient belongs to one program of
 recurse_dw_kernel, which reduces over the B*T rows in a fixed order and adds into its fp32 accumulator; the launches
 run in a fixed order over iterations and blocks; the LayerNorm and adaLN partials are summed in a fixed order by
-recurse_partials_kernel. Each kernel has one launch configuration: the accumulating kernels cannot be launched again
-and again by a tuner, and the reducing ones would sum in another order under another layout.
+recurse_partials_kernel. Each kernel has one launch configuration per dtype (no autotuning): the accumulating kernels
+cannot be launched again and again by a tuner, and the reducing ones would sum in another order under another layout.
 
 Precision: every product goes through diffkern._dot (16-bit operands on tensor cores with fp32 accumulation, tf32x3
 for fp32 inputs, fp32 "ieee" under the interpreter, which the tests run). The gradients a product reads (dy, dz,
