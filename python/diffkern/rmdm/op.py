@@ -194,8 +194,8 @@ def recurse(block_params, x: torch.Tensor, n_iter: int, *, heads: int, mod: torc
         call) where it fits (small batches), else the tiled kernels (seven launches per block evaluation, spread
         over rows, heads and output columns, products on tensor cores; rmdm/triton_kernels.py says which when); the
         backward is Triton's (rmdm/triton_backward.py: the same recomputation, products on tensor cores, fixed-order
-        reductions), or forced with diffkern.backend("cuda") the C++ backward run on ATen's CUDA kernels and cuBLAS
-        (the `cuda` backend of rmdm_recurse_bwd; it needs a CUDA build). See `diffkern.backend`.
+        reductions), or, with the backward run inside diffkern.backend("cuda"), the C++ backward on ATen's CUDA kernels
+        and cuBLAS (the `cuda` backend of rmdm_recurse_bwd; it needs a CUDA build). See `diffkern.backend`.
     Bad input: TypeError (not a tensor, a float n_iter or heads) or ValueError (shapes, dtypes, devices,
         n_iter < 1, heads not dividing d, eps <= 0), naming the argument.
     NaN/inf policy: propagated like the reference: a NaN/inf in x, mod or a weight makes the affected
