@@ -96,11 +96,11 @@ def test_the_dar_cases_differentiate_every_input():
 
 def test_gpu_rows_force_every_gpu_backend_and_the_default_routing_where_the_backward_differs(tmp_path, monkeypatch):
     """On a GPU (CUDA build): dar_route runs forced cuda and triton both ways; recurse, whose forward is
-    Triton and backward CUDA/ATen, runs its backward on the default routing."""
+    Triton alone, runs its backward forced to Triton (its default; the ATen backward has no forward beside it)."""
     monkeypatch.setattr(_registry, "_built", lambda name: True)
     ctx = Context(device=CPU, dry_run=False, out=tmp_path, deadline=float("inf"))
     by_op = {c.op: c for c in cases.catalogue(tiny=True)}
     assert correctness._backends(by_op["dar_route"], ctx, "bwd") == [("cuda", "cuda"), ("triton", "triton")]
     assert correctness._backends(by_op["recurse"], ctx, "fwd") == [("triton", "triton")]
-    assert correctness._backends(by_op["recurse"], ctx, "bwd") == [("default", None)]
+    assert correctness._backends(by_op["recurse"], ctx, "bwd") == [("triton", "triton")]
     assert correctness._backends(by_op["sink_attention"], ctx, "fwd") == [("triton", "triton")]

@@ -1,4 +1,5 @@
-"""R-MDM on a CUDA device: both Triton forward kernels and the ATen backward against the float64 plain block."""
+"""R-MDM on a CUDA device: both Triton forward kernels against the float64 plain block, and a training step on the
+default routing (the Triton forward and backward) against the CPU op."""
 import pytest
 import torch
 
@@ -32,7 +33,7 @@ def test_each_kernel_matches_the_plain_block_on_cuda(kernel, dtype):
 
 @pytest.mark.gpu
 def test_training_on_cuda_matches_the_cpu_op():
-    """The op's default GPU routing: Triton forward, the ATen backward (cuda backend of rmdm_recurse_bwd)."""
+    """The op's default GPU routing: the Triton forward and backward (the triton backend of rmdm_recurse_bwd)."""
     grads = {}
     for device in ("cpu", "cuda"):
         blocks, x, mod = make(SHAPE, torch.float32, True, device=device)

@@ -2,8 +2,8 @@
 
 Default routing (no override):
   * CPU tensors  -> the C++ kernel registered in csrc/cpu/ (the dispatcher calls it directly);
-  * CUDA tensors -> the first GPU backend an op provides, in `GPU_PREFERENCE` order, counting
-    "cuda" only when diffkern._C was built with CUDA.
+  * CUDA tensors -> the first GPU backend an op provides, in `GPU_PREFERENCE` order (or the op's own,
+    `register`'s gpu_preference), counting "cuda" only when diffkern._C was built with CUDA.
 A missing backend is an error, never a silent fall back to a slower one.
 
 `backend(name)` forces one backend for every diffkern op inside the block:
@@ -33,11 +33,13 @@ GPU_PREFERENCE = ("cuda", "triton")
 _impls: dict[str, dict[str, Callable]] = {}
 _checks: dict[str, Callable] = {}
 _cuda_twin: dict[str, str] = {}
+_gpu_preference: dict[str, tuple[str, ...]] = {}
 _forced: list[str] = []
 _cuda_lib = torch.library.Library("diffkern", "IMPL")
 
 
-def register(op: str, check: Callable, cuda_twin: str | None = None, **backends: Callable) -> None:
+def register(op: str, check: Callable, cuda_twin: str | None = None, gpu_preference: tuple[str, ...] = GPU_PREFERENCE,
+             **backends: Callable) -> None:
     """Registers the Python backends of `torch.ops.diffkern.<op>` and routes its CUDA key through them.
 
     `check(*args)` validates the op's arguments before any Python backend runs (the C++ kernels check
@@ -45,6 +47,7 @@ def register(op: str, check: Callable, cuda_twin: str | None = None, **backends:
     first tensor argument (`_triton.device_guard`), so Triton launches reach that device's current stream.
     `cuda_twin`: the op whose diffkern::<twin>_cuda kernel the 'cuda' backend runs (default: `op` itself;
     an op composed of another names it, so a forced 'cuda' on CPU tensors is checked against its harness).
+    `gpu_preference`: the order in which its backends are tried on CUDA tensors when none is forced.
     Without the extension (diffkern._ops.LOADED false) there is no op to route: nothing is registered.
     """
     if not LOADED:
@@ -55,6 +58,7 @@ def register(op: str, check: Callable, cuda_twin: str | None = None, **backends:
     _impls[op] = dict(backends)
     _checks[op] = check
     _cuda_twin[op] = cuda_twin or op
+    _gpu_preference[op] = gpu_preference
     _cuda_lib.impl(op, functools.partial(_run_cuda, op), "CUDA")
 
 
@@ -89,7 +93,7 @@ def _built(name: str) -> bool:
 
 def gpu_backend(op: str) -> str:
     """The backend `op` runs on CUDA tensors when none is forced."""
-    name = next((b for b in GPU_PREFERENCE if b in _impls[op] and _built(b)), None)
+    name = next((b for b in _gpu_preference[op] if b in _impls[op] and _built(b)), None)
     if name is None:
         raise NotImplementedError(f"diffkern::{op} has no GPU backend in this build; available: {available(op)}")
     return name

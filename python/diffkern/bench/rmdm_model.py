@@ -19,6 +19,10 @@ tf32x3 (torch's default "highest" matmul precision) 165, tf32 495. Bytes are the
 active lane issues, L2 hits included), so the figure is an upper bound on the HBM side; `unique_bytes` gives
 each launch's bytes with every tensor touched once (the minimum), for comparison. Launch latency (about
 2-4 us a launch without a CUDA graph) is not in the roofline: `launches` says how many there are.
+
+The Triton backward (rmdm/triton_backward.py): `backward_launches` lists its launches (each iteration's recompute,
+then 13 per block) with programs, FLOPs and minimal bytes, and `triton_backward` sums them into its modeled H100
+time beside the roofline of the backward's FLOPs alone (the issue's 1.2x bar) and `aten_backward`'s floor.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import torch
 import triton
 
 from .. import _autotune
+from ..rmdm import triton_backward as tb
 from ..rmdm import triton_kernels as tk
 from .roofline import H100_DOT_FLOPS, H100_HBM_BYTES_PER_S, dot_peak, dot_precision
 
@@ -147,7 +152,114 @@ def aten_backward(B, T, d) -> dict:
                 ratio_fp32=floor["ieee"] / floor["bf16"], ratio_tf32=floor["tf32"] / floor["bf16"])
 
 
+def _bwd_launch(name, programs, flops, unique) -> dict:
+    return dict(kernel=name, programs=programs, flops=flops, unique_bytes=unique)
+
+
+def _product_flops(pm, pn, depth, cfg: _autotune.Config) -> int:
+    bm, bn, bk = (cfg.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    return pm * pn * triton.cdiv(depth, bk) * 2 * bm * bn * bk
+
+
+def _dx_launch(M, N, Kd, dtype, out_size, gelu) -> dict:
+    cfg, isz = tb.product_config(dtype), dtype.itemsize
+    pm, pn = triton.cdiv(M, cfg.constexprs["BLOCK_M"]), triton.cdiv(N, cfg.constexprs["BLOCK_N"])
+    unique = (M * Kd + Kd * N + (M * N if gelu else 0)) * isz + M * N * out_size
+    return _bwd_launch("recurse_dx_kernel", pm * pn, _product_flops(pm, pn, Kd, cfg), unique)
+
+
+def _dw_launch(R, N, Kd, dtype) -> dict:
+    cfg, isz = tb.product_config(dtype), dtype.itemsize
+    pm, pn = triton.cdiv(N, cfg.constexprs["BLOCK_M"]), triton.cdiv(Kd, cfg.constexprs["BLOCK_N"])
+    unique = (R * N + R * Kd) * isz + 2 * (N * Kd + N) * 4  # the fp32 accumulators read and written
+    return _bwd_launch("recurse_dw_kernel", pm * pn, _product_flops(pm, pn, R, cfg), unique)
+
+
+def _attention_bwd_launch(B, T, d, heads, dtype) -> dict:
+    c, dh, isz = tb.attention_config(dtype).constexprs, d // heads, dtype.itemsize
+    nq, nkv = triton.cdiv(T, c["BLOCK_Q"]), triton.cdiv(T, c["BLOCK_KV"])
+    tile = 2 * c["BLOCK_Q"] * c["BLOCK_KV"] * tk.block_dh(dh)
+    flops = B * heads * nq * nkv * 7 * tile  # 4 products in a key tile's loop (s, dp, dv, dk), 3 in a query's
+    unique = B * T * (3 * d + 2 * d + 3 * d) * isz + B * heads * T * 4  # qkv, ctx, dctx, dqkv, lse
+    return _bwd_launch("recurse_attention_bwd_kernel", (nq + nkv) * B * heads, flops, unique)
+
+
+def _norm_bwd_launches(B, T, d, isz, has_mod, second, add_state) -> list[dict]:
+    M, nt = B * T, triton.cdiv(T, tb.norm_config(d).constexprs["BLOCK_M"])
+    n_q = 2 if not has_mod else (tb.N_PARTIALS if second else 4)
+    parts = B * nt * n_q * d * 4
+    unique = M * d * (3 * 4 + 4 + isz) + M * d * isz * (int(add_state) + (2 if has_mod and second else 0)) + parts
+    pc = tb.PARTIALS.constexprs
+    return [_bwd_launch("recurse_norm_bwd_kernel", nt * B, 0, unique),
+            _bwd_launch("recurse_partials_kernel", triton.cdiv(d, pc["BLOCK_D"]) * n_q * (B if has_mod else 1), 0,
+                        parts + 2 * (2 * d + (B * n_q * d if has_mod else 0)) * 4)]
+
+
+def _recompute_launches(B, T, d, f, heads, K, dtype, has_mod) -> list[dict]:
+    """One iteration's recompute (triton_backward._recompute): the forward's launches at configs[0], with the
+    stores the backward keeps (z, lse, and with adaLN a and y); the last block forms y only (with adaLN)."""
+    M, isz = B * T, dtype.itemsize
+    out = []
+    for kb in range(K):
+        norm = norm_launch(M, d, isz, has_mod, tk.norm_configs(d)[0])
+        att = attention_launch(B, T, d, heads, isz, tk.attention_configs()[0])
+        att["bytes_stored"] += B * heads * T * 4
+        def linear(N, Kd, epilogue, mod=has_mod):
+            return linear_launch(M, N, Kd, isz, epilogue, mod, False, tk.linear_configs(dtype, epilogue)[0])
+        launches = [norm, linear(3 * d, d, tk.STORE), att, linear(d, d, tk.RESIDUAL), dict(norm), linear(f, d, tk.GELU)]
+        if kb < K - 1:
+            launches.append(linear(d, f, tk.RESIDUAL))
+        elif has_mod:
+            launches.append(linear(d, f, tk.STORE, False))
+        launches[5]["unique_bytes"] += M * f * isz  # z
+        launches[2]["unique_bytes"] += B * heads * T * 4  # lse
+        if has_mod:
+            launches[3]["unique_bytes"] += M * d * isz  # a
+            if kb < K - 1:
+                launches[6]["unique_bytes"] += M * d * isz  # y
+        out += launches
+    return out
+
+
+def backward_launches(B, T, d, f, heads, K, L, dtype, has_mod=False) -> list[dict]:
+    """Every Triton launch of one triton_backward.recurse_bwd call, in order, each with its programs, FLOPs (2 m n k of
+    every tl.dot an active program runs at the block sizes, as the interpreter counts them) and minimal bytes
+    (unique_bytes: each tensor the launch touches once; the recompute's launches also carry the forward model's
+    counted bytes_loaded and bytes_stored). tests/test_rmdm_triton_backward.py holds launches, programs and FLOPs
+    equal to the interpreter's."""
+    M, isz = B * T, dtype.itemsize
+    out = []
+    for it in reversed(range(L)):
+        out += _recompute_launches(B, T, d, f, heads, K, dtype, has_mod)
+        for kb in reversed(range(K)):
+            out += [_dw_launch(M, d, f, dtype), _dx_launch(M, f, d, dtype, isz, True), _dw_launch(M, f, d, dtype),
+                    _dx_launch(M, d, f, dtype, 4, False), *_norm_bwd_launches(B, T, d, isz, has_mod, True, False),
+                    _dw_launch(M, d, d, dtype), _dx_launch(M, d, d, dtype, isz, False),
+                    _attention_bwd_launch(B, T, d, heads, dtype), _dw_launch(M, 3 * d, d, dtype),
+                    _dx_launch(M, d, 3 * d, dtype, 4, False),
+                    *_norm_bwd_launches(B, T, d, isz, has_mod, False, kb == 0 and it > 0)]
+    return out
+
+
+def triton_backward(B, T, d, f, heads, K, L, dtype, has_mod=False) -> dict:
+    """The Triton backward's modeled H100 time: the sum over its launches of max(minimal bytes / 3.35 TB/s,
+    FLOPs / peak at the products' precision), against the roofline of the backward's exact FLOPs alone (three
+    times the forward's products, the figure aten_backward holds the ATen backward to) at the same peak; ratio:
+    modeled / roofline (the issue's bar: 1.2). Launch latency is not in it: `launches` says how many there are."""
+    from . import rmdm  # the workload's GEMM list (rmdm imports this module lazily)
+    peak = dot_peak(dtype)
+    launches = backward_launches(B, T, d, f, heads, K, L, dtype, has_mod)
+    exact = rmdm.RECURSE.flops(rmdm._case(B, T, d))
+    roofline = 1e6 * (exact["fwd"] + exact["bwd"]) / peak
+    modeled = 1e6 * sum(launch_seconds(r, peak, unique=True) for r in launches)
+    return dict(launches=len(launches), precision=dot_precision(dtype), flops=sum(r["flops"] for r in launches),
+                unique_bytes=sum(r["unique_bytes"] for r in launches), us_modeled=modeled, us_roofline=roofline,
+                ratio=modeled / roofline)
+
+
 if __name__ == "__main__":
     for row in rmdm_roofline():
         print(row)
     print("ATen backward, B=64 T=81 d=512 K=2 L=4:", aten_backward(64, 81, 512))
+    for dt in (torch.bfloat16, torch.float32):
+        print(f"Triton backward {dt}, B=64 T=81 d=512 K=2 L=4:", triton_backward(64, 81, 512, 2048, 8, 2, 4, dt))

@@ -41,7 +41,7 @@ def _backends(case: OpCase, ctx: Context, pass_: str) -> list[tuple[str, str | N
     bwd = _registry.available(case.bwd_kernel) if case.bwd_kernel else fwd
     rows = [(b, b) for b in fwd if b in bwd]
     if not rows or (not ctx.dry_run and len(rows) < len(fwd)):
-        rows.append(("default", None))  # e.g. recurse on a GPU: Triton forward, CUDA/ATen backward
+        rows.append(("default", None))  # an op whose forward and backward have no GPU backend in common
     return rows
 
 

@@ -169,7 +169,8 @@ def calls() -> list[TimedCall]:
     for c in tilted.full_cases:
         out += [TimedCall(PROJECT, c, (FWD,), ("twoos_project",), True),
                 TimedCall(tilted, c, (FWD, STEP), ("twoos_project", "ntrk_step"), False)]
-    out += [TimedCall(rmdm.RECURSE, c, (FWD,), ("rmdm_recurse",), False) for c in rmdm.RECURSE.full_cases]
+    out += [TimedCall(rmdm.RECURSE, c, (FWD, STEP), ("rmdm_recurse", "rmdm_recurse_bwd"), False)
+            for c in rmdm.RECURSE.full_cases]  # the training step: the Triton forward and backward
     out += [TimedCall(MASS, MASS.full_cases[0], (FWD,), ("sink_mass",), False)]
     out += [TimedCall(SINKS, SINKS.full_cases[0], (FWD,),
                       ("sink_attention_fwd", "sink_mass", "sink_topk", "sink_suppress"), False)]

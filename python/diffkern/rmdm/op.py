@@ -13,6 +13,7 @@ import torch
 from .. import _checks, _lazy, _nvtx, _ops, _registry
 from . import reference
 triton_kernels = _lazy.module(__package__ + ".triton_kernels")  # imports triton on first use
+triton_backward = _lazy.module(__package__ + ".triton_backward")
 from .reference import N_MOD, N_PARAMS, param_shapes
 
 OP = "recurse"
@@ -97,14 +98,18 @@ def _recomputing(backend):
 
 _registry.register("rmdm_recurse", check_recurse, triton=triton_kernels.function("recurse_fwd"),
                    reference=reference.recurse)
+# On CUDA tensors the backward is Triton's (rmdm/triton_backward.py) by default; `cuda`, the C++ backward on ATen
+# and cuBLAS, stays forceable.
 _registry.register("rmdm_recurse_bwd", check_recurse_bwd, reference=reference.recurse_bwd,
-                   cuda=lambda *args: torch.ops.diffkern.rmdm_recurse_bwd_cuda(*args))
+                   cuda=lambda *args: torch.ops.diffkern.rmdm_recurse_bwd_cuda(*args),
+                   triton=triton_backward.function("recurse_bwd"), gpu_preference=("triton", "cuda"))
 # The training pair is the C++ CPU kernels' alone (`recurse` takes it only there): its activations' layout is
 # theirs, so no other backend could return what the fake promises; a forced one is refused, naming the op.
 _registry.register("rmdm_recurse_keep", check_recurse)
 _registry.register("rmdm_recurse_keep_bwd", check_recurse_keep_bwd, cuda_twin="rmdm_recurse_bwd",
                    reference=_recomputing(reference.recurse_bwd),
-                   cuda=_recomputing(lambda *args: torch.ops.diffkern.rmdm_recurse_bwd_cuda(*args)))
+                   cuda=_recomputing(lambda *args: torch.ops.diffkern.rmdm_recurse_bwd_cuda(*args)),
+                   triton=_recomputing(triton_backward.function("recurse_bwd")), gpu_preference=("triton", "cuda"))
 
 
 @_registry.register_fake("diffkern::rmdm_recurse")
@@ -188,8 +193,9 @@ def recurse(block_params, x: torch.Tensor, n_iter: int, *, heads: int, mod: torc
         (T <= 256, d <= 512): the persistent weight-stationary kernel (one launch, each weight read once per
         call) where it fits (small batches), else the tiled kernels (seven launches per block evaluation, spread
         over rows, heads and output columns, products on tensor cores; rmdm/triton_kernels.py says which when); the
-        backward is the C++ backward run on ATen's CUDA kernels and cuBLAS (the `cuda` backend of
-        rmdm_recurse_bwd; it needs a CUDA build). See `diffkern.backend`.
+        backward is Triton's (rmdm/triton_backward.py: the same recomputation, products on tensor cores, fixed-order
+        reductions), or, with the backward run inside diffkern.backend("cuda"), the C++ backward on ATen's CUDA kernels
+        and cuBLAS (the `cuda` backend of rmdm_recurse_bwd; it needs a CUDA build). See `diffkern.backend`.
     Bad input: TypeError (not a tensor, a float n_iter or heads) or ValueError (shapes, dtypes, devices,
         n_iter < 1, heads not dividing d, eps <= 0), naming the argument.
     NaN/inf policy: propagated like the reference: a NaN/inf in x, mod or a weight makes the affected

@@ -13,6 +13,7 @@ from .. import _dot
 
 TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 SQRT_HALF = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
@@ -33,12 +34,20 @@ def param_vec(table, i, idx, mask, DT: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def layer_norm(h, w, b, cmask, D, eps):
-    """LN(h) w + b over the valid columns of an fp32 [rows, BLOCK_D] tile; w, b fp32 [BLOCK_D]."""
+def normalized(h, cmask, D, eps):
+    """(xhat, rstd): the rows of an fp32 [rows, BLOCK_D] tile centred and scaled over the valid columns (0 elsewhere),
+    and their 1 / sqrt(var + eps)."""
     mean = tl.sum(tl.where(cmask[None, :], h, 0.0), 1) / D
     xc = tl.where(cmask[None, :], h - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / D + eps)
-    return xc * rstd[:, None] * w[None, :] + b[None, :]
+    return xc * rstd[:, None], rstd
+
+
+@triton.jit
+def layer_norm(h, w, b, cmask, D, eps):
+    """LN(h) w + b over the valid columns of an fp32 [rows, BLOCK_D] tile; w, b fp32 [BLOCK_D]."""
+    xhat, _ = normalized(h, cmask, D, eps)
+    return xhat * w[None, :] + b[None, :]
 
 
 @triton.jit
@@ -48,10 +57,17 @@ def gelu(z):
 
 
 @triton.jit
+def gelu_grad(z):
+    """d gelu / dz = Phi(z) + z phi(z) of the exact gelu."""
+    return 0.5 * (1.0 + tl.erf(z * SQRT_HALF)) + z * INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+
+
+@triton.jit
 def attend(qkv, ctx, q0, hd, T, D, DH, scale, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
            BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_DH: tl.constexpr):
     """ctx[q0:q0+BLOCK_Q, head hd] = softmax(q k^T * scale) v for one sample, online over BLOCK_KV-key tiles,
-    the products through diffkern._dot at (DOT_F32, PRECISION).
+    the products through diffkern._dot at (DOT_F32, PRECISION). Returns the rows' log-sum-exp of the scaled
+    scores (fp32 [BLOCK_Q]), which the backward (triton_backward.py) recomputes the probabilities from.
 
     qkv: the sample's [T, 3D] (q | k | v, heads contiguous within each), ctx: its [T, D], stored in ctx's dtype.
     """
@@ -68,8 +84,7 @@ def attend(qkv, ctx, q0, hd, T, D, DH, scale, DOT_F32: tl.constexpr, PRECISION: 
         km = (keys < T)[:, None] & dmask[None, :]
         kk = tl.load(qkv + keys[:, None] * 3 * D + D + hd * DH + dcols[None, :], mask=km, other=0.0)
         vv = tl.load(qkv + keys[:, None] * 3 * D + 2 * D + hd * DH + dcols[None, :], mask=km, other=0.0)
-        s = _dot.dot(q, tl.trans(kk), DOT_F32, PRECISION) * scale
-        s = tl.where((keys < T)[None, :], s, float("-inf"))
+        s = scores(q, kk, keys, T, scale, DOT_F32, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
@@ -78,6 +93,14 @@ def attend(qkv, ctx, q0, hd, T, D, DH, scale, DOT_F32: tl.constexpr, PRECISION: 
         m_i = m_new
     tl.store(ctx + rows[:, None] * D + hd * DH + dcols[None, :], (acc / l_i[:, None]).to(ctx.dtype.element_ty),
              mask=qm)
+    return m_i + tl.log(l_i)
+
+
+@triton.jit
+def scores(q, kk, keys, T, scale, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    """q k^T * scale of a [BLOCK_Q, BLOCK_DH] query and a [BLOCK_KV, BLOCK_DH] key tile, -inf at keys >= T."""
+    s = _dot.dot(q, tl.trans(kk), DOT_F32, PRECISION) * scale
+    return tl.where((keys < T)[None, :], s, float("-inf"))
 
 
 @triton.jit

@@ -31,6 +31,8 @@
     "ieee" under the interpreter. Launch configurations: `diffkern._autotune.pick` over linear_configs,
     attention_configs and norm_configs (configs[0] under the interpreter and with DIFFKERN_AUTOTUNE=0).
     Large batches and d = 512 run here: at the Sudoku shape B=64 (5184 rows) a product has 81 x 24 tiles.
+The backward (triton_backward.py) re-runs these launches for its recompute, with two runtime flags that the
+forward leaves off: write_pre (a product's pre-activation kept) and write_lse (the attention rows' log-sum-exp).
 """
 from __future__ import annotations
 
@@ -106,13 +108,15 @@ def recurse_norm_kernel(h_ptr, w_ptr, b_ptr, mod_ptr, u_ptr, M, T, D, K, kb, eps
 
 
 @triton.jit
-def recurse_linear_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, h_ptr, state_ptr, mod_ptr, M, N, Kd, T, K, kb,
-                          write_state, EPILOGUE: tl.constexpr, PART: tl.constexpr, HAS_MOD: tl.constexpr,
+def recurse_linear_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, h_ptr, state_ptr, mod_ptr, pre_ptr, M, N, Kd, T, K, kb,
+                          write_state, write_pre, EPILOGUE: tl.constexpr, PART: tl.constexpr, HAS_MOD: tl.constexpr,
                           DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr):
     """y = a W^T + bias for one [BLOCK_M, BLOCK_N] tile (a [M, Kd], W [N, Kd], fp32 accumulation), then
     EPILOGUE: STORE y or GELU gelu(y) into out [M, N]; RESIDUAL: out = h + gate * y (h, out: fp32 [M, N],
-    N = d; gate: adaLN's part PART of block kb, or 1) and, when write_state, out rounded into state."""
+    N = d; gate: adaLN's part PART of block kb, or 1) and, when write_state, out rounded into state. When
+    write_pre, y itself (before gelu, gate and residual) is stored into pre [M, N] too: the backward's recompute
+    keeps it (triton_backward.py)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm, nm = rows < M, n < N
@@ -128,6 +132,8 @@ def recurse_linear_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, h_ptr, state_ptr, mod
     y = acc + tl.load(bias_ptr + n, mask=nm, other=0.0).to(tl.float32)[None, :]
     om = rm[:, None] & nm[None, :]
     offs = rows[:, None].to(tl.int64) * N + n[None, :]
+    if write_pre:
+        tl.store(pre_ptr + offs, y.to(pre_ptr.dtype.element_ty), mask=om)
     if EPILOGUE == 2:
         g = gate(sample_mod_rows(mod_ptr, rows, kb, K, T, N), PART, n[None, :], om, N, HAS_MOD)
         out = tl.load(h_ptr + offs, mask=om, other=0.0) + g * y
@@ -141,15 +147,19 @@ def recurse_linear_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, h_ptr, state_ptr, mod
 
 
 @triton.jit
-def recurse_attention_kernel(qkv_ptr, ctx_ptr, T, D, H, DH, scale, DOT_F32: tl.constexpr,
+def recurse_attention_kernel(qkv_ptr, ctx_ptr, lse_ptr, T, D, H, DH, scale, write_lse, DOT_F32: tl.constexpr,
                              PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
                              BLOCK_DH: tl.constexpr):
     """ctx = softmax(q k^T * scale) v for query tile program_id(0) of (sample, head) program_id(1), online over
-    key tiles; qkv [B*T, 3D] (q | k | v, heads contiguous in each), ctx [B*T, D], both in the operand dtype."""
+    key tiles; qkv [B*T, 3D] (q | k | v, heads contiguous in each), ctx [B*T, D], both in the operand dtype.
+    When write_lse, the rows' log-sum-exp goes to lse [B*H, T] (fp32), for the backward."""
     bh = tl.program_id(1)
     sample = (bh // H).to(tl.int64) * T
-    attend(qkv_ptr + sample * 3 * D, ctx_ptr + sample * D, tl.program_id(0) * BLOCK_Q, bh % H, T, D, DH, scale,
-           DOT_F32, PRECISION, BLOCK_Q, BLOCK_KV, BLOCK_DH)
+    lse = attend(qkv_ptr + sample * 3 * D, ctx_ptr + sample * D, tl.program_id(0) * BLOCK_Q, bh % H, T, D, DH, scale,
+                 DOT_F32, PRECISION, BLOCK_Q, BLOCK_KV, BLOCK_DH)
+    if write_lse:
+        rows = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        tl.store(lse_ptr + bh.to(tl.int64) * T + rows, lse, mask=rows < T)
 
 
 def recurse_fwd(x, weights, mod, n_iter, heads, eps):
@@ -181,7 +191,7 @@ def _launch_norm(h, u, w, b, mod, kb, K, T, eps, shift):
                                  kernel=recurse_norm_kernel))
 
 
-def _launch_linear(a, w, bias, out, epilogue, h=None, state=None, mod=None, kb=0, K=1, T=1, part=0):
+def _launch_linear(a, w, bias, out, epilogue, h=None, state=None, mod=None, kb=0, K=1, T=1, part=0, pre=None):
     M, Kd = a.shape
     N = w.shape[0]
     meta = dict(EPILOGUE=epilogue, PART=part, HAS_MOD=mod is not None, **_dot.dot_meta(a.dtype))
@@ -190,21 +200,24 @@ def _launch_linear(a, w, bias, out, epilogue, h=None, state=None, mod=None, kb=0
     def launch(cfg: Config):
         grid = (triton.cdiv(M, cfg.constexprs["BLOCK_M"]), triton.cdiv(N, cfg.constexprs["BLOCK_N"]))
         return recurse_linear_kernel[grid](a, w, bias, out, h, state if state is not None else a,
-                                           mod if mod is not None else a, M, N, Kd, T, K, kb, int(state is not None),
-                                           **meta, **cfg.meta())
+                                           mod if mod is not None else a, pre if pre is not None else a, M, N, Kd, T,
+                                           K, kb, int(state is not None), int(pre is not None), **meta, **cfg.meta())
     key = (str(a.dtype), triton.next_power_of_2(M), N, Kd, epilogue, mod is not None)
     return launch(_autotune.pick("recurse_linear_kernel", key, linear_configs(a.dtype, epilogue), launch,
                                  kernel=recurse_linear_kernel))
 
 
-def _launch_attention(qkv, ctx, B, T, heads):
+def _launch_attention(qkv, ctx, B, T, heads, lse=None):
     d = ctx.shape[1]
     dh = d // heads
     meta = dict(BLOCK_DH=block_dh(dh), **_dot.dot_meta(qkv.dtype))
+    # lse_ptr is fp32 in every launch (one specialisation); one element, as an empty tensor's pointer may be null
+    no_lse = qkv.new_empty(1, dtype=torch.float32) if lse is None else None
 
     def launch(cfg: Config):
         return recurse_attention_kernel[(triton.cdiv(T, cfg.constexprs["BLOCK_Q"]), B * heads)](
-            qkv, ctx, T, d, heads, dh, dh ** -0.5, **meta, **cfg.meta())
+            qkv, ctx, lse if lse is not None else no_lse, T, d, heads, dh, dh ** -0.5, int(lse is not None), **meta,
+            **cfg.meta())
     key = (str(qkv.dtype), B, T, dh)
     return launch(_autotune.pick("recurse_attention_kernel", key, attention_configs(), launch,
                                  kernel=recurse_attention_kernel))
@@ -264,12 +277,14 @@ def tiled_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible: b
     for epilogue in (STORE, GELU, RESIDUAL) if products else ():
         res = epilogue == RESIDUAL
         sig = {"a_ptr": p, "w_ptr": p, "bias_ptr": p, **{n: "*fp32" if res else p for n in ("out_ptr", "h_ptr")},
-               "state_ptr": p, "mod_ptr": p, **{n: "i32" for n in ("M", "N", "Kd", "T", "K", "kb", "write_state")}}
+               "state_ptr": p, "mod_ptr": p, "pre_ptr": p,
+               **{n: "i32" for n in ("M", "N", "Kd", "T", "K", "kb", "write_state", "write_pre")}}
         specs += _specs("recurse_linear_kernel", recurse_linear_kernel, sig,
                         {"EPILOGUE": epilogue, "PART": 5, "HAS_MOD": has_mod and res, **dot},
                         linear_configs(dtype, epilogue), {**tags, "EPILOGUE": epilogue, "HAS_MOD": has_mod and res},
                         ("N", "Kd") if divisible else None)
-    sig = {"qkv_ptr": p, "ctx_ptr": p, **{n: "i32" for n in ("T", "D", "H", "DH")}, "scale": "fp32"}
+    sig = {"qkv_ptr": p, "ctx_ptr": p, "lse_ptr": "*fp32", **{n: "i32" for n in ("T", "D", "H", "DH")}, "scale": "fp32",
+           "write_lse": "i32"}
     specs += _specs("recurse_attention_kernel", recurse_attention_kernel, sig, {**dot, "BLOCK_DH": block_dh(dh)},
                     attention_configs(), {**tags, "dh": dh}, ("D", "DH") if divisible else None)
     return specs
@@ -284,5 +299,8 @@ TILED_AOT = ((torch.bfloat16, 512, 64, True, True, True), (torch.float16, 512, 6
 
 
 def aot_specs() -> list[KernelSpec]:
-    """The tiled form's candidates (TILED_AOT), then the persistent kernel's configurations."""
-    return [s for args in TILED_AOT for s in tiled_specs(*args)] + triton_persistent.aot_specs()
+    """The tiled form's candidates (TILED_AOT), the persistent kernel's configurations, then the backward's
+    (triton_backward.py, which launches this module's kernels for its recompute)."""
+    from . import triton_backward
+    return [s for args in TILED_AOT for s in tiled_specs(*args)] + triton_persistent.aot_specs() + \
+        triton_backward.aot_specs()

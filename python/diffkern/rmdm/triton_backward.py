@@ -1,0 +1,496 @@
+"""Triton backward of R-MDM's shared-block recursion: the `triton` backend of diffkern::rmdm_recurse_bwd, the
+default on CUDA tensors (T <= 256, d <= 512, like the tiled forward; the `cuda` backend, the C++ backward on ATen
+and cuBLAS in fp32, stays forceable through diffkern.backend("cuda")).
+
+Same outputs and recompute structure as csrc/cpu/rmdm_recurse_bwd.cpp: iterations are walked backwards; iteration
+it is re-run from its saved input (x or states[it-1]) with the tiled forward's launches (triton_kernels.py), each of
+its K blocks' activations kept, then the blocks are differentiated in reverse. Memory: one iteration's activations.
+Per block evaluation, with G the fp32 gradient reaching the block's output and dy = g2 G (adaLN's gate, 1 without):
+  recompute, 7 launches (6 for an iteration's last block without adaLN, whose output nobody reads):
+      LN1 -> u1, u1 W_qkv^T -> qkv, attention -> ctx and the rows' log-sum-exp lse [B*H, T],
+      h_mid = h + g1 a (a = ctx W_o^T + b_o kept with adaLN), LN2 -> u2, g = gelu(z) (z kept),
+      h_out = h_mid + g2 y (y kept with adaLN)
+  backward, 13 launches:
+      recurse_dw_kernel        dW_2 += dy^T g, db_2 += the column sums of dy
+      recurse_dx_kernel        dz = (dy W_2) gelu'(z)                        (gelu' fused as the epilogue)
+      recurse_dw_kernel        dW_1 += dz^T u2, db_1
+      recurse_dx_kernel        du = dz W_1                                    (fp32)
+      recurse_norm_bwd_kernel  LN2 (+adaLN) backward over BLOCK_M rows of one sample: dh_mid = G + LN'(du), and
+                               dy = g1 dh_mid; the tile's row sums of the LN vectors' and adaLN's gradients
+                               (shift2, scale2, gate1 = dh_mid a, gate2 = G y) as partials
+      recurse_partials_kernel  the partials summed in order into the fp32 gradient accumulators
+      recurse_dw_kernel        dW_o += dy^T ctx, db_o
+      recurse_dx_kernel        dctx = dy W_o
+      recurse_attention_bwd_kernel  flash-attention's backward, P recomputed from lse: one program per (key tile,
+                               sample, head) for dk, dv (over every query tile) and one per (query tile, sample,
+                               head) for dq (over every key tile), in one launch          -> dqkv
+      recurse_dw_kernel        dW_qkv += dqkv^T u1, db_qkv
+      recurse_dx_kernel        du = dqkv W_qkv
+      recurse_norm_bwd_kernel  LN1 backward: G <- dh_mid + LN'(du) (+ dstates[it-1] at an iteration's first block),
+                               dy = g2 G of the block G flows into next
+      recurse_partials_kernel
+The gradient at the last state, dstates[L-1] as fp32 G and gated into dy, is two aten ops before the first launch,
+and dx, the weights' and mod's gradients are rounded from their fp32 accumulators once at the end.
+
+Determinism (the same bits on every run): no atomics. Each element of a weight gradient belongs to one program of
+recurse_dw_kernel, which reduces over the B*T rows in a fixed order and adds into its fp32 accumulator; the launches
+run in a fixed order over iterations and blocks; the LayerNorm and adaLN partials are summed in a fixed order by
+recurse_partials_kernel. Each kernel has one launch configuration per dtype (no autotuning): the accumulating kernels
+cannot be launched again and again by a tuner, and the reducing ones would sum in another order under another layout.
+
+Precision: every product goes through diffkern._dot (16-bit operands on tensor cores with fp32 accumulation, tf32x3
+for fp32 inputs, fp32 "ieee" under the interpreter, which the tests run). The gradients a product reads (dy, dz,
+dctx, dqkv) are stored in the operand dtype, as the activations are; the residual gradient G and du stay fp32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _dot, _triton
+from .._autotune import Config
+from .._triton import KernelSpec
+from . import triton_kernels as tk
+from .reference import N_PARAMS
+from .triton_common import gate, gelu_grad, normalized, scores
+
+NORM_ELEMENTS = 4096  # recurse_norm_bwd_kernel's [BLOCK_M, BLOCK_D] tile
+PARTIALS = Config(dict(BLOCK_R=32, BLOCK_D=128), 4)
+N_PARTIALS = 6  # recurse_norm_bwd_kernel's quantities: LN w, LN b, adaLN shift, scale, gate1, gate2
+
+
+def product_config(dtype: torch.dtype) -> Config:
+    """recurse_dx_kernel's and recurse_dw_kernel's configuration: 64 x 64 output tiles reduced in 32-deep slices;
+    32 x 64 for fp32 inputs, whose tf32x3 products spill at 64 x 64 on sm_80 where the sizes are not 16-divisible."""
+    return Config(dict(BLOCK_M=32 if dtype == torch.float32 else 64, BLOCK_N=64, BLOCK_K=32), 4)
+
+
+def attention_config(dtype: torch.dtype) -> Config:
+    """recurse_attention_bwd_kernel's configuration: 32 x 32 score tiles, 16 x 16 for fp32 inputs, whose tf32x3
+    products (three per dot) spill at 32 x 32 (in 4 or 8 warps) with the dk and dv accumulators live."""
+    tile = 16 if dtype == torch.float32 else 32
+    return Config(dict(BLOCK_Q=tile, BLOCK_KV=tile), 4)
+
+
+def norm_config(d: int) -> Config:
+    """recurse_norm_bwd_kernel's configuration at width d: BLOCK_M rows of BLOCK_D = next_power_of_2(d) columns."""
+    block_d = triton.next_power_of_2(d)
+    return Config(dict(BLOCK_M=max(1, NORM_ELEMENTS // block_d), BLOCK_D=block_d), 8)
+
+
+@triton.jit
+def _product(a_ptr, lda, b_ptr, ldb, rows, cols, M, N, Kd, TRANS_A: tl.constexpr, DOT_F32: tl.constexpr,
+             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """sum over k < Kd of A[rows, k] B[k, cols] in fp32, k in BLOCK_K slices in increasing order, through
+    diffkern._dot. B: [Kd, N] with row stride ldb; A: [M, Kd] with row stride lda, or (TRANS_A) stored
+    transposed, [Kd, M] with row stride lda. Out-of-range elements count as 0."""
+    rm, nm = rows < M, cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, Kd, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        km = kk < Kd
+        if TRANS_A:
+            a = tl.trans(tl.load(a_ptr + kk[:, None].to(tl.int64) * lda + rows[None, :],
+                                 mask=km[:, None] & rm[None, :], other=0.0))
+        else:
+            a = tl.load(a_ptr + rows[:, None].to(tl.int64) * lda + kk[None, :], mask=rm[:, None] & km[None, :],
+                        other=0.0)
+        b = tl.load(b_ptr + kk[:, None].to(tl.int64) * ldb + cols[None, :], mask=km[:, None] & nm[None, :], other=0.0)
+        acc += _dot.dot(a, b, DOT_F32, PRECISION)
+    return acc
+
+
+@triton.jit
+def recurse_dx_kernel(dy_ptr, w_ptr, z_ptr, out_ptr, M, N, Kd, GELU_GRAD: tl.constexpr, DOT_F32: tl.constexpr,
+                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The input gradient of y = x W^T + b for one [BLOCK_M, BLOCK_N] tile: out = dy W (dy [M, Kd], W the forward's
+    [Kd, N] weight), times gelu'(z) (z [M, N]) when GELU_GRAD; stored in out's dtype."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = _product(dy_ptr, Kd, w_ptr, N, rows, cols, M, N, Kd, False, DOT_F32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    om = (rows < M)[:, None] & (cols < N)[None, :]
+    offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+    if GELU_GRAD:
+        acc *= gelu_grad(tl.load(z_ptr + offs, mask=om, other=0.0).to(tl.float32))
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=om)
+
+
+@triton.jit
+def recurse_dw_kernel(dy_ptr, x_ptr, dw_ptr, db_ptr, R, N, Kd, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The weight gradient of y = x W^T + b over R rows, for one [BLOCK_M, BLOCK_N] tile of W [N, Kd]:
+    dw += dy^T x (dy [R, N], x [R, Kd]), the rows summed in BLOCK_K slices in order; the programs of the first
+    column tile also add the column sums of dy into db [N]. dw, db: fp32 accumulators."""
+    i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = _product(dy_ptr, N, x_ptr, Kd, i, j, N, Kd, R, True, DOT_F32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    om = (i < N)[:, None] & (j < Kd)[None, :]
+    offs = i[:, None].to(tl.int64) * Kd + j[None, :]
+    tl.store(dw_ptr + offs, tl.load(dw_ptr + offs, mask=om, other=0.0) + acc, mask=om)
+    if tl.program_id(1) == 0:
+        colsum = tl.zeros((BLOCK_M,), tl.float32)
+        for r0 in range(0, R, BLOCK_K):
+            r = r0 + tl.arange(0, BLOCK_K)
+            t = tl.load(dy_ptr + r[:, None].to(tl.int64) * N + i[None, :], mask=(r < R)[:, None] & (i < N)[None, :],
+                        other=0.0)
+            colsum += tl.sum(t.to(tl.float32), 0)
+        tl.store(db_ptr + i, tl.load(db_ptr + i, mask=i < N, other=0.0) + colsum, mask=i < N)
+
+
+@triton.jit
+def _head_tile(ptr, rows, T, ld, col0, DH, BLOCK_DH: tl.constexpr):
+    """Rows `rows` of one head's columns col0 ... col0 + DH of a sample's [T, ld] matrix, 0 outside:
+    [rows, BLOCK_DH]."""
+    dcols = tl.arange(0, BLOCK_DH)
+    return tl.load(ptr + rows[:, None] * ld + col0 + dcols[None, :], mask=(rows < T)[:, None] & (dcols < DH)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _store_head_tile(ptr, rows, T, ld, col0, DH, val, BLOCK_DH: tl.constexpr):
+    dcols = tl.arange(0, BLOCK_DH)
+    tl.store(ptr + rows[:, None] * ld + col0 + dcols[None, :], val.to(ptr.dtype.element_ty),
+             mask=(rows < T)[:, None] & (dcols < DH)[None, :])
+
+
+@triton.jit
+def _query_tile(qkv, ctx, dctx, lse_row, rows, T, D, col0, DH, BLOCK_DH: tl.constexpr):
+    """q, dctx, delta = rowsum(dctx * ctx) and lse of a query tile of one head (lse +inf past T: P = 0 there)."""
+    q = _head_tile(qkv, rows, T, 3 * D, col0, DH, BLOCK_DH)
+    do = _head_tile(dctx, rows, T, D, col0, DH, BLOCK_DH)
+    o = _head_tile(ctx, rows, T, D, col0, DH, BLOCK_DH)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    return q, do, delta, tl.load(lse_row + rows, mask=rows < T, other=float("inf"))
+
+
+@triton.jit
+def _dscores(q, do, delta, lse, kk, vv, keys, T, scale, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    """(P, dS) of a query tile against a key tile: P = exp(q k^T scale - lse), dS = P (dctx v^T - delta)."""
+    p = tl.exp(scores(q, kk, keys, T, scale, DOT_F32, PRECISION) - lse[:, None])
+    dp = _dot.dot(do, tl.trans(vv), DOT_F32, PRECISION)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def recurse_attention_bwd_kernel(qkv_ptr, ctx_ptr, dctx_ptr, lse_ptr, dqkv_ptr, T, D, H, DH, scale,
+                                 DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr,
+                                 BLOCK_KV: tl.constexpr, BLOCK_DH: tl.constexpr):
+    """The backward of ctx = softmax(q k^T * scale) v for (sample, head) program_id(1), into dqkv [B*T, 3D] (laid out
+    as qkv): programs program_id(0) < cdiv(T, BLOCK_KV) own a key tile and sum dk, dv over every query tile; the
+    others own a query tile and sum dq over every key tile. lse [B*H, T]: the forward's log-sum-exp per row."""
+    bh = tl.program_id(1)
+    col0 = (bh % H) * DH
+    sample = (bh // H).to(tl.int64) * T
+    qkv, dqkv = qkv_ptr + sample * 3 * D, dqkv_ptr + sample * 3 * D
+    ctx, dctx = ctx_ptr + sample * D, dctx_ptr + sample * D
+    lse_row = lse_ptr + bh.to(tl.int64) * T
+    n_kv = tl.cdiv(T, BLOCK_KV)
+    if tl.program_id(0) < n_kv:
+        keys = tl.program_id(0) * BLOCK_KV + tl.arange(0, BLOCK_KV)
+        kk = _head_tile(qkv, keys, T, 3 * D, D + col0, DH, BLOCK_DH)
+        vv = _head_tile(qkv, keys, T, 3 * D, 2 * D + col0, DH, BLOCK_DH)
+        dk = tl.zeros((BLOCK_KV, BLOCK_DH), tl.float32)
+        dv = tl.zeros((BLOCK_KV, BLOCK_DH), tl.float32)
+        for q0 in range(0, T, BLOCK_Q):
+            rows = q0 + tl.arange(0, BLOCK_Q)
+            q, do, delta, lse = _query_tile(qkv, ctx, dctx, lse_row, rows, T, D, col0, DH, BLOCK_DH)
+            p, ds = _dscores(q, do, delta, lse, kk, vv, keys, T, scale, DOT_F32, PRECISION)
+            dv += _dot.dot(tl.trans(p), do, DOT_F32, PRECISION)
+            dk += _dot.dot(tl.trans(ds), q, DOT_F32, PRECISION)
+        _store_head_tile(dqkv, keys, T, 3 * D, D + col0, DH, dk * scale, BLOCK_DH)
+        _store_head_tile(dqkv, keys, T, 3 * D, 2 * D + col0, DH, dv, BLOCK_DH)
+    else:
+        rows = (tl.program_id(0) - n_kv) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        q, do, delta, lse = _query_tile(qkv, ctx, dctx, lse_row, rows, T, D, col0, DH, BLOCK_DH)
+        dq = tl.zeros((BLOCK_Q, BLOCK_DH), tl.float32)
+        for s0 in range(0, T, BLOCK_KV):
+            keys = s0 + tl.arange(0, BLOCK_KV)
+            kk = _head_tile(qkv, keys, T, 3 * D, D + col0, DH, BLOCK_DH)
+            vv = _head_tile(qkv, keys, T, 3 * D, 2 * D + col0, DH, BLOCK_DH)
+            p, ds = _dscores(q, do, delta, lse, kk, vv, keys, T, scale, DOT_F32, PRECISION)
+            dq += _dot.dot(ds, kk, DOT_F32, PRECISION)
+        _store_head_tile(dqkv, rows, T, 3 * D, col0, DH, dq * scale, BLOCK_DH)
+
+
+@triton.jit
+def recurse_norm_bwd_kernel(du_ptr, h_ptr, w_ptr, b_ptr, mod_ptr, res_ptr, dstate_ptr, a_ptr, y_ptr, dh_ptr, dy_ptr,
+                            part_ptr, T, D, K, kb, kb_gate, gate_part, eps, add_state, SHIFT: tl.constexpr,
+                            HAS_MOD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Backward of u = LN(h) w + b (then adaLN's (1 + scale) and shift, parts SHIFT + 1 and SHIFT of block kb, when
+    HAS_MOD) for rows program_id(0) * BLOCK_M ... of sample program_id(1), h the fp32 state [B*T, D]:
+        dh = res + LN'(du)  (+ dstate when add_state),  stored fp32 into dh, and  dy = gate * dh  in dy's dtype
+    with gate adaLN's part gate_part of block kb_gate (1 without adaLN). The tile's sums over its rows go to
+    part [B, n_tiles, 6, D] (fp32): 0 dLN_w = du (1 + scale) xhat, 1 dLN_b = du (1 + scale), with adaLN 2 dshift = du,
+    3 dscale = du LN(h) and, after LN2 (SHIFT 3), 4 dgate1 = dh a and 5 dgate2 = res y (a, y: the block's ungated
+    attention and MLP outputs)."""
+    tile, s = tl.program_id(0), tl.program_id(1)
+    t = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    cm = cols < D
+    m = (t < T)[:, None] & cm[None, :]
+    offs = (s.to(tl.int64) * T + t)[:, None] * D + cols[None, :]
+    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+    xhat, rstd = normalized(tl.load(h_ptr + offs, mask=m, other=0.0), cm, D, eps)
+    du = tl.load(du_ptr + offs, mask=m, other=0.0)
+    dln = du
+    if HAS_MOD:
+        dln = du * (1.0 + tl.load(mod_ptr + (s.to(tl.int64) * K + kb) * 6 * D + (SHIFT + 1) * D + cols, mask=cm,
+                                  other=0.0).to(tl.float32))[None, :]
+    dxhat = dln * w[None, :]
+    c1 = tl.sum(dxhat * xhat, 1) / D
+    c2 = tl.sum(dxhat, 1) / D
+    res = tl.load(res_ptr + offs, mask=m, other=0.0)
+    dh = res + tl.where(m, rstd[:, None] * (dxhat - c2[:, None] - xhat * c1[:, None]), 0.0)
+    if add_state:
+        dh += tl.load(dstate_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(dh_ptr + offs, dh, mask=m)
+    g = gate(mod_ptr + (s.to(tl.int64) * K + kb_gate) * 6 * D + gate_part * D, 0, cols[None, :], m, D, HAS_MOD)
+    tl.store(dy_ptr + offs, (g * dh).to(dy_ptr.dtype.element_ty), mask=m)
+    part = part_ptr + (s.to(tl.int64) * tl.num_programs(0) + tile) * 6 * D + cols
+    tl.store(part, tl.sum(dln * xhat, 0), mask=cm)
+    tl.store(part + D, tl.sum(dln, 0), mask=cm)
+    if HAS_MOD:
+        lb = tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+        tl.store(part + 2 * D, tl.sum(du, 0), mask=cm)
+        tl.store(part + 3 * D, tl.sum(tl.where(m, du * (xhat * w[None, :] + lb[None, :]), 0.0), 0), mask=cm)
+        if SHIFT == 3:
+            a = tl.load(a_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            y = tl.load(y_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            tl.store(part + 4 * D, tl.sum(dh * a, 0), mask=cm)
+            tl.store(part + 5 * D, tl.sum(res * y, 0), mask=cm)
+
+
+@triton.jit
+def recurse_partials_kernel(part_ptr, dln_ptr, dmod_ptr, B, NT, D, K, kb, SHIFT: tl.constexpr, BLOCK_T: tl.constexpr,
+                            BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """recurse_norm_bwd_kernel's partials part [B, NT, 6, D] summed in a fixed order for columns program_id(0) *
+    BLOCK_D ... and quantity q = program_id(1): q 0, 1 (the LN vectors) over every (sample, tile), BLOCK_R rows at a
+    time, into dln [2, D] (by the programs of program_id(2) == 0); q >= 2 (adaLN) over the tiles of sample
+    program_id(2) into part SHIFT + q - 2 (q 2, 3), 2 (q 4) or 5 (q 5) of block kb of dmod [B, K, 6, D]. dln and
+    dmod are fp32 accumulators."""
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cm = cols < D
+    q, s = tl.program_id(1), tl.program_id(2)
+    if q < 2:
+        if s == 0:
+            acc = tl.zeros((BLOCK_D,), tl.float32)
+            for r0 in range(0, B * NT, BLOCK_R):
+                r = r0 + tl.arange(0, BLOCK_R)
+                acc += tl.sum(tl.load(part_ptr + ((r.to(tl.int64) * 6 + q) * D)[:, None] + cols[None, :],
+                                      mask=(r < B * NT)[:, None] & cm[None, :], other=0.0), 0)
+            out = dln_ptr + q * D + cols
+            tl.store(out, tl.load(out, mask=cm, other=0.0) + acc, mask=cm)
+    else:
+        t = tl.arange(0, BLOCK_T)
+        x = tl.load(part_ptr + (((s.to(tl.int64) * NT + t) * 6 + q) * D)[:, None] + cols[None, :],
+                    mask=(t < NT)[:, None] & cm[None, :], other=0.0)
+        mod_part = tl.where(q == 4, 2, tl.where(q == 5, 5, SHIFT + q - 2))
+        out = dmod_ptr + ((s.to(tl.int64) * K + kb) * 6 + mod_part) * D + cols
+        tl.store(out, tl.load(out, mask=cm, other=0.0) + tl.sum(x, 0), mask=cm)
+
+
+def _launch_dx(dy, w, out, z=None):
+    M, Kd = dy.shape
+    N = w.shape[1]
+    cfg = product_config(dy.dtype)
+    c = cfg.constexprs
+    recurse_dx_kernel[(triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(N, c["BLOCK_N"]))](
+        dy, w, z if z is not None else out, out, M, N, Kd, GELU_GRAD=z is not None, **_dot.dot_meta(dy.dtype),
+        **cfg.meta())
+
+
+def _launch_dw(dy, x, dw, db):
+    R, N = dy.shape
+    Kd = x.shape[1]
+    cfg = product_config(dy.dtype)
+    c = cfg.constexprs
+    recurse_dw_kernel[(triton.cdiv(N, c["BLOCK_M"]), triton.cdiv(Kd, c["BLOCK_N"]))](
+        dy, x, dw, db, R, N, Kd, **_dot.dot_meta(dy.dtype), **cfg.meta())
+
+
+def _linear_backward(dy, x, w, dw, db, out, z=None):
+    """dW += dy^T x, db += column sums of dy, out = dy W (times gelu'(z))."""
+    _launch_dw(dy, x, dw, db)
+    _launch_dx(dy, w, out, z)
+
+
+class _Activations:
+    """One block evaluation's kept activations, [B*T, .]: the fp32 input state h and h_mid, the operand-dtype u1,
+    qkv, ctx, u2, z, g and (adaLN) a and y, and the attention's lse [B*heads*T] (fp32)."""
+
+    def __init__(self, M, d, f, n_lse, dtype, device, has_mod):
+        def new(n, dt=dtype):
+            return _triton.empty((M, n), dt, device)
+        self.h, self.h_mid = new(d, torch.float32), new(d, torch.float32)
+        self.u1, self.ctx, self.u2, self.qkv, self.z, self.g = new(d), new(d), new(d), new(3 * d), new(f), new(f)
+        self.a, self.y = (new(d), new(d)) if has_mod else (None, None)
+        self.lse = _triton.empty((n_lse,), torch.float32, device)
+
+
+def _recompute(h_in, acts, weights, mod, B, T, heads, eps):
+    """One iteration re-run from its input state h_in [B, T, d] with the tiled forward's launches, each block's
+    activations kept in acts[kb]; the output of the last block is not formed (only its y, with adaLN)."""
+    K = len(acts)
+    acts[0].h.copy_(h_in.reshape(acts[0].h.shape))
+    for kb, A in enumerate(acts):
+        ln1_w, ln1_b, w_qkv, b_qkv, w_o, b_o, ln2_w, ln2_b, w_1, b_1, w_2, b_2 = weights[kb * N_PARAMS:
+                                                                                           (kb + 1) * N_PARAMS]
+        res = dict(mod=mod, kb=kb, K=K, T=T)
+        tk._launch_norm(A.h, A.u1, ln1_w, ln1_b, mod, kb, K, T, eps, 0)
+        tk._launch_linear(A.u1, w_qkv, b_qkv, A.qkv, tk.STORE)
+        tk._launch_attention(A.qkv, A.ctx, B, T, heads, lse=A.lse)
+        tk._launch_linear(A.ctx, w_o, b_o, A.h_mid, tk.RESIDUAL, h=A.h, part=2, pre=A.a, **res)
+        tk._launch_norm(A.h_mid, A.u2, ln2_w, ln2_b, mod, kb, K, T, eps, 3)
+        tk._launch_linear(A.u2, w_1, b_1, A.g, tk.GELU, pre=A.z)
+        if kb < K - 1:
+            tk._launch_linear(A.g, w_2, b_2, acts[kb + 1].h, tk.RESIDUAL, h=A.h_mid, part=5, pre=A.y, **res)
+        elif mod is not None:
+            tk._launch_linear(A.g, w_2, b_2, A.y, tk.STORE)
+
+
+class _Grads:
+    """fp32 accumulators: every weight's gradient (the LayerNorm vectors of a block as one [2, d] per norm) and
+    mod's."""
+
+    def __init__(self, weights, mod):
+        K, d = len(weights) // N_PARAMS, weights[0].shape[0]
+        self.w = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in weights]
+        self.ln = [[torch.zeros((2, d), dtype=torch.float32, device=weights[0].device) for _ in range(2)]
+                   for _ in range(K)]
+        self.mod = torch.zeros(mod.shape, dtype=torch.float32, device=mod.device) if mod is not None else None
+
+    def rounded(self, weights, mod, x):
+        out = []
+        for kb, ln in enumerate(self.ln):
+            blk = self.w[kb * N_PARAMS:(kb + 1) * N_PARAMS]
+            blk[0:2], blk[6:8] = list(ln[0]), list(ln[1])
+            out += blk
+        return [g.to(w.dtype) for g, w in zip(out, weights)], \
+            self.mod.to(mod.dtype) if mod is not None else x.new_empty(0)
+
+
+def _launch_norm_bwd(du, h, ln_w, ln_b, mod, res, dh, dy, part, dln, dmod, kb, K, B, T, eps, shift, gate_at,
+                     a=None, y=None, dstate=None):
+    d = h.shape[1]
+    cfg = norm_config(d)
+    nt = triton.cdiv(T, cfg.constexprs["BLOCK_M"])
+    recurse_norm_bwd_kernel[(nt, B)](
+        du, h, ln_w, ln_b, mod if mod is not None else dy, res, dstate if dstate is not None else dy,
+        a if a is not None else dy, y if y is not None else dy, dh, dy, part, T, d, K, kb, *gate_at, eps,
+        int(dstate is not None), SHIFT=shift, HAS_MOD=mod is not None, **cfg.meta())
+    n_q = 2 if mod is None else (N_PARTIALS if shift == 3 else 4)
+    pc = PARTIALS.constexprs
+    recurse_partials_kernel[(triton.cdiv(d, pc["BLOCK_D"]), n_q, B if mod is not None else 1)](
+        part, dln, dmod if dmod is not None else dln, B, nt, d, K, kb, SHIFT=shift,
+        BLOCK_T=triton.next_power_of_2(nt), **PARTIALS.meta())
+
+
+def _block_backward(A, w, dw, dln, mod, dmod, G, Gm, dy, bufs, kb, K, B, T, heads, eps, gate_next, dstate):
+    """Block kb's backward (module docstring): G, dy hold the gradient at its output (and g2 G); on return G holds
+    the gradient at its input (plus dstate) and dy gate_next's gate times it."""
+    ln1_w, ln1_b, w_qkv, _, w_o, _, ln2_w, ln2_b, w_1, _, w_2, _ = w
+    du, dz, dctx, dqkv, part = bufs
+    M, d = G.shape
+    _linear_backward(dy, A.g, w_2, dw[10], dw[11], dz, z=A.z)
+    _linear_backward(dz, A.u2, w_1, dw[8], dw[9], du)
+    _launch_norm_bwd(du, A.h_mid, ln2_w, ln2_b, mod, G, Gm, dy, part, dln[1], dmod, kb, K, B, T, eps, 3, (kb, 2),
+                     a=A.a, y=A.y)
+    _linear_backward(dy, A.ctx, w_o, dw[4], dw[5], dctx)
+    dh = d // heads
+    ac = attention_config(dqkv.dtype)
+    recurse_attention_bwd_kernel[(triton.cdiv(T, ac.constexprs["BLOCK_KV"]) + triton.cdiv(T, ac.constexprs["BLOCK_Q"]),
+                                  B * heads)](
+        A.qkv, A.ctx, dctx, A.lse, dqkv, T, d, heads, dh, dh ** -0.5, **_dot.dot_meta(dqkv.dtype),
+        BLOCK_DH=tk.block_dh(dh), **ac.meta())
+    _linear_backward(dqkv, A.u1, w_qkv, dw[2], dw[3], du)
+    _launch_norm_bwd(du, A.h, ln1_w, ln1_b, mod, Gm, G, dy, part, dln[0], dmod, kb, K, B, T, eps, 0, (gate_next, 5),
+                     dstate=dstate)
+
+
+def recurse_bwd(dstates, x, states, weights, mod, heads, eps):
+    """The triton backend of diffkern::rmdm_recurse_bwd: (dx, dweights, dmod) of rmdm_recurse (module docstring).
+
+    dstates, states: [L, B, T, d]; x [B, T, d]; weights: K * 12 tensors; mod None or [B, K, 6, d]; all in x's dtype
+    (float16, bfloat16 or float32), T <= 256, d <= 512. dmod is an empty tensor without mod. NaN/inf propagate as in
+    the forward (a NaN reaching a sample's attention makes that sample's gradients NaN, and every weight's)."""
+    B, T, d = x.shape
+    if d > tk.MAX_D or T > tk.MAX_T:
+        raise ValueError(f"recurse: the triton backend runs T <= {tk.MAX_T} and d <= {tk.MAX_D}, got T={T}, d={d}")
+    _triton.check_float32_math("recurse", x.dtype, "x")
+    M, f, K, L = B * T, weights[8].shape[0], len(weights) // N_PARAMS, states.shape[0]
+    dt, dev = x.dtype, x.device
+    acts = [_Activations(M, d, f, B * heads * T, dt, dev, mod is not None) for _ in range(K)]
+    grads = _Grads(weights, mod)
+    nt = triton.cdiv(T, norm_config(d).constexprs["BLOCK_M"])
+    bufs = (_triton.empty((M, d), torch.float32, dev), _triton.empty((M, f), dt, dev), _triton.empty((M, d), dt, dev),
+            _triton.empty((M, 3 * d), dt, dev), _triton.empty((B, nt, N_PARTIALS, d), torch.float32, dev))
+    G = dstates[L - 1].reshape(M, d).to(torch.float32, copy=True)
+    Gm = torch.empty_like(G)
+    dy = (G if mod is None else G.view(B, T, d) * mod[:, K - 1, 5, None, :].float()).to(dt, copy=True).reshape(M, d)
+    for it in reversed(range(L)):
+        _recompute(x if it == 0 else states[it - 1], acts, weights, mod, B, T, heads, eps)
+        for kb in reversed(range(K)):
+            _block_backward(acts[kb], weights[kb * N_PARAMS:(kb + 1) * N_PARAMS],
+                            grads.w[kb * N_PARAMS:(kb + 1) * N_PARAMS], grads.ln[kb], mod, grads.mod, G, Gm, dy, bufs,
+                            kb, K, B, T, heads, eps, (kb - 1) % K,
+                            dstates[it - 1].reshape(M, d) if kb == 0 and it > 0 else None)
+    dweights, dmod = grads.rounded(weights, mod, x)
+    return G.view(B, T, d).to(dt), dweights, dmod
+
+
+def backward_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible: bool = True) -> list[KernelSpec]:
+    """The backward's kernels at width d, head width dh, in `dtype` as a GPU runs them (16-bit operands, or tf32x3
+    for fp32), pointers and widths 16-divisible as at the Sudoku shape (divisible False: nothing assumed, as a launch
+    at odd sizes): recurse_dx_kernel's three launches (gelu' epilogue; stored in the operand dtype; stored in fp32),
+    recurse_dw_kernel, recurse_attention_bwd_kernel and the two LayerNorm backwards (with adaLN or without: their
+    HAS_MOD branch)."""
+    ty = _triton.TRITON_DTYPE[dtype]
+    p, f32 = f"*{ty}", "*fp32"
+    dot = {"DOT_F32": dtype == torch.float32, "PRECISION": "tf32x3"}
+    tags = {"dtype": str(dtype).removeprefix("torch."), "d": d}
+    ints = {n: "i32" for n in ("M", "N", "Kd")}
+    specs = []
+    for gelu, out in dict.fromkeys(((True, p), (False, p), (False, f32))):  # fp32: the last two are one
+        sig = {"dy_ptr": p, "w_ptr": p, "z_ptr": out, "out_ptr": out, **ints}
+        specs += tk._specs("recurse_dx_kernel", recurse_dx_kernel, sig, {"GELU_GRAD": gelu, **dot},
+                           (product_config(dtype),),
+                           {**tags, "GELU_GRAD": gelu, "out": out}, ("N", "Kd") if divisible else None)
+    sig = {"dy_ptr": p, "x_ptr": p, "dw_ptr": f32, "db_ptr": f32, "R": "i32", "N": "i32", "Kd": "i32"}
+    specs += tk._specs("recurse_dw_kernel", recurse_dw_kernel, sig, dot, (product_config(dtype),), tags,
+                       ("N", "Kd") if divisible else None)
+    sig = {"qkv_ptr": p, "ctx_ptr": p, "dctx_ptr": p, "lse_ptr": f32, "dqkv_ptr": p,
+           **{n: "i32" for n in ("T", "D", "H", "DH")}, "scale": "fp32"}
+    specs += tk._specs("recurse_attention_bwd_kernel", recurse_attention_bwd_kernel, sig,
+                       {**dot, "BLOCK_DH": tk.block_dh(dh)}, (attention_config(dtype),), {**tags, "dh": dh},
+                       ("D", "DH") if divisible else None)
+    for shift in (0, 3):
+        sig = {"du_ptr": f32, "h_ptr": f32, "w_ptr": p, "b_ptr": p, "mod_ptr": p, "res_ptr": f32, "dstate_ptr": p,
+               "a_ptr": p, "y_ptr": p, "dh_ptr": f32, "dy_ptr": p, "part_ptr": f32,
+               **{n: "i32" for n in ("T", "D", "K", "kb", "kb_gate", "gate_part")}, "eps": "fp32", "add_state": "i32"}
+        specs += tk._specs("recurse_norm_bwd_kernel", recurse_norm_bwd_kernel, sig,
+                           {"SHIFT": shift, "HAS_MOD": has_mod},
+                           (norm_config(d),), {**tags, "SHIFT": shift, "HAS_MOD": has_mod},
+                           ("D",) if divisible else None)
+    return specs
+
+
+def partials_specs(d: int, T: int) -> list[KernelSpec]:
+    """recurse_partials_kernel after either LayerNorm (its code does not depend on the dtype) at width d, T tokens."""
+    sig = {"part_ptr": "*fp32", "dln_ptr": "*fp32", "dmod_ptr": "*fp32",
+           **{n: "i32" for n in ("B", "NT", "D", "K", "kb")}}
+    block_t = triton.next_power_of_2(triton.cdiv(T, norm_config(d).constexprs["BLOCK_M"]))
+    return [s for shift in (0, 3) for s in tk._specs("recurse_partials_kernel", recurse_partials_kernel, sig,
+                                                     {"SHIFT": shift, "BLOCK_T": block_t}, (PARTIALS,),
+                                                     {"d": d, "SHIFT": shift}, ("D",))]
+
+
+# (dtype, d, head width, adaLN, divisible) of the AOT specs: the Sudoku width d = 512 with 8 heads, bf16 and fp32 with
+# adaLN, fp16 without; fp32 (the most registers: tf32x3) at an odd width (d = 40, 2 heads) assuming nothing.
+BACKWARD_AOT = ((torch.bfloat16, 512, 64, True, True), (torch.float32, 512, 64, True, True),
+                (torch.float16, 512, 64, False, True), (torch.float32, 40, 20, True, False))
+
+
+def aot_specs() -> list[KernelSpec]:
+    """BACKWARD_AOT's specs and the partial sums' at the Sudoku shape (d = 512, T = 81)."""
+    return [s for args in BACKWARD_AOT for s in backward_specs(*args)] + partials_specs(512, 81)
