@@ -68,6 +68,18 @@ def test_every_key_of_a_head_given_keeps_its_unmasked_attention(backend, bias):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_minus_inf_on_every_key_of_the_first_key_tiles(backend):
+    """bias -inf on keys 0..69 of 80: a row's first key tiles (64 or 32 keys wide) hold no finite logit, and the
+    online softmax must not turn their -inf max into NaN; the rows attend to keys 70..79 alone."""
+    q, k, v = make_qkv(1, 2, 9, 80, 16, torch.float32, seed=7, device=device_for(backend))
+    idx = torch.arange(70, device=q.device)[None]
+    with forced(backend):
+        out = diffkern.sink_attention_given(q, k, v, idx, row_scope="all", bias=-math.inf)
+    want, spread, plain = given_oracle(q, k, v, idx[:, None], 9, -math.inf)
+    assert_close_to_oracle(out, want, plain, "out", spread)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_duplicate_indices_equal_the_distinct_set(backend):
     q, k, v = make_qkv(1, 2, 11, 13, 16, torch.float32, seed=4, device=device_for(backend))
     with forced(backend):

@@ -81,6 +81,11 @@ MAX_TOPK = 2048
 # configuration for sm_80/sm_90a (ptxas -v) with the full register budget: none spills.
 TILES = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 8), 256: (32, 32, 8)}
 TILES_F32 = {16: (32, 32, 8), 32: (32, 32, 8), 64: (32, 32, 8), 128: (32, 32, 8), 256: (16, 32, 8)}
+# The same with the key bias (HAS_BIAS, sink_attention_given): there the tiles above spill on sm_80/sm_90a (16-bit
+# head_dim 64 and 128, fp32 128; the bias row's load and the -inf guard tip them over), these compile with 0 spills
+# at 3 and 2 stages (ptxas -v; 256, as for the forward, is not compiled ahead of time).
+GIVEN_TILES = {16: (64, 64, 8), 32: (64, 64, 8), 64: (64, 64, 8), 128: (32, 64, 8), 256: (16, 32, 8)}
+GIVEN_TILES_F32 = {16: (32, 32, 8), 32: (32, 32, 8), 64: (32, 32, 8), 128: (16, 32, 8), 256: (16, 32, 8)}
 
 
 def tiles(d: int, dtype: torch.dtype) -> tuple[int, int, int]:
@@ -519,9 +524,10 @@ def key_row(idx, n_keys, neutral, change):
 
 
 def given_configs(d: int, dtype: torch.dtype) -> list[Config]:
-    """attn_fwd_kernel's candidates with the key bias (HAS_BIAS): the forward's first two (its flash tile at 3
-    and 4 pipeline stages), the same bits as each other."""
-    return fwd_configs(d, dtype)[:2]
+    """attn_fwd_kernel's candidates with the key bias (HAS_BIAS, sink_attention_given): its tile (GIVEN_TILES) at 3
+    and 2 pipeline stages (4 spills at fp32 head_dim 128), which give the same bits."""
+    bm, bn, warps = (GIVEN_TILES_F32 if dtype == torch.float32 else GIVEN_TILES)[block_d(d)]
+    return [Config({"BLOCK_M": bm, "BLOCK_N": bn}, warps, stages) for stages in (3, 2)]
 
 
 def attention_given(q, k, v, idx, n_rows, scale, bias):
