@@ -1,8 +1,9 @@
 """Attention sinks as torch ops: argument checks, fake (meta) implementations, backends, public API.
 
 The schemas live in csrc/diffkern/ops.cpp and the CPU kernels in csrc/cpu/sinks.cpp; this file registers
-everything Python owns for diffkern::sink_mass / sink_attention_fwd / sink_topk / sink_suppress and
-builds `sink_mass` and `sink_attention` on them. Forward only: no op has a backward.
+everything Python owns for diffkern::sink_mass / sink_attention_fwd / sink_topk / sink_suppress /
+sink_attention_given and builds `sink_mass`, `sink_attention` and `sink_attention_given` on them. Forward only:
+no op has a backward.
 """
 from __future__ import annotations
 

@@ -5,6 +5,8 @@
                     = r > 0, each row's r largest probabilities: a running top-r of the logits merged per
                     key tile, r max-and-count reductions over the tile; r = 1 is the running max).
                     Reads q once and k (and v) once per query tile; 4 N_q N_k d FLOPs with V, 2 without.
+                    With HAS_BIAS (sink_attention_given) it adds a per-key bias row to the logits of rows
+                    < n_rows and writes only the output, once, in q's dtype (its own tiles, GIVEN_TILES).
   col_mass_kernel   column pass, one program per (BLOCK_N keys, b, h): walks the image query tiles and
                     sums exp(s - lse) down each key's column (flash backward's dK loop structure, no V).
                     Deterministic: no atomics. 2 n_query N_k d FLOPs.
@@ -51,10 +53,12 @@ queries, d = 64, bf16, from diffkern.bench.sinks.modeled_rows; one flash forward
     then ~4 + 6 s operations per score for the s distinct values taken (s <= 5, the most any row of the tile
     takes): with i.i.d. logits a row's top-5 changes ~5/t times in its t-th tile, so s is ~1-3 after the first
     tiles; with concentrated rows (sinks, local attention) most tiles are skipped. A GPU run at SD3 must tell.
-  * selection independent of the mass (mode "random", or indices given to torch.ops.diffkern.sink_suppress)
-    without statistics: the minimum is one flash forward with the selected keys' bias in the logits, 1.0x +
-    4 N_q K d, which meets 1.3x; today these run the same three passes (sink_attention_fwd returns the mass),
-    1.46x: a forward op taking the indices is not built.
+  * selection independent of the mass (keys known before the call: given indices, or mode "random" without
+    statistics, the processors' statistics=False): sink_attention_given, one attn_fwd_kernel launch with the
+    selected keys' bias row in the logits (HAS_BIAS) writing the output once in q's dtype: 4 N_q N_k d FLOPs =
+    1.00x, 116 MB (the flash forward's bytes less its lse, plus the fp32 bias row and the launcher's ATen passes
+    over it), predicted 249 us = 1.00x (diffkern.bench.sinks.modeled_given_rows), which meets 1.3x at equal
+    efficiency. sink_attention's mode "random" with statistics still runs the three passes (1.46x).
   * nothing suppressed (measure, k_sink = 0) without statistics: the minimum is one flash forward, 1.0x;
     today 1.46x plus the cast of the fp32 o to q's dtype, for the same reason.
 """
