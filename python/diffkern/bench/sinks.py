@@ -224,7 +224,8 @@ def cpu_rows(sizes, repeats: int, log=print):
 
 
 def markdown(cpu, modeled) -> str:
-    out = ["## Attention sinks (sink_attention, per-head top-1, statistics on, forward only)", "",
+    out = ["## Attention sinks (sink_attention, per-head top-1, statistics on; sink_attention_given, one given key "
+           "per head; forward only)", "",
            f"### CPU (fp32, B={B}, H={H}, d={D}, N_k = N_q + {N_TEXT}; own child process per point)", "",
            "| N_q | candidate | median ms | peak extra MB |", "|---|---|---|---|"]
     for r in cpu:
