@@ -3,10 +3,11 @@
 A forward-only op does not fit the fwd/bwd workload model of the main harness, so this is its own
 report section (sinks.md and sinks.json in --out):
   1. CPU: peak extra memory and median time of sink_attention (per-head top-1, statistics on, C++ backend) and of
-     sink_attention_given (one key per head given, "given") against the explicit-matrix reference (the authors' way: the whole fp32 probability matrix), at SD3-like
-     shapes B=2, H=24, d=64, N_k = N_q + 333. Each point runs in its own child process; peak extra
-     memory = the child's peak RSS minus its RSS once the inputs exist. Explicit points whose
-     matrices would not fit this shared machine are modeled (their matrix size), not run.
+     sink_attention_given (one key per head given, "given") against the explicit-matrix reference (the
+     authors' way: the whole fp32 probability matrix), at SD3-like shapes B=2, H=24, d=64, N_k = N_q + 333.
+     Each point runs in its own child process; peak extra memory = the child's peak RSS minus its RSS once
+     the inputs exist. Explicit points whose matrices would not fit this shared machine are modeled (their
+     matrix size), not run.
   2. Modeled GPU (bf16, SD3 shapes): FLOPs and memory traffic of the four Triton kernels against one
      plain flash-attention forward, from `kernel_traffic` (the kernels' loop structure; the tests hold
      it equal to the interpreter's counted bytes), and the modeled H100 time; and of the given-keys path
@@ -143,7 +144,8 @@ def modeled_given_rows(sizes, K=1):
     for n in sizes:
         N_k = n + N_TEXT
         tile, peak = tk.given_configs(D, torch.bfloat16)[0].constexprs, dot_peak(torch.bfloat16)
-        ours = {k: v * B * H for k, v in given_traffic(n + N_TEXT, N_k, D, 2, (tile["BLOCK_M"], tile["BLOCK_N"])).items()}
+        traffic = given_traffic(n + N_TEXT, N_k, D, 2, (tile["BLOCK_M"], tile["BLOCK_N"]))
+        ours = {k: v * B * H for k, v in traffic.items()}
         plain = {k: v * B * H for k, v in plain_flash(n + N_TEXT, N_k, D, 2, default_tiles(D, torch.bfloat16)[
             "attn_fwd_kernel"]).items()}
         rows.append(_row("given keys", n, K, ours, plain, peak))
@@ -239,7 +241,8 @@ def markdown(cpu, modeled) -> str:
             "|---|---|---|---|---|---|---|---|---|"]
     for r in modeled:
         out.append(f"| {r['path']} | {r['N_q']} | {r['N_k']} | {r['K']} | {r['flops_ratio']:.3f} | "
-                   f"{r['bytes'] / 1e6:.0f} / {r['plain_bytes'] / 1e6:.0f} | {r['hbm_bytes'] / 1e6:.0f} / {r['plain_hbm_bytes'] / 1e6:.0f} | "
+                   f"{r['bytes'] / 1e6:.0f} / {r['plain_bytes'] / 1e6:.0f} | {r['hbm_bytes'] / 1e6:.0f} / "
+                   f"{r['plain_hbm_bytes'] / 1e6:.0f} | "
                    f"{r['h100_us']:.0f} / {r['plain_h100_us']:.0f} ({r['h100_us'] / r['plain_h100_us']:.2f}x) | "
                    f"{r['explicit_matrix_bytes'] / 1e6:.0f} |")
     return "\n".join(out) + "\n"
