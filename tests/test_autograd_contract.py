@@ -101,6 +101,7 @@ def sinks_calls():
     idx = torch.ops.diffkern.sink_topk(mass, 1, True)
     return {"sink_mass": (q, k, 4, 0.5), "sink_attention_fwd": (q, k, v, 4, 0.5),
             "sink_topk": (mass.requires_grad_(), 1, True), "sink_suppress": (q, k, v, o, lse, idx, 4, 0.5, -1e4),
+            "sink_attention_given": (q, k, v, idx, 4, 0.5, -1e4),
             "sink_record": (torch.zeros((), dtype=torch.int64), mass[0, 0, :2].detach(), idx, None, id(RECORDER),
                             "layer", "per_head", "a,b")}
 
@@ -118,14 +119,15 @@ OPS_OF = {
     ntrk_calls: ("ntrk_step", "ntrk_step_cuda", "ntrk_step_bwd", "twoos_project", "twoos_band_table"),
     rmdm_calls: ("rmdm_recurse", "rmdm_recurse_bwd", "rmdm_recurse_bwd_cuda", "rmdm_recurse_keep",
                  "rmdm_recurse_keep_bwd", "rmdm_sudoku", "rmdm_sudoku_count"),
-    sinks_calls: ("sink_mass", "sink_attention_fwd", "sink_topk", "sink_suppress", "sink_record"),
+    sinks_calls: ("sink_mass", "sink_attention_fwd", "sink_topk", "sink_suppress", "sink_attention_given",
+                  "sink_record"),
     machine_calls: ("stream_pass",),  # the benchmarks' yardstick: inputs that require no grad, outputs in place
 }
 # The ops that refuse a derivative (backward ops, the cuda backends' internal ops, the forward-only sink ops).
 REFUSING = {"dar_route_bwd", "dar_route_bwd_cuda", "dar_gather_bwd", "grpo_log_prob_bwd", "grpo_log_prob_bwd_cuda",
             "rmdm_recurse_bwd", "rmdm_recurse_bwd_cuda", "rmdm_recurse_keep_bwd", "dar_route_fwd_cuda",
             "grpo_log_prob_cuda", "ntrk_step_cuda", "ntrk_step_bwd", "sink_mass", "sink_attention_fwd",
-            "sink_suppress"}
+            "sink_suppress", "sink_attention_given"}
 SAMPLES = {name: calls for calls, names in OPS_OF.items() for name in names}  # op -> its sample's builder
 OPCHECKED = sorted(set(SAMPLES) | set(NO_TENSORS))
 
@@ -236,7 +238,7 @@ def test_flow_sde_step_and_twoos_project_outputs_are_not_differentiable():
         assert not any(o.requires_grad for o in outs), name
 
 
-@pytest.mark.parametrize("name", ("sink_mass", "sink_attention_fwd", "sink_suppress"))
+@pytest.mark.parametrize("name", ("sink_mass", "sink_attention_fwd", "sink_suppress", "sink_attention_given"))
 def test_sink_ops_refuse_a_gradient_naming_the_op(name):
     out = getattr(torch.ops.diffkern, name)(*sinks_calls()[name])
     with pytest.raises(NotImplementedError, match=f"diffkern::{name} is forward-only"):

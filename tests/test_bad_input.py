@@ -605,6 +605,41 @@ rows("sink_attention", {
                                                           v=lambda kw: kw["v"][:, :, :4]), SINK_REF,
                                              mode="anti_sink", return_stats=True),
 })
+given = diffkern.sink_attention_given
+
+
+def given_in():
+    return attn_in() | dict(idx=torch.tensor([[[0], [4]]]))
+
+
+rows("sink_attention_given", {
+    **generic(given, given_in, "idx"),
+    "valid": kw_call(given, given_in, SINK_REF),
+    "per-sample indices [B, K]": kw_call(given, edit(given_in, idx=lambda kw: torch.tensor([[4, 0, 2]])), SINK_REF),
+    "no indices": kw_call(given, edit(given_in, idx=lambda kw: kw["idx"][..., :0]), SINK_REF),
+    "duplicate indices": kw_call(given, edit(given_in, idx=lambda kw: torch.tensor([[1, 1, 3]])), SINK_REF),
+    "every key, bias -inf, all rows": kw_call(given, edit(given_in, idx=lambda kw: torch.arange(5)[None, None]),
+                                              SINK_REF, bias=-math.inf, row_scope="all"),
+    "index N_k": kw_call(given, edit(given_in, idx=lambda kw: torch.tensor([[5]])), Raises(ValueError, "idx")),
+    "index -1": kw_call(given, edit(given_in, idx=lambda kw: torch.tensor([[-1]])), Raises(ValueError, "idx")),
+    "int32 indices": kw_call(given, edit(given_in, idx=lambda kw: kw["idx"].int()),
+                             Raises(ValueError, "idx")),
+    "1-d indices": kw_call(given, edit(given_in, idx=lambda kw: torch.tensor([0])), Raises(ValueError, "idx")),
+    "indices heads 3": kw_call(given, edit(given_in, idx=lambda kw: torch.zeros(1, 3, 1, dtype=torch.int64)),
+                               Raises(ValueError, "idx")),
+    "more indices than keys": kw_call(given, edit(given_in, idx=lambda kw: torch.zeros(1, 1, 6, dtype=torch.int64)),
+                                      Raises(ValueError, "idx")),
+    "bias > 0": kw_call(given, given_in, Raises(ValueError, "bias"), bias=1.0),
+    "row_scope": kw_call(given, given_in, Raises(ValueError, "row_scope"), row_scope="text"),
+    "value intervention": kw_call(given, given_in, Raises(ValueError, "intervention"), intervention="value"),
+    "scale alpha 3": kw_call(given, given_in, SINK_REF, intervention="scale", alpha=3.0),
+    "scale alpha 0, dominant key": kw_call(given, edit(dominant_sink, idx=lambda kw: torch.tensor([[0]])), SINK_REF,
+                                           intervention="scale"),
+    "nan in k": kw_call(given, edit(given_in, **nan_at("k", 3)), SINK_REF),
+    "dominant given key": kw_call(given, edit(dominant_sink, idx=lambda kw: torch.tensor([[0]])), SINK_REF),
+    "requires grad": kw_call(given, edit(given_in, v=lambda kw: kw["v"].requires_grad_()),
+                             Raises(RuntimeError, "forward-only")),
+})
 fwd = torch.ops.diffkern.sink_attention_fwd
 rows("sink_attention_fwd", {
     "row_top 9": kw_call(fwd, attn_in, Raises(ValueError, "row_top"), n_query=4, scale=0.5, row_top=9),

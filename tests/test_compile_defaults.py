@@ -131,6 +131,14 @@ def test_sink_attention(mode):
     compiles_once(f, lambda B: (randn(B, 2, 9, 16), randn(B, 2, 9, 16, seed=1), randn(B, 2, 9, 16, seed=2)))
 
 
+def test_sink_attention_given():
+    def f(q, k, v, idx):
+        with torch.no_grad():
+            return diffkern.sink_attention_given(q, k, v, idx, n_query=6)
+    compiles_once(f, lambda B: (randn(B, 2, 9, 16), randn(B, 2, 9, 16, seed=1), randn(B, 2, 9, 16, seed=2),
+                                torch.arange(2 * B).view(B, 2) % 9))
+
+
 @pytest.mark.parametrize("mode", ("measure", "random"))
 def test_sd3_sink_processors(mode):
     """A tiny real diffusers SD3 transformer with sink processors on two layers: one graph, and the

@@ -50,6 +50,7 @@ def sinks(g):
     q, k, v = (_randn(g, 1, 2, 12, 16) for _ in range(3))
     diffkern.sink_mass(q, k, n_query=8)
     diffkern.sink_attention(q, k, v, k_sink=2, n_query=8)
+    diffkern.sink_attention_given(q, k, v, torch.tensor([[3, 0]]), n_query=8)
 
 
 def recurse_persistent(g):

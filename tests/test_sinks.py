@@ -284,6 +284,33 @@ def test_benchmark_traffic_model_equals_interpreter_counts():
             m["loaded"] * B * H, m["stored"] * B * H, m["flops"] * B * H), name
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="counts interpreted launches, which run only without a GPU")
+def test_given_keys_traffic_model_equals_interpreter_counts():
+    """sink_attention_given launches one kernel, which issues the bytes and matrix-product FLOPs the benchmark
+    models for it (given_traffic)."""
+    from diffkern.bench.sinks import given_traffic
+    from diffkern.sinks import triton_kernels as tk
+    from diffkern.testing.triton_monitor import TritonMonitor
+    B, H, N_q, N_k, d, n = 1, 2, 70, 67, 64, 60
+    q, k, v = make_qkv(B, H, N_q, N_k, d, torch.bfloat16, planted=1)
+    with diffkern.backend("triton"), TritonMonitor(check_bounds=False) as mon:
+        diffkern.sink_attention_given(q, k, v, torch.tensor([[3, 0]]), n_query=n)
+    counted = mon.by_kernel()
+    tile = tk.given_configs(d, torch.bfloat16)[0].constexprs
+    model = given_traffic(N_q, N_k, d, 2, (tile["BLOCK_M"], tile["BLOCK_N"]))
+    assert set(counted) == {"attn_fwd_kernel"}
+    c = counted["attn_fwd_kernel"]
+    assert (c["bytes_loaded"], c["bytes_stored"], c["flops"]) == (
+        model["loaded"] * B * H, model["stored"] * B * H, model["flops"] * B * H)
+
+
+def test_modeled_given_keys_path_is_one_flash_forward_at_sd3_shapes():
+    """Keys known before the call: the FLOPs of one flash forward and within 1% of its predicted H100 time."""
+    from diffkern.bench.sinks import modeled_given_rows
+    for r in modeled_given_rows((4096,), K=1) + modeled_given_rows((4096,), K=120):
+        assert r["flops_ratio"] == 1.0 and r["h100_us"] <= 1.01 * r["plain_h100_us"], r
+
+
 def test_modeled_flops_stay_under_1_6x_flash_at_sd3_shapes():
     """The issue's bar, on the model the test above holds to the kernels: SD3 at 1024 px (4096 image +
     333 text tokens), per-head k in {1, 5} and head-union k = 5 (120 keys); head-union k = 50 exceeds it."""

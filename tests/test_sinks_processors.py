@@ -4,7 +4,7 @@ import torch
 from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
 from diffkern import sink_attention
-from diffkern.sinks import reference
+from diffkern.sinks import processors, reference
 from diffkern.sinks.processors import (SinkAttnProcessor, SinkJointAttnProcessor, SinkRecorder,
                                        install_sink_processors)
 from diffkern.testing.backends import forced
@@ -122,6 +122,27 @@ def test_random_mode_draws_a_fresh_reproducible_set_per_call():
     again = install_sink_processors(fresh, layers={1}, mode="random", k_sink=1, seed=3, recorder=SinkRecorder())
     run(fresh, inputs)
     assert again is not rec and torch.equal(again.records[0]["indices"], first)
+
+
+@pytest.mark.parametrize("backend", ("cpu", "triton"))
+def test_random_mode_without_statistics_suppresses_the_same_keys_in_one_given_forward(backend, monkeypatch):
+    """statistics=False: call by call the same random keys as with the statistics, suppressed through
+    sink_attention_given (sink_attention, which runs the mass passes, is never called), the same model output
+    (masked softmax against the corrected one) and records holding the indices only."""
+    model, inputs = sd3(), sd3_inputs()
+    settings = dict(layers={0, 2}, mode="random", k_sink=1, seed=3, row_scope="all")
+    with_stats = install_sink_processors(model, **settings)
+    want = run(model, inputs, backend)
+    fast = install_sink_processors(model, **settings, statistics=False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("sink_attention called with statistics=False")
+    monkeypatch.setattr(processors, "sink_attention", refuse)
+    got = run(model, inputs, backend)
+    assert len(fast.records) == len(with_stats.records) == 2
+    for a, b in zip(fast.records, with_stats.records):
+        assert a["layer"] == b["layer"] and torch.equal(a["indices"], b["indices"]) and a["max_mass"] is None
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 class ExplicitAntiSinkJoint(SinkJointAttnProcessor):
@@ -245,7 +266,10 @@ def test_unet_layers_refuse_block_pairs():
                                            (dict(intervention="soft"), "intervention"),
                                            (dict(intervention="value", alpha=-1.0), "alpha"),
                                            (dict(alpha=0.5), "alpha"),
-                                           (dict(intervention="scale", bias=-5.0), "bias")])
+                                           (dict(intervention="scale", bias=-5.0), "bias"),
+                                           (dict(statistics=False), "statistics"),
+                                           (dict(mode="random", seed=1, statistics=False, intervention="value"),
+                                            "statistics")])
 def test_bad_settings_are_refused_at_install(settings, name):
     """A setting sink_attention would refuse raises when the processors are installed, naming it, and leaves
     the model's processors as they were."""

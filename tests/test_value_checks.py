@@ -50,6 +50,17 @@ def test_unchecked_out_of_range_index_leaves_the_others_alone(check_skipped, n_r
     assert torch.equal(out, out_valid) and torch.equal(post, post_valid)
 
 
+def given(idx):
+    q, k, v = make_qkv(1, 2, 9, 11, 64, torch.float32, seed=3, planted=1, device=device_for("triton"))
+    with forced("triton"):
+        return diffkern.sink_attention_given(q, k, v, torch.tensor(idx, dtype=torch.int64, device=q.device))
+
+
+def test_unchecked_out_of_range_index_suppresses_no_key_in_the_given_path(check_skipped):
+    assert torch.equal(given([[1, 10**6, -10**6]]), given([[1]]))
+    assert torch.equal(given([[10**6]]), given([[]]))
+
+
 def test_checked_out_of_range_index_raises():
     with pytest.raises(ValueError, match=r"idx values must be in \[0, N_k\) = \[0, 11\), got \[1, 11\]"):
         suppress([[[1, 11]]])

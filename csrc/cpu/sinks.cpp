@@ -184,26 +184,15 @@ at::Tensor sink_topk_cpu(const at::Tensor& score, int64_t k, bool largest) {
   return order.narrow(-1, 0, k).contiguous();
 }
 
-void check_suppress(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
-                    const at::Tensor& lse, const at::Tensor& idx, int64_t n_rows, double scale, double bias) {
-  check_qkv(kAttnOp, q, k, &v);
-  const int64_t B = q.size(0), H = q.size(1), N_q = q.size(2), N_k = k.size(2);
-  const at::ScalarType acc = at::toOpMathType(q.scalar_type());
-  check_same_device(kAttnOp, o, "o", q, "q");
-  check_contiguous_as(kAttnOp, o, "o", "[B, H, N_q, head_dim]", q.sizes(), acc, "the accumulation dtype");
-  check_same_device(kAttnOp, lse, "lse", q, "q");
-  check_contiguous_as(kAttnOp, lse, "lse", "[B, H, N_q]", q.sizes().slice(0, 3), acc, "the accumulation dtype");
+// idx [B, G, K] (G in {1, H}) of q's (b, h): its layout and, on the host, its values.
+void check_idx(const at::Tensor& q, const at::Tensor& k, const at::Tensor& idx) {
+  const int64_t B = q.size(0), H = q.size(1), N_k = k.size(2);
   check_same_device(kAttnOp, idx, "idx", q, "q");
   TORCH_CHECK_VALUE(idx.dim() == 3 && idx.scalar_type() == at::kLong && idx.is_contiguous() && idx.size(0) == B &&
                         (idx.size(1) == 1 || idx.size(1) == H) && idx.size(2) >= 1 && idx.size(2) <= N_k,
                     kAttnOp, ": idx must be a contiguous int64 [B, G, K] tensor with B = ", B, ", G = 1 or H = ", H,
                     " and 1 <= K <= N_k = ", N_k, ", got shape ", idx.sizes(), ", dtype ",
                     dtype_name(idx.scalar_type()));
-  TORCH_CHECK_VALUE(n_rows >= 0 && n_rows <= N_q, kAttnOp, ": n_rows must be in [0, N_q] = [0, ", N_q, "], got ",
-                    n_rows);
-  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, kAttnOp, ": scale must be finite and > 0, got ", scale);
-  TORCH_CHECK_VALUE(!std::isnan(bias) && bias < std::numeric_limits<double>::infinity(), kAttnOp,
-                    ": bias must be finite or -inf, got ", bias);
   if (idx.numel() > 0) {
     const auto [lo, hi] = at::aminmax(idx);
     TORCH_CHECK_VALUE(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < N_k, kAttnOp,
@@ -212,10 +201,43 @@ void check_suppress(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   }
 }
 
+void check_rows_scale_bias(const at::Tensor& q, int64_t n_rows, double scale, double bias) {
+  const int64_t N_q = q.size(2);
+  TORCH_CHECK_VALUE(n_rows >= 0 && n_rows <= N_q, kAttnOp, ": n_rows must be in [0, N_q] = [0, ", N_q, "], got ",
+                    n_rows);
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, kAttnOp, ": scale must be finite and > 0, got ", scale);
+  TORCH_CHECK_VALUE(!std::isnan(bias) && bias < std::numeric_limits<double>::infinity(), kAttnOp,
+                    ": bias must be finite or -inf, got ", bias);
+}
+
+void check_suppress(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
+                    const at::Tensor& lse, const at::Tensor& idx, int64_t n_rows, double scale, double bias) {
+  check_qkv(kAttnOp, q, k, &v);
+  const at::ScalarType acc = at::toOpMathType(q.scalar_type());
+  check_same_device(kAttnOp, o, "o", q, "q");
+  check_contiguous_as(kAttnOp, o, "o", "[B, H, N_q, head_dim]", q.sizes(), acc, "the accumulation dtype");
+  check_same_device(kAttnOp, lse, "lse", q, "q");
+  check_contiguous_as(kAttnOp, lse, "lse", "[B, H, N_q]", q.sizes().slice(0, 3), acc, "the accumulation dtype");
+  check_idx(q, k, idx);
+  check_rows_scale_bias(q, n_rows, scale, bias);
+}
+
 // The K selected rows of x per head as [B, H, K, d] in the accumulation dtype (G = 1: one set for all heads).
 at::Tensor gather_keys(const at::Tensor& x, const at::Tensor& idx, at::ScalarType acc) {
   const int64_t B = x.size(0), H = x.size(1), K = idx.size(2);
   return at::gather(x, 2, idx.expand({B, H, K}).unsqueeze(-1).expand({B, H, K, x.size(3)})).to(acc);
+}
+
+// [B, G, N_k]: bias on the keys idx [B, G, K] selects (a key listed twice is biased once), 0 elsewhere.
+at::Tensor key_bias_row(const at::Tensor& idx, int64_t N_k, double bias, const at::TensorOptions& opts) {
+  return at::zeros({idx.size(0), idx.size(1), N_k}, opts).scatter_(-1, idx, bias);
+}
+
+// softmax_j(scale q_blk k^T + bias_row[j]) of a block of rows q_blk [B, H, rows, d] (accumulation dtype) against
+// every key, kt = k^T [B, H, d, N_k]; bias_row [B, G, N_k] (G in {1, H}), or undefined for none.
+at::Tensor biased_softmax(const at::Tensor& q_blk, const at::Tensor& kt, const at::Tensor& bias_row, double scale) {
+  at::Tensor s = at::matmul(q_blk, kt).mul_(scale);
+  return at::softmax(bias_row.defined() ? s.add_(bias_row.unsqueeze(2)) : s, -1);
 }
 
 // Rows of a block whose normalised correction factor is at most recompute_below (sinks_math.h), recomputed
@@ -226,7 +248,7 @@ void recompute_rows(const at::Tensor& q_blk, const at::Tensor& kt, const at::Ten
                     const at::Tensor& idx, const at::Tensor& exact, double scale, at::Tensor& out_blk,
                     at::Tensor& post_blk) {
   const int64_t B = q_blk.size(0), H = q_blk.size(1), rows = q_blk.size(2);
-  const at::Tensor p = at::softmax(at::matmul(q_blk, kt).mul_(scale).add_(bias_row.unsqueeze(2)), -1);
+  const at::Tensor p = biased_softmax(q_blk, kt, bias_row, scale);
   const at::Tensor top = idx.narrow(2, 0, 1).expand({B, H, 1}).unsqueeze(2).expand({B, H, rows, 1});
   out_blk = at::where(exact.unsqueeze(-1), at::matmul(p, va), out_blk);
   post_blk = at::where(exact, at::gather(p, -1, top).squeeze(-1), post_blk);
@@ -259,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor> sink_suppress_cpu(const at::Tensor& q, const 
       if (!kt.defined()) {  // value path: no bias, the selected keys' values scaled by e^bias instead
         kt = k.to(acc).transpose(-1, -2);
         const at::Tensor zeros = at::zeros({B, idx.size(1), N_k}, q.options().dtype(acc));
-        bias_row = renormalize ? zeros.scatter_(-1, idx, bias) : zeros;
+        bias_row = renormalize ? key_bias_row(idx, N_k, bias, q.options().dtype(acc)) : zeros;
         va = renormalize ? v.to(acc) : v.to(acc) * (zeros + 1.0).scatter_(-1, idx, std::exp(bias)).unsqueeze(-1);
       }
       recompute_rows(q_blk, kt, va, bias_row, idx, exact, scale, out_blk, post_blk);
@@ -270,6 +292,32 @@ std::tuple<at::Tensor, at::Tensor> sink_suppress_cpu(const at::Tensor& q, const 
   return {out, post};
 }
 
+
+// Attention with the keys idx [B, G, K] biased in rows i < n_rows: softmax_j(s_ij + bias [j in S]) v, in q's
+// dtype, by the forward's blocks (one pass, no correction). A (b, h) whose every key is selected keeps its
+// unmasked rows: the bias shifts the whole row and cancels (for -inf too, the limit), as in sink_suppress.
+at::Tensor sink_attention_given_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& idx, int64_t n_rows, double scale, double bias) {
+  check_qkv(kAttnOp, q, k, &v);
+  check_idx(q, k, idx);
+  check_rows_scale_bias(q, n_rows, scale, bias);
+  const int64_t N_q = q.size(2), N_k = k.size(2);
+  const auto opts = q.options().dtype(at::toOpMathType(q.scalar_type()));
+  const at::Tensor kt = k.to(opts.dtype()).transpose(-1, -2), va = v.to(opts.dtype());
+  at::Tensor row = key_bias_row(idx, N_k, bias, opts);
+  row = at::where(row.eq(bias).all(-1, /*keepdim=*/true), at::zeros({}, opts), row);
+  at::Tensor out = empty_output(q.sizes(), q.options());
+  // blocks end at n_rows, so each block is biased or not as a whole
+  for (int64_t r0 = 0; r0 < N_q;) {
+    const int64_t r1 = std::min(r0 < n_rows ? n_rows : N_q, r0 + kRows);
+    const at::Tensor p = biased_softmax(q.slice(2, r0, r1).to(opts.dtype()), kt, r0 < n_rows ? row : at::Tensor(),
+                                        scale);
+    out.slice(2, r0, r1).copy_(at::matmul(p, va));
+    r0 = r1;
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace diffkern::sinks
 
@@ -278,4 +326,5 @@ TORCH_LIBRARY_IMPL(diffkern, CPU, m) {
   m.impl("sink_attention_fwd", TORCH_FN(diffkern::sinks::sink_attention_fwd_cpu));
   m.impl("sink_topk", TORCH_FN(diffkern::sinks::sink_topk_cpu));
   m.impl("sink_suppress", TORCH_FN(diffkern::sinks::sink_suppress_cpu));
+  m.impl("sink_attention_given", TORCH_FN(diffkern::sinks::sink_attention_given_cpu));
 }

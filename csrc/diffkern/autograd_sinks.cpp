@@ -5,7 +5,7 @@
 namespace diffkern::autograd {
 
 TORCH_LIBRARY_IMPL(diffkern, Autograd, m) {
-  for (const char* name : {"sink_mass", "sink_attention_fwd", "sink_suppress"})
+  for (const char* name : {"sink_mass", "sink_attention_fwd", "sink_suppress", "sink_attention_given"})
     m.impl(name, refuse_backward(std::string("diffkern::") + name +
                                  " is forward-only: it has no backward. Call it under torch.no_grad() "
                                  "(attention-sink analysis is an inference-time tool)"));

@@ -100,6 +100,12 @@ TORCH_LIBRARY_FRAGMENT(diffkern, m) {
   m.def(
       "sink_suppress(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor idx, int n_rows, float scale,"
       " float bias, bool renormalize=True) -> (Tensor out, Tensor post)");
+  // Keys known before the call: rows i < n_rows attend with `bias` added to the logits of the keys idx [B, G, K]
+  // (G in {1, H}; a key listed twice is biased once), in one pass: out = softmax_j(s_ij + bias [j in S]) v in
+  // q's dtype; a (b, h) whose every key is in S keeps its unmasked rows (the bias cancels), as sink_suppress.
+  m.def(
+      "sink_attention_given(Tensor q, Tensor k, Tensor v, Tensor idx, int n_rows, float scale, float bias)"
+      " -> Tensor");
 }
 
 TORCH_LIBRARY_FRAGMENT(diffkern, m) {

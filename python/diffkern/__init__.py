@@ -13,8 +13,8 @@ from .dar import dar_route
 from .grpo import flow_sde_step, grpo_iso_loss
 from .ntrk import ntrk_step, twoos_bands, twoos_project, whiten
 from .rmdm import recurse
-from .sinks import sink_attention, sink_mass
+from .sinks import sink_attention, sink_attention_given, sink_mass
 
 __all__ = ["ExtensionError", "backend", "build_info", "cached_bytes", "dar_route", "empty_cache", "flow_sde_step",
-           "grpo_iso_loss", "ntrk_step", "recurse", "sink_attention", "sink_mass", "twoos_bands", "twoos_project",
-           "whiten", "__version__"]
+           "grpo_iso_loss", "ntrk_step", "recurse", "sink_attention", "sink_attention_given", "sink_mass",
+           "twoos_bands", "twoos_project", "whiten", "__version__"]

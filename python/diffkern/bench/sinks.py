@@ -2,14 +2,16 @@
 
 A forward-only op does not fit the fwd/bwd workload model of the main harness, so this is its own
 report section (sinks.md and sinks.json in --out):
-  1. CPU: peak extra memory and median time of sink_attention (per-head top-1, statistics on, C++ backend) against the
-     explicit-matrix reference (the authors' way: the whole fp32 probability matrix), at SD3-like
-     shapes B=2, H=24, d=64, N_k = N_q + 333. Each point runs in its own child process; peak extra
-     memory = the child's peak RSS minus its RSS once the inputs exist. Explicit points whose
-     matrices would not fit this shared machine are modeled (their matrix size), not run.
+  1. CPU: peak extra memory and median time of sink_attention (per-head top-1, statistics on, C++ backend) and of
+     sink_attention_given (one key per head given, "given") against the explicit-matrix reference (the
+     authors' way: the whole fp32 probability matrix), at SD3-like shapes B=2, H=24, d=64, N_k = N_q + 333.
+     Each point runs in its own child process; peak extra memory = the child's peak RSS minus its RSS once
+     the inputs exist. Explicit points whose matrices would not fit this shared machine are modeled (their
+     matrix size), not run.
   2. Modeled GPU (bf16, SD3 shapes): FLOPs and memory traffic of the four Triton kernels against one
      plain flash-attention forward, from `kernel_traffic` (the kernels' loop structure; the tests hold
-     it equal to the interpreter's counted bytes), and the modeled H100 time.
+     it equal to the interpreter's counted bytes), and the modeled H100 time; and of the given-keys path
+     (sink_attention_given: keys known before the call, one biased flash forward, `given_traffic`).
 """
 from __future__ import annotations
 
@@ -84,6 +86,24 @@ def recompute_traffic(flagged, N_k, d, itemsize, tile):
                 flops=_tile_flops(bm, N_k, d, bm, bn, 2))
 
 
+# Passes over the fp32 [B, G, N_k] key bias row that sink_attention_given's launcher makes with ATen before its
+# one kernel (full, scatter_reduce_ read and write, == and all, where read and write: ~7 x 4 bytes per key).
+KEY_ROW_BYTES_PER_KEY = 7 * 4
+
+
+def given_traffic(N_q, N_k, d, itemsize, tile):
+    """Per (b, h): attn_fwd_kernel with the key bias (HAS_BIAS), the given-keys path's one kernel, as it issues
+    its loads and stores (q once; k, v and the fp32 bias row once per query tile; the output once in q's dtype,
+    no lse), its HBM bytes (each distinct byte once, plus the launcher's ATen passes over the bias row, counted
+    per (b, h): a per-sample set shares one row over the heads) and its tl.dot FLOPs; tile: the forward's
+    (BLOCK_M, BLOCK_N)."""
+    bm, bn = tile
+    t_q = triton.cdiv(N_q, bm)
+    return dict(loaded=(N_q + 2 * t_q * N_k) * d * itemsize + t_q * N_k * 4, stored=N_q * d * itemsize,
+                hbm=(2 * N_q + 2 * N_k) * d * itemsize + N_k * (4 + KEY_ROW_BYTES_PER_KEY),
+                flops=_tile_flops(N_q, N_k, d, bm, bn, 2))
+
+
 def plain_flash(N_q, N_k, d, itemsize, tile):
     """One flash-attention forward at the forward's tile (q once, k and v once per query tile, o and lse
     written)."""
@@ -110,14 +130,39 @@ def modeled_rows(sizes, K=1):
         # every kernel runs once per (b, h): the per-head top-k has B * H score rows too
         ours = {k: sum(v[k] for v in per.values()) * B * H for k in ("loaded", "stored", "hbm", "flops")}
         plain = {k: v * B * H for k, v in plain_flash(n + N_TEXT, N_k, D, 2, tiles["attn_fwd_kernel"]).items()}
-        ob, pb = ours["loaded"] + ours["stored"], plain["loaded"] + plain["stored"]
-        rows.append(dict(N_q=n + N_TEXT, N_k=N_k, n_query=n, K=K, flops=ours["flops"], plain_flops=plain["flops"],
-                         flops_ratio=ours["flops"] / plain["flops"], bytes=ob, plain_bytes=pb, bytes_ratio=ob / pb,
-                         hbm_bytes=ours["hbm"], plain_hbm_bytes=plain["hbm"],
-                         h100_us=max(ours["hbm"] / H100_HBM_BYTES_PER_S, ours["flops"] / peak) * 1e6,
-                         plain_h100_us=max(plain["hbm"] / H100_HBM_BYTES_PER_S, plain["flops"] / peak) * 1e6,
-                         explicit_matrix_bytes=B * H * (n + N_TEXT) * N_k * 4))
+        rows.append(_row("selection in the call", n, K, ours, plain, peak))
     return rows
+
+
+def modeled_given_rows(sizes, K=1):
+    """modeled_rows' figures for sink_attention_given (the keys known before the call): one biased flash forward,
+    whatever K (the bias row has N_k entries)."""
+    import torch
+
+    from ..sinks import triton_kernels as tk
+    rows = []
+    for n in sizes:
+        N_k = n + N_TEXT
+        tile, peak = tk.given_configs(D, torch.bfloat16)[0].constexprs, dot_peak(torch.bfloat16)
+        traffic = given_traffic(n + N_TEXT, N_k, D, 2, (tile["BLOCK_M"], tile["BLOCK_N"]))
+        ours = {k: v * B * H for k, v in traffic.items()}
+        plain = {k: v * B * H for k, v in plain_flash(n + N_TEXT, N_k, D, 2, default_tiles(D, torch.bfloat16)[
+            "attn_fwd_kernel"]).items()}
+        rows.append(_row("given keys", n, K, ours, plain, peak))
+    return rows
+
+
+def _row(path, n, K, ours, plain, peak) -> dict:
+    """One modeled row: totals `ours` and one flash forward's `plain` (loaded, stored, hbm, flops) at n image
+    tokens."""
+    N_k = n + N_TEXT
+    ob, pb = ours["loaded"] + ours["stored"], plain["loaded"] + plain["stored"]
+    return dict(path=path, N_q=n + N_TEXT, N_k=N_k, n_query=n, K=K, flops=ours["flops"], plain_flops=plain["flops"],
+                flops_ratio=ours["flops"] / plain["flops"], bytes=ob, plain_bytes=pb, bytes_ratio=ob / pb,
+                hbm_bytes=ours["hbm"], plain_hbm_bytes=plain["hbm"],
+                h100_us=max(ours["hbm"] / H100_HBM_BYTES_PER_S, ours["flops"] / peak) * 1e6,
+                plain_h100_us=max(plain["hbm"] / H100_HBM_BYTES_PER_S, plain["flops"] / peak) * 1e6,
+                explicit_matrix_bytes=B * H * (n + N_TEXT) * N_k * 4)
 
 
 def _rss_bytes() -> int:
@@ -145,7 +190,13 @@ def _child(kind: str, n_img: int, repeats: int) -> dict:
     def fused():
         with torch.no_grad(), diffkern.backend("cpu"):
             return diffkern.sink_attention(q, k, v, k_sink=1, n_query=n_img, return_stats=True)
-    fn = explicit if kind == "explicit" else fused
+
+    idx = torch.randint(0, N, (B, H, 1), generator=g)
+
+    def given():  # one key per head known before the call
+        with torch.no_grad(), diffkern.backend("cpu"):
+            return diffkern.sink_attention_given(q, k, v, idx, n_query=n_img)
+    fn = {"explicit": explicit, "diffkern": fused, "given": given}[kind]
     base = _rss_bytes()
     times = []
     for _ in range(repeats):
@@ -160,7 +211,7 @@ def cpu_rows(sizes, repeats: int, log=print):
     rows = []
     for n in sizes:
         N = n + N_TEXT
-        for kind in ("diffkern", "explicit"):
+        for kind in ("diffkern", "given", "explicit"):
             if kind == "explicit" and 4 * B * H * N * N * 4 > EXPLICIT_MAX_BYTES:
                 need = 4 * B * H * N * N * 4 / 1e9
                 rows.append(dict(kind=kind, N_q=N, skipped=f"needs ~{need:.1f} GB (4 fp32 N_q x N_k tensors); "
@@ -175,7 +226,8 @@ def cpu_rows(sizes, repeats: int, log=print):
 
 
 def markdown(cpu, modeled) -> str:
-    out = ["## Attention sinks (sink_attention, per-head top-1, statistics on, forward only)", "",
+    out = ["## Attention sinks (sink_attention, per-head top-1, statistics on; sink_attention_given, one given key "
+           "per head; forward only)", "",
            f"### CPU (fp32, B={B}, H={H}, d={D}, N_k = N_q + {N_TEXT}; own child process per point)", "",
            "| N_q | candidate | median ms | peak extra MB |", "|---|---|---|---|"]
     for r in cpu:
@@ -184,12 +236,13 @@ def markdown(cpu, modeled) -> str:
         else:
             out.append(f"| {r['N_q']} | {r['kind']} | {r['median_ms']:.0f} | {r['peak_extra_mb']:.0f} |")
     out += ["", f"### Modeled GPU (bf16, B={B}, H={H}, d={D}; Triton kernels vs one plain flash forward)", "",
-            "| N_q | N_k | K selected | FLOPs ratio | issued bytes (MB) ours / flash | HBM bytes (MB) ours / flash "
-            "| predicted H100 us ours / flash (ratio) | explicit P matrix MB |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| path | N_q | N_k | K selected | FLOPs ratio | issued bytes (MB) ours / flash "
+            "| HBM bytes (MB) ours / flash | predicted H100 us ours / flash (ratio) | explicit P matrix MB |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in modeled:
-        out.append(f"| {r['N_q']} | {r['N_k']} | {r['K']} | {r['flops_ratio']:.3f} | {r['bytes'] / 1e6:.0f} / "
-                   f"{r['plain_bytes'] / 1e6:.0f} | {r['hbm_bytes'] / 1e6:.0f} / {r['plain_hbm_bytes'] / 1e6:.0f} | "
+        out.append(f"| {r['path']} | {r['N_q']} | {r['N_k']} | {r['K']} | {r['flops_ratio']:.3f} | "
+                   f"{r['bytes'] / 1e6:.0f} / {r['plain_bytes'] / 1e6:.0f} | {r['hbm_bytes'] / 1e6:.0f} / "
+                   f"{r['plain_hbm_bytes'] / 1e6:.0f} | "
                    f"{r['h100_us']:.0f} / {r['plain_h100_us']:.0f} ({r['h100_us'] / r['plain_h100_us']:.2f}x) | "
                    f"{r['explicit_matrix_bytes'] / 1e6:.0f} |")
     return "\n".join(out) + "\n"
@@ -213,7 +266,7 @@ def report(quick: bool, out: str, mode=None) -> str:
     diffkern.bench.mode.Mode; the default run), whose explicit-matrix calls take seconds each."""
     sizes = (256, 512) if quick else (1024, 2048, 3072, 4096)
     modeled = modeled_rows((1024, 2048, 3072, 4096)) + modeled_rows((4096,), K=5) + modeled_rows((4096,), K=120) \
-        + modeled_rows((4096,), K=1200)
+        + modeled_rows((4096,), K=1200) + modeled_given_rows((4096,), K=1) + modeled_given_rows((4096,), K=120)
     repeats = 1 if quick or (mode is not None and not mode.time_all) else 3
     cpu = cpu_rows(sizes, repeats, log=lambda msg: print(msg, file=sys.stderr))
     os.makedirs(out, exist_ok=True)

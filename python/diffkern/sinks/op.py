@@ -1,8 +1,9 @@
 """Attention sinks as torch ops: argument checks, fake (meta) implementations, backends, public API.
 
 The schemas live in csrc/diffkern/ops.cpp and the CPU kernels in csrc/cpu/sinks.cpp; this file registers
-everything Python owns for diffkern::sink_mass / sink_attention_fwd / sink_topk / sink_suppress and
-builds `sink_mass` and `sink_attention` on them. Forward only: no op has a backward.
+everything Python owns for diffkern::sink_mass / sink_attention_fwd / sink_topk / sink_suppress /
+sink_attention_given and builds `sink_mass`, `sink_attention` and `sink_attention_given` on them. Forward only:
+no op has a backward.
 """
 from __future__ import annotations
 
@@ -95,7 +96,6 @@ def check_topk(score, k, largest) -> None:
 def check_suppress(q, k, v, o, lse, idx, n_rows, scale, bias, renormalize=True) -> None:
     _check_qkv(ATTN_OP, q, k, v)
     B, H, N_q, _ = q.shape
-    N_k = k.shape[2]
     acc = _dtypes.acc(q.dtype)
     for name, x, layout, shape in (("o", o, "[B, H, N_q, head_dim]", list(q.shape)),
                                    ("lse", lse, "[B, H, N_q]", [B, H, N_q])):
@@ -105,12 +105,29 @@ def check_suppress(q, k, v, o, lse, idx, n_rows, scale, bias, renormalize=True) 
             _fail(ATTN_OP, f"{name} must be a contiguous {layout} = {shape} tensor of dtype {_dtypes.name(acc)} (the "
                            f"accumulation dtype), got shape {list(x.shape)}, dtype {_dtypes.name(x.dtype)}, strides "
                            f"{list(x.stride())}")
+    _check_idx(q, k, idx)
+    _check_rows_scale_bias(q, n_rows, scale, bias)
+
+
+def check_given(q, k, v, idx, n_rows, scale, bias) -> None:
+    _check_qkv(ATTN_OP, q, k, v)
+    _check_idx(q, k, idx)
+    _check_rows_scale_bias(q, n_rows, scale, bias)
+
+
+def _check_idx(q, k, idx) -> None:
+    """idx [B, G, K] of q's (b, h): its layout (its values: _check_idx_values)."""
+    B, H, N_k = q.shape[0], q.shape[1], k.shape[2]
     if idx.device != q.device:
         _fail(ATTN_OP, f"idx is on {idx.device} but q is on {q.device}")
     if not (idx.dim() == 3 and idx.dtype == torch.int64 and idx.is_contiguous() and idx.shape[0] == B
             and idx.shape[1] in (1, H) and 1 <= idx.shape[2] <= N_k):
         _fail(ATTN_OP, f"idx must be a contiguous int64 [B, G, K] tensor with B = {B}, G = 1 or H = {H} and "
                        f"1 <= K <= N_k = {N_k}, got shape {list(idx.shape)}, dtype {_dtypes.name(idx.dtype)}")
+
+
+def _check_rows_scale_bias(q, n_rows, scale, bias) -> None:
+    N_q = q.shape[2]
     if not 0 <= n_rows <= N_q:
         _fail(ATTN_OP, f"n_rows must be in [0, N_q] = [0, {N_q}], got {n_rows}")
     if not 0 < scale < math.inf:
@@ -158,6 +175,13 @@ def _suppress_with_idx_check(fn):
     return run
 
 
+def _given_with_idx_check(fn):
+    def run(q, k, v, idx, *rest):
+        _check_idx_values(idx, k.shape[2])
+        return fn(q, k, v, idx, *rest)
+    return run
+
+
 _registry.register("sink_mass", check_mass, triton=_triton_checked(triton_kernels.function("sink_mass")),
                    reference=reference.sink_mass)
 _registry.register("sink_attention_fwd", check_fwd, triton=_triton_checked(triton_kernels.function("attention_fwd")),
@@ -166,6 +190,9 @@ _registry.register("sink_topk", check_topk, triton=_topk_triton, reference=refer
 _registry.register("sink_suppress", check_suppress,
                    triton=_suppress_with_idx_check(_triton_checked(triton_kernels.function("sink_suppress"))),
                    reference=_suppress_with_idx_check(reference.sink_suppress))
+_registry.register("sink_attention_given", check_given,
+                   triton=_given_with_idx_check(_triton_checked(triton_kernels.function("attention_given"))),
+                   reference=_given_with_idx_check(reference.attention_given))
 
 
 @_registry.register_fake("diffkern::sink_mass")
@@ -194,6 +221,12 @@ def _topk_fake(score, k, largest):
 def _suppress_fake(q, k, v, o, lse, idx, n_rows, scale, bias, renormalize=True):
     check_suppress(q, k, v, o, lse, idx, n_rows, scale, bias, renormalize)
     return q.new_empty(q.shape), q.new_empty((*q.shape[:2], n_rows), dtype=_dtypes.acc(q.dtype))
+
+
+@_registry.register_fake("diffkern::sink_attention_given")
+def _given_fake(q, k, v, idx, n_rows, scale, bias):
+    check_given(q, k, v, idx, n_rows, scale, bias)
+    return q.new_empty(q.shape)
 
 
 def _forward_only(op, *tensors) -> None:
@@ -276,16 +309,20 @@ def _select(mass, row_max, mode, k_sink, seed, call_index):
 def _check_mode(mode, row_scope, k_sink, bias, seed):
     if mode not in MODES:
         _fail(ATTN_OP, f"mode must be one of {MODES}, got {mode!r}")
-    if row_scope not in ROW_SCOPES:
-        _fail(ATTN_OP, f"row_scope must be one of {ROW_SCOPES}, got {row_scope!r}")
+    _check_scope_bias(row_scope, bias)
     if not (isinstance(k_sink, int) and not isinstance(k_sink, bool) and k_sink >= 0):
         _fail(ATTN_OP, f"k_sink must be an int >= 0, got {k_sink!r}")
-    if not _checks.number(ATTN_OP, "bias", bias) <= 0:
-        _fail(ATTN_OP, f"bias must be <= 0 (a suppression; -inf allowed), got {bias}")
     if mode == "random" and seed is None:
         _fail(ATTN_OP, "mode 'random' needs a seed (the set is drawn from seed, call_index and b)")
     if seed is not None:
         _checks.integer(ATTN_OP, "seed", seed)
+
+
+def _check_scope_bias(row_scope, bias):
+    if row_scope not in ROW_SCOPES:
+        _fail(ATTN_OP, f"row_scope must be one of {ROW_SCOPES}, got {row_scope!r}")
+    if not _checks.number(ATTN_OP, "bias", bias) <= 0:
+        _fail(ATTN_OP, f"bias must be <= 0 (a suppression; -inf allowed), got {bias}")
 
 
 def _intervention(intervention, alpha, bias) -> tuple[float, bool]:
@@ -399,6 +436,61 @@ def sink_attention(q, k, v, k_sink: int = 1, mode: str = "per_head", row_scope: 
         if not return_stats:
             return out
         return out, _stats(mass, entropy, top_p, n, idx, chosen, post)
+
+
+def sink_attention_given(q, k, v, idx, row_scope: str = "image", n_query: int | None = None,
+                         bias: float = DEFAULT_BIAS, scale: float | None = None, intervention: str = "mask",
+                         alpha: float = 0.0):
+    """Attention with a set of keys S known before the call suppressed: one flash forward with S's bias in the logits.
+
+        out[b,h,i] = sum_j softmax_j(scale q_i . k_j + bias [j in S_bh]) v_j   for rows i < n_query (row_scope
+        "image") or every row ("all"); the other rows get plain attention.
+    The same output as `sink_attention` (intervention "mask" or "scale") when S is the set it selects, at the
+    cost of one attention forward (no mass, no column pass, no correction: the keys to suppress, e.g. the previous
+    step's sinks, a fixed set or the random control, are not chosen from this call's attention). Suppression as
+    sink_attention's: bias (default -1e4, the paper's; -inf removes S) added to S's logits and the row
+    re-softmaxed, or intervention "scale", S's probabilities times alpha and the row renormalised (bias log alpha);
+    a (b, h) whose S holds every key keeps its unmasked attention (the bias shifts the whole row and cancels,
+    also for -inf). A key listed twice is suppressed once.
+
+    Args:
+        q: [B, H, N_q, d]; k, v: [B, H, N_k, d]; float16/bfloat16/float32 (float64 on cpu/reference), unit last
+            stride; keys ordered [image, text], the image queries first.
+        idx: the keys S, int64, values in [0, N_k): [B, H, K] (per head), [B, 1, K] or [B, K] (one set per sample,
+            shared by the heads); 0 <= K <= N_k (K = 0 suppresses nothing).
+        row_scope: "image" (rows < n_query, default N_q) or "all". bias: <= 0 ("mask" only). intervention: "mask" or
+            "scale" (alpha finite >= 0; "value" does not bias the logits: use sink_attention). scale: default
+            1/sqrt(d).
+    Returns:
+        out [B, H, N_q, d] in q's dtype (computed in fp32, float64 for float64, written once).
+    No backward (forward-only; inputs requiring grad raise under grad mode). Memory O(N): never N_q x N_k.
+    Backends: C++/ATen blocked (CPU tensors), Triton (CUDA tensors: attn_fwd_kernel with the key bias), reference.
+    Bad input: TypeError (not a tensor, a float n_query, a bias or alpha not a number) or ValueError (shape, dtype,
+        device, stride, an idx not int64 [B, H or 1, K] on q's device or with values outside [0, N_k),
+        an unknown row_scope or intervention, "value", bias > 0, alpha < 0), naming the argument. Values of
+        idx on a GPU are not checked under CUDA-graph capture or torch.compile: there an out-of-range index
+        suppresses nothing.
+    NaN/inf policy: propagated like the reference: a NaN/inf in q, k or v of a (b, h) makes the rows it reaches
+        NaN; values are not checked.
+    """
+    n, sc = _public(ATTN_OP, q, k, v, n_query, scale)
+    _checks.tensor(ATTN_OP, "idx", idx)
+    _check_scope_bias(row_scope, bias)
+    change, renormalize = _intervention(intervention, alpha, bias)
+    if not renormalize:
+        _fail(ATTN_OP, "intervention 'value' scales values, not logits: sink_attention_given takes 'mask' or 'scale' "
+                       "(use sink_attention for 'value')")
+    if idx.dim() == 2:
+        idx = idx[:, None]
+    if idx.dim() != 3 or idx.dtype != torch.int64:
+        _fail(ATTN_OP, f"idx must be an int64 [B, H, K], [B, 1, K] or [B, K] tensor, got shape {list(idx.shape)}, "
+                       f"dtype {_dtypes.name(idx.dtype)}")
+    _forward_only(ATTN_OP, q, k, v)
+    n_rows = n if row_scope == "image" else q.shape[2]
+    if idx.shape[-1] == 0:  # nothing suppressed: no row biased
+        idx, n_rows = idx.new_zeros((idx.shape[0], 1, 1)), 0
+    with _nvtx.range("diffkern.sink_attention_given"):
+        return _ops.ops.sink_attention_given(q, k, v, idx.contiguous(), n_rows, sc, change)
 
 
 def _stats(mass, entropy, top_p, n_query, idx, chosen, post) -> dict:

@@ -12,7 +12,10 @@
 
 In "measure" mode the output comes from F.scaled_dot_product_attention, exactly the stock processor's
 call, so the model's output is bit-identical to the stock model; the statistics come from
-diffkern.sink_attention(mode="measure") on the same q, k, v. Other modes return sink_attention's output.
+diffkern.sink_attention(mode="measure") on the same q, k, v. Other modes return sink_attention's output;
+with statistics=False (mode "random", intervention "mask" or "scale": the keys are known before the call), the
+same random keys are suppressed by diffkern.sink_attention_given, one biased flash forward, and each call's
+record holds the indices alone.
 Forward only, like the ops: run the model under torch.no_grad().
 """
 from __future__ import annotations
@@ -22,7 +25,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .op import _check_mode, _intervention, sink_attention
+from .op import ATTN_OP, _check_mode, _fail, _intervention, _random_keys, sink_attention, sink_attention_given
 
 _SCALAR_STATS = ("max_mass", "index0_mass", "row_entropy", "top5_mass", "top_k_conc", "max_act", "sink_at_index0",
                  "sink_in_image", "sink_in_text", "top_sink_mass_after")
@@ -51,9 +54,9 @@ class SinkRecorder:
 
     def add(self, layer: str, calls: torch.Tensor, mode: str, stats: dict) -> None:
         """Records one call (its index: the counter `calls`, which this increments)."""
-        names = [k for k in _SCALAR_STATS if stats[k] is not None]
-        _sink_record(calls, torch.stack([stats[k].detach() for k in names]), stats["indices"], stats["index_mass"],
-                     id(self), layer, mode, ",".join(names))
+        names = [k for k in _SCALAR_STATS if stats.get(k) is not None]
+        scalars = torch.stack([stats[k].detach() for k in names]) if names else calls.new_zeros(0, dtype=torch.float32)
+        _sink_record(calls, scalars, stats["indices"], stats.get("index_mass"), id(self), layer, mode, ",".join(names))
 
     @property
     def records(self) -> list:
@@ -97,9 +100,14 @@ class _SinkProcessor:
 
     def __init__(self, layer: str = "", mode: str = "measure", k_sink: int = 1, row_scope: str = "image",
                  bias: float = -1e4, seed: int | None = None, recorder: SinkRecorder | None = None,
-                 intervention: str = "mask", alpha: float = 0.0):
+                 intervention: str = "mask", alpha: float = 0.0, statistics: bool = True):
         _check_mode(mode, row_scope, k_sink, bias, seed)  # refused at install, not at the model's first call
         _intervention(intervention, alpha, bias)
+        if not statistics and (mode != "random" or intervention == "value"):
+            _fail(ATTN_OP, f"statistics=False needs the keys before the call: mode 'random' with intervention 'mask' "
+                           f"or 'scale' (the other modes select from the call's attention mass), got mode {mode!r}, "
+                           f"intervention {intervention!r}")
+        self.statistics = statistics
         self.layer, self.mode, self.k_sink, self.row_scope = layer, mode, k_sink, row_scope
         self.bias, self.seed, self.intervention, self.alpha = bias, seed, intervention, alpha
         self.recorder = recorder if recorder is not None else SinkRecorder()
@@ -111,6 +119,13 @@ class _SinkProcessor:
         """[B, H, N_q, d] attention of the (already normed, concatenated) q, k, v, with statistics recorded."""
         if self.calls.device != query.device:  # the counter lives beside the statistics: no copy per call
             self.calls = self.calls.to(query.device)
+        if not self.statistics:  # sink_attention's random draw, suppressed in one biased forward
+            B, H, N_k = query.shape[0], query.shape[1], key.shape[2]
+            idx = _random_keys(B, N_k, min(self.k_sink * H, N_k), self.seed, self.calls, query.device)
+            out = sink_attention_given(query, key, value, idx, row_scope=self.row_scope, n_query=n_query,
+                                       bias=self.bias, intervention=self.intervention, alpha=self.alpha)
+            self.recorder.add(self.layer, self.calls, self.mode, {"indices": idx})
+            return out
         out, stats = sink_attention(query, key, value, k_sink=self.k_sink, mode=self.mode, row_scope=self.row_scope,
                                     n_query=n_query, bias=self.bias, seed=self.seed, call_index=self.calls,
                                     return_stats=True, intervention=self.intervention, alpha=self.alpha)
@@ -213,8 +228,9 @@ def install_sink_processors(model, layers, processor=None, **settings) -> SinkRe
         processor's kind; SD3.5's attn2 runs joint attention without a text stream, every query an image
         query). settings: mode, k_sink, row_scope, bias, seed, intervention, alpha (see
         diffkern.sink_attention; mode "anti_sink" suppresses image tokens as keys, so it refuses, at the
-        first call, a cross-attention whose keys are the text alone). Returns the SinkRecorder all installed
-        processors share.
+        first call, a cross-attention whose keys are the text alone), statistics (default True; False with mode
+        "random": one biased flash forward per call, diffkern.sink_attention_given, records hold the indices
+        only). Returns the SinkRecorder all installed processors share.
     """
     recorder = settings.pop("recorder", None) or SinkRecorder()
     current = model.attn_processors

@@ -109,6 +109,19 @@ def key_bias(idx, n_heads, n_keys, bias, dtype):
     return torch.where(key_mask(idx, n_heads, n_keys), torch.tensor(bias, dtype=dtype), zero)
 
 
+def attention_given(q, k, v, idx, n_rows, scale, bias):
+    """Reference backend of diffkern::sink_attention_given: softmax_j(s_ij + bias [j in S]) v for rows i < n_rows
+    (S: the keys idx [B, G, K] lists, a key listed twice biased once), plain attention below, in q's dtype; a
+    (b, h) whose every key is in S keeps its unmasked attention (the bias cancels)."""
+    s = logits(q, k, scale)
+    B, H, N_q, N_k = s.shape
+    mask = key_mask(idx, H, N_k)
+    rows = torch.arange(N_q, device=s.device)[:, None] < n_rows
+    biased = rows & mask & ~mask.all(-1, keepdim=True)
+    p = torch.softmax(s + torch.where(biased, torch.tensor(bias, dtype=s.dtype), torch.tensor(0.0, dtype=s.dtype)), -1)
+    return torch.matmul(p, v.to(s.dtype)).to(q.dtype)
+
+
 def sink_suppress(q, k, v, o, lse, idx, n_rows, scale, bias, renormalize=True):
     """Reference backend of diffkern::sink_suppress, from the explicit matrix (o and lse are not read).
 

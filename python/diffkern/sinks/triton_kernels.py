@@ -5,6 +5,8 @@
                     = r > 0, each row's r largest probabilities: a running top-r of the logits merged per
                     key tile, r max-and-count reductions over the tile; r = 1 is the running max).
                     Reads q once and k (and v) once per query tile; 4 N_q N_k d FLOPs with V, 2 without.
+                    With HAS_BIAS (sink_attention_given) it adds a per-key bias row to the logits of rows
+                    < n_rows and writes only the output, once, in q's dtype (its own tiles, GIVEN_TILES).
   col_mass_kernel   column pass, one program per (BLOCK_N keys, b, h): walks the image query tiles and
                     sums exp(s - lse) down each key's column (flash backward's dK loop structure, no V).
                     Deterministic: no atomics. 2 n_query N_k d FLOPs.
@@ -51,10 +53,12 @@ queries, d = 64, bf16, from diffkern.bench.sinks.modeled_rows; one flash forward
     then ~4 + 6 s operations per score for the s distinct values taken (s <= 5, the most any row of the tile
     takes): with i.i.d. logits a row's top-5 changes ~5/t times in its t-th tile, so s is ~1-3 after the first
     tiles; with concentrated rows (sinks, local attention) most tiles are skipped. A GPU run at SD3 must tell.
-  * selection independent of the mass (mode "random", or indices given to torch.ops.diffkern.sink_suppress)
-    without statistics: the minimum is one flash forward with the selected keys' bias in the logits, 1.0x +
-    4 N_q K d, which meets 1.3x; today these run the same three passes (sink_attention_fwd returns the mass),
-    1.46x: a forward op taking the indices is not built.
+  * selection independent of the mass (keys known before the call: given indices, or mode "random" without
+    statistics, the processors' statistics=False): sink_attention_given, one attn_fwd_kernel launch with the
+    selected keys' bias row in the logits (HAS_BIAS) writing the output once in q's dtype: 4 N_q N_k d FLOPs =
+    1.00x, 116 MB (the flash forward's bytes less its lse, plus the fp32 bias row and the launcher's ATen passes
+    over it), predicted 249 us = 1.00x (diffkern.bench.sinks.modeled_given_rows), which meets 1.3x at equal
+    efficiency. sink_attention's mode "random" with statistics still runs the three passes (1.46x).
   * nothing suppressed (measure, k_sink = 0) without statistics: the minimum is one flash forward, 1.0x;
     today 1.46x plus the cast of the fp32 o to q's dtype, for the same reason.
 """
@@ -81,6 +85,11 @@ MAX_TOPK = 2048
 # configuration for sm_80/sm_90a (ptxas -v) with the full register budget: none spills.
 TILES = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 8), 256: (32, 32, 8)}
 TILES_F32 = {16: (32, 32, 8), 32: (32, 32, 8), 64: (32, 32, 8), 128: (32, 32, 8), 256: (16, 32, 8)}
+# The same with the key bias (HAS_BIAS, sink_attention_given): there the tiles above spill on sm_80/sm_90a (16-bit
+# head_dim 64 and 128, fp32 128; the bias row's load and the -inf guard tip them over), these compile with 0 spills
+# at 3 and 2 stages (ptxas -v; 256, as for the forward, is not compiled ahead of time).
+GIVEN_TILES = {16: (64, 64, 8), 32: (64, 64, 8), 64: (64, 64, 8), 128: (32, 64, 8), 256: (16, 32, 8)}
+GIVEN_TILES_F32 = {16: (32, 32, 8), 32: (32, 32, 8), 64: (32, 32, 8), 128: (16, 32, 8), 256: (16, 32, 8)}
 
 
 def tiles(d: int, dtype: torch.dtype) -> tuple[int, int, int]:
@@ -183,11 +192,11 @@ def _tile_top(s, kth, R: tl.constexpr, R_PAD: tl.constexpr):
 
 
 @triton.jit
-def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ent_ptr, top_ptr, H, N_q, N_k, d,
-                    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, scale,
+def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ent_ptr, top_ptr, bias_ptr, H, N_q, N_k, n_rows, d,
+                    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb_b, sb_h, scale,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     HAS_V: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-                    ROW_TOP: tl.constexpr, R_PAD: tl.constexpr):
+                    ROW_TOP: tl.constexpr, R_PAD: tl.constexpr, HAS_BIAS: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -200,20 +209,28 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ent_ptr, top_ptr, H, N_
     t = tl.zeros([BLOCK_M], tl.float32)  # sum_j e^{s_ij - m_i} s_ij, for the entropy
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     top = tl.full([BLOCK_M, R_PAD], float("-inf"), tl.float32)  # the running top-ROW_TOP logits (ROW_TOP > 1)
+    biased = (rows < n_rows)[:, None]  # HAS_BIAS: the rows whose logits take the key bias row
     for n0 in range(0, N_k, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = (cols < N_k)[None, :]
         s = dot(q, _load_cols(k_base, cols, N_k, sk_n, dd, d), DOT_F32, PRECISION) * scale
+        if HAS_BIAS:
+            key_bias = tl.load(bias_ptr + b * sb_b + h * sb_h + cols, mask=cols < N_k, other=0.0)
+            s += tl.where(biased, key_bias[None, :], 0.0)
         s = tl.where(col_ok, s, float("-inf"))
         tile_max = tl.max(s, 1)
         m_new = tl.maximum(m, tile_max)
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
+        m_ref = m_new
+        if HAS_BIAS:
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row's tiles so far all bias -inf: no NaN
+        alpha = tl.exp(m - m_ref)
+        p = tl.exp(s - m_ref[:, None])
         l = l * alpha + tl.sum(p, 1)
         if HAS_V:
             v = _load_rows(v_ptr + b * sv_b + h * sv_h, cols, N_k, sv_n, dd, d)
             acc = acc * alpha[:, None] + dot(p, v, DOT_F32, PRECISION)
-            t = t * alpha + tl.sum(p * tl.where(col_ok, s, 0.0), 1)
+            if not HAS_BIAS:  # the entropy is the unmasked rows' statistic (p s is NaN at a -inf bias)
+                t = t * alpha + tl.sum(p * tl.where(col_ok, s, 0.0), 1)
         if ROW_TOP > 1:
             # only a logit above the row's R-th largest so far can enter its top: a tile where no row holds one
             # is skipped (a per-row check), else its few such values are taken (_tile_top, ~6 operations per
@@ -224,11 +241,15 @@ def attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, ent_ptr, top_ptr, H, N_
         m = m_new
     lse = m + tl.log(l)
     row_ok = rows < N_q
-    tl.store(lse_ptr + bh * N_q + rows, lse, mask=row_ok)
+    if not HAS_BIAS:
+        tl.store(lse_ptr + bh * N_q + rows, lse, mask=row_ok)
     if HAS_V:
         o_offs = (bh * N_q + rows[:, None]) * d + dd[None, :]
-        tl.store(o_ptr + o_offs, acc / l[:, None], mask=row_ok[:, None] & (dd < d)[None, :])
-        tl.store(ent_ptr + bh * N_q + rows, lse - t / l, mask=row_ok)
+        # o in its tensor's dtype: fp32 for the suppression path, q's dtype for the biased (given-keys) one
+        tl.store(o_ptr + o_offs, (acc / l[:, None]).to(o_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (dd < d)[None, :])
+        if not HAS_BIAS:
+            tl.store(ent_ptr + bh * N_q + rows, lse - t / l, mask=row_ok)
     if ROW_TOP > 0:
         slots = tl.arange(0, R_PAD)
         if ROW_TOP == 1:
@@ -389,13 +410,8 @@ def _fwd(q, k, v, n_query, scale, row_top=0):
     if B * H * N_q == 0:
         return o, lse, mass.zero_(), ent, top
     fixed = dict(BLOCK_D=block_d(d), **_dot.dot_meta(q.dtype))
-    vv = v if v is not None else k
-
-    def attn(config):
-        return attn_fwd_kernel[(triton.cdiv(N_q, config.constexprs["BLOCK_M"]), B * H)](
-            q, k, vv, o if o is not None else lse, lse, ent if ent is not None else lse, top if row_top else lse, H,
-            N_q, N_k, d, *_bh_strides(q), *_bh_strides(k), *_bh_strides(vv), scale, HAS_V=v is not None,
-            ROW_TOP=row_top, R_PAD=triton.next_power_of_2(max(row_top, 1)), **fixed, **config.meta())
+    attn = _attn_launch(q, k, v, o if o is not None else lse, lse, ent if ent is not None else lse,
+                        top if row_top else lse, row_top, scale)
 
     def col(config):
         return col_mass_kernel[(triton.cdiv(N_k, config.constexprs["BLOCK_N"]), B * H)](
@@ -406,6 +422,24 @@ def _fwd(q, k, v, n_query, scale, row_top=0):
     col(_autotune.pick("sinks.col_mass_kernel", _shape_key(q.dtype, n_query, N_k, d), col_mass_configs(d, q.dtype),
                        col, kernel=col_mass_kernel))
     return o, lse, mass, ent, top
+
+
+def _attn_launch(q, k, v, o, lse, ent, top, row_top, scale, bias_row=None, n_rows=0):
+    """attn_fwd_kernel's launch for a config (the pointers o, lse, ent, top: any tensor where unused); bias_row
+    [B, G, N_k] fp32 (G in {1, H}): added to the logits of rows < n_rows (HAS_BIAS)."""
+    B, H, N_q, d = q.shape
+    vv = v if v is not None else k
+    bias = bias_row if bias_row is not None else lse
+    sb_b, sb_h = (bias_row.stride(0), bias_row.stride(1) if bias_row.shape[1] > 1 else 0) if bias_row is not None \
+        else (0, 0)
+
+    def attn(config):
+        return attn_fwd_kernel[(triton.cdiv(N_q, config.constexprs["BLOCK_M"]), B * H)](
+            q, k, vv, o, lse, ent, top, bias, H, N_q, k.shape[2], n_rows, d, *_bh_strides(q), *_bh_strides(k),
+            *_bh_strides(vv), sb_b, sb_h, scale, HAS_V=v is not None, ROW_TOP=row_top,
+            R_PAD=triton.next_power_of_2(max(row_top, 1)), HAS_BIAS=bias_row is not None, BLOCK_D=block_d(d),
+            **_dot.dot_meta(q.dtype), **config.meta())
+    return attn
 
 
 def sink_mass(q, k, n_query, scale):
@@ -428,16 +462,29 @@ def topk_config(k: int, n: int) -> tuple[int, int, int]:
     return block, k_pad, max(4, min(16, block // 256))
 
 
+def topk_configs(k: int, n: int) -> list[Config]:
+    """topk_kernel's candidates: topk_config's chunk at its warps, then at twice as many (at most 16). The kernel
+    moves and sorts packed int64 keys (score bits, index), all distinct, and does no float arithmetic, so any warp
+    count gives the same bits (more warps only spread each sort over more threads). num_stages stays Triton's
+    default: the scratch row is stored and reloaded every chunk (ordered by barriers), a load a deeper pipeline
+    must not hoist."""
+    block, k_pad, warps = topk_config(k, n)
+    return [Config({"BLOCK": block, "K_PAD": k_pad}, w) for w in dict.fromkeys((warps, min(16, 2 * warps)))]
+
+
 def sink_topk(score, k, largest):
     """Launches topk_kernel: indices [B, G, k] int64 of the k largest/smallest scores, ties -> lower index."""
     B, G, N = score.shape
     idx = _triton.empty((B, G, k), torch.int64, score.device)
     if B * G * k == 0:
         return idx
-    block, k_pad, warps = topk_config(k, N)
-    best = torch.empty((B * G, k_pad), dtype=torch.int64, device=score.device)
-    topk_kernel[(B * G,)](score.contiguous(), idx, best, N, k, BLOCK=block, K_PAD=k_pad, LARGEST=largest,
-                          num_warps=warps, maxnreg=_triton.register_budget(warps))
+    configs = topk_configs(k, N)
+    best = torch.empty((B * G, configs[0].constexprs["K_PAD"]), dtype=torch.int64, device=score.device)
+    score = score.contiguous()
+
+    def launch(config):
+        return topk_kernel[(B * G,)](score, idx, best, N, k, LARGEST=largest, **config.meta())
+    launch(_autotune.pick("sinks.topk_kernel", (_autotune.bucket(N), k, largest), configs, launch, kernel=topk_kernel))
     return idx
 
 
@@ -458,11 +505,7 @@ def sink_suppress(q, k, v, o, lse, idx, n_rows, scale, bias, renormalize=True):
         # the selected keys' bias row (renormalize) or value factors (value path: e^bias, 1 elsewhere), read
         # only by tiles that recompute a row (no host sync decides that); an out-of-range index (unchecked
         # under capture) changes no key, as in the correction
-        neutral, change = (0.0, bias) if renormalize else (1.0, math.exp(bias))
-        in_range = (idx >= 0) & (idx < N_k)
-        row = torch.full((B, G, N_k), neutral, dtype=torch.float32, device=q.device).scatter_reduce_(
-            -1, idx.clamp(0, N_k - 1), torch.where(in_range, change, neutral).float(),
-            "amin" if change <= neutral else "amax")
+        row = key_row(idx, N_k, *((0.0, bias) if renormalize else (1.0, math.exp(bias))))
 
     def launch(config):
         return suppress_kernel[(triton.cdiv(N_q, config.constexprs["BLOCK_M"]), B * H)](
@@ -475,6 +518,38 @@ def sink_suppress(q, k, v, o, lse, idx, n_rows, scale, bias, renormalize=True):
     return out, post
 
 
+def key_row(idx, n_keys, neutral, change):
+    """[B, G, n_keys] fp32: `change` on the keys idx [B, G, K] selects (a key listed twice changed once), `neutral`
+    elsewhere; an out-of-range index (unchecked under capture) changes no key."""
+    in_range = (idx >= 0) & (idx < n_keys)
+    return torch.full((*idx.shape[:2], n_keys), neutral, dtype=torch.float32, device=idx.device).scatter_reduce_(
+        -1, idx.clamp(0, n_keys - 1), torch.where(in_range, change, neutral).float(),
+        "amin" if change <= neutral else "amax")
+
+
+def given_configs(d: int, dtype: torch.dtype) -> list[Config]:
+    """attn_fwd_kernel's candidates with the key bias (HAS_BIAS, sink_attention_given): its tile (GIVEN_TILES) at 3
+    and 2 pipeline stages (4 spills at fp32 head_dim 128), which give the same bits."""
+    bm, bn, warps = (GIVEN_TILES_F32 if dtype == torch.float32 else GIVEN_TILES)[block_d(d)]
+    return [Config({"BLOCK_M": bm, "BLOCK_N": bn}, warps, stages) for stages in (3, 2)]
+
+
+def attention_given(q, k, v, idx, n_rows, scale, bias):
+    """Launches attn_fwd_kernel once with the selected keys' bias row (HAS_BIAS): out [B, H, N_q, d] in q's dtype,
+    softmax_j(s_ij + bias [j in S]) v for rows < n_rows, plain attention below; a (b, h) whose every key is
+    selected gets no bias (it would cancel)."""
+    B, H, N_q, d = q.shape
+    out = _triton.empty((B, H, N_q, d), q.dtype, q.device)
+    if B * H * N_q == 0:
+        return out
+    row = key_row(idx, k.shape[2], 0.0, bias)
+    row = torch.where((row == bias).all(-1, keepdim=True), 0.0, row)
+    attn = _attn_launch(q, k, v, out, out, out, out, 0, scale, row, n_rows)
+    attn(_autotune.pick("sinks.attn_fwd_kernel", (*_shape_key(q.dtype, N_q, k.shape[2], d), "bias"),
+                        given_configs(d, q.dtype), attn, kernel=attn_fwd_kernel))
+    return out
+
+
 def _candidates(kernel, signature, fixed, configs, ty, d, tags) -> list[KernelSpec]:
     """Every candidate of `kernel` on top of `fixed`, grouped (for the reduction-order test) by all but the
     configuration."""
@@ -484,8 +559,8 @@ def _candidates(kernel, signature, fixed, configs, ty, d, tags) -> list[KernelSp
 
 def aot_specs() -> list[KernelSpec]:
     """Every candidate configuration of head_dim 64 and 128 per dtype (the forward without and with the
-    statistics' row_top = 5; the suppression renormalising or scaling values), and the top-k kernel for K up
-    to MAX_TOPK."""
+    statistics' row_top = 5, and with the given keys' bias; the suppression renormalising or scaling values),
+    and the top-k kernel for K up to MAX_TOPK."""
     specs = []
     strides = {f"s{x}_{y}": "i64" for x in ("q", "k", "v") for y in ("b", "h", "n")}
     dims = {"H": "i32", "N_q": "i32", "N_k": "i32", "d": "i32"}
@@ -494,24 +569,27 @@ def aot_specs() -> list[KernelSpec]:
         common = {"BLOCK_D": block_d(d), "DOT_F32": dtype == torch.float32, "PRECISION": "tf32x3"}
         tags = {"dtype": _dtypes.name(dtype), "head_dim": d}
         qkv = {"q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "v_ptr": f"*{ty}"}
-        fwd = {**qkv, "o_ptr": "*fp32", "lse_ptr": "*fp32", "ent_ptr": "*fp32", "top_ptr": "*fp32", **dims, **strides,
-               "scale": "fp32"}
+        fwd = {**qkv, "o_ptr": "*fp32", "lse_ptr": "*fp32", "ent_ptr": "*fp32", "top_ptr": "*fp32", "bias_ptr": "*fp32",
+               "H": "i32", "N_q": "i32", "N_k": "i32", "n_rows": "i32", "d": "i32", **strides, "sb_b": "i64",
+               "sb_h": "i64", "scale": "fp32"}
         col = {"q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "lse_ptr": "*fp32", "mass_ptr": "*fp32", **dims, "n_query": "i32",
                **{s: "i64" for s in list(strides)[:6]}, "scale": "fp32", "inv_n_query": "fp32"}
         sup = {**qkv, "o_ptr": "*fp32", "lse_ptr": "*fp32", "idx_ptr": "*i64", "row_ptr": "*fp32", "out_ptr": f"*{ty}",
                "post_ptr": "*fp32", **dims, "n_rows": "i32", "K": "i32", **strides, "si_b": "i64", "si_h": "i64",
                "sb_b": "i64", "sb_h": "i64", "scale": "fp32", "a": "fp32", "w": "fp32", "wd": "fp32", "g": "fp32"}
         for r in (5, 0):
-            fixed = {**common, "HAS_V": True, "ROW_TOP": r, "R_PAD": triton.next_power_of_2(max(r, 1))}
+            fixed = {**common, "HAS_V": True, "ROW_TOP": r, "R_PAD": triton.next_power_of_2(max(r, 1)),
+                     "HAS_BIAS": False}
             specs += _candidates(attn_fwd_kernel, fwd, fixed, fwd_configs(d, dtype), ty, d, tags)
+        fixed = {**common, "HAS_V": True, "ROW_TOP": 0, "R_PAD": 1, "HAS_BIAS": True}  # the given-keys forward
+        specs += _candidates(attn_fwd_kernel, {**fwd, "o_ptr": f"*{ty}"}, fixed, given_configs(d, dtype), ty, d, tags)
         specs += _candidates(col_mass_kernel, col, common, col_mass_configs(d, dtype), ty, d, tags)
         for renormalize in (True, False):
             fixed = {**common, "BLOCK_S": SEL_BLOCK, "RECOMPUTE": recompute_below(dtype), "RENORMALIZE": renormalize}
             specs += _candidates(suppress_kernel, sup, fixed, suppress_configs(d, dtype), ty, d, tags)
     for k_pad, largest in itertools.product((16, 64, 256, MAX_TOPK), (True, False)):
-        block, k_pad, warps = topk_config(k_pad, 4429)
-        c = {"BLOCK": block, "K_PAD": k_pad, "LARGEST": largest}
-        specs.append(KernelSpec(f"topk_kernel[BLOCK={block},K_PAD={k_pad},LARGEST={largest}]", topk_kernel,
-                                {"score_ptr": "*fp32", "idx_ptr": "*i64", "best_ptr": "*i64", "N": "i32", "k": "i32"},
-                                c, warps, _triton.register_budget(warps), {"k_pad": k_pad}))
+        specs += _autotune.candidate_specs(
+            f"topk_kernel[K_PAD={k_pad},LARGEST={largest}]", topk_kernel,
+            {"score_ptr": "*fp32", "idx_ptr": "*i64", "best_ptr": "*i64", "N": "i32", "k": "i32"}, {"LARGEST": largest},
+            topk_configs(k_pad, 4429), {"k_pad": k_pad})
     return specs
