@@ -59,8 +59,8 @@ def test_bandwidth_fraction_is_minimal_bytes_over_the_fastest_yardstick():
 def test_the_fused_step_is_held_to_its_own_passes_into_preallocated_outputs():
     """ntrk_step's outputs and its fused backward's come from the CPU output cache, so they fault in no pages: the
     pass yardstick (read 3 latents and write 1, then read 1 and write 2; outputs allocated once) judges the forward,
-    and the same passes each followed by an empty autograd step of the op's arity judge the training step, moving
-    the step's minimal bytes; the bare passes and the STREAM kernels are timed beside them."""
+    and the same passes run as an empty autograd Function of the op's arity judge the training step, moving the
+    step's minimal bytes; the bare passes and the STREAM kernels are timed beside them."""
     row = _row("NTRK fused step")
     case = row.workload.full_cases[0]
     n = case.params["B"] * case.params["N"] * 4
@@ -73,9 +73,9 @@ def test_the_fused_step_is_held_to_its_own_passes_into_preallocated_outputs():
     assert not set(cpu_gap.PASS_FLOOR_KERNELS) & set(row.limit.yardsticks(case, FWD))
 
 
-def test_a_floor_yardstick_runs_its_pass_then_the_empty_autograd_step():
-    """passes+autograd: the pass yardstick's sweeps (its outputs the sums of its inputs, as stream_pass writes
-    them) and then the empty step, whose gradients are the incoming gradient itself for mu, w and eps."""
+def test_a_floor_yardstick_runs_its_sweeps_as_an_empty_autograd_step():
+    """passes+autograd: the pass yardstick's sweeps in an empty autograd Function (diffkern.bench.autograd_floor),
+    whose gradients are the incoming gradient itself for mu, w and eps."""
     row = _row("NTRK fused step")
     case = row.workload.quick_cases[0]
     sticks = row.limit.yardsticks(case, STEP)

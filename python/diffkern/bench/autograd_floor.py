@@ -7,11 +7,12 @@ around an empty torch.autograd.Function of the op's arity: its forward returns a
 allocated once, its backward hands the incoming gradient to every input that needs one; no tensor data is read or
 written.
 
-Run after a machine-limit pass yardstick in the same call (diffkern.bench.cpu_gap: the fused NoiseTilt step), the
-floor runs with the caches as the kernels leave them, as the op's own autograd does: on this 2-core machine the
-same step overhead costs ~15-25 us with warm caches and ~80-110 us after the step's 28 MB of sweeps (B=4 FLUX,
-1 thread: CPU time, perf samples spread over the engine, torch.autograd.grad's Python and glibc malloc; the
-kernels' own samples are the same under the engine and called by hand).
+With a machine-limit yardstick's forward and backward sweeps run inside the Function (diffkern.bench.cpu_gap: the
+fused NoiseTilt step), the engine's work runs with the caches as the sweeps leave them, as it does around the op's
+own kernels. That matters on this 2-core machine: the NoiseTilt step's autograd overhead is ~13 us of CPU time with
+warm caches (tiny tensors) and ~80-90 us between the kernels' 28 MB of sweeps (B=4 FLUX, 1 thread; perf samples
+spread over the engine, torch.autograd.grad's Python and glibc malloc, while the kernels' own samples are the same
+under the engine and called by hand).
 """
 from __future__ import annotations
 
@@ -22,23 +23,32 @@ import torch
 GRAD, PER_SAMPLE, NONE = "grad", "per_sample", "none"
 
 
+def _nothing() -> None:
+    return None
+
+
 class _Empty(torch.autograd.Function):
-    """forward(out, needs, *inputs) -> a view of `out`; backward: the incoming gradient for every input in
-    `needs`, None for the others."""
+    """forward(out, needs, work, *inputs) -> a view of `out`, after work[0](); backward: work[1](), then the
+    incoming gradient for every input in `needs`, None for the others."""
 
     @staticmethod
-    def forward(ctx, out, needs, *inputs):
-        ctx.needs = needs
+    def forward(ctx, out, needs, work, *inputs):
+        work[0]()
+        ctx.needs, ctx.work = needs, work
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, dx):
-        return (None, None, *(dx if need else None for need in ctx.needs))
+        ctx.work[1]()
+        return (None, None, None, *(dx if need else None for need in ctx.needs))
 
 
-def floor_call(shape: Sequence[int], kinds: Sequence[str]) -> Callable[[], object]:
+def floor_call(shape: Sequence[int], kinds: Sequence[str], forward: Callable[[], object] = _nothing,
+               backward: Callable[[], object] = _nothing) -> Callable[[], object]:
     """One call: torch.autograd.grad of an empty autograd Function over inputs of `kinds`, returning a tensor of
-    `shape`, with respect to its GRAD inputs.
+    `shape`, with respect to its GRAD inputs; `forward()` runs inside the Function's forward and `backward()` inside
+    its backward (a yardstick's forward and backward sweeps: the engine's work then runs with the caches as those
+    leave them, as it does around the op's own kernels).
 
     Args:
         shape: the op's output shape [B, ...] (float32); every GRAD input is a leaf of this shape requiring grad.
@@ -62,6 +72,8 @@ def floor_call(shape: Sequence[int], kinds: Sequence[str]) -> Callable[[], objec
     needs = tuple(k == GRAD for k in kinds)
     out, dout = torch.empty(shape), torch.empty(shape)
 
+    work = (forward, backward)
+
     def call():
-        return torch.autograd.grad(_Empty.apply(out, needs, *inputs), leaves, dout)
+        return torch.autograd.grad(_Empty.apply(out, needs, work, *inputs), leaves, dout)
     return call

@@ -129,11 +129,12 @@ def step_passes(case: Case) -> tuple[int, dict]:
     return case.params["B"] * case.params["N"], {"fwd": ((3, 1),), "bwd": ((1, 2),)}
 
 
-def step_floor(case: Case):
+def step_floor(case: Case, forward, backward):
     """The fused step's autograd floor (diffkern.bench.autograd_floor): an empty autograd step over ntrk_step's
-    inputs (mu, sigma, w, rho, eps, philox) as the benchmark passes them, mu, w and eps differentiated."""
+    inputs (mu, sigma, w, rho, eps, philox) as the benchmark passes them, mu, w and eps differentiated, running
+    forward() in its forward and backward() in its backward."""
     kinds = (GRAD, PER_SAMPLE, GRAD, PER_SAMPLE, GRAD, NONE)
-    return floor_call((case.params["B"], case.params["N"]), kinds)
+    return floor_call((case.params["B"], case.params["N"]), kinds, forward, backward)
 
 
 def _tilted_min_bytes(case: Case, itemsize: int) -> dict:
