@@ -12,7 +12,7 @@ fused NoiseTilt step), the engine's work runs with the caches as the sweeps leav
 own kernels. That matters on this 2-core machine: the NoiseTilt step's autograd overhead is ~13 us of CPU time with
 warm caches (tiny tensors) and ~80-90 us between the kernels' 28 MB of sweeps (B=4 FLUX, 1 thread; perf samples
 spread over the engine, torch.autograd.grad's Python and glibc malloc, while the kernels' own samples are the same
-under the engine and called by hand).
+under the engine and with the op's node applied by hand).
 """
 from __future__ import annotations
 
@@ -71,7 +71,6 @@ def floor_call(shape: Sequence[int], kinds: Sequence[str], forward: Callable[[],
     leaves = tuple(x for x, k in zip(inputs, kinds) if k == GRAD)
     needs = tuple(k == GRAD for k in kinds)
     out, dout = torch.empty(shape), torch.empty(shape)
-
     work = (forward, backward)
 
     def call():
