@@ -58,17 +58,31 @@ def test_bandwidth_fraction_is_minimal_bytes_over_the_fastest_yardstick():
 
 def test_the_fused_step_is_held_to_its_own_passes_into_preallocated_outputs():
     """ntrk_step's outputs and its fused backward's come from the CPU output cache, so they fault in no pages: the
-    pass yardstick (read 3 latents and write 1, then read 1 and write 2; outputs allocated once) judges both passes,
-    moving the step's minimal bytes; the STREAM kernels are timed beside it."""
+    pass yardstick (read 3 latents and write 1, then read 1 and write 2; outputs allocated once) judges the forward,
+    and the same passes run as an empty autograd Function of the op's arity judge the training step, moving the
+    step's minimal bytes; the bare passes and the STREAM kernels are timed beside them."""
     row = _row("NTRK fused step")
     case = row.workload.full_cases[0]
     n = case.params["B"] * case.params["N"] * 4
-    for p, latents in ((FWD, 4), (STEP, 7)):
-        assert row.limit.matching(p) == machine.PASS_KERNELS
+    for p, latents, held_to in ((FWD, 4, machine.PASS_KERNELS), (STEP, 7, cpu_gap.PASS_FLOOR_KERNELS)):
+        assert row.limit.matching(p) == held_to
         sticks = row.limit.yardsticks(case, p)
-        assert {k: w for k, (_, w) in sticks.items() if k in machine.PASS_KERNELS} == \
-            {k: latents * n for k in machine.PASS_KERNELS} == {k: row.limit.work(case, p) for k in machine.PASS_KERNELS}
-        assert set(machine.STREAM_KERNELS) <= set(sticks)
+        assert {k: w for k, (_, w) in sticks.items() if k in held_to} == \
+            {k: latents * n for k in held_to} == {k: row.limit.work(case, p) for k in held_to}
+        assert set(machine.STREAM_KERNELS) | set(machine.PASS_KERNELS) <= set(sticks)
+    assert not set(cpu_gap.PASS_FLOOR_KERNELS) & set(row.limit.yardsticks(case, FWD))
+
+
+def test_a_floor_yardstick_runs_its_sweeps_as_an_empty_autograd_step():
+    """passes+autograd: the pass yardstick's sweeps in an empty autograd Function (diffkern.bench.autograd_floor),
+    whose gradients are the incoming gradient itself for mu, w and eps."""
+    row = _row("NTRK fused step")
+    case = row.workload.quick_cases[0]
+    sticks = row.limit.yardsticks(case, STEP)
+    for k in machine.PASS_KERNELS:
+        grads = sticks[k + cpu_gap.FLOOR][0]()
+        assert len(grads) == 3 and grads[0] is grads[1] is grads[2]
+        assert grads[0].shape == (case.params["B"], case.params["N"])
 
 
 @pytest.mark.parametrize("offset", (0, 1, 3))

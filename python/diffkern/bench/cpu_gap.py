@@ -14,7 +14,10 @@ The limit a row may be held to when a ratio misses (the issue's escape clause):
              cache bandwidth); for a pass that returns new latent-sized tensors, over the fastest copy and triad
              into outputs each call allocates, as the op's own are; for a row given its op's pass structure (the
              NoiseTilt fused step), over the fastest of the same arrays streamed in the same sweeps (plain or
-             streaming stores, diffkern.bench.machine.pass_calls), which any implementation of those passes pays
+             streaming stores, diffkern.bench.machine.pass_calls), which any implementation of those passes pays;
+             its training step over the same sweeps run as an empty autograd Function of the op's arity (the
+             forward's sweeps in its forward, the backward's in its backward: diffkern.bench.autograd_floor),
+             which any autograd op pays
   GEMM       GEMM-bound rows: the op's matrix-product FLOPs (Workload.flops) / diffkern's time, over torch.mm/bmm
              running one block evaluation's products at the op's shapes
   none       the DAR stack at B=1, T=8 is overhead-bound (57 small routing ops): met or not met.
@@ -43,6 +46,8 @@ from .workload import BWD, EVERY_RUN, FWD, STEP, Bar, Case, Workload
 
 THREADS = (2, 1)
 LIMIT_FRACTION = 0.8
+FLOOR = "+autograd"  # a pass yardstick run as an empty autograd Function of the op's arity (bandwidth_limit)
+PASS_FLOOR_KERNELS = tuple(k + FLOOR for k in PASS_KERNELS)
 DTYPE, ITEMSIZE = torch.float32, 4
 TITLE = ("The CPU rows that lose to torch.compile: the DAR stack, GRPO, NoiseTilt and the R-MDM training step "
          "(issue 19)")
@@ -66,14 +71,19 @@ class Limit:
 
 
 def bandwidth_limit(min_bytes: Callable[[Case, int], dict], fresh_passes: tuple[str, ...] = (),
-                    passes: Callable[[Case], tuple[int, dict]] | None = None) -> Limit:
+                    passes: Callable[[Case], tuple[int, dict]] | None = None,
+                    floor: Callable[[Case, Callable, Callable], Callable[[], object]] | None = None) -> Limit:
     """Memory-bound: min_bytes(case, itemsize) -> {fwd, bwd} bytes; STREAM copy, triad and read of that working
     set, or, in `fresh_passes` (the passes whose op returns new latent-sized tensors), the copy and triad into
     outputs each call allocates (diffkern.bench.machine: the page faults an out-of-place op pays). Every
     kernel is timed either way; the limit is taken over the ones the pass matches.
     passes(case) -> (elements per array, {fwd, bwd} -> the op's (arrays read, arrays written) per sweep): the op's
     own pass structure, streamed by diffkern.bench.machine.pass_calls (plain and streaming stores), is then the
-    limit instead (the STREAM kernels are still timed and reported, in the fraction of the fastest yardstick)."""
+    limit instead (the STREAM kernels are still timed and reported, in the fraction of the fastest yardstick).
+    floor(case, forward, backward) -> an empty autograd step of the op's arity running forward() in its forward and
+    backward() in its backward (diffkern.bench.autograd_floor.floor_call): with `passes`, the training step is held
+    to the pass yardsticks run that way, the forward's sweeps then the backward's (PASS_FLOOR_KERNELS: the same
+    bytes plus what any autograd op pays around them); the bare pass yardsticks are still timed and reported."""
     def work(case: Case, p: str) -> float:
         return _in_pass(min_bytes(case, ITEMSIZE), p)
 
@@ -85,10 +95,15 @@ def bandwidth_limit(min_bytes: Callable[[Case, int], dict], fresh_passes: tuple[
             numel, per_pass = passes(case)
             sweeps = [*per_pass[FWD], *(per_pass[BWD] if p == STEP else ())]
             out.update({k: (fn, pass_bytes(sweeps, numel)) for k, fn in pass_calls(sweeps, numel).items()})
+            if floor is not None and p == STEP:
+                fwd, bwd = pass_calls(per_pass[FWD], numel), pass_calls(per_pass[BWD], numel)
+                out.update({k + FLOOR: (floor(case, fwd[k], bwd[k]), pass_bytes(sweeps, numel)) for k in PASS_KERNELS})
         return out
 
     def matching(p: str) -> tuple[str, ...]:
-        return PASS_KERNELS if passes is not None else FRESH_KERNELS if p in fresh_passes else STREAM_KERNELS
+        if passes is not None:
+            return PASS_FLOOR_KERNELS if floor is not None and p == STEP else PASS_KERNELS
+        return FRESH_KERNELS if p in fresh_passes else STREAM_KERNELS
     return Limit("bandwidth", "GB/s", work, yardsticks, matching)
 
 
@@ -142,9 +157,10 @@ ROWS = (
     Row("GRPO loss (stored x, x_next)", _GRPO["grpo_iso_loss"], (compile_bar(1.0),),
         bandwidth_limit(_GRPO["grpo_iso_loss"].min_bytes, (STEP,))),
     # the fused step's outputs come from the CPU output cache (no page faults): held to its own passes (fwd: read 3
-    # latents, write 1; bwd: read 1, write 2) streamed into preallocated outputs
+    # latents, write 1; bwd: read 1, write 2) streamed into preallocated outputs, its training step to those passes
+    # run as an empty autograd Function of its arity
     Row("NTRK fused step", ntrk.STEP_WORKLOAD, (eager_bar(3.0), compile_bar(1.0)),
-        bandwidth_limit(ntrk.STEP_WORKLOAD.min_bytes, passes=ntrk.step_passes)),
+        bandwidth_limit(ntrk.STEP_WORKLOAD.min_bytes, passes=ntrk.step_passes, floor=ntrk.step_floor)),
     Row("NTRK tilted step (2OS project + step)", ntrk.TILTED_WORKLOAD, (eager_bar(3.0), compile_bar(1.0)),
         bandwidth_limit(ntrk.TILTED_WORKLOAD.min_bytes, (FWD, STEP))),
     Row("R-MDM training step", rmdm.RECURSE, (eager_bar(1.5, (STEP,)),), gemm_limit(rmdm.RECURSE, rmdm.block_gemms)),
@@ -244,9 +260,11 @@ def markdown(lines: list[dict], seconds: dict, mode: Mode, rows: Sequence[Row] =
            "outputs the call allocates (copy_fresh, triad_fresh: the page faults and zeroing every out-of-place op "
            "pays on this machine's allocator), or, for the NoiseTilt fused step, its own sweeps over the same arrays "
            "(fwd: read 3 latents, write 1; bwd: read 1, write 2; plain or streaming stores, outputs allocated once: "
-           "diffkern.bench.machine.pass_calls); the next column holds diffkern against the fastest yardstick of all, "
-           "preallocated ones included; GEMM = the op's matrix-product FLOPs / diffkern's time "
-           "over torch.mm/bmm running one block evaluation's products at the op's shapes and threads. Verdict: met "
+           "diffkern.bench.machine.pass_calls), its training step's sweeps run as an empty autograd Function of the "
+           "op's arity (+autograd: diffkern.bench.autograd_floor, what any autograd op pays); the next column holds "
+           "diffkern against the fastest yardstick of all, preallocated ones included; GEMM = the op's "
+           "matrix-product FLOPs / diffkern's time over torch.mm/bmm running one block evaluation's products at the "
+           "op's shapes and threads. Verdict: met "
            f"(every bar), at machine limit (a bar missed, diffkern at >= {LIMIT_FRACTION:.0%} of the limit), not "
            "met.", "",
            "| row | case | pass | threads | eager ms | torch.compile ms | diffkern ms | eager/diffkern | "

@@ -24,6 +24,7 @@ from ..ntrk.api import ntrk_step, twoos_project
 from ..ntrk.bands import bands_on
 from ..ntrk.triton_kernels import aot_specs, col_chunk, row_geometry
 from . import ntrk_model
+from .autograd_floor import GRAD, NONE, PER_SAMPLE, floor_call
 from .workload import CPU_BARS, EVERY_RUN, FULL_RUN, FWD, NO_RUN, Bar, Case, Workload
 
 FLUX_LATENT, WAN_LATENT = (16, 128, 128), (16, 21, 60, 104)
@@ -126,6 +127,14 @@ def step_passes(case: Case) -> tuple[int, dict]:
     """(elements per latent, the sweeps of each pass): the fused step's forward reads mu, w, eps and writes x in one
     sweep; its fused backward reads dx and writes dw, deps in one (diffkern.bench.machine.pass_calls)."""
     return case.params["B"] * case.params["N"], {"fwd": ((3, 1),), "bwd": ((1, 2),)}
+
+
+def step_floor(case: Case, forward, backward):
+    """The fused step's autograd floor (diffkern.bench.autograd_floor): an empty autograd step over ntrk_step's
+    inputs (mu, sigma, w, rho, eps, philox) as the benchmark passes them, mu, w and eps differentiated, running
+    forward() in its forward and backward() in its backward."""
+    kinds = (GRAD, PER_SAMPLE, GRAD, PER_SAMPLE, GRAD, NONE)
+    return floor_call((case.params["B"], case.params["N"]), kinds, forward, backward)
 
 
 def _tilted_min_bytes(case: Case, itemsize: int) -> dict:
