@@ -30,3 +30,17 @@ def test_the_gpu_policy_can_be_asked_for_under_the_interpreter():
     assert _dot.dot_meta(torch.bfloat16, interpreting=False)["DOT_F32"] is False
     assert _dot.dot_meta(torch.float32, interpreting=False)["PRECISION"] in ("tf32x3", "tf32")
     assert _dot.dot_meta(torch.float32, interpreting=True) == _dot.dot_meta(torch.float32)
+
+
+def test_every_fp32_product_kernel_compiles_ahead_of_time_in_both_gpu_precisions():
+    """Each kernel with fp32 products has AOT specs (tests/test_kernels_compile.py: compiled, 0 spills) for every
+    precision dot_meta can give it on a GPU, so the tf32 that torch.set_float32_matmul_precision("high") selects
+    is compiled by CI too, not first on a user's GPU."""
+    from diffkern.testing.aot import library_specs
+
+    precisions = {}
+    for spec in library_specs():
+        if spec.constexprs.get("DOT_F32") is True:
+            precisions.setdefault(spec.kernel, set()).add(spec.constexprs["PRECISION"])
+    assert len(precisions) == 8  # sinks: forward, column mass, suppression; R-MDM: 2 forward, 3 backward
+    assert all(found == set(_dot.FP32_PRECISIONS) for found in precisions.values()), precisions

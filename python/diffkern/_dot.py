@@ -25,9 +25,24 @@ def dot_meta(dtype: torch.dtype, interpreting: bool | None = None) -> dict:
     None: as this process runs them, False: as a GPU does (what the roofline's peaks follow)."""
     if _triton.interpreting() if interpreting is None else interpreting:
         return {"DOT_F32": True, "PRECISION": "ieee"}
-    if dtype != torch.float32:
-        return {"DOT_F32": False, "PRECISION": "tf32x3"}  # PRECISION unused on the 16-bit path
-    return {"DOT_F32": True, "PRECISION": "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"}
+    return gpu_meta(dtype, "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32")
+
+
+# The precisions fp32 products compile with on a GPU (torch's "highest" matmul precision, then "high"/"medium"):
+# the AOT specs compile both.
+FP32_PRECISIONS = ("tf32x3", "tf32")
+
+
+def gpu_meta(dtype: torch.dtype, fp32_precision: str = "tf32x3") -> dict:
+    """The constexprs of `dtype`'s products as a GPU compiles them, fp32 inputs at `fp32_precision` (one of
+    FP32_PRECISIONS); for 16-bit inputs PRECISION is unused."""
+    assert fp32_precision in FP32_PRECISIONS, fp32_precision
+    return {"DOT_F32": dtype == torch.float32, "PRECISION": fp32_precision}
+
+
+def precision_tags(dtype: torch.dtype, fp32_precision: str) -> dict:
+    """An AOT spec's tag for its products' precision: fp32 inputs only (16-bit ones have one)."""
+    return {"precision": fp32_precision} if dtype == torch.float32 else {}
 
 
 @triton.jit

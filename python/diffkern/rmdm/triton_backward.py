@@ -439,16 +439,18 @@ def recurse_bwd(dstates, x, states, weights, mod, heads, eps):
     return G.view(B, T, d).to(dt), dweights, dmod
 
 
-def backward_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible: bool = True) -> list[KernelSpec]:
-    """The backward's kernels at width d, head width dh, in `dtype` as a GPU runs them (16-bit operands, or tf32x3
-    for fp32), pointers and widths 16-divisible as at the Sudoku shape (divisible False: nothing assumed, as a launch
-    at odd sizes): recurse_dx_kernel's three launches (gelu' epilogue; stored in the operand dtype; stored in fp32),
-    recurse_dw_kernel, recurse_attention_bwd_kernel and the two LayerNorm backwards (with adaLN or without: their
-    HAS_MOD branch)."""
+def backward_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible: bool = True,
+                   fp32_precision: str = "tf32x3") -> list[KernelSpec]:
+    """The backward's kernels at width d, head width dh, in `dtype` as a GPU runs them (16-bit operands, or fp32 at
+    `fp32_precision`), pointers and widths 16-divisible as at the Sudoku shape (divisible False: nothing assumed, as a
+    launch at odd sizes): recurse_dx_kernel's three launches (gelu' epilogue; stored in the operand dtype; stored in
+    fp32), recurse_dw_kernel, recurse_attention_bwd_kernel and the two LayerNorm backwards (with adaLN or without:
+    their HAS_MOD branch)."""
     ty = _triton.TRITON_DTYPE[dtype]
     p, f32 = f"*{ty}", "*fp32"
-    dot = {"DOT_F32": dtype == torch.float32, "PRECISION": "tf32x3"}
-    tags = {"dtype": str(dtype).removeprefix("torch."), "d": d}
+    dot = _dot.gpu_meta(dtype, fp32_precision)
+    tags = {"dtype": str(dtype).removeprefix("torch."), "d": d,
+            **_dot.precision_tags(dtype, fp32_precision)}
     ints = {n: "i32" for n in ("M", "N", "Kd")}
     specs = []
     for gelu, out in dict.fromkeys(((True, p), (False, p), (False, f32))):  # fp32: the last two are one
@@ -485,10 +487,12 @@ def partials_specs(d: int, T: int) -> list[KernelSpec]:
                                                      {"d": d, "SHIFT": shift}, ("D",))]
 
 
-# (dtype, d, head width, adaLN, divisible) of the AOT specs: the Sudoku width d = 512 with 8 heads, bf16 and fp32 with
-# adaLN, fp16 without; fp32 (the most registers: tf32x3) at an odd width (d = 40, 2 heads) assuming nothing.
-BACKWARD_AOT = ((torch.bfloat16, 512, 64, True, True), (torch.float32, 512, 64, True, True),
-                (torch.float16, 512, 64, False, True), (torch.float32, 40, 20, True, False))
+# (dtype, d, head width, adaLN, divisible, fp32 precision) of the AOT specs: the Sudoku width d = 512 with 8 heads, bf16
+# and fp32 with adaLN, fp16 without; fp32 (the most registers: tf32x3; and tf32) at an odd width (d = 40, 2 heads)
+# assuming nothing.
+BACKWARD_AOT = ((torch.bfloat16, 512, 64, True, True, "tf32x3"), (torch.float32, 512, 64, True, True, "tf32x3"),
+                (torch.float16, 512, 64, False, True, "tf32x3"), (torch.float32, 40, 20, True, False, "tf32x3"),
+                (torch.float32, 40, 20, True, False, "tf32"))
 
 
 def aot_specs() -> list[KernelSpec]:

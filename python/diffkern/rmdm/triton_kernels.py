@@ -261,15 +261,15 @@ def _specs(name, kernel, sig, constexprs, configs, tags, widths) -> list[KernelS
 
 
 def tiled_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible: bool = True,
-                products: bool = True) -> list[KernelSpec]:
-    """The tiled form's three kernels at width d, head width dh, in `dtype` as a GPU runs them (dot_meta outside
-    the interpreter: 16-bit operands, or tf32x3 for fp32): every candidate with the widths 16-divisible, or
-    (divisible False) each kernel's configs[0] with nothing assumed. products False leaves out
-    recurse_linear_kernel, whose compiled code does not depend on d (its widths are runtime arguments)."""
+                products: bool = True, fp32_precision: str = "tf32x3") -> list[KernelSpec]:
+    """The tiled form's three kernels at width d, head width dh, in `dtype` as a GPU runs them (16-bit operands, or
+    fp32 at `fp32_precision`, _dot.gpu_meta): every candidate with the widths 16-divisible, or (divisible False) each
+    kernel's configs[0] with nothing assumed. products False leaves out recurse_linear_kernel, whose compiled code
+    does not depend on d (its widths are runtime arguments)."""
     ty = _triton.TRITON_DTYPE[dtype]
     p = f"*{ty}"
-    dot = {"DOT_F32": dtype == torch.float32, "PRECISION": "tf32x3"}
-    tags = {"dtype": str(dtype).removeprefix("torch."), "d": d}
+    dot = _dot.gpu_meta(dtype, fp32_precision)
+    tags = {"dtype": str(dtype).removeprefix("torch."), "d": d, **_dot.precision_tags(dtype, fp32_precision)}
     sig = {"h_ptr": "*fp32", "w_ptr": p, "b_ptr": p, "mod_ptr": p, "u_ptr": p,
            **{n: "i32" for n in ("M", "T", "D", "K", "kb")}, "eps": "fp32"}
     specs = _specs("recurse_norm_kernel", recurse_norm_kernel, sig, {"SHIFT": 0, "HAS_MOD": has_mod}, norm_configs(d),
@@ -290,12 +290,16 @@ def tiled_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible: b
     return specs
 
 
-# (dtype, d, head width, adaLN, divisible, products) of the tiled form's AOT specs: d = 512 with 8 heads in every
-# dtype; at d = 256 (head width 32) the norm and attention kernels, whose code depends on the width; configs[0]
-# at an odd width (d = 40, 2 heads) assuming nothing.
-TILED_AOT = ((torch.bfloat16, 512, 64, True, True, True), (torch.float16, 512, 64, False, True, True),
-             (torch.float32, 512, 64, True, True, True), (torch.bfloat16, 256, 32, False, True, False),
-             (torch.bfloat16, 40, 20, True, False, True), (torch.float32, 40, 20, True, False, True))
+# (dtype, d, head width, adaLN, divisible, products, fp32 precision) of the tiled form's AOT specs: d = 512 with 8
+# heads in every dtype; at d = 256 (head width 32) the norm and attention kernels, whose code depends on the width;
+# configs[0] at an odd width (d = 40, 2 heads) assuming nothing, fp32 there in both precisions.
+TILED_AOT = ((torch.bfloat16, 512, 64, True, True, True, "tf32x3"),
+             (torch.float16, 512, 64, False, True, True, "tf32x3"),
+             (torch.float32, 512, 64, True, True, True, "tf32x3"),
+             (torch.bfloat16, 256, 32, False, True, False, "tf32x3"),
+             (torch.bfloat16, 40, 20, True, False, True, "tf32x3"),
+             (torch.float32, 40, 20, True, False, True, "tf32x3"),
+             (torch.float32, 40, 20, True, False, True, "tf32"))
 
 
 def aot_specs() -> list[KernelSpec]:

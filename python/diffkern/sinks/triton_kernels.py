@@ -559,15 +559,17 @@ def _candidates(kernel, signature, fixed, configs, ty, d, tags) -> list[KernelSp
 
 def aot_specs() -> list[KernelSpec]:
     """Every candidate configuration of head_dim 64 and 128 per dtype (the forward without and with the
-    statistics' row_top = 5, and with the given keys' bias; the suppression renormalising or scaling values),
-    and the top-k kernel for K up to MAX_TOPK."""
+    statistics' row_top = 5, and with the given keys' bias; the suppression renormalising or scaling values), fp32's
+    products in tf32x3 and, at head_dim 64, tf32; and the top-k kernel for K up to MAX_TOPK."""
     specs = []
     strides = {f"s{x}_{y}": "i64" for x in ("q", "k", "v") for y in ("b", "h", "n")}
     dims = {"H": "i32", "N_q": "i32", "N_k": "i32", "d": "i32"}
-    for dtype, d in itertools.product((torch.bfloat16, torch.float16, torch.float32), (64, 128)):
+    cases = [(dtype, d, "tf32x3") for dtype, d in itertools.product((torch.bfloat16, torch.float16, torch.float32),
+                                                                    (64, 128))]
+    for dtype, d, fp32_precision in cases + [(torch.float32, 64, "tf32")]:
         ty = _triton.TRITON_DTYPE[dtype]
-        common = {"BLOCK_D": block_d(d), "DOT_F32": dtype == torch.float32, "PRECISION": "tf32x3"}
-        tags = {"dtype": _dtypes.name(dtype), "head_dim": d}
+        common = {"BLOCK_D": block_d(d), **_dot.gpu_meta(dtype, fp32_precision)}
+        tags = {"dtype": _dtypes.name(dtype), "head_dim": d, **_dot.precision_tags(dtype, fp32_precision)}
         qkv = {"q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "v_ptr": f"*{ty}"}
         fwd = {**qkv, "o_ptr": "*fp32", "lse_ptr": "*fp32", "ent_ptr": "*fp32", "top_ptr": "*fp32", "bias_ptr": "*fp32",
                "H": "i32", "N_q": "i32", "N_k": "i32", "n_rows": "i32", "d": "i32", **strides, "sb_b": "i64",
