@@ -75,7 +75,6 @@ def test_unchecked_nan_band_is_not_an_error(check_skipped):
     assert out.shape == x.shape
 
 
-
 def test_unreadable_counts_run_every_2os_pass_without_a_host_read(monkeypatch):
     """Under capture the projection cannot read its in-set counts to stop early: it runs every pass, which
     gives the early-exit answer (a pass after convergence clips nothing), and reads no tensor on the host."""
@@ -90,6 +89,7 @@ def test_unreadable_counts_run_every_2os_pass_without_a_host_read(monkeypatch):
         monkeypatch.setattr(torch.Tensor, "__bool__", no_host_read)
         got = diffkern.twoos_project(x, bands=(lower, upper))
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
 
 @pytest.mark.gpu
 def test_out_of_range_index_under_graph_capture_suppresses_nothing():
