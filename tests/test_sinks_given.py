@@ -157,13 +157,14 @@ def test_bad_input_raises_naming_the_argument(backend, name):
     kw = dict(q=q, k=k, v=v, idx=torch.tensor([[1]], device=q.device))
     kw |= {n: x.to(q.device) if isinstance(x, torch.Tensor) and x.device.type != "meta" else x
            for n, x in changes.items()}
-    with forced(backend), pytest.raises(error, match="sink_attention: .*" + match):
+    with forced(backend), pytest.raises(error, match="sink_attention_given: .*" + match):
         diffkern.sink_attention_given(**kw)
 
 
 def test_fake_rejects_bad_indices_while_tracing():
     q, k, v = make_qkv(1, 2, 9, 11, 16, torch.float32)
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode, pytest.raises(ValueError, match="idx must be"):
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, \
+            pytest.raises(ValueError, match="sink_attention_given: idx must be"):
         torch.ops.diffkern.sink_attention_given(*(mode.from_tensor(x) for x in (q, k, v)),
                                                 mode.from_tensor(torch.zeros(1, 3, 1, dtype=torch.int64)), 9, 0.25,
                                                 -1e4)
@@ -171,7 +172,7 @@ def test_fake_rejects_bad_indices_while_tracing():
 
 def test_gradient_request_raises():
     q, k, v = make_qkv(1, 2, 9, 11, 16, torch.float32)
-    with pytest.raises(RuntimeError, match="sink_attention is forward-only"):
+    with pytest.raises(RuntimeError, match="sink_attention_given is forward-only"):
         diffkern.sink_attention_given(q.requires_grad_(), k, v, torch.tensor([[1]]))
 
 

@@ -32,6 +32,7 @@ constexpr int64_t kRows = 64;
 constexpr int64_t kMaxRowTop = 8;
 constexpr const char* kMassOp = "sink_mass";
 constexpr const char* kAttnOp = "sink_attention";
+constexpr const char* kGivenOp = "sink_attention_given";
 
 void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor* v) {
   TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be [B, H, N_q, head_dim], got shape ", q.sizes());
@@ -185,28 +186,28 @@ at::Tensor sink_topk_cpu(const at::Tensor& score, int64_t k, bool largest) {
 }
 
 // idx [B, G, K] (G in {1, H}) of q's (b, h): its layout and, on the host, its values.
-void check_idx(const at::Tensor& q, const at::Tensor& k, const at::Tensor& idx) {
+void check_idx(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& idx) {
   const int64_t B = q.size(0), H = q.size(1), N_k = k.size(2);
-  check_same_device(kAttnOp, idx, "idx", q, "q");
+  check_same_device(op, idx, "idx", q, "q");
   TORCH_CHECK_VALUE(idx.dim() == 3 && idx.scalar_type() == at::kLong && idx.is_contiguous() && idx.size(0) == B &&
                         (idx.size(1) == 1 || idx.size(1) == H) && idx.size(2) >= 1 && idx.size(2) <= N_k,
-                    kAttnOp, ": idx must be a contiguous int64 [B, G, K] tensor with B = ", B, ", G = 1 or H = ", H,
+                    op, ": idx must be a contiguous int64 [B, G, K] tensor with B = ", B, ", G = 1 or H = ", H,
                     " and 1 <= K <= N_k = ", N_k, ", got shape ", idx.sizes(), ", dtype ",
                     dtype_name(idx.scalar_type()));
   if (idx.numel() > 0) {
     const auto [lo, hi] = at::aminmax(idx);
-    TORCH_CHECK_VALUE(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < N_k, kAttnOp,
+    TORCH_CHECK_VALUE(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < N_k, op,
                       ": idx values must be in [0, N_k) = [0, ", N_k, "), got [", lo.item<int64_t>(), ", ",
                       hi.item<int64_t>(), "]");
   }
 }
 
-void check_rows_scale_bias(const at::Tensor& q, int64_t n_rows, double scale, double bias) {
+void check_rows_scale_bias(const char* op, const at::Tensor& q, int64_t n_rows, double scale, double bias) {
   const int64_t N_q = q.size(2);
-  TORCH_CHECK_VALUE(n_rows >= 0 && n_rows <= N_q, kAttnOp, ": n_rows must be in [0, N_q] = [0, ", N_q, "], got ",
+  TORCH_CHECK_VALUE(n_rows >= 0 && n_rows <= N_q, op, ": n_rows must be in [0, N_q] = [0, ", N_q, "], got ",
                     n_rows);
-  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, kAttnOp, ": scale must be finite and > 0, got ", scale);
-  TORCH_CHECK_VALUE(!std::isnan(bias) && bias < std::numeric_limits<double>::infinity(), kAttnOp,
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, op, ": scale must be finite and > 0, got ", scale);
+  TORCH_CHECK_VALUE(!std::isnan(bias) && bias < std::numeric_limits<double>::infinity(), op,
                     ": bias must be finite or -inf, got ", bias);
 }
 
@@ -218,8 +219,8 @@ void check_suppress(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   check_contiguous_as(kAttnOp, o, "o", "[B, H, N_q, head_dim]", q.sizes(), acc, "the accumulation dtype");
   check_same_device(kAttnOp, lse, "lse", q, "q");
   check_contiguous_as(kAttnOp, lse, "lse", "[B, H, N_q]", q.sizes().slice(0, 3), acc, "the accumulation dtype");
-  check_idx(q, k, idx);
-  check_rows_scale_bias(q, n_rows, scale, bias);
+  check_idx(kAttnOp, q, k, idx);
+  check_rows_scale_bias(kAttnOp, q, n_rows, scale, bias);
 }
 
 // The K selected rows of x per head as [B, H, K, d] in the accumulation dtype (G = 1: one set for all heads).
@@ -298,9 +299,9 @@ std::tuple<at::Tensor, at::Tensor> sink_suppress_cpu(const at::Tensor& q, const 
 // unmasked rows: the bias shifts the whole row and cancels (for -inf too, the limit), as in sink_suppress.
 at::Tensor sink_attention_given_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const at::Tensor& idx, int64_t n_rows, double scale, double bias) {
-  check_qkv(kAttnOp, q, k, &v);
-  check_idx(q, k, idx);
-  check_rows_scale_bias(q, n_rows, scale, bias);
+  check_qkv(kGivenOp, q, k, &v);
+  check_idx(kGivenOp, q, k, idx);
+  check_rows_scale_bias(kGivenOp, q, n_rows, scale, bias);
   const int64_t N_q = q.size(2), N_k = k.size(2);
   const auto opts = q.options().dtype(at::toOpMathType(q.scalar_type()));
   const at::Tensor kt = k.to(opts.dtype()).transpose(-1, -2), va = v.to(opts.dtype());

@@ -17,7 +17,7 @@ from . import reference
 triton_kernels = _lazy.module(__package__ + ".triton_kernels")  # imports triton on first use
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-MASS_OP, ATTN_OP = "sink_mass", "sink_attention"
+MASS_OP, ATTN_OP, GIVEN_OP = "sink_mass", "sink_attention", "sink_attention_given"
 MODES = ("per_head", "head_union", "random", "bottom", "anti_sink", "measure")
 ROW_SCOPES = ("image", "all")
 INTERVENTIONS = ("mask", "scale", "value")
@@ -105,38 +105,38 @@ def check_suppress(q, k, v, o, lse, idx, n_rows, scale, bias, renormalize=True) 
             _fail(ATTN_OP, f"{name} must be a contiguous {layout} = {shape} tensor of dtype {_dtypes.name(acc)} (the "
                            f"accumulation dtype), got shape {list(x.shape)}, dtype {_dtypes.name(x.dtype)}, strides "
                            f"{list(x.stride())}")
-    _check_idx(q, k, idx)
-    _check_rows_scale_bias(q, n_rows, scale, bias)
+    _check_idx(ATTN_OP, q, k, idx)
+    _check_rows_scale_bias(ATTN_OP, q, n_rows, scale, bias)
 
 
 def check_given(q, k, v, idx, n_rows, scale, bias) -> None:
-    _check_qkv(ATTN_OP, q, k, v)
-    _check_idx(q, k, idx)
-    _check_rows_scale_bias(q, n_rows, scale, bias)
+    _check_qkv(GIVEN_OP, q, k, v)
+    _check_idx(GIVEN_OP, q, k, idx)
+    _check_rows_scale_bias(GIVEN_OP, q, n_rows, scale, bias)
 
 
-def _check_idx(q, k, idx) -> None:
+def _check_idx(op, q, k, idx) -> None:
     """idx [B, G, K] of q's (b, h): its layout (its values: _check_idx_values)."""
     B, H, N_k = q.shape[0], q.shape[1], k.shape[2]
     if idx.device != q.device:
-        _fail(ATTN_OP, f"idx is on {idx.device} but q is on {q.device}")
+        _fail(op, f"idx is on {idx.device} but q is on {q.device}")
     if not (idx.dim() == 3 and idx.dtype == torch.int64 and idx.is_contiguous() and idx.shape[0] == B
             and idx.shape[1] in (1, H) and 1 <= idx.shape[2] <= N_k):
-        _fail(ATTN_OP, f"idx must be a contiguous int64 [B, G, K] tensor with B = {B}, G = 1 or H = {H} and "
+        _fail(op, f"idx must be a contiguous int64 [B, G, K] tensor with B = {B}, G = 1 or H = {H} and "
                        f"1 <= K <= N_k = {N_k}, got shape {list(idx.shape)}, dtype {_dtypes.name(idx.dtype)}")
 
 
-def _check_rows_scale_bias(q, n_rows, scale, bias) -> None:
+def _check_rows_scale_bias(op, q, n_rows, scale, bias) -> None:
     N_q = q.shape[2]
     if not 0 <= n_rows <= N_q:
-        _fail(ATTN_OP, f"n_rows must be in [0, N_q] = [0, {N_q}], got {n_rows}")
+        _fail(op, f"n_rows must be in [0, N_q] = [0, {N_q}], got {n_rows}")
     if not 0 < scale < math.inf:
-        _fail(ATTN_OP, f"scale must be finite and > 0, got {scale}")
+        _fail(op, f"scale must be finite and > 0, got {scale}")
     if math.isnan(bias) or bias == math.inf:
-        _fail(ATTN_OP, f"bias must be finite or -inf, got {bias}")
+        _fail(op, f"bias must be finite or -inf, got {bias}")
 
 
-def _check_idx_values(idx, n_keys) -> None:
+def _check_idx_values(op, idx, n_keys) -> None:
     """Index values, which fakes cannot see: checked by the Python backends before any gather, on the host
     and exactly (naming the offending range), on CPU and CUDA alike.
 
@@ -149,14 +149,14 @@ def _check_idx_values(idx, n_keys) -> None:
     if idx.numel() and _checks.values_readable(idx):
         lo, hi = torch.stack(torch.aminmax(idx)).tolist()
         if lo < 0 or hi >= n_keys:
-            _fail(ATTN_OP, f"idx values must be in [0, N_k) = [0, {n_keys}), got [{lo}, {hi}]")
+            _fail(op, f"idx values must be in [0, N_k) = [0, {n_keys}), got [{lo}, {hi}]")
 
 
-def _triton_checked(launch):
+def _triton_checked(launch, op=ATTN_OP):
     def run(q, *args):
-        _triton.check_float32_math(ATTN_OP, q.dtype, "q, k, v")
+        _triton.check_float32_math(op, q.dtype, "q, k, v")
         if q.shape[-1] > triton_kernels.MAX_D:
-            _fail(ATTN_OP, f"the triton backend takes head_dim <= {triton_kernels.MAX_D}, got {q.shape[-1]}")
+            _fail(op, f"the triton backend takes head_dim <= {triton_kernels.MAX_D}, got {q.shape[-1]}")
         return launch(q, *args)
     return run
 
@@ -170,14 +170,14 @@ def _topk_triton(score, k, largest):
 
 def _suppress_with_idx_check(fn):
     def run(q, k, v, o, lse, idx, *rest):
-        _check_idx_values(idx, k.shape[2])
+        _check_idx_values(ATTN_OP, idx, k.shape[2])
         return fn(q, k, v, o, lse, idx, *rest)
     return run
 
 
 def _given_with_idx_check(fn):
     def run(q, k, v, idx, *rest):
-        _check_idx_values(idx, k.shape[2])
+        _check_idx_values(GIVEN_OP, idx, k.shape[2])
         return fn(q, k, v, idx, *rest)
     return run
 
@@ -191,7 +191,7 @@ _registry.register("sink_suppress", check_suppress,
                    triton=_suppress_with_idx_check(_triton_checked(triton_kernels.function("sink_suppress"))),
                    reference=_suppress_with_idx_check(reference.sink_suppress))
 _registry.register("sink_attention_given", check_given,
-                   triton=_given_with_idx_check(_triton_checked(triton_kernels.function("attention_given"))),
+                   triton=_given_with_idx_check(_triton_checked(triton_kernels.function("attention_given"), GIVEN_OP)),
                    reference=_given_with_idx_check(reference.attention_given))
 
 
@@ -318,28 +318,28 @@ def _check_mode(mode, row_scope, k_sink, bias, seed):
         _checks.integer(ATTN_OP, "seed", seed)
 
 
-def _check_scope_bias(row_scope, bias):
+def _check_scope_bias(row_scope, bias, op=ATTN_OP):
     if row_scope not in ROW_SCOPES:
-        _fail(ATTN_OP, f"row_scope must be one of {ROW_SCOPES}, got {row_scope!r}")
-    if not _checks.number(ATTN_OP, "bias", bias) <= 0:
-        _fail(ATTN_OP, f"bias must be <= 0 (a suppression; -inf allowed), got {bias}")
+        _fail(op, f"row_scope must be one of {ROW_SCOPES}, got {row_scope!r}")
+    if not _checks.number(op, "bias", bias) <= 0:
+        _fail(op, f"bias must be <= 0 (a suppression; -inf allowed), got {bias}")
 
 
-def _intervention(intervention, alpha, bias) -> tuple[float, bool]:
+def _intervention(intervention, alpha, bias, op=ATTN_OP) -> tuple[float, bool]:
     """(the op's bias, renormalize) for an intervention; each reads only its own parameter, and a value
     given to the other one is refused (it would be silently ignored)."""
     if intervention not in INTERVENTIONS:
-        _fail(ATTN_OP, f"intervention must be one of {INTERVENTIONS}, got {intervention!r}")
-    alpha = _checks.number(ATTN_OP, "alpha", alpha)
+        _fail(op, f"intervention must be one of {INTERVENTIONS}, got {intervention!r}")
+    alpha = _checks.number(op, "alpha", alpha)
     if not 0 <= alpha < math.inf:
-        _fail(ATTN_OP, f"alpha must be finite and >= 0, got {alpha}")
+        _fail(op, f"alpha must be finite and >= 0, got {alpha}")
     if intervention == "mask":
         if alpha != 0:
-            _fail(ATTN_OP, f"alpha applies to the interventions 'scale' and 'value' (intervention 'mask' uses bias), "
+            _fail(op, f"alpha applies to the interventions 'scale' and 'value' (intervention 'mask' uses bias), "
                            f"got alpha={alpha}")
         return float(bias), True
     if bias != DEFAULT_BIAS:
-        _fail(ATTN_OP, f"bias applies to intervention 'mask' only (intervention {intervention!r} uses alpha), "
+        _fail(op, f"bias applies to intervention 'mask' only (intervention {intervention!r} uses alpha), "
                        f"got bias={bias}")
     return math.log(alpha) if alpha > 0 else -math.inf, intervention == "scale"
 
@@ -473,19 +473,19 @@ def sink_attention_given(q, k, v, idx, row_scope: str = "image", n_query: int | 
     NaN/inf policy: propagated like the reference: a NaN/inf in q, k or v of a (b, h) makes the rows it reaches
         NaN; values are not checked.
     """
-    n, sc = _public(ATTN_OP, q, k, v, n_query, scale)
-    _checks.tensor(ATTN_OP, "idx", idx)
-    _check_scope_bias(row_scope, bias)
-    change, renormalize = _intervention(intervention, alpha, bias)
+    n, sc = _public(GIVEN_OP, q, k, v, n_query, scale)
+    _checks.tensor(GIVEN_OP, "idx", idx)
+    _check_scope_bias(row_scope, bias, GIVEN_OP)
+    change, renormalize = _intervention(intervention, alpha, bias, GIVEN_OP)
     if not renormalize:
-        _fail(ATTN_OP, "intervention 'value' scales values, not logits: sink_attention_given takes 'mask' or 'scale' "
+        _fail(GIVEN_OP, "intervention 'value' scales values, not logits: sink_attention_given takes 'mask' or 'scale' "
                        "(use sink_attention for 'value')")
     if idx.dim() == 2:
         idx = idx[:, None]
     if idx.dim() != 3 or idx.dtype != torch.int64:
-        _fail(ATTN_OP, f"idx must be an int64 [B, H, K], [B, 1, K] or [B, K] tensor, got shape {list(idx.shape)}, "
+        _fail(GIVEN_OP, f"idx must be an int64 [B, H, K], [B, 1, K] or [B, K] tensor, got shape {list(idx.shape)}, "
                        f"dtype {_dtypes.name(idx.dtype)}")
-    _forward_only(ATTN_OP, q, k, v)
+    _forward_only(GIVEN_OP, q, k, v)
     n_rows = n if row_scope == "image" else q.shape[2]
     if idx.shape[-1] == 0:  # nothing suppressed: no row biased
         idx, n_rows = idx.new_zeros((idx.shape[0], 1, 1)), 0
