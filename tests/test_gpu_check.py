@@ -44,7 +44,7 @@ def test_cpu_dry_run_runs_every_section_without_a_fail_row(tmp_path):
     # every public op has correctness rows, forward and backward where it has one
     names = " ".join(r["name"] for r in doc["rows"] if r["section"] == "correctness" and r["status"] == "pass")
     for op in ("dar_route", "dar_gather", "flow_sde_step", "grpo_iso_loss", "ntrk_step", "twoos_project", "whiten",
-               "recurse", "sink_mass", "sink_attention"):
+               "recurse", "sink_mass", "sink_attention", "sink_attention_given"):
         assert f"{op} " in names, op
     assert " triton float32 fwd" in names and " cpu float32 bwd" in names
 

@@ -11,7 +11,7 @@ from diffkern import _cooperative
 from diffkern.bench import dar, grpo, ntrk
 from diffkern.bench.workload import FWD
 from diffkern.gpu_check import cooperative, registers, sanitizer, timed_ops, timing
-from diffkern.gpu_check.timed_ops import SINKS, calls
+from diffkern.gpu_check.timed_ops import SINKS, SINKS_GIVEN, calls
 from diffkern.rmdm import triton_persistent
 from diffkern.testing.aot import Resources, integer_arguments, jit_function, library_specs
 
@@ -140,6 +140,9 @@ def test_bars_are_met_or_not_from_the_measured_times():
     sinks = next(c for c in calls() if c.workload is SINKS)
     rows = timing.bar_rows(sinks, "fwd triton", {"eager": 10.0, "sdpa_flash": 0.7}, 1.0, 100.0, {"copy_gbps": None})
     assert [r.status for r in rows] == ["met", "not met"]  # 10x eager; 1.43x flash > 1.3
+    given = next(c for c in calls() if c.workload is SINKS_GIVEN)
+    rows = timing.bar_rows(given, "fwd triton", {"eager": 10.0, "sdpa_flash": 0.9}, 1.0, 100.0, {"copy_gbps": None})
+    assert [r.status for r in rows] == ["met", "met"]  # 10x eager; 1.11x flash
     no_peak = timing.bar_rows(memory_bound, "fwd cuda", {}, 1.0, 100.0, {"copy_gbps": None})
     assert [r.status for r in no_peak] == ["skip", "skip", "skip"]
 
@@ -195,7 +198,8 @@ def test_dry_run_timing_rows_carry_every_calls_roofline():
 
 TINY = {"dar_route": dar._case(3, 2, 5, 40), "dar_gather": timed_ops._gather_case(3, 2, 2, 5, 40),
         "grpo_iso_loss_y": grpo._case(2, (37,)), "ntrk_tilted_step": ntrk._case(2, (4, 8, 8), tile=16),
-        "sink_attention": timed_ops._sink_case(1, 2, 24, 9, 16)}
+        "sink_attention": timed_ops._sink_case(1, 2, 24, 9, 16),
+        "sink_attention_given": timed_ops._sink_case(1, 2, 24, 9, 16)}
 
 
 def test_the_gpu_timing_path_builds_its_rows_with_a_stand_in_timer(monkeypatch):
@@ -210,7 +214,7 @@ def test_the_gpu_timing_path_builds_its_rows_with_a_stand_in_timer(monkeypatch):
             rows = timing._time_call(ctx, tiny, "default")
             info = [r for r in rows if r.status == "info"]
             assert len(info) == len(call.passes), [r.name for r in rows]
-            expected = {"eager"} | ({"sdpa_flash"} if call.workload is SINKS else set())
+            expected = {"eager"} | ({"sdpa_flash"} if call.workload in (SINKS, SINKS_GIVEN) else set())
             assert all(set(r.metrics["ms"]) == {"diffkern[triton]"} | expected for r in info)
             assert all(r.metrics["compile_mode"] == "skipped (time)" for r in info)
             assert all(r.status in ("met", "not met", "skip") for r in rows if r.status != "info")

@@ -130,6 +130,7 @@ FLOPS: dict[str, Callable[[dict], dict]] = {
     "recurse": recurse_flops,
     "sink_mass": sink_mass_flops,
     "sink_attention": sink_attention_flops,
+    "sink_attention_given": sink_attention_flops,
 }
 
 

@@ -288,6 +288,12 @@ def _qkv_make(B, H, N, d, n_txt, layout="plain", sink=0.0):
     return make
 
 
+def _first_and_last(q, k):
+    """idx [B, H, K]: the first and the last key of every head (one key where N_k = 1)."""
+    keys = torch.tensor(sorted({0, k.shape[2] - 1}), device=q.device)
+    return keys.expand(q.shape[0], q.shape[1], len(keys)).contiguous()
+
+
 def _sinks(tiny: bool) -> list[OpCase]:
     sd3 = dict(B=1, H=2, N=70, d=32, n_txt=6) if tiny else dict(B=1, H=24, N=4096 + 154, d=64, n_txt=154)
     cases = []
@@ -310,6 +316,10 @@ def _sinks(tiny: bool) -> list[OpCase]:
         cases.append(OpCase("sink_attention", f"{shape} row_top=5", "sink_attention_fwd", make,
                             lambda q, k, v, n=n_img: torch.ops.diffkern.sink_attention_fwd(
                                 q, k, v, n, q.shape[-1] ** -0.5, 5), fan_in, real=real))
+        # keys known before the call (the first and the last key of every head): one biased flash forward
+        cases.append(OpCase("sink_attention_given", shape, "sink_attention_given", make,
+                            lambda q, k, v, n=n_img: diffkern.sink_attention_given(q, k, v, _first_and_last(q, k),
+                                                                                   n_query=n), fan_in, real=real))
         # the control and the ablations' interventions (value path, amplification), each through the fused path
         for label, kw in (("anti_sink", dict(mode="anti_sink")), ("value", dict(intervention="value")),
                           ("scale alpha=3", dict(mode="head_union", intervention="scale", alpha=3.0))):

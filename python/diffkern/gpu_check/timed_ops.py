@@ -1,7 +1,8 @@
 """The op calls the GPU check times, at their real shapes: the benchmark's workloads (DiT-XL/2 routing,
 Wan Flow-GRPO loss, FLUX/Wan NoiseTilt, Sudoku R-MDM) and the ops it has no workload for (dar_gather at
-the same routing shape, flow_sde_step and twoos_project at the same latents, sink_mass and sink_attention
-at SD3's N = 4096 + 333 tokens). whiten (the 2OS kernels again) and twoos_bands (host tables) are not timed.
+the same routing shape, flow_sde_step and twoos_project at the same latents, sink_mass, sink_attention and
+sink_attention_given at SD3's N = 4096 + 333 tokens). whiten (the 2OS kernels again) and twoos_bands (host tables)
+are not timed.
 
 Each `TimedCall` names the registry ops its call runs, so the GPU backends it can be forced onto are those
 every one of them has (`backends`), and whether the issue's memory-bound bars apply to it.
@@ -21,7 +22,7 @@ from ..grpo import flow_sde_step
 from ..grpo import reference as grpo_reference
 from ..ntrk.api import twoos_project
 from ..sinks import reference as sinks_reference
-from ..sinks.op import sink_attention, sink_mass
+from ..sinks.op import sink_attention, sink_attention_given, sink_mass
 
 SD3 = dict(B=2, H=24, n_query=4096, n_text=333, d=64)
 
@@ -145,13 +146,29 @@ MASS = _forward_only(
     lambda c, itemsize: c.params["B"] * c.params["H"] * ((c.params["N_q"] + c.params["N_k"]) * c.params["d"] * itemsize
                                                          + 4 * (c.params["N_q"] + c.params["N_k"])))
 
+def _attention_bytes(c: Case, itemsize: int) -> int:
+    """Sink attention's minimal bytes: reads q, k, v; writes out."""
+    return c.params["B"] * c.params["H"] * (2 * c.params["N_q"] + 2 * c.params["N_k"]) * c.params["d"] * itemsize
+
+
 SINKS = _forward_only(
     "sink_attention", "Attention sinks (sink_attention, per-head top-1, image rows)", (_sink_case(**SD3),), _sink_args,
     lambda q, k, v, n: sink_attention(q, k, v, k_sink=1, mode="per_head", row_scope="image", n_query=n),
-    sink_attention_eager,
-    # reads q, k, v; writes out
-    lambda c, itemsize: c.params["B"] * c.params["H"] * (2 * c.params["N_q"] + 2 * c.params["N_k"]) * c.params["d"]
-    * itemsize)
+    sink_attention_eager, _attention_bytes)
+
+
+def _given_args(case: Case, dtype: torch.dtype, device: str):
+    """_sink_args and idx [B, H, 1]: key 0 suppressed in every head (the keys known before the call)."""
+    p = case.params
+    return _sink_args(case, dtype, device) + (torch.zeros(p["B"], p["H"], 1, dtype=torch.int64, device=device),)
+
+
+SINKS_GIVEN = _forward_only(
+    "sink_attention_given", "Attention sinks, keys given (sink_attention_given, per-head key, image rows)",
+    (_sink_case(**SD3),), _given_args,
+    lambda q, k, v, n, idx: sink_attention_given(q, k, v, idx, row_scope="image", n_query=n),
+    lambda q, k, v, n, idx: sinks_reference.attention_given(q, k, v, idx, n, q.shape[-1] ** -0.5, -1e4),
+    _attention_bytes)
 
 
 def calls() -> list[TimedCall]:
@@ -174,4 +191,5 @@ def calls() -> list[TimedCall]:
     out += [TimedCall(MASS, MASS.full_cases[0], (FWD,), ("sink_mass",), False)]
     out += [TimedCall(SINKS, SINKS.full_cases[0], (FWD,),
                       ("sink_attention_fwd", "sink_mass", "sink_topk", "sink_suppress"), False)]
+    out += [TimedCall(SINKS_GIVEN, SINKS_GIVEN.full_cases[0], (FWD,), ("sink_attention_given",), False)]
     return sorted(out, key=lambda call: call.case != call.workload.full_cases[0])

@@ -9,7 +9,8 @@ else in the default mode (each row names the mode). Achieved GB/s and TFLOP/s co
 (diffkern.bench.roofline: minimal bytes, formula FLOPs), each also as a fraction of the peaks the env
 section measured. The issue's bars follow each call as "met" / "not met" rows:
   every op >= 1.5x eager; the memory-bound ops (DAR route, GRPO step and loss, NTRK step, 2OS project)
-  >= 80% of the measured copy bandwidth and >= 1.5x torch.compile; sink attention <= 1.3x SDPA flash.
+  >= 80% of the measured copy bandwidth and >= 1.5x torch.compile; sink attention (selecting in the call, and
+  with the keys given) <= 1.3x SDPA flash.
 The dry run builds the same case list with its rooflines, each row "skip: timings need CUDA".
 After the timings, one "autotune" info row per launch configuration diffkern._autotune chose in this run
 (kernel, shape key, configuration, each candidate's median ms, candidates dropped for spilling).
@@ -25,7 +26,7 @@ from ..bench.roofline import roofline
 from ..bench.workload import STEP, forward_call, requiring_grad, step_call
 from .context import Row
 from .correctness import _last_line
-from .timed_ops import SINKS, TimedCall, calls
+from .timed_ops import SINKS, SINKS_GIVEN, TimedCall, calls
 
 SECTION = "timing"
 DTYPE = torch.bfloat16
@@ -56,7 +57,7 @@ def bench_ms(fn, small: bool) -> tuple[float, str]:
     return do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median"), method
 
 
-def _sdpa_flash(q, k, v, n_query):
+def _sdpa_flash(q, k, v, *_):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
@@ -71,7 +72,7 @@ def _candidates(call: TimedCall, compile_mode: str | None) -> dict:
         torch._dynamo.reset()
         mode = None if compile_mode == "default" else compile_mode
         out["compile"] = (torch.compile(call.workload.reference, mode=mode, dynamic=False), contextlib.nullcontext)
-    if call.workload is SINKS:
+    if call.workload in (SINKS, SINKS_GIVEN):
         out["sdpa_flash"] = (_sdpa_flash, contextlib.nullcontext)
     return out
 
@@ -93,7 +94,7 @@ def bar_rows(call: TimedCall, label: str, ms: dict, diffkern_ms: float, gbps: fl
                          gbps / copy if copy else None, lambda r: r >= BANDWIDTH_BAR))
         rows.append(_bar(call, label, f"compile/diffkern >= {COMPILE_BAR}x",
                          ms["compile"] / diffkern_ms if "compile" in ms else None, lambda r: r >= COMPILE_BAR))
-    if call.workload is SINKS:
+    if call.workload in (SINKS, SINKS_GIVEN):
         rows.append(_bar(call, label, f"diffkern/SDPA flash <= {FLASH_BAR}x",
                          diffkern_ms / ms["sdpa_flash"] if "sdpa_flash" in ms else None, lambda r: r <= FLASH_BAR))
     return rows
