@@ -28,8 +28,11 @@ def dry_context(tmp_path) -> Context:
 
 
 def test_cpu_dry_run_runs_every_section_without_a_fail_row(tmp_path):
+    """The dry run as a user starts it, on a machine whose Triton cache is empty (so its registers section
+    compiles after the interpreted sections, as on a fresh CI machine)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the driver sets it itself
     env["PYTHONPATH"] = str(ROOT / "python") + os.pathsep + env.get("PYTHONPATH", "")
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
     run = subprocess.run([sys.executable, "-m", "diffkern.gpu_check", "--cpu-dry-run", "--out", str(tmp_path)],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -41,8 +41,13 @@ def tiles_per_chunk(rows: int, tiles_per_row: int, device: torch.device) -> int:
     return max(1, min(MAX_TILES_PER_CHUNK, rows * tiles_per_row // (PROGRAMS_PER_SM * sms)))
 
 
-def _restore_after_device_calls() -> None:
-    """Makes the interpreter undo the language patches of @triton.jit helper calls, safely under threads.
+_helper_calls_restored = False
+
+
+def restore_after_device_calls() -> None:
+    """Makes the interpreter undo the language patches of @triton.jit helper calls, safely under threads; once
+    per process. Done at import when TRITON_INTERPRET=1; a program that sets it later (the GPU check's CPU dry
+    run) calls this itself before any kernel runs.
 
     Triton 3.8's interpreter patches triton.language for a helper function called from a kernel and
     never restores it, so after any interpreted launch that calls a helper, compiling a kernel for a
@@ -54,6 +59,10 @@ def _restore_after_device_calls() -> None:
     one patch covers triton.language and triton.language.core, whatever the helper's globals name, so
     every helper runs patched; a lock serialises it and a helper's first-call source rewrite.
     """
+    global _helper_calls_restored
+    if _helper_calls_restored:
+        return
+    _helper_calls_restored = True
     from triton import language
     from triton.runtime import interpreter
 
@@ -81,7 +90,7 @@ def _restore_after_device_calls() -> None:
 
 
 if interpreting():
-    _restore_after_device_calls()
+    restore_after_device_calls()
 
 
 _guards = threading.local()

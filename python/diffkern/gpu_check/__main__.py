@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
             raise SystemExit("--cpu-dry-run needs TRITON_INTERPRET=1 before triton is imported; triton already is")
         os.environ["TRITON_INTERPRET"] = "1"
+        from .. import _triton
+        _triton.restore_after_device_calls()  # diffkern._triton was imported before the switch was set
     import torch
 
     from . import report
