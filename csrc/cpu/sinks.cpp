@@ -293,7 +293,6 @@ std::tuple<at::Tensor, at::Tensor> sink_suppress_cpu(const at::Tensor& q, const 
   return {out, post};
 }
 
-
 // Attention with the keys idx [B, G, K] biased in rows i < n_rows: softmax_j(s_ij + bias [j in S]) v, in q's
 // dtype, by the forward's blocks (one pass, no correction). A (b, h) whose every key is selected keeps its
 // unmasked rows: the bias shifts the whole row and cancels (for -inf too, the limit), as in sink_suppress.

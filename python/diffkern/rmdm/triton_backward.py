@@ -82,11 +82,13 @@ def norm_config(d: int) -> Config:
 @triton.jit
 def _product(a_ptr, lda, b_ptr, ldb, rows, cols, M, N, Kd, TRANS_A: tl.constexpr, DOT_F32: tl.constexpr,
              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """sum over k < Kd of A[rows, k] B[k, cols] in fp32, k in BLOCK_K slices in increasing order, through
-    diffkern._dot. B: [Kd, N] with row stride ldb; A: [M, Kd] with row stride lda, or (TRANS_A) stored
+    """(sum over k < Kd of A[rows, k] B[k, cols], sum over k < Kd of A[rows, k]) in fp32, k in BLOCK_K slices in
+    increasing order, the product through diffkern._dot (the row sums cost no load: they are the bias gradient
+    when A is dy^T). B: [Kd, N] with row stride ldb; A: [M, Kd] with row stride lda, or (TRANS_A) stored
     transposed, [Kd, M] with row stride lda. Out-of-range elements count as 0."""
     rm, nm = rows < M, cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    a_sum = tl.zeros((BLOCK_M,), tl.float32)
     for k0 in range(0, Kd, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         km = kk < Kd
@@ -98,7 +100,8 @@ def _product(a_ptr, lda, b_ptr, ldb, rows, cols, M, N, Kd, TRANS_A: tl.constexpr
                         other=0.0)
         b = tl.load(b_ptr + kk[:, None].to(tl.int64) * ldb + cols[None, :], mask=km[:, None] & nm[None, :], other=0.0)
         acc += _dot.dot(a, b, DOT_F32, PRECISION)
-    return acc
+        a_sum += tl.sum(a.to(tl.float32), 1)
+    return acc, a_sum
 
 
 @triton.jit
@@ -108,7 +111,8 @@ def recurse_dx_kernel(dy_ptr, w_ptr, z_ptr, out_ptr, M, N, Kd, GELU_GRAD: tl.con
     [Kd, N] weight), times gelu'(z) (z [M, N]) when GELU_GRAD; stored in out's dtype."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = _product(dy_ptr, Kd, w_ptr, N, rows, cols, M, N, Kd, False, DOT_F32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc, _ = _product(dy_ptr, Kd, w_ptr, N, rows, cols, M, N, Kd, False, DOT_F32, PRECISION, BLOCK_M, BLOCK_N,
+                      BLOCK_K)
     om = (rows < M)[:, None] & (cols < N)[None, :]
     offs = rows[:, None].to(tl.int64) * N + cols[None, :]
     if GELU_GRAD:
@@ -121,20 +125,16 @@ def recurse_dw_kernel(dy_ptr, x_ptr, dw_ptr, db_ptr, R, N, Kd, DOT_F32: tl.const
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The weight gradient of y = x W^T + b over R rows, for one [BLOCK_M, BLOCK_N] tile of W [N, Kd]:
     dw += dy^T x (dy [R, N], x [R, Kd]), the rows summed in BLOCK_K slices in order; the programs of the first
-    column tile also add the column sums of dy into db [N]. dw, db: fp32 accumulators."""
+    column tile also add the column sums of dy, which the product's loop forms from the dy tiles it loads, into
+    db [N]. dw, db: fp32 accumulators."""
     i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = _product(dy_ptr, N, x_ptr, Kd, i, j, N, Kd, R, True, DOT_F32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc, colsum = _product(dy_ptr, N, x_ptr, Kd, i, j, N, Kd, R, True, DOT_F32, PRECISION, BLOCK_M, BLOCK_N,
+                           BLOCK_K)
     om = (i < N)[:, None] & (j < Kd)[None, :]
     offs = i[:, None].to(tl.int64) * Kd + j[None, :]
     tl.store(dw_ptr + offs, tl.load(dw_ptr + offs, mask=om, other=0.0) + acc, mask=om)
     if tl.program_id(1) == 0:
-        colsum = tl.zeros((BLOCK_M,), tl.float32)
-        for r0 in range(0, R, BLOCK_K):
-            r = r0 + tl.arange(0, BLOCK_K)
-            t = tl.load(dy_ptr + r[:, None].to(tl.int64) * N + i[None, :], mask=(r < R)[:, None] & (i < N)[None, :],
-                        other=0.0)
-            colsum += tl.sum(t.to(tl.float32), 0)
         tl.store(db_ptr + i, tl.load(db_ptr + i, mask=i < N, other=0.0) + colsum, mask=i < N)
 
 
@@ -355,18 +355,17 @@ class _Grads:
 
     def __init__(self, weights, mod):
         K, d = len(weights) // N_PARAMS, weights[0].shape[0]
-        self.w = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in weights]
-        self.ln = [[torch.zeros((2, d), dtype=torch.float32, device=weights[0].device) for _ in range(2)]
-                   for _ in range(K)]
+        self.w, self.ln = [], []
+        for kb in range(K):
+            ln = [torch.zeros((2, d), dtype=torch.float32, device=weights[0].device) for _ in range(2)]
+            rows = {0: ln[0][0], 1: ln[0][1], 6: ln[1][0], 7: ln[1][1]}  # a norm's (w, b) gradients: one [2, d]
+            self.w += [rows[i] if i in rows else torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+                       for i, w in enumerate(weights[kb * N_PARAMS:(kb + 1) * N_PARAMS])]
+            self.ln.append(ln)
         self.mod = torch.zeros(mod.shape, dtype=torch.float32, device=mod.device) if mod is not None else None
 
     def rounded(self, weights, mod, x):
-        out = []
-        for kb, ln in enumerate(self.ln):
-            blk = self.w[kb * N_PARAMS:(kb + 1) * N_PARAMS]
-            blk[0:2], blk[6:8] = list(ln[0]), list(ln[1])
-            out += blk
-        return [g.to(w.dtype) for g, w in zip(out, weights)], \
+        return [g.to(w.dtype) for g, w in zip(self.w, weights)], \
             self.mod.to(mod.dtype) if mod is not None else x.new_empty(0)
 
 

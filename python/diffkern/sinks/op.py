@@ -168,17 +168,11 @@ def _topk_triton(score, k, largest):
     return triton_kernels.sink_topk(score, k, largest)
 
 
-def _suppress_with_idx_check(fn):
-    def run(q, k, v, o, lse, idx, *rest):
-        _check_idx_values(ATTN_OP, idx, k.shape[2])
-        return fn(q, k, v, o, lse, idx, *rest)
-    return run
-
-
-def _given_with_idx_check(fn):
-    def run(q, k, v, idx, *rest):
-        _check_idx_values(GIVEN_OP, idx, k.shape[2])
-        return fn(q, k, v, idx, *rest)
+def _idx_checked(fn, op, at):
+    """fn with the values of its argument `at` (idx) checked against N_k (k, argument 1) first."""
+    def run(*args):
+        _check_idx_values(op, args[at], args[1].shape[2])
+        return fn(*args)
     return run
 
 
@@ -188,11 +182,12 @@ _registry.register("sink_attention_fwd", check_fwd, triton=_triton_checked(trito
                    reference=reference.attention_fwd)
 _registry.register("sink_topk", check_topk, triton=_topk_triton, reference=reference.sink_topk)
 _registry.register("sink_suppress", check_suppress,
-                   triton=_suppress_with_idx_check(_triton_checked(triton_kernels.function("sink_suppress"))),
-                   reference=_suppress_with_idx_check(reference.sink_suppress))
+                   triton=_idx_checked(_triton_checked(triton_kernels.function("sink_suppress")), ATTN_OP, 5),
+                   reference=_idx_checked(reference.sink_suppress, ATTN_OP, 5))
 _registry.register("sink_attention_given", check_given,
-                   triton=_given_with_idx_check(_triton_checked(triton_kernels.function("attention_given"), GIVEN_OP)),
-                   reference=_given_with_idx_check(reference.attention_given))
+                   triton=_idx_checked(_triton_checked(triton_kernels.function("attention_given"), GIVEN_OP), GIVEN_OP,
+                                       3),
+                   reference=_idx_checked(reference.attention_given, GIVEN_OP, 3))
 
 
 @_registry.register_fake("diffkern::sink_mass")
