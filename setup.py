@@ -162,9 +162,10 @@ def extensions():
     write_build_info(with_cuda, archs, variants)
     debug = os.environ.get("DIFFKERN_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    # Python's flags add -g: a release links without debug info (the default CUDA build: 67 MB -> 5.1 MB).
+    # Python's flags add -g: a release compiles without debug info (-g0: a third to half of each C++ file's compile
+    # time) and links without it (the default CUDA build: 67 MB -> 5.1 MB).
     link = ["-Wl,--strip-debug"] if not debug and sys.platform.startswith("linux") else []
-    cxx = opt + ["-std=c++20", "-Wall", "-Wno-unknown-pragmas"]
+    cxx = opt + ([] if debug else ["-g0"]) + ["-std=c++20", "-Wall", "-Wno-unknown-pragmas"]
     kernels = [cpu_kernels(variant, cxx, link) for variant in variants]
     # The variant list reaches the loader as a C++ flag only: nvcc would split a -D value at its commas.
     cxx = cxx + march(variants[0]) + [f"-DDIFFKERN_CPU_VARIANTS={','.join(variants)}"]
