@@ -1,11 +1,14 @@
 """Where NoiseTilt's fused training step spends its CPU time, against the yardstick cpu_gap holds it to (issue 19):
-`python -m diffkern.bench.ntrk_parts [--case B=4] [--threads 1] [--rounds 21]`.
+`python -m diffkern.bench.ntrk_parts [--case B=4] [--threads 1] [--rounds 11]`.
 
 Two tables, each timed round-robin in one process, in the calling thread's CPU time (timer.time_interleaved with
 time.thread_time: a descheduled spell of a loaded machine is left out; at 1 thread torch runs the kernels on the
 calling thread, so that is the whole step):
 
-Parts of one step of the case (per call), beside the yardstick's:
+Parts of one step of the case (per call), beside the yardstick's. A sample lasts 0.2 s: a candidate whose arrays the
+one before it evicted from the caches runs its first two or three calls up to ~1.4x slower (B=1, 1 thread, loaded
+machine), which a 0.2 s sample dilutes to ~1%; the pieces of diffkern's step share their arrays, the yardsticks each
+have their own.
   step               torch.autograd.grad of diffkern.ntrk_step(mu, 0.3, w, 0.5, eps=eps), mu, w and eps leaves: the
                      benchmark's diffkern step
   op step            the same through torch.ops.diffkern.ntrk_step with [B] sigma and rho (no public wrapper)
@@ -69,13 +72,13 @@ def _pieces(case, seed: int = 0) -> dict[str, Callable[[], object]]:
     return out
 
 
-def parts(case, rounds: int = 21, min_sample_s: float = 0.05) -> dict[str, float]:
+def parts(case, rounds: int = 11, min_sample_s: float = 0.2) -> dict[str, float]:
     """{piece: median CPU seconds per call} of _pieces(case), interleaved."""
     t = time_interleaved(_pieces(case), 3, rounds, min_sample_s, clock=time.thread_time)
     return {k: v.median_s for k, v in t.items()}
 
 
-def cold_overhead(case, rounds: int = 21, calls: int = 20) -> dict[str, tuple[float, float]]:
+def cold_overhead(case, rounds: int = 11, calls: int = 20) -> dict[str, tuple[float, float]]:
     """{piece: (median seconds warm, median seconds right after the case's plain sweeps)} of the tiny pieces."""
     numel, per = ntrk.step_passes(case)
     sweeps = machine.pass_calls([*per[FWD], *per[BWD]], numel)["passes"]
@@ -97,13 +100,13 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--case", default="B=4", help="a case of the fused step whose name contains this (B=4, B=1)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--quick", action="store_true", help="the workload's quick case (a smoke test)")
     args = ap.parse_args(argv)
     cases = ntrk.STEP_WORKLOAD.cases(args.quick)
     case = next((c for c in cases if args.case in c.name), cases[0]) if not args.quick else cases[0]
     with torch_threads(args.threads):
-        t = parts(case, args.rounds, 0.005 if args.quick else 0.05)
+        t = parts(case, args.rounds, 0.005 if args.quick else 0.2)
         cold = cold_overhead(case, args.rounds, 2 if args.quick else 20)
     print(f"ntrk_step training step, {case.name}, {args.threads} thread(s), CPU time per call (median of "
           f"{args.rounds}, round-robin):")
