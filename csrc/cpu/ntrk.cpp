@@ -69,8 +69,7 @@ void check_step(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor&
 }
 
 // Entry i of a float32 or float64 [B] tensor (check_per_sample), any stride, rounded to acc_t as .to(acc_t) rounds
-// it. Read in place: a training step calls this twice, and each conversion op it saves is a dispatcher round trip
-// whose code the step's sweeps have just evicted from the caches.
+// it: read in place, without the four conversion ops (dispatcher round trips) per call that .to().contiguous() made.
 template <typename acc_t>
 acc_t per_sample(const at::Tensor& v, int64_t i) {
   const int64_t k = i * v.stride(0);
