@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
 import diffkern
 from diffkern.ntrk import reference
@@ -102,6 +103,25 @@ def test_sigma_and_rho_broadcast_from_floats_and_zero_dim_tensors(backend):
         b = diffkern.ntrk_step(mu, torch.tensor(0.7), w, torch.full((3,), 0.25, dtype=torch.float64), eps=eps)
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(a.cpu(), (mu + 0.7 * (0.5 * w + 0.75 ** 0.5 * eps)).cpu())
+
+
+def test_an_unrecorded_step_gives_the_recorded_bits_and_still_refuses_a_tangent():
+    """With nothing for autograd to record (no_grad, or no input requiring grad) the op runs below autograd directly
+    (csrc/diffkern/autograd_ntrk.cpp: a sampler's step skips Function::apply): the same bits as the recorded call,
+    and no graph. A forward-mode tangent still raises, as the recorded path does, instead of being dropped."""
+    mu, sigma, w, rho, eps = make((3, 70), torch.float32)
+    mu.requires_grad_()
+    with forced("cpu"):
+        recorded = diffkern.ntrk_step(mu, sigma, w, rho, eps=eps)
+        with torch.no_grad():
+            unrecorded = diffkern.ntrk_step(mu, sigma, w, rho, eps=eps)
+        plain = diffkern.ntrk_step(mu.detach(), sigma, w, rho, eps=eps)
+        assert recorded.grad_fn is not None and unrecorded.grad_fn is None and plain.grad_fn is None
+        assert torch.equal(recorded, unrecorded) and torch.equal(recorded, plain)
+        with fwAD.dual_level(), torch.no_grad():
+            dual = fwAD.make_dual(mu.detach(), torch.ones_like(mu))
+            with pytest.raises(RuntimeError, match="jvp is not implemented"):
+                diffkern.ntrk_step(dual, sigma, w, rho, eps=eps)
 
 
 @pytest.mark.parametrize("backend", ("cpu", "reference"))

@@ -68,12 +68,19 @@ void check_step(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor&
   check_philox_state(kStepOp, philox, eps.has_value(), lead);
 }
 
+// Entry i of a float32 or float64 [B] tensor (check_per_sample), any stride, rounded to acc_t as .to(acc_t) rounds
+// it: read in place, without the four conversion ops (dispatcher round trips) per call that .to().contiguous() made.
+template <typename acc_t>
+acc_t per_sample(const at::Tensor& v, int64_t i) {
+  const int64_t k = i * v.stride(0);
+  return v.scalar_type() == at::kDouble ? static_cast<acc_t>(v.const_data_ptr<double>()[k])
+                                        : static_cast<acc_t>(v.const_data_ptr<float>()[k]);
+}
+
 template <typename acc_t>
 std::vector<Tilt<acc_t>> tilts(const at::Tensor& sigma, const at::Tensor& rho) {
-  const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
-  const at::Tensor s = sigma.to(acc).contiguous(), r = rho.to(acc).contiguous();
   std::vector<Tilt<acc_t>> t;
-  for (int64_t i = 0; i < s.numel(); ++i) t.push_back(tilt(s.const_data_ptr<acc_t>()[i], r.const_data_ptr<acc_t>()[i]));
+  for (int64_t i = 0; i < sigma.size(0); ++i) t.push_back(tilt(per_sample<acc_t>(sigma, i), per_sample<acc_t>(rho, i)));
   return t;
 }
 

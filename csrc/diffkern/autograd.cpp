@@ -75,6 +75,14 @@ class BelowAutograd final : public c10::OperatorKernel {
 
 }  // namespace
 
+bool nothing_to_record(std::initializer_list<TensorList> inputs) {
+  const bool grad_mode = at::GradMode::is_enabled();
+  for (const TensorList list : inputs)
+    for (const Tensor& t : list)
+      if ((grad_mode && t.requires_grad()) || t._fw_grad(/*level=*/0).defined()) return false;
+  return true;
+}
+
 torch::CppFunction refuse_backward(std::string message) {
   return torch::CppFunction::makeFromBoxedFunctor(std::make_unique<BelowAutograd>(std::move(message)));
 }

@@ -9,6 +9,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <optional>
 
 #include <string>
@@ -27,6 +28,13 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow((std::string("diffkern::") + name).c_str(), "")
       .typed<Signature>();
 }
+
+// Whether autograd has nothing to record for these inputs: grad mode off or none requires grad, and none carries a
+// forward-mode tangent. A forward op is then called directly below autograd (the same kernel, the same outputs),
+// without Function::apply's graph node, per-input metadata and saved variables: a few microseconds per call, which
+// matter for an op called many times on small inputs (DAR's routing ops) and for one whose caller's working set has
+// just evicted that code from the caches (NoiseTilt's step after its sweeps).
+bool nothing_to_record(std::initializer_list<TensorList> inputs);
 
 // An Autograd kernel whose op has no derivative. Its floating outputs of inputs that require grad (under
 // grad mode) get a grad_fn that raises NotImplementedError(message) when a gradient reaches it, so

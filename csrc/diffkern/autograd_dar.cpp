@@ -24,18 +24,6 @@ const auto& gather_fwd() {
   return fwd;
 }
 
-// Whether autograd has nothing to record for these inputs: grad mode off or none requires grad, and none carries a
-// forward-mode tangent. The forward op is then called directly below autograd (the same kernel, the same outputs),
-// without Function::apply's graph node, per-input metadata and saved variables: at B=1, T=8 a routing op costs a
-// few microseconds, and an inference forward of a DiT-XL/2 stack runs 57 of them.
-bool nothing_to_record(std::initializer_list<TensorList> inputs) {
-  const bool grad_mode = at::GradMode::is_enabled();
-  for (const TensorList list : inputs)
-    for (const Tensor& t : list)
-      if ((grad_mode && t.requires_grad()) || t._fw_grad(/*level=*/0).defined()) return false;
-  return true;
-}
-
 // Saved: q, gain, h, lse and the routed sources; lse gets no gradient (never materialised as zeros).
 struct Route : torch::autograd::Function<Route> {
   static variable_list forward(AutogradContext* ctx, TensorList sources, const Tensor& q, const Tensor& gain,

@@ -10,15 +10,20 @@
 namespace diffkern::autograd {
 namespace {
 
+const auto& step_fwd() {
+  static auto fwd =
+      op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&)>(
+          "ntrk_step");
+  return fwd;
+}
+
 struct Step : torch::autograd::Function<Step> {
   static Tensor forward(AutogradContext* ctx, const Tensor& mu, const Tensor& sigma, const Tensor& w,
                         const Tensor& rho, const OptTensor& eps, const OptTensor& philox) {
-    static auto fwd = op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                                const OptTensor&)>("ntrk_step");
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({sigma, rho});
     ctx->set_materialize_grads(false);
-    return fwd.call(mu, sigma, w, rho, eps, philox);
+    return step_fwd().call(mu, sigma, w, rho, eps, philox);
   }
 
   // dmu = dx, dw = sigma sqrt(rho) dx, deps = sigma sqrt(1 - rho) dx (per sample), each only when its input
@@ -47,8 +52,13 @@ struct Step : torch::autograd::Function<Step> {
   }
 };
 
+// Without anything to record (a sampler's step) the op runs below autograd directly (nothing_to_record).
 Tensor step(const Tensor& mu, const Tensor& sigma, const Tensor& w, const Tensor& rho, const OptTensor& eps,
             const OptTensor& philox) {
+  if (nothing_to_record({mu, sigma, w, rho, eps ? TensorList(*eps) : TensorList()})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return step_fwd().call(mu, sigma, w, rho, eps, philox);
+  }
   return Step::apply(mu, sigma, w, rho, eps, philox);
 }
 

@@ -25,25 +25,27 @@ class Timing:
         return asdict(self)
 
 
-def _sample(fn: Callable[[], object], calls: int) -> float:
-    start = time.perf_counter()
+def _sample(fn: Callable[[], object], calls: int, clock: Callable[[], float] = time.perf_counter) -> float:
+    start = clock()
     for _ in range(calls):
         fn()
-    return (time.perf_counter() - start) / calls
+    return (clock() - start) / calls
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int, rounds: int,
-                     min_sample_s: float) -> dict[str, Timing]:
+                     min_sample_s: float, clock: Callable[[], float] = time.perf_counter) -> dict[str, Timing]:
     """Times each callable: `warmup` untimed calls, then `rounds` rounds of one sample of every callable.
 
     A sample repeats its callable until it lasts about `min_sample_s`, so short calls are not lost in
     timer resolution; taking the samples round-robin means a slow spell of the machine lands on every
     candidate rather than on one, which keeps their ratios honest. The garbage collector is off while
-    a sample runs, and collects before it only the objects made since the rounds began.
+    a sample runs, and collects before it only the objects made since the rounds began. `clock`: wall time by
+    default; time.thread_time counts only the calling thread's CPU time (a descheduled spell of a loaded machine
+    left out; the whole op's time at 1 thread, where torch runs kernels on the calling thread).
     """
     calls = {}
     for name, fn in fns.items():
-        once = min(_sample(fn, 1) for _ in range(max(1, warmup)))
+        once = min(_sample(fn, 1, clock) for _ in range(max(1, warmup)))
         calls[name] = max(1, round(min_sample_s / max(once, 1e-9)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     # The collection before each sample skips every object alive now (torch's, a torch.compile'd graph's: after
@@ -55,7 +57,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int, rounds: 
                 gc.collect()
                 gc.disable()
                 try:
-                    samples[name].append(_sample(fn, calls[name]))
+                    samples[name].append(_sample(fn, calls[name], clock))
                 finally:
                     gc.enable()
     finally:
