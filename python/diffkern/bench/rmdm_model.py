@@ -21,7 +21,7 @@ each launch's bytes with every tensor touched once (the minimum), for comparison
 2-4 us a launch without a CUDA graph) is not in the roofline: `launches` says how many there are.
 
 The Triton backward (rmdm/triton_backward.py): `backward_launches` lists its launches (each iteration's recompute,
-then 13 per block) with programs, FLOPs and minimal bytes, and `triton_backward` sums them into its modeled H100
+then 11 per block) with programs, FLOPs and minimal bytes, and `triton_backward` sums them into its modeled H100
 time beside the roofline of the backward's FLOPs alone (the issue's 1.2x bar) and `aten_backward`'s floor.
 """
 from __future__ import annotations
@@ -161,10 +161,10 @@ def _product_flops(pm, pn, depth, cfg: _autotune.Config) -> int:
     return pm * pn * triton.cdiv(depth, bk) * 2 * bm * bn * bk
 
 
-def _dx_launch(M, N, Kd, dtype, out_size, gelu) -> dict:
+def _dx_launch(M, N, Kd, dtype, gelu) -> dict:
     cfg, isz = tb.product_config(dtype), dtype.itemsize
     pm, pn = triton.cdiv(M, cfg.constexprs["BLOCK_M"]), triton.cdiv(N, cfg.constexprs["BLOCK_N"])
-    unique = (M * Kd + Kd * N + (M * N if gelu else 0)) * isz + M * N * out_size
+    unique = (M * Kd + Kd * N + (M * N if gelu else 0) + M * N) * isz
     return _bwd_launch("recurse_dx_kernel", pm * pn, _product_flops(pm, pn, Kd, cfg), unique)
 
 
@@ -184,13 +184,17 @@ def _attention_bwd_launch(B, T, d, heads, dtype) -> dict:
     return _bwd_launch("recurse_attention_bwd_kernel", (nq + nkv) * B * heads, flops, unique)
 
 
-def _norm_bwd_launches(B, T, d, isz, has_mod, second, add_state) -> list[dict]:
-    M, nt = B * T, triton.cdiv(T, tb.norm_config(d).constexprs["BLOCK_M"])
+def _dx_norm_launches(B, T, d, Kd, dtype, has_mod, second, add_state) -> list[dict]:
+    """recurse_dx_norm_kernel (du = dout W with the LayerNorm backward as its epilogue: du never leaves registers)
+    over per-sample row tiles of whole rows, and the partials' sum."""
+    cfg, M, isz = tb.dx_norm_config(dtype, d), B * T, dtype.itemsize
+    nt = triton.cdiv(T, cfg.constexprs["BLOCK_M"])
     n_q = 2 if not has_mod else (tb.N_PARTIALS if second else 4)
     parts = B * nt * n_q * d * 4
-    unique = M * d * (3 * 4 + 4 + isz) + M * d * isz * (int(add_state) + (2 if has_mod and second else 0)) + parts
-    pc = tb.PARTIALS.constexprs
-    return [_bwd_launch("recurse_norm_bwd_kernel", nt * B, 0, unique),
+    product = (M * Kd + Kd * d) * isz  # dout, W
+    norm = M * d * (2 * 4 + 4 + isz) + M * d * isz * (int(add_state) + (2 if has_mod and second else 0))  # h, res,
+    pc = tb.PARTIALS.constexprs                                                      # dh, dy; dstate, a, y
+    return [_bwd_launch("recurse_dx_norm_kernel", nt * B, _product_flops(nt * B, 1, Kd, cfg), product + norm + parts),
             _bwd_launch("recurse_partials_kernel", triton.cdiv(d, pc["BLOCK_D"]) * n_q * (B if has_mod else 1), 0,
                         parts + 2 * (2 * d + (B * n_q * d if has_mod else 0)) * 4)]
 
@@ -232,12 +236,11 @@ def backward_launches(B, T, d, f, heads, K, L, dtype, has_mod=False) -> list[dic
     for it in reversed(range(L)):
         out += _recompute_launches(B, T, d, f, heads, K, dtype, has_mod)
         for kb in reversed(range(K)):
-            out += [_dw_launch(M, d, f, dtype), _dx_launch(M, f, d, dtype, isz, True), _dw_launch(M, f, d, dtype),
-                    _dx_launch(M, d, f, dtype, 4, False), *_norm_bwd_launches(B, T, d, isz, has_mod, True, False),
-                    _dw_launch(M, d, d, dtype), _dx_launch(M, d, d, dtype, isz, False),
+            out += [_dw_launch(M, d, f, dtype), _dx_launch(M, f, d, dtype, True), _dw_launch(M, f, d, dtype),
+                    *_dx_norm_launches(B, T, d, f, dtype, has_mod, True, False),
+                    _dw_launch(M, d, d, dtype), _dx_launch(M, d, d, dtype, False),
                     _attention_bwd_launch(B, T, d, heads, dtype), _dw_launch(M, 3 * d, d, dtype),
-                    _dx_launch(M, d, 3 * d, dtype, 4, False),
-                    *_norm_bwd_launches(B, T, d, isz, has_mod, False, kb == 0 and it > 0)]
+                    *_dx_norm_launches(B, T, d, 3 * d, dtype, has_mod, False, kb == 0 and it > 0)]
     return out
 
 

@@ -10,14 +10,14 @@ Per block evaluation, with G the fp32 gradient reaching the block's output and d
       LN1 -> u1, u1 W_qkv^T -> qkv, attention -> ctx and the rows' log-sum-exp lse [B*H, T],
       h_mid = h + g1 a (a = ctx W_o^T + b_o kept with adaLN), LN2 -> u2, g = gelu(z) (z kept),
       h_out = h_mid + g2 y (y kept with adaLN)
-  backward, 13 launches:
+  backward, 11 launches:
       recurse_dw_kernel        dW_2 += dy^T g, db_2 += the column sums of dy
       recurse_dx_kernel        dz = (dy W_2) gelu'(z)                        (gelu' fused as the epilogue)
       recurse_dw_kernel        dW_1 += dz^T u2, db_1
-      recurse_dx_kernel        du = dz W_1                                    (fp32)
-      recurse_norm_bwd_kernel  LN2 (+adaLN) backward over BLOCK_M rows of one sample: dh_mid = G + LN'(du), and
-                               dy = g1 dh_mid; the tile's row sums of the LN vectors' and adaLN's gradients
-                               (shift2, scale2, gate1 = dh_mid a, gate2 = G y) as partials
+      recurse_dx_norm_kernel   du = dz W_1 over whole rows (16 rows of one sample a program), and in its epilogue
+                               LN2's (+adaLN) backward: dh_mid = G + LN'(du), dy = g1 dh_mid; the tile's row sums of
+                               the LN vectors' and adaLN's gradients (shift2, scale2, gate1 = dh_mid a, gate2 = G y)
+                               as partials (du never leaves registers)
       recurse_partials_kernel  the partials summed in order into the fp32 gradient accumulators
       recurse_dw_kernel        dW_o += dy^T ctx, db_o
       recurse_dx_kernel        dctx = dy W_o
@@ -25,9 +25,8 @@ Per block evaluation, with G the fp32 gradient reaching the block's output and d
                                sample, head) for dk, dv (over every query tile) and one per (query tile, sample,
                                head) for dq (over every key tile), in one launch          -> dqkv
       recurse_dw_kernel        dW_qkv += dqkv^T u1, db_qkv
-      recurse_dx_kernel        du = dqkv W_qkv
-      recurse_norm_bwd_kernel  LN1 backward: G <- dh_mid + LN'(du) (+ dstates[it-1] at an iteration's first block),
-                               dy = g2 G of the block G flows into next
+      recurse_dx_norm_kernel   du = dqkv W_qkv, and LN1's backward: G <- dh_mid + LN'(du) (+ dstates[it-1] at an
+                               iteration's first block), dy = g2 G of the block G flows into next
       recurse_partials_kernel
 The gradient at the last state, dstates[L-1] as fp32 G and gated into dy, is two aten ops before the first launch,
 and dx, the weights' and mod's gradients are rounded from their fp32 accumulators once at the end.
@@ -40,7 +39,7 @@ cannot be launched again and again by a tuner, and the reducing ones would sum i
 
 Precision: every product goes through diffkern._dot (16-bit operands on tensor cores with fp32 accumulation, tf32x3
 for fp32 inputs, fp32 "ieee" under the interpreter, which the tests run). The gradients a product reads (dy, dz,
-dctx, dqkv) are stored in the operand dtype, as the activations are; the residual gradient G and du stay fp32.
+dctx, dqkv) are stored in the operand dtype, as the activations are; the residual gradient G stays fp32.
 """
 from __future__ import annotations
 
@@ -55,9 +54,9 @@ from . import triton_kernels as tk
 from .reference import N_PARAMS
 from .triton_common import gate, gelu_grad, normalized, scores
 
-NORM_ELEMENTS = 4096  # recurse_norm_bwd_kernel's [BLOCK_M, BLOCK_D] tile
 PARTIALS = Config(dict(BLOCK_R=32, BLOCK_D=128), 4)
-N_PARTIALS = 6  # recurse_norm_bwd_kernel's quantities: LN w, LN b, adaLN shift, scale, gate1, gate2
+DX_NORM_ROWS = 16  # recurse_dx_norm_kernel's rows per program: tl.dot's least
+N_PARTIALS = 6  # recurse_dx_norm_kernel's quantities: LN w, LN b, adaLN shift, scale, gate1, gate2
 
 
 def product_config(dtype: torch.dtype) -> Config:
@@ -73,20 +72,22 @@ def attention_config(dtype: torch.dtype) -> Config:
     return Config(dict(BLOCK_Q=tile, BLOCK_KV=tile), 4)
 
 
-def norm_config(d: int) -> Config:
-    """recurse_norm_bwd_kernel's configuration at width d: BLOCK_M rows of BLOCK_D = next_power_of_2(d) columns."""
-    block_d = triton.next_power_of_2(d)
-    return Config(dict(BLOCK_M=max(1, NORM_ELEMENTS // block_d), BLOCK_D=block_d), 8)
+def dx_norm_config(dtype: torch.dtype, d: int) -> Config:
+    """recurse_dx_norm_kernel's configuration at width d: DX_NORM_ROWS rows of one sample by whole rows,
+    BLOCK_N = next_power_of_2(d) columns, in 8 warps (at d = 512 the [16, 512] fp32 product and the LayerNorm
+    backward's tiles beside it fit without spills), reduced in 32-deep slices; 16-deep for fp32 inputs, whose
+    pipelined [32, 512] fp32 weight slices would take 198 KiB of shared memory at d = 512 (an A100 has 163)."""
+    block_k = 16 if dtype == torch.float32 else 32
+    return Config(dict(BLOCK_M=DX_NORM_ROWS, BLOCK_N=triton.next_power_of_2(d), BLOCK_K=block_k), 8)
 
 
 @triton.jit
-def _product(a_ptr, lda, b_ptr, ldb, rows, cols, M, N, Kd, TRANS_A: tl.constexpr, DOT_F32: tl.constexpr,
+def _product(a_ptr, lda, b_ptr, ldb, rows, cols, rm, nm, Kd, TRANS_A: tl.constexpr, DOT_F32: tl.constexpr,
              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """(sum over k < Kd of A[rows, k] B[k, cols], sum over k < Kd of A[rows, k]) in fp32, k in BLOCK_K slices in
     increasing order, the product through diffkern._dot (the row sums cost no load: they are the bias gradient
     when A is dy^T). B: [Kd, N] with row stride ldb; A: [M, Kd] with row stride lda, or (TRANS_A) stored
-    transposed, [Kd, M] with row stride lda. Out-of-range elements count as 0."""
-    rm, nm = rows < M, cols < N
+    transposed, [Kd, M] with row stride lda. Rows where rm and columns where nm are False count as 0."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     a_sum = tl.zeros((BLOCK_M,), tl.float32)
     for k0 in range(0, Kd, BLOCK_K):
@@ -105,16 +106,24 @@ def _product(a_ptr, lda, b_ptr, ldb, rows, cols, M, N, Kd, TRANS_A: tl.constexpr
 
 
 @triton.jit
+def _tile(a_ptr, lda, b_ptr, ldb, M, N, Kd, TRANS_A: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """_product's output tile (program_id(0), program_id(1)) of an [M, N] result stored with row stride N: (its rows,
+    the product, A's row sums, the tile's mask and element offsets)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, nm = rows < M, cols < N
+    acc, a_sum = _product(a_ptr, lda, b_ptr, ldb, rows, cols, rm, nm, Kd, TRANS_A, DOT_F32, PRECISION, BLOCK_M,
+                          BLOCK_N, BLOCK_K)
+    return rows, acc, a_sum, rm[:, None] & nm[None, :], rows[:, None].to(tl.int64) * N + cols[None, :]
+
+
+@triton.jit
 def recurse_dx_kernel(dy_ptr, w_ptr, z_ptr, out_ptr, M, N, Kd, GELU_GRAD: tl.constexpr, DOT_F32: tl.constexpr,
                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The input gradient of y = x W^T + b for one [BLOCK_M, BLOCK_N] tile: out = dy W (dy [M, Kd], W the forward's
     [Kd, N] weight), times gelu'(z) (z [M, N]) when GELU_GRAD; stored in out's dtype."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc, _ = _product(dy_ptr, Kd, w_ptr, N, rows, cols, M, N, Kd, False, DOT_F32, PRECISION, BLOCK_M, BLOCK_N,
-                      BLOCK_K)
-    om = (rows < M)[:, None] & (cols < N)[None, :]
-    offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+    _, acc, _, om, offs = _tile(dy_ptr, Kd, w_ptr, N, M, N, Kd, False, DOT_F32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     if GELU_GRAD:
         acc *= gelu_grad(tl.load(z_ptr + offs, mask=om, other=0.0).to(tl.float32))
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=om)
@@ -127,12 +136,8 @@ def recurse_dw_kernel(dy_ptr, x_ptr, dw_ptr, db_ptr, R, N, Kd, DOT_F32: tl.const
     dw += dy^T x (dy [R, N], x [R, Kd]), the rows summed in BLOCK_K slices in order; the programs of the first
     column tile also add the column sums of dy, which the product's loop forms from the dy tiles it loads, into
     db [N]. dw, db: fp32 accumulators."""
-    i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc, colsum = _product(dy_ptr, N, x_ptr, Kd, i, j, N, Kd, R, True, DOT_F32, PRECISION, BLOCK_M, BLOCK_N,
-                           BLOCK_K)
-    om = (i < N)[:, None] & (j < Kd)[None, :]
-    offs = i[:, None].to(tl.int64) * Kd + j[None, :]
+    i, acc, colsum, om, offs = _tile(dy_ptr, N, x_ptr, Kd, N, Kd, R, True, DOT_F32, PRECISION, BLOCK_M, BLOCK_N,
+                                     BLOCK_K)
     tl.store(dw_ptr + offs, tl.load(dw_ptr + offs, mask=om, other=0.0) + acc, mask=om)
     if tl.program_id(1) == 0:
         tl.store(db_ptr + i, tl.load(db_ptr + i, mask=i < N, other=0.0) + colsum, mask=i < N)
@@ -214,11 +219,14 @@ def recurse_attention_bwd_kernel(qkv_ptr, ctx_ptr, dctx_ptr, lse_ptr, dqkv_ptr, 
 
 
 @triton.jit
-def recurse_norm_bwd_kernel(du_ptr, h_ptr, w_ptr, b_ptr, mod_ptr, res_ptr, dstate_ptr, a_ptr, y_ptr, dh_ptr, dy_ptr,
-                            part_ptr, T, D, K, kb, kb_gate, gate_part, eps, add_state, SHIFT: tl.constexpr,
-                            HAS_MOD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Backward of u = LN(h) w + b (then adaLN's (1 + scale) and shift, parts SHIFT + 1 and SHIFT of block kb, when
-    HAS_MOD) for rows program_id(0) * BLOCK_M ... of sample program_id(1), h the fp32 state [B*T, D]:
+def recurse_dx_norm_kernel(dout_ptr, w_ptr, h_ptr, ln_w_ptr, ln_b_ptr, mod_ptr, res_ptr, dstate_ptr, a_ptr, y_ptr,
+                           dh_ptr, dy_ptr, part_ptr, T, D, Kd, K, kb, kb_gate, gate_part, eps, add_state,
+                           SHIFT: tl.constexpr, HAS_MOD: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The input gradient du = dout W (dout [B*T, Kd], W the forward's [Kd, D] weight) of a product that reads
+    u = LN(h) w + b (then adaLN's (1 + scale) and shift, parts SHIFT + 1 and SHIFT of block kb, when HAS_MOD), and
+    in the epilogue that LayerNorm's backward, for rows program_id(0) * BLOCK_M ... of sample program_id(1): the
+    tile holds whole rows (BLOCK_N >= D), so du stays in registers. h: the fp32 state [B*T, D];
         dh = res + LN'(du)  (+ dstate when add_state),  stored fp32 into dh, and  dy = gate * dh  in dy's dtype
     with gate adaLN's part gate_part of block kb_gate (1 without adaLN). The tile's sums over its rows go to
     part [B, n_tiles, 6, D] (fp32): 0 dLN_w = du (1 + scale) xhat, 1 dLN_b = du (1 + scale), with adaLN 2 dshift = du,
@@ -226,45 +234,47 @@ def recurse_norm_bwd_kernel(du_ptr, h_ptr, w_ptr, b_ptr, mod_ptr, res_ptr, dstat
     attention and MLP outputs)."""
     tile, s = tl.program_id(0), tl.program_id(1)
     t = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
-    cm = cols < D
-    m = (t < T)[:, None] & cm[None, :]
-    offs = (s.to(tl.int64) * T + t)[:, None] * D + cols[None, :]
-    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+    cols = tl.arange(0, BLOCK_N)
+    tm, cm = t < T, cols < D
+    rows = s.to(tl.int64) * T + t
+    du, _ = _product(dout_ptr, Kd, w_ptr, D, rows, cols, tm, cm, Kd, False, DOT_F32, PRECISION, BLOCK_M, BLOCK_N,
+                     BLOCK_K)
+    m = tm[:, None] & cm[None, :]
+    offs = rows[:, None] * D + cols[None, :]
+    w = tl.load(ln_w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
     xhat, rstd = normalized(tl.load(h_ptr + offs, mask=m, other=0.0), cm, D, eps)
-    du = tl.load(du_ptr + offs, mask=m, other=0.0)
     dln = du
     if HAS_MOD:
         dln = du * (1.0 + tl.load(mod_ptr + (s.to(tl.int64) * K + kb) * 6 * D + (SHIFT + 1) * D + cols, mask=cm,
                                   other=0.0).to(tl.float32))[None, :]
+    part = part_ptr + (s.to(tl.int64) * tl.num_programs(0) + tile) * 6 * D + cols
+    tl.store(part, tl.sum(dln * xhat, 0), mask=cm)
+    tl.store(part + D, tl.sum(dln, 0), mask=cm)
+    if HAS_MOD:
+        lb = tl.load(ln_b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+        tl.store(part + 2 * D, tl.sum(du, 0), mask=cm)
+        tl.store(part + 3 * D, tl.sum(tl.where(m, du * (xhat * w[None, :] + lb[None, :]), 0.0), 0), mask=cm)
     dxhat = dln * w[None, :]
     c1 = tl.sum(dxhat * xhat, 1) / D
     c2 = tl.sum(dxhat, 1) / D
+    dh_ln = tl.where(m, rstd[:, None] * (dxhat - c2[:, None] - xhat * c1[:, None]), 0.0)
     res = tl.load(res_ptr + offs, mask=m, other=0.0)
-    dh = res + tl.where(m, rstd[:, None] * (dxhat - c2[:, None] - xhat * c1[:, None]), 0.0)
+    if HAS_MOD and SHIFT == 3:
+        tl.store(part + 5 * D, tl.sum(res * tl.load(y_ptr + offs, mask=m, other=0.0).to(tl.float32), 0), mask=cm)
+    dh = res + dh_ln
     if add_state:
         dh += tl.load(dstate_ptr + offs, mask=m, other=0.0).to(tl.float32)
     tl.store(dh_ptr + offs, dh, mask=m)
     g = gate(mod_ptr + (s.to(tl.int64) * K + kb_gate) * 6 * D + gate_part * D, 0, cols[None, :], m, D, HAS_MOD)
     tl.store(dy_ptr + offs, (g * dh).to(dy_ptr.dtype.element_ty), mask=m)
-    part = part_ptr + (s.to(tl.int64) * tl.num_programs(0) + tile) * 6 * D + cols
-    tl.store(part, tl.sum(dln * xhat, 0), mask=cm)
-    tl.store(part + D, tl.sum(dln, 0), mask=cm)
-    if HAS_MOD:
-        lb = tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
-        tl.store(part + 2 * D, tl.sum(du, 0), mask=cm)
-        tl.store(part + 3 * D, tl.sum(tl.where(m, du * (xhat * w[None, :] + lb[None, :]), 0.0), 0), mask=cm)
-        if SHIFT == 3:
-            a = tl.load(a_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            y = tl.load(y_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            tl.store(part + 4 * D, tl.sum(dh * a, 0), mask=cm)
-            tl.store(part + 5 * D, tl.sum(res * y, 0), mask=cm)
+    if HAS_MOD and SHIFT == 3:
+        tl.store(part + 4 * D, tl.sum(dh * tl.load(a_ptr + offs, mask=m, other=0.0).to(tl.float32), 0), mask=cm)
 
 
 @triton.jit
 def recurse_partials_kernel(part_ptr, dln_ptr, dmod_ptr, B, NT, D, K, kb, SHIFT: tl.constexpr, BLOCK_T: tl.constexpr,
                             BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """recurse_norm_bwd_kernel's partials part [B, NT, 6, D] summed in a fixed order for columns program_id(0) *
+    """recurse_dx_norm_kernel's partials part [B, NT, 6, D] summed in a fixed order for columns program_id(0) *
     BLOCK_D ... and quantity q = program_id(1): q 0, 1 (the LN vectors) over every (sample, tile), BLOCK_R rows at a
     time, into dln [2, D] (by the programs of program_id(2) == 0); q >= 2 (adaLN) over the tiles of sample
     program_id(2) into part SHIFT + q - 2 (q 2, 3), 2 (q 4) or 5 (q 5) of block kb of dmod [B, K, 6, D]. dln and
@@ -369,15 +379,15 @@ class _Grads:
             self.mod.to(mod.dtype) if mod is not None else x.new_empty(0)
 
 
-def _launch_norm_bwd(du, h, ln_w, ln_b, mod, res, dh, dy, part, dln, dmod, kb, K, B, T, eps, shift, gate_at,
-                     a=None, y=None, dstate=None):
-    d = h.shape[1]
-    cfg = norm_config(d)
-    nt = triton.cdiv(T, cfg.constexprs["BLOCK_M"])
-    recurse_norm_bwd_kernel[(nt, B)](
-        du, h, ln_w, ln_b, mod if mod is not None else dy, res, dstate if dstate is not None else dy,
-        a if a is not None else dy, y if y is not None else dy, dh, dy, part, T, d, K, kb, *gate_at, eps,
-        int(dstate is not None), SHIFT=shift, HAS_MOD=mod is not None, **cfg.meta())
+def _launch_dx_norm(dout, w, h, ln_w, ln_b, mod, res, dh, dy, part, dln, dmod, kb, K, B, T, eps, shift, gate_at,
+                    a=None, y=None, dstate=None):
+    d, Kd = h.shape[1], dout.shape[1]
+    nt = triton.cdiv(T, DX_NORM_ROWS)
+    recurse_dx_norm_kernel[(nt, B)](
+        dout, w, h, ln_w, ln_b, mod if mod is not None else dy, res, dstate if dstate is not None else dy,
+        a if a is not None else dy, y if y is not None else dy, dh, dy, part, T, d, Kd, K, kb, *gate_at, eps,
+        int(dstate is not None), SHIFT=shift, HAS_MOD=mod is not None, **_dot.dot_meta(dout.dtype),
+        **dx_norm_config(dout.dtype, d).meta())
     n_q = 2 if mod is None else (N_PARTIALS if shift == 3 else 4)
     pc = PARTIALS.constexprs
     recurse_partials_kernel[(triton.cdiv(d, pc["BLOCK_D"]), n_q, B if mod is not None else 1)](
@@ -389,12 +399,12 @@ def _block_backward(A, w, dw, dln, mod, dmod, G, Gm, dy, bufs, kb, K, B, T, head
     """Block kb's backward (module docstring): G, dy hold the gradient at its output (and g2 G); on return G holds
     the gradient at its input (plus dstate) and dy gate_next's gate times it."""
     ln1_w, ln1_b, w_qkv, _, w_o, _, ln2_w, ln2_b, w_1, _, w_2, _ = w
-    du, dz, dctx, dqkv, part = bufs
+    dz, dctx, dqkv, part = bufs
     M, d = G.shape
     _linear_backward(dy, A.g, w_2, dw[10], dw[11], dz, z=A.z)
-    _linear_backward(dz, A.u2, w_1, dw[8], dw[9], du)
-    _launch_norm_bwd(du, A.h_mid, ln2_w, ln2_b, mod, G, Gm, dy, part, dln[1], dmod, kb, K, B, T, eps, 3, (kb, 2),
-                     a=A.a, y=A.y)
+    _launch_dw(dz, A.u2, dw[8], dw[9])
+    _launch_dx_norm(dz, w_1, A.h_mid, ln2_w, ln2_b, mod, G, Gm, dy, part, dln[1], dmod, kb, K, B, T, eps, 3, (kb, 2),
+                    a=A.a, y=A.y)
     _linear_backward(dy, A.ctx, w_o, dw[4], dw[5], dctx)
     dh = d // heads
     ac = attention_config(dqkv.dtype)
@@ -402,9 +412,9 @@ def _block_backward(A, w, dw, dln, mod, dmod, G, Gm, dy, bufs, kb, K, B, T, head
                                   B * heads)](
         A.qkv, A.ctx, dctx, A.lse, dqkv, T, d, heads, dh, dh ** -0.5, **_dot.dot_meta(dqkv.dtype),
         BLOCK_DH=tk.block_dh(dh), **ac.meta())
-    _linear_backward(dqkv, A.u1, w_qkv, dw[2], dw[3], du)
-    _launch_norm_bwd(du, A.h, ln1_w, ln1_b, mod, Gm, G, dy, part, dln[0], dmod, kb, K, B, T, eps, 0, (gate_next, 5),
-                     dstate=dstate)
+    _launch_dw(dqkv, A.u1, dw[2], dw[3])
+    _launch_dx_norm(dqkv, w_qkv, A.h, ln1_w, ln1_b, mod, Gm, G, dy, part, dln[0], dmod, kb, K, B, T, eps, 0,
+                    (gate_next, 5), dstate=dstate)
 
 
 def recurse_bwd(dstates, x, states, weights, mod, heads, eps):
@@ -421,9 +431,9 @@ def recurse_bwd(dstates, x, states, weights, mod, heads, eps):
     dt, dev = x.dtype, x.device
     acts = [_Activations(M, d, f, B * heads * T, dt, dev, mod is not None) for _ in range(K)]
     grads = _Grads(weights, mod)
-    nt = triton.cdiv(T, norm_config(d).constexprs["BLOCK_M"])
-    bufs = (_triton.empty((M, d), torch.float32, dev), _triton.empty((M, f), dt, dev), _triton.empty((M, d), dt, dev),
-            _triton.empty((M, 3 * d), dt, dev), _triton.empty((B, nt, N_PARTIALS, d), torch.float32, dev))
+    nt = triton.cdiv(T, DX_NORM_ROWS)
+    bufs = (_triton.empty((M, f), dt, dev), _triton.empty((M, d), dt, dev), _triton.empty((M, 3 * d), dt, dev),
+            _triton.empty((B, nt, N_PARTIALS, d), torch.float32, dev))
     G = dstates[L - 1].reshape(M, d).to(torch.float32, copy=True)
     Gm = torch.empty_like(G)
     dy = (G if mod is None else G.view(B, T, d) * mod[:, K - 1, 5, None, :].float()).to(dt, copy=True).reshape(M, d)
@@ -442,9 +452,9 @@ def backward_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible
                    fp32_precision: str = "tf32x3") -> list[KernelSpec]:
     """The backward's kernels at width d, head width dh, in `dtype` as a GPU runs them (16-bit operands, or fp32 at
     `fp32_precision`), pointers and widths 16-divisible as at the Sudoku shape (divisible False: nothing assumed, as a
-    launch at odd sizes): recurse_dx_kernel's three launches (gelu' epilogue; stored in the operand dtype; stored in
-    fp32), recurse_dw_kernel, recurse_attention_bwd_kernel and the two LayerNorm backwards (with adaLN or without:
-    their HAS_MOD branch)."""
+    launch at odd sizes): recurse_dx_kernel's two launches (with the gelu' epilogue and without),
+    recurse_dw_kernel, recurse_attention_bwd_kernel and recurse_dx_norm_kernel after either LayerNorm (with adaLN
+    or without: its HAS_MOD branch)."""
     ty = _triton.TRITON_DTYPE[dtype]
     p, f32 = f"*{ty}", "*fp32"
     dot = _dot.gpu_meta(dtype, fp32_precision)
@@ -452,11 +462,10 @@ def backward_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible
             **_dot.precision_tags(dtype, fp32_precision)}
     ints = {n: "i32" for n in ("M", "N", "Kd")}
     specs = []
-    for gelu, out in dict.fromkeys(((True, p), (False, p), (False, f32))):  # fp32: the last two are one
-        sig = {"dy_ptr": p, "w_ptr": p, "z_ptr": out, "out_ptr": out, **ints}
+    for gelu in (True, False):
+        sig = {"dy_ptr": p, "w_ptr": p, "z_ptr": p, "out_ptr": p, **ints}
         specs += tk._specs("recurse_dx_kernel", recurse_dx_kernel, sig, {"GELU_GRAD": gelu, **dot},
-                           (product_config(dtype),),
-                           {**tags, "GELU_GRAD": gelu, "out": out}, ("N", "Kd") if divisible else None)
+                           (product_config(dtype),), {**tags, "GELU_GRAD": gelu}, ("N", "Kd") if divisible else None)
     sig = {"dy_ptr": p, "x_ptr": p, "dw_ptr": f32, "db_ptr": f32, "R": "i32", "N": "i32", "Kd": "i32"}
     specs += tk._specs("recurse_dw_kernel", recurse_dw_kernel, sig, dot, (product_config(dtype),), tags,
                        ("N", "Kd") if divisible else None)
@@ -466,13 +475,13 @@ def backward_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible
                        {**dot, "BLOCK_DH": tk.block_dh(dh)}, (attention_config(dtype),), {**tags, "dh": dh},
                        ("D", "DH") if divisible else None)
     for shift in (0, 3):
-        sig = {"du_ptr": f32, "h_ptr": f32, "w_ptr": p, "b_ptr": p, "mod_ptr": p, "res_ptr": f32, "dstate_ptr": p,
-               "a_ptr": p, "y_ptr": p, "dh_ptr": f32, "dy_ptr": p, "part_ptr": f32,
-               **{n: "i32" for n in ("T", "D", "K", "kb", "kb_gate", "gate_part")}, "eps": "fp32", "add_state": "i32"}
-        specs += tk._specs("recurse_norm_bwd_kernel", recurse_norm_bwd_kernel, sig,
-                           {"SHIFT": shift, "HAS_MOD": has_mod},
-                           (norm_config(d),), {**tags, "SHIFT": shift, "HAS_MOD": has_mod},
-                           ("D",) if divisible else None)
+        sig = {"dout_ptr": p, "w_ptr": p, "h_ptr": f32, "ln_w_ptr": p, "ln_b_ptr": p, "mod_ptr": p, "res_ptr": f32,
+               "dstate_ptr": p, "a_ptr": p, "y_ptr": p, "dh_ptr": f32, "dy_ptr": p, "part_ptr": f32,
+               **{n: "i32" for n in ("T", "D", "Kd", "K", "kb", "kb_gate", "gate_part")}, "eps": "fp32",
+               "add_state": "i32"}
+        specs += tk._specs("recurse_dx_norm_kernel", recurse_dx_norm_kernel, sig,
+                           {"SHIFT": shift, "HAS_MOD": has_mod, **dot}, (dx_norm_config(dtype, d),),
+                           {**tags, "SHIFT": shift, "HAS_MOD": has_mod}, ("D", "Kd") if divisible else None)
     return specs
 
 
@@ -480,7 +489,7 @@ def partials_specs(d: int, T: int) -> list[KernelSpec]:
     """recurse_partials_kernel after either LayerNorm (its code does not depend on the dtype) at width d, T tokens."""
     sig = {"part_ptr": "*fp32", "dln_ptr": "*fp32", "dmod_ptr": "*fp32",
            **{n: "i32" for n in ("B", "NT", "D", "K", "kb")}}
-    block_t = triton.next_power_of_2(triton.cdiv(T, norm_config(d).constexprs["BLOCK_M"]))
+    block_t = triton.next_power_of_2(triton.cdiv(T, DX_NORM_ROWS))
     return [s for shift in (0, 3) for s in tk._specs("recurse_partials_kernel", recurse_partials_kernel, sig,
                                                      {"SHIFT": shift, "BLOCK_T": block_t}, (PARTIALS,),
                                                      {"d": d, "SHIFT": shift}, ("D",))]
