@@ -15,9 +15,9 @@ from test_rmdm_recurse import EPS, ids, leaves_of, make, plain_oracle
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests (CPU tensors)")
 
-# (B, T, d, f, heads, K, n_iter), dtype, adaLN: T = 81 over three 32-key tiles and two 64-row LayerNorm tiles (d = 40
-# pads to 64 columns), f = 72 over two column tiles; B = 3 with T = 9; float16 (bfloat16 converts by truncation
-# under the interpreter: test_rmdm_recurse._interpreted_dtype).
+# (B, T, d, f, heads, K, n_iter), dtype, adaLN: T = 81 over three 32-key tiles and six 16-row LayerNorm tiles, the last
+# with one row (d = 40 pads to 64 columns), f = 72 over two column tiles; B = 3 with T = 9 (one partial LayerNorm tile
+# per sample); float16 (bfloat16 converts by truncation under the interpreter: test_rmdm_recurse._interpreted_dtype).
 CASES = (((1, 81, 40, 72, 2, 2, 2), torch.float32, True), ((1, 81, 40, 72, 2, 2, 2), torch.float16, False),
          ((3, 9, 24, 40, 2, 2, 2), torch.float32, False), ((3, 9, 24, 40, 2, 2, 2), torch.float16, True))
 
