@@ -186,16 +186,18 @@ def _attention_bwd_launch(B, T, d, heads, dtype) -> dict:
 
 def _dx_norm_launches(B, T, d, Kd, dtype, has_mod, second, add_state) -> list[dict]:
     """recurse_dx_norm_kernel (du = dout W with the LayerNorm backward as its epilogue: du never leaves registers)
-    over per-sample row tiles of whole rows, and the partials' sum."""
+    over row tiles of whole rows within its row groups (tb.dx_norm_groups), and the partials' sum."""
     cfg, M, isz = tb.dx_norm_config(dtype, d), B * T, dtype.itemsize
-    nt = triton.cdiv(T, cfg.constexprs["BLOCK_M"])
+    groups, rows = tb.dx_norm_groups(B, T, has_mod)
+    programs = triton.cdiv(rows, cfg.constexprs["BLOCK_M"]) * groups
     n_q = 2 if not has_mod else (tb.N_PARTIALS if second else 4)
-    parts = B * nt * n_q * d * 4
+    parts = programs * n_q * d * 4
     product = (M * Kd + Kd * d) * isz  # dout, W
     norm = M * d * (2 * 4 + 4 + isz) + M * d * isz * (int(add_state) + (2 if has_mod and second else 0))  # h, res,
     pc = tb.PARTIALS.constexprs                                                      # dh, dy; dstate, a, y
-    return [_bwd_launch("recurse_dx_norm_kernel", nt * B, _product_flops(nt * B, 1, Kd, cfg), product + norm + parts),
-            _bwd_launch("recurse_partials_kernel", triton.cdiv(d, pc["BLOCK_D"]) * n_q * (B if has_mod else 1), 0,
+    return [_bwd_launch("recurse_dx_norm_kernel", programs, _product_flops(programs, 1, Kd, cfg),
+                        product + norm + parts),
+            _bwd_launch("recurse_partials_kernel", triton.cdiv(d, pc["BLOCK_D"]) * n_q * groups, 0,
                         parts + 2 * (2 * d + (B * n_q * d if has_mod else 0)) * 4)]
 
 

@@ -225,11 +225,12 @@ def recurse_dx_norm_kernel(dout_ptr, w_ptr, h_ptr, ln_w_ptr, ln_b_ptr, mod_ptr, 
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The input gradient du = dout W (dout [B*T, Kd], W the forward's [Kd, D] weight) of a product that reads
     u = LN(h) w + b (then adaLN's (1 + scale) and shift, parts SHIFT + 1 and SHIFT of block kb, when HAS_MOD), and
-    in the epilogue that LayerNorm's backward, for rows program_id(0) * BLOCK_M ... of sample program_id(1): the
-    tile holds whole rows (BLOCK_N >= D), so du stays in registers. h: the fp32 state [B*T, D];
+    in the epilogue that LayerNorm's backward, for rows program_id(0) * BLOCK_M ... of the T-row group program_id(1)
+    (a sample with adaLN, dx_norm_groups): the tile holds whole rows (BLOCK_N >= D), so du stays in registers.
+    h: the fp32 state [B*T, D];
         dh = res + LN'(du)  (+ dstate when add_state),  stored fp32 into dh, and  dy = gate * dh  in dy's dtype
     with gate adaLN's part gate_part of block kb_gate (1 without adaLN). The tile's sums over its rows go to
-    part [B, n_tiles, 6, D] (fp32): 0 dLN_w = du (1 + scale) xhat, 1 dLN_b = du (1 + scale), with adaLN 2 dshift = du,
+    part [groups, n_tiles, 6, D] (fp32): 0 dLN_w = du (1 + scale) xhat, 1 dLN_b = du (1 + scale), with adaLN 2 dshift = du,
     3 dscale = du LN(h) and, after LN2 (SHIFT 3), 4 dgate1 = dh a and 5 dgate2 = res y (a, y: the block's ungated
     attention and MLP outputs)."""
     tile, s = tl.program_id(0), tl.program_id(1)
@@ -272,32 +273,31 @@ def recurse_dx_norm_kernel(dout_ptr, w_ptr, h_ptr, ln_w_ptr, ln_b_ptr, mod_ptr, 
 
 
 @triton.jit
-def recurse_partials_kernel(part_ptr, dln_ptr, dmod_ptr, B, NT, D, K, kb, SHIFT: tl.constexpr, BLOCK_T: tl.constexpr,
-                            BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """recurse_dx_norm_kernel's partials part [B, NT, 6, D] summed in a fixed order for columns program_id(0) *
-    BLOCK_D ... and quantity q = program_id(1): q 0, 1 (the LN vectors) over every (sample, tile), BLOCK_R rows at a
-    time, into dln [2, D] (by the programs of program_id(2) == 0); q >= 2 (adaLN) over the tiles of sample
-    program_id(2) into part SHIFT + q - 2 (q 2, 3), 2 (q 4) or 5 (q 5) of block kb of dmod [B, K, 6, D]. dln and
-    dmod are fp32 accumulators."""
+def recurse_partials_kernel(part_ptr, dln_ptr, dmod_ptr, B, NT, D, K, kb, SHIFT: tl.constexpr, BLOCK_R: tl.constexpr,
+                            BLOCK_D: tl.constexpr):
+    """recurse_dx_norm_kernel's partials part [B, NT, 6, D] (B row groups of NT tiles each) summed BLOCK_R tiles at
+    a time in a fixed order, for columns program_id(0) * BLOCK_D ... and quantity q = program_id(1): q 0, 1 (the LN
+    vectors) over every (group, tile) into dln [2, D], by the programs of program_id(2) == 0; q >= 2 (adaLN, whose
+    row groups are the samples) over the tiles of sample program_id(2) into part SHIFT + q - 2 (q 2, 3), 2 (q 4) or
+    5 (q 5) of block kb of dmod [B, K, 6, D]. dln and dmod are fp32 accumulators."""
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     cm = cols < D
     q, s = tl.program_id(1), tl.program_id(2)
-    if q < 2:
-        if s == 0:
-            acc = tl.zeros((BLOCK_D,), tl.float32)
-            for r0 in range(0, B * NT, BLOCK_R):
-                r = r0 + tl.arange(0, BLOCK_R)
-                acc += tl.sum(tl.load(part_ptr + ((r.to(tl.int64) * 6 + q) * D)[:, None] + cols[None, :],
-                                      mask=(r < B * NT)[:, None] & cm[None, :], other=0.0), 0)
+    per_sample = q >= 2
+    if per_sample | (s == 0):
+        first = tl.where(per_sample, s.to(tl.int64) * NT, 0)
+        n = tl.where(per_sample, NT, B * NT)
+        acc = tl.zeros((BLOCK_D,), tl.float32)
+        for r0 in range(0, n, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            acc += tl.sum(tl.load(part_ptr + (((first + r) * 6 + q) * D)[:, None] + cols[None, :],
+                                  mask=(r < n)[:, None] & cm[None, :], other=0.0), 0)
+        if per_sample:
+            mod_part = tl.where(q == 4, 2, tl.where(q == 5, 5, SHIFT + q - 2))
+            out = dmod_ptr + ((s.to(tl.int64) * K + kb) * 6 + mod_part) * D + cols
+        else:
             out = dln_ptr + q * D + cols
-            tl.store(out, tl.load(out, mask=cm, other=0.0) + acc, mask=cm)
-    else:
-        t = tl.arange(0, BLOCK_T)
-        x = tl.load(part_ptr + (((s.to(tl.int64) * NT + t) * 6 + q) * D)[:, None] + cols[None, :],
-                    mask=(t < NT)[:, None] & cm[None, :], other=0.0)
-        mod_part = tl.where(q == 4, 2, tl.where(q == 5, 5, SHIFT + q - 2))
-        out = dmod_ptr + ((s.to(tl.int64) * K + kb) * 6 + mod_part) * D + cols
-        tl.store(out, tl.load(out, mask=cm, other=0.0) + tl.sum(x, 0), mask=cm)
+        tl.store(out, tl.load(out, mask=cm, other=0.0) + acc, mask=cm)
 
 
 def _launch_dx(dy, w, out, z=None):
@@ -379,20 +379,25 @@ class _Grads:
             self.mod.to(mod.dtype) if mod is not None else x.new_empty(0)
 
 
+def dx_norm_groups(B: int, T: int, has_mod: bool) -> tuple[int, int]:
+    """recurse_dx_norm_kernel's row groups (program_id(1)) and rows per group: the samples with adaLN, whose
+    gradients are sums over a sample's rows, else all B*T rows as one group (no tile padded at a sample's end)."""
+    return (B, T) if has_mod else (1, B * T)
+
+
 def _launch_dx_norm(dout, w, h, ln_w, ln_b, mod, res, dh, dy, part, dln, dmod, kb, K, B, T, eps, shift, gate_at,
                     a=None, y=None, dstate=None):
     d, Kd = h.shape[1], dout.shape[1]
-    nt = triton.cdiv(T, DX_NORM_ROWS)
-    recurse_dx_norm_kernel[(nt, B)](
+    groups, rows = dx_norm_groups(B, T, mod is not None)
+    nt = triton.cdiv(rows, DX_NORM_ROWS)
+    recurse_dx_norm_kernel[(nt, groups)](
         dout, w, h, ln_w, ln_b, mod if mod is not None else dy, res, dstate if dstate is not None else dy,
-        a if a is not None else dy, y if y is not None else dy, dh, dy, part, T, d, Kd, K, kb, *gate_at, eps,
+        a if a is not None else dy, y if y is not None else dy, dh, dy, part, rows, d, Kd, K, kb, *gate_at, eps,
         int(dstate is not None), SHIFT=shift, HAS_MOD=mod is not None, **_dot.dot_meta(dout.dtype),
         **dx_norm_config(dout.dtype, d).meta())
     n_q = 2 if mod is None else (N_PARTIALS if shift == 3 else 4)
-    pc = PARTIALS.constexprs
-    recurse_partials_kernel[(triton.cdiv(d, pc["BLOCK_D"]), n_q, B if mod is not None else 1)](
-        part, dln, dmod if dmod is not None else dln, B, nt, d, K, kb, SHIFT=shift,
-        BLOCK_T=triton.next_power_of_2(nt), **PARTIALS.meta())
+    recurse_partials_kernel[(triton.cdiv(d, PARTIALS.constexprs["BLOCK_D"]), n_q, groups)](
+        part, dln, dmod if dmod is not None else dln, groups, nt, d, K, kb, SHIFT=shift, **PARTIALS.meta())
 
 
 def _block_backward(A, w, dw, dln, mod, dmod, G, Gm, dy, bufs, kb, K, B, T, heads, eps, gate_next, dstate):
@@ -431,9 +436,9 @@ def recurse_bwd(dstates, x, states, weights, mod, heads, eps):
     dt, dev = x.dtype, x.device
     acts = [_Activations(M, d, f, B * heads * T, dt, dev, mod is not None) for _ in range(K)]
     grads = _Grads(weights, mod)
-    nt = triton.cdiv(T, DX_NORM_ROWS)
+    groups, rows = dx_norm_groups(B, T, mod is not None)
     bufs = (_triton.empty((M, f), dt, dev), _triton.empty((M, d), dt, dev), _triton.empty((M, 3 * d), dt, dev),
-            _triton.empty((B, nt, N_PARTIALS, d), torch.float32, dev))
+            _triton.empty((groups, triton.cdiv(rows, DX_NORM_ROWS), N_PARTIALS, d), torch.float32, dev))
     G = dstates[L - 1].reshape(M, d).to(torch.float32, copy=True)
     Gm = torch.empty_like(G)
     dy = (G if mod is None else G.view(B, T, d) * mod[:, K - 1, 5, None, :].float()).to(dt, copy=True).reshape(M, d)
@@ -485,14 +490,12 @@ def backward_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible
     return specs
 
 
-def partials_specs(d: int, T: int) -> list[KernelSpec]:
-    """recurse_partials_kernel after either LayerNorm (its code does not depend on the dtype) at width d, T tokens."""
+def partials_specs(d: int) -> list[KernelSpec]:
+    """recurse_partials_kernel after either LayerNorm (its code depends neither on the dtype nor on T) at width d."""
     sig = {"part_ptr": "*fp32", "dln_ptr": "*fp32", "dmod_ptr": "*fp32",
            **{n: "i32" for n in ("B", "NT", "D", "K", "kb")}}
-    block_t = triton.next_power_of_2(triton.cdiv(T, DX_NORM_ROWS))
     return [s for shift in (0, 3) for s in tk._specs("recurse_partials_kernel", recurse_partials_kernel, sig,
-                                                     {"SHIFT": shift, "BLOCK_T": block_t}, (PARTIALS,),
-                                                     {"d": d, "SHIFT": shift}, ("D",))]
+                                                     {"SHIFT": shift}, (PARTIALS,), {"d": d, "SHIFT": shift}, ("D",))]
 
 
 # (dtype, d, head width, adaLN, divisible, fp32 precision) of the AOT specs: the Sudoku width d = 512 with 8 heads, bf16
@@ -504,5 +507,5 @@ BACKWARD_AOT = ((torch.bfloat16, 512, 64, True, True, "tf32x3"), (torch.float32,
 
 
 def aot_specs() -> list[KernelSpec]:
-    """BACKWARD_AOT's specs and the partial sums' at the Sudoku shape (d = 512, T = 81)."""
-    return [s for args in BACKWARD_AOT for s in backward_specs(*args)] + partials_specs(512, 81)
+    """BACKWARD_AOT's specs and the partial sums' at the Sudoku width d = 512."""
+    return [s for args in BACKWARD_AOT for s in backward_specs(*args)] + partials_specs(512)
