@@ -230,9 +230,9 @@ def recurse_dx_norm_kernel(dout_ptr, w_ptr, h_ptr, ln_w_ptr, ln_b_ptr, mod_ptr, 
     h: the fp32 state [B*T, D];
         dh = res + LN'(du)  (+ dstate when add_state),  stored fp32 into dh, and  dy = gate * dh  in dy's dtype
     with gate adaLN's part gate_part of block kb_gate (1 without adaLN). The tile's sums over its rows go to
-    part [groups, n_tiles, 6, D] (fp32): 0 dLN_w = du (1 + scale) xhat, 1 dLN_b = du (1 + scale), with adaLN 2 dshift = du,
-    3 dscale = du LN(h) and, after LN2 (SHIFT 3), 4 dgate1 = dh a and 5 dgate2 = res y (a, y: the block's ungated
-    attention and MLP outputs)."""
+    part [groups, n_tiles, 6, D] (fp32): 0 dLN_w = du (1 + scale) xhat, 1 dLN_b = du (1 + scale), with adaLN
+    2 dshift = du, 3 dscale = du LN(h) and, after LN2 (SHIFT 3), 4 dgate1 = dh a and 5 dgate2 = res y (a, y: the
+    block's ungated attention and MLP outputs)."""
     tile, s = tl.program_id(0), tl.program_id(1)
     t = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
