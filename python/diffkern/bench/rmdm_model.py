@@ -193,8 +193,9 @@ def _dx_norm_launches(B, T, d, Kd, dtype, has_mod, second, add_state) -> list[di
     n_q = 2 if not has_mod else (tb.N_PARTIALS if second else 4)
     parts = programs * n_q * d * 4
     product = (M * Kd + Kd * d) * isz  # dout, W
-    norm = M * d * (2 * 4 + 4 + isz) + M * d * isz * (int(add_state) + (2 if has_mod and second else 0))  # h, res,
-    pc = tb.PARTIALS.constexprs                                                      # dh, dy; dstate, a, y
+    # h (fp32); res, dh in the operand dtype; dy (adaLN), dstate, a and y (adaLN, after LN2)
+    norm = M * d * (4 + 2 * isz) + M * d * isz * (int(has_mod) + int(add_state) + (2 if has_mod and second else 0))
+    pc = tb.PARTIALS.constexprs
     return [_bwd_launch("recurse_dx_norm_kernel", programs, _product_flops(programs, 1, Kd, cfg),
                         product + norm + parts),
             _bwd_launch("recurse_partials_kernel", triton.cdiv(d, pc["BLOCK_D"]) * n_q * groups, 0,

@@ -5,7 +5,7 @@ and cuBLAS in fp32, stays forceable through diffkern.backend("cuda")).
 Same outputs and recompute structure as csrc/cpu/rmdm_recurse_bwd.cpp: iterations are walked backwards; iteration
 it is re-run from its saved input (x or states[it-1]) with the tiled forward's launches (triton_kernels.py), each of
 its K blocks' activations kept, then the blocks are differentiated in reverse. Memory: one iteration's activations.
-Per block evaluation, with G the fp32 gradient reaching the block's output and dy = g2 G (adaLN's gate, 1 without):
+Per block evaluation, with G the gradient reaching the block's output and dy = g2 G (adaLN's gate; G itself without):
   recompute, 7 launches (6 for an iteration's last block without adaLN, whose output nobody reads):
       LN1 -> u1, u1 W_qkv^T -> qkv, attention -> ctx and the rows' log-sum-exp lse [B*H, T],
       h_mid = h + g1 a (a = ctx W_o^T + b_o kept with adaLN), LN2 -> u2, g = gelu(z) (z kept),
@@ -28,8 +28,8 @@ Per block evaluation, with G the fp32 gradient reaching the block's output and d
       recurse_dx_norm_kernel   du = dqkv W_qkv, and LN1's backward: G <- dh_mid + LN'(du) (+ dstates[it-1] at an
                                iteration's first block), dy = g2 G of the block G flows into next
       recurse_partials_kernel
-The gradient at the last state, dstates[L-1] as fp32 G and gated into dy, is two aten ops before the first launch,
-and dx, the weights' and mod's gradients are rounded from their fp32 accumulators once at the end.
+The gradient at the last state, dstates[L-1] copied into G (and with adaLN gated into dy), is aten ops before the first
+launch; dx is G at the end, and the weights' and mod's gradients are rounded from their fp32 accumulators once.
 
 Determinism (the same bits on every run): no atomics. Each element of a weight gradient belongs to one program of
 recurse_dw_kernel, which reduces over the B*T rows in a fixed order and adds into its fp32 accumulator; the launches
@@ -39,7 +39,10 @@ cannot be launched again and again by a tuner, and the reducing ones would sum i
 
 Precision: every product goes through diffkern._dot (16-bit operands on tensor cores with fp32 accumulation, tf32x3
 for fp32 inputs, fp32 "ieee" under the interpreter, which the tests run). The gradients a product reads (dy, dz,
-dctx, dqkv) are stored in the operand dtype, as the activations are; the residual gradient G stays fp32.
+dctx, dqkv) are stored in the operand dtype, as the activations are, and so is the residual gradient G (two buffers,
+G and dh_mid): rounded once per LayerNorm backward, 2K times an iteration, where PyTorch's autograd in that dtype rounds
+it after every op (tests/test_rmdm_triton_backward.py holds it to the error model's tolerance, whose term
+2 |plain - oracle| is that autograd's error); the weights' and mod's gradients accumulate in fp32.
 """
 from __future__ import annotations
 
@@ -227,9 +230,9 @@ def recurse_dx_norm_kernel(dout_ptr, w_ptr, h_ptr, ln_w_ptr, ln_b_ptr, mod_ptr, 
     u = LN(h) w + b (then adaLN's (1 + scale) and shift, parts SHIFT + 1 and SHIFT of block kb, when HAS_MOD), and
     in the epilogue that LayerNorm's backward, for rows program_id(0) * BLOCK_M ... of the T-row group program_id(1)
     (a sample with adaLN, dx_norm_groups): the tile holds whole rows (BLOCK_N >= D), so du stays in registers.
-    h: the fp32 state [B*T, D];
-        dh = res + LN'(du)  (+ dstate when add_state),  stored fp32 into dh, and  dy = gate * dh  in dy's dtype
-    with gate adaLN's part gate_part of block kb_gate (1 without adaLN). The tile's sums over its rows go to
+    h: the fp32 state [B*T, D]; res, dh: [B*T, D] in the operand dtype;
+        dh = res + LN'(du)  (+ dstate when add_state),  and with adaLN  dy = gate * dh  (without, dy is dh)
+    with gate adaLN's part gate_part of block kb_gate. The tile's sums over its rows go to
     part [groups, n_tiles, 6, D] (fp32): 0 dLN_w = du (1 + scale) xhat, 1 dLN_b = du (1 + scale), with adaLN
     2 dshift = du, 3 dscale = du LN(h) and, after LN2 (SHIFT 3), 4 dgate1 = dh a and 5 dgate2 = res y (a, y: the
     block's ungated attention and MLP outputs)."""
@@ -259,17 +262,18 @@ def recurse_dx_norm_kernel(dout_ptr, w_ptr, h_ptr, ln_w_ptr, ln_b_ptr, mod_ptr, 
     c1 = tl.sum(dxhat * xhat, 1) / D
     c2 = tl.sum(dxhat, 1) / D
     dh_ln = tl.where(m, rstd[:, None] * (dxhat - c2[:, None] - xhat * c1[:, None]), 0.0)
-    res = tl.load(res_ptr + offs, mask=m, other=0.0)
+    res = tl.load(res_ptr + offs, mask=m, other=0.0).to(tl.float32)
     if HAS_MOD and SHIFT == 3:
         tl.store(part + 5 * D, tl.sum(res * tl.load(y_ptr + offs, mask=m, other=0.0).to(tl.float32), 0), mask=cm)
     dh = res + dh_ln
     if add_state:
         dh += tl.load(dstate_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    tl.store(dh_ptr + offs, dh, mask=m)
-    g = gate(mod_ptr + (s.to(tl.int64) * K + kb_gate) * 6 * D + gate_part * D, 0, cols[None, :], m, D, HAS_MOD)
-    tl.store(dy_ptr + offs, (g * dh).to(dy_ptr.dtype.element_ty), mask=m)
-    if HAS_MOD and SHIFT == 3:
-        tl.store(part + 4 * D, tl.sum(dh * tl.load(a_ptr + offs, mask=m, other=0.0).to(tl.float32), 0), mask=cm)
+    tl.store(dh_ptr + offs, dh.to(dh_ptr.dtype.element_ty), mask=m)
+    if HAS_MOD:
+        g = gate(mod_ptr + (s.to(tl.int64) * K + kb_gate) * 6 * D + gate_part * D, 0, cols[None, :], m, D, HAS_MOD)
+        tl.store(dy_ptr + offs, (g * dh).to(dy_ptr.dtype.element_ty), mask=m)
+        if SHIFT == 3:
+            tl.store(part + 4 * D, tl.sum(dh * tl.load(a_ptr + offs, mask=m, other=0.0).to(tl.float32), 0), mask=cm)
 
 
 @triton.jit
@@ -401,16 +405,17 @@ def _launch_dx_norm(dout, w, h, ln_w, ln_b, mod, res, dh, dy, part, dln, dmod, k
 
 
 def _block_backward(A, w, dw, dln, mod, dmod, G, Gm, dy, bufs, kb, K, B, T, heads, eps, gate_next, dstate):
-    """Block kb's backward (module docstring): G, dy hold the gradient at its output (and g2 G); on return G holds
-    the gradient at its input (plus dstate) and dy gate_next's gate times it."""
+    """Block kb's backward (module docstring): G, dy hold the gradient at its output (and g2 G; without adaLN dy is
+    G); on return G holds the gradient at its input (plus dstate) and dy gate_next's gate times it."""
     ln1_w, ln1_b, w_qkv, _, w_o, _, ln2_w, ln2_b, w_1, _, w_2, _ = w
     dz, dctx, dqkv, part = bufs
     M, d = G.shape
     _linear_backward(dy, A.g, w_2, dw[10], dw[11], dz, z=A.z)
     _launch_dw(dz, A.u2, dw[8], dw[9])
-    _launch_dx_norm(dz, w_1, A.h_mid, ln2_w, ln2_b, mod, G, Gm, dy, part, dln[1], dmod, kb, K, B, T, eps, 3, (kb, 2),
-                    a=A.a, y=A.y)
-    _linear_backward(dy, A.ctx, w_o, dw[4], dw[5], dctx)
+    dy_mid = dy if mod is not None else Gm  # without adaLN the gradient itself
+    _launch_dx_norm(dz, w_1, A.h_mid, ln2_w, ln2_b, mod, G, Gm, dy_mid, part, dln[1], dmod, kb, K, B, T, eps, 3,
+                    (kb, 2), a=A.a, y=A.y)
+    _linear_backward(dy_mid, A.ctx, w_o, dw[4], dw[5], dctx)
     dh = d // heads
     ac = attention_config(dqkv.dtype)
     recurse_attention_bwd_kernel[(triton.cdiv(T, ac.constexprs["BLOCK_KV"]) + triton.cdiv(T, ac.constexprs["BLOCK_Q"]),
@@ -439,9 +444,9 @@ def recurse_bwd(dstates, x, states, weights, mod, heads, eps):
     groups, rows = dx_norm_groups(B, T, mod is not None)
     bufs = (_triton.empty((M, f), dt, dev), _triton.empty((M, d), dt, dev), _triton.empty((M, 3 * d), dt, dev),
             _triton.empty((groups, triton.cdiv(rows, DX_NORM_ROWS), N_PARTIALS, d), torch.float32, dev))
-    G = dstates[L - 1].reshape(M, d).to(torch.float32, copy=True)
+    G = dstates[L - 1].reshape(M, d).clone()
     Gm = torch.empty_like(G)
-    dy = (G if mod is None else G.view(B, T, d) * mod[:, K - 1, 5, None, :].float()).to(dt, copy=True).reshape(M, d)
+    dy = G if mod is None else (G.view(B, T, d).float() * mod[:, K - 1, 5, None, :].float()).to(dt).reshape(M, d)
     for it in reversed(range(L)):
         _recompute(x if it == 0 else states[it - 1], acts, weights, mod, B, T, heads, eps)
         for kb in reversed(range(K)):
@@ -450,7 +455,7 @@ def recurse_bwd(dstates, x, states, weights, mod, heads, eps):
                             kb, K, B, T, heads, eps, (kb - 1) % K,
                             dstates[it - 1].reshape(M, d) if kb == 0 and it > 0 else None)
     dweights, dmod = grads.rounded(weights, mod, x)
-    return G.view(B, T, d).to(dt), dweights, dmod
+    return G.view(B, T, d), dweights, dmod
 
 
 def backward_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible: bool = True,
@@ -480,8 +485,8 @@ def backward_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible
                        {**dot, "BLOCK_DH": tk.block_dh(dh)}, (attention_config(dtype),), {**tags, "dh": dh},
                        ("D", "DH") if divisible else None)
     for shift in (0, 3):
-        sig = {"dout_ptr": p, "w_ptr": p, "h_ptr": f32, "ln_w_ptr": p, "ln_b_ptr": p, "mod_ptr": p, "res_ptr": f32,
-               "dstate_ptr": p, "a_ptr": p, "y_ptr": p, "dh_ptr": f32, "dy_ptr": p, "part_ptr": f32,
+        sig = {"dout_ptr": p, "w_ptr": p, "h_ptr": f32, "ln_w_ptr": p, "ln_b_ptr": p, "mod_ptr": p, "res_ptr": p,
+               "dstate_ptr": p, "a_ptr": p, "y_ptr": p, "dh_ptr": p, "dy_ptr": p, "part_ptr": f32,
                **{n: "i32" for n in ("T", "D", "Kd", "K", "kb", "kb_gate", "gate_part")}, "eps": "fp32",
                "add_state": "i32"}
         specs += tk._specs("recurse_dx_norm_kernel", recurse_dx_norm_kernel, sig,
