@@ -76,10 +76,13 @@ def attention_config(dtype: torch.dtype) -> Config:
 
 
 def dx_norm_config(dtype: torch.dtype, d: int) -> Config:
-    """recurse_dx_norm_kernel's configuration at width d: DX_NORM_ROWS rows of one sample by whole rows,
+    """recurse_dx_norm_kernel's configuration at width d: DX_NORM_ROWS rows of a row group by whole rows,
     BLOCK_N = next_power_of_2(d) columns, in 8 warps (at d = 512 the [16, 512] fp32 product and the LayerNorm
     backward's tiles beside it fit without spills), reduced in 32-deep slices; 16-deep for fp32 inputs, whose
-    pipelined [32, 512] fp32 weight slices would take 198 KiB of shared memory at d = 512 (an A100 has 163)."""
+    pipelined [32, 512] fp32 weight slices would take 198 KiB of shared memory at d = 512 (an A100 has 163).
+    The price of whole rows: every program reads all of W (at most 2 MiB, L2-resident) for its 16 rows, half the
+    FLOPs per loaded element of a 64 x 64 tile; the minimal-bytes model does not count those L2 reads, a GPU run
+    must show the saved HBM traffic (du written and read in fp32) outweighs them."""
     block_k = 16 if dtype == torch.float32 else 32
     return Config(dict(BLOCK_M=DX_NORM_ROWS, BLOCK_N=triton.next_power_of_2(d), BLOCK_K=block_k), 8)
 
