@@ -234,7 +234,7 @@ def backward_launches(B, T, d, f, heads, K, L, dtype, has_mod=False) -> list[dic
     (unique_bytes: each tensor the launch touches once; the recompute's launches also carry the forward model's
     counted bytes_loaded and bytes_stored). tests/test_rmdm_triton_backward.py holds launches, programs and FLOPs
     equal to the interpreter's."""
-    M, isz = B * T, dtype.itemsize
+    M = B * T
     out = []
     for it in reversed(range(L)):
         out += _recompute_launches(B, T, d, f, heads, K, dtype, has_mod)

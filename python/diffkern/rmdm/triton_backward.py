@@ -412,7 +412,7 @@ def _block_backward(A, w, dw, dln, mod, dmod, G, Gm, dy, bufs, kb, K, B, T, head
     G); on return G holds the gradient at its input (plus dstate) and dy gate_next's gate times it."""
     ln1_w, ln1_b, w_qkv, _, w_o, _, ln2_w, ln2_b, w_1, _, w_2, _ = w
     dz, dctx, dqkv, part = bufs
-    M, d = G.shape
+    d = G.shape[1]
     _linear_backward(dy, A.g, w_2, dw[10], dw[11], dz, z=A.z)
     _launch_dw(dz, A.u2, dw[8], dw[9])
     dy_mid = dy if mod is not None else Gm  # without adaLN the gradient itself
