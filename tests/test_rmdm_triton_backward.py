@@ -1,8 +1,9 @@
 """R-MDM's Triton backward (rmdm/triton_backward.py), called directly in the interpreter: against autograd through the
 float64 plain blocks at shapes that split into several row, column, query, key and LayerNorm-partial tiles (T odd,
 d not a power of two, two heads, K=2, L=2, B=1 and B=3, with and without adaLN); bit-identical on a rerun; its
-launches, programs and FLOPs equal to bench/rmdm_model.backward_launches; the default on CUDA tensors. The generic
-backward test (test_rmdm_recurse.py) runs it through diffkern.backend("triton") at the small shapes there."""
+launches, programs, FLOPs and loaded and stored bytes equal to bench/rmdm_model.backward_launches; the default on
+CUDA tensors. The generic backward test (test_rmdm_recurse.py) runs it through diffkern.backend("triton") at the
+small shapes there."""
 import pytest
 import torch
 
@@ -37,8 +38,9 @@ def test_matches_the_float64_backward_bit_identically_on_a_rerun(shape, dtype, w
     assert all(torch.equal(a, b) for a, b in zip(*runs))
     assert dmod.numel() == (mod.numel() if with_mod else 0)
     model = rmdm_model.backward_launches(B, T, d, f, heads, K, n_iter, dtype, with_mod)
-    assert [(r.kernel, r.programs, r.flops) for r in mon.launches] == [(r["kernel"], r["programs"], r["flops"])
-                                                                        for r in model]
+    counted = ("kernel", "programs", "flops", "bytes_loaded", "bytes_stored")
+    assert [tuple(getattr(r, k) for k in counted) for r in mon.launches] == [tuple(r[k] for k in counted)
+                                                                               for r in model]
     leaves = [t.requires_grad_() for t in leaves_of(x, blocks, mod)]
     oracle, spreads = plain_oracle(shape, x, blocks, mod, dstates)
     low = torch.autograd.grad(reference.recurse(x, leaves[1:len(leaves) - with_mod], mod, n_iter, heads, EPS),
