@@ -21,7 +21,7 @@ each launch's bytes with every tensor touched once (the minimum), for comparison
 2-4 us a launch without a CUDA graph) is not in the roofline: `launches` says how many there are.
 
 The Triton backward (rmdm/triton_backward.py): `backward_launches` lists its launches (each iteration's recompute,
-then 11 per block) with programs, FLOPs, the monitor's loaded and stored bytes and minimal bytes, and
+then 13 per block) with programs, FLOPs, the monitor's loaded and stored bytes and minimal bytes, and
 `triton_backward` sums them into its modeled H100 time, where each launch takes the slowest of its minimal bytes
 through HBM, its loaded and stored bytes through L2 (roofline.H100_L2_BYTES_PER_S: a tile that many programs re-read
 is an L2 hit, not free) and its FLOPs, beside the roofline of the backward's FLOPs alone (the issue's 1.2x bar) and
@@ -205,27 +205,24 @@ def _attention_bwd_launch(B, T, d, heads, dtype) -> dict:
                    unique)
 
 
-def _dx_norm_launches(B, T, d, Kd, dtype, has_mod, second, add_state) -> list[dict]:
-    """recurse_dx_norm_kernel (du = dout W with the LayerNorm backward as its epilogue: du never leaves registers)
-    over row tiles of whole rows within its row groups (tb.dx_norm_groups), and the partials' sum. Every program
-    reads all of W [Kd, d] and the [d] vectors (LN w, with adaLN LN b and the scale) for its rows."""
-    cfg, M, isz = tb.dx_norm_config(dtype, d), B * T, dtype.itemsize
-    groups, rows = tb.dx_norm_groups(B, T, has_mod)
+def _norm_bwd_launches(B, T, d, dtype, has_mod, second, add_state) -> list[dict]:
+    """recurse_norm_bwd_kernel over row tiles of whole rows within its row groups (tb.norm_groups), each program
+    reading the [d] vectors (LN w, with adaLN LN b and the scale) for its rows, and the partials' sum."""
+    cfg, M, isz = tb.norm_config(d), B * T, dtype.itemsize
+    groups, rows = tb.norm_groups(B, T, has_mod)
     nt = triton.cdiv(rows, cfg.constexprs["BLOCK_M"])
     programs = nt * groups
     n_q = 2 if not has_mod else (tb.N_PARTIALS if second else 4)
     parts = programs * n_q * d * 4
     vectors = (1 + 2 * int(has_mod)) * d * isz
     gate = M * d * isz if has_mod else 0  # adaLN's gate, loaded per element (a sample's [d] row)
-    # h (fp32); res in the operand dtype; dstate, a and y (adaLN, after LN2)
-    rows_in = M * d * (4 + isz) + M * d * isz * (int(add_state) + (2 if has_mod and second else 0))
+    # h (fp32); du and res in the operand dtype; dstate, a and y (adaLN, after LN2)
+    rows_in = M * d * (4 + 2 * isz) + M * d * isz * (int(add_state) + (2 if has_mod and second else 0))
     rows_out = M * d * isz * (1 + int(has_mod))  # dh, dy (adaLN)
-    loaded = M * Kd * isz + programs * (Kd * d * isz + vectors) + gate + rows_in
-    unique = (M * Kd + Kd * d + 2 * d + (2 * B * d if has_mod else 0)) * isz + rows_in + rows_out + parts
+    unique = (2 * d + (2 * B * d if has_mod else 0)) * isz + rows_in + rows_out + parts
     pc = tb.PARTIALS.constexprs
-    per_sample = (n_q - 2) * groups * d * 4  # adaLN's sums, one row per sample: read, added to, written
-    sums = 2 * d * 4 + per_sample
-    return [_launch("recurse_dx_norm_kernel", programs, loaded, rows_out + parts, _product_flops(programs, 1, Kd, cfg),
+    sums = 2 * d * 4 + (n_q - 2) * groups * d * 4  # the accumulators' rows: read, added to, written
+    return [_launch("recurse_norm_bwd_kernel", programs, programs * vectors + gate + rows_in, rows_out + parts, 0,
                     unique),
             _launch("recurse_partials_kernel", triton.cdiv(d, pc["BLOCK_D"]) * n_q * groups,
                     parts + sums, sums, 0, parts + 2 * sums)]
@@ -270,10 +267,11 @@ def backward_launches(B, T, d, f, heads, K, L, dtype, has_mod=False) -> list[dic
         out += _recompute_launches(B, T, d, f, heads, K, dtype, has_mod)
         for kb in reversed(range(K)):
             out += [_dw_launch(M, d, f, dtype), _dx_launch(M, f, d, dtype, True), _dw_launch(M, f, d, dtype),
-                    *_dx_norm_launches(B, T, d, f, dtype, has_mod, True, False),
+                    _dx_launch(M, d, f, dtype, False), *_norm_bwd_launches(B, T, d, dtype, has_mod, True, False),
                     _dw_launch(M, d, d, dtype), _dx_launch(M, d, d, dtype, False),
                     _attention_bwd_launch(B, T, d, heads, dtype), _dw_launch(M, 3 * d, d, dtype),
-                    *_dx_norm_launches(B, T, d, 3 * d, dtype, has_mod, False, kb == 0 and it > 0)]
+                    _dx_launch(M, d, 3 * d, dtype, False),
+                    *_norm_bwd_launches(B, T, d, dtype, has_mod, False, kb == 0 and it > 0)]
     return out
 
 

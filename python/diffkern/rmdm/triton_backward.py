@@ -10,14 +10,14 @@ Per block evaluation, with G the gradient reaching the block's output and dy = g
       LN1 -> u1, u1 W_qkv^T -> qkv, attention -> ctx and the rows' log-sum-exp lse [B*H, T],
       h_mid = h + g1 a (a = ctx W_o^T + b_o kept with adaLN), LN2 -> u2, g = gelu(z) (z kept),
       h_out = h_mid + g2 y (y kept with adaLN)
-  backward, 11 launches:
+  backward, 13 launches:
       recurse_dw_kernel        dW_2 += dy^T g, db_2 += the column sums of dy
       recurse_dx_kernel        dz = (dy W_2) gelu'(z)                        (gelu' fused as the epilogue)
       recurse_dw_kernel        dW_1 += dz^T u2, db_1
-      recurse_dx_norm_kernel   du = dz W_1 over whole rows (16 rows of one sample a program), and in its epilogue
-                               LN2's (+adaLN) backward: dh_mid = G + LN'(du), dy = g1 dh_mid; the tile's row sums of
-                               the LN vectors' and adaLN's gradients (shift2, scale2, gate1 = dh_mid a, gate2 = G y)
-                               as partials (du never leaves registers)
+      recurse_dx_kernel        du = dz W_1
+      recurse_norm_bwd_kernel  LN2 (+adaLN) backward over whole rows: dh_mid = G + LN'(du), dy = g1 dh_mid; the
+                               tile's row sums of the LN vectors' and adaLN's gradients (shift2, scale2,
+                               gate1 = dh_mid a, gate2 = G y) as partials
       recurse_partials_kernel  the partials summed in order into the fp32 gradient accumulators
       recurse_dw_kernel        dW_o += dy^T ctx, db_o
       recurse_dx_kernel        dctx = dy W_o
@@ -25,9 +25,14 @@ Per block evaluation, with G the gradient reaching the block's output and dy = g
                                sample, head) for dk, dv (over every query tile) and one per (query tile, sample,
                                head) for dq (over every key tile), in one launch          -> dqkv
       recurse_dw_kernel        dW_qkv += dqkv^T u1, db_qkv
-      recurse_dx_norm_kernel   du = dqkv W_qkv, and LN1's backward: G <- dh_mid + LN'(du) (+ dstates[it-1] at an
-                               iteration's first block), dy = g2 G of the block G flows into next
+      recurse_dx_kernel        du = dqkv W_qkv
+      recurse_norm_bwd_kernel  LN1 backward: G <- dh_mid + LN'(du) (+ dstates[it-1] at an iteration's first block),
+                               dy = g2 G of the block G flows into next
       recurse_partials_kernel
+The LayerNorm backward is not fused into the product before it: an epilogue needs whole rows of du in one program,
+so every program would re-read all of W (up to 2 MiB) for its 16 rows, far more L2 traffic than du's round trip
+through memory (bench/rmdm_model.py's L2-aware model, bf16 at the Sudoku shape: 1853 us a call fused, 595 for the
+du products and the LayerNorm backwards apart).
 The gradient at the last state, dstates[L-1] copied into G (and with adaLN gated into dy), is aten ops before the first
 launch; dx is G at the end, and the weights' and mod's gradients are rounded from their fp32 accumulators once.
 
@@ -38,11 +43,11 @@ recurse_partials_kernel. Each kernel has one launch configuration per dtype (no 
 cannot be launched again and again by a tuner, and the reducing ones would sum in another order under another layout.
 
 Precision: every product goes through diffkern._dot (16-bit operands on tensor cores with fp32 accumulation, tf32x3
-for fp32 inputs, fp32 "ieee" under the interpreter, which the tests run). The gradients a product reads (dy, dz,
-dctx, dqkv) are stored in the operand dtype, as the activations are, and so is the residual gradient G (two buffers,
-G and dh_mid): rounded once per LayerNorm backward, 2K times an iteration, where PyTorch's autograd in that dtype rounds
-it after every op (tests/test_rmdm_triton_backward.py holds it to the error model's tolerance, whose term
-2 |plain - oracle| is that autograd's error); the weights' and mod's gradients accumulate in fp32.
+for fp32 inputs, fp32 "ieee" under the interpreter, which the tests run). The gradients a product reads or forms (dy,
+dz, dctx, dqkv, du) are stored in the operand dtype, as the activations are, and so is the residual gradient G (two
+buffers, G and dh_mid): rounded once per LayerNorm backward, 2K times an iteration, where PyTorch's autograd in that
+dtype rounds it after every op (tests/test_rmdm_triton_backward.py holds it to the error model's tolerance, whose
+term 2 |plain - oracle| is that autograd's error); the weights' and mod's gradients accumulate in fp32.
 """
 from __future__ import annotations
 
@@ -58,14 +63,17 @@ from .reference import N_PARAMS
 from .triton_common import gate, gelu_grad, normalized, scores
 
 PARTIALS = Config(dict(BLOCK_R=32, BLOCK_D=128), 4)
-DX_NORM_ROWS = 16  # recurse_dx_norm_kernel's rows per program: tl.dot's least
-N_PARTIALS = 6  # recurse_dx_norm_kernel's quantities: LN w, LN b, adaLN shift, scale, gate1, gate2
+NORM_ELEMENTS = 4096  # recurse_norm_bwd_kernel's [BLOCK_M, BLOCK_N] tile
+N_PARTIALS = 6  # recurse_norm_bwd_kernel's quantities: LN w, LN b, adaLN shift, scale, gate1, gate2
 
 
 def product_config(dtype: torch.dtype) -> Config:
-    """recurse_dx_kernel's and recurse_dw_kernel's configuration: 64 x 64 output tiles reduced in 32-deep slices;
-    32 x 64 for fp32 inputs, whose tf32x3 products spill at 64 x 64 on sm_80 where the sizes are not 16-divisible."""
-    return Config(dict(BLOCK_M=32 if dtype == torch.float32 else 64, BLOCK_N=64, BLOCK_K=32), 4)
+    """recurse_dx_kernel's and recurse_dw_kernel's configuration: 128 x 128 output tiles in 8 warps, reduced in
+    32-deep slices; 64 x 128 for fp32 inputs, whose tf32x3 products spill at 128 x 128 (and at 128 x 64 on sm_80
+    where the sizes are not 16-divisible). A program reads its tile's rows of A and columns of B over the whole
+    depth, so the L2 traffic per FLOP falls with the tile's sides: 64 x 64 tiles would move twice what 128 x 128
+    tiles move (bench/rmdm_model.py's L2-aware model)."""
+    return Config(dict(BLOCK_M=64 if dtype == torch.float32 else 128, BLOCK_N=128, BLOCK_K=32), 8)
 
 
 def attention_config(dtype: torch.dtype) -> Config:
@@ -75,25 +83,24 @@ def attention_config(dtype: torch.dtype) -> Config:
     return Config(dict(BLOCK_Q=tile, BLOCK_KV=tile), 4)
 
 
-def dx_norm_config(dtype: torch.dtype, d: int) -> Config:
-    """recurse_dx_norm_kernel's configuration at width d: DX_NORM_ROWS rows of a row group by whole rows,
-    BLOCK_N = next_power_of_2(d) columns, in 8 warps (at d = 512 the [16, 512] fp32 product and the LayerNorm
-    backward's tiles beside it fit without spills), reduced in 32-deep slices; 16-deep for fp32 inputs, whose
-    pipelined [32, 512] fp32 weight slices would take 198 KiB of shared memory at d = 512 (an A100 has 163).
-    The price of whole rows: every program reads all of W (at most 2 MiB, L2-resident) for its 16 rows, half the
-    FLOPs per loaded element of a 64 x 64 tile; the minimal-bytes model does not count those L2 reads, a GPU run
-    must show the saved HBM traffic (du written and read in fp32) outweighs them."""
-    block_k = 16 if dtype == torch.float32 else 32
-    return Config(dict(BLOCK_M=DX_NORM_ROWS, BLOCK_N=triton.next_power_of_2(d), BLOCK_K=block_k), 8)
+def norm_config(d: int) -> Config:
+    """recurse_norm_bwd_kernel's configuration at width d: whole rows, BLOCK_N = next_power_of_2(d) columns,
+    NORM_ELEMENTS // BLOCK_N of them a program."""
+    block_n = triton.next_power_of_2(d)
+    return Config(dict(BLOCK_M=max(1, NORM_ELEMENTS // block_n), BLOCK_N=block_n), 8)
 
 
 @triton.jit
-def _product(a_ptr, lda, b_ptr, ldb, rows, cols, rm, nm, Kd, TRANS_A: tl.constexpr, DOT_F32: tl.constexpr,
-             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(sum over k < Kd of A[rows, k] B[k, cols], sum over k < Kd of A[rows, k]) in fp32, k in BLOCK_K slices in
-    increasing order, the product through diffkern._dot (the row sums cost no load: they are the bias gradient
-    when A is dy^T). B: [Kd, N] with row stride ldb; A: [M, Kd] with row stride lda, or (TRANS_A) stored
-    transposed, [Kd, M] with row stride lda. Rows where rm and columns where nm are False count as 0."""
+def _tile(a_ptr, lda, b_ptr, ldb, M, N, Kd, TRANS_A: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Output tile (program_id(0), program_id(1)) of the [M, N] product A B stored with row stride N: (its rows,
+    the sum over k < Kd of A[rows, k] B[k, cols] and of A[rows, k] in fp32, the tile's mask and element offsets);
+    k in BLOCK_K slices in increasing order, the product through diffkern._dot (the row sums cost no load: they
+    are the bias gradient when A is dy^T). B: [Kd, N] with row stride ldb; A: [M, Kd] with row stride lda, or
+    (TRANS_A) stored transposed, [Kd, M] with row stride lda. Elements out of range count as 0."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, nm = rows < M, cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     a_sum = tl.zeros((BLOCK_M,), tl.float32)
     for k0 in range(0, Kd, BLOCK_K):
@@ -108,19 +115,6 @@ def _product(a_ptr, lda, b_ptr, ldb, rows, cols, rm, nm, Kd, TRANS_A: tl.constex
         b = tl.load(b_ptr + kk[:, None].to(tl.int64) * ldb + cols[None, :], mask=km[:, None] & nm[None, :], other=0.0)
         acc += _dot.dot(a, b, DOT_F32, PRECISION)
         a_sum += tl.sum(a.to(tl.float32), 1)
-    return acc, a_sum
-
-
-@triton.jit
-def _tile(a_ptr, lda, b_ptr, ldb, M, N, Kd, TRANS_A: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """_product's output tile (program_id(0), program_id(1)) of an [M, N] result stored with row stride N: (its rows,
-    the product, A's row sums, the tile's mask and element offsets)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm, nm = rows < M, cols < N
-    acc, a_sum = _product(a_ptr, lda, b_ptr, ldb, rows, cols, rm, nm, Kd, TRANS_A, DOT_F32, PRECISION, BLOCK_M,
-                          BLOCK_N, BLOCK_K)
     return rows, acc, a_sum, rm[:, None] & nm[None, :], rows[:, None].to(tl.int64) * N + cols[None, :]
 
 
@@ -225,15 +219,13 @@ def recurse_attention_bwd_kernel(qkv_ptr, ctx_ptr, dctx_ptr, lse_ptr, dqkv_ptr, 
 
 
 @triton.jit
-def recurse_dx_norm_kernel(dout_ptr, w_ptr, h_ptr, ln_w_ptr, ln_b_ptr, mod_ptr, res_ptr, dstate_ptr, a_ptr, y_ptr,
-                           dh_ptr, dy_ptr, part_ptr, T, D, Kd, K, kb, kb_gate, gate_part, eps, add_state,
-                           SHIFT: tl.constexpr, HAS_MOD: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The input gradient du = dout W (dout [B*T, Kd], W the forward's [Kd, D] weight) of a product that reads
-    u = LN(h) w + b (then adaLN's (1 + scale) and shift, parts SHIFT + 1 and SHIFT of block kb, when HAS_MOD), and
-    in the epilogue that LayerNorm's backward, for rows program_id(0) * BLOCK_M ... of the T-row group program_id(1)
-    (a sample with adaLN, dx_norm_groups): the tile holds whole rows (BLOCK_N >= D), so du stays in registers.
-    h: the fp32 state [B*T, D]; res, dh: [B*T, D] in the operand dtype;
+def recurse_norm_bwd_kernel(du_ptr, h_ptr, ln_w_ptr, ln_b_ptr, mod_ptr, res_ptr, dstate_ptr, a_ptr, y_ptr, dh_ptr,
+                            dy_ptr, part_ptr, T, D, K, kb, kb_gate, gate_part, eps, add_state, SHIFT: tl.constexpr,
+                            HAS_MOD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The backward of u = LN(h) w + b (then adaLN's (1 + scale) and shift, parts SHIFT + 1 and SHIFT of block kb,
+    when HAS_MOD) given du [B*T, D], for rows program_id(0) * BLOCK_M ... of the T-row group program_id(1) (a sample
+    with adaLN, norm_groups), whole rows (BLOCK_N >= D). h: the fp32 state [B*T, D]; du, res, dh: [B*T, D] in the
+    operand dtype;
         dh = res + LN'(du)  (+ dstate when add_state),  and with adaLN  dy = gate * dh  (without, dy is dh)
     with gate adaLN's part gate_part of block kb_gate. The tile's sums over its rows go to
     part [groups, n_tiles, 6, D] (fp32): 0 dLN_w = du (1 + scale) xhat, 1 dLN_b = du (1 + scale), with adaLN
@@ -244,10 +236,9 @@ def recurse_dx_norm_kernel(dout_ptr, w_ptr, h_ptr, ln_w_ptr, ln_b_ptr, mod_ptr, 
     cols = tl.arange(0, BLOCK_N)
     tm, cm = t < T, cols < D
     rows = s.to(tl.int64) * T + t
-    du, _ = _product(dout_ptr, Kd, w_ptr, D, rows, cols, tm, cm, Kd, False, DOT_F32, PRECISION, BLOCK_M, BLOCK_N,
-                     BLOCK_K)
     m = tm[:, None] & cm[None, :]
     offs = rows[:, None] * D + cols[None, :]
+    du = tl.load(du_ptr + offs, mask=m, other=0.0).to(tl.float32)
     w = tl.load(ln_w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
     xhat, rstd = normalized(tl.load(h_ptr + offs, mask=m, other=0.0), cm, D, eps)
     dln = du
@@ -282,7 +273,7 @@ def recurse_dx_norm_kernel(dout_ptr, w_ptr, h_ptr, ln_w_ptr, ln_b_ptr, mod_ptr, 
 @triton.jit
 def recurse_partials_kernel(part_ptr, dln_ptr, dmod_ptr, B, NT, D, K, kb, SHIFT: tl.constexpr, BLOCK_R: tl.constexpr,
                             BLOCK_D: tl.constexpr):
-    """recurse_dx_norm_kernel's partials part [B, NT, 6, D] (B row groups of NT tiles each) summed BLOCK_R tiles at
+    """recurse_norm_bwd_kernel's partials part [B, NT, 6, D] (B row groups of NT tiles each) summed BLOCK_R tiles at
     a time in a fixed order, for columns program_id(0) * BLOCK_D ... and quantity q = program_id(1): q 0, 1 (the LN
     vectors) over every (group, tile) into dln [2, D], by the programs of program_id(2) == 0; q >= 2 (adaLN, whose
     row groups are the samples) over the tiles of sample program_id(2) into part SHIFT + q - 2 (q 2, 3), 2 (q 4) or
@@ -386,22 +377,22 @@ class _Grads:
             self.mod.to(mod.dtype) if mod is not None else x.new_empty(0)
 
 
-def dx_norm_groups(B: int, T: int, has_mod: bool) -> tuple[int, int]:
-    """recurse_dx_norm_kernel's row groups (program_id(1)) and rows per group: the samples with adaLN, whose
+def norm_groups(B: int, T: int, has_mod: bool) -> tuple[int, int]:
+    """recurse_norm_bwd_kernel's row groups (program_id(1)) and rows per group: the samples with adaLN, whose
     gradients are sums over a sample's rows, else all B*T rows as one group (no tile padded at a sample's end)."""
     return (B, T) if has_mod else (1, B * T)
 
 
-def _launch_dx_norm(dout, w, h, ln_w, ln_b, mod, res, dh, dy, part, dln, dmod, kb, K, B, T, eps, shift, gate_at,
-                    a=None, y=None, dstate=None):
-    d, Kd = h.shape[1], dout.shape[1]
-    groups, rows = dx_norm_groups(B, T, mod is not None)
-    nt = triton.cdiv(rows, DX_NORM_ROWS)
-    recurse_dx_norm_kernel[(nt, groups)](
-        dout, w, h, ln_w, ln_b, mod if mod is not None else dy, res, dstate if dstate is not None else dy,
-        a if a is not None else dy, y if y is not None else dy, dh, dy, part, rows, d, Kd, K, kb, *gate_at, eps,
-        int(dstate is not None), SHIFT=shift, HAS_MOD=mod is not None, **_dot.dot_meta(dout.dtype),
-        **dx_norm_config(dout.dtype, d).meta())
+def _launch_norm_bwd(du, h, ln_w, ln_b, mod, res, dh, dy, part, dln, dmod, kb, K, B, T, eps, shift, gate_at,
+                     a=None, y=None, dstate=None):
+    d = h.shape[1]
+    groups, rows = norm_groups(B, T, mod is not None)
+    cfg = norm_config(d)
+    nt = triton.cdiv(rows, cfg.constexprs["BLOCK_M"])
+    recurse_norm_bwd_kernel[(nt, groups)](
+        du, h, ln_w, ln_b, mod if mod is not None else dy, res, dstate if dstate is not None else dy,
+        a if a is not None else dy, y if y is not None else dy, dh, dy, part, rows, d, K, kb, *gate_at, eps,
+        int(dstate is not None), SHIFT=shift, HAS_MOD=mod is not None, **cfg.meta())
     n_q = 2 if mod is None else (N_PARTIALS if shift == 3 else 4)
     recurse_partials_kernel[(triton.cdiv(d, PARTIALS.constexprs["BLOCK_D"]), n_q, groups)](
         part, dln, dmod if dmod is not None else dln, groups, nt, d, K, kb, SHIFT=shift, **PARTIALS.meta())
@@ -411,13 +402,13 @@ def _block_backward(A, w, dw, dln, mod, dmod, G, Gm, dy, bufs, kb, K, B, T, head
     """Block kb's backward (module docstring): G, dy hold the gradient at its output (and g2 G; without adaLN dy is
     G); on return G holds the gradient at its input (plus dstate) and dy gate_next's gate times it."""
     ln1_w, ln1_b, w_qkv, _, w_o, _, ln2_w, ln2_b, w_1, _, w_2, _ = w
-    dz, dctx, dqkv, part = bufs
+    du, dz, dctx, dqkv, part = bufs
     d = G.shape[1]
     _linear_backward(dy, A.g, w_2, dw[10], dw[11], dz, z=A.z)
-    _launch_dw(dz, A.u2, dw[8], dw[9])
+    _linear_backward(dz, A.u2, w_1, dw[8], dw[9], du)
     dy_mid = dy if mod is not None else Gm  # without adaLN the gradient itself
-    _launch_dx_norm(dz, w_1, A.h_mid, ln2_w, ln2_b, mod, G, Gm, dy_mid, part, dln[1], dmod, kb, K, B, T, eps, 3,
-                    (kb, 2), a=A.a, y=A.y)
+    _launch_norm_bwd(du, A.h_mid, ln2_w, ln2_b, mod, G, Gm, dy_mid, part, dln[1], dmod, kb, K, B, T, eps, 3, (kb, 2),
+                     a=A.a, y=A.y)
     _linear_backward(dy_mid, A.ctx, w_o, dw[4], dw[5], dctx)
     dh = d // heads
     ac = attention_config(dqkv.dtype)
@@ -425,9 +416,9 @@ def _block_backward(A, w, dw, dln, mod, dmod, G, Gm, dy, bufs, kb, K, B, T, head
                                   B * heads)](
         A.qkv, A.ctx, dctx, A.lse, dqkv, T, d, heads, dh, dh ** -0.5, **_dot.dot_meta(dqkv.dtype),
         BLOCK_DH=tk.block_dh(dh), **ac.meta())
-    _launch_dw(dqkv, A.u1, dw[2], dw[3])
-    _launch_dx_norm(dqkv, w_qkv, A.h, ln1_w, ln1_b, mod, Gm, G, dy, part, dln[0], dmod, kb, K, B, T, eps, 0,
-                    (gate_next, 5), dstate=dstate)
+    _linear_backward(dqkv, A.u1, w_qkv, dw[2], dw[3], du)
+    _launch_norm_bwd(du, A.h, ln1_w, ln1_b, mod, Gm, G, dy, part, dln[0], dmod, kb, K, B, T, eps, 0, (gate_next, 5),
+                     dstate=dstate)
 
 
 def recurse_bwd(dstates, x, states, weights, mod, heads, eps):
@@ -444,9 +435,11 @@ def recurse_bwd(dstates, x, states, weights, mod, heads, eps):
     dt, dev = x.dtype, x.device
     acts = [_Activations(M, d, f, B * heads * T, dt, dev, mod is not None) for _ in range(K)]
     grads = _Grads(weights, mod)
-    groups, rows = dx_norm_groups(B, T, mod is not None)
-    bufs = (_triton.empty((M, f), dt, dev), _triton.empty((M, d), dt, dev), _triton.empty((M, 3 * d), dt, dev),
-            _triton.empty((groups, triton.cdiv(rows, DX_NORM_ROWS), N_PARTIALS, d), torch.float32, dev))
+    groups, rows = norm_groups(B, T, mod is not None)
+    bufs = (_triton.empty((M, d), dt, dev), _triton.empty((M, f), dt, dev), _triton.empty((M, d), dt, dev),
+            _triton.empty((M, 3 * d), dt, dev),
+            _triton.empty((groups, triton.cdiv(rows, norm_config(d).constexprs["BLOCK_M"]), N_PARTIALS, d),
+                          torch.float32, dev))
     G = dstates[L - 1].reshape(M, d).clone()
     Gm = torch.empty_like(G)
     dy = G if mod is None else (G.view(B, T, d).float() * mod[:, K - 1, 5, None, :].float()).to(dt).reshape(M, d)
@@ -466,7 +459,7 @@ def backward_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible
     """The backward's kernels at width d, head width dh, in `dtype` as a GPU runs them (16-bit operands, or fp32 at
     `fp32_precision`), pointers and widths 16-divisible as at the Sudoku shape (divisible False: nothing assumed, as a
     launch at odd sizes): recurse_dx_kernel's two launches (with the gelu' epilogue and without),
-    recurse_dw_kernel, recurse_attention_bwd_kernel and recurse_dx_norm_kernel after either LayerNorm (with adaLN
+    recurse_dw_kernel, recurse_attention_bwd_kernel and recurse_norm_bwd_kernel after either LayerNorm (with adaLN
     or without: its HAS_MOD branch)."""
     ty = _triton.TRITON_DTYPE[dtype]
     p, f32 = f"*{ty}", "*fp32"
@@ -488,13 +481,12 @@ def backward_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible
                        {**dot, "BLOCK_DH": tk.block_dh(dh)}, (attention_config(dtype),), {**tags, "dh": dh},
                        ("D", "DH") if divisible else None)
     for shift in (0, 3):
-        sig = {"dout_ptr": p, "w_ptr": p, "h_ptr": f32, "ln_w_ptr": p, "ln_b_ptr": p, "mod_ptr": p, "res_ptr": p,
-               "dstate_ptr": p, "a_ptr": p, "y_ptr": p, "dh_ptr": p, "dy_ptr": p, "part_ptr": f32,
-               **{n: "i32" for n in ("T", "D", "Kd", "K", "kb", "kb_gate", "gate_part")}, "eps": "fp32",
-               "add_state": "i32"}
-        specs += tk._specs("recurse_dx_norm_kernel", recurse_dx_norm_kernel, sig,
-                           {"SHIFT": shift, "HAS_MOD": has_mod, **dot}, (dx_norm_config(dtype, d),),
-                           {**tags, "SHIFT": shift, "HAS_MOD": has_mod}, ("D", "Kd") if divisible else None)
+        sig = {"du_ptr": p, "h_ptr": f32, "ln_w_ptr": p, "ln_b_ptr": p, "mod_ptr": p, "res_ptr": p, "dstate_ptr": p,
+               "a_ptr": p, "y_ptr": p, "dh_ptr": p, "dy_ptr": p, "part_ptr": f32,
+               **{n: "i32" for n in ("T", "D", "K", "kb", "kb_gate", "gate_part")}, "eps": "fp32", "add_state": "i32"}
+        specs += tk._specs("recurse_norm_bwd_kernel", recurse_norm_bwd_kernel, sig,
+                           {"SHIFT": shift, "HAS_MOD": has_mod}, (norm_config(d),),
+                           {**tags, "SHIFT": shift, "HAS_MOD": has_mod}, ("D",) if divisible else None)
     return specs
 
 
