@@ -1,8 +1,9 @@
 """R-MDM's Triton backward (rmdm/triton_backward.py), called directly in the interpreter: against autograd through the
 float64 plain blocks at shapes that split into several row, column, query, key and LayerNorm-partial tiles (T odd,
 d not a power of two, two heads, K=2, L=2, B=1 and B=3, with and without adaLN); bit-identical on a rerun; its
-launches, programs and FLOPs equal to bench/rmdm_model.backward_launches; the default on CUDA tensors. The generic
-backward test (test_rmdm_recurse.py) runs it through diffkern.backend("triton") at the small shapes there."""
+launches, programs, FLOPs and loaded and stored bytes equal to bench/rmdm_model.backward_launches; the default on
+CUDA tensors. The generic backward test (test_rmdm_recurse.py) runs it through diffkern.backend("triton") at the
+small shapes there."""
 import pytest
 import torch
 
@@ -15,12 +16,13 @@ from test_rmdm_recurse import EPS, ids, leaves_of, make, plain_oracle
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests (CPU tensors)")
 
-# (B, T, d, f, heads, K, n_iter), dtype, adaLN: T = 81 over three 32-key tiles and two 64-row LayerNorm tiles (d = 40
-# pads to 64 columns), f = 72 over two column tiles; B = 3 with T = 9; float16 (bfloat16 converts by truncation
-# under the interpreter: test_rmdm_recurse._interpreted_dtype).
-CASES = (((1, 81, 40, 72, 2, 2, 2), torch.float32, True), ((1, 81, 40, 72, 2, 2, 2), torch.float16, False),
+# (B, T, d, f, heads, K, n_iter), dtype, adaLN: T = 81 over three 32-key tiles (six 16-key tiles in fp32) and two
+# 64-row LayerNorm tiles, the second partial (d = 40 pads to 64 columns); f = 136 over two 128-column product tiles
+# (dz's columns, dW_2's depth: its second column tile adds no bias gradient) and three 64-row ones in fp32 (dW_1's
+# rows); B = 3 with T = 9 (one partial LayerNorm tile per sample); float16 (bfloat16 converts by truncation under the
+# interpreter: test_rmdm_recurse._interpreted_dtype).
+CASES = (((1, 81, 40, 136, 2, 2, 2), torch.float32, True), ((1, 81, 40, 136, 2, 2, 2), torch.float16, False),
          ((3, 9, 24, 40, 2, 2, 2), torch.float32, False), ((3, 9, 24, 40, 2, 2, 2), torch.float16, True))
-
 
 @pytest.mark.parametrize("shape,dtype,with_mod", CASES, ids=lambda c: ids(c) if isinstance(c, tuple) else str(c))
 def test_matches_the_float64_backward_bit_identically_on_a_rerun(shape, dtype, with_mod):
@@ -37,8 +39,9 @@ def test_matches_the_float64_backward_bit_identically_on_a_rerun(shape, dtype, w
     assert all(torch.equal(a, b) for a, b in zip(*runs))
     assert dmod.numel() == (mod.numel() if with_mod else 0)
     model = rmdm_model.backward_launches(B, T, d, f, heads, K, n_iter, dtype, with_mod)
-    assert [(r.kernel, r.programs, r.flops) for r in mon.launches] == [(r["kernel"], r["programs"], r["flops"])
-                                                                        for r in model]
+    counted = ("kernel", "programs", "flops", "bytes_loaded", "bytes_stored")
+    assert [tuple(getattr(r, k) for k in counted) for r in mon.launches] == [tuple(r[k] for k in counted)
+                                                                               for r in model]
     leaves = [t.requires_grad_() for t in leaves_of(x, blocks, mod)]
     oracle, spreads = plain_oracle(shape, x, blocks, mod, dstates)
     low = torch.autograd.grad(reference.recurse(x, leaves[1:len(leaves) - with_mod], mod, n_iter, heads, EPS),

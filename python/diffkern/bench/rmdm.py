@@ -277,13 +277,16 @@ def roofline_section() -> list[str]:
                   f"| {r['us_best']:.0f} | {r['us_best_unique']:.0f} |")
     md += ["", "### Triton backward, modeled H100 time at B=64 T=81 d=512 heads=8 f=2048 K=2 L=4 (rmdm_model."
            "triton_backward; the ATen backward's fp32 products alone: rmdm_model.aten_backward)", "",
-           "| dtype | launches | GFLOP | precision | us (minimal bytes) | us at the FLOPs' roofline | ratio (bar 1.2) "
-           "| ATen fp32 floor us |", "|---|---|---|---|---|---|---|---|"]
+           "Per launch the slowest of minimal bytes / 3.35 TB/s, loaded and stored bytes / L2 bandwidth (every tile "
+           "as often as a program reads it) and FLOPs / peak; and without the L2 term.", "",
+           "| dtype | launches | GFLOP | precision | us | us (minimal bytes only) | us at the FLOPs' roofline "
+           "| ratio (bar 1.2) | ATen fp32 floor us |", "|---|---|---|---|---|---|---|---|---|"]
     aten = rmdm_model.aten_backward(64, 81, 512)
     for dt in (torch.bfloat16, torch.float32):
         r = rmdm_model.triton_backward(64, 81, 512, 2048, 8, 2, 4, dt)
         md.append(f"| {str(dt).removeprefix('torch.')} | {r['launches']} | {r['flops'] / 1e9:.1f} | {r['precision']} "
-                  f"| {r['us_modeled']:.0f} | {r['us_roofline']:.0f} | {r['ratio']:.2f} | {aten['us_fp32']:.0f} |")
+                  f"| {r['us_modeled']:.0f} | {r['us_hbm']:.0f} | {r['us_roofline']:.0f} | {r['ratio']:.2f} "
+                  f"| {aten['us_fp32']:.0f} |")
     return md + [""]
 
 

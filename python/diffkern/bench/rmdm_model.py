@@ -21,8 +21,11 @@ each launch's bytes with every tensor touched once (the minimum), for comparison
 2-4 us a launch without a CUDA graph) is not in the roofline: `launches` says how many there are.
 
 The Triton backward (rmdm/triton_backward.py): `backward_launches` lists its launches (each iteration's recompute,
-then 13 per block) with programs, FLOPs and minimal bytes, and `triton_backward` sums them into its modeled H100
-time beside the roofline of the backward's FLOPs alone (the issue's 1.2x bar) and `aten_backward`'s floor.
+then 13 per block) with programs, FLOPs, the monitor's loaded and stored bytes and minimal bytes, and
+`triton_backward` sums them into its modeled H100 time, where each launch takes the slowest of its minimal bytes
+through HBM, its loaded and stored bytes through L2 (roofline.H100_L2_BYTES_PER_S: a tile that many programs re-read
+is an L2 hit, not free) and its FLOPs, beside the roofline of the backward's FLOPs alone (the issue's 1.2x bar) and
+`aten_backward`'s floor.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import triton
 from .. import _autotune
 from ..rmdm import triton_backward as tb
 from ..rmdm import triton_kernels as tk
-from .roofline import H100_DOT_FLOPS, H100_HBM_BYTES_PER_S, dot_peak, dot_precision
+from .roofline import H100_DOT_FLOPS, H100_HBM_BYTES_PER_S, H100_L2_BYTES_PER_S, dot_peak, dot_precision
 
 
 def _launch(name, programs, loaded, stored, flops, unique) -> dict:
@@ -109,6 +112,14 @@ def launch_seconds(r: dict, peak: float, unique: bool = False) -> float:
     return max(nbytes / H100_HBM_BYTES_PER_S, r["flops"] / peak)
 
 
+def l2_launch_seconds(r: dict, peak: float) -> float:
+    """A launch's H100 time with its on-chip traffic: the slowest of its minimal bytes through HBM, every byte its
+    programs load or store (the monitor's count: each tile as often as a program touches it) through L2, and its
+    FLOPs at `peak`."""
+    l2 = (r["bytes_loaded"] + r["bytes_stored"]) / H100_L2_BYTES_PER_S
+    return max(r["unique_bytes"] / H100_HBM_BYTES_PER_S, l2, r["flops"] / peak)
+
+
 def predicted(B, T, d, f, heads, K, L, dtype, has_mod=False) -> dict:
     """The tiled call's modeled H100 time: at configs[0], and with each launch at its fastest candidate by the
     model (what autotuning approximates), on the monitor's bytes and on unique bytes; the products at the
@@ -152,47 +163,69 @@ def aten_backward(B, T, d) -> dict:
                 ratio_fp32=floor["ieee"] / floor["bf16"], ratio_tf32=floor["tf32"] / floor["bf16"])
 
 
-def _bwd_launch(name, programs, flops, unique) -> dict:
-    return dict(kernel=name, programs=programs, flops=flops, unique_bytes=unique)
-
-
 def _product_flops(pm, pn, depth, cfg: _autotune.Config) -> int:
     bm, bn, bk = (cfg.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     return pm * pn * triton.cdiv(depth, bk) * 2 * bm * bn * bk
 
 
-def _dx_launch(M, N, Kd, dtype, out_size, gelu) -> dict:
+def _dx_launch(M, N, Kd, dtype, gelu) -> dict:
+    """recurse_dx_kernel: each row tile reads its dy rows and all of W's columns tile by tile (dy read once per
+    column tile, W once per row tile)."""
     cfg, isz = tb.product_config(dtype), dtype.itemsize
     pm, pn = triton.cdiv(M, cfg.constexprs["BLOCK_M"]), triton.cdiv(N, cfg.constexprs["BLOCK_N"])
-    unique = (M * Kd + Kd * N + (M * N if gelu else 0)) * isz + M * N * out_size
-    return _bwd_launch("recurse_dx_kernel", pm * pn, _product_flops(pm, pn, Kd, cfg), unique)
+    z = M * N * isz if gelu else 0
+    unique = (M * Kd + Kd * N + M * N) * isz + z
+    return _launch("recurse_dx_kernel", pm * pn, (M * Kd * pn + Kd * N * pm) * isz + z, M * N * isz,
+                   _product_flops(pm, pn, Kd, cfg), unique)
 
 
 def _dw_launch(R, N, Kd, dtype) -> dict:
+    """recurse_dw_kernel: dy [R, N] read once per column tile of W, x [R, Kd] once per row tile; the fp32
+    accumulators dw (and db, by the first column tile) read and written once."""
     cfg, isz = tb.product_config(dtype), dtype.itemsize
     pm, pn = triton.cdiv(N, cfg.constexprs["BLOCK_M"]), triton.cdiv(Kd, cfg.constexprs["BLOCK_N"])
-    unique = (R * N + R * Kd) * isz + 2 * (N * Kd + N) * 4  # the fp32 accumulators read and written
-    return _bwd_launch("recurse_dw_kernel", pm * pn, _product_flops(pm, pn, R, cfg), unique)
+    acc = (N * Kd + N) * 4
+    unique = (R * N + R * Kd) * isz + 2 * acc
+    return _launch("recurse_dw_kernel", pm * pn, (R * N * pn + R * Kd * pm) * isz + acc, acc,
+                   _product_flops(pm, pn, R, cfg), unique)
 
 
 def _attention_bwd_launch(B, T, d, heads, dtype) -> dict:
+    """recurse_attention_bwd_kernel: per (sample, head), a key tile's program reads its k, v rows and every query
+    tile's q, dctx, ctx rows and lse; a query tile's program its q, dctx, ctx rows and lse and every key tile's k, v
+    rows."""
     c, dh, isz = tb.attention_config(dtype).constexprs, d // heads, dtype.itemsize
     nq, nkv = triton.cdiv(T, c["BLOCK_Q"]), triton.cdiv(T, c["BLOCK_KV"])
     tile = 2 * c["BLOCK_Q"] * c["BLOCK_KV"] * tk.block_dh(dh)
     flops = B * heads * nq * nkv * 7 * tile  # 4 products in a key tile's loop (s, dp, dv, dk), 3 in a query's
+    queries = T * (3 * dh * isz + 4)  # q, dctx, ctx and lse of every row of a head
+    loaded = B * heads * ((nkv + 1) * queries + (1 + nq) * 2 * T * dh * isz)
     unique = B * T * (3 * d + 2 * d + 3 * d) * isz + B * heads * T * 4  # qkv, ctx, dctx, dqkv, lse
-    return _bwd_launch("recurse_attention_bwd_kernel", (nq + nkv) * B * heads, flops, unique)
+    return _launch("recurse_attention_bwd_kernel", (nq + nkv) * B * heads, loaded, B * T * 3 * d * isz, flops,
+                   unique)
 
 
-def _norm_bwd_launches(B, T, d, isz, has_mod, second, add_state) -> list[dict]:
-    M, nt = B * T, triton.cdiv(T, tb.norm_config(d).constexprs["BLOCK_M"])
+def _norm_bwd_launches(B, T, d, dtype, has_mod, second, add_state) -> list[dict]:
+    """recurse_norm_bwd_kernel over row tiles of whole rows within its row groups (tb.norm_groups), each program
+    reading the [d] vectors (LN w, with adaLN LN b and the scale) for its rows, and the partials' sum."""
+    cfg, M, isz = tb.norm_config(d), B * T, dtype.itemsize
+    groups, rows = tb.norm_groups(B, T, has_mod)
+    nt = triton.cdiv(rows, cfg.constexprs["BLOCK_M"])
+    programs = nt * groups
     n_q = 2 if not has_mod else (tb.N_PARTIALS if second else 4)
-    parts = B * nt * n_q * d * 4
-    unique = M * d * (3 * 4 + 4 + isz) + M * d * isz * (int(add_state) + (2 if has_mod and second else 0)) + parts
+    parts = programs * n_q * d * 4
+    vectors = (1 + 2 * int(has_mod)) * d * isz
+    gate = M * d * isz if has_mod else 0  # adaLN's gate, loaded per element (a sample's [d] row)
+    # h (fp32); du and res in the operand dtype; dstate, a and y (adaLN, after LN2)
+    rows_in = M * d * (4 + 2 * isz) + M * d * isz * (int(add_state) + (2 if has_mod and second else 0))
+    rows_out = M * d * isz * (1 + int(has_mod))  # dh, dy (adaLN)
+    unique = (2 * d + (2 * B * d if has_mod else 0)) * isz + rows_in + rows_out + parts
     pc = tb.PARTIALS.constexprs
-    return [_bwd_launch("recurse_norm_bwd_kernel", nt * B, 0, unique),
-            _bwd_launch("recurse_partials_kernel", triton.cdiv(d, pc["BLOCK_D"]) * n_q * (B if has_mod else 1), 0,
-                        parts + 2 * (2 * d + (B * n_q * d if has_mod else 0)) * 4)]
+    sums = 2 * d * 4 + (n_q - 2) * groups * d * 4  # the accumulators' rows: read, added to, written
+    return [_launch("recurse_norm_bwd_kernel", programs, programs * vectors + gate + rows_in, rows_out + parts, 0,
+                    unique),
+            _launch("recurse_partials_kernel", triton.cdiv(d, pc["BLOCK_D"]) * n_q * groups,
+                    parts + sums, sums, 0, parts + 2 * sums)]
 
 
 def _recompute_launches(B, T, d, f, heads, K, dtype, has_mod) -> list[dict]:
@@ -203,7 +236,6 @@ def _recompute_launches(B, T, d, f, heads, K, dtype, has_mod) -> list[dict]:
     for kb in range(K):
         norm = norm_launch(M, d, isz, has_mod, tk.norm_configs(d)[0])
         att = attention_launch(B, T, d, heads, isz, tk.attention_configs()[0])
-        att["bytes_stored"] += B * heads * T * 4
         def linear(N, Kd, epilogue, mod=has_mod):
             return linear_launch(M, N, Kd, isz, epilogue, mod, False, tk.linear_configs(dtype, epilogue)[0])
         launches = [norm, linear(3 * d, d, tk.STORE), att, linear(d, d, tk.RESIDUAL), dict(norm), linear(f, d, tk.GELU)]
@@ -211,51 +243,56 @@ def _recompute_launches(B, T, d, f, heads, K, dtype, has_mod) -> list[dict]:
             launches.append(linear(d, f, tk.RESIDUAL))
         elif has_mod:
             launches.append(linear(d, f, tk.STORE, False))
-        launches[5]["unique_bytes"] += M * f * isz  # z
-        launches[2]["unique_bytes"] += B * heads * T * 4  # lse
+        kept = {5: M * f * isz, 2: B * heads * T * 4}  # z, lse
         if has_mod:
-            launches[3]["unique_bytes"] += M * d * isz  # a
+            kept[3] = M * d * isz  # a
             if kb < K - 1:
-                launches[6]["unique_bytes"] += M * d * isz  # y
+                kept[6] = M * d * isz  # y
+        for i, n in kept.items():
+            launches[i]["bytes_stored"] += n
+            launches[i]["unique_bytes"] += n
         out += launches
     return out
 
 
 def backward_launches(B, T, d, f, heads, K, L, dtype, has_mod=False) -> list[dict]:
     """Every Triton launch of one triton_backward.recurse_bwd call, in order, each with its programs, FLOPs (2 m n k of
-    every tl.dot an active program runs at the block sizes, as the interpreter counts them) and minimal bytes
-    (unique_bytes: each tensor the launch touches once; the recompute's launches also carry the forward model's
-    counted bytes_loaded and bytes_stored). tests/test_rmdm_triton_backward.py holds launches, programs and FLOPs
+    every tl.dot an active program runs at the block sizes), the bytes its programs load and store (every tile each
+    program touches, L2 hits included) as the interpreter's TritonMonitor counts them, and its minimal bytes
+    (unique_bytes: each tensor the launch touches once). tests/test_rmdm_triton_backward.py holds all but the last
     equal to the interpreter's."""
-    M, isz = B * T, dtype.itemsize
+    M = B * T
     out = []
     for it in reversed(range(L)):
         out += _recompute_launches(B, T, d, f, heads, K, dtype, has_mod)
         for kb in reversed(range(K)):
-            out += [_dw_launch(M, d, f, dtype), _dx_launch(M, f, d, dtype, isz, True), _dw_launch(M, f, d, dtype),
-                    _dx_launch(M, d, f, dtype, 4, False), *_norm_bwd_launches(B, T, d, isz, has_mod, True, False),
-                    _dw_launch(M, d, d, dtype), _dx_launch(M, d, d, dtype, isz, False),
+            out += [_dw_launch(M, d, f, dtype), _dx_launch(M, f, d, dtype, True), _dw_launch(M, f, d, dtype),
+                    _dx_launch(M, d, f, dtype, False), *_norm_bwd_launches(B, T, d, dtype, has_mod, True, False),
+                    _dw_launch(M, d, d, dtype), _dx_launch(M, d, d, dtype, False),
                     _attention_bwd_launch(B, T, d, heads, dtype), _dw_launch(M, 3 * d, d, dtype),
-                    _dx_launch(M, d, 3 * d, dtype, 4, False),
-                    *_norm_bwd_launches(B, T, d, isz, has_mod, False, kb == 0 and it > 0)]
+                    _dx_launch(M, d, 3 * d, dtype, False),
+                    *_norm_bwd_launches(B, T, d, dtype, has_mod, False, kb == 0 and it > 0)]
     return out
 
 
 def triton_backward(B, T, d, f, heads, K, L, dtype, has_mod=False) -> dict:
-    """The Triton backward's modeled H100 time: the sum over its launches of max(minimal bytes / 3.35 TB/s,
-    FLOPs / peak at the products' precision), against the roofline of the backward's exact FLOPs alone (three
-    times the forward's products, the figure aten_backward holds the ATen backward to) at the same peak; ratio:
-    modeled / roofline (the issue's bar: 1.2). Launch latency is not in it: `launches` says how many there are."""
+    """The Triton backward's modeled H100 time: the sum over its launches of l2_launch_seconds (minimal bytes
+    through HBM, loaded and stored bytes through L2, FLOPs at the products' precision's peak), against the roofline
+    of the backward's exact FLOPs alone (three times the forward's products, the figure aten_backward holds the ATen
+    backward to) at the same peak; ratio: modeled / roofline (the issue's bar: 1.2). us_hbm: the same sum without
+    the L2 term (what a model of minimal bytes alone predicts). Launch latency is not in it: `launches` says how many
+    there are."""
     from . import rmdm  # the workload's GEMM list (rmdm imports this module lazily)
     peak = dot_peak(dtype)
     launches = backward_launches(B, T, d, f, heads, K, L, dtype, has_mod)
     exact = rmdm.RECURSE.flops(rmdm._case(B, T, d))
     roofline = 1e6 * (exact["fwd"] + exact["bwd"]) / peak
-    modeled = 1e6 * sum(launch_seconds(r, peak, unique=True) for r in launches)
+    modeled = 1e6 * sum(l2_launch_seconds(r, peak) for r in launches)
     return dict(launches=len(launches), precision=dot_precision(dtype), flops=sum(r["flops"] for r in launches),
-                unique_bytes=sum(r["unique_bytes"] for r in launches), us_modeled=modeled, us_roofline=roofline,
+                unique_bytes=sum(r["unique_bytes"] for r in launches),
+                l2_bytes=sum(r["bytes_loaded"] + r["bytes_stored"] for r in launches), us_modeled=modeled,
+                us_hbm=1e6 * sum(launch_seconds(r, peak, unique=True) for r in launches), us_roofline=roofline,
                 ratio=modeled / roofline)
-
 
 if __name__ == "__main__":
     for row in rmdm_roofline():

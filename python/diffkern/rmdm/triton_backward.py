@@ -5,7 +5,7 @@ and cuBLAS in fp32, stays forceable through diffkern.backend("cuda")).
 Same outputs and recompute structure as csrc/cpu/rmdm_recurse_bwd.cpp: iterations are walked backwards; iteration
 it is re-run from its saved input (x or states[it-1]) with the tiled forward's launches (triton_kernels.py), each of
 its K blocks' activations kept, then the blocks are differentiated in reverse. Memory: one iteration's activations.
-Per block evaluation, with G the fp32 gradient reaching the block's output and dy = g2 G (adaLN's gate, 1 without):
+Per block evaluation, with G the gradient reaching the block's output and dy = g2 G (adaLN's gate; G itself without):
   recompute, 7 launches (6 for an iteration's last block without adaLN, whose output nobody reads):
       LN1 -> u1, u1 W_qkv^T -> qkv, attention -> ctx and the rows' log-sum-exp lse [B*H, T],
       h_mid = h + g1 a (a = ctx W_o^T + b_o kept with adaLN), LN2 -> u2, g = gelu(z) (z kept),
@@ -14,10 +14,10 @@ Per block evaluation, with G the fp32 gradient reaching the block's output and d
       recurse_dw_kernel        dW_2 += dy^T g, db_2 += the column sums of dy
       recurse_dx_kernel        dz = (dy W_2) gelu'(z)                        (gelu' fused as the epilogue)
       recurse_dw_kernel        dW_1 += dz^T u2, db_1
-      recurse_dx_kernel        du = dz W_1                                    (fp32)
-      recurse_norm_bwd_kernel  LN2 (+adaLN) backward over BLOCK_M rows of one sample: dh_mid = G + LN'(du), and
-                               dy = g1 dh_mid; the tile's row sums of the LN vectors' and adaLN's gradients
-                               (shift2, scale2, gate1 = dh_mid a, gate2 = G y) as partials
+      recurse_dx_kernel        du = dz W_1
+      recurse_norm_bwd_kernel  LN2 (+adaLN) backward over whole rows: dh_mid = G + LN'(du), dy = g1 dh_mid; the
+                               tile's row sums of the LN vectors' and adaLN's gradients (shift2, scale2,
+                               gate1 = dh_mid a, gate2 = G y) as partials
       recurse_partials_kernel  the partials summed in order into the fp32 gradient accumulators
       recurse_dw_kernel        dW_o += dy^T ctx, db_o
       recurse_dx_kernel        dctx = dy W_o
@@ -29,8 +29,12 @@ Per block evaluation, with G the fp32 gradient reaching the block's output and d
       recurse_norm_bwd_kernel  LN1 backward: G <- dh_mid + LN'(du) (+ dstates[it-1] at an iteration's first block),
                                dy = g2 G of the block G flows into next
       recurse_partials_kernel
-The gradient at the last state, dstates[L-1] as fp32 G and gated into dy, is two aten ops before the first launch,
-and dx, the weights' and mod's gradients are rounded from their fp32 accumulators once at the end.
+The LayerNorm backward is not fused into the product before it: an epilogue needs whole rows of du in one program,
+so every program would re-read all of W (up to 2 MiB) for its 16 rows, far more L2 traffic than du's round trip
+through memory (bench/rmdm_model.py's L2-aware model, bf16 at the Sudoku shape: 1853 us a call fused, 595 for the
+du products and the LayerNorm backwards apart).
+The gradient at the last state, dstates[L-1] copied into G (and with adaLN gated into dy), is aten ops before the first
+launch; dx is G at the end, and the weights' and mod's gradients are rounded from their fp32 accumulators once.
 
 Determinism (the same bits on every run): no atomics. Each element of a weight gradient belongs to one program of
 recurse_dw_kernel, which reduces over the B*T rows in a fixed order and adds into its fp32 accumulator; the launches
@@ -39,8 +43,11 @@ recurse_partials_kernel. Each kernel has one launch configuration per dtype (no 
 cannot be launched again and again by a tuner, and the reducing ones would sum in another order under another layout.
 
 Precision: every product goes through diffkern._dot (16-bit operands on tensor cores with fp32 accumulation, tf32x3
-for fp32 inputs, fp32 "ieee" under the interpreter, which the tests run). The gradients a product reads (dy, dz,
-dctx, dqkv) are stored in the operand dtype, as the activations are; the residual gradient G and du stay fp32.
+for fp32 inputs, fp32 "ieee" under the interpreter, which the tests run). The gradients a product reads or forms (dy,
+dz, dctx, dqkv, du) are stored in the operand dtype, as the activations are, and so is the residual gradient G (two
+buffers, G and dh_mid): rounded once per LayerNorm backward, 2K times an iteration, where PyTorch's autograd in that
+dtype rounds it after every op (tests/test_rmdm_triton_backward.py holds it to the error model's tolerance, whose
+term 2 |plain - oracle| is that autograd's error); the weights' and mod's gradients accumulate in fp32.
 """
 from __future__ import annotations
 
@@ -55,15 +62,18 @@ from . import triton_kernels as tk
 from .reference import N_PARAMS
 from .triton_common import gate, gelu_grad, normalized, scores
 
-NORM_ELEMENTS = 4096  # recurse_norm_bwd_kernel's [BLOCK_M, BLOCK_D] tile
 PARTIALS = Config(dict(BLOCK_R=32, BLOCK_D=128), 4)
+NORM_ELEMENTS = 4096  # recurse_norm_bwd_kernel's [BLOCK_M, BLOCK_N] tile
 N_PARTIALS = 6  # recurse_norm_bwd_kernel's quantities: LN w, LN b, adaLN shift, scale, gate1, gate2
 
 
 def product_config(dtype: torch.dtype) -> Config:
-    """recurse_dx_kernel's and recurse_dw_kernel's configuration: 64 x 64 output tiles reduced in 32-deep slices;
-    32 x 64 for fp32 inputs, whose tf32x3 products spill at 64 x 64 on sm_80 where the sizes are not 16-divisible."""
-    return Config(dict(BLOCK_M=32 if dtype == torch.float32 else 64, BLOCK_N=64, BLOCK_K=32), 4)
+    """recurse_dx_kernel's and recurse_dw_kernel's configuration: 128 x 128 output tiles in 8 warps, reduced in
+    32-deep slices; 64 x 128 for fp32 inputs, whose tf32x3 products spill at 128 x 128 (and at 128 x 64 on sm_80
+    where the sizes are not 16-divisible). A program reads its tile's rows of A and columns of B over the whole
+    depth, so the L2 traffic per FLOP falls with the tile's sides: 64 x 64 tiles would move twice what 128 x 128
+    tiles move (bench/rmdm_model.py's L2-aware model)."""
+    return Config(dict(BLOCK_M=64 if dtype == torch.float32 else 128, BLOCK_N=128, BLOCK_K=32), 8)
 
 
 def attention_config(dtype: torch.dtype) -> Config:
@@ -74,18 +84,22 @@ def attention_config(dtype: torch.dtype) -> Config:
 
 
 def norm_config(d: int) -> Config:
-    """recurse_norm_bwd_kernel's configuration at width d: BLOCK_M rows of BLOCK_D = next_power_of_2(d) columns."""
-    block_d = triton.next_power_of_2(d)
-    return Config(dict(BLOCK_M=max(1, NORM_ELEMENTS // block_d), BLOCK_D=block_d), 8)
+    """recurse_norm_bwd_kernel's configuration at width d: whole rows, BLOCK_N = next_power_of_2(d) columns,
+    NORM_ELEMENTS // BLOCK_N of them a program."""
+    block_n = triton.next_power_of_2(d)
+    return Config(dict(BLOCK_M=max(1, NORM_ELEMENTS // block_n), BLOCK_N=block_n), 8)
 
 
 @triton.jit
-def _product(a_ptr, lda, b_ptr, ldb, rows, cols, M, N, Kd, TRANS_A: tl.constexpr, DOT_F32: tl.constexpr,
-             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(sum over k < Kd of A[rows, k] B[k, cols], sum over k < Kd of A[rows, k]) in fp32, k in BLOCK_K slices in
-    increasing order, the product through diffkern._dot (the row sums cost no load: they are the bias gradient
-    when A is dy^T). B: [Kd, N] with row stride ldb; A: [M, Kd] with row stride lda, or (TRANS_A) stored
-    transposed, [Kd, M] with row stride lda. Out-of-range elements count as 0."""
+def _tile(a_ptr, lda, b_ptr, ldb, M, N, Kd, TRANS_A: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Output tile (program_id(0), program_id(1)) of the [M, N] product A B stored with row stride N: (its rows,
+    the sum over k < Kd of A[rows, k] B[k, cols] and of A[rows, k] in fp32, the tile's mask and element offsets);
+    k in BLOCK_K slices in increasing order, the product through diffkern._dot (the row sums cost no load: they
+    are the bias gradient when A is dy^T). B: [Kd, N] with row stride ldb; A: [M, Kd] with row stride lda, or
+    (TRANS_A) stored transposed, [Kd, M] with row stride lda. Elements out of range count as 0."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm, nm = rows < M, cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     a_sum = tl.zeros((BLOCK_M,), tl.float32)
@@ -101,7 +115,7 @@ def _product(a_ptr, lda, b_ptr, ldb, rows, cols, M, N, Kd, TRANS_A: tl.constexpr
         b = tl.load(b_ptr + kk[:, None].to(tl.int64) * ldb + cols[None, :], mask=km[:, None] & nm[None, :], other=0.0)
         acc += _dot.dot(a, b, DOT_F32, PRECISION)
         a_sum += tl.sum(a.to(tl.float32), 1)
-    return acc, a_sum
+    return rows, acc, a_sum, rm[:, None] & nm[None, :], rows[:, None].to(tl.int64) * N + cols[None, :]
 
 
 @triton.jit
@@ -109,12 +123,7 @@ def recurse_dx_kernel(dy_ptr, w_ptr, z_ptr, out_ptr, M, N, Kd, GELU_GRAD: tl.con
                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The input gradient of y = x W^T + b for one [BLOCK_M, BLOCK_N] tile: out = dy W (dy [M, Kd], W the forward's
     [Kd, N] weight), times gelu'(z) (z [M, N]) when GELU_GRAD; stored in out's dtype."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc, _ = _product(dy_ptr, Kd, w_ptr, N, rows, cols, M, N, Kd, False, DOT_F32, PRECISION, BLOCK_M, BLOCK_N,
-                      BLOCK_K)
-    om = (rows < M)[:, None] & (cols < N)[None, :]
-    offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+    _, acc, _, om, offs = _tile(dy_ptr, Kd, w_ptr, N, M, N, Kd, False, DOT_F32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     if GELU_GRAD:
         acc *= gelu_grad(tl.load(z_ptr + offs, mask=om, other=0.0).to(tl.float32))
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=om)
@@ -127,12 +136,8 @@ def recurse_dw_kernel(dy_ptr, x_ptr, dw_ptr, db_ptr, R, N, Kd, DOT_F32: tl.const
     dw += dy^T x (dy [R, N], x [R, Kd]), the rows summed in BLOCK_K slices in order; the programs of the first
     column tile also add the column sums of dy, which the product's loop forms from the dy tiles it loads, into
     db [N]. dw, db: fp32 accumulators."""
-    i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc, colsum = _product(dy_ptr, N, x_ptr, Kd, i, j, N, Kd, R, True, DOT_F32, PRECISION, BLOCK_M, BLOCK_N,
-                           BLOCK_K)
-    om = (i < N)[:, None] & (j < Kd)[None, :]
-    offs = i[:, None].to(tl.int64) * Kd + j[None, :]
+    i, acc, colsum, om, offs = _tile(dy_ptr, N, x_ptr, Kd, N, Kd, R, True, DOT_F32, PRECISION, BLOCK_M, BLOCK_N,
+                                     BLOCK_K)
     tl.store(dw_ptr + offs, tl.load(dw_ptr + offs, mask=om, other=0.0) + acc, mask=om)
     if tl.program_id(1) == 0:
         tl.store(db_ptr + i, tl.load(db_ptr + i, mask=i < N, other=0.0) + colsum, mask=i < N)
@@ -214,80 +219,83 @@ def recurse_attention_bwd_kernel(qkv_ptr, ctx_ptr, dctx_ptr, lse_ptr, dqkv_ptr, 
 
 
 @triton.jit
-def recurse_norm_bwd_kernel(du_ptr, h_ptr, w_ptr, b_ptr, mod_ptr, res_ptr, dstate_ptr, a_ptr, y_ptr, dh_ptr, dy_ptr,
-                            part_ptr, T, D, K, kb, kb_gate, gate_part, eps, add_state, SHIFT: tl.constexpr,
-                            HAS_MOD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Backward of u = LN(h) w + b (then adaLN's (1 + scale) and shift, parts SHIFT + 1 and SHIFT of block kb, when
-    HAS_MOD) for rows program_id(0) * BLOCK_M ... of sample program_id(1), h the fp32 state [B*T, D]:
-        dh = res + LN'(du)  (+ dstate when add_state),  stored fp32 into dh, and  dy = gate * dh  in dy's dtype
-    with gate adaLN's part gate_part of block kb_gate (1 without adaLN). The tile's sums over its rows go to
-    part [B, n_tiles, 6, D] (fp32): 0 dLN_w = du (1 + scale) xhat, 1 dLN_b = du (1 + scale), with adaLN 2 dshift = du,
-    3 dscale = du LN(h) and, after LN2 (SHIFT 3), 4 dgate1 = dh a and 5 dgate2 = res y (a, y: the block's ungated
-    attention and MLP outputs)."""
+def recurse_norm_bwd_kernel(du_ptr, h_ptr, ln_w_ptr, ln_b_ptr, mod_ptr, res_ptr, dstate_ptr, a_ptr, y_ptr, dh_ptr,
+                            dy_ptr, part_ptr, T, D, K, kb, kb_gate, gate_part, eps, add_state, SHIFT: tl.constexpr,
+                            HAS_MOD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The backward of u = LN(h) w + b (then adaLN's (1 + scale) and shift, parts SHIFT + 1 and SHIFT of block kb,
+    when HAS_MOD) given du [B*T, D], for rows program_id(0) * BLOCK_M ... of the T-row group program_id(1) (a sample
+    with adaLN, norm_groups), whole rows (BLOCK_N >= D). h: the fp32 state [B*T, D]; du, res, dh: [B*T, D] in the
+    operand dtype;
+        dh = res + LN'(du)  (+ dstate when add_state),  and with adaLN  dy = gate * dh  (without, dy is dh)
+    with gate adaLN's part gate_part of block kb_gate. The tile's sums over its rows go to
+    part [groups, n_tiles, 6, D] (fp32): 0 dLN_w = du (1 + scale) xhat, 1 dLN_b = du (1 + scale), with adaLN
+    2 dshift = du, 3 dscale = du LN(h) and, after LN2 (SHIFT 3), 4 dgate1 = dh a and 5 dgate2 = res y (a, y: the
+    block's ungated attention and MLP outputs)."""
     tile, s = tl.program_id(0), tl.program_id(1)
     t = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
-    cm = cols < D
-    m = (t < T)[:, None] & cm[None, :]
-    offs = (s.to(tl.int64) * T + t)[:, None] * D + cols[None, :]
-    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+    cols = tl.arange(0, BLOCK_N)
+    tm, cm = t < T, cols < D
+    rows = s.to(tl.int64) * T + t
+    m = tm[:, None] & cm[None, :]
+    offs = rows[:, None] * D + cols[None, :]
+    du = tl.load(du_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    w = tl.load(ln_w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
     xhat, rstd = normalized(tl.load(h_ptr + offs, mask=m, other=0.0), cm, D, eps)
-    du = tl.load(du_ptr + offs, mask=m, other=0.0)
     dln = du
     if HAS_MOD:
         dln = du * (1.0 + tl.load(mod_ptr + (s.to(tl.int64) * K + kb) * 6 * D + (SHIFT + 1) * D + cols, mask=cm,
                                   other=0.0).to(tl.float32))[None, :]
-    dxhat = dln * w[None, :]
-    c1 = tl.sum(dxhat * xhat, 1) / D
-    c2 = tl.sum(dxhat, 1) / D
-    res = tl.load(res_ptr + offs, mask=m, other=0.0)
-    dh = res + tl.where(m, rstd[:, None] * (dxhat - c2[:, None] - xhat * c1[:, None]), 0.0)
-    if add_state:
-        dh += tl.load(dstate_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    tl.store(dh_ptr + offs, dh, mask=m)
-    g = gate(mod_ptr + (s.to(tl.int64) * K + kb_gate) * 6 * D + gate_part * D, 0, cols[None, :], m, D, HAS_MOD)
-    tl.store(dy_ptr + offs, (g * dh).to(dy_ptr.dtype.element_ty), mask=m)
     part = part_ptr + (s.to(tl.int64) * tl.num_programs(0) + tile) * 6 * D + cols
     tl.store(part, tl.sum(dln * xhat, 0), mask=cm)
     tl.store(part + D, tl.sum(dln, 0), mask=cm)
     if HAS_MOD:
-        lb = tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+        lb = tl.load(ln_b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
         tl.store(part + 2 * D, tl.sum(du, 0), mask=cm)
         tl.store(part + 3 * D, tl.sum(tl.where(m, du * (xhat * w[None, :] + lb[None, :]), 0.0), 0), mask=cm)
+    dxhat = dln * w[None, :]
+    c1 = tl.sum(dxhat * xhat, 1) / D
+    c2 = tl.sum(dxhat, 1) / D
+    dh_ln = tl.where(m, rstd[:, None] * (dxhat - c2[:, None] - xhat * c1[:, None]), 0.0)
+    res = tl.load(res_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    if HAS_MOD and SHIFT == 3:
+        tl.store(part + 5 * D, tl.sum(res * tl.load(y_ptr + offs, mask=m, other=0.0).to(tl.float32), 0), mask=cm)
+    dh = res + dh_ln
+    if add_state:
+        dh += tl.load(dstate_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(dh_ptr + offs, dh.to(dh_ptr.dtype.element_ty), mask=m)
+    if HAS_MOD:
+        g = gate(mod_ptr + (s.to(tl.int64) * K + kb_gate) * 6 * D + gate_part * D, 0, cols[None, :], m, D, HAS_MOD)
+        tl.store(dy_ptr + offs, (g * dh).to(dy_ptr.dtype.element_ty), mask=m)
         if SHIFT == 3:
-            a = tl.load(a_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            y = tl.load(y_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            tl.store(part + 4 * D, tl.sum(dh * a, 0), mask=cm)
-            tl.store(part + 5 * D, tl.sum(res * y, 0), mask=cm)
+            tl.store(part + 4 * D, tl.sum(dh * tl.load(a_ptr + offs, mask=m, other=0.0).to(tl.float32), 0), mask=cm)
 
 
 @triton.jit
-def recurse_partials_kernel(part_ptr, dln_ptr, dmod_ptr, B, NT, D, K, kb, SHIFT: tl.constexpr, BLOCK_T: tl.constexpr,
-                            BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """recurse_norm_bwd_kernel's partials part [B, NT, 6, D] summed in a fixed order for columns program_id(0) *
-    BLOCK_D ... and quantity q = program_id(1): q 0, 1 (the LN vectors) over every (sample, tile), BLOCK_R rows at a
-    time, into dln [2, D] (by the programs of program_id(2) == 0); q >= 2 (adaLN) over the tiles of sample
-    program_id(2) into part SHIFT + q - 2 (q 2, 3), 2 (q 4) or 5 (q 5) of block kb of dmod [B, K, 6, D]. dln and
-    dmod are fp32 accumulators."""
+def recurse_partials_kernel(part_ptr, dln_ptr, dmod_ptr, B, NT, D, K, kb, SHIFT: tl.constexpr, BLOCK_R: tl.constexpr,
+                            BLOCK_D: tl.constexpr):
+    """recurse_norm_bwd_kernel's partials part [B, NT, 6, D] (B row groups of NT tiles each) summed BLOCK_R tiles at
+    a time in a fixed order, for columns program_id(0) * BLOCK_D ... and quantity q = program_id(1): q 0, 1 (the LN
+    vectors) over every (group, tile) into dln [2, D], by the programs of program_id(2) == 0; q >= 2 (adaLN, whose
+    row groups are the samples) over the tiles of sample program_id(2) into part SHIFT + q - 2 (q 2, 3), 2 (q 4) or
+    5 (q 5) of block kb of dmod [B, K, 6, D]. dln and dmod are fp32 accumulators."""
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     cm = cols < D
     q, s = tl.program_id(1), tl.program_id(2)
-    if q < 2:
-        if s == 0:
-            acc = tl.zeros((BLOCK_D,), tl.float32)
-            for r0 in range(0, B * NT, BLOCK_R):
-                r = r0 + tl.arange(0, BLOCK_R)
-                acc += tl.sum(tl.load(part_ptr + ((r.to(tl.int64) * 6 + q) * D)[:, None] + cols[None, :],
-                                      mask=(r < B * NT)[:, None] & cm[None, :], other=0.0), 0)
+    per_sample = q >= 2
+    if per_sample | (s == 0):
+        first = tl.where(per_sample, s.to(tl.int64) * NT, 0)
+        n = tl.where(per_sample, NT, B * NT)
+        acc = tl.zeros((BLOCK_D,), tl.float32)
+        for r0 in range(0, n, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            acc += tl.sum(tl.load(part_ptr + (((first + r) * 6 + q) * D)[:, None] + cols[None, :],
+                                  mask=(r < n)[:, None] & cm[None, :], other=0.0), 0)
+        if per_sample:
+            mod_part = tl.where(q == 4, 2, tl.where(q == 5, 5, SHIFT + q - 2))
+            out = dmod_ptr + ((s.to(tl.int64) * K + kb) * 6 + mod_part) * D + cols
+        else:
             out = dln_ptr + q * D + cols
-            tl.store(out, tl.load(out, mask=cm, other=0.0) + acc, mask=cm)
-    else:
-        t = tl.arange(0, BLOCK_T)
-        x = tl.load(part_ptr + (((s.to(tl.int64) * NT + t) * 6 + q) * D)[:, None] + cols[None, :],
-                    mask=(t < NT)[:, None] & cm[None, :], other=0.0)
-        mod_part = tl.where(q == 4, 2, tl.where(q == 5, 5, SHIFT + q - 2))
-        out = dmod_ptr + ((s.to(tl.int64) * K + kb) * 6 + mod_part) * D + cols
-        tl.store(out, tl.load(out, mask=cm, other=0.0) + tl.sum(x, 0), mask=cm)
+        tl.store(out, tl.load(out, mask=cm, other=0.0) + acc, mask=cm)
 
 
 def _launch_dx(dy, w, out, z=None):
@@ -369,33 +377,39 @@ class _Grads:
             self.mod.to(mod.dtype) if mod is not None else x.new_empty(0)
 
 
+def norm_groups(B: int, T: int, has_mod: bool) -> tuple[int, int]:
+    """recurse_norm_bwd_kernel's row groups (program_id(1)) and rows per group: the samples with adaLN, whose
+    gradients are sums over a sample's rows, else all B*T rows as one group (no tile padded at a sample's end)."""
+    return (B, T) if has_mod else (1, B * T)
+
+
 def _launch_norm_bwd(du, h, ln_w, ln_b, mod, res, dh, dy, part, dln, dmod, kb, K, B, T, eps, shift, gate_at,
                      a=None, y=None, dstate=None):
     d = h.shape[1]
+    groups, rows = norm_groups(B, T, mod is not None)
     cfg = norm_config(d)
-    nt = triton.cdiv(T, cfg.constexprs["BLOCK_M"])
-    recurse_norm_bwd_kernel[(nt, B)](
+    nt = triton.cdiv(rows, cfg.constexprs["BLOCK_M"])
+    recurse_norm_bwd_kernel[(nt, groups)](
         du, h, ln_w, ln_b, mod if mod is not None else dy, res, dstate if dstate is not None else dy,
-        a if a is not None else dy, y if y is not None else dy, dh, dy, part, T, d, K, kb, *gate_at, eps,
+        a if a is not None else dy, y if y is not None else dy, dh, dy, part, rows, d, K, kb, *gate_at, eps,
         int(dstate is not None), SHIFT=shift, HAS_MOD=mod is not None, **cfg.meta())
     n_q = 2 if mod is None else (N_PARTIALS if shift == 3 else 4)
-    pc = PARTIALS.constexprs
-    recurse_partials_kernel[(triton.cdiv(d, pc["BLOCK_D"]), n_q, B if mod is not None else 1)](
-        part, dln, dmod if dmod is not None else dln, B, nt, d, K, kb, SHIFT=shift,
-        BLOCK_T=triton.next_power_of_2(nt), **PARTIALS.meta())
+    recurse_partials_kernel[(triton.cdiv(d, PARTIALS.constexprs["BLOCK_D"]), n_q, groups)](
+        part, dln, dmod if dmod is not None else dln, groups, nt, d, K, kb, SHIFT=shift, **PARTIALS.meta())
 
 
 def _block_backward(A, w, dw, dln, mod, dmod, G, Gm, dy, bufs, kb, K, B, T, heads, eps, gate_next, dstate):
-    """Block kb's backward (module docstring): G, dy hold the gradient at its output (and g2 G); on return G holds
-    the gradient at its input (plus dstate) and dy gate_next's gate times it."""
+    """Block kb's backward (module docstring): G, dy hold the gradient at its output (and g2 G; without adaLN dy is
+    G); on return G holds the gradient at its input (plus dstate) and dy gate_next's gate times it."""
     ln1_w, ln1_b, w_qkv, _, w_o, _, ln2_w, ln2_b, w_1, _, w_2, _ = w
     du, dz, dctx, dqkv, part = bufs
-    M, d = G.shape
+    d = G.shape[1]
     _linear_backward(dy, A.g, w_2, dw[10], dw[11], dz, z=A.z)
     _linear_backward(dz, A.u2, w_1, dw[8], dw[9], du)
-    _launch_norm_bwd(du, A.h_mid, ln2_w, ln2_b, mod, G, Gm, dy, part, dln[1], dmod, kb, K, B, T, eps, 3, (kb, 2),
+    dy_mid = dy if mod is not None else Gm  # without adaLN the gradient itself
+    _launch_norm_bwd(du, A.h_mid, ln2_w, ln2_b, mod, G, Gm, dy_mid, part, dln[1], dmod, kb, K, B, T, eps, 3, (kb, 2),
                      a=A.a, y=A.y)
-    _linear_backward(dy, A.ctx, w_o, dw[4], dw[5], dctx)
+    _linear_backward(dy_mid, A.ctx, w_o, dw[4], dw[5], dctx)
     dh = d // heads
     ac = attention_config(dqkv.dtype)
     recurse_attention_bwd_kernel[(triton.cdiv(T, ac.constexprs["BLOCK_KV"]) + triton.cdiv(T, ac.constexprs["BLOCK_Q"]),
@@ -421,12 +435,14 @@ def recurse_bwd(dstates, x, states, weights, mod, heads, eps):
     dt, dev = x.dtype, x.device
     acts = [_Activations(M, d, f, B * heads * T, dt, dev, mod is not None) for _ in range(K)]
     grads = _Grads(weights, mod)
-    nt = triton.cdiv(T, norm_config(d).constexprs["BLOCK_M"])
-    bufs = (_triton.empty((M, d), torch.float32, dev), _triton.empty((M, f), dt, dev), _triton.empty((M, d), dt, dev),
-            _triton.empty((M, 3 * d), dt, dev), _triton.empty((B, nt, N_PARTIALS, d), torch.float32, dev))
-    G = dstates[L - 1].reshape(M, d).to(torch.float32, copy=True)
+    groups, rows = norm_groups(B, T, mod is not None)
+    bufs = (_triton.empty((M, d), dt, dev), _triton.empty((M, f), dt, dev), _triton.empty((M, d), dt, dev),
+            _triton.empty((M, 3 * d), dt, dev),
+            _triton.empty((groups, triton.cdiv(rows, norm_config(d).constexprs["BLOCK_M"]), N_PARTIALS, d),
+                          torch.float32, dev))
+    G = dstates[L - 1].reshape(M, d).clone()
     Gm = torch.empty_like(G)
-    dy = (G if mod is None else G.view(B, T, d) * mod[:, K - 1, 5, None, :].float()).to(dt, copy=True).reshape(M, d)
+    dy = G if mod is None else (G.view(B, T, d).float() * mod[:, K - 1, 5, None, :].float()).to(dt).reshape(M, d)
     for it in reversed(range(L)):
         _recompute(x if it == 0 else states[it - 1], acts, weights, mod, B, T, heads, eps)
         for kb in reversed(range(K)):
@@ -435,16 +451,16 @@ def recurse_bwd(dstates, x, states, weights, mod, heads, eps):
                             kb, K, B, T, heads, eps, (kb - 1) % K,
                             dstates[it - 1].reshape(M, d) if kb == 0 and it > 0 else None)
     dweights, dmod = grads.rounded(weights, mod, x)
-    return G.view(B, T, d).to(dt), dweights, dmod
+    return G.view(B, T, d), dweights, dmod
 
 
 def backward_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible: bool = True,
                    fp32_precision: str = "tf32x3") -> list[KernelSpec]:
     """The backward's kernels at width d, head width dh, in `dtype` as a GPU runs them (16-bit operands, or fp32 at
     `fp32_precision`), pointers and widths 16-divisible as at the Sudoku shape (divisible False: nothing assumed, as a
-    launch at odd sizes): recurse_dx_kernel's three launches (gelu' epilogue; stored in the operand dtype; stored in
-    fp32), recurse_dw_kernel, recurse_attention_bwd_kernel and the two LayerNorm backwards (with adaLN or without:
-    their HAS_MOD branch)."""
+    launch at odd sizes): recurse_dx_kernel's two launches (with the gelu' epilogue and without),
+    recurse_dw_kernel, recurse_attention_bwd_kernel and recurse_norm_bwd_kernel after either LayerNorm (with adaLN
+    or without: its HAS_MOD branch)."""
     ty = _triton.TRITON_DTYPE[dtype]
     p, f32 = f"*{ty}", "*fp32"
     dot = _dot.gpu_meta(dtype, fp32_precision)
@@ -452,11 +468,10 @@ def backward_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible
             **_dot.precision_tags(dtype, fp32_precision)}
     ints = {n: "i32" for n in ("M", "N", "Kd")}
     specs = []
-    for gelu, out in dict.fromkeys(((True, p), (False, p), (False, f32))):  # fp32: the last two are one
-        sig = {"dy_ptr": p, "w_ptr": p, "z_ptr": out, "out_ptr": out, **ints}
+    for gelu in (True, False):
+        sig = {"dy_ptr": p, "w_ptr": p, "z_ptr": p, "out_ptr": p, **ints}
         specs += tk._specs("recurse_dx_kernel", recurse_dx_kernel, sig, {"GELU_GRAD": gelu, **dot},
-                           (product_config(dtype),),
-                           {**tags, "GELU_GRAD": gelu, "out": out}, ("N", "Kd") if divisible else None)
+                           (product_config(dtype),), {**tags, "GELU_GRAD": gelu}, ("N", "Kd") if divisible else None)
     sig = {"dy_ptr": p, "x_ptr": p, "dw_ptr": f32, "db_ptr": f32, "R": "i32", "N": "i32", "Kd": "i32"}
     specs += tk._specs("recurse_dw_kernel", recurse_dw_kernel, sig, dot, (product_config(dtype),), tags,
                        ("N", "Kd") if divisible else None)
@@ -466,24 +481,21 @@ def backward_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible
                        {**dot, "BLOCK_DH": tk.block_dh(dh)}, (attention_config(dtype),), {**tags, "dh": dh},
                        ("D", "DH") if divisible else None)
     for shift in (0, 3):
-        sig = {"du_ptr": f32, "h_ptr": f32, "w_ptr": p, "b_ptr": p, "mod_ptr": p, "res_ptr": f32, "dstate_ptr": p,
-               "a_ptr": p, "y_ptr": p, "dh_ptr": f32, "dy_ptr": p, "part_ptr": f32,
+        sig = {"du_ptr": p, "h_ptr": f32, "ln_w_ptr": p, "ln_b_ptr": p, "mod_ptr": p, "res_ptr": p, "dstate_ptr": p,
+               "a_ptr": p, "y_ptr": p, "dh_ptr": p, "dy_ptr": p, "part_ptr": f32,
                **{n: "i32" for n in ("T", "D", "K", "kb", "kb_gate", "gate_part")}, "eps": "fp32", "add_state": "i32"}
         specs += tk._specs("recurse_norm_bwd_kernel", recurse_norm_bwd_kernel, sig,
-                           {"SHIFT": shift, "HAS_MOD": has_mod},
-                           (norm_config(d),), {**tags, "SHIFT": shift, "HAS_MOD": has_mod},
-                           ("D",) if divisible else None)
+                           {"SHIFT": shift, "HAS_MOD": has_mod}, (norm_config(d),),
+                           {**tags, "SHIFT": shift, "HAS_MOD": has_mod}, ("D",) if divisible else None)
     return specs
 
 
-def partials_specs(d: int, T: int) -> list[KernelSpec]:
-    """recurse_partials_kernel after either LayerNorm (its code does not depend on the dtype) at width d, T tokens."""
+def partials_specs(d: int) -> list[KernelSpec]:
+    """recurse_partials_kernel after either LayerNorm (its code depends neither on the dtype nor on T) at width d."""
     sig = {"part_ptr": "*fp32", "dln_ptr": "*fp32", "dmod_ptr": "*fp32",
            **{n: "i32" for n in ("B", "NT", "D", "K", "kb")}}
-    block_t = triton.next_power_of_2(triton.cdiv(T, norm_config(d).constexprs["BLOCK_M"]))
     return [s for shift in (0, 3) for s in tk._specs("recurse_partials_kernel", recurse_partials_kernel, sig,
-                                                     {"SHIFT": shift, "BLOCK_T": block_t}, (PARTIALS,),
-                                                     {"d": d, "SHIFT": shift}, ("D",))]
+                                                     {"SHIFT": shift}, (PARTIALS,), {"d": d, "SHIFT": shift}, ("D",))]
 
 
 # (dtype, d, head width, adaLN, divisible, fp32 precision) of the AOT specs: the Sudoku width d = 512 with 8 heads, bf16
@@ -495,5 +507,5 @@ BACKWARD_AOT = ((torch.bfloat16, 512, 64, True, True, "tf32x3"), (torch.float32,
 
 
 def aot_specs() -> list[KernelSpec]:
-    """BACKWARD_AOT's specs and the partial sums' at the Sudoku shape (d = 512, T = 81)."""
-    return [s for args in BACKWARD_AOT for s in backward_specs(*args)] + partials_specs(512, 81)
+    """BACKWARD_AOT's specs and the partial sums' at the Sudoku width d = 512."""
+    return [s for args in BACKWARD_AOT for s in backward_specs(*args)] + partials_specs(512)
