@@ -25,9 +25,11 @@ from .workload import BWD, FWD, STEP, Case, Workload
 # H100 SXM: HBM3 bandwidth and dense bf16 tensor-core throughput (the spec sheet's figures).
 H100_HBM_BYTES_PER_S, H100_BF16_FLOPS = 3.35e12, 990e12
 # What the SMs can pull from the L2 cache together, for traffic that hits there (a tile re-read by many programs):
-# no spec-sheet figure. Chips and Cheese's microbenchmark of an H100 (PCIe, 114 SMs; "Nvidia's H100: Funny L2, and
-# Tons of Bandwidth", chipsandcheese.com, 2023) puts it at about 5.5 TB/s; the SXM part's 132 SMs may draw more, so
-# the figure is conservative, and a GPU run should replace it with its own measurement.
+# no spec-sheet figure, and not measured here. Published microbenchmark figures differ about twofold: ~5.5 TB/s
+# is the low end (Chips and Cheese measured an H100 PCIe, 114 SMs, in "Nvidia's H100: Funny L2, and Tons of
+# Bandwidth", 2023; its text could not be read back here to confirm the number), ~12 TB/s is quoted for the SXM
+# part. The low end is used, so L2-bound launches are modeled pessimistically (at 12 TB/s the R-MDM backward's
+# bf16 ratio halves); a GPU run should replace the figure with its own measurement.
 H100_L2_BYTES_PER_S = 5.5e12
 # Dense H100 SXM throughput of a product at each precision a tl.dot runs (diffkern._dot): 16-bit operands on
 # the tensor cores, tf32 on them, tf32x3 (three tf32 products, a third of tf32), fp32 "ieee" on the CUDA cores.
