@@ -33,24 +33,36 @@ struct PackedWeight {
   // Packs the [n, kd] matrix with element (j, k) at src[j * stride_n + k * stride_k], times `scale`, and a
   // zero bias: the per-head K^T and V operands of attention.
   // Panels are packed in parallel when there is kMinParallelWork to share (a backward's weights and inputs).
+  // Each panel is read along whichever index is contiguous in src: j (stride_n == 1, copied kNR wide, which
+  // vectorises) or else k.
   void pack_strided(const acc_t* src, int64_t n, int64_t kd, int64_t stride_n, int64_t stride_k, acc_t scale) {
-    N = n, Kd = kd, panels = (n + kNR - 1) / kNR;
-    data.assign(panels * kd * kNR, acc_t(0));
+    shape(n, kd);
     bias.assign(n, acc_t(0));
     at::parallel_for(0, panels, std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(kd * kNR, 1)),
                      [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p)
-        for (int64_t k = 0; k < kd; ++k)
-          for (int64_t j = p * kNR; j < std::min(n, (p + 1) * kNR); ++j)
-            data[(p * kd + k) * kNR + j % kNR] = src[j * stride_n + k * stride_k] * scale;
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t width = std::min(kNR, n - p * kNR);
+        const acc_t* s = src + p * kNR * stride_n;
+        acc_t* dst = data.data() + p * kd * kNR;
+        if (stride_n == 1) {
+          for (int64_t k = 0; k < kd; ++k) {
+            const acc_t* __restrict sk = s + k * stride_k;
+            acc_t* __restrict dk = dst + k * kNR;
+#pragma omp simd
+            for (int64_t j = 0; j < width; ++j) dk[j] = sk[j] * scale;
+          }
+        } else {
+          for (int64_t j = 0; j < width; ++j)
+            for (int64_t k = 0; k < kd; ++k) dst[k * kNR + j] = s[j * stride_n + k * stride_k] * scale;
+        }
+      }
     });
   }
 
   // Packs W [N, Kd] (row stride Kd) and its bias, both of storage type T, widening to acc_t.
   template <typename T, typename W>
   void pack(const T* w, const T* b, int64_t n, int64_t kd, const W& widen_row) {
-    N = n, Kd = kd, panels = (n + kNR - 1) / kNR;
-    data.assign(panels * kd * kNR, acc_t(0));
+    shape(n, kd);
     bias.resize(n);
     widen_row(b, bias.data(), n);
     std::vector<acc_t> row(kd);
@@ -59,6 +71,17 @@ struct PackedWeight {
       acc_t* dst = data.data() + (j / kNR) * kd * kNR + j % kNR;
       for (int64_t k = 0; k < kd; ++k) dst[k * kNR] = row[k];
     }
+  }
+
+  // Sizes the panels for an [n, kd] matrix, keeping data's storage, and zeroes the columns of the last panel
+  // past n: the packing writes every other element, so nothing is zero-filled twice.
+  void shape(int64_t n, int64_t kd) {
+    N = n, Kd = kd, panels = (n + kNR - 1) / kNR;
+    data.resize(panels * kd * kNR);
+    const int64_t used = n - (panels - 1) * kNR;
+    if (panels == 0 || used == kNR) return;
+    acc_t* last = data.data() + (panels - 1) * kd * kNR;
+    for (int64_t k = 0; k < kd; ++k) std::fill(last + k * kNR + used, last + (k + 1) * kNR, acc_t(0));
   }
 };
 
