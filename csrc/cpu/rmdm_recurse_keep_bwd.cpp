@@ -41,7 +41,7 @@ struct BlockWeights {
   at::Tensor p[kBlockParams];                       // the block's tensors in the accumulation type
   PackedWeight<acc_t> qkv_t, o_t, fc1_t, fc2_t;     // W [n, k] packed as the [k, n] operand of dy W
 
-  BlockWeights(const at::Tensor* w, at::ScalarType acc) {
+  void load(const at::Tensor* w, at::ScalarType acc) {
     for (int i = 0; i < kBlockParams; ++i) p[i] = w[i].to(acc).contiguous();
     const auto pack = [&](PackedWeight<acc_t>& t, Param i) {
       const int64_t n = p[i].size(0), k = p[i].size(1);
@@ -52,6 +52,20 @@ struct BlockWeights {
 
   const acc_t* operator[](Param i) const { return p[i].const_data_ptr<acc_t>(); }
 };
+
+// The calling thread's packed operands: refilled by every call, their storage kept between calls as the forward's
+// (rmdm_recurse.cpp), since ~6 MB of fresh panels per call costs a page fault and a zero-fill per 4 KB.
+template <typename acc_t>
+struct Workspace {
+  std::vector<BlockWeights<acc_t>> w;
+  PackedWeight<acc_t> x_t;  // a weight gradient's input
+};
+
+template <typename acc_t>
+Workspace<acc_t>& workspace() {
+  static thread_local Workspace<acc_t> ws;
+  return ws;
+}
 
 template <typename F>
 void for_rows(int64_t M, const F& f) {
@@ -74,7 +88,7 @@ struct Backward {
   const acc_t* acts;
   const acc_t* mod;                        // [B, K, 6, d] in acc_t, or null
   at::Tensor dm;                           // [B, K, 6, d] or undefined
-  std::vector<BlockWeights<acc_t>> w;
+  const BlockWeights<acc_t>* w;             // [K], in the thread's workspace
   std::vector<std::vector<at::Tensor>> dw;  // per block: d ln1_w, d ln1_b, d ln2_w, d ln2_b (indices by Param)
   at::Tensor dy;                           // [K, kDyFields blocks of n_iter * M * width]
   at::Tensor scratch_d, scratch_d2, scratch_f;
@@ -204,7 +218,7 @@ struct Backward {
     at::Tensor db = dy_all.sum(0);
     if (rows > kPackedGradRows) return {at::mm(dy_all.t(), view(act(k, x, 0), {rows, n_in})), db};
     const at::Tensor dy_t = dy_all.t().contiguous();
-    PackedWeight<acc_t> x_t;
+    PackedWeight<acc_t>& x_t = workspace<acc_t>().x_t;
     x_t.pack_strided(act(k, x, 0), n_in, rows, 1, n_in, acc_t(1));
     at::Tensor dw = at::empty({n, n_in}, dy_all.options());
     packed_linear(dy_t.const_data_ptr<acc_t>(), n, rows, x_t, dw.mutable_data_ptr<acc_t>(), n_in);
@@ -223,8 +237,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> keep_bwd_kernel(
                      acts.const_data_ptr<acc_t>(), nullptr};
   const at::Tensor m = mod ? mod->to(acc).contiguous() : at::Tensor();
   if (mod) bw.mod = m.const_data_ptr<acc_t>(), bw.dm = at::zeros(m.sizes(), opts);
+  std::vector<BlockWeights<acc_t>>& ws = workspace<acc_t>().w;
+  ws.resize(geo.K);
+  bw.w = ws.data();
   for (int64_t k = 0; k < geo.K; ++k) {
-    bw.w.emplace_back(weights.data() + k * kBlockParams, acc);
+    ws[k].load(weights.data() + k * kBlockParams, acc);
     bw.dw.emplace_back(kBlockParams);
     for (Param i : {kLn1W, kLn1B, kLn2W, kLn2B}) bw.dw[k][i] = at::zeros({geo.d}, opts);
   }
@@ -246,6 +263,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> keep_bwd_kernel(
     std::tie(dw[kW1], dw[kB1]) = bw.weight_grad(k, kDz, kU2);
     std::tie(dw[kW2], dw[kB2]) = bw.weight_grad(k, kDmlp, kG);
     for (int i = 0; i < kBlockParams; ++i) dweights.push_back(dw[i].to(x.scalar_type()));
+    for (at::Tensor& t : ws[k].p) t.reset();  // the workspace holds no reference to the caller's weights
   }
   return {dh.view(x.sizes()).to(x.scalar_type()), dweights,
           mod ? bw.dm.to(x.scalar_type()) : at::empty({0}, x.options())};
