@@ -68,12 +68,13 @@ N_PARTIALS = 6  # recurse_norm_bwd_kernel's quantities: LN w, LN b, adaLN shift,
 
 
 def product_config(dtype: torch.dtype) -> Config:
-    """recurse_dx_kernel's and recurse_dw_kernel's configuration: 128 x 128 output tiles in 8 warps, reduced in
-    32-deep slices; 64 x 128 for fp32 inputs, whose tf32x3 products spill at 128 x 128 (and at 128 x 64 on sm_80
-    where the sizes are not 16-divisible). A program reads its tile's rows of A and columns of B over the whole
-    depth, so the L2 traffic per FLOP falls with the tile's sides: 64 x 64 tiles would move twice what 128 x 128
-    tiles move (bench/rmdm_model.py's L2-aware model)."""
-    return Config(dict(BLOCK_M=64 if dtype == torch.float32 else 128, BLOCK_N=128, BLOCK_K=32), 8)
+    """recurse_dx_kernel's and recurse_dw_kernel's configuration: 64 x 128 output tiles in 8 warps, reduced in
+    32-deep slices; 32 x 128 for fp32 inputs. The largest tiles that compile without spills on sm_80 and sm_90a in
+    every specialisation a launch gets (an integer argument equal to 1, 16-divisible sizes): 128 x 128 (16-bit)
+    and 64 x 128 (tf32x3) spill there, their [BLOCK_M, BLOCK_N] int64 offsets and masks beside the accumulator.
+    A program reads its tile's rows of A and columns of B over the whole depth, so the L2 traffic per FLOP falls
+    with the tile's sides (bench/rmdm_model.py's L2-aware model)."""
+    return Config(dict(BLOCK_M=32 if dtype == torch.float32 else 64, BLOCK_N=128, BLOCK_K=32), 8)
 
 
 def attention_config(dtype: torch.dtype) -> Config:
