@@ -55,17 +55,21 @@ def _pieces(case, seed: int = 0) -> dict[str, Callable[[], object]]:
     def op_step():
         return torch.autograd.grad(op.ntrk_step(leaves[0], sigma, leaves[1], rho, leaves[2], None), leaves, dout)
 
-    def kernels():
-        op.ntrk_step(mu, sigma, w, rho, eps, None)
+    def fwd_kernel():
+        return op.ntrk_step(mu, sigma, w, rho, eps, None)
+
+    def bwd_kernel():
         return op.ntrk_step_bwd(dout, sigma, rho, True, True)
+
+    def kernels():
+        fwd_kernel()
+        return bwd_kernel()
 
     numel, per = ntrk.step_passes(case)
     both = machine.pass_calls([*per[FWD], *per[BWD]], numel, seed)
     fwd, bwd = machine.pass_calls(per[FWD], numel, seed), machine.pass_calls(per[BWD], numel, seed)
     out = {"step": step_call(lambda *a: ntrk_step(a[0], SIGMA, a[1], RHO, eps=a[2]), leaves, dout),
-           "op step": op_step, "kernels": kernels,
-           "fwd kernel": lambda: op.ntrk_step(mu, sigma, w, rho, eps, None),
-           "bwd kernel": lambda: op.ntrk_step_bwd(dout, sigma, rho, True, True)}
+           "op step": op_step, "kernels": kernels, "fwd kernel": fwd_kernel, "bwd kernel": bwd_kernel}
     for k in machine.PASS_KERNELS:
         out.update({k: both[k], f"{k}+autograd": ntrk.step_floor(case, fwd[k], bwd[k]), f"fwd {k}": fwd[k],
                     f"bwd {k}": bwd[k]})

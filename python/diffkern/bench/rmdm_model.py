@@ -116,8 +116,7 @@ def l2_launch_seconds(r: dict, peak: float) -> float:
     """A launch's H100 time with its on-chip traffic: the slowest of its minimal bytes through HBM, every byte its
     programs load or store (the monitor's count: each tile as often as a program touches it) through L2, and its
     FLOPs at `peak`."""
-    l2 = (r["bytes_loaded"] + r["bytes_stored"]) / H100_L2_BYTES_PER_S
-    return max(r["unique_bytes"] / H100_HBM_BYTES_PER_S, l2, r["flops"] / peak)
+    return max(launch_seconds(r, peak, unique=True), (r["bytes_loaded"] + r["bytes_stored"]) / H100_L2_BYTES_PER_S)
 
 
 def predicted(B, T, d, f, heads, K, L, dtype, has_mod=False) -> dict:
@@ -293,6 +292,7 @@ def triton_backward(B, T, d, f, heads, K, L, dtype, has_mod=False) -> dict:
                 l2_bytes=sum(r["bytes_loaded"] + r["bytes_stored"] for r in launches), us_modeled=modeled,
                 us_hbm=1e6 * sum(launch_seconds(r, peak, unique=True) for r in launches), us_roofline=roofline,
                 ratio=modeled / roofline)
+
 
 if __name__ == "__main__":
     for row in rmdm_roofline():
