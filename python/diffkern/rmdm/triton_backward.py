@@ -141,7 +141,8 @@ def _tile(a_ptr, lda, b_ptr, ldb, M, N, Kd, TRANS_A: tl.constexpr, DOT_F32: tl.c
 
 @triton.jit
 def _halves(x, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """The left and right column halves of x [ROWS, COLS] (each element stays in its thread: no data moves)."""
+    """The left and right column halves of x [ROWS, COLS] (a reshape and split, which keep each element in its
+    thread on sm_80 and sm_90a)."""
     return tl.split(tl.permute(tl.reshape(x, (ROWS, 2, COLS // 2)), (0, 2, 1)))
 
 
@@ -149,7 +150,8 @@ def _halves(x, ROWS: tl.constexpr, COLS: tl.constexpr):
 def _quarters(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The accumulator's four [BLOCK_M, BLOCK_N // 4] column quarters, left to right. The epilogues run a quarter at
     a time: a quarter's loads follow the previous quarter's stores, so the compiler cannot hoist all of the tile's
-    loads (and their 64-bit addresses) up front, which spilled at 128 x 128 where a row stride is not 16-divisible."""
+    loads (and their 64-bit addresses) up front, which spilled at 128 x 128 where a row stride is not 16-divisible.
+    Each quarter changes layout once (through shared memory) for its loads and stores."""
     left, right = _halves(acc, BLOCK_M, BLOCK_N)
     ll, lr = _halves(left, BLOCK_M, BLOCK_N // 2)
     rl, rr = _halves(right, BLOCK_M, BLOCK_N // 2)
