@@ -17,11 +17,12 @@ from test_rmdm_recurse import EPS, ids, leaves_of, make, plain_oracle
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests (CPU tensors)")
 
 # (B, T, d, f, heads, K, n_iter), dtype, adaLN: T = 81 over three 32-key tiles (six 16-key tiles in fp32) and two
-# 64-row LayerNorm tiles, the second partial (d = 40 pads to 64 columns); f = 136 over two 128-column product tiles
-# (dz's columns, dW_2's depth: its second column tile adds no bias gradient) and three 64-row ones in fp32 (dW_1's
-# rows); B = 3 with T = 9 (one partial LayerNorm tile per sample); float16 (bfloat16 converts by truncation under the
-# interpreter: test_rmdm_recurse._interpreted_dtype).
-CASES = (((1, 81, 40, 136, 2, 2, 2), torch.float32, True), ((1, 81, 40, 136, 2, 2, 2), torch.float16, False),
+# 64-row LayerNorm tiles, the second partial (d = 40 pads to 64 columns); the products' rows (B T) over two tiles, the
+# second partial: 64-row ones in fp32 (B = 1), 128-row ones in float16 (B = 2); f = 136 over two 128-column product
+# tiles (dz's columns, dW_2's depth: its second column tile adds no bias gradient) and two row tiles (dW_1's rows, 128
+# in float16, three of 64 in fp32); B = 3 with T = 9 (one partial LayerNorm tile per sample); float16 (bfloat16
+# converts by truncation under the interpreter: test_rmdm_recurse._interpreted_dtype).
+CASES = (((1, 81, 40, 136, 2, 2, 2), torch.float32, True), ((2, 81, 40, 136, 2, 2, 2), torch.float16, False),
          ((3, 9, 24, 40, 2, 2, 2), torch.float32, False), ((3, 9, 24, 40, 2, 2, 2), torch.float16, True))
 
 @pytest.mark.parametrize("shape,dtype,with_mod", CASES, ids=lambda c: ids(c) if isinstance(c, tuple) else str(c))
@@ -66,3 +67,11 @@ def test_refuses_what_it_does_not_run_naming_it():
     x = torch.zeros(1, triton_kernels.MAX_T + 1, 4)
     with pytest.raises(ValueError, match=f"T <= {triton_kernels.MAX_T}"):
         triton_backward.recurse_bwd(x[None], x, x[None], [w.float() for w in weights], None, 2, EPS)
+    # The products' int32 offsets within a tile: f up to 2**24 - 2 (W_1 [f, d] an expanded view: no memory).
+    for dtype in (torch.float32, torch.float16):
+        triton_backward.check_tile_strides(dtype, 2 ** 24 - 2)
+    wide = [w.float() for w in weights]
+    wide[8] = wide[8][:1].expand(2 ** 24 - 1, -1)
+    x = states[0].float()
+    with pytest.raises(ValueError, match="f=16777215"):
+        triton_backward.recurse_bwd(x[None], x, x[None], wide, None, 2, EPS)
