@@ -1,8 +1,9 @@
 """diffkern's modeled GPU traffic: its Triton kernels run in the interpreter, in child processes.
 
 The interpreter must be switched on (TRITON_INTERPRET=1) before triton is imported, so the counting
-runs in `python -m diffkern.bench.interpreted` (one child per case, as many at once as there are
-cores); the parent stays a normal process for the timings. Per case and pass it counts:
+runs in `python -m diffkern.bench.interpreted` children (as many as there are cores, each counting case after
+case as the parent hands them out over its stdin: torch and Triton are imported once a child, not once a case);
+the parent stays a normal process for the timings. Per case and pass it counts:
   triton.*  bytes the kernels' active lanes load and store, launches (TritonMonitor), also per kernel;
   glue.*    the aten ops the op runs around its kernels (host-side reductions, autograd's zero grads),
             counted like the eager reference (AtenTraffic).
@@ -21,11 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import torch
 from torch.utils._pytree import tree_leaves
@@ -42,18 +45,40 @@ def interpreter_env() -> dict:
     return env
 
 
-def _count_in_child(workload: str, case: str, quick: bool, dtype: str, cuda: bool) -> dict:
-    env = interpreter_env()
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "counts.json")
-        cmd = [sys.executable, "-m", "diffkern.bench.interpreted", "--workload", workload, "--case", case,
-               "--dtype", dtype, "--out", out] + ["--quick"] * quick + ["--no-cuda"] * (not cuda)
-        run = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if run.returncode != 0:
-            return {"case": case, "error": f"the interpreter child exited with status {run.returncode}: "
-                                           f"{run.stderr.strip()[-2000:]}"}
-        with open(out) as f:
-            return json.load(f)
+class _Child:
+    """A counting child: `count(workload, case)` sends it one case (a JSON line on its stdin) and returns the entry
+    it writes back (a JSON line on its stdout); a child that dies is replaced for the next case."""
+
+    def __init__(self, quick: bool, dtype: str, cuda: bool):
+        self.cmd = [sys.executable, "-m", "diffkern.bench.interpreted", "--dtype", dtype] + ["--quick"] * quick + \
+            ["--no-cuda"] * (not cuda)
+        self.proc = None
+
+    def count(self, workload: str, case: str) -> dict:
+        if self.proc is None:
+            self.stderr = tempfile.TemporaryFile(mode="w+")
+            self.proc = subprocess.Popen(self.cmd, env=interpreter_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=self.stderr, text=True)
+        try:
+            self.proc.stdin.write(json.dumps({"workload": workload, "case": case}) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if line:
+            return json.loads(line)
+        status = self.proc.wait()
+        self.stderr.seek(0)
+        error = self.stderr.read().strip()[-2000:]
+        self.stderr.close()
+        self.proc = None
+        return {"case": case, "error": f"the interpreter child exited with status {status}: {error}"}
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.stdin.close()
+            self.proc.wait()
+            self.stderr.close()
 
 
 def _done(result: dict) -> Future:
@@ -77,20 +102,37 @@ def _not_counted(case) -> Future:
 
 
 def start(mode: Mode, dtype: str, jobs: int, log) -> dict[str, list[Future]]:
-    """Starts counting every case of every workload that `mode` counts, `jobs` children at a time (the others
-    take their workload's model, if it has one); returns the futures. `log` hears of each count as it ends."""
-    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    """Starts counting every case of every workload that `mode` counts, in `jobs` children, each taking the next
+    case as it finishes one (the others take their workload's model, if it has one); returns the futures. `log`
+    hears of each count as it ends."""
     futures: dict[str, list[Future]] = {}
+    todo: queue.SimpleQueue = queue.SimpleQueue()
     for w in registered():
         futures[w.name] = []
         for c in w.cases(mode.quick):
             if mode.counts(w, c):
-                future = pool.submit(_count_in_child, w.name, c.name, mode.quick, dtype, mode.count_cuda)
+                future: Future = Future()
                 future.add_done_callback(lambda f, label=f"{w.name} {c.name}": log(f"{label}: traffic {_status(f)}"))
+                todo.put((w.name, c.name, future))
             else:
                 future = _modeled(w, c, dtype) or _not_counted(c)
             futures[w.name].append(future)
-    pool.shutdown(wait=False)
+
+    def serve(child: _Child) -> None:
+        try:
+            while True:
+                try:
+                    workload, case, future = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    future.set_result(child.count(workload, case))
+                except Exception as error:  # noqa: BLE001 - the entry says why (a child that cannot start)
+                    future.set_result({"case": case, "error": f"the interpreter child failed: {error!r}"})
+        finally:
+            child.close()
+    for _ in range(max(1, min(jobs, todo.qsize()))):
+        threading.Thread(target=serve, args=(_Child(mode.quick, dtype, mode.count_cuda),), daemon=True).start()
     return futures
 
 
@@ -173,9 +215,6 @@ def count_case(workload: Workload, case, dtype: torch.dtype, cuda: bool = True) 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", required=True)
-    parser.add_argument("--case", required=True)
-    parser.add_argument("--out", required=True)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-cuda", action="store_true", help="count the Triton kernels only")
@@ -184,10 +223,17 @@ def main(argv=None) -> None:
     if not _triton.interpreting():
         sys.exit("diffkern.bench.interpreted needs TRITON_INTERPRET=1 in its environment (use `start`)")
     torch.set_num_threads(1)  # one child per core
-    workload = next(w for w in registered() if w.name == args.workload)
-    result = count_case(workload, workload.case(args.case, args.quick), getattr(torch, args.dtype), not args.no_cuda)
-    with open(args.out, "w") as f:
-        json.dump(result, f)
+    # The entries go back on the original stdout; anything else the counting prints goes to stderr.
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    workloads = {w.name: w for w in registered()}
+    for line in sys.stdin:
+        ask = json.loads(line)
+        workload = workloads[ask["workload"]]
+        result = count_case(workload, workload.case(ask["case"], args.quick), getattr(torch, args.dtype),
+                            not args.no_cuda)
+        replies.write(json.dumps(result) + "\n")
+        replies.flush()
 
 
 if __name__ == "__main__":
