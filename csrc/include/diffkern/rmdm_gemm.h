@@ -44,45 +44,48 @@ struct PackedWeight {
 
   // Packs the [n, kd] matrix with element (j, k) at src[j * stride_n + k * stride_k], times `scale`, and a
   // zero bias: the per-head K^T and V operands of attention.
-  // Panels are packed in parallel when there is kMinParallelWork to share (a backward's weights and inputs).
-  // Each panel is read along whichever index is contiguous in src: j (stride_n == 1, copied kNR wide, which
-  // vectorises) or else k.
+  // Panels are packed in parallel when there is kMinParallelWork to share (the weights and a backward's inputs),
+  // each thread a contiguous range of them, written one row of kNR at a time. With stride_n == 1 the rows are
+  // walked k-outer, so the source is read row by row (sequential, prefetched; a vectorised copy); otherwise panel by
+  // panel, k-inner, so the kNR source rows of a panel stay in L1 across consecutive k.
   void pack_strided(const acc_t* src, int64_t n, int64_t kd, int64_t stride_n, int64_t stride_k, acc_t scale) {
     shape(n, kd);
     bias.assign(n, acc_t(0));
+    const auto row = [&](int64_t p, int64_t k) {
+      const int64_t width = std::min(kNR, n - p * kNR);
+      const acc_t* __restrict sk = src + p * kNR * stride_n + k * stride_k;
+      acc_t* __restrict dk = data.data() + (p * kd + k) * kNR;
+      if (stride_n == 1) {
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) dk[j] = sk[j] * scale;
+      } else {
+#pragma GCC unroll 4
+        for (int64_t j = 0; j < width; ++j) dk[j] = sk[j * stride_n] * scale;
+      }
+    };
     at::parallel_for(0, panels, std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(kd * kNR, 1)),
                      [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t width = std::min(kNR, n - p * kNR);
-        const acc_t* s = src + p * kNR * stride_n;
-        acc_t* dst = data.data() + p * kd * kNR;
-        if (stride_n == 1) {
-          for (int64_t k = 0; k < kd; ++k) {
-            const acc_t* __restrict sk = s + k * stride_k;
-            acc_t* __restrict dk = dst + k * kNR;
-#pragma omp simd
-            for (int64_t j = 0; j < width; ++j) dk[j] = sk[j] * scale;
-          }
-        } else {
-          for (int64_t j = 0; j < width; ++j)
-            for (int64_t k = 0; k < kd; ++k) dst[k * kNR + j] = s[j * stride_n + k * stride_k] * scale;
-        }
+      if (stride_n == 1) {
+        for (int64_t k = 0; k < kd; ++k)
+          for (int64_t p = begin; p < end; ++p) row(p, k);
+      } else {
+        for (int64_t p = begin; p < end; ++p)
+          for (int64_t k = 0; k < kd; ++k) row(p, k);
       }
     });
   }
 
-  // Packs W [N, Kd] (row stride Kd) and its bias, both of storage type T, widening to acc_t.
+  // Packs W [N, Kd] (row stride Kd) and its bias, both of storage type T, widening to acc_t (widen(src, dst, count)).
   template <typename T, typename W>
-  void pack(const T* w, const T* b, int64_t n, int64_t kd, const W& widen_row) {
-    shape(n, kd);
-    bias.resize(n);
-    widen_row(b, bias.data(), n);
-    std::vector<acc_t> row(kd);
-    for (int64_t j = 0; j < n; ++j) {
-      widen_row(w + j * kd, row.data(), kd);
-      acc_t* dst = data.data() + (j / kNR) * kd * kNR + j % kNR;
-      for (int64_t k = 0; k < kd; ++k) dst[k * kNR] = row[k];
+  void pack(const T* w, const T* b, int64_t n, int64_t kd, const W& widen) {
+    if constexpr (std::is_same_v<T, acc_t>) {
+      pack_strided(w, n, kd, kd, 1, acc_t(1));
+    } else {
+      std::vector<acc_t> wide(n * kd);
+      widen(w, wide.data(), n * kd);
+      pack_strided(wide.data(), n, kd, kd, 1, acc_t(1));
     }
+    widen(b, bias.data(), n);
   }
 
   // Sizes the panels for an [n, kd] matrix, keeping data's storage, and zeroes the columns of the last panel
