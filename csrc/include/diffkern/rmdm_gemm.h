@@ -75,7 +75,7 @@ struct PackedWeight {
     });
   }
 
-  // Packs W [N, Kd] (row stride Kd) and its bias, both of storage type T, widening to acc_t (widen(src, dst, count)).
+  // Packs W [N, Kd] (row stride Kd) and its bias, both of storage type T, widened to acc_t by widen(src, dst, count).
   template <typename T, typename W>
   void pack(const T* w, const T* b, int64_t n, int64_t kd, const W& widen) {
     if constexpr (std::is_same_v<T, acc_t>) {
@@ -161,11 +161,11 @@ inline void row_tile(int64_t rows, const acc_t* a, int64_t lda, const acc_t* p, 
   }
 }
 
-// Y [M, ldy] (first N columns) = A W^T + bias, A [M, Kd] laid out by kA with stride lda, in tiles of tile_rows() rows x one panel. Each output is
-// one accumulator over k ascending whatever the tile order, so the order changes no bit of Y. A small A
-// (kPanelOuterBytes) is walked panel-major: a panel is reused from L1 across all row blocks, and each thread owns a
-// contiguous range of panels (W is streamed once in all); a large one row-block-major, each thread owning a range
-// of row blocks and the panels (W, up to 1 MB here) re-read from its L2.
+// Y [M, ldy] (first N columns) = A W^T + bias, A [M, Kd] laid out by kA with stride lda, in tiles of tile_rows()
+// rows x one panel. Each output is one accumulator over k ascending whatever the tile order, so the order changes
+// no bit of Y. An A of up to kPanelOuterBytes is walked panel-major: a panel is reused from L1 across all row
+// blocks, and each thread owns a contiguous range of panels (W is streamed once in all); a larger one
+// row-block-major, each thread owning a range of row blocks and re-reading the panels (W, up to 1 MB here) from L2.
 template <Layout kA = Layout::kRows, typename acc_t>
 void packed_linear(const acc_t* a, int64_t M, int64_t lda, const PackedWeight<acc_t>& w, acc_t* y, int64_t ldy) {
   constexpr int64_t MR = tile_rows<acc_t>();
