@@ -141,6 +141,20 @@ def test_forward_matches_the_plain_block_applied_n_iter_times(backend, dtype, sh
 @pytest.mark.parametrize("shape", SHAPES, ids=ids)
 @pytest.mark.parametrize("backend,dtype,recompute", bwd_params((torch.float64, torch.float32, torch.bfloat16)))
 def test_backward_matches_autograd_through_the_plain_blocks(backend, dtype, recompute, shape, with_mod):
+    check_backward(backend, dtype, recompute, shape, with_mod)
+
+
+def test_cpu_products_over_large_operands_match_the_plain_blocks():
+    """The CPU GEMM walks a left operand above 256 KB (csrc/include/diffkern/rmdm_gemm.h's kPanelOuterBytes) row
+    block by row block instead of panel by panel: here W_2's fp32 input [B*T, f] = [260, 256] in the forward, and in
+    the training backward W_1's input gradient and its weight gradient (dz read by columns over 260 rows), each
+    into d = 64 outputs (two panels)."""
+    check_backward("cpu", torch.float32, None, (2, 130, 64, 256, 2, 1, 1), False)
+
+
+def check_backward(backend, dtype, recompute, shape, with_mod):
+    """The gradients of every leaf through `backend` (the forward on it, or on the CPU or Triton kernel when it has
+    no forward) against the plain blocks in float64."""
     device = device_for(backend)
     blocks, x, mod = make(shape, dtype, with_mod, device=device)
     heads, n_iter = shape[4], shape[6]

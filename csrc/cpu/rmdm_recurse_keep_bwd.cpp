@@ -149,18 +149,14 @@ struct Backward {
 
   // dctx [M, d] -> dqkv [M, 3d] through ctx = softmax(q k^T / sqrt(dh)) v, per (sample, head) on the packed
   // micro-kernel as in the forward: dP = dctx V^T, dS = P (dP - rowsum(dP P)) / sqrt(dh), dQ = dS K,
-  // dK = dS^T Q, dV = P^T dctx (the transposed left operands copied, the right ones packed).
+  // dK = dS^T Q, dV = P^T dctx (the transposed left operands read in place by columns, the right ones packed).
   void attention_backward(int64_t k, int64_t it, const acc_t* dctx, acc_t* dqkv) {
     const int64_t T = g.T, H = g.heads, d = g.d, dh = d / H;
     const acc_t scale = acc_t(1) / std::sqrt(acc_t(dh));
     const acc_t *qkv = act(k, kQkv, it), *probs = act(k, kProbs, it);
     at::parallel_for(0, g.B * H, 1, [&](int64_t begin, int64_t end) {
       PackedWeight<acc_t> w;
-      std::vector<acc_t> ds(T * T), tr(T * T);
-      const auto transpose = [&](const acc_t* src) {
-        for (int64_t i = 0; i < T; ++i)
-          for (int64_t j = 0; j < T; ++j) tr[j * T + i] = src[i * T + j];
-      };
+      std::vector<acc_t> ds(T * T);
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / H, h = bh % H;
         const acc_t* q = qkv + b * T * 3 * d + h * dh;  // row stride 3d; k at q + d, v at q + 2d
@@ -180,12 +176,10 @@ struct Backward {
         }
         w.pack_strided(q + d, dh, T, 1, 3 * d, acc_t(1));
         packed_linear(ds.data(), T, T, w, out, 3 * d);
-        transpose(ds.data());
         w.pack_strided(q, dh, T, 1, 3 * d, acc_t(1));
-        packed_linear(tr.data(), T, T, w, out + d, 3 * d);
-        transpose(p);
+        packed_linear<Layout::kCols>(ds.data(), T, T, w, out + d, 3 * d);
         w.pack_strided(dc, dh, T, 1, d, acc_t(1));
-        packed_linear(tr.data(), T, T, w, out + 2 * d, 3 * d);
+        packed_linear<Layout::kCols>(p, T, T, w, out + 2 * d, 3 * d);
       }
     });
   }
@@ -211,17 +205,16 @@ struct Backward {
   }
 
   // dW = dy^T x and db = the column sums of dy over all iterations' rows: dy field f, input x of block k. Up to
-  // kPackedGradRows rows on the packed micro-kernel (x packed, dy transposed), beyond them ATen's GEMM.
+  // kPackedGradRows rows on the packed micro-kernel (x packed, dy read by columns), beyond them ATen's GEMM.
   std::pair<at::Tensor, at::Tensor> weight_grad(int64_t k, DyField f, ActField x) {
     const int64_t rows = n_iter * M, n = dy_width(f), n_in = layout.width[x];
     const at::Tensor dy_all = view(dy_at(k, f), {rows, n});
     at::Tensor db = dy_all.sum(0);
     if (rows > kPackedGradRows) return {at::mm(dy_all.t(), view(act(k, x, 0), {rows, n_in})), db};
-    const at::Tensor dy_t = dy_all.t().contiguous();
     PackedWeight<acc_t>& x_t = workspace<acc_t>().x_t;
     x_t.pack_strided(act(k, x, 0), n_in, rows, 1, n_in, acc_t(1));
     at::Tensor dw = at::empty({n, n_in}, dy_all.options());
-    packed_linear(dy_t.const_data_ptr<acc_t>(), n, rows, x_t, dw.mutable_data_ptr<acc_t>(), n_in);
+    packed_linear<Layout::kCols>(dy_all.const_data_ptr<acc_t>(), n, n, x_t, dw.mutable_data_ptr<acc_t>(), n_in);
     return {dw, db};
   }
 };

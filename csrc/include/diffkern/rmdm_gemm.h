@@ -2,12 +2,13 @@
 //
 // The recursion applies the same weights K * L times per call, so each weight matrix is packed once per
 // call into column panels of kNR outputs laid out [panel][Kd][kNR] (zero-padded past N): the micro-kernel
-// then streams one contiguous panel per k step and keeps a kMR x kNR tile of Y in registers. The panel of
-// a 256-wide layer (256 * 32 * 4 bytes = 32 KB) stays in L1/L2 while every row block of A passes over it.
+// then streams one contiguous panel per k step and keeps a tile_rows() x kNR tile of Y in registers. The panel
+// of a 256-wide layer (256 * 32 * 4 bytes = 32 KB) stays in L1 while every row block of a small A passes over it.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -17,12 +18,23 @@
 
 namespace diffkern::rmdm {
 
-// Rows and columns of the register tile: 8 x 32 fp32 accumulators = 16 AVX-512 registers, with room
-// for the two panel vectors and the broadcast A value (19 of 32).
-constexpr int64_t kMR = 8;
+// Columns of the register tile (one panel); its rows are tile_rows<acc_t>().
 constexpr int64_t kNR = 32;
 // Least multiply-adds worth a thread: below it the tile loop runs on the calling thread.
 constexpr int64_t kMinParallelWork = 1 << 16;
+// Most bytes of A for which packed_linear walks panel by panel (each panel reused from L1 by every row block,
+// A from L2); a larger A is walked row block by row block (its rows reused from L1, the panels from L2).
+constexpr int64_t kPanelOuterBytes = 256 << 10;
+
+// Rows of the register tile. fp32 on AVX-512: 12 x 32 accumulators = 24 zmm registers, with the two panel
+// vectors and the broadcast A value 27 of 32; per k, 24 FMAs for 14 loads (8 x 32: 16 for 10). Otherwise 8.
+template <typename acc_t>
+constexpr int64_t tile_rows() {
+#ifdef __AVX512F__
+  if constexpr (std::is_same_v<acc_t, float>) return 12;
+#endif
+  return 8;
+}
 
 template <typename acc_t>
 struct PackedWeight {
@@ -32,45 +44,48 @@ struct PackedWeight {
 
   // Packs the [n, kd] matrix with element (j, k) at src[j * stride_n + k * stride_k], times `scale`, and a
   // zero bias: the per-head K^T and V operands of attention.
-  // Panels are packed in parallel when there is kMinParallelWork to share (a backward's weights and inputs).
-  // Each panel is read along whichever index is contiguous in src: j (stride_n == 1, copied kNR wide, which
-  // vectorises) or else k.
+  // Panels are packed in parallel when there is kMinParallelWork to share (the weights and a backward's inputs),
+  // each thread a contiguous range of them, written one row of kNR at a time. With stride_n == 1 the rows are
+  // walked k-outer, so the source is read row by row (sequential, prefetched; a vectorised copy); otherwise panel by
+  // panel, k-inner, so the kNR source rows of a panel stay in L1 across consecutive k.
   void pack_strided(const acc_t* src, int64_t n, int64_t kd, int64_t stride_n, int64_t stride_k, acc_t scale) {
     shape(n, kd);
     bias.assign(n, acc_t(0));
+    const auto row = [&](int64_t p, int64_t k) {
+      const int64_t width = std::min(kNR, n - p * kNR);
+      const acc_t* __restrict sk = src + p * kNR * stride_n + k * stride_k;
+      acc_t* __restrict dk = data.data() + (p * kd + k) * kNR;
+      if (stride_n == 1) {
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) dk[j] = sk[j] * scale;
+      } else {
+#pragma GCC unroll 4
+        for (int64_t j = 0; j < width; ++j) dk[j] = sk[j * stride_n] * scale;
+      }
+    };
     at::parallel_for(0, panels, std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(kd * kNR, 1)),
                      [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t width = std::min(kNR, n - p * kNR);
-        const acc_t* s = src + p * kNR * stride_n;
-        acc_t* dst = data.data() + p * kd * kNR;
-        if (stride_n == 1) {
-          for (int64_t k = 0; k < kd; ++k) {
-            const acc_t* __restrict sk = s + k * stride_k;
-            acc_t* __restrict dk = dst + k * kNR;
-#pragma omp simd
-            for (int64_t j = 0; j < width; ++j) dk[j] = sk[j] * scale;
-          }
-        } else {
-          for (int64_t j = 0; j < width; ++j)
-            for (int64_t k = 0; k < kd; ++k) dst[k * kNR + j] = s[j * stride_n + k * stride_k] * scale;
-        }
+      if (stride_n == 1) {
+        for (int64_t k = 0; k < kd; ++k)
+          for (int64_t p = begin; p < end; ++p) row(p, k);
+      } else {
+        for (int64_t p = begin; p < end; ++p)
+          for (int64_t k = 0; k < kd; ++k) row(p, k);
       }
     });
   }
 
-  // Packs W [N, Kd] (row stride Kd) and its bias, both of storage type T, widening to acc_t.
+  // Packs W [N, Kd] (row stride Kd) and its bias, both of storage type T, widened to acc_t by widen(src, dst, count).
   template <typename T, typename W>
-  void pack(const T* w, const T* b, int64_t n, int64_t kd, const W& widen_row) {
-    shape(n, kd);
-    bias.resize(n);
-    widen_row(b, bias.data(), n);
-    std::vector<acc_t> row(kd);
-    for (int64_t j = 0; j < n; ++j) {
-      widen_row(w + j * kd, row.data(), kd);
-      acc_t* dst = data.data() + (j / kNR) * kd * kNR + j % kNR;
-      for (int64_t k = 0; k < kd; ++k) dst[k * kNR] = row[k];
+  void pack(const T* w, const T* b, int64_t n, int64_t kd, const W& widen) {
+    if constexpr (std::is_same_v<T, acc_t>) {
+      pack_strided(w, n, kd, kd, 1, acc_t(1));
+    } else {
+      std::vector<acc_t> wide(n * kd);
+      widen(w, wide.data(), n * kd);
+      pack_strided(wide.data(), n, kd, kd, 1, acc_t(1));
     }
+    widen(b, bias.data(), n);
   }
 
   // Sizes the panels for an [n, kd] matrix, keeping data's storage, and zeroes the columns of the last panel
@@ -85,15 +100,24 @@ struct PackedWeight {
   }
 };
 
-// C[r, n0 + j] = sum_k A[r, k] P[k, j] + bias[j] for MR rows of A (row stride lda) and one panel.
-template <int MR, typename acc_t>
+// How A [M, Kd] is stored: by rows, A[r, k] at a[r * lda + k], or by columns, at a[k * lda + r] (a transposed
+// operand read in place: the broadcasts of one k are then contiguous).
+enum class Layout { kRows, kCols };
+
+template <Layout kA>
+constexpr int64_t a_index(int64_t r, int64_t k, int64_t lda) {
+  return kA == Layout::kRows ? r * lda + k : k * lda + r;
+}
+
+// C[r, n0 + j] = sum_k A[r, k] P[k, j] + bias[j] for MR rows of A (laid out by kA, stride lda) and one panel.
+template <int MR, Layout kA, typename acc_t>
 inline void micro_tile(const acc_t* __restrict a, int64_t lda, const acc_t* __restrict p, int64_t Kd,
                        const acc_t* __restrict bias, int64_t n_cols, acc_t* __restrict c, int64_t ldc) {
   acc_t acc[MR][kNR] = {};
   for (int64_t k = 0; k < Kd; ++k) {
     const acc_t* __restrict pk = p + k * kNR;
     for (int r = 0; r < MR; ++r) {
-      const acc_t ar = a[r * lda + k];
+      const acc_t ar = a[a_index<kA>(r, k, lda)];
 #pragma omp simd
       for (int64_t j = 0; j < kNR; ++j) acc[r][j] += ar * pk[j];
     }
@@ -104,7 +128,7 @@ inline void micro_tile(const acc_t* __restrict a, int64_t lda, const acc_t* __re
 
 #ifdef __AVX512F__
 // The fp32 tile in AVX-512 registers: per k, two panel vectors and one broadcast per row.
-template <int MR>
+template <int MR, Layout kA>
 inline void micro_tile(const float* __restrict a, int64_t lda, const float* __restrict p, int64_t Kd,
                        const float* __restrict bias, int64_t n_cols, float* __restrict c, int64_t ldc) {
   __m512 acc0[MR], acc1[MR];
@@ -112,7 +136,7 @@ inline void micro_tile(const float* __restrict a, int64_t lda, const float* __re
   for (int64_t k = 0; k < Kd; ++k) {
     const __m512 p0 = _mm512_loadu_ps(p + k * kNR), p1 = _mm512_loadu_ps(p + k * kNR + 16);
     for (int r = 0; r < MR; ++r) {
-      const __m512 ar = _mm512_set1_ps(a[r * lda + k]);
+      const __m512 ar = _mm512_set1_ps(a[a_index<kA>(r, k, lda)]);
       acc0[r] = _mm512_fmadd_ps(ar, p0, acc0[r]);
       acc1[r] = _mm512_fmadd_ps(ar, p1, acc1[r]);
     }
@@ -127,32 +151,35 @@ inline void micro_tile(const float* __restrict a, int64_t lda, const float* __re
 }
 #endif
 
-// The tile for `rows` < kMR rows: one instantiation per count, so the accumulators stay in registers.
-template <typename acc_t, int MR = kMR - 1>
-inline void edge_tile(int64_t rows, const acc_t* a, int64_t lda, const acc_t* p, int64_t Kd, const acc_t* bias,
-                      int64_t n_cols, acc_t* c, int64_t ldc) {
+// The tile for `rows` <= MR rows: one instantiation per count, so the accumulators stay in registers.
+template <int MR, Layout kA, typename acc_t>
+inline void row_tile(int64_t rows, const acc_t* a, int64_t lda, const acc_t* p, int64_t Kd, const acc_t* bias,
+                     int64_t n_cols, acc_t* c, int64_t ldc) {
   if constexpr (MR >= 1) {
-    if (rows == MR) return micro_tile<MR>(a, lda, p, Kd, bias, n_cols, c, ldc);
-    edge_tile<acc_t, MR - 1>(rows, a, lda, p, Kd, bias, n_cols, c, ldc);
+    if (rows == MR) return micro_tile<MR, kA>(a, lda, p, Kd, bias, n_cols, c, ldc);
+    row_tile<MR - 1, kA>(rows, a, lda, p, Kd, bias, n_cols, c, ldc);
   }
 }
 
-// Y [M, ldy] (first N columns) = A [M, lda] W^T + bias.
-template <typename acc_t>
+// Y [M, ldy] (first N columns) = A W^T + bias, A [M, Kd] laid out by kA with stride lda, in tiles of tile_rows()
+// rows x one panel. Each output is one accumulator over k ascending whatever the tile order, so the order changes
+// no bit of Y. An A of up to kPanelOuterBytes is walked panel-major: a panel is reused from L1 across all row
+// blocks, and each thread owns a contiguous range of panels (W is streamed once in all); a larger one
+// row-block-major, each thread owning a range of row blocks and re-reading the panels (W, up to 1 MB here) from L2.
+template <Layout kA = Layout::kRows, typename acc_t>
 void packed_linear(const acc_t* a, int64_t M, int64_t lda, const PackedWeight<acc_t>& w, acc_t* y, int64_t ldy) {
-  const int64_t row_blocks = (M + kMR - 1) / kMR, tiles = row_blocks * w.panels;
-  const int64_t grain = std::max<int64_t>(1, kMinParallelWork / (kMR * kNR * std::max<int64_t>(w.Kd, 1)));
+  constexpr int64_t MR = tile_rows<acc_t>();
+  const int64_t row_blocks = (M + MR - 1) / MR, tiles = row_blocks * w.panels;
+  const bool panel_major = M * w.Kd * static_cast<int64_t>(sizeof(acc_t)) <= kPanelOuterBytes;
+  const int64_t grain = std::max<int64_t>(1, kMinParallelWork / (MR * kNR * std::max<int64_t>(w.Kd, 1)));
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t panel = t % w.panels, r0 = t / w.panels * kMR;
-      const int64_t n0 = panel * kNR, n_cols = std::min(kNR, w.N - n0), rows = std::min(kMR, M - r0);
+      const int64_t panel = panel_major ? t / row_blocks : t % w.panels;
+      const int64_t r0 = (panel_major ? t % row_blocks : t / w.panels) * MR;
+      const int64_t n0 = panel * kNR, n_cols = std::min(kNR, w.N - n0), rows = std::min(MR, M - r0);
       const acc_t* p = w.data.data() + panel * w.Kd * kNR;
-      const acc_t* bias = w.bias.data() + n0;
-      if (rows == kMR) {
-        micro_tile<kMR>(a + r0 * lda, lda, p, w.Kd, bias, n_cols, y + r0 * ldy + n0, ldy);
-      } else {
-        edge_tile<acc_t>(rows, a + r0 * lda, lda, p, w.Kd, bias, n_cols, y + r0 * ldy + n0, ldy);
-      }
+      row_tile<MR, kA>(rows, a + a_index<kA>(r0, 0, lda), lda, p, w.Kd, w.bias.data() + n0, n_cols,
+                       y + r0 * ldy + n0, ldy);
     }
   });
 }
