@@ -83,7 +83,7 @@ def launch_plan(B, T, d, f, heads, K, L, dtype, has_mod) -> list[tuple]:
 
     def linear(N, Kd, epilogue, write_state=False):
         return (lambda c: linear_launch(M, N, Kd, isz, epilogue, has_mod, write_state, c),
-                tk.linear_configs(dtype, epilogue))
+                tk.linear_configs(dtype, epilogue, N % 16 == 0 and Kd % 16 == 0))  # torch's allocations: aligned
     attention = (lambda c: attention_launch(B, T, d, heads, isz, c), tk.attention_configs())
     out = []
     for _ in range(L):
@@ -241,7 +241,7 @@ def _recompute_launches(B, T, d, f, heads, K, dtype, has_mod) -> list[dict]:
         norm = norm_launch(M, d, isz, has_mod, tk.norm_configs(d)[0])
         att = attention_launch(B, T, d, heads, isz, tk.attention_configs()[0])
         def linear(N, Kd, epilogue, mod=has_mod):
-            return linear_launch(M, N, Kd, isz, epilogue, mod, False, tk.linear_configs(dtype, epilogue)[0])
+            return linear_launch(M, N, Kd, isz, epilogue, mod, False, tk.linear_configs(dtype, epilogue, False)[0])
         launches = [norm, linear(3 * d, d, tk.STORE), att, linear(d, d, tk.RESIDUAL), dict(norm), linear(f, d, tk.GELU)]
         if kb < K - 1:
             launches.append(linear(d, f, tk.RESIDUAL))
