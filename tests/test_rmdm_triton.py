@@ -193,3 +193,15 @@ def test_every_program_passes_syncs_per_call_barriers(monkeypatch):
     programs = shape[5] * pb
     assert len(arrivals) == programs * (triton_persistent.syncs_per_call(shape[5], shape[6]) + 1)
     assert _cooperative.sync_buffer(x.device).tolist() == [0, 0]
+
+
+def test_refuses_f_past_the_int32_offsets_within_a_tile_naming_it():
+    """16-bit products run tiles up to 256 columns wide, addressed in int32 from their corner: f = 2**23 - 1 is
+    refused before any launch (W_1 [f, d] and W_2 [d, f] expanded views: no memory)."""
+    blocks, x, _ = make((1, 3, 4, 6, 2, 1, 1), torch.float16, False)
+    weights = weights_of(blocks)
+    f = 2 ** 23 - 1
+    weights[8], weights[9] = weights[8][:1].expand(f, -1), weights[9][:1].expand(f)
+    weights[10] = weights[10][:, :1].expand(-1, f)
+    with pytest.raises(ValueError, match=f"f={f}"):
+        triton_kernels.recurse_fwd(x, weights, None, 1, 2, EPS)
