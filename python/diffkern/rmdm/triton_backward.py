@@ -82,8 +82,8 @@ def product_config(dtype: torch.dtype) -> Config:
 
 def check_tile_strides(dtype: torch.dtype, f: int) -> None:
     """triton_tiles.check_tile_strides for the backward's products and the forward's launches of its recompute: from
-    f = 2**23 - 1 (8.4 million) on (256-row forward tiles, 16-bit), recurse_bwd refuses the call, naming f;
-    diffkern.backend("cuda") runs it."""
+    f = 2**23 - 1 (8.4 million) on with 16-bit inputs (the forward's 256-column tiles), 2**24 - 1 with fp32 ones,
+    recurse_bwd refuses the call, naming f; diffkern.backend("cuda") runs it."""
     c = product_config(dtype).constexprs
     block = max(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], tk.largest_linear_side(dtype))
     triton_tiles.check_tile_strides(block, f, "diffkern.backend('cuda') runs it")
