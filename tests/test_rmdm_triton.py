@@ -75,24 +75,29 @@ def test_tiled_matches_the_plain_block_in_16_bit(shape, with_mod, dtype):
     run_tiled(shape, dtype, with_mod)
 
 
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
-def test_tuning_runs_every_candidate_and_each_launch_can_be_repeated(dtype, monkeypatch):
+@pytest.mark.parametrize(("dtype", "shape"), [(torch.float32, (2, 19, 12, 40, 3, 2, 2)),
+                                             (torch.bfloat16, (2, 19, 12, 40, 3, 2, 2)),
+                                             (torch.bfloat16, (2, 19, 16, 48, 2, 2, 2))], ids=str)
+def test_tuning_runs_every_candidate_and_each_launch_can_be_repeated(dtype, shape, monkeypatch):
     """What pick does on a GPU: every launch runs each candidate configuration before the chosen one. The
     launches are repeatable (a residual reads one fp32 state buffer and writes the other), so the states equal
-    a run of the chosen (last) candidates alone, and those larger tiles match the float64 oracle too."""
-    shape = (2, 19, 12, 40, 3, 2, 2)
+    a run of the chosen (last) candidates alone, and those larger tiles match the float64 oracle too. At d = 16,
+    f = 48 the widths are multiples of 16: the products' aligned-only candidates (128 x 256, and 128 x 128 for the
+    residual) run and are the last."""
     blocks, x, mod = make(shape, dtype, True)
-    runs = []
+    runs, tried = [], set()
     for tune in (True, False):
         def pick(name, key, configs, launch, kernel=None, tune=tune):
             for config in configs if tune else ():
                 launch(config)
+                tried.add(config)
             return configs[-1]
         monkeypatch.setattr(triton_kernels._autotune, "pick", pick)
         with TritonMonitor():
             runs.append(triton_kernels.recurse_tiled(x, weights_of(blocks), mod, shape[6], shape[4], EPS))
     assert torch.equal(runs[0], runs[1])
     check_against_oracle(runs[1], shape, dtype, blocks, x, mod)
+    assert (set(triton_kernels._WIDE.values()) <= tried) == (shape[2] == 16)
 
 
 def weight_loads(launch, weights) -> list[int]:
