@@ -136,7 +136,8 @@ def recurse_linear_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, h_ptr, state_ptr, mod
     EPILOGUE: STORE y or GELU gelu(y) into out [M, N]; RESIDUAL: out = h + gate * y (h, out: fp32 [M, N],
     N = d; gate: adaLN's part PART of block kb, or 1) and, when write_state, out rounded into state. When
     write_pre, y itself (before gelu, gate and residual) is stored into pre [M, N] too: the backward's recompute
-    keeps it (triton_backward.py)."""
+    keeps it (triton_backward.py). The product is triton_tiles.tile (W read as stored, [N, Kd]: TRANS_B); the
+    epilogue runs a column quarter at a time (triton_tiles.quarters)."""
     _, acc, _ = tile(a_ptr, Kd, w_ptr, Kd, M, N, Kd, False, True, False, DOT_F32, PRECISION, BLOCK_M, BLOCK_N,
                      BLOCK_K)
     parts = quarters(acc, BLOCK_M, BLOCK_N)
@@ -175,12 +176,14 @@ def recurse_attention_kernel(qkv_ptr, ctx_ptr, lse_ptr, T, D, H, DH, scale, writ
 
 def recurse_fwd(x, weights, mod, n_iter, heads, eps):
     """The triton backend of diffkern::rmdm_recurse: the persistent kernel where its plan allows and the device
-    accepts its cooperative launch, else the tiled kernels (the same states)."""
+    accepts its cooperative launch, else the tiled kernels (the same states). Refuses, naming it, an f past the
+    products' int32 offsets within a tile (triton_tiles.check_tile_strides: f >= 2**23 - 1 in 16 bits)."""
     B, T, d = x.shape
     if d > MAX_D or T > MAX_T:
         raise ValueError(f"recurse: the triton backend runs T <= {MAX_T} and d <= {MAX_D}, got T={T}, d={d}")
     _triton.check_float32_math("recurse", x.dtype, "x")
-    triton_tiles.check_tile_strides(largest_linear_side(x.dtype), weights[8].shape[0], "the CPU op runs it on CPU tensors")
+    triton_tiles.check_tile_strides(largest_linear_side(x.dtype), weights[8].shape[0],
+                                    "the CPU op runs it on CPU tensors")
     pb = triton_persistent.plan(B * T, d, weights[8].shape[0], len(weights) // N_PARAMS, x.element_size(),
                                 _cooperative.max_programs(x.device))
     if pb is not None:
