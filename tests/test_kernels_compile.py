@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import diffkern
+from diffkern.rmdm import triton_kernels as rmdm_triton
 from diffkern.testing import aot
 from diffkern.testing.aot import compile_spec, library_specs
 from diffkern.testing.backends import forced
@@ -23,6 +24,18 @@ CASES = [(spec, arch) for spec in SPECS for arch in (80, 90) if arch == 90 or sp
 def test_compiles_without_spills(spec, arch):
     res = compile_spec(spec, arch)
     assert res.registers > 0
+    assert (res.spill_stores, res.spill_loads, res.stack_bytes) == (0, 0, 0), res
+
+
+# R-MDM's forward candidates for aligned 16-bit launches only (triton_kernels._WIDE), which an A100 may run too: on
+# sm_80 as well, as an aligned launch specialises them (pointers, N and Kd 16-divisible, the other integers not).
+WIDE = [spec for spec in SPECS if spec.tags.get("group", "").startswith("recurse_linear_kernel[")
+        and spec.tags["config"] == rmdm_triton._WIDE[spec.constexprs["EPILOGUE"]].describe()]
+
+
+@pytest.mark.parametrize("spec", WIDE, ids=lambda s: s.name)
+def test_wide_forward_tiles_compile_without_spills_for_sm_80(spec):
+    res = compile_spec(aot.launched(spec, 80, divisible=("N", "Kd")), 80)
     assert (res.spill_stores, res.spill_loads, res.stack_bytes) == (0, 0, 0), res
 
 

@@ -49,10 +49,12 @@ def test_flops_are_the_products_2mnk():
 
 def test_the_sudoku_forward_is_predicted_within_a_millisecond():
     """The issue's modeled bar: B=64 boards, d=512 (8 heads, f=2048), K=2, L=4 in bf16, each launch at its
-    fastest candidate by the model, on minimal bytes (each tensor a launch touches, once)."""
+    fastest candidate by the L2-aware model (minimal bytes through HBM, every loaded and stored byte through L2,
+    FLOPs at peak), between the minimal-bytes and the all-bytes-at-HBM-speed figures."""
     row = rmdm_model.predicted(64, 81, 512, 2048, 8, 2, 4, torch.bfloat16)
     assert row["launches"] == 7 * 2 * 4
-    assert row["us_best_unique"] <= 1000
+    assert row["us_best_l2"] <= 1000
+    assert row["us_best_unique"] <= row["us_best_l2"] <= row["us_best"]
 
 
 def test_the_aten_backward_runs_three_times_the_forward_products_in_fp32():

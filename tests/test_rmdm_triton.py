@@ -75,24 +75,29 @@ def test_tiled_matches_the_plain_block_in_16_bit(shape, with_mod, dtype):
     run_tiled(shape, dtype, with_mod)
 
 
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
-def test_tuning_runs_every_candidate_and_each_launch_can_be_repeated(dtype, monkeypatch):
+@pytest.mark.parametrize(("dtype", "shape"), [(torch.float32, (2, 19, 12, 40, 3, 2, 2)),
+                                             (torch.bfloat16, (2, 19, 12, 40, 3, 2, 2)),
+                                             (torch.bfloat16, (2, 19, 16, 48, 2, 2, 2))], ids=str)
+def test_tuning_runs_every_candidate_and_each_launch_can_be_repeated(dtype, shape, monkeypatch):
     """What pick does on a GPU: every launch runs each candidate configuration before the chosen one. The
     launches are repeatable (a residual reads one fp32 state buffer and writes the other), so the states equal
-    a run of the chosen (last) candidates alone, and those larger tiles match the float64 oracle too."""
-    shape = (2, 19, 12, 40, 3, 2, 2)
+    a run of the chosen (last) candidates alone, and those larger tiles match the float64 oracle too. At d = 16,
+    f = 48 the widths are multiples of 16: the products' aligned-only candidates (128 x 256, and 128 x 128 for the
+    residual) run and are the last."""
     blocks, x, mod = make(shape, dtype, True)
-    runs = []
+    runs, tried = [], set()
     for tune in (True, False):
         def pick(name, key, configs, launch, kernel=None, tune=tune):
             for config in configs if tune else ():
                 launch(config)
+                tried.add(config)
             return configs[-1]
         monkeypatch.setattr(triton_kernels._autotune, "pick", pick)
         with TritonMonitor():
             runs.append(triton_kernels.recurse_tiled(x, weights_of(blocks), mod, shape[6], shape[4], EPS))
     assert torch.equal(runs[0], runs[1])
     check_against_oracle(runs[1], shape, dtype, blocks, x, mod)
+    assert (set(triton_kernels._WIDE.values()) <= tried) == (shape[2] == 16)
 
 
 def weight_loads(launch, weights) -> list[int]:
@@ -193,3 +198,15 @@ def test_every_program_passes_syncs_per_call_barriers(monkeypatch):
     programs = shape[5] * pb
     assert len(arrivals) == programs * (triton_persistent.syncs_per_call(shape[5], shape[6]) + 1)
     assert _cooperative.sync_buffer(x.device).tolist() == [0, 0]
+
+
+def test_refuses_f_past_the_int32_offsets_within_a_tile_naming_it():
+    """16-bit products run tiles up to 256 columns wide, addressed in int32 from their corner: f = 2**23 - 1 is
+    refused before any launch (W_1 [f, d] and W_2 [d, f] expanded views: no memory)."""
+    blocks, x, _ = make((1, 3, 4, 6, 2, 1, 1), torch.float16, False)
+    weights = weights_of(blocks)
+    f = 2 ** 23 - 1
+    weights[8], weights[9] = weights[8][:1].expand(f, -1), weights[9][:1].expand(f)
+    weights[10] = weights[10][:, :1].expand(-1, f)
+    with pytest.raises(ValueError, match=f"f={f}"):
+        triton_kernels.recurse_fwd(x, weights, None, 1, 2, EPS)

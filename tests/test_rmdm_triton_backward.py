@@ -67,9 +67,12 @@ def test_refuses_what_it_does_not_run_naming_it():
     x = torch.zeros(1, triton_kernels.MAX_T + 1, 4)
     with pytest.raises(ValueError, match=f"T <= {triton_kernels.MAX_T}"):
         triton_backward.recurse_bwd(x[None], x, x[None], [w.float() for w in weights], None, 2, EPS)
-    # The products' int32 offsets within a tile: f up to 2**24 - 2 (W_1 [f, d] an expanded view: no memory).
-    for dtype in (torch.float32, torch.float16):
-        triton_backward.check_tile_strides(dtype, 2 ** 24 - 2)
+    # The products' int32 offsets within a tile: f up to 2**24 - 2 with fp32's 128-row tiles, 2**23 - 2 with the
+    # forward's 256-column 16-bit ones (W_1 [f, d] an expanded view: no memory).
+    triton_backward.check_tile_strides(torch.float32, 2 ** 24 - 2)
+    triton_backward.check_tile_strides(torch.float16, 2 ** 23 - 2)
+    with pytest.raises(ValueError, match="f=8388607"):
+        triton_backward.check_tile_strides(torch.float16, 2 ** 23 - 1)
     wide = [w.float() for w in weights]
     wide[8] = wide[8][:1].expand(2 ** 24 - 1, -1)
     x = states[0].float()

@@ -59,8 +59,10 @@ from .. import _dot, _triton
 from .._autotune import Config
 from .._triton import KernelSpec
 from . import triton_kernels as tk
+from . import triton_tiles
 from .reference import N_PARAMS
 from .triton_common import gate, gelu_grad, normalized, scores
+from .triton_tiles import quarter, quarters, tile
 
 PARTIALS = Config(dict(BLOCK_R=32, BLOCK_D=128), 4)
 NORM_ELEMENTS = 4096  # recurse_norm_bwd_kernel's [BLOCK_M, BLOCK_N] tile
@@ -71,21 +73,20 @@ def product_config(dtype: torch.dtype) -> Config:
     """recurse_dx_kernel's and recurse_dw_kernel's configuration: 128 x 128 output tiles in 8 warps, reduced in
     32-deep slices; 64 x 128 for fp32 inputs (tf32x3: three products a dot). The largest tiles that compile without
     spills on sm_80 and sm_90a in every specialisation a launch gets (an integer argument equal to 1, 16-divisible
-    sizes or neither), which takes _tile's 32-bit in-tile offsets and the epilogues' column quarters (_quarters).
+    sizes or neither), which takes the shared tile loop's 32-bit in-tile offsets and the epilogues' column quarters
+    (triton_tiles.py).
     A program reads its tile's rows of A and columns of B over the whole depth, so the L2 traffic per FLOP falls
     with the tile's sides (bench/rmdm_model.py's L2-aware model)."""
     return Config(dict(BLOCK_M=64 if dtype == torch.float32 else 128, BLOCK_N=128, BLOCK_K=32), 8)
 
 
 def check_tile_strides(dtype: torch.dtype, f: int) -> None:
-    """The products address within a tile in int32 (_tile, _quarter): every row stride times a block side, plus a
-    block side, must stay below 2**31. The row strides are d, 3d and f, d <= 512: from f = 2**24 - 1 (16.7 million)
-    on, recurse_bwd refuses the call, naming f, rather than wrap; diffkern.backend("cuda") runs it."""
+    """triton_tiles.check_tile_strides for the backward's products and the forward's launches of its recompute: from
+    f = 2**23 - 1 (8.4 million) on with 16-bit inputs (the forward's 256-column tiles), 2**24 - 1 with fp32 ones,
+    recurse_bwd refuses the call, naming f; diffkern.backend("cuda") runs it."""
     c = product_config(dtype).constexprs
-    block = max(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"])
-    if block * (f + 1) >= 2 ** 31:
-        raise ValueError(f"recurse: the triton backend's products address a tile in int32 and need "
-                         f"{block} * (f + 1) < 2**31, got f={f} (diffkern.backend('cuda') runs it)")
+    block = max(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], tk.largest_linear_side(dtype))
+    triton_tiles.check_tile_strides(block, f, "diffkern.backend('cuda') runs it")
 
 
 def attention_config(dtype: torch.dtype) -> Config:
@@ -103,82 +104,16 @@ def norm_config(d: int) -> Config:
 
 
 @triton.jit
-def _tile(a_ptr, lda, b_ptr, ldb, M, N, Kd, TRANS_A: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Output tile (program_id(0), program_id(1)) of the [M, N] product A B: (its rows, the sum over k < Kd of
-    A[rows, k] B[k, cols] and of A[rows, k] in fp32); k in BLOCK_K slices in increasing order, the product through
-    diffkern._dot (the row sums cost no load: they are the bias gradient when A is dy^T). B: [Kd, N] with row
-    stride ldb; A: [M, Kd] with row stride lda, or (TRANS_A) stored transposed, [Kd, M] with row stride lda.
-    Elements out of range count as 0. Addressing: the operands' pointers start at the tile's corner (64-bit pointer
-    arithmetic) and advance by one slice a step; offsets within a slice are int32 (check_tile_strides holds every
-    stride times a block size below 2**31), which keeps the registers beside the accumulator 32-bit."""
-    row0, col0 = tl.program_id(0) * BLOCK_M, tl.program_id(1) * BLOCK_N
-    i, j, k = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)
-    rm, nm = i < M - row0, j < N - col0
-    if TRANS_A:
-        a_ptr += row0
-        a_offs, a_step = k[:, None] * lda + i[None, :], BLOCK_K * lda
-    else:
-        a_ptr += row0.to(tl.int64) * lda
-        a_offs, a_step = i[:, None] * lda + k[None, :], BLOCK_K
-    b_ptr += col0
-    b_offs = k[:, None] * ldb + j[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    a_sum = tl.zeros((BLOCK_M,), tl.float32)
-    for k0 in range(0, Kd, BLOCK_K):
-        km = k < Kd - k0
-        if TRANS_A:
-            a = tl.trans(tl.load(a_ptr + a_offs, mask=km[:, None] & rm[None, :], other=0.0))
-        else:
-            a = tl.load(a_ptr + a_offs, mask=rm[:, None] & km[None, :], other=0.0)
-        b = tl.load(b_ptr + b_offs, mask=km[:, None] & nm[None, :], other=0.0)
-        acc += _dot.dot(a, b, DOT_F32, PRECISION)
-        a_sum += tl.sum(a.to(tl.float32), 1)
-        a_ptr += a_step
-        b_ptr += BLOCK_K * ldb
-    return row0 + i, acc, a_sum
-
-
-@triton.jit
-def _halves(x, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """The left and right column halves of x [ROWS, COLS] (a reshape and split, which keep each element in its
-    thread on sm_80 and sm_90a)."""
-    return tl.split(tl.permute(tl.reshape(x, (ROWS, 2, COLS // 2)), (0, 2, 1)))
-
-
-@triton.jit
-def _quarters(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The accumulator's four [BLOCK_M, BLOCK_N // 4] column quarters, left to right. The epilogues run a quarter at
-    a time: a quarter's loads follow the previous quarter's stores, so the compiler cannot hoist all of the tile's
-    loads (and their 64-bit addresses) up front, which spilled at 128 x 128 where a row stride is not 16-divisible.
-    Each quarter changes layout once (through shared memory) for its loads and stores."""
-    left, right = _halves(acc, BLOCK_M, BLOCK_N)
-    ll, lr = _halves(left, BLOCK_M, BLOCK_N // 2)
-    rl, rr = _halves(right, BLOCK_M, BLOCK_N // 2)
-    return ll, lr, rl, rr
-
-
-@triton.jit
-def _quarter(q, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Column quarter q of tile (program_id(0), program_id(1)) of an [M, N] matrix with row stride N: (the int64
-    offset of its corner, its elements' int32 offsets from there, their mask)."""
-    row0 = tl.program_id(0) * BLOCK_M
-    col0 = tl.program_id(1) * BLOCK_N + q * (BLOCK_N // 4)
-    i, j = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N // 4)
-    return (row0.to(tl.int64) * N + col0, i[:, None] * N + j[None, :],
-            (i < M - row0)[:, None] & (j < N - col0)[None, :])
-
-
-@triton.jit
 def recurse_dx_kernel(dy_ptr, w_ptr, z_ptr, out_ptr, M, N, Kd, GELU_GRAD: tl.constexpr, DOT_F32: tl.constexpr,
                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The input gradient of y = x W^T + b for one [BLOCK_M, BLOCK_N] tile: out = dy W (dy [M, Kd], W the forward's
     [Kd, N] weight), times gelu'(z) (z [M, N]) when GELU_GRAD; stored in out's dtype."""
-    _, acc, _ = _tile(dy_ptr, Kd, w_ptr, N, M, N, Kd, False, DOT_F32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-    quarters = _quarters(acc, BLOCK_M, BLOCK_N)
+    _, acc, _ = tile(dy_ptr, Kd, w_ptr, N, M, N, Kd, False, False, False, DOT_F32, PRECISION, BLOCK_M, BLOCK_N,
+                     BLOCK_K)
+    parts = quarters(acc, BLOCK_M, BLOCK_N)
     for q in tl.static_range(4):
-        corner, offs, m = _quarter(q, M, N, BLOCK_M, BLOCK_N)
-        val = quarters[q]
+        corner, _, _, offs, m = quarter(q, M, N, BLOCK_M, BLOCK_N)
+        val = parts[q]
         if GELU_GRAD:
             val *= gelu_grad(tl.load(z_ptr + corner + offs, mask=m, other=0.0).to(tl.float32))
         tl.store(out_ptr + corner + offs, val.to(out_ptr.dtype.element_ty), mask=m)
@@ -191,11 +126,12 @@ def recurse_dw_kernel(dy_ptr, x_ptr, dw_ptr, db_ptr, R, N, Kd, DOT_F32: tl.const
     dw += dy^T x (dy [R, N], x [R, Kd]), the rows summed in BLOCK_K slices in order; the programs of the first
     column tile also add the column sums of dy, which the product's loop forms from the dy tiles it loads, into
     db [N]. dw, db: fp32 accumulators."""
-    i, acc, colsum = _tile(dy_ptr, N, x_ptr, Kd, N, Kd, R, True, DOT_F32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-    quarters = _quarters(acc, BLOCK_M, BLOCK_N)
+    i, acc, colsum = tile(dy_ptr, N, x_ptr, Kd, N, Kd, R, True, False, True, DOT_F32, PRECISION, BLOCK_M, BLOCK_N,
+                          BLOCK_K)
+    parts = quarters(acc, BLOCK_M, BLOCK_N)
     for q in tl.static_range(4):
-        corner, offs, m = _quarter(q, N, Kd, BLOCK_M, BLOCK_N)
-        tl.store(dw_ptr + corner + offs, tl.load(dw_ptr + corner + offs, mask=m, other=0.0) + quarters[q], mask=m)
+        corner, _, _, offs, m = quarter(q, N, Kd, BLOCK_M, BLOCK_N)
+        tl.store(dw_ptr + corner + offs, tl.load(dw_ptr + corner + offs, mask=m, other=0.0) + parts[q], mask=m)
     if tl.program_id(1) == 0:
         tl.store(db_ptr + i, tl.load(db_ptr + i, mask=i < N, other=0.0) + colsum, mask=i < N)
 

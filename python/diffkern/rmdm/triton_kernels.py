@@ -43,29 +43,49 @@ import triton.language as tl
 from .. import _autotune, _cooperative, _dot, _triton
 from .._autotune import Config
 from .._triton import KernelSpec
-from . import triton_persistent
+from . import triton_persistent, triton_tiles
 from .reference import N_PARAMS
 from .triton_common import attend, gate, gelu, layer_norm, modulate, sample_mod_rows
+from .triton_tiles import quarter, quarters, tile
 
 MAX_D, MAX_T = 512, 256
 STORE, GELU, RESIDUAL = 0, 1, 2  # recurse_linear_kernel's epilogues
 # Candidates (configs[0] is what the interpreter runs): BLOCK_M x BLOCK_N output tiles reduced in BLOCK_K
-# slices. Larger tiles re-read the operands less (an output tile reads BLOCK_M + BLOCK_N rows of Kd); the
-# residual epilogue (state, gate and two stores beside the accumulator) and fp32 operands (tf32x3) need more
-# registers, so their lists stop at 128 x 64. BLOCK_K is 32 in every candidate, so each output element adds its
-# products in the same order whichever wins. configs[0] compiles without spills even where the launch cannot
-# assume 16-divisible sizes (tests/test_kernels_compile.py).
+# slices. Larger tiles re-read the operands less (an output tile reads BLOCK_M + BLOCK_N rows of Kd: the L2 traffic
+# that bounds these launches in bench/rmdm_model.py's L2-aware model). fp32 operands (tf32x3: three products a dot)
+# stop at 128 x 64. _WIDE, 16-bit operands only, is offered to aligned launches alone (every pointer 16-byte aligned,
+# N and Kd multiples of 16, as at d = 512): there the shared tile loop and the column-quarter epilogues
+# (triton_tiles.py) keep 128 x 256 (STORE, GELU) and 128 x 128 (RESIDUAL: state, gate and two stores beside the
+# accumulator) free of spills on sm_80 and sm_90a, where element-wise loads of unaligned operands spill. BLOCK_K is
+# 32 in every candidate, so each output element adds its products in the same order whichever wins. configs[0]
+# compiles without spills even where the launch cannot assume 16-divisible sizes (tests/test_kernels_compile.py).
 _FIRST = Config(dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32), 4)
 _MEDIUM = (Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4), Config(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32), 8))
 _LARGE = (Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4), Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32), 8),
           Config(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32), 4))
+_WIDE = {STORE: Config(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32), 8),
+         GELU: Config(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32), 8),
+         RESIDUAL: Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32), 8)}
 _ATTENTION_FIRST = Config(dict(BLOCK_Q=32, BLOCK_KV=32), 4)
 
 
-def linear_configs(dtype: torch.dtype, epilogue: int) -> tuple[Config, ...]:
-    """recurse_linear_kernel's candidates for operands of `dtype` and this epilogue."""
-    large = dtype != torch.float32 and epilogue != RESIDUAL
-    return (_FIRST, *(_LARGE if large else _MEDIUM))
+def linear_configs(dtype: torch.dtype, epilogue: int, aligned: bool) -> tuple[Config, ...]:
+    """recurse_linear_kernel's candidates for operands of `dtype` and this epilogue; `aligned`: the launch's pointers
+    are 16-byte aligned and its N and Kd multiples of 16 (linear_aligned)."""
+    if dtype == torch.float32:
+        return (_FIRST, *_MEDIUM)
+    return (_FIRST, *(_MEDIUM if epilogue == RESIDUAL else _LARGE), *((_WIDE[epilogue],) if aligned else ()))
+
+
+def linear_aligned(N: int, Kd: int, *tensors: torch.Tensor) -> bool:
+    """Whether a recurse_linear_kernel launch gets the aligned specialisation that _WIDE needs: N and Kd multiples of
+    16 and every tensor's pointer 16-byte aligned (Triton's launcher then marks them all 16-divisible)."""
+    return N % 16 == 0 and Kd % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def largest_linear_side(dtype: torch.dtype) -> int:
+    """The largest block side among recurse_linear_kernel's candidates for `dtype` (triton_tiles.check_tile_strides)."""
+    return max(max(c.constexprs.values()) for e in (STORE, GELU, RESIDUAL) for c in linear_configs(dtype, e, True))
 
 
 def attention_configs() -> tuple[Config, ...]:
@@ -116,34 +136,26 @@ def recurse_linear_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, h_ptr, state_ptr, mod
     EPILOGUE: STORE y or GELU gelu(y) into out [M, N]; RESIDUAL: out = h + gate * y (h, out: fp32 [M, N],
     N = d; gate: adaLN's part PART of block kb, or 1) and, when write_state, out rounded into state. When
     write_pre, y itself (before gelu, gate and residual) is stored into pre [M, N] too: the backward's recompute
-    keeps it (triton_backward.py)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm, nm = rows < M, n < N
-    a_rows = a_ptr + rows[:, None].to(tl.int64) * Kd
-    w_rows = w_ptr + n[:, None].to(tl.int64) * Kd
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, Kd, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        km = kk < Kd
-        a = tl.load(a_rows + kk[None, :], mask=rm[:, None] & km[None, :], other=0.0)
-        w = tl.load(w_rows + kk[None, :], mask=nm[:, None] & km[None, :], other=0.0)
-        acc += _dot.dot(a, tl.trans(w), DOT_F32, PRECISION)
-    y = acc + tl.load(bias_ptr + n, mask=nm, other=0.0).to(tl.float32)[None, :]
-    om = rm[:, None] & nm[None, :]
-    offs = rows[:, None].to(tl.int64) * N + n[None, :]
-    if write_pre:
-        tl.store(pre_ptr + offs, y.to(pre_ptr.dtype.element_ty), mask=om)
-    if EPILOGUE == 2:
-        g = gate(sample_mod_rows(mod_ptr, rows, kb, K, T, N), PART, n[None, :], om, N, HAS_MOD)
-        out = tl.load(h_ptr + offs, mask=om, other=0.0) + g * y
-        tl.store(out_ptr + offs, out, mask=om)
-        if write_state:
-            tl.store(state_ptr + offs, out.to(state_ptr.dtype.element_ty), mask=om)
-    else:
-        if EPILOGUE == 1:
-            y = gelu(y)
-        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=om)
+    keeps it (triton_backward.py). The product is triton_tiles.tile (W read as stored, [N, Kd]: TRANS_B); the
+    epilogue runs a column quarter at a time (triton_tiles.quarters)."""
+    _, acc, _ = tile(a_ptr, Kd, w_ptr, Kd, M, N, Kd, False, True, False, DOT_F32, PRECISION, BLOCK_M, BLOCK_N,
+                     BLOCK_K)
+    parts = quarters(acc, BLOCK_M, BLOCK_N)
+    for q in tl.static_range(4):
+        corner, rows, n, offs, om = quarter(q, M, N, BLOCK_M, BLOCK_N)
+        y = parts[q] + tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+        if write_pre:
+            tl.store(pre_ptr + corner + offs, y.to(pre_ptr.dtype.element_ty), mask=om)
+        if EPILOGUE == 2:
+            g = gate(sample_mod_rows(mod_ptr, rows, kb, K, T, N), PART, n[None, :], om, N, HAS_MOD)
+            out = tl.load(h_ptr + corner + offs, mask=om, other=0.0) + g * y
+            tl.store(out_ptr + corner + offs, out, mask=om)
+            if write_state:
+                tl.store(state_ptr + corner + offs, out.to(state_ptr.dtype.element_ty), mask=om)
+        else:
+            if EPILOGUE == 1:
+                y = gelu(y)
+            tl.store(out_ptr + corner + offs, y.to(out_ptr.dtype.element_ty), mask=om)
 
 
 @triton.jit
@@ -164,11 +176,14 @@ def recurse_attention_kernel(qkv_ptr, ctx_ptr, lse_ptr, T, D, H, DH, scale, writ
 
 def recurse_fwd(x, weights, mod, n_iter, heads, eps):
     """The triton backend of diffkern::rmdm_recurse: the persistent kernel where its plan allows and the device
-    accepts its cooperative launch, else the tiled kernels (the same states)."""
+    accepts its cooperative launch, else the tiled kernels (the same states). Refuses, naming it, an f past the
+    products' int32 offsets within a tile (triton_tiles.check_tile_strides: f >= 2**23 - 1 in 16 bits)."""
     B, T, d = x.shape
     if d > MAX_D or T > MAX_T:
         raise ValueError(f"recurse: the triton backend runs T <= {MAX_T} and d <= {MAX_D}, got T={T}, d={d}")
     _triton.check_float32_math("recurse", x.dtype, "x")
+    triton_tiles.check_tile_strides(largest_linear_side(x.dtype), weights[8].shape[0],
+                                    "the CPU op runs it on CPU tensors")
     pb = triton_persistent.plan(B * T, d, weights[8].shape[0], len(weights) // N_PARAMS, x.element_size(),
                                 _cooperative.max_programs(x.device))
     if pb is not None:
@@ -196,14 +211,16 @@ def _launch_linear(a, w, bias, out, epilogue, h=None, state=None, mod=None, kb=0
     N = w.shape[0]
     meta = dict(EPILOGUE=epilogue, PART=part, HAS_MOD=mod is not None, **_dot.dot_meta(a.dtype))
     h = h if h is not None else out
+    flags = (int(state is not None), int(pre is not None))
+    state, mod_or_a, pre = (t if t is not None else a for t in (state, mod, pre))
+    aligned = linear_aligned(N, Kd, a, w, bias, out, h, state, mod_or_a, pre)
 
     def launch(cfg: Config):
         grid = (triton.cdiv(M, cfg.constexprs["BLOCK_M"]), triton.cdiv(N, cfg.constexprs["BLOCK_N"]))
-        return recurse_linear_kernel[grid](a, w, bias, out, h, state if state is not None else a,
-                                           mod if mod is not None else a, pre if pre is not None else a, M, N, Kd, T,
-                                           K, kb, int(state is not None), int(pre is not None), **meta, **cfg.meta())
-    key = (str(a.dtype), triton.next_power_of_2(M), N, Kd, epilogue, mod is not None)
-    return launch(_autotune.pick("recurse_linear_kernel", key, linear_configs(a.dtype, epilogue), launch,
+        return recurse_linear_kernel[grid](a, w, bias, out, h, state, mod_or_a, pre, M, N, Kd, T, K, kb, *flags,
+                                           **meta, **cfg.meta())
+    key = (str(a.dtype), triton.next_power_of_2(M), N, Kd, epilogue, mod is not None, aligned)
+    return launch(_autotune.pick("recurse_linear_kernel", key, linear_configs(a.dtype, epilogue, aligned), launch,
                                  kernel=recurse_linear_kernel))
 
 
@@ -281,7 +298,8 @@ def tiled_specs(dtype: torch.dtype, d: int, dh: int, has_mod: bool, divisible: b
                **{n: "i32" for n in ("M", "N", "Kd", "T", "K", "kb", "write_state", "write_pre")}}
         specs += _specs("recurse_linear_kernel", recurse_linear_kernel, sig,
                         {"EPILOGUE": epilogue, "PART": 5, "HAS_MOD": has_mod and res, **dot},
-                        linear_configs(dtype, epilogue), {**tags, "EPILOGUE": epilogue, "HAS_MOD": has_mod and res},
+                        linear_configs(dtype, epilogue, divisible), {**tags, "EPILOGUE": epilogue,
+                                                                     "HAS_MOD": has_mod and res},
                         ("N", "Kd") if divisible else None)
     sig = {"qkv_ptr": p, "ctx_ptr": p, "lse_ptr": "*fp32", **{n: "i32" for n in ("T", "D", "H", "DH")}, "scale": "fp32",
            "write_lse": "i32"}

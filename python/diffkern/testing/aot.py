@@ -33,6 +33,7 @@ import re
 import subprocess
 import tempfile
 import types
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 
 import torch
@@ -159,10 +160,11 @@ def integer_arguments(spec: KernelSpec) -> list[str]:
     return [name for name, ty in spec.signature.items() if ty in ("i32", "i64")]
 
 
-def launched(spec: KernelSpec, arch: int, one: str | None = None, divisible: bool = False) -> KernelSpec:
+def launched(spec: KernelSpec, arch: int, one: str | None = None, divisible: bool | Collection[str] = False) \
+        -> KernelSpec:
     """`spec` as a launch on compute capability `arch` compiles it: every pointer 16-byte aligned (as torch
     allocates), the integer argument `one` equal to 1, every other integer a small one that is a multiple
-    of 16 if `divisible`, else neither 1 nor a multiple of 16.
+    of 16 if `divisible` is True or names it, else neither 1 nor a multiple of 16.
 
     Triton's own launcher code (the binder it builds per kernel, and its packing of the binder's result
     into signature, constexprs and attributes) does the specialising, so nothing here restates its rules.
@@ -184,12 +186,14 @@ def launched(spec: KernelSpec, arch: int, one: str | None = None, divisible: boo
         elif ty.startswith("*"):
             args[name] = _Tensor(_TORCH_DTYPE[ty[1:]], address=1 << 20)  # 16-byte aligned
         elif name in integers:
-            args[name] = 1 if name == one else _DIVISIBLE if divisible else _PLAIN
+            args[name] = 1 if name == one else _DIVISIBLE if divisible is True or (divisible and name in divisible) \
+                else _PLAIN
         else:
             args[name] = 0.5  # a float: the launcher never specialises on its value
     bound, specialization, options = bind(**args)
     _, signature, constexprs, attrs = fn._pack_args(backend, {}, bound, specialization, options)
-    label = ",".join(([f"{one}=1"] if one else []) + (["divisible"] if divisible else []) + ["aligned"])
+    wide = ["divisible" if divisible is True else "divisible=" + "+".join(divisible)] if divisible else []
+    label = ",".join(([f"{one}=1"] if one else []) + wide + ["aligned"])
     return replace(spec, name=f"{spec.name}[{label}]", signature=signature,
                    constexprs={fn.arg_names[path[0]]: value for path, value in constexprs.items()},
                    attrs={fn.arg_names[path[0]]: value for path, value in attrs.items() if value})
