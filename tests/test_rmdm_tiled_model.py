@@ -5,7 +5,7 @@ import torch
 
 from diffkern import _triton
 from diffkern.bench import rmdm_model
-from diffkern.bench.roofline import recurse_flops
+from diffkern.bench.roofline import dot_peak, recurse_flops
 from diffkern.rmdm import triton_kernels
 from diffkern.testing.triton_monitor import TritonMonitor
 from test_rmdm_recurse import EPS, ids, make
@@ -55,6 +55,24 @@ def test_the_sudoku_forward_is_predicted_within_a_millisecond():
     assert row["launches"] == 7 * 2 * 4
     assert row["us_best_l2"] <= 1000
     assert row["us_best_unique"] <= row["us_best_l2"] <= row["us_best"]
+
+
+def test_the_autotuned_backward_swaps_only_the_recompute_launches_for_faster_ones():
+    """With `peak`, backward_launches keeps the backward kernels' launches as they are and runs each recompute launch
+    at its fastest forward candidate: the same kernels in the same order, none slower, some faster, and
+    triton_backward's us_tuned is their sum."""
+    args, peak = (64, 81, 512, 2048, 8, 2, 4, torch.bfloat16), dot_peak(torch.bfloat16)
+    first, tuned = rmdm_model.backward_launches(*args), rmdm_model.backward_launches(*args, peak=peak)
+    assert [r["kernel"] for r in first] == [r["kernel"] for r in tuned]
+    backward = {"recurse_dw_kernel", "recurse_dx_kernel", "recurse_norm_bwd_kernel", "recurse_partials_kernel",
+                "recurse_attention_bwd_kernel"}
+    assert all(a == b for a, b in zip(first, tuned) if a["kernel"] in backward)
+    seconds = [(rmdm_model.l2_launch_seconds(a, peak), rmdm_model.l2_launch_seconds(b, peak))
+               for a, b in zip(first, tuned)]
+    assert all(t <= f for f, t in seconds) and any(t < f for f, t in seconds)
+    row = rmdm_model.triton_backward(*args)
+    assert row["us_tuned"] == pytest.approx(1e6 * sum(t for _, t in seconds))
+    assert row["us_modeled"] == pytest.approx(1e6 * sum(f for f, _ in seconds))
 
 
 def test_the_aten_backward_runs_three_times_the_forward_products_in_fp32():

@@ -232,16 +232,25 @@ def _norm_bwd_launches(B, T, d, dtype, has_mod, second, add_state) -> list[dict]
                     parts + sums, sums, 0, parts + 2 * sums)]
 
 
-def _recompute_launches(B, T, d, f, heads, K, dtype, has_mod) -> list[dict]:
-    """One iteration's recompute (triton_backward._recompute): the forward's launches at configs[0], with the
-    stores the backward keeps (z, lse, and with adaLN a and y); the last block forms y only (with adaLN)."""
+def _recompute_launches(B, T, d, f, heads, K, dtype, has_mod, peak=None) -> list[dict]:
+    """One iteration's recompute (triton_backward._recompute): the forward's launches at configs[0] (what the
+    interpreter runs), or with `peak` each at its fastest candidate by l2_launch_seconds (what a GPU's autotuner
+    approximates; aligned launches, as torch allocates, where the widths are 16-divisible), with the stores the
+    backward keeps (z, lse, and with adaLN a and y); the last block forms y only (with adaLN)."""
     M, isz = B * T, dtype.itemsize
+
+    def pick(record, configs):
+        if peak is None:
+            return record(configs[0])
+        return min(map(record, configs), key=lambda r: l2_launch_seconds(r, peak))
     out = []
     for kb in range(K):
-        norm = norm_launch(M, d, isz, has_mod, tk.norm_configs(d)[0])
-        att = attention_launch(B, T, d, heads, isz, tk.attention_configs()[0])
+        norm = pick(lambda c: norm_launch(M, d, isz, has_mod, c), tk.norm_configs(d))
+        att = pick(lambda c: attention_launch(B, T, d, heads, isz, c), tk.attention_configs())
         def linear(N, Kd, epilogue, mod=has_mod):
-            return linear_launch(M, N, Kd, isz, epilogue, mod, False, tk.linear_configs(dtype, epilogue, False)[0])
+            aligned = peak is not None and N % 16 == 0 and Kd % 16 == 0
+            return pick(lambda c: linear_launch(M, N, Kd, isz, epilogue, mod, False, c),
+                        tk.linear_configs(dtype, epilogue, aligned))
         launches = [norm, linear(3 * d, d, tk.STORE), att, linear(d, d, tk.RESIDUAL), dict(norm), linear(f, d, tk.GELU)]
         if kb < K - 1:
             launches.append(linear(d, f, tk.RESIDUAL))
@@ -259,16 +268,17 @@ def _recompute_launches(B, T, d, f, heads, K, dtype, has_mod) -> list[dict]:
     return out
 
 
-def backward_launches(B, T, d, f, heads, K, L, dtype, has_mod=False) -> list[dict]:
+def backward_launches(B, T, d, f, heads, K, L, dtype, has_mod=False, peak=None) -> list[dict]:
     """Every Triton launch of one triton_backward.recurse_bwd call, in order, each with its programs, FLOPs (2 m n k of
     every tl.dot an active program runs at the block sizes), the bytes its programs load and store (every tile each
     program touches, L2 hits included) as the interpreter's TritonMonitor counts them, and its minimal bytes
     (unique_bytes: each tensor the launch touches once). tests/test_rmdm_triton_backward.py holds all but the last
-    equal to the interpreter's."""
+    equal to the interpreter's. With `peak`, the recompute's launches at their fastest candidates
+    (_recompute_launches)."""
     M = B * T
     out = []
     for it in reversed(range(L)):
-        out += _recompute_launches(B, T, d, f, heads, K, dtype, has_mod)
+        out += _recompute_launches(B, T, d, f, heads, K, dtype, has_mod, peak)
         for kb in reversed(range(K)):
             out += [_dw_launch(M, d, f, dtype), _dx_launch(M, f, d, dtype, True), _dw_launch(M, f, d, dtype),
                     _dx_launch(M, d, f, dtype, False), *_norm_bwd_launches(B, T, d, dtype, has_mod, True, False),
@@ -284,19 +294,22 @@ def triton_backward(B, T, d, f, heads, K, L, dtype, has_mod=False) -> dict:
     through HBM, loaded and stored bytes through L2, FLOPs at the products' precision's peak), against the roofline
     of the backward's exact FLOPs alone (three times the forward's products, the figure aten_backward holds the ATen
     backward to) at the same peak; ratio: modeled / roofline (the issue's bar: 1.2). us_hbm: the same sum without
-    the L2 term (what a model of minimal bytes alone predicts). Launch latency is not in it: `launches` says how many
-    there are."""
+    the L2 term (what a model of minimal bytes alone predicts); us_tuned, ratio_tuned: with the recompute's forward
+    launches at their fastest candidates, as an autotuning GPU runs them (the backward's own kernels have one
+    configuration each). Launch latency is not in it: `launches` says how many there are."""
     from . import rmdm  # the workload's GEMM list (rmdm imports this module lazily)
     peak = dot_peak(dtype)
     launches = backward_launches(B, T, d, f, heads, K, L, dtype, has_mod)
     exact = rmdm.RECURSE.flops(rmdm._case(B, T, d))
     roofline = 1e6 * (exact["fwd"] + exact["bwd"]) / peak
     modeled = 1e6 * sum(l2_launch_seconds(r, peak) for r in launches)
+    tuned = 1e6 * sum(l2_launch_seconds(r, peak)
+                      for r in backward_launches(B, T, d, f, heads, K, L, dtype, has_mod, peak))
     return dict(launches=len(launches), precision=dot_precision(dtype), flops=sum(r["flops"] for r in launches),
                 unique_bytes=sum(r["unique_bytes"] for r in launches),
                 l2_bytes=sum(r["bytes_loaded"] + r["bytes_stored"] for r in launches), us_modeled=modeled,
                 us_hbm=1e6 * sum(launch_seconds(r, peak, unique=True) for r in launches), us_roofline=roofline,
-                ratio=modeled / roofline)
+                ratio=modeled / roofline, us_tuned=tuned, ratio_tuned=tuned / roofline)
 
 
 if __name__ == "__main__":
