@@ -71,7 +71,7 @@ def test_unchecked_nan_band_is_not_an_error(check_skipped):
     upper[2, 3] = math.nan
     x = torch.randn(2, 64, generator=torch.Generator().manual_seed(0)).to(lower.device)
     with forced("triton"):
-        out, _ = diffkern.twoos_project(x, bands=(lower, upper))
+        out, _ = diffkern.twoos_project(x, bands=(lower, upper), passes=1)  # a NaN band never converges: 1 pass
     assert out.shape == x.shape
 
 
