@@ -9,9 +9,17 @@ import os
 import random
 import sys
 
-import numpy as np
-import pytest
-import torch
+# `make test` runs one pytest-xdist worker per core, every one CPU-bound. Read before numpy and torch load their
+# thread pools: an OpenMP thread waiting at a barrier sleeps instead of spinning on the core another worker needs
+# (a DiT training step in one worker beside a busy one: 0.4-0.8 CPU-s spinning, 0.16-0.24 passive), and numpy's
+# OpenBLAS (the interpreter's tl.dot) runs on its worker's own core. torch keeps its thread count, so the CPU
+# kernels' parallel paths still run.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 assert "triton" not in sys.modules and "diffkern" not in sys.modules, "conftest must run before triton is imported"
 HAS_CUDA = torch.cuda.is_available()
