@@ -29,8 +29,7 @@ def test_compiles_without_spills(spec, arch):
 
 # R-MDM's forward candidates for aligned 16-bit launches only (triton_kernels._WIDE), which an A100 may run too: on
 # sm_80 as well, as an aligned launch specialises them (pointers, N and Kd 16-divisible, the other integers not).
-WIDE = [spec for spec in SPECS if spec.tags.get("group", "").startswith("recurse_linear_kernel[")
-        and spec.tags["config"] == rmdm_triton._WIDE[spec.constexprs["EPILOGUE"]].describe()]
+WIDE = [spec for spec in SPECS if rmdm_triton.aligned_only(spec)]
 
 
 @pytest.mark.parametrize("spec", WIDE, ids=lambda s: s.name)

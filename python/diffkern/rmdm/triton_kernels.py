@@ -77,6 +77,12 @@ def linear_configs(dtype: torch.dtype, epilogue: int, aligned: bool) -> tuple[Co
     return (_FIRST, *(_MEDIUM if epilogue == RESIDUAL else _LARGE), *((_WIDE[epilogue],) if aligned else ()))
 
 
+def aligned_only(spec: KernelSpec) -> bool:
+    """Whether `spec` is a recurse_linear_kernel candidate offered to aligned launches alone (_WIDE)."""
+    return spec.tags.get("group", "").startswith("recurse_linear_kernel[") and \
+        spec.tags["config"] == _WIDE[spec.constexprs["EPILOGUE"]].describe()
+
+
 def linear_aligned(N: int, Kd: int, *tensors: torch.Tensor) -> bool:
     """Whether a recurse_linear_kernel launch gets the aligned specialisation that _WIDE needs: N and Kd multiples of
     16 and every tensor's pointer 16-byte aligned (Triton's launcher then marks them all 16-divisible)."""
