@@ -7,6 +7,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -43,24 +44,34 @@ struct PackedWeight {
   std::vector<acc_t> bias;  // [N]
 
   // Packs the [n, kd] matrix with element (j, k) at src[j * stride_n + k * stride_k], times `scale`, and a
-  // zero bias: the per-head K^T and V operands of attention.
+  // zero bias: the per-head K^T and V operands of attention. A source of another storage type T (a 16-bit weight)
+  // is widened to acc_t as it is copied: a contiguous row by widen(src, dst, count), a strided one element by
+  // element (both exact), so no widened copy of the whole matrix is made.
   // Panels are packed in parallel when there is kMinParallelWork to share (the weights and a backward's inputs),
   // each thread a contiguous range of them, written one row of kNR at a time. With stride_n == 1 the rows are
   // walked k-outer, so the source is read row by row (sequential, prefetched; a vectorised copy); otherwise panel by
   // panel, k-inner, so the kNR source rows of a panel stay in L1 across consecutive k.
-  void pack_strided(const acc_t* src, int64_t n, int64_t kd, int64_t stride_n, int64_t stride_k, acc_t scale) {
+  template <typename T, typename Widen = std::nullptr_t>
+  void pack_strided(const T* src, int64_t n, int64_t kd, int64_t stride_n, int64_t stride_k, acc_t scale,
+                    const Widen& widen = nullptr) {
+    static_assert(std::is_same_v<T, acc_t> || !std::is_null_pointer_v<Widen>, "a T source needs its widen");
     shape(n, kd);
     bias.assign(n, acc_t(0));
     const auto row = [&](int64_t p, int64_t k) {
       const int64_t width = std::min(kNR, n - p * kNR);
-      const acc_t* __restrict sk = src + p * kNR * stride_n + k * stride_k;
+      const T* __restrict sk = src + p * kNR * stride_n + k * stride_k;
       acc_t* __restrict dk = data.data() + (p * kd + k) * kNR;
-      if (stride_n == 1) {
+      if (stride_n != 1) {
+#pragma GCC unroll 4
+        for (int64_t j = 0; j < width; ++j) dk[j] = static_cast<acc_t>(sk[j * stride_n]) * scale;
+      } else if constexpr (std::is_same_v<T, acc_t>) {
 #pragma omp simd
         for (int64_t j = 0; j < width; ++j) dk[j] = sk[j] * scale;
       } else {
-#pragma GCC unroll 4
-        for (int64_t j = 0; j < width; ++j) dk[j] = sk[j * stride_n] * scale;
+        widen(sk, dk, width);
+        if (scale == acc_t(1)) return;
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) dk[j] *= scale;
       }
     };
     at::parallel_for(0, panels, std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(kd * kNR, 1)),
@@ -78,13 +89,7 @@ struct PackedWeight {
   // Packs W [N, Kd] (row stride Kd) and its bias, both of storage type T, widened to acc_t by widen(src, dst, count).
   template <typename T, typename W>
   void pack(const T* w, const T* b, int64_t n, int64_t kd, const W& widen) {
-    if constexpr (std::is_same_v<T, acc_t>) {
-      pack_strided(w, n, kd, kd, 1, acc_t(1));
-    } else {
-      std::vector<acc_t> wide(n * kd);
-      widen(w, wide.data(), n * kd);
-      pack_strided(wide.data(), n, kd, kd, 1, acc_t(1));
-    }
+    pack_strided(w, n, kd, kd, 1, acc_t(1), widen);
     widen(b, bias.data(), n);
   }
 
