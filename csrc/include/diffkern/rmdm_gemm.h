@@ -26,6 +26,10 @@ constexpr int64_t kMinParallelWork = 1 << 16;
 // Most bytes of A for which packed_linear walks panel by panel (each panel reused from L1 by every row block,
 // A from L2); a larger A is walked row block by row block (its rows reused from L1, the panels from L2).
 constexpr int64_t kPanelOuterBytes = 256 << 10;
+// k steps ahead that the AVX-512 tile prefetches its panel's rows and a column-major A's rows. In a training step
+// the panels (the ~3 MB of one block's weights) come from L3 on their first row block, and a column-major A's
+// rows lie 1-4 KB apart, beyond the hardware stride prefetcher's reach: the tile stalled on those loads.
+constexpr int64_t kPrefetchPanelK = 48, kPrefetchColK = 16;
 
 // Rows of the register tile. fp32 on AVX-512: 12 x 32 accumulators = 24 zmm registers, with the two panel
 // vectors and the broadcast A value 27 of 32; per k, 24 FMAs for 14 loads (8 x 32: 16 for 10). Otherwise 8.
@@ -132,13 +136,21 @@ inline void micro_tile(const acc_t* __restrict a, int64_t lda, const acc_t* __re
 }
 
 #ifdef __AVX512F__
-// The fp32 tile in AVX-512 registers: per k, two panel vectors and one broadcast per row.
+// The fp32 tile in AVX-512 registers: per k, two panel vectors and one broadcast per row, and the prefetches of
+// the panel row kPrefetchPanelK ahead (and of A's row kPrefetchColK ahead when A is read by columns).
 template <int MR, Layout kA>
 inline void micro_tile(const float* __restrict a, int64_t lda, const float* __restrict p, int64_t Kd,
                        const float* __restrict bias, int64_t n_cols, float* __restrict c, int64_t ldc) {
   __m512 acc0[MR], acc1[MR];
   for (int r = 0; r < MR; ++r) acc0[r] = _mm512_setzero_ps(), acc1[r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < Kd; ++k) {
+    const char* pp = reinterpret_cast<const char*>(p + std::min(k + kPrefetchPanelK, Kd - 1) * kNR);
+    _mm_prefetch(pp, _MM_HINT_T0), _mm_prefetch(pp + 64, _MM_HINT_T0);
+    if constexpr (kA == Layout::kCols) {
+      const float* ak = a + std::min(k + kPrefetchColK, Kd - 1) * lda;
+      _mm_prefetch(reinterpret_cast<const char*>(ak), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(ak + MR - 1), _MM_HINT_T0);
+    }
     const __m512 p0 = _mm512_loadu_ps(p + k * kNR), p1 = _mm512_loadu_ps(p + k * kNR + 16);
     for (int r = 0; r < MR; ++r) {
       const __m512 ar = _mm512_set1_ps(a[a_index<kA>(r, k, lda)]);
