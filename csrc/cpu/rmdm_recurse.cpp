@@ -134,7 +134,8 @@ Workspace<acc_t>& workspace() {
 }
 
 // ctx = softmax(q k^T / sqrt(dh)) v for every (sample, head), q/k/v read from the [M, 3d] qkv buffer.
-// Both products run on the packed micro-kernel: per head, k^T (scaled) and v are packed into panels, the
+// Both products run on the packed micro-kernel: per head, k^T (scaled) is packed into panels and v read in place
+// where a head's width is whole panels (diffkern/rmdm_gemm.h's rows_operand; else packed), the
 // scores go to `scores` [B*heads*T, T], and the row softmax between them (ATen's vectorised one) to `probs`.
 template <typename acc_t>
 void attention(const acc_t* qkv, int64_t B, int64_t T, int64_t d, int64_t heads, acc_t* scores, acc_t* probs,
@@ -157,8 +158,8 @@ void attention(const acc_t* qkv, int64_t B, int64_t T, int64_t d, int64_t heads,
     PackedWeight<acc_t> v;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / heads, hd = bh % heads;
-      v.pack_strided(qkv + b * T * 3 * d + 2 * d + hd * dh, dh, T, 1, 3 * d, acc_t(1));
-      packed_linear(pr + bh * T * T, T, T, v, ctx + b * T * d + hd * dh, d);
+      packed_linear(pr + bh * T * T, T, T, rows_operand(qkv + b * T * 3 * d + 2 * d + hd * dh, T, dh, 3 * d, v),
+                    ctx + b * T * d + hd * dh, d);
     }
   });
 }

@@ -29,8 +29,8 @@ namespace diffkern::rmdm {
 namespace {
 
 constexpr int64_t kRowGrain = 16;  // rows per task of the per-row passes (B*T = 81 rows: 6 tasks to balance)
-// Most rows (n_iter * B * T) of a weight gradient on the packed micro-kernel: its panels of x (rows * 32 values)
-// stay within L2 up to here; longer reductions go to ATen's blocked GEMM.
+// Most rows (n_iter * B * T) of a weight gradient on the packed micro-kernel: its input x (rows * n_in values) stays
+// within L2 up to here; longer reductions go to ATen's blocked GEMM.
 constexpr int64_t kPackedGradRows = 2048;
 
 // The output gradients kept per block for the weight gradients, [n_iter * M, width] each, in this order.
@@ -41,6 +41,8 @@ struct BlockWeights {
   at::Tensor p[kBlockParams];                       // the block's tensors in the accumulation type
   PackedWeight<acc_t> qkv_t, o_t, fc1_t, fc2_t;     // W [n, k] packed as the [k, n] operand of dy W
 
+  // Packed rather than read in place (diffkern/rmdm_gemm.h's rows_operand): each panel of W is reused by every row
+  // block, from L1 when packed, while W's rows (1-4 KB apart) map to a few L1 sets and came from L2 every time.
   void load(const at::Tensor* w, at::ScalarType acc) {
     for (int i = 0; i < kBlockParams; ++i) p[i] = w[i].to(acc).contiguous();
     const auto pack = [&](PackedWeight<acc_t>& t, Param i) {
@@ -58,7 +60,7 @@ struct BlockWeights {
 template <typename acc_t>
 struct Workspace {
   std::vector<BlockWeights<acc_t>> w;
-  PackedWeight<acc_t> x_t;  // a weight gradient's input
+  PackedWeight<acc_t> x_t;  // a weight gradient's input, where it is not read in place
 };
 
 template <typename acc_t>
@@ -149,7 +151,8 @@ struct Backward {
 
   // dctx [M, d] -> dqkv [M, 3d] through ctx = softmax(q k^T / sqrt(dh)) v, per (sample, head) on the packed
   // micro-kernel as in the forward: dP = dctx V^T, dS = P (dP - rowsum(dP P)) / sqrt(dh), dQ = dS K,
-  // dK = dS^T Q, dV = P^T dctx (the transposed left operands read in place by columns, the right ones packed).
+  // dK = dS^T Q, dV = P^T dctx (the transposed left operands read in place by columns; the right ones read in place
+  // where a head's rows are whole panels, diffkern/rmdm_gemm.h's rows_operand, V^T packed).
   void attention_backward(int64_t k, int64_t it, const acc_t* dctx, acc_t* dqkv) {
     const int64_t T = g.T, H = g.heads, d = g.d, dh = d / H;
     const acc_t scale = acc_t(1) / std::sqrt(acc_t(dh));
@@ -174,12 +177,9 @@ struct Backward {
 #pragma omp simd
           for (int64_t j = 0; j < T; ++j) r[j] = pr[j] * (r[j] - dot) * scale;
         }
-        w.pack_strided(q + d, dh, T, 1, 3 * d, acc_t(1));
-        packed_linear(ds.data(), T, T, w, out, 3 * d);
-        w.pack_strided(q, dh, T, 1, 3 * d, acc_t(1));
-        packed_linear<Layout::kCols>(ds.data(), T, T, w, out + d, 3 * d);
-        w.pack_strided(dc, dh, T, 1, d, acc_t(1));
-        packed_linear<Layout::kCols>(p, T, T, w, out + 2 * d, 3 * d);
+        packed_linear(ds.data(), T, T, rows_operand(q + d, T, dh, 3 * d, w), out, 3 * d);
+        packed_linear<Layout::kCols>(ds.data(), T, T, rows_operand(q, T, dh, 3 * d, w), out + d, 3 * d);
+        packed_linear<Layout::kCols>(p, T, T, rows_operand(dc, T, dh, d, w), out + 2 * d, 3 * d);
       }
     });
   }
@@ -205,15 +205,17 @@ struct Backward {
   }
 
   // dW = dy^T x and db = the column sums of dy over all iterations' rows: dy field f, input x of block k. Up to
-  // kPackedGradRows rows on the packed micro-kernel (x packed, dy read by columns), beyond them ATen's GEMM.
+  // kPackedGradRows rows on the packed micro-kernel (x read in place where its rows are whole panels, dy read by
+  // columns), beyond them ATen's GEMM.
   std::pair<at::Tensor, at::Tensor> weight_grad(int64_t k, DyField f, ActField x) {
     const int64_t rows = n_iter * M, n = dy_width(f), n_in = layout.width[x];
     const at::Tensor dy_all = view(dy_at(k, f), {rows, n});
     at::Tensor db = dy_all.sum(0);
-    if (rows > kPackedGradRows) return {at::mm(dy_all.t(), view(act(k, x, 0), {rows, n_in})), db};
-    PackedWeight<acc_t>& x_t = workspace<acc_t>().x_t;
-    x_t.pack_strided(act(k, x, 0), n_in, rows, 1, n_in, acc_t(1));
-    at::Tensor dw = at::empty({n, n_in}, dy_all.options());
+    // from the CPU output cache: a fresh [n, n_in] output (up to 1 MB here) faulted in its pages on every call, 5% of a
+    // B=1 Sudoku training step
+    at::Tensor dw = cache::empty({n, n_in}, dy_all.options());
+    if (rows > kPackedGradRows) return {at::mm_out(dw, dy_all.t(), view(act(k, x, 0), {rows, n_in})), db};
+    const Panels<acc_t> x_t = rows_operand(act(k, x, 0), rows, n_in, n_in, workspace<acc_t>().x_t);
     packed_linear<Layout::kCols>(dy_all.const_data_ptr<acc_t>(), n, n, x_t, dw.mutable_data_ptr<acc_t>(), n_in);
     return {dw, db};
   }

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -25,6 +26,10 @@ constexpr int64_t kMinParallelWork = 1 << 16;
 // Most bytes of A for which packed_linear walks panel by panel (each panel reused from L1 by every row block,
 // A from L2); a larger A is walked row block by row block (its rows reused from L1, the panels from L2).
 constexpr int64_t kPanelOuterBytes = 256 << 10;
+// k steps ahead that the AVX-512 tile prefetches its panel's rows and a column-major A's rows. In a training step
+// the panels (the ~3 MB of one block's weights) come from L3 on their first row block, and a column-major A's
+// rows lie 1-4 KB apart, beyond the hardware stride prefetcher's reach: the tile stalled on those loads.
+constexpr int64_t kPrefetchPanelK = 48, kPrefetchColK = 16;
 
 // Rows of the register tile. fp32 on AVX-512: 12 x 32 accumulators = 24 zmm registers, with the two panel
 // vectors and the broadcast A value 27 of 32; per k, 24 FMAs for 14 loads (8 x 32: 16 for 10). Otherwise 8.
@@ -36,6 +41,16 @@ constexpr int64_t tile_rows() {
   return 8;
 }
 
+// The right operand as the tile reads it: panel q's row k (kNR values) at data[q * panel_stride + k * row_stride],
+// for N columns (a packed last panel is zero past N) over Kd rows; bias (null: zero) is added to every row of the
+// result.
+template <typename acc_t>
+struct Panels {
+  const acc_t* data;
+  int64_t N, Kd, panel_stride, row_stride;
+  const acc_t* bias;
+};
+
 template <typename acc_t>
 struct PackedWeight {
   int64_t N = 0, Kd = 0, panels = 0;
@@ -43,24 +58,34 @@ struct PackedWeight {
   std::vector<acc_t> bias;  // [N]
 
   // Packs the [n, kd] matrix with element (j, k) at src[j * stride_n + k * stride_k], times `scale`, and a
-  // zero bias: the per-head K^T and V operands of attention.
+  // zero bias: the per-head K^T and V operands of attention. A source of another storage type T (a 16-bit weight)
+  // is widened to acc_t as it is copied: a contiguous row by widen(src, dst, count), a strided one element by
+  // element (both exact), so no widened copy of the whole matrix is made.
   // Panels are packed in parallel when there is kMinParallelWork to share (the weights and a backward's inputs),
   // each thread a contiguous range of them, written one row of kNR at a time. With stride_n == 1 the rows are
   // walked k-outer, so the source is read row by row (sequential, prefetched; a vectorised copy); otherwise panel by
   // panel, k-inner, so the kNR source rows of a panel stay in L1 across consecutive k.
-  void pack_strided(const acc_t* src, int64_t n, int64_t kd, int64_t stride_n, int64_t stride_k, acc_t scale) {
+  template <typename T, typename Widen = std::nullptr_t>
+  void pack_strided(const T* src, int64_t n, int64_t kd, int64_t stride_n, int64_t stride_k, acc_t scale,
+                    const Widen& widen = nullptr) {
+    static_assert(std::is_same_v<T, acc_t> || !std::is_null_pointer_v<Widen>, "a T source needs its widen");
     shape(n, kd);
     bias.assign(n, acc_t(0));
     const auto row = [&](int64_t p, int64_t k) {
       const int64_t width = std::min(kNR, n - p * kNR);
-      const acc_t* __restrict sk = src + p * kNR * stride_n + k * stride_k;
+      const T* __restrict sk = src + p * kNR * stride_n + k * stride_k;
       acc_t* __restrict dk = data.data() + (p * kd + k) * kNR;
-      if (stride_n == 1) {
+      if (stride_n != 1) {
+#pragma GCC unroll 4
+        for (int64_t j = 0; j < width; ++j) dk[j] = static_cast<acc_t>(sk[j * stride_n]) * scale;
+      } else if constexpr (std::is_same_v<T, acc_t>) {
 #pragma omp simd
         for (int64_t j = 0; j < width; ++j) dk[j] = sk[j] * scale;
       } else {
-#pragma GCC unroll 4
-        for (int64_t j = 0; j < width; ++j) dk[j] = sk[j * stride_n] * scale;
+        widen(sk, dk, width);
+        if (scale == acc_t(1)) return;
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) dk[j] *= scale;
       }
     };
     at::parallel_for(0, panels, std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(kd * kNR, 1)),
@@ -78,15 +103,11 @@ struct PackedWeight {
   // Packs W [N, Kd] (row stride Kd) and its bias, both of storage type T, widened to acc_t by widen(src, dst, count).
   template <typename T, typename W>
   void pack(const T* w, const T* b, int64_t n, int64_t kd, const W& widen) {
-    if constexpr (std::is_same_v<T, acc_t>) {
-      pack_strided(w, n, kd, kd, 1, acc_t(1));
-    } else {
-      std::vector<acc_t> wide(n * kd);
-      widen(w, wide.data(), n * kd);
-      pack_strided(wide.data(), n, kd, kd, 1, acc_t(1));
-    }
+    pack_strided(w, n, kd, kd, 1, acc_t(1), widen);
     widen(b, bias.data(), n);
   }
+
+  Panels<acc_t> view() const { return {data.data(), N, Kd, Kd * kNR, kNR, bias.data()}; }
 
   // Sizes the panels for an [n, kd] matrix, keeping data's storage, and zeroes the columns of the last panel
   // past n: the packing writes every other element, so nothing is zero-filled twice.
@@ -100,6 +121,17 @@ struct PackedWeight {
   }
 };
 
+// A row-major [kd, n] matrix b (row stride ldb) as the right operand with a zero bias: read in place when its rows
+// split into whole panels (n a multiple of kNR; the tile then streams kNR values of each row, ldb apart), else
+// packed into `buf`. In place saves the packing pass over b: for a weight gradient's input or a weight read as its
+// transpose, the whole matrix each call.
+template <typename acc_t>
+Panels<acc_t> rows_operand(const acc_t* b, int64_t kd, int64_t n, int64_t ldb, PackedWeight<acc_t>& buf) {
+  if (n % kNR == 0) return {b, n, kd, kNR, ldb, nullptr};
+  buf.pack_strided(b, n, kd, 1, ldb, acc_t(1));
+  return buf.view();
+}
+
 // How A [M, Kd] is stored: by rows, A[r, k] at a[r * lda + k], or by columns, at a[k * lda + r] (a transposed
 // operand read in place: the broadcasts of one k are then contiguous).
 enum class Layout { kRows, kCols };
@@ -109,13 +141,14 @@ constexpr int64_t a_index(int64_t r, int64_t k, int64_t lda) {
   return kA == Layout::kRows ? r * lda + k : k * lda + r;
 }
 
-// C[r, n0 + j] = sum_k A[r, k] P[k, j] + bias[j] for MR rows of A (laid out by kA, stride lda) and one panel.
+// C[r, n0 + j] = sum_k A[r, k] P[k, j] + bias[j] for MR rows of A (laid out by kA, stride lda) and one panel P
+// (row stride ldp; bias null: zero).
 template <int MR, Layout kA, typename acc_t>
-inline void micro_tile(const acc_t* __restrict a, int64_t lda, const acc_t* __restrict p, int64_t Kd,
+inline void micro_tile(const acc_t* __restrict a, int64_t lda, const acc_t* __restrict p, int64_t ldp, int64_t Kd,
                        const acc_t* __restrict bias, int64_t n_cols, acc_t* __restrict c, int64_t ldc) {
   acc_t acc[MR][kNR] = {};
   for (int64_t k = 0; k < Kd; ++k) {
-    const acc_t* __restrict pk = p + k * kNR;
+    const acc_t* __restrict pk = p + k * ldp;
     for (int r = 0; r < MR; ++r) {
       const acc_t ar = a[a_index<kA>(r, k, lda)];
 #pragma omp simd
@@ -123,18 +156,26 @@ inline void micro_tile(const acc_t* __restrict a, int64_t lda, const acc_t* __re
     }
   }
   for (int r = 0; r < MR; ++r)
-    for (int64_t j = 0; j < n_cols; ++j) c[r * ldc + j] = acc[r][j] + bias[j];
+    for (int64_t j = 0; j < n_cols; ++j) c[r * ldc + j] = acc[r][j] + (bias ? bias[j] : acc_t(0));
 }
 
 #ifdef __AVX512F__
-// The fp32 tile in AVX-512 registers: per k, two panel vectors and one broadcast per row.
+// The fp32 tile in AVX-512 registers: per k, two panel vectors and one broadcast per row, and the prefetches of
+// the panel row kPrefetchPanelK ahead (and of A's row kPrefetchColK ahead when A is read by columns).
 template <int MR, Layout kA>
-inline void micro_tile(const float* __restrict a, int64_t lda, const float* __restrict p, int64_t Kd,
+inline void micro_tile(const float* __restrict a, int64_t lda, const float* __restrict p, int64_t ldp, int64_t Kd,
                        const float* __restrict bias, int64_t n_cols, float* __restrict c, int64_t ldc) {
   __m512 acc0[MR], acc1[MR];
   for (int r = 0; r < MR; ++r) acc0[r] = _mm512_setzero_ps(), acc1[r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < Kd; ++k) {
-    const __m512 p0 = _mm512_loadu_ps(p + k * kNR), p1 = _mm512_loadu_ps(p + k * kNR + 16);
+    const char* pp = reinterpret_cast<const char*>(p + std::min(k + kPrefetchPanelK, Kd - 1) * ldp);
+    _mm_prefetch(pp, _MM_HINT_T0), _mm_prefetch(pp + 64, _MM_HINT_T0);
+    if constexpr (kA == Layout::kCols) {
+      const float* ak = a + std::min(k + kPrefetchColK, Kd - 1) * lda;
+      _mm_prefetch(reinterpret_cast<const char*>(ak), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(ak + MR - 1), _MM_HINT_T0);
+    }
+    const __m512 p0 = _mm512_loadu_ps(p + k * ldp), p1 = _mm512_loadu_ps(p + k * ldp + 16);
     for (int r = 0; r < MR; ++r) {
       const __m512 ar = _mm512_set1_ps(a[a_index<kA>(r, k, lda)]);
       acc0[r] = _mm512_fmadd_ps(ar, p0, acc0[r]);
@@ -143,7 +184,8 @@ inline void micro_tile(const float* __restrict a, int64_t lda, const float* __re
   }
   const __mmask16 m0 = n_cols >= 16 ? 0xFFFF : (1u << n_cols) - 1;
   const __mmask16 m1 = n_cols >= 32 ? 0xFFFF : n_cols <= 16 ? 0 : (1u << (n_cols - 16)) - 1;
-  const __m512 b0 = _mm512_maskz_loadu_ps(m0, bias), b1 = _mm512_maskz_loadu_ps(m1, bias + 16);
+  const __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
+  const __m512 b1 = bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
   for (int r = 0; r < MR; ++r) {
     _mm512_mask_storeu_ps(c + r * ldc, m0, _mm512_add_ps(acc0[r], b0));
     _mm512_mask_storeu_ps(c + r * ldc + 16, m1, _mm512_add_ps(acc1[r], b1));
@@ -153,11 +195,11 @@ inline void micro_tile(const float* __restrict a, int64_t lda, const float* __re
 
 // The tile for `rows` <= MR rows: one instantiation per count, so the accumulators stay in registers.
 template <int MR, Layout kA, typename acc_t>
-inline void row_tile(int64_t rows, const acc_t* a, int64_t lda, const acc_t* p, int64_t Kd, const acc_t* bias,
-                     int64_t n_cols, acc_t* c, int64_t ldc) {
+inline void row_tile(int64_t rows, const acc_t* a, int64_t lda, const acc_t* p, int64_t ldp, int64_t Kd,
+                     const acc_t* bias, int64_t n_cols, acc_t* c, int64_t ldc) {
   if constexpr (MR >= 1) {
-    if (rows == MR) return micro_tile<MR, kA>(a, lda, p, Kd, bias, n_cols, c, ldc);
-    row_tile<MR - 1, kA>(rows, a, lda, p, Kd, bias, n_cols, c, ldc);
+    if (rows == MR) return micro_tile<MR, kA>(a, lda, p, ldp, Kd, bias, n_cols, c, ldc);
+    row_tile<MR - 1, kA>(rows, a, lda, p, ldp, Kd, bias, n_cols, c, ldc);
   }
 }
 
@@ -167,21 +209,25 @@ inline void row_tile(int64_t rows, const acc_t* a, int64_t lda, const acc_t* p, 
 // blocks, and each thread owns a contiguous range of panels (W is streamed once in all); a larger one
 // row-block-major, each thread owning a range of row blocks and re-reading the panels (W, up to 1 MB here) from L2.
 template <Layout kA = Layout::kRows, typename acc_t>
-void packed_linear(const acc_t* a, int64_t M, int64_t lda, const PackedWeight<acc_t>& w, acc_t* y, int64_t ldy) {
+void packed_linear(const acc_t* a, int64_t M, int64_t lda, const Panels<acc_t>& w, acc_t* y, int64_t ldy) {
   constexpr int64_t MR = tile_rows<acc_t>();
-  const int64_t row_blocks = (M + MR - 1) / MR, tiles = row_blocks * w.panels;
+  const int64_t panels = (w.N + kNR - 1) / kNR, row_blocks = (M + MR - 1) / MR, tiles = row_blocks * panels;
   const bool panel_major = M * w.Kd * static_cast<int64_t>(sizeof(acc_t)) <= kPanelOuterBytes;
   const int64_t grain = std::max<int64_t>(1, kMinParallelWork / (MR * kNR * std::max<int64_t>(w.Kd, 1)));
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t panel = panel_major ? t / row_blocks : t % w.panels;
-      const int64_t r0 = (panel_major ? t % row_blocks : t / w.panels) * MR;
+      const int64_t panel = panel_major ? t / row_blocks : t % panels;
+      const int64_t r0 = (panel_major ? t % row_blocks : t / panels) * MR;
       const int64_t n0 = panel * kNR, n_cols = std::min(kNR, w.N - n0), rows = std::min(MR, M - r0);
-      const acc_t* p = w.data.data() + panel * w.Kd * kNR;
-      row_tile<MR, kA>(rows, a + a_index<kA>(r0, 0, lda), lda, p, w.Kd, w.bias.data() + n0, n_cols,
-                       y + r0 * ldy + n0, ldy);
+      row_tile<MR, kA>(rows, a + a_index<kA>(r0, 0, lda), lda, w.data + panel * w.panel_stride, w.row_stride, w.Kd,
+                       w.bias ? w.bias + n0 : nullptr, n_cols, y + r0 * ldy + n0, ldy);
     }
   });
+}
+
+template <Layout kA = Layout::kRows, typename acc_t>
+void packed_linear(const acc_t* a, int64_t M, int64_t lda, const PackedWeight<acc_t>& w, acc_t* y, int64_t ldy) {
+  packed_linear<kA>(a, M, lda, w.view(), y, ldy);
 }
 
 }  // namespace diffkern::rmdm
