@@ -400,7 +400,8 @@ rows("twoos_project", {
     "float64": kw_call(project, edit(project_in, **double("x")), Reference(0)),
     "bfloat16": kw_call(project, edit(project_in, x=lambda kw: kw["x"].bfloat16()), Reference(0)),
     "huge values": kw_call(project, edit(project_in, x=lambda kw: kw["x"] * 1e38), Reference(0)),
-    "nan in x, triton": triton(kw_call(project, edit(project_in, **nan_at("x", 3)), Reference(0))),
+    # a NaN never converges: 2 clipping passes (not the default 8) show the interpreted kernels keep it
+    "nan in x, triton": triton(kw_call(project, edit(project_in, **nan_at("x", 3)), Reference(0), passes=2)),
 })
 rows("whiten", {
     **generic(whiten, whiten_in, "g", complex_dtype=False),

@@ -7,7 +7,6 @@ flow_sde_step, the random sink set) draw from torch's default generator inside t
 generator state gives the same noise as eager, and consecutive calls draw fresh noise. One case runs
 through Inductor (fallback_random, so its noise is eager's) to hold the default path end to end.
 """
-import pytest
 import torch
 import contextlib
 import copy
@@ -122,12 +121,13 @@ def test_sink_mass():
                   lambda B: (randn(B, 2, 9, 16), randn(B, 2, 9, 16, seed=1)))
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_sink_attention(mode):
+def test_sink_attention():
+    """Every mode, one call each in one graph (one compile instead of one per mode)."""
     def f(q, k, v):
         with torch.no_grad():
-            return diffkern.sink_attention(q, k, v, k_sink=1, mode=mode, row_scope="image", n_query=6,
-                                           seed=3 if mode == "random" else None, return_stats=True)
+            return {mode: diffkern.sink_attention(q, k, v, k_sink=1, mode=mode, row_scope="image", n_query=6,
+                                                  seed=3 if mode == "random" else None, return_stats=True)
+                    for mode in MODES}
     compiles_once(f, lambda B: (randn(B, 2, 9, 16), randn(B, 2, 9, 16, seed=1), randn(B, 2, 9, 16, seed=2)))
 
 
@@ -139,10 +139,11 @@ def test_sink_attention_given():
                                 torch.arange(2 * B).view(B, 2) % 9))
 
 
-@pytest.mark.parametrize("mode", ("measure", "random"))
-def test_sd3_sink_processors(mode):
-    """A tiny real diffusers SD3 transformer with sink processors on two layers: one graph, and the
-    recorder's records (statistics read once, after the calls) equal eager's."""
+def test_sd3_sink_processors():
+    """A tiny real diffusers SD3 transformer with sink processors on two layers, mode "measure" on block 0 and
+    "random" on block 1 (the last, context_pre_only: the processors' text-stream handling is the same in every
+    mode), sharing one recorder: one graph, and the recorder's records (statistics read once, after the calls)
+    equal eager's."""
     from diffusers import SD3Transformer2DModel
     torch.manual_seed(0)
     model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
@@ -150,7 +151,9 @@ def test_sd3_sink_processors(mode):
                                   pooled_projection_dim=16, out_channels=4, pos_embed_max_size=8,
                                   qk_norm="rms_norm").eval()
     twin = copy.deepcopy(model)  # run eagerly: its processors count their calls apart
-    recorders = [install_sink_processors(m, layers={0, 1}, mode=mode, k_sink=1, seed=5) for m in (model, twin)]
+    recorders = [install_sink_processors(m, layers=0, mode="measure", k_sink=1, seed=5) for m in (model, twin)]
+    for m, recorder in zip((model, twin), recorders):
+        install_sink_processors(m, layers=1, mode="random", k_sink=1, seed=5, recorder=recorder)
 
     def forward(m):
         def f(x, c, p, t):
@@ -163,6 +166,7 @@ def test_sd3_sink_processors(mode):
     compiles_once(forward(model), args, eager=forward(twin))
     records, want = (r.records for r in recorders)
     assert len(records) == 2 * len(BATCHES) and [r["call"] for r in records[::2]] == list(range(len(BATCHES)))
+    assert [r["mode"] for r in records[:2]] == ["measure", "random"]
     assert_equal(records, want)
 
 

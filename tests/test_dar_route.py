@@ -184,6 +184,7 @@ def test_cpu_token_blocks_do_not_depend_on_the_thread_count(variant):
 
 
 def check_backward_op(backend, sources, q, gain, eps=1e-6):
+    """dar_route_bwd on `backend` against the float64 formulas; returns (its arguments, its gradients)."""
     sources, q, gain = [x.detach() for x in sources], q.detach(), gain.detach()
     dh = randn_like(sources[0])
     with forced(backend):
@@ -197,6 +198,7 @@ def check_backward_op(backend, sources, q, gain, eps=1e-6):
                                                  [*fp32[0], *fp32[1:]], spreads):
         assert grad.dtype == x.dtype and grad.shape == x.shape, name
         assert_close_to_oracle(grad, ref, plain, name, spread)
+    return args, grads
 
 
 @pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "x".join(map(str, s)))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from diffkern.testing.backends import backends_under_test, device_for, forced
-from test_dar_route import Q_VARIANTS, check_backward_op, make_inputs, randn_like
+from test_dar_route import Q_VARIANTS, check_backward_op, make_inputs
 
 pytestmark = pytest.mark.skipif("cuda" not in backends_under_test("dar_route_bwd"),
                                 reason="needs the CUDA kernels (a CUDA build on a GPU, or the host harness)")
@@ -23,16 +23,11 @@ SHAPES = ((300, 2, 130, 2), (2, 40, 130, 3))
 @pytest.mark.parametrize("variant", Q_VARIANTS)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_many_partials_match_float64_formulas(dtype, variant, shape):
-    check_backward_op("cuda", *make_inputs(*shape, dtype, variant, device=device_for("cuda")))
-
-
-@pytest.mark.parametrize("variant", Q_VARIANTS)
-def test_many_partials_give_the_same_bits_every_run(variant):
-    """Two backward runs (the harness shuffles the block order at every launch) give identical dq and dgain."""
-    sources, q, gain = make_inputs(*SHAPES[0], torch.float32, variant, device=device_for("cuda"))
-    sources, q, gain = [x.detach() for x in sources], q.detach(), gain.detach()
-    dh = randn_like(sources[0])
-    with forced("cuda"):
-        h, lse = torch.ops.diffkern.dar_route_fwd(sources, q, gain, 1e-6)
-        runs = [torch.ops.diffkern.dar_route_bwd(dh, sources, q, gain, h, lse, 1e-6)[1:] for _ in range(2)]
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    """Against the float64 formulas; with 300 partials in float32, a second backward run (the harness shuffles the
+    block order at every launch) gives identical dq and dgain."""
+    (dh, sources, q, gain, h, lse), grads = check_backward_op(
+        "cuda", *make_inputs(*shape, dtype, variant, device=device_for("cuda")))
+    if shape == SHAPES[0] and dtype == torch.float32:
+        with forced("cuda"):
+            again = torch.ops.diffkern.dar_route_bwd(dh, sources, q, gain, h, lse, 1e-6)
+        assert all(torch.equal(a, b) for a, b in zip(grads[1:], again[1:]))

@@ -48,12 +48,13 @@ def test_fourier_domain_removes_the_correlation_the_value_domain_keeps():
 
 def test_whitening_is_bit_identical_on_every_projection_backend():
     """The projection's outputs are its inputs or band edges (no arithmetic), and the rest of whiten is the
-    same PyTorch code: no tolerance is needed."""
-    g = heavy_tailed()[:, :2, :8, :8].contiguous()
+    same PyTorch code: no tolerance is needed. Two samples of 8 tiles of 8: the projections of the entries, of
+    the tile means and of the tile energies each clip some of their values."""
+    g = heavy_tailed()[:, :1, :8, :8].contiguous()
     outs = []
     for backend in backends_under_test("twoos_project"):
         with forced(backend):
-            outs.append(diffkern.whiten(g.to(device_for(backend)), tile=16).cpu())
+            outs.append(diffkern.whiten(g.to(device_for(backend)), tile=8).cpu())
     assert all(torch.equal(outs[0], out) for out in outs[1:])
 
 

@@ -67,7 +67,8 @@ def test_checked_out_of_range_index_raises():
 
 
 def test_unchecked_nan_band_is_not_an_error(check_skipped):
-    lower, upper = (b.float().clone().to(device_for("triton")) for b in diffkern.twoos_bands(4, 16))
+    # (tiles of 4 entries: the interpreter runs a quarter of the column programs that tiles of 16 take)
+    lower, upper = (b.float().clone().to(device_for("triton")) for b in diffkern.twoos_bands(16, 4))
     upper[2, 3] = math.nan
     x = torch.randn(2, 64, generator=torch.Generator().manual_seed(0)).to(lower.device)
     with forced("triton"):
@@ -78,16 +79,18 @@ def test_unchecked_nan_band_is_not_an_error(check_skipped):
 def test_unreadable_counts_run_every_2os_pass_without_a_host_read(monkeypatch):
     """Under capture the projection cannot read its in-set counts to stop early: it runs every pass, which
     gives the early-exit answer (a pass after convergence clips nothing), and reads no tensor on the host."""
-    lower, upper = (b.float().to(device_for("triton")) for b in diffkern.twoos_bands(4, 16))
+    # 16 tiles of 4 (the interpreter runs a quarter of the column programs that tiles of 16 take): samples 0 and 1
+    # are in the set after 2 clipping passes, sample 2 after 3; the unreadable run clips 5 times
+    lower, upper = (b.float().to(device_for("triton")) for b in diffkern.twoos_bands(16, 4))
     x = (3 * torch.randn(3, 64, generator=torch.Generator().manual_seed(1))).to(lower.device)
     with forced("triton"):
-        expected = diffkern.twoos_project(x, bands=(lower, upper))
+        expected = diffkern.twoos_project(x, bands=(lower, upper), passes=5)
         monkeypatch.setattr(_checks, "values_readable", lambda t: False)
 
         def no_host_read(t):
             raise AssertionError("a tensor was read on the host")
         monkeypatch.setattr(torch.Tensor, "__bool__", no_host_read)
-        got = diffkern.twoos_project(x, bands=(lower, upper))
+        got = diffkern.twoos_project(x, bands=(lower, upper), passes=5)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
