@@ -77,12 +77,6 @@ def linear_configs(dtype: torch.dtype, epilogue: int, aligned: bool) -> tuple[Co
     return (_FIRST, *(_MEDIUM if epilogue == RESIDUAL else _LARGE), *((_WIDE[epilogue],) if aligned else ()))
 
 
-def aligned_only(spec: KernelSpec) -> bool:
-    """Whether `spec` is a recurse_linear_kernel candidate offered to aligned launches alone (_WIDE)."""
-    return spec.tags.get("group", "").startswith("recurse_linear_kernel[") and \
-        spec.tags["config"] == _WIDE[spec.constexprs["EPILOGUE"]].describe()
-
-
 def linear_aligned(N: int, Kd: int, *tensors: torch.Tensor) -> bool:
     """Whether a recurse_linear_kernel launch gets the aligned specialisation that _WIDE needs: N and Kd multiples of
     16 and every tensor's pointer 16-byte aligned (Triton's launcher then marks them all 16-divisible)."""
@@ -332,3 +326,9 @@ def aot_specs() -> list[KernelSpec]:
     from . import triton_backward
     return [s for args in TILED_AOT for s in tiled_specs(*args)] + triton_persistent.aot_specs() + \
         triton_backward.aot_specs()
+
+
+def aligned_only(spec: KernelSpec) -> bool:
+    """Whether `spec` is a recurse_linear_kernel candidate offered to aligned launches alone (_WIDE)."""
+    return spec.tags.get("group", "").startswith("recurse_linear_kernel[") and \
+        spec.tags["config"] == _WIDE[spec.constexprs["EPILOGUE"]].describe()
