@@ -58,9 +58,10 @@ struct PackedWeight {
   std::vector<acc_t> bias;  // [N]
 
   // Packs the [n, kd] matrix with element (j, k) at src[j * stride_n + k * stride_k], times `scale`, and a
-  // zero bias: the per-head K^T and V operands of attention. A source of another storage type T (a 16-bit weight)
-  // is widened to acc_t as it is copied: a contiguous row by widen(src, dst, count), a strided one element by
-  // element (both exact), so no widened copy of the whole matrix is made.
+  // zero bias (attention's scaled K^T per head, rows_operand's fallback, and pack's weights, whose bias pack then
+  // sets). A source of another storage type T (a 16-bit weight) is widened to acc_t as it is copied: a contiguous
+  // row by widen(src, dst, count), a strided one element by element (both exact), so no widened copy of the whole
+  // matrix is made.
   // Panels are packed in parallel when there is kMinParallelWork to share (the weights and a backward's inputs),
   // each thread a contiguous range of them, written one row of kNR at a time. With stride_n == 1 the rows are
   // walked k-outer, so the source is read row by row (sequential, prefetched; a vectorised copy); otherwise panel by
