@@ -30,6 +30,7 @@ constexpr int64_t kPanelOuterBytes = 256 << 10;
 // the panels (the ~3 MB of one block's weights) come from L3 on their first row block, and a column-major A's
 // rows lie 1-4 KB apart, beyond the hardware stride prefetcher's reach: the tile stalled on those loads.
 constexpr int64_t kPrefetchPanelK = 48, kPrefetchColK = 16;
+constexpr int64_t kCacheLine = 64;
 
 // Rows of the register tile. fp32 on AVX-512: 12 x 32 accumulators = 24 zmm registers, with the two panel
 // vectors and the broadcast A value 27 of 32; per k, 24 FMAs for 14 loads (8 x 32: 16 for 10). Otherwise 8.
@@ -142,13 +143,25 @@ constexpr int64_t a_index(int64_t r, int64_t k, int64_t lda) {
   return kA == Layout::kRows ? r * lda + k : k * lda + r;
 }
 
+// Asks for one panel row (kNR values) in L2, ahead of the tile that will read it.
+template <typename acc_t>
+inline void prefetch_row_l2(const acc_t* row) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < kNR * static_cast<int64_t>(sizeof(acc_t)); b += kCacheLine) {
+    __builtin_prefetch(bytes + b, 0, 2);  // read, locality 2: prefetcht1 on x86
+  }
+}
+
 // C[r, n0 + j] = sum_k A[r, k] P[k, j] + bias[j] for MR rows of A (laid out by kA, stride lda) and one panel P
-// (row stride ldp; bias null: zero).
+// (row stride ldp; bias null: zero). Along the way the first ahead_rows rows at `ahead` (row stride ldp: a share of
+// the panel the next tiles read) are prefetched into L2, one row per k step.
 template <int MR, Layout kA, typename acc_t>
 inline void micro_tile(const acc_t* __restrict a, int64_t lda, const acc_t* __restrict p, int64_t ldp, int64_t Kd,
-                       const acc_t* __restrict bias, int64_t n_cols, acc_t* __restrict c, int64_t ldc) {
+                       const acc_t* __restrict bias, int64_t n_cols, acc_t* __restrict c, int64_t ldc,
+                       const acc_t* ahead, int64_t ahead_rows) {
   acc_t acc[MR][kNR] = {};
   for (int64_t k = 0; k < Kd; ++k) {
+    if (k < ahead_rows) prefetch_row_l2(ahead + k * ldp);
     const acc_t* __restrict pk = p + k * ldp;
     for (int r = 0; r < MR; ++r) {
       const acc_t ar = a[a_index<kA>(r, k, lda)];
@@ -162,13 +175,16 @@ inline void micro_tile(const acc_t* __restrict a, int64_t lda, const acc_t* __re
 
 #ifdef __AVX512F__
 // The fp32 tile in AVX-512 registers: per k, two panel vectors and one broadcast per row, and the prefetches of
-// the panel row kPrefetchPanelK ahead (and of A's row kPrefetchColK ahead when A is read by columns).
+// the panel row kPrefetchPanelK ahead into L1 (and of A's row kPrefetchColK ahead when A is read by columns) and of
+// one row at `ahead` into L2.
 template <int MR, Layout kA>
 inline void micro_tile(const float* __restrict a, int64_t lda, const float* __restrict p, int64_t ldp, int64_t Kd,
-                       const float* __restrict bias, int64_t n_cols, float* __restrict c, int64_t ldc) {
+                       const float* __restrict bias, int64_t n_cols, float* __restrict c, int64_t ldc,
+                       const float* ahead, int64_t ahead_rows) {
   __m512 acc0[MR], acc1[MR];
   for (int r = 0; r < MR; ++r) acc0[r] = _mm512_setzero_ps(), acc1[r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < Kd; ++k) {
+    if (k < ahead_rows) prefetch_row_l2(ahead + k * ldp);
     const char* pp = reinterpret_cast<const char*>(p + std::min(k + kPrefetchPanelK, Kd - 1) * ldp);
     _mm_prefetch(pp, _MM_HINT_T0), _mm_prefetch(pp + 64, _MM_HINT_T0);
     if constexpr (kA == Layout::kCols) {
@@ -197,10 +213,10 @@ inline void micro_tile(const float* __restrict a, int64_t lda, const float* __re
 // The tile for `rows` <= MR rows: one instantiation per count, so the accumulators stay in registers.
 template <int MR, Layout kA, typename acc_t>
 inline void row_tile(int64_t rows, const acc_t* a, int64_t lda, const acc_t* p, int64_t ldp, int64_t Kd,
-                     const acc_t* bias, int64_t n_cols, acc_t* c, int64_t ldc) {
+                     const acc_t* bias, int64_t n_cols, acc_t* c, int64_t ldc, const acc_t* ahead, int64_t ahead_rows) {
   if constexpr (MR >= 1) {
-    if (rows == MR) return micro_tile<MR, kA>(a, lda, p, ldp, Kd, bias, n_cols, c, ldc);
-    row_tile<MR - 1, kA>(rows, a, lda, p, ldp, Kd, bias, n_cols, c, ldc);
+    if (rows == MR) return micro_tile<MR, kA>(a, lda, p, ldp, Kd, bias, n_cols, c, ldc, ahead, ahead_rows);
+    row_tile<MR - 1, kA>(rows, a, lda, p, ldp, Kd, bias, n_cols, c, ldc, ahead, ahead_rows);
   }
 }
 
@@ -215,13 +231,21 @@ void packed_linear(const acc_t* a, int64_t M, int64_t lda, const Panels<acc_t>& 
   const int64_t panels = (w.N + kNR - 1) / kNR, row_blocks = (M + MR - 1) / MR, tiles = row_blocks * panels;
   const bool panel_major = M * w.Kd * static_cast<int64_t>(sizeof(acc_t)) <= kPanelOuterBytes;
   const int64_t grain = std::max<int64_t>(1, kMinParallelWork / (MR * kNR * std::max<int64_t>(w.Kd, 1)));
+  // The rows of the next panel each tile prefetches into L2: panel-major, a 1/row_blocks share per row block, so the
+  // next panel is in L2 when its first row block starts; row-block-major, the whole next panel, on the thread's
+  // first pass over the panels only (later passes find them in L2).
+  const int64_t share = panel_major ? (w.Kd + row_blocks - 1) / row_blocks : w.Kd;
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t panel = panel_major ? t / row_blocks : t % panels;
-      const int64_t r0 = (panel_major ? t % row_blocks : t / panels) * MR;
+      const int64_t block = panel_major ? t % row_blocks : t / panels, r0 = block * MR;
       const int64_t n0 = panel * kNR, n_cols = std::min(kNR, w.N - n0), rows = std::min(MR, M - r0);
-      row_tile<MR, kA>(rows, a + a_index<kA>(r0, 0, lda), lda, w.data + panel * w.panel_stride, w.row_stride, w.Kd,
-                       w.bias ? w.bias + n0 : nullptr, n_cols, y + r0 * ldy + n0, ldy);
+      const int64_t k0 = panel_major ? block * share : 0;
+      const bool ahead = panel + 1 < panels && (panel_major || t < begin + panels);
+      const int64_t ahead_rows = ahead ? std::clamp<int64_t>(w.Kd - k0, 0, share) : 0;
+      const acc_t* p = w.data + panel * w.panel_stride;
+      row_tile<MR, kA>(rows, a + a_index<kA>(r0, 0, lda), lda, p, w.row_stride, w.Kd, w.bias ? w.bias + n0 : nullptr,
+                       n_cols, y + r0 * ldy + n0, ldy, ahead ? p + w.panel_stride + k0 * w.row_stride : p, ahead_rows);
     }
   });
 }
