@@ -2,11 +2,13 @@
 // (rmdm_recurse_keep_bwd; schema in csrc/diffkern/ops.cpp, layout in diffkern/rmdm_acts.h).
 //
 // Nothing is recomputed. Iterations and blocks are walked backwards; each block's input gradient is formed
-// from the kept activations: the input-gradient GEMMs dx = dy W and attention's backward on the forward
-// kernel's packed micro-kernel (diffkern/rmdm_gemm.h, each W packed once per call), gelu's backward on ATen's
-// kernel, the softmax and LayerNorm backward per row. The gradients reaching each matrix's output (dy) are kept for all
-// iterations, so each weight gradient is one GEMM over the n_iter * B * T rows of all iterations
-// (dW = dy^T x, db = the column sums of dy) after the walk, instead of one per iteration over B * T rows.
+// from the kept activations: the input-gradient GEMMs dx = dy W on ATen's GEMM (W as stored, [n_out, n_in]),
+// attention's backward on the forward kernel's packed micro-kernel (diffkern/rmdm_gemm.h), gelu's backward on
+// ATen's kernel, the softmax and LayerNorm backward per row. The gradients reaching each matrix's output (dy) are
+// kept for all iterations, so each weight gradient is one GEMM over the n_iter * B * T rows of all iterations
+// (dW = dy^T x on ATen's GEMM, db = the column sums of dy) after the walk, instead of one per iteration over B * T
+// rows. ATen's GEMM (MKL's here) beat the packed micro-kernel on these products at the Sudoku shapes: dW's
+// reduction runs over rows the micro-kernel reads by columns, and dy W needed W packed transposed every call.
 // Everything runs in the accumulation type; the outputs are rounded to x's dtype once.
 #include <cmath>
 #include <tuple>
@@ -29,45 +31,21 @@ namespace diffkern::rmdm {
 namespace {
 
 constexpr int64_t kRowGrain = 16;  // rows per task of the per-row passes (B*T = 81 rows: 6 tasks to balance)
-// Most rows (n_iter * B * T) of a weight gradient on the packed micro-kernel: its input x (rows * n_in values) stays
-// within L2 up to here; longer reductions go to ATen's blocked GEMM.
-constexpr int64_t kPackedGradRows = 2048;
 
 // The output gradients kept per block for the weight gradients, [n_iter * M, width] each, in this order.
 enum DyField : int { kDqkv, kDattn, kDz, kDmlp, kDyFields };
 
+// A block's tensors in the accumulation type (the caller's own where they already are).
 template <typename acc_t>
 struct BlockWeights {
-  at::Tensor p[kBlockParams];                       // the block's tensors in the accumulation type
-  PackedWeight<acc_t> qkv_t, o_t, fc1_t, fc2_t;     // W [n, k] packed as the [k, n] operand of dy W
+  at::Tensor p[kBlockParams];
 
-  // Packed rather than read in place (diffkern/rmdm_gemm.h's rows_operand): each panel of W is reused by every row
-  // block, from L1 when packed, while W's rows (1-4 KB apart) map to a few L1 sets and came from L2 every time.
   void load(const at::Tensor* w, at::ScalarType acc) {
     for (int i = 0; i < kBlockParams; ++i) p[i] = w[i].to(acc).contiguous();
-    const auto pack = [&](PackedWeight<acc_t>& t, Param i) {
-      const int64_t n = p[i].size(0), k = p[i].size(1);
-      t.pack_strided(p[i].const_data_ptr<acc_t>(), k, n, 1, k, acc_t(1));
-    };
-    pack(qkv_t, kWqkv), pack(o_t, kWo), pack(fc1_t, kW1), pack(fc2_t, kW2);
   }
 
   const acc_t* operator[](Param i) const { return p[i].const_data_ptr<acc_t>(); }
 };
-
-// The calling thread's packed operands: refilled by every call, their storage kept between calls as the forward's
-// (rmdm_recurse.cpp), since ~6 MB of fresh panels per call costs a page fault and a zero-fill per 4 KB.
-template <typename acc_t>
-struct Workspace {
-  std::vector<BlockWeights<acc_t>> w;
-  PackedWeight<acc_t> x_t;  // a weight gradient's input, where it is not read in place
-};
-
-template <typename acc_t>
-Workspace<acc_t>& workspace() {
-  static thread_local Workspace<acc_t> ws;
-  return ws;
-}
 
 template <typename F>
 void for_rows(int64_t M, const F& f) {
@@ -90,7 +68,7 @@ struct Backward {
   const acc_t* acts;
   const acc_t* mod;                        // [B, K, 6, d] in acc_t, or null
   at::Tensor dm;                           // [B, K, 6, d] or undefined
-  const BlockWeights<acc_t>* w;             // [K], in the thread's workspace
+  const BlockWeights<acc_t>* w;             // [K]
   std::vector<std::vector<at::Tensor>> dw;  // per block: d ln1_w, d ln1_b, d ln2_w, d ln2_b (indices by Param)
   at::Tensor dy;                           // [K, kDyFields blocks of n_iter * M * width]
   at::Tensor scratch_d, scratch_d2, scratch_f;
@@ -184,40 +162,40 @@ struct Backward {
     });
   }
 
+  // dx [M, n_in] = dy [M, n_out] W for W [n_out, n_in] in the accumulation type.
+  void input_grad(const acc_t* dy_rows, const at::Tensor& W, acc_t* dx) {
+    at::Tensor out = view(dx, {M, W.size(1)});
+    at::mm_out(out, view(dy_rows, {M, W.size(0)}), W);
+  }
+
   // One block evaluation's backward: dh [M, d] holds the gradient of its output and receives its input's.
   void block(int64_t k, int64_t it, acc_t* dh) {
-    const int64_t d = g.d, f = g.f;
+    const int64_t f = g.f;
     const BlockWeights<acc_t>& wk = w[k];
     acc_t *du = scratch_d.mutable_data_ptr<acc_t>(), *dctx = scratch_d2.mutable_data_ptr<acc_t>();
     acc_t *dmlp = dy_at(k, kDmlp, it), *dz = dy_at(k, kDz, it), *dattn = dy_at(k, kDattn, it);
     acc_t* dqkv = dy_at(k, kDqkv, it);
     gate(k, kGate2, dh, mod ? act(k, kMlpOut, it) : nullptr, dmlp);
-    packed_linear(dmlp, M, d, wk.fc2_t, scratch_f.mutable_data_ptr<acc_t>(), f);
+    input_grad(dmlp, wk.p[kW2], scratch_f.mutable_data_ptr<acc_t>());
     at::Tensor dz_t = view(dz, {M, f});
     at::gelu_backward_out(dz_t, scratch_f, view(act(k, kZ, it), {M, f}));
-    packed_linear(dz, M, f, wk.fc1_t, du, d);
+    input_grad(dz, wk.p[kW1], du);
     norm_backward(k, it, kXhat2, kRstd2, kLn2W, kLn2B, kShift2, du, dh);
     gate(k, kGate1, dh, mod ? act(k, kAttnOut, it) : nullptr, dattn);
-    packed_linear(dattn, M, d, wk.o_t, dctx, d);
+    input_grad(dattn, wk.p[kWo], dctx);
     attention_backward(k, it, dctx, dqkv);
-    packed_linear(dqkv, M, 3 * d, wk.qkv_t, du, d);
+    input_grad(dqkv, wk.p[kWqkv], du);
     norm_backward(k, it, kXhat1, kRstd1, kLn1W, kLn1B, kShift1, du, dh);
   }
 
-  // dW = dy^T x and db = the column sums of dy over all iterations' rows: dy field f, input x of block k. Up to
-  // kPackedGradRows rows on the packed micro-kernel (x read in place where its rows are whole panels, dy read by
-  // columns), beyond them ATen's GEMM.
+  // dW = dy^T x and db = the column sums of dy over all iterations' rows: dy field f, input x of block k.
   std::pair<at::Tensor, at::Tensor> weight_grad(int64_t k, DyField f, ActField x) {
     const int64_t rows = n_iter * M, n = dy_width(f), n_in = layout.width[x];
     const at::Tensor dy_all = view(dy_at(k, f), {rows, n});
-    at::Tensor db = dy_all.sum(0);
     // from the CPU output cache: a fresh [n, n_in] output (up to 1 MB here) faulted in its pages on every call, 5% of a
     // B=1 Sudoku training step
     at::Tensor dw = cache::empty({n, n_in}, dy_all.options());
-    if (rows > kPackedGradRows) return {at::mm_out(dw, dy_all.t(), view(act(k, x, 0), {rows, n_in})), db};
-    const Panels<acc_t> x_t = rows_operand(act(k, x, 0), rows, n_in, n_in, workspace<acc_t>().x_t);
-    packed_linear<Layout::kCols>(dy_all.const_data_ptr<acc_t>(), n, n, x_t, dw.mutable_data_ptr<acc_t>(), n_in);
-    return {dw, db};
+    return {at::mm_out(dw, dy_all.t(), view(act(k, x, 0), {rows, n_in})), dy_all.sum(0)};
   }
 };
 
@@ -232,8 +210,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> keep_bwd_kernel(
                      acts.const_data_ptr<acc_t>(), nullptr};
   const at::Tensor m = mod ? mod->to(acc).contiguous() : at::Tensor();
   if (mod) bw.mod = m.const_data_ptr<acc_t>(), bw.dm = at::zeros(m.sizes(), opts);
-  std::vector<BlockWeights<acc_t>>& ws = workspace<acc_t>().w;
-  ws.resize(geo.K);
+  std::vector<BlockWeights<acc_t>> ws(geo.K);
   bw.w = ws.data();
   for (int64_t k = 0; k < geo.K; ++k) {
     ws[k].load(weights.data() + k * kBlockParams, acc);
@@ -258,7 +235,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> keep_bwd_kernel(
     std::tie(dw[kW1], dw[kB1]) = bw.weight_grad(k, kDz, kU2);
     std::tie(dw[kW2], dw[kB2]) = bw.weight_grad(k, kDmlp, kG);
     for (int i = 0; i < kBlockParams; ++i) dweights.push_back(dw[i].to(x.scalar_type()));
-    for (at::Tensor& t : ws[k].p) t.reset();  // the workspace holds no reference to the caller's weights
   }
   return {dh.view(x.sizes()).to(x.scalar_type()), dweights,
           mod ? bw.dm.to(x.scalar_type()) : at::empty({0}, x.options())};
