@@ -243,6 +243,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> keep_bwd_kernel(
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> rmdm_recurse_keep_bwd_cpu(
     const at::Tensor& dstates, const at::Tensor& x, const at::Tensor& states, const at::Tensor& acts,
     at::TensorList weights, const std::optional<at::Tensor>& mod, int64_t heads, double eps) {
+  // Nothing here is recorded: the op runs under grad mode when its caller asked for create_graph (refused as a
+  // double backward on its outputs), where ATen's out= GEMMs would reject the weights that require grad.
+  at::AutoDispatchBelowADInplaceOrView guard;
   const Geometry g = check_bwd(dstates, x, states, weights, mod, heads, eps);
   const int64_t n_iter = states.size(0);
   const ActsLayout layout(g.B, g.T, g.d, g.f, g.heads, n_iter, mod.has_value());
