@@ -26,9 +26,9 @@ constexpr int64_t kMinParallelWork = 1 << 16;
 // Most bytes of A for which packed_linear walks panel by panel (each panel reused from L1 by every row block,
 // A from L2); a larger A is walked row block by row block (its rows reused from L1, the panels from L2).
 constexpr int64_t kPanelOuterBytes = 256 << 10;
-// k steps ahead that the AVX-512 tile prefetches its panel's rows and a column-major A's rows. In a training step
-// the panels (the ~3 MB of one block's weights) come from L3 on their first row block, and a column-major A's
-// rows lie 1-4 KB apart, beyond the hardware stride prefetcher's reach: the tile stalled on those loads.
+// k steps ahead that the AVX-512 tile prefetches its panel's rows and a column-major A's rows (the attention
+// backward's dS^T and P^T: one row of T values per k). In a training step the panels (the ~3 MB of one block's
+// weights) come from L3 on their first row block: the tile stalled on those loads.
 constexpr int64_t kPrefetchPanelK = 48, kPrefetchColK = 16;
 constexpr int64_t kCacheLine = 64;
 
@@ -125,8 +125,8 @@ struct PackedWeight {
 
 // A row-major [kd, n] matrix b (row stride ldb) as the right operand with a zero bias: read in place when its rows
 // split into whole panels (n a multiple of kNR; the tile then streams kNR values of each row, ldb apart), else
-// packed into `buf`. In place saves the packing pass over b: for a weight gradient's input or a weight read as its
-// transpose, the whole matrix each call.
+// packed into `buf`. In place saves the packing pass over b (attention's V per head, and K, Q and dctx in its backward,
+// read within their [M, 3d] and [M, d] rows).
 template <typename acc_t>
 Panels<acc_t> rows_operand(const acc_t* b, int64_t kd, int64_t n, int64_t ldb, PackedWeight<acc_t>& buf) {
   if (n % kNR == 0) return {b, n, kd, kNR, ldb, nullptr};
