@@ -146,9 +146,8 @@ def test_backward_matches_autograd_through_the_plain_blocks(backend, dtype, reco
 
 def test_cpu_products_over_large_operands_match_the_plain_blocks():
     """The CPU GEMM walks a left operand above 256 KB (csrc/include/diffkern/rmdm_gemm.h's kPanelOuterBytes) row
-    block by row block instead of panel by panel: here W_2's fp32 input [B*T, f] = [260, 256] in the forward, and in
-    the training backward W_1's input gradient and its weight gradient (dz read by columns over 260 rows), each
-    into d = 64 outputs (two panels)."""
+    block by row block instead of panel by panel: here W_2's fp32 input [B*T, f] = [260, 256] in the forward, into
+    d = 64 outputs (two panels); the training backward runs at the same sizes."""
     check_backward("cpu", torch.float32, None, (2, 130, 64, 256, 2, 1, 1), False)
 
 

@@ -72,6 +72,7 @@ struct Backward {
   std::vector<std::vector<at::Tensor>> dw;  // per block: d ln1_w, d ln1_b, d ln2_w, d ln2_b (indices by Param)
   at::Tensor dy;                           // [K, kDyFields blocks of n_iter * M * width]
   at::Tensor scratch_d, scratch_d2, scratch_f;
+  std::vector<acc_t> norm_partials;         // norm_backward's [tasks, 2, d] partial column sums
 
   int64_t dy_width(int f) const { return f == kDqkv ? 3 * g.d : f == kDz ? g.f : g.d; }
   int64_t dy_block() const { return n_iter * M * (5 * g.d + g.f); }
@@ -107,24 +108,39 @@ struct Backward {
                      acc_t* du, acc_t* dh) {
     const int64_t d = g.d;
     const acc_t *xhat = act(k, xhat_f, it), *rstd = act(k, rstd_f, it), *wt = w[k][lw];
-    at::Tensor du_t = view(du, {g.B, g.T, d}), xhat_t = view(xhat, {g.B, g.T, d});
     if (mod) {
-      at::Tensor dm_k = dm.select(1, k);
-      modulation_backward(du_t, xhat_t * w[k].p[lw] + w[k].p[lb], view(mod, {g.B, g.K, kMod, d}).select(1, k), shift,
-                          dm_k);
+      at::Tensor du_t = view(du, {g.B, g.T, d}), dm_k = dm.select(1, k);
+      modulation_backward(du_t, view(xhat, {g.B, g.T, d}) * w[k].p[lw] + w[k].p[lb],
+                          view(mod, {g.B, g.K, kMod, d}).select(1, k), shift, dm_k);
     }
-    dw[k][lw].add_((du_t * xhat_t).sum({0, 1}));
-    dw[k][lb].add_(du_t.sum({0, 1}));
-    for_rows(M, [&](int64_t r) {
-      const acc_t *dl = du + r * d, *xh = xhat + r * d;
-      acc_t s1 = 0, s2 = 0;
+    // the weight and bias gradients (column sums of du * xhat and du) as partial sums per task of kRowGrain rows,
+    // added in task order after the pass: the same sums whatever the thread count
+    const int64_t tasks = (M + kRowGrain - 1) / kRowGrain;
+    norm_partials.assign(tasks * 2 * d, acc_t(0));
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        acc_t *gw = norm_partials.data() + t * 2 * d, *gb = gw + d;
+        for (int64_t r = t * kRowGrain; r < std::min(M, (t + 1) * kRowGrain); ++r) {
+          const acc_t *dl = du + r * d, *xh = xhat + r * d;
+          acc_t s1 = 0, s2 = 0;
 #pragma omp simd reduction(+ : s1, s2)
-      for (int64_t c = 0; c < d; ++c) s1 += dl[c] * wt[c], s2 += dl[c] * wt[c] * xh[c];
-      const acc_t m1 = s1 / acc_t(d), m2 = s2 / acc_t(d), rs = rstd[r];
-      acc_t* o = dh + r * d;
+          for (int64_t c = 0; c < d; ++c) s1 += dl[c] * wt[c], s2 += dl[c] * wt[c] * xh[c];
+          const acc_t m1 = s1 / acc_t(d), m2 = s2 / acc_t(d), rs = rstd[r];
+          acc_t* o = dh + r * d;
 #pragma omp simd
-      for (int64_t c = 0; c < d; ++c) o[c] += rs * (dl[c] * wt[c] - m1 - xh[c] * m2);
+          for (int64_t c = 0; c < d; ++c) {
+            o[c] += rs * (dl[c] * wt[c] - m1 - xh[c] * m2);
+            gw[c] += dl[c] * xh[c], gb[c] += dl[c];
+          }
+        }
+      }
     });
+    acc_t *lw_grad = dw[k][lw].mutable_data_ptr<acc_t>(), *lb_grad = dw[k][lb].mutable_data_ptr<acc_t>();
+    for (int64_t c = 0; c < d; ++c) {
+      acc_t sw = 0, sb = 0;
+      for (int64_t t = 0; t < tasks; ++t) sw += norm_partials[t * 2 * d + c], sb += norm_partials[(t * 2 + 1) * d + c];
+      lw_grad[c] += sw, lb_grad[c] += sb;
+    }
   }
 
   // dctx [M, d] -> dqkv [M, 3d] through ctx = softmax(q k^T / sqrt(dh)) v, per (sample, head) on the packed
