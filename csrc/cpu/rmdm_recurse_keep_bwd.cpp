@@ -114,7 +114,7 @@ struct Backward {
                           view(mod, {g.B, g.K, kMod, d}).select(1, k), shift, dm_k);
     }
     // the weight and bias gradients (column sums of du * xhat and du) as partial sums per task of kRowGrain rows,
-    // added in task order after the pass: the same sums whatever the thread count
+    // added in task order after the pass: an order that does not depend on the thread count
     const int64_t tasks = (M + kRowGrain - 1) / kRowGrain;
     norm_partials.assign(tasks * 2 * d, acc_t(0));
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
@@ -135,12 +135,15 @@ struct Backward {
         }
       }
     });
-    acc_t *lw_grad = dw[k][lw].mutable_data_ptr<acc_t>(), *lb_grad = dw[k][lb].mutable_data_ptr<acc_t>();
-    for (int64_t c = 0; c < d; ++c) {
-      acc_t sw = 0, sb = 0;
-      for (int64_t t = 0; t < tasks; ++t) sw += norm_partials[t * 2 * d + c], sb += norm_partials[(t * 2 + 1) * d + c];
-      lw_grad[c] += sw, lb_grad[c] += sb;
+    acc_t* total = norm_partials.data();  // task 0's [2, d] row receives the later tasks', in order
+    for (int64_t t = 1; t < tasks; ++t) {
+      const acc_t* part = total + t * 2 * d;
+#pragma omp simd
+      for (int64_t c = 0; c < 2 * d; ++c) total[c] += part[c];
     }
+    acc_t *lw_grad = dw[k][lw].mutable_data_ptr<acc_t>(), *lb_grad = dw[k][lb].mutable_data_ptr<acc_t>();
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) lw_grad[c] += total[c], lb_grad[c] += total[d + c];
   }
 
   // dctx [M, d] -> dqkv [M, 3d] through ctx = softmax(q k^T / sqrt(dh)) v, per (sample, head) on the packed
