@@ -151,6 +151,17 @@ def test_cpu_products_over_large_operands_match_the_plain_blocks():
     check_backward("cpu", torch.float32, None, (2, 130, 64, 256, 2, 1, 1), False)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("float32", "bfloat16"))
+def test_cpu_packing_in_blocks_with_remainders_matches_the_plain_blocks(dtype):
+    """The CPU kernels pack fp32 weights (and attention's K^T per head) into panels by 16 x 16 transposes
+    (csrc/include/diffkern/rmdm_gemm.h's transpose16 on AVX-512) and the rest element by element: here every
+    matrix has a remainder both ways (d = 40: W_qkv [120, 40] is three 32-row panels and one of 24, whose last 8
+    rows and whose last 8 columns are not whole blocks; K^T per head [50, 20])."""
+    shape = (1, 50, 40, 56, 2, 1, 1)
+    test_forward_matches_the_plain_block_applied_n_iter_times("cpu", dtype, shape, False)
+    check_backward("cpu", dtype, None, shape, False)
+
+
 def check_backward(backend, dtype, recompute, shape, with_mod):
     """The gradients of every leaf through `backend` (the forward on it, or on the CPU or Triton kernel when it has
     no forward) against the plain blocks in float64."""

@@ -122,9 +122,8 @@ struct Backward {
         acc_t *gw = norm_partials.data() + t * 2 * d, *gb = gw + d;
         for (int64_t r = t * kRowGrain; r < std::min(M, (t + 1) * kRowGrain); ++r) {
           const acc_t *dl = du + r * d, *xh = xhat + r * d;
-          acc_t s1 = 0, s2 = 0;
-#pragma omp simd reduction(+ : s1, s2)
-          for (int64_t c = 0; c < d; ++c) s1 += dl[c] * wt[c], s2 += dl[c] * wt[c] * xh[c];
+          acc_t s1, s2;
+          norm_grad_sums(dl, wt, xh, d, s1, s2);
           const acc_t m1 = s1 / acc_t(d), m2 = s2 / acc_t(d), rs = rstd[r];
           acc_t* o = dh + r * d;
 #pragma omp simd

@@ -52,6 +52,50 @@ struct Panels {
   const acc_t* bias;
 };
 
+#ifdef __AVX512F__
+// Rows and columns of the block transpose16 transposes: one zmm of fp32.
+constexpr int64_t kTransposeBlock = 16;
+
+// dst[c * ld_dst + r] = src[r * ld_src + c] * scale for a 16 x 16 block of fp32, in registers: 16 row loads, four
+// rounds of shuffles, 16 column stores (the packing of a row-major weight into panels is this transpose; element by
+// element it cost a load per value).
+// (GCC 12 warns that the unmasked unpacks and shuffles read an uninitialised vector: their headers pass
+// _mm512_undefined_ps() as the unused pass-through operand.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+inline void transpose16(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, float scale) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_src);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  // r[4 g + c]: rows 4g .. 4g + 3 of the columns c, 4 + c, 8 + c, 12 + c (one per 128-bit lane)
+  for (int g = 0; g < 4; ++g) {
+    const __m512d lo0 = _mm512_castps_pd(t[4 * g]), lo1 = _mm512_castps_pd(t[4 * g + 2]);
+    const __m512d hi0 = _mm512_castps_pd(t[4 * g + 1]), hi1 = _mm512_castps_pd(t[4 * g + 3]);
+    r[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo0, lo1));
+    r[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo0, lo1));
+    r[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(hi0, hi1));
+    r[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(hi0, hi1));
+  }
+  // t[c] and t[4 + c]: rows 0 .. 7 of the columns (c, 8 + c) and (4 + c, 12 + c); t[8 + c], t[12 + c]: rows 8 .. 15
+  for (int c = 0; c < 4; ++c) {
+    t[c] = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88), t[4 + c] = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xdd);
+    t[8 + c] = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+    t[12 + c] = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xdd);
+  }
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int c = 0; c < 4; ++c) {
+    _mm512_storeu_ps(dst + c * ld_dst, _mm512_mul_ps(_mm512_shuffle_f32x4(t[c], t[8 + c], 0x88), s));
+    _mm512_storeu_ps(dst + (8 + c) * ld_dst, _mm512_mul_ps(_mm512_shuffle_f32x4(t[c], t[8 + c], 0xdd), s));
+    _mm512_storeu_ps(dst + (4 + c) * ld_dst, _mm512_mul_ps(_mm512_shuffle_f32x4(t[4 + c], t[12 + c], 0x88), s));
+    _mm512_storeu_ps(dst + (12 + c) * ld_dst, _mm512_mul_ps(_mm512_shuffle_f32x4(t[4 + c], t[12 + c], 0xdd), s));
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
 template <typename acc_t>
 struct PackedWeight {
   int64_t N = 0, Kd = 0, panels = 0;
@@ -66,38 +110,54 @@ struct PackedWeight {
   // Panels are packed in parallel when there is kMinParallelWork to share (the weights and a backward's inputs),
   // each thread a contiguous range of them, written one row of kNR at a time. With stride_n == 1 the rows are
   // walked k-outer, so the source is read row by row (sequential, prefetched; a vectorised copy); otherwise panel by
-  // panel, k-inner, so the kNR source rows of a panel stay in L1 across consecutive k.
+  // panel, k-inner, so the kNR source rows of a panel stay in L1 across consecutive k: with stride_k == 1 (a
+  // row-major weight) this is a transpose, done for fp32 on AVX-512 in 16 x 16 blocks (transpose16) and element by
+  // element for the remainders.
   template <typename T, typename Widen = std::nullptr_t>
   void pack_strided(const T* src, int64_t n, int64_t kd, int64_t stride_n, int64_t stride_k, acc_t scale,
                     const Widen& widen = nullptr) {
     static_assert(std::is_same_v<T, acc_t> || !std::is_null_pointer_v<Widen>, "a T source needs its widen");
     shape(n, kd);
     bias.assign(n, acc_t(0));
-    const auto row = [&](int64_t p, int64_t k) {
+    const auto row = [&](int64_t p, int64_t k, int64_t j0) {
       const int64_t width = std::min(kNR, n - p * kNR);
       const T* __restrict sk = src + p * kNR * stride_n + k * stride_k;
       acc_t* __restrict dk = data.data() + (p * kd + k) * kNR;
       if (stride_n != 1) {
 #pragma GCC unroll 4
-        for (int64_t j = 0; j < width; ++j) dk[j] = static_cast<acc_t>(sk[j * stride_n]) * scale;
+        for (int64_t j = j0; j < width; ++j) dk[j] = static_cast<acc_t>(sk[j * stride_n]) * scale;
       } else if constexpr (std::is_same_v<T, acc_t>) {
 #pragma omp simd
-        for (int64_t j = 0; j < width; ++j) dk[j] = sk[j] * scale;
+        for (int64_t j = j0; j < width; ++j) dk[j] = sk[j] * scale;
       } else {
-        widen(sk, dk, width);
+        widen(sk + j0, dk + j0, width - j0);
         if (scale == acc_t(1)) return;
 #pragma omp simd
-        for (int64_t j = 0; j < width; ++j) dk[j] *= scale;
+        for (int64_t j = j0; j < width; ++j) dk[j] *= scale;
       }
     };
     at::parallel_for(0, panels, std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(kd * kNR, 1)),
                      [&](int64_t begin, int64_t end) {
       if (stride_n == 1) {
         for (int64_t k = 0; k < kd; ++k)
-          for (int64_t p = begin; p < end; ++p) row(p, k);
-      } else {
-        for (int64_t p = begin; p < end; ++p)
-          for (int64_t k = 0; k < kd; ++k) row(p, k);
+          for (int64_t p = begin; p < end; ++p) row(p, k, 0);
+        return;
+      }
+      for (int64_t p = begin; p < end; ++p) {
+        int64_t k = 0, j0 = 0;  // the panel's rows below j0 at the steps below k: transposed in 16 x 16 blocks
+#ifdef __AVX512F__
+        if constexpr (std::is_same_v<T, float> && std::is_same_v<acc_t, float>) {
+          if (stride_k == 1) {
+            j0 = std::min(kNR, n - p * kNR) / kTransposeBlock * kTransposeBlock;
+            for (; j0 > 0 && k + kTransposeBlock <= kd; k += kTransposeBlock)
+              for (int64_t j = 0; j < j0; j += kTransposeBlock)
+                transpose16(src + (p * kNR + j) * stride_n + k, stride_n, data.data() + (p * kd + k) * kNR + j, kNR,
+                            scale);
+          }
+        }
+#endif
+        for (int64_t kk = 0; kk < k; ++kk) row(p, kk, j0);
+        for (; k < kd; ++k) row(p, k, 0);
       }
     });
   }

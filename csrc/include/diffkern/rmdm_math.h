@@ -27,6 +27,19 @@ DIFFKERN_HD inline void row_moments(const T* h, int64_t d, T eps, T& mean, T& rs
   rstd = T(1) / sqrt(var / T(d) + eps);
 }
 
+// The row sums of LayerNorm's backward through u = xhat w + b: s1 = sum_c du_c w_c, s2 = sum_c du_c w_c xhat_c.
+template <typename T>
+DIFFKERN_HD inline void norm_grad_sums(const T* du, const T* w, const T* xhat, int64_t d, T& s1, T& s2) {
+  T a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+  for (int64_t c = 0; c < d; ++c) {
+    const T g = du[c] * w[c];
+    a += g;
+    b += g * xhat[c];
+  }
+  s1 = a, s2 = b;
+}
+
 // u = ((h - mean) * rstd * w + b) * (1 + scale) + shift over one row of d; scale/shift may be null.
 template <typename T>
 DIFFKERN_HD inline void norm_row(const T* h, int64_t d, const T* w, const T* b, const T* shift, const T* scale,
