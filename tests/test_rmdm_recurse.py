@@ -24,8 +24,8 @@ def ids(shape):
     return "B{}T{}d{}f{}h{}K{}L{}".format(*shape)
 
 
-def make(shape, dtype, with_mod, seed=0, device="cpu"):
-    """Blocks, x and mod (or None) drawn on CPU in float64, then cast and moved."""
+def make(shape, dtype, with_mod, seed=0, device="cpu", mlp_in_scale=1.0):
+    """Blocks, x and mod (or None) drawn on CPU in float64, then cast and moved; w_1 and b_1 times mlp_in_scale."""
     B, T, d, f, heads, K, n_iter = shape
     g = torch.Generator().manual_seed(seed)
     blocks = []
@@ -33,7 +33,8 @@ def make(shape, dtype, with_mod, seed=0, device="cpu"):
         blk = []
         for name, s in zip(reference.BLOCK_PARAMS, reference.param_shapes(d, f)):
             base = 1.0 if name in ("ln1_w", "ln2_w") else 0.0
-            blk.append((base + 0.25 * torch.randn(s, generator=g, dtype=torch.float64)).to(device, dtype))
+            scale = mlp_in_scale if name in ("w_1", "b_1") else 1.0
+            blk.append((scale * (base + 0.25 * torch.randn(s, generator=g, dtype=torch.float64))).to(device, dtype))
         blocks.append(blk)
     x = torch.randn(B, T, d, generator=g, dtype=torch.float64).to(device, dtype)
     mod = (0.3 * torch.randn(B, K, 6, d, generator=g, dtype=torch.float64)).to(device, dtype) if with_mod else None
@@ -124,7 +125,11 @@ def bwd_params(dtypes):
 @pytest.mark.parametrize("shape", SHAPES, ids=ids)
 @pytest.mark.parametrize("backend,dtype", params((torch.float64, torch.float32, torch.bfloat16)))
 def test_forward_matches_the_plain_block_applied_n_iter_times(backend, dtype, shape, with_mod):
-    blocks, x, mod = make(shape, dtype, with_mod, device=device_for(backend))
+    check_forward(backend, dtype, shape, with_mod)
+
+
+def check_forward(backend, dtype, shape, with_mod, **make_kw):
+    blocks, x, mod = make(shape, dtype, with_mod, device=device_for(backend), **make_kw)
     heads, n_iter = shape[4], shape[6]
     with forced(backend):
         states = diffkern.recurse(blocks, x, n_iter, heads=heads, mod=mod, return_all=True)
@@ -158,15 +163,25 @@ def test_cpu_packing_in_blocks_with_remainders_matches_the_plain_blocks(dtype):
     matrix has a remainder both ways (d = 40: W_qkv [120, 40] is three 32-row panels and one of 24, whose last 8
     rows and whose last 8 columns are not whole blocks; K^T per head [50, 20])."""
     shape = (1, 50, 40, 56, 2, 1, 1)
-    test_forward_matches_the_plain_block_applied_n_iter_times("cpu", dtype, shape, False)
+    check_forward("cpu", dtype, shape, False)
     check_backward("cpu", dtype, None, shape, False)
 
 
-def check_backward(backend, dtype, recompute, shape, with_mod):
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=("float64", "float32"))
+def test_cpu_gelu_over_its_whole_range_matches_the_plain_blocks(dtype):
+    """The CPU kernels' gelu and its slope (csrc/include/diffkern/rmdm_gelu.h: fp32 polynomials, libm in float64)
+    on pre-activations z of a few tens either side (w_1, b_1 scaled 12x): both polynomial ranges, the far negative
+    tail where exp(-z^2 / 2) leaves fp32's range, and the saturated positive side, forward and training backward."""
+    shape = (1, 9, 16, 24, 2, 1, 2)
+    check_forward("cpu", dtype, shape, False, mlp_in_scale=12.0)
+    check_backward("cpu", dtype, None, shape, False, mlp_in_scale=12.0)
+
+
+def check_backward(backend, dtype, recompute, shape, with_mod, **make_kw):
     """The gradients of every leaf through `backend` (the forward on it, or on the CPU or Triton kernel when it has
     no forward) against the plain blocks in float64."""
     device = device_for(backend)
-    blocks, x, mod = make(shape, dtype, with_mod, device=device)
+    blocks, x, mod = make(shape, dtype, with_mod, device=device, **make_kw)
     heads, n_iter = shape[4], shape[6]
     leaves = leaves_of(x, blocks, mod)
     for t in leaves:

@@ -20,7 +20,6 @@
 #include <ATen/ops/_softmax.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
-#include <ATen/ops/gelu.h>
 #include <torch/library.h>
 
 #include "convert.h"
@@ -28,6 +27,7 @@
 #include "diffkern/cpu_cache.h"
 #include "diffkern/rmdm_acts.h"
 #include "diffkern/rmdm_args.h"
+#include "diffkern/rmdm_gelu.h"
 #include "diffkern/rmdm_gemm.h"
 #include "diffkern/rmdm_math.h"
 
@@ -67,7 +67,7 @@ struct BlockOut {
   static BlockOut kept(const ActsLayout& l, acc_t* acts, int64_t k, int64_t it, bool with_mod, Buffers<acc_t>& b) {
     const auto at = [&](ActField f) { return l.at(acts, k, f, it); };
     return {at(kXhat1), at(kRstd1), at(kU1), at(kQkv), at(kProbs), at(kCtx), with_mod ? at(kAttnOut) : b.a.data(),
-            at(kXhat2), at(kRstd2), at(kU2), at(kZ), at(kG), with_mod ? at(kMlpOut) : b.a.data()};
+            at(kXhat2), at(kRstd2), at(kU2), at(kSlope), at(kG), with_mod ? at(kMlpOut) : b.a.data()};
   }
 };
 
@@ -194,15 +194,13 @@ void block_forward(const Block<acc_t>& w, const acc_t* mod, int64_t mod_stride, 
                      keep(o.xhat2, r, d), keep(o.rstd2, r, 1));
   });
   packed_linear(o.u2, M, d, w.fc1, o.z, f);
-  // ATen's vectorised exact (erf) gelu, the function reference.block applies (F.gelu); in place unless z is kept.
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  at::Tensor z = at::from_blob(o.z, {M * f}, options);
-  if (o.g == o.z) {
-    at::gelu_(z);
-  } else {
-    at::Tensor gz = at::from_blob(o.g, {M * f}, options);
-    at::gelu_out(gz, z);
-  }
+  // g = gelu(z), the exact (erf) gelu reference.block applies (diffkern/rmdm_gelu.h): inference writes it over z;
+  // training writes it to its own field and overwrites z with the slope gelu'(z) that the backward reads
+  const bool keep_slope = o.g != o.z;
+  at::parallel_for(0, M, kRowGrain, [&](int64_t begin, int64_t end) {
+    acc_t* z = o.z + begin * f;
+    gelu_rows(z, (end - begin) * f, o.g + begin * f, keep_slope ? z : nullptr);
+  });
   packed_linear(o.g, M, f, w.fc2, o.y, d);
   for_rows(g.B, g.T, [&](int64_t b, int64_t r) {
     gated_add(buf.h.data() + r * d, o.y + r * d, part(b, kGate2), d);

@@ -3,12 +3,13 @@
 //
 // Nothing is recomputed. Iterations and blocks are walked backwards; each block's input gradient is formed
 // from the kept activations: the input-gradient GEMMs dx = dy W on ATen's GEMM (W as stored, [n_out, n_in]),
-// attention's backward on the forward kernel's packed micro-kernel (diffkern/rmdm_gemm.h), gelu's backward on
-// ATen's kernel, the softmax and LayerNorm backward per row. The gradients reaching each matrix's output (dy) are
-// kept for all iterations, so each weight gradient is one GEMM over the n_iter * B * T rows of all iterations
-// (dW = dy^T x on ATen's GEMM, db = the column sums of dy) after the walk, instead of one per iteration over B * T
-// rows. ATen's GEMM (MKL's here) beat the packed micro-kernel on these products at the Sudoku shapes: dW's
-// reduction runs over rows the micro-kernel reads by columns, and dy W needed W packed transposed every call.
+// attention's backward on the forward kernel's packed micro-kernel (diffkern/rmdm_gemm.h), gelu's backward a
+// product with the slope gelu'(z) the forward kept, the softmax and LayerNorm backward per row. The gradients
+// reaching each matrix's output (dy) are kept for all iterations, so each weight gradient is one GEMM over the
+// n_iter * B * T rows of all iterations (dW = dy^T x on ATen's GEMM, db = the column sums of dy) after the walk,
+// instead of one per iteration over B * T rows. ATen's GEMM (MKL's here) beat the packed micro-kernel on these
+// products at the Sudoku shapes: dW's reduction runs over rows the micro-kernel reads by columns, and dy W needed
+// W packed transposed every call.
 // Everything runs in the accumulation type; the outputs are rounded to x's dtype once.
 #include <cmath>
 #include <tuple>
@@ -196,7 +197,7 @@ struct Backward {
     gate(k, kGate2, dh, mod ? act(k, kMlpOut, it) : nullptr, dmlp);
     input_grad(dmlp, wk.p[kW2], scratch_f.mutable_data_ptr<acc_t>());
     at::Tensor dz_t = view(dz, {M, f});
-    at::gelu_backward_out(dz_t, scratch_f, view(act(k, kZ, it), {M, f}));
+    at::mul_out(dz_t, scratch_f, view(act(k, kSlope, it), {M, f}));
     input_grad(dz, wk.p[kW1], du);
     norm_backward(k, it, kXhat2, kRstd2, kLn2W, kLn2B, kShift2, du, dh);
     gate(k, kGate1, dh, mod ? act(k, kAttnOut, it) : nullptr, dattn);

@@ -6,15 +6,16 @@
 // other: field F of block k is [n_iter, M, width(F)] (M = B*T), so the backward forms a weight gradient over all
 // n_iter iterations with one GEMM. Fields per row of one block evaluation: the LayerNorms' normalised inputs and
 // reciprocal deviations, the GEMM inputs u1, ctx, u2, g = gelu(z), the qkv projection, the attention
-// probabilities (heads * T per row: [B, heads, T, T] per iteration), the MLP pre-activation z, and, with adaLN,
-// the ungated branch outputs a and y (the gates' gradients need them).
+// probabilities (heads * T per row: [B, heads, T, T] per iteration), the slope gelu'(z) at the MLP's
+// pre-activation z (the forward computes it with gelu(z), diffkern/rmdm_gelu.h), and, with adaLN, the ungated
+// branch outputs a and y (the gates' gradients need them).
 #pragma once
 
 #include <cstdint>
 
 namespace diffkern::rmdm {
 
-enum ActField : int { kXhat1, kRstd1, kU1, kQkv, kProbs, kCtx, kAttnOut, kXhat2, kRstd2, kU2, kZ, kG, kMlpOut,
+enum ActField : int { kXhat1, kRstd1, kU1, kQkv, kProbs, kCtx, kAttnOut, kXhat2, kRstd2, kU2, kSlope, kG, kMlpOut,
                       kActFields };
 
 struct ActsLayout {

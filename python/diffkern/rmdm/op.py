@@ -68,7 +68,8 @@ def check_recurse_bwd(dstates, x, states, weights, mod, heads, eps) -> None:
 def acts_numel(B, T, d, f, heads, K, n_iter, with_mod) -> int:
     """Elements of rmdm_recurse_keep's activations (csrc/include/diffkern/rmdm_acts.h): per row of every block
     evaluation, two normalised rows, u1, qkv, ctx, u2 (8d), two deviations, the attention probabilities
-    (heads * T), z and gelu(z) (2f), and with adaLN the two ungated branch outputs (2d)."""
+    (heads * T), gelu(z) and its slope gelu'(z) at the MLP's pre-activation z (2f), and with adaLN the two
+    ungated branch outputs (2d)."""
     return K * n_iter * B * T * (8 * d + 2 + heads * T + 2 * f + (2 * d if with_mod else 0))
 
 
