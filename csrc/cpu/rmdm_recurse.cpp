@@ -17,14 +17,13 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/_softmax.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 #include <torch/library.h>
 
 #include "convert.h"
 #include "diffkern/check.h"
 #include "diffkern/cpu_cache.h"
+#include "diffkern/cpu_exp.h"
 #include "diffkern/rmdm_acts.h"
 #include "diffkern/rmdm_args.h"
 #include "diffkern/rmdm_gelu.h"
@@ -45,10 +44,10 @@ struct Block {
 
 template <typename acc_t>
 struct Buffers {
-  std::vector<acc_t> h, u, qkv, scores, probs, ctx, a, z;
+  std::vector<acc_t> h, u, qkv, probs, ctx, a, z;
   void resize(int64_t B, int64_t T, int64_t d, int64_t f, int64_t heads) {
-    h.resize(B * T * d), u.resize(B * T * d), qkv.resize(B * T * 3 * d), scores.resize(B * heads * T * T);
-    probs.resize(B * heads * T * T), ctx.resize(B * T * d), a.resize(B * T * d), z.resize(B * T * f);
+    h.resize(B * T * d), u.resize(B * T * d), qkv.resize(B * T * 3 * d), probs.resize(B * heads * T * T);
+    ctx.resize(B * T * d), a.resize(B * T * d), z.resize(B * T * f);
   }
 };
 
@@ -133,33 +132,40 @@ Workspace<acc_t>& workspace() {
   return ws;
 }
 
-// ctx = softmax(q k^T / sqrt(dh)) v for every (sample, head), q/k/v read from the [M, 3d] qkv buffer.
-// Both products run on the packed micro-kernel: per head, k^T (scaled) is packed into panels and v read in place
-// where a head's width is whole panels (diffkern/rmdm_gemm.h's rows_operand; else packed), the
-// scores go to `scores` [B*heads*T, T], and the row softmax between them (ATen's vectorised one) to `probs`.
+// p <- softmax(p) over one row of n: exp(p - max p) (every exponent <= 0, diffkern/cpu_exp.h), then times 1 / sum.
 template <typename acc_t>
-void attention(const acc_t* qkv, int64_t B, int64_t T, int64_t d, int64_t heads, acc_t* scores, acc_t* probs,
-               acc_t* ctx) {
+void softmax_row(acc_t* p, int64_t n) {
+  acc_t m = p[0], sum = 0;
+#pragma omp simd reduction(max : m)
+  for (int64_t c = 0; c < n; ++c) m = p[c] > m ? p[c] : m;  // vectorises (std::max's NaN order would not)
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < n; ++c) {
+    p[c] = exp_nonpositive(p[c] - m);
+    sum += p[c];
+  }
+  const acc_t r = acc_t(1) / sum;
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) p[c] *= r;
+}
+
+// ctx = softmax(q k^T / sqrt(dh)) v for every (sample, head), q/k/v read from the [M, 3d] qkv buffer, one task per
+// head: k^T (scaled) packed into panels, the scores written to the head's `probs` [T, T] by the packed micro-kernel
+// and turned into probabilities row by row there, then the product with v (read in place where a head's width is
+// whole panels: diffkern/rmdm_gemm.h's rows_operand; else packed) while they are in L1.
+template <typename acc_t>
+void attention(const acc_t* qkv, int64_t B, int64_t T, int64_t d, int64_t heads, acc_t* probs, acc_t* ctx) {
   const int64_t dh = d / heads;
   const acc_t scale = acc_t(1) / std::sqrt(acc_t(dh));
   at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
-    PackedWeight<acc_t> kt;
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const acc_t* q = qkv + bh / heads * T * 3 * d + bh % heads * dh;
-      kt.pack_strided(q + d, T, dh, 3 * d, 1, scale);
-      packed_linear(q, T, 3 * d, kt, scores + bh * T * T, T);
-    }
-  });
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  at::Tensor p = at::from_blob(probs, {B * heads * T, T}, options);
-  at::_softmax_out(p, at::from_blob(scores, {B * heads * T, T}, options), -1, false);
-  const acc_t* pr = probs;
-  at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
-    PackedWeight<acc_t> v;
+    PackedWeight<acc_t> kt, v;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / heads, hd = bh % heads;
-      packed_linear(pr + bh * T * T, T, T, rows_operand(qkv + b * T * 3 * d + 2 * d + hd * dh, T, dh, 3 * d, v),
-                    ctx + b * T * d + hd * dh, d);
+      const acc_t* q = qkv + b * T * 3 * d + hd * dh;
+      acc_t* p = probs + bh * T * T;
+      kt.pack_strided(q + d, T, dh, 3 * d, 1, scale);
+      packed_linear(q, T, 3 * d, kt, p, T);
+      for (int64_t i = 0; i < T; ++i) softmax_row(p + i * T, T);
+      packed_linear(p, T, T, rows_operand(q + 2 * d, T, dh, 3 * d, v), ctx + b * T * d + hd * dh, d);
     }
   });
 }
@@ -185,7 +191,7 @@ void block_forward(const Block<acc_t>& w, const acc_t* mod, int64_t mod_stride, 
                      eps, o.u1 + r * d, keep(o.xhat1, r, d), keep(o.rstd1, r, 1));
   });
   packed_linear(o.u1, M, d, w.qkv, o.qkv, 3 * d);
-  attention(o.qkv, g.B, g.T, d, g.heads, buf.scores.data(), o.probs, o.ctx);
+  attention(o.qkv, g.B, g.T, d, g.heads, o.probs, o.ctx);
   packed_linear(o.ctx, M, d, w.o, o.a, d);
   for_rows(g.B, g.T, [&](int64_t b, int64_t r) {
     acc_t* h = buf.h.data() + r * d;

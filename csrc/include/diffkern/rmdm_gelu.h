@@ -7,41 +7,20 @@
 // uses libm's erf and exp (the reference's formulas). fp32 uses polynomials in fp32 arithmetic that the compiler
 // vectorises (no libm call): with x = z / sqrt 2, erf(x) = x P(x^2) for |x| < 1 (degree 6, relative error 1.2e-9),
 // else erfc(|x|) = exp(-x^2) Q(1 / (1 + |x| / 2)) (degree 8 for exp(x^2) erfc(x) on [1, 9], 4.4e-9), the
-// coefficients fitted here to float64 erf / erfcx (least squares reweighted towards minimax); exp by
-// Cody-Waite reduction and a degree-7 Taylor polynomial (7.2e-8 on [-87, 0]). Against float64 over z in
-// [-16, 16] by 2^-12: gelu within 1.4e-7 max(|gelu|, 1), relative 7.7e-7 down to z = -13 (the tail past it is
-// below 1e-37), the slope within 1.5e-7. z = -inf gives NaN (-inf times 0, as the reference), +inf gives +inf.
+// coefficients fitted here to float64 erf / erfcx (least squares reweighted towards minimax); exp from
+// diffkern/cpu_exp.h. Against float64 over z in [-16, 16] by 2^-12: gelu within 1.4e-7 max(|gelu|, 1), relative
+// 7.7e-7 down to z = -13 (the tail past it is below 1e-37), the slope within 1.5e-7. z = -inf gives NaN (-inf
+// times 0, as the reference), +inf gives +inf.
 #pragma once
 
-#include <bit>
 #include <cmath>
 #include <cstdint>
+
+#include "diffkern/cpu_exp.h"
 
 namespace diffkern::rmdm {
 
 constexpr double kInvSqrt2Pi = 0.398942280401432677939946059934;  // 1 / sqrt(2 pi)
-
-// c0 + x (c1 + x (c2 + ...)) by fused multiply-adds (written out at compile time, so a loop over x vectorises).
-template <typename... C>
-inline float horner(float x, float c0, C... c) {
-  if constexpr (sizeof...(c) == 0) {
-    return c0;
-  } else {
-    return std::fma(horner(x, c...), x, c0);
-  }
-}
-
-// exp(y) for -87 <= y <= 0 (0 below -87, where the result would leave fp32's normal range).
-[[gnu::always_inline]] inline float exp_nonpositive(float y) {
-  constexpr float kShift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the integer held in the low mantissa bits
-  const float shifted = y * 1.44269504088896341f + kShift;
-  const float n = shifted - kShift;  // round(y / ln 2)
-  const int32_t n_int = std::bit_cast<int32_t>(shifted) - std::bit_cast<int32_t>(kShift);
-  float r = std::fma(n, -0.693145751953125f, y);  // y - n ln 2, ln 2 in two parts (the first exact in n * it)
-  r = std::fma(n, -1.428606765330187e-06f, r);
-  const float p = horner(r, 1.0f, 1.0f, 0.5f, 1.0f / 6, 1.0f / 24, 1.0f / 120, 1.0f / 720, 1.0f / 5040);
-  return y < -87.0f ? 0.0f : p * std::bit_cast<float>((n_int + 127) << 23);
-}
 
 // gelu(z) and gelu'(z) (header comment): libm for double.
 template <typename T>

@@ -63,6 +63,7 @@ constexpr int64_t kTransposeBlock = 16;
 // _mm512_undefined_ps() as the unused pass-through operand.)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 inline void transpose16(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, float scale) {
   __m512 r[16], t[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_src);
