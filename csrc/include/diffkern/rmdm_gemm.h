@@ -235,30 +235,43 @@ inline void micro_tile(const acc_t* __restrict a, int64_t lda, const acc_t* __re
 }
 
 #ifdef __AVX512F__
+// An address `bytes` past p, for a prefetch (which never faults, so it may lie past the end of p's buffer).
+inline const char* prefetch_address(const float* p, int64_t bytes) {
+  return reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + bytes);
+}
+
 // The fp32 tile in AVX-512 registers: per k, two panel vectors and one broadcast per row, and the prefetches of
 // the panel row kPrefetchPanelK ahead into L1 (and of A's row kPrefetchColK ahead when A is read by columns) and of
-// one row at `ahead` into L2.
+// one row at `ahead` into L2. Every pointer advances by a constant per k (no index arithmetic in the loop), and a
+// row-major A is addressed in groups of three rows, group + (r % 3) lda: four pointers and lda, where one pointer
+// per row ran out of registers (12 of them spilled at MR = 12).
 template <int MR, Layout kA>
 inline void micro_tile(const float* __restrict a, int64_t lda, const float* __restrict p, int64_t ldp, int64_t Kd,
                        const float* __restrict bias, int64_t n_cols, float* __restrict c, int64_t ldc,
                        const float* ahead, int64_t ahead_rows) {
+  constexpr int kGroups = (MR + 2) / 3;
   __m512 acc0[MR], acc1[MR];
   for (int r = 0; r < MR; ++r) acc0[r] = _mm512_setzero_ps(), acc1[r] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < Kd; ++k) {
+  const float* group[kGroups];
+  for (int g = 0; g < kGroups; ++g) group[g] = kA == Layout::kRows ? a + 3 * g * lda : a + 3 * g;
+  const int64_t a_step = kA == Layout::kRows ? 1 : lda;  // per k
+  const int64_t panel_ahead = kPrefetchPanelK * ldp * int64_t(sizeof(float));
+  const int64_t col_ahead = kPrefetchColK * lda * int64_t(sizeof(float));
+  for (int64_t k = 0; k < Kd; ++k, p += ldp) {
     if (k < ahead_rows) prefetch_row_l2(ahead + k * ldp);
-    const char* pp = reinterpret_cast<const char*>(p + std::min(k + kPrefetchPanelK, Kd - 1) * ldp);
-    _mm_prefetch(pp, _MM_HINT_T0), _mm_prefetch(pp + 64, _MM_HINT_T0);
+    _mm_prefetch(prefetch_address(p, panel_ahead), _MM_HINT_T0);
+    _mm_prefetch(prefetch_address(p, panel_ahead + kCacheLine), _MM_HINT_T0);
     if constexpr (kA == Layout::kCols) {
-      const float* ak = a + std::min(k + kPrefetchColK, Kd - 1) * lda;
-      _mm_prefetch(reinterpret_cast<const char*>(ak), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(ak + MR - 1), _MM_HINT_T0);
+      _mm_prefetch(prefetch_address(group[0], col_ahead), _MM_HINT_T0);
+      _mm_prefetch(prefetch_address(group[0], col_ahead + (MR - 1) * int64_t(sizeof(float))), _MM_HINT_T0);
     }
-    const __m512 p0 = _mm512_loadu_ps(p + k * ldp), p1 = _mm512_loadu_ps(p + k * ldp + 16);
+    const __m512 p0 = _mm512_loadu_ps(p), p1 = _mm512_loadu_ps(p + 16);
     for (int r = 0; r < MR; ++r) {
-      const __m512 ar = _mm512_set1_ps(a[a_index<kA>(r, k, lda)]);
+      const __m512 ar = _mm512_set1_ps(group[r / 3][kA == Layout::kRows ? r % 3 * lda : r % 3]);
       acc0[r] = _mm512_fmadd_ps(ar, p0, acc0[r]);
       acc1[r] = _mm512_fmadd_ps(ar, p1, acc1[r]);
     }
+    for (int g = 0; g < kGroups; ++g) group[g] += a_step;
   }
   const __mmask16 m0 = n_cols >= 16 ? 0xFFFF : (1u << n_cols) - 1;
   const __mmask16 m1 = n_cols >= 32 ? 0xFFFF : n_cols <= 16 ? 0 : (1u << (n_cols - 16)) - 1;
