@@ -6,8 +6,9 @@
 // attention's backward on the forward kernel's packed micro-kernel (diffkern/rmdm_gemm.h), gelu's backward a
 // product with the slope gelu'(z) the forward kept, the softmax and LayerNorm backward per row. The gradients
 // reaching each matrix's output (dy) are kept for all iterations, so each weight gradient is one GEMM over the
-// n_iter * B * T rows of all iterations (dW = dy^T x on ATen's GEMM, db = the column sums of dy) after the walk,
-// instead of one per iteration over B * T rows. ATen's GEMM (MKL's here) beat the packed micro-kernel on these
+// n_iter * B * T rows of all iterations (dW = dy^T x on ATen's GEMM) after the walk, instead of one per iteration
+// over B * T rows; the bias gradients (db = the column sums of dy) are summed during the walk, each dy while it is
+// in cache. ATen's GEMM (MKL's here) beat the packed micro-kernel on these
 // products at the Sudoku shapes: dW's reduction runs over rows the micro-kernel reads by columns, and dy W needed
 // W packed transposed every call.
 // Everything runs in the accumulation type; the outputs are rounded to x's dtype once.
@@ -70,10 +71,10 @@ struct Backward {
   const acc_t* mod;                        // [B, K, 6, d] in acc_t, or null
   at::Tensor dm;                           // [B, K, 6, d] or undefined
   const BlockWeights<acc_t>* w;             // [K]
-  std::vector<std::vector<at::Tensor>> dw;  // per block: d ln1_w, d ln1_b, d ln2_w, d ln2_b (indices by Param)
+  std::vector<std::vector<at::Tensor>> dw;  // per block, by Param: the LayerNorm and bias gradients (summed in the walk)
   at::Tensor dy;                           // [K, kDyFields blocks of n_iter * M * width]
   at::Tensor scratch_d, scratch_d2, scratch_f;
-  std::vector<acc_t> norm_partials;         // norm_backward's [tasks, 2, d] partial column sums
+  std::vector<acc_t> partials;              // norm_backward's [tasks, 2, d] and column_sums' [tasks, n] partial sums
 
   int64_t dy_width(int f) const { return f == kDqkv ? 3 * g.d : f == kDz ? g.f : g.d; }
   int64_t dy_block() const { return n_iter * M * (5 * g.d + g.f); }
@@ -117,10 +118,10 @@ struct Backward {
     // the weight and bias gradients (column sums of du * xhat and du) as partial sums per task of kRowGrain rows,
     // added in task order after the pass: an order that does not depend on the thread count
     const int64_t tasks = (M + kRowGrain - 1) / kRowGrain;
-    norm_partials.assign(tasks * 2 * d, acc_t(0));
+    partials.assign(tasks * 2 * d, acc_t(0));
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        acc_t *gw = norm_partials.data() + t * 2 * d, *gb = gw + d;
+        acc_t *gw = partials.data() + t * 2 * d, *gb = gw + d;
         for (int64_t r = t * kRowGrain; r < std::min(M, (t + 1) * kRowGrain); ++r) {
           const acc_t *dl = du + r * d, *xh = xhat + r * d;
           acc_t s1, s2;
@@ -135,7 +136,7 @@ struct Backward {
         }
       }
     });
-    acc_t* total = norm_partials.data();  // task 0's [2, d] row receives the later tasks', in order
+    acc_t* total = partials.data();  // task 0's [2, d] row receives the later tasks', in order
     for (int64_t t = 1; t < tasks; ++t) {
       const acc_t* part = total + t * 2 * d;
 #pragma omp simd
@@ -144,6 +145,29 @@ struct Backward {
     acc_t *lw_grad = dw[k][lw].mutable_data_ptr<acc_t>(), *lb_grad = dw[k][lb].mutable_data_ptr<acc_t>();
 #pragma omp simd
     for (int64_t c = 0; c < d; ++c) lw_grad[c] += total[c], lb_grad[c] += total[d + c];
+  }
+
+  // total[c] += the column sums of rows [M, n] (one output gradient of one iteration, summed while it is still in
+  // cache: a bias gradient's share), as partial sums per task of kRowGrain rows added in task order: an order that
+  // does not depend on the thread count.
+  void column_sums(const acc_t* rows, int64_t n, acc_t* total) {
+    const int64_t tasks = (M + kRowGrain - 1) / kRowGrain;
+    partials.assign(tasks * n, acc_t(0));
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        acc_t* part = partials.data() + t * n;
+        for (int64_t r = t * kRowGrain; r < std::min(M, (t + 1) * kRowGrain); ++r) {
+          const acc_t* row = rows + r * n;
+#pragma omp simd
+          for (int64_t c = 0; c < n; ++c) part[c] += row[c];
+        }
+      }
+    });
+    for (int64_t t = 0; t < tasks; ++t) {
+      const acc_t* part = partials.data() + t * n;
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) total[c] += part[c];
+    }
   }
 
   // dctx [M, d] -> dqkv [M, 3d] through ctx = softmax(q k^T / sqrt(dh)) v, per (sample, head) on the packed
@@ -194,27 +218,32 @@ struct Backward {
     acc_t *du = scratch_d.mutable_data_ptr<acc_t>(), *dctx = scratch_d2.mutable_data_ptr<acc_t>();
     acc_t *dmlp = dy_at(k, kDmlp, it), *dz = dy_at(k, kDz, it), *dattn = dy_at(k, kDattn, it);
     acc_t* dqkv = dy_at(k, kDqkv, it);
+    const auto bias_grad = [&](Param b) { return dw[k][b].mutable_data_ptr<acc_t>(); };
     gate(k, kGate2, dh, mod ? act(k, kMlpOut, it) : nullptr, dmlp);
+    column_sums(dmlp, g.d, bias_grad(kB2));
     input_grad(dmlp, wk.p[kW2], scratch_f.mutable_data_ptr<acc_t>());
     at::Tensor dz_t = view(dz, {M, f});
     at::mul_out(dz_t, scratch_f, view(act(k, kSlope, it), {M, f}));
+    column_sums(dz, f, bias_grad(kB1));
     input_grad(dz, wk.p[kW1], du);
     norm_backward(k, it, kXhat2, kRstd2, kLn2W, kLn2B, kShift2, du, dh);
     gate(k, kGate1, dh, mod ? act(k, kAttnOut, it) : nullptr, dattn);
+    column_sums(dattn, g.d, bias_grad(kBo));
     input_grad(dattn, wk.p[kWo], dctx);
     attention_backward(k, it, dctx, dqkv);
+    column_sums(dqkv, 3 * g.d, bias_grad(kBqkv));
     input_grad(dqkv, wk.p[kWqkv], du);
     norm_backward(k, it, kXhat1, kRstd1, kLn1W, kLn1B, kShift1, du, dh);
   }
 
-  // dW = dy^T x and db = the column sums of dy over all iterations' rows: dy field f, input x of block k.
-  std::pair<at::Tensor, at::Tensor> weight_grad(int64_t k, DyField f, ActField x) {
+  // dW = dy^T x over all iterations' rows: dy field f, input x of block k.
+  at::Tensor weight_grad(int64_t k, DyField f, ActField x) {
     const int64_t rows = n_iter * M, n = dy_width(f), n_in = layout.width[x];
     const at::Tensor dy_all = view(dy_at(k, f), {rows, n});
     // from the CPU output cache: a fresh [n, n_in] output (up to 1 MB here) faulted in its pages on every call, 5% of a
     // B=1 Sudoku training step
     at::Tensor dw = cache::empty({n, n_in}, dy_all.options());
-    return {at::mm_out(dw, dy_all.t(), view(act(k, x, 0), {rows, n_in})), dy_all.sum(0)};
+    return at::mm_out(dw, dy_all.t(), view(act(k, x, 0), {rows, n_in}));
   }
 };
 
@@ -234,7 +263,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> keep_bwd_kernel(
   for (int64_t k = 0; k < geo.K; ++k) {
     ws[k].load(weights.data() + k * kBlockParams, acc);
     bw.dw.emplace_back(kBlockParams);
-    for (Param i : {kLn1W, kLn1B, kLn2W, kLn2B}) bw.dw[k][i] = at::zeros({geo.d}, opts);
+    for (Param i : {kLn1W, kLn1B, kLn2W, kLn2B, kBo, kB2}) bw.dw[k][i] = at::zeros({geo.d}, opts);
+    bw.dw[k][kBqkv] = at::zeros({3 * geo.d}, opts), bw.dw[k][kB1] = at::zeros({geo.f}, opts);
   }
   bw.dy = cache::empty({geo.K * bw.dy_block()}, opts);  // both reused across calls: diffkern/cpu_cache.h
   const at::Tensor scratch = cache::empty({bw.M * (2 * geo.d + geo.f)}, opts);
@@ -249,10 +279,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> keep_bwd_kernel(
   std::vector<at::Tensor> dweights;
   for (int64_t k = 0; k < geo.K; ++k) {
     std::vector<at::Tensor>& dw = bw.dw[k];
-    std::tie(dw[kWqkv], dw[kBqkv]) = bw.weight_grad(k, kDqkv, kU1);
-    std::tie(dw[kWo], dw[kBo]) = bw.weight_grad(k, kDattn, kCtx);
-    std::tie(dw[kW1], dw[kB1]) = bw.weight_grad(k, kDz, kU2);
-    std::tie(dw[kW2], dw[kB2]) = bw.weight_grad(k, kDmlp, kG);
+    dw[kWqkv] = bw.weight_grad(k, kDqkv, kU1), dw[kWo] = bw.weight_grad(k, kDattn, kCtx);
+    dw[kW1] = bw.weight_grad(k, kDz, kU2), dw[kW2] = bw.weight_grad(k, kDmlp, kG);
     for (int i = 0; i < kBlockParams; ++i) dweights.push_back(dw[i].to(x.scalar_type()));
   }
   return {dh.view(x.sizes()).to(x.scalar_type()), dweights,
