@@ -7,10 +7,11 @@
 // product with the slope gelu'(z) the forward kept, the softmax and LayerNorm backward per row. The gradients
 // reaching each matrix's output (dy) are kept for all iterations, so each weight gradient is one GEMM over the
 // n_iter * B * T rows of all iterations (dW = dy^T x on ATen's GEMM) after the walk, instead of one per iteration
-// over B * T rows; the bias gradients (db = the column sums of dy) are summed during the walk, each dy while it is
-// in cache. ATen's GEMM (MKL's here) beat the packed micro-kernel on these
-// products at the Sudoku shapes: dW's reduction runs over rows the micro-kernel reads by columns, and dy W needed
-// W packed transposed every call.
+// over B * T rows; the bias gradients (db = the column sums of dy) are summed during the walk, in the pass that
+// writes each dy (attention's dqkv, written per head, in a pass of its own), in an order that does not depend on the
+// thread count (summed_rows). ATen's GEMM (MKL's here) beat the packed micro-kernel on these products at the Sudoku
+// shapes: dW's reduction runs over rows the micro-kernel reads by columns, and dy W needed W packed transposed every
+// call.
 // Everything runs in the accumulation type; the outputs are rounded to x's dtype once.
 #include <cmath>
 #include <tuple>
@@ -49,13 +50,6 @@ struct BlockWeights {
   const acc_t* operator[](Param i) const { return p[i].const_data_ptr<acc_t>(); }
 };
 
-template <typename F>
-void for_rows(int64_t M, const F& f) {
-  at::parallel_for(0, M, kRowGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) f(r);
-  });
-}
-
 template <typename acc_t>
 at::Tensor view(const acc_t* p, at::IntArrayRef sizes) {
   return at::from_blob(const_cast<acc_t*>(p), sizes, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
@@ -74,7 +68,7 @@ struct Backward {
   std::vector<std::vector<at::Tensor>> dw;  // per block, by Param: the LayerNorm and bias gradients (summed in the walk)
   at::Tensor dy;                           // [K, kDyFields blocks of n_iter * M * width]
   at::Tensor scratch_d, scratch_d2, scratch_f;
-  std::vector<acc_t> partials;              // norm_backward's [tasks, 2, d] and column_sums' [tasks, n] partial sums
+  std::vector<acc_t> partials;              // summed_rows' [tasks, width] partial sums
 
   int64_t dy_width(int f) const { return f == kDqkv ? 3 * g.d : f == kDz ? g.f : g.d; }
   int64_t dy_block() const { return n_iter * M * (5 * g.d + g.f); }
@@ -88,20 +82,48 @@ struct Backward {
     return mod + ((b * g.K + k) * kMod + p) * g.d;
   }
 
-  // out[r] = gate_b * in[r] (gate null: a copy) for the M rows; with adaLN, dm's gate += sum_t in * branch.
-  void gate(int64_t k, ModPart p, const acc_t* in, const acc_t* branch, acc_t* out) {
+  // Calls row(r, part) for the M rows in tasks of kRowGrain rows, `part` the task's own zeroed [width] partial
+  // sums, then adds the tasks' partials in task order and returns the result (partials' first row): sums in an
+  // order that does not depend on the thread count.
+  template <typename F>
+  const acc_t* summed_rows(int64_t width, const F& row) {
+    const int64_t tasks = (M + kRowGrain - 1) / kRowGrain;
+    partials.assign(tasks * width, acc_t(0));
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t r = t * kRowGrain; r < std::min(M, (t + 1) * kRowGrain); ++r) row(r, partials.data() + t * width);
+    });
+    acc_t* total = partials.data();
+    for (int64_t t = 1; t < tasks; ++t) {
+      const acc_t* part = total + t * width;
+#pragma omp simd
+      for (int64_t c = 0; c < width; ++c) total[c] += part[c];
+    }
+    return total;
+  }
+
+  // grad[c] += sums[c] for the n values of one of dw's gradients.
+  void accumulate(int64_t k, Param i, const acc_t* sums, int64_t n) {
+    acc_t* grad = dw[k][i].mutable_data_ptr<acc_t>();
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) grad[c] += sums[c];
+  }
+
+  // out[r] = gate_b * in[r] (gate null: a copy) for the M rows, and its column sums added to bias `b`'s gradient in
+  // the same pass; with adaLN, dm's gate += sum_t in * branch.
+  void gate(int64_t k, ModPart p, const acc_t* in, const acc_t* branch, acc_t* out, Param b) {
     const int64_t d = g.d;
     if (mod) {
       at::Tensor dm_k = dm.select(1, k);
       gate_backward(view(in, {g.B, g.T, d}), view(branch, {g.B, g.T, d}), p, dm_k);
     }
-    for_rows(M, [&](int64_t r) {
+    accumulate(k, b, summed_rows(d, [&](int64_t r, acc_t* part) {
       const acc_t* gt = mod ? mod_part(r / g.T, k, p) : nullptr;
       const acc_t* src = in + r * d;
       acc_t* dst = out + r * d;
 #pragma omp simd
-      for (int64_t c = 0; c < d; ++c) dst[c] = gt ? gt[c] * src[c] : src[c];
-    });
+      for (int64_t c = 0; c < d; ++c) dst[c] = gt ? gt[c] * src[c] : src[c], part[c] += dst[c];
+    }), d);
   }
 
   // The gradient through u = (xhat w + b)(1 + scale) + shift, xhat = (h - mean) rstd, added to dh; du is
@@ -115,59 +137,21 @@ struct Backward {
       modulation_backward(du_t, view(xhat, {g.B, g.T, d}) * w[k].p[lw] + w[k].p[lb],
                           view(mod, {g.B, g.K, kMod, d}).select(1, k), shift, dm_k);
     }
-    // the weight and bias gradients (column sums of du * xhat and du) as partial sums per task of kRowGrain rows,
-    // added in task order after the pass: an order that does not depend on the thread count
-    const int64_t tasks = (M + kRowGrain - 1) / kRowGrain;
-    partials.assign(tasks * 2 * d, acc_t(0));
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        acc_t *gw = partials.data() + t * 2 * d, *gb = gw + d;
-        for (int64_t r = t * kRowGrain; r < std::min(M, (t + 1) * kRowGrain); ++r) {
-          const acc_t *dl = du + r * d, *xh = xhat + r * d;
-          acc_t s1, s2;
-          norm_grad_sums(dl, wt, xh, d, s1, s2);
-          const acc_t m1 = s1 / acc_t(d), m2 = s2 / acc_t(d), rs = rstd[r];
-          acc_t* o = dh + r * d;
+    // the weight and bias gradients: the column sums of du * xhat and of du, in the same pass
+    const acc_t* sums = summed_rows(2 * d, [&](int64_t r, acc_t* part) {
+      const acc_t *dl = du + r * d, *xh = xhat + r * d;
+      acc_t s1, s2;
+      norm_grad_sums(dl, wt, xh, d, s1, s2);
+      const acc_t m1 = s1 / acc_t(d), m2 = s2 / acc_t(d), rs = rstd[r];
+      acc_t *o = dh + r * d, *gw = part, *gb = part + d;
 #pragma omp simd
-          for (int64_t c = 0; c < d; ++c) {
-            o[c] += rs * (dl[c] * wt[c] - m1 - xh[c] * m2);
-            gw[c] += dl[c] * xh[c], gb[c] += dl[c];
-          }
-        }
+      for (int64_t c = 0; c < d; ++c) {
+        o[c] += rs * (dl[c] * wt[c] - m1 - xh[c] * m2);
+        gw[c] += dl[c] * xh[c], gb[c] += dl[c];
       }
     });
-    acc_t* total = partials.data();  // task 0's [2, d] row receives the later tasks', in order
-    for (int64_t t = 1; t < tasks; ++t) {
-      const acc_t* part = total + t * 2 * d;
-#pragma omp simd
-      for (int64_t c = 0; c < 2 * d; ++c) total[c] += part[c];
-    }
-    acc_t *lw_grad = dw[k][lw].mutable_data_ptr<acc_t>(), *lb_grad = dw[k][lb].mutable_data_ptr<acc_t>();
-#pragma omp simd
-    for (int64_t c = 0; c < d; ++c) lw_grad[c] += total[c], lb_grad[c] += total[d + c];
-  }
-
-  // total[c] += the column sums of rows [M, n] (one output gradient of one iteration, summed while it is still in
-  // cache: a bias gradient's share), as partial sums per task of kRowGrain rows added in task order: an order that
-  // does not depend on the thread count.
-  void column_sums(const acc_t* rows, int64_t n, acc_t* total) {
-    const int64_t tasks = (M + kRowGrain - 1) / kRowGrain;
-    partials.assign(tasks * n, acc_t(0));
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        acc_t* part = partials.data() + t * n;
-        for (int64_t r = t * kRowGrain; r < std::min(M, (t + 1) * kRowGrain); ++r) {
-          const acc_t* row = rows + r * n;
-#pragma omp simd
-          for (int64_t c = 0; c < n; ++c) part[c] += row[c];
-        }
-      }
-    });
-    for (int64_t t = 0; t < tasks; ++t) {
-      const acc_t* part = partials.data() + t * n;
-#pragma omp simd
-      for (int64_t c = 0; c < n; ++c) total[c] += part[c];
-    }
+    accumulate(k, lw, sums, d);
+    accumulate(k, lb, sums + d, d);
   }
 
   // dctx [M, d] -> dqkv [M, 3d] through ctx = softmax(q k^T / sqrt(dh)) v, per (sample, head) on the packed
@@ -218,20 +202,27 @@ struct Backward {
     acc_t *du = scratch_d.mutable_data_ptr<acc_t>(), *dctx = scratch_d2.mutable_data_ptr<acc_t>();
     acc_t *dmlp = dy_at(k, kDmlp, it), *dz = dy_at(k, kDz, it), *dattn = dy_at(k, kDattn, it);
     acc_t* dqkv = dy_at(k, kDqkv, it);
-    const auto bias_grad = [&](Param b) { return dw[k][b].mutable_data_ptr<acc_t>(); };
-    gate(k, kGate2, dh, mod ? act(k, kMlpOut, it) : nullptr, dmlp);
-    column_sums(dmlp, g.d, bias_grad(kB2));
-    input_grad(dmlp, wk.p[kW2], scratch_f.mutable_data_ptr<acc_t>());
-    at::Tensor dz_t = view(dz, {M, f});
-    at::mul_out(dz_t, scratch_f, view(act(k, kSlope, it), {M, f}));
-    column_sums(dz, f, bias_grad(kB1));
+    acc_t* dg = scratch_f.mutable_data_ptr<acc_t>();
+    const acc_t* slope = act(k, kSlope, it);
+    gate(k, kGate2, dh, mod ? act(k, kMlpOut, it) : nullptr, dmlp, kB2);
+    input_grad(dmlp, wk.p[kW2], dg);
+    // dz = dg gelu'(z) (the slope the forward kept), summed into b_1's gradient in the same pass
+    accumulate(k, kB1, summed_rows(f, [&](int64_t r, acc_t* part) {
+      const acc_t *dg_r = dg + r * f, *slope_r = slope + r * f;
+      acc_t* dz_r = dz + r * f;
+#pragma omp simd
+      for (int64_t c = 0; c < f; ++c) dz_r[c] = dg_r[c] * slope_r[c], part[c] += dz_r[c];
+    }), f);
     input_grad(dz, wk.p[kW1], du);
     norm_backward(k, it, kXhat2, kRstd2, kLn2W, kLn2B, kShift2, du, dh);
-    gate(k, kGate1, dh, mod ? act(k, kAttnOut, it) : nullptr, dattn);
-    column_sums(dattn, g.d, bias_grad(kBo));
+    gate(k, kGate1, dh, mod ? act(k, kAttnOut, it) : nullptr, dattn, kBo);
     input_grad(dattn, wk.p[kWo], dctx);
     attention_backward(k, it, dctx, dqkv);
-    column_sums(dqkv, 3 * g.d, bias_grad(kBqkv));
+    accumulate(k, kBqkv, summed_rows(3 * g.d, [&](int64_t r, acc_t* part) {
+      const acc_t* row = dqkv + r * 3 * g.d;
+#pragma omp simd
+      for (int64_t c = 0; c < 3 * g.d; ++c) part[c] += row[c];
+    }), 3 * g.d);
     input_grad(dqkv, wk.p[kWqkv], du);
     norm_backward(k, it, kXhat1, kRstd1, kLn1W, kLn1B, kShift1, du, dh);
   }
