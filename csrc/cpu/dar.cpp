@@ -41,17 +41,21 @@ constexpr int64_t kTokenBlock = 64;
 constexpr int64_t kColumnBlock = 256;
 // Least element-ops worth a thread: ATen's own GRAIN_SIZE for elementwise loops.
 constexpr int64_t kMinTaskWork = 32768;
+// Least element-ops per token block: a quarter of a thread's least work, so that the blocks of a few
+// tokens split evenly over threads (each thread still gets >= kMinTaskWork: task_grain).
+constexpr int64_t kMinBlockWork = kMinTaskWork / 4;
 
 // The checked geometry plus the CPU kernels' tiling of each batch row into token blocks. A block is
-// the fewest tokens (at most kTokenBlock) whose n * d element-ops add up to kMinTaskWork, so that a
-// few tokens over many sources (a DiT at B=1, T=8: n * d >= 10^4) still split across threads, while
-// a block never costs more to schedule than it computes. The block depends on the shape only, so the
-// reductions over blocks add up in the same order at every thread count.
+// the fewest tokens (at most kTokenBlock) whose n * d element-ops add up to kMinBlockWork, so that a
+// few tokens over many sources (a DiT at B=1, T=8: n * d >= 10^4, one token per block) split evenly
+// across threads (8 blocks: 4 + 4 on two threads, where blocks of kMinTaskWork gave 3 blocks and
+// 6 + 2 tokens), while a block never costs more to schedule than it computes. The block depends on
+// the shape only, so the reductions over blocks add up in the same order at every thread count.
 struct Tiling : Geometry {
   int64_t block, n_blocks;
   explicit Tiling(const Geometry& g)
       : Geometry(g),
-        block(std::clamp<int64_t>((kMinTaskWork + g.n * g.d - 1) / (g.n * g.d), 1, kTokenBlock)),
+        block(std::clamp<int64_t>((kMinBlockWork + g.n * g.d - 1) / (g.n * g.d), 1, kTokenBlock)),
         n_blocks((g.T + block - 1) / block) {}
 };
 
