@@ -422,7 +422,6 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> route_backward(
   for (int64_t i = 0; i < g.n; ++i) dsources.push_back(empty_output(btd, sources[0].options()));
   at::Tensor dq = empty_output(q.sizes(), q.options());
   at::Tensor dgain = empty_output({g.d}, gain.options().dtype(acc_dtype));
-  at::Tensor partial = empty_output({g.B * g.n_blocks, g.d}, dgain.options());
   const at::Tensor gain_acc = gain.to(acc_dtype).contiguous();
   dispatch_route(dtype, q.scalar_type(), [&](auto scalar_tag, auto q_tag) {
     using scalar_t = decltype(scalar_tag);
@@ -431,10 +430,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> route_backward(
     const auto in = route_inputs<scalar_t, q_t>(sources, {}, q, gain_acc, eps);
     std::vector<scalar_t*> dsrc;
     for (at::Tensor& dv : dsources) dsrc.push_back(dv.mutable_data_ptr<scalar_t>());
+    // per (b, block) sums, each filled by its task: scratch, not an ATen allocation through the dispatcher
+    const auto partial = std::make_unique_for_overwrite<acc_t[]>(g.B * g.n_blocks * g.d);
     route_bwd_kernel(g, in, dh.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), lse.const_data_ptr<acc_t>(),
                      dlast == nullptr ? nullptr : dlast->const_data_ptr<scalar_t>(), dsrc, dq.mutable_data_ptr<q_t>(),
-                     partial.mutable_data_ptr<acc_t>());
-    reduce_partials(g, in, partial.const_data_ptr<acc_t>(), dq.mutable_data_ptr<q_t>(), dgain.mutable_data_ptr<acc_t>());
+                     partial.get());
+    reduce_partials(g, in, partial.get(), dq.mutable_data_ptr<q_t>(), dgain.mutable_data_ptr<acc_t>());
   });
   return {std::move(dsources), dq, dgain.to(gain.scalar_type())};
 }

@@ -13,6 +13,7 @@
 #include <optional>
 
 #include <string>
+#include <utility>
 
 namespace diffkern::autograd {
 
@@ -27,6 +28,18 @@ template <class Signature>
 c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow((std::string("diffkern::") + name).c_str(), "")
       .typed<Signature>();
+}
+
+// Calls backward op `bwd` from a differentiable op's graph node. Under grad mode off (a plain backward) it runs
+// below autograd: there is nothing to record, and the boxed refuse_backward kernel, which boxes every argument
+// (a TensorList of them for DAR's ops) to learn that, is skipped. Under grad mode (create_graph=True) it goes
+// through that kernel, which makes a double backward fail loudly. Only for backward ops none of whose backends
+// differentiates internally (refuse_backward's redispatch exists for those).
+template <class Signature, class... Args>
+auto call_backward(const c10::TypedOperatorHandle<Signature>& bwd, Args&&... args) {
+  if (at::GradMode::is_enabled()) return bwd.call(std::forward<Args>(args)...);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return bwd.call(std::forward<Args>(args)...);
 }
 
 // Whether autograd has nothing to record for these inputs: grad mode off or none requires grad, and none carries a

@@ -45,8 +45,8 @@ struct Route : torch::autograd::Function<Route> {
     const auto n = saved.size() - 4;
     variable_list out(n + 3);
     if (!grads[0].defined()) return out;  // h's gradient undefined
-    auto [dsources, dq, dgain] = bwd.call(grads[0].contiguous(), TensorList(saved).slice(4), saved[0], saved[1],
-                                          saved[2], saved[3], ctx->saved_data["eps"].toDouble());
+    auto [dsources, dq, dgain] = call_backward(bwd, grads[0].contiguous(), TensorList(saved).slice(4), saved[0],
+                                               saved[1], saved[2], saved[3], ctx->saved_data["eps"].toDouble());
     std::move(dsources.begin(), dsources.end(), out.begin());
     out[n] = dq;
     out[n + 1] = dgain;
@@ -84,8 +84,8 @@ struct Gather : torch::autograd::Function<Gather> {
     const auto saved = ctx->get_saved_variables();
     std::optional<Tensor> dlast;
     if (k && dc.defined()) dlast = dc.contiguous();
-    auto [dsources, dq, dgain] = bwd.call(dh.contiguous(), TensorList(saved).slice(4), saved[0], saved[1], saved[2],
-                                          saved[3], dlast, ctx->saved_data["eps"].toDouble());
+    auto [dsources, dq, dgain] = call_backward(bwd, dh.contiguous(), TensorList(saved).slice(4), saved[0], saved[1],
+                                               saved[2], saved[3], dlast, ctx->saved_data["eps"].toDouble());
     std::copy(dsources.begin(), dsources.begin() + n, out.begin());
     if (k) std::fill(out.begin() + n, out.begin() + n + k, dsources.back());
     out[n + k] = dq;
