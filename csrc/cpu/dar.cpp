@@ -47,10 +47,11 @@ constexpr int64_t kMinBlockWork = kMinTaskWork / 4;
 
 // The checked geometry plus the CPU kernels' tiling of each batch row into token blocks. A block is
 // the fewest tokens (at most kTokenBlock) whose n * d element-ops add up to kMinBlockWork, so that a
-// few tokens over many sources (a DiT at B=1, T=8: n * d >= 10^4, one token per block) split evenly
-// across threads (8 blocks: 4 + 4 on two threads, where blocks of kMinTaskWork gave 3 blocks and
-// 6 + 2 tokens), while a block never costs more to schedule than it computes. The block depends on
-// the shape only, so the reductions over blocks add up in the same order at every thread count.
+// few tokens over many sources split evenly across threads (a DiT at B=1, T=8 over 10 sources of
+// d = 1152: 8 one-token blocks, 4 + 4 tokens on two threads, where blocks of kMinTaskWork gave 3
+// blocks and 6 + 2 tokens), while a block never costs more to schedule than it computes. The block
+// depends on the shape only, so the reductions over blocks add up in the same order at every thread
+// count.
 struct Tiling : Geometry {
   int64_t block, n_blocks;
   explicit Tiling(const Geometry& g)
