@@ -204,8 +204,9 @@ void block_forward(const Block<acc_t>& w, const acc_t* mod, int64_t mod_stride, 
   // training writes it to its own field and overwrites z with the slope gelu'(z) that the backward reads
   const bool keep_slope = o.g != o.z;
   at::parallel_for(0, M, kRowGrain, [&](int64_t begin, int64_t end) {
-    acc_t* z = o.z + begin * f;
-    gelu_rows(z, (end - begin) * f, o.g + begin * f, keep_slope ? z : nullptr);
+    acc_t *z = o.z + begin * f, *gz = o.g + begin * f;
+    const int64_t n = (end - begin) * f;
+    keep_slope ? gelu_rows<true>(z, n, gz, z) : gelu_rows<false>(z, n, gz, z);
   });
   packed_linear(o.g, M, f, w.fc2, o.y, d);
   for_rows(g.B, g.T, [&](int64_t b, int64_t r) {

@@ -48,23 +48,15 @@ inline void gelu_slope(T z, T& gelu, T& slope) {
   slope = std::fma(z, e * float(kInvSqrt2Pi), cdf);
 }
 
-// g[i] = gelu(z[i]) and, with slope not null, slope[i] = gelu'(z[i]) for n values (g may be z).
-template <typename T>
+// g[i] = gelu(z[i]) and, with kSlope, slope[i] = gelu'(z[i]) for n values (g may be z, slope may be z).
+template <bool kSlope, typename T>
 void gelu_rows(const T* z, int64_t n, T* g, T* slope) {
-  if (slope) {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      T gi, si;
-      gelu_slope(z[i], gi, si);
-      g[i] = gi, slope[i] = si;
-    }
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      T gi, si;
-      gelu_slope(z[i], gi, si);
-      g[i] = gi;
-    }
+  for (int64_t i = 0; i < n; ++i) {
+    T gi, si;
+    gelu_slope(z[i], gi, si);
+    g[i] = gi;
+    if constexpr (kSlope) slope[i] = si;
   }
 }
 
